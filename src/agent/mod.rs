@@ -1,0 +1,234 @@
+//! Voice agents: one interface for every provider.
+//!
+//! An agent runs as its own task per call and talks to the call's [`crate::call::Session`]
+//! over two bounded channels, so a slow provider never blocks the 20 ms audio path:
+//!
+//! - [`AgentInput`] (call → agent): caller audio as slin at the call's sample rate, DTMF,
+//!   how much of an interrupted reply the caller heard, tool results.
+//! - [`AgentEvent`] (agent → call): agent audio as slin at the call's sample rate, barge-in
+//!   ("the caller started speaking: flush"), transcripts, tool calls, end, error.
+//!
+//! Each provider converts between the call's slin and its own wire format itself (G.711,
+//! resampling), with one stateful converter per direction for the whole call.
+//!
+//! Adding a provider: one file here implementing [`Agent`], plus its config variant.
+
+pub mod echo;
+// pub mod openai_realtime;
+
+use crate::audio::ReplyId;
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// Frames of caller audio the agent's input channel holds (64 × 20 ms = 1.28 s). When it is
+/// full the call drops the newest frame and counts it.
+pub const INPUT_CAPACITY_FRAMES: usize = 64;
+
+/// Events the agent's event channel holds before the agent task waits for the call.
+pub const EVENT_CAPACITY: usize = 256;
+
+/// What the agent knows about the call it serves.
+#[derive(Debug, Clone)]
+pub struct CallInfo {
+    /// The AudioSocket call id.
+    pub call_id: Uuid,
+    /// Sample rate of the call's slin audio, Hz (8000 for kind `0x10`, 16000 for `0x12`, …).
+    pub rate_hz: u32,
+    /// The caller's number, when Asterisk told us (ARI).
+    pub caller_number: Option<String>,
+    /// The caller's name, when Asterisk told us (ARI).
+    pub caller_name: Option<String>,
+}
+
+/// Who said something, in a transcript.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speaker {
+    /// The person who called.
+    Caller,
+    /// The voice agent.
+    Agent,
+}
+
+/// Call → agent.
+#[derive(Debug, Clone)]
+pub enum AgentInput {
+    /// Caller audio: slin little-endian bytes at [`CallInfo::rate_hz`], normally one 20 ms
+    /// frame (may be shorter), exactly as AudioSocket carried it.
+    Audio(Bytes),
+    /// A DTMF digit the caller pressed (`0-9*#A-D`).
+    Dtmf(char),
+    /// The call flushed its playout buffer after [`AgentEvent::SpeechStarted`]: the caller
+    /// heard `heard_ms` of `reply` (OpenAI: the `audio_end_ms` of `conversation.item.truncate`).
+    Interrupted {
+        /// The reply that was playing.
+        reply: ReplyId,
+        /// Milliseconds of it the caller heard.
+        heard_ms: u64,
+    },
+    /// The whole of `reply` has been played to the caller.
+    PlayedOut {
+        /// The reply.
+        reply: ReplyId,
+    },
+    /// The result of an [`AgentEvent::ToolCall`], as the JSON text the model should see.
+    ToolResult {
+        /// The provider's id of the tool call.
+        call_id: String,
+        /// Result text (JSON).
+        output: String,
+    },
+}
+
+/// Agent → call.
+#[derive(Debug, Clone)]
+pub enum AgentEvent {
+    /// Agent speech: slin samples at [`CallInfo::rate_hz`], part of `reply`. Arrives faster
+    /// than real time; the call's playout buffer meters it out.
+    Audio {
+        /// The reply this audio belongs to.
+        reply: ReplyId,
+        /// Samples.
+        samples: Vec<i16>,
+    },
+    /// No more audio will come for `reply`.
+    ReplyDone {
+        /// The reply.
+        reply: ReplyId,
+    },
+    /// The caller started speaking over the agent (barge-in): flush playout now and answer
+    /// with [`AgentInput::Interrupted`].
+    SpeechStarted,
+    /// A piece of transcript.
+    Transcript {
+        /// Who spoke.
+        speaker: Speaker,
+        /// The text.
+        text: String,
+    },
+    /// The model asks voicegate to run a tool; answer with [`AgentInput::ToolResult`].
+    ToolCall {
+        /// The provider's id for this call of the tool.
+        call_id: String,
+        /// Tool name.
+        name: String,
+        /// Arguments, as the JSON text the model produced.
+        arguments: String,
+        /// The reply that asked for it, if the provider ties tool calls to replies.
+        reply: Option<ReplyId>,
+    },
+    /// The agent ended the conversation normally.
+    Ended {
+        /// Why, in words.
+        reason: String,
+    },
+    /// The agent failed; the call should go to the fallback (operators).
+    Failed(AgentError),
+}
+
+/// Why an agent session failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    /// Could not connect to the provider (DNS, TCP, TLS, HTTP upgrade, auth).
+    #[error("cannot connect to {provider}: {detail}")]
+    Connect {
+        /// Provider name.
+        provider: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// The provider sent something voicegate cannot use.
+    #[error("{provider} protocol error: {detail}")]
+    Protocol {
+        /// Provider name.
+        provider: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The provider reported an error or closed the session.
+    #[error("{provider} error: {detail}")]
+    Provider {
+        /// Provider name.
+        provider: &'static str,
+        /// What the provider said.
+        detail: String,
+    },
+    /// The provider did not answer in time.
+    #[error("{provider} timed out: {detail}")]
+    Timeout {
+        /// Provider name.
+        provider: &'static str,
+        /// What was being waited for.
+        detail: String,
+    },
+}
+
+/// The call's end of an agent session.
+#[derive(Debug)]
+pub struct AgentSession {
+    /// Send caller audio and control here; `try_send` on the audio path.
+    pub input: mpsc::Sender<AgentInput>,
+    /// Agent events arrive here; `None` means the agent task is gone.
+    pub events: mpsc::Receiver<AgentEvent>,
+}
+
+/// The agent task's end of an agent session.
+#[derive(Debug)]
+pub struct AgentEndpoint {
+    /// What the call sends; `None` when the call is over.
+    pub input: mpsc::Receiver<AgentInput>,
+    /// Where agent events go.
+    pub events: mpsc::Sender<AgentEvent>,
+}
+
+/// A connected pair of [`AgentSession`] and [`AgentEndpoint`] with the standard capacities.
+pub fn session_channel() -> (AgentSession, AgentEndpoint) {
+    let (in_tx, in_rx) = mpsc::channel(INPUT_CAPACITY_FRAMES);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_CAPACITY);
+    (
+        AgentSession {
+            input: in_tx,
+            events: ev_rx,
+        },
+        AgentEndpoint {
+            input: in_rx,
+            events: ev_tx,
+        },
+    )
+}
+
+/// A voice agent provider: starts one session per call.
+pub trait Agent: Send + Sync + 'static {
+    /// Short name for logs, metrics and call records (`echo`, `openai_realtime`, …).
+    fn name(&self) -> &'static str;
+
+    /// Starts a session for `call`: spawns the agent's task on the current tokio runtime and
+    /// returns the call's end of it. Never blocks; connection failures arrive later as
+    /// [`AgentEvent::Failed`].
+    fn start(&self, call: CallInfo) -> AgentSession;
+}
+
+/// A shared agent provider.
+pub type SharedAgent = Arc<dyn Agent>;
+
+/// Builds the agent provider the configuration selects.
+///
+/// # Errors
+/// [`crate::config::ConfigError`] if the provider's settings cannot be used (for example an
+/// instructions file that cannot be read).
+pub fn from_config(
+    cfg: &crate::config::AgentConfig,
+) -> Result<SharedAgent, crate::config::ConfigError> {
+    use crate::config::AgentConfig;
+    Ok(match cfg {
+        AgentConfig::Echo(c) => Arc::new(echo::EchoAgent::new(c.delay())),
+        AgentConfig::OpenaiRealtime(_) => {
+            return Err(crate::config::ConfigError::invalid(
+                "agent.kind",
+                "openai_realtime is not built yet",
+            ));
+        }
+    })
+}

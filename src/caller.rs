@@ -1,0 +1,377 @@
+//! A synthetic caller that behaves like Asterisk's AudioSocket side: connects, sends the call
+//! id, streams a recording in real time as 20 ms slin frames (then silence, as Asterisk keeps
+//! sending frames while the call is up), sends DTMF at given times, records everything it
+//! receives, and measures the pacing of what comes back.
+//!
+//! Used by `voicegate call`, `voicegate selftest`, the integration tests and the load bench.
+
+use crate::audio::resample::Resampler;
+use crate::audio::wav::Recording;
+use crate::audiosocket::codec::{self, Message, SlinRate};
+use crate::call::session::{ReadError, read_message};
+use bytes::BytesMut;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+use uuid::Uuid;
+
+/// RMS above which a received frame counts as audio rather than silence (slin units).
+pub const AUDIBLE_RMS: f32 = 64.0;
+
+/// What the synthetic call does.
+#[derive(Debug, Clone)]
+pub struct CallPlan {
+    /// The call id sent in `0x01`.
+    pub call_id: Uuid,
+    /// Sample rate of the call (8 kHz sends kind `0x10`, 16 kHz `0x12`, …).
+    pub rate: SlinRate,
+    /// What the caller says; resampled to `rate` if needed.
+    pub speech: Recording,
+    /// Start sending the speech this long after the call id.
+    pub speech_offset: Duration,
+    /// DTMF digits and when to send them (from the call id).
+    pub dtmf: Vec<(char, Duration)>,
+    /// How long the call lasts (from the call id) before the caller hangs up.
+    pub duration: Duration,
+}
+
+/// What the synthetic call observed.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallReport {
+    /// The call id.
+    pub call_id: Uuid,
+    /// Sample rate, Hz.
+    pub rate_hz: u32,
+    /// Audio frames sent.
+    pub frames_sent: u64,
+    /// Audio frames received.
+    pub frames_received: u64,
+    /// Received frames whose RMS exceeds [`AUDIBLE_RMS`].
+    pub audible_frames_received: u64,
+    /// From the call id to the first audible frame back, ms.
+    pub first_audio_ms: Option<f64>,
+    /// Median gap between received frames, ms.
+    pub gap_p50_ms: f64,
+    /// 99th percentile gap between received frames, ms.
+    pub gap_p99_ms: f64,
+    /// Largest gap between received frames, ms.
+    pub gap_max_ms: f64,
+    /// Gaps longer than 30 ms (a frame arrived late or is missing).
+    pub underruns: u64,
+    /// Frames whose size was not a full 20 ms.
+    pub short_frames: u64,
+    /// The far end sent `0x00`.
+    pub hangup_received: bool,
+    /// The far end closed the connection before the caller hung up.
+    pub closed_by_peer: bool,
+    /// Milliseconds from the call id to the end of the call.
+    pub duration_ms: f64,
+    /// Everything received, concatenated, at `rate_hz`.
+    #[serde(skip)]
+    pub received: Recording,
+    /// Arrival time of each received frame, ms from the call id.
+    #[serde(skip)]
+    pub arrivals_ms: Vec<f64>,
+}
+
+/// Why a synthetic call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Could not connect.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Target.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection failed mid-call.
+    #[error("call failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The far end sent something that is not AudioSocket.
+    #[error("far end sent invalid audiosocket: {0}")]
+    Protocol(String),
+    /// The recording cannot be resampled to the call's rate.
+    #[error(transparent)]
+    Resample(#[from] crate::audio::resample::ResampleError),
+}
+
+/// Resamples `speech` to `rate_hz`, flushing the resampler's tail.
+///
+/// # Errors
+/// If rubato cannot convert between the rates.
+pub fn resample_recording(
+    speech: &Recording,
+    rate_hz: u32,
+) -> Result<Recording, crate::audio::resample::ResampleError> {
+    if speech.rate_hz == rate_hz {
+        return Ok(speech.clone());
+    }
+    let mut r = Resampler::new(speech.rate_hz, rate_hz)?;
+    let mut out = Vec::with_capacity(
+        speech.samples.len() * rate_hz as usize / speech.rate_hz as usize + 1024,
+    );
+    r.process(&speech.samples, &mut out);
+    // Push zeros through so the filter delay and the last partial chunk come out.
+    r.process(&vec![0; speech.rate_hz as usize / 10], &mut out);
+    let want = speech.samples.len() as u64 * rate_hz as u64 / speech.rate_hz as u64;
+    out.truncate(want as usize);
+    Ok(Recording {
+        rate_hz,
+        samples: out,
+    })
+}
+
+/// Places one call to `addr` following `plan`.
+///
+/// # Errors
+/// [`CallError`] on connect or protocol failures.
+pub async fn place_call(addr: SocketAddr, plan: &CallPlan) -> Result<CallReport, CallError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| CallError::Connect { addr, source })?;
+    run_call(stream, plan).await
+}
+
+/// Places one call over an already connected stream (a TCP connection, or one through the
+/// WireGuard tunnel).
+///
+/// # Errors
+/// [`CallError`] on I/O or protocol failures.
+pub async fn run_call(stream: TcpStream, plan: &CallPlan) -> Result<CallReport, CallError> {
+    stream.set_nodelay(true)?;
+    let speech = resample_recording(&plan.speech, plan.rate.hz())?;
+    let (mut reader, mut writer) = stream.into_split();
+    let start = Instant::now();
+    let mut out = BytesMut::with_capacity(64);
+    codec::encode(&Message::CallId(plan.call_id), &mut out);
+    writer.write_all(&out).await?;
+
+    let rate = plan.rate;
+    let reader_task = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut received = Vec::new();
+        let mut arrivals = Vec::new();
+        let mut audible = 0u64;
+        let mut first_audio = None;
+        let mut short = 0u64;
+        let mut hangup = false;
+        let mut samples = Vec::with_capacity(rate.samples_per_frame());
+        let result: Result<(), CallError> = loop {
+            match read_message(&mut reader, &mut buf).await {
+                Ok(Some(Message::Audio { payload, .. })) => {
+                    let t = start.elapsed().as_secs_f64() * 1000.0;
+                    arrivals.push(t);
+                    if payload.len() != rate.bytes_per_frame() {
+                        short += 1;
+                    }
+                    samples.clear();
+                    crate::audio::slin_from_le_bytes(&payload, &mut samples);
+                    if crate::audio::rms(&samples) > AUDIBLE_RMS {
+                        audible += 1;
+                        first_audio.get_or_insert(t);
+                    }
+                    received.extend_from_slice(&samples);
+                }
+                Ok(Some(Message::Hangup)) => {
+                    hangup = true;
+                    break Ok(());
+                }
+                Ok(Some(other)) => break Err(CallError::Protocol(format!("unexpected {other:?}"))),
+                Ok(None) => break Ok(()),
+                Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    break Ok(());
+                }
+                Err(e) => break Err(CallError::Protocol(e.to_string())),
+            }
+        };
+        (
+            result,
+            received,
+            arrivals,
+            audible,
+            first_audio,
+            short,
+            hangup,
+        )
+    });
+
+    // Writer: one frame every 20 ms on a deadline grid, speech then silence.
+    let spf = rate.samples_per_frame();
+    let speech_start_frame = (plan.speech_offset.as_millis() / 20) as usize;
+    let total_frames = (plan.duration.as_millis() / 20) as usize;
+    let mut dtmf: Vec<(char, Duration)> = plan.dtmf.clone();
+    dtmf.sort_by_key(|d| d.1);
+    let mut dtmf = dtmf.into_iter().peekable();
+    let mut frames_sent = 0u64;
+    let silence = vec![0i16; spf];
+    let mut write_error = None;
+    for n in 0..total_frames {
+        let due = start + Duration::from_millis(20 * n as u64);
+        sleep_until(due).await;
+        if reader_task.is_finished() {
+            break;
+        }
+        out.clear();
+        while let Some((digit, _)) = dtmf.next_if(|(_, at)| start + *at <= due) {
+            codec::encode(&Message::Dtmf(digit), &mut out);
+        }
+        let chunk = n
+            .checked_sub(speech_start_frame)
+            .and_then(|i| speech.samples.chunks(spf).nth(i))
+            .unwrap_or(&silence);
+        codec::encode_audio_samples(rate, chunk, &mut out);
+        if let Err(e) = writer.write_all(&out).await {
+            write_error = Some(e);
+            break;
+        }
+        frames_sent += 1;
+    }
+    let hung_up_by_us = !reader_task.is_finished();
+    let _ = writer.shutdown().await;
+    drop(writer);
+    // The far end closes after our FIN; don't wait forever if it doesn't.
+    let joined = tokio::time::timeout(Duration::from_secs(3), reader_task).await;
+    let (result, received, arrivals, audible, first_audio, short, hangup) = match joined {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => return Err(CallError::Protocol(format!("reader task: {join}"))),
+        Err(_) => {
+            return Err(CallError::Protocol(
+                "far end did not close after hangup".into(),
+            ));
+        }
+    };
+    result?;
+    if let Some(e) = write_error {
+        if hung_up_by_us {
+            return Err(CallError::Io(e));
+        }
+    }
+    let mut gaps: Vec<f64> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if gaps.is_empty() {
+            0.0
+        } else {
+            gaps[((gaps.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    Ok(CallReport {
+        call_id: plan.call_id,
+        rate_hz: rate.hz(),
+        frames_sent,
+        frames_received: arrivals.len() as u64,
+        audible_frames_received: audible,
+        first_audio_ms: first_audio,
+        gap_p50_ms: pct(0.5),
+        gap_p99_ms: pct(0.99),
+        gap_max_ms: gaps.last().copied().unwrap_or(0.0),
+        underruns: gaps.iter().filter(|&&g| g > 30.0).count() as u64,
+        short_frames: short,
+        hangup_received: hangup,
+        closed_by_peer: !hung_up_by_us,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        received: Recording {
+            rate_hz: rate.hz(),
+            samples: received,
+        },
+        arrivals_ms: arrivals,
+    })
+}
+
+/// Parses a DTMF schedule entry such as `1@2.5s` or `#@3` (seconds).
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_dtmf(spec: &str) -> Result<(char, Duration), String> {
+    let (digit, at) = spec
+        .split_once('@')
+        .ok_or_else(|| format!("dtmf `{spec}`: expected DIGIT@SECONDS, e.g. 1@2.5s"))?;
+    let mut chars = digit.chars();
+    let d = match (chars.next(), chars.next()) {
+        (Some(d), None) if d.is_ascii() && codec::is_dtmf_digit(d as u8) => d,
+        _ => return Err(format!("dtmf `{spec}`: `{digit}` is not one of 0-9*#A-D")),
+    };
+    let secs: f64 = at
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("dtmf `{spec}`: `{at}` is not a number of seconds"))?;
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("dtmf `{spec}`: time out of range"));
+    }
+    Ok((d, Duration::from_secs_f64(secs)))
+}
+
+/// Normalised cross-correlation of `a` against `b` at the best lag in `max_lag` samples
+/// (either direction): 1.0 for identical waveforms, near 0 for unrelated ones. Returns
+/// `(correlation, lag)`, where a positive lag means `a` is `b` delayed by `lag` samples.
+pub fn best_correlation(a: &[i16], b: &[i16], max_lag: usize) -> (f64, isize) {
+    let mut best = (0.0, 0isize);
+    let energy = |x: &[i16]| x.iter().map(|&s| s as f64 * s as f64).sum::<f64>();
+    for lag in -(max_lag as isize)..=(max_lag as isize) {
+        let (x, y) = if lag >= 0 {
+            let l = lag as usize;
+            if l >= a.len() {
+                continue;
+            }
+            (&a[l..], b)
+        } else {
+            let l = (-lag) as usize;
+            if l >= b.len() {
+                continue;
+            }
+            (a, &b[l..])
+        };
+        let n = x.len().min(y.len());
+        if n == 0 {
+            continue;
+        }
+        let (x, y) = (&x[..n], &y[..n]);
+        let denom = (energy(x) * energy(y)).sqrt();
+        if denom == 0.0 {
+            continue;
+        }
+        let dot: f64 = x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum();
+        let c = dot / denom;
+        if c > best.0 {
+            best = (c, lag);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtmf_specs() {
+        assert_eq!(
+            parse_dtmf("1@2.5s").unwrap(),
+            ('1', Duration::from_millis(2500))
+        );
+        assert_eq!(parse_dtmf("#@3").unwrap(), ('#', Duration::from_secs(3)));
+        assert!(parse_dtmf("x@1").is_err());
+        assert!(parse_dtmf("1").is_err());
+        assert!(parse_dtmf("1@soon").is_err());
+    }
+
+    #[test]
+    fn correlation_finds_the_lag() {
+        let b: Vec<i16> = (0..4000)
+            .map(|i| (((i * 7919) % 2000) as i16) - 1000)
+            .collect();
+        let mut a = vec![0i16; 123];
+        a.extend_from_slice(&b);
+        let (c, lag) = best_correlation(&a, &b, 200);
+        assert_eq!(lag, 123);
+        assert!(c > 0.99);
+        let noise: Vec<i16> = (0..4000)
+            .map(|i| (((i * 104729 + 7) % 3001) as i16) - 1500)
+            .collect();
+        assert!(best_correlation(&noise, &b, 50).0 < 0.3);
+    }
+}

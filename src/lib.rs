@@ -1,0 +1,28 @@
+//! voicegate: answers Asterisk calls with a cloud voice agent.
+//!
+//! Asterisk hands a call over AudioSocket (TCP); voicegate streams the caller's audio to a
+//! voice agent and plays the agent's audio back, one 20 ms frame every 20 ms, with barge-in.
+//! See `docs/architecture.md` for one frame's path through these modules.
+//!
+//! - [`audiosocket`]: the sans-IO wire codec and the TCP listener.
+//! - [`call`]: the per-call task that owns all of a call's state.
+//! - [`audio`]: G.711, resampling, the playout buffer and clock.
+//! - [`agent`]: the voice-agent interface and its providers.
+//! - [`caller`]: a synthetic caller that behaves like Asterisk (`voicegate call`, `selftest`).
+//! - [`config`], [`secret`], [`tls`]: configuration, secrets, TLS for cloud connections.
+//!
+//! Panic policy: input from the network never panics; a panic is a broken invariant, and
+//! each `expect` names the invariant it relies on.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod audio;
+pub mod audiosocket;
+pub mod call;
+pub mod caller;
+pub mod config;
+pub mod secret;
+pub mod selftest;
+pub mod service;
+pub mod tls;

@@ -1,0 +1,233 @@
+//! The `voicegate` command: argument parsing only; the work is in the library.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use voicegate::audio::wav::Recording;
+use voicegate::audiosocket::SlinRate;
+use voicegate::config::Config;
+
+/// Exit code for a configuration that cannot be used (sysexits.h `EX_USAGE`... `EX_CONFIG`
+/// is 78, but 64 is what systemd units and the docs promise).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "voicegate",
+    version,
+    about = "Answers Asterisk calls with a cloud voice agent"
+)]
+struct Cli {
+    /// Config file (TOML). Without it, /etc/voicegate/voicegate.toml if present, else the
+    /// built-in defaults (AudioSocket on 127.0.0.1:9092, echo agent).
+    #[arg(long, global = true, env = "VOICEGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the service: answer AudioSocket calls until SIGTERM/SIGINT.
+    Run,
+    /// Validate the config and print the effective config, secrets redacted.
+    CheckConfig,
+    /// Place a synthetic call like Asterisk does and report what came back.
+    Call(CallArgs),
+    /// Start the service in-process on a loopback port and place one call with a recording
+    /// built into the binary; pass/fail for installers.
+    Selftest(SelftestArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CallArgs {
+    /// AudioSocket server to call, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    to: SocketAddr,
+    /// What the caller says: a mono 16-bit WAV (8 or 16 kHz; other rates are resampled).
+    /// Without it, the built-in recording.
+    #[arg(long)]
+    wav: Option<PathBuf>,
+    /// Call sample rate, Hz: 8000 (kind 0x10, like AudioSocket()) or 16000 (0x12, slin16).
+    #[arg(long, default_value_t = 8000)]
+    rate: u32,
+    /// DTMF to send, DIGIT@SECONDS (repeatable), e.g. --dtmf 1@2.5s.
+    #[arg(long, value_parser = voicegate::caller::parse_dtmf)]
+    dtmf: Vec<(char, Duration)>,
+    /// Call length in seconds, from the call id until the caller hangs up.
+    #[arg(long, default_value_t = 8.0)]
+    seconds: f64,
+    /// Write everything received to this WAV.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct SelftestArgs {
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Call length in seconds.
+    #[arg(long, default_value_t = 6.0)]
+    seconds: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("voicegate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => {
+            print!("{}", config.to_redacted_toml());
+            return ExitCode::SUCCESS;
+        }
+        Command::Run | Command::Selftest(_) | Command::Call(_) => {}
+    }
+    voicegate::tls::install_crypto_provider();
+    init_tracing(&config, matches!(cli.command, Command::Run));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("voicegate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => voicegate::service::run(config).await.map(|()| true),
+            Command::Call(args) => call(args).await,
+            Command::Selftest(args) => selftest(config, args).await,
+            Command::CheckConfig => Ok(true),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("voicegate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config, service: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if service {
+        config.log.level.as_str()
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        voicegate::config::LogFormat::Json => builder.json().init(),
+        voicegate::config::LogFormat::Text => builder.init(),
+    }
+}
+
+fn load_speech(path: Option<&std::path::Path>) -> anyhow::Result<Recording> {
+    match path {
+        Some(p) => Recording::open(p).with_context(|| format!("reading {}", p.display())),
+        None => Ok(voicegate::selftest::builtin_recording()),
+    }
+}
+
+async fn call(args: CallArgs) -> anyhow::Result<bool> {
+    let rate = SlinRate::from_hz(args.rate)
+        .with_context(|| format!("--rate {}: AudioSocket has no kind for it", args.rate))?;
+    let plan = voicegate::caller::CallPlan {
+        call_id: uuid::Uuid::new_v4(),
+        rate,
+        speech: load_speech(args.wav.as_deref())?,
+        speech_offset: Duration::ZERO,
+        dtmf: args.dtmf,
+        duration: Duration::from_secs_f64(args.seconds),
+    };
+    let report = voicegate::caller::place_call(args.to, &plan).await?;
+    if let Some(out) = &args.out {
+        report
+            .received
+            .save(out)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    print_report(&report, args.json, None);
+    Ok(true)
+}
+
+async fn selftest(config: Config, args: SelftestArgs) -> anyhow::Result<bool> {
+    let outcome = voicegate::selftest::run(&config, Duration::from_secs_f64(args.seconds)).await?;
+    print_report(&outcome.report, args.json, Some(&outcome));
+    Ok(outcome.passed)
+}
+
+fn print_report(
+    r: &voicegate::caller::CallReport,
+    json: bool,
+    selftest: Option<&voicegate::selftest::SelftestOutcome>,
+) {
+    if json {
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        if let Some(s) = selftest {
+            v["selftest"] = serde_json::to_value(s).unwrap_or_default();
+        }
+        println!("{v}");
+        return;
+    }
+    println!(
+        "call {}  {} Hz  {:.0} ms",
+        r.call_id, r.rate_hz, r.duration_ms
+    );
+    println!(
+        "  frames sent {}  received {} (audible {})",
+        r.frames_sent, r.frames_received, r.audible_frames_received
+    );
+    match r.first_audio_ms {
+        Some(ms) => println!("  first audio back after {ms:.0} ms"),
+        None => println!("  no audible audio came back"),
+    }
+    println!(
+        "  pacing: gap p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  underruns {}  short frames {}",
+        r.gap_p50_ms, r.gap_p99_ms, r.gap_max_ms, r.underruns, r.short_frames
+    );
+    println!(
+        "  ended: {}",
+        if r.hangup_received {
+            "far end sent hangup (0x00)"
+        } else if r.closed_by_peer {
+            "far end closed"
+        } else {
+            "caller hung up"
+        }
+    );
+    if let Some(s) = selftest {
+        println!(
+            "  agent: {}  echo correlation: {}",
+            s.agent,
+            s.correlation.map_or("n/a".into(), |c| format!("{c:.2}"))
+        );
+        for check in &s.checks {
+            println!(
+                "  [{}] {}",
+                if check.ok { "ok" } else { "FAIL" },
+                check.what
+            );
+        }
+        println!("selftest {}", if s.passed { "PASSED" } else { "FAILED" });
+    }
+}

@@ -1,0 +1,63 @@
+//! Shared helpers for the integration tests: fixtures and a server on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use voicegate::agent::SharedAgent;
+use voicegate::audio::wav::Recording;
+use voicegate::audiosocket::server::{Server, ServerParams};
+use voicegate::call::CallSummary;
+use voicegate::config::AudioSocketConfig;
+
+/// A real recording from `tests/fixtures`.
+pub fn fixture(name: &str) -> Recording {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    Recording::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A running AudioSocket server on an ephemeral loopback port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+    pub summaries: mpsc::UnboundedReceiver<CallSummary>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start(agent: SharedAgent) -> Self {
+        Self::start_with(
+            agent,
+            ServerParams::from_config(&AudioSocketConfig::default()),
+        )
+        .await
+    }
+
+    pub async fn start_with(agent: SharedAgent, params: ServerParams) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let server = Server::bind("127.0.0.1:0".parse().unwrap(), agent, params)
+            .await
+            .expect("bind loopback")
+            .with_summaries(tx);
+        let addr = server.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        TestServer {
+            addr,
+            stop,
+            summaries: rx,
+            task,
+        }
+    }
+
+    /// The summary of the next call that ends.
+    pub async fn next_summary(&mut self) -> CallSummary {
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.summaries.recv())
+            .await
+            .expect("a call summary in time")
+            .expect("server still running")
+    }
+}
