@@ -14,6 +14,7 @@
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
 pub mod echo;
+pub mod ws;
 // pub mod openai_realtime;
 
 use crate::audio::ReplyId;
