@@ -309,9 +309,18 @@ pub fn parse_dtmf(spec: &str) -> Result<(char, Duration), String> {
 /// (either direction): 1.0 for identical waveforms, near 0 for unrelated ones. Returns
 /// `(correlation, lag)`, where a positive lag means `a` is `b` delayed by `lag` samples.
 pub fn best_correlation(a: &[i16], b: &[i16], max_lag: usize) -> (f64, isize) {
+    best_correlation_in(a, b, -(max_lag as isize)..=(max_lag as isize))
+}
+
+/// [`best_correlation`] over the lags in `lags` only (samples; positive: `a` lags `b`).
+pub fn best_correlation_in(
+    a: &[i16],
+    b: &[i16],
+    lags: std::ops::RangeInclusive<isize>,
+) -> (f64, isize) {
     let mut best = (0.0, 0isize);
     let energy = |x: &[i16]| x.iter().map(|&s| s as f64 * s as f64).sum::<f64>();
-    for lag in -(max_lag as isize)..=(max_lag as isize) {
+    for lag in lags {
         let (x, y) = if lag >= 0 {
             let l = lag as usize;
             if l >= a.len() {

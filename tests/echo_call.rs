@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use voicegate::agent::echo::EchoAgent;
 use voicegate::audiosocket::SlinRate;
 use voicegate::call::Outcome;
-use voicegate::caller::{CallPlan, best_correlation, place_call};
+use voicegate::caller::{CallPlan, best_correlation_in, place_call};
 
 fn plan(rate: SlinRate, seconds: f64) -> CallPlan {
     CallPlan {
@@ -21,6 +21,24 @@ fn plan(rate: SlinRate, seconds: f64) -> CallPlan {
         dtmf: vec![('5', Duration::from_millis(1500))],
         duration: Duration::from_secs_f64(seconds),
     }
+}
+
+/// One frame per 20 ms, never a burst. Tolerant of a loaded machine: a scheduling hiccup may
+/// delay a frame, but frames must not pile up (a burst would be dropped by Asterisk).
+fn assert_paced(report: &voicegate::caller::CallReport) {
+    assert!(
+        (18.0..=22.0).contains(&report.gap_p50_ms),
+        "p50 {}",
+        report.gap_p50_ms
+    );
+    let gaps: Vec<f64> = report.arrivals_ms.windows(2).map(|w| w[1] - w[0]).collect();
+    let bunched = gaps.iter().filter(|&&g| g < 5.0).count();
+    assert!(
+        bunched * 20 <= gaps.len(),
+        "{bunched} of {} frames arrived bunched",
+        gaps.len()
+    );
+    assert!(report.gap_max_ms < 200.0, "max gap {}", report.gap_max_ms);
 }
 
 async fn echo_comes_back(rate: SlinRate) {
@@ -36,17 +54,19 @@ async fn echo_comes_back(rate: SlinRate) {
         "p50 {}",
         report.gap_p50_ms
     );
-    assert!(report.gap_max_ms < 60.0, "max gap {}", report.gap_max_ms);
+    assert_paced(&report);
     assert_eq!(report.short_frames, 0);
 
     // What came back is the caller's speech, delayed by the echo delay.
     let speech = voicegate::caller::resample_recording(&plan.speech, rate.hz()).unwrap();
     let spms = rate.hz() as usize / 1000;
     let expected_at = (plan.speech_offset + delay).as_millis() as usize * spms;
-    let (corr, lag) = best_correlation(
+    // Search ±100 ms around the expected delay.
+    let window = (100 * spms) as isize;
+    let (corr, lag) = best_correlation_in(
         &report.received.samples,
         &speech.samples,
-        expected_at + 100 * spms,
+        expected_at as isize - window..=expected_at as isize + window,
     );
     assert!(corr > 0.9, "echo correlation {corr}");
     // Within 60 ms of where it should be (one frame of jitter, one of buffering).
@@ -115,7 +135,7 @@ async fn malformed_stream_closes_only_that_call() {
     // The other call went on undisturbed.
     let report = good.await.unwrap().expect("good call");
     assert!(report.frames_received >= 90, "{report:?}");
-    assert!(report.gap_max_ms < 60.0);
+    assert_paced(&report);
     assert!(report.audible_frames_received > 20);
     server.stop.cancel();
 }

@@ -158,12 +158,14 @@ where
     // Set when the agent ended the call: hang up once the playout buffer is empty.
     let mut ending: Option<String> = None;
 
+    // One timer for the whole call, re-armed each tick (no timer churn per event).
+    let tick = sleep_until(clock.deadline());
+    tokio::pin!(tick);
     let outcome = loop {
-        let idle_deadline = last_input + params.idle_timeout;
         tokio::select! {
             biased;
             () = hangup.cancelled() => break Outcome::Shutdown,
-            () = sleep_until(clock.deadline()) => {
+            () = &mut tick => {
                 let tick_rate = rate.unwrap_or(SlinRate::Hz8000);
                 let popped = playout.pop_frame(&mut frame);
                 if popped.agent_samples > 0 {
@@ -176,7 +178,13 @@ where
                     break Outcome::WriteFailed(e);
                 }
                 s.frames_out += 1;
-                clock.advance(Instant::now());
+                let now = Instant::now();
+                clock.advance(now);
+                tick.as_mut().reset(clock.deadline());
+                // Checked once per tick: a half-open connection sends nothing.
+                if now.duration_since(last_input) > params.idle_timeout {
+                    break Outcome::IdleTimeout;
+                }
                 trace!(queued_ms = playout.queued().as_millis() as u64, "frame out");
                 if playout.is_empty() {
                     if let (Some(reply), Some(agent)) = (awaiting_played_out.take(), agent_session.as_ref()) {
@@ -202,6 +210,7 @@ where
                             out = BytesMut::with_capacity(4 + r.bytes_per_frame());
                             // Start the 20 ms grid now: first agent audio goes out promptly.
                             clock = PlayoutClock::new(Instant::now());
+                            tick.as_mut().reset(clock.deadline());
                             debug!(rate_hz = r.hz(), "first audio; starting agent");
                             agent_session = Some(agent.start(info.clone()));
                         } else if rate != Some(r) {
@@ -280,7 +289,6 @@ where
                     break Outcome::Fallback("agent task ended".into());
                 }
             },
-            () = sleep_until(idle_deadline) => break Outcome::IdleTimeout,
         }
     };
 
