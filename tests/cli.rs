@@ -1,0 +1,150 @@
+//! The `voicegate` binary as an installer uses it: check-config, run + call, SIGTERM.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_voicegate");
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vg-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_key() {
+    let dir = temp_dir("bad");
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[audiosocket]\nlisen = \"127.0.0.1:9092\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lisen"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/voicegate.toml", "run"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "an explicit config that is missing is an error"
+    );
+}
+
+#[test]
+fn check_config_prints_effective_config_without_secrets() {
+    let dir = temp_dir("check");
+    let cfg = dir.join("ok.toml");
+    std::fs::write(
+        &cfg,
+        "[agent]\nkind = \"openai_realtime\"\napi_key = \"sk-proj-abcdef123456\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("listen = \"127.0.0.1:9092\""), "{text}");
+    assert!(text.contains("gpt-realtime"), "{text}");
+    assert!(!text.contains("abcdef123456"), "{text}");
+}
+
+#[test]
+fn run_answers_a_call_and_stops_on_sigterm() {
+    let dir = temp_dir("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = dir.join("run.toml");
+    let mut f = std::fs::File::create(&cfg).unwrap();
+    writeln!(f, "[audiosocket]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 1\n[agent]\nkind = \"echo\"\ndelay_ms = 300").unwrap();
+    let mut service = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "service did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let heard = dir.join("heard.wav");
+    let wav = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hello-world.wav"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "call",
+            "--to",
+            &format!("127.0.0.1:{port}"),
+            "--wav",
+            wav,
+            "--seconds",
+            "2.5",
+            "--json",
+        ])
+        .args(["--out", heard.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["frames_received"].as_u64().unwrap() >= 100,
+        "{report}"
+    );
+    assert!(
+        report["audible_frames_received"].as_u64().unwrap() >= 20,
+        "{report}"
+    );
+    let first = report["first_audio_ms"].as_f64().unwrap();
+    assert!(
+        (250.0..800.0).contains(&first),
+        "echo after {first} ms with a 300 ms delay"
+    );
+
+    // The WAV holds the echoed speech.
+    let got = voicegate::audio::wav::Recording::open(&heard).unwrap();
+    let said = voicegate::audio::wav::Recording::open(std::path::Path::new(wav)).unwrap();
+    assert_eq!(got.rate_hz, 8000);
+    let (corr, _) =
+        voicegate::caller::best_correlation_in(&got.samples, &said.samples, 2000..=3200);
+    assert!(corr > 0.9, "correlation {corr}");
+
+    // SIGTERM: stops accepting and exits cleanly.
+    let pid = service.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = service.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "service did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
