@@ -490,9 +490,20 @@ fn closed(
 }
 
 fn socket_error(e: &tokio_tungstenite::tungstenite::Error, key: &Secret) -> AgentError {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    let what = match e {
+        WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_)
+        | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            "server closed the connection"
+        }
+        _ => "websocket failed",
+    };
     AgentError::Provider {
         provider: PROVIDER,
-        detail: format!("websocket: {}", scrub(&e.to_string(), key)),
+        detail: format!("{what}: {}", scrub(&e.to_string(), key)),
     }
 }
 
