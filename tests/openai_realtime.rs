@@ -274,6 +274,19 @@ async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
         t(first) - reply_first
     );
 
+    eprintln!(
+        "reply {reply_ms} ms sent in {:.1} ms; first reply audio {:.1} ms after; caller heard {heard_ms} ms; \
+         audio_end_ms {}; last reply frame {:+.1} ms from speech_started; reply frames p50 {p50:.1} ms; \
+         call gaps p50 {:.1} p99 {:.1} max {:.1} ms",
+        reply_last - reply_first,
+        t(first) - reply_first,
+        truncate["audio_end_ms"],
+        t(last) - t_ss,
+        report.gap_p50_ms,
+        report.gap_p99_ms,
+        report.gap_max_ms
+    );
+
     // The flush: the last reply frame left within one frame (plus jitter) of speech_started,
     // and the reply was still playing right up to it.
     const JITTER_MS: f64 = 40.0;

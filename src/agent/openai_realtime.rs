@@ -5,11 +5,12 @@
 //! One call, as this task drives it:
 //!
 //! 1. Connect to `{url}?model={model}` with `Authorization: Bearer <key>` (and
-//!    `OpenAI-Beta: realtime=v1` for the preview API), wait for `session.created`, send
-//!    `session.update` (instructions, voice, server VAD, input transcription, audio formats),
-//!    and wait for `session.updated`, all within `connect_timeout_ms` each. Caller audio that
-//!    arrives meanwhile is kept (up to [`SETUP_BUFFER_FRAMES`]) and sent once the session is
-//!    ready, so a caller who speaks at once is not cut off.
+//!    `OpenAI-Beta: realtime=v1` for the preview API) and receive `session.created`, both
+//!    within `connect_timeout_ms`; send `session.update` (instructions, voice, server VAD,
+//!    input transcription, audio formats) and receive `session.updated` within another
+//!    `connect_timeout_ms`. Caller audio that arrives meanwhile is kept (up to
+//!    [`SETUP_BUFFER_FRAMES`]) and sent once the session is ready, so a caller who speaks at
+//!    once is not cut off.
 //! 2. Audio format: G.711 μ-law (`audio/pcmu`, `g711_ulaw`) when the call is 8 kHz and
 //!    `g711` is on, otherwise pcm16 at 24 kHz (§0, §1.2). The formats used are the ones the
 //!    server states in `session.updated` (input and output separately), not the ones asked
@@ -393,6 +394,8 @@ async fn set_up(s: &Settings, requested: WireFormat) -> Result<(Ws, Formats), Ag
         headers.push(("OpenAI-Beta", "realtime=v1"));
     }
     debug!(url = %s.url, "connecting");
+    // Connecting and session.created share one deadline; session.updated gets its own.
+    let deadline = Instant::now() + s.connect_timeout;
     let mut ws = ws::connect(&s.url, &headers, s.connect_timeout)
         .await
         .map_err(|e| AgentError::Connect {
@@ -400,7 +403,6 @@ async fn set_up(s: &Settings, requested: WireFormat) -> Result<(Ws, Formats), Ag
             detail: scrub(&e.to_string(), &s.api_key),
         })?;
 
-    let deadline = Instant::now() + s.connect_timeout;
     wait_for(&mut ws, "session.created", deadline, s).await?;
     send_json(&mut ws, &session_update(s, requested)).await?;
     let deadline = Instant::now() + s.connect_timeout;
