@@ -100,6 +100,23 @@ fn heard_correlation(report: &CallReport, reference: &[i16]) -> f64 {
     best_correlation(&rx[from..], reference, 4_000).0
 }
 
+/// Where the reply `expected` (exact samples) starts in what the caller received `rx`, and
+/// how many of its samples follow there unchanged (what the caller heard of it).
+fn locate_reply(rx: &[i16], expected: &[i16]) -> (usize, usize) {
+    let anchor = expected.iter().position(|s| s.abs() > 500).unwrap();
+    let at = (0..rx.len() - 160)
+        .find(|&i| rx[i..i + 160] == expected[anchor..anchor + 160])
+        .expect("the reply reached the caller");
+    let start = at - anchor;
+    assert_eq!(start % 160, 0, "the reply starts on a frame boundary");
+    let heard = rx[start..]
+        .iter()
+        .zip(expected)
+        .take_while(|(a, b)| a == b)
+        .count();
+    (start, heard)
+}
+
 fn concat(names: &[&str]) -> Vec<i16> {
     names.iter().flat_map(|n| fixture(n).samples).collect()
 }
@@ -216,17 +233,7 @@ async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
         .map(|&s| Law::Ulaw.decode(Law::Ulaw.encode(s)))
         .collect();
     let rx = &report.received.samples;
-    let anchor = expected.iter().position(|s| s.abs() > 500).unwrap();
-    let at = (0..rx.len() - 160)
-        .find(|&i| rx[i..i + 160] == expected[anchor..anchor + 160])
-        .expect("the reply reached the caller");
-    let start = at - anchor;
-    assert_eq!(start % 160, 0, "the reply starts on a frame boundary");
-    let heard = rx[start..]
-        .iter()
-        .zip(&expected)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let (start, heard) = locate_reply(rx, &expected);
     let heard_frames = heard / 160;
     let first = start / 160;
     let last = first + heard_frames - 1;
@@ -330,6 +337,95 @@ async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
         "{:?}",
         summary.transcript
     );
+    server.stop.cancel();
+}
+
+/// Test 1b: barge-in while the server is still streaming the reply. Deltas of the
+/// interrupted item that were already in flight are dropped, the server's cancelled
+/// `response.done` ends it, and the truncate still says what the caller heard.
+#[tokio::test]
+async fn barge_in_mid_stream_drops_late_deltas() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let early = concat(&["hello-world.wav", "vm-goodbye.wav"]);
+    let late = fixture("auth-thankyou.wav").samples;
+    let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 5.0);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c = conn.expect("upgrade accepted");
+        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        c.wait_for_audio_ms(1_700).await;
+        c.caller_turn("item_u1", "Hello world.").await;
+        let ids = json!({"response_id": "resp_1", "item_id": "item_a1", "output_index": 0, "content_index": 0});
+        let delta = |audio: &[i16]| {
+            use base64::Engine as _;
+            let mut v = ids.clone();
+            v["type"] = json!("response.output_audio.delta");
+            v["delta"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(to_wire(audio, ULAW)));
+            v
+        };
+        c.send(json!({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}})).await;
+        c.send(json!({"type": "response.output_item.added", "response_id": "resp_1", "output_index": 0,
+                      "item": {"id": "item_a1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}})).await;
+        for chunk in early.chunks(800) {
+            c.send(delta(chunk)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let t_ss = c
+            .send(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": 2_500, "item_id": "item_u2"}))
+            .await;
+        // Generated before the server saw the caller's speech: must never be played.
+        for chunk in late.chunks(800) {
+            c.send(delta(chunk)).await;
+        }
+        let mut done = ids.clone();
+        done["type"] = json!("response.output_audio.done");
+        c.send(done).await;
+        c.send(json!({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled",
+                      "status_details": {"type": "cancelled", "reason": "turn_detected"}, "output": []}})).await;
+        let truncate = c.expect("conversation.item.truncate").await;
+        c.drain(Duration::from_secs(10)).await;
+        (t_ss, truncate, c)
+    };
+    let ((t_ss, truncate, c), (report, offset)) =
+        tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    let expected: Vec<i16> = early
+        .iter()
+        .map(|&s| Law::Ulaw.decode(Law::Ulaw.encode(s)))
+        .collect();
+    let rx = &report.received.samples;
+    let (start, heard) = locate_reply(rx, &expected);
+    let heard_frames = heard / 160;
+    let last = start / 160 + heard_frames - 1;
+    let heard_ms = heard_frames as f64 * 20.0;
+    assert!(
+        heard_ms >= 300.0 && heard_ms < early.len() as f64 / 8.0 - 500.0,
+        "heard {heard_ms} ms"
+    );
+    let t_last = report.arrivals_ms[last] + offset;
+    assert!(
+        (t_last - t_ss).abs() <= 60.0,
+        "last reply frame {} ms from speech_started",
+        t_last - t_ss
+    );
+    // Nothing after the flush: neither the rest of the early audio nor the late deltas.
+    assert!(
+        rx[(last + 1) * 160..].iter().all(|&s| s == 0),
+        "only silence after the barge-in"
+    );
+    assert_eq!(truncate["item_id"], "item_a1");
+    let audio_end_ms = truncate["audio_end_ms"].as_f64().unwrap();
+    assert!(
+        (audio_end_ms - heard_ms).abs() <= 20.0,
+        "audio_end_ms {audio_end_ms}, heard {heard_ms}"
+    );
+    assert!(c.events.iter().all(|e| e["type"] != "response.cancel"));
+    let summary = server.next_summary().await;
+    assert_eq!(summary.barge_ins, 1);
+    assert_eq!(summary.outcome, Outcome::CallerHungUp);
     server.stop.cancel();
 }
 

@@ -718,6 +718,11 @@ impl Live {
                 // audio_end_ms beyond the item's real length is an error (§1.3); the tail
                 // flush and resampling can make the call side a little longer.
                 let wire_ms = (r.wire_bytes / self.formats.output.bytes_per_ms()) as u64;
+                if r.done && heard_ms >= wire_ms {
+                    debug!(item_id = %r.item_id, "the caller heard all of the reply; nothing to truncate");
+                    self.replies.retain(|r| r.id.0 > reply.0);
+                    return Ok(());
+                }
                 let audio_end_ms = heard_ms.min(wire_ms);
                 info!(item_id = %r.item_id, audio_end_ms, "truncating the interrupted reply");
                 let truncate = json!({
