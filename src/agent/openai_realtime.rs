@@ -622,8 +622,6 @@ struct Live {
     dec: Decoder,
     /// Encoded caller audio of one frame (reused).
     wire_in: Vec<u8>,
-    /// Base64 of one frame (reused).
-    b64: String,
     /// Decoded provider audio of one delta (reused).
     wire_out: Vec<u8>,
     replies: VecDeque<Reply>,
@@ -646,7 +644,6 @@ impl Live {
             enc: Encoder::new(call.rate_hz, formats.input).map_err(protocol)?,
             dec: Decoder::new(formats.output, call.rate_hz).map_err(protocol)?,
             wire_in: Vec::with_capacity(1024),
-            b64: String::with_capacity(1400),
             wire_out: Vec::with_capacity(16 * 1024),
             replies: VecDeque::with_capacity(MAX_REPLIES),
             next_reply: 1,
@@ -696,12 +693,11 @@ impl Live {
             // The resampler is still filling its first chunk.
             return Ok(());
         }
-        self.b64.clear();
-        BASE64.encode_string(&self.wire_in, &mut self.b64);
+        // One allocation per frame: the message text, which the socket takes ownership of.
         const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
-        let mut text = String::with_capacity(HEAD.len() + self.b64.len() + 2);
+        let mut text = String::with_capacity(HEAD.len() + self.wire_in.len().div_ceil(3) * 4 + 2);
         text.push_str(HEAD);
-        text.push_str(&self.b64);
+        BASE64.encode_string(&self.wire_in, &mut text);
         text.push_str("\"}");
         trace!(bytes = self.wire_in.len(), "append");
         send_text(&mut self.ws, text).await
