@@ -497,7 +497,19 @@ async fn greeting_is_spoken_first_without_caller_speech() {
 #[tokio::test]
 async fn tool_call_round_trip_and_non_fatal_error() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let tool = json!({"type": "function", "name": "get_time", "description": "The current time",
+                      "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}});
+    let cfg = OpenAiRealtimeConfig {
+        url: fake.url.clone(),
+        api_key: SecretSource::Inline(KEY.into()),
+        ..OpenAiRealtimeConfig::default()
+    };
+    let agent: SharedAgent = Arc::new(
+        OpenAiRealtime::new(&cfg)
+            .expect("agent config")
+            .with_tools(vec![tool.clone()]),
+    );
+    let mut server = TestServer::start(agent).await;
     let audio = fixture("vm-goodbye.wav");
     let wire = to_wire(&audio.samples, ULAW);
     let plan = plan(SlinRate::Hz8000, silence(), 3.0);
@@ -505,7 +517,13 @@ async fn tool_call_round_trip_and_non_fatal_error() {
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        let update = set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        assert_eq!(
+            update["session"]["tools"],
+            json!([tool]),
+            "the tool is declared"
+        );
+        assert_eq!(update["session"]["tool_choice"], "auto");
         c.send(json!({"type": "error", "event_id": "ev_e1", "error": {"type": "invalid_request_error",
               "code": "response_cancel_not_active", "message": "Cancellation failed: no active response found.", "param": null, "event_id": null}}))
             .await;

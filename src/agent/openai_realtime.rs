@@ -28,7 +28,8 @@
 //!    `conversation.item.truncate {item_id, content_index: 0, audio_end_ms}`. Server VAD runs
 //!    with `interrupt_response: true`, so the server cancels the in-flight response itself
 //!    and no `response.cancel` is sent; late deltas of the interrupted item are dropped.
-//! 6. Transcripts of both sides, tool calls (`response.function_call_arguments.done` →
+//! 6. Transcripts of both sides, tools declared with [`OpenAiRealtime::with_tools`] and their
+//!    calls (`response.function_call_arguments.done` →
 //!    [`AgentEvent::ToolCall`], [`AgentInput::ToolResult`] → `function_call_output` +
 //!    `response.create`, §1.7), and an optional greeting (a `response.create` right after
 //!    set-up, so the agent speaks first).
@@ -96,7 +97,7 @@ const FATAL_CODES: [&str; 6] = [
 const FATAL_TYPES: [&str; 2] = ["authentication_error", "permission_error"];
 
 /// Everything a session needs, resolved once at start-up.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Settings {
     /// `{url}?model={model}`.
     url: String,
@@ -111,6 +112,8 @@ struct Settings {
     vad_silence_duration_ms: u32,
     transcription_model: String,
     connect_timeout: Duration,
+    /// Function declarations for `session.update` (§1.7); empty = no tools.
+    tools: Vec<Value>,
 }
 
 /// The OpenAI Realtime provider: one WebSocket session per call.
@@ -170,8 +173,18 @@ impl OpenAiRealtime {
                 vad_silence_duration_ms: cfg.vad_silence_duration_ms,
                 transcription_model: cfg.transcription_model.clone(),
                 connect_timeout: cfg.connect_timeout(),
+                tools: Vec::new(),
             }),
         })
+    }
+
+    /// Declares the tools the model may call, each in the flat Realtime shape
+    /// `{"type":"function","name":…,"description":…,"parameters":{JSON Schema}}`
+    /// (`providers.md` §1.7). They are sent in `session.update` with `tool_choice: "auto"`;
+    /// calls arrive as [`AgentEvent::ToolCall`].
+    pub fn with_tools(mut self, tools: Vec<Value>) -> Self {
+        Arc::make_mut(&mut self.settings).tools = tools;
+        self
     }
 }
 
@@ -339,7 +352,7 @@ fn session_update(s: &Settings, format: WireFormat) -> Value {
     let transcription =
         (!s.transcription_model.is_empty()).then(|| json!({"model": s.transcription_model}));
     let fmt = format_json(s.api, format);
-    let session = match s.api {
+    let mut session = match s.api {
         RealtimeApi::Ga => {
             let mut input = json!({"format": fmt, "turn_detection": turn_detection});
             if let Some(t) = transcription {
@@ -370,6 +383,11 @@ fn session_update(s: &Settings, format: WireFormat) -> Value {
             session
         }
     };
+    // The same flat function shape in both generations (§1.2).
+    if !s.tools.is_empty() {
+        session["tools"] = Value::Array(s.tools.clone());
+        session["tool_choice"] = json!("auto");
+    }
     json!({"type": "session.update", "session": session})
 }
 
@@ -1033,6 +1051,14 @@ mod tests {
             ss.get("input_audio_transcription").is_none(),
             "empty model = off"
         );
+        assert!(ss.get("tools").is_none(), "no tools declared");
+        let tool = json!({"type": "function", "name": "get_time", "description": "Current time",
+                          "parameters": {"type": "object", "properties": {}}});
+        let mut s = s;
+        s.tools = vec![tool.clone()];
+        let v = session_update(&s, requested_format(&s, 8_000));
+        assert_eq!(v["session"]["tools"], json!([tool]));
+        assert_eq!(v["session"]["tool_choice"], "auto");
     }
 
     #[test]
