@@ -14,7 +14,9 @@
 //! 2. Audio format: G.711 μ-law (`audio/pcmu`, `g711_ulaw`) when the call is 8 kHz and
 //!    `g711` is on, otherwise pcm16 at 24 kHz (§0, §1.2). The formats used are the ones the
 //!    server states in `session.updated` (input and output separately), not the ones asked
-//!    for; a pcm16 delta of odd length is logged as a sign that the stated format is wrong.
+//!    for. As a sanity check, a pcm16 delta of odd length, or a first 500 ms of agent audio
+//!    far louder than speech (what μ-law read as pcm16, or the reverse, sounds like), is
+//!    logged as a sign that the stated format is wrong.
 //! 3. Uplink: every caller frame (slin at the call rate) is converted by one stateful
 //!    [`Encoder`] and sent at once as one `input_audio_buffer.append` (20 ms each: no
 //!    batching, so server VAD sees speech with no added latency; §1.3 recommends small
@@ -28,11 +30,10 @@
 //!    `conversation.item.truncate {item_id, content_index: 0, audio_end_ms}`. Server VAD runs
 //!    with `interrupt_response: true`, so the server cancels the in-flight response itself
 //!    and no `response.cancel` is sent; late deltas of the interrupted item are dropped.
-//! 6. Transcripts of both sides, tools declared with [`OpenAiRealtime::with_tools`] and their
-//!    calls (`response.function_call_arguments.done` →
-//!    [`AgentEvent::ToolCall`], [`AgentInput::ToolResult`] → `function_call_output` +
-//!    `response.create`, §1.7), and an optional greeting (a `response.create` right after
-//!    set-up, so the agent speaks first).
+//! 6. Transcripts of both sides; tools declared with [`OpenAiRealtime::with_tools`] and their
+//!    calls (`response.function_call_arguments.done` → [`AgentEvent::ToolCall`],
+//!    [`AgentInput::ToolResult`] → `function_call_output` + `response.create`, §1.7); an
+//!    optional greeting (a `response.create` right after set-up, so the agent speaks first).
 //!
 //! Failures end the session with [`AgentEvent::Failed`]: connect failure or timeout, an
 //! `error` event that ends the session (authentication, `session_expired`, quota; any error
@@ -77,6 +78,14 @@ const MAX_REPLIES: usize = 16;
 /// Wire silence pushed through a resampling decoder at the end of a reply so its last
 /// samples come out of the filter, ms.
 const TAIL_FLUSH_MS: usize = 40;
+
+/// The first this many ms of agent audio in a call are checked for a plausible level.
+const LEVEL_CHECK_MS: usize = 500;
+
+/// RMS (slin units) above which the first [`LEVEL_CHECK_MS`] of agent audio cannot be speech
+/// in the confirmed format: real prompts and TTS sit near 2000–5000, while μ-law bytes read
+/// as pcm16 (or pcm16 read as μ-law) give 13000–18000 (measured on `tests/fixtures`).
+const IMPLAUSIBLE_RMS: f64 = 9_000.0;
 
 /// Voices the preview (beta) API knows (`providers.md` §1.2).
 const PREVIEW_VOICES: [&str; 8] = [
@@ -610,6 +619,47 @@ struct ServerEvent<'a> {
     response: Option<Value>,
 }
 
+/// Checks the level of the first [`LEVEL_CHECK_MS`] of agent audio, in the wire format as
+/// confirmed, before any resampling: a wrong format shows up as noise far louder than speech.
+#[derive(Debug, Default)]
+struct LevelCheck {
+    sum_sq: f64,
+    samples: usize,
+    done: bool,
+}
+
+impl LevelCheck {
+    /// Feeds one delta; once [`LEVEL_CHECK_MS`] have been seen, returns their RMS if it is
+    /// implausible for speech (and never anything again).
+    fn feed(&mut self, wire: &[u8], format: WireFormat) -> Option<f64> {
+        if self.done {
+            return None;
+        }
+        match format {
+            WireFormat::G711(law) => {
+                for &b in wire {
+                    let x = f64::from(law.decode(b));
+                    self.sum_sq += x * x;
+                }
+                self.samples += wire.len();
+            }
+            WireFormat::Pcm16 { .. } => {
+                for b in wire.chunks_exact(2) {
+                    let x = f64::from(i16::from_le_bytes([b[0], b[1]]));
+                    self.sum_sq += x * x;
+                }
+                self.samples += wire.len() / 2;
+            }
+        }
+        if self.samples < format.rate_hz() as usize * LEVEL_CHECK_MS / 1000 {
+            return None;
+        }
+        self.done = true;
+        let rms = (self.sum_sq / self.samples as f64).sqrt();
+        (rms > IMPLAUSIBLE_RMS).then_some(rms)
+    }
+}
+
 /// One assistant item being played (ReplyId ↔ item_id).
 #[derive(Debug)]
 struct Reply {
@@ -646,6 +696,8 @@ struct Live {
     next_reply: u64,
     /// A pcm16 delta of odd length was seen (logged once).
     odd_delta_seen: bool,
+    /// Sanity check of the output format on the call's first agent audio.
+    level: LevelCheck,
 }
 
 impl Live {
@@ -666,6 +718,7 @@ impl Live {
             replies: VecDeque::with_capacity(MAX_REPLIES),
             next_reply: 1,
             odd_delta_seen: false,
+            level: LevelCheck::default(),
         })
     }
 
@@ -932,6 +985,13 @@ impl Live {
                 "pcm16 audio delta of odd length: the confirmed output format may be wrong"
             );
         }
+        if let Some(rms) = self.level.feed(&self.wire_out, format) {
+            warn!(
+                rms = rms as u64,
+                format = ?format,
+                "agent audio is far louder than speech: the confirmed output format may be wrong"
+            );
+        }
         let mut samples = Vec::with_capacity(
             self.wire_out.len() * self.call_rate_hz as usize / 500 / format.bytes_per_ms() + 8,
         );
@@ -1127,6 +1187,25 @@ mod tests {
         assert_eq!(scrub("a risk-free day", &key), "a risk-free day");
         let other = Secret::new("plainkey99");
         assert_eq!(scrub("got plainkey99!", &other), "got <redacted>!");
+    }
+
+    #[test]
+    fn level_check_flags_audio_read_in_the_wrong_format() {
+        let speech = crate::selftest::builtin_recording().samples;
+        let mut ulaw = Vec::new();
+        Law::Ulaw.encode_into(&speech, &mut ulaw);
+        let mut pcm = Vec::new();
+        crate::audio::slin_to_le_bytes(&speech, &mut pcm);
+        let pcm8 = WireFormat::Pcm16 { rate_hz: 8_000 };
+        let ulaw_fmt = WireFormat::G711(Law::Ulaw);
+        let check = |wire: &[u8], format: WireFormat| {
+            let mut c = LevelCheck::default();
+            wire.chunks(800).find_map(|d| c.feed(d, format)).is_some()
+        };
+        assert!(!check(&ulaw, ulaw_fmt), "real speech in the right format");
+        assert!(!check(&pcm, pcm8), "real speech in the right format");
+        assert!(check(&ulaw, pcm8), "μ-law read as pcm16");
+        assert!(check(&pcm, ulaw_fmt), "pcm16 read as μ-law");
     }
 
     #[test]
