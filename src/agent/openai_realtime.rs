@@ -992,8 +992,9 @@ impl Live {
                 "agent audio is far louder than speech: the confirmed output format may be wrong"
             );
         }
+        // Samples at the call rate for this delta's duration, plus resampler slack.
         let mut samples = Vec::with_capacity(
-            self.wire_out.len() * self.call_rate_hz as usize / 500 / format.bytes_per_ms() + 8,
+            self.wire_out.len() * self.call_rate_hz as usize / 1000 / format.bytes_per_ms() + 512,
         );
         self.dec.decode(&self.wire_out, &mut samples);
         if samples.is_empty() {
