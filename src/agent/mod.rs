@@ -14,8 +14,8 @@
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
 pub mod echo;
+pub mod openai_realtime;
 pub mod ws;
-// pub mod openai_realtime;
 
 use crate::audio::ReplyId;
 use bytes::Bytes;
@@ -225,11 +225,6 @@ pub fn from_config(
     use crate::config::AgentConfig;
     Ok(match cfg {
         AgentConfig::Echo(c) => Arc::new(echo::EchoAgent::new(c.delay())),
-        AgentConfig::OpenaiRealtime(_) => {
-            return Err(crate::config::ConfigError::invalid(
-                "agent.kind",
-                "openai_realtime is not built yet",
-            ));
-        }
+        AgentConfig::OpenaiRealtime(c) => Arc::new(openai_realtime::OpenAiRealtime::new(c)?),
     })
 }

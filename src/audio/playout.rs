@@ -181,12 +181,18 @@ impl PlayoutBuffer {
 
     /// Drops everything queued at once (barge-in) and reports what the caller heard of the
     /// reply that was playing.
+    ///
+    /// A reply counts as interrupted only while it is still playing: audio is queued, or its
+    /// agent has not marked it complete. Speech after a reply was heard in full reports
+    /// `reply: None`.
     pub fn flush(&mut self) -> Flushed {
+        let playing = !self.segments.is_empty() || self.streaming;
         let reply = self
             .last_played
             .map(|(r, _)| r)
             .filter(|r| self.segments.front().is_none_or(|s| s.reply == *r))
-            .or(self.segments.front().map(|s| s.reply));
+            .or(self.segments.front().map(|s| s.reply))
+            .filter(|_| playing);
         let heard_ms = reply.map_or(0, |r| self.heard_ms(r));
         let dropped_samples = self.samples.len();
         self.samples.clear();
@@ -308,6 +314,24 @@ mod tests {
         assert_eq!(b.heard_ms(R1), 0, "R1 is no longer the reply being heard");
         assert_eq!(b.heard_ms(R2), 10);
         assert_eq!(b.flush().reply, Some(R2));
+    }
+
+    #[test]
+    fn speech_after_a_reply_heard_in_full_is_not_an_interruption() {
+        let mut b = PlayoutBuffer::new(8_000, Duration::from_secs(10));
+        b.push(R1, &[1; 320]);
+        b.mark_reply_complete();
+        let mut frame = [0i16; 160];
+        b.pop_frame(&mut frame);
+        b.pop_frame(&mut frame);
+        b.pop_frame(&mut frame);
+        assert_eq!(b.flush().reply, None);
+        // While a reply is still streaming (not complete), an empty buffer is a gap, and
+        // speech then does interrupt it.
+        b.push(R2, &[2; 160]);
+        b.pop_frame(&mut frame);
+        let f = b.flush();
+        assert_eq!((f.reply, f.heard_ms), (Some(R2), 20));
     }
 
     #[test]

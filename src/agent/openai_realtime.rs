@@ -1,0 +1,1222 @@
+//! The `openai_realtime` agent: the OpenAI Realtime API over one WebSocket per call
+//! (`providers.md` §1), in either generation of its event names (GA or the older preview,
+//! [`RealtimeApi`]).
+//!
+//! One call, as this task drives it:
+//!
+//! 1. Connect to `{url}?model={model}` with `Authorization: Bearer <key>` (and
+//!    `OpenAI-Beta: realtime=v1` for the preview API) and receive `session.created`, both
+//!    within `connect_timeout_ms`; send `session.update` (instructions, voice, server VAD,
+//!    input transcription, audio formats) and receive `session.updated` within another
+//!    `connect_timeout_ms`. Caller audio that arrives meanwhile is kept (up to
+//!    [`SETUP_BUFFER_FRAMES`]) and sent once the session is ready, so a caller who speaks at
+//!    once is not cut off.
+//! 2. Audio format: G.711 μ-law (`audio/pcmu`, `g711_ulaw`) when the call is 8 kHz and
+//!    `g711` is on, otherwise pcm16 at 24 kHz (§0, §1.2). The formats used are the ones the
+//!    server states in `session.updated` (input and output separately), not the ones asked
+//!    for. As a sanity check, a pcm16 delta of odd length, or a first 500 ms of agent audio
+//!    far louder than speech (what μ-law read as pcm16, or the reverse, sounds like), is
+//!    logged as a sign that the stated format is wrong.
+//! 3. Uplink: every caller frame (slin at the call rate) is converted by one stateful
+//!    [`Encoder`] and sent at once as one `input_audio_buffer.append` (20 ms each: no
+//!    batching, so server VAD sees speech with no added latency; §1.3 recommends small
+//!    chunks).
+//! 4. Downlink: `response.output_audio.delta` (`response.audio.delta`) is decoded by one
+//!    stateful [`Decoder`] into [`AgentEvent::Audio`], one [`ReplyId`] per assistant item;
+//!    the audio-done event gives [`AgentEvent::ReplyDone`].
+//! 5. Barge-in (§1.6): on `input_audio_buffer.speech_started` the task emits
+//!    [`AgentEvent::SpeechStarted`] before anything else; the call flushes its playout buffer
+//!    and answers [`AgentInput::Interrupted`] with what the caller heard, which becomes
+//!    `conversation.item.truncate {item_id, content_index: 0, audio_end_ms}`. Server VAD runs
+//!    with `interrupt_response: true`, so the server cancels the in-flight response itself
+//!    and no `response.cancel` is sent; late deltas of the interrupted item are dropped.
+//! 6. Transcripts of both sides; tools declared with [`OpenAiRealtime::with_tools`] and their
+//!    calls (`response.function_call_arguments.done` → [`AgentEvent::ToolCall`],
+//!    [`AgentInput::ToolResult`] → `function_call_output` + `response.create`, §1.7); an
+//!    optional greeting (a `response.create` right after set-up, so the agent speaks first).
+//!
+//! Failures end the session with [`AgentEvent::Failed`]: connect failure or timeout, an
+//! `error` event that ends the session (authentication, `session_expired`, quota; any error
+//! during set-up), or the socket closing. Other `error` events are logged and the call goes
+//! on. The API key is only ever written into the `Authorization` header; provider messages
+//! are scrubbed of it (and of anything shaped like an OpenAI key) before they are logged.
+
+use super::ws::{self, Ws};
+use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
+use super::{Speaker, session_channel};
+use crate::audio::ReplyId;
+use crate::audio::convert::{Decoder, Encoder, WireFormat};
+use crate::audio::g711::Law;
+use crate::config::{ConfigError, OpenAiRealtimeConfig, RealtimeApi};
+use crate::secret::Secret;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{Instrument, debug, info, trace, warn};
+
+const PROVIDER: &str = "openai_realtime";
+
+/// Caller frames kept while the session is being set up (50 × 20 ms = 1 s); older ones are
+/// dropped.
+pub const SETUP_BUFFER_FRAMES: usize = 50;
+
+/// A single WebSocket send may block this long before the session is given up.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Replies remembered for truncation (ReplyId ↔ item_id); older ones are forgotten.
+const MAX_REPLIES: usize = 16;
+
+/// Wire silence pushed through a resampling decoder at the end of a reply so its last
+/// samples come out of the filter, ms.
+const TAIL_FLUSH_MS: usize = 40;
+
+/// The first this many ms of agent audio in a call are checked for a plausible level.
+const LEVEL_CHECK_MS: usize = 500;
+
+/// RMS (slin units) above which the first [`LEVEL_CHECK_MS`] of agent audio cannot be speech
+/// in the confirmed format: real prompts and TTS sit near 2000–5000, while μ-law bytes read
+/// as pcm16 (or pcm16 read as μ-law) give 13000–18000 (measured on `tests/fixtures`).
+const IMPLAUSIBLE_RMS: f64 = 9_000.0;
+
+/// Voices the preview (beta) API knows (`providers.md` §1.2).
+const PREVIEW_VOICES: [&str; 8] = [
+    "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
+];
+
+/// `error.code` values after which the session cannot go on.
+const FATAL_CODES: [&str; 6] = [
+    "session_expired",
+    "invalid_api_key",
+    "insufficient_quota",
+    "model_not_found",
+    "session_closed",
+    "unauthorized",
+];
+
+/// `error.type` values after which the session cannot go on.
+const FATAL_TYPES: [&str; 2] = ["authentication_error", "permission_error"];
+
+/// Everything a session needs, resolved once at start-up.
+#[derive(Debug, Clone)]
+struct Settings {
+    /// `{url}?model={model}`.
+    url: String,
+    api: RealtimeApi,
+    api_key: Secret,
+    voice: String,
+    instructions: String,
+    greeting: Option<String>,
+    g711: bool,
+    vad_threshold: f32,
+    vad_prefix_padding_ms: u32,
+    vad_silence_duration_ms: u32,
+    transcription_model: String,
+    connect_timeout: Duration,
+    /// Function declarations for `session.update` (§1.7); empty = no tools.
+    tools: Vec<Value>,
+}
+
+/// The OpenAI Realtime provider: one WebSocket session per call.
+#[derive(Debug, Clone)]
+pub struct OpenAiRealtime {
+    settings: Arc<Settings>,
+}
+
+impl OpenAiRealtime {
+    /// Resolves the API key and the instructions once, at start-up.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key: `agent.api_key` (unset or unreadable),
+    /// `agent.instructions_file` (unreadable), `agent.model` (characters that do not belong
+    /// in a URL query), `agent.voice` (not a preview voice while `api = "preview"`).
+    pub fn new(cfg: &OpenAiRealtimeConfig) -> Result<Self, ConfigError> {
+        let api_key = cfg
+            .api_key
+            .resolve()
+            .map_err(|e| ConfigError::invalid("agent.api_key", e.to_string()))?;
+        let instructions = cfg
+            .load_instructions()
+            .map_err(|e| ConfigError::invalid("agent.instructions_file", e.to_string()))?;
+        if cfg.model.is_empty()
+            || !cfg
+                .model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::invalid(
+                "agent.model",
+                "must be a model name such as gpt-realtime (letters, digits, - _ .)",
+            ));
+        }
+        if cfg.api == RealtimeApi::Preview && !PREVIEW_VOICES.contains(&cfg.voice.as_str()) {
+            return Err(ConfigError::invalid(
+                "agent.voice",
+                format!(
+                    "the preview API knows only {}; `{}` needs api = \"ga\"",
+                    PREVIEW_VOICES.join(", "),
+                    cfg.voice
+                ),
+            ));
+        }
+        let sep = if cfg.url.contains('?') { '&' } else { '?' };
+        Ok(OpenAiRealtime {
+            settings: Arc::new(Settings {
+                url: format!("{}{sep}model={}", cfg.url, cfg.model),
+                api: cfg.api,
+                api_key,
+                voice: cfg.voice.clone(),
+                instructions,
+                greeting: cfg.greeting.clone().filter(|g| !g.trim().is_empty()),
+                g711: cfg.g711,
+                vad_threshold: cfg.vad_threshold,
+                vad_prefix_padding_ms: cfg.vad_prefix_padding_ms,
+                vad_silence_duration_ms: cfg.vad_silence_duration_ms,
+                transcription_model: cfg.transcription_model.clone(),
+                connect_timeout: cfg.connect_timeout(),
+                tools: Vec::new(),
+            }),
+        })
+    }
+
+    /// Declares the tools the model may call, each in the flat Realtime shape
+    /// `{"type":"function","name":…,"description":…,"parameters":{JSON Schema}}`
+    /// (`providers.md` §1.7). They are sent in `session.update` with `tool_choice: "auto"`;
+    /// calls arrive as [`AgentEvent::ToolCall`].
+    pub fn with_tools(mut self, tools: Vec<Value>) -> Self {
+        Arc::make_mut(&mut self.settings).tools = tools;
+        self
+    }
+}
+
+impl Agent for OpenAiRealtime {
+    fn name(&self) -> &'static str {
+        PROVIDER
+    }
+
+    fn start(&self, call: CallInfo) -> AgentSession {
+        let (session, endpoint) = session_channel();
+        tokio::spawn(run(self.settings.clone(), call, endpoint).in_current_span());
+        session
+    }
+}
+
+/// The session task: set-up, then the live loop; any failure becomes [`AgentEvent::Failed`].
+async fn run(settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
+    let requested = requested_format(&settings, call.rate_hz);
+    // Caller audio that arrives while connecting is kept and sent once the session is ready.
+    let mut early: VecDeque<Bytes> = VecDeque::with_capacity(SETUP_BUFFER_FRAMES);
+    let setup = set_up(&settings, requested);
+    tokio::pin!(setup);
+    let ready = loop {
+        tokio::select! {
+            r = &mut setup => break r,
+            input = io.input.recv() => match input {
+                Some(AgentInput::Audio(frame)) => {
+                    if early.len() == SETUP_BUFFER_FRAMES {
+                        early.pop_front();
+                    }
+                    early.push_back(frame);
+                }
+                Some(other) => debug!(input = ?other, "input before the session is ready ignored"),
+                // The call ended while connecting.
+                None => return,
+            },
+        }
+    };
+    let (ws, formats) = match ready {
+        Ok(r) => r,
+        Err(e) => {
+            fail(&io, e).await;
+            return;
+        }
+    };
+    info!(
+        api = ?settings.api,
+        input = ?formats.input,
+        output = ?formats.output,
+        "openai realtime session ready"
+    );
+    let mut live = match Live::new(ws, &settings, &call, formats) {
+        Ok(l) => l,
+        Err(e) => {
+            fail(&io, e).await;
+            return;
+        }
+    };
+    let result = live.run(&settings, early, &mut io).await;
+    match result {
+        Ok(()) => {
+            // The call is over: say goodbye politely, but do not wait long for it.
+            let _ = timeout(Duration::from_secs(1), live.ws.close(None)).await;
+        }
+        Err(e) => fail(&io, e).await,
+    }
+}
+
+async fn fail(io: &AgentEndpoint, e: AgentError) {
+    warn!(error = %e, "openai realtime session failed");
+    let _ = io.events.send(AgentEvent::Failed(e)).await;
+}
+
+/// The audio formats the server confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Formats {
+    /// What `input_audio_buffer.append` carries.
+    input: WireFormat,
+    /// What the audio deltas carry.
+    output: WireFormat,
+}
+
+/// The format to ask for: μ-law for 8 kHz calls when `g711` is on, else pcm16 at 24 kHz.
+fn requested_format(s: &Settings, call_rate_hz: u32) -> WireFormat {
+    if call_rate_hz == 8_000 && s.g711 {
+        WireFormat::G711(Law::Ulaw)
+    } else {
+        WireFormat::Pcm16 { rate_hz: 24_000 }
+    }
+}
+
+/// A format as `session.update` writes it: GA `{"type":"audio/pcmu"}`, preview `"g711_ulaw"`
+/// (`providers.md` §1.2).
+fn format_json(api: RealtimeApi, f: WireFormat) -> Value {
+    match (api, f) {
+        (RealtimeApi::Ga, WireFormat::G711(Law::Ulaw)) => json!({"type": "audio/pcmu"}),
+        (RealtimeApi::Ga, WireFormat::G711(Law::Alaw)) => json!({"type": "audio/pcma"}),
+        (RealtimeApi::Ga, WireFormat::Pcm16 { rate_hz }) => {
+            json!({"type": "audio/pcm", "rate": rate_hz})
+        }
+        (RealtimeApi::Preview, WireFormat::G711(Law::Ulaw)) => json!("g711_ulaw"),
+        (RealtimeApi::Preview, WireFormat::G711(Law::Alaw)) => json!("g711_alaw"),
+        (RealtimeApi::Preview, WireFormat::Pcm16 { .. }) => json!("pcm16"),
+    }
+}
+
+/// Reads a format in either shape (GA object or preview string); `None` if unknown.
+fn parse_format(v: &Value) -> Option<WireFormat> {
+    match v {
+        Value::String(s) => match s.as_str() {
+            "g711_ulaw" => Some(WireFormat::G711(Law::Ulaw)),
+            "g711_alaw" => Some(WireFormat::G711(Law::Alaw)),
+            "pcm16" => Some(WireFormat::Pcm16 { rate_hz: 24_000 }),
+            _ => None,
+        },
+        Value::Object(o) => match o.get("type")?.as_str()? {
+            "audio/pcmu" => Some(WireFormat::G711(Law::Ulaw)),
+            "audio/pcma" => Some(WireFormat::G711(Law::Alaw)),
+            "audio/pcm" => {
+                let rate = o.get("rate").and_then(Value::as_u64).unwrap_or(24_000);
+                // Anything outside the usual audio rates is not a format we can trust.
+                (8_000..=48_000)
+                    .contains(&rate)
+                    .then_some(WireFormat::Pcm16 {
+                        rate_hz: rate as u32,
+                    })
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The formats a `session.updated` session states, in either shape; `requested` where it
+/// states none.
+fn confirmed_formats(session: &Value, requested: WireFormat) -> Formats {
+    let pick = |ga: &str, preview: &str| {
+        let stated = session.pointer(ga).or_else(|| session.get(preview));
+        match stated.and_then(parse_format) {
+            Some(f) => f,
+            None => {
+                debug!(field = preview, stated = ?stated, "no usable format in session.updated; using the requested one");
+                requested
+            }
+        }
+    };
+    Formats {
+        input: pick("/audio/input/format", "input_audio_format"),
+        output: pick("/audio/output/format", "output_audio_format"),
+    }
+}
+
+/// The `session.update` event for this configuration (`providers.md` §1.2, §1.5, §1.9).
+fn session_update(s: &Settings, format: WireFormat) -> Value {
+    let turn_detection = json!({
+        "type": "server_vad",
+        "threshold": s.vad_threshold,
+        "prefix_padding_ms": s.vad_prefix_padding_ms,
+        "silence_duration_ms": s.vad_silence_duration_ms,
+        "create_response": true,
+        // The server cancels its own response on barge-in (§1.6), so voicegate never
+        // sends response.cancel; it only truncates what the caller did not hear.
+        "interrupt_response": true,
+    });
+    let transcription =
+        (!s.transcription_model.is_empty()).then(|| json!({"model": s.transcription_model}));
+    let fmt = format_json(s.api, format);
+    let mut session = match s.api {
+        RealtimeApi::Ga => {
+            let mut input = json!({"format": fmt, "turn_detection": turn_detection});
+            if let Some(t) = transcription {
+                input["transcription"] = t;
+            }
+            json!({
+                "type": "realtime",
+                "instructions": s.instructions,
+                "output_modalities": ["audio"],
+                "audio": {
+                    "input": input,
+                    "output": {"format": fmt, "voice": s.voice},
+                },
+            })
+        }
+        RealtimeApi::Preview => {
+            let mut session = json!({
+                "instructions": s.instructions,
+                "modalities": ["audio", "text"],
+                "voice": s.voice,
+                "input_audio_format": fmt,
+                "output_audio_format": fmt,
+                "turn_detection": turn_detection,
+            });
+            if let Some(t) = transcription {
+                session["input_audio_transcription"] = t;
+            }
+            session
+        }
+    };
+    // The same flat function shape in both generations (§1.2).
+    if !s.tools.is_empty() {
+        session["tools"] = Value::Array(s.tools.clone());
+        session["tool_choice"] = json!("auto");
+    }
+    json!({"type": "session.update", "session": session})
+}
+
+/// The `response.create` that makes the agent speak `greeting` first.
+fn greeting_response(greeting: &str) -> Value {
+    json!({
+        "type": "response.create",
+        "response": {
+            "instructions": format!(
+                "Greet the caller now by saying exactly this, and nothing else: \"{greeting}\""
+            ),
+        },
+    })
+}
+
+/// Connects, waits for `session.created`, configures the session and waits for
+/// `session.updated`; returns the socket and the confirmed formats.
+async fn set_up(s: &Settings, requested: WireFormat) -> Result<(Ws, Formats), AgentError> {
+    let auth = format!("Bearer {}", s.api_key.expose());
+    let mut headers = vec![("Authorization", auth.as_str())];
+    if s.api == RealtimeApi::Preview {
+        headers.push(("OpenAI-Beta", "realtime=v1"));
+    }
+    debug!(url = %s.url, "connecting");
+    // Connecting and session.created share one deadline; session.updated gets its own.
+    let deadline = Instant::now() + s.connect_timeout;
+    let mut ws = ws::connect(&s.url, &headers, s.connect_timeout)
+        .await
+        .map_err(|e| AgentError::Connect {
+            provider: PROVIDER,
+            detail: scrub(&e.to_string(), &s.api_key),
+        })?;
+
+    wait_for(&mut ws, "session.created", deadline, s).await?;
+    send_json(&mut ws, &session_update(s, requested)).await?;
+    let deadline = Instant::now() + s.connect_timeout;
+    let updated = wait_for(&mut ws, "session.updated", deadline, s).await?;
+    let formats = confirmed_formats(updated.get("session").unwrap_or(&Value::Null), requested);
+    if formats.input != requested || formats.output != requested {
+        info!(requested = ?requested, input = ?formats.input, output = ?formats.output, "server chose other audio formats; using them");
+    }
+    Ok((ws, formats))
+}
+
+/// Reads events until one of type `kind` arrives; any `error` event fails set-up.
+async fn wait_for(
+    ws: &mut Ws,
+    kind: &'static str,
+    deadline: Instant,
+    s: &Settings,
+) -> Result<Value, AgentError> {
+    loop {
+        let msg = timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| AgentError::Timeout {
+                provider: PROVIDER,
+                detail: format!("no {kind} within {:?}", s.connect_timeout),
+            })?;
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(frame))) => return Err(closed(frame.as_ref(), &s.api_key)),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(socket_error(&e, &s.api_key)),
+            None => return Err(closed(None, &s.api_key)),
+        };
+        let v: Value = serde_json::from_str(&text).map_err(|e| AgentError::Protocol {
+            provider: PROVIDER,
+            detail: format!("server event is not JSON: {e}"),
+        })?;
+        match v.get("type").and_then(Value::as_str) {
+            Some(t) if t == kind => return Ok(v),
+            Some("error") => {
+                return Err(AgentError::Provider {
+                    provider: PROVIDER,
+                    detail: format!(
+                        "error while waiting for {kind}: {}",
+                        describe_error(v.get("error"), &s.api_key)
+                    ),
+                });
+            }
+            other => debug!(event = ?other, waiting_for = kind, "event during set-up ignored"),
+        }
+    }
+}
+
+async fn send_json(ws: &mut Ws, v: &Value) -> Result<(), AgentError> {
+    send_text(ws, v.to_string()).await
+}
+
+async fn send_text(ws: &mut Ws, text: String) -> Result<(), AgentError> {
+    match timeout(SEND_TIMEOUT, ws.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(AgentError::Provider {
+            provider: PROVIDER,
+            detail: format!("websocket send failed: {e}"),
+        }),
+        Err(_) => Err(AgentError::Timeout {
+            provider: PROVIDER,
+            detail: format!("websocket send blocked for {SEND_TIMEOUT:?}"),
+        }),
+    }
+}
+
+fn closed(
+    frame: Option<&tokio_tungstenite::tungstenite::protocol::CloseFrame>,
+    key: &Secret,
+) -> AgentError {
+    let detail = match frame {
+        Some(f) => format!(
+            "server closed the session (code {}, reason \"{}\")",
+            u16::from(f.code),
+            scrub(&f.reason, key)
+        ),
+        None => "server closed the connection".to_owned(),
+    };
+    AgentError::Provider {
+        provider: PROVIDER,
+        detail,
+    }
+}
+
+fn socket_error(e: &tokio_tungstenite::tungstenite::Error, key: &Secret) -> AgentError {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    let what = match e {
+        WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_)
+        | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            "server closed the connection"
+        }
+        _ => "websocket failed",
+    };
+    AgentError::Provider {
+        provider: PROVIDER,
+        detail: format!("{what}: {}", scrub(&e.to_string(), key)),
+    }
+}
+
+/// `type/code: message` of an `error` object, scrubbed of the key.
+fn describe_error(error: Option<&Value>, key: &Secret) -> String {
+    let field = |name: &str| {
+        error
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    };
+    scrub(
+        &format!("{}/{}: {}", field("type"), field("code"), field("message")),
+        key,
+    )
+}
+
+/// An `error` event the session cannot survive (`providers.md` §1.8).
+fn is_fatal(error: Option<&Value>) -> bool {
+    let field = |name: &str| error.and_then(|e| e.get(name)).and_then(Value::as_str);
+    field("code").is_some_and(|c| FATAL_CODES.contains(&c))
+        || field("type").is_some_and(|t| FATAL_TYPES.contains(&t))
+}
+
+/// Removes the API key, and any word that looks like an OpenAI key (`sk-…`, as OpenAI echoes
+/// a masked key in auth errors), from provider text before it reaches a log or a record.
+fn scrub(text: &str, key: &Secret) -> String {
+    let key = key.expose();
+    let text = if key.len() >= 4 {
+        Cow::Owned(text.replace(key, "<redacted>"))
+    } else {
+        Cow::Borrowed(text)
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut rest: &str = &text;
+    while let Some(i) = rest.find("sk-") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 3..];
+        // Only a word that starts with `sk-` ("risk-free" stays as it is).
+        if rest[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric())
+        {
+            out.push_str("sk-");
+            rest = after;
+            continue;
+        }
+        out.push_str("sk-<redacted>");
+        let end = after
+            .find(|c: char| c.is_whitespace() || "\"',;)".contains(c))
+            .unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The fields of a server event voicegate reads; everything else is ignored. Strings borrow
+/// from the message where JSON escaping allows.
+#[derive(Debug, Deserialize)]
+struct ServerEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    /// Empty when absent (serde borrows a `Cow` only when it is not inside an `Option`).
+    #[serde(default, borrow)]
+    item_id: Cow<'a, str>,
+    /// Base64 audio or a text delta; empty when absent.
+    #[serde(default, borrow)]
+    delta: Cow<'a, str>,
+    #[serde(default)]
+    transcript: Option<String>,
+    #[serde(default)]
+    call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    session: Option<Value>,
+    #[serde(default)]
+    response: Option<Value>,
+}
+
+/// Checks the level of the first [`LEVEL_CHECK_MS`] of agent audio, in the wire format as
+/// confirmed, before any resampling: a wrong format shows up as noise far louder than speech.
+#[derive(Debug, Default)]
+struct LevelCheck {
+    sum_sq: f64,
+    samples: usize,
+    done: bool,
+}
+
+impl LevelCheck {
+    /// Feeds one delta; once [`LEVEL_CHECK_MS`] have been seen, returns their RMS if it is
+    /// implausible for speech (and never anything again).
+    fn feed(&mut self, wire: &[u8], format: WireFormat) -> Option<f64> {
+        if self.done {
+            return None;
+        }
+        match format {
+            WireFormat::G711(law) => {
+                for &b in wire {
+                    let x = f64::from(law.decode(b));
+                    self.sum_sq += x * x;
+                }
+                self.samples += wire.len();
+            }
+            WireFormat::Pcm16 { .. } => {
+                for b in wire.chunks_exact(2) {
+                    let x = f64::from(i16::from_le_bytes([b[0], b[1]]));
+                    self.sum_sq += x * x;
+                }
+                self.samples += wire.len() / 2;
+            }
+        }
+        if self.samples < format.rate_hz() as usize * LEVEL_CHECK_MS / 1000 {
+            return None;
+        }
+        self.done = true;
+        let rms = (self.sum_sq / self.samples as f64).sqrt();
+        (rms > IMPLAUSIBLE_RMS).then_some(rms)
+    }
+}
+
+/// One assistant item being played (ReplyId ↔ item_id).
+#[derive(Debug)]
+struct Reply {
+    id: ReplyId,
+    item_id: String,
+    /// Wire audio received for it, bytes.
+    wire_bytes: usize,
+    /// The audio-done event arrived.
+    done: bool,
+    /// Barge-in hit it: later deltas are dropped.
+    cancelled: bool,
+}
+
+/// Whether the live loop goes on.
+enum Flow {
+    Continue,
+    /// The call is gone (its event channel closed).
+    Stop,
+}
+
+/// A ready session.
+struct Live {
+    ws: Ws,
+    key: Secret,
+    formats: Formats,
+    call_rate_hz: u32,
+    enc: Encoder,
+    dec: Decoder,
+    /// Encoded caller audio of one frame (reused).
+    wire_in: Vec<u8>,
+    /// Decoded provider audio of one delta (reused).
+    wire_out: Vec<u8>,
+    replies: VecDeque<Reply>,
+    next_reply: u64,
+    /// A pcm16 delta of odd length was seen (logged once).
+    odd_delta_seen: bool,
+    /// Sanity check of the output format on the call's first agent audio.
+    level: LevelCheck,
+}
+
+impl Live {
+    fn new(ws: Ws, s: &Settings, call: &CallInfo, formats: Formats) -> Result<Self, AgentError> {
+        let protocol = |e: crate::audio::resample::ResampleError| AgentError::Protocol {
+            provider: PROVIDER,
+            detail: format!("cannot convert the confirmed audio format: {e}"),
+        };
+        Ok(Live {
+            ws,
+            key: s.api_key.clone(),
+            formats,
+            call_rate_hz: call.rate_hz,
+            enc: Encoder::new(call.rate_hz, formats.input).map_err(protocol)?,
+            dec: Decoder::new(formats.output, call.rate_hz).map_err(protocol)?,
+            wire_in: Vec::with_capacity(1024),
+            wire_out: Vec::with_capacity(16 * 1024),
+            replies: VecDeque::with_capacity(MAX_REPLIES),
+            next_reply: 1,
+            odd_delta_seen: false,
+            level: LevelCheck::default(),
+        })
+    }
+
+    async fn run(
+        &mut self,
+        s: &Settings,
+        early: VecDeque<Bytes>,
+        io: &mut AgentEndpoint,
+    ) -> Result<(), AgentError> {
+        if let Some(greeting) = &s.greeting {
+            debug!("asking for the greeting");
+            send_json(&mut self.ws, &greeting_response(greeting)).await?;
+        }
+        for frame in early {
+            self.append(&frame).await?;
+        }
+        loop {
+            tokio::select! {
+                input = io.input.recv() => match input {
+                    Some(input) => self.handle_input(input).await?,
+                    None => return Ok(()),
+                },
+                msg = self.ws.next() => match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Flow::Stop = self.handle_event(&text, io).await? {
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => return Err(closed(frame.as_ref(), &self.key)),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(socket_error(&e, &self.key)),
+                    None => return Err(closed(None, &self.key)),
+                },
+            }
+        }
+    }
+
+    /// Sends one caller frame as `input_audio_buffer.append`.
+    async fn append(&mut self, frame: &[u8]) -> Result<(), AgentError> {
+        self.wire_in.clear();
+        self.enc.encode_le_bytes(frame, &mut self.wire_in);
+        if self.wire_in.is_empty() {
+            // The resampler is still filling its first chunk.
+            return Ok(());
+        }
+        // One allocation per frame: the message text, which the socket takes ownership of.
+        const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
+        let mut text = String::with_capacity(HEAD.len() + self.wire_in.len().div_ceil(3) * 4 + 2);
+        text.push_str(HEAD);
+        BASE64.encode_string(&self.wire_in, &mut text);
+        text.push_str("\"}");
+        trace!(bytes = self.wire_in.len(), "append");
+        send_text(&mut self.ws, text).await
+    }
+
+    async fn handle_input(&mut self, input: AgentInput) -> Result<(), AgentError> {
+        match input {
+            AgentInput::Audio(frame) => self.append(&frame).await?,
+            AgentInput::Interrupted { reply, heard_ms } => {
+                let Some(r) = self.replies.iter().find(|r| r.id == reply) else {
+                    debug!(reply = reply.0, "interrupted reply is no longer known");
+                    return Ok(());
+                };
+                // audio_end_ms beyond the item's real length is an error (§1.3); the tail
+                // flush and resampling can make the call side a little longer.
+                let wire_ms = (r.wire_bytes / self.formats.output.bytes_per_ms()) as u64;
+                if r.done && heard_ms >= wire_ms {
+                    debug!(item_id = %r.item_id, "the caller heard all of the reply; nothing to truncate");
+                    self.replies.retain(|r| r.id.0 > reply.0);
+                    return Ok(());
+                }
+                let audio_end_ms = heard_ms.min(wire_ms);
+                info!(item_id = %r.item_id, audio_end_ms, "truncating the interrupted reply");
+                let truncate = json!({
+                    "type": "conversation.item.truncate",
+                    "item_id": r.item_id,
+                    "content_index": 0,
+                    "audio_end_ms": audio_end_ms,
+                });
+                self.replies.retain(|r| r.id.0 > reply.0);
+                send_json(&mut self.ws, &truncate).await?;
+            }
+            AgentInput::PlayedOut { reply } => {
+                self.replies.retain(|r| r.id.0 > reply.0 || !r.done);
+            }
+            AgentInput::ToolResult { call_id, output } => {
+                debug!(call_id = %call_id, "tool result");
+                let item = json!({
+                    "type": "conversation.item.create",
+                    "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+                });
+                send_json(&mut self.ws, &item).await?;
+                send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
+            }
+            AgentInput::Dtmf(digit) => {
+                debug!(digit = %digit, "dtmf is not passed to the realtime model");
+            }
+        }
+        Ok(())
+    }
+
+    async fn emit(io: &AgentEndpoint, ev: AgentEvent) -> Flow {
+        match io.events.send(ev).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    async fn handle_event(&mut self, text: &str, io: &AgentEndpoint) -> Result<Flow, AgentError> {
+        let ev: ServerEvent<'_> = match serde_json::from_str(text) {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(error = %e, "server event not understood; ignored");
+                return Ok(Flow::Continue);
+            }
+        };
+        match ev.kind.as_ref() {
+            "response.output_audio.delta" | "response.audio.delta" => {
+                if ev.item_id.is_empty() {
+                    warn!("audio delta without item_id; ignored");
+                    return Ok(Flow::Continue);
+                }
+                return Ok(self.audio_delta(&ev.item_id, &ev.delta, io).await);
+            }
+            "response.output_audio.done" | "response.audio.done" => {
+                return Ok(self.audio_done(&ev.item_id, io).await);
+            }
+            "input_audio_buffer.speech_started" => {
+                // Barge-in: tell the call first, then tidy up.
+                if let Flow::Stop = Self::emit(io, AgentEvent::SpeechStarted).await {
+                    return Ok(Flow::Stop);
+                }
+                let mut cut = false;
+                for r in self.replies.iter_mut().filter(|r| !r.done) {
+                    r.cancelled = true;
+                    cut = true;
+                }
+                if cut {
+                    self.dec.reset();
+                }
+                debug!("caller started speaking");
+            }
+            "conversation.item.input_audio_transcription.completed" => {
+                if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
+                    let ev = AgentEvent::Transcript {
+                        speaker: Speaker::Caller,
+                        text: t.trim().to_owned(),
+                    };
+                    return Ok(Self::emit(io, ev).await);
+                }
+            }
+            "response.output_audio_transcript.done" | "response.audio_transcript.done" => {
+                if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
+                    let ev = AgentEvent::Transcript {
+                        speaker: Speaker::Agent,
+                        text: t.trim().to_owned(),
+                    };
+                    return Ok(Self::emit(io, ev).await);
+                }
+            }
+            "response.function_call_arguments.done" => {
+                let (Some(call_id), Some(name)) = (ev.call_id, ev.name) else {
+                    warn!("function call without call_id or name; ignored");
+                    return Ok(Flow::Continue);
+                };
+                info!(tool = %name, call_id = %call_id, "tool call");
+                let ev = AgentEvent::ToolCall {
+                    call_id,
+                    name,
+                    arguments: ev.arguments.unwrap_or_else(|| "{}".into()),
+                    reply: None,
+                };
+                return Ok(Self::emit(io, ev).await);
+            }
+            "error" => {
+                let detail = describe_error(ev.error.as_ref(), &self.key);
+                if is_fatal(ev.error.as_ref()) {
+                    return Err(AgentError::Provider {
+                        provider: PROVIDER,
+                        detail,
+                    });
+                }
+                warn!(error = %detail, "openai realtime error; the session goes on");
+            }
+            "response.done" => {
+                let status = ev
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.get("status"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if status == "failed" {
+                    let details = ev
+                        .response
+                        .as_ref()
+                        .and_then(|r| r.pointer("/status_details/error"));
+                    warn!(error = %describe_error(details, &self.key), "response failed");
+                } else {
+                    debug!(status, "response done");
+                }
+            }
+            "session.updated" => {
+                if let Some(session) = &ev.session {
+                    let now = confirmed_formats(session, self.formats.input);
+                    if now != self.formats {
+                        warn!(formats = ?now, "session.updated changed the audio formats mid-call; keeping the first ones");
+                    }
+                }
+            }
+            "input_audio_buffer.speech_stopped"
+            | "input_audio_buffer.committed"
+            | "conversation.item.truncated" => debug!(event = %ev.kind, "event"),
+            other => trace!(event = other, "event ignored"),
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The reply for `item_id`, made on its first delta.
+    fn reply_for(&mut self, item_id: &str) -> &mut Reply {
+        let pos = match self.replies.iter().position(|r| r.item_id == item_id) {
+            Some(p) => p,
+            None => {
+                if self.replies.len() == MAX_REPLIES {
+                    self.replies.pop_front();
+                }
+                let id = ReplyId(self.next_reply);
+                self.next_reply += 1;
+                debug!(reply = id.0, item_id, "new reply");
+                self.replies.push_back(Reply {
+                    id,
+                    item_id: item_id.to_owned(),
+                    wire_bytes: 0,
+                    done: false,
+                    cancelled: false,
+                });
+                self.replies.len() - 1
+            }
+        };
+        &mut self.replies[pos]
+    }
+
+    async fn audio_delta(&mut self, item_id: &str, delta: &str, io: &AgentEndpoint) -> Flow {
+        self.wire_out.clear();
+        if let Err(e) = BASE64.decode_vec(delta, &mut self.wire_out) {
+            warn!(error = %e, "audio delta is not base64; ignored");
+            return Flow::Continue;
+        }
+        let format = self.formats.output;
+        let len = self.wire_out.len();
+        let reply = self.reply_for(item_id);
+        if reply.cancelled || reply.done {
+            trace!(item_id, "delta of an interrupted or finished reply dropped");
+            return Flow::Continue;
+        }
+        reply.wire_bytes += len;
+        let id = reply.id;
+        if matches!(format, WireFormat::Pcm16 { .. })
+            && self.wire_out.len() % 2 == 1
+            && !self.odd_delta_seen
+        {
+            self.odd_delta_seen = true;
+            warn!(
+                bytes = self.wire_out.len(),
+                "pcm16 audio delta of odd length: the confirmed output format may be wrong"
+            );
+        }
+        if let Some(rms) = self.level.feed(&self.wire_out, format) {
+            warn!(
+                rms = rms as u64,
+                format = ?format,
+                "agent audio is far louder than speech: the confirmed output format may be wrong"
+            );
+        }
+        // Samples at the call rate for this delta's duration, plus resampler slack.
+        let mut samples = Vec::with_capacity(
+            self.wire_out.len() * self.call_rate_hz as usize / 1000 / format.bytes_per_ms() + 512,
+        );
+        self.dec.decode(&self.wire_out, &mut samples);
+        if samples.is_empty() {
+            return Flow::Continue;
+        }
+        Self::emit(io, AgentEvent::Audio { reply: id, samples }).await
+    }
+
+    async fn audio_done(&mut self, item_id: &str, io: &AgentEndpoint) -> Flow {
+        let Some(pos) = self.replies.iter().position(|r| r.item_id == item_id) else {
+            return Flow::Continue;
+        };
+        let reply = &mut self.replies[pos];
+        if reply.done {
+            return Flow::Continue;
+        }
+        reply.done = true;
+        if reply.cancelled {
+            return Flow::Continue;
+        }
+        let id = reply.id;
+        let format = self.formats.output;
+        if format.rate_hz() != self.call_rate_hz {
+            // Push wire silence through the resampler so the reply's last samples come out.
+            let silence: u8 = match format {
+                WireFormat::G711(law) => law.encode(0),
+                WireFormat::Pcm16 { .. } => 0,
+            };
+            self.wire_out.clear();
+            self.wire_out
+                .resize(format.bytes_per_ms() * TAIL_FLUSH_MS, silence);
+            let mut tail = Vec::new();
+            self.dec.decode(&self.wire_out, &mut tail);
+            self.dec.reset();
+            if !tail.is_empty() {
+                if let Flow::Stop = Self::emit(
+                    io,
+                    AgentEvent::Audio {
+                        reply: id,
+                        samples: tail,
+                    },
+                )
+                .await
+                {
+                    return Flow::Stop;
+                }
+            }
+        }
+        Self::emit(io, AgentEvent::ReplyDone { reply: id }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretSource;
+
+    fn settings(api: RealtimeApi, transcription: &str) -> Settings {
+        let cfg = OpenAiRealtimeConfig {
+            api_key: SecretSource::Inline("sk-unit-test-key-123".into()),
+            api,
+            voice: if api == RealtimeApi::Ga {
+                "marin"
+            } else {
+                "alloy"
+            }
+            .into(),
+            instructions: "Be brief.".into(),
+            transcription_model: transcription.into(),
+            ..OpenAiRealtimeConfig::default()
+        };
+        Arc::try_unwrap(OpenAiRealtime::new(&cfg).unwrap().settings).unwrap()
+    }
+
+    #[test]
+    fn ga_session_update_shape() {
+        let s = settings(RealtimeApi::Ga, "gpt-4o-mini-transcribe");
+        assert_eq!(s.url, "wss://api.openai.com/v1/realtime?model=gpt-realtime");
+        let v = session_update(&s, requested_format(&s, 8_000));
+        assert_eq!(v["type"], "session.update");
+        let ss = &v["session"];
+        assert_eq!(ss["type"], "realtime");
+        assert_eq!(ss["audio"]["input"]["format"]["type"], "audio/pcmu");
+        assert_eq!(ss["audio"]["output"]["format"]["type"], "audio/pcmu");
+        assert_eq!(ss["audio"]["output"]["voice"], "marin");
+        assert_eq!(ss["audio"]["input"]["turn_detection"]["type"], "server_vad");
+        assert_eq!(
+            ss["audio"]["input"]["turn_detection"]["silence_duration_ms"],
+            500
+        );
+        assert_eq!(
+            ss["audio"]["input"]["transcription"]["model"],
+            "gpt-4o-mini-transcribe"
+        );
+        assert!(ss.get("input_audio_format").is_none());
+        // Wideband calls get pcm at 24 kHz.
+        let v = session_update(&s, requested_format(&s, 16_000));
+        assert_eq!(
+            v["session"]["audio"]["input"]["format"],
+            json!({"type": "audio/pcm", "rate": 24000})
+        );
+    }
+
+    #[test]
+    fn preview_session_update_shape() {
+        let s = settings(RealtimeApi::Preview, "");
+        let v = session_update(&s, requested_format(&s, 8_000));
+        let ss = &v["session"];
+        assert!(ss.get("type").is_none());
+        assert_eq!(ss["input_audio_format"], "g711_ulaw");
+        assert_eq!(ss["output_audio_format"], "g711_ulaw");
+        assert_eq!(ss["voice"], "alloy");
+        assert_eq!(ss["turn_detection"]["interrupt_response"], true);
+        assert!(
+            ss.get("input_audio_transcription").is_none(),
+            "empty model = off"
+        );
+        assert!(ss.get("tools").is_none(), "no tools declared");
+        let tool = json!({"type": "function", "name": "get_time", "description": "Current time",
+                          "parameters": {"type": "object", "properties": {}}});
+        let mut s = s;
+        s.tools = vec![tool.clone()];
+        let v = session_update(&s, requested_format(&s, 8_000));
+        assert_eq!(v["session"]["tools"], json!([tool]));
+        assert_eq!(v["session"]["tool_choice"], "auto");
+    }
+
+    #[test]
+    fn preview_rejects_ga_only_voice() {
+        let cfg = OpenAiRealtimeConfig {
+            api_key: SecretSource::Inline("k".into()),
+            api: RealtimeApi::Preview,
+            ..OpenAiRealtimeConfig::default()
+        };
+        let e = OpenAiRealtime::new(&cfg).unwrap_err();
+        assert!(e.to_string().contains("agent.voice"), "{e}");
+    }
+
+    #[test]
+    fn confirmed_formats_in_both_shapes() {
+        let req = WireFormat::G711(Law::Ulaw);
+        let ga = json!({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}},
+                                  "output": {"format": {"type": "audio/pcma"}}}});
+        assert_eq!(
+            confirmed_formats(&ga, req),
+            Formats {
+                input: WireFormat::Pcm16 { rate_hz: 24_000 },
+                output: WireFormat::G711(Law::Alaw)
+            }
+        );
+        let preview = json!({"input_audio_format": "pcm16", "output_audio_format": "g711_ulaw"});
+        assert_eq!(
+            confirmed_formats(&preview, req),
+            Formats {
+                input: WireFormat::Pcm16 { rate_hz: 24_000 },
+                output: req
+            }
+        );
+        assert_eq!(
+            confirmed_formats(&json!({}), req),
+            Formats {
+                input: req,
+                output: req
+            }
+        );
+        assert_eq!(parse_format(&json!({"type": "audio/pcm", "rate": 3})), None);
+    }
+
+    #[test]
+    fn fatal_errors() {
+        assert!(is_fatal(Some(
+            &json!({"type": "invalid_request_error", "code": "session_expired"})
+        )));
+        assert!(is_fatal(Some(&json!({"type": "authentication_error"}))));
+        assert!(!is_fatal(Some(
+            &json!({"type": "invalid_request_error", "code": "response_cancel_not_active"})
+        )));
+        assert!(!is_fatal(None));
+    }
+
+    #[test]
+    fn scrub_removes_the_key_and_key_like_words() {
+        let key = Secret::new("sk-live-abcdef123456");
+        let s = scrub(
+            "Incorrect API key provided: sk-live-***3456. Bearer sk-live-abcdef123456 x",
+            &key,
+        );
+        assert!(!s.contains("abcdef"), "{s}");
+        assert!(!s.contains("3456"), "{s}");
+        assert!(s.ends_with(" x"), "{s}");
+        assert_eq!(scrub("a risk-free day", &key), "a risk-free day");
+        let other = Secret::new("plainkey99");
+        assert_eq!(scrub("got plainkey99!", &other), "got <redacted>!");
+    }
+
+    #[test]
+    fn level_check_flags_audio_read_in_the_wrong_format() {
+        let speech = crate::selftest::builtin_recording().samples;
+        let mut ulaw = Vec::new();
+        Law::Ulaw.encode_into(&speech, &mut ulaw);
+        let mut pcm = Vec::new();
+        crate::audio::slin_to_le_bytes(&speech, &mut pcm);
+        let pcm8 = WireFormat::Pcm16 { rate_hz: 8_000 };
+        let ulaw_fmt = WireFormat::G711(Law::Ulaw);
+        let check = |wire: &[u8], format: WireFormat| {
+            let mut c = LevelCheck::default();
+            wire.chunks(800).find_map(|d| c.feed(d, format)).is_some()
+        };
+        assert!(!check(&ulaw, ulaw_fmt), "real speech in the right format");
+        assert!(!check(&pcm, pcm8), "real speech in the right format");
+        assert!(check(&ulaw, pcm8), "μ-law read as pcm16");
+        assert!(check(&pcm, ulaw_fmt), "pcm16 read as μ-law");
+    }
+
+    #[test]
+    fn server_event_borrows_delta() {
+        let text = r#"{"type":"response.output_audio.delta","item_id":"item_1","delta":"AAAA","extra":{"a":1}}"#;
+        let ev: ServerEvent<'_> = serde_json::from_str(text).unwrap();
+        assert_eq!(ev.kind, "response.output_audio.delta");
+        assert!(matches!(ev.delta, Cow::Borrowed("AAAA")));
+        assert!(matches!(ev.item_id, Cow::Borrowed("item_1")));
+        let ev: ServerEvent<'_> = serde_json::from_str(r#"{"type":"error"}"#).unwrap();
+        assert!(ev.item_id.is_empty() && ev.delta.is_empty());
+    }
+}

@@ -1,0 +1,429 @@
+//! A fake OpenAI Realtime server on 127.0.0.1:0 that speaks the real wire format
+//! (`providers.md` §1): a WebSocket upgrade on `/v1/realtime?model=…` whose headers it checks
+//! and records, JSON events in both directions, base64 audio in μ-law or pcm16.
+//!
+//! The fake has no script of its own: a test accepts a connection and drives it event by
+//! event with [`FakeConn`], so every scenario reads as the conversation it is. Caller audio
+//! (`input_audio_buffer.append`) is decoded and collected as it arrives in whatever format
+//! the test confirmed in `session.updated`.
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use voicegate::audio::convert::WireFormat;
+use voicegate::audio::g711::Law;
+use voicegate::config::RealtimeApi;
+
+/// How long the fake waits for any single client event before failing the test.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the client sent in its upgrade request.
+#[derive(Debug, Clone, Default)]
+pub struct Handshake {
+    /// Path and query, e.g. `/v1/realtime?model=gpt-realtime`.
+    pub uri: String,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The `OpenAI-Beta` header.
+    pub beta: Option<String>,
+}
+
+/// The listening fake.
+pub struct FakeOpenAi {
+    listener: TcpListener,
+    /// `ws://127.0.0.1:PORT/v1/realtime` (the agent appends `?model=`).
+    pub url: String,
+    /// The Authorization header a client must send, like the real server: `Bearer <key>`.
+    pub expected_auth: String,
+}
+
+impl FakeOpenAi {
+    pub async fn bind(api_key: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+        let addr = listener.local_addr().expect("fake address");
+        FakeOpenAi {
+            listener,
+            url: format!("ws://{addr}/v1/realtime"),
+            expected_auth: format!("Bearer {api_key}"),
+        }
+    }
+
+    /// Accepts one client. The upgrade is refused with 401 if the key is wrong (as OpenAI
+    /// does), or with `refuse` if given; then `None` is returned with the handshake seen.
+    pub async fn accept(
+        &self,
+        refuse: Option<StatusCode>,
+        t0: Instant,
+    ) -> (Handshake, Option<FakeConn>) {
+        let (tcp, _) = tokio::time::timeout(EVENT_TIMEOUT, self.listener.accept())
+            .await
+            .expect("the agent connects in time")
+            .expect("accept");
+        tcp.set_nodelay(true).unwrap();
+        let seen = Arc::new(Mutex::new(Handshake::default()));
+        let expected = self.expected_auth.clone();
+        let record = seen.clone();
+        // The signature is tungstenite's `Callback`; its error type is an HTTP response.
+        #[allow(clippy::result_large_err)]
+        let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let hs = Handshake {
+                uri: req.uri().to_string(),
+                authorization: header("authorization"),
+                beta: header("openai-beta"),
+            };
+            let auth_ok = hs.authorization.as_deref() == Some(expected.as_str());
+            *record.lock().unwrap() = hs;
+            let status = match refuse {
+                Some(s) => Some(s),
+                None if !auth_ok => Some(StatusCode::UNAUTHORIZED),
+                None => None,
+            };
+            match status {
+                Some(status) => {
+                    let mut e = ErrorResponse::new(Some(
+                        r#"{"error":{"type":"invalid_request_error","code":"invalid_api_key","message":"Incorrect API key provided."}}"#
+                            .to_owned(),
+                    ));
+                    *e.status_mut() = status;
+                    Err(e)
+                }
+                None => Ok(resp),
+            }
+        };
+        let ws = tokio_tungstenite::accept_hdr_async(tcp, callback).await;
+        let hs = seen.lock().unwrap().clone();
+        match ws {
+            Ok(ws) => (
+                hs,
+                Some(FakeConn {
+                    ws,
+                    t0,
+                    input_format: WireFormat::G711(Law::Ulaw),
+                    audio_in: Vec::new(),
+                    append_sizes: Vec::new(),
+                    events: Vec::new(),
+                }),
+            ),
+            Err(_) => (hs, None),
+        }
+    }
+}
+
+/// One accepted client connection.
+pub struct FakeConn {
+    ws: WebSocketStream<TcpStream>,
+    /// Times are reported in ms since this instant (shared with the test's caller).
+    pub t0: Instant,
+    /// How `input_audio_buffer.append` audio is decoded (the format confirmed).
+    pub input_format: WireFormat,
+    /// Caller audio received, decoded to slin at `input_format`'s rate.
+    pub audio_in: Vec<i16>,
+    /// Bytes of each append, decoded from base64.
+    pub append_sizes: Vec<usize>,
+    /// Every client event other than appends, in order.
+    pub events: Vec<Value>,
+}
+
+impl FakeConn {
+    /// ms since `t0`.
+    pub fn now_ms(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// Sends one server event; returns the time it was sent (ms since `t0`).
+    pub async fn send(&mut self, v: Value) -> f64 {
+        let t = self.now_ms();
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("fake send");
+        t
+    }
+
+    /// Receives the next client event other than an append (appends are decoded into
+    /// `audio_in` on the way). `None` when the client closed.
+    pub async fn next_event(&mut self) -> Option<Value> {
+        loop {
+            let msg = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+                .await
+                .expect("a client event in time");
+            let text = match msg {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            };
+            let v: Value = serde_json::from_str(&text).expect("client events are JSON");
+            let kind = v["type"]
+                .as_str()
+                .expect("client event has a type")
+                .to_owned();
+            if kind == "input_audio_buffer.append" {
+                self.take_append(&v);
+                continue;
+            }
+            self.events.push(v.clone());
+            return Some(v);
+        }
+    }
+
+    fn take_append(&mut self, v: &Value) {
+        use base64::Engine as _;
+        let b64 = v["audio"].as_str().expect("append carries audio");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("append audio is base64");
+        self.append_sizes.push(bytes.len());
+        match self.input_format {
+            WireFormat::G711(law) => self.audio_in.extend(bytes.iter().map(|&b| law.decode(b))),
+            WireFormat::Pcm16 { .. } => {
+                assert!(bytes.len() % 2 == 0, "pcm16 append of odd length");
+                self.audio_in.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| i16::from_le_bytes([b[0], b[1]])),
+                )
+            }
+        }
+    }
+
+    /// The next non-append event, which must be of type `kind`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let v = self
+            .next_event()
+            .await
+            .unwrap_or_else(|| panic!("client closed while the fake expected {kind}"));
+        assert_eq!(v["type"], kind, "expected {kind}, got {v}");
+        v
+    }
+
+    /// Reads (collecting appends) until `ms` of caller audio has arrived. Panics if another
+    /// event arrives meanwhile.
+    pub async fn wait_for_audio_ms(&mut self, ms: u64) {
+        let want = (self.input_format.rate_hz() as u64 * ms / 1000) as usize;
+        while self.audio_in.len() < want {
+            if let Some(v) = self.next_event_with_audio_only().await {
+                panic!("unexpected client event while waiting for audio: {v}");
+            }
+        }
+    }
+
+    async fn next_event_with_audio_only(&mut self) -> Option<Value> {
+        let before = self.append_sizes.len();
+        loop {
+            let msg = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
+                .await
+                .expect("caller audio in time");
+            let text = match msg {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    panic!("client closed while the fake waited for audio")
+                }
+                Some(Ok(_)) => continue,
+            };
+            let v: Value = serde_json::from_str(&text).expect("client events are JSON");
+            if v["type"] == "input_audio_buffer.append" {
+                self.take_append(&v);
+                if self.append_sizes.len() > before {
+                    return None;
+                }
+            } else {
+                self.events.push(v.clone());
+                return Some(v);
+            }
+        }
+    }
+
+    /// Reads every remaining client event until the client closes (or `limit` passes).
+    pub async fn drain(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).expect("client events are JSON");
+                    if v["type"] == "input_audio_buffer.append" {
+                        self.take_append(&v);
+                    } else {
+                        self.events.push(v);
+                    }
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                    return;
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// `session.created`, as the server sends it first.
+    pub async fn session_created(&mut self, api: RealtimeApi) {
+        let mut session =
+            json!({"id": "sess_fake_1", "object": "realtime.session", "model": "gpt-realtime"});
+        if api == RealtimeApi::Ga {
+            session["type"] = json!("realtime");
+        }
+        self.send(json!({"type": "session.created", "event_id": "ev_c1", "session": session}))
+            .await;
+    }
+
+    /// Answers a `session.update` with `session.updated` holding the effective session:
+    /// the update's session with `formats` (input, output) in place of what was asked.
+    pub async fn session_updated(
+        &mut self,
+        api: RealtimeApi,
+        update: &Value,
+        formats: (WireFormat, WireFormat),
+    ) {
+        let mut session = update["session"].clone();
+        session["id"] = json!("sess_fake_1");
+        match api {
+            RealtimeApi::Ga => {
+                session["audio"]["input"]["format"] = ga_format(formats.0);
+                session["audio"]["output"]["format"] = ga_format(formats.1);
+            }
+            RealtimeApi::Preview => {
+                session["input_audio_format"] = json!(preview_format(formats.0));
+                session["output_audio_format"] = json!(preview_format(formats.1));
+            }
+        }
+        self.input_format = formats.0;
+        self.send(json!({"type": "session.updated", "event_id": "ev_u1", "session": session}))
+            .await;
+    }
+
+    /// The events of a caller turn under server VAD (§1.4), with its transcript.
+    pub async fn caller_turn(&mut self, item_id: &str, transcript: &str) {
+        self.send(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100, "item_id": item_id})).await;
+        self.send(json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1500, "item_id": item_id})).await;
+        self.send(json!({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": null})).await;
+        self.send(json!({
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": item_id, "content_index": 0, "transcript": transcript,
+        }))
+        .await;
+    }
+
+    /// One spoken reply in the order the real server sends it (`providers.md` §1.4):
+    /// `audio` (wire bytes in the output format) as deltas of `chunk` bytes, back to back,
+    /// with the transcript's words interleaved as transcript deltas. Returns the send times
+    /// (ms since `t0`) of the first and the last event.
+    pub async fn reply(
+        &mut self,
+        api: RealtimeApi,
+        response_id: &str,
+        item_id: &str,
+        audio: &[u8],
+        chunk: usize,
+        transcript: &str,
+    ) -> (f64, f64) {
+        use base64::Engine as _;
+        let ga = api == RealtimeApi::Ga;
+        let (audio_delta, audio_done, tr_delta, tr_done) = if ga {
+            (
+                "response.output_audio.delta",
+                "response.output_audio.done",
+                "response.output_audio_transcript.delta",
+                "response.output_audio_transcript.done",
+            )
+        } else {
+            (
+                "response.audio.delta",
+                "response.audio.done",
+                "response.audio_transcript.delta",
+                "response.audio_transcript.done",
+            )
+        };
+        let ids = json!({"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0});
+        let with = |mut v: Value| {
+            for (k, x) in ids.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let item = json!({"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": "in_progress", "content": []});
+        let first = self
+            .send(json!({"type": "response.created", "response": {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []}}))
+            .await;
+        self.send(json!({"type": "response.output_item.added", "response_id": response_id, "output_index": 0, "item": item}))
+            .await;
+        let added = if ga {
+            "conversation.item.added"
+        } else {
+            "conversation.item.created"
+        };
+        self.send(json!({"type": added, "previous_item_id": null, "item": item}))
+            .await;
+        let part_type = if ga { "output_audio" } else { "audio" };
+        self.send(with(json!({"type": "response.content_part.added", "part": {"type": part_type, "transcript": ""}})))
+            .await;
+        let mut words = transcript.split_inclusive(' ');
+        for piece in audio.chunks(chunk) {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(piece);
+            self.send(with(json!({"type": audio_delta, "delta": b64})))
+                .await;
+            if let Some(w) = words.next() {
+                self.send(with(json!({"type": tr_delta, "delta": w}))).await;
+            }
+        }
+        for w in words {
+            self.send(with(json!({"type": tr_delta, "delta": w}))).await;
+        }
+        self.send(with(json!({"type": audio_done}))).await;
+        self.send(with(json!({"type": tr_done, "transcript": transcript})))
+            .await;
+        self.send(with(json!({"type": "response.content_part.done", "part": {"type": part_type, "transcript": transcript}})))
+            .await;
+        let done_item = json!({"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": "completed",
+                               "content": [{"type": part_type, "transcript": transcript}]});
+        self.send(json!({"type": "response.output_item.done", "response_id": response_id, "output_index": 0, "item": done_item}))
+            .await;
+        if ga {
+            self.send(json!({"type": "conversation.item.done", "item": done_item}))
+                .await;
+        }
+        let last = self
+            .send(json!({"type": "response.done", "response": {"id": response_id, "object": "realtime.response", "status": "completed",
+                          "status_details": null, "output": [done_item]}}))
+            .await;
+        (first, last)
+    }
+}
+
+/// A GA format object (§1.2).
+pub fn ga_format(f: WireFormat) -> Value {
+    match f {
+        WireFormat::G711(Law::Ulaw) => json!({"type": "audio/pcmu"}),
+        WireFormat::G711(Law::Alaw) => json!({"type": "audio/pcma"}),
+        WireFormat::Pcm16 { rate_hz } => json!({"type": "audio/pcm", "rate": rate_hz}),
+    }
+}
+
+/// A preview format string (§1.2).
+pub fn preview_format(f: WireFormat) -> &'static str {
+    match f {
+        WireFormat::G711(Law::Ulaw) => "g711_ulaw",
+        WireFormat::G711(Law::Alaw) => "g711_alaw",
+        WireFormat::Pcm16 { .. } => "pcm16",
+    }
+}
+
+/// slin samples as wire bytes of `format` (the samples must already be at its rate).
+pub fn to_wire(samples: &[i16], format: WireFormat) -> Vec<u8> {
+    match format {
+        WireFormat::G711(law) => samples.iter().map(|&s| law.encode(s)).collect(),
+        WireFormat::Pcm16 { .. } => samples.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    }
+}
