@@ -174,13 +174,14 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 
     let serving = tokio::spawn(server.run(stop.clone()));
     health.set_ready(true);
-    let watchdog = Watchdog::spawn(health.clone(), watchdog_interval)
-        .context("starting the watchdog thread")?;
+    // READY=1 goes first: systemd ignores WATCHDOG=1 before it, and the order is promised.
     notify::ready(&format!(
         "ready; audiosocket {audiosocket_addr}; health {}; {}",
         http_addr.map_or("off".to_owned(), |a| a.to_string()),
         health.status_line()
     ));
+    let watchdog = Watchdog::spawn(health.clone(), watchdog_interval)
+        .context("starting the watchdog thread")?;
     info!(audiosocket = %audiosocket_addr, health = ?http_addr, "ready");
     stall_hook();
 
