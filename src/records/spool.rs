@@ -61,15 +61,19 @@ pub struct FileScan {
 /// # Errors
 /// [`SpoolError::Encode`], [`SpoolError::TooLarge`].
 pub fn encode_frame(rec: &CallRecord) -> Result<Vec<u8>, SpoolError> {
-    let mut payload = vec![FORMAT_VERSION];
-    payload = postcard::to_extend(rec, payload).map_err(|e| SpoolError::Encode(e.to_string()))?;
-    if payload.len() > MAX_RECORD_BYTES {
-        return Err(SpoolError::TooLarge(payload.len()));
+    let body = postcard::to_stdvec(rec).map_err(|e| SpoolError::Encode(e.to_string()))?;
+    let len = body.len() + 1;
+    if len > MAX_RECORD_BYTES {
+        return Err(SpoolError::TooLarge(len));
     }
-    let mut frame = Vec::with_capacity(HEADER + payload.len());
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    frame.extend_from_slice(&payload);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&[FORMAT_VERSION]);
+    crc.update(&body);
+    let mut frame = Vec::with_capacity(HEADER + len);
+    frame.extend_from_slice(&(len as u32).to_le_bytes());
+    frame.extend_from_slice(&crc.finalize().to_le_bytes());
+    frame.push(FORMAT_VERSION);
+    frame.extend_from_slice(&body);
     Ok(frame)
 }
 
