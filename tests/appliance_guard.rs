@@ -291,6 +291,7 @@ async fn provider_unreachable_caller_gets_0x00_within_2s() {
     let started = Instant::now();
     let report = place_call(h.addr, &plan(6.0, hello())).await.unwrap();
     let took = started.elapsed();
+    eprintln!("provider unreachable: 0x00 after {took:?}");
     assert!(
         report.hangup_received,
         "dialplan fall-through needs 0x00: {report:?}"
