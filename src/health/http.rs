@@ -270,7 +270,9 @@ impl HttpServer {
                     let router = router.clone();
                     async move { Ok::<_, std::convert::Infallible>(router.handle(req).await) }
                 });
+                // One request per connection: an idle keep-alive client cannot hold a slot.
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
@@ -282,5 +284,27 @@ impl HttpServer {
         }
         tracker.close();
         tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_capture_segments() {
+        let r = Router::new().route(Method::GET, "/v1/calls/{id}/next", |_req| async {
+            text(StatusCode::OK, "x")
+        });
+        let p = &r.routes[0].pattern;
+        let got = Router::matches(p, "/v1/calls/abc-123/next").unwrap();
+        assert_eq!(got.get("id").map(String::as_str), Some("abc-123"));
+        assert!(Router::matches(p, "/v1/calls/abc/next/more").is_none());
+        assert!(Router::matches(p, "/v1/calls/abc").is_none());
+        assert!(Router::matches(p, "/v1/wireguard").is_none());
+        let root = Router::new().route(Method::GET, "/health", |_req| async {
+            text(StatusCode::OK, "x")
+        });
+        assert!(Router::matches(&root.routes[0].pattern, "/health/").is_some());
     }
 }
