@@ -66,7 +66,7 @@ fn unit_has_the_promised_settings() {
         "CapabilityBoundingSet=\n",
         "RestrictAddressFamilies=",
         "SystemCallFilter=@system-service",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/bin/sh -c 'kill -HUP $MAINPID'",
     ] {
         assert!(text.contains(line), "voicegate.service lacks {line:?}");
     }
