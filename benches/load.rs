@@ -327,6 +327,12 @@ fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64) {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it,
+    // and a minute-long load run is no unit test.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("load bench: run it with `cargo bench --bench load`; skipped under cargo test");
+        return;
+    }
     let args = parse_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

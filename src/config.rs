@@ -63,6 +63,44 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// `[state]`: where state (call records, the AI budget) is kept.
+    pub state: StateConfig,
+    /// `[guard]`: allowlist, call limits, maximum call length, AI budget.
+    pub guard: crate::guard::GuardConfig,
+    /// `[fallback]`: maintenance switch, circuit breaker, agent-silence timer.
+    pub fallback: crate::fallback::FallbackConfig,
+    /// `[health]`: the `/health` and `/metrics` listener.
+    pub health: crate::health::HealthConfig,
+    /// `[records]`: call records.
+    pub records: crate::records::RecordsConfig,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// State directory; default `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`),
+    /// else `/var/lib/voicegate`.
+    pub dir: Option<PathBuf>,
+}
+
+impl StateConfig {
+    /// The state directory in force.
+    pub fn dir(&self) -> PathBuf {
+        if let Some(d) = &self.dir {
+            return d.clone();
+        }
+        // systemd may pass several colon-separated directories; the first is ours.
+        match std::env::var_os("STATE_DIRECTORY") {
+            Some(v) => PathBuf::from(
+                v.to_string_lossy()
+                    .split(':')
+                    .next()
+                    .unwrap_or("/var/lib/voicegate"),
+            ),
+            None => PathBuf::from("/var/lib/voicegate"),
+        }
+    }
 }
 
 /// `[audiosocket]`.
@@ -362,6 +400,9 @@ impl Config {
                 }
             }
         }
+        self.guard.validate()?;
+        self.fallback.validate()?;
+        self.records.validate()?;
         if self
             .log
             .level

@@ -10,6 +10,8 @@
 //! - [`agent`]: the voice-agent interface and its providers.
 //! - [`caller`]: a synthetic caller that behaves like Asterisk (`voicegate call`, `selftest`).
 //! - [`config`], [`secret`], [`tls`]: configuration, secrets, TLS for cloud connections.
+//! - [`guard`], [`fallback`], [`health`], [`records`]: the appliance: port guard and budget,
+//!   the human fallback and circuit breaker, watchdog/health/metrics, call records.
 //!
 //! Panic policy: input from the network never panics; a panic is a broken invariant, and
 //! each `expect` names the invariant it relies on.
@@ -22,6 +24,10 @@ pub mod audiosocket;
 pub mod call;
 pub mod caller;
 pub mod config;
+pub mod fallback;
+pub mod guard;
+pub mod health;
+pub mod records;
 pub mod secret;
 pub mod selftest;
 pub mod service;

@@ -40,6 +40,26 @@ enum Command {
     /// Start the service in-process on a loopback port and place one call with a recording
     /// built into the binary; pass/fail for installers.
     Selftest(SelftestArgs),
+    /// List or export the call records in the state directory's spool.
+    Records(RecordsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RecordsArgs {
+    /// `list` (one line per call) or `export` (JSON lines).
+    #[arg(value_enum, default_value_t = RecordsAction::List)]
+    action: RecordsAction,
+    /// Spool directory; default `[records] dir`, else `<state dir>/records`.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RecordsAction {
+    /// One line per call: start, call id, outcome, duration, agent.
+    List,
+    /// One JSON object per line, every field.
+    Export,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,6 +112,7 @@ fn main() -> ExitCode {
             print!("{}", config.to_redacted_toml());
             return ExitCode::SUCCESS;
         }
+        Command::Records(args) => return records(&config, args),
         Command::Run | Command::Selftest(_) | Command::Call(_) => {}
     }
     voicegate::tls::install_crypto_provider();
@@ -108,10 +129,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run => voicegate::service::run(config).await.map(|()| true),
+            Command::Run => voicegate::service::run(config, cli.config.clone())
+                .await
+                .map(|()| true),
             Command::Call(args) => call(args).await,
             Command::Selftest(args) => selftest(config, args).await,
-            Command::CheckConfig => Ok(true),
+            Command::CheckConfig | Command::Records(_) => Ok(true),
         }
     });
     match result {
@@ -122,6 +145,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn records(config: &Config, args: RecordsArgs) -> ExitCode {
+    use std::io::Write as _;
+    let dir = args
+        .dir
+        .unwrap_or_else(|| config.records.spool_dir(&config.state.dir()));
+    let (records, torn) = match voicegate::records::spool::read_dir(&dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("voicegate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for r in &records {
+        let line = match args.action {
+            RecordsAction::Export => serde_json::to_string(r).unwrap_or_default(),
+            RecordsAction::List => format!(
+                "{}  {}  {:<14} {:>7.1} s  {}{}",
+                r.started_unix_ms,
+                r.call_id,
+                r.outcome,
+                r.duration_ms as f64 / 1000.0,
+                r.agent,
+                r.detail
+                    .as_deref()
+                    .map(|d| format!("  ({d})"))
+                    .unwrap_or_default()
+            ),
+        };
+        if writeln!(out, "{line}").is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    if torn > 0 {
+        eprintln!("voicegate: skipped {torn} bytes of a torn record (a crash mid-write)");
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(config: &Config, service: bool) {

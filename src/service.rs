@@ -1,33 +1,327 @@
 //! `voicegate run`: builds everything the config describes, binds the listeners, and runs
 //! until SIGTERM or SIGINT, then shuts down gracefully (stop accepting, let live calls finish
 //! for `audiosocket.shutdown_grace_s`, hang up the rest).
+//!
+//! Start-up order: config (already loaded) → metrics recorder → agent, guard, breaker →
+//! AudioSocket listener → health listener → records spool → nftables (if configured) →
+//! `READY=1` and the watchdog thread. SIGHUP re-reads the config file: the new agent, limits
+//! and switches apply to new calls; live calls finish on the generation they started with.
+//! Listen addresses and the state directory need a restart.
+//!
+//! Test hook: `VOICEGATE_TEST_STALL_AFTER_MS=N` blocks every runtime worker thread N ms
+//! after start, so a test can check that the watchdog pings stop on a stalled runtime. It
+//! exists only for that test (`tests/appliance_notify.rs`); nothing else reads it.
 
-use crate::audiosocket::server::{Server, ServerParams};
+use crate::audiosocket::server::{Generation, Server, ServerParams};
 use crate::config::Config;
+use crate::fallback::Breaker;
+use crate::guard::Guard;
+use crate::health::http::{HttpServer, Router, json};
+use crate::health::{Component, ComponentStatus, HealthState, Watchdog, component, notify};
+use crate::records::spool::Spool;
+use crate::records::{CallRecord, CallerNumbers};
 use anyhow::Context as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn};
 
-/// Runs the service until a termination signal.
+/// The environment variable of the stall test hook (see the module docs).
+pub const TEST_STALL_ENV: &str = "VOICEGATE_TEST_STALL_AFTER_MS";
+
+/// The [`Generation`] new calls get under `config`.
+pub fn generation(config: &Config, agent: crate::agent::SharedAgent) -> Generation {
+    let mut params = ServerParams::from_config(&config.audiosocket);
+    params.session.max_duration = config.guard.max_call();
+    params.session.agent_silence = config.fallback.agent_silence();
+    Generation {
+        agent,
+        params: Arc::new(params),
+        fallback: config.fallback.clone(),
+    }
+}
+
+/// The health listener's routes: `GET /health` (JSON; 200 when live and ready, else 503) and
+/// `GET /metrics` (Prometheus text). Add more with [`Router::route`].
+pub fn health_routes(health: Arc<HealthState>) -> Router {
+    use hyper::{Method, StatusCode};
+    Router::new()
+        .route(Method::GET, "/health", move |_req| {
+            let report = health.report();
+            async move {
+                let status = if report.live && report.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json(status, &report)
+            }
+        })
+        .route(Method::GET, "/metrics", |_req| async move {
+            crate::health::http::respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::health::metrics::render().into(),
+            )
+        })
+}
+
+/// Runs the service until a termination signal. `path` is the config file to re-read on
+/// SIGHUP (`None`: the default path, else the built-in defaults).
 ///
 /// # Errors
 /// If the agent cannot be built or a listener cannot be bound.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    crate::health::metrics::install();
+    let _upkeep = crate::health::metrics::spawn_upkeep();
+    let state_dir = config.state.dir();
+    let state_ok = match std::fs::create_dir_all(&state_dir) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(dir = %state_dir.display(), error = %e, "state directory unusable: no call records, AI budget not persisted");
+            false
+        }
+    };
     let agent = crate::agent::from_config(&config.agent)?;
+    let breaker = Arc::new(Breaker::from_config(&config.fallback));
+    let health = Arc::new(HealthState::new(agent.name(), breaker.clone()));
+    health.set_maintenance(config.fallback.maintenance);
+    let guard = Arc::new(
+        Guard::new(
+            config.guard.clone(),
+            state_ok.then_some(state_dir.as_path()),
+        )
+        .context("loading the AI budget")?,
+    );
+    let watchdog_interval = notify::watchdog_interval();
+    let (gen_tx, gen_rx) = watch::channel(Arc::new(generation(&config, agent)));
+
+    let (summary_tx, summary_rx) = mpsc::unbounded_channel();
+    let first_agent = gen_rx.borrow().agent.clone();
     let server = Server::bind(
         config.audiosocket.listen,
-        agent,
+        first_agent,
         ServerParams::from_config(&config.audiosocket),
     )
     .await
-    .with_context(|| format!("binding AudioSocket listener {}", config.audiosocket.listen))?;
+    .with_context(|| format!("binding AudioSocket listener {}", config.audiosocket.listen))?
+    .with_updates(gen_rx)
+    .with_guard(guard.clone())
+    .with_breaker(breaker.clone())
+    .with_health(
+        health.clone(),
+        crate::health::accept_beat_period(watchdog_interval),
+    )
+    .with_summaries(summary_tx);
+    let audiosocket_addr = server.local_addr()?;
+    health.set_component(
+        component::AUDIOSOCKET,
+        Component::new(
+            ComponentStatus::Ok,
+            format!("listening on {audiosocket_addr}"),
+        ),
+    );
+
     let stop = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let mut http_addr = None;
+    let http_task = if config.health.enabled {
+        let http = HttpServer::bind(config.health.listen)
+            .await
+            .with_context(|| format!("binding health listener {}", config.health.listen))?;
+        http_addr = Some(http.local_addr()?);
+        Some(tokio::spawn(http.run(
+            Arc::new(health_routes(health.clone())),
+            http_stop.clone(),
+        )))
+    } else {
+        None
+    };
+
+    let records_task = if config.records.enabled && state_ok {
+        let dir = config.records.spool_dir(&state_dir);
+        let spool = {
+            let dir = dir.clone();
+            let (max, keep) = (config.records.max_file_bytes, config.records.keep_files);
+            tokio::task::spawn_blocking(move || Spool::open(&dir, max, keep))
+                .await
+                .context("records task")?
+        };
+        match spool {
+            Ok(spool) => Some(tokio::spawn(write_records(
+                summary_rx,
+                spool,
+                config.records.caller_numbers,
+            ))),
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "call records disabled");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    if config.guard.nftables {
+        load_nftables(
+            &config,
+            audiosocket_addr.port(),
+            http_addr.map(|a| a.port()),
+        )
+        .await;
+    }
+
     let serving = tokio::spawn(server.run(stop.clone()));
-    shutdown_signal().await;
+    health.set_ready(true);
+    // READY=1 goes first: systemd ignores WATCHDOG=1 before it, and the order is promised.
+    notify::ready(&format!(
+        "ready; audiosocket {audiosocket_addr}; health {}; {}",
+        http_addr.map_or("off".to_owned(), |a| a.to_string()),
+        health.status_line()
+    ));
+    let watchdog = Watchdog::spawn(health.clone(), watchdog_interval)
+        .context("starting the watchdog thread")?;
+    info!(audiosocket = %audiosocket_addr, health = ?http_addr, "ready");
+    stall_hook();
+
+    let mut current = config;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hup.recv() => {
+                notify::reloading();
+                match reload(&current, path.as_deref(), &guard, &breaker, &health, &gen_tx) {
+                    Ok(new) => {
+                        current = new;
+                        info!("config reloaded; new calls use it");
+                    }
+                    Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the running config"),
+                }
+                notify::reloaded(&health.status_line());
+            }
+        }
+    }
+
     info!("shutdown requested");
+    health.set_stopping();
+    notify::stopping(&format!("stopping; {}", health.status_line()));
     stop.cancel();
-    serving.await.context("listener task")?;
+    let mut serving = serving;
+    loop {
+        let live = health.live_calls();
+        if live > 0 {
+            notify::extend_timeout(
+                Duration::from_secs(5),
+                &format!("stopping; draining {live} live calls"),
+            );
+        }
+        tokio::select! {
+            r = &mut serving => {
+                r.context("listener task")?;
+                break;
+            }
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+    if let Some(t) = records_task {
+        let _ = t.await;
+    }
+    http_stop.cancel();
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    watchdog.stop();
     Ok(())
+}
+
+fn reload(
+    old: &Config,
+    path: Option<&Path>,
+    guard: &Guard,
+    breaker: &Breaker,
+    health: &HealthState,
+    gen_tx: &watch::Sender<Arc<Generation>>,
+) -> anyhow::Result<Config> {
+    let new = Config::load(path)?;
+    let agent = crate::agent::from_config(&new.agent)?;
+    if new.audiosocket.listen != old.audiosocket.listen
+        || new.health.listen != old.health.listen
+        || new.health.enabled != old.health.enabled
+        || new.state.dir != old.state.dir
+        || new.records != old.records
+    {
+        warn!("listen addresses, [state] and [records] changes take effect on restart");
+    }
+    guard.reconfigure(new.guard.clone());
+    breaker.reconfigure(&new.fallback);
+    health.set_maintenance(new.fallback.maintenance);
+    if new.fallback.maintenance {
+        warn!("maintenance switch on: every call goes to the operators");
+    }
+    gen_tx.send_replace(Arc::new(generation(&new, agent)));
+    Ok(new)
+}
+
+async fn write_records(
+    mut rx: mpsc::UnboundedReceiver<crate::call::CallSummary>,
+    spool: Spool,
+    numbers: CallerNumbers,
+) {
+    let spool = Arc::new(Mutex::new(spool));
+    while let Some(summary) = rx.recv().await {
+        let record = CallRecord::from_summary(&summary, numbers);
+        let spool = spool.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            // Only this task appends, one record at a time: the lock is never contended,
+            // and a panic inside append cannot leave the file in a state open() can't repair.
+            let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+            spool.append(&record)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(call_id = %summary.call_id, error = %e, "call record not written"),
+            Err(e) => error!(call_id = %summary.call_id, error = %e, "call record task failed"),
+        }
+    }
+}
+
+async fn load_nftables(config: &Config, audiosocket_port: u16, health_port: Option<u16>) {
+    let mut ports = vec![audiosocket_port];
+    ports.extend(health_port);
+    let text = crate::guard::nft::ruleset(&config.guard.allow, &ports);
+    match tokio::task::spawn_blocking(move || crate::guard::nft::load(&text)).await {
+        Ok(Ok(())) => info!(?ports, "nftables ruleset loaded"),
+        Ok(Err(e)) => {
+            warn!(error = %e, "nftables ruleset not loaded; the in-process guard still applies")
+        }
+        Err(e) => warn!(error = %e, "nftables task failed"),
+    }
+}
+
+/// See the module docs: blocks every worker thread after `$VOICEGATE_TEST_STALL_AFTER_MS`.
+fn stall_hook() {
+    let Some(ms) = std::env::var(TEST_STALL_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    warn!(after_ms = ms, workers, "test hook: the runtime will stall");
+    for i in 0..workers {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms + 20 * i as u64)).await;
+            // Deliberately blocking the worker: this is the stall the test wants.
+            std::thread::sleep(Duration::from_secs(3600));
+        });
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

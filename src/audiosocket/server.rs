@@ -5,20 +5,33 @@
 //! and call id; every other call goes on. Shutdown is two-staged: [`Server::run`] stops
 //! accepting when `stop` is cancelled, then waits for live calls up to the grace period, then
 //! cancels `hangup`, which makes each call send `0x00` and close.
+//!
+//! With a [`Guard`] ([`Server::with_guard`]) every connection is checked on accept, before
+//! its call id is read: a refused one is closed at once and counted, and no agent session is
+//! ever started for it. After the call id, [`crate::fallback::route`] may send the call
+//! straight to the humans (maintenance switch, open circuit breaker). New calls use the
+//! newest [`Generation`] ([`Server::with_updates`], SIGHUP); a live call keeps the one it
+//! started with.
 
 use crate::agent::{CallInfo, SharedAgent};
 use crate::audiosocket::codec::Message;
 use crate::call::{CallSummary, Outcome, SessionParams, run_session, session::read_message};
+use crate::fallback::{Breaker, FallbackConfig, Route};
+use crate::guard::{Guard, Rejection};
+use crate::health::{HealthState, metrics as m};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Settings of the listener.
 #[derive(Debug, Clone)]
@@ -40,18 +53,33 @@ impl ServerParams {
             session: SessionParams {
                 playout_max: c.playout_max(),
                 idle_timeout: c.idle_timeout(),
+                ..SessionParams::default()
             },
         }
     }
+}
+
+/// What new calls use: the agent, the listener and session settings, the fallback switches.
+/// Replaced as a whole on reload; each call keeps the one it started with.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The agent provider.
+    pub agent: SharedAgent,
+    /// Listener and per-call settings.
+    pub params: Arc<ServerParams>,
+    /// Maintenance switch and breaker settings.
+    pub fallback: FallbackConfig,
 }
 
 /// A bound AudioSocket listener, ready to [`Server::run`].
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
-    agent: SharedAgent,
-    params: Arc<ServerParams>,
     summaries: Option<mpsc::UnboundedSender<CallSummary>>,
+    current: watch::Receiver<Arc<Generation>>,
+    guard: Option<Arc<Guard>>,
+    breaker: Arc<Breaker>,
+    health: Option<(Arc<HealthState>, Duration)>,
 }
 
 impl std::fmt::Debug for dyn crate::agent::Agent {
@@ -71,12 +99,48 @@ impl Server {
         params: ServerParams,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
+        let params = Arc::new(params);
+        // The sender is dropped: without with_updates the first generation stays in force.
+        let (_tx, current) = watch::channel(Arc::new(Generation {
+            agent,
+            params,
+            fallback: FallbackConfig::default(),
+        }));
         Ok(Server {
             listener,
-            agent,
-            params: Arc::new(params),
             summaries: None,
+            current,
+            guard: None,
+            // Never opens (threshold 0) unless with_breaker supplies one.
+            breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
+            health: None,
         })
+    }
+
+    /// Checks every connection with `guard` on accept.
+    pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// Uses `breaker` for the circuit breaker (shared with `/health`).
+    pub fn with_breaker(mut self, breaker: Arc<Breaker>) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Reports live calls and progress to `health`; the accept loop beats
+    /// `health.accept` every `beat`.
+    pub fn with_health(mut self, health: Arc<HealthState>, beat: Duration) -> Self {
+        self.health = Some((health, beat));
+        self
+    }
+
+    /// New calls use the newest [`Generation`] sent on this channel (reload); its current
+    /// value replaces the agent and params given to [`Server::bind`].
+    pub fn with_updates(mut self, updates: watch::Receiver<Arc<Generation>>) -> Self {
+        self.current = updates;
+        self
     }
 
     /// Sends the summary of every finished call to `tx` (for call records and tests).
@@ -99,18 +163,48 @@ impl Server {
         let tracker = TaskTracker::new();
         let hangup = CancellationToken::new();
         let local = self.listener.local_addr().ok();
-        info!(listen = ?local, agent = self.agent.name(), "audiosocket listening");
+        let first = self.current.borrow().clone();
+        info!(listen = ?local, agent = first.agent.name(), "audiosocket listening");
+        let beat_period = self
+            .health
+            .as_ref()
+            .map_or(Duration::from_secs(1), |(_, p)| *p);
+        let mut beat = tokio::time::interval(beat_period);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
+                _ = beat.tick() => {
+                    if let Some((health, _)) = &self.health {
+                        health.accept.beat();
+                    }
+                }
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let agent = self.agent.clone();
-                        let params = self.params.clone();
+                        let generation = self.current.borrow().clone();
+                        let permit = match &self.guard {
+                            None => None,
+                            Some(guard) => match guard.admit(peer.ip(), SystemTime::now()) {
+                                Ok(p) => Some(p),
+                                Err(rejection) => {
+                                    self.reject(stream, peer, rejection, &generation);
+                                    continue;
+                                }
+                            },
+                        };
+                        let ctx = CallContext {
+                            generation,
+                            breaker: self.breaker.clone(),
+                            guard: self.guard.clone(),
+                            health: self.health.as_ref().map(|(h, _)| h.clone()),
+                        };
                         let hangup = hangup.clone();
                         let summaries = self.summaries.clone();
                         tracker.spawn(async move {
-                            if let Some(summary) = handle_connection(stream, peer, agent, &params, hangup).await {
+                            let summary = handle_connection(stream, peer, &ctx, hangup).await;
+                            drop(permit);
+                            if let Some(summary) = summary {
+                                ctx.account(&summary).await;
                                 if let Some(tx) = summaries {
                                     let _ = tx.send(summary);
                                 }
@@ -126,19 +220,17 @@ impl Server {
             }
         }
         drop(self.listener);
+        let grace = self.current.borrow().params.shutdown_grace;
         tracker.close();
         let live = tracker.len();
         if live > 0 {
             info!(
                 live_calls = live,
-                grace_s = self.params.shutdown_grace.as_secs(),
+                grace_s = grace.as_secs(),
                 "stopped accepting; waiting for live calls"
             );
         }
-        if timeout(self.params.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        if timeout(grace, tracker.wait()).await.is_err() {
             warn!(
                 live_calls = tracker.len(),
                 "grace period over; hanging up live calls"
@@ -150,14 +242,110 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Closes a refused connection, counts it, and (for an allowed source hitting a limit or
+    /// the budget) sends a `rejected` summary for the call records.
+    fn reject(&self, stream: TcpStream, peer: SocketAddr, rejection: Rejection, g: &Generation) {
+        ::metrics::counter!(m::GUARD_REJECTIONS, "reason" => rejection.label()).increment(1);
+        // Closing with SO_LINGER 0 would send RST; a plain close is enough: nothing was read.
+        drop(stream);
+        if rejection == Rejection::NotAllowed {
+            // Strangers are only counted: logging or recording each would let a scan fill
+            // the disk.
+            debug!(%peer, "connection from outside the allowlist closed");
+            return;
+        }
+        info!(%peer, reason = rejection.label(), "connection refused by the guard");
+        ::metrics::counter!(m::CALLS_TOTAL, "outcome" => "rejected").increment(1);
+        if let Some(tx) = &self.summaries {
+            let _ = tx.send(CallSummary::without_agent(
+                uuid::Uuid::nil(),
+                g.agent.name(),
+                Outcome::Rejected(rejection.label().to_owned()),
+            ));
+        }
+    }
+}
+
+/// What a call task shares with the listener.
+struct CallContext {
+    generation: Arc<Generation>,
+    breaker: Arc<Breaker>,
+    guard: Option<Arc<Guard>>,
+    health: Option<Arc<HealthState>>,
+}
+
+impl CallContext {
+    /// Metrics, breaker, health and budget bookkeeping for a finished call.
+    async fn account(&self, s: &CallSummary) {
+        let (label, _) = crate::records::outcome_label(&s.outcome);
+        ::metrics::counter!(m::CALLS_TOTAL, "outcome" => label).increment(1);
+        ::metrics::counter!(m::UNDERRUNS).increment(s.underruns);
+        ::metrics::counter!(m::FRAMES_DROPPED, "direction" => "in").increment(s.frames_dropped_in);
+        ::metrics::counter!(m::FRAMES_DROPPED, "direction" => "out")
+            .increment(s.late_skipped_frames);
+        ::metrics::counter!(m::BARGE_INS).increment(s.barge_ins);
+        let latency = ::metrics::histogram!(m::TURN_LATENCY);
+        for ms in &s.turn_latencies_ms {
+            latency.record(*ms as f64 / 1000.0);
+        }
+        if let Some(reason) = &s.fallback {
+            ::metrics::counter!(m::FALLBACKS, "reason" => reason.label()).increment(1);
+            if reason.is_provider_failure() {
+                ::metrics::counter!(m::PROVIDER_ERRORS, "provider" => s.agent).increment(1);
+                self.breaker.record_failure();
+                if let Some(h) = &self.health {
+                    h.set_component(
+                        crate::health::component::AGENT,
+                        crate::health::Component::new(
+                            crate::health::ComponentStatus::Down,
+                            format!("{}: {reason}", s.agent),
+                        ),
+                    );
+                }
+            }
+        } else if s.agent_frames_out > 0 || matches!(s.outcome, Outcome::AgentEnded(_)) {
+            self.breaker.record_success();
+            if let Some(h) = &self.health {
+                h.set_component(
+                    crate::health::component::AGENT,
+                    crate::health::Component::new(
+                        crate::health::ComponentStatus::Ok,
+                        format!("{}: last call served", s.agent),
+                    ),
+                );
+            }
+        }
+        let open = matches!(
+            self.breaker.state(),
+            crate::fallback::BreakerState::Open { .. }
+        );
+        ::metrics::gauge!(m::BREAKER_OPEN).set(if open { 1.0 } else { 0.0 });
+        if let Some(guard) = &self.guard {
+            if s.agent_time > Duration::ZERO {
+                let now = SystemTime::now();
+                guard.charge(s.agent_time, now);
+                ::metrics::gauge!(m::BUDGET_USED).set(guard.budget_used(now).as_secs_f64());
+                let guard = guard.clone();
+                match tokio::task::spawn_blocking(move || guard.save_budget()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cannot save the AI budget"),
+                    Err(e) => warn!(error = %e, "budget save task failed"),
+                }
+            }
+        }
+    }
+}
+
 /// Reads the call id and runs the call. Returns `None` if the connection never became a call.
 async fn handle_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    agent: SharedAgent,
-    params: &ServerParams,
+    ctx: &CallContext,
     hangup: CancellationToken,
 ) -> Option<CallSummary> {
+    let agent = ctx.generation.agent.clone();
+    let params: &ServerParams = &ctx.generation.params;
     if let Err(e) = stream.set_nodelay(true) {
         warn!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
@@ -191,16 +379,45 @@ async fn handle_connection(
             caller_number: None,
             caller_name: None,
         };
-        let summary = run_session(
-            reader,
-            writer,
-            buf,
-            info,
-            agent,
-            params.session.clone(),
-            hangup,
-        )
-        .await;
+        if let Route::Fallback(reason) =
+            crate::fallback::route(&ctx.generation.fallback, &ctx.breaker)
+        {
+            let mut writer = writer;
+            info!(%reason, "call sent straight to the operators");
+            let handover = params.session.handover.clone();
+            if timeout(
+                crate::fallback::HANDOVER_TIMEOUT,
+                handover.hand_over(&info, &reason),
+            )
+            .await
+            .is_err()
+            {
+                warn!(
+                    via = handover.name(),
+                    "fallback handover timed out; dialplan fall-through"
+                );
+            }
+            let mut out = BytesMut::with_capacity(3);
+            crate::audiosocket::codec::encode(&Message::Hangup, &mut out);
+            let _ = timeout(Duration::from_secs(2), writer.write_all(&out)).await;
+            let _ = timeout(Duration::from_secs(2), writer.shutdown()).await;
+            let mut s = CallSummary::without_agent(
+                call_id,
+                agent.name(),
+                Outcome::Fallback(reason.to_string()),
+            );
+            s.fallback = Some(reason);
+            return Some(s);
+        }
+        let mut session = params.session.clone();
+        if let Some(h) = &ctx.health {
+            session.clock = Some(h.call_clocks.clone());
+            h.call_started();
+        }
+        let summary = run_session(reader, writer, buf, info, agent, session, hangup).await;
+        if let Some(h) = &ctx.health {
+            h.call_ended();
+        }
         match &summary.outcome {
             Outcome::ProtocolError(e) => warn!(error = %e, "malformed stream; call closed"),
             Outcome::Fallback(e) => warn!(error = %e, "call handed to the fallback"),

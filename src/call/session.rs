@@ -41,6 +41,15 @@ pub struct SessionParams {
     pub playout_max: Duration,
     /// Close the call when Asterisk sends nothing for this long.
     pub idle_timeout: Duration,
+    /// Longest call (`guard.max_call_s`); then `0x00` so the dialplan moves on. `None`: no limit.
+    pub max_duration: Option<Duration>,
+    /// No agent audio for this long while the caller is silent and nothing plays hands the
+    /// call to the fallback (`fallback.agent_silence_s`). `None`: off.
+    pub agent_silence: Option<Duration>,
+    /// How a failed call reaches a human before the session sends `0x00`.
+    pub handover: crate::fallback::SharedHandover,
+    /// Beaten on every playout tick, so the watchdog sees call clocks make progress.
+    pub clock: Option<std::sync::Arc<crate::health::Heartbeat>>,
 }
 
 impl Default for SessionParams {
@@ -48,8 +57,38 @@ impl Default for SessionParams {
         SessionParams {
             playout_max: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(5),
+            max_duration: None,
+            agent_silence: None,
+            handover: std::sync::Arc::new(crate::fallback::DialplanHandover),
+            clock: None,
         }
     }
+}
+
+/// Mean absolute slin amplitude above which a caller frame counts as speech (about
+/// -40 dBFS), for the agent-silence timer and turn latencies.
+const VOICED_MEAN_ABS: u32 = 330;
+
+/// Whether a slin little-endian frame holds speech rather than silence or line noise.
+fn is_voiced(payload: &[u8]) -> bool {
+    let n = payload.len() / 2;
+    if n == 0 {
+        return false;
+    }
+    let sum: u32 = payload
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]).unsigned_abs() as u32)
+        .sum();
+    sum / n as u32 > VOICED_MEAN_ABS
+}
+
+/// A tool the agent called during the call.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCallRecord {
+    /// Tool name.
+    pub name: String,
+    /// Arguments as the JSON text the model produced.
+    pub arguments: String,
 }
 
 /// How a call ended.
@@ -70,6 +109,10 @@ pub enum Outcome {
     Shutdown,
     /// Writing to Asterisk failed or blocked too long.
     WriteFailed(String),
+    /// The call reached `guard.max_call_s`; voicegate sent `0x00`.
+    MaxDuration,
+    /// The guard refused the connection before any agent started; the reason label.
+    Rejected(String),
 }
 
 /// What is kept of a finished call.
@@ -107,6 +150,46 @@ pub struct CallSummary {
     pub dtmf: String,
     /// The conversation, in order.
     pub transcript: Vec<(Speaker, String)>,
+    /// The caller's number, when known (ARI); masked or dropped by the records config.
+    pub caller_number: Option<String>,
+    /// Per turn: caller speech end (last voiced frame) → first audio of the agent's reply, ms.
+    pub turn_latencies_ms: Vec<u32>,
+    /// Tools the agent called, in order.
+    pub tool_calls: Vec<ToolCallRecord>,
+    /// Why the call went to the humans, when it did.
+    pub fallback: Option<crate::fallback::FallbackReason>,
+    /// How long an agent session was up (charged to the daily AI budget).
+    pub agent_time: Duration,
+}
+
+impl CallSummary {
+    /// The summary of a call that never reached an agent (refused by the guard, or sent
+    /// straight to the fallback): zero counters, `started` now.
+    pub fn without_agent(call_id: Uuid, agent: &'static str, outcome: Outcome) -> Self {
+        CallSummary {
+            call_id,
+            agent,
+            started: SystemTime::now(),
+            duration: Duration::ZERO,
+            rate_hz: 0,
+            outcome,
+            frames_in: 0,
+            frames_out: 0,
+            agent_frames_out: 0,
+            frames_dropped_in: 0,
+            playout_overflow_samples: 0,
+            underruns: 0,
+            late_skipped_frames: 0,
+            barge_ins: 0,
+            dtmf: String::new(),
+            transcript: Vec::new(),
+            caller_number: None,
+            turn_latencies_ms: Vec::new(),
+            tool_calls: Vec::new(),
+            fallback: None,
+            agent_time: Duration::ZERO,
+        }
+    }
 }
 
 /// Runs one call to its end. `call_id` has been read already; `read_buf` holds any bytes
@@ -143,7 +226,21 @@ where
         barge_ins: 0,
         dtmf: String::new(),
         transcript: Vec::new(),
+        caller_number: info.caller_number.clone(),
+        turn_latencies_ms: Vec::new(),
+        tool_calls: Vec::new(),
+        fallback: None,
+        agent_time: Duration::ZERO,
     };
+    let m_frames_in = metrics::counter!(crate::health::metrics::FRAMES_IN);
+    let m_frames_out = metrics::counter!(crate::health::metrics::FRAMES_OUT);
+    let m_lateness = metrics::histogram!(crate::health::metrics::PLAYOUT_LATENESS);
+    let mut agent_started: Option<Instant> = None;
+    // The agent-silence timer: agent start, agent audio, or caller speech resets it.
+    let mut last_activity = start;
+    // For turn latency: the caller's last voiced frame since the previous reply began.
+    let mut caller_voiced_at: Option<Instant> = None;
+    let mut last_reply: Option<ReplyId> = None;
 
     // Known once the first audio frame arrives; until then only keepalive silence at 8 kHz.
     let mut rate: Option<SlinRate> = None;
@@ -166,6 +263,22 @@ where
             biased;
             () = hangup.cancelled() => break Outcome::Shutdown,
             () = &mut tick => {
+                let now = Instant::now();
+                m_lateness.record(now.saturating_duration_since(clock.deadline()).as_secs_f64());
+                if let Some(beat) = &params.clock {
+                    beat.beat();
+                }
+                if params.max_duration.is_some_and(|max| now - start >= max) {
+                    break Outcome::MaxDuration;
+                }
+                if agent_session.is_some()
+                    && playout.is_empty()
+                    && params.agent_silence.is_some_and(|limit| now - last_activity >= limit)
+                {
+                    warn!("no agent audio while the caller waits; handing the call to the fallback");
+                    s.fallback = Some(crate::fallback::FallbackReason::AgentSilent);
+                    break Outcome::Fallback(crate::fallback::FallbackReason::AgentSilent.to_string());
+                }
                 let tick_rate = rate.unwrap_or(SlinRate::Hz8000);
                 let popped = playout.pop_frame(&mut frame);
                 if popped.agent_samples > 0 {
@@ -178,7 +291,7 @@ where
                     break Outcome::WriteFailed(e);
                 }
                 s.frames_out += 1;
-                let now = Instant::now();
+                m_frames_out.increment(1);
                 clock.advance(now);
                 tick.as_mut().reset(clock.deadline());
                 // Checked once per tick: a half-open connection sends nothing.
@@ -201,6 +314,11 @@ where
                 match read {
                     Ok(Some(Message::Audio { rate: r, payload })) => {
                         s.frames_in += 1;
+                        m_frames_in.increment(1);
+                        if is_voiced(&payload) {
+                            last_activity = last_input;
+                            caller_voiced_at = Some(last_input);
+                        }
                         if rate.is_none() {
                             rate = Some(r);
                             s.rate_hz = r.hz();
@@ -213,6 +331,8 @@ where
                             tick.as_mut().reset(clock.deadline());
                             debug!(rate_hz = r.hz(), "first audio; starting agent");
                             agent_session = Some(agent.start(info.clone()));
+                            agent_started = Some(Instant::now());
+                            last_activity = Instant::now();
                         } else if rate != Some(r) {
                             trace!(rate_hz = r.hz(), "frame at another rate ignored");
                             continue;
@@ -243,6 +363,14 @@ where
             }
             ev = next_event(&mut agent_session) => match ev {
                 Some(AgentEvent::Audio { reply, samples }) => {
+                    let now = Instant::now();
+                    last_activity = now;
+                    if last_reply != Some(reply) {
+                        last_reply = Some(reply);
+                        if let Some(spoke) = caller_voiced_at.take() {
+                            s.turn_latencies_ms.push((now - spoke).as_millis().min(u32::MAX as u128) as u32);
+                        }
+                    }
                     playout.push(reply, &samples);
                 }
                 Some(AgentEvent::ReplyDone { reply }) => {
@@ -265,8 +393,9 @@ where
                     info!(?speaker, text = %text, "transcript");
                     s.transcript.push((speaker, text));
                 }
-                Some(AgentEvent::ToolCall { call_id, name, .. }) => {
+                Some(AgentEvent::ToolCall { call_id, name, arguments, .. }) => {
                     warn!(tool = %name, "agent asked for a tool that is not configured");
+                    s.tool_calls.push(ToolCallRecord { name: name.clone(), arguments });
                     if let Some(a) = agent_session.as_ref() {
                         let a: &crate::agent::AgentSession = a;
                         let output = serde_json::json!({"error": format!("unknown tool {name}")}).to_string();
@@ -282,16 +411,33 @@ where
                 }
                 Some(AgentEvent::Failed(e)) => {
                     warn!(error = %e, "agent failed; handing the call to the dialplan fallback");
+                    s.fallback = Some(crate::fallback::FallbackReason::AgentFailed(e.to_string()));
                     break Outcome::Fallback(e.to_string());
                 }
                 None => {
                     warn!("agent task ended without a reason; handing the call to the fallback");
+                    s.fallback = Some(crate::fallback::FallbackReason::AgentFailed("agent task ended".into()));
                     break Outcome::Fallback("agent task ended".into());
                 }
             },
         }
     };
 
+    if let Some(reason) = &s.fallback {
+        let handover = params.handover.clone();
+        match timeout(
+            crate::fallback::HANDOVER_TIMEOUT,
+            handover.hand_over(&info, reason),
+        )
+        .await
+        {
+            Ok(handed) => debug!(?handed, via = handover.name(), "fallback handover"),
+            Err(_) => warn!(
+                via = handover.name(),
+                "fallback handover timed out; dialplan fall-through"
+            ),
+        }
+    }
     // Asterisk returns from AudioSocket() on 0x00 or a close; for anything but the caller's
     // own hangup say goodbye explicitly, then close.
     if !matches!(outcome, Outcome::CallerHungUp | Outcome::WriteFailed(_)) {
@@ -303,6 +449,7 @@ where
     drop(agent_session);
     s.outcome = outcome;
     s.duration = start.elapsed();
+    s.agent_time = agent_started.map_or(Duration::ZERO, |t| t.elapsed());
     s.playout_overflow_samples = playout.overflow_samples();
     s.late_skipped_frames = clock.skipped_frames();
     s

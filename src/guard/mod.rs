@@ -1,0 +1,434 @@
+//! The guard: the credit-leak firewall in front of the AudioSocket listener.
+//!
+//! Every AudioSocket connection is checked on accept, before its call id is read and before
+//! any agent (cloud) session can start: the source address must be in an allowlist of CIDRs
+//! (default loopback only), the global and per-source call limits must have room, and the
+//! per-day budget of AI minutes (UTC days) must not be spent. A passing connection holds a
+//! [`Permit`] for the length of the call; dropping it frees its slots. A rejected connection
+//! is closed by the listener and counted (`voicegate_guard_rejections_total{reason}`).
+//!
+//! The budget is persisted in the state directory (`budget.json`: UTC day number and AI
+//! milliseconds used) so a restart does not reset it. The maximum call duration is enforced
+//! by the call session ([`crate::call::SessionParams::max_duration`]); the call-id timeout by
+//! the listener (`audiosocket.call_id_timeout_ms`).
+//!
+//! Optionally ([`GuardConfig::nftables`]) [`nft`] writes and loads an nftables ruleset that
+//! drops packets to the AudioSocket and health ports from outside the allowlist, when the
+//! process has `CAP_NET_ADMIN`; the in-process check works without it.
+//!
+//! Must never: open, or let anything open, a provider session for a rejected connection;
+//! block the accept loop on disk (budget writes go through `spawn_blocking`).
+
+pub mod nft;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Name of the budget file in the state directory.
+pub const BUDGET_FILE: &str = "budget.json";
+
+/// `[guard]` in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Source networks allowed to connect (default `["127.0.0.0/8", "::1/128"]`: loopback).
+    pub allow: Vec<IpNet>,
+    /// Most calls at once, all sources together (default 32).
+    pub max_calls: u32,
+    /// Most calls at once from one source address (default 32).
+    pub max_calls_per_source: u32,
+    /// Longest call, s (default 1800); then the call is handed to the dialplan with `0x00`.
+    /// 0 disables.
+    pub max_call_s: u64,
+    /// AI minutes per UTC day, all calls together (default 0: no budget). When spent, new
+    /// connections are closed so the dialplan sends them to the operators.
+    pub daily_budget_minutes: u64,
+    /// Write and load an nftables ruleset for the AudioSocket and health ports (needs
+    /// `CAP_NET_ADMIN` and the `nft` tool; default false).
+    pub nftables: bool,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            // Literal CIDRs: parsing cannot fail.
+            allow: vec![
+                "127.0.0.0/8".parse().expect("literal CIDR"),
+                "::1/128".parse().expect("literal CIDR"),
+            ],
+            max_calls: 32,
+            max_calls_per_source: 32,
+            max_call_s: 1800,
+            daily_budget_minutes: 0,
+            nftables: false,
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// [`crate::config::ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        if self.max_calls == 0 {
+            return Err(ConfigError::invalid(
+                "guard.max_calls",
+                "must be at least 1",
+            ));
+        }
+        if self.max_calls_per_source == 0 {
+            return Err(ConfigError::invalid(
+                "guard.max_calls_per_source",
+                "must be at least 1",
+            ));
+        }
+        if self.max_call_s != 0 && self.max_call_s < 10 {
+            return Err(ConfigError::invalid(
+                "guard.max_call_s",
+                "must be 0 (off) or at least 10",
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Self::max_call_s`] as a duration, `None` when off.
+    pub fn max_call(&self) -> Option<Duration> {
+        (self.max_call_s > 0).then(|| Duration::from_secs(self.max_call_s))
+    }
+
+    /// Whether `ip` is in the allowlist (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Why a connection was refused. [`Rejection::label`] is the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The source address is not in `guard.allow`.
+    #[error("source not in the allowlist")]
+    NotAllowed,
+    /// `guard.max_calls` calls are live.
+    #[error("global call limit reached")]
+    GlobalLimit,
+    /// `guard.max_calls_per_source` calls from this source are live.
+    #[error("per-source call limit reached")]
+    SourceLimit,
+    /// Today's `guard.daily_budget_minutes` are spent.
+    #[error("daily AI budget spent")]
+    BudgetSpent,
+}
+
+impl Rejection {
+    /// Low-cardinality label for metrics and records.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::NotAllowed => "not_allowed",
+            Rejection::GlobalLimit => "global_limit",
+            Rejection::SourceLimit => "source_limit",
+            Rejection::BudgetSpent => "budget_spent",
+        }
+    }
+}
+
+/// Why the budget file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// Reading or writing the budget file failed.
+    #[error("budget file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// AI time used on one UTC day; the content of `budget.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BudgetDay {
+    /// Days since 1970-01-01, UTC.
+    pub day: u64,
+    /// AI time used that day, ms.
+    pub used_ms: u64,
+}
+
+fn utc_day(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 86_400
+}
+
+#[derive(Debug)]
+struct State {
+    cfg: GuardConfig,
+    live: u32,
+    per_source: HashMap<IpAddr, u32>,
+    budget: BudgetDay,
+}
+
+/// The in-process guard; share it as `Arc<Guard>`.
+#[derive(Debug)]
+pub struct Guard {
+    state: Mutex<State>,
+    budget_path: Option<PathBuf>,
+    /// Serialises budget file writes so the newest value is the one left on disk.
+    save_lock: Mutex<()>,
+}
+
+/// A live call's slots in the guard's limits; freed on drop.
+#[derive(Debug)]
+pub struct Permit {
+    guard: Arc<Guard>,
+    source: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut s = self.guard.lock();
+        s.live = s.live.saturating_sub(1);
+        if let Some(n) = s.per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl Guard {
+    /// A guard with `cfg`; with `state_dir`, the budget is loaded from and saved to
+    /// `state_dir/budget.json` (a missing file is an empty budget).
+    ///
+    /// # Errors
+    /// [`GuardError::Io`] when the file exists but cannot be read.
+    pub fn new(cfg: GuardConfig, state_dir: Option<&Path>) -> Result<Self, GuardError> {
+        let budget_path = state_dir.map(|d| d.join(BUDGET_FILE));
+        let budget = match &budget_path {
+            Some(path) => match std::fs::read(path) {
+                // A corrupt file (torn by a crash before the rename existed) counts as empty:
+                // the budget is a guard rail, not a ledger.
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => BudgetDay::default(),
+                Err(source) => {
+                    return Err(GuardError::Io {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            },
+            None => BudgetDay::default(),
+        };
+        Ok(Guard {
+            state: Mutex::new(State {
+                cfg,
+                live: 0,
+                per_source: HashMap::new(),
+                budget,
+            }),
+            budget_path,
+            save_lock: Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the counters inconsistent (each
+        // critical section is a few integer updates), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a new config to new connections (live permits keep their slots).
+    pub fn reconfigure(&self, cfg: GuardConfig) {
+        self.lock().cfg = cfg;
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> GuardConfig {
+        self.lock().cfg.clone()
+    }
+
+    /// Checks a new connection from `peer` at wall-clock `now`.
+    ///
+    /// # Errors
+    /// The [`Rejection`]; nothing is reserved then.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr, now: SystemTime) -> Result<Permit, Rejection> {
+        let source = peer.to_canonical();
+        let mut s = self.lock();
+        if !s.cfg.allows(source) {
+            return Err(Rejection::NotAllowed);
+        }
+        if s.cfg.daily_budget_minutes > 0 {
+            let today = utc_day(now);
+            let used = if s.budget.day == today {
+                s.budget.used_ms
+            } else {
+                0
+            };
+            if used >= s.cfg.daily_budget_minutes.saturating_mul(60_000) {
+                return Err(Rejection::BudgetSpent);
+            }
+        }
+        if s.live >= s.cfg.max_calls {
+            return Err(Rejection::GlobalLimit);
+        }
+        let per = s.per_source.get(&source).copied().unwrap_or(0);
+        if per >= s.cfg.max_calls_per_source {
+            return Err(Rejection::SourceLimit);
+        }
+        s.live += 1;
+        s.per_source.insert(source, per + 1);
+        Ok(Permit {
+            guard: self.clone(),
+            source,
+        })
+    }
+
+    /// Live calls holding a permit.
+    pub fn live_calls(&self) -> u32 {
+        self.lock().live
+    }
+
+    /// Adds `ai_time` (time an agent session was up) to the budget of `now`'s UTC day.
+    /// Call [`Guard::save_budget`] afterwards (off the async threads).
+    pub fn charge(&self, ai_time: Duration, now: SystemTime) {
+        let today = utc_day(now);
+        let mut s = self.lock();
+        if s.budget.day != today {
+            s.budget = BudgetDay {
+                day: today,
+                used_ms: 0,
+            };
+        }
+        s.budget.used_ms = s.budget.used_ms.saturating_add(ai_time.as_millis() as u64);
+    }
+
+    /// AI time used on `now`'s UTC day.
+    pub fn budget_used(&self, now: SystemTime) -> Duration {
+        let s = self.lock();
+        if s.budget.day == utc_day(now) {
+            Duration::from_millis(s.budget.used_ms)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Writes the current budget to `budget.json` (temp file, fsync, rename). Blocking: call
+    /// it from `spawn_blocking`. Does nothing without a state directory.
+    ///
+    /// # Errors
+    /// [`GuardError::Io`].
+    pub fn save_budget(&self) -> Result<(), GuardError> {
+        let Some(path) = &self.budget_path else {
+            return Ok(());
+        };
+        let _serial = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let budget = self.lock().budget;
+        let io = |source| GuardError::Io {
+            path: path.clone(),
+            source,
+        };
+        let tmp = path.with_extension("json.tmp");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            // BudgetDay is two integers: serialising cannot fail.
+            let text = serde_json::to_vec(&budget).unwrap_or_default();
+            f.write_all(&text).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(cfg: GuardConfig) -> Arc<Guard> {
+        Arc::new(Guard::new(cfg, None).unwrap())
+    }
+
+    #[test]
+    fn default_allows_loopback_only() {
+        let c = GuardConfig::default();
+        assert!(c.allows("127.0.0.1".parse().unwrap()));
+        assert!(c.allows("127.0.0.2".parse().unwrap()));
+        assert!(c.allows("::1".parse().unwrap()));
+        assert!(c.allows("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.allows("192.168.1.10".parse().unwrap()));
+        assert!(!c.allows("::ffff:10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn allowlist_and_limits() {
+        let g = guard(GuardConfig {
+            allow: vec!["127.0.0.1/32".parse().unwrap()],
+            max_calls: 3,
+            max_calls_per_source: 2,
+            ..GuardConfig::default()
+        });
+        let now = SystemTime::now();
+        assert_eq!(
+            g.admit("127.0.0.2".parse().unwrap(), now).unwrap_err(),
+            Rejection::NotAllowed
+        );
+        let a = g.admit("127.0.0.1".parse().unwrap(), now).unwrap();
+        let _b = g.admit("127.0.0.1".parse().unwrap(), now).unwrap();
+        assert_eq!(
+            g.admit("127.0.0.1".parse().unwrap(), now).unwrap_err(),
+            Rejection::SourceLimit
+        );
+        drop(a);
+        let _c = g.admit("127.0.0.1".parse().unwrap(), now).unwrap();
+        assert_eq!(g.live_calls(), 2);
+        g.reconfigure(GuardConfig {
+            allow: vec!["0.0.0.0/0".parse().unwrap()],
+            max_calls: 3,
+            max_calls_per_source: 2,
+            ..GuardConfig::default()
+        });
+        let _d = g.admit("10.0.0.1".parse().unwrap(), now).unwrap();
+        assert_eq!(
+            g.admit("10.0.0.2".parse().unwrap(), now).unwrap_err(),
+            Rejection::GlobalLimit
+        );
+    }
+
+    #[test]
+    fn budget_is_per_utc_day_and_survives_restart() {
+        let dir = std::env::temp_dir().join(format!("vg-guard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join(BUDGET_FILE));
+        let cfg = GuardConfig {
+            daily_budget_minutes: 2,
+            ..GuardConfig::default()
+        };
+        let day1 = UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 3600);
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let g = Arc::new(Guard::new(cfg.clone(), Some(&dir)).unwrap());
+        drop(g.admit(lo, day1).unwrap());
+        g.charge(Duration::from_secs(119), day1);
+        g.save_budget().unwrap();
+        drop(g.admit(lo, day1).unwrap());
+        g.charge(Duration::from_secs(1), day1);
+        g.save_budget().unwrap();
+        assert_eq!(g.admit(lo, day1).unwrap_err(), Rejection::BudgetSpent);
+
+        // A restart reads the spent budget back.
+        let g2 = Arc::new(Guard::new(cfg, Some(&dir)).unwrap());
+        assert_eq!(g2.budget_used(day1), Duration::from_secs(120));
+        assert_eq!(g2.admit(lo, day1).unwrap_err(), Rejection::BudgetSpent);
+        // The next UTC day starts from zero.
+        let day2 = day1 + Duration::from_secs(86_400);
+        assert!(g2.admit(lo, day2).is_ok());
+        assert_eq!(g2.budget_used(day2), Duration::ZERO);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

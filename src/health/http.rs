@@ -1,0 +1,310 @@
+//! The HTTP listener for `/health`, `/metrics` and other modules' small JSON endpoints
+//! (hyper 1 over plain TCP; HTTP/1.1 only; no TLS: bind it to loopback or a management LAN).
+//!
+//! # Adding a route
+//!
+//! Routes are `(method, pattern, handler)`; a pattern is a path whose `{name}` segments
+//! capture one segment each. A handler takes a [`RouteRequest`] and returns a future of a
+//! [`Response`]; [`json`] and [`text`] build the common responses. For example, the tunnel
+//! module adds its statistics with:
+//!
+//! ```no_run
+//! # use voicegate::health::http::{Router, json};
+//! # use hyper::{Method, StatusCode};
+//! # let router = Router::new();
+//! let router = router.route(Method::GET, "/v1/wireguard", |_req| async move {
+//!     json(StatusCode::OK, &serde_json::json!({"peers": []}))
+//! });
+//! let router = router.route(Method::GET, "/v1/calls/{id}/next", |req| async move {
+//!     let id = req.param("id").unwrap_or_default().to_owned();
+//!     json(StatusCode::OK, &serde_json::json!({"call": id, "next": "agent"}))
+//! });
+//! ```
+//!
+//! and `crate::service` passes the router to [`HttpServer::run`]. Unknown paths answer 404,
+//! a known path with another method 405. Request bodies above [`MAX_BODY_BYTES`] are refused
+//! (413). Each connection must send its request headers within [`HEADER_TIMEOUT`]; at most
+//! [`MAX_CONNECTIONS`] connections are served at once.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Largest request body a route receives, bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Time a connection has to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A response as the handlers build it.
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// A request as a route sees it: the body is read (at most [`MAX_BODY_BYTES`]).
+#[derive(Debug)]
+pub struct RouteRequest {
+    /// Method.
+    pub method: Method,
+    /// Path, without the query.
+    pub path: String,
+    /// The query string, if any (without `?`).
+    pub query: Option<String>,
+    /// Values of the pattern's `{name}` segments.
+    pub params: BTreeMap<String, String>,
+    /// Request headers.
+    pub headers: hyper::HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl RouteRequest {
+    /// The value of the `{name}` segment.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+}
+
+type BoxedHandler =
+    Arc<dyn Fn(RouteRequest) -> Pin<Box<dyn Future<Output = HttpResponse> + Send>> + Send + Sync>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+struct Route {
+    method: Method,
+    pattern: Vec<Segment>,
+    handler: BoxedHandler,
+}
+
+/// The route table; build it with [`Router::route`].
+#[derive(Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut l = f.debug_list();
+        for r in &self.routes {
+            l.entry(&(r.method.as_str(), &r.pattern));
+        }
+        l.finish()
+    }
+}
+
+fn split(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+impl Router {
+    /// An empty router (every path answers 404).
+    pub fn new() -> Self {
+        Router { routes: Vec::new() }
+    }
+
+    /// Adds a route. `pattern` is an absolute path; `{name}` segments capture.
+    pub fn route<F, Fut>(mut self, method: Method, pattern: &str, handler: F) -> Self
+    where
+        F: Fn(RouteRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HttpResponse> + Send + 'static,
+    {
+        let pattern = split(pattern)
+            .map(
+                |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) => Segment::Param(name.to_owned()),
+                    None => Segment::Literal(s.to_owned()),
+                },
+            )
+            .collect();
+        self.routes.push(Route {
+            method,
+            pattern,
+            handler: Arc::new(move |req| Box::pin(handler(req))),
+        });
+        self
+    }
+
+    fn matches(pattern: &[Segment], path: &str) -> Option<BTreeMap<String, String>> {
+        let mut params = BTreeMap::new();
+        let mut segments = split(path);
+        for p in pattern {
+            let s = segments.next()?;
+            match p {
+                Segment::Literal(l) if l == s => {}
+                Segment::Literal(_) => return None,
+                Segment::Param(name) => {
+                    params.insert(name.clone(), s.to_owned());
+                }
+            }
+        }
+        segments.next().is_none().then_some(params)
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, req: Request<Incoming>) -> HttpResponse {
+        let path = req.uri().path().to_owned();
+        let mut method_mismatch = false;
+        let mut found = None;
+        for r in &self.routes {
+            if let Some(params) = Self::matches(&r.pattern, &path) {
+                if r.method == req.method() {
+                    found = Some((r.handler.clone(), params));
+                    break;
+                }
+                method_mismatch = true;
+            }
+        }
+        let Some((handler, params)) = found else {
+            return if method_mismatch {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            } else {
+                text(StatusCode::NOT_FOUND, "not found\n")
+            };
+        };
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+        };
+        handler(RouteRequest {
+            method: parts.method,
+            path,
+            query: parts.uri.query().map(str::to_owned),
+            params,
+            headers: parts.headers,
+            body,
+        })
+        .await
+    }
+}
+
+/// A JSON response.
+pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> HttpResponse {
+    let mut body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    respond(status, "application/json", body.into())
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
+    respond(status, "text/plain; charset=utf-8", body.into())
+}
+
+/// A response with a given content type.
+pub fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> HttpResponse {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// A bound HTTP listener.
+#[derive(Debug)]
+pub struct HttpServer {
+    listener: TcpListener,
+}
+
+impl HttpServer {
+    /// Binds `addr`.
+    ///
+    /// # Errors
+    /// The bind error.
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(HttpServer {
+            listener: TcpListener::bind(addr).await?,
+        })
+    }
+
+    /// The bound address.
+    ///
+    /// # Errors
+    /// As [`TcpListener::local_addr`].
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves `router` until `stop`; open connections are then closed.
+    pub async fn run(self, router: Arc<Router>, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let tracker = TaskTracker::new();
+        loop {
+            // The semaphore is never closed, so acquire cannot fail.
+            let permit = tokio::select! {
+                () = stop.cancelled() => break,
+                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                () = stop.cancelled() => break,
+                a = self.listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "http accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let router = router.clone();
+            let stop = stop.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                let service = hyper::service::service_fn(move |req| {
+                    let router = router.clone();
+                    async move { Ok::<_, std::convert::Infallible>(router.handle(req).await) }
+                });
+                // One request per connection: an idle keep-alive client cannot hold a slot.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    r = conn => if let Err(e) = r { debug!(%peer, error = %e, "http connection"); },
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_capture_segments() {
+        let r = Router::new().route(Method::GET, "/v1/calls/{id}/next", |_req| async {
+            text(StatusCode::OK, "x")
+        });
+        let p = &r.routes[0].pattern;
+        let got = Router::matches(p, "/v1/calls/abc-123/next").unwrap();
+        assert_eq!(got.get("id").map(String::as_str), Some("abc-123"));
+        assert!(Router::matches(p, "/v1/calls/abc/next/more").is_none());
+        assert!(Router::matches(p, "/v1/calls/abc").is_none());
+        assert!(Router::matches(p, "/v1/wireguard").is_none());
+        let root = Router::new().route(Method::GET, "/health", |_req| async {
+            text(StatusCode::OK, "x")
+        });
+        assert!(Router::matches(&root.routes[0].pattern, "/health/").is_some());
+    }
+}

@@ -1,0 +1,123 @@
+//! Prometheus metrics: the recorder, and every metric name voicegate emits.
+//!
+//! The `metrics` facade is used where things happen (`metrics::counter!(NAME)`); one
+//! process-wide `metrics-exporter-prometheus` recorder collects them and `/metrics` renders
+//! the text exposition format (version 0.0.4). Labels are low-cardinality by rule: an
+//! outcome, a reason, a provider name, a direction; never a call id, a number or an address.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// Gauge: calls in progress.
+pub const CALLS_ACTIVE: &str = "voicegate_calls_active";
+/// Counter: finished calls, label `outcome`.
+pub const CALLS_TOTAL: &str = "voicegate_calls_total";
+/// Counter: audio frames from Asterisk.
+pub const FRAMES_IN: &str = "voicegate_frames_in_total";
+/// Counter: audio frames to Asterisk.
+pub const FRAMES_OUT: &str = "voicegate_frames_out_total";
+/// Counter: frames cut short while a reply was still streaming.
+pub const UNDERRUNS: &str = "voicegate_underruns_total";
+/// Counter: dropped audio frames, label `direction` (`in`: agent input full; `out`: late
+/// ticks skipped).
+pub const FRAMES_DROPPED: &str = "voicegate_frames_dropped_total";
+/// Counter: barge-ins (caller interrupted the agent).
+pub const BARGE_INS: &str = "voicegate_barge_ins_total";
+/// Histogram: how late each playout tick fired after its 20 ms deadline, s.
+pub const PLAYOUT_LATENESS: &str = "voicegate_playout_lateness_seconds";
+/// Histogram: caller speech end → first agent audio of the reply, s.
+pub const TURN_LATENCY: &str = "voicegate_turn_latency_seconds";
+/// Counter: provider failures (calls handed to the fallback by a failing agent), label
+/// `provider`.
+pub const PROVIDER_ERRORS: &str = "voicegate_provider_errors_total";
+/// Counter: connections refused by the guard, label `reason`.
+pub const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";
+/// Counter: calls handed to the humans, label `reason`.
+pub const FALLBACKS: &str = "voicegate_fallbacks_total";
+/// Gauge: 1 while the circuit breaker is open.
+pub const BREAKER_OPEN: &str = "voicegate_breaker_open";
+/// Gauge: AI time used today (UTC), s.
+pub const BUDGET_USED: &str = "voicegate_budget_used_seconds";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same handle) and
+/// registers every metric at zero so `/metrics` lists them before the first call.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let lateness = [0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16];
+            let latency = [0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(PLAYOUT_LATENESS.into()), &lateness)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(TURN_LATENCY.into()), &latency)
+                });
+            // Both bucket lists are non-empty literals, the only error set_buckets_for_metric has.
+            let builder = builder.expect("non-empty bucket lists");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CALLS_ACTIVE, "Calls in progress");
+    describe_counter!(CALLS_TOTAL, "Finished calls by outcome");
+    describe_counter!(FRAMES_IN, "Audio frames received from Asterisk");
+    describe_counter!(FRAMES_OUT, "Audio frames sent to Asterisk");
+    describe_counter!(UNDERRUNS, "Frames cut short while a reply was streaming");
+    describe_counter!(FRAMES_DROPPED, "Dropped audio frames by direction");
+    describe_counter!(BARGE_INS, "Times the caller interrupted the agent");
+    describe_histogram!(PLAYOUT_LATENESS, Unit::Seconds, "Lateness of playout ticks");
+    describe_histogram!(
+        TURN_LATENCY,
+        Unit::Seconds,
+        "Caller speech end to first agent audio"
+    );
+    describe_counter!(PROVIDER_ERRORS, "Agent provider failures");
+    describe_counter!(GUARD_REJECTIONS, "Connections refused by the guard");
+    describe_counter!(FALLBACKS, "Calls handed to the operators by reason");
+    describe_gauge!(BREAKER_OPEN, "1 while the circuit breaker is open");
+    describe_gauge!(BUDGET_USED, Unit::Seconds, "AI time used today (UTC)");
+    metrics::gauge!(CALLS_ACTIVE).set(0.0);
+    metrics::counter!(FRAMES_IN).increment(0);
+    metrics::counter!(FRAMES_OUT).increment(0);
+    metrics::counter!(UNDERRUNS).increment(0);
+    metrics::counter!(FRAMES_DROPPED, "direction" => "in").increment(0);
+    metrics::counter!(FRAMES_DROPPED, "direction" => "out").increment(0);
+    metrics::counter!(BARGE_INS).increment(0);
+    metrics::gauge!(BREAKER_OPEN).set(0.0);
+    metrics::gauge!(BUDGET_USED).set(0.0);
+}
+
+/// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
+pub const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into buckets every [`UPKEEP_PERIOD`] until the runtime
+/// stops. The exporter keeps every raw sample until upkeep runs; with a playout-lateness
+/// sample per frame per call, memory would grow without bound on a box nobody scrapes.
+pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
+    let handle = install();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_PERIOD);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
+/// The Prometheus text of every metric (runs the recorder's upkeep first).
+pub fn render() -> String {
+    let handle = install();
+    handle.run_upkeep();
+    handle.render()
+}
