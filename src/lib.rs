@@ -10,6 +10,7 @@
 //! - [`agent`]: the voice-agent interface and its providers.
 //! - [`caller`]: a synthetic caller that behaves like Asterisk (`voicegate call`, `selftest`).
 //! - [`config`], [`secret`], [`tls`]: configuration, secrets, TLS for cloud connections.
+//! - [`tools`]: tools the agent can call (HTTP lookups, hangup, transfer to an operator).
 //!
 //! Panic policy: input from the network never panics; a panic is a broken invariant, and
 //! each `expect` names the invariant it relies on.
@@ -26,3 +27,4 @@ pub mod secret;
 pub mod selftest;
 pub mod service;
 pub mod tls;
+pub mod tools;

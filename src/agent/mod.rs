@@ -41,6 +41,10 @@ pub struct CallInfo {
     pub caller_number: Option<String>,
     /// The caller's name, when Asterisk told us (ARI).
     pub caller_name: Option<String>,
+    /// Tools the agent should declare to its model (render with the helpers in
+    /// [`crate::tools`]); filled by the call session from the configured registry. Empty
+    /// when no tools are configured.
+    pub tools: Vec<crate::tools::ToolSpec>,
 }
 
 /// Who said something, in a transcript.

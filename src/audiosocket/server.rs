@@ -190,6 +190,7 @@ async fn handle_connection(
             rate_hz: 0,
             caller_number: None,
             caller_name: None,
+            tools: Vec::new(),
         };
         let summary = run_session(
             reader,
