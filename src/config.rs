@@ -63,6 +63,9 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// `[[tools]]`: tools the agent can call (HTTP endpoints, `hangup`,
+    /// `transfer_to_operator`); see [`crate::tools`].
+    pub tools: Vec<crate::tools::ToolConfig>,
 }
 
 /// `[audiosocket]`.
@@ -362,6 +365,8 @@ impl Config {
                 }
             }
         }
+        crate::tools::ToolRegistry::from_config(&self.tools)
+            .map_err(|e| ConfigError::invalid("tools", e.to_string()))?;
         if self
             .log
             .level

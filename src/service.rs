@@ -17,7 +17,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = Server::bind(
         config.audiosocket.listen,
         agent,
-        ServerParams::from_config(&config.audiosocket),
+        ServerParams::from_config(&config.audiosocket).with_tools(std::sync::Arc::new(
+            crate::tools::ToolRegistry::from_config(&config.tools)?,
+        )),
     )
     .await
     .with_context(|| format!("binding AudioSocket listener {}", config.audiosocket.listen))?;

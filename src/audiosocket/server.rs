@@ -40,8 +40,17 @@ impl ServerParams {
             session: SessionParams {
                 playout_max: c.playout_max(),
                 idle_timeout: c.idle_timeout(),
+                tools: Default::default(),
             },
         }
+    }
+}
+
+impl ServerParams {
+    /// Gives every call the tools of `tools` (`[[tools]]`).
+    pub fn with_tools(mut self, tools: Arc<crate::tools::ToolRegistry>) -> Self {
+        self.session.tools = tools;
+        self
     }
 }
 

@@ -17,7 +17,9 @@
 use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker};
 use crate::audio::{PlayoutBuffer, PlayoutClock, ReplyId};
 use crate::audiosocket::codec::{self, CodecError, Message, SlinRate};
+use crate::tools::{Terminal, ToolRegistry, ToolRunner, runner::ToolStep};
 use bytes::BytesMut;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::error::TrySendError;
@@ -41,6 +43,8 @@ pub struct SessionParams {
     pub playout_max: Duration,
     /// Close the call when Asterisk sends nothing for this long.
     pub idle_timeout: Duration,
+    /// The tools the agent may call (declared to it through [`CallInfo::tools`]).
+    pub tools: Arc<ToolRegistry>,
 }
 
 impl Default for SessionParams {
@@ -48,6 +52,7 @@ impl Default for SessionParams {
         SessionParams {
             playout_max: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(5),
+            tools: Arc::new(ToolRegistry::empty()),
         }
     }
 }
@@ -66,6 +71,10 @@ pub enum Outcome {
     ProtocolError(String),
     /// Nothing arrived from Asterisk for the idle timeout (half-open connection).
     IdleTimeout,
+    /// The agent handed the caller to a human (`transfer_to_operator`); voicegate sent
+    /// `0x00` after the words before it played. The detail says how: `dialplan` (the
+    /// dialplan's next priority queues the caller) or the transfer's name (`ari`).
+    Operator(String),
     /// voicegate is shutting down and the grace period ran out.
     Shutdown,
     /// Writing to Asterisk failed or blocked too long.
@@ -157,6 +166,8 @@ where
     let mut awaiting_played_out: Option<ReplyId> = None;
     // Set when the agent ended the call: hang up once the playout buffer is empty.
     let mut ending: Option<String> = None;
+    info.tools = params.tools.specs();
+    let mut tools = ToolRunner::new(params.tools.clone(), &info);
 
     let outcome = loop {
         let idle_deadline = last_input + params.idle_timeout;
@@ -178,6 +189,16 @@ where
                 s.frames_out += 1;
                 clock.advance(Instant::now());
                 trace!(queued_ms = playout.queued().as_millis() as u64, "frame out");
+                if let Some(a) = agent_session.as_ref() {
+                    tools.retry_unsent(&a.input);
+                }
+                if tools.terminal_pending() {
+                    match tools.poll_terminal(playout.is_empty(), Instant::now()) {
+                        Some(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
+                        Some(Terminal::Operator { detail }) => break Outcome::Operator(detail),
+                        None => {}
+                    }
+                }
                 if playout.is_empty() {
                     if let (Some(reply), Some(agent)) = (awaiting_played_out.take(), agent_session.as_ref()) {
                         let agent: &crate::agent::AgentSession = agent;
@@ -235,14 +256,19 @@ where
             ev = next_event(&mut agent_session) => match ev {
                 Some(AgentEvent::Audio { reply, samples }) => {
                     playout.push(reply, &samples);
+                    tools.on_agent_audio(Instant::now());
                 }
                 Some(AgentEvent::ReplyDone { reply }) => {
+                    tools.on_reply_done(reply);
                     playout.mark_reply_complete();
                     awaiting_played_out = Some(reply);
                 }
                 Some(AgentEvent::SpeechStarted) => {
                     let flushed = playout.flush();
                     awaiting_played_out = None;
+                    if let (Some(answer), Some(a)) = (tools.on_barge_in(flushed.reply), agent_session.as_ref()) {
+                        tools.deliver(&a.input, answer);
+                    }
                     if let Some(reply) = flushed.reply {
                         s.barge_ins += 1;
                         info!(reply = reply.0, heard_ms = flushed.heard_ms, dropped_ms = flushed.dropped_samples as u64 * 1000 / playout.rate_hz() as u64, "barge-in: playout flushed");
@@ -256,12 +282,9 @@ where
                     info!(?speaker, text = %text, "transcript");
                     s.transcript.push((speaker, text));
                 }
-                Some(AgentEvent::ToolCall { call_id, name, .. }) => {
-                    warn!(tool = %name, "agent asked for a tool that is not configured");
-                    if let Some(a) = agent_session.as_ref() {
-                        let a: &crate::agent::AgentSession = a;
-                        let output = serde_json::json!({"error": format!("unknown tool {name}")}).to_string();
-                        let _ = a.input.try_send(AgentInput::ToolResult { call_id, output });
+                Some(AgentEvent::ToolCall { call_id, name, arguments, reply }) => {
+                    if let (Some(answer), Some(a)) = (tools.on_tool_call(call_id, &name, &arguments, reply, Instant::now()), agent_session.as_ref()) {
+                        tools.deliver(&a.input, answer);
                     }
                 }
                 Some(AgentEvent::Ended { reason }) => {
@@ -279,6 +302,15 @@ where
                     warn!("agent task ended without a reason; handing the call to the fallback");
                     break Outcome::Fallback("agent task ended".into());
                 }
+            },
+            step = tools.next_step() => match step {
+                ToolStep::Answer(answer) => {
+                    if let Some(a) = agent_session.as_ref() {
+                        tools.deliver(&a.input, answer);
+                    }
+                }
+                ToolStep::End(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
+                ToolStep::End(Terminal::Operator { detail }) => break Outcome::Operator(detail),
             },
             () = sleep_until(idle_deadline) => break Outcome::IdleTimeout,
         }

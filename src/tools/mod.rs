@@ -32,7 +32,20 @@
 //! Whatever the provider, the model's call comes back as [`crate::agent::AgentEvent::ToolCall`]
 //! and the result goes in as [`crate::agent::AgentInput::ToolResult`].
 
+pub mod http;
+pub mod runner;
+pub mod transfer;
+
+pub use http::HttpTool;
+pub use runner::{Terminal, ToolRunner};
+pub use transfer::{OperatorTransfer, TransferError};
+
+use crate::secret::SecretSource;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Name of the built-in tool that ends the call after the goodbye was played.
 pub const HANGUP: &str = "hangup";
@@ -141,6 +154,300 @@ pub fn elevenlabs_client_tools(specs: &[ToolSpec], response_timeout_secs: u32) -
     )
 }
 
+/// What a `[[tools]]` entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolKind {
+    /// An HTTP endpoint (the default): needs `name`, `description`, `url`.
+    #[default]
+    Http,
+    /// The built-in [`HANGUP`].
+    Hangup,
+    /// The built-in [`TRANSFER_TO_OPERATOR`].
+    TransferToOperator,
+}
+
+/// HTTP method of an HTTP tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    /// Arguments, call id and caller number as query parameters.
+    Get,
+    /// A JSON body (the default).
+    #[default]
+    Post,
+    /// A JSON body.
+    Put,
+    /// A JSON body.
+    Patch,
+}
+
+/// One `[[tools]]` entry of the config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// `http` (default), `hangup` or `transfer_to_operator`.
+    #[serde(default)]
+    pub kind: ToolKind,
+    /// Function name the model calls; required for `http`, fixed for the built-ins.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the tool does and when to use it, for the model; the built-ins have a default.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments, as a TOML table (default: an object without
+    /// properties; the built-ins have their own).
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    /// `http`: the endpoint, `http://` or `https://`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `http`: `GET`, `POST` (default), `PUT` or `PATCH`.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// `http`: extra request headers; values are secrets (plain string, `{ env = … }`,
+    /// `{ file = … }`, `{ credential = … }`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretSource>,
+    /// `http`: the whole request may take this long, ms (default 5000); after it the model
+    /// gets an error result.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+
+/// Why the configured tools cannot be used. Messages name the tool.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// A `[[tools]]` entry is incomplete or inconsistent.
+    #[error("tool {tool}: {message}")]
+    Invalid {
+        /// The tool's name (or `#n` for an unnamed entry).
+        tool: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Two entries have the same name.
+    #[error("tool {0} is declared twice")]
+    Duplicate(String),
+    /// A header secret cannot be read.
+    #[error("tool {tool}: header {header}: {source}")]
+    Secret {
+        /// The tool.
+        tool: String,
+        /// The header name.
+        header: String,
+        /// Why.
+        source: crate::secret::SecretError,
+    },
+    /// The HTTP client cannot be built.
+    #[error("http client: {0}")]
+    Client(String),
+}
+
+/// What running a tool does.
+#[derive(Debug, Clone)]
+pub enum ToolAction {
+    /// Call an HTTP endpoint; the reply is the result.
+    Http(Arc<HttpTool>),
+    /// End the call once the goodbye was played (terminal).
+    Hangup,
+    /// Hand the caller to an operator once the words before it were played (terminal).
+    TransferToOperator,
+}
+
+impl ToolAction {
+    /// Ends the call: runs only after the reply's words were played and only if it was not
+    /// interrupted.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, ToolAction::Http(_))
+    }
+}
+
+/// A configured tool: what the model sees and what voicegate does.
+#[derive(Debug, Clone)]
+pub struct Tool {
+    /// The declaration sent to the model.
+    pub spec: ToolSpec,
+    /// What running it does.
+    pub action: ToolAction,
+}
+
+/// The configured tools, shared by every call (`Arc`), plus the operator transfer in use.
+#[derive(Clone, Default)]
+pub struct ToolRegistry {
+    tools: Vec<Tool>,
+    transfer: Option<Arc<dyn OperatorTransfer>>,
+}
+
+impl std::fmt::Debug for ToolRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolRegistry")
+            .field(
+                "tools",
+                &self.tools.iter().map(|t| &t.spec.name).collect::<Vec<_>>(),
+            )
+            .field("transfer", &self.transfer.as_ref().map(|t| t.name()))
+            .finish()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl ToolRegistry {
+    /// No tools: the agent declares none, and any tool call is answered with an error.
+    pub fn empty() -> Self {
+        ToolRegistry::default()
+    }
+
+    /// Builds the tools of `[[tools]]`, resolving header secrets and building one HTTP
+    /// client (rustls, embedded roots) shared by all HTTP tools.
+    ///
+    /// # Errors
+    /// [`ToolError`] naming the first bad entry.
+    pub fn from_config(entries: &[ToolConfig]) -> Result<Self, ToolError> {
+        let mut tools: Vec<Tool> = Vec::with_capacity(entries.len());
+        let mut client: Option<reqwest::Client> = None;
+        for (i, c) in entries.iter().enumerate() {
+            let label = c.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+            let invalid = |message: &str| ToolError::Invalid {
+                tool: label.clone(),
+                message: message.to_owned(),
+            };
+            let (mut spec, builtin) = match c.kind {
+                ToolKind::Http => {
+                    let name = c.name.clone().ok_or_else(|| invalid("needs a name"))?;
+                    let description = c
+                        .description
+                        .clone()
+                        .ok_or_else(|| invalid("needs a description"))?;
+                    (
+                        ToolSpec {
+                            name,
+                            description,
+                            parameters: json!({"type": "object", "properties": {}}),
+                        },
+                        false,
+                    )
+                }
+                ToolKind::Hangup => (ToolSpec::hangup(), true),
+                ToolKind::TransferToOperator => (ToolSpec::transfer_to_operator(), true),
+            };
+            if builtin {
+                if c.name.as_ref().is_some_and(|n| *n != spec.name) {
+                    return Err(invalid("a built-in tool's name cannot be changed"));
+                }
+                if c.url.is_some() || !c.headers.is_empty() {
+                    return Err(invalid("a built-in tool has no url or headers"));
+                }
+            }
+            if let Some(d) = &c.description {
+                spec.description = d.clone();
+            }
+            if let Some(p) = &c.parameters {
+                if !p.is_object() || p.get("type").and_then(Value::as_str) != Some("object") {
+                    return Err(invalid(
+                        "parameters must be a JSON schema with type = \"object\"",
+                    ));
+                }
+                spec.parameters = p.clone();
+            }
+            if !valid_name(&spec.name) {
+                return Err(invalid(
+                    "name must be 1-64 characters of a-z, A-Z, 0-9, _ or -",
+                ));
+            }
+            if tools.iter().any(|t| t.spec.name == spec.name) {
+                return Err(ToolError::Duplicate(spec.name));
+            }
+            let action = match c.kind {
+                ToolKind::Hangup => ToolAction::Hangup,
+                ToolKind::TransferToOperator => ToolAction::TransferToOperator,
+                ToolKind::Http => {
+                    let url = c.url.clone().ok_or_else(|| invalid("needs a url"))?;
+                    let parsed =
+                        reqwest::Url::parse(&url).map_err(|e| invalid(&format!("url: {e}")))?;
+                    if !matches!(parsed.scheme(), "http" | "https") {
+                        return Err(invalid("url must start with http:// or https://"));
+                    }
+                    if !(100..=60_000).contains(&c.timeout_ms) {
+                        return Err(invalid("timeout_ms must be 100 to 60000"));
+                    }
+                    let mut headers = Vec::with_capacity(c.headers.len());
+                    for (name, source) in &c.headers {
+                        let value = source.resolve().map_err(|source| ToolError::Secret {
+                            tool: spec.name.clone(),
+                            header: name.clone(),
+                            source,
+                        })?;
+                        headers.push((name.clone(), value));
+                    }
+                    let client = match &client {
+                        Some(c) => c.clone(),
+                        None => {
+                            let built = crate::tls::http_client_builder()
+                                .build()
+                                .map_err(|e| ToolError::Client(e.to_string()))?;
+                            client = Some(built.clone());
+                            built
+                        }
+                    };
+                    let tool = HttpTool::new(
+                        client,
+                        spec.name.clone(),
+                        parsed,
+                        c.method,
+                        headers,
+                        Duration::from_millis(c.timeout_ms),
+                    )
+                    .map_err(|e| invalid(&e))?;
+                    ToolAction::Http(Arc::new(tool))
+                }
+            };
+            tools.push(Tool { spec, action });
+        }
+        Ok(ToolRegistry {
+            tools,
+            transfer: None,
+        })
+    }
+
+    /// Uses `transfer` for `transfer_to_operator` (the ARI issue's implementation) instead
+    /// of ending the AudioSocket session for the dialplan.
+    pub fn with_transfer(mut self, transfer: Arc<dyn OperatorTransfer>) -> Self {
+        self.transfer = Some(transfer);
+        self
+    }
+
+    /// The operator transfer in use, if any (`None`: the dialplan fallback).
+    pub fn transfer(&self) -> Option<&Arc<dyn OperatorTransfer>> {
+        self.transfer.as_ref()
+    }
+
+    /// The declarations of every tool, in config order, for [`crate::agent::CallInfo::tools`].
+    pub fn specs(&self) -> Vec<ToolSpec> {
+        self.tools.iter().map(|t| t.spec.clone()).collect()
+    }
+
+    /// The tool called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tool> {
+        self.tools.iter().find(|t| t.spec.name == name)
+    }
+
+    /// No tools are configured.
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +480,72 @@ mod tests {
         assert_eq!(el[0]["name"], "search_tires");
         assert_eq!(el[0]["expects_response"], true);
         assert_eq!(el[0]["response_timeout_secs"], 15);
+    }
+
+    #[derive(Deserialize)]
+    struct Doc {
+        tools: Vec<ToolConfig>,
+    }
+
+    fn registry(toml_text: &str) -> Result<ToolRegistry, ToolError> {
+        let doc: Doc = toml::from_str(toml_text).expect("toml");
+        ToolRegistry::from_config(&doc.tools)
+    }
+
+    #[test]
+    fn config_builds_http_and_builtin_tools() {
+        let r = registry(
+            r#"
+[[tools]]
+name = "search_tires"
+description = "Find tyres in stock"
+url = "http://127.0.0.1:9/tires"
+headers = { Authorization = "Bearer x" }
+timeout_ms = 2000
+[tools.parameters]
+type = "object"
+required = ["size"]
+[tools.parameters.properties.size]
+type = "string"
+
+[[tools]]
+kind = "hangup"
+
+[[tools]]
+kind = "transfer_to_operator"
+description = "Hand over to a human."
+"#,
+        )
+        .unwrap();
+        let specs = r.specs();
+        assert_eq!(specs.len(), 3);
+        assert_eq!(specs[0].parameters["properties"]["size"]["type"], "string");
+        assert_eq!(specs[1].name, HANGUP);
+        assert_eq!(specs[2].description, "Hand over to a human.");
+        assert!(matches!(
+            r.get("search_tires").unwrap().action,
+            ToolAction::Http(_)
+        ));
+        assert!(r.get(HANGUP).unwrap().action.is_terminal());
+        assert!(!format!("{r:?}").contains("Bearer"));
+    }
+
+    #[test]
+    fn bad_entries_are_named() {
+        let e = registry("[[tools]]\nname = \"x\"\ndescription = \"d\"\n").unwrap_err();
+        assert!(e.to_string().contains("needs a url"), "{e}");
+        let e = registry("[[tools]]\nkind = \"hangup\"\nname = \"bye\"\n").unwrap_err();
+        assert!(e.to_string().contains("cannot be changed"), "{e}");
+        let e =
+            registry("[[tools]]\nkind = \"hangup\"\n[[tools]]\nkind = \"hangup\"\n").unwrap_err();
+        assert!(matches!(e, ToolError::Duplicate(_)), "{e}");
+        let e = registry("[[tools]]\nname = \"a b\"\ndescription = \"d\"\nurl = \"http://x/\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("name must be"), "{e}");
+        let e = registry(
+            "[[tools]]\nname = \"a\"\ndescription = \"d\"\nurl = \"http://x/\"\nheaders = { X = { env = \"VG_SURELY_UNSET\" } }\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("header X"), "{e}");
     }
 }
