@@ -14,6 +14,7 @@
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
 pub mod echo;
+pub mod elevenlabs_agent;
 pub mod ws;
 // pub mod openai_realtime;
 
@@ -229,6 +230,9 @@ pub fn from_config(
     use crate::config::AgentConfig;
     Ok(match cfg {
         AgentConfig::Echo(c) => Arc::new(echo::EchoAgent::new(c.delay())),
+        AgentConfig::ElevenlabsAgent(c) => {
+            Arc::new(elevenlabs_agent::ElevenlabsAgent::from_config(c)?)
+        }
         AgentConfig::OpenaiRealtime(_) => {
             return Err(crate::config::ConfigError::invalid(
                 "agent.kind",
