@@ -314,8 +314,11 @@ async fn transfer_without_ari_ends_the_session_for_the_dialplan_queue() {
     server.stop.cancel();
 }
 
+/// Transfers the fake ARI was asked for: (call id, reason).
+type Transfers = Arc<Mutex<Vec<(uuid::Uuid, Option<String>)>>>;
+
 struct FakeAri {
-    seen: Arc<Mutex<Vec<(uuid::Uuid, Option<String>)>>>,
+    seen: Transfers,
 }
 
 impl OperatorTransfer for FakeAri {
@@ -330,7 +333,7 @@ impl OperatorTransfer for FakeAri {
 
 #[tokio::test]
 async fn transfer_uses_the_installed_operator_transfer() {
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen: Transfers = Arc::new(Mutex::new(Vec::new()));
     let reg = registry("[[tools]]\nkind = \"transfer_to_operator\"\n")
         .with_transfer(Arc::new(FakeAri { seen: seen.clone() }));
     let (mut server, mut calls) = server_with(reg).await;
