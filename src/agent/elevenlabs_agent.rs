@@ -145,6 +145,8 @@ async fn run(settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
         Err(e) => AgentEvent::Failed(e),
     };
     let _ = io.events.send(event).await;
+    // Stay until the call lets go, so the call sees the event before the channel closes.
+    while io.input.recv().await.is_some() {}
 }
 
 fn connect_err(detail: impl Into<String>) -> AgentError {

@@ -298,6 +298,10 @@ where
                     warn!(error = %e, "agent failed; handing the call to the dialplan fallback");
                     break Outcome::Fallback(e.to_string());
                 }
+                None if ending.is_some() => {
+                    // The agent said Ended and its task finished: let the playout drain.
+                    agent_session = None;
+                }
                 None => {
                     warn!("agent task ended without a reason; handing the call to the fallback");
                     break Outcome::Fallback("agent task ended".into());
