@@ -513,3 +513,66 @@ mod tests {
         assert!(agent.get("first_message").is_none());
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::{AgentConfig, Config};
+    use std::path::Path;
+
+    #[test]
+    fn config_parses_validates_and_redacts() {
+        let text = r#"
+[agent]
+kind = "elevenlabs_agent"
+agent_id = "agent_42"
+api_key = "xi-very-secret"
+language = "ru"
+first_message = "Здравствуйте!"
+
+[[tools]]
+kind = "hangup"
+
+[[tools]]
+name = "search_tires"
+description = "Find tyres"
+url = "https://shop.example/api/tires"
+headers = { Authorization = "Bearer shop-secret" }
+[tools.parameters]
+type = "object"
+[tools.parameters.properties.size]
+type = "string"
+"#;
+        let c = Config::from_toml(text, Path::new("x.toml")).unwrap();
+        let AgentConfig::ElevenlabsAgent(e) = &c.agent else {
+            panic!("{:?}", c.agent)
+        };
+        assert_eq!(e.agent_id, "agent_42");
+        assert_eq!(e.chunk_ms, 40);
+        assert_eq!(c.tools.len(), 2);
+        let out = c.to_redacted_toml();
+        assert!(
+            !out.contains("xi-very-secret") && !out.contains("shop-secret"),
+            "{out}"
+        );
+        assert!(
+            out.contains("search_tires") && out.contains("elevenlabs_agent"),
+            "{out}"
+        );
+
+        let e = Config::from_toml("[agent]\nkind = \"elevenlabs_agent\"\n", Path::new("x"))
+            .unwrap_err();
+        assert!(e.to_string().contains("agent.agent_id"), "{e}");
+        let e = Config::from_toml(
+            "[agent]\nkind = \"elevenlabs_agent\"\nagent_id = \"a\"\nchunk_ms = 5\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("agent.chunk_ms"), "{e}");
+        let e = Config::from_toml(
+            "[[tools]]\nkind = \"hangup\"\nurl = \"http://x\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tools"), "{e}");
+    }
+}
