@@ -292,7 +292,8 @@ fn heard(report: &CallReport, needle: &[i16], around_ms: u64, window_ms: u64) ->
 async fn conversation(format: &str) {
     let mut fake = FakeEleven::start().await;
     let mut server = server(config(fake.url()), ToolRegistry::empty()).await;
-    let p = plan(6.0);
+    let mut p = plan(6.0);
+    p.dtmf = vec![('5', Duration::from_millis(1000))];
     // Encoded before the call: the test runtime's one thread must keep the call going.
     let thanks = fixture("auth-thankyou.wav").samples;
     let thanks_wire = encode(format, &thanks);
@@ -341,6 +342,13 @@ async fn conversation(format: &str) {
     }
     // Compared after the call: the test runtime has one thread and must keep the call going.
     let uplink = decode(format, &conn.audio);
+    // The DTMF digit reached the agent as context.
+    let update = conn.next_control().await;
+    assert_eq!(update["type"], "contextual_update");
+    assert!(
+        update["text"].as_str().unwrap().contains("key 5"),
+        "{update}"
+    );
 
     // The agent answers, faster than real time.
     conn.send(json!({"type": "user_transcript", "user_transcription_event": {"user_transcript": "Hello, world."}})).await;
@@ -359,6 +367,11 @@ async fn conversation(format: &str) {
         .expect("call ended")
         .unwrap();
     assert!(report.hangup_received, "0x00 after the agent ended");
+    if let Some(first) = report.first_audio_ms {
+        eprintln!(
+            "{format}: first agent audio sent at {sent_at} ms, first audible frame at the caller at {first:.0} ms"
+        );
+    }
     let c = heard(&report, &thanks, sent_at, 300);
     assert!(
         c > 0.9,
@@ -488,6 +501,7 @@ async fn client_tool_calls_round_trip_and_hangup_follows_the_goodbye() {
     conn.next_control().await;
     conn.metadata("ulaw_8000").await;
 
+    let asked = Instant::now();
     conn.send(json!({"type": "client_tool_call", "client_tool_call": {
         "tool_name": "search_tires", "tool_call_id": "tc_1", "parameters": {"size": "205/55 R16"}}}))
         .await;
@@ -497,6 +511,10 @@ async fn client_tool_calls_round_trip_and_hangup_follows_the_goodbye() {
     assert_eq!(body["call_id"], p.call_id.to_string());
     assert_eq!(body["tool_call_id"], "tc_1");
     let result = conn.next_control().await;
+    eprintln!(
+        "client_tool_call -> HTTP tool -> client_tool_result: {} ms",
+        asked.elapsed().as_millis()
+    );
     assert_eq!(result["type"], "client_tool_result");
     assert_eq!(result["tool_call_id"], "tc_1");
     assert_eq!(result["is_error"], false);
