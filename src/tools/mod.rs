@@ -25,10 +25,11 @@
 //! |---|---|---|
 //! | OpenAI Realtime (`session.update.session.tools`, providers.md §1.7) | [`openai_realtime_tools`] | `{"type":"function","name","description","parameters"}` (flat) |
 //! | Chat Completions (`tools`, providers.md §7.1) | [`chat_completions_tools`] | `{"type":"function","function":{"name","description","parameters"}}` (nested) |
-//! | ElevenLabs Agents client tools (providers.md §2.5) | [`elevenlabs_client_tools`] | `{"type":"client","name","description","parameters","expects_response":true,"response_timeout_secs"}` |
+//! | ElevenLabs Agents client tools (providers.md §2.5) | [`elevenlabs_client_tools`] | `{"type":"client","name","description","parameters","expects_response","response_timeout_secs"}` |
 //!
 //! ElevenLabs declares tools on the agent (dashboard or `POST /v1/convai/tools` with the
-//! entry as `tool_config`), not per conversation; the helper renders what to paste there.
+//! entry as `tool_config`), not per conversation; the helper renders what to paste there,
+//! and `voicegate tools --format elevenlabs` prints it for the configured tools.
 //! Whatever the provider, the model's call comes back as [`crate::agent::AgentEvent::ToolCall`]
 //! and the result goes in as [`crate::agent::AgentInput::ToolResult`].
 
@@ -119,15 +120,18 @@ impl ToolSpec {
 
     /// An ElevenLabs Agents client-tool entry (providers.md §2.5; the `tool_config` of
     /// `POST /v1/convai/tools`): `{"type":"client","name","description","parameters",
-    /// "expects_response":true,"response_timeout_secs":…}`. `response_timeout_secs` is how
-    /// long the agent waits for the `client_tool_result`.
+    /// "expects_response":…,"response_timeout_secs":…}`. `response_timeout_secs` is how
+    /// long the agent waits for the `client_tool_result`. The built-in terminal tools
+    /// (`hangup`, `transfer_to_operator`) expect no response: the call ends instead.
+    /// (The field names follow ElevenLabs' tool API as of 2025 [I: not in providers.md].)
     pub fn to_elevenlabs_client_tool(&self, response_timeout_secs: u32) -> Value {
+        let expects_response = !matches!(self.name.as_str(), HANGUP | TRANSFER_TO_OPERATOR);
         json!({
             "type": "client",
             "name": self.name,
             "description": self.description,
             "parameters": self.parameters,
-            "expects_response": true,
+            "expects_response": expects_response,
             "response_timeout_secs": response_timeout_secs,
         })
     }
@@ -480,6 +484,10 @@ mod tests {
         assert_eq!(el[0]["name"], "search_tires");
         assert_eq!(el[0]["expects_response"], true);
         assert_eq!(el[0]["response_timeout_secs"], 15);
+        assert_eq!(
+            el[1]["expects_response"], false,
+            "hangup ends the call instead"
+        );
     }
 
     #[derive(Deserialize)]
