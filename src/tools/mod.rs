@@ -211,7 +211,7 @@ pub struct ToolConfig {
     pub method: HttpMethod,
     /// `http`: extra request headers; values are secrets (plain string, `{ env = … }`,
     /// `{ file = … }`, `{ credential = … }`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, SecretSource>,
     /// `http`: the whole request may take this long, ms (default 5000); after it the model
     /// gets an error result.

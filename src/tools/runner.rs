@@ -339,3 +339,112 @@ impl ToolRunner {
 pub fn ok_result() -> String {
     json!({"status": "ok"}).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::{ToolConfig, ToolKind};
+
+    fn runner(kinds: &[ToolKind]) -> ToolRunner {
+        let entries: Vec<ToolConfig> = kinds
+            .iter()
+            .map(|&kind| ToolConfig {
+                kind,
+                name: None,
+                description: None,
+                parameters: None,
+                url: None,
+                method: Default::default(),
+                headers: Default::default(),
+                timeout_ms: 1000,
+            })
+            .collect();
+        let registry = Arc::new(ToolRegistry::from_config(&entries).unwrap());
+        let call = CallInfo {
+            call_id: uuid::Uuid::nil(),
+            rate_hz: 8000,
+            caller_number: None,
+            caller_name: None,
+            tools: registry.specs(),
+        };
+        ToolRunner::new(registry, &call)
+    }
+
+    #[tokio::test]
+    async fn hangup_waits_for_playout_and_quiet_unless_the_reply_is_done() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut r = runner(&[ToolKind::Hangup]);
+        r.on_agent_audio(t0);
+        assert!(
+            r.on_tool_call("c1".into(), HANGUP_NAME, "{}", Some(ReplyId(1)), t0)
+                .is_none()
+        );
+        assert!(r.terminal_pending());
+        assert_eq!(
+            r.poll_terminal(false, ms(5_000)),
+            None,
+            "words still queued"
+        );
+        assert_eq!(
+            r.poll_terminal(true, ms(100)),
+            None,
+            "agent may still be streaming"
+        );
+        assert_eq!(r.poll_terminal(true, ms(900)), Some(Terminal::Hangup));
+        assert!(!r.terminal_pending());
+
+        let mut r = runner(&[ToolKind::Hangup]);
+        r.on_reply_done(ReplyId(1));
+        r.on_tool_call("c1".into(), HANGUP_NAME, "{}", Some(ReplyId(1)), t0);
+        assert_eq!(
+            r.poll_terminal(true, t0),
+            Some(Terminal::Hangup),
+            "reply done: at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn interruption_cancels_or_refuses_terminal_tools() {
+        let t0 = Instant::now();
+        let mut r = runner(&[ToolKind::Hangup, ToolKind::TransferToOperator]);
+        r.on_tool_call("c1".into(), HANGUP_NAME, "{}", Some(ReplyId(1)), t0);
+        let answer = r.on_barge_in(Some(ReplyId(1)));
+        assert!(
+            matches!(answer, Some(AgentInput::ToolResult { ref call_id, .. }) if call_id == "c1")
+        );
+        assert!(!r.terminal_pending());
+        assert_eq!(r.poll_terminal(true, t0 + Duration::from_secs(5)), None);
+        // Asked for by the interrupted reply afterwards: refused at once.
+        let refused = r.on_tool_call("c2".into(), TRANSFER_NAME, "{}", Some(ReplyId(1)), t0);
+        assert!(
+            matches!(refused, Some(AgentInput::ToolResult { ref output, .. }) if output.contains("interrupted"))
+        );
+        // Another reply's transfer goes ahead, through the dialplan without ARI.
+        r.on_tool_call(
+            "c3".into(),
+            TRANSFER_NAME,
+            "{\"reason\":\"x\"}",
+            Some(ReplyId(2)),
+            t0,
+        );
+        assert_eq!(
+            r.poll_terminal(true, t0 + TERMINAL_QUIET),
+            Some(Terminal::Operator {
+                detail: "dialplan".into()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_tool_is_answered_with_an_error() {
+        let mut r = runner(&[]);
+        let a = r.on_tool_call("c".into(), "nope", "{}", None, Instant::now());
+        assert!(
+            matches!(a, Some(AgentInput::ToolResult { ref output, .. }) if output.contains("unknown tool nope"))
+        );
+    }
+
+    const HANGUP_NAME: &str = crate::tools::HANGUP;
+    const TRANSFER_NAME: &str = crate::tools::TRANSFER_TO_OPERATOR;
+}
