@@ -253,6 +253,15 @@ where
                     Err(ReadError::Io(e)) => break Outcome::ProtocolError(format!("read: {e}")),
                 }
             }
+            step = tools.next_step() => match step {
+                ToolStep::Answer(answer) => {
+                    if let Some(a) = agent_session.as_ref() {
+                        tools.deliver(&a.input, answer);
+                    }
+                }
+                ToolStep::End(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
+                ToolStep::End(Terminal::Operator { detail }) => break Outcome::Operator(detail),
+            },
             ev = next_event(&mut agent_session) => match ev {
                 Some(AgentEvent::Audio { reply, samples }) => {
                     playout.push(reply, &samples);
@@ -306,15 +315,6 @@ where
                     warn!("agent task ended without a reason; handing the call to the fallback");
                     break Outcome::Fallback("agent task ended".into());
                 }
-            },
-            step = tools.next_step() => match step {
-                ToolStep::Answer(answer) => {
-                    if let Some(a) = agent_session.as_ref() {
-                        tools.deliver(&a.input, answer);
-                    }
-                }
-                ToolStep::End(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
-                ToolStep::End(Terminal::Operator { detail }) => break Outcome::Operator(detail),
             },
             () = sleep_until(idle_deadline) => break Outcome::IdleTimeout,
         }
