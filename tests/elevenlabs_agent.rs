@@ -280,19 +280,27 @@ fn call(server: &TestServer, plan: &CallPlan) -> tokio::task::JoinHandle<CallRep
 
 /// Correlation of `needle` with the caller's received audio, searched around `around_ms`
 /// (± `window_ms`) from the call's start.
+/// `needle` is 8 kHz; it is resampled to the call's rate.
 fn heard(report: &CallReport, needle: &[i16], around_ms: u64, window_ms: u64) -> f64 {
     let rx = &report.received.samples;
-    let start = (around_ms.saturating_sub(window_ms) * 8) as usize;
+    let spms = report.rate_hz as u64 / 1000;
+    let needle = voicegate::audio::wav::Recording {
+        rate_hz: 8_000,
+        samples: needle.to_vec(),
+    };
+    let needle = resample_recording(&needle, report.rate_hz).unwrap().samples;
+    let start = (around_ms.saturating_sub(window_ms) * spms) as usize;
     if start >= rx.len() {
         return 0.0;
     }
-    best_correlation(&rx[start..], needle, (2 * window_ms * 8) as usize).0
+    best_correlation(&rx[start..], &needle, (2 * window_ms * spms) as usize).0
 }
 
-async fn conversation(format: &str) {
+async fn conversation(format: &str, call_rate: SlinRate) {
     let mut fake = FakeEleven::start().await;
     let mut server = server(config(fake.url()), ToolRegistry::empty()).await;
     let mut p = plan(6.0);
+    p.rate = call_rate;
     p.dtmf = vec![('5', Duration::from_millis(1000))];
     // Encoded before the call: the test runtime's one thread must keep the call going.
     let thanks = fixture("auth-thankyou.wav").samples;
@@ -369,7 +377,8 @@ async fn conversation(format: &str) {
     assert!(report.hangup_received, "0x00 after the agent ended");
     if let Some(first) = report.first_audio_ms {
         eprintln!(
-            "{format}: first agent audio sent at {sent_at} ms, first audible frame at the caller at {first:.0} ms"
+            "{format} on a {} Hz call: first agent audio sent at {sent_at} ms, first audible frame at the caller at {first:.0} ms (the recording starts with 100 ms below the audible threshold)",
+            call_rate.hz()
         );
     }
     let c = heard(&report, &thanks, sent_at, 300);
@@ -416,12 +425,17 @@ async fn conversation(format: &str) {
 
 #[tokio::test]
 async fn conversation_in_ulaw_8000() {
-    conversation("ulaw_8000").await;
+    conversation("ulaw_8000", SlinRate::Hz8000).await;
+}
+
+#[tokio::test]
+async fn conversation_in_ulaw_8000_on_a_16khz_call() {
+    conversation("ulaw_8000", SlinRate::Hz16000).await;
 }
 
 #[tokio::test]
 async fn conversation_in_pcm_16000_taken_from_the_metadata() {
-    conversation("pcm_16000").await;
+    conversation("pcm_16000", SlinRate::Hz8000).await;
 }
 
 #[tokio::test]
