@@ -443,6 +443,10 @@ async fn conversation(
                             return Ok(None);
                         }
                     }
+                    "client_error" | "error" => {
+                        // Payload unverified (providers.md §2.4); a fatal error is followed by a close.
+                        warn!(kind, "elevenlabs reported an error");
+                    }
                     other => trace!(kind = other, "elevenlabs event ignored"),
                 }
             }
