@@ -73,6 +73,9 @@ pub struct Config {
     pub health: crate::health::HealthConfig,
     /// `[records]`: call records.
     pub records: crate::records::RecordsConfig,
+    /// `[[tools]]`: tools the agent can call (HTTP endpoints, `hangup`,
+    /// `transfer_to_operator`); see [`crate::tools`].
+    pub tools: Vec<crate::tools::ToolConfig>,
 }
 
 /// `[state]`.
@@ -161,6 +164,8 @@ pub enum AgentConfig {
     Echo(EchoConfig),
     /// `kind = "openai_realtime"`: OpenAI Realtime API over WebSocket.
     OpenaiRealtime(OpenAiRealtimeConfig),
+    /// `kind = "elevenlabs_agent"`: ElevenLabs Agents (Conversational AI) over WebSocket.
+    ElevenlabsAgent(ElevenlabsAgentConfig),
 }
 
 impl Default for AgentConfig {
@@ -284,6 +289,125 @@ impl OpenAiRealtimeConfig {
     }
 }
 
+/// `[agent]` with `kind = "elevenlabs_agent"` (providers.md §2).
+///
+/// The agent's audio formats are set on the agent itself (dashboard or agent API:
+/// `asr.user_input_audio_format`, `tts.agent_output_audio_format`); for phones choose
+/// `ulaw_8000` both ways, or `pcm_16000`. voicegate reads the formats from the server's
+/// `conversation_initiation_metadata` and converts to the call's slin.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElevenlabsAgentConfig {
+    /// Conversation WebSocket URL without the query (default
+    /// `wss://api.elevenlabs.io/v1/convai/conversation`; regional hosts or a local fake).
+    pub url: String,
+    /// The agent's id (required).
+    pub agent_id: String,
+    /// `xi-api-key` for a private agent: when set, each call first fetches a signed URL
+    /// from `signed_url_endpoint` and connects to it. Unset: a public agent, reached with
+    /// `agent_id` alone.
+    pub api_key: Option<SecretSource>,
+    /// Where signed URLs come from (default
+    /// `https://api.elevenlabs.io/v1/convai/conversation/get-signed-url`).
+    pub signed_url_endpoint: String,
+    /// Override of the agent's system prompt (the agent must allow prompt overrides).
+    pub prompt: Option<String>,
+    /// The prompt override from a file (UTF-8); wins over `prompt`.
+    pub prompt_file: Option<PathBuf>,
+    /// Override of the agent's first message (the greeting).
+    pub first_message: Option<String>,
+    /// Override of the agent's language (`ru`, `uk`, `en`, …).
+    pub language: Option<String>,
+    /// Caller audio is sent in chunks of this many ms (default 40; 20 to 250).
+    pub chunk_ms: u32,
+    /// Connecting (including the signed URL) and receiving the
+    /// `conversation_initiation_metadata` may take this long, ms (default 5000).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for ElevenlabsAgentConfig {
+    fn default() -> Self {
+        ElevenlabsAgentConfig {
+            url: "wss://api.elevenlabs.io/v1/convai/conversation".into(),
+            agent_id: String::new(),
+            api_key: None,
+            signed_url_endpoint: "https://api.elevenlabs.io/v1/convai/conversation/get-signed-url"
+                .into(),
+            prompt: None,
+            prompt_file: None,
+            first_message: None,
+            language: None,
+            chunk_ms: 40,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl ElevenlabsAgentConfig {
+    /// The prompt override: the file's text when `prompt_file` is set, else `prompt`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] if the file cannot be read.
+    pub fn load_prompt(&self) -> Result<Option<String>, ConfigError> {
+        match &self.prompt_file {
+            Some(path) => {
+                std::fs::read_to_string(path)
+                    .map(Some)
+                    .map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })
+            }
+            None => Ok(self.prompt.clone()),
+        }
+    }
+
+    /// [`Self::connect_timeout_ms`] as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// Checks the values; keys in messages are relative to `[agent]`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) {
+            return Err(ConfigError::invalid(
+                "agent.url",
+                "must start with ws:// or wss://",
+            ));
+        }
+        if self.agent_id.is_empty() {
+            return Err(ConfigError::invalid("agent.agent_id", "is required"));
+        }
+        if let Some(key) = &self.api_key {
+            key.resolve()
+                .map_err(|e| ConfigError::invalid("agent.api_key", e.to_string()))?;
+            if !(self.signed_url_endpoint.starts_with("http://")
+                || self.signed_url_endpoint.starts_with("https://"))
+            {
+                return Err(ConfigError::invalid(
+                    "agent.signed_url_endpoint",
+                    "must start with http:// or https://",
+                ));
+            }
+        }
+        self.load_prompt()
+            .map_err(|e| ConfigError::invalid("agent.prompt_file", e.to_string()))?;
+        if !(20..=250).contains(&self.chunk_ms) {
+            return Err(ConfigError::invalid("agent.chunk_ms", "must be 20 to 250"));
+        }
+        if !(100..=60_000).contains(&self.connect_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "agent.connect_timeout_ms",
+                "must be 100 to 60000",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -399,10 +523,13 @@ impl Config {
                     ));
                 }
             }
+            AgentConfig::ElevenlabsAgent(e) => e.validate()?,
         }
         self.guard.validate()?;
         self.fallback.validate()?;
         self.records.validate()?;
+        crate::tools::ToolRegistry::from_config(&self.tools)
+            .map_err(|e| ConfigError::invalid("tools", e.to_string()))?;
         if self
             .log
             .level

@@ -12,6 +12,7 @@
 //! - [`config`], [`secret`], [`tls`]: configuration, secrets, TLS for cloud connections.
 //! - [`guard`], [`fallback`], [`health`], [`records`]: the appliance: port guard and budget,
 //!   the human fallback and circuit breaker, watchdog/health/metrics, call records.
+//! - [`tools`]: tools the agent can call (HTTP lookups, hangup, transfer to an operator).
 //!
 //! Panic policy: input from the network never panics; a panic is a broken invariant, and
 //! each `expect` names the invariant it relies on.
@@ -32,3 +33,4 @@ pub mod secret;
 pub mod selftest;
 pub mod service;
 pub mod tls;
+pub mod tools;

@@ -42,6 +42,9 @@ enum Command {
     Selftest(SelftestArgs),
     /// List or export the call records in the state directory's spool.
     Records(RecordsArgs),
+    /// Print the configured tools ([[tools]]) as a provider declares them, as JSON (for
+    /// ElevenLabs: the client tools to create on the agent).
+    Tools(ToolsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,6 +63,16 @@ enum RecordsAction {
     List,
     /// One JSON object per line, every field.
     Export,
+}
+
+#[derive(clap::Args, Debug)]
+struct ToolsArgs {
+    /// elevenlabs (client tools), openai-realtime (session tools) or chat-completions.
+    #[arg(long, default_value = "elevenlabs", value_parser = ["elevenlabs", "openai-realtime", "chat-completions"])]
+    format: String,
+    /// ElevenLabs: seconds the agent waits for each tool result.
+    #[arg(long, default_value_t = 20)]
+    response_timeout_secs: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +126,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Records(args) => return records(&config, args),
+        Command::Tools(ref args) => return print_tools(&config, args),
         Command::Run | Command::Selftest(_) | Command::Call(_) => {}
     }
     voicegate::tls::install_crypto_provider();
@@ -134,7 +148,7 @@ fn main() -> ExitCode {
                 .map(|()| true),
             Command::Call(args) => call(args).await,
             Command::Selftest(args) => selftest(config, args).await,
-            Command::CheckConfig | Command::Records(_) => Ok(true),
+            Command::CheckConfig | Command::Records(_) | Command::Tools(_) => Ok(true),
         }
     });
     match result {
@@ -295,4 +309,26 @@ fn print_report(
         }
         println!("selftest {}", if s.passed { "PASSED" } else { "FAILED" });
     }
+}
+
+fn print_tools(config: &Config, args: &ToolsArgs) -> ExitCode {
+    let registry = match voicegate::tools::ToolRegistry::from_config(&config.tools) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("voicegate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let specs = registry.specs();
+    let json = match args.format.as_str() {
+        "openai-realtime" => voicegate::tools::openai_realtime_tools(&specs),
+        "chat-completions" => voicegate::tools::chat_completions_tools(&specs),
+        _ => voicegate::tools::elevenlabs_client_tools(&specs, args.response_timeout_secs),
+    };
+    // A serde_json::Value always serializes.
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    );
+    ExitCode::SUCCESS
 }

@@ -60,7 +60,9 @@ pub async fn run(config: &Config, length: Duration) -> anyhow::Result<SelftestOu
     let server = Server::bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         agent,
-        ServerParams::from_config(&config.audiosocket),
+        ServerParams::from_config(&config.audiosocket).with_tools(std::sync::Arc::new(
+            crate::tools::ToolRegistry::from_config(&config.tools)?,
+        )),
     )
     .await?;
     let addr = server.local_addr()?;

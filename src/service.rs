@@ -32,15 +32,23 @@ use tracing::{error, info, warn};
 pub const TEST_STALL_ENV: &str = "VOICEGATE_TEST_STALL_AFTER_MS";
 
 /// The [`Generation`] new calls get under `config`.
-pub fn generation(config: &Config, agent: crate::agent::SharedAgent) -> Generation {
-    let mut params = ServerParams::from_config(&config.audiosocket);
+///
+/// # Errors
+/// If the `[[tools]]` cannot be built (already checked by [`Config::validate`]).
+pub fn generation(
+    config: &Config,
+    agent: crate::agent::SharedAgent,
+) -> Result<Generation, crate::tools::ToolError> {
+    let mut params = ServerParams::from_config(&config.audiosocket).with_tools(Arc::new(
+        crate::tools::ToolRegistry::from_config(&config.tools)?,
+    ));
     params.session.max_duration = config.guard.max_call();
     params.session.agent_silence = config.fallback.agent_silence();
-    Generation {
+    Ok(Generation {
         agent,
         params: Arc::new(params),
         fallback: config.fallback.clone(),
-    }
+    })
 }
 
 /// The health listener's routes: `GET /health` (JSON; 200 when live and ready, else 503) and
@@ -96,7 +104,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("loading the AI budget")?,
     );
     let watchdog_interval = notify::watchdog_interval();
-    let (gen_tx, gen_rx) = watch::channel(Arc::new(generation(&config, agent)));
+    let (gen_tx, gen_rx) = watch::channel(Arc::new(generation(&config, agent)?));
 
     let (summary_tx, summary_rx) = mpsc::unbounded_channel();
     let first_agent = gen_rx.borrow().agent.clone();
@@ -264,7 +272,7 @@ fn reload(
     if new.fallback.maintenance {
         warn!("maintenance switch on: every call goes to the operators");
     }
-    gen_tx.send_replace(Arc::new(generation(&new, agent)));
+    gen_tx.send_replace(Arc::new(generation(&new, agent)?));
     Ok(new)
 }
 

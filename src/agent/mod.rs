@@ -14,6 +14,7 @@
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
 pub mod echo;
+pub mod elevenlabs_agent;
 pub mod openai_realtime;
 pub mod ws;
 
@@ -41,6 +42,10 @@ pub struct CallInfo {
     pub caller_number: Option<String>,
     /// The caller's name, when Asterisk told us (ARI).
     pub caller_name: Option<String>,
+    /// Tools the agent should declare to its model (render with the helpers in
+    /// [`crate::tools`]); filled by the call session from the configured registry. Empty
+    /// when no tools are configured.
+    pub tools: Vec<crate::tools::ToolSpec>,
 }
 
 /// Who said something, in a transcript.
@@ -226,5 +231,8 @@ pub fn from_config(
     Ok(match cfg {
         AgentConfig::Echo(c) => Arc::new(echo::EchoAgent::new(c.delay())),
         AgentConfig::OpenaiRealtime(c) => Arc::new(openai_realtime::OpenAiRealtime::new(c)?),
+        AgentConfig::ElevenlabsAgent(c) => {
+            Arc::new(elevenlabs_agent::ElevenlabsAgent::from_config(c)?)
+        }
     })
 }

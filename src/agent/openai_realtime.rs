@@ -210,7 +210,16 @@ impl Agent for OpenAiRealtime {
 }
 
 /// The session task: set-up, then the live loop; any failure becomes [`AgentEvent::Failed`].
-async fn run(settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
+async fn run(mut settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
+    // The call's `[[tools]]` join any declared with `with_tools`, in the flat Realtime shape.
+    if !call.tools.is_empty() {
+        let tools = &mut Arc::make_mut(&mut settings).tools;
+        tools.extend(
+            call.tools
+                .iter()
+                .map(crate::tools::ToolSpec::to_openai_realtime),
+        );
+    }
     let requested = requested_format(&settings, call.rate_hz);
     // Caller audio that arrives while connecting is kept and sent once the session is ready.
     let mut early: VecDeque<Bytes> = VecDeque::with_capacity(SETUP_BUFFER_FRAMES);

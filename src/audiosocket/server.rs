@@ -71,6 +71,14 @@ pub struct Generation {
     pub fallback: FallbackConfig,
 }
 
+impl ServerParams {
+    /// Gives every call the tools of `tools` (`[[tools]]`).
+    pub fn with_tools(mut self, tools: Arc<crate::tools::ToolRegistry>) -> Self {
+        self.session.tools = tools;
+        self
+    }
+}
+
 /// A bound AudioSocket listener, ready to [`Server::run`].
 #[derive(Debug)]
 pub struct Server {
@@ -378,6 +386,7 @@ async fn handle_connection(
             rate_hz: 0,
             caller_number: None,
             caller_name: None,
+            tools: Vec::new(),
         };
         if let Route::Fallback(reason) =
             crate::fallback::route(&ctx.generation.fallback, &ctx.breaker)

@@ -17,7 +17,9 @@
 use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker};
 use crate::audio::{PlayoutBuffer, PlayoutClock, ReplyId};
 use crate::audiosocket::codec::{self, CodecError, Message, SlinRate};
+use crate::tools::{Terminal, ToolRegistry, ToolRunner, runner::ToolStep};
 use bytes::BytesMut;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::error::TrySendError;
@@ -50,6 +52,8 @@ pub struct SessionParams {
     pub handover: crate::fallback::SharedHandover,
     /// Beaten on every playout tick, so the watchdog sees call clocks make progress.
     pub clock: Option<std::sync::Arc<crate::health::Heartbeat>>,
+    /// The tools the agent may call (declared to it through [`CallInfo::tools`]).
+    pub tools: Arc<ToolRegistry>,
 }
 
 impl Default for SessionParams {
@@ -61,6 +65,7 @@ impl Default for SessionParams {
             agent_silence: None,
             handover: std::sync::Arc::new(crate::fallback::DialplanHandover),
             clock: None,
+            tools: Arc::new(ToolRegistry::empty()),
         }
     }
 }
@@ -105,6 +110,10 @@ pub enum Outcome {
     ProtocolError(String),
     /// Nothing arrived from Asterisk for the idle timeout (half-open connection).
     IdleTimeout,
+    /// The agent handed the caller to a human (`transfer_to_operator`); voicegate sent
+    /// `0x00` after the words before it played. The detail says how: `dialplan` (the
+    /// dialplan's next priority queues the caller) or the transfer's name (`ari`).
+    Operator(String),
     /// voicegate is shutting down and the grace period ran out.
     Shutdown,
     /// Writing to Asterisk failed or blocked too long.
@@ -254,6 +263,8 @@ where
     let mut awaiting_played_out: Option<ReplyId> = None;
     // Set when the agent ended the call: hang up once the playout buffer is empty.
     let mut ending: Option<String> = None;
+    info.tools = params.tools.specs();
+    let mut tools = ToolRunner::new(params.tools.clone(), &info);
 
     // One timer for the whole call, re-armed each tick (no timer churn per event).
     let tick = sleep_until(clock.deadline());
@@ -299,6 +310,16 @@ where
                     break Outcome::IdleTimeout;
                 }
                 trace!(queued_ms = playout.queued().as_millis() as u64, "frame out");
+                if let Some(a) = agent_session.as_ref() {
+                    tools.retry_unsent(&a.input);
+                }
+                if tools.terminal_pending() {
+                    match tools.poll_terminal(playout.is_empty(), Instant::now()) {
+                        Some(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
+                        Some(Terminal::Operator { detail }) => break Outcome::Operator(detail),
+                        None => {}
+                    }
+                }
                 if playout.is_empty() {
                     if let (Some(reply), Some(agent)) = (awaiting_played_out.take(), agent_session.as_ref()) {
                         let agent: &crate::agent::AgentSession = agent;
@@ -361,6 +382,15 @@ where
                     Err(ReadError::Io(e)) => break Outcome::ProtocolError(format!("read: {e}")),
                 }
             }
+            step = tools.next_step() => match step {
+                ToolStep::Answer(answer) => {
+                    if let Some(a) = agent_session.as_ref() {
+                        tools.deliver(&a.input, answer);
+                    }
+                }
+                ToolStep::End(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
+                ToolStep::End(Terminal::Operator { detail }) => break Outcome::Operator(detail),
+            },
             ev = next_event(&mut agent_session) => match ev {
                 Some(AgentEvent::Audio { reply, samples }) => {
                     let now = Instant::now();
@@ -372,14 +402,19 @@ where
                         }
                     }
                     playout.push(reply, &samples);
+                    tools.on_agent_audio(Instant::now());
                 }
                 Some(AgentEvent::ReplyDone { reply }) => {
+                    tools.on_reply_done(reply);
                     playout.mark_reply_complete();
                     awaiting_played_out = Some(reply);
                 }
                 Some(AgentEvent::SpeechStarted) => {
                     let flushed = playout.flush();
                     awaiting_played_out = None;
+                    if let (Some(answer), Some(a)) = (tools.on_barge_in(flushed.reply), agent_session.as_ref()) {
+                        tools.deliver(&a.input, answer);
+                    }
                     if let Some(reply) = flushed.reply {
                         s.barge_ins += 1;
                         info!(reply = reply.0, heard_ms = flushed.heard_ms, dropped_ms = flushed.dropped_samples as u64 * 1000 / playout.rate_hz() as u64, "barge-in: playout flushed");
@@ -393,13 +428,10 @@ where
                     info!(?speaker, text = %text, "transcript");
                     s.transcript.push((speaker, text));
                 }
-                Some(AgentEvent::ToolCall { call_id, name, arguments, .. }) => {
-                    warn!(tool = %name, "agent asked for a tool that is not configured");
-                    s.tool_calls.push(ToolCallRecord { name: name.clone(), arguments });
-                    if let Some(a) = agent_session.as_ref() {
-                        let a: &crate::agent::AgentSession = a;
-                        let output = serde_json::json!({"error": format!("unknown tool {name}")}).to_string();
-                        let _ = a.input.try_send(AgentInput::ToolResult { call_id, output });
+                Some(AgentEvent::ToolCall { call_id, name, arguments, reply }) => {
+                    s.tool_calls.push(ToolCallRecord { name: name.clone(), arguments: arguments.clone() });
+                    if let (Some(answer), Some(a)) = (tools.on_tool_call(call_id, &name, &arguments, reply, Instant::now()), agent_session.as_ref()) {
+                        tools.deliver(&a.input, answer);
                     }
                 }
                 Some(AgentEvent::Ended { reason }) => {
@@ -413,6 +445,10 @@ where
                     warn!(error = %e, "agent failed; handing the call to the dialplan fallback");
                     s.fallback = Some(crate::fallback::FallbackReason::AgentFailed(e.to_string()));
                     break Outcome::Fallback(e.to_string());
+                }
+                None if ending.is_some() => {
+                    // The agent said Ended and its task finished: let the playout drain.
+                    agent_session = None;
                 }
                 None => {
                     warn!("agent task ended without a reason; handing the call to the fallback");

@@ -178,6 +178,7 @@ pub fn outcome_label(o: &Outcome) -> (&'static str, Option<String>) {
         Outcome::WriteFailed(r) => ("write_failed", Some(r.clone())),
         Outcome::MaxDuration => ("max_duration", None),
         Outcome::Rejected(r) => ("rejected", Some(r.clone())),
+        Outcome::Operator(r) => ("transferred", Some(r.clone())),
     }
 }
 

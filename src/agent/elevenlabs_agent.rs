@@ -1,0 +1,582 @@
+//! ElevenLabs Agents (Conversational AI) over WebSocket (providers.md §2).
+//!
+//! One WebSocket per call: `<url>?agent_id=<id>` for a public agent, or a signed URL fetched
+//! per call with the `xi-api-key` for a private one (§2.1). The first message is
+//! `conversation_initiation_client_data` with the dynamic variables `caller_number` and
+//! `call_id` and any configured overrides (prompt, first message, language) (§2.2). The
+//! server answers `conversation_initiation_metadata` naming the agent's audio formats
+//! (`ulaw_8000`, `pcm_8000` … `pcm_48000`); voicegate takes them from there rather than
+//! assuming them, and converts the call's slin with [`crate::audio::convert`]. Caller audio
+//! that arrives before the metadata is held (up to [`EARLY_AUDIO`]) and sent after it.
+//!
+//! Mapping (§2.3, §2.4, §2.5):
+//!
+//! | ElevenLabs | voicegate |
+//! |---|---|
+//! | caller audio | `{"user_audio_chunk":"<base64>"}` every `chunk_ms` |
+//! | `audio` | [`AgentEvent::Audio`] (audio with an `event_id` at or below the last interruption's is dropped, as the official SDK does) |
+//! | `interruption` | [`AgentEvent::SpeechStarted`]: the call flushes its playout |
+//! | `ping` | `{"type":"pong","event_id":…}` at once |
+//! | `user_transcript`, `agent_response` | [`AgentEvent::Transcript`] |
+//! | `client_tool_call` | [`AgentEvent::ToolCall`]; its [`AgentInput::ToolResult`] goes back as `client_tool_result` (`is_error` when the result is `{"error":…}`) |
+//! | DTMF | `contextual_update` telling the agent which key was pressed |
+//! | close with code 1000 | [`AgentEvent::Ended`] (the agent ended the conversation) |
+//! | any other close, a dropped connection, a failed connect, no metadata in time | [`AgentEvent::Failed`] |
+//!
+//! Replies: ElevenLabs does not number replies, so a new [`ReplyId`] starts with the first
+//! audio after the caller's transcript or an interruption. A tool call is tied to the reply
+//! being spoken, or to the interrupted one if it arrives after an interruption and before
+//! new audio, so the call can refuse a terminal tool whose goodbye was cut off.
+
+use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
+use super::{Speaker, ws};
+use crate::audio::ReplyId;
+use crate::audio::convert::{Decoder, Encoder, WireFormat};
+use crate::audio::g711::Law;
+use crate::config::{ConfigError, ElevenlabsAgentConfig};
+use crate::secret::Secret;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Map, Value, json};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tracing::{debug, info, trace, warn};
+
+const PROVIDER: &str = "elevenlabs_agent";
+
+/// Caller audio held while waiting for the `conversation_initiation_metadata` (1 s).
+pub const EARLY_AUDIO: Duration = Duration::from_secs(1);
+
+/// Parses an ElevenLabs audio format name (`ulaw_8000`, `pcm_16000`, …; providers.md §2.2).
+/// `None` for formats a phone bridge cannot use.
+pub fn parse_format(name: &str) -> Option<WireFormat> {
+    match name {
+        "ulaw_8000" => Some(WireFormat::G711(Law::Ulaw)),
+        "alaw_8000" => Some(WireFormat::G711(Law::Alaw)),
+        _ => {
+            let rate: u32 = name.strip_prefix("pcm_")?.parse().ok()?;
+            matches!(rate, 8_000 | 16_000 | 22_050 | 24_000 | 44_100 | 48_000)
+                .then_some(WireFormat::Pcm16 { rate_hz: rate })
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Settings {
+    url: String,
+    agent_id: String,
+    api_key: Option<Secret>,
+    signed_url_endpoint: String,
+    prompt: Option<String>,
+    first_message: Option<String>,
+    language: Option<String>,
+    chunk_ms: u32,
+    connect_timeout: Duration,
+    http: Option<reqwest::Client>,
+}
+
+/// The ElevenLabs Agents provider; see the module docs.
+#[derive(Debug, Clone)]
+pub struct ElevenlabsAgent {
+    settings: Arc<Settings>,
+}
+
+impl ElevenlabsAgent {
+    /// Builds the provider from `[agent]` (resolves the API key, reads the prompt file).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the bad key.
+    pub fn from_config(c: &ElevenlabsAgentConfig) -> Result<Self, ConfigError> {
+        c.validate()?;
+        let api_key = match &c.api_key {
+            Some(k) => Some(
+                k.resolve()
+                    .map_err(|e| ConfigError::invalid("agent.api_key", e.to_string()))?,
+            ),
+            None => None,
+        };
+        let http =
+            match api_key {
+                Some(_) => Some(crate::tls::http_client_builder().build().map_err(|e| {
+                    ConfigError::invalid("agent.signed_url_endpoint", e.to_string())
+                })?),
+                None => None,
+            };
+        Ok(ElevenlabsAgent {
+            settings: Arc::new(Settings {
+                url: c.url.clone(),
+                agent_id: c.agent_id.clone(),
+                api_key,
+                signed_url_endpoint: c.signed_url_endpoint.clone(),
+                prompt: c.load_prompt()?,
+                first_message: c.first_message.clone(),
+                language: c.language.clone(),
+                chunk_ms: c.chunk_ms,
+                connect_timeout: c.connect_timeout(),
+                http,
+            }),
+        })
+    }
+}
+
+impl Agent for ElevenlabsAgent {
+    fn name(&self) -> &'static str {
+        PROVIDER
+    }
+
+    fn start(&self, call: CallInfo) -> AgentSession {
+        let (session, endpoint) = super::session_channel();
+        tokio::spawn(run(self.settings.clone(), call, endpoint));
+        session
+    }
+}
+
+async fn run(settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
+    let result = conversation(&settings, &call, &mut io).await;
+    let event = match result {
+        Ok(Some(reason)) => AgentEvent::Ended { reason },
+        Ok(None) => return, // the call is over
+        Err(e) => AgentEvent::Failed(e),
+    };
+    let _ = io.events.send(event).await;
+    // Stay until the call lets go, so the call sees the event before the channel closes.
+    while io.input.recv().await.is_some() {}
+}
+
+fn connect_err(detail: impl Into<String>) -> AgentError {
+    AgentError::Connect {
+        provider: PROVIDER,
+        detail: detail.into(),
+    }
+}
+
+fn protocol_err(detail: impl Into<String>) -> AgentError {
+    AgentError::Protocol {
+        provider: PROVIDER,
+        detail: detail.into(),
+    }
+}
+
+fn provider_err(detail: impl Into<String>) -> AgentError {
+    AgentError::Provider {
+        provider: PROVIDER,
+        detail: detail.into(),
+    }
+}
+
+/// The URL to connect to: a signed URL when an API key is configured (§2.1).
+async fn conversation_url(s: &Settings) -> Result<String, AgentError> {
+    let (Some(key), Some(http)) = (&s.api_key, &s.http) else {
+        let mut url = reqwest::Url::parse(&s.url).map_err(|e| connect_err(format!("url: {e}")))?;
+        url.query_pairs_mut().append_pair("agent_id", &s.agent_id);
+        return Ok(url.into());
+    };
+    let mut url = reqwest::Url::parse(&s.signed_url_endpoint)
+        .map_err(|e| connect_err(format!("signed_url_endpoint: {e}")))?;
+    url.query_pairs_mut().append_pair("agent_id", &s.agent_id);
+    let response = http
+        .get(url)
+        .header("xi-api-key", key.expose())
+        .timeout(s.connect_timeout)
+        .send()
+        .await
+        .map_err(|e| connect_err(format!("signed url: {}", e.without_url())))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(connect_err(format!("signed url: HTTP {}", status.as_u16())));
+    }
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|e| connect_err(format!("signed url: {}", e.without_url())))?;
+    body.get("signed_url")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| connect_err("signed url: no signed_url in the answer"))
+}
+
+/// The `conversation_initiation_client_data` message (§2.2).
+fn client_data(s: &Settings, call: &CallInfo) -> String {
+    let mut agent = Map::new();
+    if let Some(p) = &s.prompt {
+        agent.insert("prompt".into(), json!({ "prompt": p }));
+    }
+    if let Some(m) = &s.first_message {
+        agent.insert("first_message".into(), json!(m));
+    }
+    if let Some(l) = &s.language {
+        agent.insert("language".into(), json!(l));
+    }
+    let mut msg = json!({
+        "type": "conversation_initiation_client_data",
+        "dynamic_variables": {
+            "caller_number": call.caller_number.as_deref().unwrap_or("unknown"),
+            "call_id": call.call_id.to_string(),
+        },
+    });
+    if !agent.is_empty() {
+        msg["conversation_config_override"] = json!({ "agent": agent });
+    }
+    msg.to_string()
+}
+
+/// What the conversation's audio converters are, once the metadata has named the formats.
+struct Formats {
+    encoder: Encoder,
+    decoder: Decoder,
+    chunk_bytes: usize,
+}
+
+/// Where the next agent audio belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Boundary {
+    /// Audio continues the current reply.
+    None,
+    /// The caller's turn was transcribed: the next audio starts a new reply; a tool call
+    /// before it belongs to no spoken reply.
+    UserTurn,
+    /// The current reply was interrupted: the next audio starts a new reply; a tool call
+    /// before it belongs to the interrupted reply.
+    Interrupted,
+}
+
+/// Runs the conversation. `Ok(Some(reason))`: the agent ended it; `Ok(None)`: the call ended.
+async fn conversation(
+    s: &Settings,
+    call: &CallInfo,
+    io: &mut AgentEndpoint,
+) -> Result<Option<String>, AgentError> {
+    let deadline = Instant::now() + s.connect_timeout;
+    let url = tokio::time::timeout_at(deadline, conversation_url(s))
+        .await
+        .map_err(|_| AgentError::Timeout {
+            provider: PROVIDER,
+            detail: "signed url".into(),
+        })??;
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let socket = ws::connect(&url, &[], remaining)
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    let (mut sink, mut stream) = socket.split();
+    sink.send(Message::text(client_data(s, call)))
+        .await
+        .map_err(|e| provider_err(format!("send: {e}")))?;
+    debug!("elevenlabs conversation opened; waiting for metadata");
+
+    let mut formats: Option<Formats> = None;
+    let mut early: VecDeque<Bytes> = VecDeque::new();
+    let early_frames = (EARLY_AUDIO.as_millis() / 20) as usize;
+    let mut wire: Vec<u8> = Vec::with_capacity(4096);
+    let mut samples: Vec<i16> = Vec::with_capacity(8192);
+    let mut reply = ReplyId(1);
+    let mut boundary = Boundary::UserTurn;
+    let mut last_interrupt: i64 = -1;
+
+    loop {
+        tokio::select! {
+            input = io.input.recv() => {
+                let Some(input) = input else {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return Ok(None);
+                };
+                match input {
+                    AgentInput::Audio(bytes) => match formats.as_mut() {
+                        None => {
+                            if early.len() == early_frames {
+                                early.pop_front();
+                            }
+                            early.push_back(bytes);
+                        }
+                        Some(f) => {
+                            f.encoder.encode_le_bytes(&bytes, &mut wire);
+                            if wire.len() >= f.chunk_bytes {
+                                send_audio(&mut sink, &mut wire).await?;
+                            }
+                        }
+                    },
+                    AgentInput::ToolResult { call_id, output } => {
+                        let is_error = crate::tools::http::is_error_result(&output);
+                        let msg = json!({
+                            "type": "client_tool_result",
+                            "tool_call_id": call_id,
+                            "result": output,
+                            "is_error": is_error,
+                        });
+                        debug!(tool_call_id = %call_id, is_error, "client_tool_result");
+                        sink.send(Message::text(msg.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
+                    }
+                    AgentInput::Dtmf(d) => {
+                        let msg = json!({
+                            "type": "contextual_update",
+                            "text": format!("The caller pressed the phone key {d}."),
+                        });
+                        sink.send(Message::text(msg.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
+                    }
+                    AgentInput::Interrupted { .. } | AgentInput::PlayedOut { .. } => {}
+                }
+            }
+            () = sleep_until(deadline), if formats.is_none() => {
+                return Err(AgentError::Timeout { provider: PROVIDER, detail: "no conversation_initiation_metadata".into() });
+            }
+            msg = stream.next() => {
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(frame))) => {
+                        return match frame {
+                            Some(f) if f.code == CloseCode::Normal => {
+                                info!(reason = %f.reason, "elevenlabs ended the conversation");
+                                Ok(Some(format!("elevenlabs closed the conversation: {}", f.reason)))
+                            }
+                            Some(f) => Err(provider_err(format!("closed with code {}: {}", u16::from(f.code), f.reason))),
+                            None => Err(provider_err("closed without a reason")),
+                        };
+                    }
+                    Some(Ok(_)) => continue, // binary, ping, pong frames
+                    Some(Err(e)) => return Err(provider_err(format!("connection lost: {e}"))),
+                    None => return Err(provider_err("connection closed without a close frame")),
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    warn!(len = text.len(), "elevenlabs sent a message that is not JSON; ignored");
+                    continue;
+                };
+                let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+                match kind {
+                    "conversation_initiation_metadata" => {
+                        let ev = &v["conversation_initiation_metadata_event"];
+                        let out_name = ev["agent_output_audio_format"].as_str().unwrap_or("");
+                        let in_name = ev["user_input_audio_format"].as_str().unwrap_or("");
+                        let (Some(out_fmt), Some(in_fmt)) = (parse_format(out_name), parse_format(in_name)) else {
+                            return Err(protocol_err(format!("unusable audio formats: input {in_name:?}, output {out_name:?}")));
+                        };
+                        let encoder = Encoder::new(call.rate_hz, in_fmt).map_err(|e| protocol_err(e.to_string()))?;
+                        let decoder = Decoder::new(out_fmt, call.rate_hz).map_err(|e| protocol_err(e.to_string()))?;
+                        info!(
+                            conversation_id = ev["conversation_id"].as_str().unwrap_or(""),
+                            input = in_name, output = out_name, "elevenlabs conversation started"
+                        );
+                        let mut f = Formats { encoder, decoder, chunk_bytes: in_fmt.bytes_per_ms() * s.chunk_ms as usize };
+                        for bytes in early.drain(..) {
+                            f.encoder.encode_le_bytes(&bytes, &mut wire);
+                        }
+                        if !wire.is_empty() {
+                            send_audio(&mut sink, &mut wire).await?;
+                        }
+                        formats = Some(f);
+                    }
+                    "audio" => {
+                        let ev = &v["audio_event"];
+                        let id = ev["event_id"].as_i64().unwrap_or(i64::MAX);
+                        if id <= last_interrupt {
+                            trace!(event_id = id, "audio from before the interruption dropped");
+                            continue;
+                        }
+                        let Some(f) = formats.as_mut() else {
+                            return Err(protocol_err("audio before conversation_initiation_metadata"));
+                        };
+                        let Some(b64) = ev["audio_base_64"].as_str() else { continue };
+                        let bytes = B64.decode(b64).map_err(|e| protocol_err(format!("audio base64: {e}")))?;
+                        samples.clear();
+                        f.decoder.decode(&bytes, &mut samples);
+                        if boundary != Boundary::None {
+                            reply = ReplyId(reply.0 + 1);
+                            boundary = Boundary::None;
+                        }
+                        if samples.is_empty() {
+                            continue;
+                        }
+                        let chunk = std::mem::replace(&mut samples, Vec::with_capacity(8192));
+                        if io.events.send(AgentEvent::Audio { reply, samples: chunk }).await.is_err() {
+                            return Ok(None);
+                        }
+                    }
+                    "interruption" => {
+                        let id = v["interruption_event"]["event_id"].as_i64().unwrap_or(0);
+                        last_interrupt = last_interrupt.max(id);
+                        if let Some(f) = formats.as_mut() {
+                            f.decoder.reset();
+                        }
+                        boundary = Boundary::Interrupted;
+                        debug!(event_id = id, "elevenlabs: interruption");
+                        if io.events.send(AgentEvent::SpeechStarted).await.is_err() {
+                            return Ok(None);
+                        }
+                    }
+                    "ping" => {
+                        let ev = &v["ping_event"];
+                        let pong = json!({"type": "pong", "event_id": ev["event_id"]});
+                        sink.send(Message::text(pong.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
+                    }
+                    "user_transcript" => {
+                        boundary = Boundary::UserTurn;
+                        if let Some(t) = v["user_transcription_event"]["user_transcript"].as_str() {
+                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Caller, text: t.to_owned() }).await;
+                        }
+                    }
+                    "agent_response" => {
+                        if let Some(t) = v["agent_response_event"]["agent_response"].as_str() {
+                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t.to_owned() }).await;
+                        }
+                    }
+                    "client_tool_call" => {
+                        let ev = &v["client_tool_call"];
+                        let (Some(name), Some(id)) = (ev["tool_name"].as_str(), ev["tool_call_id"].as_str()) else {
+                            warn!("client_tool_call without tool_name or tool_call_id; ignored");
+                            continue;
+                        };
+                        let arguments = match ev.get("parameters") {
+                            Some(p @ Value::Object(_)) => p.to_string(),
+                            _ => "{}".to_owned(),
+                        };
+                        let tied = match boundary {
+                            Boundary::UserTurn => None,
+                            Boundary::None | Boundary::Interrupted => Some(reply),
+                        };
+                        info!(tool = name, "elevenlabs: client tool call");
+                        let event = AgentEvent::ToolCall { call_id: id.to_owned(), name: name.to_owned(), arguments, reply: tied };
+                        if io.events.send(event).await.is_err() {
+                            return Ok(None);
+                        }
+                    }
+                    "client_error" | "error" => {
+                        // Payload unverified (providers.md §2.4); a fatal error is followed by a close.
+                        warn!(kind, "elevenlabs reported an error");
+                    }
+                    other => trace!(kind = other, "elevenlabs event ignored"),
+                }
+            }
+        }
+    }
+}
+
+async fn send_audio<S>(sink: &mut S, wire: &mut Vec<u8>) -> Result<(), AgentError>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let mut text = String::with_capacity(24 + wire.len().div_ceil(3) * 4);
+    text.push_str("{\"user_audio_chunk\":\"");
+    B64.encode_string(&wire[..], &mut text);
+    text.push_str("\"}");
+    wire.clear();
+    sink.send(Message::text(text))
+        .await
+        .map_err(|e| provider_err(format!("send: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_parse() {
+        assert_eq!(parse_format("ulaw_8000"), Some(WireFormat::G711(Law::Ulaw)));
+        assert_eq!(
+            parse_format("pcm_16000"),
+            Some(WireFormat::Pcm16 { rate_hz: 16_000 })
+        );
+        assert_eq!(parse_format("pcm_17"), None);
+        assert_eq!(parse_format("mp3_44100_128"), None);
+    }
+
+    #[test]
+    fn client_data_carries_variables_and_overrides() {
+        let s = Settings {
+            url: "ws://x".into(),
+            agent_id: "a".into(),
+            api_key: None,
+            signed_url_endpoint: String::new(),
+            prompt: Some("Be brief.".into()),
+            first_message: None,
+            language: Some("uk".into()),
+            chunk_ms: 40,
+            connect_timeout: Duration::from_secs(1),
+            http: None,
+        };
+        let call = CallInfo {
+            call_id: uuid::Uuid::nil(),
+            rate_hz: 8000,
+            caller_number: Some("+380441234567".into()),
+            caller_name: None,
+            tools: Vec::new(),
+        };
+        let v: Value = serde_json::from_str(&client_data(&s, &call)).unwrap();
+        assert_eq!(v["type"], "conversation_initiation_client_data");
+        assert_eq!(v["dynamic_variables"]["caller_number"], "+380441234567");
+        assert_eq!(
+            v["dynamic_variables"]["call_id"],
+            uuid::Uuid::nil().to_string()
+        );
+        let agent = &v["conversation_config_override"]["agent"];
+        assert_eq!(agent["prompt"]["prompt"], "Be brief.");
+        assert_eq!(agent["language"], "uk");
+        assert!(agent.get("first_message").is_none());
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::{AgentConfig, Config};
+    use std::path::Path;
+
+    #[test]
+    fn config_parses_validates_and_redacts() {
+        let text = r#"
+[agent]
+kind = "elevenlabs_agent"
+agent_id = "agent_42"
+api_key = "xi-very-secret"
+language = "ru"
+first_message = "Здравствуйте!"
+
+[[tools]]
+kind = "hangup"
+
+[[tools]]
+name = "search_tires"
+description = "Find tyres"
+url = "https://shop.example/api/tires"
+headers = { Authorization = "Bearer shop-secret" }
+[tools.parameters]
+type = "object"
+[tools.parameters.properties.size]
+type = "string"
+"#;
+        let c = Config::from_toml(text, Path::new("x.toml")).unwrap();
+        let AgentConfig::ElevenlabsAgent(e) = &c.agent else {
+            panic!("{:?}", c.agent)
+        };
+        assert_eq!(e.agent_id, "agent_42");
+        assert_eq!(e.chunk_ms, 40);
+        assert_eq!(c.tools.len(), 2);
+        let out = c.to_redacted_toml();
+        assert!(
+            !out.contains("xi-very-secret") && !out.contains("shop-secret"),
+            "{out}"
+        );
+        assert!(
+            out.contains("search_tires") && out.contains("elevenlabs_agent"),
+            "{out}"
+        );
+
+        let e = Config::from_toml("[agent]\nkind = \"elevenlabs_agent\"\n", Path::new("x"))
+            .unwrap_err();
+        assert!(e.to_string().contains("agent.agent_id"), "{e}");
+        let e = Config::from_toml(
+            "[agent]\nkind = \"elevenlabs_agent\"\nagent_id = \"a\"\nchunk_ms = 5\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("agent.chunk_ms"), "{e}");
+        let e = Config::from_toml(
+            "[[tools]]\nkind = \"hangup\"\nurl = \"http://x\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tools"), "{e}");
+    }
+}
