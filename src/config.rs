@@ -123,6 +123,8 @@ pub enum AgentConfig {
     Echo(EchoConfig),
     /// `kind = "openai_realtime"`: OpenAI Realtime API over WebSocket.
     OpenaiRealtime(OpenAiRealtimeConfig),
+    /// `kind = "cascade"`: streaming STT → Chat Completions LLM → streaming TTS.
+    Cascade(crate::agent::cascade::CascadeConfig),
 }
 
 impl Default for AgentConfig {
@@ -342,6 +344,7 @@ impl Config {
                 ));
             }
             AgentConfig::Echo(_) => {}
+            AgentConfig::Cascade(c) => c.validate()?,
             AgentConfig::OpenaiRealtime(o) => {
                 if !(o.url.starts_with("ws://") || o.url.starts_with("wss://")) {
                     return Err(ConfigError::invalid(

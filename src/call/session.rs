@@ -14,7 +14,7 @@
 //! the playout buffer before the next tick; a failed agent ends the session with `0x00` so the
 //! dialplan's next priority (the operator queue) runs.
 
-use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker};
+use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker, TurnLatency};
 use crate::audio::{PlayoutBuffer, PlayoutClock, ReplyId};
 use crate::audiosocket::codec::{self, CodecError, Message, SlinRate};
 use bytes::BytesMut;
@@ -107,6 +107,8 @@ pub struct CallSummary {
     pub dtmf: String,
     /// The conversation, in order.
     pub transcript: Vec<(Speaker, String)>,
+    /// Per-turn latency, for agents that report it ([`AgentEvent::TurnLatency`]).
+    pub turns: Vec<TurnLatency>,
 }
 
 /// Runs one call to its end. `call_id` has been read already; `read_buf` holds any bytes
@@ -143,7 +145,12 @@ where
         barge_ins: 0,
         dtmf: String::new(),
         transcript: Vec::new(),
+        turns: Vec::new(),
     };
+    // Agents with their own VAD get every played frame as an echo reference.
+    let playout_reference = agent.wants_playout_reference();
+    // A reply's latency waits here for its first frame on the wire: (latency, when received).
+    let mut pending_latency: Option<(TurnLatency, Instant)> = None;
 
     // Known once the first audio frame arrives; until then only keepalive silence at 8 kHz.
     let mut rate: Option<SlinRate> = None;
@@ -176,6 +183,19 @@ where
                     break Outcome::WriteFailed(e);
                 }
                 s.frames_out += 1;
+                if playout_reference {
+                    if let Some(a) = agent_session.as_ref() {
+                        let a: &crate::agent::AgentSession = a;
+                        let _ = a.input.try_send(AgentInput::Playout(frame.clone()));
+                    }
+                }
+                if popped.agent_samples > 0 {
+                    if let Some((mut lat, at)) = pending_latency.take_if(|(l, _)| playout.heard_ms(ReplyId(l.reply)) > 0) {
+                        lat.first_frame_ms = lat.tts_first_audio_ms.map(|t| t + at.elapsed().as_millis() as u64);
+                        info!(reply = lat.reply, first_frame_ms = ?lat.first_frame_ms, "first frame of the reply on the wire");
+                        s.turns.push(lat);
+                    }
+                }
                 clock.advance(Instant::now());
                 trace!(queued_ms = playout.queued().as_millis() as u64, "frame out");
                 if playout.is_empty() {
@@ -240,7 +260,15 @@ where
                     playout.mark_reply_complete();
                     awaiting_played_out = Some(reply);
                 }
+                Some(AgentEvent::TurnLatency(lat)) => {
+                    if let Some((old, _)) = pending_latency.replace((lat, Instant::now())) {
+                        s.turns.push(old);
+                    }
+                }
                 Some(AgentEvent::SpeechStarted) => {
+                    if let Some((lat, _)) = pending_latency.take() {
+                        s.turns.push(lat);
+                    }
                     let flushed = playout.flush();
                     awaiting_played_out = None;
                     if let Some(reply) = flushed.reply {
@@ -293,6 +321,9 @@ where
     }
     let _ = timeout(WRITE_TIMEOUT, writer.shutdown()).await;
     drop(agent_session);
+    if let Some((lat, _)) = pending_latency.take() {
+        s.turns.push(lat);
+    }
     s.outcome = outcome;
     s.duration = start.elapsed();
     s.playout_overflow_samples = playout.overflow_samples();
