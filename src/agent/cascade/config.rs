@@ -263,9 +263,11 @@ pub struct VadConfig {
     pub onset_ratio: f32,
     /// ... and this absolute RMS, slin units 0–32768 (default 400).
     pub min_rms: f32,
-    /// The loudest echo the line returns, as a fraction of the played amplitude (default 0.5,
-    /// i.e. at least 6 dB echo return loss, the G.168 minimum for a hybrid). A caller frame
-    /// no louder than this times the played reference is treated as echo.
+    /// The echo level assumed until the echo path has been measured, as a fraction of the
+    /// played amplitude (default 0.5, i.e. 6 dB echo return loss, the G.168 minimum for a
+    /// hybrid). Until then a caller frame no louder than this times the loudest played frame
+    /// in the echo window is treated as echo; after ~0.5 s of agent speech the measured gain
+    /// and delay take over.
     pub echo_return_max: f32,
     /// How late the echo may come back, ms (default 400): the played reference is searched
     /// over this window.

@@ -429,7 +429,9 @@ impl Conversation {
             };
             self.send_to_stt(zeros);
         } else {
-            if self.suppressing {
+            // The caller started speaking over the agent: the STT gets the frames it missed.
+            // (When the echo merely faded, they are echo and are dropped.)
+            if self.suppressing && self.vad.in_speech() {
                 while let Some(f) = self.preroll.pop_front() {
                     self.send_to_stt(f);
                 }
@@ -447,9 +449,13 @@ impl Conversation {
         }
     }
 
-    /// A reply is being produced or played.
+    /// A reply is being heard (its audio has started and it has not been played out or
+    /// interrupted). While the LLM is still thinking, caller speech is not a barge-in: the
+    /// STT's next end of turn supersedes the reply instead.
     fn agent_talking(&self) -> bool {
-        self.reply.as_ref().is_some_and(|r| !r.interrupted)
+        self.reply
+            .as_ref()
+            .is_some_and(|r| !r.interrupted && r.audio_samples > 0)
     }
 
     fn new_reply(&mut self, with_llm: bool) -> Reply {
