@@ -214,6 +214,7 @@ async fn run_ws(
     let mut raw = Vec::with_capacity(8192);
     loop {
         tokio::select! {
+            biased;
             () = cancel.cancelled() => {
                 debug!("tts cancelled: closing the socket");
                 let _ = tokio::time::timeout(Duration::from_millis(500), sink.close()).await;
@@ -227,10 +228,15 @@ async fn run_ws(
                         t.push(' ');
                         serde_json::json!({"text": t, "flush": true}).to_string()
                     }
-                    Some(TtsCommand::Finish) | None => {
+                    Some(TtsCommand::Finish) => {
                         text_open = false;
                         finished = true;
                         r#"{"text":""}"#.to_owned()
+                    }
+                    // The stream was dropped (cancelled): close without finishing.
+                    None => {
+                        let _ = tokio::time::timeout(Duration::from_millis(500), sink.close()).await;
+                        return Ok(());
                     }
                 };
                 sink.send(Message::text(msg)).await.map_err(send_err)?;
@@ -325,16 +331,18 @@ async fn run_http(
     let mut wire_bytes: u64 = 0;
     loop {
         let cmd = tokio::select! {
+            biased;
             () = cancel.cancelled() => return Ok(()),
             cmd = text.recv() => cmd,
         };
         let sentence = match cmd {
             Some(TtsCommand::Text(t)) if !t.trim().is_empty() => t.trim().to_owned(),
             Some(TtsCommand::Text(_)) => continue,
-            Some(TtsCommand::Finish) | None => {
+            Some(TtsCommand::Finish) => {
                 let _ = events.send(TtsEvent::Done).await;
                 return Ok(());
             }
+            None => return Ok(()),
         };
         let mut body = serde_json::json!({"text": sentence, "model_id": s.cfg.model_id});
         if let Some(lang) = &s.cfg.language_code {
