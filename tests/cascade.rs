@@ -678,3 +678,84 @@ async fn cascade_tts_error_fails() {
         "{e}"
     );
 }
+
+async fn tts_http_mode(rate_hz: u32, want_format: &str) {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events("Hello there. How are you?"),
+        hold_after: None,
+    }])
+    .await;
+    let ws_tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let clip = fixture("vm-goodbye.wav");
+    let http = HttpTtsFake::start(clip.clone()).await;
+    let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &ws_tts);
+    cfg.tts.mode = voicegate::agent::cascade::config::TtsMode::Http;
+    cfg.tts.url = format!("http://{}", http.addr);
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let session = agent.start(CallInfo {
+        call_id: uuid::Uuid::new_v4(),
+        rate_hz,
+        caller_number: None,
+        caller_name: None,
+    });
+    let mut s = session;
+    let tx = s.input.clone();
+    let feeder = tokio::spawn(async move {
+        let speech = clip_at(&fixture("hello-world.wav"), rate_hz);
+        let spf = rate_hz as usize / 50;
+        for n in 0.. {
+            let f: Vec<i16> = speech
+                .chunks(spf)
+                .nth(n)
+                .map_or(vec![0; spf], |c| c.to_vec());
+            let mut b = Vec::new();
+            voicegate::audio::slin_to_le_bytes(&f, &mut b);
+            if tx
+                .send(AgentInput::Audio(bytes::Bytes::from(b)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut audio = Vec::new();
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::Audio { samples, .. } => audio.extend(samples),
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let reqs = http.log.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 2, "one request per sentence");
+    for (r, text) in reqs.iter().zip(["Hello there.", "How are you?"]) {
+        assert_eq!(
+            r.path,
+            format!("/v1/text-to-speech/voice1/stream?output_format={want_format}")
+        );
+        assert!(r.headers.contains(&("xi-api-key".into(), KEY.into())));
+        assert_eq!(r.body["text"], text);
+        assert_eq!(r.body["model_id"], "eleven_flash_v2_5");
+    }
+    // Both sentences' audio, decoded once at the call rate, nothing lost or added.
+    let one = clip_at(&clip, rate_hz);
+    assert_eq!(audio.len(), 2 * one.len());
+    let (corr, lag) = best_correlation(&audio[..one.len()], &one, 10);
+    assert!(corr > 0.95 && lag == 0, "{corr} {lag}");
+    assert!(ws_tts.log.lock().unwrap().conns.is_empty());
+}
+
+#[tokio::test]
+async fn cascade_tts_http_mode_8khz_ulaw() {
+    tts_http_mode(8_000, "ulaw_8000").await;
+}
+
+#[tokio::test]
+async fn cascade_tts_http_mode_16khz_pcm() {
+    tts_http_mode(16_000, "pcm_16000").await;
+}

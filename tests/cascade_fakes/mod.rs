@@ -920,3 +920,110 @@ impl EchoCaller {
         report
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// ElevenLabs TTS HTTP streaming fake (POST …/stream, raw audio body)
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct HttpTtsRequest {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+/// Answers every `POST /v1/text-to-speech/{voice}/stream?output_format=…` with `clip` in
+/// that format, as a chunked raw-audio body.
+pub struct HttpTtsFake {
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<HttpTtsRequest>>>,
+}
+
+impl HttpTtsFake {
+    pub async fn start(clip: Recording) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let l = l.clone();
+                let clip = clip.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let head_end = loop {
+                        let mut tmp = [0u8; 4096];
+                        match stream.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                    let mut lines = head.split("\r\n");
+                    let path = lines
+                        .next()
+                        .unwrap_or("")
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or("")
+                        .to_owned();
+                    let headers: Vec<(String, String)> = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                        .collect();
+                    let len: usize = header(&headers, "content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut tmp = [0u8; 4096];
+                        match stream.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    let body =
+                        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+                    l.lock().unwrap().push(HttpTtsRequest {
+                        path: path.clone(),
+                        headers,
+                        body,
+                    });
+                    let format = query(&path, "output_format").unwrap_or_default();
+                    let (rate, ulaw) = match format.as_str() {
+                        "ulaw_8000" => (8000, true),
+                        f => (
+                            f.strip_prefix("pcm_")
+                                .and_then(|r| r.parse().ok())
+                                .unwrap_or(16000),
+                            false,
+                        ),
+                    };
+                    let samples = clip_at(&clip, rate);
+                    let mut wire = Vec::new();
+                    if ulaw {
+                        Law::Ulaw.encode_into(&samples, &mut wire);
+                    } else {
+                        voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
+                    }
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: audio/basic\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    // Odd-sized chunks: PCM samples split across chunks must survive.
+                    for piece in wire.chunks(777) {
+                        let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
+                        c.extend_from_slice(piece);
+                        c.extend_from_slice(b"\r\n");
+                        if stream.write_all(&c).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        HttpTtsFake { addr, log }
+    }
+}

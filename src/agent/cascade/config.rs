@@ -365,3 +365,94 @@ impl CascadeConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{AgentConfig, Config};
+    use std::path::Path;
+
+    const TOML: &str = r#"
+[agent]
+kind = "cascade"
+greeting = "Hello!"
+[agent.stt]
+provider = "soniox"
+api_key = "k1"
+languages = ["ru", "uk", "en"]
+[agent.llm]
+url = "https://openrouter.ai/api/v1/chat/completions"
+api_key = "k2"
+model = "openai/gpt-4o-mini"
+temperature = 0.5
+extra_headers = { "HTTP-Referer" = "https://example.com", "X-Title" = "voicegate" }
+[agent.tts]
+api_key = "k3"
+mode = "http"
+[agent.vad]
+min_speech_ms = 240
+"#;
+
+    #[test]
+    fn parses_and_validates() {
+        let c = Config::from_toml(TOML, Path::new("x")).unwrap();
+        let AgentConfig::Cascade(c) = c.agent else {
+            panic!("not cascade")
+        };
+        assert_eq!(c.stt.provider, super::SttProvider::Soniox);
+        assert_eq!(c.stt.url(), "wss://stt-rt.soniox.com/transcribe-websocket");
+        assert_eq!(c.stt.model(), "stt-rt-v4");
+        assert_eq!(c.llm.extra_headers["X-Title"], "voicegate");
+        assert_eq!(c.tts.mode, super::TtsMode::Http);
+        assert_eq!(c.vad.min_speech_ms, 240);
+        assert_eq!(c.vad.hang_ms, 400);
+        let out = Config::from_toml(TOML, Path::new("x"))
+            .unwrap()
+            .to_redacted_toml();
+        assert!(!out.contains("k2"), "{out}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let bad = TOML.replace("min_speech_ms = 240", "onset_ratio = 0.5");
+        let e = Config::from_toml(&bad, Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("agent.vad.onset_ratio"), "{e}");
+        let bad = TOML.replace("provider = \"soniox\"", "provider = \"whisper\"");
+        let e = Config::from_toml(&bad, Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("whisper"), "{e}");
+        let bad = TOML.replace(
+            "model = \"openai",
+            "system_prompt_file = \"/nonexistent/p\"\nmodel = \"openai",
+        );
+        let e = Config::from_toml(&bad, Path::new("x")).unwrap_err();
+        assert!(
+            e.to_string().contains("agent.llm.system_prompt_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn example_section_parses() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/voicegate.toml"),
+        )
+        .unwrap();
+        let start = text
+            .find("# [agent]\n# kind = \"cascade\"")
+            .expect("cascade section");
+        let end = text.find("# --- end cascade ---").expect("end of section");
+        let toml: String = text[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with('#') && !l.starts_with("---"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // Secrets from the environment are checked by validation; parse without it.
+        let c: Config = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let AgentConfig::Cascade(c) = c.agent else {
+            panic!("not cascade")
+        };
+        assert_eq!(c.stt.languages, vec!["ru", "uk", "en"]);
+        assert_eq!(c.llm.timeout_ms, 10_000);
+        assert_eq!(c.vad.min_speech_ms, 200);
+    }
+}
