@@ -759,3 +759,89 @@ async fn cascade_tts_http_mode_8khz_ulaw() {
 async fn cascade_tts_http_mode_16khz_pcm() {
     tts_http_mode(16_000, "pcm_16000").await;
 }
+
+#[tokio::test]
+async fn cascade_greeting_is_spoken_first_and_kept_in_history() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events("Sure."),
+        hold_after: None,
+    }])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &tts);
+    cfg.greeting = Some("Welcome to the tyre shop.".into());
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let session = agent.start(CallInfo {
+        call_id: uuid::Uuid::new_v4(),
+        rate_hz: 8_000,
+        caller_number: None,
+        caller_name: None,
+    });
+    let mut s = session;
+    // Before the caller says anything, the greeting's audio arrives.
+    let first = loop {
+        match next_event(&mut s).await {
+            AgentEvent::Audio { reply, .. } => break reply,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    };
+    loop {
+        if let AgentEvent::ReplyDone { reply } = next_event(&mut s).await {
+            assert_eq!(reply, first);
+            break;
+        }
+    }
+    s.input
+        .send(AgentInput::PlayedOut { reply: first })
+        .await
+        .unwrap();
+    assert_eq!(
+        tts.log.lock().unwrap().conns[0].texts,
+        vec!["Welcome to the tyre shop. "]
+    );
+    // Then the caller speaks; the LLM sees the greeting in the history.
+    let mut s2 = s;
+    let tx = s2.input.clone();
+    let feeder = tokio::spawn(async move {
+        let speech = fixture("hello-world.wav").samples;
+        for n in 0.. {
+            let f: Vec<i16> = speech
+                .chunks(160)
+                .nth(n)
+                .map_or(vec![0; 160], |c| c.to_vec());
+            let mut b = Vec::new();
+            voicegate::audio::slin_to_le_bytes(&f, &mut b);
+            if tx
+                .send(AgentInput::Audio(bytes::Bytes::from(b)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    loop {
+        match next_event(&mut s2).await {
+            AgentEvent::Transcript {
+                speaker: Speaker::Agent,
+                text,
+            } => assert_eq!(text, "Welcome to the tyre shop."),
+            AgentEvent::ReplyDone { reply } if reply != first => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let m = messages(&llm, 0);
+    assert_eq!(
+        m[1],
+        serde_json::json!({"role":"assistant","content":"Welcome to the tyre shop."})
+    );
+    assert_eq!(
+        m[2],
+        serde_json::json!({"role":"user","content":"hello world"})
+    );
+}

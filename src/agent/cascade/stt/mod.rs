@@ -100,10 +100,15 @@ impl Drop for SttHandle {
     fn drop(&mut self) {
         // Closing `audio` lets the task say goodbye to the vendor; abort only if it lingers.
         let task = self.task.abort_handle();
-        tokio::spawn(async move {
-            tokio::time::sleep(CLOSE_GRACE + Duration::from_secs(1)).await;
-            task.abort();
-        });
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(CLOSE_GRACE + Duration::from_secs(1)).await;
+                    task.abort();
+                });
+            }
+            Err(_) => task.abort(),
+        }
     }
 }
 
