@@ -197,23 +197,17 @@ impl Reply {
             return self.text.trim().to_owned();
         }
         let heard: String = if !self.chars.is_empty() {
-            self.chars
-                .iter()
-                .take_while(|(t, _)| *t < heard_ms)
-                .map(|(_, c)| *c)
-                .collect()
+            // Count the characters whose audio started before the cut and take that much of
+            // the text as sent (the LLM's own wording; the TTS got exactly this text).
+            let n = self.chars.iter().filter(|(t, _)| *t < heard_ms).count();
+            self.sent.chars().take(n).collect()
         } else {
             let n = (self.sent.chars().count() as u64 * heard_ms.min(total_ms))
                 .checked_div(total_ms)
                 .unwrap_or(0);
             self.sent.chars().take(n as usize).collect()
         };
-        let full = if self.chars.is_empty() {
-            self.sent.as_str()
-        } else {
-            ""
-        };
-        cut_to_words(&heard, full)
+        cut_to_words(&heard, &self.sent)
     }
 }
 
@@ -331,7 +325,7 @@ impl Conversation {
             r.history_index = Some(self.history.len() - 1);
             r.text = greeting.clone();
             if let Some(tts) = &r.tts {
-                r.sent = greeting.clone();
+                r.sent = format!("{} ", greeting.trim());
                 let _ = tts.text.send(TtsCommand::Text(greeting));
                 let _ = tts.text.send(TtsCommand::Finish);
             }
@@ -722,13 +716,17 @@ impl Conversation {
     }
 }
 
+/// Sends one sentence to the reply's TTS; `sent` records exactly the text the TTS gets
+/// (trimmed, one space after each sentence), so character alignment maps onto it 1:1.
 fn send_sentence(r: &mut Reply, sentence: String) {
-    if sentence.trim().is_empty() {
+    let t = sentence.trim();
+    if t.is_empty() {
         return;
     }
     if let Some(tts) = &r.tts {
-        r.sent.push_str(&sentence);
-        let _ = tts.text.send(TtsCommand::Text(sentence));
+        r.sent.push_str(t);
+        r.sent.push(' ');
+        let _ = tts.text.send(TtsCommand::Text(t.to_owned()));
     }
 }
 
