@@ -100,9 +100,11 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
         events.contains(&stt::SttEvent::Interim("hello".into())),
         "{events:?}"
     );
-    if vendor == SttVendor::Deepgram {
-        // No audio for more than 3 s: a KeepAlive goes out.
-        tokio::time::sleep(Duration::from_millis(3_800)).await;
+    match vendor {
+        // No audio for more than 3 s (Deepgram) / 5 s (Soniox): a keepalive goes out.
+        SttVendor::Deepgram => tokio::time::sleep(Duration::from_millis(3_800)).await,
+        SttVendor::Soniox => tokio::time::sleep(Duration::from_millis(5_800)).await,
+        SttVendor::ElevenLabs => {}
     }
     drop(h);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -114,12 +116,13 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
         log.client_closed,
         "client ended the stream the vendor's way"
     );
-    if vendor == SttVendor::Deepgram {
-        assert!(
-            log.texts.iter().any(|t| t.contains("KeepAlive")),
-            "{:?}",
-            log.texts
-        );
+    let keepalive = match vendor {
+        SttVendor::Deepgram => Some(r#"{"type":"KeepAlive"}"#),
+        SttVendor::Soniox => Some(r#"{"type":"keepalive"}"#),
+        SttVendor::ElevenLabs => None,
+    };
+    if let Some(k) = keepalive {
+        assert!(log.texts.iter().any(|t| t == k), "{:?}", log.texts);
     }
     // What the vendor received is the recording.
     assert!(log.audio.len() >= speech.len(), "{}", log.audio.len());
@@ -128,7 +131,7 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
 }
 
 #[tokio::test]
-async fn stt_soniox_8khz_mulaw() {
+async fn stt_soniox_8khz_mulaw_with_keepalive() {
     stt_round_trip(SttVendor::Soniox, 8_000, "mulaw").await;
 }
 
@@ -395,6 +398,15 @@ async fn cascade_barge_in_cancels_llm_and_tts_and_keeps_what_was_heard() {
 
 #[tokio::test]
 async fn cascade_own_echo_does_not_barge_in() {
+    own_echo_does_not_barge_in(SlinRate::Hz8000).await;
+}
+
+#[tokio::test]
+async fn cascade_own_echo_does_not_barge_in_16khz() {
+    own_echo_does_not_barge_in(SlinRate::Hz16000).await;
+}
+
+async fn own_echo_does_not_barge_in(rate: SlinRate) {
     let stt = SttFake::start(SttVendor::ElevenLabs, &["hello world", "echo turn"], None).await;
     let llm = LlmFake::start(vec![LlmReply::Stream {
         events: text_events(FIRST_SENTENCE),
@@ -408,8 +420,8 @@ async fn cascade_own_echo_does_not_barge_in() {
     let mut server = TestServer::start(Arc::new(agent)).await;
     let (first_tx, _first_rx) = watch::channel(None);
     let caller = EchoCaller {
-        rate: SlinRate::Hz8000,
-        speech: fixture("hello-world.wav").samples,
+        rate,
+        speech: clip_at(&fixture("hello-world.wav"), rate.hz()),
         speech_at_ms: 200,
         barge: None,
         // A loud echo (−9 dB), 150 ms late.

@@ -141,7 +141,8 @@ impl Agent for CascadeAgent {
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = super::session_channel();
         let shared = self.shared.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!("cascade", call_id = %call.call_id, rate_hz = call.rate_hz);
+        let task = async move {
             let proto = stt::protocol(&shared.cfg.stt, shared.stt_key.clone(), call.rate_hz);
             let stt = stt::spawn(proto, call.rate_hz, shared.cfg.stt.connect_timeout());
             let mut c = Conversation::new(shared, call, endpoint, stt);
@@ -149,7 +150,8 @@ impl Agent for CascadeAgent {
                 warn!(error = %e, "cascade failed");
                 let _ = c.io.events.send(AgentEvent::Failed(e)).await;
             }
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
         session
     }
 }
