@@ -310,6 +310,15 @@ const FIRST_SENTENCE: &str = "Our shop is open from nine to six on weekdays.";
 
 #[tokio::test]
 async fn cascade_barge_in_cancels_llm_and_tts_and_keeps_what_was_heard() {
+    barge_in(SlinRate::Hz8000).await;
+}
+
+#[tokio::test]
+async fn cascade_barge_in_16khz() {
+    barge_in(SlinRate::Hz16000).await;
+}
+
+async fn barge_in(rate: SlinRate) {
     let stt = SttFake::start(SttVendor::Soniox, &["hello world", "thank you"], None).await;
     let llm = LlmFake::start(vec![
         LlmReply::Stream {
@@ -328,11 +337,11 @@ async fn cascade_barge_in_cancels_llm_and_tts_and_keeps_what_was_heard() {
     let mut server = TestServer::start(Arc::new(agent)).await;
     let (first_tx, _first_rx) = watch::channel(None);
     let caller = EchoCaller {
-        rate: SlinRate::Hz8000,
-        speech: fixture("hello-world.wav").samples,
+        rate,
+        speech: clip_at(&fixture("hello-world.wav"), rate.hz()),
         speech_at_ms: 200,
         // "Thank you." 1 s into the agent's 4 s sentence, over the echo of it.
-        barge: Some((fixture("auth-thankyou.wav").samples, 1_000)),
+        barge: Some((clip_at(&fixture("auth-thankyou.wav"), rate.hz()), 1_000)),
         echo: Some((0.3, 100)),
         noise_rms: 40.0,
         duration_ms: 9_000,
