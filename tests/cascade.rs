@@ -678,6 +678,33 @@ async fn cascade_soniox_error_mid_call_fails() {
     let e = expect_failure(&mut s).await;
     feeder.abort();
     assert!(e.contains("soniox") && e.contains("503"), "{e}");
+    // Soniox asks for a restart on 503: the agent reconnected (three times) before giving up.
+    assert_eq!(stt.log.lock().unwrap().connections, 4);
+}
+
+#[tokio::test]
+async fn cascade_soniox_503_reconnects_and_carries_on() {
+    let stt = SttFake::start_with(SttVendor::Soniox, &["hello world"], Some(300), Some(1)).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events("Hello."),
+        hold_after: None,
+    }])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Soniox, &stt, &llm, &tts), vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let log = stt.log.lock().unwrap();
+    assert_eq!(log.connections, 2);
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+    assert_eq!(messages(&llm, 0)[1]["content"], "hello world");
 }
 
 #[tokio::test]

@@ -99,6 +99,8 @@ pub struct SttLog {
     pub client_closed: bool,
     /// Problems with what the client sent.
     pub errors: Vec<String>,
+    /// Connections accepted.
+    pub connections: usize,
 }
 
 /// A scripted STT: the "transcript" of the n-th utterance it hears is `utterances[n]`.
@@ -111,6 +113,17 @@ pub struct SttFake {
 
 impl SttFake {
     pub async fn start(vendor: SttVendor, utterances: &[&str], fail_after_ms: Option<u64>) -> Self {
+        Self::start_with(vendor, utterances, fail_after_ms, None).await
+    }
+
+    /// Like [`Self::start`]; with `failing_connections = Some(n)` only the first `n`
+    /// connections fail after `fail_after_ms`.
+    pub async fn start_with(
+        vendor: SttVendor,
+        utterances: &[&str],
+        fail_after_ms: Option<u64>,
+        failing_connections: Option<usize>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(SttLog::default()));
@@ -120,7 +133,13 @@ impl SttFake {
             while let Ok((stream, _)) = listener.accept().await {
                 let l = l.clone();
                 let u = utterances.clone();
-                tokio::spawn(serve_stt(vendor, stream, l, u, fail_after_ms));
+                let index = {
+                    let mut log = l.lock().unwrap();
+                    log.connections += 1;
+                    log.connections - 1
+                };
+                let fail = fail_after_ms.filter(|_| failing_connections.is_none_or(|n| index < n));
+                tokio::spawn(serve_stt(vendor, stream, l, u, fail));
             }
         });
         SttFake { addr, log }

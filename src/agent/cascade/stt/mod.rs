@@ -7,7 +7,9 @@
 //! (interim) and the end of the caller's turn from the vendor's endpointing.
 //!
 //! Each vendor is a [`Protocol`] (URL, auth, message shapes, `providers.md` §4–§6); the
-//! socket loop is shared.
+//! socket loop is shared. A vendor error that asks for a restart (Soniox' 503) reconnects,
+//! at most [`MAX_RESTARTS`] times per call; any other error or close ends the session with
+//! [`SttEvent::Failed`].
 
 pub mod deepgram;
 pub mod elevenlabs;
@@ -25,10 +27,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 /// Caller audio frames the STT task's input holds (50 × 20 ms = 1 s).
 pub const AUDIO_CAPACITY_FRAMES: usize = 50;
+
+/// Reconnects allowed per call when the vendor asks for one.
+pub const MAX_RESTARTS: u32 = 3;
 
 /// How long the STT task waits for the vendor's last results after the call ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -77,6 +82,14 @@ pub trait Protocol: Send + 'static {
     fn end_message(&self) -> Option<Message>;
     /// Handles one text message from the server, appending events; `Err` is a vendor error.
     fn on_text(&mut self, text: &str, out: &mut Vec<SttEvent>) -> Result<(), String>;
+    /// Whether the vendor error `detail` (as returned by [`Protocol::on_text`]) asks the
+    /// client to reconnect and carry on (Soniox' 503, §5.3). Default: no.
+    fn restartable(&self, detail: &str) -> bool {
+        let _ = detail;
+        false
+    }
+    /// Forgets per-session state before a reconnect.
+    fn reset(&mut self) {}
     /// Describes a close frame from the server (vendors put error codes in the reason).
     fn describe_close(&self, frame: Option<&CloseFrame>) -> String {
         match frame {
@@ -163,6 +176,36 @@ async fn run(
     connect_timeout: Duration,
     mut audio: mpsc::Receiver<Bytes>,
     events: mpsc::Sender<SttEvent>,
+) -> Result<(), AgentError> {
+    let mut restarts = 0;
+    loop {
+        match run_once(
+            proto.as_mut(),
+            rate_hz,
+            connect_timeout,
+            &mut audio,
+            &events,
+        )
+        .await
+        {
+            Err(AgentError::Provider { provider, detail })
+                if restarts < MAX_RESTARTS && proto.restartable(&detail) =>
+            {
+                restarts += 1;
+                warn!(provider, error = %detail, restarts, "stt asked for a restart; reconnecting");
+                proto.reset();
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_once(
+    proto: &mut dyn Protocol,
+    rate_hz: u32,
+    connect_timeout: Duration,
+    audio: &mut mpsc::Receiver<Bytes>,
+    events: &mpsc::Sender<SttEvent>,
 ) -> Result<(), AgentError> {
     let provider = proto.name();
     let protocol_err = |detail: String| AgentError::Protocol { provider, detail };

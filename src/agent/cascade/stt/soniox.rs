@@ -99,6 +99,13 @@ impl Protocol for Soniox {
         // An empty frame ends the audio (§5.2).
         Some(Message::text(""))
     }
+    fn restartable(&self, detail: &str) -> bool {
+        // "503 Cannot continue request (code N). Please restart the request." (§5.3)
+        detail.starts_with("error 503")
+    }
+    fn reset(&mut self) {
+        self.turn.clear();
+    }
     fn on_text(&mut self, text: &str, out: &mut Vec<SttEvent>) -> Result<(), String> {
         let r: Response = serde_json::from_str(text).map_err(|e| format!("bad response: {e}"))?;
         if let Some(code) = r.error_code {
