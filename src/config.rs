@@ -166,6 +166,8 @@ pub enum AgentConfig {
     OpenaiRealtime(OpenAiRealtimeConfig),
     /// `kind = "elevenlabs_agent"`: ElevenLabs Agents (Conversational AI) over WebSocket.
     ElevenlabsAgent(ElevenlabsAgentConfig),
+    /// `kind = "cascade"`: streaming STT → Chat Completions LLM → streaming TTS.
+    Cascade(crate::agent::cascade::CascadeConfig),
 }
 
 impl Default for AgentConfig {
@@ -504,6 +506,7 @@ impl Config {
                 ));
             }
             AgentConfig::Echo(_) => {}
+            AgentConfig::Cascade(c) => c.validate()?,
             AgentConfig::OpenaiRealtime(o) => {
                 if !(o.url.starts_with("ws://") || o.url.starts_with("wss://")) {
                     return Err(ConfigError::invalid(

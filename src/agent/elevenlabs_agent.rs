@@ -318,7 +318,10 @@ async fn conversation(
                         });
                         sink.send(Message::text(msg.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
                     }
-                    AgentInput::Interrupted { .. } | AgentInput::PlayedOut { .. } => {}
+                    // Playout frames come only to agents that ask for them; this one does not.
+                    AgentInput::Interrupted { .. }
+                    | AgentInput::PlayedOut { .. }
+                    | AgentInput::Playout(_) => {}
                 }
             }
             () = sleep_until(deadline), if formats.is_none() => {

@@ -13,6 +13,7 @@
 //!
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
+pub mod cascade;
 pub mod echo;
 pub mod elevenlabs_agent;
 pub mod openai_realtime;
@@ -79,6 +80,10 @@ pub enum AgentInput {
         /// The reply.
         reply: ReplyId,
     },
+    /// One frame exactly as it went out on the wire to the caller (slin at
+    /// [`CallInfo::rate_hz`], 20 ms, silence included), sent every tick only to agents whose
+    /// [`Agent::wants_playout_reference`] is true: the echo reference for a local VAD.
+    Playout(Vec<i16>),
     /// The result of an [`AgentEvent::ToolCall`], as the JSON text the model should see.
     ToolResult {
         /// The provider's id of the tool call.
@@ -125,6 +130,9 @@ pub enum AgentEvent {
         /// The reply that asked for it, if the provider ties tool calls to replies.
         reply: Option<ReplyId>,
     },
+    /// Latency of one turn, sent just before the reply's first [`AgentEvent::Audio`]; the
+    /// call fills in [`TurnLatency::first_frame_ms`] and records it in the call summary.
+    TurnLatency(TurnLatency),
     /// The agent ended the conversation normally.
     Ended {
         /// Why, in words.
@@ -132,6 +140,22 @@ pub enum AgentEvent {
     },
     /// The agent failed; the call should go to the fallback (operators).
     Failed(AgentError),
+}
+
+/// How long one turn took, each time in ms from the end of the caller's speech (the agent's
+/// VAD's last voiced frame). `None` where a stage did not happen or is not measured.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TurnLatency {
+    /// The reply this turn produced ([`ReplyId`]'s number).
+    pub reply: u64,
+    /// … until the STT reported the end of the turn.
+    pub stt_final_ms: Option<u64>,
+    /// … until the LLM's first token (text or tool call).
+    pub llm_first_token_ms: Option<u64>,
+    /// … until the TTS's first audio arrived.
+    pub tts_first_audio_ms: Option<u64>,
+    /// … until the first frame of the reply went out on the wire (filled in by the call).
+    pub first_frame_ms: Option<u64>,
 }
 
 /// Why an agent session failed.
@@ -214,6 +238,12 @@ pub trait Agent: Send + Sync + 'static {
     /// returns the call's end of it. Never blocks; connection failures arrive later as
     /// [`AgentEvent::Failed`].
     fn start(&self, call: CallInfo) -> AgentSession;
+
+    /// Whether the call should send [`AgentInput::Playout`] with every frame it plays (an
+    /// echo reference for an agent running its own VAD). Default: no.
+    fn wants_playout_reference(&self) -> bool {
+        false
+    }
 }
 
 /// A shared agent provider.
@@ -230,6 +260,7 @@ pub fn from_config(
     use crate::config::AgentConfig;
     Ok(match cfg {
         AgentConfig::Echo(c) => Arc::new(echo::EchoAgent::new(c.delay())),
+        AgentConfig::Cascade(c) => Arc::new(cascade::CascadeAgent::new(c, Vec::new())?),
         AgentConfig::OpenaiRealtime(c) => Arc::new(openai_realtime::OpenAiRealtime::new(c)?),
         AgentConfig::ElevenlabsAgent(c) => {
             Arc::new(elevenlabs_agent::ElevenlabsAgent::from_config(c)?)

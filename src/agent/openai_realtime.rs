@@ -810,6 +810,8 @@ impl Live {
                 self.replies.retain(|r| r.id.0 > reply.0);
                 send_json(&mut self.ws, &truncate).await?;
             }
+            // Playout frames come only to agents that ask for them; this one does not.
+            AgentInput::Playout(_) => {}
             AgentInput::PlayedOut { reply } => {
                 self.replies.retain(|r| r.id.0 > reply.0 || !r.done);
             }

@@ -14,7 +14,7 @@
 //! the playout buffer before the next tick; a failed agent ends the session with `0x00` so the
 //! dialplan's next priority (the operator queue) runs.
 
-use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker};
+use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker, TurnLatency};
 use crate::audio::{PlayoutBuffer, PlayoutClock, ReplyId};
 use crate::audiosocket::codec::{self, CodecError, Message, SlinRate};
 use crate::tools::{Terminal, ToolRegistry, ToolRunner, runner::ToolStep};
@@ -169,6 +169,8 @@ pub struct CallSummary {
     pub fallback: Option<crate::fallback::FallbackReason>,
     /// How long an agent session was up (charged to the daily AI budget).
     pub agent_time: Duration,
+    /// Per-turn latency, for agents that report it ([`AgentEvent::TurnLatency`]).
+    pub turns: Vec<TurnLatency>,
 }
 
 impl CallSummary {
@@ -197,6 +199,7 @@ impl CallSummary {
             tool_calls: Vec::new(),
             fallback: None,
             agent_time: Duration::ZERO,
+            turns: Vec::new(),
         }
     }
 }
@@ -240,6 +243,7 @@ where
         tool_calls: Vec::new(),
         fallback: None,
         agent_time: Duration::ZERO,
+        turns: Vec::new(),
     };
     let m_frames_in = metrics::counter!(crate::health::metrics::FRAMES_IN);
     let m_frames_out = metrics::counter!(crate::health::metrics::FRAMES_OUT);
@@ -250,6 +254,10 @@ where
     // For turn latency: the caller's last voiced frame since the previous reply began.
     let mut caller_voiced_at: Option<Instant> = None;
     let mut last_reply: Option<ReplyId> = None;
+    // Agents with their own VAD get every played frame as an echo reference.
+    let playout_reference = agent.wants_playout_reference();
+    // A reply's latency waits here for its first frame on the wire: (latency, when received).
+    let mut pending_latency: Option<(TurnLatency, Instant)> = None;
 
     // Known once the first audio frame arrives; until then only keepalive silence at 8 kHz.
     let mut rate: Option<SlinRate> = None;
@@ -303,6 +311,19 @@ where
                 }
                 s.frames_out += 1;
                 m_frames_out.increment(1);
+                if playout_reference {
+                    if let Some(a) = agent_session.as_ref() {
+                        let a: &crate::agent::AgentSession = a;
+                        let _ = a.input.try_send(AgentInput::Playout(frame.clone()));
+                    }
+                }
+                if popped.agent_samples > 0 {
+                    if let Some((mut lat, at)) = pending_latency.take_if(|(l, _)| playout.heard_ms(ReplyId(l.reply)) > 0) {
+                        lat.first_frame_ms = lat.tts_first_audio_ms.map(|t| t + at.elapsed().as_millis() as u64);
+                        info!(reply = lat.reply, first_frame_ms = ?lat.first_frame_ms, "first frame of the reply on the wire");
+                        s.turns.push(lat);
+                    }
+                }
                 clock.advance(now);
                 tick.as_mut().reset(clock.deadline());
                 // Checked once per tick: a half-open connection sends nothing.
@@ -409,7 +430,15 @@ where
                     playout.mark_reply_complete();
                     awaiting_played_out = Some(reply);
                 }
+                Some(AgentEvent::TurnLatency(lat)) => {
+                    if let Some((old, _)) = pending_latency.replace((lat, Instant::now())) {
+                        s.turns.push(old);
+                    }
+                }
                 Some(AgentEvent::SpeechStarted) => {
+                    if let Some((lat, _)) = pending_latency.take() {
+                        s.turns.push(lat);
+                    }
                     let flushed = playout.flush();
                     awaiting_played_out = None;
                     if let (Some(answer), Some(a)) = (tools.on_barge_in(flushed.reply), agent_session.as_ref()) {
@@ -483,6 +512,9 @@ where
     }
     let _ = timeout(WRITE_TIMEOUT, writer.shutdown()).await;
     drop(agent_session);
+    if let Some((lat, _)) = pending_latency.take() {
+        s.turns.push(lat);
+    }
     s.outcome = outcome;
     s.duration = start.elapsed();
     s.agent_time = agent_started.map_or(Duration::ZERO, |t| t.elapsed());

@@ -1,0 +1,458 @@
+//! `[agent]` with `kind = "cascade"` and its sub-tables `[agent.stt]`, `[agent.llm]`,
+//! `[agent.tts]`, `[agent.vad]`. Every key is documented in `examples/voicegate.toml`.
+
+use crate::config::ConfigError;
+use crate::secret::SecretSource;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[agent]` with `kind = "cascade"`: streaming STT → Chat Completions LLM → streaming TTS.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeConfig {
+    /// When set, the agent speaks first with this text (it also enters the history).
+    pub greeting: Option<String>,
+    /// `[agent.stt]`.
+    pub stt: SttConfig,
+    /// `[agent.llm]`.
+    pub llm: LlmConfig,
+    /// `[agent.tts]`.
+    pub tts: TtsConfig,
+    /// `[agent.vad]`.
+    pub vad: VadConfig,
+}
+
+/// Which streaming speech-to-text vendor (`providers.md` §4–§6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SttProvider {
+    /// Soniox real-time WebSocket (§5).
+    Soniox,
+    /// Deepgram live `/v1/listen` (§6).
+    #[default]
+    Deepgram,
+    /// ElevenLabs Scribe realtime (§4).
+    Elevenlabs,
+}
+
+impl SttProvider {
+    /// Name used in logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            SttProvider::Soniox => "soniox",
+            SttProvider::Deepgram => "deepgram",
+            SttProvider::Elevenlabs => "elevenlabs_stt",
+        }
+    }
+
+    /// The vendor's WebSocket URL (without query).
+    pub fn default_url(self) -> &'static str {
+        match self {
+            SttProvider::Soniox => "wss://stt-rt.soniox.com/transcribe-websocket",
+            SttProvider::Deepgram => "wss://api.deepgram.com/v1/listen",
+            SttProvider::Elevenlabs => "wss://api.elevenlabs.io/v1/speech-to-text/realtime",
+        }
+    }
+
+    /// The default model.
+    pub fn default_model(self) -> &'static str {
+        match self {
+            SttProvider::Soniox => "stt-rt-v4",
+            SttProvider::Deepgram => "nova-3",
+            SttProvider::Elevenlabs => "scribe_v2_realtime",
+        }
+    }
+
+    /// The environment variable the API key is read from by default.
+    pub fn default_key_env(self) -> &'static str {
+        match self {
+            SttProvider::Soniox => "SONIOX_API_KEY",
+            SttProvider::Deepgram => "DEEPGRAM_API_KEY",
+            SttProvider::Elevenlabs => "ELEVENLABS_API_KEY",
+        }
+    }
+}
+
+/// `[agent.stt]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SttConfig {
+    /// `soniox`, `deepgram` (default) or `elevenlabs`.
+    pub provider: SttProvider,
+    /// WebSocket URL without query; default: the vendor's public endpoint.
+    pub url: Option<String>,
+    /// API key; default `{ env = "SONIOX_API_KEY" | "DEEPGRAM_API_KEY" | "ELEVENLABS_API_KEY" }`.
+    pub api_key: Option<SecretSource>,
+    /// Model; default `stt-rt-v4` (Soniox), `nova-3` (Deepgram), `scribe_v2_realtime`.
+    pub model: Option<String>,
+    /// Language hints, ISO 639-1 (`["ru", "uk", "en"]`). Soniox: `language_hints`; Deepgram:
+    /// `language` when one is given, `multi` when several; ElevenLabs: `language_code` when
+    /// one is given, automatic detection otherwise. Empty: the vendor detects.
+    pub languages: Vec<String>,
+    /// Send G.711 μ-law on 8 kHz calls (default true; half the bytes of slin, exact for phone
+    /// audio); wideband calls always send PCM at the call rate.
+    pub g711: bool,
+    /// Silence that ends the caller's turn, ms (default 500): Deepgram `endpointing`, Soniox
+    /// `max_endpoint_delay_ms` (raised to its 500 minimum), ElevenLabs
+    /// `vad_silence_threshold_secs`.
+    pub endpointing_ms: u32,
+    /// Deepgram `utterance_end_ms`: end of turn on noisy lines (default 1000).
+    pub utterance_end_ms: u32,
+    /// Connecting may take this long, ms (default 5000).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for SttConfig {
+    fn default() -> Self {
+        SttConfig {
+            provider: SttProvider::default(),
+            url: None,
+            api_key: None,
+            model: None,
+            languages: Vec::new(),
+            g711: true,
+            endpointing_ms: 500,
+            utterance_end_ms: 1000,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl SttConfig {
+    /// The URL in effect.
+    pub fn url(&self) -> &str {
+        self.url.as_deref().unwrap_or(self.provider.default_url())
+    }
+    /// The model in effect.
+    pub fn model(&self) -> &str {
+        self.model
+            .as_deref()
+            .unwrap_or(self.provider.default_model())
+    }
+    /// The API key source in effect.
+    pub fn api_key(&self) -> SecretSource {
+        self.api_key.clone().unwrap_or_else(|| SecretSource::Env {
+            env: self.provider.default_key_env().into(),
+        })
+    }
+    /// [`Self::connect_timeout_ms`] as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// `[agent.llm]`: an OpenAI-compatible Chat Completions endpoint (`providers.md` §7).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// Full URL of the endpoint (default `https://api.openai.com/v1/chat/completions`;
+    /// OpenRouter: `https://openrouter.ai/api/v1/chat/completions`).
+    pub url: String,
+    /// Bearer key (default `{ env = "OPENAI_API_KEY" }`).
+    pub api_key: SecretSource,
+    /// Model id (default `gpt-4o-mini`; OpenRouter ids are vendor-prefixed).
+    pub model: String,
+    /// System prompt, inline. Ignored when `system_prompt_file` is set.
+    pub system_prompt: String,
+    /// System prompt from a file (UTF-8 text).
+    pub system_prompt_file: Option<PathBuf>,
+    /// Sampling temperature; unset leaves the endpoint's default.
+    pub temperature: Option<f32>,
+    /// Most tokens per reply; unset leaves the endpoint's default.
+    pub max_tokens: Option<u32>,
+    /// Extra request headers, e.g. OpenRouter's `HTTP-Referer` and `X-Title` (not secret).
+    pub extra_headers: BTreeMap<String, String>,
+    /// The response headers must arrive within this long, ms (default 10000).
+    pub timeout_ms: u64,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            url: "https://api.openai.com/v1/chat/completions".into(),
+            api_key: SecretSource::Env {
+                env: "OPENAI_API_KEY".into(),
+            },
+            model: "gpt-4o-mini".into(),
+            system_prompt: "You answer the phone for a small business. Be brief and friendly; \
+                            your words are spoken, so no lists or markup."
+                .into(),
+            system_prompt_file: None,
+            temperature: None,
+            max_tokens: None,
+            extra_headers: BTreeMap::new(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl LlmConfig {
+    /// The system prompt: the file's text when `system_prompt_file` is set, else inline.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] if the file cannot be read.
+    pub fn load_system_prompt(&self) -> Result<String, ConfigError> {
+        match &self.system_prompt_file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            }),
+            None => Ok(self.system_prompt.clone()),
+        }
+    }
+}
+
+/// How text reaches ElevenLabs TTS (`providers.md` §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TtsMode {
+    /// WebSocket `stream-input`, one socket per reply (default).
+    #[default]
+    Ws,
+    /// HTTP `POST …/stream`, one request per sentence.
+    Http,
+}
+
+/// `[agent.tts]`: ElevenLabs text-to-speech.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtsConfig {
+    /// Base URL (default `wss://api.elevenlabs.io`); `ws://`/`wss://` or `http://`/`https://`,
+    /// the scheme is switched to suit `mode`.
+    pub url: String,
+    /// `xi-api-key` (default `{ env = "ELEVENLABS_API_KEY" }`).
+    pub api_key: SecretSource,
+    /// Voice id (default `21m00Tcm4TlvDq8ikWAM`, a stock voice).
+    pub voice_id: String,
+    /// Model id (default `eleven_flash_v2_5`, the lowest-latency multilingual model).
+    pub model_id: String,
+    /// `ws` (default) or `http`.
+    pub mode: TtsMode,
+    /// `language_code` sent to the model (e.g. `ru`); unset: the model detects.
+    pub language_code: Option<String>,
+    /// Voice `speed` (default 1.0; ElevenLabs accepts 0.7–1.2).
+    pub speed: f32,
+    /// Connecting (WS) or the response headers (HTTP) may take this long, ms (default 5000).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        TtsConfig {
+            url: "wss://api.elevenlabs.io".into(),
+            api_key: SecretSource::Env {
+                env: "ELEVENLABS_API_KEY".into(),
+            },
+            voice_id: "21m00Tcm4TlvDq8ikWAM".into(),
+            model_id: "eleven_flash_v2_5".into(),
+            mode: TtsMode::Ws,
+            language_code: None,
+            speed: 1.0,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[agent.vad]`: the local barge-in detector (see `vad.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VadConfig {
+    /// A frame is speech only if its RMS exceeds the noise floor by this factor (default 3.0).
+    pub onset_ratio: f32,
+    /// ... and this absolute RMS, slin units 0–32768 (default 400).
+    pub min_rms: f32,
+    /// The echo level assumed until the echo path has been measured, as a fraction of the
+    /// played amplitude (default 0.5, i.e. 6 dB echo return loss, the G.168 minimum for a
+    /// hybrid). Until then a caller frame no louder than this times the loudest played frame
+    /// in the echo window is treated as echo; after ~0.5 s of agent speech the measured gain
+    /// and delay take over.
+    pub echo_return_max: f32,
+    /// How late the echo may come back, ms (default 400): the played reference is searched
+    /// over this window.
+    pub echo_window_ms: u32,
+    /// Speech needed to declare a barge-in, ms (default 200).
+    pub min_speech_ms: u32,
+    /// Silence that ends a speech segment, ms (default 400).
+    pub hang_ms: u32,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        VadConfig {
+            onset_ratio: 3.0,
+            min_rms: 400.0,
+            echo_return_max: 0.5,
+            echo_window_ms: 400,
+            min_speech_ms: 200,
+            hang_ms: 400,
+        }
+    }
+}
+
+impl CascadeConfig {
+    /// Checks ranges and that every secret and file can be read.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ws = |u: &str| u.starts_with("ws://") || u.starts_with("wss://");
+        if !ws(self.stt.url()) {
+            return Err(ConfigError::invalid(
+                "agent.stt.url",
+                "must start with ws:// or wss://",
+            ));
+        }
+        self.stt
+            .api_key()
+            .resolve()
+            .map_err(|e| ConfigError::invalid("agent.stt.api_key", e.to_string()))?;
+        if !(self.llm.url.starts_with("http://") || self.llm.url.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                "agent.llm.url",
+                "must start with http:// or https://",
+            ));
+        }
+        self.llm
+            .api_key
+            .resolve()
+            .map_err(|e| ConfigError::invalid("agent.llm.api_key", e.to_string()))?;
+        self.llm
+            .load_system_prompt()
+            .map_err(|e| ConfigError::invalid("agent.llm.system_prompt_file", e.to_string()))?;
+        if let Some(t) = self.llm.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(ConfigError::invalid(
+                    "agent.llm.temperature",
+                    "must be 0.0 to 2.0",
+                ));
+            }
+        }
+        let t = &self.tts.url;
+        if !(ws(t) || t.starts_with("http://") || t.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                "agent.tts.url",
+                "must start with ws://, wss://, http:// or https://",
+            ));
+        }
+        self.tts
+            .api_key
+            .resolve()
+            .map_err(|e| ConfigError::invalid("agent.tts.api_key", e.to_string()))?;
+        if self.tts.voice_id.is_empty() {
+            return Err(ConfigError::invalid("agent.tts.voice_id", "must be set"));
+        }
+        let v = &self.vad;
+        if v.onset_ratio < 1.0 {
+            return Err(ConfigError::invalid(
+                "agent.vad.onset_ratio",
+                "must be at least 1.0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&v.echo_return_max) {
+            return Err(ConfigError::invalid(
+                "agent.vad.echo_return_max",
+                "must be 0.0 to 1.0",
+            ));
+        }
+        if v.echo_window_ms > 2_000 || v.min_speech_ms > 2_000 || v.hang_ms > 5_000 {
+            return Err(ConfigError::invalid(
+                "agent.vad",
+                "echo_window_ms and min_speech_ms at most 2000, hang_ms at most 5000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{AgentConfig, Config};
+    use std::path::Path;
+
+    const TOML: &str = r#"
+[agent]
+kind = "cascade"
+greeting = "Hello!"
+[agent.stt]
+provider = "soniox"
+api_key = "k1"
+languages = ["ru", "uk", "en"]
+[agent.llm]
+url = "https://openrouter.ai/api/v1/chat/completions"
+api_key = "k2"
+model = "openai/gpt-4o-mini"
+temperature = 0.5
+extra_headers = { "HTTP-Referer" = "https://example.com", "X-Title" = "voicegate" }
+[agent.tts]
+api_key = "k3"
+mode = "http"
+[agent.vad]
+min_speech_ms = 240
+"#;
+
+    #[test]
+    fn parses_and_validates() {
+        let c = Config::from_toml(TOML, Path::new("x")).unwrap();
+        let AgentConfig::Cascade(c) = c.agent else {
+            panic!("not cascade")
+        };
+        assert_eq!(c.stt.provider, super::SttProvider::Soniox);
+        assert_eq!(c.stt.url(), "wss://stt-rt.soniox.com/transcribe-websocket");
+        assert_eq!(c.stt.model(), "stt-rt-v4");
+        assert_eq!(c.llm.extra_headers["X-Title"], "voicegate");
+        assert_eq!(c.tts.mode, super::TtsMode::Http);
+        assert_eq!(c.vad.min_speech_ms, 240);
+        assert_eq!(c.vad.hang_ms, 400);
+        let out = Config::from_toml(TOML, Path::new("x"))
+            .unwrap()
+            .to_redacted_toml();
+        assert!(!out.contains("k2"), "{out}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let bad = TOML.replace("min_speech_ms = 240", "onset_ratio = 0.5");
+        let e = Config::from_toml(&bad, Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("agent.vad.onset_ratio"), "{e}");
+        let bad = TOML.replace("provider = \"soniox\"", "provider = \"whisper\"");
+        let e = Config::from_toml(&bad, Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("whisper"), "{e}");
+        let bad = TOML.replace(
+            "model = \"openai",
+            "system_prompt_file = \"/nonexistent/p\"\nmodel = \"openai",
+        );
+        let e = Config::from_toml(&bad, Path::new("x")).unwrap_err();
+        assert!(
+            e.to_string().contains("agent.llm.system_prompt_file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn example_section_parses() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/voicegate.toml"),
+        )
+        .unwrap();
+        let start = text
+            .find("# [agent]\n# kind = \"cascade\"")
+            .expect("cascade section");
+        let end = text.find("# --- end cascade ---").expect("end of section");
+        let toml: String = text[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with('#') && !l.starts_with("---"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // Secrets from the environment are checked by validation; parse without it.
+        let c: Config = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let AgentConfig::Cascade(c) = c.agent else {
+            panic!("not cascade")
+        };
+        assert_eq!(c.stt.languages, vec!["ru", "uk", "en"]);
+        assert_eq!(c.llm.timeout_ms, 10_000);
+        assert_eq!(c.vad.min_speech_ms, 200);
+    }
+}

@@ -1,0 +1,475 @@
+//! The cascade's LLM: any OpenAI-compatible Chat Completions endpoint, streamed over SSE,
+//! with tool calls (`providers.md` §7).
+//!
+//! [`LlmClient::stream`] posts the conversation and spawns a task that turns the SSE stream
+//! into [`LlmEvent`]s: text deltas as they arrive, then the assembled tool calls, then the
+//! finish reason. Dropping the [`LlmStream`] aborts the task, which drops the response and so
+//! closes the connection: the provider stops generating (and billing).
+
+use crate::agent::AgentError;
+use crate::secret::Secret;
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+const PROVIDER: &str = "chat_completions";
+
+/// Longest pause between two pieces of a streaming response before it counts as stalled.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most bytes of an error body kept for the message.
+const ERROR_BODY_MAX: usize = 2_048;
+
+pub use crate::tools::ToolSpec;
+
+/// A tool call the model made, assembled from its fragments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCallRequest {
+    /// The model's id for the call (`call_…`).
+    pub id: String,
+    /// Tool name.
+    pub name: String,
+    /// Arguments as JSON text.
+    pub arguments: String,
+}
+
+/// What the stream yields.
+#[derive(Debug, Clone)]
+pub enum LlmEvent {
+    /// A piece of the reply's text.
+    Text(String),
+    /// The tool calls of this response (sent once, before [`LlmEvent::Done`]).
+    ToolCalls(Vec<ToolCallRequest>),
+    /// The response is complete; `finish_reason` as sent (`stop`, `tool_calls`, `length`, …).
+    Done {
+        /// The finish reason, if the endpoint sent one.
+        finish_reason: Option<String>,
+    },
+    /// The request or the stream failed.
+    Failed(AgentError),
+}
+
+/// Settings of the client (from `[agent.llm]`).
+#[derive(Debug, Clone)]
+pub struct LlmSettings {
+    /// Endpoint URL.
+    pub url: String,
+    /// Bearer key.
+    pub api_key: Secret,
+    /// Model id.
+    pub model: String,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Most tokens per reply.
+    pub max_tokens: Option<u32>,
+    /// Extra headers (OpenRouter's `HTTP-Referer`, `X-Title`).
+    pub extra_headers: BTreeMap<String, String>,
+    /// Time allowed until the response headers arrive.
+    pub timeout: Duration,
+}
+
+/// A Chat Completions client shared by all calls (one connection pool).
+#[derive(Debug, Clone)]
+pub struct LlmClient {
+    http: reqwest::Client,
+    settings: LlmSettings,
+    headers: HeaderMap,
+    tools: serde_json::Value,
+}
+
+/// Why an [`LlmClient`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmBuildError {
+    /// An extra header name or value is not valid HTTP.
+    #[error("invalid header {0}")]
+    Header(String),
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Client(String),
+}
+
+impl LlmClient {
+    /// A client for `settings` offering `tools` to the model.
+    ///
+    /// # Errors
+    /// [`LlmBuildError`] for a malformed header or TLS setup failure.
+    pub fn new(settings: LlmSettings, tools: &[ToolSpec]) -> Result<Self, LlmBuildError> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &settings.extra_headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| LlmBuildError::Header(k.clone()))?;
+            let value = HeaderValue::from_str(v).map_err(|_| LlmBuildError::Header(k.clone()))?;
+            headers.insert(name, value);
+        }
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", settings.api_key.expose()))
+            .map_err(|_| LlmBuildError::Header("authorization".into()))?;
+        auth.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, auth);
+        let http = crate::tls::http_client_builder()
+            .connect_timeout(settings.timeout)
+            .build()
+            .map_err(|e| LlmBuildError::Client(e.to_string()))?;
+        Ok(LlmClient {
+            http,
+            settings,
+            headers,
+            tools: crate::tools::chat_completions_tools(tools),
+        })
+    }
+
+    /// This client offering `extra` tools besides its own (a call's `[[tools]]`); shares
+    /// the connection pool.
+    pub fn with_more_tools(&self, extra: &[ToolSpec]) -> LlmClient {
+        let mut client = self.clone();
+        if let (serde_json::Value::Array(all), serde_json::Value::Array(more)) = (
+            &mut client.tools,
+            crate::tools::chat_completions_tools(extra),
+        ) {
+            all.extend(more);
+        }
+        client
+    }
+
+    /// The request body for `messages` (the whole conversation, system prompt first).
+    pub fn body(&self, messages: &[serde_json::Value]) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "model": self.settings.model,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": messages,
+        });
+        if self.tools.as_array().is_some_and(|t| !t.is_empty()) {
+            body["tools"] = self.tools.clone();
+            body["tool_choice"] = "auto".into();
+        }
+        if let Some(t) = self.settings.temperature {
+            body["temperature"] = t.into();
+        }
+        if let Some(m) = self.settings.max_tokens {
+            body["max_tokens"] = m.into();
+        }
+        body
+    }
+
+    /// Starts streaming a completion of `messages`.
+    pub fn stream(&self, messages: &[serde_json::Value]) -> LlmStream {
+        let (tx, rx) = mpsc::channel(256);
+        let request = self
+            .http
+            .post(&self.settings.url)
+            .headers(self.headers.clone())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&self.body(messages));
+        let timeout = self.settings.timeout;
+        let task = tokio::spawn(async move {
+            if let Err(e) = run(request, timeout, &tx).await {
+                let _ = tx.send(LlmEvent::Failed(e)).await;
+            }
+        });
+        LlmStream { events: rx, task }
+    }
+}
+
+/// One streaming completion; dropping it cancels the request.
+#[derive(Debug)]
+pub struct LlmStream {
+    /// Events in order; ends after [`LlmEvent::Done`] or [`LlmEvent::Failed`].
+    pub events: mpsc::Receiver<LlmEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LlmStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run(
+    request: reqwest::RequestBuilder,
+    timeout: Duration,
+    tx: &mpsc::Sender<LlmEvent>,
+) -> Result<(), AgentError> {
+    let response = match tokio::time::timeout(timeout, request.send()).await {
+        Err(_) => {
+            return Err(AgentError::Timeout {
+                provider: PROVIDER,
+                detail: format!("no response within {timeout:?}"),
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(AgentError::Connect {
+                provider: PROVIDER,
+                detail: e.without_url().to_string(),
+            });
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status();
+    if !status.is_success() {
+        let body = tokio::time::timeout(Duration::from_secs(2), response.bytes())
+            .await
+            .ok()
+            .and_then(|b| b.ok())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_MAX)]).into_owned();
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| {
+                v.pointer("/error/message")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or(text);
+        return Err(AgentError::Provider {
+            provider: PROVIDER,
+            detail: format!("HTTP {}: {message}", status.as_u16()),
+        });
+    }
+    let mut body = response.bytes_stream();
+    let mut sse = SseParser::default();
+    let mut assembler = ToolCallAssembler::default();
+    let mut finish_reason = None;
+    let mut data = Vec::new();
+    loop {
+        let chunk = match tokio::time::timeout(STALL_TIMEOUT, body.next()).await {
+            Err(_) => {
+                return Err(AgentError::Timeout {
+                    provider: PROVIDER,
+                    detail: format!("stream stalled for {STALL_TIMEOUT:?}"),
+                });
+            }
+            Ok(None) => {
+                if finish_reason.is_some() {
+                    break;
+                }
+                return Err(AgentError::Protocol {
+                    provider: PROVIDER,
+                    detail: "stream ended without a finish reason or [DONE]".into(),
+                });
+            }
+            Ok(Some(Err(e))) => {
+                return Err(AgentError::Provider {
+                    provider: PROVIDER,
+                    detail: format!("stream: {}", e.without_url()),
+                });
+            }
+            Ok(Some(Ok(c))) => c,
+        };
+        sse.push(&chunk, &mut data);
+        let mut done = false;
+        for payload in data.drain(..) {
+            if payload.trim() == "[DONE]" {
+                done = true;
+                break;
+            }
+            let c: Chunk = serde_json::from_str(&payload).map_err(|e| AgentError::Protocol {
+                provider: PROVIDER,
+                detail: format!("bad chunk: {e}"),
+            })?;
+            if let Some(err) = c.error {
+                let message = err
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| err.to_string());
+                return Err(AgentError::Provider {
+                    provider: PROVIDER,
+                    detail: message,
+                });
+            }
+            for choice in c.choices {
+                if let Some(delta) = choice.delta {
+                    if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                        if tx.send(LlmEvent::Text(text)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    for tc in delta.tool_calls.unwrap_or_default() {
+                        assembler.push(tc);
+                    }
+                }
+                if let Some(r) = choice.finish_reason {
+                    finish_reason = Some(r);
+                }
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    let calls = assembler.finish();
+    debug!(
+        ?finish_reason,
+        tool_calls = calls.len(),
+        "llm stream complete"
+    );
+    if !calls.is_empty() {
+        let _ = tx.send(LlmEvent::ToolCalls(calls)).await;
+    }
+    let _ = tx.send(LlmEvent::Done { finish_reason }).await;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    delta: Option<Delta>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    content: Option<String>,
+    tool_calls: Option<Vec<ToolCallFragment>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallFragment {
+    #[serde(default)]
+    index: u32,
+    id: Option<String>,
+    function: Option<FunctionFragment>,
+}
+
+#[derive(Deserialize)]
+struct FunctionFragment {
+    name: Option<String>,
+    arguments: Option<String>,
+}
+
+/// Joins `delta.tool_calls` fragments by `index` (§7.2 "Tool-call assembly").
+#[derive(Debug, Default)]
+struct ToolCallAssembler {
+    calls: BTreeMap<u32, ToolCallRequest>,
+}
+
+impl ToolCallAssembler {
+    fn push(&mut self, f: ToolCallFragment) {
+        let call = self
+            .calls
+            .entry(f.index)
+            .or_insert_with(|| ToolCallRequest {
+                id: String::new(),
+                name: String::new(),
+                arguments: String::new(),
+            });
+        if let Some(id) = f.id {
+            call.id = id;
+        }
+        if let Some(func) = f.function {
+            if let Some(n) = func.name {
+                call.name.push_str(&n);
+            }
+            if let Some(a) = func.arguments {
+                call.arguments.push_str(&a);
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<ToolCallRequest> {
+        self.calls
+            .into_values()
+            .filter(|c| !c.name.is_empty())
+            .map(|mut c| {
+                if c.arguments.trim().is_empty() {
+                    c.arguments = "{}".into();
+                }
+                c
+            })
+            .collect()
+    }
+}
+
+/// A sans-IO Server-Sent Events parser: bytes in, the `data` of each complete event out.
+/// Comment lines (`:` — OpenRouter's keepalives) and other fields are skipped.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    line: Vec<u8>,
+    data: String,
+    has_data: bool,
+}
+
+impl SseParser {
+    /// Feeds `bytes`; appends the data of each event completed by them to `out`.
+    pub fn push(&mut self, bytes: &[u8], out: &mut Vec<String>) {
+        for &b in bytes {
+            if b != b'\n' {
+                self.line.push(b);
+                continue;
+            }
+            if self.line.last() == Some(&b'\r') {
+                self.line.pop();
+            }
+            if self.line.is_empty() {
+                if self.has_data {
+                    out.push(std::mem::take(&mut self.data));
+                    self.has_data = false;
+                }
+            } else if let Some(rest) = self.line.strip_prefix(b"data:") {
+                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(&String::from_utf8_lossy(rest));
+                self.has_data = true;
+            }
+            self.line.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_split_anywhere_with_comments() {
+        let text = ": OPENROUTER PROCESSING\n\ndata: {\"a\":1}\r\n\r\ndata: [DONE]\n\n";
+        for split in 0..text.len() {
+            let mut p = SseParser::default();
+            let mut out = Vec::new();
+            p.push(&text.as_bytes()[..split], &mut out);
+            p.push(&text.as_bytes()[split..], &mut out);
+            assert_eq!(out, vec!["{\"a\":1}".to_string(), "[DONE]".to_string()]);
+        }
+    }
+
+    #[test]
+    fn tool_call_fragments_assemble() {
+        let mut a = ToolCallAssembler::default();
+        let frags = [
+            r#"{"index":0,"id":"call_1","type":"function","function":{"name":"book","arguments":""}}"#,
+            r#"{"index":1,"id":"call_2","type":"function","function":{"name":"hangup","arguments":""}}"#,
+            r#"{"index":0,"function":{"arguments":"{\"time\":"}}"#,
+            r#"{"index":0,"function":{"arguments":"\"19:00\"}"}}"#,
+        ];
+        for f in frags {
+            a.push(serde_json::from_str(f).unwrap());
+        }
+        assert_eq!(
+            a.finish(),
+            vec![
+                ToolCallRequest {
+                    id: "call_1".into(),
+                    name: "book".into(),
+                    arguments: r#"{"time":"19:00"}"#.into()
+                },
+                ToolCallRequest {
+                    id: "call_2".into(),
+                    name: "hangup".into(),
+                    arguments: "{}".into()
+                },
+            ]
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Streaming speech-to-text: one WebSocket per call to Soniox, Deepgram or ElevenLabs.
+//!
+//! The cascade sends caller audio (slin little-endian bytes at the call rate, 20 ms frames)
+//! into [`SttHandle::audio`]; the STT task converts it to the vendor's wire format (G.711
+//! μ-law on 8 kHz calls, PCM at the call rate otherwise), streams it, keeps the session
+//! alive, and turns the vendor's results into [`SttEvent`]s: the caller's words so far
+//! (interim) and the end of the caller's turn from the vendor's endpointing.
+//!
+//! Each vendor is a [`Protocol`] (URL, auth, message shapes, `providers.md` §4–§6); the
+//! socket loop is shared. A vendor error that asks for a restart (Soniox' 503) reconnects,
+//! at most [`MAX_RESTARTS`] times per call; any other error or close ends the session with
+//! [`SttEvent::Failed`].
+
+pub mod deepgram;
+pub mod elevenlabs;
+pub mod soniox;
+
+use super::config::{SttConfig, SttProvider};
+use crate::agent::AgentError;
+use crate::audio::convert::{Encoder, WireFormat};
+use crate::audio::g711::Law;
+use crate::secret::Secret;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tracing::{debug, trace, warn};
+
+/// Caller audio frames the STT task's input holds (50 × 20 ms = 1 s).
+pub const AUDIO_CAPACITY_FRAMES: usize = 50;
+
+/// Reconnects allowed per call when the vendor asks for one.
+pub const MAX_RESTARTS: u32 = 3;
+
+/// How long the STT task waits for the vendor's last results after the call ends.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// What the STT reports.
+#[derive(Debug, Clone)]
+pub enum SttEvent {
+    /// The caller's current turn so far, unstable part included (replaces the previous one).
+    Interim(String),
+    /// The vendor's endpointing says the caller finished the turn; the turn's final text
+    /// (may be empty when the vendor heard only noise).
+    EndOfTurn(String),
+    /// The session failed; the cascade ends the call's agent with this error.
+    Failed(AgentError),
+}
+
+impl PartialEq for SttEvent {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (SttEvent::Interim(a), SttEvent::Interim(b)) => a == b,
+            (SttEvent::EndOfTurn(a), SttEvent::EndOfTurn(b)) => a == b,
+            (SttEvent::Failed(a), SttEvent::Failed(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
+/// One vendor's side of the wire.
+pub trait Protocol: Send + 'static {
+    /// Name for logs and errors.
+    fn name(&self) -> &'static str;
+    /// The format audio is sent in.
+    fn format(&self) -> WireFormat;
+    /// Full WebSocket URL, query included.
+    fn url(&self) -> Result<String, String>;
+    /// Handshake headers (auth). Values may be secret; they are never logged.
+    fn headers(&self) -> Vec<(&'static str, String)>;
+    /// A text message to send right after connecting (Soniox' config), if any.
+    fn first_message(&self) -> Option<String>;
+    /// Wraps one chunk of wire audio.
+    fn audio_message(&mut self, wire: Bytes) -> Message;
+    /// A keepalive message and how long without audio before it is due, if the vendor
+    /// needs one.
+    fn keepalive(&self) -> Option<(Duration, Message)>;
+    /// What to send at the end of the call, before the close handshake.
+    fn end_message(&self) -> Option<Message>;
+    /// Handles one text message from the server, appending events; `Err` is a vendor error.
+    fn on_text(&mut self, text: &str, out: &mut Vec<SttEvent>) -> Result<(), String>;
+    /// Whether the vendor error `detail` (as returned by [`Protocol::on_text`]) asks the
+    /// client to reconnect and carry on (Soniox' 503, §5.3). Default: no.
+    fn restartable(&self, detail: &str) -> bool {
+        let _ = detail;
+        false
+    }
+    /// Forgets per-session state before a reconnect.
+    fn reset(&mut self) {}
+    /// Describes a close frame from the server (vendors put error codes in the reason).
+    fn describe_close(&self, frame: Option<&CloseFrame>) -> String {
+        match frame {
+            Some(f) => format!("closed the stream ({} {})", u16::from(f.code), f.reason),
+            None => "closed the stream".into(),
+        }
+    }
+}
+
+/// The cascade's end of an STT session.
+#[derive(Debug)]
+pub struct SttHandle {
+    /// Caller audio: slin LE bytes at the call rate; `try_send`.
+    pub audio: mpsc::Sender<Bytes>,
+    /// Results; `None` once the task is gone.
+    pub events: mpsc::Receiver<SttEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SttHandle {
+    fn drop(&mut self) {
+        // Closing `audio` lets the task say goodbye to the vendor; abort only if it lingers.
+        let task = self.task.abort_handle();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(CLOSE_GRACE + Duration::from_secs(1)).await;
+                    task.abort();
+                });
+            }
+            Err(_) => task.abort(),
+        }
+    }
+}
+
+/// The vendor format for a call at `rate_hz`.
+pub fn wire_format(provider: SttProvider, rate_hz: u32, g711: bool) -> WireFormat {
+    if g711 && rate_hz == 8_000 {
+        return WireFormat::G711(Law::Ulaw);
+    }
+    match provider {
+        SttProvider::Soniox | SttProvider::Deepgram => WireFormat::Pcm16 { rate_hz },
+        SttProvider::Elevenlabs => {
+            if [8_000, 16_000, 22_050, 24_000, 44_100, 48_000].contains(&rate_hz) {
+                WireFormat::Pcm16 { rate_hz }
+            } else {
+                WireFormat::Pcm16 { rate_hz: 16_000 }
+            }
+        }
+    }
+}
+
+/// Builds the vendor protocol `cfg` selects.
+pub fn protocol(cfg: &SttConfig, key: Secret, rate_hz: u32) -> Box<dyn Protocol> {
+    let format = wire_format(cfg.provider, rate_hz, cfg.g711);
+    match cfg.provider {
+        SttProvider::Soniox => Box::new(soniox::Soniox::new(cfg, key, format)),
+        SttProvider::Deepgram => Box::new(deepgram::Deepgram::new(cfg, key, format)),
+        SttProvider::Elevenlabs => Box::new(elevenlabs::ElevenLabsStt::new(cfg, key, format)),
+    }
+}
+
+/// Starts the STT task for one call at `rate_hz`.
+pub fn spawn(proto: Box<dyn Protocol>, rate_hz: u32, connect_timeout: Duration) -> SttHandle {
+    let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CAPACITY_FRAMES);
+    let (ev_tx, ev_rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        let name = proto.name();
+        if let Err(e) = run(proto, rate_hz, connect_timeout, audio_rx, ev_tx.clone()).await {
+            debug!(provider = name, error = %e, "stt failed");
+            let _ = ev_tx.send(SttEvent::Failed(e)).await;
+        }
+    });
+    SttHandle {
+        audio: audio_tx,
+        events: ev_rx,
+        task,
+    }
+}
+
+async fn run(
+    mut proto: Box<dyn Protocol>,
+    rate_hz: u32,
+    connect_timeout: Duration,
+    mut audio: mpsc::Receiver<Bytes>,
+    events: mpsc::Sender<SttEvent>,
+) -> Result<(), AgentError> {
+    let mut restarts = 0;
+    loop {
+        match run_once(
+            proto.as_mut(),
+            rate_hz,
+            connect_timeout,
+            &mut audio,
+            &events,
+        )
+        .await
+        {
+            Err(AgentError::Provider { provider, detail })
+                if restarts < MAX_RESTARTS && proto.restartable(&detail) =>
+            {
+                restarts += 1;
+                warn!(provider, error = %detail, restarts, "stt asked for a restart; reconnecting");
+                proto.reset();
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_once(
+    proto: &mut dyn Protocol,
+    rate_hz: u32,
+    connect_timeout: Duration,
+    audio: &mut mpsc::Receiver<Bytes>,
+    events: &mpsc::Sender<SttEvent>,
+) -> Result<(), AgentError> {
+    let provider = proto.name();
+    let protocol_err = |detail: String| AgentError::Protocol { provider, detail };
+    let provider_err = |detail: String| AgentError::Provider { provider, detail };
+    let url = proto
+        .url()
+        .map_err(|detail| AgentError::Connect { provider, detail })?;
+    let headers = proto.headers();
+    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let ws = crate::agent::ws::connect(&url, &header_refs, connect_timeout)
+        .await
+        .map_err(|e| AgentError::Connect {
+            provider,
+            detail: e.to_string(),
+        })?;
+    debug!(provider, format = ?proto.format(), "stt connected");
+    let (mut sink, mut stream) = ws.split();
+    let send_err = |e: tokio_tungstenite::tungstenite::Error| AgentError::Provider {
+        provider,
+        detail: format!("send: {e}"),
+    };
+    if let Some(first) = proto.first_message() {
+        sink.send(Message::text(first)).await.map_err(send_err)?;
+    }
+    let format = proto.format();
+    let passthrough = format == (WireFormat::Pcm16 { rate_hz });
+    let mut encoder = if passthrough {
+        None
+    } else {
+        Some(Encoder::new(rate_hz, format).map_err(|e| protocol_err(e.to_string()))?)
+    };
+    let keepalive = proto.keepalive();
+    let mut last_sent = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut out = Vec::new();
+    let mut wire = Vec::with_capacity(1024);
+    loop {
+        tokio::select! {
+            frame = audio.recv() => match frame {
+                Some(bytes) => {
+                    let chunk = match encoder.as_mut() {
+                        None => bytes,
+                        Some(enc) => {
+                            wire.clear();
+                            enc.encode_le_bytes(&bytes, &mut wire);
+                            Bytes::copy_from_slice(&wire)
+                        }
+                    };
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    trace!(bytes = chunk.len(), "stt audio");
+                    sink.send(proto.audio_message(chunk)).await.map_err(send_err)?;
+                    last_sent = Instant::now();
+                }
+                None => {
+                    // The call is over: ask for the last results, then close.
+                    if let Some(end) = proto.end_message() {
+                        let _ = sink.send(end).await;
+                    }
+                    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                        let _ = sink.close().await;
+                        while let Some(Ok(_)) = stream.next().await {}
+                    })
+                    .await;
+                    return Ok(());
+                }
+            },
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    proto.on_text(text.as_str(), &mut out).map_err(provider_err)?;
+                    for ev in out.drain(..) {
+                        if events.send(ev).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(provider_err(proto.describe_close(frame.as_ref())));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(provider_err(format!("receive: {e}"))),
+                None => return Err(provider_err("connection closed".into())),
+            },
+            _ = tick.tick(), if keepalive.is_some() => {
+                if let Some((after, msg)) = &keepalive {
+                    if last_sent.elapsed() >= *after {
+                        sink.send(msg.clone()).await.map_err(send_err)?;
+                        last_sent = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends `piece` to `acc` as a new segment, with one space between segments.
+fn push_segment(acc: &mut String, piece: &str) {
+    let piece = piece.trim();
+    if piece.is_empty() {
+        return;
+    }
+    if !acc.is_empty() {
+        acc.push(' ');
+    }
+    acc.push_str(piece);
+}

@@ -1,0 +1,898 @@
+//! The cascade agent (STT → LLM → TTS) against fakes of Soniox, Deepgram, ElevenLabs STT,
+//! a Chat Completions endpoint and ElevenLabs TTS, each speaking its vendor's wire format on
+//! 127.0.0.1:0, driven by real recordings.
+
+mod cascade_fakes;
+mod common;
+
+use cascade_fakes::*;
+use common::{TestServer, fixture};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use voicegate::agent::cascade::config::{SttConfig, SttProvider};
+use voicegate::agent::cascade::{CascadeAgent, CascadeConfig, ToolSpec, stt};
+use voicegate::agent::{Agent, AgentEvent, AgentInput, AgentSession, CallInfo, Speaker};
+use voicegate::audiosocket::SlinRate;
+use voicegate::call::Outcome;
+use voicegate::caller::best_correlation;
+use voicegate::secret::{Secret, SecretSource};
+
+fn provider(v: SttVendor) -> SttProvider {
+    match v {
+        SttVendor::Soniox => SttProvider::Soniox,
+        SttVendor::Deepgram => SttProvider::Deepgram,
+        SttVendor::ElevenLabs => SttProvider::Elevenlabs,
+    }
+}
+
+fn config(vendor: SttVendor, stt: &SttFake, llm: &LlmFake, tts: &TtsFake) -> CascadeConfig {
+    let mut c = CascadeConfig::default();
+    c.stt.provider = provider(vendor);
+    c.stt.url = Some(stt.url(vendor));
+    c.stt.api_key = Some(SecretSource::Inline(KEY.into()));
+    c.stt.languages = vec!["en".into()];
+    c.llm.url = llm.url();
+    c.llm.api_key = SecretSource::Inline(KEY.into());
+    c.llm.model = "test-model".into();
+    c.llm.system_prompt = "You are a test agent.".into();
+    c.llm
+        .extra_headers
+        .insert("X-Title".into(), "voicegate".into());
+    c.tts.url = tts.url();
+    c.tts.api_key = SecretSource::Inline(KEY.into());
+    c.tts.voice_id = "voice1".into();
+    c
+}
+
+fn messages(llm: &LlmFake, i: usize) -> Vec<serde_json::Value> {
+    llm.log.lock().unwrap().requests[i].body["messages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+// ------------------------------------------------------------------------------------
+// Each STT client against its vendor's fake
+// ------------------------------------------------------------------------------------
+
+async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) {
+    let fake = SttFake::start(vendor, &["hello world"], None).await;
+    let cfg = SttConfig {
+        provider: provider(vendor),
+        url: Some(fake.url(vendor)),
+        api_key: Some(SecretSource::Inline(KEY.into())),
+        languages: vec!["en".into()],
+        ..SttConfig::default()
+    };
+    let proto = stt::protocol(&cfg, Secret::new(KEY), rate_hz);
+    let mut h = stt::spawn(proto, rate_hz, Duration::from_secs(5));
+    let speech = clip_at(&fixture("hello-world.wav"), rate_hz);
+    let spf = rate_hz as usize / 50;
+    let mut audio = speech.clone();
+    audio.extend(std::iter::repeat_n(0i16, rate_hz as usize)); // 1 s of silence
+    let feeder = {
+        let tx = h.audio.clone();
+        tokio::spawn(async move {
+            for f in audio.chunks(spf) {
+                let mut b = Vec::new();
+                voicegate::audio::slin_to_le_bytes(f, &mut b);
+                tx.send(bytes::Bytes::from(b)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+        })
+    };
+    let mut events = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match h.events.recv().await {
+                Some(stt::SttEvent::EndOfTurn(t)) => break t,
+                Some(e) => events.push(e),
+                None => panic!("stt ended: {events:?}"),
+            }
+        }
+    })
+    .await
+    .expect("end of turn in time");
+    feeder.await.unwrap();
+    assert_eq!(end, "hello world");
+    assert!(
+        events.contains(&stt::SttEvent::Interim("hello".into())),
+        "{events:?}"
+    );
+    match vendor {
+        // No audio for more than 3 s (Deepgram) / 5 s (Soniox): a keepalive goes out.
+        SttVendor::Deepgram => tokio::time::sleep(Duration::from_millis(3_800)).await,
+        SttVendor::Soniox => tokio::time::sleep(Duration::from_millis(5_800)).await,
+        SttVendor::ElevenLabs => {}
+    }
+    drop(h);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = fake.log.lock().unwrap();
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+    assert_eq!(log.encoding, expect_encoding);
+    assert_eq!(log.rate_hz, rate_hz);
+    assert!(
+        log.client_closed,
+        "client ended the stream the vendor's way"
+    );
+    let keepalive = match vendor {
+        SttVendor::Deepgram => Some(r#"{"type":"KeepAlive"}"#),
+        SttVendor::Soniox => Some(r#"{"type":"keepalive"}"#),
+        SttVendor::ElevenLabs => None,
+    };
+    if let Some(k) = keepalive {
+        assert!(log.texts.iter().any(|t| t == k), "{:?}", log.texts);
+    }
+    // What the vendor received is the recording.
+    assert!(log.audio.len() >= speech.len(), "{}", log.audio.len());
+    let (corr, lag) = best_correlation(&log.audio[..speech.len()], &speech, 40);
+    assert!(corr > 0.95, "correlation {corr} at lag {lag}");
+}
+
+#[tokio::test]
+async fn stt_soniox_8khz_mulaw_with_keepalive() {
+    stt_round_trip(SttVendor::Soniox, 8_000, "mulaw").await;
+}
+
+#[tokio::test]
+async fn stt_soniox_16khz_pcm() {
+    stt_round_trip(SttVendor::Soniox, 16_000, "pcm_s16le").await;
+}
+
+#[tokio::test]
+async fn stt_deepgram_8khz_mulaw_with_keepalive() {
+    stt_round_trip(SttVendor::Deepgram, 8_000, "mulaw").await;
+}
+
+#[tokio::test]
+async fn stt_deepgram_16khz_linear16() {
+    stt_round_trip(SttVendor::Deepgram, 16_000, "linear16").await;
+}
+
+#[tokio::test]
+async fn stt_elevenlabs_8khz_ulaw() {
+    stt_round_trip(SttVendor::ElevenLabs, 8_000, "ulaw_8000").await;
+}
+
+#[tokio::test]
+async fn stt_elevenlabs_16khz_pcm() {
+    stt_round_trip(SttVendor::ElevenLabs, 16_000, "pcm_16000").await;
+}
+
+// ------------------------------------------------------------------------------------
+// A whole call through AudioSocket
+// ------------------------------------------------------------------------------------
+
+const REPLY: &str = "Hello! This is the voicegate test line. How can I help you today?";
+
+async fn first_audio_before_llm_finished(rate: SlinRate) {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events(REPLY),
+        // role + "Hello! This " + "is the " + "voicegate test ": the first sentence is done.
+        hold_after: Some(4),
+    }])
+    .await;
+    let clip = fixture("vm-goodbye.wav");
+    let tts = TtsFake::start(clip.clone(), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
+    let mut server = TestServer::start(Arc::new(agent)).await;
+    let (first_tx, mut first_rx) = watch::channel(None);
+    let caller = EchoCaller {
+        rate,
+        speech: clip_at(&fixture("hello-world.wav"), rate.hz()),
+        speech_at_ms: 200,
+        barge: None,
+        echo: None,
+        noise_rms: 30.0,
+        duration_ms: 6_500,
+    };
+    let call_id = uuid::Uuid::new_v4();
+    let call = tokio::spawn(caller.run(server.addr, call_id, first_tx));
+    tokio::time::timeout(Duration::from_secs(10), first_rx.wait_for(|v| v.is_some()))
+        .await
+        .expect("agent audio reached the caller")
+        .unwrap();
+    {
+        // The caller hears the agent while the LLM is still holding back its last chunks.
+        let l = llm.log.lock().unwrap();
+        assert_eq!(l.holding, vec![0]);
+        assert!(l.completed.is_empty(), "{:?}", l.completed);
+        let t = tts.log.lock().unwrap();
+        assert_eq!(t.conns[0].texts[0], "Hello! ");
+    }
+    llm.release.notify_one();
+    let report = call.await.unwrap();
+    let summary = server.next_summary().await;
+    assert_eq!(summary.outcome, Outcome::CallerHungUp);
+
+    // The LLM request: streaming, the history, the auth and the extra header.
+    {
+        let l = llm.log.lock().unwrap();
+        assert_eq!(l.completed, vec![0]);
+        let r = &l.requests[0];
+        assert_eq!(r.path, "/v1/chat/completions");
+        assert_eq!(r.body["stream"], true);
+        assert_eq!(r.body["model"], "test-model");
+        assert!(
+            r.headers
+                .contains(&("authorization".into(), format!("Bearer {KEY}")))
+        );
+        assert!(r.headers.contains(&("x-title".into(), "voicegate".into())));
+    }
+    let m = messages(&llm, 0);
+    assert_eq!(m[0]["role"], "system");
+    assert_eq!(
+        m[1],
+        serde_json::json!({"role":"user","content":"hello world"})
+    );
+
+    // The TTS got sentences in order, in the call's format, with the key.
+    {
+        let t = tts.log.lock().unwrap();
+        let c = &t.conns[0];
+        let want = if rate.hz() == 8_000 {
+            "ulaw_8000"
+        } else {
+            "pcm_16000"
+        };
+        assert!(
+            c.uri.contains(&format!("output_format={want}")),
+            "{}",
+            c.uri
+        );
+        assert!(
+            c.uri.starts_with("/v1/text-to-speech/voice1/stream-input?"),
+            "{}",
+            c.uri
+        );
+        assert_eq!(c.api_key.as_deref(), Some(KEY));
+        assert_eq!(
+            c.texts,
+            vec![
+                "Hello! ",
+                "This is the voicegate test line. ",
+                "How can I help you today? "
+            ]
+        );
+        assert!(c.end_of_input && c.final_sent && !c.closed_early);
+    }
+
+    // The caller heard the TTS audio, decoded once, at the call rate.
+    let spms = rate.hz() as usize / 1000;
+    let clip_call = clip_at(&clip, rate.hz());
+    let first = report.first_audio_ms.unwrap() as usize;
+    let from = (first.saturating_sub(200)) * spms;
+    let window = &report.received[from..(from + 1_000 * spms).min(report.received.len())];
+    let (corr, _) = best_correlation(
+        window,
+        &clip_call[..clip_call.len().min(400 * spms)],
+        400 * spms,
+    );
+    assert!(corr > 0.9, "reply audio correlation {corr}");
+
+    // Latency of the turn, recorded in the call summary.
+    assert_eq!(summary.turns.len(), 1, "{:?}", summary.turns);
+    let t = &summary.turns[0];
+    let (s, l, a, f) = (
+        t.stt_final_ms.unwrap(),
+        t.llm_first_token_ms.unwrap(),
+        t.tts_first_audio_ms.unwrap(),
+        t.first_frame_ms.unwrap(),
+    );
+    assert!(s <= l && l <= a && a <= f, "{t:?}");
+    eprintln!(
+        "turn latency at {} Hz (from end of caller speech): stt final {s} ms, llm first token {l} ms, tts first audio {a} ms, first frame on the wire {f} ms",
+        rate.hz()
+    );
+    assert!(
+        summary
+            .transcript
+            .contains(&(Speaker::Caller, "hello world".into()))
+    );
+    assert!(summary.transcript.contains(&(Speaker::Agent, REPLY.into())));
+    server.stop.cancel();
+}
+
+#[tokio::test]
+async fn cascade_first_audio_before_llm_finished_8khz() {
+    first_audio_before_llm_finished(SlinRate::Hz8000).await;
+}
+
+#[tokio::test]
+async fn cascade_first_audio_before_llm_finished_16khz() {
+    first_audio_before_llm_finished(SlinRate::Hz16000).await;
+}
+
+const HOURS: &str = "Our shop is open from nine to six on weekdays. On Saturdays we open at ten. Sundays we are closed.";
+const FIRST_SENTENCE: &str = "Our shop is open from nine to six on weekdays.";
+
+#[tokio::test]
+async fn cascade_barge_in_cancels_llm_and_tts_and_keeps_what_was_heard() {
+    barge_in(SlinRate::Hz8000).await;
+}
+
+#[tokio::test]
+async fn cascade_barge_in_16khz() {
+    barge_in(SlinRate::Hz16000).await;
+}
+
+async fn barge_in(rate: SlinRate) {
+    let stt = SttFake::start(SttVendor::Soniox, &["hello world", "thank you"], None).await;
+    let llm = LlmFake::start(vec![
+        LlmReply::Stream {
+            events: text_events(HOURS),
+            // role + 5 pieces up to "on weekdays. ": one sentence, then the LLM stalls.
+            hold_after: Some(6),
+        },
+        LlmReply::Stream {
+            events: text_events("You are welcome."),
+            hold_after: None,
+        },
+    ])
+    .await;
+    let tts = TtsFake::start(fixture("invalid.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Soniox, &stt, &llm, &tts), vec![]).unwrap();
+    let mut server = TestServer::start(Arc::new(agent)).await;
+    let (first_tx, _first_rx) = watch::channel(None);
+    let caller = EchoCaller {
+        rate,
+        speech: clip_at(&fixture("hello-world.wav"), rate.hz()),
+        speech_at_ms: 200,
+        // "Thank you." 1 s into the agent's 4 s sentence, over the echo of it.
+        barge: Some((clip_at(&fixture("auth-thankyou.wav"), rate.hz()), 1_000)),
+        echo: Some((0.3, 100)),
+        noise_rms: 40.0,
+        duration_ms: 9_000,
+    };
+    let report = caller
+        .run(server.addr, uuid::Uuid::new_v4(), first_tx)
+        .await;
+    let summary = server.next_summary().await;
+    assert_eq!(summary.barge_ins, 1, "{summary:?}");
+
+    // Both streams of the interrupted reply were cancelled.
+    for _ in 0..50 {
+        if tts
+            .log
+            .lock()
+            .unwrap()
+            .conns
+            .first()
+            .is_some_and(|c| c.closed_early)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    {
+        let l = llm.log.lock().unwrap();
+        assert_eq!(l.cancelled, vec![0], "{l:?}");
+        assert_eq!(l.requests.len(), 2);
+        let t = tts.log.lock().unwrap();
+        assert!(t.conns[0].closed_early, "{:?}", t.conns);
+        assert!(!t.conns[0].end_of_input);
+        assert_eq!(t.conns[0].texts, vec![format!("{FIRST_SENTENCE} ")]);
+    }
+    // The history keeps only the heard part of the reply.
+    let m = messages(&llm, 1);
+    assert_eq!(m.len(), 4, "{m:?}");
+    assert_eq!(m[1]["content"], "hello world");
+    assert_eq!(m[2]["role"], "assistant");
+    let heard = m[2]["content"].as_str().unwrap();
+    assert!(
+        !heard.is_empty() && heard.len() < FIRST_SENTENCE.len(),
+        "heard {heard:?}"
+    );
+    assert!(FIRST_SENTENCE.starts_with(heard), "heard {heard:?}");
+    assert_eq!(
+        m[3],
+        serde_json::json!({"role":"user","content":"thank you"})
+    );
+    let barge_at = report.barge_at_ms.unwrap();
+    eprintln!("barge-in at {barge_at} ms; the history kept {heard:?}");
+    assert!(
+        summary
+            .transcript
+            .contains(&(Speaker::Agent, heard.to_owned()))
+    );
+    assert!(
+        summary
+            .transcript
+            .contains(&(Speaker::Caller, "thank you".into()))
+    );
+    server.stop.cancel();
+}
+
+#[tokio::test]
+async fn cascade_own_echo_does_not_barge_in() {
+    own_echo_does_not_barge_in(SlinRate::Hz8000).await;
+}
+
+#[tokio::test]
+async fn cascade_own_echo_does_not_barge_in_16khz() {
+    own_echo_does_not_barge_in(SlinRate::Hz16000).await;
+}
+
+async fn own_echo_does_not_barge_in(rate: SlinRate) {
+    let stt = SttFake::start(SttVendor::ElevenLabs, &["hello world", "echo turn"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events(FIRST_SENTENCE),
+        hold_after: None,
+    }])
+    .await;
+    let clip = fixture("invalid.wav");
+    let tts = TtsFake::start(clip.clone(), false).await;
+    let agent =
+        CascadeAgent::new(&config(SttVendor::ElevenLabs, &stt, &llm, &tts), vec![]).unwrap();
+    let mut server = TestServer::start(Arc::new(agent)).await;
+    let (first_tx, _first_rx) = watch::channel(None);
+    let caller = EchoCaller {
+        rate,
+        speech: clip_at(&fixture("hello-world.wav"), rate.hz()),
+        speech_at_ms: 200,
+        barge: None,
+        // A loud echo (−9 dB), 150 ms late.
+        echo: Some((0.35, 150)),
+        noise_rms: 40.0,
+        duration_ms: 8_500,
+    };
+    let report = caller
+        .run(server.addr, uuid::Uuid::new_v4(), first_tx)
+        .await;
+    let summary = server.next_summary().await;
+    assert_eq!(summary.barge_ins, 0);
+    let t = tts.log.lock().unwrap();
+    assert!(
+        t.conns[0].final_sent && !t.conns[0].closed_early,
+        "{:?}",
+        t.conns[0]
+    );
+    // The whole reply was heard, and the echo never became a caller turn.
+    let clip_frames = clip.samples.len() / 160;
+    assert!(
+        report.audible_ms.len() * 10 >= clip_frames * 8,
+        "{} of {clip_frames} frames audible",
+        report.audible_ms.len()
+    );
+    assert_eq!(llm.log.lock().unwrap().requests.len(), 1);
+    assert!(
+        summary
+            .transcript
+            .contains(&(Speaker::Agent, FIRST_SENTENCE.into()))
+    );
+    assert_eq!(
+        summary
+            .transcript
+            .iter()
+            .filter(|(s, _)| *s == Speaker::Caller)
+            .count(),
+        1
+    );
+    server.stop.cancel();
+}
+
+#[tokio::test]
+async fn cascade_llm_failure_falls_back() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Error {
+        status: 500,
+        body: r#"{"error":{"message":"upstream overloaded","type":"server_error","param":null,"code":null}}"#.into(),
+    }])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
+    let mut server = TestServer::start(Arc::new(agent)).await;
+    let (first_tx, _rx) = watch::channel(None);
+    let caller = EchoCaller {
+        rate: SlinRate::Hz8000,
+        speech: fixture("hello-world.wav").samples,
+        speech_at_ms: 200,
+        barge: None,
+        echo: None,
+        noise_rms: 30.0,
+        duration_ms: 6_000,
+    };
+    let report = caller
+        .run(server.addr, uuid::Uuid::new_v4(), first_tx)
+        .await;
+    assert!(
+        report.hangup,
+        "the call got 0x00 so the dialplan reaches the operators"
+    );
+    let summary = server.next_summary().await;
+    match &summary.outcome {
+        Outcome::Fallback(e) => {
+            assert!(
+                e.contains("HTTP 500") && e.contains("upstream overloaded"),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    server.stop.cancel();
+}
+
+// ------------------------------------------------------------------------------------
+// Driving the agent directly
+// ------------------------------------------------------------------------------------
+
+/// Starts a call at 8 kHz and feeds it `hello-world.wav`, then silence, until dropped.
+fn start_call(agent: &CascadeAgent) -> (AgentSession, tokio::task::JoinHandle<()>) {
+    let session = agent.start(CallInfo {
+        tools: Vec::new(),
+        call_id: uuid::Uuid::new_v4(),
+        rate_hz: 8_000,
+        caller_number: Some("+15550100".into()),
+        caller_name: None,
+    });
+    let tx = session.input.clone();
+    let feeder = tokio::spawn(async move {
+        let speech = fixture("hello-world.wav").samples;
+        let mut frames: Vec<Vec<i16>> = speech.chunks(160).map(|c| c.to_vec()).collect();
+        let mut n = 0usize;
+        loop {
+            let f = if n < frames.len() {
+                std::mem::take(&mut frames[n])
+            } else {
+                vec![0; 160]
+            };
+            let mut b = Vec::new();
+            voicegate::audio::slin_to_le_bytes(&f, &mut b);
+            if tx
+                .send(AgentInput::Audio(bytes::Bytes::from(b)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    (session, feeder)
+}
+
+async fn next_event(s: &mut AgentSession) -> AgentEvent {
+    tokio::time::timeout(Duration::from_secs(10), s.events.recv())
+        .await
+        .expect("agent event in time")
+        .expect("agent alive")
+}
+
+async fn expect_failure(s: &mut AgentSession) -> String {
+    loop {
+        if let AgentEvent::Failed(e) = next_event(s).await {
+            return e.to_string();
+        }
+    }
+}
+
+#[tokio::test]
+async fn cascade_tool_call_round_trip() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["do you have winter tyres"], None).await;
+    let args = r#"{"size":"205/55 R16","season":"winter"}"#;
+    let llm = LlmFake::start(vec![
+        LlmReply::Stream {
+            events: tool_events("call_1", "search_tires", args),
+            hold_after: None,
+        },
+        LlmReply::Stream {
+            events: text_events("Yes, we have four in stock."),
+            hold_after: None,
+        },
+    ])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let schema = serde_json::json!({"type":"object","properties":{"size":{"type":"string"},"season":{"type":"string"}},"required":["size"]});
+    let tools = vec![ToolSpec {
+        name: "search_tires".into(),
+        description: "Search the tyre stock".into(),
+        parameters: schema.clone(),
+    }];
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), tools).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    let (call_id, reply) = loop {
+        match next_event(&mut s).await {
+            AgentEvent::ToolCall {
+                call_id,
+                name,
+                arguments,
+                reply,
+            } => {
+                assert_eq!(name, "search_tires");
+                let a: serde_json::Value = serde_json::from_str(&arguments).unwrap();
+                assert_eq!(a, serde_json::from_str::<serde_json::Value>(args).unwrap());
+                break (call_id, reply);
+            }
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    };
+    assert_eq!(call_id, "call_1");
+    assert!(reply.is_some());
+    let output = r#"{"in_stock":4}"#;
+    s.input
+        .send(AgentInput::ToolResult {
+            call_id: call_id.clone(),
+            output: output.into(),
+        })
+        .await
+        .unwrap();
+    // The answer after the tool result is spoken.
+    let mut audio = 0usize;
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::Audio { samples, .. } => audio += samples.len(),
+            AgentEvent::ReplyDone { .. } if audio > 0 => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let l = llm.log.lock().unwrap();
+    assert_eq!(l.requests.len(), 2);
+    let tools = &l.requests[0].body["tools"];
+    assert_eq!(
+        tools,
+        &serde_json::json!([{"type":"function","function":{"name":"search_tires","description":"Search the tyre stock","parameters":schema}}])
+    );
+    let m = l.requests[1].body["messages"].as_array().unwrap().clone();
+    assert_eq!(m.len(), 4, "{m:?}");
+    assert_eq!(m[1]["content"], "do you have winter tyres");
+    assert_eq!(
+        m[2],
+        serde_json::json!({"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"search_tires","arguments":args}}]})
+    );
+    assert_eq!(
+        m[3],
+        serde_json::json!({"role":"tool","tool_call_id":"call_1","content":output})
+    );
+    let t = tts.log.lock().unwrap();
+    assert!(
+        t.conns
+            .iter()
+            .any(|c| c.texts == vec!["Yes, we have four in stock. "])
+    );
+}
+
+#[tokio::test]
+async fn cascade_stt_socket_closed_mid_call_fails() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], Some(300)).await;
+    let llm = LlmFake::start(vec![]).await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    let e = expect_failure(&mut s).await;
+    feeder.abort();
+    assert!(e.contains("deepgram") && e.contains("NET-0000"), "{e}");
+}
+
+#[tokio::test]
+async fn cascade_soniox_error_mid_call_fails() {
+    let stt = SttFake::start(SttVendor::Soniox, &["hello world"], Some(300)).await;
+    let llm = LlmFake::start(vec![]).await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Soniox, &stt, &llm, &tts), vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    let e = expect_failure(&mut s).await;
+    feeder.abort();
+    assert!(e.contains("soniox") && e.contains("503"), "{e}");
+    // Soniox asks for a restart on 503: the agent reconnected (three times) before giving up.
+    assert_eq!(stt.log.lock().unwrap().connections, 4);
+}
+
+#[tokio::test]
+async fn cascade_soniox_503_reconnects_and_carries_on() {
+    let stt = SttFake::start_with(SttVendor::Soniox, &["hello world"], Some(300), Some(1)).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events("Hello."),
+        hold_after: None,
+    }])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Soniox, &stt, &llm, &tts), vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let log = stt.log.lock().unwrap();
+    assert_eq!(log.connections, 2);
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+    assert_eq!(messages(&llm, 0)[1]["content"], "hello world");
+}
+
+#[tokio::test]
+async fn cascade_tts_error_fails() {
+    let stt = SttFake::start(SttVendor::ElevenLabs, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events("Hello there. How are you?"),
+        hold_after: None,
+    }])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), true).await;
+    let agent =
+        CascadeAgent::new(&config(SttVendor::ElevenLabs, &stt, &llm, &tts), vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    let e = expect_failure(&mut s).await;
+    feeder.abort();
+    assert!(
+        e.contains("elevenlabs_tts") && e.contains("Quota exceeded"),
+        "{e}"
+    );
+}
+
+async fn tts_http_mode(rate_hz: u32, want_format: &str) {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events("Hello there. How are you?"),
+        hold_after: None,
+    }])
+    .await;
+    let ws_tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let clip = fixture("vm-goodbye.wav");
+    let http = HttpTtsFake::start(clip.clone()).await;
+    let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &ws_tts);
+    cfg.tts.mode = voicegate::agent::cascade::config::TtsMode::Http;
+    cfg.tts.url = format!("http://{}", http.addr);
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let session = agent.start(CallInfo {
+        tools: Vec::new(),
+        call_id: uuid::Uuid::new_v4(),
+        rate_hz,
+        caller_number: None,
+        caller_name: None,
+    });
+    let mut s = session;
+    let tx = s.input.clone();
+    let feeder = tokio::spawn(async move {
+        let speech = clip_at(&fixture("hello-world.wav"), rate_hz);
+        let spf = rate_hz as usize / 50;
+        for n in 0.. {
+            let f: Vec<i16> = speech
+                .chunks(spf)
+                .nth(n)
+                .map_or(vec![0; spf], |c| c.to_vec());
+            let mut b = Vec::new();
+            voicegate::audio::slin_to_le_bytes(&f, &mut b);
+            if tx
+                .send(AgentInput::Audio(bytes::Bytes::from(b)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut audio = Vec::new();
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::Audio { samples, .. } => audio.extend(samples),
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let reqs = http.log.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 2, "one request per sentence");
+    for (r, text) in reqs.iter().zip(["Hello there.", "How are you?"]) {
+        assert_eq!(
+            r.path,
+            format!("/v1/text-to-speech/voice1/stream?output_format={want_format}")
+        );
+        assert!(r.headers.contains(&("xi-api-key".into(), KEY.into())));
+        assert_eq!(r.body["text"], text);
+        assert_eq!(r.body["model_id"], "eleven_flash_v2_5");
+    }
+    // Both sentences' audio, decoded once at the call rate, nothing lost or added.
+    let one = clip_at(&clip, rate_hz);
+    assert_eq!(audio.len(), 2 * one.len());
+    let (corr, lag) = best_correlation(&audio[..one.len()], &one, 10);
+    assert!(corr > 0.95 && lag == 0, "{corr} {lag}");
+    assert!(ws_tts.log.lock().unwrap().conns.is_empty());
+}
+
+#[tokio::test]
+async fn cascade_tts_http_mode_8khz_ulaw() {
+    tts_http_mode(8_000, "ulaw_8000").await;
+}
+
+#[tokio::test]
+async fn cascade_tts_http_mode_16khz_pcm() {
+    tts_http_mode(16_000, "pcm_16000").await;
+}
+
+#[tokio::test]
+async fn cascade_greeting_is_spoken_first_and_kept_in_history() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::Stream {
+        events: text_events("Sure."),
+        hold_after: None,
+    }])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &tts);
+    cfg.greeting = Some("Welcome to the tyre shop.".into());
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let session = agent.start(CallInfo {
+        tools: Vec::new(),
+        call_id: uuid::Uuid::new_v4(),
+        rate_hz: 8_000,
+        caller_number: None,
+        caller_name: None,
+    });
+    let mut s = session;
+    // Before the caller says anything, the greeting's audio arrives.
+    let first = loop {
+        match next_event(&mut s).await {
+            AgentEvent::Audio { reply, .. } => break reply,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    };
+    loop {
+        if let AgentEvent::ReplyDone { reply } = next_event(&mut s).await {
+            assert_eq!(reply, first);
+            break;
+        }
+    }
+    s.input
+        .send(AgentInput::PlayedOut { reply: first })
+        .await
+        .unwrap();
+    assert_eq!(
+        tts.log.lock().unwrap().conns[0].texts,
+        vec!["Welcome to the tyre shop. "]
+    );
+    // Then the caller speaks; the LLM sees the greeting in the history.
+    let mut s2 = s;
+    let tx = s2.input.clone();
+    let feeder = tokio::spawn(async move {
+        let speech = fixture("hello-world.wav").samples;
+        for n in 0.. {
+            let f: Vec<i16> = speech
+                .chunks(160)
+                .nth(n)
+                .map_or(vec![0; 160], |c| c.to_vec());
+            let mut b = Vec::new();
+            voicegate::audio::slin_to_le_bytes(&f, &mut b);
+            if tx
+                .send(AgentInput::Audio(bytes::Bytes::from(b)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    loop {
+        match next_event(&mut s2).await {
+            AgentEvent::Transcript {
+                speaker: Speaker::Agent,
+                text,
+            } => assert_eq!(text, "Welcome to the tyre shop."),
+            AgentEvent::ReplyDone { reply } if reply != first => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let m = messages(&llm, 0);
+    assert_eq!(
+        m[1],
+        serde_json::json!({"role":"assistant","content":"Welcome to the tyre shop."})
+    );
+    assert_eq!(
+        m[2],
+        serde_json::json!({"role":"user","content":"hello world"})
+    );
+}

@@ -1,0 +1,1048 @@
+//! Fakes of the cascade's providers, each speaking its vendor's real wire format on
+//! 127.0.0.1:0 (`providers.md` §3–§7), and a synthetic AudioSocket caller that can feed the
+//! agent's own voice back as echo.
+#![allow(dead_code)]
+
+use base64::Engine as _;
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use voicegate::audio::g711::Law;
+use voicegate::audio::wav::Recording;
+use voicegate::audiosocket::codec::{self, Message as AsMessage, SlinRate};
+use voicegate::call::session::read_message;
+
+pub const KEY: &str = "test-key-123";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn query(uri: &str, key: &str) -> Option<String> {
+    let url = reqwest::Url::parse(&format!("http://x{uri}")).ok()?;
+    url.query_pairs()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+#[allow(clippy::result_large_err)] // the handshake callback's error type is tungstenite's
+async fn accept_ws(
+    stream: TcpStream,
+) -> (
+    tokio_tungstenite::WebSocketStream<TcpStream>,
+    String,
+    Vec<(String, String)>,
+) {
+    let mut uri = String::new();
+    let mut headers = Vec::new();
+    let ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp: Response| {
+        uri = req.uri().to_string();
+        headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        Ok(resp)
+    })
+    .await
+    .expect("websocket handshake");
+    (ws, uri, headers)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+// ---------------------------------------------------------------------------------------
+// STT fakes
+// ---------------------------------------------------------------------------------------
+
+/// Which vendor an STT fake plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SttVendor {
+    Soniox,
+    Deepgram,
+    ElevenLabs,
+}
+
+/// What an STT fake saw.
+#[derive(Debug, Default)]
+pub struct SttLog {
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+    /// Soniox' first message.
+    pub config: Option<serde_json::Value>,
+    /// Declared encoding (vendor's name) and sample rate.
+    pub encoding: String,
+    pub rate_hz: u32,
+    /// All audio received, decoded to slin at `rate_hz`.
+    pub audio: Vec<i16>,
+    /// Control text messages received.
+    pub texts: Vec<String>,
+    /// Utterances recognised (ended).
+    pub turns: usize,
+    /// The client ended the stream (vendor end message or close).
+    pub client_closed: bool,
+    /// Problems with what the client sent.
+    pub errors: Vec<String>,
+    /// Connections accepted.
+    pub connections: usize,
+}
+
+/// A scripted STT: the "transcript" of the n-th utterance it hears is `utterances[n]`.
+/// Speech is found the way a vendor's endpointing does it, on the audio it received: an
+/// utterance is ≥ 200 ms above RMS 300, ended by ≥ 400 ms below.
+pub struct SttFake {
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<SttLog>>,
+}
+
+impl SttFake {
+    pub async fn start(vendor: SttVendor, utterances: &[&str], fail_after_ms: Option<u64>) -> Self {
+        Self::start_with(vendor, utterances, fail_after_ms, None).await
+    }
+
+    /// Like [`Self::start`]; with `failing_connections = Some(n)` only the first `n`
+    /// connections fail after `fail_after_ms`.
+    pub async fn start_with(
+        vendor: SttVendor,
+        utterances: &[&str],
+        fail_after_ms: Option<u64>,
+        failing_connections: Option<usize>,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(SttLog::default()));
+        let utterances: Vec<String> = utterances.iter().map(|s| s.to_string()).collect();
+        let l = log.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let l = l.clone();
+                let u = utterances.clone();
+                let index = {
+                    let mut log = l.lock().unwrap();
+                    log.connections += 1;
+                    log.connections - 1
+                };
+                let fail = fail_after_ms.filter(|_| failing_connections.is_none_or(|n| index < n));
+                tokio::spawn(serve_stt(vendor, stream, l, u, fail));
+            }
+        });
+        SttFake { addr, log }
+    }
+
+    pub fn url(&self, vendor: SttVendor) -> String {
+        match vendor {
+            SttVendor::Soniox => format!("ws://{}/transcribe-websocket", self.addr),
+            SttVendor::Deepgram => format!("ws://{}/v1/listen", self.addr),
+            SttVendor::ElevenLabs => format!("ws://{}/v1/speech-to-text/realtime", self.addr),
+        }
+    }
+}
+
+async fn serve_stt(
+    vendor: SttVendor,
+    stream: TcpStream,
+    log: Arc<Mutex<SttLog>>,
+    utterances: Vec<String>,
+    fail_after_ms: Option<u64>,
+) {
+    let (mut ws, uri, headers) = accept_ws(stream).await;
+    let mut format: Option<(String, u32)> = None;
+    {
+        let mut l = log.lock().unwrap();
+        l.uri = uri.clone();
+        l.headers = headers.clone();
+        match vendor {
+            SttVendor::Deepgram => {
+                if header(&headers, "authorization") != Some(&format!("Token {KEY}")) {
+                    l.errors.push("missing Authorization: Token".into());
+                }
+                let enc = query(&uri, "encoding").unwrap_or_default();
+                let rate = query(&uri, "sample_rate")
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                if query(&uri, "channels").as_deref() != Some("1") {
+                    l.errors.push("channels != 1".into());
+                }
+                if query(&uri, "interim_results").as_deref() != Some("true") {
+                    l.errors.push("interim_results not requested".into());
+                }
+                format = Some((enc, rate));
+            }
+            SttVendor::ElevenLabs => {
+                if header(&headers, "xi-api-key") != Some(KEY) {
+                    l.errors.push("missing xi-api-key".into());
+                }
+                let f = query(&uri, "audio_format").unwrap_or_default();
+                let rate = if f == "ulaw_8000" {
+                    8000
+                } else {
+                    f.strip_prefix("pcm_")
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0)
+                };
+                if query(&uri, "commit_strategy").as_deref() != Some("vad") {
+                    l.errors.push("commit_strategy != vad".into());
+                }
+                format = Some((f, rate));
+            }
+            SttVendor::Soniox => {}
+        }
+        if let Some((e, r)) = &format {
+            l.encoding = e.clone();
+            l.rate_hz = *r;
+        }
+    }
+    if vendor == SttVendor::ElevenLabs {
+        let (f, r) = format.clone().unwrap();
+        let started = serde_json::json!({"message_type":"session_started","session_id":"s1",
+            "config":{"sample_rate":r,"audio_format":f,"vad_commit_strategy":true,"model_id":"scribe_v2_realtime"}});
+        let _ = ws.send(Message::text(started.to_string())).await;
+    }
+    let mut ep = Endpointer::default();
+    let mut utt = utterances.into_iter();
+    let mut current: Option<String> = None;
+    let mut audio_ms_total = 0u64;
+    while let Some(msg) = ws.next().await {
+        let msg = match msg {
+            Ok(m) => m,
+            Err(_) => break,
+        };
+        let chunk: Vec<i16>;
+        match msg {
+            Message::Text(t) => {
+                let t = t.as_str().to_owned();
+                match vendor {
+                    SttVendor::Soniox if format.is_none() => {
+                        let cfg: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                        let mut l = log.lock().unwrap();
+                        if cfg["api_key"] != KEY {
+                            l.errors.push("config without the api_key".into());
+                        }
+                        if cfg["num_channels"] != 1 {
+                            l.errors.push("num_channels != 1".into());
+                        }
+                        let e = cfg["audio_format"].as_str().unwrap_or("").to_owned();
+                        let r = cfg["sample_rate"].as_u64().unwrap_or(0) as u32;
+                        l.encoding = e.clone();
+                        l.rate_hz = r;
+                        l.config = Some(cfg);
+                        format = Some((e, r));
+                        continue;
+                    }
+                    SttVendor::Soniox if t.is_empty() => {
+                        log.lock().unwrap().client_closed = true;
+                        let _ = ws
+                            .send(Message::text(r#"{"tokens":[],"final_audio_proc_ms":0,"total_audio_proc_ms":0,"finished":true}"#))
+                            .await;
+                        let _ = ws.close(None).await;
+                        break;
+                    }
+                    SttVendor::ElevenLabs => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                        if v["message_type"] != "input_audio_chunk" {
+                            log.lock()
+                                .unwrap()
+                                .errors
+                                .push(format!("unexpected message {t}"));
+                            continue;
+                        }
+                        let (_, r) = format.clone().unwrap();
+                        if v["sample_rate"] != r {
+                            log.lock()
+                                .unwrap()
+                                .errors
+                                .push("sample_rate field differs".into());
+                        }
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(v["audio_base_64"].as_str().unwrap_or(""))
+                            .unwrap_or_default();
+                        chunk = decode(&format.as_ref().unwrap().0, &bytes);
+                    }
+                    SttVendor::Deepgram if t.contains("CloseStream") => {
+                        log.lock().unwrap().client_closed = true;
+                        let _ = ws
+                            .send(Message::text(r#"{"type":"Metadata","transaction_key":"deprecated","request_id":"r1","sha256":"x","created":"2025-01-01T00:00:00Z","duration":1.0,"channels":1}"#))
+                            .await;
+                        let _ = ws.close(None).await;
+                        break;
+                    }
+                    _ => {
+                        log.lock().unwrap().texts.push(t);
+                        continue;
+                    }
+                }
+            }
+            Message::Binary(b) => match &format {
+                Some((enc, _)) if vendor != SttVendor::ElevenLabs => chunk = decode(enc, &b),
+                _ => {
+                    log.lock()
+                        .unwrap()
+                        .errors
+                        .push("binary audio before config".into());
+                    continue;
+                }
+            },
+            Message::Close(_) => {
+                log.lock().unwrap().client_closed = true;
+                break;
+            }
+            _ => continue,
+        }
+        let rate = format.as_ref().map_or(8000, |f| f.1).max(1);
+        audio_ms_total += chunk.len() as u64 * 1000 / rate as u64;
+        log.lock().unwrap().audio.extend_from_slice(&chunk);
+        if let Some(limit) = fail_after_ms {
+            if audio_ms_total >= limit {
+                let (text, close) = match vendor {
+                    SttVendor::Soniox => (
+                        Some(
+                            r#"{"error_code":503,"error_message":"Cannot continue request (code 1). Please restart the request."}"#,
+                        ),
+                        CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "".into(),
+                        },
+                    ),
+                    SttVendor::Deepgram => (
+                        None,
+                        CloseFrame {
+                            code: CloseCode::Error,
+                            reason: "NET-0000".into(),
+                        },
+                    ),
+                    SttVendor::ElevenLabs => (
+                        Some(
+                            r#"{"message_type":"transcriber_error","error":"internal transcriber failure"}"#,
+                        ),
+                        CloseFrame {
+                            code: CloseCode::Error,
+                            reason: "".into(),
+                        },
+                    ),
+                };
+                if let Some(t) = text {
+                    let _ = ws.send(Message::text(t)).await;
+                }
+                let _ = ws.close(Some(close)).await;
+                break;
+            }
+        }
+        for ev in ep.push(&chunk, rate) {
+            let text = match ev {
+                EpEvent::Started => {
+                    current = utt.next();
+                    let Some(text) = &current else { continue };
+                    let first = text.split_whitespace().next().unwrap_or("").to_owned();
+                    stt_interim(vendor, &first)
+                }
+                EpEvent::Ended => {
+                    let Some(text) = current.take() else { continue };
+                    log.lock().unwrap().turns += 1;
+                    stt_final(vendor, &text)
+                }
+            };
+            for t in text {
+                if ws.send(Message::text(t)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn stt_interim(vendor: SttVendor, text: &str) -> Vec<String> {
+    match vendor {
+        SttVendor::Soniox => vec![serde_json::json!({"tokens":[{"text":text,"start_ms":100,"end_ms":300,"confidence":0.8,"is_final":false}],"final_audio_proc_ms":0,"total_audio_proc_ms":400}).to_string()],
+        SttVendor::Deepgram => vec![
+            r#"{"type":"SpeechStarted","channel":[0,1],"timestamp":0.1}"#.to_owned(),
+            serde_json::json!({"type":"Results","channel_index":[0,1],"duration":0.4,"start":0.0,"is_final":false,"speech_final":false,"channel":{"alternatives":[{"transcript":text,"confidence":0.8,"words":[]}]},"metadata":{"request_id":"r1"}}).to_string(),
+        ],
+        SttVendor::ElevenLabs => vec![serde_json::json!({"message_type":"partial_transcript","text":text}).to_string()],
+    }
+}
+
+fn stt_final(vendor: SttVendor, text: &str) -> Vec<String> {
+    match vendor {
+        SttVendor::Soniox => {
+            let mut tokens: Vec<serde_json::Value> = text
+                .split_whitespace()
+                .enumerate()
+                .map(|(i, w)| {
+                    let t = if i == 0 { w.to_owned() } else { format!(" {w}") };
+                    serde_json::json!({"text":t,"start_ms":100*i,"end_ms":100*i+90,"confidence":0.95,"is_final":true})
+                })
+                .collect();
+            tokens.push(serde_json::json!({"text":"<end>","is_final":true}));
+            vec![serde_json::json!({"tokens":tokens,"final_audio_proc_ms":1000,"total_audio_proc_ms":1000}).to_string()]
+        }
+        SttVendor::Deepgram => vec![
+            serde_json::json!({"type":"Results","channel_index":[0,1],"duration":1.0,"start":0.0,"is_final":true,"speech_final":true,"from_finalize":false,"channel":{"alternatives":[{"transcript":text,"confidence":0.95,"words":[]}]},"metadata":{"request_id":"r1"}}).to_string(),
+            r#"{"type":"UtteranceEnd","channel":[0,1],"last_word_end":1.0}"#.to_owned(),
+        ],
+        SttVendor::ElevenLabs => vec![serde_json::json!({"message_type":"committed_transcript","text":text}).to_string()],
+    }
+}
+
+fn decode(encoding: &str, bytes: &[u8]) -> Vec<i16> {
+    let mut out = Vec::new();
+    match encoding {
+        "mulaw" | "ulaw_8000" => Law::Ulaw.decode_into(bytes, &mut out),
+        _ => voicegate::audio::slin_from_le_bytes(bytes, &mut out),
+    }
+    out
+}
+
+#[derive(Default)]
+struct Endpointer {
+    buf: Vec<i16>,
+    speech_ms: u32,
+    silence_ms: u32,
+    started: bool,
+}
+
+enum EpEvent {
+    Started,
+    Ended,
+}
+
+impl Endpointer {
+    fn push(&mut self, samples: &[i16], rate: u32) -> Vec<EpEvent> {
+        self.buf.extend_from_slice(samples);
+        let n = rate as usize / 50;
+        let mut out = Vec::new();
+        while self.buf.len() >= n {
+            let block: Vec<i16> = self.buf.drain(..n).collect();
+            if voicegate::audio::rms(&block) > 300.0 {
+                self.speech_ms += 20;
+                self.silence_ms = 0;
+            } else {
+                self.silence_ms += 20;
+            }
+            if !self.started && self.speech_ms >= 200 {
+                self.started = true;
+                out.push(EpEvent::Started);
+            }
+            if self.started && self.silence_ms >= 400 {
+                self.started = false;
+                self.speech_ms = 0;
+                out.push(EpEvent::Ended);
+            }
+            if !self.started && self.silence_ms >= 400 {
+                self.speech_ms = 0;
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Chat Completions fake (HTTP/1.1, SSE)
+// ---------------------------------------------------------------------------------------
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub enum LlmReply {
+    /// `data:` payloads (`[DONE]` is added); with `hold_after = Some(n)` the fake sends `n`
+    /// events, then waits for [`LlmFake::release`] (or the client closing).
+    Stream {
+        events: Vec<String>,
+        hold_after: Option<usize>,
+    },
+    /// A non-2xx answer with a JSON body.
+    Error { status: u16, body: String },
+}
+
+#[derive(Debug, Default)]
+pub struct LlmLog {
+    pub requests: Vec<LlmRequest>,
+    /// Request indices whose streams the client closed before the end.
+    pub cancelled: Vec<usize>,
+    /// Request indices whose streams were sent completely.
+    pub completed: Vec<usize>,
+    /// Request indices that are holding back their last events.
+    pub holding: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LlmRequest {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+pub struct LlmFake {
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<LlmLog>>,
+    pub release: Arc<Notify>,
+}
+
+impl LlmFake {
+    pub async fn start(script: Vec<LlmReply>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(LlmLog::default()));
+        let release = Arc::new(Notify::new());
+        let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let (l, r) = (log.clone(), release.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_llm(stream, l.clone(), r.clone(), script.clone()));
+            }
+        });
+        LlmFake { addr, log, release }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/v1/chat/completions", self.addr)
+    }
+}
+
+async fn serve_llm(
+    mut stream: TcpStream,
+    log: Arc<Mutex<LlmLog>>,
+    release: Arc<Notify>,
+    script: Arc<Mutex<VecDeque<LlmReply>>>,
+) {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut tmp = [0u8; 4096];
+        let n = match stream.read(&mut tmp).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or("").to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = header(&headers, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut tmp = [0u8; 4096];
+        match stream.read(&mut tmp).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+    let body: serde_json::Value =
+        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+    let index = {
+        let mut l = log.lock().unwrap();
+        l.requests.push(LlmRequest {
+            path: request_line.split(' ').nth(1).unwrap_or("").to_owned(),
+            headers,
+            body,
+        });
+        l.requests.len() - 1
+    };
+    let reply = script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or(LlmReply::Error {
+            status: 500,
+            body:
+                r#"{"error":{"message":"fake has no more scripted replies","type":"server_error"}}"#
+                    .into(),
+        });
+    match reply {
+        LlmReply::Error { status, body } => {
+            let resp = format!(
+                "HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        }
+        LlmReply::Stream { events, hold_after } => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut all: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+            all.insert(0, ": OPENROUTER PROCESSING\n\n".into());
+            all.push("data: [DONE]\n\n".into());
+            let hold_at = hold_after.map(|n| n + 1);
+            for (i, ev) in all.iter().enumerate() {
+                if Some(i) == hold_at {
+                    log.lock().unwrap().holding.push(index);
+                    let mut probe = [0u8; 64];
+                    tokio::select! {
+                        () = release.notified() => {}
+                        r = stream.read(&mut probe) => {
+                            if matches!(r, Ok(0) | Err(_)) {
+                                log.lock().unwrap().cancelled.push(index);
+                                return;
+                            }
+                        }
+                    }
+                }
+                let chunk = format!("{:x}\r\n{ev}\r\n", ev.len());
+                if stream.write_all(chunk.as_bytes()).await.is_err() {
+                    log.lock().unwrap().cancelled.push(index);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+            log.lock().unwrap().completed.push(index);
+        }
+    }
+    let _ = stream.shutdown().await;
+}
+
+fn chunk(delta: serde_json::Value, finish: Option<&str>) -> String {
+    serde_json::json!({"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",
+        "choices":[{"index":0,"delta":delta,"finish_reason":finish}]})
+    .to_string()
+}
+
+/// SSE events streaming `text` a few words at a time, then `stop` and usage.
+pub fn text_events(text: &str) -> Vec<String> {
+    let mut out = vec![chunk(
+        serde_json::json!({"role":"assistant","content":""}),
+        None,
+    )];
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    for piece in words.chunks(2) {
+        out.push(chunk(serde_json::json!({"content": piece.concat()}), None));
+    }
+    out.push(chunk(serde_json::json!({}), Some("stop")));
+    out.push(serde_json::json!({"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}).to_string());
+    out
+}
+
+/// SSE events of one tool call, its arguments split into fragments (§7.2).
+pub fn tool_events(id: &str, name: &str, arguments: &str) -> Vec<String> {
+    let mut out = vec![chunk(
+        serde_json::json!({"role":"assistant","content":null,"tool_calls":[{"index":0,"id":id,"type":"function","function":{"name":name,"arguments":""}}]}),
+        None,
+    )];
+    let mid = arguments.len() / 2;
+    for part in [&arguments[..mid], &arguments[mid..]] {
+        out.push(chunk(
+            serde_json::json!({"tool_calls":[{"index":0,"function":{"arguments":part}}]}),
+            None,
+        ));
+    }
+    out.push(chunk(serde_json::json!({}), Some("tool_calls")));
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// ElevenLabs TTS stream-input fake (WebSocket)
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Clone)]
+pub struct TtsConn {
+    pub uri: String,
+    pub api_key: Option<String>,
+    pub init: Option<serde_json::Value>,
+    /// Text messages with words in them, in order.
+    pub texts: Vec<String>,
+    /// `{"text":""}` arrived.
+    pub end_of_input: bool,
+    /// `isFinal` was sent.
+    pub final_sent: bool,
+    /// The client closed the socket before `isFinal`.
+    pub closed_early: bool,
+    /// Audio bytes sent.
+    pub audio_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct TtsLog {
+    pub conns: Vec<TtsConn>,
+}
+
+/// Answers each sentence with `clip` (a real recording, converted to the requested
+/// `output_format`), in 100 ms chunks with character alignment spread over the clip.
+pub struct TtsFake {
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<TtsLog>>,
+}
+
+impl TtsFake {
+    pub async fn start(clip: Recording, fail: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(TtsLog::default()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_tts(stream, l.clone(), clip.clone(), fail));
+            }
+        });
+        TtsFake { addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+}
+
+/// `clip` at `rate_hz` (exact for the 8 kHz fixtures at 8 or 16 kHz).
+pub fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
+    voicegate::caller::resample_recording(clip, rate_hz)
+        .unwrap()
+        .samples
+}
+
+async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, fail: bool) {
+    let (mut ws, uri, headers) = accept_ws(stream).await;
+    let idx = {
+        let mut l = log.lock().unwrap();
+        l.conns.push(TtsConn {
+            uri: uri.clone(),
+            api_key: header(&headers, "xi-api-key").map(str::to_owned),
+            ..TtsConn::default()
+        });
+        l.conns.len() - 1
+    };
+    let format = query(&uri, "output_format").unwrap_or_default();
+    let (rate, ulaw) = match format.as_str() {
+        "ulaw_8000" => (8000, true),
+        f => (
+            f.strip_prefix("pcm_")
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(16000),
+            false,
+        ),
+    };
+    let samples = clip_at(&clip, rate);
+    let mut wire = Vec::new();
+    if ulaw {
+        Law::Ulaw.encode_into(&samples, &mut wire);
+    } else {
+        voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
+    }
+    let bytes_per_100ms = if ulaw { 800 } else { rate as usize / 5 };
+    let clip_ms = samples.len() as u64 * 1000 / rate as u64;
+    while let Some(msg) = ws.next().await {
+        let text = match msg {
+            Ok(Message::Text(t)) => t.as_str().to_owned(),
+            Ok(Message::Close(_)) | Err(_) => {
+                let mut l = log.lock().unwrap();
+                let c = &mut l.conns[idx];
+                if !c.final_sent {
+                    c.closed_early = true;
+                }
+                return;
+            }
+            Ok(_) => continue,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let t = v["text"].as_str().unwrap_or("").to_owned();
+        {
+            let mut l = log.lock().unwrap();
+            let c = &mut l.conns[idx];
+            if c.init.is_none() {
+                c.init = Some(v.clone());
+                if t != " " {
+                    c.texts.push("<bad init>".into());
+                }
+                continue;
+            }
+            if t.is_empty() {
+                c.end_of_input = true;
+            } else if !t.trim().is_empty() {
+                c.texts.push(t.clone());
+            }
+        }
+        if fail && !t.trim().is_empty() {
+            let _ = ws
+                .send(Message::text(r#"{"message":"Quota exceeded for this API key","error":"quota_exceeded","code":1008}"#))
+                .await;
+            let _ = ws
+                .close(Some(CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "quota exceeded".into(),
+                }))
+                .await;
+            return;
+        }
+        if t.is_empty() {
+            let _ = ws
+                .send(Message::text(r#"{"audio":null,"isFinal":true}"#))
+                .await;
+            log.lock().unwrap().conns[idx].final_sent = true;
+            let _ = ws.close(None).await;
+            while let Some(Ok(_)) = ws.next().await {}
+            return;
+        }
+        if t.trim().is_empty() {
+            continue; // keepalive
+        }
+        // "Synthesize": the clip, with this text's characters spread over it.
+        let chars: Vec<String> = t.chars().map(|c| c.to_string()).collect();
+        let n = chars.len() as u64;
+        let starts: Vec<u64> = (0..n).map(|i| i * clip_ms / n.max(1)).collect();
+        let durs: Vec<u64> = (0..n).map(|_| clip_ms / n.max(1)).collect();
+        for (i, piece) in wire.chunks(bytes_per_100ms).enumerate() {
+            let mut m = serde_json::json!({"audio": b64(piece), "isFinal": null});
+            if i == 0 {
+                let al = serde_json::json!({"chars": chars, "charStartTimesMs": starts, "charsDurationsMs": durs});
+                m["alignment"] = al.clone();
+                m["normalizedAlignment"] = al;
+            } else {
+                m["alignment"] = serde_json::Value::Null;
+            }
+            if ws.send(Message::text(m.to_string())).await.is_err() {
+                let mut l = log.lock().unwrap();
+                l.conns[idx].closed_early = true;
+                return;
+            }
+            log.lock().unwrap().conns[idx].audio_bytes += piece.len();
+        }
+    }
+    let mut l = log.lock().unwrap();
+    if !l.conns[idx].final_sent {
+        l.conns[idx].closed_early = true;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A caller whose line echoes what it hears
+// ---------------------------------------------------------------------------------------
+
+/// What the synthetic caller does.
+pub struct EchoCaller {
+    pub rate: SlinRate,
+    /// The first thing the caller says, and when (ms from the call id).
+    pub speech: Vec<i16>,
+    pub speech_at_ms: u64,
+    /// Said this long after the first audible agent audio (a barge-in), if set.
+    pub barge: Option<(Vec<i16>, u64)>,
+    /// The line returns `gain` × what the caller hears, `delay_ms` later.
+    pub echo: Option<(f32, u64)>,
+    /// Line noise RMS.
+    pub noise_rms: f32,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct EchoReport {
+    pub received: Vec<i16>,
+    /// ms from the call id of each received frame that was audible (RMS > 64).
+    pub audible_ms: Vec<u64>,
+    pub first_audio_ms: Option<u64>,
+    pub barge_at_ms: Option<u64>,
+    pub hangup: bool,
+}
+
+impl EchoCaller {
+    /// Runs the call; `first_audio` is told when the first audible agent frame arrives.
+    pub async fn run(
+        self,
+        addr: SocketAddr,
+        call_id: uuid::Uuid,
+        first_audio: watch::Sender<Option<u64>>,
+    ) -> EchoReport {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let mut out = BytesMut::new();
+        codec::encode(&AsMessage::CallId(call_id), &mut out);
+        writer.write_all(&out).await.unwrap();
+        let start = Instant::now();
+        let spf = self.rate.samples_per_frame();
+        let spms = self.rate.hz() as u64 / 1000;
+        let mut report = EchoReport::default();
+        let mut buf = BytesMut::new();
+        let mut seed = 12345u32;
+        let mut n: u64 = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let total = self.duration_ms / 20;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if n >= total { break; }
+                    let t0 = n * 20;
+                    let mut frame = vec![0i16; spf];
+                    for (k, s) in frame.iter_mut().enumerate() {
+                        let t = t0 * spms + k as u64;
+                        let mut v = 0f32;
+                        if let Some(i) = t.checked_sub(self.speech_at_ms * spms) {
+                            v += self.speech.get(i as usize).copied().unwrap_or(0) as f32;
+                        }
+                        if let (Some((voice, _)), Some(at)) = (&self.barge, report.barge_at_ms) {
+                            if let Some(i) = t.checked_sub(at * spms) {
+                                v += voice.get(i as usize).copied().unwrap_or(0) as f32;
+                            }
+                        }
+                        if let Some((gain, delay)) = self.echo {
+                            if let Some(i) = t.checked_sub(delay * spms) {
+                                v += report.received.get(i as usize).copied().unwrap_or(0) as f32 * gain;
+                            }
+                        }
+                        seed ^= seed << 13; seed ^= seed >> 17; seed ^= seed << 5;
+                        v += (seed as f32 / u32::MAX as f32 - 0.5) * self.noise_rms * 3.4;
+                        *s = v.clamp(-32768.0, 32767.0) as i16;
+                    }
+                    out.clear();
+                    codec::encode_audio_samples(self.rate, &frame, &mut out);
+                    if writer.write_all(&out).await.is_err() { break; }
+                    n += 1;
+                }
+                msg = read_message(&mut reader, &mut buf) => match msg {
+                    Ok(Some(AsMessage::Audio { payload, .. })) => {
+                        let now = start.elapsed().as_millis() as u64;
+                        let mut s = Vec::new();
+                        voicegate::audio::slin_from_le_bytes(&payload, &mut s);
+                        // Align the received timeline with the sent one at the first frame.
+                        if report.received.is_empty() {
+                            report.received.resize(n as usize * spf, 0);
+                        }
+                        if voicegate::audio::rms(&s) > 64.0 {
+                            report.audible_ms.push(now);
+                            if report.first_audio_ms.is_none() {
+                                report.first_audio_ms = Some(now);
+                                let _ = first_audio.send(Some(now));
+                                if let Some((_, after)) = &self.barge {
+                                    report.barge_at_ms = Some(now + after);
+                                }
+                            }
+                        }
+                        report.received.extend_from_slice(&s);
+                    }
+                    Ok(Some(AsMessage::Hangup)) => { report.hangup = true; break; }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        let _ = writer.shutdown().await;
+        report
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// ElevenLabs TTS HTTP streaming fake (POST …/stream, raw audio body)
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct HttpTtsRequest {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+/// Answers every `POST /v1/text-to-speech/{voice}/stream?output_format=…` with `clip` in
+/// that format, as a chunked raw-audio body.
+pub struct HttpTtsFake {
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<HttpTtsRequest>>>,
+}
+
+impl HttpTtsFake {
+    pub async fn start(clip: Recording) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let l = l.clone();
+                let clip = clip.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let head_end = loop {
+                        let mut tmp = [0u8; 4096];
+                        match stream.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                    let mut lines = head.split("\r\n");
+                    let path = lines
+                        .next()
+                        .unwrap_or("")
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or("")
+                        .to_owned();
+                    let headers: Vec<(String, String)> = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                        .collect();
+                    let len: usize = header(&headers, "content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut tmp = [0u8; 4096];
+                        match stream.read(&mut tmp).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    let body =
+                        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+                    l.lock().unwrap().push(HttpTtsRequest {
+                        path: path.clone(),
+                        headers,
+                        body,
+                    });
+                    let format = query(&path, "output_format").unwrap_or_default();
+                    let (rate, ulaw) = match format.as_str() {
+                        "ulaw_8000" => (8000, true),
+                        f => (
+                            f.strip_prefix("pcm_")
+                                .and_then(|r| r.parse().ok())
+                                .unwrap_or(16000),
+                            false,
+                        ),
+                    };
+                    let samples = clip_at(&clip, rate);
+                    let mut wire = Vec::new();
+                    if ulaw {
+                        Law::Ulaw.encode_into(&samples, &mut wire);
+                    } else {
+                        voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
+                    }
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: audio/basic\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    // Odd-sized chunks: PCM samples split across chunks must survive.
+                    for piece in wire.chunks(777) {
+                        let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
+                        c.extend_from_slice(piece);
+                        c.extend_from_slice(b"\r\n");
+                        if stream.write_all(&c).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        HttpTtsFake { addr, log }
+    }
+}
