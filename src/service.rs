@@ -22,6 +22,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("binding AudioSocket listener {}", config.audiosocket.listen))?;
     let stop = CancellationToken::new();
+    // What the dialplan does after an AudioSocket() call: GET /v1/calls/{id}/next.
+    let next = std::sync::Arc::new(crate::call::next::NextStore::new());
+    let (server, _ari) = match &config.ari {
+        Some(c) => {
+            let rt = crate::ari::controller::start(
+                c,
+                config.audiosocket.listen,
+                next.clone(),
+                stop.clone(),
+            )
+            .context("starting ARI")?;
+            (
+                server.with_directory(std::sync::Arc::new(rt.controller.clone())),
+                Some(rt),
+            )
+        }
+        None => (
+            server.with_directory(std::sync::Arc::new(next.clone())),
+            None,
+        ),
+    };
     let serving = tokio::spawn(server.run(stop.clone()));
     shutdown_signal().await;
     info!("shutdown requested");

@@ -8,7 +8,8 @@
 
 use crate::agent::{CallInfo, SharedAgent};
 use crate::audiosocket::codec::Message;
-use crate::call::{CallSummary, Outcome, SessionParams, run_session, session::read_message};
+use crate::call::directory::{Admission, CallDetails, CallDirectory};
+use crate::call::{CallSummary, Outcome, SessionParams, session::read_message};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ pub struct Server {
     agent: SharedAgent,
     params: Arc<ServerParams>,
     summaries: Option<mpsc::UnboundedSender<CallSummary>>,
+    directory: Option<Arc<dyn CallDirectory>>,
 }
 
 impl std::fmt::Debug for dyn crate::agent::Agent {
@@ -76,12 +78,20 @@ impl Server {
             agent,
             params: Arc::new(params),
             summaries: None,
+            directory: None,
         })
     }
 
     /// Sends the summary of every finished call to `tx` (for call records and tests).
     pub fn with_summaries(mut self, tx: mpsc::UnboundedSender<CallSummary>) -> Self {
         self.summaries = Some(tx);
+        self
+    }
+
+    /// Asks `directory` about each call before it starts and tells it how each call ended
+    /// (caller details and DTMF from ARI, Stasis-only admission, the `/next` store).
+    pub fn with_directory(mut self, directory: Arc<dyn CallDirectory>) -> Self {
+        self.directory = Some(directory);
         self
     }
 
@@ -109,8 +119,9 @@ impl Server {
                         let params = self.params.clone();
                         let hangup = hangup.clone();
                         let summaries = self.summaries.clone();
+                        let directory = self.directory.clone();
                         tracker.spawn(async move {
-                            if let Some(summary) = handle_connection(stream, peer, agent, &params, hangup).await {
+                            if let Some(summary) = handle_connection(stream, peer, agent, &params, hangup, directory).await {
                                 if let Some(tx) = summaries {
                                     let _ = tx.send(summary);
                                 }
@@ -157,6 +168,7 @@ async fn handle_connection(
     agent: SharedAgent,
     params: &ServerParams,
     hangup: CancellationToken,
+    directory: Option<Arc<dyn CallDirectory>>,
 ) -> Option<CallSummary> {
     if let Err(e) = stream.set_nodelay(true) {
         warn!(%peer, error = %e, "cannot set TCP_NODELAY");
@@ -184,23 +196,39 @@ async fn handle_connection(
     };
     let span = info_span!("call", call_id = %call_id, %peer);
     async move {
+        // The directory may end this call alone; the server's hangup still ends every call.
+        let end = hangup.child_token();
+        let details = match &directory {
+            Some(d) => match d.admit(call_id, end.clone()).await {
+                Admission::Accept(details) => details,
+                Admission::Reject => {
+                    warn!("call id not issued by voicegate; closing");
+                    return None;
+                }
+            },
+            None => CallDetails::default(),
+        };
         info!("call started");
         let info = CallInfo {
             call_id,
             rate_hz: 0,
-            caller_number: None,
-            caller_name: None,
+            caller_number: details.caller_number,
+            caller_name: details.caller_name,
         };
-        let summary = run_session(
+        let summary = crate::call::session::run_session_with_input(
             reader,
             writer,
             buf,
             info,
             agent,
             params.session.clone(),
-            hangup,
+            end,
+            details.extra_input,
         )
         .await;
+        if let Some(d) = &directory {
+            d.finished(&summary);
+        }
         match &summary.outcome {
             Outcome::ProtocolError(e) => warn!(error = %e, "malformed stream; call closed"),
             Outcome::Fallback(e) => warn!(error = %e, "call handed to the fallback"),

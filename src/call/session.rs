@@ -20,6 +20,7 @@ use crate::audiosocket::codec::{self, CodecError, Message, SlinRate};
 use bytes::BytesMut;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -112,6 +113,27 @@ pub struct CallSummary {
 /// Runs one call to its end. `call_id` has been read already; `read_buf` holds any bytes
 /// read after it. Returns what is kept of the call; it never panics on input.
 pub async fn run_session<R, W>(
+    reader: R,
+    writer: W,
+    read_buf: BytesMut,
+    info: CallInfo,
+    agent: SharedAgent,
+    params: SessionParams,
+    hangup: CancellationToken,
+) -> CallSummary
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    run_session_with_input(reader, writer, read_buf, info, agent, params, hangup, None).await
+}
+
+/// [`run_session`] with a second source of agent input besides the AudioSocket stream
+/// (DTMF from ARI `ChannelDtmfReceived` in Stasis mode): each [`AgentInput::Dtmf`] is counted
+/// in [`CallSummary::dtmf`] and forwarded like a `0x03` digit; other inputs are forwarded as
+/// they are. Inputs arriving before the agent starts (first audio) are dropped.
+#[allow(clippy::too_many_arguments)] // run_session's arguments plus the one input
+pub async fn run_session_with_input<R, W>(
     mut reader: R,
     mut writer: W,
     mut read_buf: BytesMut,
@@ -119,6 +141,7 @@ pub async fn run_session<R, W>(
     agent: SharedAgent,
     params: SessionParams,
     hangup: CancellationToken,
+    mut extra_input: Option<mpsc::Receiver<AgentInput>>,
 ) -> CallSummary
 where
     R: AsyncRead + Unpin,
@@ -289,6 +312,19 @@ where
                     break Outcome::Fallback("agent task ended".into());
                 }
             },
+            input = next_extra(&mut extra_input) => match input {
+                Some(input) => {
+                    if let AgentInput::Dtmf(d) = input {
+                        info!(digit = %d, "dtmf (ari)");
+                        s.dtmf.push(d);
+                    }
+                    if let Some(a) = agent_session.as_ref() {
+                        let a: &crate::agent::AgentSession = a;
+                        let _ = a.input.try_send(input);
+                    }
+                }
+                None => extra_input = None,
+            },
         }
     };
 
@@ -319,6 +355,13 @@ async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> Res
 async fn next_event(session: &mut Option<crate::agent::AgentSession>) -> Option<AgentEvent> {
     match session {
         Some(s) => s.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_extra(extra: &mut Option<mpsc::Receiver<AgentInput>>) -> Option<AgentInput> {
+    match extra {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
