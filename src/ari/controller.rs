@@ -47,6 +47,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+/// After clean-up, a session still running this long (its socket not closed by Asterisk) is
+/// ended by voicegate.
+const SESSION_END_BACKSTOP: Duration = Duration::from_secs(1);
+
 /// How long a fetched channel list answers lookups before a new one is fetched.
 const CHANNEL_CACHE_TTL: Duration = Duration::from_secs(2);
 
@@ -573,17 +577,14 @@ impl Controller {
 
     /// Ends the call's session and removes its bridge and externalMedia channel; idempotent.
     async fn cleanup(&self, id: Uuid) {
-        let (bridge, media) = {
+        let (bridge, media, end) = {
             let mut reg = self.registry();
             let Some(call) = reg.calls.get_mut(&id) else {
                 return;
             };
             call.phase = Phase::Done;
-            if let Some(end) = call.end.take() {
-                end.cancel();
-            }
             call.input = None;
-            let taken = (call.bridge.take(), call.media.take());
+            let taken = (call.bridge.take(), call.media.take(), call.end.take());
             if call.session_done || !call.admitted {
                 if !call.admitted {
                     // A connection may still arrive for it; it will be rejected or looked up.
@@ -598,6 +599,14 @@ impl Controller {
         }
         if let Some(m) = media {
             self.delete_media(&m).await;
+        }
+        // Deleting the externalMedia channel makes Asterisk close the AudioSocket, which ends
+        // the session and its agent session. Should that not happen, end it from here.
+        if let Some(end) = end {
+            tokio::spawn(async move {
+                tokio::time::sleep(SESSION_END_BACKSTOP).await;
+                end.cancel();
+            });
         }
         debug!(call_id = %id, "stasis call cleaned up");
     }
@@ -619,9 +628,6 @@ impl Controller {
                 return;
             }
             call.phase = Phase::Transferring;
-            if let Some(end) = call.end.take() {
-                end.cancel();
-            }
             (
                 call.caller.clone(),
                 call.bridge.clone(),
@@ -697,9 +703,6 @@ impl Controller {
                 return;
             }
             call.phase = Phase::HangingUp;
-            if let Some(end) = call.end.take() {
-                end.cancel();
-            }
             call.caller.clone()
         };
         let mut done = false;
