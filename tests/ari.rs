@@ -634,3 +634,120 @@ async fn cleanup_counts_after_50_calls() {
     assert_eq!(stats.transfer_failures, 0);
     assert_eq!(h.ctl().tracked_calls(), 0);
 }
+
+/// An AudioSocket server without ARI (modes 1 and 2), with the `/next` store as directory,
+/// and a minimal HTTP listener serving `NextStore::route` as the health listener will.
+async fn plain_server(
+    behaviour: Behaviour,
+) -> (
+    SocketAddr,
+    SocketAddr,
+    Arc<NextStore>,
+    mpsc::UnboundedReceiver<CallSummary>,
+    CancellationToken,
+) {
+    let agent = Arc::new(TestAgent {
+        behaviour,
+        log: Arc::new(AgentLog::default()),
+        controller: OnceLock::new(),
+    });
+    let next = Arc::new(NextStore::new());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        agent,
+        ServerParams::from_config(&Default::default()),
+    )
+    .await
+    .unwrap()
+    .with_summaries(tx)
+    .with_directory(Arc::new(next.clone()));
+    let addr = server.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run(stop.clone()));
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let store = next.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = http.accept().await {
+            let mut buf = vec![0u8; 2048];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+            let (status, body) = match store.route(&path) {
+                Some(body) => ("200 OK", body),
+                None => ("404 Not Found", String::new()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    });
+    (addr, http_addr, next, rx, stop)
+}
+
+async fn get_next(http: SocketAddr, id: &str) -> String {
+    // What the dialplan's ${CURL(http://127.0.0.1:9100/v1/calls/${AS_UUID}/next)} fetches.
+    voicegate::tls::http_client_builder()
+        .build()
+        .unwrap()
+        .get(format!("http://{http}/v1/calls/{id}/next"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn next_endpoint_answers_for_modes_1_and_2() {
+    for (behaviour, rate, want) in [
+        // Mode 1, AudioSocket() app at 8 kHz: the agent said goodbye → hang up.
+        (
+            Behaviour::End(Duration::from_millis(400)),
+            SlinRate::Hz8000,
+            "hangup",
+        ),
+        // Mode 2, channel driver with c(slin16): the agent failed → operators.
+        (
+            Behaviour::Fail(Duration::from_millis(400)),
+            SlinRate::Hz16000,
+            "operator",
+        ),
+    ] {
+        let (addr, http, next, mut summaries, stop) = plain_server(behaviour).await;
+        let plan = CallPlan {
+            call_id: uuid::Uuid::new_v4(),
+            rate,
+            speech: fixture("hello-world.wav"),
+            speech_offset: Duration::ZERO,
+            dtmf: vec![],
+            duration: Duration::from_secs(4),
+        };
+        let report = place_call(addr, &plan).await.expect("call");
+        assert!(
+            report.hangup_received,
+            "voicegate ended the session with 0x00"
+        );
+        let summary = summaries.recv().await.unwrap();
+        assert_eq!(summary.call_id, plan.call_id);
+        assert_eq!(get_next(http, &plan.call_id.to_string()).await, want);
+        // Unknown and malformed ids: operators, as an empty answer would.
+        assert_eq!(
+            get_next(http, &uuid::Uuid::new_v4().to_string()).await,
+            "operator"
+        );
+        assert_eq!(get_next(http, "not-a-uuid").await, "operator");
+        // A queue the agent chose wins over the default.
+        next.set(
+            plan.call_id,
+            voicegate::call::next::Next::target("sales").unwrap(),
+        );
+        assert_eq!(get_next(http, &plan.call_id.to_string()).await, "sales");
+        stop.cancel();
+    }
+}
