@@ -165,7 +165,20 @@ impl Harness {
         let speech = resample_recording(&fixture("hello-world.wav"), rate.hz())
             .unwrap()
             .samples;
-        let fake = FakeAri::start(speech.clone(), rate).await;
+        let fake = FakeAri::start(speech, rate).await;
+        Self::start_on(fake, behaviour, rate, tweak).await
+    }
+
+    /// [`Harness::start`] against a prepared fake (which streams the same fixture).
+    async fn start_on(
+        fake: FakeAri,
+        behaviour: Behaviour,
+        rate: SlinRate,
+        tweak: impl FnOnce(&mut AriConfig),
+    ) -> Harness {
+        let speech = resample_recording(&fixture("hello-world.wav"), rate.hz())
+            .unwrap()
+            .samples;
         let log = Arc::new(AgentLog::default());
         let agent = Arc::new(TestAgent {
             behaviour,
@@ -471,6 +484,38 @@ async fn caller_gone_while_events_link_was_down_is_cleaned_up_on_reconnect() {
     h.fake.caller_hangs_up(&caller);
     sleep(Duration::from_millis(300)).await;
     h.fake.refuse_ws(false);
+    h.wait_clean().await;
+}
+
+#[tokio::test]
+async fn orphans_of_a_previous_run_are_handed_to_the_operators() {
+    // Asterisk still holds what a crashed voicegate left; a new voicegate connects.
+    let speech = resample_recording(&fixture("hello-world.wav"), 16_000)
+        .unwrap()
+        .samples;
+    let fake = FakeAri::start(speech, SlinRate::Hz16000).await;
+    let (caller, media, _bridge) = fake.orphans_from_previous_run();
+    let h = Harness::start_on(fake, Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    wait_until(Duration::from_secs(10), || {
+        !h.fake.continued().is_empty()
+            && !h.fake.channel_exists(&media)
+            && h.fake.live_bridges() == 0
+    })
+    .await;
+    let c = &h.fake.continued()[0];
+    assert_eq!(
+        (c.channel.as_str(), c.context.as_str()),
+        (caller.as_str(), "transfer-to-operator")
+    );
+    let f = &h.fake;
+    assert_eq!(f.count(&f.counts.bridges_destroyed), 1);
+    assert_eq!(f.count(&f.counts.media_destroyed), 1);
+    // A call that starts meanwhile is not mistaken for an orphan.
+    let live = h.fake.new_caller("+15550006666", "Live");
+    wait_bridged(&h, 1).await;
+    sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(h.fake.continued().len(), 1, "the live call was left alone");
+    h.fake.caller_hangs_up(&live);
     h.wait_clean().await;
 }
 

@@ -260,6 +260,14 @@ impl AriClient {
         .await
     }
 
+    /// `GET /bridges`: every bridge.
+    ///
+    /// # Errors
+    /// [`AriError`].
+    pub async fn bridges(&self) -> Result<Vec<Bridge>, AriError> {
+        self.json(Method::GET, "/bridges", &[]).await
+    }
+
     /// `POST /bridges/{id}/addChannel?channel=a,b`.
     ///
     /// # Errors

@@ -51,6 +51,10 @@ use uuid::Uuid;
 /// ended by voicegate.
 const SESSION_END_BACKSTOP: Duration = Duration::from_secs(1);
 
+/// Orphans found after the events link comes up are acted on only if still orphaned this
+/// much later.
+const ORPHAN_RECHECK: Duration = Duration::from_secs(2);
+
 /// How long a fetched channel list answers lookups before a new one is fetched.
 const CHANNEL_CACHE_TTL: Duration = Duration::from_secs(2);
 
@@ -359,7 +363,7 @@ impl Controller {
                     let state = *link.borrow_and_update();
                     match state {
                         LinkState::Up => {
-                            if was_up && lost {
+                            if !was_up || lost {
                                 let me = self.clone();
                                 tokio::spawn(async move { me.reconcile().await });
                             }
@@ -398,8 +402,9 @@ impl Controller {
                     }
                 };
                 if !known {
+                    let id = self.register(&channel);
                     let me = self.clone();
-                    tokio::spawn(async move { me.setup(channel).await });
+                    tokio::spawn(async move { me.setup(id, channel).await });
                 }
             }
             Event::StasisEnd { channel } | Event::ChannelDestroyed { channel, .. } => {
@@ -470,31 +475,35 @@ impl Controller {
         }
     }
 
-    async fn setup(self, channel: Channel) {
-        let c = &self.inner.client;
-        let s = &self.inner.settings;
+    /// Registers a new caller under a fresh call id, before any `.await`, so that events
+    /// for it (a quick hangup) find it.
+    fn register(&self, channel: &Channel) -> Uuid {
         let id = Uuid::new_v4();
         bump(&self.inner.counters.calls);
-        {
-            let mut reg = self.registry();
-            reg.by_channel.insert(channel.id.clone(), id);
-            reg.calls.insert(
-                id,
-                StasisCall {
-                    caller: channel.id.clone(),
-                    number: channel.caller_number(),
-                    name: channel.caller_name(),
-                    bridge: None,
-                    media: None,
-                    input: None,
-                    end: None,
-                    phase: Phase::Setup,
-                    admitted: false,
-                    session_done: false,
-                    left: watch::channel(false).0,
-                },
-            );
-        }
+        let mut reg = self.registry();
+        reg.by_channel.insert(channel.id.clone(), id);
+        reg.calls.insert(
+            id,
+            StasisCall {
+                caller: channel.id.clone(),
+                number: channel.caller_number(),
+                name: channel.caller_name(),
+                bridge: None,
+                media: None,
+                input: None,
+                end: None,
+                phase: Phase::Setup,
+                admitted: false,
+                session_done: false,
+                left: watch::channel(false).0,
+            },
+        );
+        id
+    }
+
+    async fn setup(self, id: Uuid, channel: Channel) {
+        let c = &self.inner.client;
+        let s = &self.inner.settings;
         info!(call_id = %id, channel = %channel.id, "stasis call: setting up");
         let result: Result<(), AriError> = async {
             c.answer(&channel.id).await?;
@@ -772,12 +781,19 @@ impl Controller {
         Ok(())
     }
 
-    /// After the events link was down: clean up calls whose caller channel no longer exists.
+    /// Each time the events link comes up: clean up calls whose caller channel no longer
+    /// exists (their `StasisEnd` was missed), then deal with orphans, channels and bridges of
+    /// this application that no tracked call owns (left by a previous voicegate run, or by a
+    /// link lost mid-setup): an orphaned caller goes to the operators, an orphaned
+    /// externalMedia channel is deleted, an orphaned `voicegate-` bridge destroyed. Orphans
+    /// are confirmed by a second look [`ORPHAN_RECHECK`] later, so a call whose `StasisStart`
+    /// is still on its way is never mistaken for one.
     async fn reconcile(&self) {
-        let channels = match self.inner.client.channels().await {
+        let c = &self.inner.client;
+        let channels = match c.channels().await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "reconcile after reconnect: cannot list channels");
+                warn!(error = %e, "reconcile: cannot list channels");
                 return;
             }
         };
@@ -791,16 +807,86 @@ impl Controller {
                 .map(|(id, _)| *id)
                 .collect()
         };
-        info!(
-            gone = gone.len(),
-            "ari events reconnected; reconciled calls"
-        );
+        if !gone.is_empty() {
+            info!(
+                gone = gone.len(),
+                "reconcile: callers gone while the events link was down"
+            );
+        }
         for id in gone {
             if let Some(c) = self.registry().calls.get(&id) {
                 c.left.send_replace(true);
             }
             self.cleanup(id).await;
         }
+
+        let orphans = |list: &[Channel], bridges: &[super::model::Bridge]| {
+            let reg = self.registry();
+            let chans: Vec<Channel> = list
+                .iter()
+                .filter(|ch| self.in_our_app(ch) && !reg.by_channel.contains_key(&ch.id))
+                .cloned()
+                .collect();
+            let owned: Vec<&String> = reg
+                .calls
+                .values()
+                .filter_map(|c| c.bridge.as_ref())
+                .collect();
+            let brs: Vec<String> = bridges
+                .iter()
+                .filter(|b| b.name.starts_with("voicegate-") && !owned.contains(&&b.id))
+                .map(|b| b.id.clone())
+                .collect();
+            (chans, brs)
+        };
+        let bridges = c.bridges().await.unwrap_or_default();
+        let (first_chans, first_brs) = orphans(&channels, &bridges);
+        if first_chans.is_empty() && first_brs.is_empty() {
+            return;
+        }
+        tokio::time::sleep(ORPHAN_RECHECK).await;
+        let (Ok(channels), Ok(bridges)) = (c.channels().await, c.bridges().await) else {
+            return;
+        };
+        let (chans, brs) = orphans(&channels, &bridges);
+        for ch in chans
+            .iter()
+            .filter(|ch| first_chans.iter().any(|f| f.id == ch.id))
+        {
+            if ch.name.starts_with("AudioSocket/") {
+                info!(channel = %ch.id, "reconcile: deleting an orphaned externalMedia channel");
+                self.delete_media(&ch.id).await;
+                continue;
+            }
+            warn!(channel = %ch.id, "reconcile: caller in the stasis app with no call; sending to the operators");
+            let s = &self.inner.settings;
+            let moved = c
+                .continue_in_dialplan(
+                    &ch.id,
+                    &s.transfer_context,
+                    &s.transfer_extension,
+                    s.transfer_priority,
+                )
+                .await;
+            if let Err(e) = moved {
+                if !e.is_not_found() {
+                    error!(channel = %ch.id, error = %e, "orphaned caller cannot be transferred; hanging up");
+                    let _ = c.hangup(&ch.id).await;
+                }
+            } else {
+                bump(&self.inner.counters.transfers);
+            }
+        }
+        for b in brs.iter().filter(|b| first_brs.contains(b)) {
+            info!(bridge = %b, "reconcile: destroying an orphaned bridge");
+            self.destroy_bridge(b).await;
+        }
+    }
+
+    /// A channel sitting in this controller's Stasis application.
+    fn in_our_app(&self, ch: &Channel) -> bool {
+        ch.dialplan.app_name == "Stasis"
+            && ch.dialplan.app_data.split(',').next() == Some(self.inner.settings.app.as_str())
     }
 
     /// The channel of an `AudioSocket()` / channel-driver call: the one whose

@@ -73,6 +73,8 @@ pub struct Bridge {
     pub id: String,
     /// `mixing`, `holding`, …
     pub bridge_type: String,
+    /// Name given at creation (voicegate uses `voicegate-<call id>`).
+    pub name: String,
     /// Ids of the channels in it.
     pub channels: Vec<String>,
 }

@@ -90,6 +90,7 @@ pub struct Continued {
 struct State {
     channels: HashMap<String, FakeChannel>,
     bridges: HashMap<String, Vec<String>>,
+    bridge_names: HashMap<String, String>,
     seq: u64,
     continued: Vec<Continued>,
     media_reports: Vec<Arc<Mutex<MediaReport>>>,
@@ -256,6 +257,48 @@ impl FakeAri {
             },
         );
         id
+    }
+
+    /// What a voicegate that died mid-call leaves behind: a caller in Stasis, an
+    /// externalMedia channel (its socket long closed) and a `voicegate-` bridge holding both.
+    /// Returns (caller, media, bridge) ids.
+    pub fn orphans_from_previous_run(&self) -> (String, String, String) {
+        let caller = self.new_caller("+15559999999", "Orphan");
+        let mut st = self.state.lock().unwrap();
+        st.seq += 1;
+        let media = format!("1763719200.{}", st.seq);
+        let seq = st.seq;
+        let uuid = Uuid::new_v4();
+        let (bridged, _) = watch::channel(true);
+        st.channels.insert(
+            media.clone(),
+            FakeChannel {
+                id: media.clone(),
+                name: format!("AudioSocket/127.0.0.1:9092-{seq:08x}"),
+                caller_name: String::new(),
+                caller_number: String::new(),
+                in_stasis: true,
+                context: "default".into(),
+                exten: "s".into(),
+                priority: 1,
+                app_name: "Stasis".into(),
+                app_data: format!("voicegate,{uuid}"),
+                media: Some(Media {
+                    uuid,
+                    bridged,
+                    hangup: CancellationToken::new(),
+                    report: Arc::new(Mutex::new(MediaReport::default())),
+                }),
+            },
+        );
+        let bridge = format!("b-orphan-{uuid}");
+        st.bridges
+            .insert(bridge.clone(), vec![caller.clone(), media.clone()]);
+        st.bridge_names
+            .insert(bridge.clone(), format!("voicegate-{uuid}"));
+        self.counts.bridges_created.fetch_add(1, Ordering::SeqCst);
+        self.counts.media_created.fetch_add(1, Ordering::SeqCst);
+        (caller, media, bridge)
     }
 
     /// The caller presses a key: `ChannelDtmfReceived`.
@@ -602,6 +645,17 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
             )
         }
         ("POST", ["channels", "externalMedia"]) => external_media(req, shared).await,
+        ("GET", ["bridges"]) => {
+            let st = shared.state.lock().unwrap();
+            let list = st
+                .bridges
+                .iter()
+                .map(|(id, members)| json!({"id": id, "technology": "simple_bridge", "bridge_type": "mixing",
+                    "bridge_class": "stasis", "creator": "Stasis", "name": st.bridge_names.get(id).cloned().unwrap_or_default(),
+                    "channels": members, "creationtime": "2026-11-21T10:00:00.000+0000", "video_mode": "talker"}))
+                .collect();
+            (200, Some(Value::Array(list)))
+        }
         ("GET", ["channels", id, "variable"]) => {
             let st = shared.state.lock().unwrap();
             match (st.channels.get(*id), q("variable")) {
@@ -665,6 +719,8 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
             st.seq += 1;
             let id = format!("b{}-{}", st.seq, Uuid::new_v4().simple());
             st.bridges.insert(id.clone(), Vec::new());
+            st.bridge_names
+                .insert(id.clone(), q("name").unwrap_or_default());
             shared.counts.bridges_created.fetch_add(1, Ordering::SeqCst);
             (
                 200,
@@ -729,6 +785,7 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
         }
         ("DELETE", ["bridges", bid]) => {
             let mut st = shared.state.lock().unwrap();
+            st.bridge_names.remove(*bid);
             if st.bridges.remove(*bid).is_none() {
                 return (404, msg("Bridge not found"));
             }
