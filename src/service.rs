@@ -24,13 +24,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     // What the dialplan does after an AudioSocket() call: GET /v1/calls/{id}/next.
     let next = std::sync::Arc::new(crate::call::next::NextStore::new());
-    let (server, _ari) = match &config.ari {
+    let ari_stop = CancellationToken::new();
+    let (server, ari) = match &config.ari {
         Some(c) => {
+            // Its own stop: ARI outlives the listener until the last transfer is confirmed.
             let rt = crate::ari::controller::start(
                 c,
                 config.audiosocket.listen,
                 next.clone(),
-                stop.clone(),
+                ari_stop.clone(),
             )
             .context("starting ARI")?;
             (
@@ -48,6 +50,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("shutdown requested");
     stop.cancel();
     serving.await.context("listener task")?;
+    if let Some(rt) = &ari {
+        // Sessions ended with the listener: let their transfers to the operators finish.
+        rt.controller
+            .settle(std::time::Duration::from_secs(5))
+            .await;
+    }
+    ari_stop.cancel();
     Ok(())
 }
 

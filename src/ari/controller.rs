@@ -30,11 +30,11 @@ use super::client::{AriClient, AriError, ExternalMedia};
 use super::events::{self, EventLink, EventsParams, LinkState};
 use super::model::{Channel, Event};
 use crate::agent::AgentInput;
+use crate::call::CallSummary;
 use crate::call::directory::{
     Admission, AdmitFuture, CallDetails, CallDirectory, EXTRA_INPUT_CAPACITY,
 };
 use crate::call::next::{Next, NextStore};
-use crate::call::{CallSummary, Outcome};
 use crate::config::{AriConfig, AriFormat, AriMode};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -320,6 +320,26 @@ impl Controller {
             hangups: l(&c.hangups),
             rejected: l(&c.rejected),
             lookups_fetched: l(&c.lookups_fetched),
+        }
+    }
+
+    /// Waits until no Stasis call is tracked any more (every transfer, hangup and clean-up
+    /// finished), at most `limit`; true if it got there. Call it on shutdown after the
+    /// AudioSocket server stopped, so callers whose sessions ended are not left in Stasis.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.tracked_calls() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    calls = self.tracked_calls(),
+                    "ari: calls still tracked at shutdown"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -987,8 +1007,9 @@ impl CallDirectory for Controller {
                     None
                 }
                 Phase::Transferring | Phase::HangingUp => None,
+                // One mapping for every mode: what `/next` would answer.
                 Phase::Setup | Phase::Live => {
-                    Some(matches!(summary.outcome, Outcome::AgentEnded(_)))
+                    Some(Next::from_outcome(&summary.outcome) == Next::Hangup)
                 }
             }
         };
