@@ -149,6 +149,7 @@ struct Harness {
     fake: FakeAri,
     addr: SocketAddr,
     stop: CancellationToken,
+    server_stop: CancellationToken,
     summaries: mpsc::UnboundedReceiver<CallSummary>,
     rt: AriRuntime,
     next: Arc<NextStore>,
@@ -189,7 +190,10 @@ impl Harness {
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),
             agent.clone(),
-            ServerParams::from_config(&Default::default()),
+            ServerParams {
+                shutdown_grace: Duration::from_millis(300),
+                ..ServerParams::from_config(&Default::default())
+            },
         )
         .await
         .unwrap()
@@ -216,7 +220,8 @@ impl Harness {
         let rt = controller::start(&cfg, addr, next.clone(), stop.clone()).unwrap();
         let _ = agent.controller.set(rt.controller.clone());
         let server = server.with_directory(Arc::new(rt.controller.clone()));
-        tokio::spawn(server.run(stop.clone()));
+        let server_stop = CancellationToken::new();
+        tokio::spawn(server.run(server_stop.clone()));
         if cfg.mode == AriMode::Stasis {
             fake.wait_ws().await;
         }
@@ -224,6 +229,7 @@ impl Harness {
             fake,
             addr,
             stop,
+            server_stop,
             summaries,
             rt,
             next,
@@ -260,6 +266,7 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        self.server_stop.cancel();
         self.stop.cancel();
     }
 }
@@ -516,6 +523,28 @@ async fn orphans_of_a_previous_run_are_handed_to_the_operators() {
     sleep(Duration::from_millis(2_500)).await;
     assert_eq!(h.fake.continued().len(), 1, "the live call was left alone");
     h.fake.caller_hangs_up(&live);
+    h.wait_clean().await;
+}
+
+#[tokio::test]
+async fn shutdown_hands_live_stasis_callers_to_the_operators() {
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    let caller = h.fake.new_caller("+15550007777", "Hana");
+    wait_bridged(&h, 1).await;
+    sleep(Duration::from_millis(300)).await;
+    // SIGTERM: the listener stops, the grace period (300 ms here) runs out.
+    h.server_stop.cancel();
+    assert_eq!(h.next_summary().await.outcome, Outcome::Shutdown);
+    assert!(
+        h.ctl().settle(Duration::from_secs(8)).await,
+        "transfers settled"
+    );
+    let c = h.fake.continued();
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        (c[0].channel.as_str(), c[0].context.as_str()),
+        (caller.as_str(), "transfer-to-operator")
+    );
     h.wait_clean().await;
 }
 
