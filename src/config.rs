@@ -663,6 +663,14 @@ mod tests {
         assert_eq!(ari.format, AriFormat::Slin16);
         assert_eq!(ari.transfer_context, "transfer-to-operator");
         assert!(Config::from_toml("", Path::new("x")).unwrap().ari.is_none());
+        let c = Config::from_toml(
+            "[ari]\npassword = \"ari-very-secret\"\nmode = \"lookup\"\nformat = \"slin\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("ari-very-secret"), "{out}");
+        assert!(out.contains("[ari]") && out.contains("lookup"), "{out}");
         for (text, key) in [
             ("[ari]\npassword = \"pw\"\nurl = \"ws://x\"\n", "ari.url"),
             (

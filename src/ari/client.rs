@@ -449,7 +449,7 @@ mod tests {
         let c = AriClient::new(
             "https://pbx/ari/",
             "u",
-            Secret::new("p"),
+            Secret::new("hunter2-secret"),
             Duration::from_secs(1),
         )
         .unwrap();
@@ -459,7 +459,10 @@ mod tests {
                 .as_str()
                 .starts_with("wss://pbx/ari/events?")
         );
-        assert!(!format!("{c:?}").contains('p') || !format!("{c:?}").contains("\"p\""));
+        // The password is in the Basic header only, never in Debug output or URLs.
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!c.events_url("a").as_str().contains("hunter2"));
+        assert_eq!(c.basic_auth_header(), "Basic dTpodW50ZXIyLXNlY3JldA==");
         assert_eq!(seg("1.2/x"), "1.2%2Fx");
         assert_eq!(
             error_message(br#"{"message":"Channel not in Stasis application"}"#),
