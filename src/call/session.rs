@@ -181,6 +181,9 @@ where
     // Set when the agent ended the call: hang up once the playout buffer is empty.
     let mut ending: Option<String> = None;
 
+    // In Stasis mode a digit may arrive twice: ARI ChannelDtmfReceived and 0x03 through the bridge.
+    let mut dtmf_dedup = DtmfDedup::default();
+
     // One timer for the whole call, re-armed each tick (no timer churn per event).
     let tick = sleep_until(clock.deadline());
     tokio::pin!(tick);
@@ -250,6 +253,9 @@ where
                         }
                     }
                     Ok(Some(Message::Dtmf(d))) => {
+                        if dtmf_dedup.duplicate(d, false, Instant::now()) {
+                            continue;
+                        }
                         info!(digit = %d, "dtmf");
                         s.dtmf.push(d);
                         if let Some(a) = agent_session.as_ref() {
@@ -315,6 +321,9 @@ where
             input = next_extra(&mut extra_input) => match input {
                 Some(input) => {
                     if let AgentInput::Dtmf(d) = input {
+                        if dtmf_dedup.duplicate(d, true, Instant::now()) {
+                            continue;
+                        }
                         info!(digit = %d, "dtmf (ari)");
                         s.dtmf.push(d);
                     }
@@ -356,6 +365,33 @@ async fn next_event(session: &mut Option<crate::agent::AgentSession>) -> Option<
     match session {
         Some(s) => s.events.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Drops the second copy of a DTMF digit that arrives from both sources of a Stasis call:
+/// ARI `ChannelDtmfReceived` and AudioSocket `0x03` through the bridge (the same key press
+/// seen twice). A digit repeated from the same source is a new key press and always passes.
+#[derive(Debug, Default)]
+struct DtmfDedup {
+    /// Last digit, whether it came from ARI, when.
+    last: Option<(char, bool, Instant)>,
+}
+
+impl DtmfDedup {
+    /// Two copies of one key press arrive within this of each other.
+    const WINDOW: Duration = Duration::from_millis(1_000);
+
+    /// True if `digit` from this source, arriving at `now`, is the other source's copy of
+    /// the last digit.
+    fn duplicate(&mut self, digit: char, from_ari: bool, now: Instant) -> bool {
+        if let Some((d, src, at)) = self.last {
+            if d == digit && src != from_ari && now.duration_since(at) <= Self::WINDOW {
+                self.last = None;
+                return true;
+            }
+        }
+        self.last = Some((digit, from_ari, now));
+        false
     }
 }
 
@@ -401,5 +437,32 @@ pub async fn read_message<R: AsyncRead + Unpin>(
                 )))
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtmf_seen_by_both_sources_counts_once() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let mut d = DtmfDedup::default();
+        assert!(!d.duplicate('5', true, ms(0)));
+        assert!(
+            d.duplicate('5', false, ms(300)),
+            "0x03 copy of an ARI digit"
+        );
+        assert!(
+            !d.duplicate('5', false, ms(900)),
+            "a second press of the same key"
+        );
+        assert!(
+            !d.duplicate('5', false, ms(1_200)),
+            "same source again: a new press"
+        );
+        assert!(!d.duplicate('5', true, ms(2_500)), "too late to be a copy");
+        assert!(!d.duplicate('6', false, ms(2_600)), "another key");
     }
 }

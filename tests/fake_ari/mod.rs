@@ -45,6 +45,8 @@ pub struct MediaReport {
 
 struct Media {
     uuid: Uuid,
+    /// Digits the bridge passes to this channel, sent as AudioSocket 0x03.
+    dtmf: tokio::sync::mpsc::UnboundedSender<char>,
     bridged: watch::Sender<bool>,
     hangup: CancellationToken,
     report: Arc<Mutex<MediaReport>>,
@@ -285,6 +287,7 @@ impl FakeAri {
                 app_data: format!("voicegate,{uuid}"),
                 media: Some(Media {
                     uuid,
+                    dtmf: tokio::sync::mpsc::unbounded_channel().0,
                     bridged,
                     hangup: CancellationToken::new(),
                     report: Arc::new(Mutex::new(MediaReport::default())),
@@ -310,6 +313,24 @@ impl FakeAri {
                 json!({"digit": digit.to_string(), "duration_ms": 100, "channel": ch.json()}),
             );
             let _ = self.events.send(ev);
+        }
+    }
+
+    /// The caller presses a key and the mixing bridge passes it on: `ChannelDtmfReceived`
+    /// and `0x03` on every externalMedia channel in the caller's bridge.
+    pub fn press_with_passthrough(&self, channel: &str, digit: char) {
+        self.press(channel, digit);
+        let st = self.state.lock().unwrap();
+        for members in st
+            .bridges
+            .values()
+            .filter(|m| m.iter().any(|c| c == channel))
+        {
+            for m in members {
+                if let Some(media) = st.channels.get(m).and_then(|c| c.media.as_ref()) {
+                    let _ = media.dtmf.send(digit);
+                }
+            }
         }
     }
 
@@ -845,10 +866,12 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
     } else {
         Arc::new(Vec::new())
     };
+    let (dtmf_tx, dtmf_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(media_side(
         stream,
         rate,
         speech,
+        dtmf_rx,
         bridged_rx,
         hangup.clone(),
         report.clone(),
@@ -869,6 +892,7 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         app_data: format!("voicegate,{data}"),
         media: Some(Media {
             uuid,
+            dtmf: dtmf_tx,
             bridged: bridged_tx,
             hangup,
             report: report.clone(),
@@ -891,6 +915,7 @@ async fn media_side(
     stream: TcpStream,
     rate: SlinRate,
     speech: Arc<Vec<i16>>,
+    mut dtmf: tokio::sync::mpsc::UnboundedReceiver<char>,
     mut bridged: watch::Receiver<bool>,
     hangup: CancellationToken,
     report: Arc<Mutex<MediaReport>>,
@@ -937,6 +962,9 @@ async fn media_side(
             .filter(|c| c.len() == spf)
             .unwrap_or(&silence);
         out.clear();
+        while let Ok(d) = dtmf.try_recv() {
+            codec::encode(&Message::Dtmf(d), &mut out);
+        }
         codec::encode_audio_samples(rate, chunk, &mut out);
         if writer.write_all(&out).await.is_err() {
             break;
