@@ -593,6 +593,15 @@ impl Config {
         }
         if let Some(ari) = &self.ari {
             ari.validate()?;
+            if ari.mode == AriMode::Stasis
+                && ari.external_host.is_none()
+                && self.audiosocket.listen.ip().is_unspecified()
+            {
+                return Err(ConfigError::invalid(
+                    "ari.external_host",
+                    "required when audiosocket.listen is a wildcard address: the address Asterisk connects to for externalMedia",
+                ));
+            }
         }
         if self
             .log
@@ -689,6 +698,10 @@ mod tests {
             (
                 "[ari]\npassword = \"pw\"\nreconnect_max_ms = 20\n",
                 "ari.reconnect_max_ms",
+            ),
+            (
+                "[audiosocket]\nlisten = \"0.0.0.0:9092\"\n[ari]\npassword = \"pw\"\n",
+                "ari.external_host",
             ),
         ] {
             let e = Config::from_toml(text, Path::new("x")).unwrap_err();
