@@ -286,8 +286,13 @@ async fn wait_bridged(h: &Harness, calls: usize) {
 #[tokio::test]
 async fn stasis_call_with_echo_agent_dtmf_and_cleanup() {
     let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    let t0 = Instant::now();
     let caller = h.fake.new_caller("+15551234567", "Alice Example");
     wait_bridged(&h, 1).await;
+    eprintln!(
+        "measured: StasisStart → audio flowing in {:?} (20 ms polling)",
+        t0.elapsed()
+    );
     sleep(Duration::from_millis(2_500)).await;
     h.fake.press(&caller, '7');
     sleep(Duration::from_millis(400)).await;
@@ -348,12 +353,17 @@ async fn agent_failure_transfers_to_the_operator_context() {
     .await;
     let caller = h.fake.new_caller("+15550001111", "Bob");
     let summary = h.next_summary().await;
+    let ended = Instant::now();
     assert!(
         matches!(summary.outcome, Outcome::Fallback(_)),
         "{:?}",
         summary.outcome
     );
     wait_until(Duration::from_secs(5), || !h.fake.continued().is_empty()).await;
+    eprintln!(
+        "measured: agent failure → ARI continue in {:?} (20 ms polling)",
+        ended.elapsed()
+    );
     let c = &h.fake.continued()[0];
     assert_eq!(c.channel, caller);
     assert_eq!(
@@ -444,6 +454,7 @@ async fn events_socket_dropped_and_restored_mid_call() {
     sleep(Duration::from_secs(2)).await;
     let refused = h.rt.link.attempts() - attempts_before;
     // Backoff 100, 200, 400, 800, 800 ms: about 4 attempts in 2 s; a busy loop makes hundreds.
+    eprintln!("measured: {refused} reconnect attempts in 2 s while refused");
     assert!((2..=8).contains(&refused), "{refused} attempts in 2 s");
 
     // A server that accepts and closes at once (cleanly) must not cause a busy loop either.
@@ -452,6 +463,7 @@ async fn events_socket_dropped_and_restored_mid_call() {
     let before = h.rt.link.attempts();
     sleep(Duration::from_secs(2)).await;
     let quick = h.rt.link.attempts() - before;
+    eprintln!("measured: {quick} reconnect attempts in 2 s against a closing server");
     assert!(
         (1..=6).contains(&quick),
         "{quick} attempts in 2 s against a closing server"
