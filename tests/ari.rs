@@ -843,3 +843,41 @@ async fn next_endpoint_answers_for_modes_1_and_2() {
         stop.cancel();
     }
 }
+
+#[tokio::test]
+async fn wrong_credentials_are_reported_and_retried_with_backoff() {
+    let fake = FakeAri::start(Vec::new(), SlinRate::Hz16000).await;
+    let client = voicegate::ari::AriClient::new(
+        &fake.url(),
+        fake_ari::USER,
+        voicegate::secret::Secret::new("wrong"),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let err = client.channels().await.unwrap_err();
+    assert!(matches!(err, AriError::Status { status: 401, .. }), "{err}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "no secret in errors: {err}"
+    );
+    let cfg = AriConfig {
+        url: fake.url(),
+        password: SecretSource::Inline("wrong".into()),
+        reconnect_initial_ms: 100,
+        reconnect_max_ms: 400,
+        ..AriConfig::default()
+    };
+    let stop = CancellationToken::new();
+    let rt = controller::start(
+        &cfg,
+        "127.0.0.1:9092".parse().unwrap(),
+        Arc::new(NextStore::new()),
+        stop.clone(),
+    )
+    .unwrap();
+    sleep(Duration::from_secs(2)).await;
+    let attempts = rt.link.attempts();
+    assert!((2..=8).contains(&attempts), "{attempts} attempts in 2 s");
+    assert_ne!(*rt.link.state.borrow(), LinkState::Up);
+    stop.cancel();
+}
