@@ -8,6 +8,7 @@
 //! - [`call`]: the per-call task that owns all of a call's state.
 //! - [`audio`]: G.711, resampling, the playout buffer and clock.
 //! - [`agent`]: the voice-agent interface and its providers.
+//! - [`ari`]: the Asterisk REST Interface: Stasis mode, transfers, caller lookup.
 //! - [`caller`]: a synthetic caller that behaves like Asterisk (`voicegate call`, `selftest`).
 //! - [`config`], [`secret`], [`tls`]: configuration, secrets, TLS for cloud connections.
 //! - [`guard`], [`fallback`], [`health`], [`records`]: the appliance: port guard and budget,
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod ari;
 pub mod audio;
 pub mod audiosocket;
 pub mod call;

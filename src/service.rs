@@ -133,6 +133,32 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     );
 
     let stop = CancellationToken::new();
+    // What the dialplan does after an AudioSocket() call: GET /v1/calls/{id}/next.
+    let next = std::sync::Arc::new(crate::call::next::NextStore::new());
+    let ari_stop = CancellationToken::new();
+    let (server, ari) = match &config.ari {
+        Some(c) => {
+            // Its own stop: ARI outlives the listener until the last transfer is confirmed.
+            let rt = crate::ari::controller::start(
+                c,
+                config.audiosocket.listen,
+                next.clone(),
+                ari_stop.clone(),
+            )
+            .context("starting ARI")?;
+            (
+                server.with_directory(std::sync::Arc::new(rt.controller.clone())),
+                Some(rt),
+            )
+        }
+        None => (
+            server.with_directory(std::sync::Arc::new(next.clone())),
+            None,
+        ),
+    };
+    if let Some(rt) = &ari {
+        spawn_ari_health(rt.link.state.clone(), health.clone());
+    }
     let http_stop = CancellationToken::new();
     let mut http_addr = None;
     let http_task = if config.health.enabled {
@@ -141,7 +167,23 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             .with_context(|| format!("binding health listener {}", config.health.listen))?;
         http_addr = Some(http.local_addr()?);
         Some(tokio::spawn(http.run(
-            Arc::new(health_routes(health.clone())),
+            Arc::new(health_routes(health.clone()).route(
+                hyper::Method::GET,
+                "/v1/calls/{id}/next",
+                {
+                    let next = next.clone();
+                    move |req| {
+                        let body = next.answer(req.params.get("id").map_or("", String::as_str));
+                        async move {
+                            crate::health::http::respond(
+                                hyper::StatusCode::OK,
+                                "text/plain; charset=utf-8",
+                                body.into(),
+                            )
+                        }
+                    }
+                },
+            )),
             http_stop.clone(),
         )))
     } else {
@@ -237,6 +279,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
+    if let Some(rt) = &ari {
+        // Sessions ended with the listener: let their transfers to the operators finish.
+        rt.controller
+            .settle(std::time::Duration::from_secs(5))
+            .await;
+    }
+    ari_stop.cancel();
     if let Some(t) = records_task {
         let _ = t.await;
     }
@@ -346,4 +395,29 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Mirrors the ARI events link state into `/health` and `STATUS=`.
+fn spawn_ari_health(
+    mut state: watch::Receiver<crate::ari::events::LinkState>,
+    health: Arc<HealthState>,
+) {
+    use crate::ari::events::LinkState;
+    tokio::spawn(async move {
+        loop {
+            let now = *state.borrow_and_update();
+            let status = match now {
+                LinkState::Up | LinkState::Disabled => ComponentStatus::Ok,
+                LinkState::Connecting => ComponentStatus::Degraded,
+                LinkState::Down => ComponentStatus::Down,
+            };
+            health.set_component(
+                component::ARI,
+                Component::new(status, format!("events link {}", now.as_str())),
+            );
+            if state.changed().await.is_err() {
+                break;
+            }
+        }
+    });
 }

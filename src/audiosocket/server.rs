@@ -15,7 +15,8 @@
 
 use crate::agent::{CallInfo, SharedAgent};
 use crate::audiosocket::codec::Message;
-use crate::call::{CallSummary, Outcome, SessionParams, run_session, session::read_message};
+use crate::call::directory::{Admission, CallDetails, CallDirectory};
+use crate::call::{CallSummary, Outcome, SessionParams, session::read_message};
 use crate::fallback::{Breaker, FallbackConfig, Route};
 use crate::guard::{Guard, Rejection};
 use crate::health::{HealthState, metrics as m};
@@ -88,6 +89,7 @@ pub struct Server {
     guard: Option<Arc<Guard>>,
     breaker: Arc<Breaker>,
     health: Option<(Arc<HealthState>, Duration)>,
+    directory: Option<Arc<dyn CallDirectory>>,
 }
 
 impl std::fmt::Debug for dyn crate::agent::Agent {
@@ -122,6 +124,7 @@ impl Server {
             // Never opens (threshold 0) unless with_breaker supplies one.
             breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
             health: None,
+            directory: None,
         })
     }
 
@@ -154,6 +157,13 @@ impl Server {
     /// Sends the summary of every finished call to `tx` (for call records and tests).
     pub fn with_summaries(mut self, tx: mpsc::UnboundedSender<CallSummary>) -> Self {
         self.summaries = Some(tx);
+        self
+    }
+
+    /// Asks `directory` about each call before it starts and tells it how each call ended
+    /// (caller details and DTMF from ARI, Stasis-only admission, the `/next` store).
+    pub fn with_directory(mut self, directory: Arc<dyn CallDirectory>) -> Self {
+        self.directory = Some(directory);
         self
     }
 
@@ -208,8 +218,9 @@ impl Server {
                         };
                         let hangup = hangup.clone();
                         let summaries = self.summaries.clone();
+                        let directory = self.directory.clone();
                         tracker.spawn(async move {
-                            let summary = handle_connection(stream, peer, &ctx, hangup).await;
+                            let summary = handle_connection(stream, peer, &ctx, hangup, directory).await;
                             drop(permit);
                             if let Some(summary) = summary {
                                 ctx.account(&summary).await;
@@ -351,6 +362,7 @@ async fn handle_connection(
     peer: SocketAddr,
     ctx: &CallContext,
     hangup: CancellationToken,
+    directory: Option<Arc<dyn CallDirectory>>,
 ) -> Option<CallSummary> {
     let agent = ctx.generation.agent.clone();
     let params: &ServerParams = &ctx.generation.params;
@@ -380,12 +392,24 @@ async fn handle_connection(
     };
     let span = info_span!("call", call_id = %call_id, %peer);
     async move {
+        // The directory may end this call alone; the server's hangup still ends every call.
+        let end = hangup.child_token();
+        let details = match &directory {
+            Some(d) => match d.admit(call_id, end.clone()).await {
+                Admission::Accept(details) => details,
+                Admission::Reject => {
+                    warn!("call id not issued by voicegate; closing");
+                    return None;
+                }
+            },
+            None => CallDetails::default(),
+        };
         info!("call started");
         let info = CallInfo {
             call_id,
             rate_hz: 0,
-            caller_number: None,
-            caller_name: None,
+            caller_number: details.caller_number,
+            caller_name: details.caller_name,
             tools: Vec::new(),
         };
         if let Route::Fallback(reason) =
@@ -416,6 +440,9 @@ async fn handle_connection(
                 Outcome::Fallback(reason.to_string()),
             );
             s.fallback = Some(reason);
+            if let Some(d) = &directory {
+                d.finished(&s);
+            }
             return Some(s);
         }
         let mut session = params.session.clone();
@@ -423,7 +450,20 @@ async fn handle_connection(
             session.clock = Some(h.call_clocks.clone());
             h.call_started();
         }
-        let summary = run_session(reader, writer, buf, info, agent, session, hangup).await;
+        let summary = crate::call::session::run_session_with_input(
+            reader,
+            writer,
+            buf,
+            info,
+            agent,
+            session,
+            end,
+            details.extra_input,
+        )
+        .await;
+        if let Some(d) = &directory {
+            d.finished(&summary);
+        }
         if let Some(h) = &ctx.health {
             h.call_ended();
         }

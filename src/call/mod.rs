@@ -3,3 +3,5 @@
 pub mod session;
 
 pub use session::{CallSummary, Outcome, SessionParams, run_session};
+pub mod directory;
+pub mod next;

@@ -22,6 +22,7 @@ use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -207,6 +208,27 @@ impl CallSummary {
 /// Runs one call to its end. `call_id` has been read already; `read_buf` holds any bytes
 /// read after it. Returns what is kept of the call; it never panics on input.
 pub async fn run_session<R, W>(
+    reader: R,
+    writer: W,
+    read_buf: BytesMut,
+    info: CallInfo,
+    agent: SharedAgent,
+    params: SessionParams,
+    hangup: CancellationToken,
+) -> CallSummary
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    run_session_with_input(reader, writer, read_buf, info, agent, params, hangup, None).await
+}
+
+/// [`run_session`] with a second source of agent input besides the AudioSocket stream
+/// (DTMF from ARI `ChannelDtmfReceived` in Stasis mode): each [`AgentInput::Dtmf`] is counted
+/// in [`CallSummary::dtmf`] and forwarded like a `0x03` digit; other inputs are forwarded as
+/// they are. Inputs arriving before the agent starts (first audio) are dropped.
+#[allow(clippy::too_many_arguments)] // run_session's arguments plus the one input
+pub async fn run_session_with_input<R, W>(
     mut reader: R,
     mut writer: W,
     mut read_buf: BytesMut,
@@ -214,6 +236,7 @@ pub async fn run_session<R, W>(
     agent: SharedAgent,
     params: SessionParams,
     hangup: CancellationToken,
+    mut extra_input: Option<mpsc::Receiver<AgentInput>>,
 ) -> CallSummary
 where
     R: AsyncRead + Unpin,
@@ -273,6 +296,9 @@ where
     let mut ending: Option<String> = None;
     info.tools = params.tools.specs();
     let mut tools = ToolRunner::new(params.tools.clone(), &info);
+
+    // In Stasis mode a digit may arrive twice: ARI ChannelDtmfReceived and 0x03 through the bridge.
+    let mut dtmf_dedup = DtmfDedup::default();
 
     // One timer for the whole call, re-armed each tick (no timer churn per event).
     let tick = sleep_until(clock.deadline());
@@ -389,6 +415,9 @@ where
                         }
                     }
                     Ok(Some(Message::Dtmf(d))) => {
+                        if dtmf_dedup.duplicate(d, false, Instant::now()) {
+                            continue;
+                        }
                         info!(digit = %d, "dtmf");
                         s.dtmf.push(d);
                         if let Some(a) = agent_session.as_ref() {
@@ -485,6 +514,22 @@ where
                     break Outcome::Fallback("agent task ended".into());
                 }
             },
+            input = next_extra(&mut extra_input) => match input {
+                Some(input) => {
+                    if let AgentInput::Dtmf(d) = input {
+                        if dtmf_dedup.duplicate(d, true, Instant::now()) {
+                            continue;
+                        }
+                        info!(digit = %d, "dtmf (ari)");
+                        s.dtmf.push(d);
+                    }
+                    if let Some(a) = agent_session.as_ref() {
+                        let a: &crate::agent::AgentSession = a;
+                        let _ = a.input.try_send(input);
+                    }
+                }
+                None => extra_input = None,
+            },
         }
     };
 
@@ -538,6 +583,40 @@ async fn next_event(session: &mut Option<crate::agent::AgentSession>) -> Option<
     }
 }
 
+/// Drops the second copy of a DTMF digit that arrives from both sources of a Stasis call:
+/// ARI `ChannelDtmfReceived` and AudioSocket `0x03` through the bridge (the same key press
+/// seen twice). A digit repeated from the same source is a new key press and always passes.
+#[derive(Debug, Default)]
+struct DtmfDedup {
+    /// Last digit, whether it came from ARI, when.
+    last: Option<(char, bool, Instant)>,
+}
+
+impl DtmfDedup {
+    /// Two copies of one key press arrive within this of each other.
+    const WINDOW: Duration = Duration::from_millis(1_000);
+
+    /// True if `digit` from this source, arriving at `now`, is the other source's copy of
+    /// the last digit.
+    fn duplicate(&mut self, digit: char, from_ari: bool, now: Instant) -> bool {
+        if let Some((d, src, at)) = self.last {
+            if d == digit && src != from_ari && now.duration_since(at) <= Self::WINDOW {
+                self.last = None;
+                return true;
+            }
+        }
+        self.last = Some((digit, from_ari, now));
+        false
+    }
+}
+
+async fn next_extra(extra: &mut Option<mpsc::Receiver<AgentInput>>) -> Option<AgentInput> {
+    match extra {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Why reading a message failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -573,5 +652,32 @@ pub async fn read_message<R: AsyncRead + Unpin>(
                 )))
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtmf_seen_by_both_sources_counts_once() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let mut d = DtmfDedup::default();
+        assert!(!d.duplicate('5', true, ms(0)));
+        assert!(
+            d.duplicate('5', false, ms(300)),
+            "0x03 copy of an ARI digit"
+        );
+        assert!(
+            !d.duplicate('5', false, ms(900)),
+            "a second press of the same key"
+        );
+        assert!(
+            !d.duplicate('5', false, ms(1_200)),
+            "same source again: a new press"
+        );
+        assert!(!d.duplicate('5', true, ms(2_500)), "too late to be a copy");
+        assert!(!d.duplicate('6', false, ms(2_600)), "another key");
     }
 }

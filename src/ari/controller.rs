@@ -1,0 +1,1027 @@
+//! The Stasis application and the caller lookup: what voicegate does with ARI for each call.
+//!
+//! **Stasis mode** (`asterisk.md`, mode 3). On `StasisStart` of a caller channel:
+//! answer → create a mixing bridge → register a fresh UUID → `POST /channels/externalMedia`
+//! with that UUID as `data`, pointed at voicegate's own AudioSocket listener → add the caller
+//! and the externalMedia channel to the bridge. Asterisk connects at once with the UUID; the
+//! listener asks this controller ([`CallDirectory::admit`]) and gets the caller's number and
+//! name and a channel for DTMF (`ChannelDtmfReceived` → [`AgentInput::Dtmf`]). On a
+//! Stasis-only listener a UUID this controller did not create is rejected.
+//!
+//! When the session ends ([`CallDirectory::finished`]): the agent ended the call → `DELETE`
+//! the caller; anything else while the caller is still here (the agent failed, a tool asked
+//! for a human, the media link dropped, shutdown) → transfer: remove the caller from the
+//! bridge, `continue` to the configured context/extension/priority, wait for `StasisEnd`,
+//! retry once, then hang up with an error logged. Clean-up runs on `StasisEnd` or
+//! `ChannelDestroyed` of the caller and after every transfer or hangup: the session is ended
+//! (its agent session with it), the bridge destroyed and the externalMedia channel deleted,
+//! each exactly once.
+//!
+//! **AudioSocket modes 1 and 2.** ARI cannot control those channels (409), so for an unknown
+//! UUID the controller only looks up the channel whose `dialplan.app_data` holds it
+//! (`GET /channels`, one request per call at most, shared by calls that arrive together) for
+//! the caller's number and name; what happens next is decided by the dialplan asking
+//! [`NextStore`] over HTTP.
+//!
+//! The registry is a short-held `std::sync::Mutex` (never across an `.await`); every REST
+//! sequence runs in its own task, so a slow Asterisk never stalls the event loop.
+
+use super::client::{AriClient, AriError, ExternalMedia};
+use super::events::{self, EventLink, EventsParams, LinkState};
+use super::model::{Channel, Event};
+use crate::agent::AgentInput;
+use crate::call::CallSummary;
+use crate::call::directory::{
+    Admission, AdmitFuture, CallDetails, CallDirectory, EXTRA_INPUT_CAPACITY,
+};
+use crate::call::next::{Next, NextStore};
+use crate::config::{AriConfig, AriFormat, AriMode};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+/// After clean-up, a session still running this long (its socket not closed by Asterisk) is
+/// ended by voicegate.
+const SESSION_END_BACKSTOP: Duration = Duration::from_secs(1);
+
+/// Orphans found after the events link comes up are acted on only if still orphaned this
+/// much later.
+const ORPHAN_RECHECK: Duration = Duration::from_secs(2);
+
+/// How long a fetched channel list answers lookups before a new one is fetched.
+const CHANNEL_CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// What the controller needs from the config.
+#[derive(Debug, Clone)]
+pub struct AriSettings {
+    /// Stasis application name.
+    pub app: String,
+    /// Stasis or lookup only.
+    pub mode: AriMode,
+    /// `HOST:PORT` Asterisk connects to for externalMedia.
+    pub external_host: String,
+    /// externalMedia format.
+    pub format: AriFormat,
+    /// Reject AudioSocket connections with a UUID this controller did not create.
+    pub stasis_only: bool,
+    /// Transfer target: context.
+    pub transfer_context: String,
+    /// Transfer target: extension.
+    pub transfer_extension: String,
+    /// Transfer target: priority.
+    pub transfer_priority: u32,
+    /// Wait this long for `StasisEnd` after `continue`.
+    pub transfer_confirm: Duration,
+    /// Caller lookup may take this long.
+    pub lookup_timeout: Duration,
+}
+
+impl AriSettings {
+    /// Settings from `[ari]`; `listen` is the AudioSocket listener, the default external host.
+    pub fn from_config(c: &AriConfig, listen: SocketAddr) -> Self {
+        AriSettings {
+            app: c.app.clone(),
+            mode: c.mode,
+            external_host: c
+                .external_host
+                .clone()
+                .unwrap_or_else(|| listen.to_string()),
+            format: c.format,
+            stasis_only: c.stasis_only,
+            transfer_context: c.transfer_context.clone(),
+            transfer_extension: c.transfer_extension.clone(),
+            transfer_priority: c.transfer_priority,
+            transfer_confirm: c.transfer_confirm(),
+            lookup_timeout: c.lookup_timeout(),
+        }
+    }
+}
+
+/// Why a control request from a tool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No live call has this id.
+    #[error("no live call {0}")]
+    UnknownCall(Uuid),
+    /// The call is already being transferred or hung up.
+    #[error("call {0} is already ending")]
+    AlreadyEnding(Uuid),
+}
+
+/// Counters of what the controller did (monotonic).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AriStats {
+    /// Stasis calls set up (caller `StasisStart`s handled).
+    pub calls: u64,
+    /// Bridges created.
+    pub bridges_created: u64,
+    /// Bridges destroyed (or found already gone).
+    pub bridges_destroyed: u64,
+    /// externalMedia channels created.
+    pub media_created: u64,
+    /// externalMedia channels deleted (or found already gone).
+    pub media_destroyed: u64,
+    /// Callers transferred to the operators (confirmed by `StasisEnd`).
+    pub transfers: u64,
+    /// Transfers that failed twice and ended in a hangup.
+    pub transfer_failures: u64,
+    /// Callers hung up by voicegate.
+    pub hangups: u64,
+    /// AudioSocket connections rejected (UUID not issued on a Stasis-only listener).
+    pub rejected: u64,
+    /// Caller lookups that sent `GET /channels`.
+    pub lookups_fetched: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    bridges_created: AtomicU64,
+    bridges_destroyed: AtomicU64,
+    media_created: AtomicU64,
+    media_destroyed: AtomicU64,
+    transfers: AtomicU64,
+    transfer_failures: AtomicU64,
+    hangups: AtomicU64,
+    rejected: AtomicU64,
+    lookups_fetched: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Answer, bridge, externalMedia in progress.
+    Setup,
+    /// Bridged; the agent is talking.
+    Live,
+    /// `continue` in progress.
+    Transferring,
+    /// `DELETE` in progress.
+    HangingUp,
+    /// Cleaned up; waiting only for the session to report.
+    Done,
+}
+
+struct StasisCall {
+    caller: String,
+    number: Option<String>,
+    name: Option<String>,
+    bridge: Option<String>,
+    media: Option<String>,
+    input: Option<mpsc::Sender<AgentInput>>,
+    end: Option<CancellationToken>,
+    phase: Phase,
+    admitted: bool,
+    session_done: bool,
+    /// Set when the caller left Stasis (continued, hung up, destroyed).
+    left: watch::Sender<bool>,
+}
+
+struct LookupCall {
+    end: CancellationToken,
+}
+
+#[derive(Default)]
+struct Registry {
+    calls: HashMap<Uuid, StasisCall>,
+    by_channel: HashMap<String, Uuid>,
+    lookups: HashMap<Uuid, LookupCall>,
+}
+
+impl Registry {
+    fn forget(&mut self, id: Uuid) {
+        if let Some(c) = self.calls.remove(&id) {
+            self.by_channel.remove(&c.caller);
+            if let Some(m) = &c.media {
+                self.by_channel.remove(m);
+            }
+        }
+    }
+}
+
+struct Inner {
+    client: AriClient,
+    settings: AriSettings,
+    next: Arc<NextStore>,
+    registry: Mutex<Registry>,
+    cache: tokio::sync::Mutex<Option<(Instant, Vec<Channel>)>>,
+    counters: Counters,
+}
+
+/// The ARI controller. Cheap to clone; install it on the AudioSocket server with
+/// [`crate::audiosocket::server::Server::with_directory`] and drive it with [`Controller::run`].
+#[derive(Clone)]
+pub struct Controller {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("app", &self.inner.settings.app)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A started ARI integration: the controller, its event link, its tasks.
+#[derive(Debug)]
+pub struct AriRuntime {
+    /// The controller (also the AudioSocket server's [`CallDirectory`]).
+    pub controller: Controller,
+    /// The events link, for health.
+    pub link: EventLink,
+    /// The events task and the controller's event loop; they end when `stop` is cancelled.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Builds the controller from `[ari]` and starts it: in Stasis mode the events WebSocket and
+/// the event loop; in lookup mode nothing runs in the background.
+///
+/// # Errors
+/// [`AriError`] if the password cannot be read or the client cannot be built.
+pub fn start(
+    cfg: &AriConfig,
+    listen: SocketAddr,
+    next: Arc<NextStore>,
+    stop: CancellationToken,
+) -> Result<AriRuntime, AriError> {
+    let password = cfg
+        .password
+        .resolve()
+        .map_err(|e| AriError::Client(format!("ari.password: {e}")))?;
+    let client = AriClient::new(&cfg.url, &cfg.username, password, cfg.request_timeout())?;
+    let controller = Controller::new(client.clone(), AriSettings::from_config(cfg, listen), next);
+    if cfg.mode == AriMode::Lookup {
+        return Ok(AriRuntime {
+            controller,
+            link: EventLink::disabled(),
+            tasks: Vec::new(),
+        });
+    }
+    let (tx, rx) = mpsc::channel(events::EVENT_QUEUE);
+    let params = EventsParams {
+        initial: cfg.reconnect_initial(),
+        max: cfg.reconnect_max(),
+        ping: cfg.ping_interval(),
+        stable: cfg.reconnect_max().max(Duration::from_secs(5)),
+        connect_timeout: cfg.request_timeout().max(Duration::from_secs(2)),
+    };
+    let (events_task, link) = events::spawn(client, cfg.app.clone(), params, tx, stop.clone());
+    let run = tokio::spawn(controller.clone().run(rx, link.state.clone(), stop));
+    Ok(AriRuntime {
+        controller,
+        link,
+        tasks: vec![events_task, run],
+    })
+}
+
+impl Controller {
+    /// A controller using `client`; dispositions of the calls it sees go to `next`.
+    pub fn new(client: AriClient, settings: AriSettings, next: Arc<NextStore>) -> Self {
+        Controller {
+            inner: Arc::new(Inner {
+                client,
+                settings,
+                next,
+                registry: Mutex::new(Registry::default()),
+                cache: tokio::sync::Mutex::new(None),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The REST client.
+    pub fn client(&self) -> &AriClient {
+        &self.inner.client
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> AriStats {
+        let c = &self.inner.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AriStats {
+            calls: l(&c.calls),
+            bridges_created: l(&c.bridges_created),
+            bridges_destroyed: l(&c.bridges_destroyed),
+            media_created: l(&c.media_created),
+            media_destroyed: l(&c.media_destroyed),
+            transfers: l(&c.transfers),
+            transfer_failures: l(&c.transfer_failures),
+            hangups: l(&c.hangups),
+            rejected: l(&c.rejected),
+            lookups_fetched: l(&c.lookups_fetched),
+        }
+    }
+
+    /// Waits until no Stasis call is tracked any more (every transfer, hangup and clean-up
+    /// finished), at most `limit`; true if it got there. Call it on shutdown after the
+    /// AudioSocket server stopped, so callers whose sessions ended are not left in Stasis.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.tracked_calls() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    calls = self.tracked_calls(),
+                    "ari: calls still tracked at shutdown"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stasis calls it still tracks (0 once every call is cleaned up and reported).
+    pub fn tracked_calls(&self) -> usize {
+        self.registry().calls.len()
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // A poisoned lock means a panic elsewhere mid-update; the maps are still consistent
+        // enough to clean up calls, which matters more than stopping.
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the event loop until `stop` is cancelled or the events channel closes. After the
+    /// link comes back up it reconciles: calls whose caller channel is gone are cleaned up.
+    pub async fn run(
+        self,
+        mut events: mpsc::Receiver<Event>,
+        mut link: watch::Receiver<LinkState>,
+        stop: CancellationToken,
+    ) {
+        let mut was_up = false;
+        let mut lost = false;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => break,
+                },
+                changed = link.changed() => {
+                    if changed.is_err() {
+                        // The events task is gone; keep serving what arrives.
+                        link = watch::channel(LinkState::Down).1;
+                        continue;
+                    }
+                    let state = *link.borrow_and_update();
+                    match state {
+                        LinkState::Up => {
+                            if !was_up || lost {
+                                let me = self.clone();
+                                tokio::spawn(async move { me.reconcile().await });
+                            }
+                            was_up = true;
+                            lost = false;
+                        }
+                        LinkState::Down => lost = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one event (REST work is spawned).
+    pub fn handle(&self, ev: Event) {
+        match ev {
+            Event::StasisStart { args, channel } => {
+                let known = {
+                    let mut reg = self.registry();
+                    if reg.by_channel.contains_key(&channel.id) {
+                        true
+                    } else if let Some(id) = args
+                        .first()
+                        .and_then(|a| Uuid::parse_str(a).ok())
+                        .filter(|id| reg.calls.contains_key(id))
+                    {
+                        // Our own externalMedia channel entering the app.
+                        reg.by_channel.insert(channel.id.clone(), id);
+                        if let Some(c) = reg.calls.get_mut(&id) {
+                            c.media.get_or_insert_with(|| channel.id.clone());
+                        }
+                        true
+                    } else {
+                        false
+                    }
+                };
+                if !known {
+                    let id = self.register(&channel);
+                    let me = self.clone();
+                    tokio::spawn(async move { me.setup(id, channel).await });
+                }
+            }
+            Event::StasisEnd { channel } | Event::ChannelDestroyed { channel, .. } => {
+                self.channel_left(&channel.id);
+            }
+            Event::ChannelDtmfReceived { digit, channel, .. } => {
+                let Some(d) = digit.chars().next() else {
+                    return;
+                };
+                let reg = self.registry();
+                if let Some(call) = reg
+                    .by_channel
+                    .get(&channel.id)
+                    .and_then(|id| reg.calls.get(id))
+                {
+                    if call.caller == channel.id {
+                        if let Some(tx) = &call.input {
+                            let _ = tx.try_send(AgentInput::Dtmf(d));
+                        }
+                    }
+                }
+            }
+            Event::ChannelHangupRequest { channel, cause } => {
+                debug!(channel = %channel.id, cause, "hangup requested");
+            }
+            Event::ChannelEnteredBridge { bridge, channel } => {
+                debug!(channel = %channel.id, bridge = %bridge.id, "channel entered bridge");
+            }
+            Event::BridgeDestroyed { bridge } => {
+                let mut reg = self.registry();
+                for call in reg.calls.values_mut() {
+                    if call.bridge.as_deref() == Some(bridge.id.as_str()) {
+                        call.bridge = None;
+                        bump(&self.inner.counters.bridges_destroyed);
+                    }
+                }
+            }
+            Event::Other => {}
+        }
+    }
+
+    /// A channel left Stasis or was destroyed.
+    fn channel_left(&self, channel: &str) {
+        let id = {
+            let mut reg = self.registry();
+            let Some(&id) = reg.by_channel.get(channel) else {
+                return;
+            };
+            let Some(call) = reg.calls.get_mut(&id) else {
+                return;
+            };
+            if call.caller == channel {
+                call.left.send_replace(true);
+                Some(id)
+            } else {
+                // The externalMedia channel: it is gone, nothing to delete.
+                if call.media.as_deref() == Some(channel) {
+                    call.media = None;
+                    bump(&self.inner.counters.media_destroyed);
+                }
+                reg.by_channel.remove(channel);
+                None
+            }
+        };
+        if let Some(id) = id {
+            let me = self.clone();
+            tokio::spawn(async move { me.cleanup(id).await });
+        }
+    }
+
+    /// Registers a new caller under a fresh call id, before any `.await`, so that events
+    /// for it (a quick hangup) find it.
+    fn register(&self, channel: &Channel) -> Uuid {
+        let id = Uuid::new_v4();
+        bump(&self.inner.counters.calls);
+        let mut reg = self.registry();
+        reg.by_channel.insert(channel.id.clone(), id);
+        reg.calls.insert(
+            id,
+            StasisCall {
+                caller: channel.id.clone(),
+                number: channel.caller_number(),
+                name: channel.caller_name(),
+                bridge: None,
+                media: None,
+                input: None,
+                end: None,
+                phase: Phase::Setup,
+                admitted: false,
+                session_done: false,
+                left: watch::channel(false).0,
+            },
+        );
+        id
+    }
+
+    async fn setup(self, id: Uuid, channel: Channel) {
+        let c = &self.inner.client;
+        let s = &self.inner.settings;
+        info!(call_id = %id, channel = %channel.id, "stasis call: setting up");
+        let result: Result<(), AriError> = async {
+            c.answer(&channel.id).await?;
+            let bridge = c.create_bridge(&format!("voicegate-{id}")).await?;
+            bump(&self.inner.counters.bridges_created);
+            if !self.keep(id, |call| call.bridge = Some(bridge.id.clone())) {
+                self.destroy_bridge(&bridge.id).await;
+                return Ok(());
+            }
+            let data = id.to_string();
+            let media = c
+                .external_media(&ExternalMedia {
+                    app: &s.app,
+                    external_host: &s.external_host,
+                    format: s.format.as_str(),
+                    data: &data,
+                })
+                .await?;
+            bump(&self.inner.counters.media_created);
+            let media_id = media.id.clone();
+            let kept = self.keep(id, |call| {
+                call.media = Some(media_id.clone());
+            });
+            self.registry().by_channel.insert(media.id.clone(), id);
+            if !kept {
+                self.delete_media(&media.id).await;
+                return Ok(());
+            }
+            c.add_channels(&bridge.id, &[&channel.id, &media.id])
+                .await?;
+            self.keep(id, |call| {
+                if call.phase == Phase::Setup {
+                    call.phase = Phase::Live;
+                }
+            });
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => debug!(call_id = %id, "stasis call bridged"),
+            Err(e) if e.is_not_found() => {
+                info!(call_id = %id, error = %e, "caller gone during setup");
+                self.cleanup(id).await;
+            }
+            Err(e) => {
+                warn!(call_id = %id, error = %e, "stasis setup failed; sending the caller to the operators");
+                self.transfer_flow(id).await;
+            }
+        }
+    }
+
+    /// Applies `f` to the call if it is still wanted (not cleaned up, caller still here).
+    fn keep(&self, id: Uuid, f: impl FnOnce(&mut StasisCall)) -> bool {
+        let mut reg = self.registry();
+        match reg.calls.get_mut(&id) {
+            Some(call) if call.phase != Phase::Done => {
+                f(call);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn destroy_bridge(&self, bridge: &str) {
+        match self.inner.client.destroy_bridge(bridge).await {
+            Ok(()) => bump(&self.inner.counters.bridges_destroyed),
+            Err(e) if e.is_not_found() => bump(&self.inner.counters.bridges_destroyed),
+            Err(e) => warn!(bridge, error = %e, "cannot destroy bridge"),
+        }
+    }
+
+    async fn delete_media(&self, media: &str) {
+        match self.inner.client.hangup(media).await {
+            Ok(()) => bump(&self.inner.counters.media_destroyed),
+            Err(e) if e.is_not_found() => bump(&self.inner.counters.media_destroyed),
+            Err(e) => warn!(channel = media, error = %e, "cannot delete externalMedia channel"),
+        }
+        self.registry().by_channel.remove(media);
+    }
+
+    /// Ends the call's session and removes its bridge and externalMedia channel; idempotent.
+    async fn cleanup(&self, id: Uuid) {
+        let (bridge, media, end) = {
+            let mut reg = self.registry();
+            let Some(call) = reg.calls.get_mut(&id) else {
+                return;
+            };
+            call.phase = Phase::Done;
+            call.input = None;
+            let taken = (call.bridge.take(), call.media.take(), call.end.take());
+            if call.session_done || !call.admitted {
+                if !call.admitted {
+                    // A connection may still arrive for it; it will be rejected or looked up.
+                    debug!(call_id = %id, "cleaned up before its media connected");
+                }
+                reg.forget(id);
+            }
+            taken
+        };
+        if let Some(b) = bridge {
+            self.destroy_bridge(&b).await;
+        }
+        if let Some(m) = media {
+            self.delete_media(&m).await;
+        }
+        // Deleting the externalMedia channel makes Asterisk close the AudioSocket, which ends
+        // the session and its agent session. Should that not happen, end it from here.
+        if let Some(end) = end {
+            tokio::spawn(async move {
+                tokio::time::sleep(SESSION_END_BACKSTOP).await;
+                end.cancel();
+            });
+        }
+        debug!(call_id = %id, "stasis call cleaned up");
+    }
+
+    /// Moves the caller to the operators: remove from the bridge, `continue`, wait for
+    /// `StasisEnd`; once more if that fails; then hang up. Never leaves the caller in silence.
+    async fn transfer_flow(&self, id: Uuid) {
+        let s = &self.inner.settings;
+        let c = &self.inner.client;
+        let (caller, bridge, mut left) = {
+            let mut reg = self.registry();
+            let Some(call) = reg.calls.get_mut(&id) else {
+                return;
+            };
+            if matches!(
+                call.phase,
+                Phase::Transferring | Phase::HangingUp | Phase::Done
+            ) {
+                return;
+            }
+            call.phase = Phase::Transferring;
+            (
+                call.caller.clone(),
+                call.bridge.clone(),
+                call.left.subscribe(),
+            )
+        };
+        if *left.borrow() {
+            self.cleanup(id).await;
+            return;
+        }
+        if let Some(b) = &bridge {
+            if let Err(e) = c.remove_channel(b, &caller).await {
+                debug!(call_id = %id, error = %e, "remove from bridge before transfer");
+            }
+        }
+        for attempt in 1..=2u32 {
+            match c
+                .continue_in_dialplan(
+                    &caller,
+                    &s.transfer_context,
+                    &s.transfer_extension,
+                    s.transfer_priority,
+                )
+                .await
+            {
+                Ok(()) => {
+                    if timeout(s.transfer_confirm, left.wait_for(|l| *l))
+                        .await
+                        .is_ok()
+                    {
+                        bump(&self.inner.counters.transfers);
+                        info!(call_id = %id, context = %s.transfer_context, "caller transferred to the operators");
+                        self.cleanup(id).await;
+                        return;
+                    }
+                    warn!(call_id = %id, attempt, "transfer not confirmed by StasisEnd");
+                }
+                Err(e) if e.is_not_found() => {
+                    info!(call_id = %id, "caller gone before the transfer");
+                    self.cleanup(id).await;
+                    return;
+                }
+                Err(AriError::NotInStasis { .. }) if attempt > 1 => {
+                    // The first continue did take the caller out of Stasis (its StasisEnd was
+                    // missed): the dialplan has the caller now.
+                    bump(&self.inner.counters.transfers);
+                    self.cleanup(id).await;
+                    return;
+                }
+                Err(e) => warn!(call_id = %id, attempt, error = %e, "transfer failed"),
+            }
+        }
+        error!(call_id = %id, "transfer to the operators failed twice; hanging up the caller");
+        bump(&self.inner.counters.transfer_failures);
+        match c.hangup(&caller).await {
+            Ok(()) => bump(&self.inner.counters.hangups),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => error!(call_id = %id, error = %e, "cannot hang up the caller either"),
+        }
+        self.cleanup(id).await;
+    }
+
+    async fn hangup_flow(&self, id: Uuid) {
+        let caller = {
+            let mut reg = self.registry();
+            let Some(call) = reg.calls.get_mut(&id) else {
+                return;
+            };
+            if matches!(
+                call.phase,
+                Phase::Transferring | Phase::HangingUp | Phase::Done
+            ) {
+                return;
+            }
+            call.phase = Phase::HangingUp;
+            call.caller.clone()
+        };
+        let mut done = false;
+        for attempt in 1..=2u32 {
+            match self.inner.client.hangup(&caller).await {
+                Ok(()) => {
+                    bump(&self.inner.counters.hangups);
+                    done = true;
+                    break;
+                }
+                Err(e) if e.is_not_found() => {
+                    done = true;
+                    break;
+                }
+                Err(e) => warn!(call_id = %id, attempt, error = %e, "hangup failed"),
+            }
+        }
+        if !done {
+            error!(call_id = %id, "cannot hang up the caller");
+        }
+        self.cleanup(id).await;
+    }
+
+    /// Transfers a live call to the operators (the `transfer_to_operator` tool). In Stasis
+    /// mode: ARI `continue` as in a fallback; for an `AudioSocket()`/channel-driver call:
+    /// `/next` answers `operator` and the session ends with `0x00`. Returns once the transfer
+    /// is done or has fallen back to a hangup.
+    ///
+    /// # Errors
+    /// [`ControlError`] if no live call has this id or it is already ending.
+    pub async fn transfer(&self, call_id: Uuid) -> Result<(), ControlError> {
+        self.control(call_id, Next::Operator).await
+    }
+
+    /// Hangs up a live call (the `hangup` tool): `DELETE` in Stasis mode; `/next` answers
+    /// `hangup` and the session ends for an `AudioSocket()`/channel-driver call.
+    ///
+    /// # Errors
+    /// [`ControlError`] if no live call has this id or it is already ending.
+    pub async fn hangup(&self, call_id: Uuid) -> Result<(), ControlError> {
+        self.control(call_id, Next::Hangup).await
+    }
+
+    async fn control(&self, call_id: Uuid, next: Next) -> Result<(), ControlError> {
+        self.inner.next.set(call_id, next.clone());
+        let stasis = {
+            let mut reg = self.registry();
+            if let Some(call) = reg.calls.get(&call_id) {
+                if matches!(call.phase, Phase::Setup | Phase::Live) {
+                    true
+                } else {
+                    return Err(ControlError::AlreadyEnding(call_id));
+                }
+            } else if let Some(l) = reg.lookups.remove(&call_id) {
+                l.end.cancel();
+                false
+            } else {
+                return Err(ControlError::UnknownCall(call_id));
+            }
+        };
+        if stasis {
+            match next {
+                Next::Hangup => self.hangup_flow(call_id).await,
+                _ => self.transfer_flow(call_id).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Each time the events link comes up: clean up calls whose caller channel no longer
+    /// exists (their `StasisEnd` was missed), then deal with orphans, channels and bridges of
+    /// this application that no tracked call owns (left by a previous voicegate run, or by a
+    /// link lost mid-setup): an orphaned caller goes to the operators, an orphaned
+    /// externalMedia channel is deleted, an orphaned `voicegate-` bridge destroyed. Orphans
+    /// are confirmed by a second look [`ORPHAN_RECHECK`] later, so a call whose `StasisStart`
+    /// is still on its way is never mistaken for one.
+    async fn reconcile(&self) {
+        let c = &self.inner.client;
+        let channels = match c.channels().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "reconcile: cannot list channels");
+                return;
+            }
+        };
+        let gone: Vec<Uuid> = {
+            let reg = self.registry();
+            reg.calls
+                .iter()
+                .filter(|(_, c)| {
+                    c.phase != Phase::Done && !channels.iter().any(|ch| ch.id == c.caller)
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        if !gone.is_empty() {
+            info!(
+                gone = gone.len(),
+                "reconcile: callers gone while the events link was down"
+            );
+        }
+        for id in gone {
+            if let Some(c) = self.registry().calls.get(&id) {
+                c.left.send_replace(true);
+            }
+            self.cleanup(id).await;
+        }
+
+        let orphans = |list: &[Channel], bridges: &[super::model::Bridge]| {
+            let reg = self.registry();
+            let chans: Vec<Channel> = list
+                .iter()
+                .filter(|ch| self.in_our_app(ch) && !reg.by_channel.contains_key(&ch.id))
+                .cloned()
+                .collect();
+            let owned: Vec<&String> = reg
+                .calls
+                .values()
+                .filter_map(|c| c.bridge.as_ref())
+                .collect();
+            let brs: Vec<String> = bridges
+                .iter()
+                .filter(|b| b.name.starts_with("voicegate-") && !owned.contains(&&b.id))
+                .map(|b| b.id.clone())
+                .collect();
+            (chans, brs)
+        };
+        let bridges = c.bridges().await.unwrap_or_default();
+        let (first_chans, first_brs) = orphans(&channels, &bridges);
+        if first_chans.is_empty() && first_brs.is_empty() {
+            return;
+        }
+        tokio::time::sleep(ORPHAN_RECHECK).await;
+        let (Ok(channels), Ok(bridges)) = (c.channels().await, c.bridges().await) else {
+            return;
+        };
+        let (chans, brs) = orphans(&channels, &bridges);
+        for ch in chans
+            .iter()
+            .filter(|ch| first_chans.iter().any(|f| f.id == ch.id))
+        {
+            if ch.name.starts_with("AudioSocket/") {
+                info!(channel = %ch.id, "reconcile: deleting an orphaned externalMedia channel");
+                self.delete_media(&ch.id).await;
+                continue;
+            }
+            warn!(channel = %ch.id, "reconcile: caller in the stasis app with no call; sending to the operators");
+            let s = &self.inner.settings;
+            let moved = c
+                .continue_in_dialplan(
+                    &ch.id,
+                    &s.transfer_context,
+                    &s.transfer_extension,
+                    s.transfer_priority,
+                )
+                .await;
+            if let Err(e) = moved {
+                if !e.is_not_found() {
+                    error!(channel = %ch.id, error = %e, "orphaned caller cannot be transferred; hanging up");
+                    let _ = c.hangup(&ch.id).await;
+                }
+            } else {
+                bump(&self.inner.counters.transfers);
+            }
+        }
+        for b in brs.iter().filter(|b| first_brs.contains(b)) {
+            info!(bridge = %b, "reconcile: destroying an orphaned bridge");
+            self.destroy_bridge(b).await;
+        }
+    }
+
+    /// A channel sitting in this controller's Stasis application.
+    fn in_our_app(&self, ch: &Channel) -> bool {
+        ch.dialplan.app_name == "Stasis"
+            && ch.dialplan.app_data.split(',').next() == Some(self.inner.settings.app.as_str())
+    }
+
+    /// The channel of an `AudioSocket()` / channel-driver call: the one whose
+    /// `dialplan.app_data` holds the call id (not the AudioSocket leg itself). One
+    /// `GET /channels` at most per call; calls arriving together share one.
+    async fn lookup(&self, call_id: Uuid) -> Option<Channel> {
+        let key = call_id.to_string();
+        let find = |list: &[Channel]| -> Option<Channel> {
+            list.iter()
+                .filter(|c| c.dialplan.app_data.to_ascii_lowercase().contains(&key))
+                .min_by_key(|c| c.name.starts_with("AudioSocket/"))
+                .cloned()
+        };
+        let mut cache = self.inner.cache.lock().await;
+        if let Some((at, list)) = cache.as_ref() {
+            if at.elapsed() < CHANNEL_CACHE_TTL {
+                if let Some(c) = find(list) {
+                    return Some(c);
+                }
+            }
+        }
+        bump(&self.inner.counters.lookups_fetched);
+        match self.inner.client.channels().await {
+            Ok(list) => {
+                let found = find(&list);
+                *cache = Some((Instant::now(), list));
+                found
+            }
+            Err(e) => {
+                warn!(call_id = %call_id, error = %e, "caller lookup failed");
+                None
+            }
+        }
+    }
+}
+
+impl CallDirectory for Controller {
+    fn admit(&self, call_id: Uuid, end: CancellationToken) -> AdmitFuture<'_> {
+        Box::pin(async move {
+            {
+                let mut reg = self.registry();
+                if let Some(call) = reg.calls.get_mut(&call_id) {
+                    if call.admitted || call.phase == Phase::Done {
+                        bump(&self.inner.counters.rejected);
+                        return Admission::Reject;
+                    }
+                    call.admitted = true;
+                    call.end = Some(end);
+                    let (tx, rx) = mpsc::channel(EXTRA_INPUT_CAPACITY);
+                    call.input = Some(tx);
+                    return Admission::Accept(CallDetails {
+                        caller_number: call.number.clone(),
+                        caller_name: call.name.clone(),
+                        extra_input: Some(rx),
+                    });
+                }
+                if self.inner.settings.stasis_only {
+                    bump(&self.inner.counters.rejected);
+                    return Admission::Reject;
+                }
+                reg.lookups.insert(call_id, LookupCall { end });
+            }
+            let found = timeout(self.inner.settings.lookup_timeout, self.lookup(call_id))
+                .await
+                .ok()
+                .flatten();
+            match found {
+                Some(ch) => {
+                    debug!(call_id = %call_id, channel = %ch.id, "caller found");
+                    Admission::Accept(CallDetails {
+                        caller_number: ch.caller_number(),
+                        caller_name: ch.caller_name(),
+                        extra_input: None,
+                    })
+                }
+                None => Admission::Accept(CallDetails::default()),
+            }
+        })
+    }
+
+    fn finished(&self, summary: &CallSummary) {
+        let id = summary.call_id;
+        self.inner
+            .next
+            .set_default(id, Next::from_outcome(&summary.outcome));
+        let action = {
+            let mut reg = self.registry();
+            reg.lookups.remove(&id);
+            let Some(call) = reg.calls.get_mut(&id) else {
+                return;
+            };
+            call.session_done = true;
+            call.input = None;
+            call.end = None;
+            match call.phase {
+                Phase::Done => {
+                    reg.forget(id);
+                    None
+                }
+                Phase::Transferring | Phase::HangingUp => None,
+                // One mapping for every mode: what `/next` would answer.
+                Phase::Setup | Phase::Live => {
+                    Some(Next::from_outcome(&summary.outcome) == Next::Hangup)
+                }
+            }
+        };
+        if let Some(agent_ended) = action {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if agent_ended {
+                    me.hangup_flow(id).await;
+                } else {
+                    me.transfer_flow(id).await;
+                }
+            });
+        }
+    }
+}

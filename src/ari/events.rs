@@ -1,0 +1,221 @@
+//! The `/ari/events` WebSocket: one long-lived connection per Stasis application, kept up
+//! for the life of the service.
+//!
+//! - Reconnects after every end of the connection, clean or not (a Close frame from Asterisk
+//!   restarting is the common case, and the one bridges that only reconnect on errors miss),
+//!   waiting between attempts with capped exponential backoff: `initial`, doubled per
+//!   failure up to `max`, back to `initial` only after a connection stayed up for
+//!   [`EventsParams::stable`]. There is no path that reconnects without waiting.
+//! - Pings every `ping` interval; a link with no frame from Asterisk for two intervals is
+//!   dropped and reconnected (a half-open TCP connection).
+//! - Link state is published on a `watch` channel ([`LinkState`]) for health and for the
+//!   controller, which reconciles its calls after a reconnect (events may have been missed).
+//! - Credentials go in an `Authorization: Basic` header, never in the URL (which is logged).
+
+use super::client::AriClient;
+use super::model::Event;
+use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep, timeout};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Events the channel to the controller holds before the socket reader waits.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// State of the events link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// ARI is not used for events (lookup mode).
+    Disabled,
+    /// Connecting (first time or again).
+    Connecting,
+    /// Connected and receiving events.
+    Up,
+    /// Disconnected; waiting before the next attempt.
+    Down,
+}
+
+impl LinkState {
+    /// `disabled`, `connecting`, `up` or `down`, for health output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Disabled => "disabled",
+            LinkState::Connecting => "connecting",
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+        }
+    }
+}
+
+/// Timing of the events link.
+#[derive(Debug, Clone)]
+pub struct EventsParams {
+    /// First wait after a disconnect.
+    pub initial: Duration,
+    /// Longest wait.
+    pub max: Duration,
+    /// Ping interval; two without any frame back drop the link.
+    pub ping: Duration,
+    /// A connection up this long resets the backoff to `initial`.
+    pub stable: Duration,
+    /// Connecting (TCP + upgrade) may take this long.
+    pub connect_timeout: Duration,
+}
+
+/// What others can observe of the link.
+#[derive(Debug, Clone)]
+pub struct EventLink {
+    /// Current state.
+    pub state: watch::Receiver<LinkState>,
+    /// Connection attempts so far (first connect included).
+    pub attempts: Arc<AtomicU64>,
+}
+
+impl EventLink {
+    /// A link that is never used (lookup mode).
+    pub fn disabled() -> Self {
+        let (_tx, rx) = watch::channel(LinkState::Disabled);
+        EventLink {
+            state: rx,
+            attempts: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Connection attempts so far.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+}
+
+/// Spawns the events task: connects, forwards every known event to `tx`, reconnects for as
+/// long as `stop` is not cancelled and `tx` has a receiver.
+pub fn spawn(
+    client: AriClient,
+    app: String,
+    params: EventsParams,
+    tx: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) -> (tokio::task::JoinHandle<()>, EventLink) {
+    let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+    let attempts = Arc::new(AtomicU64::new(0));
+    let link = EventLink {
+        state: state_rx,
+        attempts: attempts.clone(),
+    };
+    let task = tokio::spawn(async move {
+        let url = client.events_url(&app);
+        let mut backoff = params.initial;
+        loop {
+            if stop.is_cancelled() || tx.is_closed() {
+                break;
+            }
+            attempts.fetch_add(1, Ordering::Relaxed);
+            let _ = state_tx.send(LinkState::Connecting);
+            let mut request = match url.as_str().into_client_request() {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "ari events url unusable");
+                    break;
+                }
+            };
+            match client.basic_auth_header().parse() {
+                Ok(v) => {
+                    request.headers_mut().insert("authorization", v);
+                }
+                Err(_) => warn!("ari credentials are not a valid header value"),
+            }
+            let connected = tokio::select! {
+                () = stop.cancelled() => break,
+                r = timeout(params.connect_timeout, tokio_tungstenite::connect_async_tls_with_config(
+                    request, None, true, Some(crate::tls::websocket_connector()))) => r,
+            };
+            match connected {
+                Ok(Ok((ws, _))) => {
+                    info!(url = %url, "ari events connected");
+                    let _ = state_tx.send(LinkState::Up);
+                    let up_at = Instant::now();
+                    let why = pump(ws, &params, &tx, &stop).await;
+                    if up_at.elapsed() >= params.stable {
+                        backoff = params.initial;
+                    }
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    warn!(reason = %why, "ari events link lost; reconnecting");
+                }
+                Ok(Err(e)) => warn!(error = %e, "ari events connect failed"),
+                Err(_) => warn!(
+                    timeout_ms = params.connect_timeout.as_millis() as u64,
+                    "ari events connect timed out"
+                ),
+            }
+            let _ = state_tx.send(LinkState::Down);
+            debug!(wait_ms = backoff.as_millis() as u64, "ari events backoff");
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(params.max);
+        }
+        let _ = state_tx.send(LinkState::Down);
+    });
+    (task, link)
+}
+
+/// Reads one connection until it ends; returns why.
+async fn pump<S>(
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    params: &EventsParams,
+    tx: &mpsc::Sender<Event>,
+    stop: &CancellationToken,
+) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut ping = tokio::time::interval_at(Instant::now() + params.ping, params.ping);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rx = Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                let _ = ws.close(None).await;
+                return "shutdown".into();
+            }
+            _ = ping.tick() => {
+                if last_rx.elapsed() > params.ping * 2 {
+                    return "no frames for two ping intervals".into();
+                }
+                if let Err(e) = ws.send(WsMessage::Ping(Default::default())).await {
+                    return format!("ping: {e}");
+                }
+            }
+            msg = ws.next() => {
+                last_rx = Instant::now();
+                match msg {
+                    Some(Ok(WsMessage::Text(text))) => match Event::parse(&text) {
+                        Ok(Event::Other) => {}
+                        Ok(ev) => {
+                            if tx.send(ev).await.is_err() {
+                                let _ = ws.close(None).await;
+                                return "controller gone".into();
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "ari event not understood; skipped"),
+                    },
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        return format!("closed by asterisk ({:?})", frame.map(|f| f.code));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return format!("read: {e}"),
+                    None => return "connection ended".into(),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,883 @@
+//! voicegate against a fake Asterisk (REST + events WebSocket + the externalMedia AudioSocket
+//! side, `fake_ari`): Stasis calls end to end, transfers, DTMF, the events link dropping,
+//! caller lookup for `AudioSocket()` calls, and clean-up counts.
+
+mod common;
+mod fake_ari;
+
+use common::fixture;
+use fake_ari::{FakeAri, PASS, wait_until};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use voicegate::agent::{
+    Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo,
+};
+use voicegate::ari::controller::{self, AriRuntime};
+use voicegate::ari::{AriError, Controller, LinkState};
+use voicegate::audio::ReplyId;
+use voicegate::audiosocket::SlinRate;
+use voicegate::audiosocket::server::{Server, ServerParams};
+use voicegate::call::next::NextStore;
+use voicegate::call::{CallSummary, Outcome};
+use voicegate::caller::{CallPlan, best_correlation_in, place_call, resample_recording};
+use voicegate::config::{AriConfig, AriFormat, AriMode};
+use voicegate::secret::SecretSource;
+
+/// What a test agent does once the caller's audio starts.
+#[derive(Debug, Clone, Copy)]
+enum Behaviour {
+    /// Plays the caller's audio straight back.
+    Echo,
+    /// Echoes, then fails after this long (provider dropped).
+    Fail(Duration),
+    /// Echoes, then ends the conversation after this long.
+    End(Duration),
+    /// Echoes, then asks for a human after this long (what `transfer_to_operator` does).
+    Transfer(Duration),
+    /// Cycles Echo, Fail, End, Transfer by call.
+    Mixed,
+}
+
+#[derive(Default)]
+struct AgentLog {
+    started: AtomicU64,
+    ended: AtomicU64,
+    infos: Mutex<Vec<CallInfo>>,
+    dtmf: Mutex<Vec<(uuid::Uuid, char)>>,
+}
+
+struct TestAgent {
+    behaviour: Behaviour,
+    log: Arc<AgentLog>,
+    controller: OnceLock<Controller>,
+}
+
+impl Agent for TestAgent {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    fn start(&self, call: CallInfo) -> AgentSession {
+        let (session, endpoint) = voicegate::agent::session_channel();
+        let n = self.log.started.fetch_add(1, Ordering::SeqCst);
+        let behaviour = match self.behaviour {
+            Behaviour::Mixed => {
+                let after = Duration::from_millis(600);
+                [
+                    Behaviour::Echo,
+                    Behaviour::Fail(after),
+                    Behaviour::End(after),
+                    Behaviour::Transfer(after),
+                ][n as usize % 4]
+            }
+            b => b,
+        };
+        tokio::spawn(run_agent(
+            behaviour,
+            call,
+            endpoint,
+            self.log.clone(),
+            self.controller.get().cloned(),
+        ));
+        session
+    }
+}
+
+async fn run_agent(
+    behaviour: Behaviour,
+    call: CallInfo,
+    mut io: AgentEndpoint,
+    log: Arc<AgentLog>,
+    controller: Option<Controller>,
+) {
+    log.infos.lock().unwrap().push(call.clone());
+    let mut deadline: Option<Instant> = None;
+    let mut acted = false;
+    let mut samples = Vec::new();
+    loop {
+        let due = deadline.filter(|_| !acted);
+        tokio::select! {
+            input = io.input.recv() => match input {
+                Some(AgentInput::Audio(bytes)) => {
+                    if deadline.is_none() {
+                        deadline = Some(Instant::now() + match behaviour {
+                            Behaviour::Fail(d) | Behaviour::End(d) | Behaviour::Transfer(d) => d,
+                            _ => Duration::from_secs(86_400),
+                        });
+                    }
+                    if acted {
+                        // Done talking: an ending call's playout drains.
+                        continue;
+                    }
+                    samples.clear();
+                    voicegate::audio::slin_from_le_bytes(&bytes, &mut samples);
+                    let _ = io.events.try_send(AgentEvent::Audio { reply: ReplyId(0), samples: samples.clone() });
+                }
+                Some(AgentInput::Dtmf(d)) => log.dtmf.lock().unwrap().push((call.call_id, d)),
+                Some(_) => {}
+                None => break,
+            },
+            () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                acted = true;
+                match behaviour {
+                    Behaviour::Fail(_) => {
+                        let _ = io.events.send(AgentEvent::Failed(AgentError::Provider {
+                            provider: "test", detail: "provider dropped the session".into() })).await;
+                    }
+                    Behaviour::End(_) => {
+                        let _ = io.events.send(AgentEvent::Ended { reason: "goodbye".into() }).await;
+                    }
+                    Behaviour::Transfer(_) => {
+                        let c = controller.clone().expect("controller set");
+                        let id = call.call_id;
+                        tokio::spawn(async move { c.transfer(id).await.expect("transfer a live call") });
+                    }
+                    Behaviour::Echo | Behaviour::Mixed => {}
+                }
+            }
+        }
+    }
+    log.ended.fetch_add(1, Ordering::SeqCst);
+}
+
+struct Harness {
+    fake: FakeAri,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    server_stop: CancellationToken,
+    summaries: mpsc::UnboundedReceiver<CallSummary>,
+    rt: AriRuntime,
+    next: Arc<NextStore>,
+    log: Arc<AgentLog>,
+    speech: Vec<i16>,
+}
+
+impl Harness {
+    async fn start(
+        behaviour: Behaviour,
+        rate: SlinRate,
+        tweak: impl FnOnce(&mut AriConfig),
+    ) -> Harness {
+        let speech = resample_recording(&fixture("hello-world.wav"), rate.hz())
+            .unwrap()
+            .samples;
+        let fake = FakeAri::start(speech, rate).await;
+        Self::start_on(fake, behaviour, rate, tweak).await
+    }
+
+    /// [`Harness::start`] against a prepared fake (which streams the same fixture).
+    async fn start_on(
+        fake: FakeAri,
+        behaviour: Behaviour,
+        rate: SlinRate,
+        tweak: impl FnOnce(&mut AriConfig),
+    ) -> Harness {
+        let speech = resample_recording(&fixture("hello-world.wav"), rate.hz())
+            .unwrap()
+            .samples;
+        let log = Arc::new(AgentLog::default());
+        let agent = Arc::new(TestAgent {
+            behaviour,
+            log: log.clone(),
+            controller: OnceLock::new(),
+        });
+        let (tx, summaries) = mpsc::unbounded_channel();
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            agent.clone(),
+            ServerParams {
+                shutdown_grace: Duration::from_millis(300),
+                ..ServerParams::from_config(&Default::default())
+            },
+        )
+        .await
+        .unwrap()
+        .with_summaries(tx);
+        let addr = server.local_addr().unwrap();
+        let mut cfg = AriConfig {
+            url: fake.url(),
+            password: SecretSource::Inline(PASS.into()),
+            format: if rate == SlinRate::Hz8000 {
+                AriFormat::Slin
+            } else {
+                AriFormat::Slin16
+            },
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 800,
+            ping_interval_ms: 1_000,
+            transfer_confirm_ms: 1_000,
+            ..AriConfig::default()
+        };
+        tweak(&mut cfg);
+        cfg.validate().expect("test config is valid");
+        let stop = CancellationToken::new();
+        let next = Arc::new(NextStore::new());
+        let rt = controller::start(&cfg, addr, next.clone(), stop.clone()).unwrap();
+        let _ = agent.controller.set(rt.controller.clone());
+        let server = server.with_directory(Arc::new(rt.controller.clone()));
+        let server_stop = CancellationToken::new();
+        tokio::spawn(server.run(server_stop.clone()));
+        if cfg.mode == AriMode::Stasis {
+            fake.wait_ws().await;
+        }
+        Harness {
+            fake,
+            addr,
+            stop,
+            server_stop,
+            summaries,
+            rt,
+            next,
+            log,
+            speech,
+        }
+    }
+
+    fn ctl(&self) -> &Controller {
+        &self.rt.controller
+    }
+
+    async fn next_summary(&mut self) -> CallSummary {
+        tokio::time::timeout(Duration::from_secs(10), self.summaries.recv())
+            .await
+            .expect("a call summary in time")
+            .expect("server running")
+    }
+
+    /// Waits until every bridge and externalMedia channel created is gone and the
+    /// controller tracks no call.
+    async fn wait_clean(&self) {
+        let f = &self.fake;
+        wait_until(Duration::from_secs(15), || {
+            f.count(&f.counts.bridges_created) == f.count(&f.counts.bridges_destroyed)
+                && f.count(&f.counts.media_created) == f.count(&f.counts.media_destroyed)
+                && f.live_bridges() == 0
+                && self.ctl().tracked_calls() == 0
+                && self.log.started.load(Ordering::SeqCst) == self.log.ended.load(Ordering::SeqCst)
+        })
+        .await;
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.server_stop.cancel();
+        self.stop.cancel();
+    }
+}
+
+async fn wait_bridged(h: &Harness, calls: usize) {
+    wait_until(Duration::from_secs(10), || {
+        h.fake
+            .media_reports()
+            .iter()
+            .filter(|r| r.frames_sent > 0)
+            .count()
+            >= calls
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stasis_call_with_echo_agent_dtmf_and_cleanup() {
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    let t0 = Instant::now();
+    let caller = h.fake.new_caller("+15551234567", "Alice Example");
+    wait_bridged(&h, 1).await;
+    eprintln!(
+        "measured: StasisStart → audio flowing in {:?} (20 ms polling)",
+        t0.elapsed()
+    );
+    sleep(Duration::from_millis(2_500)).await;
+    h.fake.press(&caller, '7');
+    sleep(Duration::from_millis(400)).await;
+    // If the bridge also passes the key on as 0x03, the agent still hears it once.
+    h.fake.press_with_passthrough(&caller, '8');
+    sleep(Duration::from_millis(400)).await;
+    h.fake.caller_hangs_up(&caller);
+    h.wait_clean().await;
+
+    let summary = h.next_summary().await;
+    assert_eq!(summary.outcome, Outcome::CallerHungUp, "{summary:?}");
+    assert_eq!(summary.rate_hz, 16_000);
+    assert_eq!(summary.dtmf, "78");
+    // The agent knew who called, at the wideband rate externalMedia asked for.
+    let info = h.log.infos.lock().unwrap()[0].clone();
+    assert_eq!(info.call_id, summary.call_id);
+    assert_eq!(info.caller_number.as_deref(), Some("+15551234567"));
+    assert_eq!(info.caller_name.as_deref(), Some("Alice Example"));
+    assert_eq!(info.rate_hz, 16_000);
+    assert_eq!(
+        *h.log.dtmf.lock().unwrap(),
+        vec![(summary.call_id, '7'), (summary.call_id, '8')]
+    );
+
+    // The caller heard themself: what the media side received is its own speech.
+    let report = &h.fake.media_reports()[0];
+    assert_eq!(report.call_id, Some(summary.call_id));
+    assert!(report.closed, "externalMedia socket closed after clean-up");
+    assert!(report.frames_received > 100, "{}", report.frames_received);
+    // Within 80 ms (16 samples per ms), over the first second of speech.
+    let n = h.speech.len().min(16 * 1_000);
+    let got = &report.received[..report.received.len().min(n + 16 * 80)];
+    let (corr, lag) = best_correlation_in(got, &h.speech[..n], 0..=16 * 80);
+    assert!(corr > 0.9, "echo correlation {corr} at lag {lag}");
+
+    let f = &h.fake;
+    assert_eq!(f.count(&f.counts.bridges_created), 1);
+    assert_eq!(f.count(&f.counts.media_created), 1);
+    assert!(
+        f.continued().is_empty(),
+        "a caller who hangs up is not transferred"
+    );
+    let stats = h.ctl().stats();
+    assert_eq!(
+        (stats.calls, stats.bridges_created, stats.media_created),
+        (1, 1, 1)
+    );
+    assert_eq!((stats.bridges_destroyed, stats.media_destroyed), (1, 1));
+}
+
+#[tokio::test]
+async fn agent_failure_transfers_to_the_operator_context() {
+    let mut h = Harness::start(
+        Behaviour::Fail(Duration::from_millis(800)),
+        SlinRate::Hz16000,
+        |_| {},
+    )
+    .await;
+    let caller = h.fake.new_caller("+15550001111", "Bob");
+    let summary = h.next_summary().await;
+    let ended = Instant::now();
+    assert!(
+        matches!(summary.outcome, Outcome::Fallback(_)),
+        "{:?}",
+        summary.outcome
+    );
+    wait_until(Duration::from_secs(5), || !h.fake.continued().is_empty()).await;
+    eprintln!(
+        "measured: agent failure → ARI continue in {:?} (20 ms polling)",
+        ended.elapsed()
+    );
+    let c = &h.fake.continued()[0];
+    assert_eq!(c.channel, caller);
+    assert_eq!(
+        (
+            c.context.as_str(),
+            c.extension.as_str(),
+            c.priority.as_str()
+        ),
+        ("transfer-to-operator", "s", "1")
+    );
+    h.wait_clean().await;
+    assert!(
+        h.fake.channel_exists(&caller),
+        "the caller is in the queue, not hung up"
+    );
+    assert_eq!(h.ctl().stats().transfers, 1);
+    assert_eq!(h.next.answer(&summary.call_id.to_string()), "operator");
+}
+
+#[tokio::test]
+async fn transfer_request_is_retried_once_with_the_configured_target() {
+    let mut h = Harness::start(
+        Behaviour::Transfer(Duration::from_millis(800)),
+        SlinRate::Hz8000,
+        |c| {
+            c.transfer_context = "support-queue".into();
+            c.transfer_extension = "100".into();
+            c.transfer_priority = 2;
+        },
+    )
+    .await;
+    h.fake.fail_continue(1);
+    let caller = h.fake.new_caller("+15550002222", "Carol");
+    let summary = h.next_summary().await;
+    assert_eq!(summary.rate_hz, 8_000);
+    h.wait_clean().await;
+    let continued = h.fake.continued();
+    assert_eq!(continued.len(), 1, "{continued:?}");
+    assert_eq!(continued[0].channel, caller);
+    assert_eq!(
+        (
+            continued[0].context.as_str(),
+            continued[0].extension.as_str(),
+            continued[0].priority.as_str()
+        ),
+        ("support-queue", "100", "2")
+    );
+    let stats = h.ctl().stats();
+    assert_eq!((stats.transfers, stats.transfer_failures), (1, 0));
+    assert!(h.fake.channel_exists(&caller));
+}
+
+#[tokio::test]
+async fn transfer_failing_twice_hangs_up_instead_of_silence() {
+    let mut h = Harness::start(
+        Behaviour::Fail(Duration::from_millis(500)),
+        SlinRate::Hz16000,
+        |_| {},
+    )
+    .await;
+    h.fake.fail_continue(2);
+    let caller = h.fake.new_caller("+15550003333", "Dan");
+    let _ = h.next_summary().await;
+    h.wait_clean().await;
+    wait_until(Duration::from_secs(5), || !h.fake.channel_exists(&caller)).await;
+    let stats = h.ctl().stats();
+    assert_eq!(
+        (stats.transfers, stats.transfer_failures, stats.hangups),
+        (0, 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn events_socket_dropped_and_restored_mid_call() {
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    let caller = h.fake.new_caller("+15550004444", "Erin");
+    wait_bridged(&h, 1).await;
+    sleep(Duration::from_millis(500)).await;
+    let mut state = h.rt.link.state.clone();
+    assert_eq!(*state.borrow(), LinkState::Up);
+
+    // Asterisk goes away for 2 s: the socket closes cleanly, upgrades are refused.
+    let attempts_before = h.rt.link.attempts();
+    h.fake.refuse_ws(true);
+    h.fake.drop_ws();
+    state.wait_for(|s| *s != LinkState::Up).await.unwrap();
+    let frames_at_drop = h.fake.media_reports()[0].frames_received;
+    sleep(Duration::from_secs(2)).await;
+    let refused = h.rt.link.attempts() - attempts_before;
+    // Backoff 100, 200, 400, 800, 800 ms: about 4 attempts in 2 s; a busy loop makes hundreds.
+    eprintln!("measured: {refused} reconnect attempts in 2 s while refused");
+    assert!((2..=8).contains(&refused), "{refused} attempts in 2 s");
+
+    // A server that accepts and closes at once (cleanly) must not cause a busy loop either.
+    h.fake.refuse_ws(false);
+    h.fake.close_ws_at_once(true);
+    let before = h.rt.link.attempts();
+    sleep(Duration::from_secs(2)).await;
+    let quick = h.rt.link.attempts() - before;
+    eprintln!("measured: {quick} reconnect attempts in 2 s against a closing server");
+    assert!(
+        (1..=6).contains(&quick),
+        "{quick} attempts in 2 s against a closing server"
+    );
+
+    h.fake.close_ws_at_once(false);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|s| *s == LinkState::Up),
+    )
+    .await
+    .expect("link restored")
+    .unwrap();
+    h.fake.wait_ws().await;
+    // The call went on throughout.
+    let frames_now = h.fake.media_reports()[0].frames_received;
+    assert!(
+        frames_now >= frames_at_drop + 150,
+        "{frames_at_drop} → {frames_now} frames"
+    );
+    // Events flow again.
+    h.fake.press(&caller, '3');
+    wait_until(Duration::from_secs(3), || {
+        !h.log.dtmf.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(h.log.dtmf.lock().unwrap()[0].1, '3');
+    h.fake.caller_hangs_up(&caller);
+    h.wait_clean().await;
+    assert_eq!(h.next_summary().await.outcome, Outcome::CallerHungUp);
+}
+
+#[tokio::test]
+async fn caller_gone_while_events_link_was_down_is_cleaned_up_on_reconnect() {
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    let caller = h.fake.new_caller("+15550005555", "Finn");
+    wait_bridged(&h, 1).await;
+    let mut state = h.rt.link.state.clone();
+    h.fake.refuse_ws(true);
+    h.fake.drop_ws();
+    state.wait_for(|s| *s != LinkState::Up).await.unwrap();
+    // The caller hangs up while voicegate cannot hear about it.
+    h.fake.caller_hangs_up(&caller);
+    sleep(Duration::from_millis(300)).await;
+    h.fake.refuse_ws(false);
+    h.wait_clean().await;
+}
+
+#[tokio::test]
+async fn orphans_of_a_previous_run_are_handed_to_the_operators() {
+    // Asterisk still holds what a crashed voicegate left; a new voicegate connects.
+    let speech = resample_recording(&fixture("hello-world.wav"), 16_000)
+        .unwrap()
+        .samples;
+    let fake = FakeAri::start(speech, SlinRate::Hz16000).await;
+    let (caller, media, _bridge) = fake.orphans_from_previous_run();
+    let h = Harness::start_on(fake, Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    wait_until(Duration::from_secs(10), || {
+        !h.fake.continued().is_empty()
+            && !h.fake.channel_exists(&media)
+            && h.fake.live_bridges() == 0
+    })
+    .await;
+    let c = &h.fake.continued()[0];
+    assert_eq!(
+        (c.channel.as_str(), c.context.as_str()),
+        (caller.as_str(), "transfer-to-operator")
+    );
+    let f = &h.fake;
+    assert_eq!(f.count(&f.counts.bridges_destroyed), 1);
+    assert_eq!(f.count(&f.counts.media_destroyed), 1);
+    // A call that starts meanwhile is not mistaken for an orphan.
+    let live = h.fake.new_caller("+15550006666", "Live");
+    wait_bridged(&h, 1).await;
+    sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(h.fake.continued().len(), 1, "the live call was left alone");
+    h.fake.caller_hangs_up(&live);
+    h.wait_clean().await;
+}
+
+#[tokio::test]
+async fn shutdown_hands_live_stasis_callers_to_the_operators() {
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    let caller = h.fake.new_caller("+15550007777", "Hana");
+    wait_bridged(&h, 1).await;
+    sleep(Duration::from_millis(300)).await;
+    // SIGTERM: the listener stops, the grace period (300 ms here) runs out.
+    h.server_stop.cancel();
+    assert_eq!(h.next_summary().await.outcome, Outcome::Shutdown);
+    assert!(
+        h.ctl().settle(Duration::from_secs(8)).await,
+        "transfers settled"
+    );
+    let c = h.fake.continued();
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        (c[0].channel.as_str(), c[0].context.as_str()),
+        (caller.as_str(), "transfer-to-operator")
+    );
+    h.wait_clean().await;
+}
+
+#[tokio::test]
+async fn stasis_only_listener_rejects_unknown_call_ids() {
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz8000, |c| c.stasis_only = true).await;
+    let plan = CallPlan {
+        call_id: uuid::Uuid::new_v4(),
+        rate: SlinRate::Hz8000,
+        speech: fixture("hello-world.wav"),
+        speech_offset: Duration::ZERO,
+        dtmf: vec![],
+        duration: Duration::from_secs(2),
+    };
+    let report = place_call(h.addr, &plan).await.expect("call");
+    assert!(report.closed_by_peer);
+    assert_eq!(report.frames_received, 0, "a stranger gets no audio");
+    assert!(
+        report.duration_ms < 1_000.0,
+        "closed at once: {} ms",
+        report.duration_ms
+    );
+    assert_eq!(
+        h.log.started.load(Ordering::SeqCst),
+        0,
+        "no agent session for a stranger"
+    );
+    assert_eq!(h.ctl().stats().rejected, 1);
+}
+
+#[tokio::test]
+async fn audiosocket_calls_get_caller_info_and_dtmf_but_cannot_be_controlled() {
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz8000, |c| {
+        c.mode = AriMode::Lookup
+    })
+    .await;
+    let port = h.addr.port();
+    for (rate, app, data, number) in [
+        (
+            SlinRate::Hz8000,
+            "AudioSocket",
+            "{id},127.0.0.1:{port}",
+            "+4930111",
+        ),
+        (
+            SlinRate::Hz16000,
+            "Dial",
+            "AudioSocket/127.0.0.1:{port}/{id}/c(slin16),,g",
+            "+4930222",
+        ),
+    ] {
+        let id = uuid::Uuid::new_v4();
+        let data = data
+            .replace("{id}", &id.to_string())
+            .replace("{port}", &port.to_string());
+        let channel = h.fake.new_audiosocket_caller(number, "Gerd", app, &data);
+        let plan = CallPlan {
+            call_id: id,
+            rate,
+            speech: fixture("hello-world.wav"),
+            speech_offset: Duration::from_millis(100),
+            dtmf: vec![('4', Duration::from_millis(800))],
+            duration: Duration::from_millis(1_500),
+        };
+        let report = place_call(h.addr, &plan).await.expect("call");
+        assert!(report.audible_frames_received > 10);
+        wait_until(Duration::from_secs(3), || {
+            h.log
+                .dtmf
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(c, d)| *c == id && *d == '4')
+        })
+        .await;
+        let info = h
+            .log
+            .infos
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|i| i.call_id == id)
+            .cloned()
+            .unwrap();
+        assert_eq!(info.caller_number.as_deref(), Some(number));
+        assert_eq!(info.caller_name.as_deref(), Some("Gerd"));
+        // ARI cannot move a channel that is not in Stasis: 409, like a real Asterisk.
+        let err = h
+            .ctl()
+            .client()
+            .continue_in_dialplan(&channel, "transfer-to-operator", "s", 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AriError::NotInStasis { .. }), "{err}");
+        assert_eq!(
+            h.ctl()
+                .client()
+                .variable(&channel, "CALLERID(num)")
+                .await
+                .unwrap(),
+            number
+        );
+        h.ctl()
+            .client()
+            .hangup(&channel)
+            .await
+            .expect("DELETE works outside Stasis");
+    }
+    assert_eq!(h.fake.status_409_count(), 2);
+    let lists = h.fake.count(&h.fake.counts.channels_list_requests);
+    assert!(lists <= 2, "{lists} GET /channels for 2 calls");
+    assert_eq!(h.ctl().stats().lookups_fetched, lists);
+}
+
+#[tokio::test]
+async fn cleanup_counts_after_50_calls() {
+    let mut h = Harness::start(Behaviour::Mixed, SlinRate::Hz16000, |_| {}).await;
+    let mut callers = Vec::new();
+    for batch in 0..5 {
+        let ids: Vec<String> = (0..10)
+            .map(|i| h.fake.new_caller(&format!("+1555000{batch}{i:02}"), "Load"))
+            .collect();
+        wait_bridged(&h, (batch + 1) * 10).await;
+        sleep(Duration::from_millis(1_500)).await;
+        // Echo callers hang up themselves; the others were transferred or hung up by then.
+        for id in &ids {
+            h.fake.caller_hangs_up(id);
+        }
+        callers.extend(ids);
+    }
+    h.wait_clean().await;
+    let f = &h.fake;
+    assert_eq!(f.count(&f.counts.bridges_created), 50);
+    assert_eq!(f.count(&f.counts.bridges_destroyed), 50);
+    assert_eq!(f.count(&f.counts.media_created), 50);
+    assert_eq!(f.count(&f.counts.media_destroyed), 50);
+    assert_eq!(h.log.started.load(Ordering::SeqCst), 50);
+    assert_eq!(
+        h.log.ended.load(Ordering::SeqCst),
+        50,
+        "every provider session ended"
+    );
+    let mut outcomes = std::collections::HashMap::new();
+    for _ in 0..50 {
+        let s = h.next_summary().await;
+        let key = match s.outcome {
+            Outcome::Fallback(_) => "fallback",
+            Outcome::AgentEnded(_) => "ended",
+            _ => "closed",
+        };
+        *outcomes.entry(key).or_insert(0) += 1;
+    }
+    // Agents 0, 4, 8, … echo; 1, 5, … fail (13); 2, 6, … end (12); 3, 7, … transfer (12).
+    assert_eq!(outcomes.get("fallback"), Some(&13), "{outcomes:?}");
+    assert_eq!(outcomes.get("ended"), Some(&12), "{outcomes:?}");
+    // Failed agents and transfer requests (13 + 12) went to the operators.
+    assert_eq!(h.fake.continued().len(), 25);
+    let stats = h.ctl().stats();
+    assert_eq!(stats.transfers, 25);
+    assert_eq!(stats.hangups, 12);
+    assert_eq!(stats.transfer_failures, 0);
+    assert_eq!(h.ctl().tracked_calls(), 0);
+}
+
+/// An AudioSocket server without ARI (modes 1 and 2), with the `/next` store as directory,
+/// and a minimal HTTP listener serving `NextStore::route` as the health listener will.
+async fn plain_server(
+    behaviour: Behaviour,
+) -> (
+    SocketAddr,
+    SocketAddr,
+    Arc<NextStore>,
+    mpsc::UnboundedReceiver<CallSummary>,
+    CancellationToken,
+) {
+    let agent = Arc::new(TestAgent {
+        behaviour,
+        log: Arc::new(AgentLog::default()),
+        controller: OnceLock::new(),
+    });
+    let next = Arc::new(NextStore::new());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        agent,
+        ServerParams::from_config(&Default::default()),
+    )
+    .await
+    .unwrap()
+    .with_summaries(tx)
+    .with_directory(Arc::new(next.clone()));
+    let addr = server.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run(stop.clone()));
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let store = next.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = http.accept().await {
+            let mut buf = vec![0u8; 2048];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+            let (status, body) = match store.route(&path) {
+                Some(body) => ("200 OK", body),
+                None => ("404 Not Found", String::new()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    });
+    (addr, http_addr, next, rx, stop)
+}
+
+async fn get_next(http: SocketAddr, id: &str) -> String {
+    // What the dialplan's ${CURL(http://127.0.0.1:9100/v1/calls/${AS_UUID}/next)} fetches.
+    voicegate::tls::http_client_builder()
+        .build()
+        .unwrap()
+        .get(format!("http://{http}/v1/calls/{id}/next"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn next_endpoint_answers_for_modes_1_and_2() {
+    for (behaviour, rate, want) in [
+        // Mode 1, AudioSocket() app at 8 kHz: the agent said goodbye → hang up.
+        (
+            Behaviour::End(Duration::from_millis(400)),
+            SlinRate::Hz8000,
+            "hangup",
+        ),
+        // Mode 2, channel driver with c(slin16): the agent failed → operators.
+        (
+            Behaviour::Fail(Duration::from_millis(400)),
+            SlinRate::Hz16000,
+            "operator",
+        ),
+    ] {
+        let (addr, http, next, mut summaries, stop) = plain_server(behaviour).await;
+        let plan = CallPlan {
+            call_id: uuid::Uuid::new_v4(),
+            rate,
+            speech: fixture("hello-world.wav"),
+            speech_offset: Duration::ZERO,
+            dtmf: vec![],
+            duration: Duration::from_secs(4),
+        };
+        let report = place_call(addr, &plan).await.expect("call");
+        assert!(
+            report.hangup_received,
+            "voicegate ended the session with 0x00"
+        );
+        let summary = summaries.recv().await.unwrap();
+        assert_eq!(summary.call_id, plan.call_id);
+        assert_eq!(get_next(http, &plan.call_id.to_string()).await, want);
+        // Unknown and malformed ids: operators, as an empty answer would.
+        assert_eq!(
+            get_next(http, &uuid::Uuid::new_v4().to_string()).await,
+            "operator"
+        );
+        assert_eq!(get_next(http, "not-a-uuid").await, "operator");
+        // A queue the agent chose wins over the default.
+        next.set(
+            plan.call_id,
+            voicegate::call::next::Next::target("sales").unwrap(),
+        );
+        assert_eq!(get_next(http, &plan.call_id.to_string()).await, "sales");
+        stop.cancel();
+    }
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_reported_and_retried_with_backoff() {
+    let fake = FakeAri::start(Vec::new(), SlinRate::Hz16000).await;
+    let client = voicegate::ari::AriClient::new(
+        &fake.url(),
+        fake_ari::USER,
+        voicegate::secret::Secret::new("wrong"),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let err = client.channels().await.unwrap_err();
+    assert!(matches!(err, AriError::Status { status: 401, .. }), "{err}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "no secret in errors: {err}"
+    );
+    let cfg = AriConfig {
+        url: fake.url(),
+        password: SecretSource::Inline("wrong".into()),
+        reconnect_initial_ms: 100,
+        reconnect_max_ms: 400,
+        ..AriConfig::default()
+    };
+    let stop = CancellationToken::new();
+    let rt = controller::start(
+        &cfg,
+        "127.0.0.1:9092".parse().unwrap(),
+        Arc::new(NextStore::new()),
+        stop.clone(),
+    )
+    .unwrap();
+    sleep(Duration::from_secs(2)).await;
+    let attempts = rt.link.attempts();
+    assert!((2..=8).contains(&attempts), "{attempts} attempts in 2 s");
+    assert_ne!(*rt.link.state.borrow(), LinkState::Up);
+    stop.cancel();
+}

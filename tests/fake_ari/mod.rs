@@ -1,0 +1,982 @@
+//! A fake Asterisk for the ARI tests: the REST API and the `/ari/events` WebSocket on one
+//! 127.0.0.1 port, with the JSON shapes and status codes of a real Asterisk 22
+//! (`asterisk.md`): 409 "Channel not in Stasis application" for control of a channel outside
+//! Stasis, 422 for adding such a channel to a bridge, 400/500 for bad externalMedia requests,
+//! 404 for unknown objects, 401 without credentials.
+//!
+//! It also plays Asterisk's externalMedia side: on `POST /channels/externalMedia` it connects
+//! to `external_host` at once and sends `data` as the AudioSocket call id (500 if nothing
+//! listens), and once that channel and a caller share a bridge it streams the caller's
+//! recording as paced 20 ms slin frames and records what comes back. Deleting the channel
+//! closes the socket.
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, watch};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use voicegate::audiosocket::codec::{self, Message, SlinRate};
+use voicegate::call::session::read_message;
+
+pub const USER: &str = "voicegate";
+pub const PASS: &str = "ari-test-secret";
+
+/// What the media side observed for one externalMedia channel.
+#[derive(Debug, Default, Clone)]
+pub struct MediaReport {
+    pub call_id: Option<Uuid>,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub received: Vec<i16>,
+    pub hangup_received: bool,
+    pub closed: bool,
+}
+
+struct Media {
+    uuid: Uuid,
+    /// Digits the bridge passes to this channel, sent as AudioSocket 0x03.
+    dtmf: tokio::sync::mpsc::UnboundedSender<char>,
+    bridged: watch::Sender<bool>,
+    hangup: CancellationToken,
+    report: Arc<Mutex<MediaReport>>,
+}
+
+struct FakeChannel {
+    id: String,
+    name: String,
+    caller_name: String,
+    caller_number: String,
+    in_stasis: bool,
+    context: String,
+    exten: String,
+    priority: i64,
+    app_name: String,
+    app_data: String,
+    media: Option<Media>,
+}
+
+impl FakeChannel {
+    fn json(&self) -> Value {
+        json!({
+            "id": self.id, "name": self.name, "state": "Up", "protocol_id": "",
+            "caller": {"name": self.caller_name, "number": self.caller_number},
+            "connected": {"name": "", "number": ""}, "accountcode": "",
+            "dialplan": {"context": self.context, "exten": self.exten, "priority": self.priority,
+                         "app_name": self.app_name, "app_data": self.app_data},
+            "creationtime": "2026-11-21T10:00:00.000+0000", "language": "en"
+        })
+    }
+}
+
+/// A `continue` request Asterisk accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Continued {
+    pub channel: String,
+    pub context: String,
+    pub extension: String,
+    pub priority: String,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<String, FakeChannel>,
+    bridges: HashMap<String, Vec<String>>,
+    bridge_names: HashMap<String, String>,
+    seq: u64,
+    continued: Vec<Continued>,
+    media_reports: Vec<Arc<Mutex<MediaReport>>>,
+    status_409: u64,
+}
+
+/// Counters of what the fake did.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub bridges_created: AtomicU64,
+    pub bridges_destroyed: AtomicU64,
+    pub media_created: AtomicU64,
+    pub media_destroyed: AtomicU64,
+    pub channels_list_requests: AtomicU64,
+    pub ws_attempts: AtomicU64,
+    pub ws_clients: AtomicUsize,
+    pub fail_continue: AtomicU64,
+}
+
+pub struct FakeAri {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<String>,
+    kill_ws: watch::Sender<u64>,
+    refuse_ws: Arc<AtomicBool>,
+    close_ws_at_once: Arc<AtomicBool>,
+    pub counts: Arc<Counts>,
+    speech: Arc<Vec<i16>>,
+    rate: SlinRate,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<String>,
+    kill_ws: watch::Receiver<u64>,
+    refuse_ws: Arc<AtomicBool>,
+    close_ws_at_once: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+    speech: Arc<Vec<i16>>,
+    rate: SlinRate,
+}
+
+impl Drop for FakeAri {
+    fn drop(&mut self) {
+        self.task.abort();
+        let st = self.state.lock().unwrap();
+        for ch in st.channels.values() {
+            if let Some(m) = &ch.media {
+                m.hangup.cancel();
+            }
+        }
+    }
+}
+
+impl FakeAri {
+    /// Starts the fake; the media side streams `speech` (slin at `rate`).
+    pub async fn start(speech: Vec<i16>, rate: SlinRate) -> FakeAri {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let (events, _) = broadcast::channel(1024);
+        let (kill_ws, kill_rx) = watch::channel(0u64);
+        let refuse_ws = Arc::new(AtomicBool::new(false));
+        let close_ws_at_once = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(Counts::default());
+        let speech = Arc::new(speech);
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            events: events.clone(),
+            kill_ws: kill_rx,
+            refuse_ws: refuse_ws.clone(),
+            close_ws_at_once: close_ws_at_once.clone(),
+            counts: counts.clone(),
+            speech: speech.clone(),
+            rate,
+        });
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move { serve(stream, shared).await });
+            }
+        });
+        FakeAri {
+            addr,
+            state,
+            events,
+            kill_ws,
+            refuse_ws,
+            close_ws_at_once,
+            counts,
+            speech,
+            rate,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until an events WebSocket is connected.
+    pub async fn wait_ws(&self) {
+        wait_until(Duration::from_secs(10), || {
+            self.counts.ws_clients.load(Ordering::SeqCst) > 0
+        })
+        .await;
+    }
+
+    /// A caller dials in and the dialplan runs `Stasis(voicegate)`: `StasisStart`.
+    pub fn new_caller(&self, number: &str, name: &str) -> String {
+        let mut st = self.state.lock().unwrap();
+        st.seq += 1;
+        let id = format!("1763719200.{}", st.seq);
+        let ch = FakeChannel {
+            id: id.clone(),
+            name: format!("PJSIP/trunk-{:08x}", st.seq),
+            caller_name: name.into(),
+            caller_number: number.into(),
+            in_stasis: true,
+            context: "incoming".into(),
+            exten: "s".into(),
+            priority: 2,
+            app_name: "Stasis".into(),
+            app_data: "voicegate".into(),
+            media: None,
+        };
+        let ev = event("StasisStart", json!({"args": [], "channel": ch.json()}));
+        st.channels.insert(id.clone(), ch);
+        let _ = self.events.send(ev);
+        id
+    }
+
+    /// A caller inside `AudioSocket(<uuid>,host:port)` (mode 1) or `Dial(AudioSocket/…)`
+    /// (mode 2): not in Stasis.
+    pub fn new_audiosocket_caller(
+        &self,
+        number: &str,
+        name: &str,
+        app_name: &str,
+        app_data: &str,
+    ) -> String {
+        let mut st = self.state.lock().unwrap();
+        st.seq += 1;
+        let id = format!("1763719200.{}", st.seq);
+        let seq = st.seq;
+        st.channels.insert(
+            id.clone(),
+            FakeChannel {
+                id: id.clone(),
+                name: format!("PJSIP/trunk-{seq:08x}"),
+                caller_name: name.into(),
+                caller_number: number.into(),
+                in_stasis: false,
+                context: "voicegate-app".into(),
+                exten: "s".into(),
+                priority: 3,
+                app_name: app_name.into(),
+                app_data: app_data.into(),
+                media: None,
+            },
+        );
+        id
+    }
+
+    /// What a voicegate that died mid-call leaves behind: a caller in Stasis, an
+    /// externalMedia channel (its socket long closed) and a `voicegate-` bridge holding both.
+    /// Returns (caller, media, bridge) ids.
+    pub fn orphans_from_previous_run(&self) -> (String, String, String) {
+        let caller = self.new_caller("+15559999999", "Orphan");
+        let mut st = self.state.lock().unwrap();
+        st.seq += 1;
+        let media = format!("1763719200.{}", st.seq);
+        let seq = st.seq;
+        let uuid = Uuid::new_v4();
+        let (bridged, _) = watch::channel(true);
+        st.channels.insert(
+            media.clone(),
+            FakeChannel {
+                id: media.clone(),
+                name: format!("AudioSocket/127.0.0.1:9092-{seq:08x}"),
+                caller_name: String::new(),
+                caller_number: String::new(),
+                in_stasis: true,
+                context: "default".into(),
+                exten: "s".into(),
+                priority: 1,
+                app_name: "Stasis".into(),
+                app_data: format!("voicegate,{uuid}"),
+                media: Some(Media {
+                    uuid,
+                    dtmf: tokio::sync::mpsc::unbounded_channel().0,
+                    bridged,
+                    hangup: CancellationToken::new(),
+                    report: Arc::new(Mutex::new(MediaReport::default())),
+                }),
+            },
+        );
+        let bridge = format!("b-orphan-{uuid}");
+        st.bridges
+            .insert(bridge.clone(), vec![caller.clone(), media.clone()]);
+        st.bridge_names
+            .insert(bridge.clone(), format!("voicegate-{uuid}"));
+        self.counts.bridges_created.fetch_add(1, Ordering::SeqCst);
+        self.counts.media_created.fetch_add(1, Ordering::SeqCst);
+        (caller, media, bridge)
+    }
+
+    /// The caller presses a key: `ChannelDtmfReceived`.
+    pub fn press(&self, channel: &str, digit: char) {
+        let st = self.state.lock().unwrap();
+        if let Some(ch) = st.channels.get(channel) {
+            let ev = event(
+                "ChannelDtmfReceived",
+                json!({"digit": digit.to_string(), "duration_ms": 100, "channel": ch.json()}),
+            );
+            let _ = self.events.send(ev);
+        }
+    }
+
+    /// The caller presses a key and the mixing bridge passes it on: `ChannelDtmfReceived`
+    /// and `0x03` on every externalMedia channel in the caller's bridge.
+    pub fn press_with_passthrough(&self, channel: &str, digit: char) {
+        self.press(channel, digit);
+        let st = self.state.lock().unwrap();
+        for members in st
+            .bridges
+            .values()
+            .filter(|m| m.iter().any(|c| c == channel))
+        {
+            for m in members {
+                if let Some(media) = st.channels.get(m).and_then(|c| c.media.as_ref()) {
+                    let _ = media.dtmf.send(digit);
+                }
+            }
+        }
+    }
+
+    /// The caller hangs up.
+    pub fn caller_hangs_up(&self, channel: &str) {
+        let mut st = self.state.lock().unwrap();
+        destroy_channel(&mut st, &self.events, &self.counts, channel);
+    }
+
+    /// Closes every events WebSocket cleanly (Close frame), as an Asterisk restart does.
+    pub fn drop_ws(&self) {
+        self.kill_ws.send_modify(|g| *g += 1);
+    }
+
+    /// While set, upgrades to the events WebSocket are answered 503.
+    pub fn refuse_ws(&self, refuse: bool) {
+        self.refuse_ws.store(refuse, Ordering::SeqCst);
+    }
+
+    /// While set, the events WebSocket upgrade succeeds and the server closes it at once with
+    /// a clean Close frame.
+    pub fn close_ws_at_once(&self, on: bool) {
+        self.close_ws_at_once.store(on, Ordering::SeqCst);
+    }
+
+    /// The next `n` `continue` requests answer 500.
+    pub fn fail_continue(&self, n: u64) {
+        self.counts.fail_continue.store(n, Ordering::SeqCst);
+    }
+
+    pub fn continued(&self) -> Vec<Continued> {
+        self.state.lock().unwrap().continued.clone()
+    }
+
+    pub fn channel_exists(&self, id: &str) -> bool {
+        self.state.lock().unwrap().channels.contains_key(id)
+    }
+
+    pub fn live_bridges(&self) -> usize {
+        self.state.lock().unwrap().bridges.len()
+    }
+
+    pub fn media_reports(&self) -> Vec<MediaReport> {
+        let st = self.state.lock().unwrap();
+        st.media_reports
+            .iter()
+            .map(|r| r.lock().unwrap().clone())
+            .collect()
+    }
+
+    pub fn status_409_count(&self) -> u64 {
+        self.state.lock().unwrap().status_409
+    }
+
+    pub fn count(&self, c: &AtomicU64) -> u64 {
+        c.load(Ordering::SeqCst)
+    }
+}
+
+/// Polls `f` every 20 ms until it holds, panicking after `limit`.
+pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn event(kind: &str, mut body: Value) -> String {
+    let obj = body.as_object_mut().unwrap();
+    obj.insert("type".into(), json!(kind));
+    obj.insert("timestamp".into(), json!("2026-11-21T10:00:00.000+0000"));
+    obj.insert("asterisk_id".into(), json!("00:11:22:33:44:55"));
+    obj.insert("application".into(), json!("voicegate"));
+    body.to_string()
+}
+
+fn destroy_channel(
+    st: &mut State,
+    events: &broadcast::Sender<String>,
+    counts: &Counts,
+    id: &str,
+) -> bool {
+    let Some(ch) = st.channels.remove(id) else {
+        return false;
+    };
+    for members in st.bridges.values_mut() {
+        members.retain(|m| m != id);
+    }
+    if let Some(m) = &ch.media {
+        m.hangup.cancel();
+        counts.media_destroyed.fetch_add(1, Ordering::SeqCst);
+    }
+    let j = ch.json();
+    if ch.in_stasis {
+        let _ = events.send(event("StasisEnd", json!({"channel": j})));
+    }
+    let _ = events.send(event(
+        "ChannelHangupRequest",
+        json!({"cause": 16, "channel": j}),
+    ));
+    let _ = events.send(event(
+        "ChannelDestroyed",
+        json!({"cause": 16, "cause_txt": "Normal Clearing", "channel": j}),
+    ));
+    true
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: HashMap<String, String>,
+    headers: HashMap<String, String>,
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn read_request(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Request> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = buf.split_to(end + 4);
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let mut lines = text.split("\r\n");
+            let mut first = lines.next()?.split(' ');
+            let method = first.next()?.to_owned();
+            let target = first.next()?.to_owned();
+            let mut headers = HashMap::new();
+            for l in lines {
+                if let Some((k, v)) = l.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+                }
+            }
+            let len: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < len {
+                if stream.read_buf(buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+            let _body = buf.split_to(len);
+            let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+            let query = q
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect();
+            return Some(Request {
+                method,
+                path: percent_decode(path),
+                query,
+                headers,
+            });
+        }
+        if buf.len() > 16 * 1024 || stream.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+fn authorized(req: &Request) -> bool {
+    use base64::Engine as _;
+    let want = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
+    req.headers
+        .get("authorization")
+        .is_some_and(|v| v == &format!("Basic {want}"))
+        || req
+            .query
+            .get("api_key")
+            .is_some_and(|k| k == &format!("{USER}:{PASS}"))
+}
+
+async fn respond(stream: &mut TcpStream, code: u16, body: Option<Value>) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        409 => "Conflict",
+        422 => "Unprocessable Entity",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Other",
+    };
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nServer: Asterisk/22.10.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await
+}
+
+fn msg(m: &str) -> Option<Value> {
+    Some(json!({ "message": m }))
+}
+
+async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+    let mut buf = BytesMut::with_capacity(4096);
+    while let Some(req) = read_request(&mut stream, &mut buf).await {
+        if req.path == "/ari/events"
+            && req
+                .headers
+                .get("upgrade")
+                .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        {
+            shared.counts.ws_attempts.fetch_add(1, Ordering::SeqCst);
+            if !authorized(&req) {
+                let _ = respond(&mut stream, 401, msg("Authentication required")).await;
+                return;
+            }
+            if shared.refuse_ws.load(Ordering::SeqCst) {
+                let _ = respond(&mut stream, 503, msg("Service Unavailable")).await;
+                return;
+            }
+            websocket(stream, req, shared).await;
+            return;
+        }
+        if !authorized(&req) {
+            if respond(&mut stream, 401, msg("Authentication required"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        let (code, body) = rest(&req, &shared).await;
+        if code == 409 {
+            shared.state.lock().unwrap().status_409 += 1;
+        }
+        if respond(&mut stream, code, body).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
+    let Some(key) = req.headers.get("sec-websocket-key") else {
+        let _ = respond(&mut stream, 400, msg("missing key")).await;
+        return;
+    };
+    // Subscribe before the 101, so no event sent after the client sees the link up is lost.
+    let mut events = shared.events.subscribe();
+    let mut kill = shared.kill_ws.clone();
+    kill.borrow_and_update();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    if shared.close_ws_at_once.load(Ordering::SeqCst) {
+        let _ = ws.close(None).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+        return;
+    }
+    shared.counts.ws_clients.fetch_add(1, Ordering::SeqCst);
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(text) => if ws.send(WsMessage::text(text)).await.is_err() { break },
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            },
+            _ = kill.changed() => {
+                let _ = ws.close(None).await;
+                // Drain until the client's close reply or EOF.
+                let _ = tokio::time::timeout(Duration::from_millis(500), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+                break;
+            }
+            m = ws.next() => match m {
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    shared.counts.ws_clients.fetch_sub(1, Ordering::SeqCst);
+}
+
+async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
+    let parts: Vec<&str> = req.path.trim_start_matches("/ari/").split('/').collect();
+    let q = |k: &str| req.query.get(k).cloned();
+    let events = &shared.events;
+    match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["channels"]) => {
+            shared
+                .counts
+                .channels_list_requests
+                .fetch_add(1, Ordering::SeqCst);
+            let st = shared.state.lock().unwrap();
+            (
+                200,
+                Some(Value::Array(
+                    st.channels.values().map(FakeChannel::json).collect(),
+                )),
+            )
+        }
+        ("POST", ["channels", "externalMedia"]) => external_media(req, shared).await,
+        ("GET", ["bridges"]) => {
+            let st = shared.state.lock().unwrap();
+            let list = st
+                .bridges
+                .iter()
+                .map(|(id, members)| json!({"id": id, "technology": "simple_bridge", "bridge_type": "mixing",
+                    "bridge_class": "stasis", "creator": "Stasis", "name": st.bridge_names.get(id).cloned().unwrap_or_default(),
+                    "channels": members, "creationtime": "2026-11-21T10:00:00.000+0000", "video_mode": "talker"}))
+                .collect();
+            (200, Some(Value::Array(list)))
+        }
+        ("GET", ["channels", id, "variable"]) => {
+            let st = shared.state.lock().unwrap();
+            match (st.channels.get(*id), q("variable")) {
+                (None, _) => (404, msg("Channel not found")),
+                (Some(_), None) => (400, msg("Variable name is required")),
+                (Some(ch), Some(v)) if v == "CALLERID(num)" => {
+                    (200, Some(json!({"value": ch.caller_number})))
+                }
+                (Some(_), Some(_)) => (200, Some(json!({"value": ""}))),
+            }
+        }
+        ("DELETE", ["channels", id]) => {
+            let mut st = shared.state.lock().unwrap();
+            if destroy_channel(&mut st, events, &shared.counts, id) {
+                (204, None)
+            } else {
+                (404, msg("Channel not found"))
+            }
+        }
+        ("POST", ["channels", id, action]) => {
+            let mut st = shared.state.lock().unwrap();
+            let Some(ch) = st.channels.get_mut(*id) else {
+                return (404, msg("Channel not found"));
+            };
+            if !ch.in_stasis {
+                return (409, msg("Channel not in Stasis application"));
+            }
+            match *action {
+                "answer" | "ring" | "play" | "dtmf" | "variable" | "redirect" | "hold" => {
+                    (204, None)
+                }
+                "continue" => {
+                    if shared.counts.fail_continue.load(Ordering::SeqCst) > 0 {
+                        shared.counts.fail_continue.fetch_sub(1, Ordering::SeqCst);
+                        return (500, msg("Internal Server Error"));
+                    }
+                    let c = Continued {
+                        channel: id.to_string(),
+                        context: q("context").unwrap_or_default(),
+                        extension: q("extension").unwrap_or_default(),
+                        priority: q("priority").unwrap_or_default(),
+                    };
+                    ch.in_stasis = false;
+                    ch.context = c.context.clone();
+                    ch.exten = c.extension.clone();
+                    ch.app_name = "Queue".into();
+                    ch.app_data = "operators".into();
+                    let j = ch.json();
+                    st.continued.push(c);
+                    for members in st.bridges.values_mut() {
+                        members.retain(|m| m != id);
+                    }
+                    let _ = events.send(event("StasisEnd", json!({"channel": j})));
+                    (204, None)
+                }
+                _ => (404, msg("Resource not found")),
+            }
+        }
+        ("POST", ["bridges"]) => {
+            let mut st = shared.state.lock().unwrap();
+            st.seq += 1;
+            let id = format!("b{}-{}", st.seq, Uuid::new_v4().simple());
+            st.bridges.insert(id.clone(), Vec::new());
+            st.bridge_names
+                .insert(id.clone(), q("name").unwrap_or_default());
+            shared.counts.bridges_created.fetch_add(1, Ordering::SeqCst);
+            (
+                200,
+                Some(
+                    json!({"id": id, "technology": "simple_bridge", "bridge_type": q("type").unwrap_or("mixing".into()),
+                "bridge_class": "stasis", "creator": "Stasis", "name": q("name").unwrap_or_default(),
+                "channels": [], "creationtime": "2026-11-21T10:00:00.000+0000", "video_mode": "talker"}),
+                ),
+            )
+        }
+        ("POST", ["bridges", bid, "addChannel"]) => {
+            let mut st = shared.state.lock().unwrap();
+            if !st.bridges.contains_key(*bid) {
+                return (404, msg("Bridge not found"));
+            }
+            let Some(list) = q("channel") else {
+                return (400, msg("channel is required"));
+            };
+            let ids: Vec<String> = list.split(',').map(str::to_owned).collect();
+            for c in &ids {
+                match st.channels.get(c) {
+                    None => return (400, msg("Channel not found")),
+                    Some(ch) if !ch.in_stasis => {
+                        return (422, msg("Channel not in Stasis application"));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for c in &ids {
+                let j = st.channels[c].json();
+                st.bridges.get_mut(*bid).unwrap().push(c.clone());
+                let _ = events.send(event(
+                    "ChannelEnteredBridge",
+                    json!({"bridge": {"id": bid}, "channel": j}),
+                ));
+            }
+            // Audio flows once a caller and an externalMedia channel share the bridge.
+            let members = st.bridges[*bid].clone();
+            let has_caller = members
+                .iter()
+                .any(|m| st.channels.get(m).is_some_and(|c| c.media.is_none()));
+            for m in &members {
+                if let Some(media) = st.channels.get(m).and_then(|c| c.media.as_ref()) {
+                    if has_caller {
+                        media.bridged.send_replace(true);
+                    }
+                }
+            }
+            (204, None)
+        }
+        ("POST", ["bridges", bid, "removeChannel"]) => {
+            let mut st = shared.state.lock().unwrap();
+            let Some(members) = st.bridges.get_mut(*bid) else {
+                return (404, msg("Bridge not found"));
+            };
+            let c = q("channel").unwrap_or_default();
+            if !members.contains(&c) {
+                return (422, msg("Channel not in this bridge"));
+            }
+            members.retain(|m| m != &c);
+            (204, None)
+        }
+        ("DELETE", ["bridges", bid]) => {
+            let mut st = shared.state.lock().unwrap();
+            st.bridge_names.remove(*bid);
+            if st.bridges.remove(*bid).is_none() {
+                return (404, msg("Bridge not found"));
+            }
+            shared
+                .counts
+                .bridges_destroyed
+                .fetch_add(1, Ordering::SeqCst);
+            let _ = events.send(event(
+                "BridgeDestroyed",
+                json!({"bridge": {"id": bid, "bridge_type": "mixing", "channels": []}}),
+            ));
+            (204, None)
+        }
+        _ => (404, msg("Resource not found")),
+    }
+}
+
+async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
+    let q = |k: &str| req.query.get(k).cloned();
+    let (Some(host), Some(data), Some(format)) = (q("external_host"), q("data"), q("format"))
+    else {
+        return (400, msg("external_host, data and format are required"));
+    };
+    if q("transport").as_deref() == Some("udp")
+        || q("encapsulation").as_deref() != Some("audiosocket")
+    {
+        return (400, msg("AudioSocket requires transport tcp"));
+    }
+    let Ok(uuid) = Uuid::parse_str(&data) else {
+        return (500, msg("Failed to create external media channel"));
+    };
+    let rate = match format.as_str() {
+        "slin16" => SlinRate::Hz16000,
+        "slin" => SlinRate::Hz8000,
+        _ => return (400, msg("Unsupported format")),
+    };
+    // Asterisk connects at once and sends the UUID as the call id.
+    let Ok(Ok(mut stream)) =
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&host)).await
+    else {
+        return (500, msg("Failed to create external media channel"));
+    };
+    let _ = stream.set_nodelay(true);
+    let mut out = BytesMut::new();
+    codec::encode(&Message::CallId(uuid), &mut out);
+    if stream.write_all(&out).await.is_err() {
+        return (500, msg("Failed to create external media channel"));
+    }
+    let (bridged_tx, bridged_rx) = watch::channel(false);
+    let hangup = CancellationToken::new();
+    let report = Arc::new(Mutex::new(MediaReport {
+        call_id: Some(uuid),
+        ..Default::default()
+    }));
+    let speech = if rate == shared.rate {
+        shared.speech.clone()
+    } else {
+        Arc::new(Vec::new())
+    };
+    let (dtmf_tx, dtmf_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(media_side(
+        stream,
+        rate,
+        speech,
+        dtmf_rx,
+        bridged_rx,
+        hangup.clone(),
+        report.clone(),
+    ));
+    let mut st = shared.state.lock().unwrap();
+    st.seq += 1;
+    let id = format!("1763719200.{}", st.seq);
+    let ch = FakeChannel {
+        id: id.clone(),
+        name: format!("AudioSocket/{host}-{:08x}", st.seq),
+        caller_name: String::new(),
+        caller_number: String::new(),
+        in_stasis: true,
+        context: "default".into(),
+        exten: "s".into(),
+        priority: 1,
+        app_name: "Stasis".into(),
+        app_data: format!("voicegate,{data}"),
+        media: Some(Media {
+            uuid,
+            dtmf: dtmf_tx,
+            bridged: bridged_tx,
+            hangup,
+            report: report.clone(),
+        }),
+    };
+    let j = ch.json();
+    st.channels.insert(id, ch);
+    st.media_reports.push(report);
+    shared.counts.media_created.fetch_add(1, Ordering::SeqCst);
+    let _ = shared.events.send(event(
+        "StasisStart",
+        json!({"args": [data], "channel": j.clone()}),
+    ));
+    (200, Some(j))
+}
+
+/// Asterisk's end of an externalMedia AudioSocket: waits for the bridge, then sends the
+/// caller's speech (then silence) one 20 ms frame every 20 ms, records what comes back.
+async fn media_side(
+    stream: TcpStream,
+    rate: SlinRate,
+    speech: Arc<Vec<i16>>,
+    mut dtmf: tokio::sync::mpsc::UnboundedReceiver<char>,
+    mut bridged: watch::Receiver<bool>,
+    hangup: CancellationToken,
+    report: Arc<Mutex<MediaReport>>,
+) {
+    let (mut reader, mut writer) = stream.into_split();
+    let rep = report.clone();
+    let reading = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut samples = Vec::new();
+        loop {
+            match read_message(&mut reader, &mut buf).await {
+                Ok(Some(Message::Audio { payload, .. })) => {
+                    samples.clear();
+                    voicegate::audio::slin_from_le_bytes(&payload, &mut samples);
+                    let mut r = rep.lock().unwrap();
+                    r.frames_received += 1;
+                    r.received.extend_from_slice(&samples);
+                }
+                Ok(Some(Message::Hangup)) => {
+                    rep.lock().unwrap().hangup_received = true;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    });
+    tokio::select! {
+        () = hangup.cancelled() => {}
+        r = bridged.wait_for(|b| *b) => { let _ = r; }
+    }
+    let spf = rate.samples_per_frame();
+    let silence = vec![0i16; spf];
+    let start = tokio::time::Instant::now();
+    let mut out = BytesMut::with_capacity(4 + rate.bytes_per_frame());
+    let mut n = 0u64;
+    while !hangup.is_cancelled() {
+        tokio::select! {
+            () = hangup.cancelled() => break,
+            () = tokio::time::sleep_until(start + Duration::from_millis(20 * n)) => {}
+        }
+        let chunk = speech
+            .chunks(spf)
+            .nth(n as usize)
+            .filter(|c| c.len() == spf)
+            .unwrap_or(&silence);
+        out.clear();
+        while let Ok(d) = dtmf.try_recv() {
+            codec::encode(&Message::Dtmf(d), &mut out);
+        }
+        codec::encode_audio_samples(rate, chunk, &mut out);
+        if writer.write_all(&out).await.is_err() {
+            break;
+        }
+        report.lock().unwrap().frames_sent += 1;
+        n += 1;
+        if reading.is_finished() {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+    drop(writer);
+    let _ = tokio::time::timeout(Duration::from_secs(2), reading).await;
+    report.lock().unwrap().closed = true;
+}
