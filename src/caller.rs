@@ -352,9 +352,75 @@ pub fn best_correlation_in(
     best
 }
 
+/// How well `received` carries the speech in `reference`, tolerant of the small timing
+/// shifts a real audio path adds (a late frame, a skipped tick): the reference is cut into
+/// 100 ms windows; each voiced window (RMS above 300) is matched against `received` at the
+/// best lag within `search` samples of where the previous window matched (the first around
+/// `expected_lag`). Returns the median of the windows' normalised correlations (1.0 is
+/// identical; unrelated audio stays well under 0.5), or 0.0 when the reference has no voiced
+/// window. `rate_hz` is the sample rate of both.
+pub fn speech_similarity(
+    received: &[i16],
+    reference: &[i16],
+    rate_hz: u32,
+    expected_lag: usize,
+    search: usize,
+) -> f64 {
+    let window = rate_hz as usize / 10;
+    let mut lag = expected_lag as isize;
+    let mut scores = Vec::new();
+    for (i, chunk) in reference.chunks_exact(window).enumerate() {
+        if crate::audio::rms(chunk) < 300.0 {
+            continue;
+        }
+        let offset = (i * window) as isize;
+        let lo = (lag - search as isize).max(-offset);
+        let hi = lag + search as isize;
+        // Correlate this window alone: received[offset + l ..] against the chunk.
+        let mut best = (0.0f64, lag);
+        for l in lo..=hi {
+            let start = offset + l;
+            if start < 0 || start as usize + window > received.len() {
+                continue;
+            }
+            let seg = &received[start as usize..start as usize + window];
+            let (c, _) = best_correlation_in(seg, chunk, 0..=0);
+            if c > best.0 {
+                best = (c, l);
+            }
+        }
+        lag = best.1;
+        scores.push(best.0);
+    }
+    if scores.is_empty() {
+        return 0.0;
+    }
+    scores.sort_by(f64::total_cmp);
+    scores[scores.len() / 2]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn similarity_tracks_small_shifts_and_rejects_other_audio() {
+        // A voiced reference: a varying tone, 1 s at 8 kHz.
+        let reference: Vec<i16> = (0..8000)
+            .map(|i| ((i as f32 * (0.05 + (i / 800) as f32 * 0.01)).sin() * 6000.0) as i16)
+            .collect();
+        // Delayed by 500 ms, with 40 ms of silence inserted half way (a skipped tick).
+        let mut received = vec![0i16; 4000];
+        received.extend_from_slice(&reference[..4000]);
+        received.extend(std::iter::repeat_n(0, 320));
+        received.extend_from_slice(&reference[4000..]);
+        assert!(speech_similarity(&received, &reference, 8000, 4000, 480) > 0.95);
+        let other: Vec<i16> = (0..12000)
+            .map(|i| (((i * 7919) % 4001) as i16) - 2000)
+            .collect();
+        assert!(speech_similarity(&other, &reference, 8000, 4000, 480) < 0.5);
+        assert_eq!(speech_similarity(&received, &[0; 800], 8000, 0, 10), 0.0);
+    }
 
     #[test]
     fn dtmf_specs() {
