@@ -242,32 +242,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let started = SystemTime::now();
     let start = Instant::now();
-    let mut s = CallSummary {
-        call_id: info.call_id,
-        agent: agent.name(),
-        started,
-        duration: Duration::ZERO,
-        rate_hz: 0,
-        outcome: Outcome::CallerHungUp,
-        frames_in: 0,
-        frames_out: 0,
-        agent_frames_out: 0,
-        frames_dropped_in: 0,
-        playout_overflow_samples: 0,
-        underruns: 0,
-        late_skipped_frames: 0,
-        barge_ins: 0,
-        dtmf: String::new(),
-        transcript: Vec::new(),
-        caller_number: info.caller_number.clone(),
-        turn_latencies_ms: Vec::new(),
-        tool_calls: Vec::new(),
-        fallback: None,
-        agent_time: Duration::ZERO,
-        turns: Vec::new(),
-    };
+    let mut s = CallSummary::without_agent(info.call_id, agent.name(), Outcome::CallerHungUp);
+    s.caller_number = info.caller_number.clone();
     let m_frames_in = metrics::counter!(crate::health::metrics::FRAMES_IN);
     let m_frames_out = metrics::counter!(crate::health::metrics::FRAMES_OUT);
     let m_lateness = metrics::histogram!(crate::health::metrics::PLAYOUT_LATENESS);
