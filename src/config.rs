@@ -244,7 +244,9 @@ pub struct OpenAiRealtimeConfig {
     /// Model that transcribes the caller for the log and call record (default
     /// `gpt-4o-mini-transcribe`; empty disables).
     pub transcription_model: String,
-    /// Connecting and receiving `session.created` may take this long, ms (default 5000).
+    /// Connecting and receiving `session.created` may take this long, ms (default 1500, so a
+    /// provider that does not answer still leaves the caller time to reach a human within
+    /// about 2 s).
     pub connect_timeout_ms: u64,
 }
 
@@ -267,7 +269,7 @@ impl Default for OpenAiRealtimeConfig {
             vad_prefix_padding_ms: 300,
             vad_silence_duration_ms: 500,
             transcription_model: "gpt-4o-mini-transcribe".into(),
-            connect_timeout_ms: 5_000,
+            connect_timeout_ms: 1_500,
         }
     }
 }
@@ -325,7 +327,9 @@ pub struct ElevenlabsAgentConfig {
     /// Caller audio is sent in chunks of this many ms (default 40; 20 to 250).
     pub chunk_ms: u32,
     /// Connecting (including the signed URL) and receiving the
-    /// `conversation_initiation_metadata` may take this long, ms (default 5000).
+    /// `conversation_initiation_metadata` may take this long, ms (default 1500, so a
+    /// provider that does not answer still leaves the caller time to reach a human within
+    /// about 2 s).
     pub connect_timeout_ms: u64,
 }
 
@@ -342,7 +346,7 @@ impl Default for ElevenlabsAgentConfig {
             first_message: None,
             language: None,
             chunk_ms: 40,
-            connect_timeout_ms: 5_000,
+            connect_timeout_ms: 1_500,
         }
     }
 }

@@ -162,9 +162,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let http_stop = CancellationToken::new();
     let mut http_addr = None;
     let http_task = if config.health.enabled {
+        // Only the allowlisted sources (Asterisk, the management LAN) are answered: the
+        // dialplan asks `/v1/calls/{id}/next` here.
         let http = HttpServer::bind(config.health.listen)
             .await
-            .with_context(|| format!("binding health listener {}", config.health.listen))?;
+            .with_context(|| format!("binding health listener {}", config.health.listen))?
+            .with_source_filter({
+                let guard = guard.clone();
+                Arc::new(move |ip| guard.allows(ip))
+            });
         http_addr = Some(http.local_addr()?);
         Some(tokio::spawn(http.run(
             Arc::new(health_routes(health.clone()).route(

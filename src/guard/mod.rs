@@ -248,6 +248,12 @@ impl Guard {
         self.lock().cfg = cfg;
     }
 
+    /// Whether `ip` is in the allowlist in force (for listeners other than AudioSocket,
+    /// such as the health listener that serves the dialplan's `/next` question).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.lock().cfg.allows(ip)
+    }
+
     /// The config in force.
     pub fn config(&self) -> GuardConfig {
         self.lock().cfg.clone()

@@ -217,9 +217,21 @@ pub fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> H
 }
 
 /// A bound HTTP listener.
-#[derive(Debug)]
 pub struct HttpServer {
     listener: TcpListener,
+    allow: Option<SourceFilter>,
+}
+
+/// Decides whether a connection from a source address may be served.
+pub type SourceFilter = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("listener", &self.listener)
+            .field("filtered", &self.allow.is_some())
+            .finish()
+    }
 }
 
 impl HttpServer {
@@ -229,8 +241,16 @@ impl HttpServer {
     /// The bind error.
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         Ok(HttpServer {
+            allow: None,
             listener: TcpListener::bind(addr).await?,
         })
+    }
+
+    /// Serves only sources for which `allow` is true; others are closed at accept, before
+    /// any byte is read (the service passes the guard's allowlist).
+    pub fn with_source_filter(mut self, allow: SourceFilter) -> Self {
+        self.allow = Some(allow);
+        self
     }
 
     /// The bound address.
@@ -262,6 +282,12 @@ impl HttpServer {
                     }
                 },
             };
+            if let Some(allow) = &self.allow {
+                if !allow(peer.ip()) {
+                    debug!(%peer, "http connection from outside the allowlist closed");
+                    continue;
+                }
+            }
             let router = router.clone();
             let stop = stop.clone();
             tracker.spawn(async move {
@@ -306,5 +332,42 @@ mod tests {
             text(StatusCode::OK, "x")
         });
         assert!(Router::matches(&root.routes[0].pattern, "/health/").is_some());
+    }
+
+    /// One GET from a client socket bound to `source`; the status line, or `None` when the
+    /// server closed the connection without answering.
+    async fn get_from(source: &str, server: SocketAddr, path: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(server).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return None;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out.lines().next().map(str::to_owned)
+    }
+
+    #[tokio::test]
+    async fn source_filter_closes_strangers_before_reading() {
+        let http = HttpServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+            .with_source_filter(Arc::new(|ip| ip == std::net::Ipv4Addr::LOCALHOST));
+        let addr = http.local_addr().unwrap();
+        let router = Arc::new(Router::new().route(
+            Method::GET,
+            "/v1/calls/{id}/next",
+            |_req| async { text(StatusCode::OK, "operator") },
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(http.run(router, stop.clone()));
+        let ok = get_from("127.0.0.1", addr, "/v1/calls/x/next").await;
+        assert_eq!(ok.as_deref(), Some("HTTP/1.1 200 OK"));
+        assert_eq!(get_from("127.0.0.2", addr, "/v1/calls/x/next").await, None);
+        stop.cancel();
+        task.await.unwrap();
     }
 }

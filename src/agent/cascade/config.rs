@@ -100,7 +100,9 @@ pub struct SttConfig {
     pub endpointing_ms: u32,
     /// Deepgram `utterance_end_ms`: end of turn on noisy lines (default 1000).
     pub utterance_end_ms: u32,
-    /// Connecting may take this long, ms (default 5000).
+    /// Connecting may take this long, ms (default 1500, so a
+    /// provider that does not answer still leaves the caller time to reach a human within
+    /// about 2 s).
     pub connect_timeout_ms: u64,
 }
 
@@ -115,7 +117,7 @@ impl Default for SttConfig {
             g711: true,
             endpointing_ms: 500,
             utterance_end_ms: 1000,
-            connect_timeout_ms: 5_000,
+            connect_timeout_ms: 1_500,
         }
     }
 }
@@ -234,7 +236,9 @@ pub struct TtsConfig {
     pub language_code: Option<String>,
     /// Voice `speed` (default 1.0; ElevenLabs accepts 0.7–1.2).
     pub speed: f32,
-    /// Connecting (WS) or the response headers (HTTP) may take this long, ms (default 5000).
+    /// Connecting (WS) or the response headers (HTTP) may take this long, ms (default 1500, so a
+    /// provider that does not answer still leaves the caller time to reach a human within
+    /// about 2 s).
     pub connect_timeout_ms: u64,
 }
 
@@ -250,7 +254,7 @@ impl Default for TtsConfig {
             mode: TtsMode::Ws,
             language_code: None,
             speed: 1.0,
-            connect_timeout_ms: 5_000,
+            connect_timeout_ms: 1_500,
         }
     }
 }
