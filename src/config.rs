@@ -63,6 +63,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[log]`: logging.
     pub log: LogConfig,
+    /// `[wireguard]`: the in-process WireGuard tunnel to a remote Asterisk (optional).
+    pub wireguard: Option<crate::tunnel::WireGuardConfig>,
 }
 
 /// `[audiosocket]`.
@@ -361,6 +363,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let Some(wg) = &self.wireguard {
+            wg.validate()?;
         }
         if self
             .log

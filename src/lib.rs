@@ -26,3 +26,4 @@ pub mod secret;
 pub mod selftest;
 pub mod service;
 pub mod tls;
+pub mod tunnel;
