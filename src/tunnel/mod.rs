@@ -244,6 +244,20 @@ impl Tunnel {
                 addr: spec.bind,
                 source,
             })?;
+        Self::spawn_on_socket(spec, udp, stop)
+    }
+
+    /// Spawns the driver task on a UDP socket bound already (by systemd socket activation,
+    /// or inside another network namespace); `spec.bind` is ignored.
+    ///
+    /// # Errors
+    /// [`TunnelError::Bind`] if the socket has no local address, or [`TunnelError::Core`] if
+    /// the tunnel address is unusable.
+    pub fn spawn_on_socket(
+        spec: TunnelSpec,
+        udp: UdpSocket,
+        stop: CancellationToken,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), TunnelError> {
         let udp_addr = udp.local_addr().map_err(|source| TunnelError::Bind {
             addr: spec.bind,
             source,
