@@ -14,6 +14,16 @@ use voicegate::audiosocket::SlinRate;
 use voicegate::call::Outcome;
 use voicegate::caller::{CallPlan, best_correlation, resample_recording, run_call_on};
 
+/// What the rest of voicegate needs of a tunnel stream, checked at compile time.
+#[test]
+fn tunnel_stream_is_a_drop_in_for_tcp() {
+    fn stream<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>() {}
+    fn sendable<T: Send + Sync + 'static>() {}
+    stream::<voicegate::tunnel::TunnelStream>();
+    sendable::<voicegate::tunnel::Tunnel>();
+    sendable::<voicegate::tunnel::TunnelStats>();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audiosocket_call_through_the_tunnel_echoes_back() {
     let stop = CancellationToken::new();

@@ -252,6 +252,8 @@ struct ConnInfo {
     connecting: bool,
     /// The caller closed it; removed once smoltcp is done with it.
     closing: bool,
+    /// The caller will not read any more: received bytes may be discarded.
+    released: bool,
 }
 
 /// The tunnel core. See the module docs.
@@ -309,6 +311,10 @@ fn new_socket() -> tcp::Socket<'static> {
     );
     // Audio frames are small and paced: send each at once.
     s.set_nagle_enabled(false);
+    // A peer that vanished (PBX rebooted, link cut) is noticed on idle connections too:
+    // probes every 30 s, and the connection is reset if nothing is acknowledged for 120 s.
+    s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+    s.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
     s
 }
 
@@ -737,6 +743,7 @@ impl TunnelCore {
                                 ConnInfo {
                                     connecting: false,
                                     closing: false,
+                                    released: false,
                                 },
                             );
                             self.events.push_back(TunnelEvent::Accepted {
@@ -780,7 +787,11 @@ impl TunnelCore {
                     }
                 }
             } else if info.closing && matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
-                gone.push(*h);
+                // Keep it while the caller may still read what arrived before the FIN.
+                let socket = self.sockets.get::<tcp::Socket>(*h);
+                if info.released || socket.recv_queue() == 0 {
+                    gone.push(*h);
+                }
             }
         }
         for h in gone {
@@ -832,6 +843,7 @@ impl TunnelCore {
             ConnInfo {
                 connecting: true,
                 closing: false,
+                released: false,
             },
         );
         Ok(ConnId(h))
@@ -931,10 +943,20 @@ impl TunnelCore {
         }
     }
 
+    /// Closes `conn` like [`Self::close`] and tells the core nobody will read it any more,
+    /// so it is forgotten as soon as both sides are done, unread bytes or not.
+    pub fn release(&mut self, conn: ConnId) {
+        if let Some(info) = self.conns.get_mut(&conn.0) {
+            info.released = true;
+        }
+        self.close(conn);
+    }
+
     /// Resets `conn` (RST) and forgets it.
     pub fn abort(&mut self, conn: ConnId) {
         if let Some(info) = self.conns.get_mut(&conn.0) {
             info.closing = true;
+            info.released = true;
             self.sockets.get_mut::<tcp::Socket>(conn.0).abort();
         }
     }

@@ -581,6 +581,17 @@ struct Driver {
 impl Driver {
     async fn run(mut self, stop: CancellationToken) {
         loop {
+            // Commands first on every turn, so a steady stream of datagrams (the select below
+            // is biased towards them) cannot starve the streams' writes.
+            for _ in 0..RECV_BATCH {
+                match self.cmd_rx.try_recv() {
+                    Ok(cmd) => self.on_command(cmd),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(id) = self.drop_rx.try_recv() {
+                self.on_drop(id);
+            }
             let now = Instant::now();
             self.core.handle_timeout(now.into_std());
             self.dispatch_events();
@@ -879,7 +890,7 @@ impl Driver {
                 self.core.close(id);
             }
             if c.dropped && (c.pending.is_empty() || c.closed) {
-                self.core.close(id);
+                self.core.release(id);
                 gone.push(id);
             }
         }

@@ -53,6 +53,34 @@ impl PeerStats {
     }
 }
 
+impl TunnelStats {
+    /// Sets the tunnel's gauges in the `metrics` registry (call it when `/metrics` is
+    /// scraped), labelled by the peer's public key:
+    /// `voicegate_wireguard_peer_last_handshake_age_seconds` (-1 before the first
+    /// handshake), `voicegate_wireguard_peer_rx_bytes`, `voicegate_wireguard_peer_tx_bytes`,
+    /// `voicegate_wireguard_peer_handshakes`, `voicegate_wireguard_peer_up` (1 or 0), and
+    /// `voicegate_wireguard_dropped_datagrams`.
+    pub fn record_metrics(&self) {
+        metrics::gauge!("voicegate_wireguard_dropped_datagrams").set(self.dropped_datagrams as f64);
+        for p in &self.peers {
+            let peer = p.public_key.clone();
+            metrics::gauge!("voicegate_wireguard_peer_last_handshake_age_seconds", "peer" => peer.clone())
+                .set(p.last_handshake_age_s.unwrap_or(-1.0));
+            metrics::gauge!("voicegate_wireguard_peer_rx_bytes", "peer" => peer.clone())
+                .set(p.rx_bytes as f64);
+            metrics::gauge!("voicegate_wireguard_peer_tx_bytes", "peer" => peer.clone())
+                .set(p.tx_bytes as f64);
+            metrics::gauge!("voicegate_wireguard_peer_handshakes", "peer" => peer.clone())
+                .set(p.handshakes as f64);
+            metrics::gauge!("voicegate_wireguard_peer_up", "peer" => peer).set(if p.is_up() {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+}
+
 /// Renders stats the way `wg show` prints an interface.
 pub fn render_wg_show(s: &TunnelStats) -> String {
     use std::fmt::Write as _;
