@@ -252,15 +252,22 @@ fn main() {
         latency(&pbx, &vg, rounds).await;
         stop.cancel();
 
+        // The caller, both tunnel ends and the sessions share the CPUs, and on a busy box
+        // even plain TCP misses the target: each round also runs the same calls without the
+        // tunnel, so what the tunnel adds is visible.
         let mut best = 0;
-        let mut n = 10;
-        while n <= max_calls {
+        let mut best_vs_plain = 0;
+        for n in [10usize, 30, 50, 100, 150, 200, 300, 400] {
+            if n > max_calls {
+                break;
+            }
             let t = calls(n, seconds, true).await;
             let p = calls(n, seconds, false).await;
             let ok = t.failed == 0 && (18.0..=22.0).contains(&t.p99);
+            let close = t.failed == 0 && t.p99 <= p.p99 + 2.0;
             println!(
                 "calls {:>4}: tunnel gap p50 {:.2} / p99 {:.2} ms (worst call p99 {:.2}), failed {}, frames {} | \
-                 plain TCP p50 {:.2} / p99 {:.2} ms (worst call p99 {:.2}) -> {}",
+                 plain TCP p50 {:.2} / p99 {:.2} ms (worst call p99 {:.2}) -> {}{}",
                 n,
                 t.p50,
                 t.p99,
@@ -270,14 +277,22 @@ fn main() {
                 p.p50,
                 p.p99,
                 p.worst_call_p99,
-                if ok { "within 20 ± 2 ms" } else { "OUT of 20 ± 2 ms" }
+                if ok { "within 20 ± 2 ms" } else { "OUT of 20 ± 2 ms" },
+                if close { ", tunnel within 2 ms of plain" } else { "" }
             );
-            if !ok {
+            if ok {
+                best = n;
+            }
+            if close {
+                best_vs_plain = n;
+            }
+            if t.failed > 0 || t.p99 > 60.0 {
                 break;
             }
-            best = n;
-            n = if n < 50 { n + 20 } else { n + 50 };
         }
+        println!(
+            "concurrent calls through the tunnel with p99 pacing within 2 ms of plain TCP: {best_vs_plain}"
+        );
         println!("concurrent calls through the tunnel with p99 pacing (all calls' frame gaps) within 20 ± 2 ms: {best}");
     });
 }

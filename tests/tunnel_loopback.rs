@@ -140,3 +140,39 @@ async fn outgoing_connections_carry_requests_and_bulk_data() {
     assert_eq!(e.kind(), std::io::ErrorKind::HostUnreachable, "{e}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_host_names_are_resolved() {
+    use boringtun::x25519::PublicKey;
+    let stop = CancellationToken::new();
+    let pbx_pub = PublicKey::from(&tunnel_support::secret(21));
+    let vg_pub = PublicKey::from(&tunnel_support::secret(22));
+    let (pbx, _) = voicegate::tunnel::Tunnel::spawn(
+        tunnel_support::spec(21, "10.0.0.1", vg_pub, "10.0.0.2", None, None),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    // voicegate knows the PBX only by name, as `endpoint = "pbx.example.net:51820"`.
+    let mut spec = tunnel_support::spec(22, "10.0.0.2", pbx_pub, "10.0.0.1", None, Some(25));
+    spec.endpoint_names = vec![Some(format!("localhost:{}", pbx.udp_addr().port()))];
+    let (vg, _) = voicegate::tunnel::Tunnel::spawn(spec, stop.clone())
+        .await
+        .unwrap();
+    let mut up = false;
+    for _ in 0..50 {
+        let s = vg.stats().await.unwrap();
+        if s.peers[0].handshakes >= 1 {
+            assert_eq!(s.peers[0].endpoint, Some(pbx.udp_addr().to_string()));
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        up,
+        "handshake after resolving the name: {:?}",
+        vg.stats().await
+    );
+    stop.cancel();
+}
