@@ -4,8 +4,8 @@
 //! `cargo bench --bench tunnel` (release build). Both ends of the tunnel (the "PBX" and
 //! voicegate), the callers and the echo sessions all run in this one process over loopback
 //! UDP, so every packet is encrypted and decrypted twice on the same cores: the numbers are
-//! a lower bound for one voicegate box. Options: `--max-calls N` (default 400),
-//! `--seconds S` per call round (default 6).
+//! a lower bound for one voicegate box. Options (after `--`): `--max-calls N` (default
+//! 400), `--calls N` (only that round), `--seconds S` per call round (default 6).
 
 #[path = "../tests/tunnel_support/mod.rs"]
 mod tunnel_support;
@@ -122,10 +122,11 @@ async fn latency(pbx: &voicegate::tunnel::Tunnel, vg: &voicegate::tunnel::Tunnel
         "latency, 320-byte frame round trip: tunnel p50 {t50:.0} µs p99 {t99:.0} µs; \
          plain loopback TCP p50 {p50:.0} µs p99 {p99:.0} µs"
     );
+    // Half the difference of the round-trip medians: each frame crosses the tunnel once
+    // each way, through both ends (encrypt + decrypt, two userspace TCP/IP stacks).
     println!(
-        "added per-packet latency (one way, both tunnel ends): p50 {:.0} µs, p99 {:.0} µs",
-        (t50 - p50) / 2.0,
-        (t99 - p99) / 2.0
+        "added per-packet latency, one way through both tunnel ends: {:.0} µs (median)",
+        (t50 - p50) / 2.0
     );
 }
 
@@ -214,7 +215,19 @@ async fn calls(n: usize, seconds: f64, tunnel: bool) -> Round {
                 round.frames += r.frames_received;
                 gaps.extend(r.arrivals_ms.windows(2).map(|w| w[1] - w[0]));
             }
-            _ => round.failed += 1,
+            Ok(Err(e)) => {
+                if round.failed == 0 {
+                    eprintln!(
+                        "  first failed call ({}): {e}",
+                        if tunnel { "tunnel" } else { "plain" }
+                    );
+                }
+                round.failed += 1;
+            }
+            Err(e) => {
+                eprintln!("  call task panicked: {e}");
+                round.failed += 1;
+            }
         }
     }
     gaps.sort_by(f64::total_cmp);
@@ -257,8 +270,12 @@ fn main() {
         // tunnel, so what the tunnel adds is visible.
         let mut best = 0;
         let mut best_vs_plain = 0;
+        let only = arg("--calls", 0) as usize;
         for n in [10usize, 30, 50, 100, 150, 200, 300, 400] {
-            if n > max_calls {
+            if n > max_calls || (only > 0 && n != only) {
+                if only > 0 && n < only {
+                    continue;
+                }
                 break;
             }
             let t = calls(n, seconds, true).await;

@@ -465,6 +465,9 @@ impl TunnelCore {
 
     /// Handles one UDP datagram from `from`. Datagrams that do not authenticate are dropped
     /// (and counted); an authenticated one moves the peer's endpoint to `from` (roaming).
+    /// WireGuard's own answers (handshake responses, cookies) are ready in
+    /// [`Self::poll_transmit`] at once; the IP packets it carried reach the TCP connections
+    /// at the next [`Self::handle_timeout`], so call that after a batch of datagrams.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         self.advance(now);
         let Some(i) = self.peer_of(datagram) else {
@@ -473,7 +476,6 @@ impl TunnelCore {
             return;
         };
         let mut buf = std::mem::take(&mut self.scratch);
-        self.peers[i].rx_bytes += datagram.len() as u64;
         let mut authenticated = true;
         let mut first = true;
         loop {
@@ -512,13 +514,16 @@ impl TunnelCore {
         self.scratch = buf;
         if authenticated {
             let peer = &mut self.peers[i];
+            peer.rx_bytes += datagram.len() as u64;
             if peer.endpoint != Some(from) {
                 debug!(peer = i, %from, "peer endpoint changed");
                 peer.endpoint = Some(from);
             }
             self.note_handshake(i);
         }
-        self.poll_stack();
+        // The TCP/IP stack runs once per batch of datagrams, in handle_timeout: running it
+        // per datagram costs a pass over every socket each time, which does not scale to
+        // hundreds of calls.
     }
 
     /// Hands a decrypted IP packet from peer `i` to the TCP/IP stack if its source is one
