@@ -64,7 +64,7 @@ pub const TCP_BUFFER_BYTES: usize = 64 * 1024;
 /// Sockets kept listening per port, so that calls arriving together are all accepted.
 pub const LISTEN_BACKLOG: usize = 2;
 /// Most half-open (SYN received) connections per listening port.
-const MAX_PENDING_PER_PORT: usize = 32;
+const MAX_PENDING_PER_PORT: usize = 64;
 /// Largest datagram boringtun may write: an MTU-sized packet plus 32 bytes of WireGuard
 /// overhead, and never less than a handshake initiation (148 bytes).
 const SCRATCH_BYTES: usize = 65_536 + 32;
@@ -664,6 +664,7 @@ impl TunnelCore {
     /// Runs smoltcp, sends what it produced through WireGuard, and turns socket state
     /// changes into events.
     fn poll_stack(&mut self) {
+        self.prepare_listeners();
         let now = smol_time(self.epoch, self.now);
         for _ in 0..16 {
             let result = self.iface.poll(now, &mut self.device, &mut self.sockets);
@@ -677,6 +678,37 @@ impl TunnelCore {
             }
         }
         self.update_sockets();
+    }
+
+    /// Makes sure every listened port has a listening socket for each connection request
+    /// (SYN) waiting in this batch, so calls that arrive together are all accepted instead
+    /// of the ones beyond [`LISTEN_BACKLOG`] being reset.
+    fn prepare_listeners(&mut self) {
+        if self.listeners.is_empty() || self.device.rx.is_empty() {
+            return;
+        }
+        let mut syns: HashMap<u16, usize> = HashMap::new();
+        for packet in &self.device.rx {
+            if let Some(port) = syn_port(packet) {
+                if self.listeners.contains_key(&port) {
+                    *syns.entry(port).or_default() += 1;
+                }
+            }
+        }
+        for (port, wanted) in syns {
+            let Some(l) = self.listeners.get_mut(&port) else {
+                continue;
+            };
+            while l.listening.len() < wanted
+                && l.pending.len() + l.listening.len() < MAX_PENDING_PER_PORT
+            {
+                let mut socket = new_socket();
+                if socket.listen(port).is_err() {
+                    break;
+                }
+                l.listening.push(self.sockets.add(socket));
+            }
+        }
     }
 
     /// Encrypts every IP packet the stack produced and queues it for its peer.
@@ -998,6 +1030,27 @@ impl TunnelCore {
     pub fn rejected_datagrams(&self) -> u64 {
         self.rejected_datagrams
     }
+}
+
+/// The destination port of a TCP connection request (SYN without ACK) in an IP packet.
+fn syn_port(packet: &[u8]) -> Option<u16> {
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+    let (protocol, payload) = match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            (ip.next_header(), ip.payload())
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            (ip.next_header(), ip.payload())
+        }
+        _ => return None,
+    };
+    if protocol != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
 }
 
 /// Sets boringtun's (thread-local, `mock-instant`) clock to `now`, as time since `epoch`.

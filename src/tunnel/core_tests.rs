@@ -420,3 +420,33 @@ fn connect_without_a_route_is_refused() {
             .unwrap_err();
     assert_eq!(e, CoreError::NoRoute("10.9.9.9".parse().unwrap()));
 }
+
+#[test]
+fn many_connections_arriving_together_are_all_accepted() {
+    let mut s = Sim::new(0, 0, None);
+    let _ = s.connect();
+    // 50 calls at the same instant: their SYNs reach B in one batch.
+    let remote: SocketAddr = format!("{B_IP}:9092").parse().unwrap();
+    let conns: Vec<ConnId> = (0..50)
+        .map(|_| s.a.connect(s.now, remote).unwrap())
+        .collect();
+    let mut connected = 0;
+    let mut accepted = 0;
+    let mut failed = 0;
+    s.run_until(Duration::from_secs(10), |s| {
+        while let Some(ev) = s.a.poll_event() {
+            match ev {
+                TunnelEvent::Connected(c) if conns.contains(&c) => connected += 1,
+                TunnelEvent::ConnectFailed(_) => failed += 1,
+                _ => {}
+            }
+        }
+        while let Some(ev) = s.b.poll_event() {
+            if matches!(ev, TunnelEvent::Accepted { .. }) {
+                accepted += 1;
+            }
+        }
+        connected + failed == 50 && accepted == 50
+    });
+    assert_eq!((connected, accepted, failed), (50, 50, 0));
+}
