@@ -138,6 +138,23 @@ struct Round {
     worst_call_p99: f64,
     failed: usize,
     frames: u64,
+    /// Datagrams the kernel dropped for a full UDP receive buffer (all sockets on the box).
+    udp_drops: u64,
+}
+
+/// `RcvbufErrors` of /proc/net/snmp (Linux), 0 elsewhere.
+fn udp_receive_drops() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn speech() -> Recording {
@@ -206,7 +223,9 @@ async fn calls(n: usize, seconds: f64, tunnel: bool) -> Round {
         worst_call_p99: 0.0,
         failed: 0,
         frames: 0,
+        udp_drops: 0,
     };
+    let drops_before = udp_receive_drops();
     let mut gaps = Vec::new();
     for t in tasks {
         match t.await {
@@ -230,6 +249,7 @@ async fn calls(n: usize, seconds: f64, tunnel: bool) -> Round {
             }
         }
     }
+    round.udp_drops = udp_receive_drops().saturating_sub(drops_before);
     gaps.sort_by(f64::total_cmp);
     round.p99 = percentile(&gaps, 0.99);
     round.p50 = percentile(&gaps, 0.5);
@@ -283,7 +303,7 @@ fn main() {
             let ok = t.failed == 0 && (18.0..=22.0).contains(&t.p99);
             let close = t.failed == 0 && t.p99 <= p.p99 + 2.0;
             println!(
-                "calls {:>4}: tunnel gap p50 {:.2} / p99 {:.2} ms (worst call p99 {:.2}), failed {}, frames {} | \
+                "calls {:>4}: tunnel gap p50 {:.2} / p99 {:.2} ms (worst call p99 {:.2}), failed {}, frames {}, udp drops {} | \
                  plain TCP p50 {:.2} / p99 {:.2} ms (worst call p99 {:.2}) -> {}{}",
                 n,
                 t.p50,
@@ -291,6 +311,7 @@ fn main() {
                 t.worst_call_p99,
                 t.failed,
                 t.frames,
+                t.udp_drops,
                 p.p50,
                 p.p99,
                 p.worst_call_p99,

@@ -75,6 +75,8 @@ pub const RESOLVE_RETRY: Duration = Duration::from_secs(30);
 /// A peer whose last handshake is older than this (WireGuard's Reject-After-Time, 180 s)
 /// has no usable session: its endpoint is resolved again.
 const SESSION_DEAD: Duration = Duration::from_secs(180);
+/// Receive and send buffer asked of the kernel for the UDP socket, bytes (4 MiB).
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Datagrams read per wake-up before the driver services streams again.
 const RECV_BATCH: usize = 64;
 
@@ -262,6 +264,12 @@ impl Tunnel {
             addr: spec.bind,
             source,
         })?;
+        // Room for bursts while the driver is not scheduled (a busy 2-core box): a datagram
+        // the kernel drops costs a TCP retransmission inside the tunnel. The kernel caps the
+        // sizes at net.core.rmem_max / wmem_max; a smaller buffer still works.
+        let sock = socket2::SockRef::from(&udp);
+        let _ = sock.set_recv_buffer_size(UDP_BUFFER_BYTES);
+        let _ = sock.set_send_buffer_size(UDP_BUFFER_BYTES);
         let address = spec.core.address.addr();
         let mut core_spec = spec.core;
         core_spec.listen_port = udp_addr.port();
