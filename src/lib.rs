@@ -10,6 +10,7 @@
 //! - [`agent`]: the voice-agent interface and its providers.
 //! - [`caller`]: a synthetic caller that behaves like Asterisk (`voicegate call`, `selftest`).
 //! - [`config`], [`secret`], [`tls`]: configuration, secrets, TLS for cloud connections.
+//! - [`tunnel`]: WireGuard inside the process (boringtun + smoltcp) to reach a remote Asterisk.
 //!
 //! Panic policy: input from the network never panics; a panic is a broken invariant, and
 //! each `expect` names the invariant it relies on.
