@@ -143,8 +143,20 @@ pub async fn place_call(addr: SocketAddr, plan: &CallPlan) -> Result<CallReport,
 /// [`CallError`] on I/O or protocol failures.
 pub async fn run_call(stream: TcpStream, plan: &CallPlan) -> Result<CallReport, CallError> {
     stream.set_nodelay(true)?;
+    run_call_on(stream, plan).await
+}
+
+/// Places one call over any connected byte stream, e.g. a
+/// [`crate::tunnel::TunnelStream`] through the WireGuard tunnel.
+///
+/// # Errors
+/// [`CallError`] on I/O or protocol failures.
+pub async fn run_call_on<S>(stream: S, plan: &CallPlan) -> Result<CallReport, CallError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let speech = resample_recording(&plan.speech, plan.rate.hz())?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let start = Instant::now();
     let mut out = BytesMut::with_capacity(64);
     codec::encode(&Message::CallId(plan.call_id), &mut out);

@@ -78,6 +78,8 @@ pub struct Config {
     pub tools: Vec<crate::tools::ToolConfig>,
     /// `[ari]`: the Asterisk REST Interface (Stasis mode, caller lookup); absent = no ARI.
     pub ari: Option<AriConfig>,
+    /// `[wireguard]`: the in-process WireGuard tunnel to a remote Asterisk (optional).
+    pub wireguard: Option<crate::tunnel::WireGuardConfig>,
 }
 
 /// `[state]`.
@@ -777,6 +779,9 @@ impl Config {
                     "required when audiosocket.listen is a wildcard address: the address Asterisk connects to for externalMedia",
                 ));
             }
+        }
+        if let Some(wg) = &self.wireguard {
+            wg.validate()?;
         }
         if self
             .log

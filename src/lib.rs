@@ -14,6 +14,7 @@
 //! - [`guard`], [`fallback`], [`health`], [`records`]: the appliance: port guard and budget,
 //!   the human fallback and circuit breaker, watchdog/health/metrics, call records.
 //! - [`tools`]: tools the agent can call (HTTP lookups, hangup, transfer to an operator).
+//! - [`tunnel`]: WireGuard inside the process (boringtun + smoltcp) to reach a remote Asterisk.
 //!
 //! Panic policy: input from the network never panics; a panic is a broken invariant, and
 //! each `expect` names the invariant it relies on.
@@ -36,3 +37,4 @@ pub mod selftest;
 pub mod service;
 pub mod tls;
 pub mod tools;
+pub mod tunnel;

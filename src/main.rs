@@ -45,6 +45,9 @@ enum Command {
     /// Print the configured tools ([[tools]]) as a provider declares them, as JSON (for
     /// ElevenLabs: the client tools to create on the agent).
     Tools(ToolsArgs),
+    /// WireGuard keys and tunnel status, like the `wg` tool.
+    #[command(subcommand)]
+    Wg(WgCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,6 +76,23 @@ struct ToolsArgs {
     /// ElevenLabs: seconds the agent waits for each tool result.
     #[arg(long, default_value_t = 20)]
     response_timeout_secs: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum WgCommand {
+    /// Print a new private key (base64), like `wg genkey`.
+    Genkey,
+    /// Read a private key on stdin, print its public key, like `wg pubkey`.
+    Pubkey,
+    /// Show the running service's tunnel: peers, latest handshakes, transfer (`wg show`).
+    Show {
+        /// The service's health listener, HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        health: String,
+        /// Print the JSON as served instead of wg-style text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +133,16 @@ struct SelftestArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Wg(wg) = &cli.command {
+        // Key tools need no config, like `wg`.
+        return match wg_command(wg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("voicegate wg: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -127,7 +157,7 @@ fn main() -> ExitCode {
         }
         Command::Records(args) => return records(&config, args),
         Command::Tools(ref args) => return print_tools(&config, args),
-        Command::Run | Command::Selftest(_) | Command::Call(_) => {}
+        Command::Run | Command::Selftest(_) | Command::Call(_) | Command::Wg(_) => {}
     }
     voicegate::tls::install_crypto_provider();
     init_tracing(&config, matches!(cli.command, Command::Run));
@@ -148,7 +178,9 @@ fn main() -> ExitCode {
                 .map(|()| true),
             Command::Call(args) => call(args).await,
             Command::Selftest(args) => selftest(config, args).await,
-            Command::CheckConfig | Command::Records(_) | Command::Tools(_) => Ok(true),
+            Command::CheckConfig | Command::Records(_) | Command::Tools(_) | Command::Wg(_) => {
+                Ok(true)
+            }
         }
     });
     match result {
@@ -331,4 +363,53 @@ fn print_tools(config: &Config, args: &ToolsArgs) -> ExitCode {
         serde_json::to_string_pretty(&json).unwrap_or_default()
     );
     ExitCode::SUCCESS
+}
+
+fn wg_command(cmd: &WgCommand) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    use voicegate::tunnel::keys;
+    match cmd {
+        WgCommand::Genkey => {
+            println!("{}", keys::generate_private_key()?.expose());
+        }
+        WgCommand::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(1024)
+                .read_to_string(&mut text)
+                .context("reading the private key from stdin")?;
+            println!("{}", keys::public_key_of(&text)?);
+        }
+        WgCommand::Show { health, json } => {
+            voicegate::tls::install_crypto_provider();
+            let url = format!("http://{health}/v1/wireguard");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let body = runtime.block_on(async {
+                let client = voicegate::tls::http_client_builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .context("building the HTTP client")?;
+                let response = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("GET {url} (is the service running?)"))?;
+                let status = response.status();
+                let body = response.text().await.context("reading the response")?;
+                anyhow::ensure!(status.is_success(), "GET {url}: {status}: {body}");
+                anyhow::Ok(body)
+            })?;
+            if *json {
+                println!("{body}");
+            } else {
+                let stats: voicegate::tunnel::TunnelStats = serde_json::from_str(&body)
+                    .with_context(|| format!("{url} did not return tunnel stats"))?;
+                print!("{}", voicegate::tunnel::render_wg_show(&stats));
+            }
+        }
+    }
+    Ok(())
 }

@@ -124,6 +124,41 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     )
     .with_summaries(summary_tx);
     let audiosocket_addr = server.local_addr()?;
+
+    // WireGuard: calls from a remote Asterisk arrive on the tunnel address (same port as the
+    // LAN listener, same guard), and loopback forwards carry ARI the other way.
+    let tunnel_stop = CancellationToken::new();
+    let (server, tunnel) = match &config.wireguard {
+        Some(wg) => {
+            let (tunnel, _driver) = crate::tunnel::Tunnel::from_config(wg, tunnel_stop.clone())
+                .await
+                .context("starting the WireGuard tunnel")?;
+            let listener = tunnel
+                .listen(audiosocket_addr.port())
+                .await
+                .context("listening inside the WireGuard tunnel")?;
+            for f in &wg.forwards {
+                crate::tunnel::forward::forward(
+                    tunnel.clone(),
+                    f.listen,
+                    f.to,
+                    tunnel_stop.clone(),
+                )
+                .await
+                .with_context(|| format!("binding WireGuard forward {}", f.listen))?;
+            }
+            health.set_component(
+                component::TUNNEL,
+                Component::new(
+                    ComponentStatus::Ok,
+                    format!("{} udp {}", tunnel.address(), tunnel.udp_addr()),
+                ),
+            );
+            spawn_tunnel_health(tunnel.clone(), health.clone(), tunnel_stop.clone());
+            (server.with_tunnel(listener), Some(tunnel))
+        }
+        None => (server, None),
+    };
     health.set_component(
         component::AUDIOSOCKET,
         Component::new(
@@ -172,26 +207,54 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 Arc::new(move |ip| guard.allows(ip))
             });
         http_addr = Some(http.local_addr()?);
-        Some(tokio::spawn(http.run(
-            Arc::new(health_routes(health.clone()).route(
-                hyper::Method::GET,
-                "/v1/calls/{id}/next",
-                {
-                    let next = next.clone();
-                    move |req| {
-                        let body = next.answer(req.params.get("id").map_or("", String::as_str));
-                        async move {
-                            crate::health::http::respond(
-                                hyper::StatusCode::OK,
-                                "text/plain; charset=utf-8",
-                                body.into(),
-                            )
-                        }
-                    }
-                },
-            )),
-            http_stop.clone(),
-        )))
+        Some(tokio::spawn(
+            http.run(
+                Arc::new(
+                    health_routes(health.clone())
+                        .route(hyper::Method::GET, "/v1/wireguard", {
+                            let tunnel = tunnel.clone();
+                            move |_req| {
+                                let tunnel = tunnel.clone();
+                                async move {
+                                    let Some(tunnel) = tunnel else {
+                                        return crate::health::http::respond(
+                                            hyper::StatusCode::NOT_FOUND,
+                                            "text/plain; charset=utf-8",
+                                            "no [wireguard] configured\n".into(),
+                                        );
+                                    };
+                                    match tunnel.stats().await {
+                                        Ok(stats) => {
+                                            stats.record_metrics();
+                                            json(hyper::StatusCode::OK, &stats)
+                                        }
+                                        Err(e) => crate::health::http::respond(
+                                            hyper::StatusCode::SERVICE_UNAVAILABLE,
+                                            "text/plain; charset=utf-8",
+                                            format!("tunnel: {e}\n").into(),
+                                        ),
+                                    }
+                                }
+                            }
+                        })
+                        .route(hyper::Method::GET, "/v1/calls/{id}/next", {
+                            let next = next.clone();
+                            move |req| {
+                                let body =
+                                    next.answer(req.params.get("id").map_or("", String::as_str));
+                                async move {
+                                    crate::health::http::respond(
+                                        hyper::StatusCode::OK,
+                                        "text/plain; charset=utf-8",
+                                        body.into(),
+                                    )
+                                }
+                            }
+                        }),
+                ),
+                http_stop.clone(),
+            ),
+        ))
     } else {
         None
     };
@@ -299,6 +362,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(t) = http_task {
         let _ = t.await;
     }
+    tunnel_stop.cancel();
     watchdog.stop();
     Ok(())
 }
@@ -424,6 +488,38 @@ fn spawn_ari_health(
             if state.changed().await.is_err() {
                 break;
             }
+        }
+    });
+}
+
+/// Every 10 s: the tunnel's peers into `/metrics` and the `tunnel` component of `/health`
+/// (down when no peer has a live session, so a peer that went silent shows).
+fn spawn_tunnel_health(
+    tunnel: crate::tunnel::Tunnel,
+    health: Arc<HealthState>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let Ok(stats) = tunnel.stats().await else {
+                return;
+            };
+            stats.record_metrics();
+            let up = stats.peers.iter().filter(|p| p.is_up()).count();
+            let status = if up > 0 {
+                ComponentStatus::Ok
+            } else {
+                ComponentStatus::Down
+            };
+            health.set_component(
+                component::TUNNEL,
+                Component::new(status, format!("{up} of {} peers up", stats.peers.len())),
+            );
         }
     });
 }

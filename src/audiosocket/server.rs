@@ -25,8 +25,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
-use tokio::io::AsyncWriteExt as _;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -90,6 +90,7 @@ pub struct Server {
     breaker: Arc<Breaker>,
     health: Option<(Arc<HealthState>, Duration)>,
     directory: Option<Arc<dyn CallDirectory>>,
+    tunnel: Option<crate::tunnel::TunnelListener>,
 }
 
 impl std::fmt::Debug for dyn crate::agent::Agent {
@@ -125,6 +126,7 @@ impl Server {
             breaker: Arc::new(Breaker::new(0, Duration::from_secs(1))),
             health: None,
             directory: None,
+            tunnel: None,
         })
     }
 
@@ -167,6 +169,13 @@ impl Server {
         self
     }
 
+    /// Also accepts AudioSocket calls arriving through the WireGuard tunnel on `listener`
+    /// (the tunnel address and port); the guard sees their tunnel source address.
+    pub fn with_tunnel(mut self, listener: crate::tunnel::TunnelListener) -> Self {
+        self.tunnel = Some(listener);
+        self
+    }
+
     /// The bound address.
     ///
     /// # Errors
@@ -177,7 +186,7 @@ impl Server {
 
     /// Accepts calls until `stop` is cancelled, then lets live calls finish for the grace
     /// period and hangs up the rest. Returns when every call task has ended.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let tracker = TaskTracker::new();
         let hangup = CancellationToken::new();
         let local = self.listener.local_addr().ok();
@@ -189,6 +198,10 @@ impl Server {
             .map_or(Duration::from_secs(1), |(_, p)| *p);
         let mut beat = tokio::time::interval(beat_period);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tunnel = self.tunnel.take();
+        if let Some(t) = &tunnel {
+            info!(listen = %t.local_addr(), "audiosocket listening inside the WireGuard tunnel");
+        }
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -199,43 +212,24 @@ impl Server {
                 }
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let generation = self.current.borrow().clone();
-                        let permit = match &self.guard {
-                            None => None,
-                            Some(guard) => match guard.admit(peer.ip(), SystemTime::now()) {
-                                Ok(p) => Some(p),
-                                Err(rejection) => {
-                                    self.reject(stream, peer, rejection, &generation);
-                                    continue;
-                                }
-                            },
-                        };
-                        let ctx = CallContext {
-                            generation,
-                            breaker: self.breaker.clone(),
-                            guard: self.guard.clone(),
-                            health: self.health.as_ref().map(|(h, _)| h.clone()),
-                        };
-                        let hangup = hangup.clone();
-                        let summaries = self.summaries.clone();
-                        let directory = self.directory.clone();
-                        tracker.spawn(async move {
-                            let summary = handle_connection(stream, peer, &ctx, hangup, directory).await;
-                            drop(permit);
-                            if let Some(summary) = summary {
-                                ctx.account(&summary).await;
-                                if let Some(tx) = summaries {
-                                    let _ = tx.send(summary);
-                                }
-                            }
-                        });
+                        if let Err(e) = stream.set_nodelay(true) {
+                            warn!(%peer, error = %e, "cannot set TCP_NODELAY");
+                        }
+                        self.spawn_call(stream, peer, &tracker, &hangup);
                     }
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
                         warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                }
+                },
+                accepted = next_tunnel_connection(&mut tunnel) => match accepted {
+                    Ok((stream, peer)) => self.spawn_call(stream, peer, &tracker, &hangup),
+                    Err(e) => {
+                        warn!(error = %e, "the WireGuard tunnel stopped; no more calls through it");
+                        tunnel = None;
+                    }
+                },
             }
         }
         drop(self.listener);
@@ -264,10 +258,53 @@ impl Server {
 impl Server {
     /// Closes a refused connection, counts it, and (for an allowed source hitting a limit or
     /// the budget) sends a `rejected` summary for the call records.
-    fn reject(&self, stream: TcpStream, peer: SocketAddr, rejection: Rejection, g: &Generation) {
+    /// Admits a new connection (the guard, with the tunnel address as the source for tunnel
+    /// connections) and runs its call in its own task.
+    fn spawn_call<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        tracker: &TaskTracker,
+        hangup: &CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let generation = self.current.borrow().clone();
+        let permit = match &self.guard {
+            None => None,
+            Some(guard) => match guard.admit(peer.ip(), SystemTime::now()) {
+                Ok(p) => Some(p),
+                Err(rejection) => {
+                    // A plain close is enough: nothing was read.
+                    drop(stream);
+                    self.reject(peer, rejection, &generation);
+                    return;
+                }
+            },
+        };
+        let ctx = CallContext {
+            generation,
+            breaker: self.breaker.clone(),
+            guard: self.guard.clone(),
+            health: self.health.as_ref().map(|(h, _)| h.clone()),
+        };
+        let hangup = hangup.clone();
+        let summaries = self.summaries.clone();
+        let directory = self.directory.clone();
+        tracker.spawn(async move {
+            let summary = handle_connection(stream, peer, &ctx, hangup, directory).await;
+            drop(permit);
+            if let Some(summary) = summary {
+                ctx.account(&summary).await;
+                if let Some(tx) = summaries {
+                    let _ = tx.send(summary);
+                }
+            }
+        });
+    }
+
+    fn reject(&self, peer: SocketAddr, rejection: Rejection, g: &Generation) {
         ::metrics::counter!(m::GUARD_REJECTIONS, "reason" => rejection.label()).increment(1);
-        // Closing with SO_LINGER 0 would send RST; a plain close is enough: nothing was read.
-        drop(stream);
         if rejection == Rejection::NotAllowed {
             // Strangers are only counted: logging or recording each would let a scan fill
             // the disk.
@@ -283,6 +320,16 @@ impl Server {
                 Outcome::Rejected(rejection.label().to_owned()),
             ));
         }
+    }
+}
+
+/// The next connection through the tunnel, or never when there is no tunnel listener.
+async fn next_tunnel_connection(
+    tunnel: &mut Option<crate::tunnel::TunnelListener>,
+) -> std::io::Result<(crate::tunnel::TunnelStream, SocketAddr)> {
+    match tunnel {
+        Some(t) => t.accept().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -357,19 +404,20 @@ impl CallContext {
 }
 
 /// Reads the call id and runs the call. Returns `None` if the connection never became a call.
-async fn handle_connection(
-    stream: TcpStream,
+async fn handle_connection<S>(
+    stream: S,
     peer: SocketAddr,
     ctx: &CallContext,
     hangup: CancellationToken,
     directory: Option<Arc<dyn CallDirectory>>,
-) -> Option<CallSummary> {
+) -> Option<CallSummary>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let agent = ctx.generation.agent.clone();
     let params: &ServerParams = &ctx.generation.params;
-    if let Err(e) = stream.set_nodelay(true) {
-        warn!(%peer, error = %e, "cannot set TCP_NODELAY");
-    }
-    let (mut reader, writer) = stream.into_split();
+    // One task owns both halves, so the split's lock is never contended.
+    let (mut reader, writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(2048);
     let call_id = match timeout(params.call_id_timeout, read_message(&mut reader, &mut buf)).await {
         Ok(Ok(Some(Message::CallId(id)))) => id,
