@@ -609,6 +609,9 @@ struct ServerEvent<'a> {
     /// Empty when absent (serde borrows a `Cow` only when it is not inside an `Option`).
     #[serde(default, borrow)]
     item_id: Cow<'a, str>,
+    /// The response an output event belongs to; empty when absent.
+    #[serde(default, borrow)]
+    response_id: Cow<'a, str>,
     /// Base64 audio or a text delta; empty when absent.
     #[serde(default, borrow)]
     delta: Cow<'a, str>,
@@ -674,6 +677,9 @@ impl LevelCheck {
 struct Reply {
     id: ReplyId,
     item_id: String,
+    /// The response the audio item belongs to: a function call in the same response was
+    /// asked for by this reply (a terminal tool waits for it to be played).
+    response_id: String,
     /// Wire audio received for it, bytes.
     wire_bytes: usize,
     /// The audio-done event arrived.
@@ -852,6 +858,12 @@ impl Live {
                     warn!("audio delta without item_id; ignored");
                     return Ok(Flow::Continue);
                 }
+                if !ev.response_id.is_empty() {
+                    let r = self.reply_for(&ev.item_id);
+                    if r.response_id.is_empty() {
+                        r.response_id = ev.response_id.to_string();
+                    }
+                }
                 return Ok(self.audio_delta(&ev.item_id, &ev.delta, io).await);
             }
             "response.output_audio.done" | "response.audio.done" => {
@@ -896,11 +908,20 @@ impl Live {
                     return Ok(Flow::Continue);
                 };
                 info!(tool = %name, call_id = %call_id, "tool call");
+                // Tied to the spoken reply of the same response, if it had one.
+                let reply = (!ev.response_id.is_empty())
+                    .then(|| {
+                        self.replies
+                            .iter()
+                            .find(|r| r.response_id == ev.response_id)
+                    })
+                    .flatten()
+                    .map(|r| r.id);
                 let ev = AgentEvent::ToolCall {
                     call_id,
                     name,
                     arguments: ev.arguments.unwrap_or_else(|| "{}".into()),
-                    reply: None,
+                    reply,
                 };
                 return Ok(Self::emit(io, ev).await);
             }
@@ -961,6 +982,7 @@ impl Live {
                 self.replies.push_back(Reply {
                     id,
                     item_id: item_id.to_owned(),
+                    response_id: String::new(),
                     wire_bytes: 0,
                     done: false,
                     cancelled: false,
