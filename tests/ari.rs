@@ -41,6 +41,8 @@ enum Behaviour {
     Transfer(Duration),
     /// Cycles Echo, Fail, End, Transfer by call.
     Mixed,
+    /// The real OpenAI Realtime agent, configured for a provider nobody listens for.
+    Unreachable,
 }
 
 #[derive(Default)]
@@ -63,6 +65,11 @@ impl Agent for TestAgent {
     }
 
     fn start(&self, call: CallInfo) -> AgentSession {
+        if let Behaviour::Unreachable = self.behaviour {
+            // Not a test agent: its session is the real provider's, counted by nobody here.
+            self.log.infos.lock().unwrap().push(call.clone());
+            return unreachable_provider().start(call);
+        }
         let (session, endpoint) = voicegate::agent::session_channel();
         let n = self.log.started.fetch_add(1, Ordering::SeqCst);
         let behaviour = match self.behaviour {
@@ -137,12 +144,26 @@ async fn run_agent(
                         let id = call.call_id;
                         tokio::spawn(async move { c.transfer(id).await.expect("transfer a live call") });
                     }
-                    Behaviour::Echo | Behaviour::Mixed => {}
+                    Behaviour::Echo | Behaviour::Mixed | Behaviour::Unreachable => {}
                 }
             }
         }
     }
     log.ended.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The OpenAI Realtime agent pointed at a loopback port with nothing listening.
+fn unreachable_provider() -> voicegate::agent::openai_realtime::OpenAiRealtime {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = voicegate::config::OpenAiRealtimeConfig {
+        url: format!("ws://{closed}/v1/realtime"),
+        api_key: SecretSource::Inline("sk-test-unreachable".into()),
+        ..Default::default()
+    };
+    voicegate::agent::openai_realtime::OpenAiRealtime::new(&cfg).unwrap()
 }
 
 struct Harness {
@@ -381,6 +402,28 @@ async fn agent_failure_transfers_to_the_operator_context() {
     );
     assert_eq!(h.ctl().stats().transfers, 1);
     assert_eq!(h.next.answer(&summary.call_id.to_string()), "operator");
+}
+
+/// Issue 5's promise on the ARI path: the provider is unreachable, and the caller is moved
+/// to the operator context within about two seconds of their audio starting.
+#[tokio::test]
+async fn unreachable_provider_hands_the_stasis_caller_to_operators_within_2s() {
+    let mut h = Harness::start(Behaviour::Unreachable, SlinRate::Hz16000, |_| {}).await;
+    let started = Instant::now();
+    let caller = h.fake.new_caller("+15550003333", "Dave");
+    wait_until(Duration::from_secs(5), || !h.fake.continued().is_empty()).await;
+    let took = started.elapsed();
+    eprintln!("measured: StasisStart → ARI continue with the provider unreachable: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(h.fake.continued()[0].channel, caller);
+    assert_eq!(h.fake.continued()[0].context, "transfer-to-operator");
+    let summary = h.next_summary().await;
+    assert!(
+        matches!(summary.outcome, Outcome::Fallback(_)),
+        "{:?}",
+        summary.outcome
+    );
+    h.wait_clean().await;
 }
 
 #[tokio::test]
