@@ -328,7 +328,7 @@ fn print_report(
     );
     if let Some(s) = selftest {
         println!(
-            "  agent: {}  echo correlation: {}",
+            "  agent: {}  echo similarity: {}",
             s.agent,
             s.correlation.map_or("n/a".into(), |c| format!("{c:.2}"))
         );

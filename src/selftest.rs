@@ -38,7 +38,8 @@ pub struct Check {
 pub struct SelftestOutcome {
     /// Agent provider used.
     pub agent: String,
-    /// Echo correlation of what came back against what was said (echo agent only).
+    /// Echo similarity of what came back to what was said, window by window (echo agent
+    /// only; see [`crate::caller::speech_similarity`]).
     pub correlation: Option<f64>,
     /// Every check made.
     pub checks: Vec<Check>,
