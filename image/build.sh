@@ -14,7 +14,7 @@
 #
 # Environment: VOICEGATE_BIN (the static binary; default: built here with the appliance
 # profile), OUT (default image/out), CACHE (debootstrap trees, default image/.cache),
-# MIRROR (default http://deb.debian.org/debian), DATA_MB (default 512).
+# MIRROR (default http://deb.debian.org/debian), DATA_MB (default 256; grown to fill the partition by x-systemd.growfs).
 # Needs (Debian): debootstrap e2fsprogs dosfstools mtools fdisk zstd systemd (sysusers),
 # kmod (depmod), systemd-boot-efi; for aarch64 on x86 also qemu-user-static with binfmt.
 set -euo pipefail
@@ -23,7 +23,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(realpath -m "${OUT:-$HERE/image/out}")
 CACHE=$(realpath -m "${CACHE:-$HERE/image/.cache}")
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-DATA_MB=${DATA_MB:-512}
+DATA_MB=${DATA_MB:-256}
 ESP_MB=128
 SUITE=bookworm
 case "$ARCH" in
@@ -134,6 +134,8 @@ wants systemd-networkd.service multi-user.target
 wants systemd-networkd-wait-online.service network-online.target
 wants systemd-resolved.service multi-user.target
 wants systemd-timesyncd.service sysinit.target
+# No package updates on a read-only root: the image is replaced as a whole (README).
+rm -f "$R"/etc/systemd/system/timers.target.wants/{apt-daily,apt-daily-upgrade,dpkg-db-backup}.timer
 # Do not let systemd-update-done/ldconfig try to write the read-only /etc.
 touch "$R/etc/.updated" "$R/var/.updated"
 

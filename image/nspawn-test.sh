@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The unit and its watchdog under the image's own systemd (252), in seconds: boots a copy of
+# the image's root tree (left by image/build.sh in image/out/work-ARCH/root) with
+# `systemd-nspawn --boot` and runs systemd/boot-test.sh's checks there: Type=notify READY as
+# the voicegate user with the hardening on, /health, a call through the echo agent, reload
+# into maintenance, and a stalled runtime (VOICEGATE_TEST_STALL_AFTER_MS) killed by the
+# watchdog ("Failed with result 'watchdog'") and restarted.
+#
+#   sudo image/nspawn-test.sh [ROOT_TREE]
+# The copy differs from the image only in /etc/fstab: a container has no vg-root/vg-data/
+# VG-BOOT partitions to mount (the read-only root and the /var partition are exercised by
+# image/boot-test.sh in qemu instead). Needs: systemd-container.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+TREE=$(realpath "${1:-$HERE/image/out/work-x86_64/root}")
+COPY=${COPY:-/tmp/vg-image-nspawn}
+[ -x "$TREE/usr/bin/voicegate" ] || { echo "no image tree at $TREE (run image/build.sh)" >&2; exit 1; }
+rm -rf "$COPY"
+cp -a --reflink=auto "$TREE" "$COPY"
+printf '# container: no partitions\ntmpfs /tmp tmpfs mode=1777,nosuid,nodev 0 0\n' >"$COPY/etc/fstab"
+rc=0
+ROOTFS=$COPY "$HERE/systemd/boot-test.sh" "$TREE/usr/bin/voicegate" || rc=$?
+rm -rf "$COPY"
+exit $rc
