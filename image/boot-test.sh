@@ -55,5 +55,7 @@ echo "READY: /health answered ${ready}s after qemu started: $(cat "$OUT_DIR/heal
 echo "call: $(head -c 400 "$OUT_DIR/call.json")"
 grep -Eq '"audible_frames_received": *[1-9][0-9]' "$OUT_DIR/call.json" \
   || { echo "FAILED: no echo came back"; exit 1; }
-grep -q 'Started.*voicegate' "$OUT_DIR/console.log" && echo "console: $(grep -a -m1 'Started.*voicegate' "$OUT_DIR/console.log")"
+echo "console: $(grep -a -m1 'Started.*voicegate' "$OUT_DIR/console.log" || true)"
+# Every unit started: the firewall, the config import, network, time, voicegate.
+if grep -a 'FAILED' "$OUT_DIR/console.log"; then echo "FAILED: a unit failed during boot"; exit 1; fi
 echo "image boot test PASSED (${ready}s to READY, $(($(date +%s) - start))s total)"

@@ -7,9 +7,9 @@
 # watchdog ("Failed with result 'watchdog'") and restarted.
 #
 #   sudo image/nspawn-test.sh [ROOT_TREE]
-# The copy differs from the image only in /etc/fstab: a container has no vg-root/vg-data/
-# VG-BOOT partitions to mount (the read-only root and the /var partition are exercised by
-# image/boot-test.sh in qemu instead). Needs: systemd-container.
+# The copy differs from the image only in /etc/fstab (a container has no vg-root/vg-data/
+# VG-BOOT partitions to mount; the read-only root and the /var partition are exercised by
+# image/boot-test.sh in qemu instead) and a masked systemd-networkd-wait-online (no network). Needs: systemd-container.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TREE=$(realpath "${1:-$HERE/image/out/work-x86_64/root}")
@@ -18,7 +18,15 @@ COPY=${COPY:-/tmp/vg-image-nspawn}
 rm -rf "$COPY"
 cp -a --reflink=auto "$TREE" "$COPY"
 printf '# container: no partitions\ntmpfs /tmp tmpfs mode=1777,nosuid,nodev 0 0\n' >"$COPY/etc/fstab"
+# --private-network leaves only lo: waiting for a DHCP lease would hold network-online.target
+# (and voicegate) for wait-online's 2 minutes.
+ln -sf /dev/null "$COPY/etc/systemd/system/systemd-networkd-wait-online.service"
 rc=0
 ROOTFS=$COPY "$HERE/systemd/boot-test.sh" "$TREE/usr/bin/voicegate" || rc=$?
+# The image's own units came up too: the config import and the firewall.
+J="journalctl --directory=$COPY/var/log/journal --no-pager"
+for u in voicegate-import-config nftables; do
+  if $J -u "$u" | grep -q "Finished $u.service"; then echo "$u: ok"; else echo "FAILED: $u"; $J -u "$u" | tail -5; rc=1; fi
+done
 rm -rf "$COPY"
 exit $rc
