@@ -56,6 +56,10 @@ echo "call: $(head -c 400 "$OUT_DIR/call.json")"
 grep -Eq '"audible_frames_received": *[1-9][0-9]' "$OUT_DIR/call.json" \
   || { echo "FAILED: no echo came back"; exit 1; }
 echo "console: $(grep -a -m1 'Started.*voicegate' "$OUT_DIR/console.log" || true)"
+# The writable data partition on /var, and /etc/voicegate bound from it (the root is ro).
+for m in 'Mounted var.mount' 'Mounted etc-voicegate.mount' 'Finished voicegate-import-config'; do
+  grep -aq "$m" "$OUT_DIR/console.log" || { echo "FAILED: no '$m' on the console"; exit 1; }
+done
 # Every unit started: the firewall, the config import, network, time, voicegate.
 if grep -a 'FAILED' "$OUT_DIR/console.log"; then echo "FAILED: a unit failed during boot"; exit 1; fi
 echo "image boot test PASSED (${ready}s to READY, $(($(date +%s) - start))s total)"
