@@ -23,7 +23,7 @@ BOOT_TIMEOUT=${BOOT_TIMEOUT:-420}
 OVMF=/usr/share/ovmf/OVMF.fd
 [ -f "$OVMF" ] || OVMF=/usr/share/OVMF/OVMF_CODE.fd
 mkdir -p "$OUT_DIR"
-rm -f "$OUT_DIR"/{console.log,health.json,call.json,heard.wav}
+rm -f "$OUT_DIR"/{console.log,console.txt,health.json,health.raw,call.json,heard.wav}
 start=$(date +%s)
 qemu-system-x86_64 -accel tcg -m 1024 -smp 2 -nographic -no-reboot -snapshot \
   -bios "$OVMF" -drive "file=$IMG,format=raw,if=virtio" \
@@ -57,9 +57,10 @@ grep -Eq '"audible_frames_received": *[1-9][0-9]' "$OUT_DIR/call.json" \
   || { echo "FAILED: no echo came back"; exit 1; }
 echo "console: $(grep -a -m1 'Started.*voicegate' "$OUT_DIR/console.log" || true)"
 # The writable data partition on /var, and /etc/voicegate bound from it (the root is ro).
-for m in 'Mounted var.mount' 'Mounted etc-voicegate.mount' 'Finished voicegate-import-config'; do
-  grep -aq "$m" "$OUT_DIR/console.log" || { echo "FAILED: no '$m' on the console"; exit 1; }
+sed 's/\x1b\[[0-9;]*m//g' "$OUT_DIR/console.log" >"$OUT_DIR/console.txt"
+for m in 'Mounted var.mount' 'Mounted etc-voicegate.mount' 'Finished voicegate-import-'; do
+  grep -aq "$m" "$OUT_DIR/console.txt" || { echo "FAILED: no '$m' on the console"; exit 1; }
 done
 # Every unit started: the firewall, the config import, network, time, voicegate.
-if grep -a 'FAILED' "$OUT_DIR/console.log"; then echo "FAILED: a unit failed during boot"; exit 1; fi
+if grep -a 'FAILED' "$OUT_DIR/console.txt"; then echo "FAILED: a unit failed during boot"; exit 1; fi
 echo "image boot test PASSED (${ready}s to READY, $(($(date +%s) - start))s total)"
