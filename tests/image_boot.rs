@@ -65,6 +65,7 @@ fn image_boots_and_echoes_a_call() {
     let heard = Recording::open(&out.join("heard.wav")).expect("heard.wav");
     let speech = resample_recording(&fixture("hello-world.wav"), 8000).expect("resample");
     let (corr, lag) = best_correlation_in(&heard.samples, &speech.samples, 2400..=12000);
+    println!("echo correlation {corr:.3} at lag {lag} samples");
     assert!(corr > 0.8, "echo correlation {corr} at lag {lag}");
     let _ = std::fs::remove_dir_all(&out);
 }
