@@ -49,6 +49,12 @@ file -L "$VOICEGATE_BIN" | grep -Eq 'static(ally linked|-pie)' \
 
 # 2. The Debian tree (cached: debootstrap takes minutes, everything after it seconds).
 BASE=$CACHE/rootfs-$ARCH
+if [ ! -x "$BASE/usr/lib/systemd/systemd" ] && [ "$(uname -m)" != "$ARCH" ] \
+  && [ ! -e "/proc/sys/fs/binfmt_misc/qemu-$ARCH" ]; then
+  echo "debootstrap for $DEB runs its package scripts under qemu-user: install" \
+    "qemu-user-static and register it (update-binfmts --enable qemu-$ARCH)" >&2
+  exit 1
+fi
 if [ ! -x "$BASE/usr/lib/systemd/systemd" ]; then
   log "debootstrap $SUITE $DEB (minbase + systemd + kernel) into $BASE"
   rm -rf "$BASE"; mkdir -p "$CACHE"
