@@ -21,6 +21,11 @@ printf '# container: no partitions\ntmpfs /tmp tmpfs mode=1777,nosuid,nodev 0 0\
 # --private-network leaves only lo: waiting for a DHCP lease would hold network-online.target
 # (and voicegate) for wait-online's 2 minutes.
 ln -sf /dev/null "$COPY/etc/systemd/system/systemd-networkd-wait-online.service"
+# An installer's boot-partition folder (in a container /boot/efi is a plain directory): a
+# credential to be moved in and a firewall allowlist to be copied in.
+mkdir -p "$COPY/boot/efi/voicegate/credentials"
+echo "nspawn-test-secret" >"$COPY/boot/efi/voicegate/credentials/ari"
+printf 'add element inet appliance allowed4 { 198.51.100.0/24 }\n' >"$COPY/boot/efi/voicegate/allow.nft"
 rc=0
 ROOTFS=$COPY "$HERE/systemd/boot-test.sh" "$TREE/usr/bin/voicegate" || rc=$?
 # The image's own units came up too: the config import and the firewall.
@@ -28,5 +33,14 @@ J="journalctl --directory=$COPY/var/log/journal --no-pager"
 for u in voicegate-import-config nftables; do
   if $J -u "$u" | grep -q "Finished $u.service"; then echo "$u: ok"; else echo "FAILED: $u"; $J -u "$u" | tail -5; rc=1; fi
 done
+# The import moved the credential (root-only) and copied the allowlist.
+if [ "$(cat "$COPY/etc/voicegate/credentials/ari" 2>/dev/null)" = nspawn-test-secret ] \
+  && [ "$(stat -c %a "$COPY/etc/voicegate/credentials/ari")" = 600 ] \
+  && [ ! -e "$COPY/boot/efi/voicegate/credentials/ari" ]; then
+  echo "credential import: ok"
+else echo "FAILED: credential import"; rc=1; fi
+grep -q 198.51.100.0/24 "$COPY/etc/voicegate/allow.nft" && echo "allow.nft import: ok" \
+  || { echo "FAILED: allow.nft import"; rc=1; }
+[ $rc = 0 ] && echo "image nspawn test PASSED" || echo "image nspawn test FAILED"
 rm -rf "$COPY"
 exit $rc
