@@ -673,7 +673,11 @@ mod realtime {
                             "output_index": 0, "content_index": 0, "delta": b64}))).await?;
                     }
                     if barge {
-                        barge_at = Some((tokio::time::Instant::now() + Duration::from_secs(1), item.clone()));
+                        // The fake's timers start on the caller's 20 ms grid, which voicegate's
+                        // ticks follow too; spread the barge-in over the whole tick period so
+                        // its latency is not measured at one phase only.
+                        let phase = Duration::from_micros((n_reply * 7_300 + call.unwrap_or(0) as u64 * 1_300) % 20_000);
+                        barge_at = Some((tokio::time::Instant::now() + Duration::from_secs(1) + phase, item.clone()));
                     } else {
                         ws.send(send(json!({"type": "response.output_audio.done", "response_id": resp, "item_id": item, "output_index": 0, "content_index": 0}))).await?;
                         ws.send(send(json!({"type": "response.done", "response": {"id": resp, "object": "realtime.response", "status": "completed", "output": []}}))).await?;
