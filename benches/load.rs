@@ -797,6 +797,8 @@ struct RealtimeResult {
     down_raw: [f64; 2],
     down_added: [f64; 2],
     barge: [f64; 3],
+    /// speech_started sent → first frame without reply audio (p50, p99), ms.
+    to_silence: [f64; 2],
     failed: usize,
     load: String,
 }
@@ -853,6 +855,7 @@ fn run_level_realtime(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) 
     let mut down_raw = Vec::new();
     let mut down_added = Vec::new();
     let mut barge = Vec::new();
+    let mut to_silence = Vec::new();
     let appends = fake.stats.appends.lock().unwrap().clone();
     let barges = fake.stats.barge_sent.lock().unwrap().clone();
     for (i, s) in seen.iter().enumerate() {
@@ -900,8 +903,12 @@ fn run_level_realtime(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) 
         for &b in barges.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
             // First frame after the barge-in that carries no reply audio: from then on the
             // caller hears nothing of the interrupted reply.
-            if let Some(&(at, _)) = s.frames.iter().find(|(at, st)| *at > b && st.is_none()) {
-                barge.push(ms(at - b));
+            // The brief's measure: speech_started sent → the last frame of reply audio to
+            // reach the caller (0 when it had already arrived).
+            if let Some(k) = s.frames.iter().position(|(at, st)| *at > b && st.is_none()) {
+                let last_reply = s.frames[..k].iter().rev().find(|(_, st)| st.is_some());
+                barge.push(last_reply.map_or(0.0, |&(at, _)| ms(at.saturating_sub(b))));
+                to_silence.push(ms(s.frames[k].0 - b));
             }
         }
     }
@@ -945,6 +952,7 @@ fn run_level_realtime(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) 
             percentile(&barge, 0.99),
             barge.last().copied().unwrap_or(0.0),
         ],
+        to_silence: [percentile(&to_silence, 0.5), percentile(&to_silence, 0.99)],
         failed,
         load,
     }
@@ -955,7 +963,7 @@ fn ramp_realtime(rt: &tokio::runtime::Runtime, levels: &[usize], seconds: f64) {
         "load bench: openai_realtime agent against a local fake (μ-law 8 kHz, replies in bursts), {seconds} s per level"
     );
     println!(
-        "{:>5} {:>8} {:>6} {:>7} {:>8} {:>17} {:>5} {:>7} {:>12} {:>12} {:>14} {:>18} {:>4} {:>16}",
+        "{:>5} {:>8} {:>6} {:>7} {:>8} {:>17} {:>5} {:>7} {:>12} {:>12} {:>14} {:>18} {:>13} {:>4} {:>16}",
         "calls",
         "cpu_ms/cs",
         "cores",
@@ -968,6 +976,7 @@ fn ramp_realtime(rt: &tokio::runtime::Runtime, levels: &[usize], seconds: f64) {
         "down p50/p99",
         "dn+ p50/p99",
         "barge p50/p99/max",
+        "b→sil p50/p99",
         "fail",
         "loadavg(start)"
     );
@@ -975,7 +984,7 @@ fn ramp_realtime(rt: &tokio::runtime::Runtime, levels: &[usize], seconds: f64) {
     for &n in levels {
         let r = run_level_realtime(rt, n, seconds);
         println!(
-            "{:>5} {:>8.3} {:>6.3} {:>7.1} {:>8.1} {:>5.2}/{:>5.2}/{:>5.1} {:>5} {:>3}/{:<3} {:>5.2}/{:>6.2} {:>5.2}/{:>6.2} {:>6.2}/{:>7.2} {:>5.1}/{:>5.1}/{:>6.1} {:>4} {:>16}",
+            "{:>5} {:>8.3} {:>6.3} {:>7.1} {:>8.1} {:>5.2}/{:>5.2}/{:>5.1} {:>5} {:>3}/{:<3} {:>5.2}/{:>6.2} {:>5.2}/{:>6.2} {:>6.2}/{:>7.2} {:>5.1}/{:>5.1}/{:>6.1} {:>6.1}/{:>6.1} {:>4} {:>16}",
             r.calls,
             r.cpu_ms_per_call_second,
             r.cpu_cores,
@@ -996,6 +1005,8 @@ fn ramp_realtime(rt: &tokio::runtime::Runtime, levels: &[usize], seconds: f64) {
             r.barge[0],
             r.barge[1],
             r.barge[2],
+            r.to_silence[0],
+            r.to_silence[1],
             r.failed,
             r.load
         );
