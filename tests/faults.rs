@@ -44,12 +44,15 @@ const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
 /// counts are per process.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Runs one test body on its own current-thread runtime under [`SERIAL`].
+/// Runs one test body on its own runtime under [`SERIAL`]: two workers, like the service
+/// on a 2-core box, so the fault's work (a burst of audio to decode) and the healthy call
+/// are scheduled as they would be in production.
 fn serial(body: impl std::future::Future<Output = ()>) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime")
