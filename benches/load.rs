@@ -926,6 +926,7 @@ fn run_level_realtime(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) 
         &mut down_raw,
         &mut down_added,
         &mut barge,
+        &mut to_silence,
     ] {
         v.sort_by(f64::total_cmp);
     }
