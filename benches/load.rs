@@ -1,7 +1,7 @@
 //! Load bench: N concurrent synthetic callers against one `voicegate run` child process.
 //!
 //! ```text
-//! cargo bench --bench load -- [--calls N] [--seconds S] [--ramp 50,100,200,400] [--soak MIN]
+//! cargo bench --bench load -- [--agent echo|openai] [--calls N] [--seconds S] [--ramp 50,100,200,400] [--soak MIN]
 //! ```
 //!
 //! Each caller speaks a real recording in a loop, paced at 20 ms, through the real AudioSocket
@@ -9,6 +9,15 @@
 //! call-second (from `/proc/<pid>/stat`, so the load generator's own CPU does not count), RSS
 //! and RSS per call, the pacing the callers saw (p50/p99/max inter-frame gap over all calls),
 //! late frames (gaps > 30 ms) and missing frames. Numbers are printed, never asserted.
+//!
+//! `--agent openai` runs path (b): voicegate with `kind = "openai_realtime"` against a fake
+//! OpenAI Realtime server inside this process (real wire format: `session.created`,
+//! `session.updated`, appends consumed, replies as bursts of `response.output_audio.delta`
+//! μ-law, barge-ins with `input_audio_buffer.speech_started`). The callers and the fake
+//! stamp their audio in band, so one clock times each direction: frame written → append
+//! received (up), delta sent → frame received (down; `dn+` is the part beyond the first
+//! 20 ms tick that could have carried it), and speech_started → first frame without reply
+//! audio (barge). The load average at the start of each level is printed next to it.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -23,6 +32,8 @@ struct Args {
     calls: Vec<usize>,
     seconds: f64,
     soak_minutes: Option<f64>,
+    /// `--agent openai`: path (b), the fake OpenAI Realtime server; default echo.
+    realtime: bool,
 }
 
 fn parse_args() -> Args {
@@ -30,6 +41,7 @@ fn parse_args() -> Args {
         calls: vec![100],
         seconds: 20.0,
         soak_minutes: None,
+        realtime: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -49,6 +61,7 @@ fn parse_args() -> Args {
                 args.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds S")
             }
             "--soak" => args.soak_minutes = it.next().and_then(|v| v.parse().ok()),
+            "--agent" => args.realtime = it.next().as_deref() == Some("openai"),
             "--bench" => {}
             other => eprintln!("ignoring argument {other}"),
         }
@@ -87,13 +100,19 @@ struct Service {
 
 impl Service {
     fn start() -> Self {
+        Self::start_with("[agent]\nkind = \"echo\"\ndelay_ms = 200\n")
+    }
+
+    /// Starts voicegate with `agent` as its `[agent]` section (and call limits high enough
+    /// for the bench).
+    fn start_with(agent: &str) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("vg-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("voicegate.toml");
         std::fs::write(
             &cfg,
-            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n[agent]\nkind = \"echo\"\ndelay_ms = 200\n"),
+            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\n{agent}"),
         )
         .unwrap();
         let child = Command::new(voicegate_binary())
@@ -268,11 +287,26 @@ thread_local! {
     static CPU: std::cell::Cell<(f64, f64, u64)> = const { std::cell::Cell::new((0.0, 0.0, 0)) };
 }
 
-fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64) {
-    let service = Service::start();
+fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64, realtime: bool) {
+    // The fake (path b) lives on the bench's runtime for the whole soak.
+    let fake_url = realtime.then(|| rt.block_on(realtime::start(Instant::now())).url);
+    let service = match &fake_url {
+        Some(url) => Service::start_with(&format!(
+            "[agent]\nkind = \"openai_realtime\"\nurl = \"{url}\"\napi_key = \"sk-bench-not-a-key\"\n"
+        )),
+        None => Service::start(),
+    };
     let speech = speech();
     let total = Duration::from_secs_f64(minutes * 60.0);
-    println!("soak: {calls} calls for {minutes} min (calls last 60 s and are replaced)");
+    println!(
+        "soak: {calls} calls for {minutes} min (calls last 60 s and are replaced), agent {}, loadavg {}",
+        if realtime {
+            "openai_realtime (fake)"
+        } else {
+            "echo"
+        },
+        loadavg()
+    );
     println!(
         "{:>6} {:>10} {:>8} {:>10}",
         "min", "rss_mib", "fds", "cpu_cores"
@@ -313,10 +347,11 @@ fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64) {
             let cores = (cpu - last_cpu.0) / last_cpu.1.elapsed().as_secs_f64();
             last_cpu = (cpu, Instant::now());
             println!(
-                "{minute:>6.1} {:>10.1} {:>8} {:>10.3}",
+                "{minute:>6.1} {:>10.1} {:>8} {:>10.3}   loadavg {}",
                 service.rss_kib() as f64 / 1024.0,
                 service.open_fds(),
-                cores
+                cores,
+                loadavg()
             );
             let _ = std::io::stdout().flush();
         }
@@ -339,7 +374,11 @@ fn main() {
         .build()
         .unwrap();
     if let Some(min) = args.soak_minutes {
-        soak(&rt, args.calls[0], min);
+        soak(&rt, args.calls[0], min, args.realtime);
+        return;
+    }
+    if args.realtime {
+        ramp_realtime(&rt, &args.calls, args.seconds);
         return;
     }
     println!(
@@ -389,5 +428,604 @@ fn main() {
             }
             None => println!("no level held p99 pacing within 20 ± 2 ms"),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Path (b): voicegate configured with `kind = "openai_realtime"` against a local fake
+// OpenAI Realtime server that lives in this process, so one clock serves both ends.
+// ---------------------------------------------------------------------------------------
+
+mod realtime {
+    //! The fake OpenAI Realtime server (`providers.md` §1, GA event names) and a caller that
+    //! stamps its frames, so the bench can time each direction through voicegate.
+    //!
+    //! Time stamps travel in band: the first bytes of every 20 ms of μ-law audio are a magic
+    //! byte and a microsecond time stamp in base 100, written with μ-law bytes whose decode
+    //! → encode round trip is exact. voicegate carries μ-law 8 kHz calls as G.711 both ways
+    //! (slin ↔ μ-law, no resampling), so the stamp survives the full path.
+
+    use super::*;
+    use base64::Engine as _;
+    use futures_util::{SinkExt, StreamExt};
+    use serde_json::{Value, json};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    use voicegate::audio::g711::Law;
+    use voicegate::audiosocket::codec::{self, Message};
+    use voicegate::call::session::read_message;
+
+    const UP: u8 = 0x81;
+    const DOWN: u8 = 0x82;
+    const BARGE: u8 = 0x83;
+    /// Stamp: magic, call index (2 digits), time (5 digits), all base 100.
+    const STAMP: usize = 8;
+    const FRAME: usize = 160;
+
+    /// Bytes whose μ-law decode → encode round trip is exact, 100 of them, as digits.
+    pub struct Digits {
+        to_byte: [u8; 100],
+        from_byte: [u8; 256],
+    }
+
+    impl Digits {
+        pub fn new() -> Self {
+            let mut to_byte = [0u8; 100];
+            let mut from_byte = [255u8; 256];
+            let mut n = 0;
+            for b in 0u8..=255 {
+                if n < 100
+                    && ![UP, DOWN, BARGE].contains(&b)
+                    && Law::Ulaw.encode(Law::Ulaw.decode(b)) == b
+                {
+                    to_byte[n] = b;
+                    from_byte[b as usize] = n as u8;
+                    n += 1;
+                }
+            }
+            assert_eq!(n, 100, "100 exact μ-law bytes");
+            Digits { to_byte, from_byte }
+        }
+
+        fn put(&self, out: &mut [u8], mut v: u64) {
+            for o in out.iter_mut() {
+                *o = self.to_byte[(v % 100) as usize];
+                v /= 100;
+            }
+        }
+
+        fn get(&self, bytes: &[u8]) -> Option<u64> {
+            let mut v = 0u64;
+            for &b in bytes.iter().rev() {
+                let d = self.from_byte[b as usize];
+                if d == 255 {
+                    return None;
+                }
+                v = v * 100 + d as u64;
+            }
+            Some(v)
+        }
+
+        /// Writes a stamp into the first [`STAMP`] bytes of `frame`.
+        pub fn stamp(&self, frame: &mut [u8], magic: u8, call: usize, us: u64) {
+            frame[0] = magic;
+            self.put(&mut frame[1..3], call as u64);
+            self.put(&mut frame[3..8], us);
+        }
+
+        /// Reads a stamp: (magic, call index, µs).
+        pub fn read(&self, frame: &[u8]) -> Option<(u8, usize, u64)> {
+            if frame.len() < STAMP || ![UP, DOWN, BARGE].contains(&frame[0]) {
+                return None;
+            }
+            Some((
+                frame[0],
+                self.get(&frame[1..3])? as usize,
+                self.get(&frame[3..8])?,
+            ))
+        }
+    }
+
+    /// 400 Hz at about -20 dBFS as μ-law, one 20 ms frame (an integer number of periods).
+    fn tone() -> [u8; FRAME] {
+        let mut f = [0u8; FRAME];
+        for (i, b) in f.iter_mut().enumerate() {
+            let x = (2.0 * std::f64::consts::PI * 400.0 * i as f64 / 8000.0).sin() * 3000.0;
+            *b = Law::Ulaw.encode(x as i16);
+        }
+        f
+    }
+
+    /// What the fake saw, shared by all its connections.
+    #[derive(Default)]
+    pub struct FakeStats {
+        /// frame written by the caller → append received, µs.
+        pub uplink_us: Mutex<Vec<u64>>,
+        /// Appends received per call index.
+        pub appends: Mutex<HashMap<usize, u64>>,
+        /// speech_started sent, per call index, µs since t0.
+        pub barge_sent: Mutex<HashMap<usize, Vec<u64>>>,
+        pub sessions: AtomicU64,
+    }
+
+    use std::collections::HashMap;
+
+    pub struct Fake {
+        pub url: String,
+        pub stats: Arc<FakeStats>,
+    }
+
+    use std::sync::Arc;
+
+    /// Reply schedule of every session: a 1 s reply sent as a burst of five 200 ms deltas
+    /// every 3 s; every third reply is 3 s long and the caller "barges in" 1 s into it.
+    const REPLY_EVERY: Duration = Duration::from_secs(3);
+
+    pub async fn start(t0: Instant) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
+        let stats = Arc::new(FakeStats::default());
+        let st = stats.clone();
+        tokio::spawn(async move {
+            let digits = Arc::new(Digits::new());
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let st = st.clone();
+                let digits = digits.clone();
+                tokio::spawn(async move {
+                    if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                        st.sessions.fetch_add(1, Ordering::Relaxed);
+                        let _ = session(ws, st, digits, t0).await;
+                    }
+                });
+            }
+        });
+        Fake { url, stats }
+    }
+
+    async fn session(
+        mut ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        st: Arc<FakeStats>,
+        digits: Arc<Digits>,
+        t0: Instant,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        let send = |v: Value| WsMessage::Text(v.to_string().into());
+        ws.send(send(json!({"type": "session.created", "event_id": "ev_1",
+            "session": {"id": "sess_1", "object": "realtime.session", "type": "realtime", "model": "gpt-realtime"}})))
+            .await?;
+        // session.update → session.updated with the session as asked (μ-law both ways).
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap_or_default();
+                    if v["type"] == "session.update" {
+                        let mut s = v["session"].clone();
+                        s["id"] = json!("sess_1");
+                        ws.send(send(
+                            json!({"type": "session.updated", "event_id": "ev_2", "session": s}),
+                        ))
+                        .await?;
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => return Ok(()),
+            }
+        }
+        let tone = tone();
+        let mut call: Option<usize> = None;
+        let mut wire = Vec::with_capacity(FRAME);
+        let mut next_reply = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut n_reply = 0u64;
+        let mut barge_at: Option<(tokio::time::Instant, String)> = None;
+        loop {
+            let barge_deadline = barge_at
+                .as_ref()
+                .map(|b| b.0)
+                .unwrap_or(next_reply + Duration::from_secs(3600));
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(WsMessage::Text(t))) => {
+                        let now = t0.elapsed().as_micros() as u64;
+                        // Only appends matter; look for the audio field without a full parse
+                        // so the fake's own CPU stays small.
+                        let Some(start) = t.find(r#""audio":""#) else { continue };
+                        let rest = &t[start + 9..];
+                        let Some(end) = rest.find('"') else { continue };
+                        wire.clear();
+                        if base64::engine::general_purpose::STANDARD.decode_vec(&rest[..end], &mut wire).is_err() {
+                            continue;
+                        }
+                        if let Some((UP, c, us)) = digits.read(&wire) {
+                            call = Some(c);
+                            st.uplink_us.lock().unwrap().push(now.saturating_sub(us));
+                            *st.appends.lock().unwrap().entry(c).or_default() += 1;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => return Ok(()),
+                },
+                () = tokio::time::sleep_until(next_reply) => {
+                    next_reply += REPLY_EVERY;
+                    n_reply += 1;
+                    let barge = n_reply % 3 == 0;
+                    let item = format!("item_{n_reply}");
+                    let resp = format!("resp_{n_reply}");
+                    let frames = if barge { 150 } else { 50 };
+                    ws.send(send(json!({"type": "response.created", "response": {"id": resp, "object": "realtime.response", "status": "in_progress", "output": []}}))).await?;
+                    ws.send(send(json!({"type": "response.output_item.added", "response_id": resp, "output_index": 0,
+                        "item": {"id": item, "object": "realtime.item", "type": "message", "role": "assistant", "status": "in_progress", "content": []}}))).await?;
+                    let mut audio = vec![0u8; FRAME * 10];
+                    let mut b64 = String::with_capacity(audio.len() * 4 / 3 + 4);
+                    for chunk in 0..frames / 10 {
+                        let us = t0.elapsed().as_micros() as u64;
+                        for (k, f) in audio.chunks_mut(FRAME).enumerate() {
+                            f.copy_from_slice(&tone);
+                            let magic = if chunk == 0 && k == 0 { DOWN } else { BARGE };
+                            digits.stamp(f, magic, call.unwrap_or(0), us);
+                        }
+                        b64.clear();
+                        base64::engine::general_purpose::STANDARD.encode_string(&audio, &mut b64);
+                        ws.send(send(json!({"type": "response.output_audio.delta", "response_id": resp, "item_id": item,
+                            "output_index": 0, "content_index": 0, "delta": b64}))).await?;
+                    }
+                    if barge {
+                        // The fake's timers start on the caller's 20 ms grid, which voicegate's
+                        // ticks follow too; spread the barge-in over the whole tick period so
+                        // its latency is not measured at one phase only.
+                        let phase = Duration::from_micros((n_reply * 7_300 + call.unwrap_or(0) as u64 * 1_300) % 20_000);
+                        barge_at = Some((tokio::time::Instant::now() + Duration::from_secs(1) + phase, item.clone()));
+                    } else {
+                        ws.send(send(json!({"type": "response.output_audio.done", "response_id": resp, "item_id": item, "output_index": 0, "content_index": 0}))).await?;
+                        ws.send(send(json!({"type": "response.done", "response": {"id": resp, "object": "realtime.response", "status": "completed", "output": []}}))).await?;
+                    }
+                }
+                () = tokio::time::sleep_until(barge_deadline) => {
+                    let (_, item) = barge_at.take().expect("armed");
+                    let us = t0.elapsed().as_micros() as u64;
+                    ws.send(send(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": 1000, "item_id": format!("{item}_caller")}))).await?;
+                    if let Some(c) = call {
+                        st.barge_sent.lock().unwrap().entry(c).or_default().push(us);
+                    }
+                    ws.send(send(json!({"type": "response.done", "response": {"id": "cancelled", "object": "realtime.response", "status": "cancelled", "output": []}}))).await?;
+                }
+            }
+        }
+    }
+
+    /// A stamp read back: (magic, call index, µs since t0).
+    pub type Stamp = (u8, usize, u64);
+
+    /// What one stamped caller saw.
+    #[derive(Default)]
+    pub struct CallerSeen {
+        pub frames_sent: u64,
+        /// (arrival µs since t0, stamp) per frame received.
+        pub frames: Vec<(u64, Option<Stamp>)>,
+        pub error: Option<String>,
+    }
+
+    /// An AudioSocket caller at 8 kHz whose frames carry stamps (call index, send time).
+    pub async fn stamped_call(
+        addr: SocketAddr,
+        index: usize,
+        duration: Duration,
+        t0: Instant,
+        digits: Arc<Digits>,
+    ) -> CallerSeen {
+        let mut seen = CallerSeen::default();
+        let stream = match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                seen.error = Some(e.to_string());
+                return seen;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let mut out = bytes::BytesMut::with_capacity(512);
+        codec::encode(&Message::CallId(uuid::Uuid::new_v4()), &mut out);
+        if let Err(e) = writer.write_all(&out).await {
+            seen.error = Some(e.to_string());
+            return seen;
+        }
+        let d2 = digits.clone();
+        let reader_task = tokio::spawn(async move {
+            let mut buf = bytes::BytesMut::with_capacity(4096);
+            let mut frames = Vec::with_capacity(duration.as_millis() as usize / 20 + 16);
+            let mut wire = [0u8; STAMP];
+            while let Ok(Some(Message::Audio { payload, .. })) =
+                read_message(&mut reader, &mut buf).await
+            {
+                let at = t0.elapsed().as_micros() as u64;
+                let mut stamp = None;
+                if payload.len() >= STAMP * 2 {
+                    for (i, w) in wire.iter_mut().enumerate() {
+                        *w = Law::Ulaw
+                            .encode(i16::from_le_bytes([payload[2 * i], payload[2 * i + 1]]));
+                    }
+                    stamp = d2.read(&wire);
+                }
+                frames.push((at, stamp));
+            }
+            frames
+        });
+        let tone = tone();
+        let mut wire = tone;
+        let mut samples = [0i16; FRAME];
+        let start = tokio::time::Instant::now();
+        let total = (duration.as_millis() / 20) as u64;
+        for n in 0..total {
+            tokio::time::sleep_until(start + Duration::from_millis(20 * n)).await;
+            wire.copy_from_slice(&tone);
+            digits.stamp(&mut wire, UP, index, t0.elapsed().as_micros() as u64);
+            for (s, &b) in samples.iter_mut().zip(&wire) {
+                *s = Law::Ulaw.decode(b);
+            }
+            out.clear();
+            codec::encode_audio_samples(SlinRate::Hz8000, &samples, &mut out);
+            if let Err(e) = writer.write_all(&out).await {
+                seen.error = Some(format!("write: {e}"));
+                break;
+            }
+            seen.frames_sent += 1;
+        }
+        let _ = writer.shutdown().await;
+        drop(writer);
+        match tokio::time::timeout(Duration::from_secs(3), reader_task).await {
+            Ok(Ok(f)) => seen.frames = f,
+            _ => seen.error = Some("far end did not close".into()),
+        }
+        seen
+    }
+}
+
+struct RealtimeResult {
+    calls: usize,
+    cpu_ms_per_call_second: f64,
+    cpu_cores: f64,
+    rss_mib: f64,
+    rss_kib_per_call: f64,
+    gap: [f64; 3],
+    late: u64,
+    dropped_up: i64,
+    dropped_down: i64,
+    up: [f64; 2],
+    down_raw: [f64; 2],
+    down_added: [f64; 2],
+    barge: [f64; 3],
+    /// speech_started sent → first frame without reply audio (p50, p99), ms.
+    to_silence: [f64; 2],
+    failed: usize,
+    load: String,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn run_level_realtime(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RealtimeResult {
+    use realtime::*;
+    let t0 = Instant::now();
+    let fake = rt.block_on(start(t0));
+    let service = Service::start_with(&format!(
+        "[agent]\nkind = \"openai_realtime\"\nurl = \"{}\"\napi_key = \"sk-bench-not-a-key\"\n",
+        fake.url
+    ));
+    let idle_rss = service.rss_kib();
+    let digits = std::sync::Arc::new(Digits::new());
+    let duration = Duration::from_secs_f64(seconds);
+    let load = loadavg();
+    let seen: Vec<CallerSeen> = rt.block_on(async {
+        let mut tasks = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let digits = digits.clone();
+            let addr = service.addr;
+            let stagger = Duration::from_micros((i as u64 * 1_000_000) / calls as u64);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(stagger).await;
+                stamped_call(addr, i, duration, t0, digits).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs_f64(1.5)).await;
+        let cpu0 = service.cpu_seconds();
+        let w0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64((seconds - 3.0).max(1.0))).await;
+        let cpu1 = service.cpu_seconds();
+        let wall = w0.elapsed().as_secs_f64();
+        CPU.with(|c| c.set((cpu1 - cpu0, wall, service.rss_kib())));
+        let mut out = Vec::with_capacity(calls);
+        for t in tasks {
+            out.push(t.await.unwrap_or_default());
+        }
+        out
+    });
+    let (cpu, wall, rss) = CPU.with(|c| c.get());
+    let ms = |us: u64| us as f64 / 1000.0;
+    let mut gaps = Vec::new();
+    let mut late = 0;
+    let mut failed = 0;
+    let mut dropped_down = 0i64;
+    let mut dropped_up = 0i64;
+    let mut down_raw = Vec::new();
+    let mut down_added = Vec::new();
+    let mut barge = Vec::new();
+    let mut to_silence = Vec::new();
+    let appends = fake.stats.appends.lock().unwrap().clone();
+    let barges = fake.stats.barge_sent.lock().unwrap().clone();
+    for (i, s) in seen.iter().enumerate() {
+        if s.error.is_some() || s.frames.is_empty() {
+            failed += 1;
+            if failed <= 3 {
+                eprintln!("call {i} failed: {:?}", s.error);
+            }
+            continue;
+        }
+        let first = s.frames[0].0;
+        let steady: Vec<u64> = s
+            .frames
+            .iter()
+            .map(|f| f.0)
+            .filter(|&t| t > first + 1_000_000)
+            .collect();
+        for w in steady.windows(2) {
+            let g = ms(w[1] - w[0]);
+            gaps.push(g);
+            if g > 30.0 {
+                late += 1;
+            }
+        }
+        // Frames the caller should have received: one per 20 ms from the first on.
+        let span = s.frames.last().unwrap().0 - first;
+        dropped_down +=
+            ((span as f64 / 20_000.0).round() as i64 + 1 - s.frames.len() as i64).max(0);
+        // Appends missing beyond the setup buffer (the first second may be cut at set-up).
+        dropped_up += (s.frames_sent as i64 - 50 - *appends.get(&i).unwrap_or(&0) as i64).max(0);
+        for (k, &(at, stamp)) in s.frames.iter().enumerate() {
+            if let Some((_, _, sent)) = stamp.filter(|st| st.0 == 0x82) {
+                down_raw.push(ms(at.saturating_sub(sent)));
+                // The first tick that could carry it, from the grid of the frames before.
+                if k > 0 {
+                    let prev = s.frames[k - 1].0;
+                    if prev < sent {
+                        let ticks = (sent - prev).div_ceil(20_000);
+                        let expected = prev + ticks * 20_000;
+                        down_added.push((at as f64 - expected as f64) / 1000.0);
+                    }
+                }
+            }
+        }
+        for &b in barges.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
+            // First frame after the barge-in that carries no reply audio: from then on the
+            // caller hears nothing of the interrupted reply.
+            // The brief's measure: speech_started sent → the last frame of reply audio to
+            // reach the caller (0 when it had already arrived).
+            if let Some(k) = s.frames.iter().position(|(at, st)| *at > b && st.is_none()) {
+                let last_reply = s.frames[..k].iter().rev().find(|(_, st)| st.is_some());
+                barge.push(last_reply.map_or(0.0, |&(at, _)| ms(at.saturating_sub(b))));
+                to_silence.push(ms(s.frames[k].0 - b));
+            }
+        }
+    }
+    let mut up: Vec<f64> = fake
+        .stats
+        .uplink_us
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&u| ms(u))
+        .collect();
+    for v in [
+        &mut gaps,
+        &mut up,
+        &mut down_raw,
+        &mut down_added,
+        &mut barge,
+        &mut to_silence,
+    ] {
+        v.sort_by(f64::total_cmp);
+    }
+    let ok = calls - failed;
+    RealtimeResult {
+        calls,
+        cpu_ms_per_call_second: cpu * 1000.0 / (wall * ok.max(1) as f64),
+        cpu_cores: cpu / wall,
+        rss_mib: rss as f64 / 1024.0,
+        rss_kib_per_call: rss.saturating_sub(idle_rss) as f64 / ok.max(1) as f64,
+        gap: [
+            percentile(&gaps, 0.5),
+            percentile(&gaps, 0.99),
+            gaps.last().copied().unwrap_or(0.0),
+        ],
+        late,
+        dropped_up,
+        dropped_down,
+        up: [percentile(&up, 0.5), percentile(&up, 0.99)],
+        down_raw: [percentile(&down_raw, 0.5), percentile(&down_raw, 0.99)],
+        down_added: [percentile(&down_added, 0.5), percentile(&down_added, 0.99)],
+        barge: [
+            percentile(&barge, 0.5),
+            percentile(&barge, 0.99),
+            barge.last().copied().unwrap_or(0.0),
+        ],
+        to_silence: [percentile(&to_silence, 0.5), percentile(&to_silence, 0.99)],
+        failed,
+        load,
+    }
+}
+
+fn ramp_realtime(rt: &tokio::runtime::Runtime, levels: &[usize], seconds: f64) {
+    println!(
+        "load bench: openai_realtime agent against a local fake (μ-law 8 kHz, replies in bursts), {seconds} s per level"
+    );
+    println!(
+        "{:>5} {:>8} {:>6} {:>7} {:>8} {:>17} {:>5} {:>7} {:>12} {:>12} {:>14} {:>18} {:>13} {:>4} {:>16}",
+        "calls",
+        "cpu_ms/cs",
+        "cores",
+        "rss_mib",
+        "kib/call",
+        "gap p50/p99/max",
+        "late",
+        "drop u/d",
+        "up p50/p99",
+        "down p50/p99",
+        "dn+ p50/p99",
+        "barge p50/p99/max",
+        "b→sil p50/p99",
+        "fail",
+        "loadavg(start)"
+    );
+    let mut best = None;
+    for &n in levels {
+        let r = run_level_realtime(rt, n, seconds);
+        println!(
+            "{:>5} {:>8.3} {:>6.3} {:>7.1} {:>8.1} {:>5.2}/{:>5.2}/{:>5.1} {:>5} {:>3}/{:<3} {:>5.2}/{:>6.2} {:>5.2}/{:>6.2} {:>6.2}/{:>7.2} {:>5.1}/{:>5.1}/{:>6.1} {:>6.1}/{:>6.1} {:>4} {:>16}",
+            r.calls,
+            r.cpu_ms_per_call_second,
+            r.cpu_cores,
+            r.rss_mib,
+            r.rss_kib_per_call,
+            r.gap[0],
+            r.gap[1],
+            r.gap[2],
+            r.late,
+            r.dropped_up,
+            r.dropped_down,
+            r.up[0],
+            r.up[1],
+            r.down_raw[0],
+            r.down_raw[1],
+            r.down_added[0],
+            r.down_added[1],
+            r.barge[0],
+            r.barge[1],
+            r.barge[2],
+            r.to_silence[0],
+            r.to_silence[1],
+            r.failed,
+            r.load
+        );
+        let _ = std::io::stdout().flush();
+        if r.failed == 0
+            && r.dropped_down == 0
+            && r.dropped_up == 0
+            && (18.0..=22.0).contains(&r.gap[1])
+        {
+            best = Some((r.calls, r.cpu_cores));
+        }
+    }
+    match best {
+        Some((n, cores)) => println!(
+            "largest N with p99 pacing within 20 ± 2 ms and no dropped frame: {n} ({:.0} calls per core of voicegate CPU; {:.2} cores used)",
+            n as f64 / cores.max(1e-9),
+            cores
+        ),
+        None => println!("no level held p99 pacing within 20 ± 2 ms with no dropped frame"),
     }
 }

@@ -631,6 +631,37 @@ struct ServerEvent<'a> {
     response: Option<Value>,
 }
 
+/// The socket-free part of reading one server event, exposed for the fuzz target
+/// `fuzz/fuzz_targets/openai_realtime_event.rs`: parses `text` as the live loop does and
+/// runs the pure steps it derives from the event — the base64 audio of a delta (and the
+/// level check on it, read as μ-law and as pcm16), the formats a `session.updated` states,
+/// and the scrubbed description and fatality of an `error`. Returns the event's `type`.
+///
+/// # Errors
+/// serde's error when `text` is not a server event (the live loop logs and ignores it).
+pub fn inspect_server_event(text: &str) -> Result<String, serde_json::Error> {
+    let ev: ServerEvent<'_> = serde_json::from_str(text)?;
+    let key = Secret::new("sk-fuzz-key".to_owned());
+    if !ev.delta.is_empty() {
+        let mut wire = Vec::new();
+        if BASE64.decode_vec(ev.delta.as_ref(), &mut wire).is_ok() {
+            for format in [
+                WireFormat::G711(Law::Ulaw),
+                WireFormat::Pcm16 { rate_hz: 24_000 },
+            ] {
+                let _ = LevelCheck::default().feed(&wire, format);
+            }
+        }
+    }
+    if let Some(session) = &ev.session {
+        let _ = confirmed_formats(session, WireFormat::G711(Law::Ulaw));
+    }
+    let _ = describe_error(ev.error.as_ref(), &key);
+    let _ = is_fatal(ev.error.as_ref());
+    let _ = scrub(&ev.delta, &key);
+    Ok(ev.kind.into_owned())
+}
+
 /// Checks the level of the first [`LEVEL_CHECK_MS`] of agent audio, in the wire format as
 /// confirmed, before any resampling: a wrong format shows up as noise far louder than speech.
 #[derive(Debug, Default)]

@@ -24,6 +24,19 @@ pub enum WsConnectError {
     Timeout(Duration),
 }
 
+/// Read buffer of each provider socket, bytes. tungstenite's default (128 KiB) is zero-filled
+/// up to its capacity on every read, which at hundreds of calls was the largest single CPU
+/// cost of a call (the load bench, `README.md` "Performance"), and is held per call; provider
+/// messages are a few KiB (a 200 ms pcm16 24 kHz delta is 12.8 KiB of base64), and larger
+/// ones still arrive whole: the buffer grows to the frame's length.
+pub const READ_BUFFER_BYTES: usize = 8 * 1024;
+
+/// The WebSocket settings of every provider connection (see [`READ_BUFFER_BYTES`]).
+pub fn socket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+}
+
 /// Opens a WebSocket to `url` with `headers` (name, value), waiting at most `timeout`.
 ///
 /// # Errors
@@ -45,7 +58,7 @@ pub async fn connect(
     }
     let connecting = tokio_tungstenite::connect_async_tls_with_config(
         request,
-        None,
+        Some(socket_config()),
         true,
         Some(crate::tls::websocket_connector()),
     );

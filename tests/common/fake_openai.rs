@@ -154,6 +154,22 @@ impl FakeConn {
         t
     }
 
+    /// Sends one WebSocket message as it is (malformed JSON, a binary frame: fault tests).
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("fake send");
+    }
+
+    /// Closes the session with a close frame of `code` and `reason` (RFC 6455 §7.4), as the
+    /// real server does on a server error (1011) or policy violation (1008).
+    pub async fn close_with(&mut self, code: u16, reason: &str) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: reason.to_owned().into(),
+        };
+        let _ = self.ws.close(Some(frame)).await;
+    }
+
     /// Receives the next client event other than an append (appends are decoded into
     /// `audio_in` on the way). `None` when the client closed.
     pub async fn next_event(&mut self) -> Option<Value> {

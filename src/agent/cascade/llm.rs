@@ -347,6 +347,35 @@ struct FunctionFragment {
     arguments: Option<String>,
 }
 
+/// The socket-free part of reading a Chat Completions stream, exposed for the fuzz target
+/// `fuzz/fuzz_targets/llm_sse.rs`: feeds `bytes` to an [`SseParser`] and each event's data
+/// to the chunk parser and tool-call assembler as the stream task does. Returns the text
+/// deltas and the assembled tool calls; a chunk that is not JSON ends it, as it ends a turn.
+pub fn inspect_stream(bytes: &[u8]) -> (Vec<String>, Vec<ToolCallRequest>) {
+    let mut sse = SseParser::default();
+    let mut data = Vec::new();
+    sse.push(bytes, &mut data);
+    let mut text = Vec::new();
+    let mut assembler = ToolCallAssembler::default();
+    for payload in data {
+        if payload.trim() == "[DONE]" {
+            break;
+        }
+        let Ok(c) = serde_json::from_str::<Chunk>(&payload) else {
+            break;
+        };
+        for choice in c.choices {
+            if let Some(delta) = choice.delta {
+                text.extend(delta.content.filter(|t| !t.is_empty()));
+                for tc in delta.tool_calls.unwrap_or_default() {
+                    assembler.push(tc);
+                }
+            }
+        }
+    }
+    (text, assembler.finish())
+}
+
 /// Joins `delta.tool_calls` fragments by `index` (§7.2 "Tool-call assembly").
 #[derive(Debug, Default)]
 struct ToolCallAssembler {

@@ -157,6 +157,37 @@ struct Alignment {
     char_start_times_ms: Vec<f64>,
 }
 
+/// The socket-free part of reading one ElevenLabs TTS WebSocket message, exposed for the
+/// fuzz target `fuzz/fuzz_targets/elevenlabs_tts.rs`: parses `text` as the stream task does,
+/// decodes its base64 audio as μ-law and maps its alignment to (ms, char) pairs. Returns
+/// the audio bytes and the character count.
+///
+/// # Errors
+/// serde's error when `text` is not a TTS message (the stream task fails the turn).
+pub fn inspect_message(text: &str) -> Result<(usize, usize), serde_json::Error> {
+    let out: WsOut = serde_json::from_str(text)?;
+    let mut raw = Vec::new();
+    if let Some(b64) = out.audio.filter(|a| !a.is_empty()) {
+        if base64::engine::general_purpose::STANDARD
+            .decode_vec(b64.as_bytes(), &mut raw)
+            .is_ok()
+        {
+            let mut samples = Vec::with_capacity(raw.len());
+            if let Ok(mut dec) = Decoder::new(WireFormat::G711(Law::Ulaw), 8_000) {
+                dec.decode(&raw, &mut samples);
+            }
+        }
+    }
+    let chars = out.alignment.map_or(0, |a| {
+        a.chars
+            .iter()
+            .zip(&a.char_start_times_ms)
+            .filter_map(|(c, t)| c.chars().next().map(|c| (t.max(0.0) as u64, c)))
+            .count()
+    });
+    Ok((raw.len(), chars))
+}
+
 async fn run_ws(
     s: &TtsSettings,
     rate_hz: u32,
