@@ -226,6 +226,150 @@ fn client_data(s: &Settings, call: &CallInfo) -> String {
     msg.to_string()
 }
 
+/// One ElevenLabs Agents server message, reduced to what the session loop acts on
+/// (providers.md §2.3–§2.5). Fields a message lacks, or carries with the wrong JSON type, take
+/// the defaults named per variant, exactly as the loop treats them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerMessage {
+    /// `conversation_initiation_metadata`: the agent's audio format names (`ulaw_8000`,
+    /// `pcm_16000`, …; see [`parse_format`]) and the conversation id; `""` when missing.
+    Metadata {
+        /// `conversation_initiation_metadata_event.conversation_id`.
+        conversation_id: String,
+        /// `user_input_audio_format`: what the caller's audio must be sent as.
+        input_format: String,
+        /// `agent_output_audio_format`: what the agent's `audio` carries.
+        output_format: String,
+    },
+    /// `audio`: one chunk of agent audio in the output format.
+    Audio {
+        /// `audio_event.event_id`; `i64::MAX` when missing, so it is never taken for audio
+        /// from before an interruption.
+        event_id: i64,
+        /// `audio_event.audio_base_64`, still base64; `None` when missing.
+        audio_base_64: Option<String>,
+    },
+    /// `interruption`: the caller spoke over the agent.
+    Interruption {
+        /// `interruption_event.event_id`; 0 when missing. Audio at or below it is stale.
+        event_id: i64,
+    },
+    /// `ping`: answer at once with `{"type":"pong","event_id":…}`.
+    Ping {
+        /// `ping_event.event_id`, echoed as is (`null` when missing).
+        event_id: Value,
+    },
+    /// `user_transcript`: the caller's turn, transcribed.
+    UserTranscript {
+        /// `user_transcription_event.user_transcript`; `None` when missing.
+        text: Option<String>,
+    },
+    /// `agent_response`: the text of the agent's reply.
+    AgentResponse {
+        /// `agent_response_event.agent_response`; `None` when missing.
+        text: Option<String>,
+    },
+    /// `client_tool_call` with a tool name and call id.
+    ToolCall {
+        /// `client_tool_call.tool_call_id`, echoed in `client_tool_result`.
+        tool_call_id: String,
+        /// `client_tool_call.tool_name`.
+        tool_name: String,
+        /// `client_tool_call.parameters` as JSON text; `{}` when missing or not an object.
+        arguments: String,
+    },
+    /// `client_tool_call` without `tool_name` or `tool_call_id` (ignored by the loop).
+    MalformedToolCall,
+    /// `client_error` or `error` (payload unverified, §2.4); `kind` is the `type`.
+    Error {
+        /// The message's `type`.
+        kind: String,
+    },
+    /// Any other `type` (`vad_score`, `agent_response_correction`, …, or `""` when the
+    /// message has no string `type`); ignored.
+    Other {
+        /// The message's `type`, `""` when missing.
+        kind: String,
+    },
+}
+
+/// Parses one ElevenLabs Agents server text message (providers.md §2.3–§2.5) into the
+/// [`ServerMessage`] the session loop acts on. Pure: no I/O, no state; strings are moved out
+/// of the parsed JSON, not copied. Audio stays base64 (the loop decodes it only when it keeps
+/// it).
+///
+/// # Errors
+/// The [`serde_json::Error`] when the text is not JSON (the loop logs and ignores it). Any
+/// JSON value parses: missing or mistyped fields take the defaults documented on
+/// [`ServerMessage`].
+pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Error> {
+    let mut v: Value = serde_json::from_str(text)?;
+    let kind = match v.get_mut("type").map(Value::take) {
+        Some(Value::String(k)) => k,
+        _ => String::new(),
+    };
+    let take_str = |v: &mut Value, pointer: &str| match v.pointer_mut(pointer).map(Value::take) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let int = |v: &Value, pointer: &str| v.pointer(pointer).and_then(Value::as_i64);
+    Ok(match kind.as_str() {
+        "conversation_initiation_metadata" => ServerMessage::Metadata {
+            conversation_id: take_str(
+                &mut v,
+                "/conversation_initiation_metadata_event/conversation_id",
+            )
+            .unwrap_or_default(),
+            input_format: take_str(
+                &mut v,
+                "/conversation_initiation_metadata_event/user_input_audio_format",
+            )
+            .unwrap_or_default(),
+            output_format: take_str(
+                &mut v,
+                "/conversation_initiation_metadata_event/agent_output_audio_format",
+            )
+            .unwrap_or_default(),
+        },
+        "audio" => ServerMessage::Audio {
+            event_id: int(&v, "/audio_event/event_id").unwrap_or(i64::MAX),
+            audio_base_64: take_str(&mut v, "/audio_event/audio_base_64"),
+        },
+        "interruption" => ServerMessage::Interruption {
+            event_id: int(&v, "/interruption_event/event_id").unwrap_or(0),
+        },
+        "ping" => ServerMessage::Ping {
+            event_id: v
+                .pointer_mut("/ping_event/event_id")
+                .map(Value::take)
+                .unwrap_or(Value::Null),
+        },
+        "user_transcript" => ServerMessage::UserTranscript {
+            text: take_str(&mut v, "/user_transcription_event/user_transcript"),
+        },
+        "agent_response" => ServerMessage::AgentResponse {
+            text: take_str(&mut v, "/agent_response_event/agent_response"),
+        },
+        "client_tool_call" => {
+            let name = take_str(&mut v, "/client_tool_call/tool_name");
+            let id = take_str(&mut v, "/client_tool_call/tool_call_id");
+            match (name, id) {
+                (Some(tool_name), Some(tool_call_id)) => ServerMessage::ToolCall {
+                    tool_call_id,
+                    tool_name,
+                    arguments: match v.pointer("/client_tool_call/parameters") {
+                        Some(p @ Value::Object(_)) => p.to_string(),
+                        _ => "{}".to_owned(),
+                    },
+                },
+                _ => ServerMessage::MalformedToolCall,
+            }
+        }
+        "client_error" | "error" => ServerMessage::Error { kind },
+        _ => ServerMessage::Other { kind },
+    })
+}
+
 /// What the conversation's audio converters are, once the metadata has named the formats.
 struct Formats {
     encoder: Encoder,
@@ -344,23 +488,20 @@ async fn conversation(
                     Some(Err(e)) => return Err(provider_err(format!("connection lost: {e}"))),
                     None => return Err(provider_err("connection closed without a close frame")),
                 };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                let Ok(message) = parse_server_message(&text) else {
                     warn!(len = text.len(), "elevenlabs sent a message that is not JSON; ignored");
                     continue;
                 };
-                let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
-                match kind {
-                    "conversation_initiation_metadata" => {
-                        let ev = &v["conversation_initiation_metadata_event"];
-                        let out_name = ev["agent_output_audio_format"].as_str().unwrap_or("");
-                        let in_name = ev["user_input_audio_format"].as_str().unwrap_or("");
+                match message {
+                    ServerMessage::Metadata { conversation_id, input_format, output_format } => {
+                        let (out_name, in_name) = (output_format.as_str(), input_format.as_str());
                         let (Some(out_fmt), Some(in_fmt)) = (parse_format(out_name), parse_format(in_name)) else {
                             return Err(protocol_err(format!("unusable audio formats: input {in_name:?}, output {out_name:?}")));
                         };
                         let encoder = Encoder::new(call.rate_hz, in_fmt).map_err(|e| protocol_err(e.to_string()))?;
                         let decoder = Decoder::new(out_fmt, call.rate_hz).map_err(|e| protocol_err(e.to_string()))?;
                         info!(
-                            conversation_id = ev["conversation_id"].as_str().unwrap_or(""),
+                            conversation_id = conversation_id.as_str(),
                             input = in_name, output = out_name, "elevenlabs conversation started"
                         );
                         let mut f = Formats { encoder, decoder, chunk_bytes: in_fmt.bytes_per_ms() * s.chunk_ms as usize };
@@ -372,9 +513,7 @@ async fn conversation(
                         }
                         formats = Some(f);
                     }
-                    "audio" => {
-                        let ev = &v["audio_event"];
-                        let id = ev["event_id"].as_i64().unwrap_or(i64::MAX);
+                    ServerMessage::Audio { event_id: id, audio_base_64 } => {
                         if id <= last_interrupt {
                             trace!(event_id = id, "audio from before the interruption dropped");
                             continue;
@@ -382,7 +521,7 @@ async fn conversation(
                         let Some(f) = formats.as_mut() else {
                             return Err(protocol_err("audio before conversation_initiation_metadata"));
                         };
-                        let Some(b64) = ev["audio_base_64"].as_str() else { continue };
+                        let Some(b64) = audio_base_64 else { continue };
                         let bytes = B64.decode(b64).map_err(|e| protocol_err(format!("audio base64: {e}")))?;
                         samples.clear();
                         f.decoder.decode(&bytes, &mut samples);
@@ -398,8 +537,7 @@ async fn conversation(
                             return Ok(None);
                         }
                     }
-                    "interruption" => {
-                        let id = v["interruption_event"]["event_id"].as_i64().unwrap_or(0);
+                    ServerMessage::Interruption { event_id: id } => {
                         last_interrupt = last_interrupt.max(id);
                         if let Some(f) = formats.as_mut() {
                             f.decoder.reset();
@@ -410,47 +548,40 @@ async fn conversation(
                             return Ok(None);
                         }
                     }
-                    "ping" => {
-                        let ev = &v["ping_event"];
-                        let pong = json!({"type": "pong", "event_id": ev["event_id"]});
+                    ServerMessage::Ping { event_id } => {
+                        let pong = json!({"type": "pong", "event_id": event_id});
                         sink.send(Message::text(pong.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
                     }
-                    "user_transcript" => {
+                    ServerMessage::UserTranscript { text } => {
                         boundary = Boundary::UserTurn;
-                        if let Some(t) = v["user_transcription_event"]["user_transcript"].as_str() {
-                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Caller, text: t.to_owned() }).await;
+                        if let Some(t) = text {
+                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Caller, text: t }).await;
                         }
                     }
-                    "agent_response" => {
-                        if let Some(t) = v["agent_response_event"]["agent_response"].as_str() {
-                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t.to_owned() }).await;
+                    ServerMessage::AgentResponse { text } => {
+                        if let Some(t) = text {
+                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t }).await;
                         }
                     }
-                    "client_tool_call" => {
-                        let ev = &v["client_tool_call"];
-                        let (Some(name), Some(id)) = (ev["tool_name"].as_str(), ev["tool_call_id"].as_str()) else {
-                            warn!("client_tool_call without tool_name or tool_call_id; ignored");
-                            continue;
-                        };
-                        let arguments = match ev.get("parameters") {
-                            Some(p @ Value::Object(_)) => p.to_string(),
-                            _ => "{}".to_owned(),
-                        };
+                    ServerMessage::ToolCall { tool_call_id, tool_name, arguments } => {
                         let tied = match boundary {
                             Boundary::UserTurn => None,
                             Boundary::None | Boundary::Interrupted => Some(reply),
                         };
-                        info!(tool = name, "elevenlabs: client tool call");
-                        let event = AgentEvent::ToolCall { call_id: id.to_owned(), name: name.to_owned(), arguments, reply: tied };
+                        info!(tool = tool_name.as_str(), "elevenlabs: client tool call");
+                        let event = AgentEvent::ToolCall { call_id: tool_call_id, name: tool_name, arguments, reply: tied };
                         if io.events.send(event).await.is_err() {
                             return Ok(None);
                         }
                     }
-                    "client_error" | "error" => {
-                        // Payload unverified (providers.md §2.4); a fatal error is followed by a close.
-                        warn!(kind, "elevenlabs reported an error");
+                    ServerMessage::MalformedToolCall => {
+                        warn!("client_tool_call without tool_name or tool_call_id; ignored");
                     }
-                    other => trace!(kind = other, "elevenlabs event ignored"),
+                    ServerMessage::Error { kind } => {
+                        // Payload unverified (providers.md §2.4); a fatal error is followed by a close.
+                        warn!(kind = kind.as_str(), "elevenlabs reported an error");
+                    }
+                    ServerMessage::Other { kind } => trace!(kind = kind.as_str(), "elevenlabs event ignored"),
                 }
             }
         }
@@ -484,6 +615,88 @@ mod tests {
         );
         assert_eq!(parse_format("pcm_17"), None);
         assert_eq!(parse_format("mp3_44100_128"), None);
+    }
+
+    #[test]
+    fn server_messages_parse_as_the_loop_reads_them() {
+        let m = parse_server_message(
+            r#"{"type":"conversation_initiation_metadata","conversation_initiation_metadata_event":{"conversation_id":"c1","agent_output_audio_format":"pcm_16000","user_input_audio_format":"ulaw_8000"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::Metadata {
+                conversation_id: "c1".into(),
+                input_format: "ulaw_8000".into(),
+                output_format: "pcm_16000".into(),
+            }
+        );
+        let m = parse_server_message(
+            r#"{"type":"audio","audio_event":{"audio_base_64":"AAA=","event_id":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::Audio {
+                event_id: 4,
+                audio_base_64: Some("AAA=".into())
+            }
+        );
+        // A missing event id never makes audio look older than an interruption.
+        let m = parse_server_message(r#"{"type":"audio","audio_event":{}}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::Audio {
+                event_id: i64::MAX,
+                audio_base_64: None
+            }
+        );
+        let m = parse_server_message(
+            r#"{"type":"interruption","interruption_event":{"event_id":"x"}}"#,
+        )
+        .unwrap();
+        assert_eq!(m, ServerMessage::Interruption { event_id: 0 });
+        let m = parse_server_message(r#"{"type":"ping","ping_event":{"event_id":9,"ping_ms":30}}"#)
+            .unwrap();
+        assert_eq!(m, ServerMessage::Ping { event_id: json!(9) });
+        let m = parse_server_message(r#"{"type":"client_tool_call","client_tool_call":{"tool_name":"t","tool_call_id":"i","parameters":[1]}}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::ToolCall {
+                tool_call_id: "i".into(),
+                tool_name: "t".into(),
+                arguments: "{}".into()
+            }
+        );
+        let m = parse_server_message(
+            r#"{"type":"client_tool_call","client_tool_call":{"tool_name":"t"}}"#,
+        )
+        .unwrap();
+        assert_eq!(m, ServerMessage::MalformedToolCall);
+        let m = parse_server_message(
+            r#"{"type":"user_transcript","user_transcription_event":{"user_transcript":"hi"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::UserTranscript {
+                text: Some("hi".into())
+            }
+        );
+        let m = parse_server_message(r#"{"type":"error"}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::Error {
+                kind: "error".into()
+            }
+        );
+        assert_eq!(
+            parse_server_message("[1,2]").unwrap(),
+            ServerMessage::Other {
+                kind: String::new()
+            }
+        );
+        assert!(parse_server_message("{not json").is_err());
     }
 
     #[test]
