@@ -924,3 +924,93 @@ async fn wrong_credentials_are_reported_and_retried_with_backoff() {
     assert_ne!(*rt.link.state.borrow(), LinkState::Up);
     stop.cancel();
 }
+
+/// Issue 8, "ARI hanging": Asterisk's HTTP server accepts connections and reads requests but
+/// never answers, while the events WebSocket keeps delivering. What voicegate does, precisely:
+/// a new Stasis caller's `answer` times out after `request_timeout_ms`, setup fails, the
+/// transfer to the operators (`continue`, twice) times out, the hangup times out, and the call
+/// is given up (`transfer_failures` 1, nothing tracked): four requests, no retry loop. The
+/// caller stays in Stasis, in silence, only while ARI cannot be reached: once it answers and
+/// the events link reconnects, the reconcile pass hands that caller to the operators. Calls
+/// already in progress never wait on ARI.
+#[tokio::test]
+async fn ari_rest_hanging_gives_up_after_the_timeout_and_spares_live_calls() {
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz8000, |c| {
+        c.request_timeout_ms = TIMEOUT.as_millis() as u64;
+    })
+    .await;
+    // A healthy AudioSocket echo call on the same server, admitted while ARI still answers.
+    let plan = CallPlan {
+        call_id: uuid::Uuid::new_v4(),
+        rate: SlinRate::Hz8000,
+        speech: fixture("hello-world.wav"),
+        speech_offset: Duration::ZERO,
+        dtmf: vec![],
+        duration: Duration::from_secs(8),
+    };
+    let addr = h.addr;
+    let healthy = tokio::spawn(async move { place_call(addr, &plan).await.expect("healthy call") });
+    wait_until(Duration::from_secs(5), || {
+        h.log.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    h.fake.hang_rest(true);
+    let t0 = Instant::now();
+    let caller = h.fake.new_caller("+15550006666", "Gina");
+    wait_until(Duration::from_secs(10), || {
+        h.ctl().stats().transfer_failures == 1 && h.ctl().tracked_calls() == 0
+    })
+    .await;
+    let gave_up = t0.elapsed();
+    eprintln!("measured: hung ARI, StasisStart → call given up: {gave_up:?} (timeout {TIMEOUT:?})");
+    let path = format!("/ari/channels/{caller}");
+    let expected = vec![
+        format!("POST {path}/answer"),
+        format!("POST {path}/continue"),
+        format!("POST {path}/continue"),
+        format!("DELETE {path}"),
+    ];
+    assert_eq!(h.fake.hung_requests(), expected);
+    assert!(
+        gave_up >= TIMEOUT * 4 && gave_up < TIMEOUT * 4 + Duration::from_secs(2),
+        "{gave_up:?}"
+    );
+    // No busy loop: nothing more is asked while ARI stays hung.
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.fake.hung_requests().len(), expected.len());
+    let stats = h.ctl().stats();
+    assert_eq!((stats.transfers, stats.hangups), (0, 0));
+    assert!(h.fake.channel_exists(&caller) && h.fake.continued().is_empty());
+
+    // ARI answers again and the events link reconnects: the caller goes to the operators.
+    h.fake.hang_rest(false);
+    h.fake.drop_ws();
+    wait_until(Duration::from_secs(10), || !h.fake.continued().is_empty()).await;
+    let continued = h.fake.continued();
+    assert_eq!(continued.len(), 1, "{continued:?}");
+    assert_eq!(
+        (continued[0].channel.as_str(), continued[0].context.as_str()),
+        (caller.as_str(), "transfer-to-operator")
+    );
+    eprintln!(
+        "measured: hung ARI, caller handed to the operators {:?} after StasisStart",
+        t0.elapsed()
+    );
+
+    let report = healthy.await.expect("healthy call task");
+    eprintln!(
+        "measured: healthy call during hung ARI: sent {}, received {}, max gap {:.1} ms",
+        report.frames_sent, report.frames_received, report.gap_max_ms
+    );
+    assert!(
+        report.frames_received + 3 >= report.frames_sent
+            && report.frames_received <= report.frames_sent + 3,
+        "the healthy call lost frames: sent {}, received {}",
+        report.frames_sent,
+        report.frames_received
+    );
+    assert!(report.gap_max_ms < 1_000.0, "{} ms gap", report.gap_max_ms);
+    assert!(report.audible_frames_received > 20 && !report.hangup_received);
+}

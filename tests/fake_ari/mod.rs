@@ -97,6 +97,8 @@ struct State {
     continued: Vec<Continued>,
     media_reports: Vec<Arc<Mutex<MediaReport>>>,
     status_409: u64,
+    /// `METHOD /path` of every REST request held unanswered by [`FakeAri::hang_rest`].
+    hung_requests: Vec<String>,
 }
 
 /// Counters of what the fake did.
@@ -119,6 +121,7 @@ pub struct FakeAri {
     kill_ws: watch::Sender<u64>,
     refuse_ws: Arc<AtomicBool>,
     close_ws_at_once: Arc<AtomicBool>,
+    hang_rest: Arc<AtomicBool>,
     pub counts: Arc<Counts>,
     speech: Arc<Vec<i16>>,
     rate: SlinRate,
@@ -131,6 +134,7 @@ struct Shared {
     kill_ws: watch::Receiver<u64>,
     refuse_ws: Arc<AtomicBool>,
     close_ws_at_once: Arc<AtomicBool>,
+    hang_rest: Arc<AtomicBool>,
     counts: Arc<Counts>,
     speech: Arc<Vec<i16>>,
     rate: SlinRate,
@@ -158,6 +162,7 @@ impl FakeAri {
         let (kill_ws, kill_rx) = watch::channel(0u64);
         let refuse_ws = Arc::new(AtomicBool::new(false));
         let close_ws_at_once = Arc::new(AtomicBool::new(false));
+        let hang_rest = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Counts::default());
         let speech = Arc::new(speech);
         let shared = Arc::new(Shared {
@@ -166,6 +171,7 @@ impl FakeAri {
             kill_ws: kill_rx,
             refuse_ws: refuse_ws.clone(),
             close_ws_at_once: close_ws_at_once.clone(),
+            hang_rest: hang_rest.clone(),
             counts: counts.clone(),
             speech: speech.clone(),
             rate,
@@ -186,6 +192,7 @@ impl FakeAri {
             kill_ws,
             refuse_ws,
             close_ws_at_once,
+            hang_rest,
             counts,
             speech,
             rate,
@@ -354,6 +361,18 @@ impl FakeAri {
     /// a clean Close frame.
     pub fn close_ws_at_once(&self, on: bool) {
         self.close_ws_at_once.store(on, Ordering::SeqCst);
+    }
+
+    /// While set, every REST request (not the events WebSocket upgrade) is read and never
+    /// answered: the connection stays open until the client gives up and closes it, as an
+    /// Asterisk whose HTTP server is wedged does.
+    pub fn hang_rest(&self, on: bool) {
+        self.hang_rest.store(on, Ordering::SeqCst);
+    }
+
+    /// `METHOD /path` of every REST request held by [`FakeAri::hang_rest`], in arrival order.
+    pub fn hung_requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().hung_requests.clone()
     }
 
     /// The next `n` `continue` requests answer 500.
@@ -577,6 +596,14 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                 return;
             }
             websocket(stream, req, shared).await;
+            return;
+        }
+        if shared.hang_rest.load(Ordering::SeqCst) {
+            let line = format!("{} {}", req.method, req.path);
+            shared.state.lock().unwrap().hung_requests.push(line);
+            // Never answer; hold the connection until the client closes it.
+            let mut sink = [0u8; 1024];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
             return;
         }
         if !authorized(&req) {
