@@ -348,6 +348,21 @@ impl Controller {
         self.registry().calls.len()
     }
 
+    /// Moves call `id` into the final `phase` (transferring or hanging up) and reads what the
+    /// flow needs from it, unless it is gone or another final flow already claimed it.
+    fn claim<T>(&self, id: Uuid, phase: Phase, read: impl FnOnce(&StasisCall) -> T) -> Option<T> {
+        let mut reg = self.registry();
+        let call = reg.calls.get_mut(&id)?;
+        if matches!(
+            call.phase,
+            Phase::Transferring | Phase::HangingUp | Phase::Done
+        ) {
+            return None;
+        }
+        call.phase = phase;
+        Some(read(call))
+    }
+
     fn registry(&self) -> MutexGuard<'_, Registry> {
         // A poisoned lock means a panic elsewhere mid-update; the maps are still consistent
         // enough to clean up calls, which matters more than stopping.
@@ -645,23 +660,14 @@ impl Controller {
     async fn transfer_flow(&self, id: Uuid) {
         let s = &self.inner.settings;
         let c = &self.inner.client;
-        let (caller, bridge, mut left) = {
-            let mut reg = self.registry();
-            let Some(call) = reg.calls.get_mut(&id) else {
-                return;
-            };
-            if matches!(
-                call.phase,
-                Phase::Transferring | Phase::HangingUp | Phase::Done
-            ) {
-                return;
-            }
-            call.phase = Phase::Transferring;
+        let Some((caller, bridge, mut left)) = self.claim(id, Phase::Transferring, |call| {
             (
                 call.caller.clone(),
                 call.bridge.clone(),
                 call.left.subscribe(),
             )
+        }) else {
+            return;
         };
         if *left.borrow() {
             self.cleanup(id).await;
@@ -720,19 +726,8 @@ impl Controller {
     }
 
     async fn hangup_flow(&self, id: Uuid) {
-        let caller = {
-            let mut reg = self.registry();
-            let Some(call) = reg.calls.get_mut(&id) else {
-                return;
-            };
-            if matches!(
-                call.phase,
-                Phase::Transferring | Phase::HangingUp | Phase::Done
-            ) {
-                return;
-            }
-            call.phase = Phase::HangingUp;
-            call.caller.clone()
+        let Some(caller) = self.claim(id, Phase::HangingUp, |call| call.caller.clone()) else {
+            return;
         };
         let mut done = false;
         for attempt in 1..=2u32 {
