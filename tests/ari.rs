@@ -24,7 +24,7 @@ use voicegate::audiosocket::SlinRate;
 use voicegate::audiosocket::server::{Server, ServerParams};
 use voicegate::call::next::NextStore;
 use voicegate::call::{CallSummary, Outcome};
-use voicegate::caller::{CallPlan, best_correlation_in, place_call, resample_recording};
+use voicegate::caller::{CallPlan, place_call, resample_recording, speech_similarity};
 use voicegate::config::{AriConfig, AriFormat, AriMode};
 use voicegate::secret::SecretSource;
 
@@ -343,11 +343,12 @@ async fn stasis_call_with_echo_agent_dtmf_and_cleanup() {
     assert_eq!(report.call_id, Some(summary.call_id));
     assert!(report.closed, "externalMedia socket closed after clean-up");
     assert!(report.frames_received > 100, "{}", report.frames_received);
-    // Within 80 ms (16 samples per ms), over the first second of speech.
+    // Over the first second of speech, 100 ms window by window (16 samples per ms): each
+    // window found within 60 ms of where the previous one was, the first 0–100 ms late, so
+    // a tick skipped on a loaded machine shifts the echo without failing the test.
     let n = h.speech.len().min(16 * 1_000);
-    let got = &report.received[..report.received.len().min(n + 16 * 80)];
-    let (corr, lag) = best_correlation_in(got, &h.speech[..n], 0..=16 * 80);
-    assert!(corr > 0.9, "echo correlation {corr} at lag {lag}");
+    let similarity = speech_similarity(&report.received, &h.speech[..n], 16_000, 16 * 40, 16 * 60);
+    assert!(similarity > 0.9, "echo similarity {similarity}");
 
     let f = &h.fake;
     assert_eq!(f.count(&f.counts.bridges_created), 1);

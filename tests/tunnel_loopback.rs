@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use voicegate::agent::echo::EchoAgent;
 use voicegate::audiosocket::SlinRate;
 use voicegate::call::Outcome;
-use voicegate::caller::{CallPlan, best_correlation, resample_recording, run_call_on};
+use voicegate::caller::{CallPlan, resample_recording, run_call_on, speech_similarity};
 
 /// What the rest of voicegate needs of a tunnel stream, checked at compile time.
 #[test]
@@ -50,13 +50,16 @@ async fn audiosocket_call_through_the_tunnel_echoes_back() {
     assert!(report.frames_received >= 140, "{report:?}");
     let speech = resample_recording(&plan.speech, 8000).unwrap();
     let expected_at = (plan.speech_offset + delay).as_millis() as usize * 8;
-    let (corr, lag) =
-        best_correlation(&report.received.samples, &speech.samples, expected_at + 800);
-    assert!(corr > 0.9, "echo correlation {corr}");
-    assert!(
-        (lag as f64 / 8.0 - expected_at as f64 / 8.0).abs() <= 60.0,
-        "lag {lag}"
+    // 100 ms windows, each within 60 ms of the previous one's lag (a skipped tick on a
+    // loaded machine shifts the echo; it does not break it).
+    let similarity = speech_similarity(
+        &report.received.samples,
+        &speech.samples,
+        8000,
+        expected_at,
+        480,
     );
+    assert!(similarity > 0.9, "echo similarity {similarity}");
 
     let (summary, peer) = tokio::time::timeout(Duration::from_secs(10), summaries.recv())
         .await
