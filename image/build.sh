@@ -13,7 +13,7 @@
 #                              /var/etc/voicegate (bind-mounted on /etc/voicegate)
 #
 # Environment: VOICEGATE_BIN (the static binary; default: built here with the appliance
-# profile), OUT (default image/out), CACHE (debootstrap trees, default image/.cache),
+# profile), STAGE=tree (stop after the cached debootstrap tree), OUT (default image/out), CACHE (debootstrap trees, default image/.cache),
 # MIRROR (default http://deb.debian.org/debian), DATA_MB (default 256; grown to fill the partition by x-systemd.growfs).
 # Needs (Debian): debootstrap e2fsprogs dosfstools mtools fdisk zstd systemd (sysusers),
 # kmod (depmod), systemd-boot-efi; for aarch64 on x86 also qemu-user-static with binfmt.
@@ -38,13 +38,19 @@ VAR_TYPE=4d21b016-b534-45c2-a9fb-5c16e091fd2d
 start=$(date +%s)
 log() { printf '[%4ss] %s\n' $(($(date +%s) - start)) "$*"; }
 
+# STAGE=tree: only the cached Debian tree (step 2), e.g. in the background while the binary
+# builds elsewhere (.ci/run does this).
+STAGE=${STAGE:-all}
+
 # 1. The static binary.
-if [ -z "${VOICEGATE_BIN:-}" ]; then
+if [ "$STAGE" = tree ]; then
+  :
+elif [ -z "${VOICEGATE_BIN:-}" ]; then
   log "building voicegate (appliance profile, $ARCH-unknown-linux-musl)"
   (cd "$HERE" && cargo build --quiet --profile appliance --target "$ARCH-unknown-linux-musl")
   VOICEGATE_BIN=${CARGO_TARGET_DIR:-$HERE/target}/$ARCH-unknown-linux-musl/appliance/voicegate
 fi
-file -L "$VOICEGATE_BIN" | grep -Eq 'static(ally linked|-pie)' \
+[ "$STAGE" = tree ] || file -L "$VOICEGATE_BIN" | grep -Eq 'static(ally linked|-pie)' \
   || { echo "$VOICEGATE_BIN is not a static binary" >&2; exit 1; }
 
 # 2. The Debian tree (cached: debootstrap takes minutes, everything after it seconds).
@@ -62,6 +68,7 @@ if [ ! -x "$BASE/usr/lib/systemd/systemd" ]; then
     --include=systemd,systemd-sysv,systemd-timesyncd,systemd-resolved,udev,dbus,nftables,linux-image-$DEB,kmod,iproute2,systemd-boot-efi \
     "$SUITE" "$BASE" "$MIRROR" >"$CACHE/debootstrap-$ARCH.log"
 fi
+if [ "$STAGE" = tree ]; then log "tree ready: $BASE"; exit 0; fi
 WORK=$OUT/work-$ARCH
 R=$WORK/root
 log "copying the tree"
