@@ -894,6 +894,10 @@ mod tests {
                 "ari.reconnect_max_ms",
             ),
             (
+                "[ari]\npassword = \"pw\"\nreconcile_interval_ms = 500\n",
+                "ari.reconcile_interval_ms",
+            ),
+            (
                 "[audiosocket]\nlisten = \"0.0.0.0:9092\"\n[ari]\npassword = \"pw\"\n",
                 "ari.external_host",
             ),

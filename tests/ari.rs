@@ -1058,6 +1058,52 @@ async fn ari_rest_hanging_gives_up_then_retries_until_the_caller_reaches_the_ope
     assert!(report.audible_frames_received > 20 && !report.hangup_received);
 }
 
+/// The periodic reconcile pass: events are lost while the link stays up (nothing to
+/// reconnect), and the pass every `reconcile_interval_ms` still finds the caller who hung up
+/// and cleans the call up; a live call beside it is left alone.
+#[tokio::test]
+async fn periodic_reconcile_cleans_up_a_call_whose_stasis_end_was_lost() {
+    const INTERVAL: Duration = Duration::from_secs(1);
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |c| {
+        c.reconcile_interval_ms = INTERVAL.as_millis() as u64;
+    })
+    .await;
+    let live = h.fake.new_caller("+15550001212", "Kim");
+    wait_bridged(&h, 1).await;
+    let gone = h.fake.new_caller("+15550003434", "Lou");
+    wait_bridged(&h, 2).await;
+    let reconciles = h.ctl().stats().reconciles;
+    let attempts = h.rt.link.attempts();
+    h.fake.lose_events(true);
+    let t0 = Instant::now();
+    h.fake.caller_hangs_up(&gone);
+    wait_until(Duration::from_secs(10), || h.ctl().tracked_calls() == 1).await;
+    let took = t0.elapsed();
+    eprintln!(
+        "measured: StasisEnd lost, call cleaned up by the periodic pass in {took:?} (interval {INTERVAL:?})"
+    );
+    h.fake.lose_events(false);
+    assert!(h.ctl().stats().reconciles > reconciles);
+    assert_eq!(h.rt.link.attempts(), attempts, "no reconnect involved");
+    assert_eq!(*h.rt.link.state.borrow(), LinkState::Up);
+    // The lost call's bridge and externalMedia channel are gone; the live call is untouched.
+    let f = &h.fake;
+    wait_until(Duration::from_secs(5), || {
+        f.count(&f.counts.bridges_destroyed) == 1 && f.count(&f.counts.media_destroyed) == 1
+    })
+    .await;
+    assert!(f.continued().is_empty());
+    wait_until(Duration::from_secs(5), || f.media_reports()[1].closed).await;
+    sleep(INTERVAL * 2).await;
+    assert!(
+        !f.media_reports()[0].closed,
+        "the live call's media is still up"
+    );
+    assert_eq!(h.ctl().tracked_calls(), 1);
+    h.fake.caller_hangs_up(&live);
+    h.wait_clean().await;
+}
+
 /// Issue 8, "ARI: events WebSocket closed", its quiet form: the TCP connection stays open but
 /// Asterisk sends nothing on it and reads nothing (no pong, no Close, no FIN). voicegate's
 /// pings find it: no frame for two ping intervals marks the link down (reported on the link

@@ -126,6 +126,7 @@ pub struct FakeAri {
     refuse_ws: Arc<AtomicBool>,
     close_ws_at_once: Arc<AtomicBool>,
     hang_rest: Arc<AtomicBool>,
+    lose_events: Arc<AtomicBool>,
     silent_ws: watch::Sender<bool>,
     pub counts: Arc<Counts>,
     speech: Arc<Vec<i16>>,
@@ -140,6 +141,7 @@ struct Shared {
     refuse_ws: Arc<AtomicBool>,
     close_ws_at_once: Arc<AtomicBool>,
     hang_rest: Arc<AtomicBool>,
+    lose_events: Arc<AtomicBool>,
     silent_ws: watch::Receiver<bool>,
     counts: Arc<Counts>,
     speech: Arc<Vec<i16>>,
@@ -169,6 +171,7 @@ impl FakeAri {
         let refuse_ws = Arc::new(AtomicBool::new(false));
         let close_ws_at_once = Arc::new(AtomicBool::new(false));
         let hang_rest = Arc::new(AtomicBool::new(false));
+        let lose_events = Arc::new(AtomicBool::new(false));
         let (silent_ws, silent_rx) = watch::channel(false);
         let counts = Arc::new(Counts::default());
         let speech = Arc::new(speech);
@@ -179,6 +182,7 @@ impl FakeAri {
             refuse_ws: refuse_ws.clone(),
             close_ws_at_once: close_ws_at_once.clone(),
             hang_rest: hang_rest.clone(),
+            lose_events: lose_events.clone(),
             silent_ws: silent_rx,
             counts: counts.clone(),
             speech: speech.clone(),
@@ -201,6 +205,7 @@ impl FakeAri {
             refuse_ws,
             close_ws_at_once,
             hang_rest,
+            lose_events,
             silent_ws,
             counts,
             speech,
@@ -386,6 +391,12 @@ impl FakeAri {
     /// flag only lets new connections work again.
     pub fn silence_ws(&self, on: bool) {
         self.silent_ws.send_replace(on);
+    }
+
+    /// While set, events are not delivered on the events WebSocket, which otherwise goes on
+    /// as usual (pongs answered, link up): events lost without the link noticing.
+    pub fn lose_events(&self, on: bool) {
+        self.lose_events.store(on, Ordering::SeqCst);
     }
 
     /// `METHOD /path` of every REST request held by [`FakeAri::hang_rest`], in arrival order.
@@ -685,6 +696,7 @@ async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
                 return;
             }
             ev = events.recv() => match ev {
+                Ok(_) if shared.lose_events.load(Ordering::SeqCst) => continue,
                 Ok(text) => if ws.send(WsMessage::text(text)).await.is_err() { break },
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => break,
