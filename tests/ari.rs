@@ -1056,6 +1056,66 @@ async fn ari_rest_hanging_gives_up_then_retries_until_the_caller_reaches_the_ope
     assert_no_frame_lost(&report, &summary);
 }
 
+/// ARI hangs while a Stasis call is live and its agent ends the call: the `DELETE` of the
+/// caller times out twice, and so do the clean-up requests (bridge, externalMedia channel).
+/// The caller is given up on for a hangup; once ARI answers, a reconcile pass hangs the
+/// caller up (no transfer: the agent had said goodbye) and its orphan step removes the
+/// leftover bridge and externalMedia channel, so nothing is left behind.
+#[tokio::test]
+async fn ari_rest_hanging_at_the_end_of_a_call_leaves_nothing_behind_once_it_answers() {
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let mut h = Harness::start(
+        Behaviour::End(Duration::from_millis(1_500)),
+        SlinRate::Hz16000,
+        |c| c.request_timeout_ms = TIMEOUT.as_millis() as u64,
+    )
+    .await;
+    let caller = h.fake.new_caller("+15550005656", "Mia");
+    wait_bridged(&h, 1).await;
+    h.fake.hang_rest(true);
+    let summary = h.next_summary().await;
+    assert!(
+        matches!(summary.outcome, Outcome::AgentEnded(_)),
+        "{:?}",
+        summary.outcome
+    );
+    wait_until(Duration::from_secs(10), || {
+        h.ctl().given_up_callers() == 1 && h.ctl().tracked_calls() == 0
+    })
+    .await;
+    let hung = h.fake.hung_requests();
+    assert_eq!(
+        hung.iter()
+            .filter(|r| **r == format!("DELETE /ari/channels/{caller}"))
+            .count(),
+        2,
+        "{hung:?}"
+    );
+    assert!(h.fake.channel_exists(&caller) && h.fake.live_bridges() == 1);
+
+    h.fake.hang_rest(false);
+    let recovered = Instant::now();
+    let f = &h.fake;
+    wait_until(Duration::from_secs(15), || {
+        !f.channel_exists(&caller)
+            && f.live_bridges() == 0
+            && f.count(&f.counts.media_destroyed) == 1
+    })
+    .await;
+    eprintln!(
+        "measured: hung ARI at the end of a call, REST back → caller hung up and leftovers removed in {:?}",
+        recovered.elapsed()
+    );
+    assert!(
+        f.continued().is_empty(),
+        "the agent ended the call: no transfer"
+    );
+    let stats = h.ctl().stats();
+    assert_eq!((stats.given_up, stats.hangups, stats.transfers), (1, 1, 0));
+    assert_eq!(h.ctl().given_up_callers(), 0);
+    assert_eq!(h.next.answer(&summary.call_id.to_string()), "hangup");
+}
+
 /// The healthy call beside a fault lost nothing, counted at both ends of each direction:
 /// every frame the caller sent was read by voicegate (a frame or two may be in flight when
 /// the caller hangs up), every frame voicegate sent reached the caller, none was dropped on

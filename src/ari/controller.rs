@@ -1079,50 +1079,46 @@ impl Controller {
             // Its StasisEnd arrived while this pass ran.
             return;
         }
-        let hang_up = match retry {
-            Retry::Hangup => true,
-            Retry::Transfer => {
-                let s = &self.inner.settings;
-                match c
-                    .continue_in_dialplan(
-                        channel,
-                        &s.transfer_context,
-                        &s.transfer_extension,
-                        s.transfer_priority,
-                    )
-                    .await
-                {
-                    Ok(()) => {
-                        bump(&self.inner.counters.transfers);
-                        warn!(call_id = %id, channel, context = %s.transfer_context,
-                            "reconcile: caller given up on is transferred to the operators now that ARI answers");
-                        return forget();
-                    }
-                    Err(e) if e.is_not_found() || matches!(e, AriError::NotInStasis { .. }) => {
-                        return forget();
-                    }
-                    Err(e @ AriError::Transport { .. }) => {
-                        warn!(call_id = %id, error = %e, "reconcile: transfer of a caller given up on failed again");
-                        return;
-                    }
-                    Err(e) => {
-                        error!(call_id = %id, error = %e, "reconcile: asterisk refused the transfer of a caller given up on; hanging up");
-                        true
-                    }
+        if retry == Retry::Transfer {
+            let s = &self.inner.settings;
+            match c
+                .continue_in_dialplan(
+                    channel,
+                    &s.transfer_context,
+                    &s.transfer_extension,
+                    s.transfer_priority,
+                )
+                .await
+            {
+                Ok(()) => {
+                    bump(&self.inner.counters.transfers);
+                    warn!(call_id = %id, channel, context = %s.transfer_context,
+                        "reconcile: caller given up on is transferred to the operators now that ARI answers");
+                    return forget();
+                }
+                Err(e) if e.is_not_found() || matches!(e, AriError::NotInStasis { .. }) => {
+                    return forget();
+                }
+                Err(e @ AriError::Transport { .. }) => {
+                    warn!(call_id = %id, error = %e, "reconcile: transfer of a caller given up on failed again");
+                    return;
+                }
+                // Asterisk answered and refused: hang up rather than leave the caller in
+                // silence, as a transfer failing twice does.
+                Err(e) => {
+                    error!(call_id = %id, error = %e, "reconcile: asterisk refused the transfer of a caller given up on; hanging up");
                 }
             }
-        };
-        if hang_up {
-            match c.hangup(channel).await {
-                Ok(()) => {
-                    bump(&self.inner.counters.hangups);
-                    info!(call_id = %id, channel, "reconcile: caller given up on is hung up");
-                    forget();
-                }
-                Err(e) if e.is_not_found() => forget(),
-                Err(e) => {
-                    warn!(call_id = %id, error = %e, "reconcile: hangup of a caller given up on failed again");
-                }
+        }
+        match c.hangup(channel).await {
+            Ok(()) => {
+                bump(&self.inner.counters.hangups);
+                info!(call_id = %id, channel, "reconcile: caller given up on is hung up");
+                forget();
+            }
+            Err(e) if e.is_not_found() => forget(),
+            Err(e) => {
+                warn!(call_id = %id, error = %e, "reconcile: hangup of a caller given up on failed again");
             }
         }
     }
