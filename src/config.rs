@@ -523,6 +523,9 @@ pub struct AriConfig {
     /// Events WebSocket: ping interval, ms (default 10000); no frame for two intervals
     /// means the link is dead.
     pub ping_interval_ms: u64,
+    /// Stasis mode: reconcile with Asterisk's channel list at least this often, ms (default
+    /// 30000); sooner, with backoff from 2 s, while a caller given up on waits for a retry.
+    pub reconcile_interval_ms: u64,
 }
 
 impl Default for AriConfig {
@@ -547,6 +550,7 @@ impl Default for AriConfig {
             reconnect_initial_ms: 500,
             reconnect_max_ms: 30_000,
             ping_interval_ms: 10_000,
+            reconcile_interval_ms: 30_000,
         }
     }
 }
@@ -636,6 +640,12 @@ impl AriConfig {
             ),
             ("ari.reconnect_max_ms", self.reconnect_max_ms, 100, 600_000),
             ("ari.ping_interval_ms", self.ping_interval_ms, 100, 600_000),
+            (
+                "ari.reconcile_interval_ms",
+                self.reconcile_interval_ms,
+                1_000,
+                3_600_000,
+            ),
         ] {
             if !(lo..=hi).contains(&v) {
                 return Err(ConfigError::invalid(key, format!("must be {lo} to {hi}")));
@@ -673,6 +683,10 @@ impl AriConfig {
     /// [`Self::ping_interval_ms`] as a duration.
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)
+    }
+    /// [`Self::reconcile_interval_ms`] as a duration.
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms)
     }
 }
 
@@ -878,6 +892,10 @@ mod tests {
             (
                 "[ari]\npassword = \"pw\"\nreconnect_max_ms = 20\n",
                 "ari.reconnect_max_ms",
+            ),
+            (
+                "[ari]\npassword = \"pw\"\nreconcile_interval_ms = 500\n",
+                "ari.reconcile_interval_ms",
             ),
             (
                 "[audiosocket]\nlisten = \"0.0.0.0:9092\"\n[ari]\npassword = \"pw\"\n",

@@ -927,17 +927,20 @@ async fn wrong_credentials_are_reported_and_retried_with_backoff() {
 }
 
 /// Issue 8, "ARI hanging": Asterisk's HTTP server accepts connections and reads requests but
-/// never answers, while the events WebSocket keeps delivering. What voicegate does, precisely:
-/// a new Stasis caller's `answer` times out after `request_timeout_ms`, setup fails, the
-/// transfer to the operators (`continue`, twice) times out, the hangup times out, and the call
-/// is given up (`transfer_failures` 1, nothing tracked): four requests, no retry loop. The
-/// caller stays in Stasis, in silence, only while ARI cannot be reached: once it answers and
-/// the events link reconnects, the reconcile pass hands that caller to the operators. Calls
+/// never answers, while the events WebSocket stays up and delivers. What voicegate does,
+/// precisely: a new Stasis caller's `answer` times out after `request_timeout_ms`, setup
+/// fails, the transfer to the operators (`continue`, twice) times out, the hangup times out,
+/// and the call is given up (`transfer_failures` 1, `given_up` 1, nothing tracked): four
+/// requests. The caller is remembered, not forgotten: reconcile passes retry it, the first
+/// `RETRY_INITIAL` (2 s) after the give-up, then with a doubling wait, each costing a single
+/// `GET /channels` while ARI stays hung. Once ARI answers, the next pass `continue`s the
+/// caller to the operators, with the events link untouched (no reconnect needed). Calls
 /// already in progress never wait on ARI.
 #[tokio::test]
-async fn ari_rest_hanging_gives_up_after_the_timeout_and_spares_live_calls() {
+async fn ari_rest_hanging_gives_up_then_retries_until_the_caller_reaches_the_operators() {
     const TIMEOUT: Duration = Duration::from_millis(500);
-    let h = Harness::start(Behaviour::Echo, SlinRate::Hz8000, |c| {
+    assert_eq!(controller::RETRY_INITIAL, Duration::from_secs(2));
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz8000, |c| {
         c.request_timeout_ms = TIMEOUT.as_millis() as u64;
     })
     .await;
@@ -948,7 +951,7 @@ async fn ari_rest_hanging_gives_up_after_the_timeout_and_spares_live_calls() {
         speech: fixture("hello-world.wav"),
         speech_offset: Duration::ZERO,
         dtmf: vec![],
-        duration: Duration::from_secs(8),
+        duration: Duration::from_secs(12),
     };
     let addr = h.addr;
     let healthy = tokio::spawn(async move { place_call(addr, &plan).await.expect("healthy call") });
@@ -956,18 +959,23 @@ async fn ari_rest_hanging_gives_up_after_the_timeout_and_spares_live_calls() {
         h.log.started.load(Ordering::SeqCst) == 1
     })
     .await;
+    let link_attempts = h.rt.link.attempts();
+    let ws_attempts = h.fake.count(&h.fake.counts.ws_attempts);
 
     h.fake.hang_rest(true);
     let t0 = Instant::now();
     let caller = h.fake.new_caller("+15550006666", "Gina");
     wait_until(Duration::from_secs(10), || {
-        h.ctl().stats().transfer_failures == 1 && h.ctl().tracked_calls() == 0
+        h.ctl().stats().transfer_failures == 1
+            && h.ctl().tracked_calls() == 0
+            && h.ctl().given_up_callers() == 1
     })
     .await;
     let gave_up = t0.elapsed();
+    let gave_up_at = Instant::now();
     eprintln!("measured: hung ARI, StasisStart → call given up: {gave_up:?} (timeout {TIMEOUT:?})");
     let path = format!("/ari/channels/{caller}");
-    let expected = vec![
+    let mut expected = vec![
         format!("POST {path}/answer"),
         format!("POST {path}/continue"),
         format!("POST {path}/continue"),
@@ -978,40 +986,376 @@ async fn ari_rest_hanging_gives_up_after_the_timeout_and_spares_live_calls() {
         gave_up >= TIMEOUT * 4 && gave_up < TIMEOUT * 4 + Duration::from_secs(2),
         "{gave_up:?}"
     );
-    // No busy loop: nothing more is asked while ARI stays hung.
-    sleep(Duration::from_secs(1)).await;
-    assert_eq!(h.fake.hung_requests().len(), expected.len());
+    assert_eq!(h.ctl().stats().given_up, 1);
+
+    // No busy loop: the first retry waits RETRY_INITIAL, so nothing is asked for 1.5 s.
+    sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(h.fake.hung_requests(), expected);
+    // Then one pass: a single GET /channels, which hangs too.
+    wait_until(Duration::from_secs(5), || h.fake.hung_requests().len() > 4).await;
+    let first_retry = gave_up_at.elapsed();
+    eprintln!("measured: hung ARI, give-up → first retry pass: {first_retry:?}");
+    expected.push("GET /ari/channels".into());
+    assert_eq!(h.fake.hung_requests(), expected);
+    // The next pass waits twice as long (4 s after this one timed out): nothing for 2 s.
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.fake.hung_requests(), expected);
     let stats = h.ctl().stats();
     assert_eq!((stats.transfers, stats.hangups), (0, 0));
     assert!(h.fake.channel_exists(&caller) && h.fake.continued().is_empty());
+    assert_eq!(h.ctl().given_up_callers(), 1);
 
-    // ARI answers again and the events link reconnects: the caller goes to the operators.
+    // ARI answers again; the events link is left as it is.
     h.fake.hang_rest(false);
-    h.fake.drop_ws();
+    let recovered = Instant::now();
     wait_until(Duration::from_secs(10), || !h.fake.continued().is_empty()).await;
+    eprintln!(
+        "measured: hung ARI, REST back → caller continued to the operators in {:?} ({:?} after StasisStart)",
+        recovered.elapsed(),
+        t0.elapsed()
+    );
     let continued = h.fake.continued();
     assert_eq!(continued.len(), 1, "{continued:?}");
     assert_eq!(
-        (continued[0].channel.as_str(), continued[0].context.as_str()),
-        (caller.as_str(), "transfer-to-operator")
+        (
+            continued[0].channel.as_str(),
+            continued[0].context.as_str(),
+            continued[0].extension.as_str(),
+            continued[0].priority.as_str()
+        ),
+        (caller.as_str(), "transfer-to-operator", "s", "1")
     );
-    eprintln!(
-        "measured: hung ARI, caller handed to the operators {:?} after StasisStart",
-        t0.elapsed()
+    wait_until(Duration::from_secs(3), || h.ctl().given_up_callers() == 0).await;
+    let stats = h.ctl().stats();
+    assert_eq!((stats.transfers, stats.hangups, stats.given_up), (1, 0, 1));
+    assert!(h.fake.channel_exists(&caller), "in the queue, not hung up");
+    assert_eq!(
+        h.rt.link.attempts(),
+        link_attempts,
+        "the events link never reconnected"
     );
+    assert_eq!(h.fake.count(&h.fake.counts.ws_attempts), ws_attempts);
+    assert_eq!(*h.rt.link.state.borrow(), LinkState::Up);
+    // Once handed over, no more retries.
+    let after = h.fake.hung_requests().len();
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.fake.hung_requests().len(), after);
+    assert_eq!(h.fake.continued().len(), 1);
 
     let report = healthy.await.expect("healthy call task");
+    let summary = h.next_summary().await;
+    assert_eq!(summary.call_id, report.call_id);
     eprintln!(
-        "measured: healthy call during hung ARI: sent {}, received {}, max gap {:.1} ms",
-        report.frames_sent, report.frames_received, report.gap_max_ms
+        "measured: healthy call during hung ARI: caller sent {}, voicegate read {}; voicegate sent {}, caller got {}; max gap {:.1} ms",
+        report.frames_sent,
+        summary.frames_in,
+        summary.frames_out,
+        report.frames_received,
+        report.gap_max_ms
+    );
+    assert_no_frame_lost(&report, &summary);
+}
+
+/// ARI hangs while a Stasis call is live and its agent ends the call: the `DELETE` of the
+/// caller times out twice, and so do the clean-up requests (bridge, externalMedia channel).
+/// The caller is given up on for a hangup; once ARI answers, a reconcile pass hangs the
+/// caller up (no transfer: the agent had said goodbye) and its orphan step removes the
+/// leftover bridge and externalMedia channel, so nothing is left behind.
+#[tokio::test]
+async fn ari_rest_hanging_at_the_end_of_a_call_leaves_nothing_behind_once_it_answers() {
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let mut h = Harness::start(
+        Behaviour::End(Duration::from_millis(1_500)),
+        SlinRate::Hz16000,
+        |c| c.request_timeout_ms = TIMEOUT.as_millis() as u64,
+    )
+    .await;
+    let caller = h.fake.new_caller("+15550005656", "Mia");
+    wait_bridged(&h, 1).await;
+    h.fake.hang_rest(true);
+    let summary = h.next_summary().await;
+    assert!(
+        matches!(summary.outcome, Outcome::AgentEnded(_)),
+        "{:?}",
+        summary.outcome
+    );
+    wait_until(Duration::from_secs(10), || {
+        h.ctl().given_up_callers() == 1 && h.ctl().tracked_calls() == 0
+    })
+    .await;
+    let hung = h.fake.hung_requests();
+    assert_eq!(
+        hung.iter()
+            .filter(|r| **r == format!("DELETE /ari/channels/{caller}"))
+            .count(),
+        2,
+        "{hung:?}"
+    );
+    assert!(h.fake.channel_exists(&caller) && h.fake.live_bridges() == 1);
+
+    h.fake.hang_rest(false);
+    let recovered = Instant::now();
+    let f = &h.fake;
+    wait_until(Duration::from_secs(15), || {
+        !f.channel_exists(&caller)
+            && f.live_bridges() == 0
+            && f.count(&f.counts.media_destroyed) == 1
+    })
+    .await;
+    eprintln!(
+        "measured: hung ARI at the end of a call, REST back → caller hung up and leftovers removed in {:?}",
+        recovered.elapsed()
     );
     assert!(
-        report.frames_received + 3 >= report.frames_sent
-            && report.frames_received <= report.frames_sent + 3,
-        "the healthy call lost frames: sent {}, received {}",
+        f.continued().is_empty(),
+        "the agent ended the call: no transfer"
+    );
+    let stats = h.ctl().stats();
+    assert_eq!((stats.given_up, stats.hangups, stats.transfers), (1, 1, 0));
+    assert_eq!(h.ctl().given_up_callers(), 0);
+    assert_eq!(h.next.answer(&summary.call_id.to_string()), "hangup");
+}
+
+/// The healthy call beside a fault lost nothing, counted at both ends of each direction:
+/// every frame the caller sent was read by voicegate (a frame or two may be in flight when
+/// the caller hangs up), every frame voicegate sent reached the caller, none was dropped on
+/// the way to the agent, and frames kept flowing (no gap of a second). Comparing voicegate's
+/// own counts, rather than caller-sent with caller-received, keeps a slow start or end of
+/// the session on a loaded machine from passing for a loss.
+fn assert_no_frame_lost(report: &voicegate::caller::CallReport, summary: &CallSummary) {
+    assert!(
+        summary.frames_in + 3 >= report.frames_sent && summary.frames_in <= report.frames_sent,
+        "caller frames lost: sent {}, read {}",
         report.frames_sent,
+        summary.frames_in
+    );
+    assert!(
+        report.frames_received + 3 >= summary.frames_out
+            && report.frames_received <= summary.frames_out,
+        "frames to the caller lost: sent {}, got {}",
+        summary.frames_out,
         report.frames_received
+    );
+    assert_eq!(summary.frames_dropped_in, 0);
+    assert!(
+        report.frames_received + 10 >= report.frames_sent,
+        "voicegate sent far fewer frames than the call lasted: {} for {}",
+        report.frames_received,
+        report.frames_sent
     );
     assert!(report.gap_max_ms < 1_000.0, "{} ms gap", report.gap_max_ms);
     assert!(report.audible_frames_received > 20 && !report.hangup_received);
+}
+
+/// The periodic reconcile pass: events are lost while the link stays up (nothing to
+/// reconnect), and the pass every `reconcile_interval_ms` still finds the caller who hung up
+/// and cleans the call up; a live call beside it is left alone.
+#[tokio::test]
+async fn periodic_reconcile_cleans_up_a_call_whose_stasis_end_was_lost() {
+    const INTERVAL: Duration = Duration::from_secs(1);
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |c| {
+        c.reconcile_interval_ms = INTERVAL.as_millis() as u64;
+    })
+    .await;
+    let live = h.fake.new_caller("+15550001212", "Kim");
+    wait_bridged(&h, 1).await;
+    let gone = h.fake.new_caller("+15550003434", "Lou");
+    wait_bridged(&h, 2).await;
+    let reconciles = h.ctl().stats().reconciles;
+    let attempts = h.rt.link.attempts();
+    h.fake.lose_events(true);
+    let t0 = Instant::now();
+    h.fake.caller_hangs_up(&gone);
+    wait_until(Duration::from_secs(10), || h.ctl().tracked_calls() == 1).await;
+    let took = t0.elapsed();
+    eprintln!(
+        "measured: StasisEnd lost, call cleaned up by the periodic pass in {took:?} (interval {INTERVAL:?})"
+    );
+    h.fake.lose_events(false);
+    assert!(h.ctl().stats().reconciles > reconciles);
+    assert_eq!(h.rt.link.attempts(), attempts, "no reconnect involved");
+    assert_eq!(*h.rt.link.state.borrow(), LinkState::Up);
+    // The lost call's bridge and externalMedia channel are gone; the live call is untouched.
+    let f = &h.fake;
+    wait_until(Duration::from_secs(5), || {
+        f.count(&f.counts.bridges_destroyed) == 1 && f.count(&f.counts.media_destroyed) == 1
+    })
+    .await;
+    assert!(f.continued().is_empty());
+    wait_until(Duration::from_secs(5), || f.media_reports()[1].closed).await;
+    sleep(INTERVAL * 2).await;
+    assert!(
+        !f.media_reports()[0].closed,
+        "the live call's media is still up"
+    );
+    assert_eq!(h.ctl().tracked_calls(), 1);
+    h.fake.caller_hangs_up(&live);
+    h.wait_clean().await;
+}
+
+/// Issue 8, "ARI: events WebSocket closed", its quiet form: the TCP connection stays open but
+/// Asterisk sends nothing on it and reads nothing (no pong, no Close, no FIN). voicegate's
+/// pings find it: no frame for two ping intervals marks the link down (reported on the link
+/// state that `/health` mirrors), it reconnects with its backoff (a reconnect that goes
+/// silent too is dropped the same way, and the wait doubles), and the reconcile pass after
+/// each reconnect finds what the silent link hid: a caller who hung up meanwhile is cleaned
+/// up. A live Stasis call in the same bridge setup loses no frame throughout.
+#[tokio::test]
+async fn events_socket_going_silent_is_detected_by_ping_and_reconnected() {
+    const PING: Duration = Duration::from_millis(500);
+    const BACKOFF: Duration = Duration::from_secs(1);
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |c| {
+        c.ping_interval_ms = PING.as_millis() as u64;
+        c.reconnect_initial_ms = BACKOFF.as_millis() as u64;
+        c.reconnect_max_ms = 4_000;
+    })
+    .await;
+    let states: Arc<Mutex<Vec<(Instant, LinkState)>>> = Arc::default();
+    {
+        let mut rx = h.rt.link.state.clone();
+        rx.wait_for(|s| *s == LinkState::Up).await.unwrap();
+        let states = states.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let s = *rx.borrow_and_update();
+                states.lock().unwrap().push((Instant::now(), s));
+            }
+        });
+    }
+    let live = h.fake.new_caller("+15550008888", "Ines");
+    wait_bridged(&h, 1).await;
+    let other = h.fake.new_caller("+15550009999", "Jon");
+    wait_bridged(&h, 2).await;
+    // Pongs keep a quiet but healthy link up: several ping intervals, no drop.
+    sleep(PING * 3).await;
+    assert_eq!(*h.rt.link.state.borrow(), LinkState::Up);
+    assert!(
+        states.lock().unwrap().is_empty(),
+        "{:?}",
+        states.lock().unwrap()
+    );
+    let reconciles = h.ctl().stats().reconciles;
+    let mut state = h.rt.link.state.clone();
+
+    // The fault: the events socket goes silent; then the second caller hangs up, and its
+    // StasisEnd goes nowhere.
+    h.fake.silence_ws(true);
+    let t0 = Instant::now();
+    h.fake.caller_hangs_up(&other);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == LinkState::Down),
+    )
+    .await
+    .expect("a silent link is detected")
+    .unwrap();
+    let detected = t0.elapsed();
+    eprintln!("measured: events socket silent → link down in {detected:?} (ping {PING:?})");
+    assert!(
+        detected >= PING && detected < PING * 3 + Duration::from_secs(3),
+        "{detected:?}"
+    );
+    // Nothing told voicegate about the hangup yet (the reconnect is a second away).
+    assert_eq!(h.ctl().tracked_calls(), 2);
+    assert_eq!(h.ctl().stats().reconciles, reconciles);
+
+    // It reconnects after its backoff; that connection goes silent too and is dropped again.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == LinkState::Up),
+    )
+    .await
+    .expect("reconnected")
+    .unwrap();
+    // The pass after the reconnect lists the channels: the hung-up caller is cleaned up.
+    wait_until(Duration::from_secs(5), || h.ctl().tracked_calls() == 1).await;
+    assert!(h.ctl().stats().reconciles > reconciles);
+    h.fake.silence_ws(false);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == LinkState::Down),
+    )
+    .await
+    .expect("the silent reconnect is detected too")
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        state.wait_for(|s| *s == LinkState::Up),
+    )
+    .await
+    .expect("link restored")
+    .unwrap();
+    h.fake.wait_ws().await;
+    let restored = t0.elapsed();
+    eprintln!("measured: silence → link down twice → a working link in {restored:?}");
+    // The working link stays up: pongs answer the pings again.
+    sleep(PING * 4).await;
+    assert_eq!(*h.rt.link.state.borrow(), LinkState::Up);
+    assert_eq!(h.fake.count(&h.fake.counts.ws_silenced), 2);
+
+    // Backoff: each Down lasted at least about its wait (1 s, then 2 s), never a busy loop.
+    let log = states.lock().unwrap().clone();
+    let waits: Vec<Duration> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, s))| *s == LinkState::Down)
+        .filter_map(|(i, (at, _))| {
+            log[i + 1..]
+                .iter()
+                .find(|(_, s)| *s != LinkState::Down)
+                .map(|(next, _)| *next - *at)
+        })
+        .collect();
+    eprintln!("measured: waits before each reconnect: {waits:?}");
+    assert_eq!(waits.len(), 2, "{log:?}");
+    assert!(
+        waits[0] >= BACKOFF / 2 && waits[1] >= BACKOFF,
+        "{waits:?} (backoff {BACKOFF:?}, doubled)"
+    );
+    let attempts = h.rt.link.attempts();
+    assert_eq!(attempts, 3, "first connect and two reconnects");
+
+    // Events flow again, and the live call went on throughout.
+    h.fake.press(&live, '5');
+    wait_until(Duration::from_secs(3), || {
+        h.log.dtmf.lock().unwrap().iter().any(|(_, d)| *d == '5')
+    })
+    .await;
+    h.fake.caller_hangs_up(&live);
+    h.wait_clean().await;
+    let live_id = h.fake.media_reports()[0].call_id.expect("call id");
+    let mut summary = None;
+    for _ in 0..2 {
+        let s = h.next_summary().await;
+        if s.call_id == live_id {
+            summary = Some(s);
+        }
+    }
+    let summary = summary.expect("the live call's summary");
+    let report = h.fake.media_reports()[0].clone();
+    eprintln!(
+        "measured: live Stasis call through the silence: Asterisk sent {}, voicegate read {}; voicegate sent {}, Asterisk got {}; max gap {:.1} ms",
+        report.frames_sent,
+        summary.frames_in,
+        summary.frames_out,
+        report.frames_received,
+        report.gap_max_ms
+    );
+    assert_eq!(summary.outcome, Outcome::CallerHungUp);
+    assert!(
+        summary.frames_in + 3 >= report.frames_sent && summary.frames_in <= report.frames_sent,
+        "caller frames lost: sent {}, read {}",
+        report.frames_sent,
+        summary.frames_in
+    );
+    assert!(
+        report.frames_received + 3 >= summary.frames_out
+            && report.frames_received <= summary.frames_out,
+        "frames to the caller lost: sent {}, got {}",
+        summary.frames_out,
+        report.frames_received
+    );
+    assert_eq!(summary.frames_dropped_in, 0);
+    assert!(report.gap_max_ms < 1_000.0, "{} ms gap", report.gap_max_ms);
+    assert!(report.frames_received > 200, "{}", report.frames_received);
 }

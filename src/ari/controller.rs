@@ -58,6 +58,20 @@ const ORPHAN_RECHECK: Duration = Duration::from_secs(2);
 /// How long a fetched channel list answers lookups before a new one is fetched.
 const CHANNEL_CACHE_TTL: Duration = Duration::from_secs(2);
 
+/// First wait before a reconcile pass retries a caller given up on (or follows a pass that
+/// could not list the channels); doubled after each such pass, up to
+/// [`AriSettings::reconcile_interval`].
+pub const RETRY_INITIAL: Duration = Duration::from_secs(2);
+
+/// What a reconcile pass achieved.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// It got Asterisk's channel list.
+    listed: bool,
+    /// Callers given up on it tried to move or hang up.
+    retried: usize,
+}
+
 /// What the controller needs from the config.
 #[derive(Debug, Clone)]
 pub struct AriSettings {
@@ -81,6 +95,8 @@ pub struct AriSettings {
     pub transfer_confirm: Duration,
     /// Caller lookup may take this long.
     pub lookup_timeout: Duration,
+    /// Longest time between two reconcile passes (and the cap of the retry backoff).
+    pub reconcile_interval: Duration,
 }
 
 impl AriSettings {
@@ -100,6 +116,7 @@ impl AriSettings {
             transfer_priority: c.transfer_priority,
             transfer_confirm: c.transfer_confirm(),
             lookup_timeout: c.lookup_timeout(),
+            reconcile_interval: c.reconcile_interval(),
         }
     }
 }
@@ -138,6 +155,11 @@ pub struct AriStats {
     pub rejected: u64,
     /// Caller lookups that sent `GET /channels`.
     pub lookups_fetched: u64,
+    /// Callers given up on: setup or the final flow failed and so did the hangup (ARI not
+    /// answering); each waits in [`Controller::given_up_callers`] for a reconcile pass.
+    pub given_up: u64,
+    /// Reconcile passes that got Asterisk's channel list.
+    pub reconciles: u64,
 }
 
 #[derive(Default)]
@@ -152,6 +174,8 @@ struct Counters {
     hangups: AtomicU64,
     rejected: AtomicU64,
     lookups_fetched: AtomicU64,
+    given_up: AtomicU64,
+    reconciles: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -191,11 +215,29 @@ struct LookupCall {
     end: CancellationToken,
 }
 
+/// What a reconcile pass does for a caller given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// `continue` to the operators (then `DELETE` if Asterisk refuses).
+    Transfer,
+    /// `DELETE` (the agent had ended the call).
+    Hangup,
+}
+
+/// A caller still in Stasis whose call voicegate gave up on because ARI did not answer.
+struct GivenUp {
+    call_id: Uuid,
+    retry: Retry,
+}
+
 #[derive(Default)]
 struct Registry {
     calls: HashMap<Uuid, StasisCall>,
     by_channel: HashMap<String, Uuid>,
     lookups: HashMap<Uuid, LookupCall>,
+    /// Caller channel id → the call given up on; left on `StasisEnd`/`ChannelDestroyed` or
+    /// when a reconcile pass moved, hung up or no longer found the channel.
+    given_up: HashMap<String, GivenUp>,
 }
 
 impl Registry {
@@ -216,6 +258,8 @@ struct Inner {
     registry: Mutex<Registry>,
     cache: tokio::sync::Mutex<Option<(Instant, Vec<Channel>)>>,
     counters: Counters,
+    /// Wakes [`Controller::run`] when a caller is given up on, to schedule a retry.
+    given_up_wake: tokio::sync::Notify,
 }
 
 /// The ARI controller. Cheap to clone; install it on the AudioSocket server with
@@ -296,6 +340,7 @@ impl Controller {
                 registry: Mutex::new(Registry::default()),
                 cache: tokio::sync::Mutex::new(None),
                 counters: Counters::default(),
+                given_up_wake: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -320,7 +365,25 @@ impl Controller {
             hangups: l(&c.hangups),
             rejected: l(&c.rejected),
             lookups_fetched: l(&c.lookups_fetched),
+            given_up: l(&c.given_up),
+            reconciles: l(&c.reconciles),
         }
+    }
+
+    /// Callers given up on that are still waiting for a reconcile pass to move or hang them
+    /// up (0 when ARI answered every time).
+    pub fn given_up_callers(&self) -> usize {
+        self.registry().given_up.len()
+    }
+
+    /// Remembers a caller whose call failed because ARI did not answer, and wakes the event
+    /// loop to retry it (see [`Controller::run`]).
+    fn give_up(&self, id: Uuid, caller: &str, retry: Retry) {
+        bump(&self.inner.counters.given_up);
+        self.registry()
+            .given_up
+            .insert(caller.to_owned(), GivenUp { call_id: id, retry });
+        self.inner.given_up_wake.notify_one();
     }
 
     /// Waits until no Stasis call is tracked any more (every transfer, hangup and clean-up
@@ -372,17 +435,39 @@ impl Controller {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs the event loop until `stop` is cancelled or the events channel closes. After the
-    /// link comes back up it reconciles: calls whose caller channel is gone are cleaned up.
+    /// Runs the event loop until `stop` is cancelled or the events channel closes, and
+    /// schedules the reconcile passes, one at a time. A pass lists Asterisk's channels, cleans
+    /// up calls whose caller is gone (a missed `StasisEnd`), retries the callers given up on
+    /// ([`Controller::given_up_callers`]: `continue` to the operators, or `DELETE` if the
+    /// agent had ended the call) and hands orphans to the operators. Passes run:
+    /// - each time the events link comes up (first connect and every reconnect: events may
+    ///   have been missed);
+    /// - every [`AriSettings::reconcile_interval`] in any case, whatever the link does (a
+    ///   `StasisEnd` can be lost on a link that never reported itself down);
+    /// - while a caller given up on waits, or after a pass that could not list the channels:
+    ///   [`RETRY_INITIAL`] after the give-up, then doubling per pass up to the interval. Each
+    ///   pass costs one `GET /channels` while ARI does not answer, so a hung Asterisk sees one
+    ///   request per period, never a loop.
     pub async fn run(
         self,
         mut events: mpsc::Receiver<Event>,
         mut link: watch::Receiver<LinkState>,
         stop: CancellationToken,
     ) {
+        let interval = self.inner.settings.reconcile_interval;
+        let initial = RETRY_INITIAL.min(interval);
         let mut was_up = false;
         let mut lost = false;
+        let mut pass: Option<tokio::task::JoinHandle<Pass>> = None;
+        let mut wanted = false;
+        let mut due = Instant::now() + interval;
+        let mut backoff = initial;
         loop {
+            if wanted && pass.is_none() {
+                wanted = false;
+                let me = self.clone();
+                pass = Some(tokio::spawn(async move { me.reconcile().await }));
+            }
             tokio::select! {
                 () = stop.cancelled() => break,
                 ev = events.recv() => match ev {
@@ -399,8 +484,7 @@ impl Controller {
                     match state {
                         LinkState::Up => {
                             if !was_up || lost {
-                                let me = self.clone();
-                                tokio::spawn(async move { me.reconcile().await });
+                                wanted = true;
                             }
                             was_up = true;
                             lost = false;
@@ -409,7 +493,34 @@ impl Controller {
                         _ => {}
                     }
                 }
+                () = self.inner.given_up_wake.notified() => {
+                    due = due.min(Instant::now() + backoff);
+                }
+                () = tokio::time::sleep_until(due), if pass.is_none() => wanted = true,
+                done = async {
+                    match pass.as_mut() {
+                        Some(p) => p.await,
+                        None => std::future::pending().await,
+                    }
+                }, if pass.is_some() => {
+                    pass = None;
+                    let done = done.unwrap_or(Pass { listed: false, retried: 0 });
+                    if done.listed && self.given_up_callers() == 0 {
+                        backoff = initial;
+                        due = Instant::now() + interval;
+                    } else {
+                        if !done.listed || done.retried > 0 {
+                            // This pass was the retry and it failed: wait longer next time.
+                            backoff = (backoff * 2).min(interval);
+                        }
+                        due = Instant::now() + backoff;
+                        debug!(wait_ms = backoff.as_millis() as u64, listed = done.listed, "ari: next reconcile pass");
+                    }
+                }
             }
+        }
+        if let Some(p) = pass {
+            p.abort();
         }
     }
 
@@ -437,6 +548,8 @@ impl Controller {
                     }
                 };
                 if !known {
+                    // A caller given up on that entered the app again is a new call.
+                    self.registry().given_up.remove(&channel.id);
                     let id = self.register(&channel);
                     let me = self.clone();
                     tokio::spawn(async move { me.setup(id, channel).await });
@@ -485,6 +598,9 @@ impl Controller {
     fn channel_left(&self, channel: &str) {
         let id = {
             let mut reg = self.registry();
+            if let Some(g) = reg.given_up.remove(channel) {
+                info!(call_id = %g.call_id, channel, "caller given up on has left stasis");
+            }
             let Some(&id) = reg.by_channel.get(channel) else {
                 return;
             };
@@ -720,7 +836,10 @@ impl Controller {
         match c.hangup(&caller).await {
             Ok(()) => bump(&self.inner.counters.hangups),
             Err(e) if e.is_not_found() => {}
-            Err(e) => error!(call_id = %id, error = %e, "cannot hang up the caller either"),
+            Err(e) => {
+                error!(call_id = %id, error = %e, "cannot hang up the caller either; retrying the transfer when ARI answers");
+                self.give_up(id, &caller, Retry::Transfer);
+            }
         }
         self.cleanup(id).await;
     }
@@ -745,7 +864,8 @@ impl Controller {
             }
         }
         if !done {
-            error!(call_id = %id, "cannot hang up the caller");
+            error!(call_id = %id, "cannot hang up the caller; retrying when ARI answers");
+            self.give_up(id, &caller, Retry::Hangup);
         }
         self.cleanup(id).await;
     }
@@ -796,50 +916,84 @@ impl Controller {
         Ok(())
     }
 
-    /// Each time the events link comes up: clean up calls whose caller channel no longer
-    /// exists (their `StasisEnd` was missed), then deal with orphans, channels and bridges of
-    /// this application that no tracked call owns (left by a previous voicegate run, or by a
-    /// link lost mid-setup): an orphaned caller goes to the operators, an orphaned
-    /// externalMedia channel is deleted, an orphaned `voicegate-` bridge destroyed. Orphans
-    /// are confirmed by a second look [`ORPHAN_RECHECK`] later, so a call whose `StasisStart`
-    /// is still on its way is never mistaken for one.
-    async fn reconcile(&self) {
+    /// One reconcile pass (scheduled by [`Controller::run`]). With Asterisk's channels in
+    /// hand it:
+    /// 1. cleans up tracked calls whose caller channel no longer exists (their `StasisEnd`
+    ///    was missed); only calls tracked before the list was asked for, so a caller whose
+    ///    `StasisStart` arrives meanwhile is not taken for gone;
+    /// 2. retries the callers given up on ([`Controller::given_up_callers`]): `continue` to
+    ///    the operators (or `DELETE` if that was the plan, or if Asterisk refuses the
+    ///    `continue`); one still unanswered stays for the next pass, one gone or out of the
+    ///    app is forgotten;
+    /// 3. deals with orphans, channels and bridges of this application that no call owns
+    ///    (left by a previous voicegate run, by a link lost mid-setup, or by a clean-up ARI
+    ///    did not answer): an orphaned caller goes to the operators, an orphaned
+    ///    externalMedia channel is deleted, an orphaned `voicegate-` bridge destroyed.
+    ///    Orphans are confirmed by a second look [`ORPHAN_RECHECK`] later, so a call whose
+    ///    `StasisStart` is still on its way is never mistaken for one.
+    async fn reconcile(&self) -> Pass {
         let c = &self.inner.client;
+        // Taken before the list is asked for (see step 1).
+        let tracked: Vec<(Uuid, String)> = self
+            .registry()
+            .calls
+            .iter()
+            .filter(|(_, c)| c.phase != Phase::Done)
+            .map(|(id, c)| (*id, c.caller.clone()))
+            .collect();
+        let given_up: Vec<(String, Uuid, Retry)> = self
+            .registry()
+            .given_up
+            .iter()
+            .map(|(ch, g)| (ch.clone(), g.call_id, g.retry))
+            .collect();
         let channels = match c.channels().await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "reconcile: cannot list channels");
-                return;
+                warn!(error = %e, given_up = given_up.len(), "reconcile: cannot list channels");
+                return Pass {
+                    listed: false,
+                    retried: given_up.len(),
+                };
             }
         };
-        let gone: Vec<Uuid> = {
-            let reg = self.registry();
-            reg.calls
-                .iter()
-                .filter(|(_, c)| {
-                    c.phase != Phase::Done && !channels.iter().any(|ch| ch.id == c.caller)
-                })
-                .map(|(id, _)| *id)
-                .collect()
-        };
+        bump(&self.inner.counters.reconciles);
+        let gone: Vec<Uuid> = tracked
+            .iter()
+            .filter(|(_, caller)| !channels.iter().any(|ch| &ch.id == caller))
+            .map(|(id, _)| *id)
+            .collect();
         if !gone.is_empty() {
             info!(
                 gone = gone.len(),
-                "reconcile: callers gone while the events link was down"
+                "reconcile: callers gone without a StasisEnd seen"
             );
         }
         for id in gone {
             if let Some(c) = self.registry().calls.get(&id) {
+                if c.phase == Phase::Done {
+                    continue;
+                }
                 c.left.send_replace(true);
             }
             self.cleanup(id).await;
+        }
+
+        for (channel, call_id, retry) in &given_up {
+            self.retry_given_up(&channels, channel, *call_id, *retry)
+                .await;
         }
 
         let orphans = |list: &[Channel], bridges: &[super::model::Bridge]| {
             let reg = self.registry();
             let chans: Vec<Channel> = list
                 .iter()
-                .filter(|ch| self.in_our_app(ch) && !reg.by_channel.contains_key(&ch.id))
+                .filter(|ch| {
+                    self.in_our_app(ch)
+                        && !reg.by_channel.contains_key(&ch.id)
+                        && !reg.given_up.contains_key(&ch.id)
+                        && !given_up.iter().any(|(g, _, _)| g == &ch.id)
+                })
                 .cloned()
                 .collect();
             let owned: Vec<&String> = reg
@@ -856,12 +1010,16 @@ impl Controller {
         };
         let bridges = c.bridges().await.unwrap_or_default();
         let (first_chans, first_brs) = orphans(&channels, &bridges);
+        let done = Pass {
+            listed: true,
+            retried: given_up.len(),
+        };
         if first_chans.is_empty() && first_brs.is_empty() {
-            return;
+            return done;
         }
         tokio::time::sleep(ORPHAN_RECHECK).await;
         let (Ok(channels), Ok(bridges)) = (c.channels().await, c.bridges().await) else {
-            return;
+            return done;
         };
         let (chans, brs) = orphans(&channels, &bridges);
         for ch in chans
@@ -895,6 +1053,73 @@ impl Controller {
         for b in brs.iter().filter(|b| first_brs.contains(b)) {
             info!(bridge = %b, "reconcile: destroying an orphaned bridge");
             self.destroy_bridge(b).await;
+        }
+        done
+    }
+
+    /// Step 2 of [`Controller::reconcile`] for one caller given up on: forgotten once it is
+    /// gone, out of the app, transferred or hung up; kept while ARI still does not answer.
+    async fn retry_given_up(&self, channels: &[Channel], channel: &str, id: Uuid, retry: Retry) {
+        let c = &self.inner.client;
+        let forget = || {
+            self.registry().given_up.remove(channel);
+        };
+        match channels.iter().find(|ch| ch.id == channel) {
+            None => {
+                info!(call_id = %id, channel, "reconcile: caller given up on is gone");
+                return forget();
+            }
+            Some(ch) if !self.in_our_app(ch) => {
+                info!(call_id = %id, channel, "reconcile: caller given up on has left stasis");
+                return forget();
+            }
+            Some(_) => {}
+        }
+        if !self.registry().given_up.contains_key(channel) {
+            // Its StasisEnd arrived while this pass ran.
+            return;
+        }
+        if retry == Retry::Transfer {
+            let s = &self.inner.settings;
+            match c
+                .continue_in_dialplan(
+                    channel,
+                    &s.transfer_context,
+                    &s.transfer_extension,
+                    s.transfer_priority,
+                )
+                .await
+            {
+                Ok(()) => {
+                    bump(&self.inner.counters.transfers);
+                    warn!(call_id = %id, channel, context = %s.transfer_context,
+                        "reconcile: caller given up on is transferred to the operators now that ARI answers");
+                    return forget();
+                }
+                Err(e) if e.is_not_found() || matches!(e, AriError::NotInStasis { .. }) => {
+                    return forget();
+                }
+                Err(e @ AriError::Transport { .. }) => {
+                    warn!(call_id = %id, error = %e, "reconcile: transfer of a caller given up on failed again");
+                    return;
+                }
+                // Asterisk answered and refused: hang up rather than leave the caller in
+                // silence, as a transfer failing twice does.
+                Err(e) => {
+                    error!(call_id = %id, error = %e, "reconcile: asterisk refused the transfer of a caller given up on; hanging up");
+                }
+            }
+        }
+        match c.hangup(channel).await {
+            Ok(()) => {
+                bump(&self.inner.counters.hangups);
+                info!(call_id = %id, channel, "reconcile: caller given up on is hung up");
+                forget();
+            }
+            Err(e) if e.is_not_found() => forget(),
+            Err(e) => {
+                warn!(call_id = %id, error = %e, "reconcile: hangup of a caller given up on failed again");
+            }
         }
     }
 

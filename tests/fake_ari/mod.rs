@@ -41,6 +41,8 @@ pub struct MediaReport {
     pub received: Vec<i16>,
     pub hangup_received: bool,
     pub closed: bool,
+    /// Largest gap between two audio frames received from voicegate, ms.
+    pub gap_max_ms: f64,
 }
 
 struct Media {
@@ -112,6 +114,8 @@ pub struct Counts {
     pub ws_attempts: AtomicU64,
     pub ws_clients: AtomicUsize,
     pub fail_continue: AtomicU64,
+    /// Events WebSockets that went silent ([`FakeAri::silence_ws`]).
+    pub ws_silenced: AtomicU64,
 }
 
 pub struct FakeAri {
@@ -122,6 +126,8 @@ pub struct FakeAri {
     refuse_ws: Arc<AtomicBool>,
     close_ws_at_once: Arc<AtomicBool>,
     hang_rest: Arc<AtomicBool>,
+    lose_events: Arc<AtomicBool>,
+    silent_ws: watch::Sender<bool>,
     pub counts: Arc<Counts>,
     speech: Arc<Vec<i16>>,
     rate: SlinRate,
@@ -135,6 +141,8 @@ struct Shared {
     refuse_ws: Arc<AtomicBool>,
     close_ws_at_once: Arc<AtomicBool>,
     hang_rest: Arc<AtomicBool>,
+    lose_events: Arc<AtomicBool>,
+    silent_ws: watch::Receiver<bool>,
     counts: Arc<Counts>,
     speech: Arc<Vec<i16>>,
     rate: SlinRate,
@@ -163,6 +171,8 @@ impl FakeAri {
         let refuse_ws = Arc::new(AtomicBool::new(false));
         let close_ws_at_once = Arc::new(AtomicBool::new(false));
         let hang_rest = Arc::new(AtomicBool::new(false));
+        let lose_events = Arc::new(AtomicBool::new(false));
+        let (silent_ws, silent_rx) = watch::channel(false);
         let counts = Arc::new(Counts::default());
         let speech = Arc::new(speech);
         let shared = Arc::new(Shared {
@@ -172,6 +182,8 @@ impl FakeAri {
             refuse_ws: refuse_ws.clone(),
             close_ws_at_once: close_ws_at_once.clone(),
             hang_rest: hang_rest.clone(),
+            lose_events: lose_events.clone(),
+            silent_ws: silent_rx,
             counts: counts.clone(),
             speech: speech.clone(),
             rate,
@@ -193,6 +205,8 @@ impl FakeAri {
             refuse_ws,
             close_ws_at_once,
             hang_rest,
+            lose_events,
+            silent_ws,
             counts,
             speech,
             rate,
@@ -368,6 +382,21 @@ impl FakeAri {
     /// Asterisk whose HTTP server is wedged does.
     pub fn hang_rest(&self, on: bool) {
         self.hang_rest.store(on, Ordering::SeqCst);
+    }
+
+    /// While set, every events WebSocket, the connected ones and those accepted meanwhile,
+    /// goes silent: Asterisk stops reading from it (so pings get no pong) and sends no event
+    /// on it, and the TCP connection stays open (no Close, no FIN), as a wedged Asterisk or
+    /// a dead path does. A socket once silent stays so until voicegate drops it; clearing the
+    /// flag only lets new connections work again.
+    pub fn silence_ws(&self, on: bool) {
+        self.silent_ws.send_replace(on);
+    }
+
+    /// While set, events are not delivered on the events WebSocket, which otherwise goes on
+    /// as usual (pongs answered, link up): events lost without the link noticing.
+    pub fn lose_events(&self, on: bool) {
+        self.lose_events.store(on, Ordering::SeqCst);
     }
 
     /// `METHOD /path` of every REST request held by [`FakeAri::hang_rest`], in arrival order.
@@ -652,9 +681,22 @@ async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
         return;
     }
     shared.counts.ws_clients.fetch_add(1, Ordering::SeqCst);
+    let mut silent = shared.silent_ws.clone();
     loop {
         tokio::select! {
+            // Silence first: an event sent after `silence_ws` is never delivered.
+            biased;
+            // (The watch's read guard is released inside, before holding on.)
+            _ = async { silent.wait_for(|s| *s).await.is_ok() } => {
+                shared.counts.ws_silenced.fetch_add(1, Ordering::SeqCst);
+                shared.counts.ws_clients.fetch_sub(1, Ordering::SeqCst);
+                // Hold the socket unread and unwritten until the fake is dropped.
+                let _held = ws;
+                while kill.changed().await.is_ok() {}
+                return;
+            }
             ev = events.recv() => match ev {
+                Ok(_) if shared.lose_events.load(Ordering::SeqCst) => continue,
                 Ok(text) => if ws.send(WsMessage::text(text)).await.is_err() { break },
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => break,
@@ -952,12 +994,17 @@ async fn media_side(
     let reading = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(4096);
         let mut samples = Vec::new();
+        let mut last: Option<tokio::time::Instant> = None;
         loop {
             match read_message(&mut reader, &mut buf).await {
                 Ok(Some(Message::Audio { payload, .. })) => {
                     samples.clear();
                     voicegate::audio::slin_from_le_bytes(&payload, &mut samples);
+                    let now = tokio::time::Instant::now();
+                    let gap = last.map_or(0.0, |l| (now - l).as_secs_f64() * 1e3);
+                    last = Some(now);
                     let mut r = rep.lock().unwrap();
+                    r.gap_max_ms = r.gap_max_ms.max(gap);
                     r.frames_received += 1;
                     r.received.extend_from_slice(&samples);
                 }
