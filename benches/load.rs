@@ -96,6 +96,7 @@ fn free_port() -> u16 {
 struct Service {
     child: Child,
     addr: SocketAddr,
+    health: SocketAddr,
 }
 
 impl Service {
@@ -107,12 +108,13 @@ impl Service {
     /// for the bench).
     fn start_with(agent: &str) -> Self {
         let port = free_port();
+        let health_port = free_port();
         let dir = std::env::temp_dir().join(format!("vg-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("voicegate.toml");
         std::fs::write(
             &cfg,
-            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\n{agent}"),
+            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[health]\nlisten = \"127.0.0.1:{health_port}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\n{agent}"),
         )
         .unwrap();
         let child = Command::new(voicegate_binary())
@@ -128,7 +130,12 @@ impl Service {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Service { child, addr }
+        let health = format!("127.0.0.1:{health_port}").parse().unwrap();
+        Service {
+            child,
+            addr,
+            health,
+        }
     }
 
     /// utime + stime of the child, in seconds.
@@ -143,6 +150,21 @@ impl Service {
 
     fn rss_kib(&self) -> u64 {
         proc_status_kib(self.child.id(), "VmRSS:")
+    }
+
+    /// `voicegate_heap_allocated_bytes` from `/metrics` (live heap, MiB), or NaN.
+    fn heap_mib(&self) -> f64 {
+        use std::io::{Read, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect(self.health) else {
+            return f64::NAN;
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.lines()
+            .find_map(|l| l.strip_prefix("voicegate_heap_allocated_bytes "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |b| b / (1024.0 * 1024.0))
     }
 
     fn open_fds(&self) -> usize {
@@ -308,8 +330,8 @@ fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64, realtime: bool
         loadavg()
     );
     println!(
-        "{:>6} {:>10} {:>8} {:>10}",
-        "min", "rss_mib", "fds", "cpu_cores"
+        "{:>6} {:>10} {:>10} {:>8} {:>10}",
+        "min", "rss_mib", "heap_mib", "fds", "cpu_cores"
     );
     rt.block_on(async {
         let addr = service.addr;
@@ -347,8 +369,9 @@ fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64, realtime: bool
             let cores = (cpu - last_cpu.0) / last_cpu.1.elapsed().as_secs_f64();
             last_cpu = (cpu, Instant::now());
             println!(
-                "{minute:>6.1} {:>10.1} {:>8} {:>10.3}   loadavg {}",
+                "{minute:>6.1} {:>10.1} {:>10.2} {:>8} {:>10.3}   loadavg {}",
                 service.rss_kib() as f64 / 1024.0,
+                service.heap_mib(),
                 service.open_fds(),
                 cores,
                 loadavg()

@@ -131,6 +131,11 @@ struct SelftestArgs {
     seconds: f64,
 }
 
+/// Counts live heap bytes for `/metrics` (`voicegate::health::heap`).
+#[global_allocator]
+static ALLOCATOR: voicegate::health::heap::CountingAllocator =
+    voicegate::health::heap::CountingAllocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Wg(wg) = &cli.command {

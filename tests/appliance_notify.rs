@@ -513,4 +513,11 @@ async fn sighup_reload_applies_to_new_calls_and_metrics_parse() {
     assert!(samples.contains_key("voicegate_barge_ins_total"));
     assert!(samples.contains_key("voicegate_frames_dropped_total{direction=\"in\"}"));
     assert!(text.contains("# TYPE voicegate_playout_lateness_seconds histogram"));
+    // The binary counts its live heap: more than nothing (a running service with its
+    // runtime, listeners and config), and far less than a leak would show (64 MiB).
+    let heap = get("voicegate_heap_allocated_bytes");
+    assert!(
+        heap > 64.0 * 1024.0 && heap < 64.0 * 1024.0 * 1024.0,
+        "{heap}"
+    );
 }

@@ -38,6 +38,8 @@ pub const FALLBACKS: &str = "voicegate_fallbacks_total";
 pub const BREAKER_OPEN: &str = "voicegate_breaker_open";
 /// Gauge: AI time used today (UTC), s.
 pub const BUDGET_USED: &str = "voicegate_budget_used_seconds";
+/// Gauge: live heap, bytes (requested sizes; [`crate::health::heap`]), refreshed by upkeep.
+pub const HEAP_ALLOCATED: &str = "voicegate_heap_allocated_bytes";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -86,6 +88,7 @@ fn describe() {
     describe_counter!(FALLBACKS, "Calls handed to the operators by reason");
     describe_gauge!(BREAKER_OPEN, "1 while the circuit breaker is open");
     describe_gauge!(BUDGET_USED, Unit::Seconds, "AI time used today (UTC)");
+    describe_gauge!(HEAP_ALLOCATED, Unit::Bytes, "Live heap allocations");
     metrics::gauge!(CALLS_ACTIVE).set(0.0);
     metrics::counter!(FRAMES_IN).increment(0);
     metrics::counter!(FRAMES_OUT).increment(0);
@@ -110,7 +113,7 @@ pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            handle.run_upkeep();
+            upkeep(&handle);
         }
     })
 }
@@ -118,6 +121,11 @@ pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
 /// The Prometheus text of every metric (runs the recorder's upkeep first).
 pub fn render() -> String {
     let handle = install();
-    handle.run_upkeep();
+    upkeep(&handle);
     handle.render()
+}
+
+fn upkeep(handle: &PrometheusHandle) {
+    metrics::gauge!(HEAP_ALLOCATED).set(crate::health::heap::allocated_bytes() as f64);
+    handle.run_upkeep();
 }

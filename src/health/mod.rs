@@ -17,6 +17,7 @@
 //!
 //! Must never: ping the watchdog from the runtime being watched; block a call task.
 
+pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod notify;
