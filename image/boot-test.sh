@@ -43,9 +43,10 @@ case "$ARCH" in
     BOOT_TIMEOUT=${BOOT_TIMEOUT:-1500}
     # AAVMF (qemu-efi-aarch64): the code read-only, a private copy of the variable store.
     cp /usr/share/AAVMF/AAVMF_VARS.fd "$OUT_DIR/vars.fd"
-    # pauth-impdef: the "max" CPU with a cheap pointer-authentication hash instead of the
-    # architected QARMA one, which dominates TCG time for a pauth-built kernel and userland.
-    QEMU_CMD=(qemu-system-aarch64 -M virt -cpu max,pauth-impdef=on -accel tcg,thread=multi -m 1024 -smp 2
+    # CPU: the "max" CPU with pauth-impdef, a cheap pointer-authentication hash instead of
+    # the architected QARMA one, which dominates TCG time for a pauth-built kernel and
+    # userland (CPU=max for the architected one, CPU=cortex-a72 for a v8.0 core).
+    QEMU_CMD=(qemu-system-aarch64 -M virt -cpu "${CPU:-max,pauth-impdef=on}" -accel tcg,thread=multi -m 1024 -smp 2
       -drive if=pflash,format=raw,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd
       -drive "if=pflash,format=raw,file=$OUT_DIR/vars.fd") ;;
 esac
