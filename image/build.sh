@@ -55,11 +55,40 @@ fi
 
 # 2. The Debian tree (cached: debootstrap takes minutes, everything after it seconds).
 BASE=$CACHE/rootfs-$ARCH
-if [ ! -x "$BASE/usr/lib/systemd/systemd" ] && [ "$(uname -m)" != "$ARCH" ] \
-  && [ ! -e "/proc/sys/fs/binfmt_misc/qemu-$ARCH" ]; then
-  echo "debootstrap for $DEB runs its package scripts under qemu-user: install" \
-    "qemu-user-static and register it (update-binfmts --enable qemu-$ARCH)" >&2
-  exit 1
+# A foreign tree (aarch64 on an x86 host): debootstrap's second stage runs the arm64
+# package scripts, so the kernel must hand aarch64 ELF files to qemu-user-static. As root,
+# register it when it is not: mount binfmt_misc, then update-binfmts (binfmt-support) or
+# the registration line of Debian's qemu-user-static (/usr/share/binfmts/qemu-aarch64:
+# the ELF64 little-endian EM_AARCH64 (0xb7) header, e_type EXEC or DYN). The F flag makes
+# the kernel open the interpreter now, so it also works inside the chroot.
+binfmt_register() {
+  local bm=/proc/sys/fs/binfmt_misc
+  if [ ! -e "$bm/register" ]; then
+    log "binfmt: mounting binfmt_misc on $bm"
+    mount -t binfmt_misc binfmt_misc "$bm"
+  fi
+  [ -e "$bm/qemu-$ARCH" ] && grep -q '^enabled' "$bm/qemu-$ARCH" && return 0
+  if command -v update-binfmts >/dev/null && update-binfmts --display "qemu-$ARCH" >/dev/null 2>&1; then
+    log "binfmt: update-binfmts --enable qemu-$ARCH"
+    update-binfmts --enable "qemu-$ARCH"
+  elif [ "$ARCH" = aarch64 ] && [ -x /usr/bin/qemu-aarch64-static ]; then
+    log "binfmt: registering /usr/bin/qemu-aarch64-static for aarch64 ELF (flags F)"
+    [ -e "$bm/qemu-$ARCH" ] && echo -1 >"$bm/qemu-$ARCH"
+    printf '%s' ':qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F' \
+      >"$bm/register"
+  fi
+  grep -q '^enabled' "$bm/qemu-$ARCH" 2>/dev/null \
+    && log "binfmt: qemu-$ARCH registered: $(grep -E '^(interpreter|flags)' "$bm/qemu-$ARCH" | tr '\n' ' ')"
+}
+if [ ! -x "$BASE/usr/lib/systemd/systemd" ] && [ "$(uname -m)" != "$ARCH" ]; then
+  if [ "$(id -u)" = 0 ] && { [ -x "/usr/bin/qemu-$ARCH-static" ] || [ -e "/proc/sys/fs/binfmt_misc/qemu-$ARCH" ]; }; then
+    binfmt_register || true
+  fi
+  if ! grep -qs '^enabled' "/proc/sys/fs/binfmt_misc/qemu-$ARCH"; then
+    echo "debootstrap for $DEB runs its package scripts under qemu-user: install" \
+      "qemu-user-static and register it (update-binfmts --enable qemu-$ARCH)" >&2
+    exit 1
+  fi
 fi
 if [ ! -x "$BASE/usr/lib/systemd/systemd" ]; then
   log "debootstrap $SUITE $DEB (minbase + systemd + kernel) into $BASE"

@@ -1,13 +1,15 @@
 //! The appliance image end to end (issue 6): boots `image/out/voicegate-x86_64.img` in
-//! qemu-system-x86_64 (TCG, OVMF, serial console) through `image/boot-test.sh`, which waits
-//! for `/health` through a forwarded port and places a synthetic call through another; this
-//! test then checks that what came back is the caller's own speech (the image's default
+//! qemu-system-x86_64 (TCG, OVMF, serial console), or `image/out/voicegate-aarch64.img` in
+//! qemu-system-aarch64 (`-M virt -cpu max`, TCG, AAVMF), through `image/boot-test.sh`, which
+//! waits for `/health` through a forwarded port and places a synthetic call through another;
+//! each test then checks that what came back is the caller's own speech (the image's default
 //! agent is the echo agent with a 500 ms delay).
 //!
-//! Ignored by default: software emulation is slow (a minute or two on 2 cores), and it needs
-//! qemu-system-x86, ovmf and an image built by `sudo image/build.sh x86_64`.
-//! Run it with `cargo test --test image_boot -- --ignored`; `VOICEGATE_IMAGE` picks another
-//! image.
+//! Ignored by default: software emulation is slow (a minute or two on 2 cores for x86_64,
+//! several minutes for aarch64), and it needs qemu-system-x86 and ovmf (or qemu-system-arm
+//! and qemu-efi-aarch64) and an image built by `sudo image/build.sh x86_64` (or `aarch64`).
+//! Run them with `cargo test --test image_boot -- --ignored`; `VOICEGATE_IMAGE` (x86_64) and
+//! `VOICEGATE_IMAGE_AARCH64` pick other images.
 
 mod common;
 
@@ -20,26 +22,44 @@ use voicegate::caller::{resample_recording, speech_similarity};
 #[test]
 #[ignore = "boots the appliance image in qemu (slow); needs image/build.sh x86_64 first"]
 fn image_boots_and_echoes_a_call() {
+    boot_and_check_echo("x86_64", "VOICEGATE_IMAGE", 19192, 19200);
+}
+
+#[test]
+#[ignore = "boots the aarch64 appliance image in qemu (several minutes); needs image/build.sh aarch64 first"]
+fn aarch64_image_boots_and_echoes_a_call() {
+    boot_and_check_echo("aarch64", "VOICEGATE_IMAGE_AARCH64", 19292, 19300);
+}
+
+/// Boots the `arch` image (default `image/out/voicegate-{arch}.img`, or the path in the
+/// environment variable `image_var`) with `image/boot-test.sh`, forwarding the AudioSocket
+/// and health ports to the given host ports, and checks the health answer, the call report
+/// and the echo in `heard.wav`.
+fn boot_and_check_echo(arch: &str, image_var: &str, as_port: u16, health_port: u16) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let image = std::env::var_os("VOICEGATE_IMAGE")
+    let image = std::env::var_os(image_var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("image/out/voicegate-x86_64.img"));
+        .unwrap_or_else(|| root.join(format!("image/out/voicegate-{arch}.img")));
     assert!(
         image.exists(),
-        "{} missing: run `sudo image/build.sh x86_64` first",
+        "{} missing: run `sudo image/build.sh {arch}` first",
         image.display()
     );
-    let out = std::env::temp_dir().join(format!("vg-image-boot-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("vg-image-boot-{arch}-{}", std::process::id()));
     std::fs::create_dir_all(&out).expect("temp dir");
     let status = Command::new(root.join("image/boot-test.sh"))
+        .arg(arch)
         .arg(&image)
         .arg(env!("CARGO_BIN_EXE_voicegate"))
         .env("OUT_DIR", &out)
-        .env("AS_PORT", "19192")
-        .env("HEALTH_PORT", "19200")
+        .env("AS_PORT", as_port.to_string())
+        .env("HEALTH_PORT", health_port.to_string())
         .status()
         .expect("run image/boot-test.sh");
-    assert!(status.success(), "image/boot-test.sh failed: {status}");
+    assert!(
+        status.success(),
+        "image/boot-test.sh {arch} failed: {status}"
+    );
 
     // /health through the forwarded port reported a running service.
     let health = std::fs::read_to_string(out.join("health.json")).expect("health.json");
@@ -67,7 +87,7 @@ fn image_boots_and_echoes_a_call() {
     let heard = Recording::open(&out.join("heard.wav")).expect("heard.wav");
     let speech = resample_recording(&fixture("hello-world.wav"), 8000).expect("resample");
     let similarity = speech_similarity(&heard.samples, &speech.samples, 8000, 7200, 4800);
-    println!("echo similarity {similarity:.3}");
-    assert!(similarity > 0.8, "echo similarity {similarity}");
+    println!("{arch}: echo similarity {similarity:.3}");
+    assert!(similarity > 0.8, "{arch}: echo similarity {similarity}");
     let _ = std::fs::remove_dir_all(&out);
 }
