@@ -85,6 +85,19 @@ fn voicegate_binary() -> PathBuf {
     bin
 }
 
+/// When call `i` of `calls` starts: spread over `over`, in whole 20 ms frames, plus a phase
+/// spread evenly across the 20 ms frame, so the calls' frame grids are out of step as real
+/// calls answered at random moments are. (Starting call `i` at `i × over / calls` alone would
+/// put every call on one or two phases when that step is a multiple of 10 ms, and the bench
+/// would measure the queue of 50 frames arriving in the same instant.)
+fn start_offset(i: usize, calls: usize, over: Duration) -> Duration {
+    let frame_us = 20_000u64;
+    let (i, calls) = (i as u64, calls.max(1) as u64);
+    let base = (i * over.as_micros() as u64 / calls) / frame_us * frame_us;
+    let phase = i * frame_us / calls;
+    Duration::from_micros(base + phase)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -114,7 +127,7 @@ impl Service {
         let cfg = dir.join("voicegate.toml");
         std::fs::write(
             &cfg,
-            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[health]\nlisten = \"127.0.0.1:{health_port}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\n{agent}"),
+            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[health]\nlisten = \"127.0.0.1:{health_port}\"\n[state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\n{agent}", dir.join("state").display()),
         )
         .unwrap();
         let child = Command::new(voicegate_binary())
@@ -226,7 +239,7 @@ fn run_level(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunRes
     let idle_rss = service.rss_kib();
     let speech = speech();
     let duration = Duration::from_secs_f64(seconds);
-    // Stagger starts over one second so the calls' 20 ms grids are spread like real traffic.
+    // Stagger starts over one second, with the calls' 20 ms grids spread like real traffic.
     let reports: Vec<Result<CallReport, String>> = rt.block_on(async {
         let mut tasks = Vec::with_capacity(calls);
         let addr = service.addr;
@@ -239,7 +252,7 @@ fn run_level(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunRes
                 dtmf: Vec::new(),
                 duration,
             };
-            let stagger = Duration::from_micros((i as u64 * 1_000_000) / calls as u64);
+            let stagger = start_offset(i, calls, Duration::from_secs(1));
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(stagger).await;
                 place_call(addr, &plan).await.map_err(|e| e.to_string())
@@ -340,10 +353,7 @@ fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64, realtime: bool
         for i in 0..calls {
             let speech = speech.clone();
             tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_micros(
-                    (i as u64 * 60_000_000) / calls as u64,
-                ))
-                .await;
+                tokio::time::sleep(start_offset(i, calls, Duration::from_secs(60))).await;
                 while start.elapsed() < total {
                     let plan = CallPlan {
                         call_id: uuid::Uuid::new_v4(),
@@ -849,7 +859,7 @@ fn run_level_realtime(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) 
         for i in 0..calls {
             let digits = digits.clone();
             let addr = service.addr;
-            let stagger = Duration::from_micros((i as u64 * 1_000_000) / calls as u64);
+            let stagger = start_offset(i, calls, Duration::from_secs(1));
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(stagger).await;
                 stamped_call(addr, i, duration, t0, digits).await
