@@ -242,7 +242,17 @@ where
         }
         frames_sent += 1;
     }
-    let hung_up_by_us = !reader_task.is_finished();
+    // A write refused because the far end already closed (EPIPE, RST) is its hangup, even
+    // when the reader has not seen the close yet: that race is lost on a slow machine.
+    let peer_closed = write_error.as_ref().is_some_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+        )
+    });
+    let hung_up_by_us = !peer_closed && !reader_task.is_finished();
     let _ = writer.shutdown().await;
     drop(writer);
     // The far end closes after our FIN; don't wait forever if it doesn't.
