@@ -61,3 +61,28 @@ impl TestServer {
             .expect("server still running")
     }
 }
+
+/// A call beside a fault lost no frame, counted at both ends of each direction: every frame
+/// the caller sent was read by voicegate (a frame or two may be in flight when the caller
+/// hangs up) and none was dropped on the way to the agent, every frame voicegate sent reached
+/// the caller, and frames kept flowing (no gap of a second). Comparing with voicegate's own
+/// counts, rather than caller-sent with caller-received, keeps a slow start or end of the
+/// session, or a late tick voicegate skipped by design on a loaded machine, from passing for
+/// a loss.
+pub fn assert_no_frame_lost(report: &voicegate::caller::CallReport, summary: &CallSummary) {
+    assert!(
+        summary.frames_in + 3 >= report.frames_sent && summary.frames_in <= report.frames_sent,
+        "caller frames lost: sent {}, read {}",
+        report.frames_sent,
+        summary.frames_in
+    );
+    assert_eq!(summary.frames_dropped_in, 0, "{summary:?}");
+    assert!(
+        report.frames_received + 3 >= summary.frames_out
+            && report.frames_received <= summary.frames_out,
+        "frames to the caller lost: sent {}, got {}",
+        summary.frames_out,
+        report.frames_received
+    );
+    assert!(report.gap_max_ms < 1_000.0, "{} ms gap", report.gap_max_ms);
+}
