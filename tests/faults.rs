@@ -155,10 +155,7 @@ impl Harness {
 
     /// Waits for the healthy call's record on `server` and keeps it for [`Self::finish`].
     async fn healthy_summary(&mut self, server: &mut TestServer) -> CallSummary {
-        let id = self.healthy_id.expect("a healthy call");
-        let s = tokio::time::timeout(Duration::from_secs(10), summary_of(server, id))
-            .await
-            .expect("the healthy call's record");
+        let s = record_of(server, self.healthy_id.expect("a healthy call")).await;
         self.healthy_summary = Some(s.clone());
         s
     }
@@ -177,14 +174,11 @@ impl Harness {
         let summary = match self.healthy_summary.take() {
             Some(s) => s,
             None => {
-                let id = self.healthy_id.expect("a healthy call");
                 let server = match self.echo.as_mut() {
                     Some(echo) => echo,
                     None => &mut servers[0],
                 };
-                tokio::time::timeout(Duration::from_secs(10), summary_of(server, id))
-                    .await
-                    .expect("the healthy call's record")
+                record_of(server, self.healthy_id.expect("a healthy call")).await
             }
         };
         common::assert_no_frame_lost(&report, &summary);
@@ -223,6 +217,13 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// [`summary_of`], failing the test after 10 s instead of waiting forever.
+async fn record_of(server: &mut TestServer, id: uuid::Uuid) -> CallSummary {
+    tokio::time::timeout(Duration::from_secs(10), summary_of(server, id))
+        .await
+        .expect("the call's record")
 }
 
 /// The summary of call `id` (other calls' summaries are skipped).
