@@ -514,13 +514,7 @@ async fn events_socket_dropped_and_restored_mid_call() {
     );
 
     h.fake.close_ws_at_once(false);
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        state.wait_for(|s| *s == LinkState::Up),
-    )
-    .await
-    .expect("link restored")
-    .unwrap();
+    wait_link(&mut state, LinkState::Up, 5, "link restored").await;
     h.fake.wait_ws().await;
     // The call went on throughout.
     let frames_now = h.fake.media_reports()[0].frames_received;
@@ -1129,6 +1123,19 @@ fn assert_no_frame_lost(report: &voicegate::caller::CallReport, summary: &CallSu
     assert!(report.audible_frames_received > 20 && !report.hangup_received);
 }
 
+/// Waits up to `secs` s for the events link to reach `want`; fails the test with `what`.
+async fn wait_link(
+    state: &mut tokio::sync::watch::Receiver<LinkState>,
+    want: LinkState,
+    secs: u64,
+    what: &str,
+) {
+    tokio::time::timeout(Duration::from_secs(secs), state.wait_for(|s| *s == want))
+        .await
+        .expect(what)
+        .expect("the events task is running");
+}
+
 /// The periodic reconcile pass: events are lost while the link stays up (nothing to
 /// reconnect), and the pass every `reconcile_interval_ms` still finds the caller who hung up
 /// and cleans the call up; a live call beside it is left alone.
@@ -1224,13 +1231,7 @@ async fn events_socket_going_silent_is_detected_by_ping_and_reconnected() {
     h.fake.silence_ws(true);
     let t0 = Instant::now();
     h.fake.caller_hangs_up(&other);
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|s| *s == LinkState::Down),
-    )
-    .await
-    .expect("a silent link is detected")
-    .unwrap();
+    wait_link(&mut state, LinkState::Down, 10, "a silent link is detected").await;
     let detected = t0.elapsed();
     eprintln!("measured: events socket silent → link down in {detected:?} (ping {PING:?})");
     assert!(
@@ -1242,31 +1243,19 @@ async fn events_socket_going_silent_is_detected_by_ping_and_reconnected() {
     assert_eq!(h.ctl().stats().reconciles, reconciles);
 
     // It reconnects after its backoff; that connection goes silent too and is dropped again.
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|s| *s == LinkState::Up),
-    )
-    .await
-    .expect("reconnected")
-    .unwrap();
+    wait_link(&mut state, LinkState::Up, 10, "reconnected").await;
     // The pass after the reconnect lists the channels: the hung-up caller is cleaned up.
     wait_until(Duration::from_secs(5), || h.ctl().tracked_calls() == 1).await;
     assert!(h.ctl().stats().reconciles > reconciles);
     h.fake.silence_ws(false);
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|s| *s == LinkState::Down),
+    wait_link(
+        &mut state,
+        LinkState::Down,
+        10,
+        "the silent reconnect is detected too",
     )
-    .await
-    .expect("the silent reconnect is detected too")
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        state.wait_for(|s| *s == LinkState::Up),
-    )
-    .await
-    .expect("link restored")
-    .unwrap();
+    .await;
+    wait_link(&mut state, LinkState::Up, 15, "link restored").await;
     h.fake.wait_ws().await;
     let restored = t0.elapsed();
     eprintln!("measured: silence → link down twice → a working link in {restored:?}");
