@@ -166,14 +166,12 @@ impl Service {
     }
 
     /// `voicegate_heap_allocated_bytes` from `/metrics` (live heap, MiB), or NaN.
-    fn heap_mib(&self) -> f64 {
-        use std::io::{Read, Write as _};
-        let Ok(mut s) = std::net::TcpStream::connect(self.health) else {
-            return f64::NAN;
+    async fn heap_mib(&self, http: &reqwest::Client) -> f64 {
+        let url = format!("http://{}/metrics", self.health);
+        let text = match http.get(url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => return f64::NAN,
         };
-        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
         text.lines()
             .find_map(|l| l.strip_prefix("voicegate_heap_allocated_bytes "))
             .and_then(|v| v.trim().parse::<f64>().ok())
@@ -372,16 +370,20 @@ fn soak(rt: &tokio::runtime::Runtime, calls: usize, minutes: f64, realtime: bool
         }
         let mut last_cpu = (service.cpu_seconds(), Instant::now());
         let mut minute = 0.0;
+        let http = voicegate::tls::http_client_builder()
+            .build()
+            .expect("http client");
         while start.elapsed() < total {
             tokio::time::sleep(Duration::from_secs(30)).await;
             minute += 0.5;
+            let heap = service.heap_mib(&http).await;
             let cpu = service.cpu_seconds();
             let cores = (cpu - last_cpu.0) / last_cpu.1.elapsed().as_secs_f64();
             last_cpu = (cpu, Instant::now());
             println!(
                 "{minute:>6.1} {:>10.1} {:>10.2} {:>8} {:>10.3}   loadavg {}",
                 service.rss_kib() as f64 / 1024.0,
-                service.heap_mib(),
+                heap,
                 service.open_fds(),
                 cores,
                 loadavg()
