@@ -309,13 +309,11 @@ const HOURS: &str = "Our shop is open from nine to six on weekdays. On Saturdays
 const FIRST_SENTENCE: &str = "Our shop is open from nine to six on weekdays.";
 
 #[tokio::test]
-#[ignore = "flaky: the echo gate misses this barge-in in about 1 run of 12 (issue 3 stays open for it); run with --ignored"]
 async fn cascade_barge_in_cancels_llm_and_tts_and_keeps_what_was_heard() {
     barge_in(SlinRate::Hz8000).await;
 }
 
 #[tokio::test]
-#[ignore = "flaky: the echo gate misses this barge-in in about 1 run of 12 (issue 3 stays open for it); run with --ignored"]
 async fn cascade_barge_in_16khz() {
     barge_in(SlinRate::Hz16000).await;
 }

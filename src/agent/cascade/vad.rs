@@ -8,11 +8,16 @@
 //! (the played reference, one value per 20 ms frame) and of the caller leg, and measures the
 //! echo path from them: the delay (0 to `echo_window_ms`) at which the caller envelope best
 //! follows the reference, and the echo's gain there (least squares), both updated only while
-//! the caller is not speaking and the match is clear (envelope correlation ≥ 0.7). A caller
+//! the caller is not speaking and the match is clear (envelope correlation ≥ 0.7). The delay
+//! is counted in stream frames: caller frame `n` is compared with the played frame `n − d`
+//! (both streams are continuous, one frame per 20 ms), never by arrival order, which jitters
+//! by a frame whenever Asterisk's frames and voicegate's ticks interleave unevenly. A caller
 //! frame counts as speech only if it is above the noise floor and louder than the echo
-//! could be: 1.5 × the measured gain times the reference around the measured delay, or,
-//! until the path is measured, `echo_return_max` times the loudest reference in the whole
-//! window. The noise floor adapts only while no echo can be present, so the agent's own
+//! could be: the measured gain times the loudest reference within a frame of the measured
+//! delay, times a margin, or, until the path is measured, `echo_return_max` times the
+//! loudest reference in the whole window. The margin is learnt with the path: the worst
+//! echo frame seen over its prediction, plus 10 %, between 1.2 (1.6 dB; a clean line) and
+//! 2 (6 dB; an echo that smears and wavers), rising at once and decaying slowly. The noise floor adapts only while no echo can be present, so the agent's own
 //! voice never raises it.
 //!
 //! Sans-IO: samples in, events out, no clock (time is counted in 20 ms frames). Units: RMS in
@@ -20,6 +25,7 @@
 
 use super::config::VadConfig;
 use std::collections::VecDeque;
+use tracing::trace;
 
 /// Length of one frame, ms (callers feed 20 ms frames; shorter ones count as a frame).
 const FRAME_MS: u32 = 20;
@@ -34,14 +40,30 @@ const MATCH_FRAMES: usize = 25;
 /// Envelope correlation above which the caller leg is taken to be echo only.
 const MATCH_CORRELATION: f32 = 0.7;
 
-/// The measured echo gain is multiplied by this for the bound (3.5 dB of margin).
-const GAIN_MARGIN: f32 = 1.5;
+/// The bound's margin over the measured echo: at least this (1.6 dB) …
+const MARGIN_MIN: f32 = 1.2;
+
+/// … at most this (6 dB), and otherwise the worst echo frame seen over its prediction,
+/// times [`MARGIN_HEADROOM`].
+const MARGIN_MAX: f32 = 2.0;
+
+/// Headroom over the worst echo frame seen, for the frames not seen yet.
+const MARGIN_HEADROOM: f32 = 1.1;
+
+/// Echo frames count towards the margin only when the predicted echo is this many times the
+/// noise floor (quieter ones are mostly line noise).
+const MARGIN_OVER_FLOOR: f32 = 4.0;
 
 /// Agreeing measurements needed before the measured echo path replaces the assumed one.
 const CONFIRMATIONS: u32 = 5;
 
-/// Frames either side of the measured delay searched for the loudest reference (jitter).
+/// Frames either side of the measured delay searched for the loudest reference: an echo
+/// delay that is not a whole number of frames spreads over two.
 const LAG_SLACK: usize = 1;
+
+/// Played frames kept beyond the echo window, for caller frames that reach the detector late
+/// (Asterisk's frames arrive in bursts on a busy line): 25 × 20 ms = 500 ms.
+const LATE_FRAMES: usize = 25;
 
 /// What one caller frame was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,21 +86,42 @@ pub enum VadEvent {
     SpeechEnded,
 }
 
+/// The echo path as measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct EchoPath {
+    /// Delay, frames (see [`Vad::paired`]).
+    lag: usize,
+    /// Echo RMS over played RMS (amplitude ratio, least squares).
+    gain: f32,
+    /// How far above `gain` × the played RMS an echo frame may come: the worst seen over
+    /// its prediction, with headroom, in [`MARGIN_MIN`, `MARGIN_MAX`].
+    margin: f32,
+}
+
 /// The detector. One per call.
 #[derive(Debug)]
 pub struct Vad {
     cfg: VadConfig,
     floor: f32,
-    /// RMS of the most recent played frames, newest last.
+    /// RMS of the most recent played frames, newest last (frame number `played - 1`).
     reference: VecDeque<f32>,
+    /// Played frames recorded so far.
+    played: u64,
     /// RMS of the most recent caller frames, newest last; at most [`MATCH_FRAMES`].
     caller: VecDeque<f32>,
+    /// Caller frames classified so far.
+    heard: u64,
+    /// `played` when the first caller frame came. Caller frame `c` is paired with played
+    /// frame `c + base - delay`: frames are matched by their place in each stream, not by
+    /// when they reached the detector, so the delay stays put while the two streams'
+    /// frames interleave unevenly.
+    base: Option<u64>,
     /// Largest echo delay considered, frames.
     window: usize,
-    /// The measured echo path: (delay in frames, gain).
-    path: Option<(usize, f32)>,
+    /// The measured echo path.
+    path: Option<EchoPath>,
     /// The latest measurement and how many times in a row it agreed with the one before.
-    candidate: Option<(usize, f32, u32)>,
+    candidate: Option<(EchoPath, u32)>,
     /// Leaky speech accumulator, ms: +20 per speech frame, −10 per other frame.
     score_ms: u32,
     silence_ms: u32,
@@ -92,8 +135,11 @@ impl Vad {
         Vad {
             floor: (cfg.min_rms / cfg.onset_ratio.max(1.0)).max(FLOOR_MIN),
             cfg,
-            reference: VecDeque::with_capacity(window + MATCH_FRAMES + LAG_SLACK + 1),
+            reference: VecDeque::with_capacity(Self::kept(window) + 1),
+            played: 0,
             caller: VecDeque::with_capacity(MATCH_FRAMES + 1),
+            heard: 0,
+            base: None,
             window,
             path: None,
             candidate: None,
@@ -106,43 +152,76 @@ impl Vad {
     /// Records one frame as it went out on the wire (slin at the call rate, silence included,
     /// in order, one call per 20 ms frame).
     pub fn reference(&mut self, played: &[i16]) {
-        if self.reference.len() == self.window + MATCH_FRAMES + LAG_SLACK {
+        if self.reference.len() == Self::kept(self.window) {
             self.reference.pop_front();
         }
         self.reference.push_back(crate::audio::rms(played));
+        self.played += 1;
     }
 
-    /// The measured echo path, if any: (delay in ms, gain as an amplitude ratio).
+    /// Played frames kept for an echo window of `window` frames.
+    fn kept(window: usize) -> usize {
+        window + MATCH_FRAMES + LAG_SLACK + LATE_FRAMES
+    }
+
+    /// The measured echo path, if any: (delay in ms, gain as an amplitude ratio). The delay
+    /// counts from the played frame that was newest when the first caller frame arrived, so
+    /// it includes that first frame's lateness (0–2 frames).
     pub fn echo_path(&self) -> Option<(u32, f32)> {
-        self.path.map(|(lag, g)| (lag as u32 * FRAME_MS, g))
+        self.path.map(|p| (p.lag as u32 * FRAME_MS, p.gain))
     }
 
-    /// Reference RMS `lag` frames before the newest one (0 if unknown).
-    fn reference_at(&self, lag: usize) -> f32 {
-        let n = self.reference.len();
-        if lag < n {
-            self.reference[n - 1 - lag]
-        } else {
-            0.0
+    /// RMS of played frame number `frame`: `None` if it is not played yet, 0 if it is older
+    /// than what is kept (or before the call).
+    fn played_rms(&self, frame: i64) -> Option<f32> {
+        if frame >= self.played as i64 {
+            return None;
         }
+        let oldest = self.played as i64 - self.reference.len() as i64;
+        Some(if frame < oldest {
+            0.0
+        } else {
+            self.reference[(frame - oldest) as usize]
+        })
+    }
+
+    /// The played frame paired with caller frame number `caller` at a delay of `lag` frames.
+    fn paired(&self, caller: u64, lag: usize) -> i64 {
+        (caller + self.base.unwrap_or(0)) as i64 - lag as i64
+    }
+
+    /// The loudest played frame among `frames` (those not played yet count as the newest
+    /// one: the caller's stream is ahead, so the pairing is about to be re-measured).
+    fn loudest(&self, frames: std::ops::RangeInclusive<i64>) -> f32 {
+        frames
+            .map(|f| {
+                self.played_rms(f)
+                    .unwrap_or_else(|| self.reference.back().copied().unwrap_or(0.0))
+            })
+            .fold(0.0, f32::max)
     }
 
     /// The loudest echo the line could be carrying now, RMS.
     pub fn echo_bound(&self) -> f32 {
+        let Some(newest) = self.heard.checked_sub(1) else {
+            return 0.0;
+        };
         match self.path {
-            Some((lag, gain)) => {
-                let near = (lag.saturating_sub(LAG_SLACK)..=lag + LAG_SLACK)
-                    .map(|l| self.reference_at(l))
-                    .fold(0.0, f32::max);
-                near * (gain * GAIN_MARGIN).clamp(0.05, 1.0)
-            }
+            Some(p) => self.echo_near(newest, p.lag) * (p.gain * p.margin).clamp(0.05, 1.0),
             None => {
-                (0..=self.window)
-                    .map(|l| self.reference_at(l))
-                    .fold(0.0, f32::max)
-                    * self.cfg.echo_return_max
+                let window = self.paired(newest, self.window)..=self.paired(newest, 0);
+                self.loudest(window) * self.cfg.echo_return_max
             }
         }
+    }
+
+    /// The loudest played frame within [`LAG_SLACK`] of caller frame `caller`'s pair at
+    /// `lag`, RMS.
+    fn echo_near(&self, caller: u64, lag: usize) -> f32 {
+        self.loudest(
+            self.paired(caller, lag + LAG_SLACK)
+                ..=self.paired(caller, lag.saturating_sub(LAG_SLACK)),
+        )
     }
 
     /// Re-measures the echo path from the last [`MATCH_FRAMES`] frames, if the caller leg
@@ -152,13 +231,20 @@ impl Vad {
         if m < MATCH_FRAMES {
             return;
         }
-        let n = self.reference.len();
+        // Caller frame numbers of the window: heard - m ..= heard - 1.
+        let first = self.heard - m as u64;
         let mut best: Option<(usize, f32)> = None;
         for lag in 0..=self.window {
-            if n < m + lag {
-                break;
+            // Every paired played frame must be known (played and still kept).
+            let (lo, hi) = (
+                self.paired(first, lag),
+                self.paired(first, lag) + m as i64 - 1,
+            );
+            let oldest = self.played as i64 - self.reference.len() as i64;
+            if hi >= self.played as i64 || lo < oldest {
+                continue;
             }
-            let r = |j: usize| self.reference[n - m - lag + j];
+            let r = |j: usize| self.reference[(lo - oldest) as usize + j];
             let (mut sr, mut sc, mut srr, mut scc, mut src) = (0.0f32, 0.0, 0.0, 0.0, 0.0);
             for j in 0..m {
                 let (x, y) = (r(j), self.caller[j]);
@@ -182,26 +268,47 @@ impl Vad {
             }
         }
         if let Some((lag, _)) = best {
+            let lo = (self.paired(first, lag) - (self.played as i64 - self.reference.len() as i64))
+                as usize;
             let (mut src, mut srr) = (0.0f32, 0.0f32);
             for j in 0..m {
-                let x = self.reference[n - m - lag + j];
+                let x = self.reference[lo + j];
                 src += x * self.caller[j];
                 srr += x * x;
             }
             let g = (src / srr.max(1.0)).clamp(0.0, 1.0);
+            // The worst echo frame over its prediction, where the echo stands out of the noise.
+            let worst = (0..m)
+                .filter_map(|j| {
+                    let predicted = g * self.echo_near(first + j as u64, lag);
+                    (predicted > MARGIN_OVER_FLOOR * self.floor).then(|| self.caller[j] / predicted)
+                })
+                .fold(None, |w: Option<f32>, q| Some(w.map_or(q, |w| w.max(q))));
+            let margin = worst.map(|w| (w * MARGIN_HEADROOM).clamp(MARGIN_MIN, MARGIN_MAX));
             // Trust a measurement only once it has repeated: the start of a reply or a
             // burst of noise can fake one clear match.
             self.candidate = match self.candidate {
-                Some((l, old, count))
-                    if l.abs_diff(lag) <= 1 && (g - old).abs() <= 0.3 * old.max(0.01) =>
+                Some((old, count))
+                    if old.lag.abs_diff(lag) <= 1
+                        && (g - old.gain).abs() <= 0.3 * old.gain.max(0.01) =>
                 {
-                    Some((lag, 0.7 * old + 0.3 * g, count.saturating_add(1)))
+                    // The margin rises at once and comes down slowly.
+                    let margin = margin.map_or(old.margin, |m| m.max(0.95 * old.margin + 0.05 * m));
+                    let gain = 0.7 * old.gain + 0.3 * g;
+                    Some((EchoPath { lag, gain, margin }, count.saturating_add(1)))
                 }
-                _ => Some((lag, g, 1)),
+                _ => Some((
+                    EchoPath {
+                        lag,
+                        gain: g,
+                        margin: margin.unwrap_or(MARGIN_MAX),
+                    },
+                    1,
+                )),
             };
-            if let Some((l, gain, count)) = self.candidate {
+            if let Some((path, count)) = self.candidate {
                 if count >= CONFIRMATIONS {
-                    self.path = Some((l, gain));
+                    self.path = Some(path);
                 }
             }
         }
@@ -225,6 +332,8 @@ impl Vad {
             self.caller.pop_front();
         }
         self.caller.push_back(level);
+        self.base.get_or_insert(self.played);
+        self.heard += 1;
         let echo = self.echo_bound();
         let threshold = (self.floor * self.cfg.onset_ratio).max(self.cfg.min_rms);
         let speech = level > threshold && level > echo;
@@ -238,6 +347,15 @@ impl Vad {
         if !speech && !self.in_speech && self.score_ms == 0 && echo_possible {
             self.measure_echo_path();
         }
+        trace!(
+            level,
+            echo,
+            threshold,
+            floor = self.floor,
+            speech,
+            path = ?self.path,
+            "vad frame"
+        );
         let mut event = None;
         if speech {
             self.score_ms = (self.score_ms + FRAME_MS).min(self.cfg.min_speech_ms.max(FRAME_MS));
@@ -298,21 +416,53 @@ mod tests {
         voice: &[i16],
         voice_at_ms: usize,
     ) -> (Vec<usize>, Option<(u32, f32)>) {
+        let (starts, path, _) = run_jittered(played, gain, delay_ms, voice, voice_at_ms, None);
+        (starts, path)
+    }
+
+    /// [`run`], with the caller's frames reaching the detector `jitter` late: each one
+    /// 0–30 ms after the played frame of the same tick, in order, as they do when Asterisk's
+    /// frames and voicegate's ticks interleave on a busy box (`jitter` seeds the delays).
+    /// Also returns every echo delay the detector settled on, ms.
+    fn run_jittered(
+        played: &[i16],
+        gain: f32,
+        delay_ms: usize,
+        voice: &[i16],
+        voice_at_ms: usize,
+        jitter: Option<u32>,
+    ) -> (Vec<usize>, Option<(u32, f32)>, Vec<u32>) {
+        let echo = |t: usize| {
+            t.checked_sub(delay_ms * 8)
+                .and_then(|j| played.get(j))
+                .map_or(0.0, |&s| s as f32 * gain)
+        };
+        run_with(played, &echo, voice, voice_at_ms, jitter)
+    }
+
+    /// [`run_jittered`] with any echo: `echo(t)` is the echo in the caller leg at sample `t`.
+    fn run_with(
+        played: &[i16],
+        echo: &dyn Fn(usize) -> f32,
+        voice: &[i16],
+        voice_at_ms: usize,
+        jitter: Option<u32>,
+    ) -> (Vec<usize>, Option<(u32, f32)>, Vec<u32>) {
         let mut vad = Vad::new(VadConfig::default());
         let total = played.len().max(voice_at_ms * 8 + voice.len()) + 8 * 600;
         let mut seed = 7u32;
         let line = noise(total, 60.0, &mut seed);
-        let mut starts = Vec::new();
+        let mut jitter_seed = jitter.unwrap_or(1);
+        // (time in ms, 0 = played frame / 1 = caller frame, frame index, samples)
+        let mut events: Vec<(u64, u8, usize, [i16; 160])> = Vec::new();
+        let mut last_caller_at = 0u64;
         for (i, start) in (0..total).step_by(160).enumerate() {
             let mut out = [0i16; 160];
             let mut caller = [0i16; 160];
             for k in 0..160 {
                 let t = start + k;
                 out[k] = played.get(t).copied().unwrap_or(0);
-                let echo = t
-                    .checked_sub(delay_ms * 8)
-                    .and_then(|j| played.get(j))
-                    .map_or(0.0, |&s| s as f32 * gain);
+                let echo = echo(t);
                 let v = t
                     .checked_sub(voice_at_ms * 8)
                     .and_then(|j| voice.get(j))
@@ -320,16 +470,41 @@ mod tests {
                 caller[k] = (echo + v + line.get(t).copied().unwrap_or(0) as f32)
                     .clamp(-32768.0, 32767.0) as i16;
             }
-            vad.reference(&out);
-            if vad.process(&caller).event == Some(VadEvent::SpeechStarted) {
-                starts.push(i);
+            let tick = i as u64 * 20;
+            let late = if jitter.is_some() {
+                jitter_seed ^= jitter_seed << 13;
+                jitter_seed ^= jitter_seed >> 17;
+                jitter_seed ^= jitter_seed << 5;
+                (jitter_seed % 31) as u64
+            } else {
+                1
+            };
+            last_caller_at = (tick + late).max(last_caller_at);
+            events.push((tick, 0, i, out));
+            events.push((last_caller_at, 1, i, caller));
+        }
+        events.sort_by_key(|&(at, kind, i, _)| (at, kind, i));
+        let mut starts = Vec::new();
+        let mut delays = Vec::new();
+        for (_, kind, i, samples) in &events {
+            if *kind == 0 {
+                vad.reference(samples);
+                continue;
             }
-            if played.len() > start {
+            if vad.process(samples).event == Some(VadEvent::SpeechStarted) {
+                starts.push(*i);
+            }
+            if let Some((d, _)) = vad.echo_path() {
+                if delays.last() != Some(&d) {
+                    delays.push(d);
+                }
+            }
+            if played.len() > i * 160 {
                 // The agent's own voice never raises the floor.
                 assert!(vad.noise_floor() < 300.0, "floor {}", vad.noise_floor());
             }
         }
-        (starts, vad.echo_path())
+        (starts, vad.echo_path(), delays)
     }
 
     #[test]
@@ -389,5 +564,95 @@ mod tests {
         let (starts, _) = run(&played, 0.3, 100, &voice, 1000);
         assert_eq!(starts.len(), 1, "{starts:?}");
         assert!((50..50 + 30).contains(&starts[0]), "{starts:?}");
+    }
+
+    #[test]
+    fn barge_in_over_the_echo_survives_frame_jitter() {
+        // The caller's frames and the played frames interleave unevenly (0–30 ms), and the
+        // echo delay is not a whole number of frames: the caller is still heard, every time.
+        let played = fixture("invalid.wav");
+        let voice = fixture("auth-thankyou.wav");
+        // The caller starts 1 s after the first audible frame of the reply.
+        let first = played
+            .chunks(160)
+            .position(|f| crate::audio::rms(f) > 64.0)
+            .unwrap();
+        let mut missed = Vec::new();
+        for jitter in 1..=12u32 {
+            for delay in [100, 110] {
+                for phase in [0, 5, 10, 15] {
+                    let at = first * 20 + 1000 + phase;
+                    let (starts, ..) = run_jittered(&played, 0.3, delay, &voice, at, Some(jitter));
+                    if starts.len() != 1 || !(at / 20..at / 20 + 30).contains(&starts[0]) {
+                        missed.push((jitter, delay, at, starts));
+                    }
+                }
+            }
+        }
+        assert!(
+            missed.is_empty(),
+            "{} of 96 missed: {missed:?}",
+            missed.len()
+        );
+    }
+
+    #[test]
+    fn echo_with_frame_jitter_is_not_speech() {
+        let played = fixture("invalid.wav");
+        for jitter in 1..=12u32 {
+            for (gain, delay) in [(0.35, 150), (0.3, 110), (0.5, 60)] {
+                let (starts, ..) = run_jittered(&played, gain, delay, &[], 0, Some(jitter));
+                assert!(
+                    starts.is_empty(),
+                    "jitter {jitter} gain {gain} delay {delay}: {starts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn echo_delay_follows_the_streams_not_the_arrival_order() {
+        // The echo is 100 ms (5 frames) late in the streams; the caller's frames reach the
+        // detector 0–30 ms after the played frame of their tick. The measured delay must not
+        // flip between 5 and 6 frames with each arrival.
+        let played = fixture("invalid.wav");
+        for jitter in 1..=12u32 {
+            let (_, path, delays) = run_jittered(&played, 0.3, 100, &[], 0, Some(jitter));
+            let (d, g) = path.expect("echo path measured");
+            assert_eq!(delays.len(), 1, "jitter {jitter}: settled on {delays:?} ms");
+            // The pairing is anchored on the first caller frame's arrival, 0–30 ms late.
+            assert!((100..=140).contains(&d), "jitter {jitter}: delay {d} ms");
+            assert!((g - 0.3).abs() < 0.03, "jitter {jitter}: gain {g}");
+        }
+    }
+
+    #[test]
+    fn a_smeared_wavering_echo_is_not_speech() {
+        // Not a clean copy: the echo is spread over 30 ms (three taps) and its gain wavers
+        // by ±45 % every 0.4 s (a handset's level control pumping), so the envelope only
+        // roughly follows the played one. The margin widens to fit it (a fixed 1.2 × the
+        // measured echo lets this echo through as speech).
+        let played = fixture("invalid.wav");
+        let taps = [(90usize, 0.2f32), (105, 0.15), (120, 0.1)];
+        let echo = |t: usize| {
+            let wobble = 1.0 + 0.45 * (t as f32 / 8_000.0 * std::f32::consts::TAU / 0.4).sin();
+            taps.iter()
+                .filter_map(|&(d, g)| {
+                    t.checked_sub(d * 8)
+                        .and_then(|j| played.get(j))
+                        .map(|&s| s as f32 * g)
+                })
+                .sum::<f32>()
+                * wobble
+        };
+        for jitter in 1..=6u32 {
+            let (starts, path, _) = run_with(&played, &echo, &[], 0, Some(jitter));
+            assert!(starts.is_empty(), "jitter {jitter}: {starts:?} ({path:?})");
+        }
+        // And a caller talking over it is still heard.
+        let voice = fixture("hello-world.wav");
+        let (starts, ..) = run_with(&played, &echo, &voice, 1500, Some(1));
+        assert_eq!(starts.len(), 1, "{starts:?}");
+        assert!((75..75 + 30).contains(&starts[0]), "{starts:?}");
     }
 }
