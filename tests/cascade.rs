@@ -15,6 +15,7 @@ use voicegate::agent::cascade::{CascadeAgent, CascadeConfig, ToolSpec, stt};
 use voicegate::agent::{Agent, AgentEvent, AgentInput, AgentSession, CallInfo, Speaker};
 use voicegate::audiosocket::SlinRate;
 use voicegate::call::Outcome;
+use voicegate::call::session::CallSummary;
 use voicegate::caller::best_correlation;
 use voicegate::secret::{Secret, SecretSource};
 
@@ -473,14 +474,21 @@ async fn own_echo_does_not_barge_in(rate: SlinRate) {
     server.stop.cancel();
 }
 
-#[tokio::test]
-async fn cascade_llm_failure_falls_back() {
+const OVERLOADED: &str =
+    r#"{"error":{"message":"upstream overloaded","type":"server_error","param":null,"code":null}}"#;
+
+fn refusal(status: u16, retry_after_s: Option<u32>) -> LlmReply {
+    LlmReply::Error {
+        status,
+        body: OVERLOADED.into(),
+        retry_after_s,
+    }
+}
+
+/// A call whose LLM answers with `script`: "hello world", then 6 s of the line.
+async fn call_with_llm(script: Vec<LlmReply>) -> (EchoReport, CallSummary, LlmFake) {
     let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
-    let llm = LlmFake::start(vec![LlmReply::Error {
-        status: 500,
-        body: r#"{"error":{"message":"upstream overloaded","type":"server_error","param":null,"code":null}}"#.into(),
-    }])
-    .await;
+    let llm = LlmFake::start(script).await;
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
     let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
     let mut server = TestServer::start(Arc::new(agent)).await;
@@ -497,21 +505,119 @@ async fn cascade_llm_failure_falls_back() {
     let report = caller
         .run(server.addr, uuid::Uuid::new_v4(), first_tx)
         .await;
+    let summary = server.next_summary().await;
+    server.stop.cancel();
+    (report, summary, llm)
+}
+
+#[tokio::test]
+async fn cascade_llm_failure_falls_back() {
+    // Overloaded twice: the first refusal is retried once, the second ends the agent.
+    let (report, summary, llm) = call_with_llm(vec![refusal(500, None), refusal(500, None)]).await;
     assert!(
         report.hangup,
         "the call got 0x00 so the dialplan reaches the operators"
     );
-    let summary = server.next_summary().await;
     match &summary.outcome {
         Outcome::Fallback(e) => {
             assert!(
-                e.contains("HTTP 500") && e.contains("upstream overloaded"),
+                e.contains("HTTP 500")
+                    && e.contains("upstream overloaded")
+                    && e.contains("after 2 attempts"),
                 "{e}"
             )
         }
         other => panic!("{other:?}"),
     }
-    server.stop.cancel();
+    let l = llm.log.lock().unwrap();
+    assert_eq!(l.requests.len(), 2);
+    // The default retry delay, 250 ms, between the two.
+    let gap = l.requests[1].at - l.requests[0].at;
+    assert!(gap >= Duration::from_millis(240), "{gap:?}");
+}
+
+#[tokio::test]
+async fn cascade_llm_rate_limit_is_retried_after_retry_after_and_the_caller_hears_the_reply() {
+    let (report, summary, llm) = call_with_llm(vec![
+        refusal(429, Some(1)),
+        LlmReply::Stream {
+            events: text_events("Good morning."),
+            hold_after: None,
+        },
+    ])
+    .await;
+    assert!(
+        matches!(summary.outcome, Outcome::CallerHungUp),
+        "{:?}",
+        summary.outcome
+    );
+    assert!(
+        report.first_audio_ms.is_some(),
+        "the caller heard the reply"
+    );
+    assert!(
+        summary
+            .transcript
+            .contains(&(Speaker::Agent, "Good morning.".into()))
+    );
+    let l = llm.log.lock().unwrap();
+    assert_eq!(l.requests.len(), 2);
+    // The same conversation, sent again after the server's Retry-After (1 s).
+    assert_eq!(l.requests[0].body, l.requests[1].body);
+    let gap = l.requests[1].at - l.requests[0].at;
+    assert!(gap >= Duration::from_millis(990), "{gap:?}");
+}
+
+#[tokio::test]
+async fn cascade_llm_connection_dropped_before_an_answer_is_retried() {
+    let (report, summary, llm) = call_with_llm(vec![
+        LlmReply::Hangup,
+        LlmReply::Stream {
+            events: text_events("Good morning."),
+            hold_after: None,
+        },
+    ])
+    .await;
+    assert!(
+        matches!(summary.outcome, Outcome::CallerHungUp),
+        "{:?}",
+        summary.outcome
+    );
+    assert!(
+        report.first_audio_ms.is_some(),
+        "the caller heard the reply"
+    );
+    assert_eq!(llm.log.lock().unwrap().requests.len(), 2);
+}
+
+#[tokio::test]
+async fn cascade_llm_long_retry_after_is_not_waited_for() {
+    // Asked to come back in 30 s, the agent does not keep the caller waiting: fallback now.
+    let (report, summary, llm) =
+        call_with_llm(vec![refusal(429, Some(30)), refusal(429, Some(30))]).await;
+    assert!(report.hangup);
+    match &summary.outcome {
+        Outcome::Fallback(e) => assert!(e.contains("HTTP 429") && !e.contains("attempts"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(llm.log.lock().unwrap().requests.len(), 1);
+}
+
+#[tokio::test]
+async fn cascade_llm_client_error_is_not_retried() {
+    let (_, summary, llm) = call_with_llm(vec![LlmReply::Error {
+        status: 401,
+        body:
+            r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error"}}"#
+                .into(),
+        retry_after_s: None,
+    }])
+    .await;
+    match &summary.outcome {
+        Outcome::Fallback(e) => assert!(e.contains("HTTP 401"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(llm.log.lock().unwrap().requests.len(), 1);
 }
 
 // ------------------------------------------------------------------------------------

@@ -464,8 +464,14 @@ pub enum LlmReply {
         events: Vec<String>,
         hold_after: Option<usize>,
     },
-    /// A non-2xx answer with a JSON body.
-    Error { status: u16, body: String },
+    /// A non-2xx answer with a JSON body (and a `Retry-After: {s}` header if set).
+    Error {
+        status: u16,
+        body: String,
+        retry_after_s: Option<u32>,
+    },
+    /// The connection is closed once the request is read, with no answer.
+    Hangup,
 }
 
 #[derive(Debug, Default)]
@@ -481,6 +487,8 @@ pub struct LlmLog {
 
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
+    /// When the request was read.
+    pub at: Instant,
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: serde_json::Value,
@@ -553,6 +561,7 @@ async fn serve_llm(
     let index = {
         let mut l = log.lock().unwrap();
         l.requests.push(LlmRequest {
+            at: Instant::now(),
             path: request_line.split(' ').nth(1).unwrap_or("").to_owned(),
             headers,
             body,
@@ -564,19 +573,28 @@ async fn serve_llm(
         .unwrap()
         .pop_front()
         .unwrap_or(LlmReply::Error {
-            status: 500,
+            status: 400,
             body:
-                r#"{"error":{"message":"fake has no more scripted replies","type":"server_error"}}"#
+                r#"{"error":{"message":"fake has no more scripted replies","type":"invalid_request_error"}}"#
                     .into(),
+            retry_after_s: None,
         });
     match reply {
-        LlmReply::Error { status, body } => {
+        LlmReply::Error {
+            status,
+            body,
+            retry_after_s,
+        } => {
+            let retry_after = retry_after_s
+                .map(|s| format!("Retry-After: {s}\r\n"))
+                .unwrap_or_default();
             let resp = format!(
-                "HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\n{retry_after}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(resp.as_bytes()).await;
         }
+        LlmReply::Hangup => return,
         LlmReply::Stream { events, hold_after } => {
             let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
             if stream.write_all(head.as_bytes()).await.is_err() {

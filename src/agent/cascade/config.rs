@@ -168,6 +168,12 @@ pub struct LlmConfig {
     pub extra_headers: BTreeMap<String, String>,
     /// The response headers must arrive within this long, ms (default 10000).
     pub timeout_ms: u64,
+    /// Further attempts after the endpoint refuses a request (connection refused, HTTP 429
+    /// or 5xx overloaded), before any of the reply was streamed (default 1; 0: none).
+    pub retries: u32,
+    /// Wait before such a retry, ms, unless the server's `Retry-After` says otherwise (up to
+    /// 2 s; a longer `Retry-After` means no retry) (default 250).
+    pub retry_delay_ms: u64,
 }
 
 impl Default for LlmConfig {
@@ -186,6 +192,8 @@ impl Default for LlmConfig {
             max_tokens: None,
             extra_headers: BTreeMap::new(),
             timeout_ms: 10_000,
+            retries: 1,
+            retry_delay_ms: 250,
         }
     }
 }
@@ -457,6 +465,7 @@ min_speech_ms = 240
         };
         assert_eq!(c.stt.languages, vec!["ru", "uk", "en"]);
         assert_eq!(c.llm.timeout_ms, 10_000);
+        assert_eq!((c.llm.retries, c.llm.retry_delay_ms), (1, 250));
         assert_eq!(c.vad.min_speech_ms, 200);
     }
 }

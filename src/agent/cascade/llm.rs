@@ -5,6 +5,13 @@
 //! into [`LlmEvent`]s: text deltas as they arrive, then the assembled tool calls, then the
 //! finish reason. Dropping the [`LlmStream`] aborts the task, which drops the response and so
 //! closes the connection: the provider stops generating (and billing).
+//!
+//! A request the endpoint turns away before answering (connection refused or reset, HTTP
+//! 429, 500, 502, 503, 504 or 529, which OpenAI's and OpenRouter's error pages say to retry
+//! after a brief wait) is sent again up to `retries` times, `retry_delay` apart or after the
+//! server's `Retry-After` if that is no longer than [`RETRY_AFTER_MAX`]; a longer wait is not
+//! made on a caller's time. Nothing is retried once the stream has started: its words may
+//! already be spoken.
 
 use crate::agent::AgentError;
 use crate::secret::Secret;
@@ -14,7 +21,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 const PROVIDER: &str = "chat_completions";
 
@@ -23,6 +30,13 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Most bytes of an error body kept for the message.
 const ERROR_BODY_MAX: usize = 2_048;
+
+/// The longest `Retry-After` honoured; a server asking for more gets no retry.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(2);
+
+/// HTTP statuses worth a retry: rate limited (429), server error or overloaded (500, 502,
+/// 503, 504, and 529 as Anthropic's models behind OpenRouter send it).
+const RETRY_STATUSES: [u16; 6] = [429, 500, 502, 503, 504, 529];
 
 pub use crate::tools::ToolSpec;
 
@@ -70,6 +84,10 @@ pub struct LlmSettings {
     pub extra_headers: BTreeMap<String, String>,
     /// Time allowed until the response headers arrive.
     pub timeout: Duration,
+    /// Further attempts after a retryable refusal (0: none).
+    pub retries: u32,
+    /// Wait before a retry when the server gives no `Retry-After`.
+    pub retry_delay: Duration,
 }
 
 /// A Chat Completions client shared by all calls (one connection pool).
@@ -158,19 +176,45 @@ impl LlmClient {
     /// Starts streaming a completion of `messages`.
     pub fn stream(&self, messages: &[serde_json::Value]) -> LlmStream {
         let (tx, rx) = mpsc::channel(256);
-        let request = self
-            .http
-            .post(&self.settings.url)
-            .headers(self.headers.clone())
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&self.body(messages));
-        let timeout = self.settings.timeout;
+        let body = bytes::Bytes::from(self.body(messages).to_string());
+        let client = self.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = run(request, timeout, &tx).await {
+            if let Err(e) = client.run(body, &tx).await {
                 let _ = tx.send(LlmEvent::Failed(e)).await;
             }
         });
         LlmStream { events: rx, task }
+    }
+
+    /// Sends the request, retrying refusals, and streams the answer into `tx`.
+    async fn run(&self, body: bytes::Bytes, tx: &mpsc::Sender<LlmEvent>) -> Result<(), AgentError> {
+        let mut attempt = 0;
+        let response = loop {
+            let request = self
+                .http
+                .post(&self.settings.url)
+                .headers(self.headers.clone())
+                .header(reqwest::header::ACCEPT, "text/event-stream")
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            let (error, wait) = match send(request, self.settings.timeout).await {
+                Ok(response) => break response,
+                Err(Refused::Final(e)) => return Err(e),
+                Err(Refused::Retryable { error, retry_after }) => (error, retry_after),
+            };
+            let wait = wait.unwrap_or(self.settings.retry_delay);
+            if attempt >= self.settings.retries || wait > RETRY_AFTER_MAX {
+                return Err(if attempt > 0 {
+                    after_attempts(error, attempt + 1)
+                } else {
+                    error
+                });
+            }
+            attempt += 1;
+            warn!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "llm request refused; retrying");
+            tokio::time::sleep(wait).await;
+        };
+        stream_response(response, tx).await
     }
 }
 
@@ -188,28 +232,73 @@ impl Drop for LlmStream {
     }
 }
 
-async fn run(
+/// `error` with "(after `n` attempts)" added to its detail.
+fn after_attempts(error: AgentError, n: u32) -> AgentError {
+    match error {
+        AgentError::Connect { provider, detail } => AgentError::Connect {
+            provider,
+            detail: format!("{detail} (after {n} attempts)"),
+        },
+        AgentError::Provider { provider, detail } => AgentError::Provider {
+            provider,
+            detail: format!("{detail} (after {n} attempts)"),
+        },
+        other => other,
+    }
+}
+
+/// Why a request got no streaming answer.
+enum Refused {
+    /// Worth another attempt (after the server's `Retry-After`, if it sent one).
+    Retryable {
+        error: AgentError,
+        retry_after: Option<Duration>,
+    },
+    /// Not worth one: a timeout (the caller has waited long enough), a client error.
+    Final(AgentError),
+}
+
+/// Sends one request and waits for a successful response's headers.
+async fn send(
     request: reqwest::RequestBuilder,
     timeout: Duration,
-    tx: &mpsc::Sender<LlmEvent>,
-) -> Result<(), AgentError> {
+) -> Result<reqwest::Response, Refused> {
     let response = match tokio::time::timeout(timeout, request.send()).await {
         Err(_) => {
-            return Err(AgentError::Timeout {
+            return Err(Refused::Final(AgentError::Timeout {
                 provider: PROVIDER,
                 detail: format!("no response within {timeout:?}"),
-            });
+            }));
         }
         Ok(Err(e)) => {
-            return Err(AgentError::Connect {
+            let retryable = e.is_connect() || e.is_request();
+            let error = AgentError::Connect {
                 provider: PROVIDER,
                 detail: e.without_url().to_string(),
+            };
+            // Refused or reset before an answer: nothing was generated, so try again.
+            return Err(if retryable {
+                Refused::Retryable {
+                    error,
+                    retry_after: None,
+                }
+            } else {
+                Refused::Final(error)
             });
         }
         Ok(Ok(r)) => r,
     };
     let status = response.status();
     if !status.is_success() {
+        // Retry-After in seconds (RFC 9110 §10.2.3; the HTTP-date form is not used by these
+        // APIs and counts as absent).
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(3_600.0)));
         let body = tokio::time::timeout(Duration::from_secs(2), response.bytes())
             .await
             .ok()
@@ -224,11 +313,24 @@ async fn run(
                     .map(str::to_owned)
             })
             .unwrap_or(text);
-        return Err(AgentError::Provider {
+        let error = AgentError::Provider {
             provider: PROVIDER,
             detail: format!("HTTP {}: {message}", status.as_u16()),
+        };
+        return Err(if RETRY_STATUSES.contains(&status.as_u16()) {
+            Refused::Retryable { error, retry_after }
+        } else {
+            Refused::Final(error)
         });
     }
+    Ok(response)
+}
+
+/// Turns a successful response's SSE body into events.
+async fn stream_response(
+    response: reqwest::Response,
+    tx: &mpsc::Sender<LlmEvent>,
+) -> Result<(), AgentError> {
     let mut body = response.bytes_stream();
     let mut sse = SseParser::default();
     let mut assembler = ToolCallAssembler::default();

@@ -110,6 +110,8 @@ impl CascadeAgent {
                 max_tokens: cfg.llm.max_tokens,
                 extra_headers: cfg.llm.extra_headers.clone(),
                 timeout: Duration::from_millis(cfg.llm.timeout_ms),
+                retries: cfg.llm.retries,
+                retry_delay: Duration::from_millis(cfg.llm.retry_delay_ms),
             },
             &tools,
         )
