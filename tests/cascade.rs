@@ -1002,3 +1002,129 @@ async fn cascade_greeting_is_spoken_first_and_kept_in_history() {
         serde_json::json!({"role":"user","content":"hello world"})
     );
 }
+
+/// Waits until the LLM fake has `n` requests (5 s at most).
+async fn wait_requests(llm: &LlmFake, n: usize) {
+    for _ in 0..250 {
+        if llm.log.lock().unwrap().requests.len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "{n} llm requests expected: {:?}",
+        llm.log.lock().unwrap().requests.len()
+    );
+}
+
+#[tokio::test]
+async fn cascade_keypad_digits_become_a_caller_turn() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let reply = |t: &str| LlmReply::Stream {
+        events: text_events(t),
+        hold_after: None,
+    };
+    let llm = LlmFake::start(vec![
+        reply("Please type your order number, then the hash key."),
+        reply("Order 4711 ships tomorrow."),
+        reply("Connecting you to sales."),
+    ])
+    .await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
+    let (s, feeder) = start_call(&agent);
+    wait_requests(&llm, 1).await;
+
+    // Digits typed together end with '#': one turn, sent at once.
+    let typed = std::time::Instant::now();
+    for d in ['4', '7', '1', '1', '#'] {
+        s.input.send(AgentInput::Dtmf(d)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_requests(&llm, 2).await;
+    assert!(
+        typed.elapsed() < Duration::from_millis(1_500),
+        "{:?}",
+        typed.elapsed()
+    );
+    let m = messages(&llm, 1);
+    assert_eq!(
+        m.last().unwrap(),
+        &serde_json::json!({"role": "user", "content": "(The caller typed 4711# on the phone keypad.)"}),
+        "{m:?}"
+    );
+
+    // One digit alone is sent after the 1 s gap.
+    let pressed = std::time::Instant::now();
+    s.input.send(AgentInput::Dtmf('2')).await.unwrap();
+    wait_requests(&llm, 3).await;
+    let waited = pressed.elapsed();
+    assert!(
+        waited >= Duration::from_millis(950) && waited < Duration::from_millis(2_500),
+        "{waited:?}"
+    );
+    let m = messages(&llm, 2);
+    assert_eq!(
+        m.last().unwrap()["content"],
+        "(The caller pressed the phone key 2.)"
+    );
+    // The conversation kept both keypad turns, in order, after the spoken one.
+    let users: Vec<_> = m
+        .iter()
+        .filter(|x| x["role"] == "user")
+        .map(|x| x["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        users,
+        [
+            "hello world",
+            "(The caller typed 4711# on the phone keypad.)",
+            "(The caller pressed the phone key 2.)"
+        ]
+    );
+    feeder.abort();
+}
+
+#[tokio::test]
+async fn cascade_keypad_digit_stops_the_agent_talking() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![
+        LlmReply::Stream {
+            events: text_events(HOURS),
+            hold_after: Some(6),
+        },
+        LlmReply::Stream {
+            events: text_events("Sales, one moment."),
+            hold_after: None,
+        },
+    ])
+    .await;
+    let tts = TtsFake::start(fixture("invalid.wav"), false).await;
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    // The reply's audio is flowing.
+    loop {
+        if let AgentEvent::Audio { .. } = next_event(&mut s).await {
+            break;
+        }
+    }
+    s.input.send(AgentInput::Dtmf('1')).await.unwrap();
+    loop {
+        if let AgentEvent::SpeechStarted = next_event(&mut s).await {
+            break;
+        }
+    }
+    wait_requests(&llm, 2).await;
+    let l = llm.log.lock().unwrap();
+    assert_eq!(
+        l.cancelled,
+        vec![0],
+        "the talking reply's LLM stream was cancelled"
+    );
+    drop(l);
+    assert_eq!(
+        messages(&llm, 1).last().unwrap()["content"],
+        "(The caller pressed the phone key 1.)"
+    );
+    feeder.abort();
+}

@@ -25,6 +25,9 @@
 //!   alignment, else proportionally).
 //! - **Tools.** Tool calls from the LLM become [`AgentEvent::ToolCall`]s; the results come
 //!   back as [`AgentInput::ToolResult`] and go into the next request as `tool` messages.
+//! - **Keypad.** DTMF digits become a caller turn the LLM reads ("(The caller typed 1234 on
+//!   the phone keypad.)"), sent 1 s after the last digit or at once on `#`; the first digit
+//!   stops the agent talking, as a barge-in does.
 //! - **Failures.** Any provider failing mid-call ends the session with
 //!   [`AgentEvent::Failed`] naming the provider.
 
@@ -57,6 +60,9 @@ use vad::{Vad, VadEvent};
 /// Caller frames kept while the STT is fed silence (echo only), sent when speech starts
 /// (25 × 20 ms = 500 ms).
 const PREROLL_FRAMES: usize = 25;
+
+/// Keypad digits typed less than this apart form one caller turn ("1234"); `#` ends it early.
+const DTMF_GAP: Duration = Duration::from_millis(1_000);
 
 /// A sentence longer than this is cut at a comma or space rather than waiting for its end.
 const MAX_SENTENCE_CHARS: usize = 200;
@@ -294,6 +300,10 @@ struct Conversation {
     preroll: VecDeque<Bytes>,
     samples: Vec<i16>,
     stt_dropped: u64,
+    /// Keypad digits typed and not yet sent as a caller turn.
+    dtmf: String,
+    /// When they are sent, unless `#` comes first.
+    dtmf_deadline: Option<Instant>,
 }
 
 impl Conversation {
@@ -315,6 +325,8 @@ impl Conversation {
             preroll: VecDeque::with_capacity(PREROLL_FRAMES),
             samples: Vec::with_capacity(960),
             stt_dropped: 0,
+            dtmf: String::new(),
+            dtmf_deadline: None,
         }
     }
 
@@ -361,6 +373,8 @@ impl Conversation {
                         detail: "stt task ended".into(),
                     })),
                 },
+                () = tokio::time::sleep_until(self.dtmf_deadline.unwrap_or_else(Instant::now)),
+                    if self.dtmf_deadline.is_some() => self.send_dtmf_turn().await?,
                 ev = next_reply_event(&mut self.reply) => match ev {
                     ReplyEv::Llm(ev) => self.on_llm(ev).await?,
                     ReplyEv::Tts(ev) => self.on_tts(ev).await?,
@@ -380,7 +394,7 @@ impl Conversation {
                     }
                 }
             }
-            AgentInput::Dtmf(d) => debug!(digit = %d, "dtmf ignored by the cascade"),
+            AgentInput::Dtmf(d) => self.on_dtmf(d).await?,
             AgentInput::Interrupted { reply, heard_ms } => {
                 if self.reply.as_ref().is_some_and(|r| r.id == reply) {
                     self.finish_interrupted(heard_ms).await?;
@@ -409,6 +423,34 @@ impl Conversation {
             }
         }
         Ok(())
+    }
+
+    /// A keypad digit: the first one stops the agent talking (like a barge-in); the digits
+    /// become one caller turn [`DTMF_GAP`] after the last, or at once on `#`.
+    async fn on_dtmf(&mut self, digit: char) -> Result<(), Stop> {
+        debug!(digit = %digit, "dtmf");
+        if self.dtmf.is_empty() && self.agent_talking() {
+            self.barge_in().await?;
+        }
+        self.dtmf.push(digit);
+        if digit == '#' {
+            self.send_dtmf_turn().await
+        } else {
+            self.dtmf_deadline = Some(Instant::now() + DTMF_GAP);
+            Ok(())
+        }
+    }
+
+    /// The typed digits, as a caller turn the LLM can read.
+    async fn send_dtmf_turn(&mut self) -> Result<(), Stop> {
+        self.dtmf_deadline = None;
+        let digits = std::mem::take(&mut self.dtmf);
+        let text = match digits.len() {
+            0 => return Ok(()),
+            1 => format!("(The caller pressed the phone key {digits}.)"),
+            _ => format!("(The caller typed {digits} on the phone keypad.)"),
+        };
+        self.on_end_of_turn(text).await
     }
 
     async fn on_caller_audio(&mut self, bytes: Bytes) -> Result<(), Stop> {
