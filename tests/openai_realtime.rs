@@ -852,3 +852,67 @@ async fn fatal_error_event_falls_back_and_the_key_never_reaches_the_log() {
         "the key reached the log:\n{text}"
     );
 }
+
+/// Keypad digits while the agent talks: the reply stops (truncated at what was heard), and
+/// the digits reach the model as one user message with a response asked for.
+#[tokio::test]
+async fn keypad_digits_interrupt_and_become_a_user_message() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let reply_audio = concat(&["hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav"]);
+    let reply_frames = reply_audio.len() / 160;
+    let reply_wire = to_wire(&reply_audio, ULAW);
+    let mut plan = plan(SlinRate::Hz8000, silence(), 4.0);
+    plan.dtmf = vec![
+        ('4', Duration::from_millis(1_500)),
+        ('2', Duration::from_millis(1_650)),
+        ('#', Duration::from_millis(1_800)),
+    ];
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c = conn.expect("upgrade accepted");
+        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        // The agent greets with 3.2 s of audio, sent as a burst.
+        c.reply(
+            RealtimeApi::Ga,
+            "resp_1",
+            "item_a1",
+            &reply_wire,
+            800,
+            REPLY_TEXT,
+        )
+        .await;
+        let truncate = c.expect("conversation.item.truncate").await;
+        let item = c.expect("conversation.item.create").await;
+        let create = c.expect("response.create").await;
+        c.drain(Duration::from_secs(10)).await;
+        (truncate, item, create)
+    };
+    let ((truncate, item, create), (report, _)) =
+        tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    // Cut at what the caller heard: the greeting started at once, the first digit 1.5 s in.
+    assert_eq!(truncate["item_id"], "item_a1");
+    let end = truncate["audio_end_ms"].as_u64().unwrap();
+    assert!((1_000..=1_700).contains(&end), "audio_end_ms {end}");
+    assert!(
+        (report.audible_frames_received as usize) < reply_frames * 2 / 3,
+        "{} of {reply_frames} reply frames heard",
+        report.audible_frames_received
+    );
+    assert_eq!(
+        item["item"],
+        json!({"type": "message", "role": "user",
+               "content": [{"type": "input_text", "text": "(The caller typed 42# on the phone keypad.)"}]})
+    );
+    assert_eq!(create["type"], "response.create");
+    let summary = server.next_summary().await;
+    assert_eq!(summary.dtmf, "42#");
+    assert!(has_transcript(
+        &summary.transcript,
+        Speaker::Caller,
+        "(The caller typed 42# on the phone keypad.)"
+    ));
+    server.stop.cancel();
+}

@@ -16,6 +16,7 @@
 pub mod cascade;
 pub mod echo;
 pub mod elevenlabs_agent;
+pub mod keypad;
 pub mod openai_realtime;
 pub mod ws;
 

@@ -30,7 +30,10 @@
 //!    `conversation.item.truncate {item_id, content_index: 0, audio_end_ms}`. Server VAD runs
 //!    with `interrupt_response: true`, so the server cancels the in-flight response itself
 //!    and no `response.cancel` is sent; late deltas of the interrupted item are dropped.
-//! 6. Transcripts of both sides; tools declared with [`OpenAiRealtime::with_tools`] and their
+//! 6. Keypad: DTMF digits become a user `input_text` message plus `response.create` (see
+//!    [`Keypad`]: 1 s after the last digit, or at once on `#`); the first digit interrupts a
+//!    reply being heard like a barge-in, with a `response.cancel` if it is still streaming.
+//! 7. Transcripts of both sides; tools declared with [`OpenAiRealtime::with_tools`] and their
 //!    calls (`response.function_call_arguments.done` → [`AgentEvent::ToolCall`],
 //!    [`AgentInput::ToolResult`] → `function_call_output` + `response.create`, §1.7); an
 //!    optional greeting (a `response.create` right after set-up, so the agent speaks first).
@@ -41,6 +44,7 @@
 //! on. The API key is only ever written into the `Authorization` header; provider messages
 //! are scrubbed of it (and of anything shaped like an OpenAI key) before they are logged.
 
+use super::keypad::Keypad;
 use super::ws::{self, Ws};
 use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
 use super::{Speaker, session_channel};
@@ -744,6 +748,8 @@ struct Live {
     odd_delta_seen: bool,
     /// Sanity check of the output format on the call's first agent audio.
     level: LevelCheck,
+    /// Keypad digits not yet sent as a caller turn.
+    keypad: Keypad,
 }
 
 impl Live {
@@ -765,6 +771,7 @@ impl Live {
             next_reply: 1,
             odd_delta_seen: false,
             level: LevelCheck::default(),
+            keypad: Keypad::default(),
         })
     }
 
@@ -784,9 +791,22 @@ impl Live {
         loop {
             tokio::select! {
                 input = io.input.recv() => match input {
+                    Some(AgentInput::Dtmf(digit)) => {
+                        if let Flow::Stop = self.on_dtmf(digit, io).await? {
+                            return Ok(());
+                        }
+                    }
                     Some(input) => self.handle_input(input).await?,
                     None => return Ok(()),
                 },
+                () = tokio::time::sleep_until(self.keypad.deadline().unwrap_or_else(Instant::now)),
+                    if self.keypad.deadline().is_some() => {
+                    if let Some(text) = self.keypad.take() {
+                        if let Flow::Stop = self.keypad_turn(text, io).await? {
+                            return Ok(());
+                        }
+                    }
+                }
                 msg = self.ws.next() => match msg {
                     Some(Ok(Message::Text(text))) => {
                         if let Flow::Stop = self.handle_event(&text, io).await? {
@@ -818,6 +838,50 @@ impl Live {
         text.push_str("\"}");
         trace!(bytes = self.wire_in.len(), "append");
         send_text(&mut self.ws, text).await
+    }
+
+    /// A keypad digit. The first one of a turn stops the agent talking: the call flushes its
+    /// playout (and answers with what was heard, which truncates the item) and the
+    /// response is cancelled, since server VAD heard nothing to cancel it.
+    async fn on_dtmf(&mut self, digit: char, io: &AgentEndpoint) -> Result<Flow, AgentError> {
+        debug!(digit = %digit, "dtmf");
+        // A reply is being heard: still streaming, or streamed and not yet played out.
+        if self.keypad.is_empty() && self.replies.iter().any(|r| !r.cancelled) {
+            if let Flow::Stop = Self::emit(io, AgentEvent::SpeechStarted).await {
+                return Ok(Flow::Stop);
+            }
+            let mut streaming = false;
+            for r in self.replies.iter_mut().filter(|r| !r.done) {
+                r.cancelled = true;
+                streaming = true;
+            }
+            if streaming {
+                self.dec.reset();
+                send_json(&mut self.ws, &json!({"type": "response.cancel"})).await?;
+            }
+        }
+        match self.keypad.push(digit) {
+            Some(text) => self.keypad_turn(text, io).await,
+            None => Ok(Flow::Continue),
+        }
+    }
+
+    /// The typed digits as a user message, and a response to it (§1.7's
+    /// `conversation.item.create` with `input_text`).
+    async fn keypad_turn(&mut self, text: String, io: &AgentEndpoint) -> Result<Flow, AgentError> {
+        info!(text = %text, "keypad turn");
+        let item = json!({
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": text}]},
+        });
+        send_json(&mut self.ws, &item).await?;
+        send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
+        let ev = AgentEvent::Transcript {
+            speaker: Speaker::Caller,
+            text,
+        };
+        Ok(Self::emit(io, ev).await)
     }
 
     async fn handle_input(&mut self, input: AgentInput) -> Result<(), AgentError> {
@@ -862,7 +926,7 @@ impl Live {
                 send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
             }
             AgentInput::Dtmf(digit) => {
-                debug!(digit = %digit, "dtmf is not passed to the realtime model");
+                debug!(digit = %digit, "dtmf arrives through on_dtmf");
             }
         }
         Ok(())

@@ -44,6 +44,7 @@ use super::{
     Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo, Speaker,
     TurnLatency,
 };
+use crate::agent::keypad::Keypad;
 use crate::audio::{ReplyId, slin_from_le_bytes};
 use crate::config::ConfigError;
 use bytes::Bytes;
@@ -60,9 +61,6 @@ use vad::{Vad, VadEvent};
 /// Caller frames kept while the STT is fed silence (echo only), sent when speech starts
 /// (25 × 20 ms = 500 ms).
 const PREROLL_FRAMES: usize = 25;
-
-/// Keypad digits typed less than this apart form one caller turn ("1234"); `#` ends it early.
-const DTMF_GAP: Duration = Duration::from_millis(1_000);
 
 /// A sentence longer than this is cut at a comma or space rather than waiting for its end.
 const MAX_SENTENCE_CHARS: usize = 200;
@@ -301,9 +299,7 @@ struct Conversation {
     samples: Vec<i16>,
     stt_dropped: u64,
     /// Keypad digits typed and not yet sent as a caller turn.
-    dtmf: String,
-    /// When they are sent, unless `#` comes first.
-    dtmf_deadline: Option<Instant>,
+    keypad: Keypad,
 }
 
 impl Conversation {
@@ -325,8 +321,7 @@ impl Conversation {
             preroll: VecDeque::with_capacity(PREROLL_FRAMES),
             samples: Vec::with_capacity(960),
             stt_dropped: 0,
-            dtmf: String::new(),
-            dtmf_deadline: None,
+            keypad: Keypad::default(),
         }
     }
 
@@ -373,8 +368,12 @@ impl Conversation {
                         detail: "stt task ended".into(),
                     })),
                 },
-                () = tokio::time::sleep_until(self.dtmf_deadline.unwrap_or_else(Instant::now)),
-                    if self.dtmf_deadline.is_some() => self.send_dtmf_turn().await?,
+                () = tokio::time::sleep_until(self.keypad.deadline().unwrap_or_else(Instant::now)),
+                    if self.keypad.deadline().is_some() => {
+                        if let Some(text) = self.keypad.take() {
+                            self.on_end_of_turn(text).await?;
+                        }
+                    }
                 ev = next_reply_event(&mut self.reply) => match ev {
                     ReplyEv::Llm(ev) => self.on_llm(ev).await?,
                     ReplyEv::Tts(ev) => self.on_tts(ev).await?,
@@ -426,31 +425,16 @@ impl Conversation {
     }
 
     /// A keypad digit: the first one stops the agent talking (like a barge-in); the digits
-    /// become one caller turn [`DTMF_GAP`] after the last, or at once on `#`.
+    /// become one caller turn (see [`Keypad`]).
     async fn on_dtmf(&mut self, digit: char) -> Result<(), Stop> {
         debug!(digit = %digit, "dtmf");
-        if self.dtmf.is_empty() && self.agent_talking() {
+        if self.keypad.is_empty() && self.agent_talking() {
             self.barge_in().await?;
         }
-        self.dtmf.push(digit);
-        if digit == '#' {
-            self.send_dtmf_turn().await
-        } else {
-            self.dtmf_deadline = Some(Instant::now() + DTMF_GAP);
-            Ok(())
+        if let Some(text) = self.keypad.push(digit) {
+            self.on_end_of_turn(text).await?;
         }
-    }
-
-    /// The typed digits, as a caller turn the LLM can read.
-    async fn send_dtmf_turn(&mut self) -> Result<(), Stop> {
-        self.dtmf_deadline = None;
-        let digits = std::mem::take(&mut self.dtmf);
-        let text = match digits.len() {
-            0 => return Ok(()),
-            1 => format!("(The caller pressed the phone key {digits}.)"),
-            _ => format!("(The caller typed {digits} on the phone keypad.)"),
-        };
-        self.on_end_of_turn(text).await
+        Ok(())
     }
 
     async fn on_caller_audio(&mut self, bytes: Bytes) -> Result<(), Stop> {

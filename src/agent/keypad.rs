@@ -1,0 +1,77 @@
+//! Keypad digits (DTMF) as a caller turn for agents that read text.
+//!
+//! Digits typed less than [`DIGIT_GAP`] apart form one turn ("4711"), sent when the caller
+//! stops typing or at once on `#`, IVR style. The text is what the model reads as the
+//! caller's words: "(The caller typed 4711# on the phone keypad.)".
+
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Digits typed less than this apart form one turn.
+pub const DIGIT_GAP: Duration = Duration::from_millis(1_000);
+
+/// Collects one call's digits. Sans-IO apart from reading the clock on [`Keypad::push`].
+#[derive(Debug, Default)]
+pub struct Keypad {
+    digits: String,
+    deadline: Option<Instant>,
+}
+
+impl Keypad {
+    /// Adds `digit` (0-9, *, #, A-D). Returns the turn's text when `digit` is `#`.
+    pub fn push(&mut self, digit: char) -> Option<String> {
+        self.digits.push(digit);
+        if digit == '#' {
+            self.take()
+        } else {
+            self.deadline = Some(Instant::now() + DIGIT_GAP);
+            None
+        }
+    }
+
+    /// No digits are waiting (the next one is the first of a turn).
+    pub fn is_empty(&self) -> bool {
+        self.digits.is_empty()
+    }
+
+    /// When the waiting digits become a turn, if any are waiting.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The waiting digits as the turn's text (`None` if there are none), and clears them.
+    pub fn take(&mut self) -> Option<String> {
+        self.deadline = None;
+        let digits = std::mem::take(&mut self.digits);
+        match digits.chars().count() {
+            0 => None,
+            1 => Some(format!("(The caller pressed the phone key {digits}.)")),
+            _ => Some(format!("(The caller typed {digits} on the phone keypad.)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn digits_form_one_turn_ended_by_hash_or_the_gap() {
+        let mut k = Keypad::default();
+        assert!(k.is_empty() && k.deadline().is_none());
+        assert_eq!(k.push('4'), None);
+        assert_eq!(k.push('2'), None);
+        assert_eq!(k.deadline(), Some(Instant::now() + DIGIT_GAP));
+        assert_eq!(
+            k.push('#').as_deref(),
+            Some("(The caller typed 42# on the phone keypad.)")
+        );
+        assert!(k.is_empty() && k.deadline().is_none());
+        assert_eq!(k.push('0'), None);
+        assert_eq!(
+            k.take().as_deref(),
+            Some("(The caller pressed the phone key 0.)")
+        );
+        assert_eq!(k.take(), None);
+    }
+}
