@@ -536,10 +536,11 @@ async fn cascade_llm_failure_falls_back() {
     assert!(gap >= Duration::from_millis(240), "{gap:?}");
 }
 
-#[tokio::test]
-async fn cascade_llm_rate_limit_is_retried_after_retry_after_and_the_caller_hears_the_reply() {
+/// A call whose first LLM request gets `first` and whose retry gets a reply: the caller
+/// hears it and the call ends normally. Returns the fake, for its request log.
+async fn retried_call(first: LlmReply) -> LlmFake {
     let (report, summary, llm) = call_with_llm(vec![
-        refusal(429, Some(1)),
+        first,
         LlmReply::Stream {
             events: text_events("Good morning."),
             hold_after: None,
@@ -560,8 +561,14 @@ async fn cascade_llm_rate_limit_is_retried_after_retry_after_and_the_caller_hear
             .transcript
             .contains(&(Speaker::Agent, "Good morning.".into()))
     );
+    assert_eq!(llm.log.lock().unwrap().requests.len(), 2);
+    llm
+}
+
+#[tokio::test]
+async fn cascade_llm_rate_limit_is_retried_after_retry_after_and_the_caller_hears_the_reply() {
+    let llm = retried_call(refusal(429, Some(1))).await;
     let l = llm.log.lock().unwrap();
-    assert_eq!(l.requests.len(), 2);
     // The same conversation, sent again after the server's Retry-After (1 s).
     assert_eq!(l.requests[0].body, l.requests[1].body);
     let gap = l.requests[1].at - l.requests[0].at;
@@ -570,24 +577,7 @@ async fn cascade_llm_rate_limit_is_retried_after_retry_after_and_the_caller_hear
 
 #[tokio::test]
 async fn cascade_llm_connection_dropped_before_an_answer_is_retried() {
-    let (report, summary, llm) = call_with_llm(vec![
-        LlmReply::Hangup,
-        LlmReply::Stream {
-            events: text_events("Good morning."),
-            hold_after: None,
-        },
-    ])
-    .await;
-    assert!(
-        matches!(summary.outcome, Outcome::CallerHungUp),
-        "{:?}",
-        summary.outcome
-    );
-    assert!(
-        report.first_audio_ms.is_some(),
-        "the caller heard the reply"
-    );
-    assert_eq!(llm.log.lock().unwrap().requests.len(), 2);
+    retried_call(LlmReply::Hangup).await;
 }
 
 #[tokio::test]

@@ -847,23 +847,34 @@ impl Live {
         debug!(digit = %digit, "dtmf");
         // A reply is being heard: still streaming, or streamed and not yet played out.
         if self.keypad.is_empty() && self.replies.iter().any(|r| !r.cancelled) {
-            if let Flow::Stop = Self::emit(io, AgentEvent::SpeechStarted).await {
-                return Ok(Flow::Stop);
-            }
-            let mut streaming = false;
-            for r in self.replies.iter_mut().filter(|r| !r.done) {
-                r.cancelled = true;
-                streaming = true;
-            }
-            if streaming {
-                self.dec.reset();
-                send_json(&mut self.ws, &json!({"type": "response.cancel"})).await?;
+            match self.interrupt(io).await {
+                None => return Ok(Flow::Stop),
+                Some(true) => send_json(&mut self.ws, &json!({"type": "response.cancel"})).await?,
+                Some(false) => {}
             }
         }
         match self.keypad.push(digit) {
             Some(text) => self.keypad_turn(text, io).await,
             None => Ok(Flow::Continue),
         }
+    }
+
+    /// Barge-in: tells the call first ([`AgentEvent::SpeechStarted`]: it flushes its playout
+    /// and answers with what was heard), then drops the replies still streaming. `None` if
+    /// the call is gone, else whether a reply was still streaming.
+    async fn interrupt(&mut self, io: &AgentEndpoint) -> Option<bool> {
+        if let Flow::Stop = Self::emit(io, AgentEvent::SpeechStarted).await {
+            return None;
+        }
+        let mut streaming = false;
+        for r in self.replies.iter_mut().filter(|r| !r.done) {
+            r.cancelled = true;
+            streaming = true;
+        }
+        if streaming {
+            self.dec.reset();
+        }
+        Some(streaming)
     }
 
     /// The typed digits as a user message, and a response to it (§1.7's
@@ -965,17 +976,9 @@ impl Live {
                 return Ok(self.audio_done(&ev.item_id, io).await);
             }
             "input_audio_buffer.speech_started" => {
-                // Barge-in: tell the call first, then tidy up.
-                if let Flow::Stop = Self::emit(io, AgentEvent::SpeechStarted).await {
+                // The server cancels its own response (interrupt_response).
+                if self.interrupt(io).await.is_none() {
                     return Ok(Flow::Stop);
-                }
-                let mut cut = false;
-                for r in self.replies.iter_mut().filter(|r| !r.done) {
-                    r.cancelled = true;
-                    cut = true;
-                }
-                if cut {
-                    self.dec.reset();
                 }
                 debug!("caller started speaking");
             }
