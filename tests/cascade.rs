@@ -322,15 +322,9 @@ async fn cascade_barge_in_16khz() {
 async fn barge_in(rate: SlinRate) {
     let stt = SttFake::start(SttVendor::Soniox, &["hello world", "thank you"], None).await;
     let llm = LlmFake::start(vec![
-        LlmReply::Stream {
-            events: text_events(HOURS),
-            // role + 5 pieces up to "on weekdays. ": one sentence, then the LLM stalls.
-            hold_after: Some(6),
-        },
-        LlmReply::Stream {
-            events: text_events("You are welcome."),
-            hold_after: None,
-        },
+        // role + 5 pieces up to "on weekdays. ": one sentence, then the LLM stalls.
+        LlmReply::text_held(HOURS, 6),
+        LlmReply::text("You are welcome."),
     ])
     .await;
     let tts = TtsFake::start(fixture("invalid.wav"), false).await;
@@ -418,11 +412,7 @@ async fn cascade_own_echo_does_not_barge_in_16khz() {
 
 async fn own_echo_does_not_barge_in(rate: SlinRate) {
     let stt = SttFake::start(SttVendor::ElevenLabs, &["hello world", "echo turn"], None).await;
-    let llm = LlmFake::start(vec![LlmReply::Stream {
-        events: text_events(FIRST_SENTENCE),
-        hold_after: None,
-    }])
-    .await;
+    let llm = LlmFake::start(vec![LlmReply::text(FIRST_SENTENCE)]).await;
     let clip = fixture("invalid.wav");
     let tts = TtsFake::start(clip.clone(), false).await;
     let agent =
@@ -539,14 +529,7 @@ async fn cascade_llm_failure_falls_back() {
 /// A call whose first LLM request gets `first` and whose retry gets a reply: the caller
 /// hears it and the call ends normally. Returns the fake, for its request log.
 async fn retried_call(first: LlmReply) -> LlmFake {
-    let (report, summary, llm) = call_with_llm(vec![
-        first,
-        LlmReply::Stream {
-            events: text_events("Good morning."),
-            hold_after: None,
-        },
-    ])
-    .await;
+    let (report, summary, llm) = call_with_llm(vec![first, LlmReply::text("Good morning.")]).await;
     assert!(
         matches!(summary.outcome, Outcome::CallerHungUp),
         "{:?}",
@@ -674,10 +657,7 @@ async fn cascade_tool_call_round_trip() {
             events: tool_events("call_1", "search_tires", args),
             hold_after: None,
         },
-        LlmReply::Stream {
-            events: text_events("Yes, we have four in stock."),
-            hold_after: None,
-        },
+        LlmReply::text("Yes, we have four in stock."),
     ])
     .await;
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
@@ -782,11 +762,7 @@ async fn cascade_soniox_error_mid_call_fails() {
 #[tokio::test]
 async fn cascade_soniox_503_reconnects_and_carries_on() {
     let stt = SttFake::start_with(SttVendor::Soniox, &["hello world"], Some(300), Some(1)).await;
-    let llm = LlmFake::start(vec![LlmReply::Stream {
-        events: text_events("Hello."),
-        hold_after: None,
-    }])
-    .await;
+    let llm = LlmFake::start(vec![LlmReply::text("Hello.")]).await;
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
     let agent = CascadeAgent::new(&config(SttVendor::Soniox, &stt, &llm, &tts), vec![]).unwrap();
     let (mut s, feeder) = start_call(&agent);
@@ -807,11 +783,7 @@ async fn cascade_soniox_503_reconnects_and_carries_on() {
 #[tokio::test]
 async fn cascade_tts_error_fails() {
     let stt = SttFake::start(SttVendor::ElevenLabs, &["hello world"], None).await;
-    let llm = LlmFake::start(vec![LlmReply::Stream {
-        events: text_events("Hello there. How are you?"),
-        hold_after: None,
-    }])
-    .await;
+    let llm = LlmFake::start(vec![LlmReply::text("Hello there. How are you?")]).await;
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), true).await;
     let agent =
         CascadeAgent::new(&config(SttVendor::ElevenLabs, &stt, &llm, &tts), vec![]).unwrap();
@@ -826,11 +798,7 @@ async fn cascade_tts_error_fails() {
 
 async fn tts_http_mode(rate_hz: u32, want_format: &str) {
     let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
-    let llm = LlmFake::start(vec![LlmReply::Stream {
-        events: text_events("Hello there. How are you?"),
-        hold_after: None,
-    }])
-    .await;
+    let llm = LlmFake::start(vec![LlmReply::text("Hello there. How are you?")]).await;
     let ws_tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
     let clip = fixture("vm-goodbye.wav");
     let http = HttpTtsFake::start(clip.clone()).await;
@@ -909,11 +877,7 @@ async fn cascade_tts_http_mode_16khz_pcm() {
 #[tokio::test]
 async fn cascade_greeting_is_spoken_first_and_kept_in_history() {
     let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
-    let llm = LlmFake::start(vec![LlmReply::Stream {
-        events: text_events("Sure."),
-        hold_after: None,
-    }])
-    .await;
+    let llm = LlmFake::start(vec![LlmReply::text("Sure.")]).await;
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
     let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &tts);
     cfg.greeting = Some("Welcome to the tyre shop.".into());
@@ -1010,14 +974,10 @@ async fn wait_requests(llm: &LlmFake, n: usize) {
 #[tokio::test]
 async fn cascade_keypad_digits_become_a_caller_turn() {
     let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
-    let reply = |t: &str| LlmReply::Stream {
-        events: text_events(t),
-        hold_after: None,
-    };
     let llm = LlmFake::start(vec![
-        reply("Please type your order number, then the hash key."),
-        reply("Order 4711 ships tomorrow."),
-        reply("Connecting you to sales."),
+        LlmReply::text("Please type your order number, then the hash key."),
+        LlmReply::text("Order 4711 ships tomorrow."),
+        LlmReply::text("Connecting you to sales."),
     ])
     .await;
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
@@ -1079,14 +1039,8 @@ async fn cascade_keypad_digits_become_a_caller_turn() {
 async fn cascade_keypad_digit_stops_the_agent_talking() {
     let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
     let llm = LlmFake::start(vec![
-        LlmReply::Stream {
-            events: text_events(HOURS),
-            hold_after: Some(6),
-        },
-        LlmReply::Stream {
-            events: text_events("Sales, one moment."),
-            hold_after: None,
-        },
+        LlmReply::text_held(HOURS, 6),
+        LlmReply::text("Sales, one moment."),
     ])
     .await;
     let tts = TtsFake::start(fixture("invalid.wav"), false).await;

@@ -791,12 +791,11 @@ impl Live {
         loop {
             tokio::select! {
                 input = io.input.recv() => match input {
-                    Some(AgentInput::Dtmf(digit)) => {
-                        if let Flow::Stop = self.on_dtmf(digit, io).await? {
+                    Some(input) => {
+                        if let Flow::Stop = self.handle_input(input, io).await? {
                             return Ok(());
                         }
                     }
-                    Some(input) => self.handle_input(input).await?,
                     None => return Ok(()),
                 },
                 () = tokio::time::sleep_until(self.keypad.deadline().unwrap_or_else(Instant::now)),
@@ -895,13 +894,17 @@ impl Live {
         Ok(Self::emit(io, ev).await)
     }
 
-    async fn handle_input(&mut self, input: AgentInput) -> Result<(), AgentError> {
+    async fn handle_input(
+        &mut self,
+        input: AgentInput,
+        io: &AgentEndpoint,
+    ) -> Result<Flow, AgentError> {
         match input {
             AgentInput::Audio(frame) => self.append(&frame).await?,
             AgentInput::Interrupted { reply, heard_ms } => {
                 let Some(r) = self.replies.iter().find(|r| r.id == reply) else {
                     debug!(reply = reply.0, "interrupted reply is no longer known");
-                    return Ok(());
+                    return Ok(Flow::Continue);
                 };
                 // audio_end_ms beyond the item's real length is an error (§1.3); the tail
                 // flush and resampling can make the call side a little longer.
@@ -909,7 +912,7 @@ impl Live {
                 if r.done && heard_ms >= wire_ms {
                     debug!(item_id = %r.item_id, "the caller heard all of the reply; nothing to truncate");
                     self.replies.retain(|r| r.id.0 > reply.0);
-                    return Ok(());
+                    return Ok(Flow::Continue);
                 }
                 let audio_end_ms = heard_ms.min(wire_ms);
                 info!(item_id = %r.item_id, audio_end_ms, "truncating the interrupted reply");
@@ -936,11 +939,9 @@ impl Live {
                 send_json(&mut self.ws, &item).await?;
                 send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
             }
-            AgentInput::Dtmf(digit) => {
-                debug!(digit = %digit, "dtmf arrives through on_dtmf");
-            }
+            AgentInput::Dtmf(digit) => return self.on_dtmf(digit, io).await,
         }
-        Ok(())
+        Ok(Flow::Continue)
     }
 
     async fn emit(io: &AgentEndpoint, ev: AgentEvent) -> Flow {

@@ -474,6 +474,24 @@ pub enum LlmReply {
     Hangup,
 }
 
+impl LlmReply {
+    /// The streamed reply `text`, whole.
+    pub fn text(text: &str) -> Self {
+        LlmReply::Stream {
+            events: text_events(text),
+            hold_after: None,
+        }
+    }
+
+    /// The streamed reply `text`, holding back after `n` events (see [`LlmReply::Stream`]).
+    pub fn text_held(text: &str, n: usize) -> Self {
+        LlmReply::Stream {
+            events: text_events(text),
+            hold_after: Some(n),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct LlmLog {
     pub requests: Vec<LlmRequest>,

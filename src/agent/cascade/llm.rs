@@ -176,46 +176,55 @@ impl LlmClient {
     /// Starts streaming a completion of `messages`.
     pub fn stream(&self, messages: &[serde_json::Value]) -> LlmStream {
         let (tx, rx) = mpsc::channel(256);
-        let body = bytes::Bytes::from(self.body(messages).to_string());
-        let client = self.clone();
+        let request = self
+            .http
+            .post(&self.settings.url)
+            .headers(self.headers.clone())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&self.body(messages));
+        let settings = self.settings.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = client.run(body, &tx).await {
+            if let Err(e) = run(request, &settings, &tx).await {
                 let _ = tx.send(LlmEvent::Failed(e)).await;
             }
         });
         LlmStream { events: rx, task }
     }
+}
 
-    /// Sends the request, retrying refusals, and streams the answer into `tx`.
-    async fn run(&self, body: bytes::Bytes, tx: &mpsc::Sender<LlmEvent>) -> Result<(), AgentError> {
-        let mut attempt = 0;
-        let response = loop {
-            let request = self
-                .http
-                .post(&self.settings.url)
-                .headers(self.headers.clone())
-                .header(reqwest::header::ACCEPT, "text/event-stream")
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            let (error, wait) = match send(request, self.settings.timeout).await {
-                Ok(response) => break response,
-                Err(Refused::Final(e)) => return Err(e),
-                Err(Refused::Retryable { error, retry_after }) => (error, retry_after),
-            };
-            let wait = wait.unwrap_or(self.settings.retry_delay);
-            if attempt >= self.settings.retries || wait > RETRY_AFTER_MAX {
-                return Err(if attempt > 0 {
-                    after_attempts(error, attempt + 1)
-                } else {
-                    error
-                });
-            }
-            attempt += 1;
-            warn!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "llm request refused; retrying");
-            tokio::time::sleep(wait).await;
+/// Sends `request`, retrying refusals, and streams the answer into `tx`.
+async fn run(
+    request: reqwest::RequestBuilder,
+    settings: &LlmSettings,
+    tx: &mpsc::Sender<LlmEvent>,
+) -> Result<(), AgentError> {
+    let mut attempt = 0;
+    let response = loop {
+        // A JSON body is held in memory, so the builder always clones.
+        let Some(this_try) = request.try_clone() else {
+            return Err(AgentError::Protocol {
+                provider: PROVIDER,
+                detail: "request cannot be repeated".into(),
+            });
         };
-        stream_response(response, tx).await
-    }
+        let (error, wait) = match send(this_try, settings.timeout).await {
+            Ok(response) => break response,
+            Err(Refused::Final(e)) => return Err(e),
+            Err(Refused::Retryable { error, retry_after }) => (error, retry_after),
+        };
+        let wait = wait.unwrap_or(settings.retry_delay);
+        if attempt >= settings.retries || wait > RETRY_AFTER_MAX {
+            return Err(if attempt > 0 {
+                after_attempts(error, attempt + 1)
+            } else {
+                error
+            });
+        }
+        attempt += 1;
+        warn!(attempt, wait_ms = wait.as_millis() as u64, error = %error, "llm request refused; retrying");
+        tokio::time::sleep(wait).await;
+    };
+    stream_response(response, tx).await
 }
 
 /// One streaming completion; dropping it cancels the request.

@@ -17,8 +17,8 @@
 //! delay, times a margin, or, until the path is measured, `echo_return_max` times the
 //! loudest reference in the whole window. The margin is learnt with the path: the worst
 //! echo frame seen over its prediction, plus 10 %, between 1.2 (1.6 dB; a clean line) and
-//! 2 (6 dB; an echo that smears and wavers), rising at once and decaying slowly. The noise floor adapts only while no echo can be present, so the agent's own
-//! voice never raises it.
+//! 2 (6 dB; an echo that smears and wavers), rising at once and decaying slowly. The noise
+//! floor adapts only while no echo can be present, so the agent's own voice never raises it.
 //!
 //! Sans-IO: samples in, events out, no clock (time is counted in 20 ms frames). Units: RMS in
 //! slin units (0–32768), durations in ms.
@@ -115,7 +115,7 @@ pub struct Vad {
     /// frame `c + base - delay`: frames are matched by their place in each stream, not by
     /// when they reached the detector, so the delay stays put while the two streams'
     /// frames interleave unevenly.
-    base: Option<u64>,
+    base: u64,
     /// Largest echo delay considered, frames.
     window: usize,
     /// The measured echo path.
@@ -139,7 +139,7 @@ impl Vad {
             played: 0,
             caller: VecDeque::with_capacity(MATCH_FRAMES + 1),
             heard: 0,
-            base: None,
+            base: 0,
             window,
             path: None,
             candidate: None,
@@ -177,17 +177,21 @@ impl Vad {
         if frame >= self.played as i64 {
             return None;
         }
-        let oldest = self.played as i64 - self.reference.len() as i64;
-        Some(if frame < oldest {
+        Some(if frame < self.oldest() {
             0.0
         } else {
-            self.reference[(frame - oldest) as usize]
+            self.reference[(frame - self.oldest()) as usize]
         })
+    }
+
+    /// Number of the oldest played frame kept in `reference`.
+    fn oldest(&self) -> i64 {
+        self.played as i64 - self.reference.len() as i64
     }
 
     /// The played frame paired with caller frame number `caller` at a delay of `lag` frames.
     fn paired(&self, caller: u64, lag: usize) -> i64 {
-        (caller + self.base.unwrap_or(0)) as i64 - lag as i64
+        (caller + self.base) as i64 - lag as i64
     }
 
     /// The loudest played frame among `frames` (those not played yet count as the newest
@@ -233,6 +237,7 @@ impl Vad {
         }
         // Caller frame numbers of the window: heard - m ..= heard - 1.
         let first = self.heard - m as u64;
+        let oldest = self.oldest();
         let mut best: Option<(usize, f32)> = None;
         for lag in 0..=self.window {
             // Every paired played frame must be known (played and still kept).
@@ -240,7 +245,6 @@ impl Vad {
                 self.paired(first, lag),
                 self.paired(first, lag) + m as i64 - 1,
             );
-            let oldest = self.played as i64 - self.reference.len() as i64;
             if hi >= self.played as i64 || lo < oldest {
                 continue;
             }
@@ -268,8 +272,7 @@ impl Vad {
             }
         }
         if let Some((lag, _)) = best {
-            let lo = (self.paired(first, lag) - (self.played as i64 - self.reference.len() as i64))
-                as usize;
+            let lo = (self.paired(first, lag) - oldest) as usize;
             let (mut src, mut srr) = (0.0f32, 0.0f32);
             for j in 0..m {
                 let x = self.reference[lo + j];
@@ -332,7 +335,9 @@ impl Vad {
             self.caller.pop_front();
         }
         self.caller.push_back(level);
-        self.base.get_or_insert(self.played);
+        if self.heard == 0 {
+            self.base = self.played;
+        }
         self.heard += 1;
         let echo = self.echo_bound();
         let threshold = (self.floor * self.cfg.onset_ratio).max(self.cfg.min_rms);
