@@ -503,7 +503,7 @@ pub struct AriConfig {
     /// Accept only AudioSocket connections whose UUID voicegate created through ARI
     /// (default false: `AudioSocket()` and channel-driver calls are accepted too).
     pub stasis_only: bool,
-    /// Dialplan context a transferred caller continues in (default `transfer-to-operator`).
+    /// Dialplan context a transferred caller continues in (default `voicegate-transfer`).
     pub transfer_context: String,
     /// Extension in it (default `s`).
     pub transfer_extension: String,
@@ -526,6 +526,9 @@ pub struct AriConfig {
     /// Stasis mode: reconcile with Asterisk's channel list at least this often, ms (default
     /// 30000); sooner, with backoff from 2 s, while a caller given up on waits for a retry.
     pub reconcile_interval_ms: u64,
+    /// Stasis mode: wait this long for the externalMedia channel's own `StasisStart` before
+    /// bridging it, ms (default 3000); past it the caller goes to the operators.
+    pub media_join_timeout_ms: u64,
 }
 
 impl Default for AriConfig {
@@ -541,7 +544,7 @@ impl Default for AriConfig {
             external_host: None,
             format: AriFormat::Slin16,
             stasis_only: false,
-            transfer_context: "transfer-to-operator".into(),
+            transfer_context: "voicegate-transfer".into(),
             transfer_extension: "s".into(),
             transfer_priority: 1,
             request_timeout_ms: 2_000,
@@ -551,6 +554,7 @@ impl Default for AriConfig {
             reconnect_max_ms: 30_000,
             ping_interval_ms: 10_000,
             reconcile_interval_ms: 30_000,
+            media_join_timeout_ms: 3_000,
         }
     }
 }
@@ -646,6 +650,12 @@ impl AriConfig {
                 1_000,
                 3_600_000,
             ),
+            (
+                "ari.media_join_timeout_ms",
+                self.media_join_timeout_ms,
+                100,
+                30_000,
+            ),
         ] {
             if !(lo..=hi).contains(&v) {
                 return Err(ConfigError::invalid(key, format!("must be {lo} to {hi}")));
@@ -687,6 +697,10 @@ impl AriConfig {
     /// [`Self::reconcile_interval_ms`] as a duration.
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_millis(self.reconcile_interval_ms)
+    }
+    /// [`Self::media_join_timeout_ms`] as a duration.
+    pub fn media_join_timeout(&self) -> Duration {
+        Duration::from_millis(self.media_join_timeout_ms)
     }
 }
 
@@ -864,7 +878,7 @@ mod tests {
         let ari = c.ari.expect("ari section");
         assert_eq!(ari.mode, AriMode::Stasis);
         assert_eq!(ari.format, AriFormat::Slin16);
-        assert_eq!(ari.transfer_context, "transfer-to-operator");
+        assert_eq!(ari.transfer_context, "voicegate-transfer");
         assert!(Config::from_toml("", Path::new("x")).unwrap().ari.is_none());
         let c = Config::from_toml(
             "[ari]\npassword = \"ari-very-secret\"\nmode = \"lookup\"\nformat = \"slin\"\n",

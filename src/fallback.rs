@@ -91,6 +91,9 @@ pub enum FallbackReason {
     AgentFailed(String),
     /// No agent audio while the caller waited.
     AgentSilent,
+    /// Stasis mode: the call could not be set up (an ARI request failed, or the
+    /// externalMedia channel never entered the application); what went wrong.
+    SetupFailed(String),
 }
 
 impl FallbackReason {
@@ -101,6 +104,7 @@ impl FallbackReason {
             FallbackReason::BreakerOpen => "breaker_open",
             FallbackReason::AgentFailed(_) => "agent_failed",
             FallbackReason::AgentSilent => "agent_silent",
+            FallbackReason::SetupFailed(_) => "setup_failed",
         }
     }
 
@@ -120,6 +124,7 @@ impl std::fmt::Display for FallbackReason {
             FallbackReason::BreakerOpen => f.write_str("circuit breaker open"),
             FallbackReason::AgentFailed(e) => write!(f, "agent failed: {e}"),
             FallbackReason::AgentSilent => f.write_str("no agent audio while the caller waited"),
+            FallbackReason::SetupFailed(e) => write!(f, "stasis setup failed: {e}"),
         }
     }
 }

@@ -51,6 +51,43 @@ pub fn generation(
     })
 }
 
+/// The ARI controller's hooks: a new Stasis caller is routed like any call (maintenance or
+/// an open breaker: straight to the operators, nothing set up), and a caller sent to the
+/// operators before a session ran for it is counted and recorded as a fallback with its
+/// reason.
+fn ari_hooks(
+    generation: watch::Receiver<Arc<Generation>>,
+    breaker: Arc<Breaker>,
+    summaries: mpsc::UnboundedSender<crate::call::CallSummary>,
+) -> crate::ari::controller::Hooks {
+    use crate::fallback::Route;
+    use crate::health::metrics as m;
+    let current = generation.clone();
+    crate::ari::controller::Hooks {
+        route: Some(Arc::new(move || {
+            match crate::fallback::route(&generation.borrow().fallback, &breaker) {
+                Route::Fallback(reason) => Some(reason),
+                Route::Agent => None,
+            }
+        })),
+        report: Some(Arc::new(move |u: crate::ari::controller::Unserved| {
+            let agent = current.borrow().agent.name();
+            let mut s = crate::call::CallSummary::without_agent(
+                u.call_id,
+                agent,
+                crate::call::Outcome::Fallback(u.reason.to_string()),
+            );
+            s.started = u.started;
+            s.duration = u.duration;
+            s.caller_number = u.caller_number;
+            ::metrics::counter!(m::CALLS_TOTAL, "outcome" => "fallback").increment(1);
+            ::metrics::counter!(m::FALLBACKS, "reason" => u.reason.label()).increment(1);
+            s.fallback = Some(u.reason);
+            let _ = summaries.send(s);
+        })),
+    }
+}
+
 /// The health listener's routes: `GET /health` (JSON; 200 when live and ready, else 503) and
 /// `GET /metrics` (Prometheus text). Add more with [`Router::route`].
 pub fn health_routes(health: Arc<HealthState>) -> Router {
@@ -115,14 +152,14 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     )
     .await
     .with_context(|| format!("binding AudioSocket listener {}", config.audiosocket.listen))?
-    .with_updates(gen_rx)
+    .with_updates(gen_rx.clone())
     .with_guard(guard.clone())
     .with_breaker(breaker.clone())
     .with_health(
         health.clone(),
         crate::health::accept_beat_period(watchdog_interval),
     )
-    .with_summaries(summary_tx);
+    .with_summaries(summary_tx.clone());
     let audiosocket_addr = server.local_addr()?;
 
     // WireGuard: calls from a remote Asterisk arrive on the tunnel address (same port as the
@@ -174,10 +211,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let (server, ari) = match &config.ari {
         Some(c) => {
             // Its own stop: ARI outlives the listener until the last transfer is confirmed.
+            // The bound address: with port 0 in the config, Asterisk must still find us.
             let rt = crate::ari::controller::start(
                 c,
-                config.audiosocket.listen,
+                audiosocket_addr,
                 next.clone(),
+                ari_hooks(gen_rx.clone(), breaker.clone(), summary_tx.clone()),
                 ari_stop.clone(),
             )
             .context("starting ARI")?;

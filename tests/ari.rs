@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use voicegate::agent::{
     Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo,
 };
-use voicegate::ari::controller::{self, AriRuntime};
+use voicegate::ari::controller::{self, AriRuntime, Hooks, Unserved};
 use voicegate::ari::{AriError, Controller, LinkState};
 use voicegate::audio::ReplyId;
 use voicegate::audiosocket::SlinRate;
@@ -26,6 +26,7 @@ use voicegate::call::next::NextStore;
 use voicegate::call::{CallSummary, Outcome};
 use voicegate::caller::{CallPlan, place_call, resample_recording, speech_similarity};
 use voicegate::config::{AriConfig, AriFormat, AriMode};
+use voicegate::fallback::FallbackReason;
 use voicegate::secret::SecretSource;
 
 /// What a test agent does once the caller's audio starts.
@@ -176,6 +177,10 @@ struct Harness {
     next: Arc<NextStore>,
     log: Arc<AgentLog>,
     speech: Vec<i16>,
+    /// Callers the controller reported as sent to the operators before a session ran.
+    unserved: Arc<Mutex<Vec<Unserved>>>,
+    /// What the controller's route hook answers for new callers (`None`: the agent).
+    route: Arc<Mutex<Option<FallbackReason>>>,
 }
 
 impl Harness {
@@ -238,7 +243,19 @@ impl Harness {
         cfg.validate().expect("test config is valid");
         let stop = CancellationToken::new();
         let next = Arc::new(NextStore::new());
-        let rt = controller::start(&cfg, addr, next.clone(), stop.clone()).unwrap();
+        let unserved = Arc::new(Mutex::new(Vec::new()));
+        let route = Arc::new(Mutex::new(None));
+        let hooks = Hooks {
+            route: Some(Arc::new({
+                let route = route.clone();
+                move || route.lock().unwrap().clone()
+            })),
+            report: Some(Arc::new({
+                let unserved = unserved.clone();
+                move |u| unserved.lock().unwrap().push(u)
+            })),
+        };
+        let rt = controller::start(&cfg, addr, next.clone(), hooks, stop.clone()).unwrap();
         let _ = agent.controller.set(rt.controller.clone());
         let server = server.with_directory(Arc::new(rt.controller.clone()));
         let server_stop = CancellationToken::new();
@@ -256,6 +273,8 @@ impl Harness {
             next,
             log,
             speech,
+            unserved,
+            route,
         }
     }
 
@@ -394,7 +413,7 @@ async fn agent_failure_transfers_to_the_operator_context() {
             c.extension.as_str(),
             c.priority.as_str()
         ),
-        ("transfer-to-operator", "s", "1")
+        ("voicegate-transfer", "s", "1")
     );
     h.wait_clean().await;
     assert!(
@@ -417,7 +436,7 @@ async fn unreachable_provider_hands_the_stasis_caller_to_operators_within_2s() {
     eprintln!("measured: StasisStart → ARI continue with the provider unreachable: {took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
     assert_eq!(h.fake.continued()[0].channel, caller);
-    assert_eq!(h.fake.continued()[0].context, "transfer-to-operator");
+    assert_eq!(h.fake.continued()[0].context, "voicegate-transfer");
     let summary = h.next_summary().await;
     assert!(
         matches!(summary.outcome, Outcome::Fallback(_)),
@@ -425,6 +444,93 @@ async fn unreachable_provider_hands_the_stasis_caller_to_operators_within_2s() {
         summary.outcome
     );
     h.wait_clean().await;
+}
+
+/// The real Asterisk's race (issue 12): the externalMedia channel enters the application
+/// after the REST reply. Every call of a run waits for that `StasisStart` before bridging,
+/// so none is sent to the operators by mistake; the fake answers `addChannel` with 422 for
+/// a channel not yet in the application, as Asterisk does.
+#[tokio::test]
+async fn stasis_setup_waits_for_the_media_channel_to_join() {
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    for i in 0..10 {
+        let caller = h.fake.new_caller(&format!("+1555000{i:04}"), "Late");
+        wait_bridged(&h, i + 1).await;
+        h.fake.caller_hangs_up(&caller);
+        let summary = h.next_summary().await;
+        assert_eq!(
+            summary.outcome,
+            Outcome::CallerHungUp,
+            "call {i}: {summary:?}"
+        );
+        assert!(summary.fallback.is_none(), "call {i}: {summary:?}");
+    }
+    h.wait_clean().await;
+    assert!(h.fake.continued().is_empty(), "{:?}", h.fake.continued());
+    assert!(h.unserved.lock().unwrap().is_empty());
+    assert_eq!(h.ctl().stats().bridges_created, 10);
+}
+
+/// An externalMedia channel that never enters the application: after
+/// `media_join_timeout_ms` the caller goes to the operators, and the call is counted as a
+/// fallback with the reason (not as a completed call).
+#[tokio::test]
+async fn media_channel_that_never_joins_sends_the_caller_to_the_operators_with_a_reason() {
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |c| {
+        c.media_join_timeout_ms = 400;
+    })
+    .await;
+    h.fake.media_join(fake_ari::MediaJoin::Never);
+    let caller = h.fake.new_caller("+15550004444", "Eve");
+    let started = Instant::now();
+    wait_until(Duration::from_secs(5), || !h.fake.continued().is_empty()).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert_eq!(h.fake.continued()[0].channel, caller);
+    assert_eq!(h.fake.continued()[0].context, "voicegate-transfer");
+    // The media connected (Asterisk dials out at once), so a session ran: its summary says
+    // why the caller went to the operators.
+    let summary = h.next_summary().await;
+    match (&summary.outcome, &summary.fallback) {
+        (Outcome::Fallback(detail), Some(FallbackReason::SetupFailed(why))) => {
+            assert!(detail.contains("stasis setup failed"), "{detail}");
+            assert!(why.contains("no StasisStart within 400 ms"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(summary.fallback.as_ref().unwrap().label(), "setup_failed");
+    h.wait_clean().await;
+    assert!(
+        h.unserved.lock().unwrap().is_empty(),
+        "counted once, by its session"
+    );
+    assert_eq!(h.next.answer(&summary.call_id.to_string()), "operator");
+}
+
+/// With the breaker open (or maintenance on), a Stasis caller goes to the operators at once:
+/// no answer, no bridge, no externalMedia channel; the controller reports the caller so it
+/// is recorded and counted with the reason.
+#[tokio::test]
+async fn routed_to_operators_at_once_creates_nothing() {
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    *h.route.lock().unwrap() = Some(FallbackReason::BreakerOpen);
+    let caller = h.fake.new_caller("+15550005555", "Frank");
+    wait_until(Duration::from_secs(5), || !h.fake.continued().is_empty()).await;
+    assert_eq!(h.fake.continued()[0].channel, caller);
+    h.wait_clean().await;
+    let f = &h.fake;
+    assert_eq!(
+        (
+            f.count(&f.counts.bridges_created),
+            f.count(&f.counts.media_created)
+        ),
+        (0, 0)
+    );
+    let unserved = h.unserved.lock().unwrap().clone();
+    assert_eq!(unserved.len(), 1, "{unserved:?}");
+    assert_eq!(unserved[0].reason, FallbackReason::BreakerOpen);
+    assert_eq!(unserved[0].caller_number.as_deref(), Some("+15550005555"));
+    assert_eq!(h.log.started.load(Ordering::SeqCst), 0, "no agent session");
 }
 
 #[tokio::test]
@@ -568,7 +674,7 @@ async fn orphans_of_a_previous_run_are_handed_to_the_operators() {
     let c = &h.fake.continued()[0];
     assert_eq!(
         (c.channel.as_str(), c.context.as_str()),
-        (caller.as_str(), "transfer-to-operator")
+        (caller.as_str(), "voicegate-transfer")
     );
     let f = &h.fake;
     assert_eq!(f.count(&f.counts.bridges_destroyed), 1);
@@ -599,7 +705,7 @@ async fn shutdown_hands_live_stasis_callers_to_the_operators() {
     assert_eq!(c.len(), 1);
     assert_eq!(
         (c[0].channel.as_str(), c[0].context.as_str()),
-        (caller.as_str(), "transfer-to-operator")
+        (caller.as_str(), "voicegate-transfer")
     );
     h.wait_clean().await;
 }
@@ -691,7 +797,7 @@ async fn audiosocket_calls_get_caller_info_and_dtmf_but_cannot_be_controlled() {
         let err = h
             .ctl()
             .client()
-            .continue_in_dialplan(&channel, "transfer-to-operator", "s", 1)
+            .continue_in_dialplan(&channel, "voicegate-transfer", "s", 1)
             .await
             .unwrap_err();
         assert!(matches!(err, AriError::NotInStasis { .. }), "{err}");
@@ -910,6 +1016,7 @@ async fn wrong_credentials_are_reported_and_retried_with_backoff() {
         &cfg,
         "127.0.0.1:9092".parse().unwrap(),
         Arc::new(NextStore::new()),
+        Hooks::default(),
         stop.clone(),
     )
     .unwrap();
@@ -1017,7 +1124,7 @@ async fn ari_rest_hanging_gives_up_then_retries_until_the_caller_reaches_the_ope
             continued[0].extension.as_str(),
             continued[0].priority.as_str()
         ),
-        (caller.as_str(), "transfer-to-operator", "s", "1")
+        (caller.as_str(), "voicegate-transfer", "s", "1")
     );
     wait_until(Duration::from_secs(3), || h.ctl().given_up_callers() == 0).await;
     let stats = h.ctl().stats();

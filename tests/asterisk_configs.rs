@@ -157,7 +157,7 @@ fn every_referenced_context_exists() {
     let ari = AriConfig::default();
     for c in [
         "incoming",
-        "transfer-to-operator",
+        "voicegate-transfer",
         "operators",
         "voicegate-app",
         "voicegate-driver",

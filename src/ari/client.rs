@@ -36,13 +36,27 @@ pub enum AriError {
         /// Path below `/ari`.
         path: String,
     },
-    /// 409 (or 422 for bridges): the channel is not in a Stasis application.
-    #[error("{method} {path}: channel not in stasis application")]
+    /// 409: the channel is not in a Stasis application (`asterisk.md`, "ARI facts").
+    #[error("{method} {path}: {message}")]
     NotInStasis {
         /// HTTP method.
         method: &'static str,
         /// Path below `/ari`.
         path: String,
+        /// Asterisk's `message` ("Channel not in Stasis application").
+        message: String,
+    },
+    /// 422: a bridge operation Asterisk cannot do now, in its own words: "Channel not in
+    /// Stasis application" (`addChannel` before the channel's `StasisStart`) or "Channel not
+    /// in bridge" (`removeChannel`). `res/ari/resource_bridges.c`.
+    #[error("{method} {path}: {message}")]
+    Unprocessable {
+        /// HTTP method.
+        method: &'static str,
+        /// Path below `/ari`.
+        path: String,
+        /// Asterisk's `message`.
+        message: String,
     },
     /// Any other non-2xx status.
     #[error("{method} {path}: http {status}: {message}")]
@@ -208,7 +222,16 @@ impl AriClient {
         let path = path.to_owned();
         Err(match status.as_u16() {
             404 => AriError::NotFound { method: m, path },
-            409 | 422 => AriError::NotInStasis { method: m, path },
+            409 => AriError::NotInStasis {
+                method: m,
+                path,
+                message: error_message(&body),
+            },
+            422 => AriError::Unprocessable {
+                method: m,
+                path,
+                message: error_message(&body),
+            },
             code => AriError::Status {
                 method: m,
                 path,
@@ -271,7 +294,7 @@ impl AriClient {
     /// `POST /bridges/{id}/addChannel?channel=a,b`.
     ///
     /// # Errors
-    /// [`AriError`]; [`AriError::NotInStasis`] if a channel is not in Stasis (422).
+    /// [`AriError`]; [`AriError::Unprocessable`] (422) if a channel is not in Stasis yet.
     pub async fn add_channels(&self, bridge: &str, channels: &[&str]) -> Result<(), AriError> {
         let list = channels.join(",");
         self.request(

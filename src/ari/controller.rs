@@ -30,17 +30,18 @@ use super::client::{AriClient, AriError, ExternalMedia};
 use super::events::{self, EventLink, EventsParams, LinkState};
 use super::model::{Channel, Event};
 use crate::agent::AgentInput;
-use crate::call::CallSummary;
 use crate::call::directory::{
     Admission, AdmitFuture, CallDetails, CallDirectory, EXTRA_INPUT_CAPACITY,
 };
 use crate::call::next::{Next, NextStore};
+use crate::call::{CallSummary, Outcome};
 use crate::config::{AriConfig, AriFormat, AriMode};
+use crate::fallback::FallbackReason;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
@@ -97,6 +98,10 @@ pub struct AriSettings {
     pub lookup_timeout: Duration,
     /// Longest time between two reconcile passes (and the cap of the retry backoff).
     pub reconcile_interval: Duration,
+    /// How long setup waits for the externalMedia channel's own `StasisStart` before it
+    /// bridges it (Asterisk puts the channel into the application after answering the REST
+    /// request; `addChannel` before that answers 422).
+    pub media_join_timeout: Duration,
 }
 
 impl AriSettings {
@@ -117,8 +122,62 @@ impl AriSettings {
             transfer_confirm: c.transfer_confirm(),
             lookup_timeout: c.lookup_timeout(),
             reconcile_interval: c.reconcile_interval(),
+            media_join_timeout: c.media_join_timeout(),
         }
     }
+}
+
+/// A Stasis caller sent to the operators before any AudioSocket session ran for it (the
+/// setup failed, or maintenance / an open breaker routed it there at once): what the records
+/// and metrics need to count it as such.
+#[derive(Debug, Clone)]
+pub struct Unserved {
+    /// The call id voicegate issued for the caller.
+    pub call_id: Uuid,
+    /// The caller's number (ARI `caller.number`).
+    pub caller_number: Option<String>,
+    /// Why the caller went to the operators.
+    pub reason: FallbackReason,
+    /// When the caller's `StasisStart` arrived.
+    pub started: SystemTime,
+    /// From `StasisStart` to the decision.
+    pub duration: Duration,
+}
+
+/// What the controller asks of, and tells, the rest of voicegate. Both are optional.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Asked once per new Stasis caller, before anything is set up: `Some(reason)`
+    /// (maintenance, an open breaker) sends the caller to the operators at once, with no
+    /// bridge and no externalMedia channel.
+    pub route: Option<Arc<dyn Fn() -> Option<FallbackReason> + Send + Sync>>,
+    /// Told about each [`Unserved`] caller, once.
+    pub report: Option<Arc<dyn Fn(Unserved) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("route", &self.route.is_some())
+            .field("report", &self.report.is_some())
+            .finish()
+    }
+}
+
+/// Why setting up a Stasis call failed.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    /// A REST request failed.
+    #[error(transparent)]
+    Ari(#[from] AriError),
+    /// The externalMedia channel did not enter the application in time.
+    #[error("externalMedia channel {channel} sent no StasisStart within {waited_ms} ms")]
+    MediaNotJoined {
+        /// The externalMedia channel id.
+        channel: String,
+        /// How long setup waited.
+        waited_ms: u64,
+    },
 }
 
 /// Why a control request from a tool failed.
@@ -160,6 +219,8 @@ pub struct AriStats {
     pub given_up: u64,
     /// Reconcile passes that got Asterisk's channel list.
     pub reconciles: u64,
+    /// Callers sent to the operators before any AudioSocket session ran for them.
+    pub unserved: u64,
 }
 
 #[derive(Default)]
@@ -176,6 +237,7 @@ struct Counters {
     lookups_fetched: AtomicU64,
     given_up: AtomicU64,
     reconciles: AtomicU64,
+    unserved: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -209,6 +271,14 @@ struct StasisCall {
     session_done: bool,
     /// Set when the caller left Stasis (continued, hung up, destroyed).
     left: watch::Sender<bool>,
+    /// Set when the externalMedia channel's own `StasisStart` arrived.
+    media_joined: watch::Sender<bool>,
+    /// Why voicegate sent this caller to the operators, when it did so itself.
+    fallback: Option<FallbackReason>,
+    /// Reported through [`Hooks::report`]: no session may start for it any more.
+    reported: bool,
+    /// When the caller's `StasisStart` arrived.
+    started: (SystemTime, Instant),
 }
 
 struct LookupCall {
@@ -260,6 +330,7 @@ struct Inner {
     counters: Counters,
     /// Wakes [`Controller::run`] when a caller is given up on, to schedule a retry.
     given_up_wake: tokio::sync::Notify,
+    hooks: Hooks,
 }
 
 /// The ARI controller. Cheap to clone; install it on the AudioSocket server with
@@ -297,6 +368,7 @@ pub fn start(
     cfg: &AriConfig,
     listen: SocketAddr,
     next: Arc<NextStore>,
+    hooks: Hooks,
     stop: CancellationToken,
 ) -> Result<AriRuntime, AriError> {
     let password = cfg
@@ -304,7 +376,12 @@ pub fn start(
         .resolve()
         .map_err(|e| AriError::Client(format!("ari.password: {e}")))?;
     let client = AriClient::new(&cfg.url, &cfg.username, password, cfg.request_timeout())?;
-    let controller = Controller::new(client.clone(), AriSettings::from_config(cfg, listen), next);
+    let controller = Controller::with_hooks(
+        client.clone(),
+        AriSettings::from_config(cfg, listen),
+        next,
+        hooks,
+    );
     if cfg.mode == AriMode::Lookup {
         return Ok(AriRuntime {
             controller,
@@ -332,6 +409,16 @@ pub fn start(
 impl Controller {
     /// A controller using `client`; dispositions of the calls it sees go to `next`.
     pub fn new(client: AriClient, settings: AriSettings, next: Arc<NextStore>) -> Self {
+        Self::with_hooks(client, settings, next, Hooks::default())
+    }
+
+    /// [`Controller::new`] with [`Hooks`] for routing and reporting.
+    pub fn with_hooks(
+        client: AriClient,
+        settings: AriSettings,
+        next: Arc<NextStore>,
+        hooks: Hooks,
+    ) -> Self {
         Controller {
             inner: Arc::new(Inner {
                 client,
@@ -341,6 +428,7 @@ impl Controller {
                 cache: tokio::sync::Mutex::new(None),
                 counters: Counters::default(),
                 given_up_wake: tokio::sync::Notify::new(),
+                hooks,
             }),
         }
     }
@@ -367,6 +455,7 @@ impl Controller {
             lookups_fetched: l(&c.lookups_fetched),
             given_up: l(&c.given_up),
             reconciles: l(&c.reconciles),
+            unserved: l(&c.unserved),
         }
     }
 
@@ -530,17 +619,25 @@ impl Controller {
             Event::StasisStart { args, channel } => {
                 let known = {
                     let mut reg = self.registry();
-                    if reg.by_channel.contains_key(&channel.id) {
+                    if let Some(&id) = reg.by_channel.get(&channel.id) {
+                        // Setup registered our externalMedia channel before its event came.
+                        if let Some(c) = reg.calls.get_mut(&id) {
+                            if c.caller != channel.id {
+                                c.media_joined.send_replace(true);
+                            }
+                        }
                         true
                     } else if let Some(id) = args
                         .first()
                         .and_then(|a| Uuid::parse_str(a).ok())
                         .filter(|id| reg.calls.contains_key(id))
                     {
-                        // Our own externalMedia channel entering the app.
+                        // Our own externalMedia channel entering the app: it can be bridged
+                        // now (before this, `addChannel` answers 422).
                         reg.by_channel.insert(channel.id.clone(), id);
                         if let Some(c) = reg.calls.get_mut(&id) {
                             c.media.get_or_insert_with(|| channel.id.clone());
+                            c.media_joined.send_replace(true);
                         }
                         true
                     } else {
@@ -647,63 +744,132 @@ impl Controller {
                 admitted: false,
                 session_done: false,
                 left: watch::channel(false).0,
+                media_joined: watch::channel(false).0,
+                fallback: None,
+                reported: false,
+                started: (SystemTime::now(), Instant::now()),
             },
         );
         id
     }
 
     async fn setup(self, id: Uuid, channel: Channel) {
-        let c = &self.inner.client;
-        let s = &self.inner.settings;
-        info!(call_id = %id, channel = %channel.id, "stasis call: setting up");
-        let result: Result<(), AriError> = async {
-            c.answer(&channel.id).await?;
-            let bridge = c.create_bridge(&format!("voicegate-{id}")).await?;
-            bump(&self.inner.counters.bridges_created);
-            if !self.keep(id, |call| call.bridge = Some(bridge.id.clone())) {
-                self.destroy_bridge(&bridge.id).await;
-                return Ok(());
-            }
-            let data = id.to_string();
-            let media = c
-                .external_media(&ExternalMedia {
-                    app: &s.app,
-                    external_host: &s.external_host,
-                    format: s.format.as_str(),
-                    data: &data,
-                })
-                .await?;
-            bump(&self.inner.counters.media_created);
-            let media_id = media.id.clone();
-            let kept = self.keep(id, |call| {
-                call.media = Some(media_id.clone());
-            });
-            self.registry().by_channel.insert(media.id.clone(), id);
-            if !kept {
-                self.delete_media(&media.id).await;
-                return Ok(());
-            }
-            c.add_channels(&bridge.id, &[&channel.id, &media.id])
-                .await?;
-            self.keep(id, |call| {
-                if call.phase == Phase::Setup {
-                    call.phase = Phase::Live;
-                }
-            });
-            Ok(())
+        if let Some(reason) = self.inner.hooks.route.as_ref().and_then(|r| r()) {
+            info!(call_id = %id, channel = %channel.id, %reason, "stasis call sent straight to the operators");
+            self.send_to_operators(id, reason).await;
+            return;
         }
-        .await;
-        match result {
+        info!(call_id = %id, channel = %channel.id, "stasis call: setting up");
+        match self.bridge_media(id, &channel).await {
             Ok(()) => debug!(call_id = %id, "stasis call bridged"),
-            Err(e) if e.is_not_found() => {
+            Err(SetupError::Ari(e)) if e.is_not_found() => {
                 info!(call_id = %id, error = %e, "caller gone during setup");
                 self.cleanup(id).await;
             }
             Err(e) => {
                 warn!(call_id = %id, error = %e, "stasis setup failed; sending the caller to the operators");
-                self.transfer_flow(id).await;
+                self.send_to_operators(id, FallbackReason::SetupFailed(e.to_string()))
+                    .await;
             }
         }
+    }
+
+    /// Answer, bridge, externalMedia, wait for its `StasisStart`, bridge both. `Ok` also when
+    /// the caller left meanwhile (the clean-up is the caller's `StasisEnd`'s).
+    async fn bridge_media(&self, id: Uuid, channel: &Channel) -> Result<(), SetupError> {
+        let c = &self.inner.client;
+        let s = &self.inner.settings;
+        let Some((mut joined, mut left)) = self.read(id, |call| {
+            (call.media_joined.subscribe(), call.left.subscribe())
+        }) else {
+            return Ok(());
+        };
+        c.answer(&channel.id).await?;
+        let bridge = c.create_bridge(&format!("voicegate-{id}")).await?;
+        bump(&self.inner.counters.bridges_created);
+        if !self.keep(id, |call| call.bridge = Some(bridge.id.clone())) {
+            self.destroy_bridge(&bridge.id).await;
+            return Ok(());
+        }
+        let data = id.to_string();
+        let media = c
+            .external_media(&ExternalMedia {
+                app: &s.app,
+                external_host: &s.external_host,
+                format: s.format.as_str(),
+                data: &data,
+            })
+            .await?;
+        bump(&self.inner.counters.media_created);
+        let media_id = media.id.clone();
+        let kept = self.keep(id, |call| {
+            call.media = Some(media_id.clone());
+        });
+        self.registry().by_channel.insert(media.id.clone(), id);
+        if !kept {
+            self.delete_media(&media.id).await;
+            return Ok(());
+        }
+        // Asterisk answers the REST request before the new channel has entered the
+        // application; bridging it before its own `StasisStart` fails with 422.
+        let waited = Instant::now();
+        tokio::select! {
+            r = timeout(s.media_join_timeout, joined.wait_for(|j| *j)) => {
+                if !matches!(r, Ok(Ok(_))) {
+                    return Err(SetupError::MediaNotJoined {
+                        channel: media.id,
+                        waited_ms: s.media_join_timeout.as_millis() as u64,
+                    });
+                }
+            }
+            _ = left.wait_for(|l| *l) => return Ok(()),
+        }
+        debug!(call_id = %id, channel = %media.id, waited_ms = waited.elapsed().as_millis() as u64, "externalMedia channel in stasis");
+        c.add_channels(&bridge.id, &[&channel.id, &media.id])
+            .await?;
+        self.keep(id, |call| {
+            if call.phase == Phase::Setup {
+                call.phase = Phase::Live;
+            }
+        });
+        Ok(())
+    }
+
+    /// Reads from the call if it is still tracked.
+    fn read<T>(&self, id: Uuid, f: impl FnOnce(&StasisCall) -> T) -> Option<T> {
+        self.registry().calls.get(&id).map(f)
+    }
+
+    /// Sends the caller to the operators because of `reason`, and makes sure the call is
+    /// counted as such: through its session's summary if one ran, else through
+    /// [`Hooks::report`].
+    async fn send_to_operators(&self, id: Uuid, reason: FallbackReason) {
+        let unserved = {
+            let mut reg = self.registry();
+            let Some(call) = reg.calls.get_mut(&id) else {
+                return;
+            };
+            call.fallback.get_or_insert(reason.clone());
+            if call.admitted || call.reported {
+                None
+            } else {
+                call.reported = true;
+                Some(Unserved {
+                    call_id: id,
+                    caller_number: call.number.clone(),
+                    reason,
+                    started: call.started.0,
+                    duration: call.started.1.elapsed(),
+                })
+            }
+        };
+        if let Some(u) = unserved {
+            bump(&self.inner.counters.unserved);
+            if let Some(report) = &self.inner.hooks.report {
+                report(u);
+            }
+        }
+        self.transfer_flow(id).await;
     }
 
     /// Applies `f` to the call if it is still wanted (not cleaned up, caller still here).
@@ -1169,7 +1335,7 @@ impl CallDirectory for Controller {
             {
                 let mut reg = self.registry();
                 if let Some(call) = reg.calls.get_mut(&call_id) {
-                    if call.admitted || call.phase == Phase::Done {
+                    if call.admitted || call.reported || call.phase == Phase::Done {
                         bump(&self.inner.counters.rejected);
                         return Admission::Reject;
                     }
@@ -1207,8 +1373,21 @@ impl CallDirectory for Controller {
         })
     }
 
-    fn finished(&self, summary: &CallSummary) {
+    fn finished(&self, summary: &mut CallSummary) {
         let id = summary.call_id;
+        if summary.fallback.is_none() {
+            let reason = self
+                .registry()
+                .calls
+                .get(&id)
+                .and_then(|c| c.fallback.clone());
+            if let Some(reason) = reason {
+                // voicegate, not the agent, sent this caller to the operators (setup failed
+                // after the media connected): count and record it as such.
+                summary.outcome = Outcome::Fallback(reason.to_string());
+                summary.fallback = Some(reason);
+            }
+        }
         self.inner
             .next
             .set_default(id, Next::from_outcome(&summary.outcome));

@@ -489,7 +489,7 @@ where
             );
             s.fallback = Some(reason);
             if let Some(d) = &directory {
-                d.finished(&s);
+                d.finished(&mut s);
             }
             return Some(s);
         }
@@ -498,7 +498,7 @@ where
             session.clock = Some(h.call_clocks.clone());
             h.call_started();
         }
-        let summary = crate::call::session::run_session_with_input(
+        let mut summary = crate::call::session::run_session_with_input(
             reader,
             writer,
             buf,
@@ -510,7 +510,7 @@ where
         )
         .await;
         if let Some(d) = &directory {
-            d.finished(&summary);
+            d.finished(&mut summary);
         }
         if let Some(h) = &ctx.health {
             h.call_ended();

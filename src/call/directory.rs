@@ -50,8 +50,10 @@ pub trait CallDirectory: Send + Sync + 'static {
     /// waits in the socket meanwhile.
     fn admit(&self, call_id: Uuid, end: CancellationToken) -> AdmitFuture<'_>;
 
-    /// Called once per admitted call when its session has ended.
-    fn finished(&self, summary: &CallSummary);
+    /// Called once per admitted call when its session has ended, before the call is
+    /// counted and recorded. The directory may correct the outcome when it, not the session,
+    /// decided how the call ended (the ARI controller sent the caller to the operators).
+    fn finished(&self, summary: &mut CallSummary);
 }
 
 impl std::fmt::Debug for dyn CallDirectory {

@@ -140,7 +140,7 @@ impl CallDirectory for NextStore {
         Box::pin(async { Admission::Accept(CallDetails::default()) })
     }
 
-    fn finished(&self, summary: &CallSummary) {
+    fn finished(&self, summary: &mut CallSummary) {
         self.set_default(summary.call_id, Next::from_outcome(&summary.outcome));
     }
 }
@@ -151,7 +151,7 @@ impl CallDirectory for std::sync::Arc<NextStore> {
         (**self).admit(call_id, end)
     }
 
-    fn finished(&self, summary: &CallSummary) {
+    fn finished(&self, summary: &mut CallSummary) {
         (**self).finished(summary)
     }
 }

@@ -101,6 +101,24 @@ struct State {
     status_409: u64,
     /// `METHOD /path` of every REST request held unanswered by [`FakeAri::hang_rest`].
     hung_requests: Vec<String>,
+    /// When an externalMedia channel enters the application.
+    media_join: MediaJoin,
+}
+
+/// When a new externalMedia channel enters the Stasis application (its `StasisStart`).
+///
+/// A real Asterisk 22.10.1 answers `POST /channels/externalMedia` *before* the channel has
+/// entered the application; its `StasisStart` follows later, and `addChannel` before it
+/// answers 422 "Channel not in Stasis application" (`docs/asterisk.md` in shared/, observed:
+/// REST reply at .402023, a too-early addChannel 422 at .402292, `StasisStart` at .402481;
+/// `res/ari/resource_bridges.c`). The fake does the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MediaJoin {
+    /// 2–41 ms after the REST reply, every fifth channel 150 ms (default).
+    #[default]
+    Late,
+    /// Never: the channel stays outside the application.
+    Never,
 }
 
 /// Counters of what the fake did.
@@ -397,6 +415,11 @@ impl FakeAri {
     /// as usual (pongs answered, link up): events lost without the link noticing.
     pub fn lose_events(&self, on: bool) {
         self.lose_events.store(on, Ordering::SeqCst);
+    }
+
+    /// When the next externalMedia channels enter the application.
+    pub fn media_join(&self, join: MediaJoin) {
+        self.state.lock().unwrap().media_join = join;
     }
 
     /// `METHOD /path` of every REST request held by [`FakeAri::hang_rest`], in arrival order.
@@ -953,7 +976,8 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         name: format!("AudioSocket/{host}-{:08x}", st.seq),
         caller_name: String::new(),
         caller_number: String::new(),
-        in_stasis: true,
+        // Not yet: see [`MediaJoin`].
+        in_stasis: false,
         context: "default".into(),
         exten: "s".into(),
         priority: 1,
@@ -968,13 +992,31 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         }),
     };
     let j = ch.json();
-    st.channels.insert(id, ch);
+    st.channels.insert(id.clone(), ch);
     st.media_reports.push(report);
     shared.counts.media_created.fetch_add(1, Ordering::SeqCst);
-    let _ = shared.events.send(event(
-        "StasisStart",
-        json!({"args": [data], "channel": j.clone()}),
-    ));
+    let delay = match st.media_join {
+        MediaJoin::Never => None,
+        MediaJoin::Late if st.seq % 5 == 0 => Some(Duration::from_millis(150)),
+        MediaJoin::Late => Some(Duration::from_millis(2 + (st.seq * 13) % 40)),
+    };
+    if let Some(delay) = delay {
+        // The REST reply goes out first; the channel enters the application later.
+        let state = shared.state.clone();
+        let events = shared.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut st = state.lock().unwrap();
+            let Some(ch) = st.channels.get_mut(&id) else {
+                return;
+            };
+            ch.in_stasis = true;
+            let _ = events.send(event(
+                "StasisStart",
+                json!({"args": [data], "channel": ch.json()}),
+            ));
+        });
+    }
     (200, Some(j))
 }
 
