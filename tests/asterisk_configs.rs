@@ -156,9 +156,9 @@ fn every_referenced_context_exists() {
     // The contexts the issue names, and the one voicegate's ARI transfer targets by default.
     let ari = AriConfig::default();
     for c in [
-        "incoming",
+        "voicegate-entry",
         "voicegate-transfer",
-        "operators",
+        "voicegate-operators",
         "voicegate-app",
         "voicegate-driver",
         "voicegate-stasis",
@@ -199,16 +199,34 @@ fn every_referenced_context_exists() {
     }
     assert!(contexts >= 2);
     assert!(
-        pjsip_text.contains("context = incoming"),
-        "the trunk must land in [incoming]"
+        pjsip_text.contains("context = voicegate-entry"),
+        "the example trunk must land in [voicegate-entry]"
     );
+    // Everything the project ships lives in its own contexts (issue 12): included into a
+    // PBX's dialplan it can neither shadow nor be shadowed by the PBX's own contexts.
+    for ctx in ext.keys() {
+        assert!(
+            ctx == "globals" || ctx.starts_with("voicegate-"),
+            "[{ctx}] is not a voicegate-* context"
+        );
+    }
 
     // Queues used in the dialplan exist; their members are pjsip endpoints.
     let queues = sections(&read("queues.conf"));
+    let globals = &ext["globals"];
+    let global = |name: &str| {
+        globals
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
     for line in ext.values().flatten() {
         if let Some(i) = line.find("Queue(") {
-            let q = line[i + 6..].split([',', ')']).next().unwrap();
-            assert!(queues.contains_key(q), "queue {q} not in queues.conf");
+            let mut q = line[i + 6..].split([',', ')']).next().unwrap().to_owned();
+            if let Some(var) = q.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+                q = global(var).unwrap_or_else(|| panic!("queue variable {var} not in [globals]"));
+            }
+            assert!(queues.contains_key(&q), "queue {q} not in queues.conf");
         }
     }
     for (q, lines) in &queues {
