@@ -216,7 +216,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 c,
                 audiosocket_addr,
                 next.clone(),
-                ari_hooks(gen_rx.clone(), breaker.clone(), summary_tx.clone()),
+                ari_hooks(gen_rx.clone(), breaker.clone(), summary_tx),
                 ari_stop.clone(),
             )
             .context("starting ARI")?;
@@ -225,10 +225,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 Some(rt),
             )
         }
-        None => (
-            server.with_directory(std::sync::Arc::new(next.clone())),
-            None,
-        ),
+        None => {
+            // The records task ends when the last sender is gone: only the listener keeps
+            // one then.
+            drop(summary_tx);
+            (
+                server.with_directory(std::sync::Arc::new(next.clone())),
+                None,
+            )
+        }
     };
     if let Some(rt) = &ari {
         spawn_ari_health(rt.link.state.clone(), health.clone());
@@ -394,8 +399,21 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             .await;
     }
     ari_stop.cancel();
+    if let Some(rt) = ari {
+        // Its tasks hold the controller, whose hooks hold a sender of the records channel.
+        for t in rt.tasks {
+            let _ = t.await;
+        }
+    }
     if let Some(t) = records_task {
-        let _ = t.await;
+        // Every sender is gone once the last call task and ARI flow ended; the timeout is a
+        // backstop against a flow that never ends, not a normal path.
+        if tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .is_err()
+        {
+            warn!("call records: writer still waiting at shutdown; stopping anyway");
+        }
     }
     http_stop.cancel();
     if let Some(t) = http_task {

@@ -70,7 +70,16 @@ fn run_answers_a_call_and_stops_on_sigterm() {
         .port();
     let cfg = dir.join("run.toml");
     let mut f = std::fs::File::create(&cfg).unwrap();
-    writeln!(f, "[audiosocket]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 1\n[agent]\nkind = \"echo\"\ndelay_ms = 300").unwrap();
+    // Every listener on its own port (another voicegate may hold the defaults), and state
+    // in the test's own directory.
+    writeln!(
+        f,
+        "[audiosocket]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 1\n\
+         [health]\nlisten = \"127.0.0.1:0\"\n[state]\ndir = \"{}\"\n\
+         [agent]\nkind = \"echo\"\ndelay_ms = 300",
+        dir.join("state").display()
+    )
+    .unwrap();
     let mut service = Command::new(BIN)
         .args(["--config", cfg.to_str().unwrap(), "run"])
         .stderr(Stdio::piped())

@@ -347,6 +347,7 @@ impl CallContext {
         let (label, _) = crate::records::outcome_label(&s.outcome);
         ::metrics::counter!(m::CALLS_TOTAL, "outcome" => label).increment(1);
         ::metrics::counter!(m::UNDERRUNS).increment(s.underruns);
+        ::metrics::counter!(m::IDLE_FRAMES).increment(s.idle_frames);
         ::metrics::counter!(m::FRAMES_DROPPED, "direction" => "in").increment(s.frames_dropped_in);
         ::metrics::counter!(m::FRAMES_DROPPED, "direction" => "out")
             .increment(s.late_skipped_frames);
@@ -526,6 +527,7 @@ where
             frames_in = summary.frames_in,
             frames_out = summary.frames_out,
             underruns = summary.underruns,
+            idle_frames = summary.idle_frames,
             barge_ins = summary.barge_ins,
             "call ended"
         );

@@ -150,8 +150,12 @@ pub struct CallSummary {
     pub frames_dropped_in: u64,
     /// Agent samples dropped because the playout buffer was full.
     pub playout_overflow_samples: u64,
-    /// Frames cut short while a reply was still streaming.
+    /// Underruns: frames cut short while a reply was still streaming — the agent's audio
+    /// arrived late (network, a slow provider, a late echo frame).
     pub underruns: u64,
+    /// Frames sent with no agent audio while no reply was streaming — the agent had nothing
+    /// to say (listening, thinking). Not a fault; kept apart from `underruns`.
+    pub idle_frames: u64,
     /// Ticks skipped because this task fell more than 60 ms behind.
     pub late_skipped_frames: u64,
     /// Times the caller interrupted the agent.
@@ -191,6 +195,7 @@ impl CallSummary {
             frames_dropped_in: 0,
             playout_overflow_samples: 0,
             underruns: 0,
+            idle_frames: 0,
             late_skipped_frames: 0,
             barge_ins: 0,
             dtmf: String::new(),
@@ -307,6 +312,7 @@ where
                     s.agent_frames_out += 1;
                 }
                 s.underruns += popped.underrun as u64;
+                s.idle_frames += (popped.agent_samples == 0 && !popped.underrun) as u64;
                 out.clear();
                 codec::encode_audio_samples(tick_rate, &frame, &mut out);
                 if let Err(e) = write_frame(&mut writer, &out).await {

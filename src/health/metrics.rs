@@ -18,6 +18,8 @@ pub const FRAMES_IN: &str = "voicegate_frames_in_total";
 pub const FRAMES_OUT: &str = "voicegate_frames_out_total";
 /// Counter: frames cut short while a reply was still streaming.
 pub const UNDERRUNS: &str = "voicegate_underruns_total";
+/// Frames sent as silence because the agent had nothing to say (not a fault).
+pub const IDLE_FRAMES: &str = "voicegate_idle_frames_total";
 /// Counter: dropped audio frames, label `direction` (`in`: agent input full; `out`: late
 /// ticks skipped).
 pub const FRAMES_DROPPED: &str = "voicegate_frames_dropped_total";
@@ -74,7 +76,14 @@ fn describe() {
     describe_counter!(CALLS_TOTAL, "Finished calls by outcome");
     describe_counter!(FRAMES_IN, "Audio frames received from Asterisk");
     describe_counter!(FRAMES_OUT, "Audio frames sent to Asterisk");
-    describe_counter!(UNDERRUNS, "Frames cut short while a reply was streaming");
+    describe_counter!(
+        UNDERRUNS,
+        "Frames cut short while a reply was streaming: agent audio arrived late"
+    );
+    describe_counter!(
+        IDLE_FRAMES,
+        "Frames sent as silence while no reply streamed: the agent had nothing to say"
+    );
     describe_counter!(FRAMES_DROPPED, "Dropped audio frames by direction");
     describe_counter!(BARGE_INS, "Times the caller interrupted the agent");
     describe_histogram!(PLAYOUT_LATENESS, Unit::Seconds, "Lateness of playout ticks");
@@ -93,6 +102,7 @@ fn describe() {
     metrics::counter!(FRAMES_IN).increment(0);
     metrics::counter!(FRAMES_OUT).increment(0);
     metrics::counter!(UNDERRUNS).increment(0);
+    metrics::counter!(IDLE_FRAMES).increment(0);
     metrics::counter!(FRAMES_DROPPED, "direction" => "in").increment(0);
     metrics::counter!(FRAMES_DROPPED, "direction" => "out").increment(0);
     metrics::counter!(BARGE_INS).increment(0);

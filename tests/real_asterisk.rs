@@ -1,0 +1,314 @@
+//! voicegate against a real Asterisk 22.10.1 (issue 12), on loopback: the project's own
+//! `asterisk/` dialplan and configs, real recordings, and `voicegate run` itself. See
+//! `tests/real_asterisk_support/mod.rs` for the set-up and how to point the tests at an
+//! Asterisk of your own (`VOICEGATE_ASTERISK`).
+
+mod real_asterisk_support;
+
+use real_asterisk_support::{
+    Asterisk, AsteriskSetup, PacingProbe, TestCall, Voicegate, assert_echo, asterisk_prefix,
+    percentile, read_wav, repo,
+};
+use std::time::{Duration, Instant};
+
+/// The echo agent's delay in these tests, ms.
+const ECHO_MS: usize = 300;
+
+fn echo_agent() -> String {
+    format!("[agent]\nkind = \"echo\"\ndelay_ms = {ECHO_MS}\n")
+}
+
+/// An `[ari]` table for Stasis mode against `ast`, externalMedia pointed at `external`.
+fn ari(ast: &Asterisk, external: std::net::SocketAddr, format: &str) -> String {
+    format!(
+        "[ari]\nurl = \"{}\"\nusername = \"voicegate\"\npassword = \"{}\"\nmode = \"stasis\"\n\
+         format = \"{format}\"\nexternal_host = \"{external}\"\n",
+        ast.url(),
+        real_asterisk_support::ARI_PASSWORD
+    )
+}
+
+/// The OpenAI Realtime agent pointed at a loopback port with nothing listening: it fails at
+/// once, like a provider that is down.
+fn failing_agent() -> String {
+    let closed = real_asterisk_support::free_port();
+    format!(
+        "[agent]\nkind = \"openai_realtime\"\nurl = \"ws://127.0.0.1:{closed}/v1/realtime\"\n\
+         api_key = \"sk-test-unreachable\"\n"
+    )
+}
+
+fn globals(host: std::net::SocketAddr, http: std::net::SocketAddr) -> AsteriskSetup {
+    AsteriskSetup {
+        globals: vec![
+            ("VOICEGATE_HOST".into(), host.to_string()),
+            ("VOICEGATE_HTTP".into(), http.to_string()),
+        ],
+        extra_dialplan: String::new(),
+    }
+}
+
+fn fixture_samples() -> Vec<i16> {
+    read_wav(&repo().join("tests/fixtures/hello-world.wav"))
+}
+
+/// voicegate and Asterisk wired together for `mode`: a pacing probe between them, the
+/// dialplan's globals pointing at voicegate, and in Stasis mode `[ari]` pointing at Asterisk
+/// with externalMedia sent through the probe.
+struct Rig {
+    ast: Asterisk,
+    vg: Voicegate,
+    probe: PacingProbe,
+}
+
+impl Rig {
+    /// Runs `check`; if it panics, prints both logs first (which call, what happened).
+    fn explain_on_panic<T>(&self, check: impl FnOnce() -> T) -> T {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("--- voicegate log ---\n{}", self.vg.log.lock().unwrap());
+                eprintln!("--- asterisk log ---\n{}", self.ast.log());
+                std::panic::resume_unwind(e)
+            }
+        }
+    }
+
+    async fn start(
+        prefix: &std::path::Path,
+        name: &str,
+        stasis_format: Option<&str>,
+        agent: &str,
+    ) -> Rig {
+        let (audiosocket, health) = Voicegate::ports();
+        let probe = PacingProbe::start(audiosocket).await;
+        let ast = Asterisk::start(prefix, name, globals(probe.addr, health)).await;
+        let extra = match stasis_format {
+            Some(f) => format!("{agent}{}", ari(&ast, probe.addr, f)),
+            None => agent.to_owned(),
+        };
+        let vg = Voicegate::start_on(name, audiosocket, health, &extra).await;
+        if stasis_format.is_some() {
+            // The events WebSocket registers the application.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !ast.cli("ari show apps").contains("voicegate") {
+                assert!(Instant::now() < deadline, "Stasis app not registered");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Rig { ast, vg, probe }
+    }
+}
+
+/// One echo call in `mode`; checks the echo and voicegate's pacing as Asterisk gets it.
+async fn echo_call(mode: &'static str, format: &'static str) {
+    let Some(prefix) = asterisk_prefix(&format!("echo_call_{mode}")) else {
+        return;
+    };
+    let stasis = (mode == "stasis").then_some(if format == "slin16" { "slin16" } else { "slin" });
+    let rig = Rig::start(&prefix, mode, stasis, &echo_agent()).await;
+    let (ast, vg, probe) = (&rig.ast, &rig.vg, &rig.probe);
+    let call = TestCall::new(&format!("echo-{mode}"), mode);
+    let ch = ast.originate(&call).await;
+    ast.wait_gone(&ch, Duration::from_secs(20)).await;
+    ast.wait_no_channels(Duration::from_secs(10)).await;
+    let heard = ast.heard(&call.name);
+    let said = fixture_samples();
+    assert_echo(mode, &heard, &said, ECHO_MS * 8, 800);
+    let gaps = probe.gaps_ms(0);
+    let (p50, p99) = (percentile(&gaps, 0.5), percentile(&gaps, 0.99));
+    eprintln!(
+        "{mode}: voicegate pacing at Asterisk: {} frames, p50 {p50:.1} ms, p99 {p99:.1} ms",
+        gaps.len() + 1
+    );
+    assert!(gaps.len() > 100, "{} frames", gaps.len());
+    assert!((19.0..=21.0).contains(&p50), "p50 {p50}");
+    let records = vg.wait_records(1, Duration::from_secs(5)).await;
+    assert_eq!(records[0].outcome, "completed", "{:?}", records[0]);
+    let errors = ast.errors();
+    assert!(errors.is_empty(), "Asterisk errors: {errors:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode1_app_echoes_the_callers_speech() {
+    echo_call("app", "slin").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode2_driver_echoes_the_callers_speech() {
+    echo_call("driver", "slin16").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode3_stasis_echoes_the_callers_speech() {
+    echo_call("stasis", "slin16").await;
+}
+
+/// A failing agent (its provider unreachable): the caller reaches the operators' queue
+/// member within 2 s of the call starting, in `mode`, and the record says why.
+async fn failing_agent_reaches_operators(mode: &'static str) {
+    let Some(prefix) = asterisk_prefix(&format!("failing_agent_{mode}")) else {
+        return;
+    };
+    let stasis = (mode == "stasis").then_some("slin16");
+    let rig = Rig::start(&prefix, &format!("fail-{mode}"), stasis, &failing_agent()).await;
+    let (ast, vg) = (&rig.ast, &rig.vg);
+    let call = TestCall::new(&format!("fail-{mode}"), mode);
+    let started = Instant::now();
+    let ch = ast.originate(&call).await;
+    let deadline = started + Duration::from_secs(10);
+    while ast.operator_log().is_empty() {
+        assert!(Instant::now() < deadline, "{mode}: no operator answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    eprintln!("{mode}: failing agent → operator answered in {took:?}");
+    assert!(took < Duration::from_secs(2), "{mode}: {took:?}");
+    assert_eq!(ast.operator_log(), vec![call.number.clone()]);
+    ast.wait_gone(&ch, Duration::from_secs(20)).await;
+    let records = vg.wait_records(1, Duration::from_secs(5)).await;
+    assert_eq!(records[0].outcome, "fallback", "{:?}", records[0]);
+    assert!(
+        records[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("cannot connect to openai_realtime")),
+        "{:?}",
+        records[0]
+    );
+    let metrics = vg.metrics().await;
+    assert!(
+        metrics.contains("voicegate_fallbacks_total{reason=\"agent_failed\"} 1"),
+        "{metrics}"
+    );
+    let errors = ast.errors();
+    assert!(errors.is_empty(), "Asterisk errors: {errors:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_agent_mode1_reaches_the_operators() {
+    failing_agent_reaches_operators("app").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_agent_mode2_reaches_the_operators() {
+    failing_agent_reaches_operators("driver").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_agent_mode3_reaches_the_operators() {
+    failing_agent_reaches_operators("stasis").await;
+}
+
+/// voicegate not running: modes 1 and 2 still reach the operators (`TryExec` fails,
+/// `DIALSTATUS=CHANUNAVAIL`), and so does mode 3 (`STASISSTATUS=FAILED`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voicegate_down_every_mode_reaches_the_operators() {
+    let Some(prefix) = asterisk_prefix("voicegate_down") else {
+        return;
+    };
+    let (audiosocket, health) = Voicegate::ports();
+    let ast = Asterisk::start(&prefix, "down", globals(audiosocket, health)).await;
+    for (i, mode) in ["app", "driver", "stasis"].into_iter().enumerate() {
+        let call = TestCall::new(&format!("down-{mode}"), mode);
+        let ch = ast.originate(&call).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ast.operator_log().len() <= i {
+            assert!(Instant::now() < deadline, "{mode}: no operator answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ast.operator_log()[i], call.number);
+        ast.wait_gone(&ch, Duration::from_secs(20)).await;
+        ast.wait_no_channels(Duration::from_secs(10)).await;
+    }
+    // Mode 1 logs AudioSocket's own connection ERROR: that is Asterisk reporting voicegate
+    // down, not a config error; nothing else may be an ERROR.
+    let errors: Vec<_> = ast
+        .errors()
+        .into_iter()
+        .filter(|l| !l.contains("app_audiosocket.c") && !l.contains("res_audiosocket.c"))
+        .collect();
+    assert!(errors.is_empty(), "Asterisk errors: {errors:#?}");
+}
+
+/// DTMF sent by the caller (`SendDTMF(123#)` after the recording) reaches the agent
+/// exactly once per digit, in every mode (in Stasis mode Asterisk reports each digit twice:
+/// as AudioSocket `0x03` on the media leg and as ARI `ChannelDtmfReceived`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
+    let Some(prefix) = asterisk_prefix("dtmf") else {
+        return;
+    };
+    for mode in ["app", "driver", "stasis"] {
+        let stasis = (mode == "stasis").then_some("slin16");
+        let rig = Rig::start(&prefix, &format!("dtmf-{mode}"), stasis, &echo_agent()).await;
+        let mut call = TestCall::new(&format!("dtmf-{mode}"), mode);
+        call.dtmf = "123#".into();
+        let ch = rig.ast.originate(&call).await;
+        rig.ast.wait_gone(&ch, Duration::from_secs(20)).await;
+        let records = rig.vg.wait_records(1, Duration::from_secs(5)).await;
+        assert_eq!(records[0].dtmf, "123#", "{mode}: {:?}", records[0]);
+    }
+}
+
+/// Stasis mode at the real Asterisk's pace: 20 calls in a row and 10 at once all bridge and
+/// echo (none handed to the operators by the externalMedia race), and afterwards Asterisk
+/// has no bridge and no channel left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stasis_calls_in_a_row_and_at_once_all_bridge_and_leave_nothing() {
+    let Some(prefix) = asterisk_prefix("stasis_many") else {
+        return;
+    };
+    let in_a_row: usize = std::env::var("VOICEGATE_STASIS_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20);
+    let rig = Rig::start(&prefix, "many", Some("slin"), &echo_agent()).await;
+    let (ast, vg) = (&rig.ast, &rig.vg);
+    let said = fixture_samples();
+    for i in 0..in_a_row {
+        let mut call = TestCall::new(&format!("row{i}"), "stasis");
+        call.wait_s = 1.0;
+        let ch = ast.originate(&call).await;
+        ast.wait_gone(&ch, Duration::from_secs(20)).await;
+        ast.wait_no_channels(Duration::from_secs(10)).await;
+        let heard = ast.heard(&call.name);
+        rig.explain_on_panic(|| assert_echo(&call.name, &heard, &said, ECHO_MS * 8, 800));
+    }
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let mut call = TestCall::new(&format!("once{i}"), "stasis");
+        call.wait_s = 1.0;
+        let ch = ast.originate(&call).await;
+        calls.push((call, ch));
+    }
+    for (_, ch) in &calls {
+        ast.wait_gone(ch, Duration::from_secs(30)).await;
+    }
+    ast.wait_no_channels(Duration::from_secs(10)).await;
+    for (call, _) in &calls {
+        assert_echo(&call.name, &ast.heard(&call.name), &said, ECHO_MS * 8, 800);
+    }
+    let records = vg
+        .wait_records(in_a_row + 10, Duration::from_secs(10))
+        .await;
+    let completed = records.iter().filter(|r| r.outcome == "completed").count();
+    eprintln!(
+        "stasis: {completed} of {} calls completed with the agent",
+        records.len()
+    );
+    assert_eq!(completed, in_a_row + 10, "{records:#?}");
+    assert!(ast.operator_log().is_empty(), "{:?}", ast.operator_log());
+    let bridges = ast
+        .ari(reqwest::Method::GET, "/bridges", &[])
+        .await
+        .unwrap();
+    assert_eq!(bridges, serde_json::json!([]), "bridges left");
+    assert!(
+        ast.cli("core show channels").contains("0 active channels"),
+        "{}",
+        ast.cli("core show channels")
+    );
+    let errors = ast.errors();
+    assert!(errors.is_empty(), "Asterisk errors: {errors:#?}");
+}
