@@ -3,6 +3,8 @@
 //! `tests/real_asterisk_support/mod.rs` for the set-up and how to point the tests at an
 //! Asterisk of your own (`VOICEGATE_ASTERISK`).
 
+#[path = "common/fake_openai.rs"]
+mod fake_openai;
 mod real_asterisk_support;
 
 use real_asterisk_support::{
@@ -176,6 +178,14 @@ async fn failing_agent_reaches_operators(mode: &'static str) {
         "{:?}",
         records[0]
     );
+    if mode != "stasis" {
+        // The dialplan asked voicegate what next (CURL) and got the operators.
+        assert!(
+            ast.log().contains("voicegate next: \"operator\""),
+            "{}",
+            ast.log()
+        );
+    }
     let metrics = vg.metrics().await;
     assert!(
         metrics.contains("voicegate_fallbacks_total{reason=\"agent_failed\"} 1"),
@@ -311,4 +321,181 @@ async fn stasis_calls_in_a_row_and_at_once_all_bridge_and_leave_nothing() {
     );
     let errors = ast.errors();
     assert!(errors.is_empty(), "Asterisk errors: {errors:#?}");
+}
+
+/// A 14 s call in mode 1: the echo's delay stays within ±30 ms of the configured delay over
+/// the whole call (issue 12: late frames from Asterisk used to add up to +80 ms of lag).
+/// Run it with a parallel build on the machine to see it hold under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_echo_call_keeps_its_delay() {
+    let Some(prefix) = asterisk_prefix("long_echo") else {
+        return;
+    };
+    let rig = Rig::start(&prefix, "long", None, &echo_agent()).await;
+    // 14 s of real speech: the three fixtures, over and over, each padded to whole frames.
+    let mut speech = Vec::new();
+    while speech.len() < 14 * 8_000 {
+        for f in ["hello-world.wav", "auth-thankyou.wav", "vm-goodbye.wav"] {
+            let mut s = read_wav(&repo().join("tests/fixtures").join(f));
+            s.resize(s.len().div_ceil(160) * 160, 0);
+            speech.extend(s);
+        }
+    }
+    speech.truncate(14 * 8_000);
+    let wav = rig.ast.dir.0.join("long-speech.wav");
+    real_asterisk_support::write_wav(&wav, &speech);
+    let mut call = TestCall::new("long", "app");
+    call.wav = wav.with_extension("");
+    call.wait_s = 1.0;
+    let ch = rig.ast.originate(&call).await;
+    rig.ast.wait_gone(&ch, Duration::from_secs(40)).await;
+    rig.ast.wait_no_channels(Duration::from_secs(10)).await;
+    let heard = rig.ast.heard("long");
+    let matches = rig.explain_on_panic(|| assert_echo("long", &heard, &speech, ECHO_MS * 8, 400));
+    let lags: Vec<i64> = matches.iter().map(|(_, l)| *l as i64 / 8).collect();
+    let (lo, hi) = (lags.iter().min().unwrap(), lags.iter().max().unwrap());
+    eprintln!("long: echo delay over 14 s: {lo}..{hi} ms (configured {ECHO_MS} ms)");
+    for (i, l) in lags.iter().enumerate() {
+        assert!(
+            (l - ECHO_MS as i64).abs() <= 30,
+            "window {i}: echo delay {l} ms, configured {ECHO_MS} ms: {lags:?}"
+        );
+    }
+}
+
+/// The maintenance switch (`[fallback] maintenance = true`): voicegate ends the session at
+/// once, the dialplan asks `/v1/calls/{id}/next` through `CURL()` and sends the caller to the
+/// operators; the record says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_sends_mode1_and_mode2_callers_to_the_operators_through_next() {
+    let Some(prefix) = asterisk_prefix("maintenance") else {
+        return;
+    };
+    let agent = format!("{}[fallback]\nmaintenance = true\n", echo_agent());
+    let rig = Rig::start(&prefix, "maint", None, &agent).await;
+    for (i, mode) in ["app", "driver"].into_iter().enumerate() {
+        let call = TestCall::new(&format!("maint-{mode}"), mode);
+        let ch = rig.ast.originate(&call).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rig.ast.operator_log().len() <= i {
+            assert!(Instant::now() < deadline, "{mode}: no operator answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rig.ast.wait_gone(&ch, Duration::from_secs(20)).await;
+        rig.ast.wait_no_channels(Duration::from_secs(10)).await;
+    }
+    // The dialplan's question and voicegate's answer, as Asterisk logged them.
+    let next = rig
+        .ast
+        .log()
+        .matches("voicegate next: \"operator\"")
+        .count();
+    assert_eq!(next, 2, "{}", rig.ast.log());
+    let records = rig.vg.wait_records(2, Duration::from_secs(5)).await;
+    for r in &records {
+        assert_eq!(r.outcome, "fallback", "{r:?}");
+        assert_eq!(r.detail.as_deref(), Some("maintenance"), "{r:?}");
+    }
+}
+
+/// The OpenAI Realtime agent through the real Asterisk (mode 1, G.711 μ-law on the wire),
+/// against the fake Realtime server: the caller hears the reply; when the server's VAD says
+/// the caller started speaking, the playout stops at once and voicegate truncates the reply
+/// at what the caller heard, and what the caller heard ends there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
+    use fake_openai::{FakeOpenAi, to_wire};
+    use voicegate::audio::convert::WireFormat;
+    use voicegate::audio::g711::Law;
+    use voicegate::config::RealtimeApi;
+    let Some(prefix) = asterisk_prefix("openai_barge_in") else {
+        return;
+    };
+    const KEY: &str = "sk-test-real-asterisk";
+    const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
+    let fake = FakeOpenAi::bind(KEY).await;
+    let agent = format!(
+        "[agent]\nkind = \"openai_realtime\"\nurl = \"{}\"\napi_key = \"{KEY}\"\n\
+         instructions = \"You are a test agent.\"\n",
+        fake.url
+    );
+    let rig = Rig::start(&prefix, "openai", None, &agent).await;
+    // The reply: 4.5 s of real speech the caller can be checked against.
+    let mut reply = Vec::new();
+    for f in [
+        "vm-goodbye.wav",
+        "auth-thankyou.wav",
+        "hello-world.wav",
+        "vm-goodbye.wav",
+    ] {
+        reply.extend(read_wav(&repo().join("tests/fixtures").join(f)));
+    }
+    let mut call = TestCall::new("openai", "app");
+    call.wait_s = 5.0;
+    let t0 = tokio::time::Instant::now();
+    let ch = rig.ast.originate(&call).await;
+    let (_, conn) = fake.accept(None, t0).await;
+    let mut c = conn.expect("upgrade accepted");
+    c.session_created(RealtimeApi::Ga).await;
+    let update = c.expect("session.update").await;
+    c.session_updated(RealtimeApi::Ga, &update, (ULAW, ULAW))
+        .await;
+    // The caller's speech arrives through Asterisk; then the server answers, all at once.
+    c.wait_for_audio_ms(1_000).await;
+    c.caller_turn("item_u1", "Hello world.").await;
+    c.reply(
+        RealtimeApi::Ga,
+        "resp_1",
+        "item_a1",
+        &to_wire(&reply, ULAW),
+        800,
+        "Goodbye. Thank you. Hello world. Goodbye.",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    c.send(serde_json::json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": 3_000, "item_id": "item_u2"}))
+        .await;
+    let truncate = c.expect("conversation.item.truncate").await;
+    assert_eq!(truncate["item_id"], "item_a1", "{truncate}");
+    let heard_ms = truncate["audio_end_ms"].as_u64().expect("audio_end_ms");
+    eprintln!("openai: reply truncated at {heard_ms} ms");
+    assert!(
+        (1_000..=2_200).contains(&heard_ms),
+        "heard {heard_ms} ms of the reply"
+    );
+    rig.ast.wait_gone(&ch, Duration::from_secs(20)).await;
+    rig.ast.wait_no_channels(Duration::from_secs(10)).await;
+    let heard = rig.ast.heard("openai");
+    // What the caller heard is the reply up to the truncation, and not past it: find the
+    // reply's start, then compare window by window.
+    let first = &reply[..8_000];
+    let (corr, at) =
+        voicegate::caller::best_correlation(&heard, first, heard.len().saturating_sub(8_000));
+    assert!(corr > 0.9, "the reply reached the caller: corr {corr}");
+    assert!(at >= 0, "reply found at {at}");
+    let heard_part = &heard[at as usize..];
+    let cut = heard_ms as usize * 8;
+    let before =
+        real_asterisk_support::window_matches(heard_part, &reply[..cut - 800], 8_000, 0, 80);
+    let after = real_asterisk_support::window_matches(
+        heard_part,
+        &reply[cut + 1_600..],
+        8_000,
+        cut + 1_600,
+        80,
+    );
+    let good = |m: &[(f64, isize)]| m.iter().filter(|(c, _)| *c >= 0.8).count();
+    eprintln!(
+        "openai: before the cut {}/{} windows heard, after it {}/{}",
+        good(&before),
+        before.len(),
+        good(&after),
+        after.len()
+    );
+    assert!(good(&before) * 100 >= before.len() * 95, "{before:?}");
+    assert_eq!(
+        good(&after),
+        0,
+        "audio after the truncation reached the caller: {after:?}"
+    );
 }
