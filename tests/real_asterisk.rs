@@ -499,3 +499,161 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
         "audio after the truncation reached the caller: {after:?}"
     );
 }
+
+/// The agent's built-in tools through the real Asterisk, with the fake OpenAI Realtime
+/// server as the model: it says goodbye, then calls `transfer_to_operator` or `hangup` at
+/// once. The words are heard in full first; then the caller is in the operators' queue
+/// (modes 1 and 3), or hung up (long before its own end).
+async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
+    use fake_openai::{FakeOpenAi, to_wire};
+    use voicegate::audio::convert::WireFormat;
+    use voicegate::audio::g711::Law;
+    use voicegate::config::RealtimeApi;
+    let Some(prefix) = asterisk_prefix(&format!("tool_{tool}_{mode}")) else {
+        return;
+    };
+    const KEY: &str = "sk-test-real-asterisk";
+    const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
+    let fake = FakeOpenAi::bind(KEY).await;
+    let agent = format!(
+        "[agent]\nkind = \"openai_realtime\"\nurl = \"{}\"\napi_key = \"{KEY}\"\n\
+         [[tools]]\nkind = \"transfer_to_operator\"\n[[tools]]\nkind = \"hangup\"\n",
+        fake.url
+    );
+    // Stasis at 8 kHz: the agent talks G.711 μ-law like in mode 1.
+    let stasis = (mode == "stasis").then_some("slin");
+    let rig = Rig::start(&prefix, &format!("{tool}-{mode}"), stasis, &agent).await;
+    let goodbye = read_wav(&repo().join("tests/fixtures/vm-goodbye.wav"));
+    let mut call = TestCall::new(&format!("{tool}-{mode}"), mode);
+    call.wait_s = 8.0;
+    let t0 = tokio::time::Instant::now();
+    let started = Instant::now();
+    let ch = rig.ast.originate(&call).await;
+    let (_, conn) = fake.accept(None, t0).await;
+    let mut c = conn.expect("upgrade accepted");
+    c.session_created(RealtimeApi::Ga).await;
+    let update = c.expect("session.update").await;
+    let names: Vec<_> = update["session"]["tools"]
+        .as_array()
+        .expect("tools declared")
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(names.contains(&tool.to_owned()), "{names:?}");
+    c.session_updated(RealtimeApi::Ga, &update, (ULAW, ULAW))
+        .await;
+    c.wait_for_audio_ms(500).await;
+    c.reply(
+        RealtimeApi::Ga,
+        "resp_1",
+        "item_a1",
+        &to_wire(&goodbye, ULAW),
+        800,
+        "Goodbye.",
+    )
+    .await;
+    let call_item = serde_json::json!({"id": "item_f1", "type": "function_call", "status": "completed",
+        "call_id": "call_1", "name": tool, "arguments": "{}"});
+    c.send(serde_json::json!({"type": "response.created", "response": {"id": "resp_2", "status": "in_progress", "output": []}})).await;
+    c.send(serde_json::json!({"type": "response.output_item.added", "response_id": "resp_2", "output_index": 0, "item": call_item})).await;
+    c.send(serde_json::json!({"type": "response.function_call_arguments.done", "response_id": "resp_2", "item_id": "item_f1",
+        "output_index": 0, "call_id": "call_1", "name": tool, "arguments": "{}"})).await;
+    c.send(serde_json::json!({"type": "response.done", "response": {"id": "resp_2", "status": "completed", "output": [call_item]}})).await;
+    rig.ast.wait_gone(&ch, Duration::from_secs(20)).await;
+    let gone_after = started.elapsed();
+    rig.ast.wait_no_channels(Duration::from_secs(10)).await;
+    let heard = rig.ast.heard(&call.name);
+    // The goodbye was heard in full before the call moved on.
+    let (corr, at) = voicegate::caller::best_correlation(&heard, &goodbye[..4_000], heard.len());
+    assert!(corr > 0.9 && at >= 0, "goodbye not heard: corr {corr}");
+    rig.explain_on_panic(|| {
+        real_asterisk_support::assert_echo(tool, &heard[at as usize..], &goodbye, 0, 80)
+    });
+    let records = rig.vg.wait_records(1, Duration::from_secs(5)).await;
+    let r = &records[0];
+    match tool {
+        "transfer_to_operator" => {
+            assert_eq!(rig.ast.operator_log(), vec![call.number.clone()], "{r:?}");
+            assert_eq!(r.outcome, "transferred", "{r:?}");
+        }
+        _ => {
+            assert!(rig.ast.operator_log().is_empty());
+            assert_eq!(r.outcome, "agent_ended", "{r:?}");
+            // Hung up by voicegate, not by the caller's own end (8 s after the playback).
+            assert!(gone_after < Duration::from_secs(8), "{gone_after:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_tool_mode1_puts_the_caller_in_the_queue() {
+    tool_ends_the_call("app", "transfer_to_operator").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_tool_mode3_puts_the_caller_in_the_queue() {
+    tool_ends_the_call("stasis", "transfer_to_operator").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_tool_mode1_hangs_up_after_the_goodbye() {
+    tool_ends_the_call("app", "hangup").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_tool_mode3_hangs_up_after_the_goodbye() {
+    tool_ends_the_call("stasis", "hangup").await;
+}
+
+/// A Stasis setup that fails for real: `external_host` points where nothing listens, so
+/// Asterisk answers `externalMedia` with 500. The caller reaches the operators, and the call
+/// is recorded and counted as a fallback with the reason, not as a completed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
+    let Some(prefix) = asterisk_prefix("failed_setup") else {
+        return;
+    };
+    let (audiosocket, health) = Voicegate::ports();
+    let ast = Asterisk::start(&prefix, "setup", globals(audiosocket, health)).await;
+    let closed: std::net::SocketAddr = format!("127.0.0.1:{}", real_asterisk_support::free_port())
+        .parse()
+        .unwrap();
+    let extra = format!("{}{}", echo_agent(), ari(&ast, closed, "slin16"));
+    let vg = Voicegate::start_on("setup", audiosocket, health, &extra).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ast.cli("ari show apps").contains("voicegate") {
+        assert!(Instant::now() < deadline, "Stasis app not registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let call = TestCall::new("setup", "stasis");
+    let ch = ast.originate(&call).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ast.operator_log().is_empty() {
+        assert!(Instant::now() < deadline, "no operator answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ast.operator_log(), vec![call.number.clone()]);
+    ast.wait_gone(&ch, Duration::from_secs(20)).await;
+    let records = vg.wait_records(1, Duration::from_secs(5)).await;
+    let r = &records[0];
+    assert_eq!(r.outcome, "fallback", "{r:?}");
+    assert!(
+        r.detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with("stasis setup failed") && d.contains("externalMedia")),
+        "{r:?}"
+    );
+    let metrics = vg.metrics().await;
+    assert!(
+        metrics.contains("voicegate_fallbacks_total{reason=\"setup_failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("voicegate_calls_total{outcome=\"fallback\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("voicegate_calls_total{outcome=\"completed\"}"),
+        "{metrics}"
+    );
+}
