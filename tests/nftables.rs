@@ -12,7 +12,6 @@ use std::time::Duration;
 
 const CHILD_ENV: &str = "VOICEGATE_TEST_NFT_CHILD";
 
-
 /// A test that cannot run here says so; under `VOICEGATE_REQUIRE_ALL=1` (CI) it fails.
 fn skip(why: &str) {
     assert!(

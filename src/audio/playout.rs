@@ -131,6 +131,15 @@ impl PlayoutBuffer {
         }
     }
 
+    /// Drops up to `n` of the oldest queued samples without playing them (a live stream
+    /// catching up after the clock skipped ticks); returns how many were dropped.
+    pub fn discard(&mut self, n: usize) -> usize {
+        let n = n.min(self.samples.len());
+        self.samples.drain(..n);
+        self.consume_segments(n, false);
+        n
+    }
+
     /// Marks the newest reply as complete: a short last frame is then not an underrun.
     pub fn mark_reply_complete(&mut self) {
         self.streaming = false;
@@ -254,6 +263,19 @@ mod tests {
 
     const R1: ReplyId = ReplyId(1);
     const R2: ReplyId = ReplyId(2);
+
+    #[test]
+    fn discard_drops_the_oldest_unheard() {
+        let mut b = PlayoutBuffer::new(8_000, Duration::from_secs(10));
+        b.push(R1, &[1; 160]);
+        b.push(R1, &[2; 160]);
+        assert_eq!(b.discard(160), 160);
+        let mut frame = [0i16; 160];
+        assert_eq!(b.pop_frame(&mut frame).agent_samples, 160);
+        assert_eq!(frame, [2; 160]);
+        assert_eq!(b.heard_ms(R1), 20, "discarded audio was not heard");
+        assert_eq!(b.discard(160), 0);
+    }
 
     #[test]
     fn meters_out_frames_and_pads_with_silence() {

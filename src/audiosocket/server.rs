@@ -528,6 +528,7 @@ where
             frames_out = summary.frames_out,
             underruns = summary.underruns,
             idle_frames = summary.idle_frames,
+            late_skipped_frames = summary.late_skipped_frames,
             barge_ins = summary.barge_ins,
             "call ended"
         );

@@ -261,6 +261,7 @@ where
     let mut last_reply: Option<ReplyId> = None;
     // Agents with their own VAD get every played frame as an echo reference.
     let playout_reference = agent.wants_playout_reference();
+    let live_playout = agent.live_playout();
     // A reply's latency waits here for its first frame on the wire: (latency, when received).
     let mut pending_latency: Option<(TurnLatency, Instant)> = None;
 
@@ -333,7 +334,14 @@ where
                         s.turns.push(lat);
                     }
                 }
+                let skipped = clock.skipped_frames();
                 clock.advance(now);
+                if live_playout && clock.skipped_frames() > skipped {
+                    // A live stream (the echo) keeps its timing: the skipped ticks' audio goes.
+                    let n = (clock.skipped_frames() - skipped) as usize * playout.samples_per_frame();
+                    let dropped = playout.discard(n);
+                    debug!(skipped = clock.skipped_frames() - skipped, dropped_samples = dropped, "clock skipped ticks; live audio dropped");
+                }
                 tick.as_mut().reset(clock.deadline());
                 // Checked once per tick: a half-open connection sends nothing.
                 if now.duration_since(last_input) > params.idle_timeout {

@@ -39,6 +39,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// One scenario at a time in this test binary: each starts its own Asterisk and voicegate,
+/// and their timing checks (pacing, the echo's delay) are about voicegate, not about a dozen
+/// PBXs competing for two cores. Hold the guard for the whole test.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 /// The Asterisk install prefix, or `None` (after printing "skipped") when there is none and
 /// the run does not require it. Panics under `VOICEGATE_REQUIRE_ALL=1` without one.
 pub fn asterisk_prefix(test: &str) -> Option<PathBuf> {
