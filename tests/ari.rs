@@ -710,6 +710,29 @@ async fn shutdown_hands_live_stasis_callers_to_the_operators() {
     h.wait_clean().await;
 }
 
+/// Asterisk's 422s are kept in Asterisk's own words: "Channel not in this bridge" for a
+/// `removeChannel` of a channel that is not there (`res/ari/resource_bridges.c`), not the
+/// "not in Stasis" of a 409.
+#[tokio::test]
+async fn a_422_keeps_asterisks_message() {
+    let h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |_| {}).await;
+    let c = h.ctl().client();
+    let bridge = c.create_bridge("voicegate-test").await.expect("bridge");
+    let caller = h.fake.new_caller("+15550006666", "Grace");
+    let err = c.remove_channel(&bridge.id, &caller).await.unwrap_err();
+    match &err {
+        AriError::Unprocessable { message, .. } => {
+            assert_eq!(message, "Channel not in this bridge")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string().ends_with("Channel not in this bridge"),
+        "{err}"
+    );
+    h.fake.caller_hangs_up(&caller);
+}
+
 #[tokio::test]
 async fn stasis_only_listener_rejects_unknown_call_ids() {
     let h = Harness::start(Behaviour::Echo, SlinRate::Hz8000, |c| c.stasis_only = true).await;

@@ -130,6 +130,14 @@ async fn echo_call(mode: &'static str, format: &'static str) {
     assert_eq!(records[0].outcome, "completed", "{:?}", records[0]);
     let errors = ast.errors();
     assert!(errors.is_empty(), "Asterisk errors: {errors:#?}");
+    // Included into a dialplan that has its own [incoming], [operators], [default] and
+    // [transfer-to-operator], the project's file shadows nothing and is shadowed by nothing.
+    assert!(ast.shadowed().is_empty(), "{:#?}", ast.shadowed());
+    let dialplan = ast.cli("dialplan show incoming");
+    assert!(
+        dialplan.contains("the PBX's own incoming context"),
+        "{dialplan}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,18 +379,19 @@ async fn long_echo_call_keeps_its_delay() {
     });
 }
 
-/// The maintenance switch (`[fallback] maintenance = true`): voicegate ends the session at
-/// once, the dialplan asks `/v1/calls/{id}/next` through `CURL()` and sends the caller to the
-/// operators; the record says why.
+/// The maintenance switch (`[fallback] maintenance = true`): in modes 1 and 2 voicegate ends
+/// the session at once and the dialplan asks `/v1/calls/{id}/next` through `CURL()`; in
+/// Stasis mode voicegate `continue`s the caller at once with nothing set up. Every caller
+/// reaches the operators and the record says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn maintenance_sends_mode1_and_mode2_callers_to_the_operators_through_next() {
+async fn maintenance_sends_every_mode_to_the_operators() {
     let Some(prefix) = asterisk_prefix("maintenance") else {
         return;
     };
     let _serial = real_asterisk_support::serial().await;
     let agent = format!("{}[fallback]\nmaintenance = true\n", echo_agent());
-    let rig = Rig::start(&prefix, "maint", None, &agent).await;
-    for (i, mode) in ["app", "driver"].into_iter().enumerate() {
+    let rig = Rig::start(&prefix, "maint", Some("slin16"), &agent).await;
+    for (i, mode) in ["app", "driver", "stasis"].into_iter().enumerate() {
         let call = TestCall::new(&format!("maint-{mode}"), mode);
         let ch = rig.ast.originate(&call).await;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -400,11 +409,19 @@ async fn maintenance_sends_mode1_and_mode2_callers_to_the_operators_through_next
         .matches("voicegate next: \"operator\"")
         .count();
     assert_eq!(next, 2, "{}", rig.ast.log());
-    let records = rig.vg.wait_records(2, Duration::from_secs(5)).await;
+    let records = rig.vg.wait_records(3, Duration::from_secs(5)).await;
     for r in &records {
         assert_eq!(r.outcome, "fallback", "{r:?}");
         assert_eq!(r.detail.as_deref(), Some("maintenance"), "{r:?}");
     }
+    // Stasis: the caller went to the operators at once, with no bridge and no media channel
+    // (nothing was created to be left over), and the metrics say why.
+    assert!(!rig.vg.log.lock().unwrap().contains("stasis call bridged"));
+    let metrics = rig.vg.metrics().await;
+    assert!(
+        metrics.contains("voicegate_fallbacks_total{reason=\"maintenance\"} 3"),
+        "{metrics}"
+    );
 }
 
 /// The OpenAI Realtime agent through the real Asterisk (mode 1, G.711 μ-law on the wire),

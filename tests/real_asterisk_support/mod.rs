@@ -114,6 +114,29 @@ pub struct Asterisk {
     http: reqwest::Client,
 }
 
+/// What a PBX's own dialplan already has before it includes voicegate's (issue 12: the
+/// drop-in file used to define `[incoming]` and `[operators]` itself, and the PBX's won
+/// silently). Its incoming context has the one line the README asks a user to add.
+const PBX_OWN: &str = r#"
+[globals]
+OPERATORS_QUEUE=operators
+
+[incoming]
+exten => _X.,1,NoOp(the PBX's own incoming context)
+ same => n,Goto(voicegate-entry,s,1)
+exten => s,1,Goto(voicegate-entry,s,1)
+
+[operators]
+exten => s,1,NoOp(the PBX's own operators context)
+ same => n,Queue(operators)
+
+[transfer-to-operator]
+exten => s,1,Goto(operators,s,1)
+
+[default]
+exten => s,1,Hangup()
+"#;
+
 /// The test-only dialplan: the calling side, the callee side choosing the mode, and the
 /// operators' queue member (answers, writes a line to `operator.log`, stays 1 s).
 const TEST_DIALPLAN: &str = r#"
@@ -236,7 +259,7 @@ impl Asterisk {
         write(
             &etc.join("extensions.conf"),
             &format!(
-                "[general]\nstatic = yes\nwriteprotect = yes\n\n\
+                "[general]\nstatic = yes\nwriteprotect = yes\n\n{PBX_OWN}\n\
                  #include extensions_voicegate.conf\n\n\
                  ; the test's settings, after the project's own [globals]\n[globals]\n{globals}\n\
                  {TEST_DIALPLAN}\n{}\n",
@@ -417,6 +440,16 @@ impl Asterisk {
         std::fs::read_to_string(self.dir.0.join("operator.log"))
             .unwrap_or_default()
             .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Lines where Asterisk refused an extension because a context already had it (two
+    /// definitions of one context, the first silently winning).
+    pub fn shadowed(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("Unable to register extension") || l.contains("already in use"))
             .map(str::to_owned)
             .collect()
     }
