@@ -8,9 +8,8 @@
 //! and switches apply to new calls; live calls finish on the generation they started with.
 //! Listen addresses and the state directory need a restart.
 //!
-//! Test hook: `VOICEGATE_TEST_STALL_AFTER_MS=N` blocks every runtime worker thread N ms
-//! after start, so a test can check that the watchdog pings stop on a stalled runtime. It
-//! exists only for that test (`tests/appliance_notify.rs`); nothing else reads it.
+//! There is no test hook in here: the watchdog test (`tests/appliance_notify.rs`) runs
+//! [`run`] inside its own process and stalls that runtime itself.
 
 use crate::audiosocket::server::{Generation, Server, ServerParams};
 use crate::config::Config;
@@ -28,8 +27,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// The environment variable of the stall test hook (see the module docs).
-pub const TEST_STALL_ENV: &str = "VOICEGATE_TEST_STALL_AFTER_MS";
+/// Summaries of finished calls waiting for the records writer; beyond this a record is
+/// dropped and counted (`voicegate_records_lost_total{reason="queue_full"}`).
+pub const RECORDS_QUEUE: usize = 1024;
 
 /// The [`Generation`] new calls get under `config`.
 ///
@@ -83,6 +83,7 @@ pub fn health_routes(health: Arc<HealthState>) -> Router {
 /// If the agent cannot be built or a listener cannot be bound.
 pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     crate::health::metrics::install();
+    warn_plaintext_secrets(&config);
     let _upkeep = crate::health::metrics::spawn_upkeep();
     let state_dir = config.state.dir();
     let state_ok = match std::fs::create_dir_all(&state_dir) {
@@ -106,7 +107,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let watchdog_interval = notify::watchdog_interval();
     let (gen_tx, gen_rx) = watch::channel(Arc::new(generation(&config, agent)?));
 
-    let (summary_tx, summary_rx) = mpsc::unbounded_channel();
+    // Bounded: a slow disk drops records (counted), never grows memory.
+    let (summary_tx, summary_rx) = mpsc::channel(RECORDS_QUEUE);
     let first_agent = gen_rx.borrow().agent.clone();
     let server = Server::bind(
         config.audiosocket.listen,
@@ -303,7 +305,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let watchdog = Watchdog::spawn(health.clone(), watchdog_interval)
         .context("starting the watchdog thread")?;
     info!(audiosocket = %audiosocket_addr, health = ?http_addr, "ready");
-    stall_hook();
 
     let mut current = config;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -376,6 +377,7 @@ fn reload(
     gen_tx: &watch::Sender<Arc<Generation>>,
 ) -> anyhow::Result<Config> {
     let new = Config::load(path)?;
+    warn_plaintext_secrets(&new);
     let agent = crate::agent::from_config(&new.agent)?;
     if new.audiosocket.listen != old.audiosocket.listen
         || new.health.listen != old.health.listen
@@ -395,8 +397,16 @@ fn reload(
     Ok(new)
 }
 
+/// Warns about every URL that would carry an API key or password unencrypted to another
+/// machine ([`Config::plaintext_secret_urls`]).
+fn warn_plaintext_secrets(config: &Config) {
+    for (key, url) in config.plaintext_secret_urls() {
+        warn!(%key, %url, "a secret will be sent unencrypted (ws:// or http://) to a host that is not loopback; use wss:// or https://");
+    }
+}
+
 async fn write_records(
-    mut rx: mpsc::UnboundedReceiver<crate::call::CallSummary>,
+    mut rx: mpsc::Receiver<crate::call::CallSummary>,
     spool: Spool,
     numbers: CallerNumbers,
 ) {
@@ -429,25 +439,6 @@ async fn load_nftables(config: &Config, audiosocket_port: u16, health_port: Opti
             warn!(error = %e, "nftables ruleset not loaded; the in-process guard still applies")
         }
         Err(e) => warn!(error = %e, "nftables task failed"),
-    }
-}
-
-/// See the module docs: blocks every worker thread after `$VOICEGATE_TEST_STALL_AFTER_MS`.
-fn stall_hook() {
-    let Some(ms) = std::env::var(TEST_STALL_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return;
-    };
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    warn!(after_ms = ms, workers, "test hook: the runtime will stall");
-    for i in 0..workers {
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(ms + 20 * i as u64)).await;
-            // Deliberately blocking the worker: this is the stall the test wants.
-            std::thread::sleep(Duration::from_secs(3600));
-        });
     }
 }
 

@@ -21,6 +21,7 @@ pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod tally;
 
 use crate::fallback::{Breaker, BreakerState};
 use serde::{Deserialize, Serialize};
