@@ -261,27 +261,25 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         None
     };
 
-    let records_task = if config.records.enabled && state_ok {
-        let dir = config.records.spool_dir(&state_dir);
-        let spool = {
-            let dir = dir.clone();
-            let (max, keep) = (config.records.max_file_bytes, config.records.keep_files);
-            tokio::task::spawn_blocking(move || Spool::open(&dir, max, keep))
-                .await
-                .context("records task")?
-        };
-        match spool {
-            Ok(spool) => Some(tokio::spawn(write_records(
-                summary_rx,
-                spool,
-                config.records.caller_numbers,
-            ))),
-            Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "call records disabled");
-                None
-            }
-        }
+    // The writer opens the spool itself and retries while it cannot (a full or read-only
+    // disk at start); `/health` shows a `records` component meanwhile.
+    let records_task = if config.records.enabled {
+        Some(tokio::spawn(write_records(
+            summary_rx,
+            RecordsWriter {
+                dir: config.records.spool_dir(&state_dir),
+                max_file_bytes: config.records.max_file_bytes,
+                keep_files: config.records.keep_files,
+                numbers: config.records.caller_numbers,
+                retry: RECORDS_RETRY,
+            },
+            health.clone(),
+        )))
     } else {
+        health.set_component(
+            component::RECORDS,
+            Component::new(ComponentStatus::NotConfigured, "records.enabled = false"),
+        );
         None
     };
 
@@ -405,27 +403,132 @@ fn warn_plaintext_secrets(config: &Config) {
     }
 }
 
-async fn write_records(
+/// How often the records writer retries a spool it cannot open or write.
+pub const RECORDS_RETRY: Duration = Duration::from_secs(2);
+
+/// Where and how [`write_records`] keeps records.
+#[derive(Debug, Clone)]
+pub struct RecordsWriter {
+    /// The spool directory.
+    pub dir: PathBuf,
+    /// `records.max_file_bytes`.
+    pub max_file_bytes: u64,
+    /// `records.keep_files`.
+    pub keep_files: u32,
+    /// `records.caller_numbers`.
+    pub numbers: CallerNumbers,
+    /// Wait between attempts while the spool cannot be opened or written.
+    pub retry: Duration,
+}
+
+/// Writes every summary from `rx` as a record, until `rx` closes and is drained.
+///
+/// The spool is opened on the first record and reopened after any failure, every
+/// `w.retry`, so a disk that was full or read-only at start is used as soon as it works
+/// again. Meanwhile the record waits in hand and later ones in the bounded queue (full:
+/// dropped and counted by the listener), and `/health` has `records` degraded with the
+/// reason. A record is only given up (`voicegate_records_lost_total{reason}`) when it
+/// cannot be encoded, or at shutdown when the spool still does not work.
+pub async fn write_records(
     mut rx: mpsc::Receiver<crate::call::CallSummary>,
-    spool: Spool,
-    numbers: CallerNumbers,
+    w: RecordsWriter,
+    health: Arc<HealthState>,
 ) {
-    let spool = Arc::new(Mutex::new(spool));
-    while let Some(summary) = rx.recv().await {
-        let record = CallRecord::from_summary(&summary, numbers);
-        let spool = spool.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            // Only this task appends, one record at a time: the lock is never contended,
-            // and a panic inside append cannot leave the file in a state open() can't repair.
-            let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
-            spool.append(&record)
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(call_id = %summary.call_id, error = %e, "call record not written"),
-            Err(e) => error!(call_id = %summary.call_id, error = %e, "call record task failed"),
+    let set = |status, detail: String| {
+        health.set_component(component::RECORDS, Component::new(status, detail));
+    };
+    set(
+        ComponentStatus::Ok,
+        format!("{} (opened on the first record)", w.dir.display()),
+    );
+    let mut spool: Option<Arc<Mutex<Spool>>> = None;
+    let mut pending: Option<(uuid::Uuid, CallRecord)> = None;
+    let mut degraded = false;
+    let lost = |reason: &'static str, n: u64| {
+        ::metrics::counter!(crate::health::metrics::RECORDS_LOST, "reason" => reason).increment(n);
+    };
+    loop {
+        if pending.is_none() {
+            match rx.recv().await {
+                Some(summary) => {
+                    pending = Some((
+                        summary.call_id,
+                        CallRecord::from_summary(&summary, w.numbers),
+                    ))
+                }
+                None => return,
+            }
         }
+        let failure = match &spool {
+            Some(s) => {
+                let s = s.clone();
+                // pending is Some: set just above or kept from a failed attempt.
+                let (call_id, record) = pending.clone().expect("a record in hand");
+                let written = tokio::task::spawn_blocking(move || {
+                    // Only this task appends, one record at a time: the lock is never
+                    // contended, and open() repairs whatever a panic inside append left.
+                    let mut spool = s.lock().unwrap_or_else(|p| p.into_inner());
+                    spool.append(&record)
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {
+                        pending = None;
+                        continue;
+                    }
+                    Ok(Err(
+                        e @ (crate::records::spool::SpoolError::TooLarge(_)
+                        | crate::records::spool::SpoolError::Encode(_)),
+                    )) => {
+                        // Cannot happen after from_summary's bounds; never retried.
+                        error!(%call_id, error = %e, "call record cannot be encoded; lost");
+                        lost("encode", 1);
+                        pending = None;
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("records task: {e}"),
+                }
+            }
+            None => {
+                let (dir, max, keep) = (w.dir.clone(), w.max_file_bytes, w.keep_files);
+                match tokio::task::spawn_blocking(move || Spool::open(&dir, max, keep)).await {
+                    Ok(Ok(s)) => {
+                        info!(dir = %w.dir.display(), quarantined_bytes = s.quarantined_bytes(), "call records spool open");
+                        set(
+                            ComponentStatus::Ok,
+                            format!("writing to {}", w.dir.display()),
+                        );
+                        degraded = false;
+                        spool = Some(Arc::new(Mutex::new(s)));
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("records task: {e}"),
+                }
+            }
+        };
+        // The spool failed: reopen it (which also cuts a partial write) after a pause.
+        spool = None;
+        if !degraded {
+            degraded = true;
+            error!(dir = %w.dir.display(), error = %failure, "call records cannot be written; retrying");
+        }
+        set(
+            ComponentStatus::Degraded,
+            format!(
+                "cannot write records: {failure}; retrying every {} s",
+                w.retry.as_secs().max(1)
+            ),
+        );
+        if rx.is_closed() {
+            // Shutting down (every sender is gone): this attempt was the last one.
+            let left = rx.len() as u64 + 1;
+            error!(dir = %w.dir.display(), records = left, "shutting down with call records unwritten; lost");
+            lost("spool_unavailable", left);
+            return;
+        }
+        tokio::time::sleep(w.retry).await;
     }
 }
 

@@ -32,10 +32,17 @@ impl Agent for EchoAgent {
     }
 }
 
+/// Audio the delay line holds beyond the delay itself before it drops its oldest frames
+/// (the call already meters input to real time plus 1 s; this is the second fence).
+const DELAY_LINE_SLACK: Duration = Duration::from_secs(2);
+
 async fn run(delay: Duration, call: CallInfo, mut io: AgentEndpoint) {
-    let _ = call;
-    // Frames waiting for their time, oldest first: (due, samples).
+    // Frames waiting for their time, oldest first: (due, samples); at most `max_samples`.
     let mut delayed: VecDeque<(Instant, Vec<i16>)> = VecDeque::new();
+    let max_samples = ((delay + DELAY_LINE_SLACK).as_millis() as usize)
+        .saturating_mul(call.rate_hz.max(8_000) as usize)
+        / 1000;
+    let mut queued_samples = 0usize;
     let reply = ReplyId(0);
     loop {
         let next_due = delayed.front().map(|(due, _)| *due);
@@ -44,7 +51,13 @@ async fn run(delay: Duration, call: CallInfo, mut io: AgentEndpoint) {
                 Some(AgentInput::Audio(bytes)) => {
                     let mut samples = Vec::with_capacity(bytes.len() / 2);
                     slin_from_le_bytes(&bytes, &mut samples);
+                    queued_samples += samples.len();
                     delayed.push_back((Instant::now() + delay, samples));
+                    while queued_samples > max_samples {
+                        // Non-empty: it holds more than max_samples samples.
+                        let (_, old) = delayed.pop_front().expect("non-empty delay line");
+                        queued_samples -= old.len();
+                    }
                 }
                 Some(_) => {}
                 None => return,
@@ -54,6 +67,7 @@ async fn run(delay: Duration, call: CallInfo, mut io: AgentEndpoint) {
                 while delayed.front().is_some_and(|(due, _)| *due <= now) {
                     // front() was just checked to be Some.
                     let (_, samples) = delayed.pop_front().expect("front exists");
+                    queued_samples -= samples.len();
                     if io.events.send(AgentEvent::Audio { reply, samples }).await.is_err() {
                         return;
                     }
