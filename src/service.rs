@@ -423,12 +423,12 @@ pub struct RecordsWriter {
 
 /// Writes every summary from `rx` as a record, until `rx` closes and is drained.
 ///
-/// The spool is opened on the first record and reopened after any failure, every
-/// `w.retry`, so a disk that was full or read-only at start is used as soon as it works
-/// again. Meanwhile the record waits in hand and later ones in the bounded queue (full:
-/// dropped and counted by the listener), and `/health` has `records` degraded with the
-/// reason. A record is only given up (`voicegate_records_lost_total{reason}`) when it
-/// cannot be encoded, or at shutdown when the spool still does not work.
+/// The spool is opened at once and reopened after any failure, every `w.retry`, so a disk
+/// that was full or read-only at start is used as soon as it works again. Meanwhile
+/// `/health` has `records` degraded with the reason, the record in hand waits and later ones
+/// wait in the bounded queue (full: dropped and counted by the listener). A record is only
+/// given up (`voicegate_records_lost_total{reason}`) when it cannot be encoded, or at
+/// shutdown while the spool still does not work.
 pub async fn write_records(
     mut rx: mpsc::Receiver<crate::call::CallSummary>,
     w: RecordsWriter,
@@ -437,75 +437,66 @@ pub async fn write_records(
     let set = |status, detail: String| {
         health.set_component(component::RECORDS, Component::new(status, detail));
     };
-    set(
-        ComponentStatus::Ok,
-        format!("{} (opened on the first record)", w.dir.display()),
-    );
-    let mut spool: Option<Arc<Mutex<Spool>>> = None;
-    let mut pending: Option<(uuid::Uuid, CallRecord)> = None;
-    let mut degraded = false;
     let lost = |reason: &'static str, n: u64| {
         ::metrics::counter!(crate::health::metrics::RECORDS_LOST, "reason" => reason).increment(n);
     };
+    let mut spool: Option<Arc<Mutex<Spool>>> = None;
+    let mut pending: Option<(uuid::Uuid, CallRecord)> = None;
+    let mut degraded = false;
     loop {
-        if pending.is_none() {
-            match rx.recv().await {
-                Some(summary) => {
-                    pending = Some((
-                        summary.call_id,
-                        CallRecord::from_summary(&summary, w.numbers),
-                    ))
-                }
-                None => return,
-            }
-        }
-        let failure = match &spool {
-            Some(s) => {
-                let s = s.clone();
-                // pending is Some: set just above or kept from a failed attempt.
-                let (call_id, record) = pending.clone().expect("a record in hand");
-                let written = tokio::task::spawn_blocking(move || {
-                    // Only this task appends, one record at a time: the lock is never
-                    // contended, and open() repairs whatever a panic inside append left.
-                    let mut spool = s.lock().unwrap_or_else(|p| p.into_inner());
-                    spool.append(&record)
-                })
-                .await;
-                match written {
-                    Ok(Ok(())) => {
-                        pending = None;
-                        continue;
+        let failure = if let Some(s) = &spool {
+            if pending.is_none() {
+                match rx.recv().await {
+                    Some(summary) => {
+                        let record = CallRecord::from_summary(&summary, w.numbers);
+                        pending = Some((summary.call_id, record));
                     }
-                    Ok(Err(
-                        e @ (crate::records::spool::SpoolError::TooLarge(_)
-                        | crate::records::spool::SpoolError::Encode(_)),
-                    )) => {
-                        // Cannot happen after from_summary's bounds; never retried.
-                        error!(%call_id, error = %e, "call record cannot be encoded; lost");
-                        lost("encode", 1);
-                        pending = None;
-                        continue;
-                    }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => format!("records task: {e}"),
+                    None => return,
                 }
             }
-            None => {
-                let (dir, max, keep) = (w.dir.clone(), w.max_file_bytes, w.keep_files);
-                match tokio::task::spawn_blocking(move || Spool::open(&dir, max, keep)).await {
-                    Ok(Ok(s)) => {
-                        info!(dir = %w.dir.display(), quarantined_bytes = s.quarantined_bytes(), "call records spool open");
-                        set(
-                            ComponentStatus::Ok,
-                            format!("writing to {}", w.dir.display()),
-                        );
-                        degraded = false;
-                        spool = Some(Arc::new(Mutex::new(s)));
-                        continue;
-                    }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => format!("records task: {e}"),
+            let s = s.clone();
+            // pending is Some: set just above or kept from a failed attempt.
+            let (call_id, record) = pending.clone().expect("a record in hand");
+            let written = tokio::task::spawn_blocking(move || {
+                // Only this task appends, one record at a time: the lock is never
+                // contended, and open() repairs whatever a panic inside append left.
+                let mut spool = s.lock().unwrap_or_else(|p| p.into_inner());
+                spool.append(&record)
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {
+                    pending = None;
+                    continue;
                 }
+                Ok(Err(
+                    e @ (crate::records::spool::SpoolError::TooLarge(_)
+                    | crate::records::spool::SpoolError::Encode(_)),
+                )) => {
+                    // Cannot happen after from_summary's bounds; never retried.
+                    error!(%call_id, error = %e, "call record cannot be encoded; lost");
+                    lost("encode", 1);
+                    pending = None;
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("records task: {e}"),
+            }
+        } else {
+            let (dir, max, keep) = (w.dir.clone(), w.max_file_bytes, w.keep_files);
+            match tokio::task::spawn_blocking(move || Spool::open(&dir, max, keep)).await {
+                Ok(Ok(s)) => {
+                    info!(dir = %w.dir.display(), quarantined_bytes = s.quarantined_bytes(), "call records spool open");
+                    set(
+                        ComponentStatus::Ok,
+                        format!("writing to {}", w.dir.display()),
+                    );
+                    degraded = false;
+                    spool = Some(Arc::new(Mutex::new(s)));
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("records task: {e}"),
             }
         };
         // The spool failed: reopen it (which also cuts a partial write) after a pause.
@@ -517,15 +508,17 @@ pub async fn write_records(
         set(
             ComponentStatus::Degraded,
             format!(
-                "cannot write records: {failure}; retrying every {} s",
-                w.retry.as_secs().max(1)
+                "cannot write records: {failure}; retrying every {} ms",
+                w.retry.as_millis()
             ),
         );
         if rx.is_closed() {
             // Shutting down (every sender is gone): this attempt was the last one.
-            let left = rx.len() as u64 + 1;
-            error!(dir = %w.dir.display(), records = left, "shutting down with call records unwritten; lost");
-            lost("spool_unavailable", left);
+            let left = rx.len() as u64 + pending.is_some() as u64;
+            if left > 0 {
+                error!(dir = %w.dir.display(), records = left, "shutting down with call records unwritten; lost");
+                lost("spool_unavailable", left);
+            }
             return;
         }
         tokio::time::sleep(w.retry).await;
