@@ -76,6 +76,50 @@ pub fn health_routes(health: Arc<HealthState>) -> Router {
         })
 }
 
+/// Every route of the health listener: [`health_routes`], `GET /v1/wireguard` (the tunnel's
+/// statistics; 404 without `[wireguard]`) and `GET /v1/calls/{id}/next` (what the dialplan
+/// does after `AudioSocket()` returns, from `next`).
+pub fn http_router(
+    health: Arc<HealthState>,
+    next: Arc<crate::call::next::NextStore>,
+    tunnel: Option<crate::tunnel::Tunnel>,
+) -> Router {
+    health_routes(health)
+        .route(hyper::Method::GET, "/v1/wireguard", move |_req| {
+            let tunnel = tunnel.clone();
+            async move {
+                let Some(tunnel) = tunnel else {
+                    return crate::health::http::respond(
+                        hyper::StatusCode::NOT_FOUND,
+                        "text/plain; charset=utf-8",
+                        "no [wireguard] configured\n".into(),
+                    );
+                };
+                match tunnel.stats().await {
+                    Ok(stats) => {
+                        stats.record_metrics();
+                        json(hyper::StatusCode::OK, &stats)
+                    }
+                    Err(e) => crate::health::http::respond(
+                        hyper::StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain; charset=utf-8",
+                        format!("tunnel: {e}\n").into(),
+                    ),
+                }
+            }
+        })
+        .route(hyper::Method::GET, "/v1/calls/{id}/next", move |req| {
+            let body = next.answer(req.params.get("id").map_or("", String::as_str));
+            async move {
+                crate::health::http::respond(
+                    hyper::StatusCode::OK,
+                    "text/plain; charset=utf-8",
+                    body.into(),
+                )
+            }
+        })
+}
+
 /// Runs the service until a termination signal. `path` is the config file to re-read on
 /// SIGHUP (`None`: the default path, else the built-in defaults).
 ///
@@ -209,54 +253,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 Arc::new(move |ip| guard.allows(ip))
             });
         http_addr = Some(http.local_addr()?);
-        Some(tokio::spawn(
-            http.run(
-                Arc::new(
-                    health_routes(health.clone())
-                        .route(hyper::Method::GET, "/v1/wireguard", {
-                            let tunnel = tunnel.clone();
-                            move |_req| {
-                                let tunnel = tunnel.clone();
-                                async move {
-                                    let Some(tunnel) = tunnel else {
-                                        return crate::health::http::respond(
-                                            hyper::StatusCode::NOT_FOUND,
-                                            "text/plain; charset=utf-8",
-                                            "no [wireguard] configured\n".into(),
-                                        );
-                                    };
-                                    match tunnel.stats().await {
-                                        Ok(stats) => {
-                                            stats.record_metrics();
-                                            json(hyper::StatusCode::OK, &stats)
-                                        }
-                                        Err(e) => crate::health::http::respond(
-                                            hyper::StatusCode::SERVICE_UNAVAILABLE,
-                                            "text/plain; charset=utf-8",
-                                            format!("tunnel: {e}\n").into(),
-                                        ),
-                                    }
-                                }
-                            }
-                        })
-                        .route(hyper::Method::GET, "/v1/calls/{id}/next", {
-                            let next = next.clone();
-                            move |req| {
-                                let body =
-                                    next.answer(req.params.get("id").map_or("", String::as_str));
-                                async move {
-                                    crate::health::http::respond(
-                                        hyper::StatusCode::OK,
-                                        "text/plain; charset=utf-8",
-                                        body.into(),
-                                    )
-                                }
-                            }
-                        }),
-                ),
-                http_stop.clone(),
-            ),
-        ))
+        Some(tokio::spawn(http.run(
+            Arc::new(http_router(health.clone(), next.clone(), tunnel.clone())),
+            http_stop.clone(),
+        )))
     } else {
         None
     };
