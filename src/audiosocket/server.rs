@@ -86,10 +86,10 @@ impl ServerParams {
 
 /// Connections refused by the guard (metrics: `voicegate_guard_rejections_total{reason}`).
 static REFUSED: Tally = Tally::new("AudioSocket connections refused by the guard", WINDOW);
-/// Connections closed before they became a call (metrics:
+/// Connections that closed, misbehaved or were not issued before becoming a call (metrics:
 /// `voicegate_handshake_failures_total{reason}`).
 static HANDSHAKES_FAILED: Tally =
-    Tally::new("AudioSocket connections closed before a call id", WINDOW);
+    Tally::new("AudioSocket connections that did not become a call", WINDOW);
 /// Summaries the records writer could not take (metrics: `voicegate_records_lost_total`).
 static SUMMARIES_LOST: Tally = Tally::new("call records lost", WINDOW);
 
@@ -524,7 +524,7 @@ where
             Some(d) => match d.admit(call_id, end.clone()).await {
                 Admission::Accept(details) => details,
                 Admission::Reject => {
-                    warn!("call id not issued by voicegate; closing");
+                    handshake_failed(peer, "not_issued");
                     return None;
                 }
             },

@@ -142,7 +142,9 @@ pub enum Outcome {
     WriteFailed(String),
     /// The call reached `guard.max_call_s`; voicegate sent `0x00`.
     MaxDuration,
-    /// The guard refused the connection before any agent started; the reason label.
+    /// The guard refused the connection before any agent started; the reason label. Not
+    /// produced since refusals are counted rather than recorded (`docs/limits.md`); kept so
+    /// older records keep their label.
     Rejected(String),
 }
 

@@ -33,7 +33,8 @@ pub const PROVIDER_ERRORS: &str = "voicegate_provider_errors_total";
 /// Counter: connections refused by the guard, label `reason`.
 pub const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";
 /// Counter: AudioSocket connections closed before their call id, label `reason` (`closed`,
-/// `timeout`, `malformed`, `not_call_id`, `nil_call_id`).
+/// `timeout`, `malformed`, `not_call_id`, `nil_call_id`, `not_issued`: a call id the ARI
+/// controller did not issue, in Stasis-only mode).
 pub const HANDSHAKE_FAILURES: &str = "voicegate_handshake_failures_total";
 /// Counter: caller audio frames dropped because they arrived faster than real time beyond
 /// the allowance ([`crate::call::SessionParams::input_allowance`]).

@@ -129,7 +129,8 @@ pub struct TranscriptLine {
 /// end and bump [`spool::FORMAT_VERSION`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallRecord {
-    /// The AudioSocket call id (nil for a connection refused before it sent one).
+    /// The AudioSocket call id (nil in records of refused connections written before
+    /// issue 14; refusals are no longer recorded).
     pub call_id: Uuid,
     /// The caller's number after masking, when known.
     pub caller_number: Option<String>,
