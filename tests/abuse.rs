@@ -757,3 +757,46 @@ async fn nil_call_id_is_refused() {
     // A real id on the same listener is served.
     assert!(real_time_call(svc.audiosocket, Duration::from_millis(600)).await > 0);
 }
+
+/// Issue 14 probe 3, the queue: a records writer that does not keep up (here: never reads)
+/// costs records, counted, never memory: the summary queue is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_records_writer_drops_and_counts_instead_of_queueing() {
+    use voicegate::audiosocket::server::{Server, ServerParams};
+    voicegate::health::metrics::install();
+    let lost = || {
+        voicegate::health::metrics::render()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("voicegate_records_lost_total{reason=\"queue_full\"} ")
+                    .map(|v| v.trim().parse::<f64>().unwrap())
+            })
+            .unwrap_or(0.0)
+    };
+    let before = lost();
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let agent = std::sync::Arc::new(voicegate::agent::echo::EchoAgent::new(
+        Duration::from_millis(50),
+    ));
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        agent,
+        ServerParams::from_config(&voicegate::config::AudioSocketConfig::default()),
+    )
+    .await
+    .unwrap()
+    .with_summaries(tx);
+    let addr = server.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
+    for _ in 0..3 {
+        assert!(real_time_call(addr, Duration::from_millis(200)).await > 0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lost() - before < 2.0 {
+        assert!(Instant::now() < deadline, "lost {}", lost() - before);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+}

@@ -121,7 +121,7 @@ impl SummaryTx {
             SummaryTx::Bounded(tx) => {
                 if let Err(mpsc::error::TrySendError::Full(s)) = tx.try_send(summary) {
                     ::metrics::counter!(m::RECORDS_LOST, "reason" => "queue_full").increment(1);
-                    tracing::error!(call_id = %s.call_id, "records queue full; this call's record is lost");
+                    debug!(call_id = %s.call_id, "records queue full; this call's record is lost");
                     SUMMARIES_LOST.note_and_log("queue_full");
                 }
             }
@@ -304,15 +304,9 @@ impl Server {
             hangup.cancel();
             tracker.wait().await;
         }
-        for (tally, what) in [
-            (&REFUSED, "refused"),
-            (&HANDSHAKES_FAILED, "handshakes failed"),
-        ] {
-            let left = tally.take_pending();
-            if !left.is_empty() {
-                debug!(what, ?left, "not yet reported");
-                tally.log(&left);
-            }
+        // What the aggregated lines have not reported yet.
+        for tally in [&REFUSED, &HANDSHAKES_FAILED] {
+            tally.log(&tally.take_pending());
         }
         info!("audiosocket listener stopped");
     }
