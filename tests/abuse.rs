@@ -34,6 +34,11 @@ struct Svc {
 impl Svc {
     /// Starts the binary with `extra` appended to a loopback config (echo agent, 100 ms).
     fn start(name: &str, extra: &str) -> Svc {
+        Self::start_with_agent(name, "[agent]\nkind = \"echo\"\ndelay_ms = 100\n", extra)
+    }
+
+    /// [`Svc::start`] with another `[agent]` section.
+    fn start_with_agent(name: &str, agent: &str, extra: &str) -> Svc {
         let dir = std::env::temp_dir().join(format!("vg-abuse-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -41,8 +46,7 @@ impl Svc {
         let text = format!(
             "[audiosocket]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_s = 1\n\
              [health]\nlisten = \"127.0.0.1:0\"\n\
-             [state]\ndir = \"{}\"\n\
-             [agent]\nkind = \"echo\"\ndelay_ms = 100\n{extra}",
+             [state]\ndir = \"{}\"\n{agent}{extra}",
             dir.join("state").display()
         );
         std::fs::write(&config, text).unwrap();
@@ -711,6 +715,24 @@ fn toml_errors_never_print_a_secret() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!svc.stderr().contains(SECRET), "{}", svc.stderr());
+}
+
+/// Issue 14 probe 7, second half: an API key that would travel over `ws://` to a host that
+/// is not loopback is warned about at start, naming the key (not the secret).
+#[test]
+fn a_secret_over_plain_ws_to_a_remote_host_is_warned_about() {
+    let svc = Svc::start_with_agent(
+        "plainws",
+        "[agent]\nkind = \"openai_realtime\"\nurl = \"ws://192.0.2.7:9/v1/realtime\"\napi_key = \"sk-plain-probe\"\n",
+        "",
+    );
+    let log = svc.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("unencrypted") && l.contains("agent.url")),
+        "{log}"
+    );
+    assert!(!log.contains("sk-plain-probe"), "{log}");
 }
 
 /// Issue 14 probe 8 (stall hook): the binary has no test hook that stalls its runtime: the
