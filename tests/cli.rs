@@ -70,7 +70,8 @@ fn run_answers_a_call_and_stops_on_sigterm() {
         .port();
     let cfg = dir.join("run.toml");
     let mut f = std::fs::File::create(&cfg).unwrap();
-    writeln!(f, "[audiosocket]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 1\n[agent]\nkind = \"echo\"\ndelay_ms = 300").unwrap();
+    // The health listener on an ephemeral port too: the default 9100 may be taken.
+    writeln!(f, "[audiosocket]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 1\n[health]\nlisten = \"127.0.0.1:0\"\n[agent]\nkind = \"echo\"\ndelay_ms = 300").unwrap();
     let mut service = Command::new(BIN)
         .args(["--config", cfg.to_str().unwrap(), "run"])
         .stderr(Stdio::piped())
