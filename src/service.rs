@@ -292,6 +292,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .await;
     }
 
+    // Before READY=1: a SIGHUP (`systemctl reload`) right after it must reload, not kill.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let serving = tokio::spawn(server.run(stop.clone()));
     health.set_ready(true);
     // READY=1 goes first: systemd ignores WATCHDOG=1 before it, and the order is promised.
@@ -305,8 +308,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     info!(audiosocket = %audiosocket_addr, health = ?http_addr, "ready");
 
     let mut current = config;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {

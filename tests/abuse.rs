@@ -704,6 +704,8 @@ fn toml_errors_never_print_a_secret() {
         format!("[agent]\nkind = \"echo\"\n[ari]\npassword = \"{SECRET}\n"),
     )
     .unwrap();
+    // At once after READY=1: the handler is installed before it (a SIGHUP in between used
+    // to kill the process, SIGHUP's default action).
     svc.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !svc.stderr().contains("reload failed") {
