@@ -42,8 +42,8 @@ pub const INPUT_OVERRUN: &str = "voicegate_input_overrun_frames_total";
 /// Counter: DTMF digits ignored, label `reason` (`rate`: faster than a keypad can send;
 /// `per_call`: more than a call keeps).
 pub const DTMF_DROPPED: &str = "voicegate_dtmf_dropped_total";
-/// Counter: call records not written, label `reason` (`queue_full`, `write_failed`,
-/// `spool_unavailable`).
+/// Counter: call records not written, label `reason` (`queue_full`: the writer's queue was
+/// full; `spool_unavailable`: still unwritable at shutdown; `encode`: cannot be encoded).
 pub const RECORDS_LOST: &str = "voicegate_records_lost_total";
 /// Counter: bytes of damaged spool files moved aside into `quarantine/` at start.
 pub const RECORDS_QUARANTINED_BYTES: &str = "voicegate_records_quarantined_bytes_total";
@@ -127,7 +127,7 @@ fn describe() {
         "Health-listener connections closed unanswered"
     );
     metrics::counter!(INPUT_OVERRUN).increment(0);
-    metrics::counter!(RECORDS_LOST, "reason" => "write_failed").increment(0);
+    metrics::counter!(RECORDS_LOST, "reason" => "queue_full").increment(0);
     metrics::gauge!(CALLS_ACTIVE).set(0.0);
     metrics::counter!(FRAMES_IN).increment(0);
     metrics::counter!(FRAMES_OUT).increment(0);
