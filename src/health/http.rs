@@ -441,6 +441,43 @@ mod tests {
         assert!(Router::matches(&root.routes[0].pattern, "/health/").is_some());
     }
 
+    #[test]
+    fn a_new_connection_beyond_a_limit_closes_the_oldest_in_its_scope() {
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let mut open = OpenConnections::default();
+        let first_b = open.insert(b, CancellationToken::new()).1;
+        let mut from_a = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
+            assert!(open.make_room(a).is_empty());
+            from_a.push(open.insert(a, CancellationToken::new()));
+        }
+        // One more from `a`: a's oldest goes, b's is untouched.
+        let victims = open.make_room(a);
+        assert_eq!(victims.len(), 1);
+        assert_eq!(victims[0].1, "source_busy");
+        victims[0].0.cancel();
+        assert!(from_a[0].1.is_cancelled());
+        assert!(!first_b.is_cancelled());
+        open.insert(a, CancellationToken::new());
+        // A finished connection frees its place; removing twice is harmless.
+        open.remove(from_a[1].0);
+        open.remove(from_a[1].0);
+        assert!(open.make_room(a).is_empty());
+        // Fill up to the total from other sources: then the oldest of all goes.
+        let mut n = 3u32;
+        while open.conns.len() < MAX_CONNECTIONS {
+            let ip = std::net::IpAddr::from([10, 0, (n >> 8) as u8, n as u8]);
+            open.insert(ip, CancellationToken::new());
+            n += 1;
+        }
+        let victims = open.make_room("10.9.9.9".parse().unwrap());
+        assert_eq!(victims.len(), 1);
+        assert_eq!(victims[0].1, "busy");
+        victims[0].0.cancel();
+        assert!(first_b.is_cancelled());
+    }
+
     /// One GET from a client socket bound to `source`; the status line, or `None` when the
     /// server closed the connection without answering.
     async fn get_from(source: &str, server: SocketAddr, path: &str) -> Option<String> {
