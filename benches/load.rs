@@ -127,7 +127,7 @@ impl Service {
         let cfg = dir.join("voicegate.toml");
         std::fs::write(
             &cfg,
-            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[health]\nlisten = \"127.0.0.1:{health_port}\"\n[state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\n{agent}", dir.join("state").display()),
+            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[health]\nlisten = \"127.0.0.1:{health_port}\"\n[state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\nmax_handshakes = 5000\nmax_handshakes_per_source = 5000\n{agent}", dir.join("state").display()),
         )
         .unwrap();
         let child = Command::new(voicegate_binary())

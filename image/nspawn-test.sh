@@ -3,7 +3,7 @@
 # the image's root tree (left by image/build.sh in image/out/work-ARCH/root) with
 # `systemd-nspawn --boot` and runs systemd/boot-test.sh's checks there: Type=notify READY as
 # the voicegate user with the hardening on, /health, a call through the echo agent, reload
-# into maintenance, and a stalled runtime (VOICEGATE_TEST_STALL_AFTER_MS) killed by the
+# into maintenance, and a stalled process (SIGSTOP) killed by the
 # watchdog ("Failed with result 'watchdog'") and restarted.
 #
 #   sudo image/nspawn-test.sh [ROOT_TREE]

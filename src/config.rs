@@ -712,7 +712,7 @@ impl Config {
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: redact_secret_lines(text, e.to_string()),
         })?;
         config.validate()?;
         Ok(config)
@@ -735,6 +735,45 @@ impl Config {
             }
             Err(source) => Err(ConfigError::Read { path, source }),
         }
+    }
+
+    /// The URLs that would carry a secret in clear text to another machine: `(key, url)` for
+    /// every `ws://` or `http://` URL sent an API key, password or secret header whose host
+    /// is not loopback (`localhost`, `127.0.0.0/8`, `::1`). `voicegate run` warns about each
+    /// at start and on reload.
+    pub fn plaintext_secret_urls(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut check = |key: &str, url: &str| {
+            if sends_in_clear_to_remote(url) {
+                out.push((key.to_owned(), url.to_owned()));
+            }
+        };
+        match &self.agent {
+            AgentConfig::Echo(_) => {}
+            AgentConfig::OpenaiRealtime(o) => check("agent.url", &o.url),
+            AgentConfig::ElevenlabsAgent(e) => {
+                if e.api_key.is_some() {
+                    check("agent.signed_url_endpoint", &e.signed_url_endpoint);
+                }
+            }
+            AgentConfig::Cascade(c) => {
+                check("agent.stt.url", c.stt.url());
+                check("agent.llm.url", &c.llm.url);
+                check("agent.tts.url", &c.tts.url);
+            }
+        }
+        if let Some(ari) = &self.ari {
+            check("ari.url", &ari.url);
+        }
+        for t in &self.tools {
+            if let (Some(url), false) = (&t.url, t.headers.is_empty()) {
+                check(
+                    &format!("tools.{}.url", t.name.as_deref().unwrap_or("?")),
+                    url,
+                );
+            }
+        }
+        out
     }
 
     /// Checks ranges and that every secret and file the config names can be read.
@@ -832,9 +871,118 @@ impl Config {
     }
 }
 
+/// Whether `url` is `ws://` or `http://` to a host that is not loopback.
+fn sends_in_clear_to_remote(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    if !matches!(u.scheme(), "ws" | "http") {
+        return false;
+    }
+    let Some(host) = u.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => !ip.to_canonical().is_loopback(),
+        Err(_) => !host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// Words that make a TOML line hold a secret (matched case-insensitively inside the key).
+const SECRET_KEY_WORDS: [&str; 6] = [
+    "key",
+    "password",
+    "secret",
+    "token",
+    "authorization",
+    "credential",
+];
+
+/// Whether a TOML line sets a secret-looking key (`api_key = …`, `password = …`,
+/// `headers = { Authorization = … }`): the text before any `=` names one of
+/// [`SECRET_KEY_WORDS`].
+fn is_secret_line(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    // Every `key =` on the line (inline tables hold several).
+    let mut keys = lower.split('=');
+    let _value_of_last = keys.next_back();
+    lower.contains('=') && keys.any(|k| SECRET_KEY_WORDS.iter().any(|w| k.contains(w)))
+}
+
+/// Removes from a TOML parse error `message` every line of `text` that holds a secret-looking
+/// key, and that line's value wherever else it appears: toml quotes the offending line, and
+/// serde may quote the value.
+fn redact_secret_lines(text: &str, mut message: String) -> String {
+    for line in text.lines().filter(|l| is_secret_line(l)) {
+        let line = line.trim_end();
+        if let Some((_, value)) = line.split_once('=') {
+            let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
+            for piece in [value.trim(), line.trim()] {
+                if piece.len() >= 4 && message.contains(piece) {
+                    message = message.replace(piece, "<redacted>");
+                }
+            }
+        }
+        if message.contains(line) {
+            message = message.replace(line, "<line redacted: it holds a secret>");
+        }
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 14: a syntax error on (or naming) the line of an inline secret never prints it.
+    #[test]
+    fn parse_errors_never_print_a_secret() {
+        let cases = [
+            // Unterminated string on the key's own line.
+            "[agent]\nkind = \"openai_realtime\"\napi_key = \"sk-live-SECRET123\n",
+            // Garbage after the value.
+            "[agent]\nkind = \"openai_realtime\"\napi_key = \"sk-live-SECRET123\" x\n",
+            // A value of the wrong type, quoted back by serde.
+            "[ari]\nusername = \"u\"\npassword = [\"sk-live-SECRET123\"]\n",
+            // A secret header of an HTTP tool, in an inline table.
+            "[[tools]]\nname = \"a\"\nheaders = { Authorization = \"Bearer sk-live-SECRET123\" \n",
+            // WireGuard keys.
+            "[wireguard]\nprivate_key = \"sk-live-SECRET123\" = 3\n",
+        ];
+        for text in cases {
+            let e = Config::from_toml(text, Path::new("x.toml")).unwrap_err();
+            let shown = e.to_string();
+            assert!(matches!(e, ConfigError::Parse { .. }), "{shown}");
+            assert!(!shown.contains("SECRET123"), "{shown}");
+            assert!(shown.contains("line"), "still says where: {shown}");
+        }
+        // Lines without a secret are still quoted as toml prints them.
+        let e = Config::from_toml("[audiosocket]\nlisten = 5 5\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("listen = 5 5"), "{e}");
+    }
+
+    #[test]
+    fn plaintext_urls_to_remote_hosts_are_found() {
+        assert!(sends_in_clear_to_remote("ws://10.0.0.5:8080/v1/realtime"));
+        assert!(sends_in_clear_to_remote("http://api.example.com/x"));
+        assert!(!sends_in_clear_to_remote(
+            "wss://api.openai.com/v1/realtime"
+        ));
+        assert!(!sends_in_clear_to_remote("ws://127.0.0.1:9/x"));
+        assert!(!sends_in_clear_to_remote("http://[::1]:9/x"));
+        assert!(!sends_in_clear_to_remote("http://localhost:8088"));
+        let c = Config::from_toml(
+            "[agent]\nkind = \"openai_realtime\"\nurl = \"ws://192.0.2.7/v1\"\napi_key = \"k\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.plaintext_secret_urls(),
+            vec![("agent.url".to_owned(), "ws://192.0.2.7/v1".to_owned())]
+        );
+        assert!(Config::default().plaintext_secret_urls().is_empty());
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -8,9 +8,8 @@
 //! and switches apply to new calls; live calls finish on the generation they started with.
 //! Listen addresses and the state directory need a restart.
 //!
-//! Test hook: `VOICEGATE_TEST_STALL_AFTER_MS=N` blocks every runtime worker thread N ms
-//! after start, so a test can check that the watchdog pings stop on a stalled runtime. It
-//! exists only for that test (`tests/appliance_notify.rs`); nothing else reads it.
+//! There is no test hook in here: the watchdog test (`tests/appliance_notify.rs`) runs
+//! [`run`] inside its own process and stalls that runtime itself.
 
 use crate::audiosocket::server::{Generation, Server, ServerParams};
 use crate::config::Config;
@@ -28,8 +27,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// The environment variable of the stall test hook (see the module docs).
-pub const TEST_STALL_ENV: &str = "VOICEGATE_TEST_STALL_AFTER_MS";
+/// Summaries of finished calls waiting for the records writer; beyond this a record is
+/// dropped and counted (`voicegate_records_lost_total{reason="queue_full"}`).
+pub const RECORDS_QUEUE: usize = 1024;
 
 /// The [`Generation`] new calls get under `config`.
 ///
@@ -58,7 +58,7 @@ pub fn generation(
 fn ari_hooks(
     generation: watch::Receiver<Arc<Generation>>,
     breaker: Arc<Breaker>,
-    summaries: mpsc::UnboundedSender<crate::call::CallSummary>,
+    summaries: crate::audiosocket::server::SummaryTx,
 ) -> crate::ari::controller::Hooks {
     use crate::fallback::Route;
     use crate::health::metrics as m;
@@ -83,7 +83,7 @@ fn ari_hooks(
             ::metrics::counter!(m::CALLS_TOTAL, "outcome" => "fallback").increment(1);
             ::metrics::counter!(m::FALLBACKS, "reason" => u.reason.label()).increment(1);
             s.fallback = Some(u.reason);
-            let _ = summaries.send(s);
+            summaries.send(s);
         })),
     }
 }
@@ -113,6 +113,50 @@ pub fn health_routes(health: Arc<HealthState>) -> Router {
         })
 }
 
+/// Every route of the health listener: [`health_routes`], `GET /v1/wireguard` (the tunnel's
+/// statistics; 404 without `[wireguard]`) and `GET /v1/calls/{id}/next` (what the dialplan
+/// does after `AudioSocket()` returns, from `next`).
+pub fn http_router(
+    health: Arc<HealthState>,
+    next: Arc<crate::call::next::NextStore>,
+    tunnel: Option<crate::tunnel::Tunnel>,
+) -> Router {
+    health_routes(health)
+        .route(hyper::Method::GET, "/v1/wireguard", move |_req| {
+            let tunnel = tunnel.clone();
+            async move {
+                let Some(tunnel) = tunnel else {
+                    return crate::health::http::respond(
+                        hyper::StatusCode::NOT_FOUND,
+                        "text/plain; charset=utf-8",
+                        "no [wireguard] configured\n".into(),
+                    );
+                };
+                match tunnel.stats().await {
+                    Ok(stats) => {
+                        stats.record_metrics();
+                        json(hyper::StatusCode::OK, &stats)
+                    }
+                    Err(e) => crate::health::http::respond(
+                        hyper::StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain; charset=utf-8",
+                        format!("tunnel: {e}\n").into(),
+                    ),
+                }
+            }
+        })
+        .route(hyper::Method::GET, "/v1/calls/{id}/next", move |req| {
+            let body = next.answer(req.params.get("id").map_or("", String::as_str));
+            async move {
+                crate::health::http::respond(
+                    hyper::StatusCode::OK,
+                    "text/plain; charset=utf-8",
+                    body.into(),
+                )
+            }
+        })
+}
+
 /// Runs the service until a termination signal. `path` is the config file to re-read on
 /// SIGHUP (`None`: the default path, else the built-in defaults).
 ///
@@ -120,6 +164,7 @@ pub fn health_routes(health: Arc<HealthState>) -> Router {
 /// If the agent cannot be built or a listener cannot be bound.
 pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     crate::health::metrics::install();
+    warn_plaintext_secrets(&config);
     let _upkeep = crate::health::metrics::spawn_upkeep();
     let state_dir = config.state.dir();
     let state_ok = match std::fs::create_dir_all(&state_dir) {
@@ -143,7 +188,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let watchdog_interval = notify::watchdog_interval();
     let (gen_tx, gen_rx) = watch::channel(Arc::new(generation(&config, agent)?));
 
-    let (summary_tx, summary_rx) = mpsc::unbounded_channel();
+    // Bounded: a slow disk drops records (counted), never grows memory.
+    let (summary_tx, summary_rx) = mpsc::channel(RECORDS_QUEUE);
     let first_agent = gen_rx.borrow().agent.clone();
     let server = Server::bind(
         config.audiosocket.listen,
@@ -216,7 +262,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 c,
                 audiosocket_addr,
                 next.clone(),
-                ari_hooks(gen_rx.clone(), breaker.clone(), summary_tx),
+                ari_hooks(gen_rx.clone(), breaker.clone(), summary_tx.into()),
                 ari_stop.clone(),
             )
             .context("starting ARI")?;
@@ -251,79 +297,33 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 Arc::new(move |ip| guard.allows(ip))
             });
         http_addr = Some(http.local_addr()?);
-        Some(tokio::spawn(
-            http.run(
-                Arc::new(
-                    health_routes(health.clone())
-                        .route(hyper::Method::GET, "/v1/wireguard", {
-                            let tunnel = tunnel.clone();
-                            move |_req| {
-                                let tunnel = tunnel.clone();
-                                async move {
-                                    let Some(tunnel) = tunnel else {
-                                        return crate::health::http::respond(
-                                            hyper::StatusCode::NOT_FOUND,
-                                            "text/plain; charset=utf-8",
-                                            "no [wireguard] configured\n".into(),
-                                        );
-                                    };
-                                    match tunnel.stats().await {
-                                        Ok(stats) => {
-                                            stats.record_metrics();
-                                            json(hyper::StatusCode::OK, &stats)
-                                        }
-                                        Err(e) => crate::health::http::respond(
-                                            hyper::StatusCode::SERVICE_UNAVAILABLE,
-                                            "text/plain; charset=utf-8",
-                                            format!("tunnel: {e}\n").into(),
-                                        ),
-                                    }
-                                }
-                            }
-                        })
-                        .route(hyper::Method::GET, "/v1/calls/{id}/next", {
-                            let next = next.clone();
-                            move |req| {
-                                let body =
-                                    next.answer(req.params.get("id").map_or("", String::as_str));
-                                async move {
-                                    crate::health::http::respond(
-                                        hyper::StatusCode::OK,
-                                        "text/plain; charset=utf-8",
-                                        body.into(),
-                                    )
-                                }
-                            }
-                        }),
-                ),
-                http_stop.clone(),
-            ),
-        ))
+        Some(tokio::spawn(http.run(
+            Arc::new(http_router(health.clone(), next.clone(), tunnel.clone())),
+            http_stop.clone(),
+        )))
     } else {
         None
     };
 
-    let records_task = if config.records.enabled && state_ok {
-        let dir = config.records.spool_dir(&state_dir);
-        let spool = {
-            let dir = dir.clone();
-            let (max, keep) = (config.records.max_file_bytes, config.records.keep_files);
-            tokio::task::spawn_blocking(move || Spool::open(&dir, max, keep))
-                .await
-                .context("records task")?
-        };
-        match spool {
-            Ok(spool) => Some(tokio::spawn(write_records(
-                summary_rx,
-                spool,
-                config.records.caller_numbers,
-            ))),
-            Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "call records disabled");
-                None
-            }
-        }
+    // The writer opens the spool itself and retries while it cannot (a full or read-only
+    // disk at start); `/health` shows a `records` component meanwhile.
+    let records_task = if config.records.enabled {
+        Some(tokio::spawn(write_records(
+            summary_rx,
+            RecordsWriter {
+                dir: config.records.spool_dir(&state_dir),
+                max_file_bytes: config.records.max_file_bytes,
+                keep_files: config.records.keep_files,
+                numbers: config.records.caller_numbers,
+                retry: RECORDS_RETRY,
+            },
+            health.clone(),
+        )))
     } else {
+        health.set_component(
+            component::RECORDS,
+            Component::new(ComponentStatus::NotConfigured, "records.enabled = false"),
+        );
         None
     };
 
@@ -336,6 +336,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .await;
     }
 
+    // Before READY=1: a SIGHUP (`systemctl reload`) right after it must reload, not kill.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let serving = tokio::spawn(server.run(stop.clone()));
     health.set_ready(true);
     // READY=1 goes first: systemd ignores WATCHDOG=1 before it, and the order is promised.
@@ -347,11 +350,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let watchdog = Watchdog::spawn(health.clone(), watchdog_interval)
         .context("starting the watchdog thread")?;
     info!(audiosocket = %audiosocket_addr, health = ?http_addr, "ready");
-    stall_hook();
 
     let mut current = config;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -433,6 +433,7 @@ fn reload(
     gen_tx: &watch::Sender<Arc<Generation>>,
 ) -> anyhow::Result<Config> {
     let new = Config::load(path)?;
+    warn_plaintext_secrets(&new);
     let agent = crate::agent::from_config(&new.agent)?;
     if new.audiosocket.listen != old.audiosocket.listen
         || new.health.listen != old.health.listen
@@ -452,27 +453,133 @@ fn reload(
     Ok(new)
 }
 
-async fn write_records(
-    mut rx: mpsc::UnboundedReceiver<crate::call::CallSummary>,
-    spool: Spool,
-    numbers: CallerNumbers,
+/// Warns about every URL that would carry an API key or password unencrypted to another
+/// machine ([`Config::plaintext_secret_urls`]).
+fn warn_plaintext_secrets(config: &Config) {
+    for (key, url) in config.plaintext_secret_urls() {
+        warn!(%key, %url, "a secret will be sent unencrypted (ws:// or http://) to a host that is not loopback; use wss:// or https://");
+    }
+}
+
+/// How often the records writer retries a spool it cannot open or write.
+pub const RECORDS_RETRY: Duration = Duration::from_secs(2);
+
+/// Where and how [`write_records`] keeps records.
+#[derive(Debug, Clone)]
+pub struct RecordsWriter {
+    /// The spool directory.
+    pub dir: PathBuf,
+    /// `records.max_file_bytes`.
+    pub max_file_bytes: u64,
+    /// `records.keep_files`.
+    pub keep_files: u32,
+    /// `records.caller_numbers`.
+    pub numbers: CallerNumbers,
+    /// Wait between attempts while the spool cannot be opened or written.
+    pub retry: Duration,
+}
+
+/// Writes every summary from `rx` as a record, until `rx` closes and is drained.
+///
+/// The spool is opened at once and reopened after any failure, every `w.retry`, so a disk
+/// that was full or read-only at start is used as soon as it works again. Meanwhile
+/// `/health` has `records` degraded with the reason, the record in hand waits and later ones
+/// wait in the bounded queue (full: dropped and counted by the listener). A record is only
+/// given up (`voicegate_records_lost_total{reason}`) when it cannot be encoded, or at
+/// shutdown while the spool still does not work.
+pub async fn write_records(
+    mut rx: mpsc::Receiver<crate::call::CallSummary>,
+    w: RecordsWriter,
+    health: Arc<HealthState>,
 ) {
-    let spool = Arc::new(Mutex::new(spool));
-    while let Some(summary) = rx.recv().await {
-        let record = CallRecord::from_summary(&summary, numbers);
-        let spool = spool.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            // Only this task appends, one record at a time: the lock is never contended,
-            // and a panic inside append cannot leave the file in a state open() can't repair.
-            let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
-            spool.append(&record)
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(call_id = %summary.call_id, error = %e, "call record not written"),
-            Err(e) => error!(call_id = %summary.call_id, error = %e, "call record task failed"),
+    let set = |status, detail: String| {
+        health.set_component(component::RECORDS, Component::new(status, detail));
+    };
+    let lost = |reason: &'static str, n: u64| {
+        ::metrics::counter!(crate::health::metrics::RECORDS_LOST, "reason" => reason).increment(n);
+    };
+    let mut spool: Option<Arc<Mutex<Spool>>> = None;
+    let mut pending: Option<(uuid::Uuid, CallRecord)> = None;
+    let mut degraded = false;
+    loop {
+        let failure = if let Some(s) = &spool {
+            if pending.is_none() {
+                match rx.recv().await {
+                    Some(summary) => {
+                        let record = CallRecord::from_summary(&summary, w.numbers);
+                        pending = Some((summary.call_id, record));
+                    }
+                    None => return,
+                }
+            }
+            let s = s.clone();
+            // pending is Some: set just above or kept from a failed attempt.
+            let (call_id, record) = pending.clone().expect("a record in hand");
+            let written = tokio::task::spawn_blocking(move || {
+                // Only this task appends, one record at a time: the lock is never
+                // contended, and open() repairs whatever a panic inside append left.
+                let mut spool = s.lock().unwrap_or_else(|p| p.into_inner());
+                spool.append(&record)
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {
+                    pending = None;
+                    continue;
+                }
+                Ok(Err(
+                    e @ (crate::records::spool::SpoolError::TooLarge(_)
+                    | crate::records::spool::SpoolError::Encode(_)),
+                )) => {
+                    // Cannot happen after from_summary's bounds; never retried.
+                    error!(%call_id, error = %e, "call record cannot be encoded; lost");
+                    lost("encode", 1);
+                    pending = None;
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("records task: {e}"),
+            }
+        } else {
+            let (dir, max, keep) = (w.dir.clone(), w.max_file_bytes, w.keep_files);
+            match tokio::task::spawn_blocking(move || Spool::open(&dir, max, keep)).await {
+                Ok(Ok(s)) => {
+                    info!(dir = %w.dir.display(), quarantined_bytes = s.quarantined_bytes(), "call records spool open");
+                    set(
+                        ComponentStatus::Ok,
+                        format!("writing to {}", w.dir.display()),
+                    );
+                    degraded = false;
+                    spool = Some(Arc::new(Mutex::new(s)));
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("records task: {e}"),
+            }
+        };
+        // The spool failed: reopen it (which also cuts a partial write) after a pause.
+        spool = None;
+        if !degraded {
+            degraded = true;
+            error!(dir = %w.dir.display(), error = %failure, "call records cannot be written; retrying");
         }
+        set(
+            ComponentStatus::Degraded,
+            format!(
+                "cannot write records: {failure}; retrying every {} ms",
+                w.retry.as_millis()
+            ),
+        );
+        if rx.is_closed() {
+            // Shutting down (every sender is gone): this attempt was the last one.
+            let left = rx.len() as u64 + pending.is_some() as u64;
+            if left > 0 {
+                error!(dir = %w.dir.display(), records = left, "shutting down with call records unwritten; lost");
+                lost("spool_unavailable", left);
+            }
+            return;
+        }
+        tokio::time::sleep(w.retry).await;
     }
 }
 
@@ -486,25 +593,6 @@ async fn load_nftables(config: &Config, audiosocket_port: u16, health_port: Opti
             warn!(error = %e, "nftables ruleset not loaded; the in-process guard still applies")
         }
         Err(e) => warn!(error = %e, "nftables task failed"),
-    }
-}
-
-/// See the module docs: blocks every worker thread after `$VOICEGATE_TEST_STALL_AFTER_MS`.
-fn stall_hook() {
-    let Some(ms) = std::env::var(TEST_STALL_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return;
-    };
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    warn!(after_ms = ms, workers, "test hook: the runtime will stall");
-    for i in 0..workers {
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(ms + 20 * i as u64)).await;
-            // Deliberately blocking the worker: this is the stall the test wants.
-            std::thread::sleep(Duration::from_secs(3600));
-        });
     }
 }
 

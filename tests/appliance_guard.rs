@@ -249,7 +249,7 @@ async fn stranger_from_127_0_0_2_is_closed_and_no_agent_session_starts() {
 }
 
 #[tokio::test]
-async fn call_limit_refuses_the_extra_call_before_its_call_id() {
+async fn call_limit_refuses_the_extra_call_without_an_agent_or_a_record() {
     let agent = CountingAgent::new(true, false);
     let mut h = Harness::start(
         agent.clone(),
@@ -271,10 +271,20 @@ async fn call_limit_refuses_the_extra_call_before_its_call_id() {
         assert_eq!(r.frames_received, 0);
         assert!(r.duration_ms < 1500.0, "{r:?}");
     }
-    let rejected = h.next_summary().await;
-    assert_eq!(rejected.outcome, Outcome::Rejected("global_limit".into()));
+    // Refusals are counted, not recorded (issue 14): the next summary is the first call's.
+    let metrics = voicegate::health::metrics::render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("voicegate_guard_rejections_total{reason=\"global_limit\"}")),
+        "{metrics}"
+    );
     first.await.unwrap().unwrap();
     assert_eq!(h.next_summary().await.outcome, Outcome::CallerHungUp);
+    assert!(
+        h.summaries.try_recv().is_err(),
+        "no record of the refused call"
+    );
     assert_eq!(agent.sessions.load(Ordering::SeqCst), 1);
     h.stop.cancel();
 }

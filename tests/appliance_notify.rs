@@ -3,6 +3,11 @@
 //! reads what it says (`READY=1`, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`,
 //! `EXTEND_TIMEOUT_USEC=`), talks HTTP to `/health` and `/metrics`, places calls, and sends
 //! it signals (SIGTERM, SIGHUP).
+//!
+//! The stall test needs a runtime that stops making progress while the process lives. The
+//! release binary has no hook for that (issue 14): the test starts this test binary again
+//! as the child ([`stalled_service_child`]), which runs the same `voicegate::service::run`
+//! in-process and blocks its own runtime's workers.
 
 mod common;
 
@@ -38,8 +43,44 @@ fn config_text(state: &std::path::Path, maintenance: bool) -> String {
     )
 }
 
+/// The environment of [`stalled_service_child`]: the config file to run.
+const STALL_CHILD_CONFIG: &str = "VG_TEST_STALL_CHILD_CONFIG";
+/// ... and after how many ms its runtime's workers are blocked.
+const STALL_CHILD_AFTER_MS: &str = "VG_TEST_STALL_CHILD_AFTER_MS";
+
 impl Service {
+    /// `voicegate --config <file> run`, the real binary.
     fn start(name: &str, env: &[(&str, &str)]) -> Service {
+        Self::start_as(name, env, |config| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_voicegate"));
+            cmd.arg("--config").arg(config).arg("run");
+            cmd
+        })
+    }
+
+    /// The service run by this test binary ([`stalled_service_child`]), its runtime blocked
+    /// `stall_after_ms` after start.
+    fn start_stalling(name: &str, env: &[(&str, &str)], stall_after_ms: u64) -> Service {
+        Self::start_as(name, env, |config| {
+            let mut cmd = Command::new(std::env::current_exe().unwrap());
+            cmd.args([
+                "--exact",
+                "stalled_service_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(STALL_CHILD_CONFIG, config)
+            .env(STALL_CHILD_AFTER_MS, stall_after_ms.to_string());
+            cmd
+        })
+    }
+
+    fn start_as(
+        name: &str,
+        env: &[(&str, &str)],
+        command: impl FnOnce(&std::path::Path) -> Command,
+    ) -> Service {
         let dir = std::env::temp_dir().join(format!("vg-notify-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -48,11 +89,8 @@ impl Service {
         let config = dir.join("voicegate.toml");
         std::fs::write(&config, config_text(&dir.join("state"), false)).unwrap();
         let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_voicegate"));
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("NOTIFY_SOCKET", &sock)
+        let mut cmd = command(&config);
+        cmd.env("NOTIFY_SOCKET", &sock)
             .env_remove("WATCHDOG_PID")
             .env_remove("WATCHDOG_USEC")
             .env_remove("RUST_LOG")
@@ -300,13 +338,7 @@ async fn notify_messages_in_order_ready_watchdog_stopping_extend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_pings_stop_when_the_runtime_stalls() {
-    let mut svc = Service::start(
-        "stall",
-        &[
-            ("WATCHDOG_USEC", "2000000"),
-            (voicegate::service::TEST_STALL_ENV, "2500"),
-        ],
-    );
+    let mut svc = Service::start_stalling("stall", &[("WATCHDOG_USEC", "2000000")], 2500);
     let ready_at = Instant::now();
     // Healthy first: pings arrive.
     svc.wait_for(Duration::from_secs(3), |m| m.contains("WATCHDOG=1"))
@@ -331,6 +363,44 @@ async fn watchdog_pings_stop_when_the_runtime_stalls() {
         "{after:?}"
     );
     assert!(svc.child.try_wait().unwrap().is_none(), "still running");
+}
+
+/// Not a test: the child process of [`watchdog_pings_stop_when_the_runtime_stalls`] (it
+/// returns at once unless that test set its environment). It runs `voicegate run` as
+/// `main.rs` does, in this process, and `$VG_TEST_STALL_CHILD_AFTER_MS` after start blocks
+/// every worker thread of its runtime for an hour; the watchdog thread keeps running.
+#[test]
+#[ignore = "the child process of watchdog_pings_stop_when_the_runtime_stalls"]
+fn stalled_service_child() {
+    let (Ok(config), Ok(after)) = (
+        std::env::var(STALL_CHILD_CONFIG),
+        std::env::var(STALL_CHILD_AFTER_MS),
+    ) else {
+        return;
+    };
+    let after_ms: u64 = after.parse().unwrap();
+    let path = PathBuf::from(config);
+    let config = voicegate::config::Config::load(Some(&path)).unwrap();
+    voicegate::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        for i in 0..workers {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(after_ms + 20 * i as u64)).await;
+                // Deliberately blocking the worker: this is the stall the test wants.
+                std::thread::sleep(Duration::from_secs(3600));
+            });
+        }
+        voicegate::service::run(config, Some(path)).await.unwrap();
+    });
 }
 
 /// Checks Prometheus text exposition format 0.0.4, line by line, and returns the samples

@@ -57,6 +57,7 @@ fn record(i: u64, text_len: usize) -> CallRecord {
         frames_in: 2100,
         frames_out: 2100,
         underruns: 0,
+        truncated: vec![],
     }
 }
 

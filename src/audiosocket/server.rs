@@ -6,10 +6,13 @@
 //! accepting when `stop` is cancelled, then waits for live calls up to the grace period, then
 //! cancels `hangup`, which makes each call send `0x00` and close.
 //!
-//! With a [`Guard`] ([`Server::with_guard`]) every connection is checked on accept, before
-//! its call id is read: a refused one is closed at once and counted, and no agent session is
-//! ever started for it. After the call id, [`crate::fallback::route`] may send the call
-//! straight to the humans (maintenance switch, open circuit breaker). New calls use the
+//! With a [`Guard`] ([`Server::with_guard`]) every connection is screened on accept, before
+//! its call id is read (allowlist, budget, handshakes in progress), and checked against the
+//! call limits once the id is read: a refused one is closed at once and counted, no agent
+//! session is ever started for it, and it leaves no call record. Refusals and failed
+//! handshakes are logged as aggregated lines at most every 10 s ([`crate::health::tally`]),
+//! never one line per connection. After the call id, [`crate::fallback::route`] may send the
+//! call straight to the humans (maintenance switch, open circuit breaker). New calls use the
 //! newest [`Generation`] ([`Server::with_updates`], SIGHUP); a live call keeps the one it
 //! started with.
 
@@ -18,7 +21,8 @@ use crate::audiosocket::codec::Message;
 use crate::call::directory::{Admission, CallDetails, CallDirectory};
 use crate::call::{CallSummary, Outcome, SessionParams, session::read_message};
 use crate::fallback::{Breaker, FallbackConfig, Route};
-use crate::guard::{Guard, Rejection};
+use crate::guard::{Guard, Handshake, Rejection};
+use crate::health::tally::{Tally, WINDOW};
 use crate::health::{HealthState, metrics as m};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -80,11 +84,60 @@ impl ServerParams {
     }
 }
 
+/// Connections refused by the guard (metrics: `voicegate_guard_rejections_total{reason}`).
+static REFUSED: Tally = Tally::new("AudioSocket connections refused by the guard", WINDOW);
+/// Connections that closed, misbehaved or were not issued before becoming a call (metrics:
+/// `voicegate_handshake_failures_total{reason}`).
+static HANDSHAKES_FAILED: Tally =
+    Tally::new("AudioSocket connections that did not become a call", WINDOW);
+/// Summaries the records writer could not take (metrics: `voicegate_records_lost_total`).
+static SUMMARIES_LOST: Tally = Tally::new("call records lost", WINDOW);
+
+/// Where the summaries of finished calls go ([`Server::with_summaries`]).
+#[derive(Debug, Clone)]
+pub enum SummaryTx {
+    /// A bounded queue (the service's records writer): when it is full the summary is
+    /// dropped and counted (`voicegate_records_lost_total{reason="queue_full"}`), never held.
+    Bounded(mpsc::Sender<CallSummary>),
+    /// An unbounded queue, for tests and tools that drain it at once.
+    Unbounded(mpsc::UnboundedSender<CallSummary>),
+}
+
+impl From<mpsc::Sender<CallSummary>> for SummaryTx {
+    fn from(tx: mpsc::Sender<CallSummary>) -> Self {
+        SummaryTx::Bounded(tx)
+    }
+}
+
+impl From<mpsc::UnboundedSender<CallSummary>> for SummaryTx {
+    fn from(tx: mpsc::UnboundedSender<CallSummary>) -> Self {
+        SummaryTx::Unbounded(tx)
+    }
+}
+
+impl SummaryTx {
+    /// Sends one summary: never waits; a full bounded queue drops it, counted.
+    pub fn send(&self, summary: CallSummary) {
+        match self {
+            SummaryTx::Bounded(tx) => {
+                if let Err(mpsc::error::TrySendError::Full(s)) = tx.try_send(summary) {
+                    ::metrics::counter!(m::RECORDS_LOST, "reason" => "queue_full").increment(1);
+                    debug!(call_id = %s.call_id, "records queue full; this call's record is lost");
+                    SUMMARIES_LOST.note_and_log("queue_full");
+                }
+            }
+            SummaryTx::Unbounded(tx) => {
+                let _ = tx.send(summary);
+            }
+        }
+    }
+}
+
 /// A bound AudioSocket listener, ready to [`Server::run`].
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
-    summaries: Option<mpsc::UnboundedSender<CallSummary>>,
+    summaries: Option<SummaryTx>,
     current: watch::Receiver<Arc<Generation>>,
     guard: Option<Arc<Guard>>,
     breaker: Arc<Breaker>,
@@ -156,9 +209,10 @@ impl Server {
         self
     }
 
-    /// Sends the summary of every finished call to `tx` (for call records and tests).
-    pub fn with_summaries(mut self, tx: mpsc::UnboundedSender<CallSummary>) -> Self {
-        self.summaries = Some(tx);
+    /// Sends the summary of every admitted call, once it ends, to `tx` (for call records and
+    /// tests). Refused connections and failed handshakes send none.
+    pub fn with_summaries(mut self, tx: impl Into<SummaryTx>) -> Self {
+        self.summaries = Some(tx.into());
         self
     }
 
@@ -251,15 +305,17 @@ impl Server {
             hangup.cancel();
             tracker.wait().await;
         }
+        // What the aggregated lines have not reported yet.
+        for tally in [&REFUSED, &HANDSHAKES_FAILED] {
+            tally.log(&tally.take_pending());
+        }
         info!("audiosocket listener stopped");
     }
 }
 
 impl Server {
-    /// Closes a refused connection, counts it, and (for an allowed source hitting a limit or
-    /// the budget) sends a `rejected` summary for the call records.
-    /// Admits a new connection (the guard, with the tunnel address as the source for tunnel
-    /// connections) and runs its call in its own task.
+    /// Screens a new connection (the guard, with the tunnel address as the source for tunnel
+    /// connections) and runs it in its own task: the call id, the call limits, the call.
     fn spawn_call<S>(
         &self,
         stream: S,
@@ -270,14 +326,14 @@ impl Server {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let generation = self.current.borrow().clone();
-        let permit = match &self.guard {
+        let handshake = match &self.guard {
             None => None,
-            Some(guard) => match guard.admit(peer.ip(), SystemTime::now()) {
-                Ok(p) => Some(p),
+            Some(guard) => match guard.screen(peer.ip(), SystemTime::now()) {
+                Ok(h) => Some(h),
                 Err(rejection) => {
                     // A plain close is enough: nothing was read.
                     drop(stream);
-                    self.reject(peer, rejection, &generation);
+                    refuse(peer, rejection);
                     return;
                 }
             },
@@ -292,35 +348,34 @@ impl Server {
         let summaries = self.summaries.clone();
         let directory = self.directory.clone();
         tracker.spawn(async move {
-            let summary = handle_connection(stream, peer, &ctx, hangup, directory).await;
-            drop(permit);
+            let summary = handle_connection(stream, peer, handshake, &ctx, hangup, directory).await;
             if let Some(summary) = summary {
                 ctx.account(&summary).await;
                 if let Some(tx) = summaries {
-                    let _ = tx.send(summary);
+                    tx.send(summary);
                 }
             }
         });
     }
+}
 
-    fn reject(&self, peer: SocketAddr, rejection: Rejection, g: &Generation) {
-        ::metrics::counter!(m::GUARD_REJECTIONS, "reason" => rejection.label()).increment(1);
-        if rejection == Rejection::NotAllowed {
-            // Strangers are only counted: logging or recording each would let a scan fill
-            // the disk.
-            debug!(%peer, "connection from outside the allowlist closed");
-            return;
-        }
-        info!(%peer, reason = rejection.label(), "connection refused by the guard");
-        ::metrics::counter!(m::CALLS_TOTAL, "outcome" => "rejected").increment(1);
-        if let Some(tx) = &self.summaries {
-            let _ = tx.send(CallSummary::without_agent(
-                uuid::Uuid::nil(),
-                g.agent.name(),
-                Outcome::Rejected(rejection.label().to_owned()),
-            ));
-        }
+/// Counts a refused connection; strangers only at debug, the others in an aggregated line.
+fn refuse(peer: SocketAddr, rejection: Rejection) {
+    ::metrics::counter!(m::GUARD_REJECTIONS, "reason" => rejection.label()).increment(1);
+    if rejection == Rejection::NotAllowed {
+        // Strangers are only counted: logging each would let a scan fill the disk.
+        debug!(%peer, "connection from outside the allowlist closed");
+        return;
     }
+    debug!(%peer, reason = rejection.label(), "connection refused by the guard");
+    REFUSED.note_and_log(rejection.label());
+}
+
+/// Counts a connection that closed, timed out or misbehaved before its call id.
+fn handshake_failed(peer: SocketAddr, reason: &'static str) {
+    ::metrics::counter!(m::HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+    debug!(%peer, reason, "connection closed before a call id");
+    HANDSHAKES_FAILED.note_and_log(reason);
 }
 
 /// The next connection through the tunnel, or never when there is no tunnel listener.
@@ -404,10 +459,12 @@ impl CallContext {
     }
 }
 
-/// Reads the call id and runs the call. Returns `None` if the connection never became a call.
+/// Reads the call id, takes a call slot and runs the call. Returns `None` if the connection
+/// never became a call.
 async fn handle_connection<S>(
     stream: S,
     peer: SocketAddr,
+    handshake: Option<Handshake>,
     ctx: &CallContext,
     hangup: CancellationToken,
     directory: Option<Arc<dyn CallDirectory>>,
@@ -421,21 +478,37 @@ where
     let (mut reader, writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(2048);
     let call_id = match timeout(params.call_id_timeout, read_message(&mut reader, &mut buf)).await {
+        // Asterisk sends a real UUID (`AudioSocket()` and externalMedia refuse an invalid
+        // one); 16 zero bytes is a forged or broken client.
+        Ok(Ok(Some(Message::CallId(id)))) if id.is_nil() => {
+            handshake_failed(peer, "nil_call_id");
+            return None;
+        }
         Ok(Ok(Some(Message::CallId(id)))) => id,
         Ok(Ok(Some(other))) => {
-            warn!(%peer, first = ?kind_name(&other), "first message is not a call id; closing");
+            debug!(%peer, first = ?kind_name(&other), "first message is not a call id");
+            handshake_failed(peer, "not_call_id");
             return None;
         }
         Ok(Ok(None)) => {
-            info!(%peer, "connection closed before a call id");
+            handshake_failed(peer, "closed");
             return None;
         }
         Ok(Err(e)) => {
-            warn!(%peer, error = %e, "malformed stream before the call id; closing");
+            debug!(%peer, error = %e, "malformed stream before the call id");
+            handshake_failed(peer, "malformed");
             return None;
         }
         Err(_) => {
-            warn!(%peer, timeout_ms = params.call_id_timeout.as_millis() as u64, "no call id in time; closing");
+            handshake_failed(peer, "timeout");
+            return None;
+        }
+    };
+    // The call limits apply from here; the handshake slot is freed either way.
+    let _permit = match handshake.map(Handshake::admit).transpose() {
+        Ok(p) => p,
+        Err(rejection) => {
+            refuse(peer, rejection);
             return None;
         }
     };
@@ -447,7 +520,7 @@ where
             Some(d) => match d.admit(call_id, end.clone()).await {
                 Admission::Accept(details) => details,
                 Admission::Reject => {
-                    warn!("call id not issued by voicegate; closing");
+                    handshake_failed(peer, "not_issued");
                     return None;
                 }
             },

@@ -13,6 +13,14 @@
 //! agent (`try_send`, a full input channel drops the frame and counts it); a barge-in flushes
 //! the playout buffer before the next tick; a failed agent ends the session with `0x00` so the
 //! dialplan's next priority (the operator queue) runs.
+//!
+//! Abuse bounds (issue 14; `docs/limits.md`): caller audio arriving faster than real time
+//! beyond [`SessionParams::input_allowance`] is dropped before it reaches the agent and
+//! counted (`voicegate_input_overrun_frames_total`), so no queue behind the session (agent
+//! channel, delay lines, encoders, WebSockets) sees more than real time plus that allowance;
+//! DTMF is accepted at most at a keypad's pace ([`DTMF_RATE_PER_S`], burst
+//! [`DTMF_BURST`]) and at most [`MAX_DTMF_KEPT`] digits are kept per call; digits are logged
+//! at debug only.
 
 use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker, TurnLatency};
 use crate::audio::{PlayoutBuffer, PlayoutClock, ReplyId};
@@ -37,9 +45,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// after this long, so `AudioSocket()` does not hang up on 2 s of silence.
 const KEEPALIVE_BEFORE_AUDIO: Duration = Duration::from_millis(500);
 
+/// DTMF digits per second accepted from one call, sustained. A keypad sends at most about
+/// 12.5 (40 ms tone, 40 ms pause); more is a flood, dropped and counted.
+pub const DTMF_RATE_PER_S: u32 = 15;
+/// DTMF digits accepted at once before [`DTMF_RATE_PER_S`] applies.
+pub const DTMF_BURST: u32 = 20;
+/// DTMF digits kept in a call's summary and record; later digits still reach the agent
+/// (within the rate) and are counted in [`CallSummary::dtmf_dropped`].
+pub const MAX_DTMF_KEPT: usize = 256;
+
 /// Per-call settings taken from the config.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
+    /// How far caller audio may run ahead of real time (a burst after network jitter)
+    /// before frames are dropped and counted (default 1 s).
+    pub input_allowance: Duration,
     /// Bound of the playout buffer.
     pub playout_max: Duration,
     /// Close the call when Asterisk sends nothing for this long.
@@ -60,6 +80,7 @@ pub struct SessionParams {
 impl Default for SessionParams {
     fn default() -> Self {
         SessionParams {
+            input_allowance: Duration::from_secs(1),
             playout_max: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(5),
             max_duration: None,
@@ -121,7 +142,9 @@ pub enum Outcome {
     WriteFailed(String),
     /// The call reached `guard.max_call_s`; voicegate sent `0x00`.
     MaxDuration,
-    /// The guard refused the connection before any agent started; the reason label.
+    /// The guard refused the connection before any agent started; the reason label. Not
+    /// produced since refusals are counted rather than recorded (`docs/limits.md`); kept so
+    /// older records keep their label.
     Rejected(String),
 }
 
@@ -160,8 +183,14 @@ pub struct CallSummary {
     pub late_skipped_frames: u64,
     /// Times the caller interrupted the agent.
     pub barge_ins: u64,
-    /// DTMF digits from the caller, in order.
+    /// DTMF digits from the caller, in order (at most [`MAX_DTMF_KEPT`]).
     pub dtmf: String,
+    /// DTMF digits not kept in [`Self::dtmf`]: beyond [`MAX_DTMF_KEPT`] or faster than
+    /// [`DTMF_RATE_PER_S`].
+    pub dtmf_dropped: u64,
+    /// Caller frames dropped because they arrived faster than real time beyond
+    /// [`SessionParams::input_allowance`].
+    pub input_overrun_frames: u64,
     /// The conversation, in order.
     pub transcript: Vec<(Speaker, String)>,
     /// The caller's number, when known (ARI); masked or dropped by the records config.
@@ -199,6 +228,8 @@ impl CallSummary {
             late_skipped_frames: 0,
             barge_ins: 0,
             dtmf: String::new(),
+            dtmf_dropped: 0,
+            input_overrun_frames: 0,
             transcript: Vec::new(),
             caller_number: None,
             turn_latencies_ms: Vec::new(),
@@ -282,6 +313,9 @@ where
 
     // In Stasis mode a digit may arrive twice: ARI ChannelDtmfReceived and 0x03 through the bridge.
     let mut dtmf_dedup = DtmfDedup::default();
+    let mut dtmf_gate = DtmfGate::new(start);
+    let mut input_meter = InputMeter::new(params.input_allowance, start);
+    let m_overrun = metrics::counter!(crate::health::metrics::INPUT_OVERRUN);
 
     // One timer for the whole call, re-armed each tick (no timer churn per event).
     let tick = sleep_until(clock.deadline());
@@ -396,6 +430,14 @@ where
                             trace!(rate_hz = r.hz(), "frame at another rate ignored");
                             continue;
                         }
+                        if !input_meter.admit(payload.len() / 2, r.hz(), last_input) {
+                            if s.input_overrun_frames == 0 {
+                                warn!(allowance_ms = params.input_allowance.as_millis() as u64, "caller audio arrives faster than real time; dropping the excess");
+                            }
+                            s.input_overrun_frames += 1;
+                            m_overrun.increment(1);
+                            continue;
+                        }
                         if let Some(a) = agent_session.as_ref() {
                             let a: &crate::agent::AgentSession = a;
                             match a.input.try_send(AgentInput::Audio(payload)) {
@@ -409,8 +451,9 @@ where
                         if dtmf_dedup.duplicate(d, false, Instant::now()) {
                             continue;
                         }
-                        info!(digit = %d, "dtmf");
-                        s.dtmf.push(d);
+                        if !keep_dtmf(&mut dtmf_gate, &mut s, d, Instant::now()) {
+                            continue;
+                        }
                         if let Some(a) = agent_session.as_ref() {
                             let a: &crate::agent::AgentSession = a;
                             let _ = a.input.try_send(AgentInput::Dtmf(d));
@@ -511,8 +554,9 @@ where
                         if dtmf_dedup.duplicate(d, true, Instant::now()) {
                             continue;
                         }
-                        info!(digit = %d, "dtmf (ari)");
-                        s.dtmf.push(d);
+                        if !keep_dtmf(&mut dtmf_gate, &mut s, d, Instant::now()) {
+                            continue;
+                        }
                     }
                     if let Some(a) = agent_session.as_ref() {
                         let a: &crate::agent::AgentSession = a;
@@ -601,6 +645,96 @@ impl DtmfDedup {
     }
 }
 
+/// Lets a digit through [`DtmfGate`] and keeps it in the summary (up to [`MAX_DTMF_KEPT`]);
+/// false when it is dropped for the rate. Digits are logged at debug; floods as one WARN
+/// line at the first drop and a count in the summary and `voicegate_dtmf_dropped_total`.
+fn keep_dtmf(gate: &mut DtmfGate, s: &mut CallSummary, d: char, now: Instant) -> bool {
+    let reason = if !gate.admit(now) {
+        "rate"
+    } else if s.dtmf.len() >= MAX_DTMF_KEPT {
+        "per_call"
+    } else {
+        debug!(digit = %d, "dtmf");
+        s.dtmf.push(d);
+        return true;
+    };
+    if s.dtmf_dropped == 0 {
+        warn!(
+            reason,
+            "DTMF beyond the per-call bounds; further digits are only counted"
+        );
+    }
+    s.dtmf_dropped += 1;
+    metrics::counter!(crate::health::metrics::DTMF_DROPPED, "reason" => reason).increment(1);
+    // Past the per-call limit a digit still reaches the agent; past the rate it does not.
+    reason == "per_call"
+}
+
+/// Token bucket for DTMF digits: [`DTMF_BURST`] at once, then [`DTMF_RATE_PER_S`].
+#[derive(Debug)]
+struct DtmfGate {
+    /// Tokens in thousandths of a digit.
+    milli_tokens: u64,
+    at: Instant,
+}
+
+impl DtmfGate {
+    fn new(now: Instant) -> Self {
+        DtmfGate {
+            milli_tokens: DTMF_BURST as u64 * 1000,
+            at: now,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> bool {
+        let elapsed_ms = now.saturating_duration_since(self.at).as_millis() as u64;
+        self.at = now;
+        self.milli_tokens =
+            (self.milli_tokens + elapsed_ms * DTMF_RATE_PER_S as u64).min(DTMF_BURST as u64 * 1000);
+        if self.milli_tokens >= 1000 {
+            self.milli_tokens -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Meters caller audio against real time: a token bucket of audio time, refilled by wall
+/// time and holding at most the allowance. A frame that would overdraw it is dropped.
+#[derive(Debug)]
+struct InputMeter {
+    /// Audio time that may still arrive ahead of real time, µs.
+    credit_us: u64,
+    cap_us: u64,
+    at: Instant,
+}
+
+impl InputMeter {
+    fn new(allowance: Duration, now: Instant) -> Self {
+        let cap_us = allowance.as_micros() as u64;
+        InputMeter {
+            credit_us: cap_us,
+            cap_us,
+            at: now,
+        }
+    }
+
+    /// Whether a frame of `samples` at `rate_hz` arriving at `now` is within real time plus
+    /// the allowance; it is charged when it is.
+    fn admit(&mut self, samples: usize, rate_hz: u32, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_micros() as u64;
+        self.at = now;
+        self.credit_us = (self.credit_us + elapsed).min(self.cap_us);
+        let cost = samples as u64 * 1_000_000 / rate_hz.max(1) as u64;
+        if cost > self.credit_us {
+            return false;
+        }
+        self.credit_us -= cost;
+        true
+    }
+}
+
 async fn next_extra(extra: &mut Option<mpsc::Receiver<AgentInput>>) -> Option<AgentInput> {
     match extra {
         Some(rx) => rx.recv().await,
@@ -649,6 +783,43 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_faster_than_real_time_is_cut_to_the_allowance() {
+        let t = Instant::now();
+        let mut m = InputMeter::new(Duration::from_millis(200), t);
+        // Real time (a 20 ms frame every 20 ms) always passes, for an hour.
+        for i in 1..=180_000u64 {
+            assert!(m.admit(160, 8000, t + Duration::from_millis(20 * i)));
+        }
+        // A burst after a stall: the allowance (10 frames), then nothing until time passes.
+        let t2 = t + Duration::from_secs(4_000);
+        let passed = (0..1000).filter(|_| m.admit(160, 8000, t2)).count();
+        assert_eq!(passed, 10);
+        assert!(m.admit(160, 8000, t2 + Duration::from_millis(20)));
+        assert!(!m.admit(160, 8000, t2 + Duration::from_millis(20)));
+        // The cost is audio time, not frames: one 1 s frame at 192 kHz costs 1 s.
+        let mut m = InputMeter::new(Duration::from_millis(1000), t);
+        assert!(m.admit(192_000, 192_000, t));
+        assert!(!m.admit(192, 192_000, t));
+    }
+
+    #[test]
+    fn dtmf_gate_allows_a_keypad_and_cuts_a_flood() {
+        let t = Instant::now();
+        let mut g = DtmfGate::new(t);
+        // A fast human: 10 digits per second for a minute.
+        for i in 0..600u64 {
+            assert!(g.admit(t + Duration::from_millis(100 * i)));
+        }
+        // A flood: 10 000 digits in one second pass at most burst + rate.
+        let t2 = t + Duration::from_secs(100);
+        let passed = (0..10_000u64)
+            .filter(|i| g.admit(t2 + Duration::from_micros(100 * i)))
+            .count() as u32;
+        assert!(passed <= DTMF_BURST + DTMF_RATE_PER_S, "{passed}");
+        assert!(passed >= DTMF_BURST, "{passed}");
+    }
 
     #[test]
     fn dtmf_seen_by_both_sources_counts_once() {

@@ -1,11 +1,21 @@
 //! The guard: the credit-leak firewall in front of the AudioSocket listener.
 //!
-//! Every AudioSocket connection is checked on accept, before its call id is read and before
-//! any agent (cloud) session can start: the source address must be in an allowlist of CIDRs
-//! (default loopback only), the global and per-source call limits must have room, and the
-//! per-day budget of AI minutes (UTC days) must not be spent. A passing connection holds a
-//! [`Permit`] for the length of the call; dropping it frees its slots. A rejected connection
-//! is closed by the listener and counted (`voicegate_guard_rejections_total{reason}`).
+//! Every AudioSocket connection is checked in two steps, both before any agent (cloud)
+//! session can start:
+//!
+//! 1. On accept, before a byte is read ([`Guard::screen`]): the source address must be in an
+//!    allowlist of CIDRs (default loopback only), the per-day budget of AI minutes (UTC days)
+//!    must not be spent, and the budget of *handshakes in progress* (connections that have
+//!    not sent their call id yet: `max_handshakes` in all, `max_handshakes_per_source` from
+//!    one address) must have room. The [`Handshake`] is held only until the call id arrives
+//!    or `audiosocket.call_id_timeout_ms` runs out, so idle or churning sockets never count
+//!    against the call limits.
+//! 2. Once the call id is read ([`Handshake::admit`]): the global and per-source call limits
+//!    must have room. A passing call holds a [`Permit`] for its length; dropping it frees its
+//!    slots.
+//!
+//! A refused connection is closed by the listener and counted
+//! (`voicegate_guard_rejections_total{reason}`); it leaves no call record.
 //!
 //! The budget is persisted in the state directory (`budget.json`: UTC day number and AI
 //! milliseconds used) so a restart does not reset it. The maximum call duration is enforced
@@ -42,6 +52,11 @@ pub struct GuardConfig {
     pub max_calls: u32,
     /// Most calls at once from one source address (default 32).
     pub max_calls_per_source: u32,
+    /// Most connections at once that have not sent their call id yet, all sources together
+    /// (default 128). They do not count against `max_calls`.
+    pub max_handshakes: u32,
+    /// Most such connections from one source address (default 64).
+    pub max_handshakes_per_source: u32,
     /// Longest call, s (default 1800); then the call is handed to the dialplan with `0x00`.
     /// 0 disables.
     pub max_call_s: u64,
@@ -63,6 +78,8 @@ impl Default for GuardConfig {
             ],
             max_calls: 32,
             max_calls_per_source: 32,
+            max_handshakes: 128,
+            max_handshakes_per_source: 64,
             max_call_s: 1800,
             daily_budget_minutes: 0,
             nftables: false,
@@ -86,6 +103,18 @@ impl GuardConfig {
         if self.max_calls_per_source == 0 {
             return Err(ConfigError::invalid(
                 "guard.max_calls_per_source",
+                "must be at least 1",
+            ));
+        }
+        if self.max_handshakes == 0 || self.max_handshakes > 65_536 {
+            return Err(ConfigError::invalid(
+                "guard.max_handshakes",
+                "must be 1 to 65536",
+            ));
+        }
+        if self.max_handshakes_per_source == 0 {
+            return Err(ConfigError::invalid(
+                "guard.max_handshakes_per_source",
                 "must be at least 1",
             ));
         }
@@ -125,6 +154,13 @@ pub enum Rejection {
     /// Today's `guard.daily_budget_minutes` are spent.
     #[error("daily AI budget spent")]
     BudgetSpent,
+    /// `guard.max_handshakes` connections are waiting for their call id.
+    #[error("too many connections waiting for their call id")]
+    HandshakeLimit,
+    /// `guard.max_handshakes_per_source` connections from this source are waiting for their
+    /// call id.
+    #[error("too many connections from this source waiting for their call id")]
+    HandshakeSourceLimit,
 }
 
 impl Rejection {
@@ -135,6 +171,8 @@ impl Rejection {
             Rejection::GlobalLimit => "global_limit",
             Rejection::SourceLimit => "source_limit",
             Rejection::BudgetSpent => "budget_spent",
+            Rejection::HandshakeLimit => "handshake_limit",
+            Rejection::HandshakeSourceLimit => "handshake_source_limit",
         }
     }
 }
@@ -170,7 +208,19 @@ struct State {
     cfg: GuardConfig,
     live: u32,
     per_source: HashMap<IpAddr, u32>,
+    handshakes: u32,
+    handshakes_per_source: HashMap<IpAddr, u32>,
     budget: BudgetDay,
+}
+
+/// Takes one from a per-source count, forgetting the source at zero.
+fn release(map: &mut HashMap<IpAddr, u32>, source: &IpAddr) {
+    if let Some(n) = map.get_mut(source) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(source);
+        }
+    }
 }
 
 /// The in-process guard; share it as `Arc<Guard>`.
@@ -193,12 +243,47 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut s = self.guard.lock();
         s.live = s.live.saturating_sub(1);
-        if let Some(n) = s.per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                s.per_source.remove(&self.source);
-            }
+        release(&mut s.per_source, &self.source);
+    }
+}
+
+/// A connection's slot in the budget of handshakes in progress (from accept until its call
+/// id); freed on drop or turned into a call's [`Permit`] by [`Handshake::admit`].
+#[derive(Debug)]
+pub struct Handshake {
+    guard: Arc<Guard>,
+    source: IpAddr,
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        let mut s = self.guard.lock();
+        s.handshakes = s.handshakes.saturating_sub(1);
+        release(&mut s.handshakes_per_source, &self.source);
+    }
+}
+
+impl Handshake {
+    /// The call id arrived: frees the handshake slot and takes a call slot.
+    ///
+    /// # Errors
+    /// [`Rejection::GlobalLimit`] or [`Rejection::SourceLimit`]; nothing is reserved then.
+    pub fn admit(self) -> Result<Permit, Rejection> {
+        let guard = self.guard.clone();
+        let source = self.source;
+        drop(self);
+        let mut s = guard.lock();
+        if s.live >= s.cfg.max_calls {
+            return Err(Rejection::GlobalLimit);
         }
+        let per = s.per_source.get(&source).copied().unwrap_or(0);
+        if per >= s.cfg.max_calls_per_source {
+            return Err(Rejection::SourceLimit);
+        }
+        s.live += 1;
+        s.per_source.insert(source, per + 1);
+        drop(s);
+        Ok(Permit { guard, source })
     }
 }
 
@@ -230,6 +315,8 @@ impl Guard {
                 cfg,
                 live: 0,
                 per_source: HashMap::new(),
+                handshakes: 0,
+                handshakes_per_source: HashMap::new(),
                 budget,
             }),
             budget_path,
@@ -259,11 +346,12 @@ impl Guard {
         self.lock().cfg.clone()
     }
 
-    /// Checks a new connection from `peer` at wall-clock `now`.
+    /// Step 1, on accept: checks a new connection from `peer` at wall-clock `now`
+    /// (allowlist, budget, handshakes in progress).
     ///
     /// # Errors
     /// The [`Rejection`]; nothing is reserved then.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr, now: SystemTime) -> Result<Permit, Rejection> {
+    pub fn screen(self: &Arc<Self>, peer: IpAddr, now: SystemTime) -> Result<Handshake, Rejection> {
         let source = peer.to_canonical();
         let mut s = self.lock();
         if !s.cfg.allows(source) {
@@ -280,19 +368,33 @@ impl Guard {
                 return Err(Rejection::BudgetSpent);
             }
         }
-        if s.live >= s.cfg.max_calls {
-            return Err(Rejection::GlobalLimit);
+        if s.handshakes >= s.cfg.max_handshakes {
+            return Err(Rejection::HandshakeLimit);
         }
-        let per = s.per_source.get(&source).copied().unwrap_or(0);
-        if per >= s.cfg.max_calls_per_source {
-            return Err(Rejection::SourceLimit);
+        let per = s.handshakes_per_source.get(&source).copied().unwrap_or(0);
+        if per >= s.cfg.max_handshakes_per_source {
+            return Err(Rejection::HandshakeSourceLimit);
         }
-        s.live += 1;
-        s.per_source.insert(source, per + 1);
-        Ok(Permit {
+        s.handshakes += 1;
+        s.handshakes_per_source.insert(source, per + 1);
+        Ok(Handshake {
             guard: self.clone(),
             source,
         })
+    }
+
+    /// Both steps at once ([`Guard::screen`], then [`Handshake::admit`]): a call from `peer`
+    /// at `now`.
+    ///
+    /// # Errors
+    /// The [`Rejection`]; nothing is reserved then.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr, now: SystemTime) -> Result<Permit, Rejection> {
+        self.screen(peer, now)?.admit()
+    }
+
+    /// Connections holding a [`Handshake`] (waiting for their call id).
+    pub fn handshakes(&self) -> u32 {
+        self.lock().handshakes
     }
 
     /// Live calls holding a permit.
@@ -405,6 +507,37 @@ mod tests {
             g.admit("10.0.0.2".parse().unwrap(), now).unwrap_err(),
             Rejection::GlobalLimit
         );
+    }
+
+    #[test]
+    fn handshakes_do_not_count_as_calls() {
+        let g = guard(GuardConfig {
+            max_calls: 1,
+            max_handshakes: 3,
+            max_handshakes_per_source: 2,
+            ..GuardConfig::default()
+        });
+        let now = SystemTime::now();
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let h1 = g.screen(a, now).unwrap();
+        let h2 = g.screen(a, now).unwrap();
+        assert_eq!(
+            g.screen(a, now).unwrap_err(),
+            Rejection::HandshakeSourceLimit
+        );
+        let h3 = g.screen(b, now).unwrap();
+        assert_eq!(g.screen(b, now).unwrap_err(), Rejection::HandshakeLimit);
+        // Idle handshakes hold no call slot: the one call gets in.
+        assert_eq!(g.live_calls(), 0);
+        let call = h3.admit().unwrap();
+        assert_eq!((g.live_calls(), g.handshakes()), (1, 2));
+        // The call limit applies once the id is read; the handshake slot is freed either way.
+        assert_eq!(h1.admit().unwrap_err(), Rejection::GlobalLimit);
+        assert_eq!(g.handshakes(), 1);
+        drop(h2);
+        drop(call);
+        assert_eq!((g.live_calls(), g.handshakes()), (0, 0));
+        assert!(g.admit(a, now).is_ok());
     }
 
     #[test]

@@ -23,12 +23,22 @@
 //!
 //! and `crate::service` passes the router to [`HttpServer::run`]. Unknown paths answer 404,
 //! a known path with another method 405. Request bodies above [`MAX_BODY_BYTES`] are refused
-//! (413). Each connection must send its request headers within [`HEADER_TIMEOUT`]; at most
-//! [`MAX_CONNECTIONS`] connections are served at once.
+//! (413), bodies not complete within [`BODY_TIMEOUT`] too (408).
+//!
+//! # Slow and idle clients
+//!
+//! The dialplan asks `/v1/calls/{id}/next` here under a `CURL` timeout, so slow clients must
+//! never queue it (issue 14). Every connection is accepted at once and gets its own task;
+//! it must send its request headers within [`HEADER_TIMEOUT`], its body within
+//! [`BODY_TIMEOUT`], and be done within [`CONNECTION_TIMEOUT`]; one request per connection.
+//! At most [`MAX_CONNECTIONS`] are open, [`MAX_CONNECTIONS_PER_SOURCE`] from one address: a
+//! new connection beyond either limit closes the *oldest* open one in that scope (counted as
+//! `voicegate_http_refused_total{reason="busy"|"source_busy"}`). A real request finishes in
+//! milliseconds, so it is never the oldest; slowloris connections are, and make room.
 
+use crate::health::metrics as m;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -37,9 +47,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -47,9 +57,18 @@ use tracing::{debug, warn};
 /// Largest request body a route receives, bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Time a connection has to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the kernel's backlog.
-pub const MAX_CONNECTIONS: usize = 32;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a request has to send its body, once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest life of a connection, request and response together.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once; a new one beyond this closes the oldest.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Connections open at once from one source address; a new one beyond this closes that
+/// source's oldest.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
+/// Largest request head (request line and headers) hyper buffers, bytes.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// A response as the handlers build it.
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -157,8 +176,13 @@ impl Router {
         segments.next().is_none().then_some(params)
     }
 
-    /// Answers one request.
-    pub async fn handle(&self, req: Request<Incoming>) -> HttpResponse {
+    /// Answers one request (the body is read only for a matching route, within
+    /// [`BODY_TIMEOUT`] and [`MAX_BODY_BYTES`]).
+    pub async fn handle<B>(&self, req: Request<B>) -> HttpResponse
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let path = req.uri().path().to_owned();
         let mut method_mismatch = false;
         let mut found = None;
@@ -179,10 +203,14 @@ impl Router {
             };
         };
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
-        };
+        let body =
+            match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect())
+                .await
+            {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(_)) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+                Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "body not sent in time\n"),
+            };
         handler(RouteRequest {
             method: parts.method,
             path,
@@ -263,14 +291,9 @@ impl HttpServer {
 
     /// Serves `router` until `stop`; open connections are then closed.
     pub async fn run(self, router: Arc<Router>, stop: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let tracker = TaskTracker::new();
+        let open = Arc::new(Mutex::new(OpenConnections::default()));
         loop {
-            // The semaphore is never closed, so acquire cannot fail.
-            let permit = tokio::select! {
-                () = stop.cancelled() => break,
-                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-            };
             let (stream, peer) = tokio::select! {
                 () = stop.cancelled() => break,
                 a = self.listener.accept() => match a {
@@ -284,32 +307,116 @@ impl HttpServer {
             };
             if let Some(allow) = &self.allow {
                 if !allow(peer.ip()) {
+                    metrics::counter!(m::HTTP_REFUSED, "reason" => "not_allowed").increment(1);
                     debug!(%peer, "http connection from outside the allowlist closed");
                     continue;
                 }
             }
-            let router = router.clone();
-            let stop = stop.clone();
-            tracker.spawn(async move {
-                let _permit = permit;
-                let service = hyper::service::service_fn(move |req| {
-                    let router = router.clone();
-                    async move { Ok::<_, std::convert::Infallible>(router.handle(req).await) }
-                });
-                // One request per connection: an idle keep-alive client cannot hold a slot.
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(false)
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    r = conn => if let Err(e) = r { debug!(%peer, error = %e, "http connection"); },
-                    () = stop.cancelled() => {}
+            let (id, end) = {
+                let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                for (victim, reason) in open.make_room(peer.ip()) {
+                    metrics::counter!(m::HTTP_REFUSED, "reason" => reason).increment(1);
+                    victim.cancel();
                 }
+                open.insert(peer.ip(), stop.child_token())
+            };
+            let router = router.clone();
+            let open = open.clone();
+            tracker.spawn(async move {
+                tokio::select! {
+                    () = serve_stream(router, stream) => {}
+                    () = end.cancelled() => debug!(%peer, "http connection closed to make room"),
+                }
+                open.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
             });
         }
         tracker.close();
         tracker.wait().await;
+    }
+}
+
+/// Serves one HTTP/1.1 request on `stream` with `router`, under [`HEADER_TIMEOUT`],
+/// [`BODY_TIMEOUT`] and [`CONNECTION_TIMEOUT`]; then closes it. Any byte stream works (the
+/// fuzz target feeds an in-memory one).
+pub async fn serve_stream<S>(router: Arc<Router>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let router = router.clone();
+        async move { Ok::<_, std::convert::Infallible>(router.handle(req).await) }
+    });
+    // One request per connection: an idle keep-alive client cannot hold a slot.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "http connection"),
+        Err(_) => debug!("http connection timed out"),
+    }
+}
+
+/// The open connections, oldest first, for [`HttpServer::run`]'s limits.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    next_id: u64,
+    /// id → (source, token that closes it); ids grow, so the first is the oldest.
+    conns: BTreeMap<u64, (std::net::IpAddr, CancellationToken)>,
+    per_source: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+impl OpenConnections {
+    /// The connections to close so one more from `source` fits, with the metric reason.
+    fn make_room(&mut self, source: std::net::IpAddr) -> Vec<(CancellationToken, &'static str)> {
+        let mut victims = Vec::new();
+        if self.per_source.get(&source).copied().unwrap_or(0) >= MAX_CONNECTIONS_PER_SOURCE {
+            let oldest = self
+                .conns
+                .iter()
+                .find(|(_, (s, _))| *s == source)
+                .map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                victims.push((self.remove(id), "source_busy"));
+            }
+        }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            if let Some(&id) = self.conns.keys().next() {
+                victims.push((self.remove(id), "busy"));
+            }
+        }
+        victims
+    }
+
+    fn insert(
+        &mut self,
+        source: std::net::IpAddr,
+        token: CancellationToken,
+    ) -> (u64, CancellationToken) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conns.insert(id, (source, token.clone()));
+        *self.per_source.entry(source).or_default() += 1;
+        (id, token)
+    }
+
+    /// Forgets `id` (a no-op when it was already removed); its token, to cancel.
+    fn remove(&mut self, id: u64) -> CancellationToken {
+        match self.conns.remove(&id) {
+            Some((source, token)) => {
+                if let Some(n) = self.per_source.get_mut(&source) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_source.remove(&source);
+                    }
+                }
+                token
+            }
+            None => CancellationToken::new(),
+        }
     }
 }
 
@@ -332,6 +439,43 @@ mod tests {
             text(StatusCode::OK, "x")
         });
         assert!(Router::matches(&root.routes[0].pattern, "/health/").is_some());
+    }
+
+    #[test]
+    fn a_new_connection_beyond_a_limit_closes_the_oldest_in_its_scope() {
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let mut open = OpenConnections::default();
+        let first_b = open.insert(b, CancellationToken::new()).1;
+        let mut from_a = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
+            assert!(open.make_room(a).is_empty());
+            from_a.push(open.insert(a, CancellationToken::new()));
+        }
+        // One more from `a`: a's oldest goes, b's is untouched.
+        let victims = open.make_room(a);
+        assert_eq!(victims.len(), 1);
+        assert_eq!(victims[0].1, "source_busy");
+        victims[0].0.cancel();
+        assert!(from_a[0].1.is_cancelled());
+        assert!(!first_b.is_cancelled());
+        open.insert(a, CancellationToken::new());
+        // A finished connection frees its place; removing twice is harmless.
+        open.remove(from_a[1].0);
+        open.remove(from_a[1].0);
+        assert!(open.make_room(a).is_empty());
+        // Fill up to the total from other sources: then the oldest of all goes.
+        let mut n = 3u32;
+        while open.conns.len() < MAX_CONNECTIONS {
+            let ip = std::net::IpAddr::from([10, 0, (n >> 8) as u8, n as u8]);
+            open.insert(ip, CancellationToken::new());
+            n += 1;
+        }
+        let victims = open.make_room("10.9.9.9".parse().unwrap());
+        assert_eq!(victims.len(), 1);
+        assert_eq!(victims[0].1, "busy");
+        victims[0].0.cancel();
+        assert!(first_b.is_cancelled());
     }
 
     /// One GET from a client socket bound to `source`; the status line, or `None` when the

@@ -34,6 +34,24 @@ pub const TURN_LATENCY: &str = "voicegate_turn_latency_seconds";
 pub const PROVIDER_ERRORS: &str = "voicegate_provider_errors_total";
 /// Counter: connections refused by the guard, label `reason`.
 pub const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";
+/// Counter: AudioSocket connections closed before their call id, label `reason` (`closed`,
+/// `timeout`, `malformed`, `not_call_id`, `nil_call_id`, `not_issued`: a call id the ARI
+/// controller did not issue, in Stasis-only mode).
+pub const HANDSHAKE_FAILURES: &str = "voicegate_handshake_failures_total";
+/// Counter: caller audio frames dropped because they arrived faster than real time beyond
+/// the allowance ([`crate::call::SessionParams::input_allowance`]).
+pub const INPUT_OVERRUN: &str = "voicegate_input_overrun_frames_total";
+/// Counter: DTMF digits ignored, label `reason` (`rate`: faster than a keypad can send;
+/// `per_call`: more than a call keeps).
+pub const DTMF_DROPPED: &str = "voicegate_dtmf_dropped_total";
+/// Counter: call records not written, label `reason` (`queue_full`: the writer's queue was
+/// full; `spool_unavailable`: still unwritable at shutdown; `encode`: cannot be encoded).
+pub const RECORDS_LOST: &str = "voicegate_records_lost_total";
+/// Counter: bytes of damaged spool files moved aside into `quarantine/` at start.
+pub const RECORDS_QUARANTINED_BYTES: &str = "voicegate_records_quarantined_bytes_total";
+/// Counter: health-listener connections closed unanswered, label `reason`
+/// (`not_allowed`, `busy`, `source_busy`).
+pub const HTTP_REFUSED: &str = "voicegate_http_refused_total";
 /// Counter: calls handed to the humans, label `reason`.
 pub const FALLBACKS: &str = "voicegate_fallbacks_total";
 /// Gauge: 1 while the circuit breaker is open.
@@ -98,6 +116,27 @@ fn describe() {
     describe_gauge!(BREAKER_OPEN, "1 while the circuit breaker is open");
     describe_gauge!(BUDGET_USED, Unit::Seconds, "AI time used today (UTC)");
     describe_gauge!(HEAP_ALLOCATED, Unit::Bytes, "Live heap allocations");
+    describe_counter!(
+        HANDSHAKE_FAILURES,
+        "AudioSocket connections closed before a call id"
+    );
+    describe_counter!(
+        INPUT_OVERRUN,
+        "Caller frames dropped for arriving faster than real time"
+    );
+    describe_counter!(DTMF_DROPPED, "DTMF digits ignored by reason");
+    describe_counter!(RECORDS_LOST, "Call records not written by reason");
+    describe_counter!(
+        RECORDS_QUARANTINED_BYTES,
+        Unit::Bytes,
+        "Damaged spool bytes moved aside"
+    );
+    describe_counter!(
+        HTTP_REFUSED,
+        "Health-listener connections closed unanswered"
+    );
+    metrics::counter!(INPUT_OVERRUN).increment(0);
+    metrics::counter!(RECORDS_LOST, "reason" => "queue_full").increment(0);
     metrics::gauge!(CALLS_ACTIVE).set(0.0);
     metrics::counter!(FRAMES_IN).increment(0);
     metrics::counter!(FRAMES_OUT).increment(0);

@@ -21,6 +21,7 @@ pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod tally;
 
 use crate::fallback::{Breaker, BreakerState};
 use serde::{Deserialize, Serialize};
@@ -129,6 +130,8 @@ pub mod component {
     pub const ARI: &str = "ari";
     /// The WireGuard tunnel (issue: tunnel).
     pub const TUNNEL: &str = "tunnel";
+    /// The call-record spool: degraded while records cannot be written.
+    pub const RECORDS: &str = "records";
 }
 
 /// What the process knows about its own health; shared as `Arc<HealthState>`.

@@ -129,7 +129,8 @@ pub struct TranscriptLine {
 /// end and bump [`spool::FORMAT_VERSION`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallRecord {
-    /// The AudioSocket call id (nil for a connection refused before it sent one).
+    /// The AudioSocket call id (nil in records of refused connections written before
+    /// issue 14; refusals are no longer recorded).
     pub call_id: Uuid,
     /// The caller's number after masking, when known.
     pub caller_number: Option<String>,
@@ -164,6 +165,41 @@ pub struct CallRecord {
     pub frames_out: u64,
     /// Frames cut short while a reply streamed.
     pub underruns: u64,
+    /// Fields cut to keep the record within [`spool::MAX_RECORD_BYTES`], each with what was
+    /// kept (`"dtmf: kept 256 of 5100000 digits"`); empty when nothing was cut. Added in
+    /// format version 2 (version 1 records read back with it empty).
+    pub truncated: Vec<String>,
+}
+
+/// Per-field bounds of a record ([`CallRecord::from_summary`] cuts beyond them and says so
+/// in [`CallRecord::truncated`]); together far below [`spool::MAX_RECORD_BYTES`].
+pub mod bounds {
+    /// DTMF digits (the call keeps no more either: [`crate::call::session::MAX_DTMF_KEPT`]).
+    pub const DTMF_CHARS: usize = crate::call::session::MAX_DTMF_KEPT;
+    /// Bytes of one transcript line.
+    pub const TRANSCRIPT_LINE_BYTES: usize = 4 * 1024;
+    /// Bytes of the whole transcript.
+    pub const TRANSCRIPT_BYTES: usize = 1024 * 1024;
+    /// Tool calls, and bytes of one call's arguments.
+    pub const TOOL_CALLS: usize = 256;
+    /// Bytes of one tool call's arguments.
+    pub const TOOL_ARGUMENT_BYTES: usize = 4 * 1024;
+    /// Turn latencies.
+    pub const TURNS: usize = 4096;
+    /// Bytes of the outcome detail and of the caller number.
+    pub const SHORT_TEXT_BYTES: usize = 1024;
+}
+
+/// `text` cut to at most `max` bytes on a character boundary; whether it was cut.
+fn cut(text: &str, max: usize) -> (String, bool) {
+    if text.len() <= max {
+        return (text.to_owned(), false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (text[..end].to_owned(), true)
 }
 
 /// The record label and detail of an outcome.
@@ -183,16 +219,87 @@ pub fn outcome_label(o: &Outcome) -> (&'static str, Option<String>) {
 }
 
 impl CallRecord {
-    /// The record of a finished call, caller number per `numbers`.
+    /// The record of a finished call, caller number per `numbers`. Fields beyond [`bounds`]
+    /// are cut and named in [`CallRecord::truncated`], so a record is never lost for being
+    /// large.
     pub fn from_summary(s: &CallSummary, numbers: CallerNumbers) -> Self {
         let started = s
             .started
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
         let (outcome, detail) = outcome_label(&s.outcome);
+        let mut truncated = Vec::new();
+        let detail = detail.map(|d| {
+            let (d, was) = cut(&d, bounds::SHORT_TEXT_BYTES);
+            if was {
+                truncated.push(format!("detail: kept {} bytes", d.len()));
+            }
+            d
+        });
+        let caller_number = s
+            .caller_number
+            .as_deref()
+            .and_then(|n| numbers.apply(n))
+            .map(|n| cut(&n, bounds::SHORT_TEXT_BYTES).0);
+        let (dtmf, _) = cut(&s.dtmf, bounds::DTMF_CHARS);
+        let dtmf_total = s.dtmf.len() as u64 + s.dtmf_dropped;
+        if dtmf.len() as u64 != dtmf_total {
+            truncated.push(format!("dtmf: kept {} of {dtmf_total} digits", dtmf.len()));
+        }
+        let mut transcript = Vec::new();
+        let mut transcript_bytes = 0;
+        let mut lines_cut = 0;
+        for (speaker, text) in &s.transcript {
+            let (text, was) = cut(text, bounds::TRANSCRIPT_LINE_BYTES);
+            lines_cut += was as usize;
+            if transcript_bytes + text.len() > bounds::TRANSCRIPT_BYTES {
+                break;
+            }
+            transcript_bytes += text.len();
+            transcript.push(TranscriptLine {
+                speaker: *speaker,
+                text,
+            });
+        }
+        if transcript.len() < s.transcript.len() || lines_cut > 0 {
+            truncated.push(format!(
+                "transcript: kept {} of {} lines, {lines_cut} lines cut to {} bytes",
+                transcript.len(),
+                s.transcript.len(),
+                bounds::TRANSCRIPT_LINE_BYTES
+            ));
+        }
+        let mut args_cut = 0;
+        let tool_calls: Vec<ToolCallRecord> = s
+            .tool_calls
+            .iter()
+            .take(bounds::TOOL_CALLS)
+            .map(|t| {
+                let (arguments, was) = cut(&t.arguments, bounds::TOOL_ARGUMENT_BYTES);
+                args_cut += was as usize;
+                ToolCallRecord {
+                    name: cut(&t.name, bounds::SHORT_TEXT_BYTES).0,
+                    arguments,
+                }
+            })
+            .collect();
+        if tool_calls.len() < s.tool_calls.len() || args_cut > 0 {
+            truncated.push(format!(
+                "tool_calls: kept {} of {}, {args_cut} argument texts cut",
+                tool_calls.len(),
+                s.tool_calls.len()
+            ));
+        }
+        let turns = s.turn_latencies_ms.len().min(bounds::TURNS);
+        if turns < s.turn_latencies_ms.len() {
+            truncated.push(format!(
+                "turn_latencies_ms: kept {turns} of {}",
+                s.turn_latencies_ms.len()
+            ));
+        }
         CallRecord {
             call_id: s.call_id,
-            caller_number: s.caller_number.as_deref().and_then(|n| numbers.apply(n)),
+            caller_number,
             started_unix_ms: started.as_millis() as u64,
             ended_unix_ms: (started + s.duration).as_millis() as u64,
             duration_ms: s.duration.as_millis() as u64,
@@ -201,20 +308,14 @@ impl CallRecord {
             detail,
             rate_hz: s.rate_hz,
             barge_ins: s.barge_ins,
-            turn_latencies_ms: s.turn_latencies_ms.clone(),
-            tool_calls: s.tool_calls.clone(),
-            dtmf: s.dtmf.clone(),
-            transcript: s
-                .transcript
-                .iter()
-                .map(|(speaker, text)| TranscriptLine {
-                    speaker: *speaker,
-                    text: text.clone(),
-                })
-                .collect(),
+            turn_latencies_ms: s.turn_latencies_ms[..turns].to_vec(),
+            tool_calls,
+            dtmf,
+            transcript,
             frames_in: s.frames_in,
             frames_out: s.frames_out,
             underruns: s.underruns,
+            truncated,
         }
     }
 }
@@ -222,6 +323,41 @@ impl CallRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_summary_makes_a_cut_record_that_fits_and_says_so() {
+        let mut s = CallSummary::without_agent(Uuid::from_u128(7), "echo", Outcome::CallerHungUp);
+        s.dtmf = "1".repeat(crate::call::session::MAX_DTMF_KEPT);
+        s.dtmf_dropped = 5_100_000;
+        s.transcript = vec![(Speaker::Caller, "ü".repeat(10_000)); 2_000];
+        s.tool_calls = vec![
+            ToolCallRecord {
+                name: "t".into(),
+                arguments: "x".repeat(100_000)
+            };
+            1_000
+        ];
+        s.turn_latencies_ms = vec![1; 100_000];
+        let r = CallRecord::from_summary(&s, CallerNumbers::Full);
+        let frame = spool::encode_frame(&r).expect("fits");
+        assert!(frame.len() < spool::MAX_RECORD_BYTES, "{}", frame.len());
+        assert_eq!(r.dtmf.len(), 256);
+        assert!(
+            r.truncated
+                .iter()
+                .any(|t| t == "dtmf: kept 256 of 5100256 digits"),
+            "{:?}",
+            r.truncated
+        );
+        assert_eq!(r.truncated.len(), 4, "{:?}", r.truncated);
+        // A small call is kept whole and says nothing.
+        let small = CallSummary::without_agent(Uuid::from_u128(8), "echo", Outcome::CallerHungUp);
+        assert!(
+            CallRecord::from_summary(&small, CallerNumbers::Full)
+                .truncated
+                .is_empty()
+        );
+    }
 
     #[test]
     fn masking() {

@@ -1,7 +1,14 @@
 //! The on-disk spool of call records (format in [`crate::records`]).
 //!
 //! [`Spool`] appends (blocking I/O: run it on a blocking thread); [`read_dir`] and
-//! [`read_file`] read back, skipping a torn tail. Nothing here panics on file contents.
+//! [`read_file`] read back. Nothing here panics on file contents.
+//!
+//! Damage: a frame whose length, checksum, version or encoding is wrong is skipped and the
+//! reader *resynchronises*: it looks for the next offset where a complete frame with a
+//! matching CRC starts, so one flipped byte costs only the record it hit (a damaged file
+//! magic costs nothing). [`Spool::open`] copies every unreadable byte range of the newest
+//! file into `<dir>/quarantine/` (never deleted by voicegate), then rewrites the file with
+//! its good records only, so appends continue after them.
 
 use super::CallRecord;
 use std::fs::{File, OpenOptions};
@@ -10,8 +17,10 @@ use std::path::{Path, PathBuf};
 
 /// First 8 bytes of every spool file.
 pub const MAGIC: &[u8; 8] = b"VGREC\x00\x01\n";
-/// Version byte at the start of every record payload.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version byte at the start of every record payload (2: [`CallRecord::truncated`] added).
+pub const FORMAT_VERSION: u8 = 2;
+/// The subdirectory unreadable bytes are moved to.
+pub const QUARANTINE_DIR: &str = "quarantine";
 /// Largest payload accepted, bytes; a larger length field is corruption.
 pub const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 const HEADER: usize = 8;
@@ -27,9 +36,6 @@ pub enum SpoolError {
         /// Why.
         source: std::io::Error,
     },
-    /// The file does not start with the spool magic.
-    #[error("{0}: not a voicegate record file")]
-    NotASpool(PathBuf),
     /// A record could not be encoded (larger than [`MAX_RECORD_BYTES`]).
     #[error("record too large to store ({0} bytes)")]
     TooLarge(usize),
@@ -45,15 +51,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     }
 }
 
-/// Where a file's good records end, and why reading stopped early (if it did).
+/// What a file holds: its good records, and the byte ranges that are not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileScan {
     /// Records read, in order.
     pub records: Vec<CallRecord>,
-    /// Offset just past the last good record.
+    /// Offset just past the last good record (or the magic).
     pub good_len: u64,
-    /// Bytes after `good_len` that are not a complete, valid record (a torn tail).
+    /// Bytes that are not part of a good record, in all (`damaged` plus the tail after
+    /// `good_len`).
     pub torn_bytes: u64,
+    /// Unreadable ranges before `good_len`: `(offset, length)` in file offsets.
+    pub damaged: Vec<(u64, u64)>,
 }
 
 /// Encodes one frame: length, crc32 of the payload, payload (version byte + postcard).
@@ -77,58 +86,107 @@ pub fn encode_frame(rec: &CallRecord) -> Result<Vec<u8>, SpoolError> {
     Ok(frame)
 }
 
-/// Parses the frames of a whole file's bytes (after the magic), stopping at the first frame
-/// that is incomplete, oversized, fails its checksum or does not decode.
+/// The record of the frame starting at `at`, and its length, if a complete valid frame
+/// starts there.
+fn frame_at(bytes: &[u8], at: usize) -> Option<(CallRecord, usize)> {
+    let head = bytes.get(at..at + HEADER)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if !(2..=MAX_RECORD_BYTES).contains(&len) {
+        return None;
+    }
+    let payload = bytes.get(at + HEADER..at + HEADER + len)?;
+    // Cheap checks first: resynchronisation tries this at every offset.
+    if !(1..=FORMAT_VERSION).contains(&payload[0]) || crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let record = if payload[0] == 1 {
+        // Version 1 lacks the trailing `truncated` list: postcard's empty sequence is one
+        // zero byte (its varint length).
+        let mut v2 = payload[1..].to_vec();
+        v2.push(0);
+        postcard::from_bytes::<CallRecord>(&v2).ok()?
+    } else {
+        postcard::from_bytes::<CallRecord>(&payload[1..]).ok()?
+    };
+    Some((record, HEADER + len))
+}
+
+/// Parses the frames of a file's bytes after the magic (offsets relative to `bytes`). A bad
+/// frame is skipped by searching for the next offset where a valid frame starts.
 pub fn scan_bytes(bytes: &[u8]) -> FileScan {
     let mut records = Vec::new();
+    let mut damaged = Vec::new();
     let mut at = 0usize;
-    while bytes.len() - at >= HEADER {
-        let len =
-            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
-        let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
-        if len == 0 || len > MAX_RECORD_BYTES || bytes.len() - at - HEADER < len {
-            break;
+    let mut good_len = 0usize;
+    while at < bytes.len() {
+        if let Some((record, n)) = frame_at(bytes, at) {
+            if at > good_len {
+                damaged.push((good_len as u64, (at - good_len) as u64));
+            }
+            records.push(record);
+            at += n;
+            good_len = at;
+        } else {
+            at += 1;
         }
-        let payload = &bytes[at + HEADER..at + HEADER + len];
-        if crc32fast::hash(payload) != crc || payload[0] != FORMAT_VERSION {
-            break;
-        }
-        match postcard::from_bytes::<CallRecord>(&payload[1..]) {
-            Ok(r) => records.push(r),
-            Err(_) => break,
-        }
-        at += HEADER + len;
     }
     FileScan {
         records,
-        good_len: at as u64,
-        torn_bytes: (bytes.len() - at) as u64,
+        good_len: good_len as u64,
+        torn_bytes: (bytes.len() - good_len) as u64 + damaged.iter().map(|d| d.1).sum::<u64>(),
+        damaged,
     }
 }
 
-/// Reads one spool file.
+/// Reads one spool file. A damaged magic is counted as damaged bytes; the records after it
+/// are still found.
 ///
 /// # Errors
-/// [`SpoolError::Io`], [`SpoolError::NotASpool`].
+/// [`SpoolError::Io`].
 pub fn read_file(path: &Path) -> Result<FileScan, SpoolError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(io(path))?;
+    Ok(scan_file_bytes(&bytes))
+}
+
+/// [`scan_bytes`] of a whole file, magic included; offsets are file offsets.
+pub fn scan_file_bytes(bytes: &[u8]) -> FileScan {
+    let magic_ok = bytes.len() >= MAGIC.len() && &bytes[..MAGIC.len()] == MAGIC;
     if bytes.len() < MAGIC.len() {
         // A file torn before its magic was complete holds no records.
-        return Ok(FileScan {
+        return FileScan {
             records: Vec::new(),
             good_len: 0,
             torn_bytes: bytes.len() as u64,
-        });
-    }
-    if &bytes[..MAGIC.len()] != MAGIC {
-        return Err(SpoolError::NotASpool(path.to_owned()));
+            damaged: Vec::new(),
+        };
     }
     let mut scan = scan_bytes(&bytes[MAGIC.len()..]);
-    scan.good_len += MAGIC.len() as u64;
-    Ok(scan)
+    let shift = MAGIC.len() as u64;
+    for d in &mut scan.damaged {
+        d.0 += shift;
+    }
+    scan.good_len += shift;
+    if !magic_ok {
+        match scan.damaged.first_mut() {
+            Some(first) if first.0 == shift => {
+                first.0 = 0;
+                first.1 += shift;
+            }
+            _ => scan.damaged.insert(0, (0, shift)),
+        }
+        scan.torn_bytes += shift;
+        if scan.records.is_empty() {
+            // Nothing good at all: the whole file is one damaged range.
+            scan.damaged.clear();
+            scan.good_len = 0;
+            scan.torn_bytes = bytes.len() as u64;
+        }
+    }
+    scan
 }
 
 /// The spool files in `dir`, oldest first, with their sequence numbers.
@@ -173,6 +231,37 @@ pub fn read_dir(dir: &Path) -> Result<(Vec<CallRecord>, u64), SpoolError> {
     Ok((records, torn))
 }
 
+/// Makes a directory's entries durable (best effort).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Copies `bytes` (found at `offset` of `file`) to
+/// `<dir>/quarantine/<file name>.<offset>.bad` and fsyncs it.
+fn quarantine(dir: &Path, file: &Path, offset: u64, bytes: &[u8]) -> Result<(), SpoolError> {
+    let qdir = dir.join(QUARANTINE_DIR);
+    std::fs::create_dir_all(&qdir).map_err(io(&qdir))?;
+    let name = file
+        .file_name()
+        .map_or("spool".into(), |n| n.to_string_lossy().into_owned());
+    let mut target = qdir.join(format!("{name}.{offset}.bad"));
+    let mut n = 1;
+    while target.exists() {
+        // The same range damaged again after an earlier start: keep both copies.
+        target = qdir.join(format!("{name}.{offset}.bad.{n}"));
+        n += 1;
+    }
+    let mut f = File::create(&target).map_err(io(&target))?;
+    f.write_all(bytes).map_err(io(&target))?;
+    f.sync_all().map_err(io(&target))?;
+    sync_dir(&qdir);
+    metrics::counter!(crate::health::metrics::RECORDS_QUARANTINED_BYTES)
+        .increment(bytes.len() as u64);
+    Ok(())
+}
+
 /// The appending end of a spool directory.
 #[derive(Debug)]
 pub struct Spool {
@@ -183,50 +272,23 @@ pub struct Spool {
     path: PathBuf,
     file: File,
     len: u64,
+    quarantined: u64,
 }
 
 impl Spool {
-    /// Opens (creating) the spool in `dir`: continues the newest file after cutting off any
-    /// torn tail, or starts a new one.
+    /// Opens (creating) the spool in `dir`: continues the newest file after its last good
+    /// record, or starts a new one. Unreadable bytes of the newest file (a torn tail, a
+    /// damaged record or magic) are first copied into `<dir>/quarantine/` and the file is
+    /// cut or rewritten to hold its good records only; see [`Spool::quarantined_bytes`].
     ///
     /// # Errors
     /// [`SpoolError`].
     pub fn open(dir: &Path, max_file_bytes: u64, keep_files: u32) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let existing = files(dir)?;
-        if let Some((seq, path)) = existing.last() {
-            let scan = read_file(path)?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(io(path))?;
-            let mut spool = Spool {
-                dir: dir.to_owned(),
-                max_file_bytes,
-                keep_files: keep_files.max(1),
-                seq: *seq,
-                path: path.clone(),
-                file,
-                len: scan.good_len,
-            };
-            if scan.good_len < MAGIC.len() as u64 {
-                spool.file.set_len(0).map_err(io(path))?;
-                spool.file.write_all(MAGIC).map_err(io(path))?;
-                spool.len = MAGIC.len() as u64;
-            } else if scan.torn_bytes > 0 {
-                tracing::warn!(file = %path.display(), torn_bytes = scan.torn_bytes, "cutting off a torn record");
-                spool.file.set_len(scan.good_len).map_err(io(path))?;
-            }
-            spool.file.sync_all().map_err(io(path))?;
-            spool
-                .file
-                .seek(SeekFrom::Start(spool.len))
-                .map_err(io(path))?;
-            Ok(spool)
-        } else {
+        let Some((seq, path)) = existing.last() else {
             let (path, file) = Self::create(dir, 1)?;
-            Ok(Spool {
+            return Ok(Spool {
                 dir: dir.to_owned(),
                 max_file_bytes,
                 keep_files: keep_files.max(1),
@@ -234,8 +296,78 @@ impl Spool {
                 path,
                 file,
                 len: MAGIC.len() as u64,
-            })
+                quarantined: 0,
+            });
+        };
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io(path))?;
+        let scan = scan_file_bytes(&bytes);
+        let mut quarantined = 0u64;
+        let tail = (scan.good_len, bytes.len() as u64 - scan.good_len);
+        for (at, n) in scan.damaged.iter().copied().chain([tail]) {
+            if n > 0 {
+                quarantine(dir, path, at, &bytes[at as usize..(at + n) as usize])?;
+                quarantined += n;
+            }
         }
+        let len = if scan.damaged.is_empty() && scan.good_len >= MAGIC.len() as u64 {
+            // Only a torn tail (or nothing): cut it.
+            if tail.1 > 0 {
+                tracing::warn!(file = %path.display(), torn_bytes = tail.1, "cut off a torn record (kept in quarantine/)");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io(path))?;
+                f.set_len(scan.good_len).map_err(io(path))?;
+                f.sync_all().map_err(io(path))?;
+            }
+            scan.good_len
+        } else {
+            // Damage inside: rewrite the good records into a fresh file, then swap it in.
+            tracing::warn!(
+                file = %path.display(),
+                kept_records = scan.records.len(),
+                damaged_bytes = quarantined,
+                "damaged spool file: unreadable bytes moved to quarantine/, good records kept"
+            );
+            let tmp = path.with_extension("vgr.tmp");
+            let mut out = Vec::with_capacity(bytes.len());
+            out.extend_from_slice(MAGIC);
+            for r in &scan.records {
+                out.extend_from_slice(&encode_frame(r)?);
+            }
+            {
+                let mut f = File::create(&tmp).map_err(io(&tmp))?;
+                f.write_all(&out).map_err(io(&tmp))?;
+                f.sync_all().map_err(io(&tmp))?;
+            }
+            std::fs::rename(&tmp, path).map_err(io(path))?;
+            sync_dir(dir);
+            out.len() as u64
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
+        file.seek(SeekFrom::Start(len)).map_err(io(path))?;
+        Ok(Spool {
+            dir: dir.to_owned(),
+            max_file_bytes,
+            keep_files: keep_files.max(1),
+            seq: *seq,
+            path: path.clone(),
+            file,
+            len,
+            quarantined,
+        })
+    }
+
+    /// Bytes of the newest file that [`Spool::open`] moved to quarantine.
+    pub fn quarantined_bytes(&self) -> u64 {
+        self.quarantined
     }
 
     fn create(dir: &Path, seq: u64) -> Result<(PathBuf, File), SpoolError> {
@@ -250,9 +382,7 @@ impl Spool {
         file.write_all(MAGIC).map_err(io(&path))?;
         file.sync_all().map_err(io(&path))?;
         // Make the new file's directory entry durable too.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(dir);
         Ok((path, file))
     }
 
@@ -322,6 +452,7 @@ mod tests {
             frames_in: 3000,
             frames_out: 3000,
             underruns: 0,
+            truncated: vec![],
         }
     }
 
@@ -367,6 +498,78 @@ mod tests {
         assert_eq!(all.len(), 4);
         assert_eq!(all[3], record(9, 50));
         assert_eq!(all[0], record(0, 50));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Issue 14: one flipped byte anywhere in a file of 100 records loses only the record
+    /// it hit, on reading and on reopening; the damaged bytes land in quarantine/.
+    #[test]
+    fn a_flipped_byte_loses_only_its_record() {
+        let dir = tmp("flip");
+        let mut s = Spool::open(&dir, 1 << 24, 4).unwrap();
+        for i in 0..100 {
+            s.append(&record(i, 30)).unwrap();
+        }
+        let path = s.current_file().to_owned();
+        drop(s);
+        let clean = std::fs::read(&path).unwrap();
+        let frame = encode_frame(&record(0, 30)).unwrap().len();
+        // Every byte of record 37's frame, and a few elsewhere.
+        let first = MAGIC.len() + 37 * frame;
+        for at in (first..first + frame).chain([MAGIC.len() + 3, clean.len() - 1]) {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 0x01;
+            let scan = scan_file_bytes(&bytes);
+            assert_eq!(scan.records.len(), 99, "flip at {at}");
+        }
+        // Reopen with record 37 damaged: 99 kept, the damage quarantined, appends go on.
+        let mut bytes = clean.clone();
+        bytes[first + 20] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut s = Spool::open(&dir, 1 << 24, 4).unwrap();
+        assert_eq!(s.quarantined_bytes(), frame as u64);
+        s.append(&record(100, 30)).unwrap();
+        let (all, torn) = read_dir(&dir).unwrap();
+        assert_eq!(torn, 0);
+        assert_eq!(all.len(), 100);
+        assert!(all.iter().all(|r| r.barge_ins != 37));
+        assert_eq!(all.last().unwrap(), &record(100, 30));
+        let q: Vec<_> = std::fs::read_dir(dir.join(QUARANTINE_DIR))
+            .unwrap()
+            .collect();
+        assert_eq!(q.len(), 1);
+        let q = std::fs::read(q[0].as_ref().unwrap().path()).unwrap();
+        assert_eq!(q, bytes[first..first + frame]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_damaged_magic_loses_nothing_and_version_1_still_reads() {
+        let dir = tmp("magic");
+        let mut s = Spool::open(&dir, 1 << 24, 4).unwrap();
+        for i in 0..5 {
+            s.append(&record(i, 30)).unwrap();
+        }
+        let path = s.current_file().to_owned();
+        drop(s);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[2] = b'X';
+        // A version-1 frame (no `truncated` field) appended by hand.
+        let mut body = postcard::to_stdvec(&record(5, 30)).unwrap();
+        body.pop(); // the empty `truncated` list
+        let mut payload = vec![1u8];
+        payload.extend_from_slice(&body);
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_file(&path).unwrap().records.len(), 6);
+        let mut s = Spool::open(&dir, 1 << 24, 4).unwrap();
+        assert_eq!(s.quarantined_bytes(), MAGIC.len() as u64);
+        s.append(&record(6, 30)).unwrap();
+        let (all, torn) = read_dir(&dir).unwrap();
+        assert_eq!((all.len(), torn), (7, 0));
+        assert_eq!(all[5], record(5, 30));
         std::fs::remove_dir_all(&dir).ok();
     }
 

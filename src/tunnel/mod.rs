@@ -276,6 +276,8 @@ impl Tunnel {
         core_spec.listen_port = udp_addr.port();
         let core = TunnelCore::new(core_spec, Instant::now().into_std())?;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        // Unbounded by type only: each TunnelStream sends its id once, on drop, so it never
+        // holds more ids than the driver has entries in `conns` (a Drop cannot wait).
         let (drop_tx, drop_rx) = mpsc::unbounded_channel();
         let peers = core.peer_count();
         let mut core = core;

@@ -73,11 +73,34 @@ pub struct TtsSettings {
     pub key: Secret,
 }
 
+/// Pieces of text one reply's TTS stream holds before more text is dropped (issue 14: no
+/// unbounded queue); one slot is always left for [`TtsCommand::Finish`].
+pub const TEXT_QUEUE: usize = 4096;
+
+/// The text side of a [`TtsStream`]: a bounded queue with the shape of an unbounded sender.
+#[derive(Debug, Clone)]
+pub struct TextTx(mpsc::Sender<TtsCommand>);
+
+impl TextTx {
+    /// Queues `cmd` without waiting. Text beyond [`TEXT_QUEUE`] pieces (an LLM far ahead of
+    /// the TTS) is dropped with a warning; the slot kept free means `Finish` always fits.
+    ///
+    /// # Errors
+    /// The command back, when the stream is gone or the text was dropped.
+    pub fn send(&self, cmd: TtsCommand) -> Result<(), mpsc::error::TrySendError<TtsCommand>> {
+        if matches!(cmd, TtsCommand::Text(_)) && self.0.capacity() <= 1 {
+            tracing::warn!(queue = TEXT_QUEUE, "TTS text queue full; text dropped");
+            return Err(mpsc::error::TrySendError::Full(cmd));
+        }
+        self.0.try_send(cmd)
+    }
+}
+
 /// One reply's TTS stream; dropping it cancels.
 #[derive(Debug)]
 pub struct TtsStream {
-    /// Text in; `try_send` is not needed (the LLM is slower than this channel drains).
-    pub text: mpsc::UnboundedSender<TtsCommand>,
+    /// Text in (bounded, never waits: [`TextTx::send`]).
+    pub text: TextTx,
     /// Events out.
     pub events: mpsc::Receiver<TtsEvent>,
     cancel: CancellationToken,
@@ -92,7 +115,7 @@ impl Drop for TtsStream {
 impl TtsSettings {
     /// Starts a stream for one reply on a call at `rate_hz`.
     pub fn start(&self, rate_hz: u32) -> TtsStream {
-        let (text_tx, text_rx) = mpsc::unbounded_channel();
+        let (text_tx, text_rx) = mpsc::channel(TEXT_QUEUE);
         let (ev_tx, ev_rx) = mpsc::channel(256);
         let cancel = CancellationToken::new();
         let this = self.clone();
@@ -107,7 +130,7 @@ impl TtsSettings {
             }
         });
         TtsStream {
-            text: text_tx,
+            text: TextTx(text_tx),
             events: ev_rx,
             cancel,
         }
@@ -191,7 +214,7 @@ pub fn inspect_message(text: &str) -> Result<(usize, usize), serde_json::Error> 
 async fn run_ws(
     s: &TtsSettings,
     rate_hz: u32,
-    mut text: mpsc::UnboundedReceiver<TtsCommand>,
+    mut text: mpsc::Receiver<TtsCommand>,
     events: &mpsc::Sender<TtsEvent>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
@@ -340,7 +363,7 @@ async fn run_ws(
 async fn run_http(
     s: &TtsSettings,
     rate_hz: u32,
-    mut text: mpsc::UnboundedReceiver<TtsCommand>,
+    mut text: mpsc::Receiver<TtsCommand>,
     events: &mpsc::Sender<TtsEvent>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
