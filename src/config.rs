@@ -201,18 +201,6 @@ impl EchoConfig {
     }
 }
 
-/// Which generation of the OpenAI Realtime event names to speak (`providers.md` §1.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RealtimeApi {
-    /// The GA API (`gpt-realtime`): `session.type`, `audio.input.format`,
-    /// `response.output_audio.delta`.
-    Ga,
-    /// The beta/preview API (`OpenAI-Beta: realtime=v1`): `input_audio_format`,
-    /// `response.audio.delta`.
-    Preview,
-}
-
 /// `[agent]` with `kind = "openai_realtime"`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -224,9 +212,14 @@ pub struct OpenAiRealtimeConfig {
     pub model: String,
     /// API key (default `{ env = "OPENAI_API_KEY" }`).
     pub api_key: SecretSource,
-    /// Event-name generation: `ga` (default) or `preview`.
-    pub api: RealtimeApi,
-    /// Voice (default `marin`; preview models know only the first eight of OpenAI's names).
+    /// Removed: voicegate speaks only the GA Realtime shapes. OpenAI closed the preview
+    /// (beta) interface in 2026 (a handshake with `OpenAI-Beta: realtime=v1` is refused with
+    /// `beta_api_shape_disabled`), so `api = "preview"` is a config error (exit 64);
+    /// `api = "ga"` is accepted and means nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// Voice (default `marin`; any GA voice: alloy, ash, ballad, cedar, coral, echo, marin,
+    /// sage, shimmer, verse).
     pub voice: String,
     /// System instructions, inline. Ignored when `instructions_file` is set.
     pub instructions: String,
@@ -260,7 +253,7 @@ impl Default for OpenAiRealtimeConfig {
             api_key: SecretSource::Env {
                 env: "OPENAI_API_KEY".into(),
             },
-            api: RealtimeApi::Ga,
+            api: None,
             voice: "marin".into(),
             instructions: "You answer the phone for a small business. Be brief and friendly."
                 .into(),
@@ -277,6 +270,25 @@ impl Default for OpenAiRealtimeConfig {
 }
 
 impl OpenAiRealtimeConfig {
+    /// Refuses the removed `api = "preview"` (any `api` other than `ga`).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `agent.api`, saying to use the GA shapes.
+    pub fn check_api(&self) -> Result<(), ConfigError> {
+        match self.api.as_deref() {
+            None | Some("ga") => Ok(()),
+            Some(other) => Err(ConfigError::invalid(
+                "agent.api",
+                format!(
+                    "`{other}` is no longer supported: OpenAI removed the preview (beta) Realtime \
+                     interface (it refuses `OpenAI-Beta: realtime=v1` with \
+                     beta_api_shape_disabled); delete this line, voicegate speaks the GA shapes \
+                     (a GA model such as gpt-realtime and a GA voice such as marin)"
+                ),
+            )),
+        }
+    }
+
     /// The instructions: the file's text when `instructions_file` is set, else `instructions`.
     ///
     /// # Errors
@@ -757,6 +769,7 @@ impl Config {
             AgentConfig::Echo(_) => {}
             AgentConfig::Cascade(c) => c.validate()?,
             AgentConfig::OpenaiRealtime(o) => {
+                o.check_api()?;
                 if !(o.url.starts_with("ws://") || o.url.starts_with("wss://")) {
                     return Err(ConfigError::invalid(
                         "agent.url",

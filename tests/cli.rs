@@ -36,6 +36,31 @@ fn bad_config_exits_64_naming_the_key() {
     );
 }
 
+/// OpenAI removed the preview Realtime interface: a config that still asks for it is refused
+/// before anything starts, saying what to do instead.
+#[test]
+fn removed_preview_realtime_api_exits_64_saying_to_use_ga() {
+    let dir = temp_dir("preview");
+    let cfg = dir.join("preview.toml");
+    std::fs::write(
+        &cfg,
+        "[agent]\nkind = \"openai_realtime\"\napi_key = \"sk-x\"\napi = \"preview\"\n",
+    )
+    .unwrap();
+    for cmd in ["check-config", "run"] {
+        let out = Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), cmd])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("agent.api") && err.contains("GA shapes"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn check_config_prints_effective_config_without_secrets() {
     let dir = temp_dir("check");

@@ -1,17 +1,18 @@
-//! The `openai_realtime` agent: the OpenAI Realtime API over one WebSocket per call
-//! (`providers.md` §1), in either generation of its event names (GA or the older preview,
-//! [`RealtimeApi`]).
+//! The `openai_realtime` agent: the OpenAI Realtime API (GA shapes, as openai-python's
+//! `src/openai/types/realtime/*` define them) over one WebSocket per call (`providers.md` §1).
+//! The preview (beta) interface is gone (OpenAI refuses `OpenAI-Beta: realtime=v1`), and so
+//! is voicegate's support for it: `api = "preview"` is a config error.
 //!
 //! One call, as this task drives it:
 //!
-//! 1. Connect to `{url}?model={model}` with `Authorization: Bearer <key>` (and
-//!    `OpenAI-Beta: realtime=v1` for the preview API) and receive `session.created`, both
+//! 1. Connect to `{url}?model={model}` with `Authorization: Bearer <key>` and receive
+//!    `session.created`, both
 //!    within `connect_timeout_ms`; send `session.update` (instructions, voice, server VAD,
 //!    input transcription, audio formats) and receive `session.updated` within another
 //!    `connect_timeout_ms`. Caller audio that arrives meanwhile is kept (up to
 //!    [`SETUP_BUFFER_FRAMES`]) and sent once the session is ready, so a caller who speaks at
 //!    once is not cut off.
-//! 2. Audio format: G.711 μ-law (`audio/pcmu`, `g711_ulaw`) when the call is 8 kHz and
+//! 2. Audio format: G.711 μ-law (`audio/pcmu`) when the call is 8 kHz and
 //!    `g711` is on, otherwise pcm16 at 24 kHz (§0, §1.2). The formats used are the ones the
 //!    server states in `session.updated` (input and output separately), not the ones asked
 //!    for. As a sanity check, a pcm16 delta of odd length, or a first 500 ms of agent audio
@@ -21,7 +22,7 @@
 //!    [`Encoder`] and sent at once as one `input_audio_buffer.append` (20 ms each: no
 //!    batching, so server VAD sees speech with no added latency; §1.3 recommends small
 //!    chunks).
-//! 4. Downlink: `response.output_audio.delta` (`response.audio.delta`) is decoded by one
+//! 4. Downlink: `response.output_audio.delta` is decoded by one
 //!    stateful [`Decoder`] into [`AgentEvent::Audio`], one [`ReplyId`] per assistant item;
 //!    the audio-done event gives [`AgentEvent::ReplyDone`].
 //! 5. Barge-in (§1.6): on `input_audio_buffer.speech_started` the task emits
@@ -37,6 +38,14 @@
 //!    calls (`response.function_call_arguments.done` → [`AgentEvent::ToolCall`],
 //!    [`AgentInput::ToolResult`] → `function_call_output` + `response.create`, §1.7); an
 //!    optional greeting (a `response.create` right after set-up, so the agent speaks first).
+//! 8. One response at a time ([`Responses`]): the server allows one active response per
+//!    conversation and refuses a `response.create` meanwhile with
+//!    `conversation_already_has_active_response`. Every `response.create` voicegate wants
+//!    (tool output, keypad turn, greeting) waits for the `response.done` of the active one,
+//!    and for the outputs of all function calls of that response (parallel calls get one
+//!    `response.create`), as openai-agents-js's `responseCreateSequencer.ts` does; one the
+//!    server still refuses (it started a response voicegate had not yet heard of) is sent
+//!    again after that response's `response.done`.
 //!
 //! Failures end the session with [`AgentEvent::Failed`]: connect failure or timeout, an
 //! `error` event that ends the session (authentication, `session_expired`, quota; any error
@@ -51,7 +60,7 @@ use super::{Speaker, session_channel};
 use crate::audio::ReplyId;
 use crate::audio::convert::{Decoder, Encoder, WireFormat};
 use crate::audio::g711::Law;
-use crate::config::{ConfigError, OpenAiRealtimeConfig, RealtimeApi};
+use crate::config::{ConfigError, OpenAiRealtimeConfig};
 use crate::secret::Secret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -60,7 +69,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -91,11 +100,6 @@ const LEVEL_CHECK_MS: usize = 500;
 /// as pcm16 (or pcm16 read as μ-law) give 13000–18000 (measured on `tests/fixtures`).
 const IMPLAUSIBLE_RMS: f64 = 9_000.0;
 
-/// Voices the preview (beta) API knows (`providers.md` §1.2).
-const PREVIEW_VOICES: [&str; 8] = [
-    "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
-];
-
 /// `error.code` values after which the session cannot go on.
 const FATAL_CODES: [&str; 6] = [
     "session_expired",
@@ -114,7 +118,6 @@ const FATAL_TYPES: [&str; 2] = ["authentication_error", "permission_error"];
 struct Settings {
     /// `{url}?model={model}`.
     url: String,
-    api: RealtimeApi,
     api_key: Secret,
     voice: String,
     instructions: String,
@@ -141,8 +144,9 @@ impl OpenAiRealtime {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key: `agent.api_key` (unset or unreadable),
     /// `agent.instructions_file` (unreadable), `agent.model` (characters that do not belong
-    /// in a URL query), `agent.voice` (not a preview voice while `api = "preview"`).
+    /// in a URL query), `agent.api` (the removed `preview`).
     pub fn new(cfg: &OpenAiRealtimeConfig) -> Result<Self, ConfigError> {
+        cfg.check_api()?;
         let api_key = cfg
             .api_key
             .resolve()
@@ -161,21 +165,10 @@ impl OpenAiRealtime {
                 "must be a model name such as gpt-realtime (letters, digits, - _ .)",
             ));
         }
-        if cfg.api == RealtimeApi::Preview && !PREVIEW_VOICES.contains(&cfg.voice.as_str()) {
-            return Err(ConfigError::invalid(
-                "agent.voice",
-                format!(
-                    "the preview API knows only {}; `{}` needs api = \"ga\"",
-                    PREVIEW_VOICES.join(", "),
-                    cfg.voice
-                ),
-            ));
-        }
         let sep = if cfg.url.contains('?') { '&' } else { '?' };
         Ok(OpenAiRealtime {
             settings: Arc::new(Settings {
                 url: format!("{}{sep}model={}", cfg.url, cfg.model),
-                api: cfg.api,
                 api_key,
                 voice: cfg.voice.clone(),
                 instructions,
@@ -253,7 +246,6 @@ async fn run(mut settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint)
         }
     };
     info!(
-        api = ?settings.api,
         input = ?formats.input,
         output = ?formats.output,
         "openai realtime session ready"
@@ -298,30 +290,20 @@ fn requested_format(s: &Settings, call_rate_hz: u32) -> WireFormat {
     }
 }
 
-/// A format as `session.update` writes it: GA `{"type":"audio/pcmu"}`, preview `"g711_ulaw"`
-/// (`providers.md` §1.2).
-fn format_json(api: RealtimeApi, f: WireFormat) -> Value {
-    match (api, f) {
-        (RealtimeApi::Ga, WireFormat::G711(Law::Ulaw)) => json!({"type": "audio/pcmu"}),
-        (RealtimeApi::Ga, WireFormat::G711(Law::Alaw)) => json!({"type": "audio/pcma"}),
-        (RealtimeApi::Ga, WireFormat::Pcm16 { rate_hz }) => {
-            json!({"type": "audio/pcm", "rate": rate_hz})
-        }
-        (RealtimeApi::Preview, WireFormat::G711(Law::Ulaw)) => json!("g711_ulaw"),
-        (RealtimeApi::Preview, WireFormat::G711(Law::Alaw)) => json!("g711_alaw"),
-        (RealtimeApi::Preview, WireFormat::Pcm16 { .. }) => json!("pcm16"),
+/// A format as `session.update` writes it (openai-python
+/// `types/realtime/realtime_audio_formats_param.py`): `{"type":"audio/pcmu"}`,
+/// `{"type":"audio/pcma"}` or `{"type":"audio/pcm","rate":24000}`.
+fn format_json(f: WireFormat) -> Value {
+    match f {
+        WireFormat::G711(Law::Ulaw) => json!({"type": "audio/pcmu"}),
+        WireFormat::G711(Law::Alaw) => json!({"type": "audio/pcma"}),
+        WireFormat::Pcm16 { rate_hz } => json!({"type": "audio/pcm", "rate": rate_hz}),
     }
 }
 
-/// Reads a format in either shape (GA object or preview string); `None` if unknown.
+/// Reads a GA format object; `None` if unknown.
 fn parse_format(v: &Value) -> Option<WireFormat> {
     match v {
-        Value::String(s) => match s.as_str() {
-            "g711_ulaw" => Some(WireFormat::G711(Law::Ulaw)),
-            "g711_alaw" => Some(WireFormat::G711(Law::Alaw)),
-            "pcm16" => Some(WireFormat::Pcm16 { rate_hz: 24_000 }),
-            _ => None,
-        },
         Value::Object(o) => match o.get("type")?.as_str()? {
             "audio/pcmu" => Some(WireFormat::G711(Law::Ulaw)),
             "audio/pcma" => Some(WireFormat::G711(Law::Alaw)),
@@ -340,22 +322,21 @@ fn parse_format(v: &Value) -> Option<WireFormat> {
     }
 }
 
-/// The formats a `session.updated` session states, in either shape; `requested` where it
-/// states none.
+/// The formats a `session.updated` session states; `requested` where it states none.
 fn confirmed_formats(session: &Value, requested: WireFormat) -> Formats {
-    let pick = |ga: &str, preview: &str| {
-        let stated = session.pointer(ga).or_else(|| session.get(preview));
+    let pick = |field: &str| {
+        let stated = session.pointer(field);
         match stated.and_then(parse_format) {
             Some(f) => f,
             None => {
-                debug!(field = preview, stated = ?stated, "no usable format in session.updated; using the requested one");
+                debug!(field, stated = ?stated, "no usable format in session.updated; using the requested one");
                 requested
             }
         }
     };
     Formats {
-        input: pick("/audio/input/format", "input_audio_format"),
-        output: pick("/audio/output/format", "output_audio_format"),
+        input: pick("/audio/input/format"),
+        output: pick("/audio/output/format"),
     }
 }
 
@@ -373,44 +354,129 @@ fn session_update(s: &Settings, format: WireFormat) -> Value {
     });
     let transcription =
         (!s.transcription_model.is_empty()).then(|| json!({"model": s.transcription_model}));
-    let fmt = format_json(s.api, format);
-    let mut session = match s.api {
-        RealtimeApi::Ga => {
-            let mut input = json!({"format": fmt, "turn_detection": turn_detection});
-            if let Some(t) = transcription {
-                input["transcription"] = t;
-            }
-            json!({
-                "type": "realtime",
-                "instructions": s.instructions,
-                "output_modalities": ["audio"],
-                "audio": {
-                    "input": input,
-                    "output": {"format": fmt, "voice": s.voice},
-                },
-            })
-        }
-        RealtimeApi::Preview => {
-            let mut session = json!({
-                "instructions": s.instructions,
-                "modalities": ["audio", "text"],
-                "voice": s.voice,
-                "input_audio_format": fmt,
-                "output_audio_format": fmt,
-                "turn_detection": turn_detection,
-            });
-            if let Some(t) = transcription {
-                session["input_audio_transcription"] = t;
-            }
-            session
-        }
-    };
-    // The same flat function shape in both generations (§1.2).
+    let fmt = format_json(format);
+    let mut input = json!({"format": fmt, "turn_detection": turn_detection});
+    if let Some(t) = transcription {
+        input["transcription"] = t;
+    }
+    let mut session = json!({
+        "type": "realtime",
+        "instructions": s.instructions,
+        "output_modalities": ["audio"],
+        "audio": {
+            "input": input,
+            "output": {"format": fmt, "voice": s.voice},
+        },
+    });
+    // Flat function declarations (`realtime_function_tool_param.py`, §1.7).
     if !s.tools.is_empty() {
         session["tools"] = Value::Array(s.tools.clone());
         session["tool_choice"] = json!("auto");
     }
     json!({"type": "session.update", "session": session})
+}
+
+/// The code of the `error` the server answers a `response.create` with while a response is
+/// active (openai/openai-agents-python#1466, pipecat-ai/pipecat#3960).
+const ACTIVE_RESPONSE: &str = "conversation_already_has_active_response";
+
+/// The `response.create` requests of one session, sent one at a time (see module doc, 8).
+/// Sans-IO: the live loop feeds it server events and sends what [`Responses::poll`] returns.
+#[derive(Debug, Default)]
+struct Responses {
+    /// A response is in progress at the server (`response.created` seen, or the server said
+    /// so in an error; `response.done` not yet).
+    active: bool,
+    /// A `response.create` was sent and neither `response.created` nor an error answered it.
+    requested: bool,
+    /// The last `response.create` sent, kept until the next `response.done` so that it can be
+    /// sent again if the server refuses it.
+    sent: Option<Value>,
+    /// A `response.create` waiting for its turn (later requests are covered by it: one
+    /// response answers every item added before it).
+    wanted: Option<Value>,
+    /// Function calls of the current response whose output has not been sent.
+    open_calls: HashSet<String>,
+    /// Numbers the `event_id`s of the `response.create`s (`vg_response_create_N`).
+    sent_count: u64,
+}
+
+impl Responses {
+    /// Asks for a response (`event` is a `response.create`, with or without `response`).
+    fn want(&mut self, event: Value) {
+        if self.wanted.is_none() {
+            self.wanted = Some(event);
+        }
+    }
+
+    /// The `response.create` to send now, if one is wanted and nothing stands in its way.
+    fn poll(&mut self) -> Option<Value> {
+        if self.active || self.requested || !self.open_calls.is_empty() {
+            return None;
+        }
+        let mut event = self.wanted.take()?;
+        self.sent_count += 1;
+        event["event_id"] = json!(format!("vg_response_create_{}", self.sent_count));
+        self.requested = true;
+        self.sent = Some(event.clone());
+        Some(event)
+    }
+
+    fn on_created(&mut self) {
+        self.active = true;
+        self.requested = false;
+        // Calls of an earlier response whose output never came (a terminal tool, an
+        // interrupted one) do not hold the conversation up any longer.
+        self.open_calls.clear();
+    }
+
+    fn on_done(&mut self) {
+        self.active = false;
+        if !self.requested {
+            self.sent = None;
+        }
+    }
+
+    fn on_function_call(&mut self, call_id: &str) {
+        self.open_calls.insert(call_id.to_owned());
+    }
+
+    fn on_tool_output(&mut self, call_id: &str) {
+        self.open_calls.remove(call_id);
+    }
+
+    /// An `error` event; `true` if it refused a `response.create` of ours because a response
+    /// was active: the request waits for that response's `response.done` and goes again.
+    fn on_error(&mut self, error: Option<&Value>) -> bool {
+        let field = |name: &str| error.and_then(|e| e.get(name)).and_then(Value::as_str);
+        let ours = |sent: &Value| match field("event_id") {
+            Some(id) => sent.get("event_id").and_then(Value::as_str) == Some(id),
+            // Older servers leave event_id null: the error is about the last create.
+            None => true,
+        };
+        let Some(sent) = self.sent.as_ref().filter(|s| ours(s)) else {
+            return false;
+        };
+        if field("code") == Some(ACTIVE_RESPONSE) {
+            let mut again = sent.clone();
+            if let Some(o) = again.as_object_mut() {
+                o.remove("event_id");
+            }
+            self.sent = None;
+            self.requested = false;
+            self.active = true;
+            if self.wanted.is_none() {
+                self.wanted = Some(again);
+            }
+            return true;
+        }
+        if field("event_id").is_some() {
+            // Refused for another reason: it will not be answered.
+            self.sent = None;
+            self.requested = false;
+        }
+        false
+    }
 }
 
 /// The `response.create` that makes the agent speak `greeting` first.
@@ -429,10 +495,7 @@ fn greeting_response(greeting: &str) -> Value {
 /// `session.updated`; returns the socket and the confirmed formats.
 async fn set_up(s: &Settings, requested: WireFormat) -> Result<(Ws, Formats), AgentError> {
     let auth = format!("Bearer {}", s.api_key.expose());
-    let mut headers = vec![("Authorization", auth.as_str())];
-    if s.api == RealtimeApi::Preview {
-        headers.push(("OpenAI-Beta", "realtime=v1"));
-    }
+    let headers = [("Authorization", auth.as_str())];
     debug!(url = %s.url, "connecting");
     // Connecting and session.created share one deadline; session.updated gets its own.
     let deadline = Instant::now() + s.connect_timeout;
@@ -750,6 +813,8 @@ struct Live {
     level: LevelCheck,
     /// Keypad digits not yet sent as a caller turn.
     keypad: Keypad,
+    /// `response.create`s, one at a time.
+    responses: Responses,
 }
 
 impl Live {
@@ -772,6 +837,7 @@ impl Live {
             odd_delta_seen: false,
             level: LevelCheck::default(),
             keypad: Keypad::default(),
+            responses: Responses::default(),
         })
     }
 
@@ -783,7 +849,8 @@ impl Live {
     ) -> Result<(), AgentError> {
         if let Some(greeting) = &s.greeting {
             debug!("asking for the greeting");
-            send_json(&mut self.ws, &greeting_response(greeting)).await?;
+            self.responses.want(greeting_response(greeting));
+            self.send_wanted_response().await?;
         }
         for frame in early {
             self.append(&frame).await?;
@@ -819,6 +886,17 @@ impl Live {
                 },
             }
         }
+    }
+
+    /// Sends the wanted `response.create`, if its turn has come.
+    async fn send_wanted_response(&mut self) -> Result<(), AgentError> {
+        if let Some(event) = self.responses.poll() {
+            debug!(event_id = ?event.get("event_id"), "response.create");
+            send_json(&mut self.ws, &event).await?;
+        } else if self.responses.wanted.is_some() {
+            debug!("response.create waits for the active response to finish");
+        }
+        Ok(())
     }
 
     /// Sends one caller frame as `input_audio_buffer.append`.
@@ -886,7 +964,8 @@ impl Live {
                      "content": [{"type": "input_text", "text": text}]},
         });
         send_json(&mut self.ws, &item).await?;
-        send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
+        self.responses.want(json!({"type": "response.create"}));
+        self.send_wanted_response().await?;
         let ev = AgentEvent::Transcript {
             speaker: Speaker::Caller,
             text,
@@ -937,7 +1016,9 @@ impl Live {
                     "item": {"type": "function_call_output", "call_id": call_id, "output": output},
                 });
                 send_json(&mut self.ws, &item).await?;
-                send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
+                self.responses.on_tool_output(&call_id);
+                self.responses.want(json!({"type": "response.create"}));
+                self.send_wanted_response().await?;
             }
             AgentInput::Dtmf(digit) => return self.on_dtmf(digit, io).await,
         }
@@ -960,7 +1041,7 @@ impl Live {
             }
         };
         match ev.kind.as_ref() {
-            "response.output_audio.delta" | "response.audio.delta" => {
+            "response.output_audio.delta" => {
                 if ev.item_id.is_empty() {
                     warn!("audio delta without item_id; ignored");
                     return Ok(Flow::Continue);
@@ -973,7 +1054,7 @@ impl Live {
                 }
                 return Ok(self.audio_delta(&ev.item_id, &ev.delta, io).await);
             }
-            "response.output_audio.done" | "response.audio.done" => {
+            "response.output_audio.done" => {
                 return Ok(self.audio_done(&ev.item_id, io).await);
             }
             "input_audio_buffer.speech_started" => {
@@ -992,7 +1073,7 @@ impl Live {
                     return Ok(Self::emit(io, ev).await);
                 }
             }
-            "response.output_audio_transcript.done" | "response.audio_transcript.done" => {
+            "response.output_audio_transcript.done" => {
                 if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
                     let ev = AgentEvent::Transcript {
                         speaker: Speaker::Agent,
@@ -1007,6 +1088,7 @@ impl Live {
                     return Ok(Flow::Continue);
                 };
                 info!(tool = %name, call_id = %call_id, "tool call");
+                self.responses.on_function_call(&call_id);
                 // Tied to the spoken reply of the same response, if it had one.
                 let reply = (!ev.response_id.is_empty())
                     .then(|| {
@@ -1026,6 +1108,10 @@ impl Live {
             }
             "error" => {
                 let detail = describe_error(ev.error.as_ref(), &self.key);
+                if self.responses.on_error(ev.error.as_ref()) {
+                    info!(error = %detail, "response.create refused while a response is active; sent again after its response.done");
+                    return Ok(Flow::Continue);
+                }
                 if is_fatal(ev.error.as_ref()) {
                     return Err(AgentError::Provider {
                         provider: PROVIDER,
@@ -1034,7 +1120,10 @@ impl Live {
                 }
                 warn!(error = %detail, "openai realtime error; the session goes on");
             }
+            "response.created" => self.responses.on_created(),
             "response.done" => {
+                self.responses.on_done();
+                self.send_wanted_response().await?;
                 let status = ev
                     .response
                     .as_ref()
@@ -1184,16 +1273,10 @@ mod tests {
     use super::*;
     use crate::secret::SecretSource;
 
-    fn settings(api: RealtimeApi, transcription: &str) -> Settings {
+    fn settings(transcription: &str) -> Settings {
         let cfg = OpenAiRealtimeConfig {
             api_key: SecretSource::Inline("sk-unit-test-key-123".into()),
-            api,
-            voice: if api == RealtimeApi::Ga {
-                "marin"
-            } else {
-                "alloy"
-            }
-            .into(),
+            voice: "marin".into(),
             instructions: "Be brief.".into(),
             transcription_model: transcription.into(),
             ..OpenAiRealtimeConfig::default()
@@ -1203,7 +1286,7 @@ mod tests {
 
     #[test]
     fn ga_session_update_shape() {
-        let s = settings(RealtimeApi::Ga, "gpt-4o-mini-transcribe");
+        let s = settings("gpt-4o-mini-transcribe");
         assert_eq!(s.url, "wss://api.openai.com/v1/realtime?model=gpt-realtime");
         let v = session_update(&s, requested_format(&s, 8_000));
         assert_eq!(v["type"], "session.update");
@@ -1231,23 +1314,14 @@ mod tests {
     }
 
     #[test]
-    fn preview_session_update_shape() {
-        let s = settings(RealtimeApi::Preview, "");
+    fn tools_and_no_transcription() {
+        let mut s = settings("");
         let v = session_update(&s, requested_format(&s, 8_000));
-        let ss = &v["session"];
-        assert!(ss.get("type").is_none());
-        assert_eq!(ss["input_audio_format"], "g711_ulaw");
-        assert_eq!(ss["output_audio_format"], "g711_ulaw");
-        assert_eq!(ss["voice"], "alloy");
-        assert_eq!(ss["turn_detection"]["interrupt_response"], true);
-        assert!(
-            ss.get("input_audio_transcription").is_none(),
-            "empty model = off"
-        );
-        assert!(ss.get("tools").is_none(), "no tools declared");
+        let input = &v["session"]["audio"]["input"];
+        assert!(input.get("transcription").is_none(), "empty model = off");
+        assert!(v["session"].get("tools").is_none(), "no tools declared");
         let tool = json!({"type": "function", "name": "get_time", "description": "Current time",
                           "parameters": {"type": "object", "properties": {}}});
-        let mut s = s;
         s.tools = vec![tool.clone()];
         let v = session_update(&s, requested_format(&s, 8_000));
         assert_eq!(v["session"]["tools"], json!([tool]));
@@ -1255,18 +1329,68 @@ mod tests {
     }
 
     #[test]
-    fn preview_rejects_ga_only_voice() {
-        let cfg = OpenAiRealtimeConfig {
-            api_key: SecretSource::Inline("k".into()),
-            api: RealtimeApi::Preview,
-            ..OpenAiRealtimeConfig::default()
-        };
-        let e = OpenAiRealtime::new(&cfg).unwrap_err();
-        assert!(e.to_string().contains("agent.voice"), "{e}");
+    fn responses_go_one_at_a_time() {
+        let create = || json!({"type": "response.create"});
+        let mut r = Responses::default();
+        // A response with two parallel calls is active: nothing goes out.
+        r.on_created();
+        r.on_function_call("a");
+        r.on_function_call("b");
+        r.on_tool_output("a");
+        r.want(create());
+        assert!(r.poll().is_none(), "response active");
+        r.on_tool_output("b");
+        r.want(create());
+        assert!(r.poll().is_none(), "response active");
+        r.on_done();
+        let sent = r.poll().expect("one create after done and both outputs");
+        assert_eq!(sent["event_id"], "vg_response_create_1");
+        assert!(r.poll().is_none(), "the two requests were one");
+        // The server refuses it: a response of its own started meanwhile.
+        r.on_created();
+        let refused = json!({"type": "invalid_request_error", "code": ACTIVE_RESPONSE,
+                             "message": "Conversation already has an active response in progress: resp_x.",
+                             "param": null, "event_id": "vg_response_create_1"});
+        assert!(r.on_error(Some(&refused)));
+        assert!(r.poll().is_none(), "waits for that response");
+        r.on_done();
+        let again = r.poll().expect("sent again after done");
+        assert_eq!(again["event_id"], "vg_response_create_2");
+        // Another client event's error is not about the create.
+        r.on_created();
+        let other = json!({"code": ACTIVE_RESPONSE, "event_id": "evt_other"});
+        assert!(!r.on_error(Some(&other)));
     }
 
     #[test]
-    fn confirmed_formats_in_both_shapes() {
+    fn an_unanswered_call_does_not_block_later_responses() {
+        let mut r = Responses::default();
+        r.on_created();
+        r.on_function_call("hangup_1");
+        r.on_done();
+        r.want(json!({"type": "response.create"}));
+        assert!(r.poll().is_none(), "the output may still come");
+        // The caller spoke and the server answered: the old call is moot.
+        r.on_created();
+        r.on_done();
+        assert!(r.poll().is_some());
+    }
+
+    #[test]
+    fn the_removed_preview_api_is_a_config_error() {
+        let mut cfg = OpenAiRealtimeConfig {
+            api_key: SecretSource::Inline("k".into()),
+            api: Some("preview".into()),
+            ..OpenAiRealtimeConfig::default()
+        };
+        let e = OpenAiRealtime::new(&cfg).unwrap_err().to_string();
+        assert!(e.contains("agent.api") && e.contains("GA"), "{e}");
+        cfg.api = Some("ga".into());
+        assert!(OpenAiRealtime::new(&cfg).is_ok());
+    }
+
+    #[test]
+    fn confirmed_formats_are_read() {
         let req = WireFormat::G711(Law::Ulaw);
         let ga = json!({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}},
                                   "output": {"format": {"type": "audio/pcma"}}}});
@@ -1277,11 +1401,12 @@ mod tests {
                 output: WireFormat::G711(Law::Alaw)
             }
         );
+        // The beta strings are not GA formats: the requested one stands.
         let preview = json!({"input_audio_format": "pcm16", "output_audio_format": "g711_ulaw"});
         assert_eq!(
             confirmed_formats(&preview, req),
             Formats {
-                input: WireFormat::Pcm16 { rate_hz: 24_000 },
+                input: req,
                 output: req
             }
         );
