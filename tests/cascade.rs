@@ -141,6 +141,24 @@ async fn stt_soniox_16khz_pcm() {
     stt_round_trip(SttVendor::Soniox, 16_000, "pcm_s16le").await;
 }
 
+/// The STT fakes, like the vendors, refuse an upgrade that does not carry the key (Soniox
+/// from 15 January 2027: the key in the start message alone is no longer enough).
+#[tokio::test]
+async fn stt_fakes_refuse_an_upgrade_without_the_key() {
+    for vendor in [
+        SttVendor::Soniox,
+        SttVendor::Deepgram,
+        SttVendor::ElevenLabs,
+    ] {
+        let fake = SttFake::start(vendor, &[], None).await;
+        let e = tokio_tungstenite::connect_async(fake.url(vendor))
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("401"), "{vendor:?}: {e}");
+        assert_eq!(fake.log.lock().unwrap().refused, 1);
+    }
+}
+
 #[tokio::test]
 async fn stt_deepgram_8khz_mulaw_with_keepalive() {
     stt_round_trip(SttVendor::Deepgram, 8_000, "mulaw").await;

@@ -36,14 +36,23 @@ fn query(uri: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The header a vendor authenticates the WebSocket upgrade with, and its value.
+type Auth = (&'static str, String);
+
+/// Accepts a WebSocket upgrade. With `auth`, an upgrade without that header and value is
+/// refused with HTTP 401 and `None` is returned (after the URI and headers are read), as the
+/// vendors do.
 #[allow(clippy::result_large_err)] // the handshake callback's error type is tungstenite's
 async fn accept_ws(
     stream: TcpStream,
+    auth: Option<Auth>,
 ) -> (
-    tokio_tungstenite::WebSocketStream<TcpStream>,
+    Option<tokio_tungstenite::WebSocketStream<TcpStream>>,
     String,
     Vec<(String, String)>,
 ) {
+    use tokio_tungstenite::tungstenite::handshake::server::ErrorResponse;
+    use tokio_tungstenite::tungstenite::http::StatusCode;
     let mut uri = String::new();
     let mut headers = Vec::new();
     let ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp: Response| {
@@ -53,11 +62,20 @@ async fn accept_ws(
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
             .collect();
+        if let Some((name, value)) = &auth {
+            if header(&headers, name) != Some(value.as_str()) {
+                let mut e = ErrorResponse::new(Some(
+                    r#"{"error_code":401,"error_message":"Missing or invalid API key."}"#
+                        .to_owned(),
+                ));
+                *e.status_mut() = StatusCode::UNAUTHORIZED;
+                return Err(e);
+            }
+        }
         Ok(resp)
     })
-    .await
-    .expect("websocket handshake");
-    (ws, uri, headers)
+    .await;
+    (ws.ok(), uri, headers)
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -101,6 +119,8 @@ pub struct SttLog {
     pub errors: Vec<String>,
     /// Connections accepted.
     pub connections: usize,
+    /// Upgrades refused for a missing or wrong key.
+    pub refused: usize,
 }
 
 /// A scripted STT: the "transcript" of the n-th utterance it hears is `utterances[n]`.
@@ -161,17 +181,28 @@ async fn serve_stt(
     utterances: Vec<String>,
     fail_after_ms: Option<u64>,
 ) {
-    let (mut ws, uri, headers) = accept_ws(stream).await;
+    // How each vendor authenticates the upgrade: Soniox `Authorization: Bearer` (soniox.com
+    // guides/websocket-authentication; from 15 January 2027 a connection without it is
+    // refused), Deepgram `Authorization: Token` (developers.deepgram.com "Authenticating"),
+    // ElevenLabs `xi-api-key` (scribe.asyncapi.yaml in elevenlabs/packages).
+    let auth: Auth = match vendor {
+        SttVendor::Soniox => ("authorization", format!("Bearer {KEY}")),
+        SttVendor::Deepgram => ("authorization", format!("Token {KEY}")),
+        SttVendor::ElevenLabs => ("xi-api-key", KEY.to_owned()),
+    };
+    let (ws, uri, headers) = accept_ws(stream, Some(auth)).await;
     let mut format: Option<(String, u32)> = None;
     {
         let mut l = log.lock().unwrap();
         l.uri = uri.clone();
         l.headers = headers.clone();
+        if ws.is_none() {
+            l.refused += 1;
+            l.errors
+                .push("upgrade without the key: refused with 401".into());
+        }
         match vendor {
             SttVendor::Deepgram => {
-                if header(&headers, "authorization") != Some(&format!("Token {KEY}")) {
-                    l.errors.push("missing Authorization: Token".into());
-                }
                 let enc = query(&uri, "encoding").unwrap_or_default();
                 let rate = query(&uri, "sample_rate")
                     .and_then(|r| r.parse().ok())
@@ -185,9 +216,6 @@ async fn serve_stt(
                 format = Some((enc, rate));
             }
             SttVendor::ElevenLabs => {
-                if header(&headers, "xi-api-key") != Some(KEY) {
-                    l.errors.push("missing xi-api-key".into());
-                }
                 let f = query(&uri, "audio_format").unwrap_or_default();
                 let rate = if f == "ulaw_8000" {
                     8000
@@ -208,6 +236,7 @@ async fn serve_stt(
             l.rate_hz = *r;
         }
     }
+    let Some(mut ws) = ws else { return };
     if vendor == SttVendor::ElevenLabs {
         let (f, r) = format.clone().unwrap();
         let started = serde_json::json!({"message_type":"session_started","session_id":"s1",
@@ -231,8 +260,12 @@ async fn serve_stt(
                     SttVendor::Soniox if format.is_none() => {
                         let cfg: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
                         let mut l = log.lock().unwrap();
-                        if cfg["api_key"] != KEY {
-                            l.errors.push("config without the api_key".into());
+                        if cfg.get("api_key").is_some() {
+                            l.errors.push(
+                                "api_key in the start message: deprecated, the key goes with \
+                                 the connection (soniox.com guides/migrate-websocket-authentication)"
+                                    .into(),
+                            );
                         }
                         if cfg["num_channels"] != 1 {
                             l.errors.push("num_channels != 1".into());
@@ -748,7 +781,8 @@ pub fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
 }
 
 async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, fail: bool) {
-    let (mut ws, uri, headers) = accept_ws(stream).await;
+    let (ws, uri, headers) = accept_ws(stream, None).await;
+    let Some(mut ws) = ws else { return };
     let idx = {
         let mut l = log.lock().unwrap();
         l.conns.push(TtsConn {

@@ -1,5 +1,8 @@
-//! Soniox real-time STT (`providers.md` §5): config with the API key as the first text
-//! message, audio as binary frames, tokens with `is_final`, `<end>` = end of turn.
+//! Soniox real-time STT (`providers.md` §5; soniox.com `api-reference/stt/websocket-api`):
+//! the API key with the connection (`Authorization: Bearer <key>` on the upgrade, soniox.com
+//! `guides/websocket-authentication`; `api_key` in the start message is deprecated and
+//! refused from 15 January 2027), the config as the first text message, audio as binary
+//! frames, tokens with `is_final`, `<end>` = end of turn.
 
 use super::{Protocol, SttEvent};
 use crate::agent::cascade::config::SttConfig;
@@ -64,7 +67,7 @@ impl Protocol for Soniox {
         Ok(self.url.clone())
     }
     fn headers(&self) -> Vec<(&'static str, String)> {
-        Vec::new()
+        vec![("Authorization", format!("Bearer {}", self.key.expose()))]
     }
     fn first_message(&self) -> Option<String> {
         let (audio_format, rate) = match self.format {
@@ -73,7 +76,6 @@ impl Protocol for Soniox {
             WireFormat::Pcm16 { rate_hz } => ("pcm_s16le", rate_hz),
         };
         let mut config = serde_json::json!({
-            "api_key": self.key.expose(),
             "model": self.model,
             "audio_format": audio_format,
             "sample_rate": rate,
@@ -151,6 +153,11 @@ mod tests {
             WireFormat::Pcm16 { rate_hz: 16_000 },
         );
         let first: serde_json::Value = serde_json::from_str(&s.first_message().unwrap()).unwrap();
+        assert!(
+            first.get("api_key").is_none(),
+            "the key goes with the connection"
+        );
+        assert_eq!(s.headers(), [("Authorization", "Bearer k".to_owned())]);
         assert_eq!(first["audio_format"], "pcm_s16le");
         assert_eq!(first["sample_rate"], 16_000);
         let mut out = Vec::new();
