@@ -36,6 +36,17 @@ fn query(uri: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Every value of query parameter `key`, in order.
+pub fn query_all(uri: &str, key: &str) -> Vec<String> {
+    let Ok(url) = reqwest::Url::parse(&format!("http://x{uri}")) else {
+        return Vec::new();
+    };
+    url.query_pairs()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
 /// The header a vendor authenticates the WebSocket upgrade with, and its value.
 type Auth = (&'static str, String);
 
@@ -212,6 +223,20 @@ async fn serve_stt(
                 }
                 if query(&uri, "interim_results").as_deref() != Some("true") {
                     l.errors.push("interim_results not requested".into());
+                }
+                // `language_hint` belongs to nova-3 multilingual (`language=multi`,
+                // developers.deepgram.com docs/nova-3-language-prompting); without a
+                // `language` Deepgram silently transcribes English (docs/models).
+                let hints = query_all(&uri, "language_hint");
+                match query(&uri, "language").as_deref() {
+                    None => l
+                        .errors
+                        .push("no language: Deepgram would assume en".into()),
+                    Some("multi") => {}
+                    Some(_) if !hints.is_empty() => {
+                        l.errors.push("language_hint without language=multi".into())
+                    }
+                    Some(_) => {}
                 }
                 format = Some((enc, rate));
             }

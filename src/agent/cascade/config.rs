@@ -87,9 +87,12 @@ pub struct SttConfig {
     pub api_key: Option<SecretSource>,
     /// Model; default `stt-rt-v4` (Soniox), `nova-3` (Deepgram), `scribe_v2_realtime`.
     pub model: Option<String>,
-    /// Language hints, ISO 639-1 (`["ru", "uk", "en"]`). Soniox: `language_hints`; Deepgram:
-    /// `language` when one is given, `multi` when several; ElevenLabs: `language_code` when
-    /// one is given, automatic detection otherwise. Empty: the vendor detects.
+    /// Languages, ISO 639-1 (`["ru", "uk", "en"]`). Soniox: `language_hints` (empty: it
+    /// detects). Deepgram: `language` when one is given (`"multi"` for nova-3 multilingual,
+    /// which covers uk and ru among 55 languages), `language=multi` plus one `language_hint`
+    /// per language when several; empty sends `language=en` (Deepgram's own default: it does
+    /// NOT detect the language unless asked for `multi`). ElevenLabs: `language_code` when
+    /// one is given, automatic detection otherwise.
     pub languages: Vec<String>,
     /// Send G.711 μ-law on 8 kHz calls (default true; half the bytes of slin, exact for phone
     /// audio); wideband calls always send PCM at the call rate.

@@ -1,5 +1,11 @@
-//! Deepgram live STT (`providers.md` §6): `Authorization: Token` header, parameters in the
-//! query, audio as binary frames, `Results` with `is_final`/`speech_final`, `UtteranceEnd`.
+//! Deepgram live STT (`providers.md` §6; developers.deepgram.com `reference/listen-live`):
+//! `Authorization: Token` header, parameters in the query, audio as binary frames, `Results`
+//! with `is_final`/`speech_final`, `UtteranceEnd`.
+//!
+//! Language: Deepgram transcribes English when no `language` is sent ("All models default to
+//! language=en", `docs/models`), so one is always sent: the configured one; `multi` with one
+//! `language_hint` per language when several are configured (nova-3 multilingual, 55
+//! languages including uk and ru; `docs/nova-3-language-prompting`); `en` when none is.
 
 use super::{Protocol, SttEvent, push_segment};
 use crate::agent::cascade::config::SttConfig;
@@ -10,6 +16,10 @@ use serde::Deserialize;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// The language sent when none is configured: what Deepgram would assume anyway, said out
+/// loud.
+pub const DEFAULT_LANGUAGE: &str = "en";
 
 /// The Deepgram side of the wire.
 #[derive(Debug)]
@@ -78,12 +88,17 @@ impl Protocol for Deepgram {
                 .append_pair("vad_events", "true")
                 .append_pair("smart_format", "true");
             match self.languages.as_slice() {
-                [] => {}
+                [] => {
+                    q.append_pair("language", DEFAULT_LANGUAGE);
+                }
                 [one] => {
                     q.append_pair("language", one);
                 }
-                _ => {
+                several => {
                     q.append_pair("language", "multi");
+                    for l in several.iter().filter(|l| l.as_str() != "multi") {
+                        q.append_pair("language_hint", l);
+                    }
                 }
             }
         }
@@ -165,7 +180,26 @@ mod tests {
         );
         let url = d.url().unwrap();
         assert!(url.contains("encoding=mulaw&sample_rate=8000"), "{url}");
-        assert!(url.contains("language=multi"), "{url}");
+        assert!(
+            url.ends_with("language=multi&language_hint=ru&language_hint=uk"),
+            "{url}"
+        );
+        let one = |languages: &[&str]| {
+            let cfg = SttConfig {
+                languages: languages.iter().map(|l| l.to_string()).collect(),
+                ..SttConfig::default()
+            };
+            Deepgram::new(
+                &cfg,
+                Secret::new("k"),
+                WireFormat::Pcm16 { rate_hz: 16_000 },
+            )
+            .url()
+            .unwrap()
+        };
+        assert!(one(&[]).ends_with("language=en"), "explicit default");
+        assert!(one(&["uk"]).ends_with("language=uk"));
+        assert!(one(&["multi"]).ends_with("language=multi"));
         let mut out = Vec::new();
         let r = |t: &str, f: bool, sf: bool| {
             format!(
