@@ -125,6 +125,9 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
     if let Some(k) = keepalive {
         assert!(log.texts.iter().any(|t| t == k), "{:?}", log.texts);
     }
+    if vendor == SttVendor::ElevenLabs {
+        assert!(log.final_commit, "the call ends with a commit: true chunk");
+    }
     // What the vendor received is the recording.
     assert!(log.audio.len() >= speech.len(), "{}", log.audio.len());
     let (corr, lag) = best_correlation(&log.audio[..speech.len()], &speech, 40);
@@ -167,6 +170,63 @@ async fn stt_deepgram_8khz_mulaw_with_keepalive() {
 #[tokio::test]
 async fn stt_deepgram_16khz_linear16() {
     stt_round_trip(SttVendor::Deepgram, 16_000, "linear16").await;
+}
+
+/// Scribe ends a session at its time limit (`session_time_limit_exceeded`): the client
+/// opens a new one and carries on, giving it the text so far as `previous_text` with its
+/// first chunk only (the fake, like the contract, refuses it on any later chunk).
+#[tokio::test]
+async fn stt_elevenlabs_session_time_limit_reconnects_with_previous_text() {
+    let vendor = SttVendor::ElevenLabs;
+    let fake = SttFake::start_with(vendor, &["hello world"], Some(2_600), Some(1)).await;
+    let cfg = SttConfig {
+        provider: provider(vendor),
+        url: Some(fake.url(vendor)),
+        api_key: Some(SecretSource::Inline(KEY.into())),
+        ..SttConfig::default()
+    };
+    let mut h = stt::spawn(
+        stt::protocol(&cfg, Secret::new(KEY), 8_000),
+        8_000,
+        Duration::from_secs(5),
+    );
+    let speech = fixture("hello-world.wav").samples;
+    let mut audio = speech.clone();
+    audio.extend(std::iter::repeat_n(0i16, 8_000 * 3 / 2));
+    audio.extend(fixture("auth-thankyou.wav").samples);
+    audio.extend(std::iter::repeat_n(0i16, 8_000));
+    let tx = h.audio.clone();
+    let feeder = tokio::spawn(async move {
+        for f in audio.chunks(160) {
+            let mut b = Vec::new();
+            voicegate::audio::slin_to_le_bytes(f, &mut b);
+            if tx.send(bytes::Bytes::from(b)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    });
+    let mut turns = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while turns.len() < 2 {
+            match h.events.recv().await {
+                Some(stt::SttEvent::EndOfTurn(t)) => turns.push(t),
+                Some(_) => {}
+                None => panic!("stt ended after {turns:?}"),
+            }
+        }
+    })
+    .await
+    .expect("both turns in time");
+    feeder.await.unwrap();
+    drop(h);
+    let log = fake.log.lock().unwrap();
+    // The fake's script starts over in each session: the second turn, heard by the new
+    // session, is its first utterance again.
+    assert_eq!(turns, ["hello world", "hello world"]);
+    assert_eq!(log.connections, 2, "one reconnect");
+    assert_eq!(log.previous_texts, ["hello world"]);
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
 }
 
 #[tokio::test]

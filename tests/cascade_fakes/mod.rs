@@ -132,6 +132,10 @@ pub struct SttLog {
     pub connections: usize,
     /// Upgrades refused for a missing or wrong key.
     pub refused: usize,
+    /// Scribe: a chunk with `commit: true` arrived (the end of the call).
+    pub final_commit: bool,
+    /// Scribe: `previous_text` values received (with a session's first chunk).
+    pub previous_texts: Vec<String>,
 }
 
 /// A scripted STT: the "transcript" of the n-th utterance it hears is `utterances[n]`.
@@ -262,10 +266,17 @@ async fn serve_stt(
         }
     }
     let Some(mut ws) = ws else { return };
+    // Scribe: shapes from elevenlabs/packages `schemas/scribe.asyncapi.yaml`
+    // (SessionStartedPayload: `vad_commit_strategy` is the string "manual" | "vad";
+    // InputAudioChunkPayload: message_type, audio_base_64, commit, sample_rate required,
+    // `previous_text` only alongside the first chunk, "if sent in a subsequent chunk, an
+    // error will be returned").
+    let mut chunks_seen = 0usize;
     if vendor == SttVendor::ElevenLabs {
         let (f, r) = format.clone().unwrap();
         let started = serde_json::json!({"message_type":"session_started","session_id":"s1",
-            "config":{"sample_rate":r,"audio_format":f,"vad_commit_strategy":true,"model_id":"scribe_v2_realtime"}});
+            "config":{"sample_rate":r,"audio_format":f,"vad_commit_strategy":"vad",
+                      "vad_silence_threshold_secs":0.5,"model_id":"scribe_v2_realtime"}});
         let _ = ws.send(Message::text(started.to_string())).await;
     }
     let mut ep = Endpointer::default();
@@ -327,6 +338,32 @@ async fn serve_stt(
                                 .errors
                                 .push("sample_rate field differs".into());
                         }
+                        if !v["commit"].is_boolean() || !v["audio_base_64"].is_string() {
+                            log.lock()
+                                .unwrap()
+                                .errors
+                                .push(format!("input_audio_chunk without a required field: {t}"));
+                        }
+                        chunks_seen += 1;
+                        if chunks_seen > 1 && v.get("previous_text").is_some() {
+                            let e = serde_json::json!({"message_type":"input_error",
+                                "error":"previous_text can only be sent with the first audio chunk"});
+                            let _ = ws.send(Message::text(e.to_string())).await;
+                            let _ = ws.close(None).await;
+                            log.lock()
+                                .unwrap()
+                                .errors
+                                .push("previous_text after the first chunk".into());
+                            break;
+                        }
+                        if let Some(p) = v["previous_text"].as_str() {
+                            log.lock().unwrap().previous_texts.push(p.to_owned());
+                        }
+                        if v["commit"] == true {
+                            // The last chunk of the call: a manual commit.
+                            log.lock().unwrap().final_commit = true;
+                            continue;
+                        }
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(v["audio_base_64"].as_str().unwrap_or(""))
                             .unwrap_or_default();
@@ -386,7 +423,7 @@ async fn serve_stt(
                     ),
                     SttVendor::ElevenLabs => (
                         Some(
-                            r#"{"message_type":"transcriber_error","error":"internal transcriber failure"}"#,
+                            r#"{"message_type":"session_time_limit_exceeded","error":"Maximum session duration exceeded."}"#,
                         ),
                         CloseFrame {
                             code: CloseCode::Error,
