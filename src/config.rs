@@ -334,9 +334,11 @@ pub struct ElevenlabsAgentConfig {
     pub prompt: Option<String>,
     /// The prompt override from a file (UTF-8); wins over `prompt`.
     pub prompt_file: Option<PathBuf>,
-    /// Override of the agent's first message (the greeting).
+    /// Override of the agent's first message (the greeting). Like every override, it must be
+    /// allowed in the agent's security settings, or the server closes with 1008
+    /// (`override_error`) and the call falls back.
     pub first_message: Option<String>,
-    /// Override of the agent's language (`ru`, `uk`, `en`, …).
+    /// Override of the agent's language (`ru`, `uk`, `en`, …); must be allowed too.
     pub language: Option<String>,
     /// Caller audio is sent in chunks of this many ms (default 40; 20 to 250).
     pub chunk_ms: u32,
