@@ -858,6 +858,37 @@ async fn cascade_soniox_503_reconnects_and_carries_on() {
     assert_eq!(messages(&llm, 0)[1]["content"], "hello world");
 }
 
+/// The reply length goes as `max_completion_tokens` (the fake, like OpenAI for reasoning
+/// models, refuses the deprecated `max_tokens` with 400), and what is not configured
+/// (`temperature`) is not sent at all. The old key name `max_tokens` still reads.
+#[tokio::test]
+async fn llm_request_sends_max_completion_tokens_and_nothing_unset() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::text("Hello.")]).await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &tts);
+    let old: voicegate::agent::cascade::config::LlmConfig =
+        toml::from_str("max_tokens = 150").expect("the old key is read");
+    cfg.llm.max_completion_tokens = old.max_completion_tokens;
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let body = &llm.log.lock().unwrap().requests[0].body;
+    assert_eq!(body["max_completion_tokens"], 150);
+    assert!(body.get("max_tokens").is_none(), "{body}");
+    assert!(
+        body.get("temperature").is_none(),
+        "unset is left out: {body}"
+    );
+}
+
 #[tokio::test]
 async fn cascade_tts_error_fails() {
     let stt = SttFake::start(SttVendor::ElevenLabs, &["hello world"], None).await;

@@ -681,11 +681,19 @@ async fn serve_llm(
         });
         l.requests.len() - 1
     };
-    let reply = script
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or(LlmReply::Error {
+    // Reasoning models refuse the deprecated `max_tokens` (openai-python
+    // `src/openai/types/chat/completion_create_params.py`: "max_tokens … is not compatible
+    // with o-series models"; use `max_completion_tokens`); the fake refuses it for every
+    // model, with OpenAI's error shape, before taking a scripted reply.
+    let refusal = log.lock().unwrap().requests[index]
+        .body
+        .get("max_tokens")
+        .map(|_| LlmReply::Error {
+            status: 400,
+            body: r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#.into(),
+            retry_after_s: None,
+        });
+    let reply = refusal.or_else(|| script.lock().unwrap().pop_front()).unwrap_or(LlmReply::Error {
             status: 400,
             body:
                 r#"{"error":{"message":"fake has no more scripted replies","type":"invalid_request_error"}}"#

@@ -163,10 +163,12 @@ pub struct LlmConfig {
     pub system_prompt: String,
     /// System prompt from a file (UTF-8 text).
     pub system_prompt_file: Option<PathBuf>,
-    /// Sampling temperature; unset leaves the endpoint's default.
+    /// Sampling temperature; unset leaves it out of the request (reasoning models refuse it).
     pub temperature: Option<f32>,
-    /// Most tokens per reply; unset leaves the endpoint's default.
-    pub max_tokens: Option<u32>,
+    /// Most tokens per reply, sent as `max_completion_tokens`; unset leaves it out. The old
+    /// key name `max_tokens` is still read.
+    #[serde(alias = "max_tokens")]
+    pub max_completion_tokens: Option<u32>,
     /// Extra request headers, e.g. OpenRouter's `HTTP-Referer` and `X-Title` (not secret).
     pub extra_headers: BTreeMap<String, String>,
     /// The response headers must arrive within this long, ms (default 10000).
@@ -192,7 +194,7 @@ impl Default for LlmConfig {
                 .into(),
             system_prompt_file: None,
             temperature: None,
-            max_tokens: None,
+            max_completion_tokens: None,
             extra_headers: BTreeMap::new(),
             timeout_ms: 10_000,
             retries: 1,

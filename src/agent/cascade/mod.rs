@@ -111,7 +111,7 @@ impl CascadeAgent {
                 api_key: llm_key,
                 model: cfg.llm.model.clone(),
                 temperature: cfg.llm.temperature,
-                max_tokens: cfg.llm.max_tokens,
+                max_completion_tokens: cfg.llm.max_completion_tokens,
                 extra_headers: cfg.llm.extra_headers.clone(),
                 timeout: Duration::from_millis(cfg.llm.timeout_ms),
                 retries: cfg.llm.retries,
