@@ -322,10 +322,14 @@ async fn first_audio_before_llm_finished(rate: SlinRate) {
             c.uri
         );
         assert!(
-            c.uri.starts_with("/v1/text-to-speech/voice1/stream-input?"),
+            c.uri
+                .starts_with("/v1/text-to-speech/voice1/multi-stream-input?"),
             "{}",
             c.uri
         );
+        assert_eq!(t.sockets, 1, "one socket for the call");
+        assert_eq!(c.init.as_ref().unwrap()["context_id"], "vg_r1");
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
         assert_eq!(c.api_key.as_deref(), Some(KEY));
         assert_eq!(
             c.texts,
@@ -382,6 +386,132 @@ async fn cascade_first_audio_before_llm_finished_8khz() {
 #[tokio::test]
 async fn cascade_first_audio_before_llm_finished_16khz() {
     first_audio_before_llm_finished(SlinRate::Hz16000).await;
+}
+
+/// Time from asking for a reply's speech to its first audio, ms: on a fresh [`TtsCall`]
+/// (the socket is opened for the reply, as every reply did before the persistent socket),
+/// or on one whose socket was opened while the caller was still speaking.
+async fn tts_first_audio_ms(tts: &TtsFake, warm: bool) -> f64 {
+    use voicegate::agent::cascade::tts::{TtsCommand, TtsEvent, TtsSettings};
+    let settings = TtsSettings {
+        cfg: voicegate::agent::cascade::config::TtsConfig {
+            url: tts.url(),
+            api_key: SecretSource::Inline(KEY.into()),
+            voice_id: "voice1".into(),
+            ..Default::default()
+        },
+        key: Secret::new(KEY),
+    };
+    let mut call = settings.call(8_000);
+    if warm {
+        call.connect();
+        // The caller is still speaking: the handshake completes meanwhile.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let t0 = tokio::time::Instant::now();
+    let mut s = call.start();
+    s.text
+        .send(TtsCommand::Text("Hello there.".into()))
+        .unwrap();
+    s.text.send(TtsCommand::Finish).unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.events.recv()).await {
+            Ok(Some(TtsEvent::Audio(_))) => return t0.elapsed().as_secs_f64() * 1000.0,
+            Ok(Some(TtsEvent::Failed(e))) => panic!("{e}"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("no audio"),
+        }
+    }
+}
+
+/// The persistent TTS socket: against a fake whose handshake takes 150 ms (TCP + TLS + the
+/// upgrade to a distant server), the first reply audio no longer waits for it. Best of three
+/// each way, so a busy machine's hiccup does not decide.
+#[tokio::test]
+async fn tts_socket_opened_before_the_reply_saves_the_handshake() {
+    const HANDSHAKE: Duration = Duration::from_millis(150);
+    let tts = TtsFake::start_with(fixture("vm-goodbye.wav"), false, HANDSHAKE).await;
+    let mut cold = f64::MAX;
+    let mut warm = f64::MAX;
+    for _ in 0..3 {
+        cold = cold.min(tts_first_audio_ms(&tts, false).await);
+        warm = warm.min(tts_first_audio_ms(&tts, true).await);
+    }
+    eprintln!(
+        "tts first audio with a {} ms handshake: socket opened per reply {cold:.1} ms, socket opened while the caller speaks {warm:.1} ms",
+        HANDSHAKE.as_millis()
+    );
+    assert!(cold >= 150.0, "the handshake was waited for: {cold}");
+    assert!(warm + 100.0 < cold, "warm {warm} ms, cold {cold} ms");
+    let log = tts.log.lock().unwrap();
+    assert_eq!(log.sockets, 6);
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+}
+
+/// Two replies of one call share one socket, each in its own context; a barge-in closes
+/// the first reply's context and its late audio never reaches the second reply.
+#[tokio::test]
+async fn tts_replies_share_one_socket_as_contexts() {
+    use voicegate::agent::cascade::tts::{TtsCommand, TtsEvent, TtsSettings};
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let settings = TtsSettings {
+        cfg: voicegate::agent::cascade::config::TtsConfig {
+            url: tts.url(),
+            api_key: SecretSource::Inline(KEY.into()),
+            voice_id: "voice1".into(),
+            language_code: Some("uk".into()),
+            model_id: "eleven_multilingual_v2".into(),
+            ..Default::default()
+        },
+        key: Secret::new(KEY),
+    };
+    let mut call = settings.call(8_000);
+    call.connect();
+    let mut first = call.start();
+    first
+        .text
+        .send(TtsCommand::Text("Our hours are long.".into()))
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), first.events.recv()).await {
+        Ok(Some(TtsEvent::Chars(_) | TtsEvent::Audio(_))) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(first); // barge-in
+    let mut second = call.start();
+    second.text.send(TtsCommand::Text("Sure.".into())).unwrap();
+    second.text.send(TtsCommand::Finish).unwrap();
+    let mut audio = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), second.events.recv()).await {
+            Ok(Some(TtsEvent::Audio(a))) => audio += a.len(),
+            Ok(Some(TtsEvent::Done)) => break,
+            Ok(Some(TtsEvent::Failed(e))) => panic!("{e}"),
+            Ok(Some(TtsEvent::Chars(_))) => {}
+            Ok(None) | Err(_) => panic!("no end"),
+        }
+    }
+    // Exactly one clip: nothing of the first reply leaked into the second.
+    assert_eq!(audio, clip_at(&fixture("vm-goodbye.wav"), 8_000).len());
+    drop(second);
+    drop(call);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = tts.log.lock().unwrap();
+    assert_eq!(log.sockets, 1);
+    assert_eq!(log.conns.len(), 2);
+    assert!(
+        log.conns[0].closed_early,
+        "the interrupted reply's context was closed"
+    );
+    assert!(log.conns[1].end_of_input && log.conns[1].final_sent && !log.conns[1].closed_early);
+    assert_eq!(log.conns[1].init.as_ref().unwrap()["context_id"], "vg_r2");
+    // eleven_multilingual_v2 takes no language_code: it is not sent (the fake would refuse).
+    assert!(
+        !log.conns[0].uri.contains("language_code"),
+        "{}",
+        log.conns[0].uri
+    );
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+    assert!(log.close_socket, "the call's end closes the socket");
 }
 
 const HOURS: &str = "Our shop is open from nine to six on weekdays. On Saturdays we open at ten. Sundays we are closed.";
@@ -959,12 +1089,15 @@ async fn tts_http_mode(rate_hz: u32, want_format: &str) {
     for (r, text) in reqs.iter().zip(["Hello there.", "How are you?"]) {
         assert_eq!(
             r.path,
-            format!("/v1/text-to-speech/voice1/stream?output_format={want_format}")
+            format!("/v1/text-to-speech/voice1/stream/with-timestamps?output_format={want_format}")
         );
         assert!(r.headers.contains(&("xi-api-key".into(), KEY.into())));
         assert_eq!(r.body["text"], text);
         assert_eq!(r.body["model_id"], "eleven_flash_v2_5");
     }
+    // Continuity: the second sentence knows what came before it.
+    assert!(reqs[0].body.get("previous_text").is_none());
+    assert_eq!(reqs[1].body["previous_text"], "Hello there.");
     // Both sentences' audio, decoded once at the call rate, nothing lost or added.
     let one = clip_at(&clip, rate_hz);
     assert_eq!(audio.len(), 2 * one.len());

@@ -792,21 +792,24 @@ pub fn tool_events(id: &str, name: &str, arguments: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------
-// ElevenLabs TTS stream-input fake (WebSocket)
+// ElevenLabs TTS multi-context fake (WebSocket)
 // ---------------------------------------------------------------------------------------
 
+/// One context (= one reply) the fake saw.
 #[derive(Debug, Default, Clone)]
 pub struct TtsConn {
+    /// The socket's URI.
     pub uri: String,
     pub api_key: Option<String>,
+    /// The context's first message.
     pub init: Option<serde_json::Value>,
     /// Text messages with words in them, in order.
     pub texts: Vec<String>,
-    /// `{"text":""}` arrived.
+    /// `{"context_id","flush":true}` without text arrived: the reply's text is complete.
     pub end_of_input: bool,
-    /// `isFinal` was sent.
+    /// `isFinal` was sent for it.
     pub final_sent: bool,
-    /// The client closed the socket before `isFinal`.
+    /// The client closed the context before its text was complete (a barge-in).
     pub closed_early: bool,
     /// Audio bytes sent.
     pub audio_bytes: usize,
@@ -814,11 +817,35 @@ pub struct TtsConn {
 
 #[derive(Debug, Default)]
 pub struct TtsLog {
+    /// One entry per context, in the order they were opened.
     pub conns: Vec<TtsConn>,
+    /// WebSocket connections accepted.
+    pub sockets: usize,
+    /// Violations of the vendor's rules by the client.
+    pub errors: Vec<String>,
+    /// `{"close_socket":true}` arrived.
+    pub close_socket: bool,
 }
 
-/// Answers each sentence with `clip` (a real recording, converted to the requested
-/// `output_format`), in 100 ms chunks with character alignment spread over the clip.
+/// Bytes of 100 ms of audio in the format.
+fn bytes_per_chunk(ulaw: bool, rate: u32) -> usize {
+    if ulaw { 800 } else { rate as usize / 5 }
+}
+
+/// Models that take `language_code` (elevenlabs.io multi-stream-input: "for specific
+/// models"; pipecat `services/elevenlabs/tts.py` `ELEVENLABS_MULTILINGUAL_MODELS`).
+const LANGUAGE_MODELS: [&str; 3] = ["eleven_flash_v2_5", "eleven_turbo_v2_5", "eleven_v3"];
+
+/// A fake of ElevenLabs' multi-context TTS socket
+/// (`/v1/text-to-speech/{voice}/multi-stream-input`; shapes from elevenlabs.io
+/// `docs/api-reference/text-to-speech/v-1-text-to-speech-voice-id-multi-stream-input`, the
+/// multi-context WebSocket guide, and pipecat `services/elevenlabs/tts.py`): `xi-api-key`
+/// on the upgrade (else 401); a context opens with its first text; each flushed text is
+/// answered with `clip` (a real recording, converted to the requested `output_format`) in
+/// 100 ms `{"audio","alignment","contextId"}` chunks; `close_context` is answered with
+/// `{"isFinal":true,"contextId"}`. Like the vendor it refuses: more than 5 open contexts,
+/// text to a closed context, `eleven_v3` on this socket, and `language_code` for a model that
+/// takes none (an error message, then a 1008 close).
 pub struct TtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<TtsLog>>,
@@ -826,13 +853,23 @@ pub struct TtsFake {
 
 impl TtsFake {
     pub async fn start(clip: Recording, fail: bool) -> Self {
+        Self::start_with(clip, fail, Duration::ZERO).await
+    }
+
+    /// Like [`Self::start`], each connection's upgrade taking `handshake` (what TCP + TLS +
+    /// the HTTP upgrade cost over the internet).
+    pub async fn start_with(clip: Recording, fail: bool, handshake: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(TtsLog::default()));
         let l = log.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_tts(stream, l.clone(), clip.clone(), fail));
+                let (l, clip) = (l.clone(), clip.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(handshake).await;
+                    serve_tts(stream, l, clip, fail).await
+                });
             }
         });
         TtsFake { addr, log }
@@ -851,17 +888,38 @@ pub fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
 }
 
 async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, fail: bool) {
-    let (ws, uri, headers) = accept_ws(stream, None).await;
-    let Some(mut ws) = ws else { return };
-    let idx = {
-        let mut l = log.lock().unwrap();
-        l.conns.push(TtsConn {
-            uri: uri.clone(),
-            api_key: header(&headers, "xi-api-key").map(str::to_owned),
-            ..TtsConn::default()
-        });
-        l.conns.len() - 1
+    let (ws, uri, headers) = accept_ws(stream, Some(("xi-api-key", KEY.to_owned()))).await;
+    let Some(mut ws) = ws else {
+        log.lock()
+            .unwrap()
+            .errors
+            .push("upgrade without xi-api-key".into());
+        return;
     };
+    log.lock().unwrap().sockets += 1;
+    let api_key = header(&headers, "xi-api-key").map(str::to_owned);
+    let model = query(&uri, "model_id").unwrap_or_default();
+    let refusal = if !uri.contains("/multi-stream-input") {
+        Some("not the multi-stream-input endpoint")
+    } else if model == "eleven_v3" {
+        Some("Multi-context WebSockets are not available for the eleven_v3 model")
+    } else if query(&uri, "language_code").is_some() && !LANGUAGE_MODELS.contains(&model.as_str()) {
+        Some("language_code is not supported for this model")
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        log.lock().unwrap().errors.push(why.into());
+        let m = serde_json::json!({"message": why, "error": "invalid_request", "code": 1008});
+        let _ = ws.send(Message::text(m.to_string())).await;
+        let _ = ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Policy,
+                reason: why.into(),
+            }))
+            .await;
+        return;
+    }
     let format = query(&uri, "output_format").unwrap_or_default();
     let (rate, ulaw) = match format.as_str() {
         "ulaw_8000" => (8000, true),
@@ -881,38 +939,102 @@ async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, 
     }
     let bytes_per_100ms = if ulaw { 800 } else { rate as usize / 5 };
     let clip_ms = samples.len() as u64 * 1000 / rate as u64;
+    // context id → (index in the log, open)
+    let mut contexts: std::collections::HashMap<String, (usize, bool)> = Default::default();
+    let refuse = |why: String| {
+        let m = serde_json::json!({"message": why, "error": "invalid_request", "code": 1008});
+        m.to_string()
+    };
     while let Some(msg) = ws.next().await {
         let text = match msg {
             Ok(Message::Text(t)) => t.as_str().to_owned(),
-            Ok(Message::Close(_)) | Err(_) => {
-                let mut l = log.lock().unwrap();
-                let c = &mut l.conns[idx];
-                if !c.final_sent {
-                    c.closed_early = true;
-                }
-                return;
-            }
+            Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let t = v["text"].as_str().unwrap_or("").to_owned();
-        {
-            let mut l = log.lock().unwrap();
-            let c = &mut l.conns[idx];
-            if c.init.is_none() {
-                c.init = Some(v.clone());
-                if t != " " {
-                    c.texts.push("<bad init>".into());
+        if v["close_socket"] == true {
+            log.lock().unwrap().close_socket = true;
+            let _ = ws.close(None).await;
+            break;
+        }
+        let Some(id) = v["context_id"].as_str().map(str::to_owned) else {
+            // `{"text":""}` keeps the socket alive; anything else needs a context.
+            if v["text"] != "" {
+                log.lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("message without context_id: {text}"));
+            }
+            continue;
+        };
+        let t = v["text"].as_str().map(str::to_owned);
+        let idx = match contexts.get(&id) {
+            Some(&(idx, true)) => idx,
+            Some(&(_, false)) => {
+                let why = format!("context {id} is closed");
+                log.lock().unwrap().errors.push(why.clone());
+                let _ = ws.send(Message::text(refuse(why))).await;
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "".into(),
+                    }))
+                    .await;
+                break;
+            }
+            None => {
+                if contexts.values().filter(|(_, open)| *open).count() >= 5 {
+                    let why = "Maximum of 5 concurrent contexts per connection".to_owned();
+                    log.lock().unwrap().errors.push(why.clone());
+                    let _ = ws.send(Message::text(refuse(why))).await;
+                    let _ = ws
+                        .close(Some(CloseFrame {
+                            code: CloseCode::Policy,
+                            reason: "".into(),
+                        }))
+                        .await;
+                    break;
                 }
+                let mut l = log.lock().unwrap();
+                l.conns.push(TtsConn {
+                    uri: uri.clone(),
+                    api_key: api_key.clone(),
+                    init: Some(v.clone()),
+                    ..TtsConn::default()
+                });
+                let idx = l.conns.len() - 1;
+                if t.as_deref() != Some(" ") {
+                    l.conns[idx].texts.push("<bad init>".into());
+                }
+                contexts.insert(id.clone(), (idx, true));
                 continue;
             }
-            if t.is_empty() {
-                c.end_of_input = true;
-            } else if !t.trim().is_empty() {
-                c.texts.push(t.clone());
+        };
+        if v["close_context"] == true {
+            contexts.insert(id.clone(), (idx, false));
+            {
+                let mut l = log.lock().unwrap();
+                let c = &mut l.conns[idx];
+                if !c.end_of_input {
+                    c.closed_early = true;
+                }
+                c.final_sent = true;
             }
+            let m = serde_json::json!({"isFinal": true, "contextId": id});
+            let _ = ws.send(Message::text(m.to_string())).await;
+            continue;
         }
-        if fail && !t.trim().is_empty() {
+        let Some(t) = t else {
+            if v["flush"] == true {
+                log.lock().unwrap().conns[idx].end_of_input = true;
+            }
+            continue;
+        };
+        if t.trim().is_empty() {
+            continue; // a context keepalive
+        }
+        log.lock().unwrap().conns[idx].texts.push(t.clone());
+        if fail {
             let _ = ws
                 .send(Message::text(r#"{"message":"Quota exceeded for this API key","error":"quota_exceeded","code":1008}"#))
                 .await;
@@ -924,43 +1046,31 @@ async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, 
                 .await;
             return;
         }
-        if t.is_empty() {
-            let _ = ws
-                .send(Message::text(r#"{"audio":null,"isFinal":true}"#))
-                .await;
-            log.lock().unwrap().conns[idx].final_sent = true;
-            let _ = ws.close(None).await;
-            while let Some(Ok(_)) = ws.next().await {}
-            return;
-        }
-        if t.trim().is_empty() {
-            continue; // keepalive
-        }
         // "Synthesize": the clip, with this text's characters spread over it.
         let chars: Vec<String> = t.chars().map(|c| c.to_string()).collect();
         let n = chars.len() as u64;
         let starts: Vec<u64> = (0..n).map(|i| i * clip_ms / n.max(1)).collect();
         let durs: Vec<u64> = (0..n).map(|_| clip_ms / n.max(1)).collect();
         for (i, piece) in wire.chunks(bytes_per_100ms).enumerate() {
-            let mut m = serde_json::json!({"audio": b64(piece), "isFinal": null});
+            let mut m = serde_json::json!({"audio": b64(piece), "isFinal": null, "contextId": id});
             if i == 0 {
-                let al = serde_json::json!({"chars": chars, "charStartTimesMs": starts, "charsDurationsMs": durs});
+                let al = serde_json::json!({"chars": chars, "charStartTimesMs": starts, "charDurationsMs": durs});
                 m["alignment"] = al.clone();
                 m["normalizedAlignment"] = al;
             } else {
                 m["alignment"] = serde_json::Value::Null;
             }
             if ws.send(Message::text(m.to_string())).await.is_err() {
-                let mut l = log.lock().unwrap();
-                l.conns[idx].closed_early = true;
                 return;
             }
             log.lock().unwrap().conns[idx].audio_bytes += piece.len();
         }
     }
     let mut l = log.lock().unwrap();
-    if !l.conns[idx].final_sent {
-        l.conns[idx].closed_early = true;
+    for &(idx, open) in contexts.values() {
+        if open && !l.conns[idx].final_sent {
+            l.conns[idx].closed_early = true;
+        }
     }
 }
 
@@ -1091,8 +1201,12 @@ pub struct HttpTtsRequest {
     pub body: serde_json::Value,
 }
 
-/// Answers every `POST /v1/text-to-speech/{voice}/stream?output_format=…` with `clip` in
-/// that format, as a chunked raw-audio body.
+/// Answers every `POST /v1/text-to-speech/{voice}/stream/with-timestamps?output_format=…`
+/// with `clip` in that format, as newline-delimited JSON chunks in ElevenLabs' shape
+/// (OpenAPI `StreamingAudioChunkWithTimestampsResponseModel`: `audio_base64`, `alignment` and
+/// `normalized_alignment` with `characters`, `character_start_times_seconds`,
+/// `character_end_times_seconds`), the text's characters spread over the clip. Refuses (400)
+/// another path, and `language_code` for a model that takes none.
 pub struct HttpTtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<HttpTtsRequest>>>,
@@ -1160,6 +1274,26 @@ impl HttpTtsFake {
                             false,
                         ),
                     };
+                    let req = l.lock().unwrap().last().cloned().unwrap();
+                    let model = req.body["model_id"].as_str().unwrap_or("").to_owned();
+                    let bad = if !path.contains("/stream/with-timestamps?") {
+                        Some("unknown path")
+                    } else if req.body.get("language_code").is_some()
+                        && !LANGUAGE_MODELS.contains(&model.as_str())
+                    {
+                        Some("language_code is not supported for this model")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = bad {
+                        let body = serde_json::json!({"detail": {"status": "invalid_request", "message": why}}).to_string();
+                        let resp = format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = stream.write_all(resp.as_bytes()).await;
+                        return;
+                    }
                     let samples = clip_at(&clip, rate);
                     let mut wire = Vec::new();
                     if ulaw {
@@ -1167,10 +1301,29 @@ impl HttpTtsFake {
                     } else {
                         voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
                     }
-                    let head = "HTTP/1.1 200 OK\r\nContent-Type: audio/basic\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                    let clip_s = samples.len() as f64 / rate as f64;
+                    let text = req.body["text"].as_str().unwrap_or("").to_owned();
+                    let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
+                    let n = chars.len().max(1) as f64;
+                    let starts: Vec<f64> =
+                        (0..chars.len()).map(|i| i as f64 * clip_s / n).collect();
+                    let ends: Vec<f64> = (1..=chars.len()).map(|i| i as f64 * clip_s / n).collect();
+                    let alignment = serde_json::json!({"characters": chars,
+                        "character_start_times_seconds": starts, "character_end_times_seconds": ends});
+                    let mut body = Vec::new();
+                    for (i, piece) in wire.chunks(bytes_per_chunk(ulaw, rate)).enumerate() {
+                        let mut m = serde_json::json!({"audio_base64": b64(piece), "alignment": null, "normalized_alignment": null});
+                        if i == 0 {
+                            m["alignment"] = alignment.clone();
+                            m["normalized_alignment"] = alignment.clone();
+                        }
+                        body.extend_from_slice(m.to_string().as_bytes());
+                        body.push(b'\n');
+                    }
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
                     let _ = stream.write_all(head.as_bytes()).await;
-                    // Odd-sized chunks: PCM samples split across chunks must survive.
-                    for piece in wire.chunks(777) {
+                    // Odd-sized chunks: lines split across HTTP chunks must survive.
+                    for piece in body.chunks(777) {
                         let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
                         c.extend_from_slice(piece);
                         c.extend_from_slice(b"\r\n");

@@ -223,10 +223,10 @@ impl LlmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TtsMode {
-    /// WebSocket `stream-input`, one socket per reply (default).
+    /// WebSocket `multi-stream-input`: one socket per call, one context per reply (default).
     #[default]
     Ws,
-    /// HTTP `POST …/stream`, one request per sentence.
+    /// HTTP `POST …/stream/with-timestamps`, one request per sentence.
     Http,
 }
 
@@ -245,7 +245,9 @@ pub struct TtsConfig {
     pub model_id: String,
     /// `ws` (default) or `http`.
     pub mode: TtsMode,
-    /// `language_code` sent to the model (e.g. `ru`); unset: the model detects.
+    /// `language_code` sent to the model (e.g. `ru`); unset: the model detects. Sent only to
+    /// models that take one (`eleven_flash_v2_5`, `eleven_turbo_v2_5`, `eleven_v3`; others
+    /// answer 400), otherwise a warning at start-up.
     pub language_code: Option<String>,
     /// Voice `speed` (default 1.0; ElevenLabs accepts 0.7–1.2).
     pub speed: f32,
@@ -357,6 +359,12 @@ impl CascadeConfig {
             .api_key
             .resolve()
             .map_err(|e| ConfigError::invalid("agent.tts.api_key", e.to_string()))?;
+        if self.tts.mode == TtsMode::Ws && self.tts.model_id == "eleven_v3" {
+            return Err(ConfigError::invalid(
+                "agent.tts.model_id",
+                "eleven_v3 has no multi-context WebSocket: set agent.tts.mode = \"http\"",
+            ));
+        }
         if self.tts.voice_id.is_empty() {
             return Err(ConfigError::invalid("agent.tts.voice_id", "must be set"));
         }
