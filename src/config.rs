@@ -243,6 +243,9 @@ pub struct OpenAiRealtimeConfig {
     /// provider that does not answer still leaves the caller time to reach a human within
     /// about 2 s).
     pub connect_timeout_ms: u64,
+    /// A call moves to a new session after this long, s (default 3300; OpenAI ends a session
+    /// at 60 minutes with `session_expired`). At least 1.
+    pub session_renew_s: u64,
 }
 
 impl Default for OpenAiRealtimeConfig {
@@ -265,6 +268,7 @@ impl Default for OpenAiRealtimeConfig {
             vad_silence_duration_ms: 500,
             transcription_model: "gpt-4o-mini-transcribe".into(),
             connect_timeout_ms: 1_500,
+            session_renew_s: 3_300,
         }
     }
 }
@@ -772,6 +776,12 @@ impl Config {
             AgentConfig::Cascade(c) => c.validate()?,
             AgentConfig::OpenaiRealtime(o) => {
                 o.check_api()?;
+                if o.session_renew_s == 0 {
+                    return Err(ConfigError::invalid(
+                        "agent.session_renew_s",
+                        "must be at least 1",
+                    ));
+                }
                 if !(o.url.starts_with("ws://") || o.url.starts_with("wss://")) {
                     return Err(ConfigError::invalid(
                         "agent.url",

@@ -683,6 +683,97 @@ async fn response_create_refused_by_an_active_response_is_sent_after_its_done() 
     server.stop.cancel();
 }
 
+/// Test 3d: sessions end at their time limit (here a fake that expires them after 5 s;
+/// OpenAI: 60 min). The agent sets up a new session before that, carries the conversation
+/// over as items, switches when nothing is being said, and the call goes on there: no
+/// fallback, no gap, the old socket closed by voicegate before it expired.
+#[tokio::test]
+async fn session_is_renewed_before_it_expires_and_the_call_goes_on() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server = TestServer::start(agent(&fake.url, |c| c.session_renew_s = 2)).await;
+    let first = to_wire(&fixture("vm-goodbye.wav").samples, ULAW);
+    let second_reply = fixture("auth-thankyou.wav").samples;
+    let second = to_wire(&second_reply, ULAW);
+    let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 9.0);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c1 = conn.expect("upgrade accepted");
+        let expires_at = Instant::now() + Duration::from_secs(5);
+        set_up(&mut c1, (ULAW, ULAW)).await;
+        c1.wait_for_audio_ms(1_700).await;
+        c1.caller_turn("item_u1", "Hello world.").await;
+        c1.reply("resp_1", "item_a1", &first, 800, "Goodbye.").await;
+        // The renewal connects while the first session is still live.
+        let old = async {
+            let r = tokio::time::timeout_at(expires_at, c1.drain(Duration::from_secs(10))).await;
+            if r.is_err() {
+                c1.expire().await;
+            }
+            r.is_ok()
+        };
+        let new = async {
+            let (hs2, conn2) = fake.accept(None, t0).await;
+            let mut c2 = conn2.expect("renewal upgrade accepted");
+            assert_eq!(
+                hs2.authorization.as_deref(),
+                Some(format!("Bearer {KEY}").as_str())
+            );
+            set_up(&mut c2, (ULAW, ULAW)).await;
+            let user = c2.expect("conversation.item.create").await;
+            let agent_item = c2.expect("conversation.item.create").await;
+            let switched_ms = c2.now_ms();
+            c2.wait_for_audio_ms(300).await;
+            c2.caller_turn("item_u2", "Thanks.").await;
+            let (sent2, _) = c2
+                .reply("resp_2", "item_a2", &second, 800, "Thank you.")
+                .await;
+            c2.drain(Duration::from_secs(10)).await;
+            (user, agent_item, switched_ms, sent2)
+        };
+        let (closed, (user, agent_item, switched_ms, sent2)) = tokio::join!(old, new);
+        (closed, user, agent_item, switched_ms, sent2)
+    };
+    let ((closed_before_expiry, user, agent_item, switched_ms, sent2), (report, offset)) =
+        tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    assert!(
+        closed_before_expiry,
+        "voicegate left the old session before it expired"
+    );
+    assert_eq!(
+        user["item"],
+        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello world."}]})
+    );
+    assert_eq!(
+        agent_item["item"],
+        json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Goodbye."}]})
+    );
+    assert!(
+        switched_ms > 2_000.0,
+        "renewed after session_renew_s: {switched_ms}"
+    );
+    // The new session's reply reached the caller, with no hole in the stream.
+    let c = heard_correlation_after(&report, &second_reply, sent2 - offset);
+    assert!(c > 0.85, "second session's reply correlation {c}");
+    assert!(report.gap_max_ms < 500.0, "max gap {}", report.gap_max_ms);
+    let summary = server.next_summary().await;
+    assert_eq!(summary.outcome, Outcome::CallerHungUp);
+    assert!(has_transcript(
+        &summary.transcript,
+        Speaker::Agent,
+        "Thank you."
+    ));
+    server.stop.cancel();
+}
+
+/// Correlation of what the caller heard from `from_ms` (call time) on with `reference`.
+fn heard_correlation_after(report: &CallReport, reference: &[i16], from_ms: f64) -> f64 {
+    let rx = decimate(&report.received.samples, report.rate_hz as usize / 8_000);
+    let from = ((from_ms.max(0.0) * 8.0) as usize).min(rx.len());
+    best_correlation(&rx[from..], reference, 8_000).0
+}
+
 /// Test 4a: a 16 kHz call: pcm16 at 24 kHz both ways, GA shapes and event names only (no
 /// `OpenAI-Beta` header, which the real server and the fake refuse).
 #[tokio::test]

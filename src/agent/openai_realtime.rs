@@ -46,6 +46,15 @@
 //!    `response.create`), as openai-agents-js's `responseCreateSequencer.ts` does; one the
 //!    server still refuses (it started a response voicegate had not yet heard of) is sent
 //!    again after that response's `response.done`.
+//! 9. Session renewal: OpenAI ends a session at 60 minutes (`session_expired`, close 1001).
+//!    After `session_renew_s` (default 55 min) a second session is set up beside the live
+//!    one; at the first quiet moment (no response active or wanted, no reply streaming, no
+//!    function call open, the caller not speaking, no keypad digits waiting) the transcript
+//!    so far goes into it as conversation items (`message` items: the caller's as
+//!    `input_text`, the agent's as `output_text`; the last [`HISTORY_ITEMS`]), caller audio
+//!    switches to it and the old socket is closed. Nothing is being played or said at that
+//!    moment, so the caller hears no gap. If the old session ends first while the new one is
+//!    ready, the switch happens then.
 //!
 //! Failures end the session with [`AgentEvent::Failed`]: connect failure or timeout, an
 //! `error` event that ends the session (authentication, `session_expired`, quota; any error
@@ -84,6 +93,12 @@ pub const SETUP_BUFFER_FRAMES: usize = 50;
 
 /// A single WebSocket send may block this long before the session is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Transcript lines carried into a renewed session, at most.
+pub const HISTORY_ITEMS: usize = 64;
+
+/// When setting up the renewal session fails, it is tried again this much later.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
 
 /// Replies remembered for truncation (ReplyId ↔ item_id); older ones are forgotten.
 const MAX_REPLIES: usize = 16;
@@ -128,6 +143,8 @@ struct Settings {
     vad_silence_duration_ms: u32,
     transcription_model: String,
     connect_timeout: Duration,
+    /// A new session replaces the live one after this long (OpenAI's limit is 60 min).
+    session_renew: Duration,
     /// Function declarations for `session.update` (§1.7); empty = no tools.
     tools: Vec<Value>,
 }
@@ -179,6 +196,7 @@ impl OpenAiRealtime {
                 vad_silence_duration_ms: cfg.vad_silence_duration_ms,
                 transcription_model: cfg.transcription_model.clone(),
                 connect_timeout: cfg.connect_timeout(),
+                session_renew: Duration::from_secs(cfg.session_renew_s),
                 tools: Vec::new(),
             }),
         })
@@ -491,9 +509,27 @@ fn greeting_response(greeting: &str) -> Value {
     })
 }
 
+/// What [`set_up`] yields.
+type SetUp = Result<(Ws, Formats), AgentError>;
+
+/// One transcript line as a `conversation.item.create` for a renewed session
+/// (openai-python `types/realtime/realtime_conversation_item_user_message_param.py`,
+/// `…_assistant_message_param.py`: `input_text` for the user, `output_text` for the
+/// assistant).
+fn history_item((speaker, text): &(Speaker, String)) -> Value {
+    let (role, kind) = match speaker {
+        Speaker::Caller => ("user", "input_text"),
+        Speaker::Agent => ("assistant", "output_text"),
+    };
+    json!({
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": role, "content": [{"type": kind, "text": text}]},
+    })
+}
+
 /// Connects, waits for `session.created`, configures the session and waits for
 /// `session.updated`; returns the socket and the confirmed formats.
-async fn set_up(s: &Settings, requested: WireFormat) -> Result<(Ws, Formats), AgentError> {
+async fn set_up(s: &Settings, requested: WireFormat) -> SetUp {
     let auth = format!("Bearer {}", s.api_key.expose());
     let headers = [("Authorization", auth.as_str())];
     debug!(url = %s.url, "connecting");
@@ -815,6 +851,12 @@ struct Live {
     keypad: Keypad,
     /// `response.create`s, one at a time.
     responses: Responses,
+    /// The conversation so far, for a renewed session (last [`HISTORY_ITEMS`]).
+    history: VecDeque<(Speaker, String)>,
+    /// Between `speech_started` and `speech_stopped`.
+    caller_speaking: bool,
+    /// A renewal session, set up and waiting for a quiet moment.
+    next: Option<(Ws, Formats)>,
 }
 
 impl Live {
@@ -838,6 +880,9 @@ impl Live {
             level: LevelCheck::default(),
             keypad: Keypad::default(),
             responses: Responses::default(),
+            history: VecDeque::with_capacity(HISTORY_ITEMS),
+            caller_speaking: false,
+            next: None,
         })
     }
 
@@ -855,36 +900,133 @@ impl Live {
         for frame in early {
             self.append(&frame).await?;
         }
+        let requested = requested_format(s, self.call_rate_hz);
+        let mut renew_at = Instant::now() + s.session_renew;
+        let mut renewal: Option<std::pin::Pin<Box<dyn Future<Output = SetUp> + Send + '_>>> = None;
         loop {
-            tokio::select! {
-                input = io.input.recv() => match input {
-                    Some(input) => {
-                        if let Flow::Stop = self.handle_input(input, io).await? {
-                            return Ok(());
+            if self.next.is_some() && self.quiet() {
+                self.switch_session().await?;
+                renew_at = Instant::now() + s.session_renew;
+            }
+            let step = self
+                .step(io, &mut renewal, &mut renew_at, s, requested)
+                .await;
+            match step {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => return Ok(()),
+                // The old session ended with the new one ready: switch now.
+                Err(e) if self.next.is_some() => {
+                    info!(error = %e, "the session ended; switching to the renewed one");
+                    self.switch_session().await?;
+                    renew_at = Instant::now() + s.session_renew;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Nothing is under way that a session switch would cut.
+    fn quiet(&self) -> bool {
+        let r = &self.responses;
+        !r.active
+            && !r.requested
+            && r.wanted.is_none()
+            && r.open_calls.is_empty()
+            && !self.caller_speaking
+            && self.keypad.is_empty()
+            && self.replies.iter().all(|r| r.done || r.cancelled)
+    }
+
+    /// Moves the call to the renewal session: the transcript so far as conversation items,
+    /// then caller audio goes there; the old socket is closed in the background.
+    async fn switch_session(&mut self) -> Result<(), AgentError> {
+        let Some((ws, formats)) = self.next.take() else {
+            return Ok(());
+        };
+        let mut old = std::mem::replace(&mut self.ws, ws);
+        if formats != self.formats {
+            let protocol = |e: crate::audio::resample::ResampleError| AgentError::Protocol {
+                provider: PROVIDER,
+                detail: format!("cannot convert the renewed session's audio format: {e}"),
+            };
+            self.enc = Encoder::new(self.call_rate_hz, formats.input).map_err(protocol)?;
+            self.dec = Decoder::new(formats.output, self.call_rate_hz).map_err(protocol)?;
+            self.formats = formats;
+        }
+        let items: Vec<Value> = self.history.iter().map(history_item).collect();
+        for item in &items {
+            send_json(&mut self.ws, item).await?;
+        }
+        // The old session's items are gone with it.
+        self.replies.clear();
+        self.responses = Responses::default();
+        info!(
+            items = items.len(),
+            "session renewed: the conversation goes on in a new session"
+        );
+        tokio::spawn(
+            async move {
+                let _ = timeout(Duration::from_secs(1), old.close(None)).await;
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+
+    /// Remembers one transcript line for a renewed session.
+    fn remember(&mut self, speaker: Speaker, text: &str) {
+        if self.history.len() == HISTORY_ITEMS {
+            self.history.pop_front();
+        }
+        self.history.push_back((speaker, text.to_owned()));
+    }
+
+    /// One turn of the live loop: an input from the call, a keypad deadline, a server event,
+    /// or the renewal session's progress.
+    async fn step<'s>(
+        &mut self,
+        io: &mut AgentEndpoint,
+        renewal: &mut Option<std::pin::Pin<Box<dyn Future<Output = SetUp> + Send + 's>>>,
+        renew_at: &mut Instant,
+        s: &'s Settings,
+        requested: WireFormat,
+    ) -> Result<Flow, AgentError> {
+        let renewing = renewal.is_some() || self.next.is_some();
+        tokio::select! {
+                () = tokio::time::sleep_until(*renew_at), if !renewing => {
+                    info!("setting up a new session before this one reaches its time limit");
+                    *renewal = Some(Box::pin(set_up(s, requested)));
+                    Ok(Flow::Continue)
+                }
+                r = async { match renewal.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if renewal.is_some() => {
+                    *renewal = None;
+                    match r {
+                        Ok(next) => self.next = Some(next),
+                        Err(e) => {
+                            warn!(error = %e, retry_in = ?RENEW_RETRY, "renewal session failed");
+                            *renew_at = Instant::now() + RENEW_RETRY;
                         }
                     }
-                    None => return Ok(()),
+                    Ok(Flow::Continue)
+                }
+                input = io.input.recv() => match input {
+                    Some(input) => self.handle_input(input, io).await,
+                    None => Ok(Flow::Stop),
                 },
                 () = tokio::time::sleep_until(self.keypad.deadline().unwrap_or_else(Instant::now)),
                     if self.keypad.deadline().is_some() => {
-                    if let Some(text) = self.keypad.take() {
-                        if let Flow::Stop = self.keypad_turn(text, io).await? {
-                            return Ok(());
-                        }
+                    match self.keypad.take() {
+                        Some(text) => self.keypad_turn(text, io).await,
+                        None => Ok(Flow::Continue),
                     }
                 }
                 msg = self.ws.next() => match msg {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Flow::Stop = self.handle_event(&text, io).await? {
-                            return Ok(());
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => return Err(closed(frame.as_ref(), &self.key)),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(socket_error(&e, &self.key)),
-                    None => return Err(closed(None, &self.key)),
+                    Some(Ok(Message::Text(text))) => self.handle_event(&text, io).await,
+                    Some(Ok(Message::Close(frame))) => Err(closed(frame.as_ref(), &self.key)),
+                    Some(Ok(_)) => Ok(Flow::Continue),
+                    Some(Err(e)) => Err(socket_error(&e, &self.key)),
+                    None => Err(closed(None, &self.key)),
                 },
-            }
         }
     }
 
@@ -966,6 +1108,7 @@ impl Live {
         send_json(&mut self.ws, &item).await?;
         self.responses.want(json!({"type": "response.create"}));
         self.send_wanted_response().await?;
+        self.remember(Speaker::Caller, &text);
         let ev = AgentEvent::Transcript {
             speaker: Speaker::Caller,
             text,
@@ -1058,6 +1201,7 @@ impl Live {
                 return Ok(self.audio_done(&ev.item_id, io).await);
             }
             "input_audio_buffer.speech_started" => {
+                self.caller_speaking = true;
                 // The server cancels its own response (interrupt_response).
                 if self.interrupt(io).await.is_none() {
                     return Ok(Flow::Stop);
@@ -1066,6 +1210,7 @@ impl Live {
             }
             "conversation.item.input_audio_transcription.completed" => {
                 if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
+                    self.remember(Speaker::Caller, t.trim());
                     let ev = AgentEvent::Transcript {
                         speaker: Speaker::Caller,
                         text: t.trim().to_owned(),
@@ -1075,6 +1220,7 @@ impl Live {
             }
             "response.output_audio_transcript.done" => {
                 if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
+                    self.remember(Speaker::Agent, t.trim());
                     let ev = AgentEvent::Transcript {
                         speaker: Speaker::Agent,
                         text: t.trim().to_owned(),
@@ -1148,9 +1294,13 @@ impl Live {
                     }
                 }
             }
-            "input_audio_buffer.speech_stopped"
-            | "input_audio_buffer.committed"
-            | "conversation.item.truncated" => debug!(event = %ev.kind, "event"),
+            "input_audio_buffer.speech_stopped" => {
+                self.caller_speaking = false;
+                debug!("caller stopped speaking");
+            }
+            "input_audio_buffer.committed" | "conversation.item.truncated" => {
+                debug!(event = %ev.kind, "event")
+            }
             other => trace!(event = other, "event ignored"),
         }
         Ok(Flow::Continue)

@@ -284,6 +284,18 @@ impl FakeConn {
         format!("event_fake_{}", self.next_event_id)
     }
 
+    /// The session reaches its time limit, as OpenAI ends one at 60 minutes: an `error`
+    /// with code `session_expired`, then a close with 1001 (going away).
+    pub async fn expire(&mut self) {
+        self.server_error(
+            "session_expired",
+            "Your session hit the maximum duration of 60 minutes.",
+            None,
+        )
+        .await;
+        self.close_with(1001, "session expired").await;
+    }
+
     /// An `error` event in the real shape (`realtime_error_event.py`).
     pub async fn server_error(&mut self, code: &str, message: &str, client_event: Option<&Value>) {
         let id = self.event_id();
