@@ -201,6 +201,45 @@ impl EchoConfig {
     }
 }
 
+/// How the OpenAI Realtime server finds the end of the caller's turn (openai-python
+/// `types/realtime/realtime_audio_input_turn_detection_param.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnDetection {
+    /// Silence-based VAD (`threshold`, `prefix_padding_ms`, `silence_duration_ms`,
+    /// `idle_timeout_ms`); the default.
+    #[default]
+    ServerVad,
+    /// A model judges whether the caller has finished (`eagerness`).
+    SemanticVad,
+}
+
+/// `semantic_vad` eagerness: how soon the model answers (`low` lets the caller finish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VadEagerness {
+    /// The server's choice (medium).
+    #[default]
+    Auto,
+    /// Waits longest.
+    Low,
+    /// Between.
+    Medium,
+    /// Answers soonest.
+    High,
+}
+
+/// `audio.input.noise_reduction` (`near_field`: a handset or headset close to the mouth,
+/// the usual phone; `far_field`: a speakerphone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseReduction {
+    /// Close-talking microphone.
+    NearField,
+    /// Distant microphone (speakerphone, conference room).
+    FarField,
+}
+
 /// `[agent]` with `kind = "openai_realtime"`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -230,6 +269,21 @@ pub struct OpenAiRealtimeConfig {
     /// Use G.711 μ-law on the wire when the call is 8 kHz (default true); otherwise, and for
     /// wideband calls, pcm16 at 24 kHz.
     pub g711: bool,
+    /// `server_vad` (default) or `semantic_vad`.
+    pub turn_detection: TurnDetection,
+    /// `semantic_vad` only: `auto` (default), `low`, `medium` or `high`.
+    pub vad_eagerness: VadEagerness,
+    /// `near_field` or `far_field` input noise reduction; unset: none.
+    pub noise_reduction: Option<NoiseReduction>,
+    /// `server_vad` only: after this much silence from the caller once the agent has
+    /// finished, the server asks the model to respond (it can prompt the caller), ms; unset:
+    /// never.
+    pub idle_timeout_ms: Option<u32>,
+    /// Language of the caller (ISO 639-1, e.g. `uk`) for the input transcription; unset:
+    /// detected.
+    pub transcription_language: Option<String>,
+    /// A prompt guiding the input transcription (names, terms); unset: none.
+    pub transcription_prompt: Option<String>,
     /// Server VAD: activation threshold 0.0–1.0 (default 0.5).
     pub vad_threshold: f32,
     /// Server VAD: audio kept before speech starts, ms (default 300).
@@ -263,6 +317,12 @@ impl Default for OpenAiRealtimeConfig {
             instructions_file: None,
             greeting: None,
             g711: true,
+            turn_detection: TurnDetection::ServerVad,
+            vad_eagerness: VadEagerness::Auto,
+            noise_reduction: None,
+            idle_timeout_ms: None,
+            transcription_language: None,
+            transcription_prompt: None,
             vad_threshold: 0.5,
             vad_prefix_padding_ms: 300,
             vad_silence_duration_ms: 500,

@@ -69,7 +69,9 @@ use super::{Speaker, session_channel};
 use crate::audio::ReplyId;
 use crate::audio::convert::{Decoder, Encoder, WireFormat};
 use crate::audio::g711::Law;
-use crate::config::{ConfigError, OpenAiRealtimeConfig};
+use crate::config::{
+    ConfigError, NoiseReduction, OpenAiRealtimeConfig, TurnDetection, VadEagerness,
+};
 use crate::secret::Secret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -141,6 +143,12 @@ struct Settings {
     vad_threshold: f32,
     vad_prefix_padding_ms: u32,
     vad_silence_duration_ms: u32,
+    turn_detection: TurnDetection,
+    vad_eagerness: VadEagerness,
+    noise_reduction: Option<NoiseReduction>,
+    idle_timeout_ms: Option<u32>,
+    transcription_language: Option<String>,
+    transcription_prompt: Option<String>,
     transcription_model: String,
     connect_timeout: Duration,
     /// A new session replaces the live one after this long (OpenAI's limit is 60 min).
@@ -194,6 +202,12 @@ impl OpenAiRealtime {
                 vad_threshold: cfg.vad_threshold,
                 vad_prefix_padding_ms: cfg.vad_prefix_padding_ms,
                 vad_silence_duration_ms: cfg.vad_silence_duration_ms,
+                turn_detection: cfg.turn_detection,
+                vad_eagerness: cfg.vad_eagerness,
+                noise_reduction: cfg.noise_reduction,
+                idle_timeout_ms: cfg.idle_timeout_ms,
+                transcription_language: cfg.transcription_language.clone(),
+                transcription_prompt: cfg.transcription_prompt.clone(),
                 transcription_model: cfg.transcription_model.clone(),
                 connect_timeout: cfg.connect_timeout(),
                 session_renew: Duration::from_secs(cfg.session_renew_s),
@@ -360,22 +374,55 @@ fn confirmed_formats(session: &Value, requested: WireFormat) -> Formats {
 
 /// The `session.update` event for this configuration (`providers.md` §1.2, §1.5, §1.9).
 fn session_update(s: &Settings, format: WireFormat) -> Value {
-    let turn_detection = json!({
-        "type": "server_vad",
-        "threshold": s.vad_threshold,
-        "prefix_padding_ms": s.vad_prefix_padding_ms,
-        "silence_duration_ms": s.vad_silence_duration_ms,
-        "create_response": true,
-        // The server cancels its own response on barge-in (§1.6), so voicegate never
-        // sends response.cancel; it only truncates what the caller did not hear.
-        "interrupt_response": true,
+    // The server cancels its own response on barge-in (§1.6), so voicegate never sends
+    // response.cancel for it; it only truncates what the caller did not hear.
+    let turn_detection = match s.turn_detection {
+        TurnDetection::ServerVad => {
+            let mut t = json!({
+                "type": "server_vad",
+                "threshold": s.vad_threshold,
+                "prefix_padding_ms": s.vad_prefix_padding_ms,
+                "silence_duration_ms": s.vad_silence_duration_ms,
+                "create_response": true,
+                "interrupt_response": true,
+            });
+            if let Some(ms) = s.idle_timeout_ms {
+                t["idle_timeout_ms"] = json!(ms);
+            }
+            t
+        }
+        TurnDetection::SemanticVad => json!({
+            "type": "semantic_vad",
+            "eagerness": match s.vad_eagerness {
+                VadEagerness::Auto => "auto",
+                VadEagerness::Low => "low",
+                VadEagerness::Medium => "medium",
+                VadEagerness::High => "high",
+            },
+            "create_response": true,
+            "interrupt_response": true,
+        }),
+    };
+    let transcription = (!s.transcription_model.is_empty()).then(|| {
+        let mut t = json!({"model": s.transcription_model});
+        if let Some(l) = &s.transcription_language {
+            t["language"] = json!(l);
+        }
+        if let Some(p) = &s.transcription_prompt {
+            t["prompt"] = json!(p);
+        }
+        t
     });
-    let transcription =
-        (!s.transcription_model.is_empty()).then(|| json!({"model": s.transcription_model}));
     let fmt = format_json(format);
     let mut input = json!({"format": fmt, "turn_detection": turn_detection});
     if let Some(t) = transcription {
         input["transcription"] = t;
+    }
+    if let Some(n) = s.noise_reduction {
+        input["noise_reduction"] = json!({"type": match n {
+            NoiseReduction::NearField => "near_field",
+            NoiseReduction::FarField => "far_field",
+        }});
     }
     let mut session = json!({
         "type": "realtime",
@@ -1294,6 +1341,9 @@ impl Live {
                     }
                 }
             }
+            "input_audio_buffer.timeout_triggered" => {
+                info!("the caller has been silent for idle_timeout_ms; the model prompts them");
+            }
             "input_audio_buffer.speech_stopped" => {
                 self.caller_speaking = false;
                 debug!("caller stopped speaking");
@@ -1455,12 +1505,46 @@ mod tests {
             "gpt-4o-mini-transcribe"
         );
         assert!(ss.get("input_audio_format").is_none());
+        assert!(
+            ss["audio"]["input"].get("noise_reduction").is_none(),
+            "unset: none"
+        );
+        assert!(
+            ss["audio"]["input"]["turn_detection"]
+                .get("idle_timeout_ms")
+                .is_none()
+        );
         // Wideband calls get pcm at 24 kHz.
         let v = session_update(&s, requested_format(&s, 16_000));
         assert_eq!(
             v["session"]["audio"]["input"]["format"],
             json!({"type": "audio/pcm", "rate": 24000})
         );
+    }
+
+    #[test]
+    fn semantic_vad_noise_reduction_idle_timeout_and_transcription_hints() {
+        let mut s = settings("gpt-4o-mini-transcribe");
+        s.turn_detection = TurnDetection::SemanticVad;
+        s.vad_eagerness = VadEagerness::Low;
+        s.noise_reduction = Some(NoiseReduction::NearField);
+        s.transcription_language = Some("uk".into());
+        s.transcription_prompt = Some("Шиномонтаж, R16".into());
+        let v = session_update(&s, requested_format(&s, 8_000));
+        let input = &v["session"]["audio"]["input"];
+        assert_eq!(
+            input["turn_detection"],
+            json!({"type": "semantic_vad", "eagerness": "low", "create_response": true, "interrupt_response": true})
+        );
+        assert_eq!(input["noise_reduction"], json!({"type": "near_field"}));
+        assert_eq!(input["transcription"]["language"], "uk");
+        assert_eq!(input["transcription"]["prompt"], "Шиномонтаж, R16");
+        s.turn_detection = TurnDetection::ServerVad;
+        s.idle_timeout_ms = Some(8_000);
+        let v = session_update(&s, requested_format(&s, 8_000));
+        let td = &v["session"]["audio"]["input"]["turn_detection"];
+        assert_eq!(td["type"], "server_vad");
+        assert_eq!(td["idle_timeout_ms"], 8_000);
     }
 
     #[test]
