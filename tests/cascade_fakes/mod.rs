@@ -242,6 +242,14 @@ async fn serve_stt(
                     }
                     Some(_) => {}
                 }
+                if !query_all(&uri, "keyterm").is_empty()
+                    && !query(&uri, "model")
+                        .unwrap_or_default()
+                        .starts_with("nova-3")
+                {
+                    l.errors
+                        .push("keyterm is only compatible with nova-3".into());
+                }
                 format = Some((enc, rate));
             }
             SttVendor::ElevenLabs => {

@@ -94,6 +94,11 @@ pub struct SttConfig {
     /// NOT detect the language unless asked for `multi`). ElevenLabs: `language_code` when
     /// one is given, automatic detection otherwise.
     pub languages: Vec<String>,
+    /// Words the caller is likely to say that the STT should not miss (names, brands, tyre
+    /// sizes). Deepgram: one `keyterm` each (nova-3 models only; developers.deepgram.com
+    /// `docs/keyterm`); Soniox: `context.terms` (soniox.com `stt/concepts/context`);
+    /// ElevenLabs Scribe realtime: not sent.
+    pub keyterms: Vec<String>,
     /// Send G.711 μ-law on 8 kHz calls (default true; half the bytes of slin, exact for phone
     /// audio); wideband calls always send PCM at the call rate.
     pub g711: bool,
@@ -117,6 +122,7 @@ impl Default for SttConfig {
             api_key: None,
             model: None,
             languages: Vec::new(),
+            keyterms: Vec::new(),
             g711: true,
             endpointing_ms: 500,
             utterance_end_ms: 1000,

@@ -28,6 +28,7 @@ pub struct Deepgram {
     key: Secret,
     model: String,
     languages: Vec<String>,
+    keyterms: Vec<String>,
     endpointing_ms: u32,
     utterance_end_ms: u32,
     format: WireFormat,
@@ -54,6 +55,7 @@ impl Deepgram {
             key,
             model: cfg.model().to_owned(),
             languages: cfg.languages.clone(),
+            keyterms: cfg.keyterms.clone(),
             endpointing_ms: cfg.endpointing_ms,
             utterance_end_ms: cfg.utterance_end_ms.max(1000),
             format,
@@ -99,6 +101,12 @@ impl Protocol for Deepgram {
                     for l in several.iter().filter(|l| l.as_str() != "multi") {
                         q.append_pair("language_hint", l);
                     }
+                }
+            }
+            // Keyterm prompting is a nova-3 feature ("Only compatible with Nova-3").
+            if self.model.starts_with("nova-3") {
+                for k in &self.keyterms {
+                    q.append_pair("keyterm", k);
                 }
             }
         }
@@ -200,6 +208,30 @@ mod tests {
         assert!(one(&[]).ends_with("language=en"), "explicit default");
         assert!(one(&["uk"]).ends_with("language=uk"));
         assert!(one(&["multi"]).ends_with("language=multi"));
+        let cfg = SttConfig {
+            keyterms: vec!["R16".into(), "Michelin".into()],
+            ..SttConfig::default()
+        };
+        let url = Deepgram::new(
+            &cfg,
+            Secret::new("k"),
+            WireFormat::Pcm16 { rate_hz: 16_000 },
+        )
+        .url()
+        .unwrap();
+        assert!(url.ends_with("&keyterm=R16&keyterm=Michelin"), "{url}");
+        let cfg = SttConfig {
+            model: Some("nova-2".into()),
+            ..cfg
+        };
+        let url = Deepgram::new(
+            &cfg,
+            Secret::new("k"),
+            WireFormat::Pcm16 { rate_hz: 16_000 },
+        )
+        .url()
+        .unwrap();
+        assert!(!url.contains("keyterm"), "nova-2 takes no keyterm: {url}");
         let mut out = Vec::new();
         let r = |t: &str, f: bool, sf: bool| {
             format!(

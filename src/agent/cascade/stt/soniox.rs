@@ -20,6 +20,7 @@ pub struct Soniox {
     key: Secret,
     model: String,
     languages: Vec<String>,
+    keyterms: Vec<String>,
     endpoint_delay_ms: u32,
     format: WireFormat,
     /// Final text of the current turn.
@@ -49,6 +50,7 @@ impl Soniox {
             key,
             model: cfg.model().to_owned(),
             languages: cfg.languages.clone(),
+            keyterms: cfg.keyterms.clone(),
             endpoint_delay_ms: cfg.endpointing_ms.clamp(500, 3_000),
             format,
             turn: String::new(),
@@ -85,6 +87,9 @@ impl Protocol for Soniox {
         });
         if !self.languages.is_empty() {
             config["language_hints"] = serde_json::json!(self.languages);
+        }
+        if !self.keyterms.is_empty() {
+            config["context"] = serde_json::json!({"terms": self.keyterms});
         }
         Some(config.to_string())
     }
@@ -146,7 +151,10 @@ mod tests {
 
     #[test]
     fn tokens_become_interim_and_end_of_turn() {
-        let cfg = SttConfig::default();
+        let cfg = SttConfig {
+            keyterms: vec!["R16".into()],
+            ..SttConfig::default()
+        };
         let mut s = Soniox::new(
             &cfg,
             Secret::new("k"),
@@ -159,6 +167,7 @@ mod tests {
         );
         assert_eq!(s.headers(), [("Authorization", "Bearer k".to_owned())]);
         assert_eq!(first["audio_format"], "pcm_s16le");
+        assert_eq!(first["context"], serde_json::json!({"terms": ["R16"]}));
         assert_eq!(first["sample_rate"], 16_000);
         let mut out = Vec::new();
         s.on_text(r#"{"tokens":[{"text":"Hi","is_final":false}],"final_audio_proc_ms":0,"total_audio_proc_ms":600}"#, &mut out).unwrap();
