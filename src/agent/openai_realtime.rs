@@ -38,7 +38,7 @@
 //!    calls (`response.function_call_arguments.done` → [`AgentEvent::ToolCall`],
 //!    [`AgentInput::ToolResult`] → `function_call_output` + `response.create`, §1.7); an
 //!    optional greeting (a `response.create` right after set-up, so the agent speaks first).
-//! 8. One response at a time ([`Responses`]): the server allows one active response per
+//! 8. One response at a time (`Responses`): the server allows one active response per
 //!    conversation and refuses a `response.create` meanwhile with
 //!    `conversation_already_has_active_response`. Every `response.create` voicegate wants
 //!    (tool output, keypad turn, greeting) waits for the `response.done` of the active one,
