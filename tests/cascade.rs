@@ -967,6 +967,37 @@ async fn cascade_soniox_error_mid_call_fails() {
     assert_eq!(stt.log.lock().unwrap().connections, 4);
 }
 
+/// When the local VAD hears the caller stop, Soniox is asked to finalize
+/// (`{"type":"finalize","trailing_silence_ms"}`) and the `<fin>` that answers ends the turn,
+/// before Soniox's own endpointing (the fake's needs 400 ms of silence; the VAD here 200).
+#[tokio::test]
+async fn cascade_soniox_finalize_ends_the_turn_when_the_caller_stops() {
+    let stt = SttFake::start(SttVendor::Soniox, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::text("Hello.")]).await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let mut cfg = config(SttVendor::Soniox, &stt, &llm, &tts);
+    cfg.vad.hang_ms = 200;
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let log = stt.log.lock().unwrap();
+    assert!(log.finalized >= 1, "finalize sent");
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+    assert_eq!(log.turns, 1, "one turn");
+    assert_eq!(
+        log.turns_by_finalize, 1,
+        "ended by the finalize, not by endpointing"
+    );
+    assert_eq!(messages(&llm, 0)[1]["content"], "hello world");
+}
+
 #[tokio::test]
 async fn cascade_soniox_503_reconnects_and_carries_on() {
     let stt = SttFake::start_with(SttVendor::Soniox, &["hello world"], Some(300), Some(1)).await;

@@ -132,6 +132,10 @@ pub struct SttLog {
     pub connections: usize,
     /// Upgrades refused for a missing or wrong key.
     pub refused: usize,
+    /// Soniox: `{"type":"finalize"}` messages received.
+    pub finalized: usize,
+    /// Soniox: utterances ended by a finalize (before the fake's own endpointing).
+    pub turns_by_finalize: usize,
     /// Scribe: a chunk with `commit: true` arrived (the end of the call).
     pub final_commit: bool,
     /// Scribe: `previous_text` values received (with a session's first chunk).
@@ -320,6 +324,42 @@ async fn serve_stt(
                         l.rate_hz = r;
                         l.config = Some(cfg);
                         format = Some((e, r));
+                        continue;
+                    }
+                    // soniox.com stt/real-time-API/manual-finalization: the audio so far
+                    // becomes final at once, then a `<fin>` token.
+                    SttVendor::Soniox if t.contains(r#""type":"finalize""#) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                        {
+                            let mut l = log.lock().unwrap();
+                            l.finalized += 1;
+                            if !v["trailing_silence_ms"].is_u64()
+                                && v.get("trailing_silence_ms").is_some()
+                            {
+                                l.errors
+                                    .push("trailing_silence_ms is not an integer".into());
+                            }
+                        }
+                        let mut tokens: Vec<serde_json::Value> = Vec::new();
+                        if let Some(text) = current.take() {
+                            let mut l = log.lock().unwrap();
+                            l.turns += 1;
+                            l.turns_by_finalize += 1;
+                            drop(l);
+                            tokens = text
+                                .split_whitespace()
+                                .enumerate()
+                                .map(|(i, w)| {
+                                    let t = if i == 0 { w.to_owned() } else { format!(" {w}") };
+                                    serde_json::json!({"text":t,"start_ms":100*i,"end_ms":100*i+90,"confidence":0.95,"is_final":true})
+                                })
+                                .collect();
+                        }
+                        tokens.push(serde_json::json!({"text":"<fin>","is_final":true}));
+                        let m = serde_json::json!({"tokens":tokens,"final_audio_proc_ms":1000,"total_audio_proc_ms":1000});
+                        if ws.send(Message::text(m.to_string())).await.is_err() {
+                            return;
+                        }
                         continue;
                     }
                     SttVendor::Soniox if t.is_empty() => {

@@ -463,6 +463,10 @@ impl Conversation {
         if verdict.event == Some(VadEvent::SpeechStarted) && self.agent_talking() {
             self.barge_in().await?;
         }
+        // The caller stopped: vendors that can finalize on request end the turn now.
+        if verdict.event == Some(VadEvent::SpeechEnded) {
+            self.stt.finalize(self.shared.cfg.vad.hang_ms);
+        }
         // While only the agent's echo can be on the line, the STT hears silence.
         let suppress = verdict.echo_possible && !self.vad.in_speech();
         if suppress {

@@ -102,6 +102,14 @@ impl Protocol for Soniox {
             Message::text(r#"{"type":"keepalive"}"#),
         ))
     }
+    fn finalize_message(&self, trailing_silence_ms: u32) -> Option<Message> {
+        // soniox.com stt/real-time-API/manual-finalization: all audio so far becomes final,
+        // then a `<fin>` token; `trailing_silence_ms` is the silence already sent.
+        Some(Message::text(
+            serde_json::json!({"type": "finalize", "trailing_silence_ms": trailing_silence_ms})
+                .to_string(),
+        ))
+    }
     fn end_message(&self) -> Option<Message> {
         // An empty frame ends the audio (§5.2).
         Some(Message::text(""))
@@ -125,16 +133,18 @@ impl Protocol for Soniox {
         let mut interim = String::new();
         for t in &r.tokens {
             match (t.text.as_str(), t.is_final) {
-                ("<end>", _) => end = true,
-                ("<fin>", _) => {}
+                // `<end>`: Soniox's endpointing; `<fin>`: our finalize request answered.
+                ("<end>" | "<fin>", _) => end = true,
                 (s, true) => self.turn.push_str(s),
                 (s, false) => interim.push_str(s),
             }
         }
         if end {
-            out.push(SttEvent::EndOfTurn(
-                std::mem::take(&mut self.turn).trim().to_owned(),
-            ));
+            let text = std::mem::take(&mut self.turn).trim().to_owned();
+            // A `<fin>` after the `<end>` of the same words (or on noise) is no turn.
+            if !text.is_empty() {
+                out.push(SttEvent::EndOfTurn(text));
+            }
         } else if !interim.is_empty() || !r.tokens.is_empty() {
             let now = format!("{}{}", self.turn, interim);
             if !now.trim().is_empty() {
