@@ -22,7 +22,7 @@ use voicegate::secret::{Secret, SecretSource};
 fn provider(v: SttVendor) -> SttProvider {
     match v {
         SttVendor::Soniox => SttProvider::Soniox,
-        SttVendor::Deepgram => SttProvider::Deepgram,
+        SttVendor::Deepgram | SttVendor::Flux => SttProvider::Deepgram,
         SttVendor::ElevenLabs => SttProvider::Elevenlabs,
     }
 }
@@ -64,6 +64,7 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
         url: Some(fake.url(vendor)),
         api_key: Some(SecretSource::Inline(KEY.into())),
         languages: vec!["en".into()],
+        model: (vendor == SttVendor::Flux).then(|| "flux-general-en".into()),
         ..SttConfig::default()
     };
     let proto = stt::protocol(&cfg, Secret::new(KEY), rate_hz);
@@ -104,6 +105,7 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
     match vendor {
         // No audio for more than 3 s (Deepgram) / 5 s (Soniox): a keepalive goes out.
         SttVendor::Deepgram => tokio::time::sleep(Duration::from_millis(3_800)).await,
+        SttVendor::Flux => {}
         SttVendor::Soniox => tokio::time::sleep(Duration::from_millis(5_800)).await,
         SttVendor::ElevenLabs => {}
     }
@@ -119,6 +121,7 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
     );
     let keepalive = match vendor {
         SttVendor::Deepgram => Some(r#"{"type":"KeepAlive"}"#),
+        SttVendor::Flux => None,
         SttVendor::Soniox => Some(r#"{"type":"keepalive"}"#),
         SttVendor::ElevenLabs => None,
     };
@@ -165,6 +168,13 @@ async fn stt_fakes_refuse_an_upgrade_without_the_key() {
 #[tokio::test]
 async fn stt_deepgram_8khz_mulaw_with_keepalive() {
     stt_round_trip(SttVendor::Deepgram, 8_000, "mulaw").await;
+}
+
+/// Deepgram Flux (a `flux-…` model): `/v2/listen`, pcm16 at the call rate, `TurnInfo`
+/// events, `EndOfTurn` ends the turn.
+#[tokio::test]
+async fn stt_deepgram_flux_8khz() {
+    stt_round_trip(SttVendor::Flux, 8_000, "linear16").await;
 }
 
 #[tokio::test]

@@ -106,6 +106,10 @@ pub enum SttVendor {
     Soniox,
     Deepgram,
     ElevenLabs,
+    /// Deepgram Flux on `/v2/listen` (developers.deepgram.com `docs/flux/quickstart`,
+    /// `docs/flux/state`): `Connected`, then `TurnInfo` events (`StartOfTurn`, `Update`,
+    /// `EndOfTurn`); the client ends with `CloseStream`.
+    Flux,
 }
 
 /// What an STT fake saw.
@@ -188,6 +192,7 @@ impl SttFake {
         match vendor {
             SttVendor::Soniox => format!("ws://{}/transcribe-websocket", self.addr),
             SttVendor::Deepgram => format!("ws://{}/v1/listen", self.addr),
+            SttVendor::Flux => format!("ws://{}/v2/listen", self.addr),
             SttVendor::ElevenLabs => format!("ws://{}/v1/speech-to-text/realtime", self.addr),
         }
     }
@@ -206,7 +211,7 @@ async fn serve_stt(
     // ElevenLabs `xi-api-key` (scribe.asyncapi.yaml in elevenlabs/packages).
     let auth: Auth = match vendor {
         SttVendor::Soniox => ("authorization", format!("Bearer {KEY}")),
-        SttVendor::Deepgram => ("authorization", format!("Token {KEY}")),
+        SttVendor::Deepgram | SttVendor::Flux => ("authorization", format!("Token {KEY}")),
         SttVendor::ElevenLabs => ("xi-api-key", KEY.to_owned()),
     };
     let (ws, uri, headers) = accept_ws(stream, Some(auth)).await;
@@ -256,6 +261,24 @@ async fn serve_stt(
                 }
                 format = Some((enc, rate));
             }
+            SttVendor::Flux => {
+                if !uri.starts_with("/v2/listen?") {
+                    l.errors
+                        .push(format!("flux lives on /v2/listen, not {uri}"));
+                }
+                if !query(&uri, "model").unwrap_or_default().starts_with("flux") {
+                    l.errors.push("not a flux model".into());
+                }
+                let enc = query(&uri, "encoding").unwrap_or_default();
+                let rate = query(&uri, "sample_rate")
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                if enc.is_empty() || rate == 0 {
+                    l.errors
+                        .push("encoding and sample_rate are required".into());
+                }
+                format = Some((enc, rate));
+            }
             SttVendor::ElevenLabs => {
                 let f = query(&uri, "audio_format").unwrap_or_default();
                 let rate = if f == "ulaw_8000" {
@@ -278,6 +301,13 @@ async fn serve_stt(
         }
     }
     let Some(mut ws) = ws else { return };
+    if vendor == SttVendor::Flux {
+        let _ = ws
+            .send(Message::text(
+                r#"{"type":"Connected","request_id":"r1","sequence_id":0}"#,
+            ))
+            .await;
+    }
     // Scribe: shapes from elevenlabs/packages `schemas/scribe.asyncapi.yaml`
     // (SessionStartedPayload: `vad_commit_strategy` is the string "manual" | "vad";
     // InputAudioChunkPayload: message_type, audio_base_64, commit, sample_rate required,
@@ -417,7 +447,7 @@ async fn serve_stt(
                             .unwrap_or_default();
                         chunk = decode(&format.as_ref().unwrap().0, &bytes);
                     }
-                    SttVendor::Deepgram if t.contains("CloseStream") => {
+                    SttVendor::Deepgram | SttVendor::Flux if t.contains("CloseStream") => {
                         log.lock().unwrap().client_closed = true;
                         let _ = ws
                             .send(Message::text(r#"{"type":"Metadata","transaction_key":"deprecated","request_id":"r1","sha256":"x","created":"2025-01-01T00:00:00Z","duration":1.0,"channels":1}"#))
@@ -462,7 +492,7 @@ async fn serve_stt(
                             reason: "".into(),
                         },
                     ),
-                    SttVendor::Deepgram => (
+                    SttVendor::Deepgram | SttVendor::Flux => (
                         None,
                         CloseFrame {
                             code: CloseCode::Error,
@@ -517,6 +547,7 @@ fn stt_interim(vendor: SttVendor, text: &str) -> Vec<String> {
             serde_json::json!({"type":"Results","channel_index":[0,1],"duration":0.4,"start":0.0,"is_final":false,"speech_final":false,"channel":{"alternatives":[{"transcript":text,"confidence":0.8,"words":[]}]},"metadata":{"request_id":"r1"}}).to_string(),
         ],
         SttVendor::ElevenLabs => vec![serde_json::json!({"message_type":"partial_transcript","text":text}).to_string()],
+        SttVendor::Flux => vec![flux_turn("StartOfTurn", text)],
     }
 }
 
@@ -539,7 +570,15 @@ fn stt_final(vendor: SttVendor, text: &str) -> Vec<String> {
             r#"{"type":"UtteranceEnd","channel":[0,1],"last_word_end":1.0}"#.to_owned(),
         ],
         SttVendor::ElevenLabs => vec![serde_json::json!({"message_type":"committed_transcript","text":text}).to_string()],
+        SttVendor::Flux => vec![flux_turn("Update", text), flux_turn("EndOfTurn", text)],
     }
+}
+
+/// A Flux `TurnInfo` message.
+fn flux_turn(event: &str, transcript: &str) -> String {
+    serde_json::json!({"type":"TurnInfo","event":event,"turn_index":0,"audio_window_start":0.0,
+        "audio_window_end":1.0,"transcript":transcript,"words":[],"end_of_turn_confidence":0.9})
+    .to_string()
 }
 
 fn decode(encoding: &str, bytes: &[u8]) -> Vec<i16> {

@@ -85,7 +85,9 @@ pub struct SttConfig {
     pub url: Option<String>,
     /// API key; default `{ env = "SONIOX_API_KEY" | "DEEPGRAM_API_KEY" | "ELEVENLABS_API_KEY" }`.
     pub api_key: Option<SecretSource>,
-    /// Model; default `stt-rt-v4` (Soniox), `nova-3` (Deepgram), `scribe_v2_realtime`.
+    /// Model; default `stt-rt-v4` (Soniox), `nova-3` (Deepgram), `scribe_v2_realtime`. A
+    /// Deepgram `flux-…` model (`flux-general-en`, `flux-general-multi`) uses Deepgram Flux
+    /// on `/v2/listen`, the turn-taking model Deepgram recommends for voice agents.
     pub model: Option<String>,
     /// Languages, ISO 639-1 (`["ru", "uk", "en"]`). Soniox: `language_hints` (empty: it
     /// detects). Deepgram: `language` when one is given (`"multi"` for nova-3 multilingual,

@@ -13,6 +13,7 @@
 
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod flux;
 pub mod soniox;
 
 use super::config::{SttConfig, SttProvider};
@@ -168,6 +169,9 @@ pub fn wire_format(provider: SttProvider, rate_hz: u32, g711: bool) -> WireForma
 pub fn protocol(cfg: &SttConfig, key: Secret, rate_hz: u32) -> Box<dyn Protocol> {
     let format = wire_format(cfg.provider, rate_hz, cfg.g711);
     match cfg.provider {
+        SttProvider::Deepgram if flux::is_flux(cfg.model()) => {
+            Box::new(flux::Flux::new(cfg, key, rate_hz))
+        }
         SttProvider::Soniox => Box::new(soniox::Soniox::new(cfg, key, format)),
         SttProvider::Deepgram => Box::new(deepgram::Deepgram::new(cfg, key, format)),
         SttProvider::Elevenlabs => Box::new(elevenlabs::ElevenLabsStt::new(cfg, key, format)),
