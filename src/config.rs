@@ -279,6 +279,9 @@ pub struct OpenAiRealtimeConfig {
     /// finished, the server asks the model to respond (it can prompt the caller), ms; unset:
     /// never.
     pub idle_timeout_ms: Option<u32>,
+    /// `server_vad` with `idle_timeout_ms`: after this many prompts to a caller who stays
+    /// silent, the agent says a short goodbye and the call ends (default 2).
+    pub idle_prompts: u32,
     /// Language of the caller (ISO 639-1, e.g. `uk`) for the input transcription; unset:
     /// detected.
     pub transcription_language: Option<String>,
@@ -321,6 +324,7 @@ impl Default for OpenAiRealtimeConfig {
             vad_eagerness: VadEagerness::Auto,
             noise_reduction: None,
             idle_timeout_ms: None,
+            idle_prompts: 2,
             transcription_language: None,
             transcription_prompt: None,
             vad_threshold: 0.5,

@@ -774,6 +774,80 @@ fn heard_correlation_after(report: &CallReport, reference: &[i16], from_ms: f64)
     best_correlation(&rx[from..], reference, 8_000).0
 }
 
+/// Test 3e: a caller who stays silent. With `idle_timeout_ms` the server reports
+/// `input_audio_buffer.timeout_triggered` and answers with a prompt of its own; after
+/// `idle_prompts` (2) such prompts the next one is followed by a goodbye voicegate asks for,
+/// and once it is said the call ends (the agent ended it, not a fallback).
+#[tokio::test]
+async fn a_silent_caller_is_prompted_then_told_goodbye() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server = TestServer::start(agent(&fake.url, |c| {
+        c.idle_timeout_ms = Some(6_000);
+        c.idle_prompts = 2;
+    }))
+    .await;
+    let prompt = to_wire(&fixture("auth-thankyou.wav").samples, ULAW);
+    let plan = plan(SlinRate::Hz8000, silence(), 12.0);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c = conn.expect("upgrade accepted");
+        let update = set_up(&mut c, (ULAW, ULAW)).await;
+        for n in 1..=3 {
+            c.wait_for_audio_ms(200 * n).await;
+            c.send(
+                json!({"type": "input_audio_buffer.timeout_triggered", "audio_start_ms": 0,
+                          "audio_end_ms": 6000, "item_id": format!("item_t{n}")}),
+            )
+            .await;
+            // The server's own response to the timeout.
+            c.reply(
+                &format!("resp_p{n}"),
+                &format!("item_p{n}"),
+                &prompt,
+                800,
+                "Are you still there?",
+            )
+            .await;
+        }
+        let bye = c.expect("response.create").await;
+        c.reply("resp_bye", "item_bye", &prompt, 800, "Goodbye.")
+            .await;
+        c.drain(Duration::from_secs(10)).await;
+        (update, bye, c)
+    };
+    let ((update, bye, c), (report, _)) = tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    assert_eq!(
+        update["session"]["audio"]["input"]["turn_detection"]["idle_timeout_ms"],
+        6_000
+    );
+    assert!(
+        bye["response"]["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("goodbye"),
+        "{bye}"
+    );
+    let creates = c
+        .events
+        .iter()
+        .filter(|e| e["type"] == "response.create")
+        .count();
+    assert_eq!(
+        creates, 1,
+        "only the goodbye was asked for; the prompts were the server's"
+    );
+    assert!(c.rejected.is_empty(), "{:?}", c.rejected);
+    assert!(report.hangup_received, "voicegate ended the call");
+    let summary = server.next_summary().await;
+    assert_eq!(
+        summary.outcome,
+        Outcome::AgentEnded("the caller stayed silent".into())
+    );
+    server.stop.cancel();
+}
+
 /// Test 4a: a 16 kHz call: pcm16 at 24 kHz both ways, GA shapes and event names only (no
 /// `OpenAI-Beta` header, which the real server and the fake refuse).
 #[tokio::test]

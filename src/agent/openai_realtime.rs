@@ -153,6 +153,8 @@ struct Settings {
     connect_timeout: Duration,
     /// A new session replaces the live one after this long (OpenAI's limit is 60 min).
     session_renew: Duration,
+    /// `idle_timeout_ms` prompts before the goodbye to a silent caller.
+    idle_prompts: u32,
     /// Function declarations for `session.update` (§1.7); empty = no tools.
     tools: Vec<Value>,
 }
@@ -211,6 +213,7 @@ impl OpenAiRealtime {
                 transcription_model: cfg.transcription_model.clone(),
                 connect_timeout: cfg.connect_timeout(),
                 session_renew: Duration::from_secs(cfg.session_renew_s),
+                idle_prompts: cfg.idle_prompts,
                 tools: Vec::new(),
             }),
         })
@@ -904,6 +907,35 @@ struct Live {
     caller_speaking: bool,
     /// A renewal session, set up and waiting for a quiet moment.
     next: Option<(Ws, Formats)>,
+    /// `input_audio_buffer.timeout_triggered` since the caller last spoke.
+    idle_prompts: u32,
+    /// How many such prompts before the goodbye (`idle_prompts` in the config).
+    idle_prompts_max: u32,
+    /// The goodbye to a silent caller.
+    goodbye: Goodbye,
+}
+
+/// Where the goodbye to a caller who stays silent stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Goodbye {
+    /// Not needed.
+    No,
+    /// Wanted once the server's own response to the last timeout is done.
+    AfterResponse,
+    /// Its `response.create` is wanted or sent.
+    Asked,
+    /// Response `id` is saying it; its `response.done` ends the call.
+    Speaking(String),
+}
+
+/// The `response.create` for the goodbye to a caller who stays silent.
+fn goodbye_response() -> Value {
+    json!({
+        "type": "response.create",
+        "response": {
+            "instructions": "The caller has not answered your last prompts. Say a short, polite goodbye now; the call ends after it.",
+        },
+    })
 }
 
 impl Live {
@@ -930,6 +962,9 @@ impl Live {
             history: VecDeque::with_capacity(HISTORY_ITEMS),
             caller_speaking: false,
             next: None,
+            idle_prompts: 0,
+            idle_prompts_max: s.idle_prompts,
+            goodbye: Goodbye::No,
         })
     }
 
@@ -1249,6 +1284,10 @@ impl Live {
             }
             "input_audio_buffer.speech_started" => {
                 self.caller_speaking = true;
+                self.idle_prompts = 0;
+                if self.goodbye == Goodbye::AfterResponse {
+                    self.goodbye = Goodbye::No;
+                }
                 // The server cancels its own response (interrupt_response).
                 if self.interrupt(io).await.is_none() {
                     return Ok(Flow::Stop);
@@ -1313,9 +1352,38 @@ impl Live {
                 }
                 warn!(error = %detail, "openai realtime error; the session goes on");
             }
-            "response.created" => self.responses.on_created(),
+            "response.created" => {
+                let ours = self.responses.requested;
+                self.responses.on_created();
+                if ours && self.goodbye == Goodbye::Asked {
+                    let id = ev
+                        .response
+                        .as_ref()
+                        .and_then(|r| r.get("id"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned();
+                    self.goodbye = Goodbye::Speaking(id);
+                }
+            }
             "response.done" => {
                 self.responses.on_done();
+                if self.goodbye == Goodbye::AfterResponse {
+                    self.goodbye = Goodbye::Asked;
+                    self.responses.want(goodbye_response());
+                }
+                let id = ev
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.get("id"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if matches!(&self.goodbye, Goodbye::Speaking(g) if g == id) {
+                    info!("goodbye said after the caller stayed silent; ending the call");
+                    let reason = "the caller stayed silent".to_owned();
+                    Self::emit(io, AgentEvent::Ended { reason }).await;
+                    return Ok(Flow::Stop);
+                }
                 self.send_wanted_response().await?;
                 let status = ev
                     .response
@@ -1342,7 +1410,18 @@ impl Live {
                 }
             }
             "input_audio_buffer.timeout_triggered" => {
-                info!("the caller has been silent for idle_timeout_ms; the model prompts them");
+                self.idle_prompts += 1;
+                if self.idle_prompts > self.idle_prompts_max && self.goodbye == Goodbye::No {
+                    info!(
+                        prompts = self.idle_prompts - 1,
+                        "the caller stays silent; the goodbye follows this prompt"
+                    );
+                    // The server answers the timeout with a response of its own; the goodbye
+                    // is asked for after it, so the next response.created is the goodbye's.
+                    self.goodbye = Goodbye::AfterResponse;
+                } else {
+                    info!("the caller has been silent for idle_timeout_ms; the model prompts them");
+                }
             }
             "input_audio_buffer.speech_stopped" => {
                 self.caller_speaking = false;
