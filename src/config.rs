@@ -201,16 +201,43 @@ impl EchoConfig {
     }
 }
 
-/// Which generation of the OpenAI Realtime event names to speak (`providers.md` §1.2).
+/// How the OpenAI Realtime server finds the end of the caller's turn (openai-python
+/// `types/realtime/realtime_audio_input_turn_detection_param.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnDetection {
+    /// Silence-based VAD (`threshold`, `prefix_padding_ms`, `silence_duration_ms`,
+    /// `idle_timeout_ms`); the default.
+    #[default]
+    ServerVad,
+    /// A model judges whether the caller has finished (`eagerness`).
+    SemanticVad,
+}
+
+/// `semantic_vad` eagerness: how soon the model answers (`low` lets the caller finish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VadEagerness {
+    /// The server's choice (medium).
+    #[default]
+    Auto,
+    /// Waits longest.
+    Low,
+    /// Between.
+    Medium,
+    /// Answers soonest.
+    High,
+}
+
+/// `audio.input.noise_reduction` (`near_field`: a handset or headset close to the mouth,
+/// the usual phone; `far_field`: a speakerphone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum RealtimeApi {
-    /// The GA API (`gpt-realtime`): `session.type`, `audio.input.format`,
-    /// `response.output_audio.delta`.
-    Ga,
-    /// The beta/preview API (`OpenAI-Beta: realtime=v1`): `input_audio_format`,
-    /// `response.audio.delta`.
-    Preview,
+pub enum NoiseReduction {
+    /// Close-talking microphone.
+    NearField,
+    /// Distant microphone (speakerphone, conference room).
+    FarField,
 }
 
 /// `[agent]` with `kind = "openai_realtime"`.
@@ -224,9 +251,14 @@ pub struct OpenAiRealtimeConfig {
     pub model: String,
     /// API key (default `{ env = "OPENAI_API_KEY" }`).
     pub api_key: SecretSource,
-    /// Event-name generation: `ga` (default) or `preview`.
-    pub api: RealtimeApi,
-    /// Voice (default `marin`; preview models know only the first eight of OpenAI's names).
+    /// Removed: voicegate speaks only the GA Realtime shapes. OpenAI closed the preview
+    /// (beta) interface in 2026 (a handshake with `OpenAI-Beta: realtime=v1` is refused with
+    /// `beta_api_shape_disabled`), so `api = "preview"` is a config error (exit 64);
+    /// `api = "ga"` is accepted and means nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// Voice (default `marin`; any GA voice: alloy, ash, ballad, cedar, coral, echo, marin,
+    /// sage, shimmer, verse).
     pub voice: String,
     /// System instructions, inline. Ignored when `instructions_file` is set.
     pub instructions: String,
@@ -237,6 +269,24 @@ pub struct OpenAiRealtimeConfig {
     /// Use G.711 μ-law on the wire when the call is 8 kHz (default true); otherwise, and for
     /// wideband calls, pcm16 at 24 kHz.
     pub g711: bool,
+    /// `server_vad` (default) or `semantic_vad`.
+    pub turn_detection: TurnDetection,
+    /// `semantic_vad` only: `auto` (default), `low`, `medium` or `high`.
+    pub vad_eagerness: VadEagerness,
+    /// `near_field` or `far_field` input noise reduction; unset: none.
+    pub noise_reduction: Option<NoiseReduction>,
+    /// `server_vad` only: after this much silence from the caller once the agent has
+    /// finished, the server asks the model to respond (it can prompt the caller), ms; unset:
+    /// never.
+    pub idle_timeout_ms: Option<u32>,
+    /// `server_vad` with `idle_timeout_ms`: after this many prompts to a caller who stays
+    /// silent, the agent says a short goodbye and the call ends (default 2).
+    pub idle_prompts: u32,
+    /// Language of the caller (ISO 639-1, e.g. `uk`) for the input transcription; unset:
+    /// detected.
+    pub transcription_language: Option<String>,
+    /// A prompt guiding the input transcription (names, terms); unset: none.
+    pub transcription_prompt: Option<String>,
     /// Server VAD: activation threshold 0.0–1.0 (default 0.5).
     pub vad_threshold: f32,
     /// Server VAD: audio kept before speech starts, ms (default 300).
@@ -250,6 +300,9 @@ pub struct OpenAiRealtimeConfig {
     /// provider that does not answer still leaves the caller time to reach a human within
     /// about 2 s).
     pub connect_timeout_ms: u64,
+    /// A call moves to a new session after this long, s (default 3300; OpenAI ends a session
+    /// at 60 minutes with `session_expired`). At least 1.
+    pub session_renew_s: u64,
 }
 
 impl Default for OpenAiRealtimeConfig {
@@ -260,23 +313,50 @@ impl Default for OpenAiRealtimeConfig {
             api_key: SecretSource::Env {
                 env: "OPENAI_API_KEY".into(),
             },
-            api: RealtimeApi::Ga,
+            api: None,
             voice: "marin".into(),
             instructions: "You answer the phone for a small business. Be brief and friendly."
                 .into(),
             instructions_file: None,
             greeting: None,
             g711: true,
+            turn_detection: TurnDetection::ServerVad,
+            vad_eagerness: VadEagerness::Auto,
+            noise_reduction: None,
+            idle_timeout_ms: None,
+            idle_prompts: 2,
+            transcription_language: None,
+            transcription_prompt: None,
             vad_threshold: 0.5,
             vad_prefix_padding_ms: 300,
             vad_silence_duration_ms: 500,
             transcription_model: "gpt-4o-mini-transcribe".into(),
             connect_timeout_ms: 1_500,
+            session_renew_s: 3_300,
         }
     }
 }
 
 impl OpenAiRealtimeConfig {
+    /// Refuses the removed `api = "preview"` (any `api` other than `ga`).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `agent.api`, saying to use the GA shapes.
+    pub fn check_api(&self) -> Result<(), ConfigError> {
+        match self.api.as_deref() {
+            None | Some("ga") => Ok(()),
+            Some(other) => Err(ConfigError::invalid(
+                "agent.api",
+                format!(
+                    "`{other}` is no longer supported: OpenAI removed the preview (beta) Realtime \
+                     interface (it refuses `OpenAI-Beta: realtime=v1` with \
+                     beta_api_shape_disabled); delete this line, voicegate speaks the GA shapes \
+                     (a GA model such as gpt-realtime and a GA voice such as marin)"
+                ),
+            )),
+        }
+    }
+
     /// The instructions: the file's text when `instructions_file` is set, else `instructions`.
     ///
     /// # Errors
@@ -322,9 +402,11 @@ pub struct ElevenlabsAgentConfig {
     pub prompt: Option<String>,
     /// The prompt override from a file (UTF-8); wins over `prompt`.
     pub prompt_file: Option<PathBuf>,
-    /// Override of the agent's first message (the greeting).
+    /// Override of the agent's first message (the greeting). Like every override, it must be
+    /// allowed in the agent's security settings, or the server closes with 1008
+    /// (`override_error`) and the call falls back.
     pub first_message: Option<String>,
-    /// Override of the agent's language (`ru`, `uk`, `en`, …).
+    /// Override of the agent's language (`ru`, `uk`, `en`, …); must be allowed too.
     pub language: Option<String>,
     /// Caller audio is sent in chunks of this many ms (default 40; 20 to 250).
     pub chunk_ms: u32,
@@ -810,6 +892,13 @@ impl Config {
             AgentConfig::Echo(_) => {}
             AgentConfig::Cascade(c) => c.validate()?,
             AgentConfig::OpenaiRealtime(o) => {
+                o.check_api()?;
+                if o.session_renew_s == 0 {
+                    return Err(ConfigError::invalid(
+                        "agent.session_renew_s",
+                        "must be at least 1",
+                    ));
+                }
                 if !(o.url.starts_with("ws://") || o.url.starts_with("wss://")) {
                     return Err(ConfigError::invalid(
                         "agent.url",

@@ -108,6 +108,17 @@ impl FallbackReason {
         }
     }
 
+    /// The `reason` label of `voicegate_provider_errors_total`: `quota` for a quota, rate
+    /// or concurrency refusal ([`crate::agent::failure_reason`]), `silent` for an agent that
+    /// sent no audio, else `error`.
+    pub fn provider_reason(&self) -> &'static str {
+        match self {
+            FallbackReason::AgentFailed(e) => crate::agent::failure_reason(e),
+            FallbackReason::AgentSilent => "silent",
+            _ => "error",
+        }
+    }
+
     /// Whether this counts as a provider failure for the breaker.
     pub fn is_provider_failure(&self) -> bool {
         matches!(
@@ -312,6 +323,35 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The failures voicegate's clients report for each vendor's quota refusal, as they word
+    /// them, are `quota`; other failures are `error`.
+    #[test]
+    fn quota_refusals_are_told_apart() {
+        for quota in [
+            "openai_realtime error: error while waiting for session.updated: invalid_request_error/insufficient_quota: You exceeded your current quota",
+            "soniox error: error 429: Too many concurrent requests.",
+            "cannot connect to deepgram: HTTP error: 429 Too Many Requests",
+            "elevenlabs_stt error: quota_exceeded: You have exceeded your quota",
+            "elevenlabs_stt error: rate_limited: Too many requests",
+            "elevenlabs_tts error: Quota exceeded for this API key",
+            "cannot connect to elevenlabs_agent: signed url: HTTP 429",
+        ] {
+            let r = FallbackReason::AgentFailed(quota.into());
+            assert_eq!(r.provider_reason(), "quota", "{quota}");
+        }
+        for other in [
+            "soniox error: error 503: Cannot continue request (code 1). Please restart the request.",
+            "openai_realtime error: server closed the connection",
+            "cannot connect to elevenlabs_tts: HTTP error: 401 Unauthorized",
+        ] {
+            assert_eq!(
+                FallbackReason::AgentFailed(other.into()).provider_reason(),
+                "error"
+            );
+        }
+        assert_eq!(FallbackReason::AgentSilent.provider_reason(), "silent");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn breaker_opens_after_k_failures_and_closes_after_a_success() {

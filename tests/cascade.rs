@@ -22,7 +22,7 @@ use voicegate::secret::{Secret, SecretSource};
 fn provider(v: SttVendor) -> SttProvider {
     match v {
         SttVendor::Soniox => SttProvider::Soniox,
-        SttVendor::Deepgram => SttProvider::Deepgram,
+        SttVendor::Deepgram | SttVendor::Flux => SttProvider::Deepgram,
         SttVendor::ElevenLabs => SttProvider::Elevenlabs,
     }
 }
@@ -64,6 +64,7 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
         url: Some(fake.url(vendor)),
         api_key: Some(SecretSource::Inline(KEY.into())),
         languages: vec!["en".into()],
+        model: (vendor == SttVendor::Flux).then(|| "flux-general-en".into()),
         ..SttConfig::default()
     };
     let proto = stt::protocol(&cfg, Secret::new(KEY), rate_hz);
@@ -104,6 +105,7 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
     match vendor {
         // No audio for more than 3 s (Deepgram) / 5 s (Soniox): a keepalive goes out.
         SttVendor::Deepgram => tokio::time::sleep(Duration::from_millis(3_800)).await,
+        SttVendor::Flux => {}
         SttVendor::Soniox => tokio::time::sleep(Duration::from_millis(5_800)).await,
         SttVendor::ElevenLabs => {}
     }
@@ -119,11 +121,15 @@ async fn stt_round_trip(vendor: SttVendor, rate_hz: u32, expect_encoding: &str) 
     );
     let keepalive = match vendor {
         SttVendor::Deepgram => Some(r#"{"type":"KeepAlive"}"#),
+        SttVendor::Flux => None,
         SttVendor::Soniox => Some(r#"{"type":"keepalive"}"#),
         SttVendor::ElevenLabs => None,
     };
     if let Some(k) = keepalive {
         assert!(log.texts.iter().any(|t| t == k), "{:?}", log.texts);
+    }
+    if vendor == SttVendor::ElevenLabs {
+        assert!(log.final_commit, "the call ends with a commit: true chunk");
     }
     // What the vendor received is the recording.
     assert!(log.audio.len() >= speech.len(), "{}", log.audio.len());
@@ -141,14 +147,96 @@ async fn stt_soniox_16khz_pcm() {
     stt_round_trip(SttVendor::Soniox, 16_000, "pcm_s16le").await;
 }
 
+/// The STT fakes, like the vendors, refuse an upgrade that does not carry the key (Soniox
+/// from 15 January 2027: the key in the start message alone is no longer enough).
+#[tokio::test]
+async fn stt_fakes_refuse_an_upgrade_without_the_key() {
+    for vendor in [
+        SttVendor::Soniox,
+        SttVendor::Deepgram,
+        SttVendor::ElevenLabs,
+    ] {
+        let fake = SttFake::start(vendor, &[], None).await;
+        let e = tokio_tungstenite::connect_async(fake.url(vendor))
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("401"), "{vendor:?}: {e}");
+        assert_eq!(fake.log.lock().unwrap().refused, 1);
+    }
+}
+
 #[tokio::test]
 async fn stt_deepgram_8khz_mulaw_with_keepalive() {
     stt_round_trip(SttVendor::Deepgram, 8_000, "mulaw").await;
 }
 
+/// Deepgram Flux (a `flux-…` model): `/v2/listen`, pcm16 at the call rate, `TurnInfo`
+/// events, `EndOfTurn` ends the turn.
+#[tokio::test]
+async fn stt_deepgram_flux_8khz() {
+    stt_round_trip(SttVendor::Flux, 8_000, "linear16").await;
+}
+
 #[tokio::test]
 async fn stt_deepgram_16khz_linear16() {
     stt_round_trip(SttVendor::Deepgram, 16_000, "linear16").await;
+}
+
+/// Scribe ends a session at its time limit (`session_time_limit_exceeded`): the client
+/// opens a new one and carries on, giving it the text so far as `previous_text` with its
+/// first chunk only (the fake, like the contract, refuses it on any later chunk).
+#[tokio::test]
+async fn stt_elevenlabs_session_time_limit_reconnects_with_previous_text() {
+    let vendor = SttVendor::ElevenLabs;
+    let fake = SttFake::start_with(vendor, &["hello world"], Some(2_600), Some(1)).await;
+    let cfg = SttConfig {
+        provider: provider(vendor),
+        url: Some(fake.url(vendor)),
+        api_key: Some(SecretSource::Inline(KEY.into())),
+        ..SttConfig::default()
+    };
+    let mut h = stt::spawn(
+        stt::protocol(&cfg, Secret::new(KEY), 8_000),
+        8_000,
+        Duration::from_secs(5),
+    );
+    let speech = fixture("hello-world.wav").samples;
+    let mut audio = speech.clone();
+    audio.extend(std::iter::repeat_n(0i16, 8_000 * 3 / 2));
+    audio.extend(fixture("auth-thankyou.wav").samples);
+    audio.extend(std::iter::repeat_n(0i16, 8_000));
+    let tx = h.audio.clone();
+    let feeder = tokio::spawn(async move {
+        for f in audio.chunks(160) {
+            let mut b = Vec::new();
+            voicegate::audio::slin_to_le_bytes(f, &mut b);
+            if tx.send(bytes::Bytes::from(b)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    });
+    let mut turns = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while turns.len() < 2 {
+            match h.events.recv().await {
+                Some(stt::SttEvent::EndOfTurn(t)) => turns.push(t),
+                Some(_) => {}
+                None => panic!("stt ended after {turns:?}"),
+            }
+        }
+    })
+    .await
+    .expect("both turns in time");
+    feeder.await.unwrap();
+    drop(h);
+    let log = fake.log.lock().unwrap();
+    // The fake's script starts over in each session: the second turn, heard by the new
+    // session, is its first utterance again.
+    assert_eq!(turns, ["hello world", "hello world"]);
+    assert_eq!(log.connections, 2, "one reconnect");
+    assert_eq!(log.previous_texts, ["hello world"]);
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
 }
 
 #[tokio::test]
@@ -244,10 +332,14 @@ async fn first_audio_before_llm_finished(rate: SlinRate) {
             c.uri
         );
         assert!(
-            c.uri.starts_with("/v1/text-to-speech/voice1/stream-input?"),
+            c.uri
+                .starts_with("/v1/text-to-speech/voice1/multi-stream-input?"),
             "{}",
             c.uri
         );
+        assert_eq!(t.sockets, 1, "one socket for the call");
+        assert_eq!(c.init.as_ref().unwrap()["context_id"], "vg_r1");
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
         assert_eq!(c.api_key.as_deref(), Some(KEY));
         assert_eq!(
             c.texts,
@@ -304,6 +396,132 @@ async fn cascade_first_audio_before_llm_finished_8khz() {
 #[tokio::test]
 async fn cascade_first_audio_before_llm_finished_16khz() {
     first_audio_before_llm_finished(SlinRate::Hz16000).await;
+}
+
+/// Time from asking for a reply's speech to its first audio, ms: on a fresh [`TtsCall`]
+/// (the socket is opened for the reply, as every reply did before the persistent socket),
+/// or on one whose socket was opened while the caller was still speaking.
+async fn tts_first_audio_ms(tts: &TtsFake, warm: bool) -> f64 {
+    use voicegate::agent::cascade::tts::{TtsCommand, TtsEvent, TtsSettings};
+    let settings = TtsSettings {
+        cfg: voicegate::agent::cascade::config::TtsConfig {
+            url: tts.url(),
+            api_key: SecretSource::Inline(KEY.into()),
+            voice_id: "voice1".into(),
+            ..Default::default()
+        },
+        key: Secret::new(KEY),
+    };
+    let mut call = settings.call(8_000);
+    if warm {
+        call.connect();
+        // The caller is still speaking: the handshake completes meanwhile.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let t0 = tokio::time::Instant::now();
+    let mut s = call.start();
+    s.text
+        .send(TtsCommand::Text("Hello there.".into()))
+        .unwrap();
+    s.text.send(TtsCommand::Finish).unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.events.recv()).await {
+            Ok(Some(TtsEvent::Audio(_))) => return t0.elapsed().as_secs_f64() * 1000.0,
+            Ok(Some(TtsEvent::Failed(e))) => panic!("{e}"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("no audio"),
+        }
+    }
+}
+
+/// The persistent TTS socket: against a fake whose handshake takes 150 ms (TCP + TLS + the
+/// upgrade to a distant server), the first reply audio no longer waits for it. Best of three
+/// each way, so a busy machine's hiccup does not decide.
+#[tokio::test]
+async fn tts_socket_opened_before_the_reply_saves_the_handshake() {
+    const HANDSHAKE: Duration = Duration::from_millis(150);
+    let tts = TtsFake::start_with(fixture("vm-goodbye.wav"), false, HANDSHAKE).await;
+    let mut cold = f64::MAX;
+    let mut warm = f64::MAX;
+    for _ in 0..3 {
+        cold = cold.min(tts_first_audio_ms(&tts, false).await);
+        warm = warm.min(tts_first_audio_ms(&tts, true).await);
+    }
+    eprintln!(
+        "tts first audio with a {} ms handshake: socket opened per reply {cold:.1} ms, socket opened while the caller speaks {warm:.1} ms",
+        HANDSHAKE.as_millis()
+    );
+    assert!(cold >= 150.0, "the handshake was waited for: {cold}");
+    assert!(warm + 100.0 < cold, "warm {warm} ms, cold {cold} ms");
+    let log = tts.log.lock().unwrap();
+    assert_eq!(log.sockets, 6);
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+}
+
+/// Two replies of one call share one socket, each in its own context; a barge-in closes
+/// the first reply's context and its late audio never reaches the second reply.
+#[tokio::test]
+async fn tts_replies_share_one_socket_as_contexts() {
+    use voicegate::agent::cascade::tts::{TtsCommand, TtsEvent, TtsSettings};
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let settings = TtsSettings {
+        cfg: voicegate::agent::cascade::config::TtsConfig {
+            url: tts.url(),
+            api_key: SecretSource::Inline(KEY.into()),
+            voice_id: "voice1".into(),
+            language_code: Some("uk".into()),
+            model_id: "eleven_multilingual_v2".into(),
+            ..Default::default()
+        },
+        key: Secret::new(KEY),
+    };
+    let mut call = settings.call(8_000);
+    call.connect();
+    let mut first = call.start();
+    first
+        .text
+        .send(TtsCommand::Text("Our hours are long.".into()))
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), first.events.recv()).await {
+        Ok(Some(TtsEvent::Chars(_) | TtsEvent::Audio(_))) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(first); // barge-in
+    let mut second = call.start();
+    second.text.send(TtsCommand::Text("Sure.".into())).unwrap();
+    second.text.send(TtsCommand::Finish).unwrap();
+    let mut audio = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), second.events.recv()).await {
+            Ok(Some(TtsEvent::Audio(a))) => audio += a.len(),
+            Ok(Some(TtsEvent::Done)) => break,
+            Ok(Some(TtsEvent::Failed(e))) => panic!("{e}"),
+            Ok(Some(TtsEvent::Chars(_))) => {}
+            Ok(None) | Err(_) => panic!("no end"),
+        }
+    }
+    // Exactly one clip: nothing of the first reply leaked into the second.
+    assert_eq!(audio, clip_at(&fixture("vm-goodbye.wav"), 8_000).len());
+    drop(second);
+    drop(call);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = tts.log.lock().unwrap();
+    assert_eq!(log.sockets, 1);
+    assert_eq!(log.conns.len(), 2);
+    assert!(
+        log.conns[0].closed_early,
+        "the interrupted reply's context was closed"
+    );
+    assert!(log.conns[1].end_of_input && log.conns[1].final_sent && !log.conns[1].closed_early);
+    assert_eq!(log.conns[1].init.as_ref().unwrap()["context_id"], "vg_r2");
+    // eleven_multilingual_v2 takes no language_code: it is not sent (the fake would refuse).
+    assert!(
+        !log.conns[0].uri.contains("language_code"),
+        "{}",
+        log.conns[0].uri
+    );
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+    assert!(log.close_socket, "the call's end closes the socket");
 }
 
 const HOURS: &str = "Our shop is open from nine to six on weekdays. On Saturdays we open at ten. Sundays we are closed.";
@@ -759,6 +977,37 @@ async fn cascade_soniox_error_mid_call_fails() {
     assert_eq!(stt.log.lock().unwrap().connections, 4);
 }
 
+/// When the local VAD hears the caller stop, Soniox is asked to finalize
+/// (`{"type":"finalize","trailing_silence_ms"}`) and the `<fin>` that answers ends the turn,
+/// before Soniox's own endpointing (the fake's needs 400 ms of silence; the VAD here 200).
+#[tokio::test]
+async fn cascade_soniox_finalize_ends_the_turn_when_the_caller_stops() {
+    let stt = SttFake::start(SttVendor::Soniox, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::text("Hello.")]).await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let mut cfg = config(SttVendor::Soniox, &stt, &llm, &tts);
+    cfg.vad.hang_ms = 200;
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let log = stt.log.lock().unwrap();
+    assert!(log.finalized >= 1, "finalize sent");
+    assert!(log.errors.is_empty(), "{:?}", log.errors);
+    assert_eq!(log.turns, 1, "one turn");
+    assert_eq!(
+        log.turns_by_finalize, 1,
+        "ended by the finalize, not by endpointing"
+    );
+    assert_eq!(messages(&llm, 0)[1]["content"], "hello world");
+}
+
 #[tokio::test]
 async fn cascade_soniox_503_reconnects_and_carries_on() {
     let stt = SttFake::start_with(SttVendor::Soniox, &["hello world"], Some(300), Some(1)).await;
@@ -778,6 +1027,37 @@ async fn cascade_soniox_503_reconnects_and_carries_on() {
     assert_eq!(log.connections, 2);
     assert!(log.errors.is_empty(), "{:?}", log.errors);
     assert_eq!(messages(&llm, 0)[1]["content"], "hello world");
+}
+
+/// The reply length goes as `max_completion_tokens` (the fake, like OpenAI for reasoning
+/// models, refuses the deprecated `max_tokens` with 400), and what is not configured
+/// (`temperature`) is not sent at all. The old key name `max_tokens` still reads.
+#[tokio::test]
+async fn llm_request_sends_max_completion_tokens_and_nothing_unset() {
+    let stt = SttFake::start(SttVendor::Deepgram, &["hello world"], None).await;
+    let llm = LlmFake::start(vec![LlmReply::text("Hello.")]).await;
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &tts);
+    let old: voicegate::agent::cascade::config::LlmConfig =
+        toml::from_str("max_tokens = 150").expect("the old key is read");
+    cfg.llm.max_completion_tokens = old.max_completion_tokens;
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let (mut s, feeder) = start_call(&agent);
+    loop {
+        match next_event(&mut s).await {
+            AgentEvent::ReplyDone { .. } => break,
+            AgentEvent::Failed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    feeder.abort();
+    let body = &llm.log.lock().unwrap().requests[0].body;
+    assert_eq!(body["max_completion_tokens"], 150);
+    assert!(body.get("max_tokens").is_none(), "{body}");
+    assert!(
+        body.get("temperature").is_none(),
+        "unset is left out: {body}"
+    );
 }
 
 #[tokio::test]
@@ -850,12 +1130,15 @@ async fn tts_http_mode(rate_hz: u32, want_format: &str) {
     for (r, text) in reqs.iter().zip(["Hello there.", "How are you?"]) {
         assert_eq!(
             r.path,
-            format!("/v1/text-to-speech/voice1/stream?output_format={want_format}")
+            format!("/v1/text-to-speech/voice1/stream/with-timestamps?output_format={want_format}")
         );
         assert!(r.headers.contains(&("xi-api-key".into(), KEY.into())));
         assert_eq!(r.body["text"], text);
         assert_eq!(r.body["model_id"], "eleven_flash_v2_5");
     }
+    // Continuity: the second sentence knows what came before it.
+    assert!(reqs[0].body.get("previous_text").is_none());
+    assert_eq!(reqs[1].body["previous_text"], "Hello there.");
     // Both sentences' audio, decoded once at the call rate, nothing lost or added.
     let one = clip_at(&clip, rate_hz);
     assert_eq!(audio.len(), 2 * one.len());

@@ -36,6 +36,77 @@ fn bad_config_exits_64_naming_the_key() {
     );
 }
 
+/// OpenAI removed the preview Realtime interface: a config that still asks for it is refused
+/// before anything starts, saying what to do instead.
+#[test]
+fn removed_preview_realtime_api_exits_64_saying_to_use_ga() {
+    let dir = temp_dir("preview");
+    let cfg = dir.join("preview.toml");
+    std::fs::write(
+        &cfg,
+        "[agent]\nkind = \"openai_realtime\"\napi_key = \"sk-x\"\napi = \"preview\"\n",
+    )
+    .unwrap();
+    for cmd in ["check-config", "run"] {
+        let out = Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), cmd])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("agent.api") && err.contains("GA shapes"),
+            "{err}"
+        );
+    }
+}
+
+/// `voicegate tools --format elevenlabs` prints what `POST /v1/convai/tools` accepts: one
+/// `{"tool_config": {"type": "client", …}}` per configured tool (elevenlabs.io
+/// docs/api-reference/tools/create).
+#[test]
+fn tools_for_elevenlabs_are_convai_tools_request_bodies() {
+    let dir = temp_dir("tools");
+    let cfg = dir.join("tools.toml");
+    std::fs::write(
+        &cfg,
+        "[[tools]]\nname = \"search_tires\"\ndescription = \"Find tyres.\"\nurl = \"http://127.0.0.1:9/t\"\n[[tools]]\nkind = \"hangup\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "tools",
+            "--format",
+            "elevenlabs",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let bodies = v.as_array().expect("one body per tool");
+    assert_eq!(bodies.len(), 2);
+    for b in bodies {
+        let t = &b["tool_config"];
+        assert_eq!(t["type"], "client", "{b}");
+        let name = t["name"].as_str().unwrap();
+        assert!(
+            !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)),
+            "ElevenLabs' name pattern ^[a-zA-Z0-9_-]{{1,64}}$: {name}"
+        );
+        assert!((1..=120).contains(&t["response_timeout_secs"].as_u64().unwrap()));
+    }
+}
+
 #[test]
 fn check_config_prints_effective_config_without_secrets() {
     let dir = temp_dir("check");

@@ -36,16 +36,34 @@ use voicegate::config::{AgentConfig, Config, ElevenlabsAgentConfig};
 use voicegate::tools::ToolRegistry;
 
 /// A fake ElevenLabs Agents server: hands each accepted conversation to the test.
+///
+/// Shapes and rules from elevenlabs/packages `schemas/agent.asyncapi.yaml`: every client
+/// message must be one of the contract's client messages with its required fields
+/// (`UserAudioPayload`, `PongPayload`, `UserMessagePayload`, `ClientToolResultPayload`,
+/// `ContextualUpdatePayload`, `ConversationInitiationPayload`, …); anything else gets an
+/// `error` event (`ErrorPayload`: `error_event` with `code` 1008, `error_type`
+/// `invalid_message`) and a close with 1008, as the server does. With
+/// [`FakeEleven::forbid_overrides`], a `conversation_config_override` is refused the same way
+/// with `override_error` (the agent's security settings allow no overrides).
 struct FakeEleven {
     addr: SocketAddr,
     conns: mpsc::UnboundedReceiver<FakeConn>,
+    overrides_allowed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeEleven {
+    /// From now on, conversations refuse client overrides.
+    fn forbid_overrides(&self) {
+        self.overrides_allowed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
+        let overrides_allowed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let allowed = overrides_allowed.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let mut uri = String::new();
@@ -64,11 +82,17 @@ impl FakeEleven {
                         audio: Vec::new(),
                         chunk_sizes: Vec::new(),
                         control: VecDeque::new(),
+                        overrides_allowed: allowed.load(std::sync::atomic::Ordering::Relaxed),
+                        refused: None,
                     });
                 }
             }
         });
-        FakeEleven { addr, conns: rx }
+        FakeEleven {
+            addr,
+            conns: rx,
+            overrides_allowed,
+        }
     }
 
     fn url(&self) -> String {
@@ -94,6 +118,54 @@ struct FakeConn {
     chunk_sizes: Vec<usize>,
     /// Messages other than audio, not yet taken.
     control: VecDeque<Value>,
+    /// Whether `conversation_config_override` is accepted.
+    overrides_allowed: bool,
+    /// Why the fake closed the conversation with 1008, if it did.
+    refused: Option<String>,
+}
+
+/// Why the contract refuses client message `v` (`None`: it is fine).
+fn contract_violation(v: &Value, overrides_allowed: bool) -> Option<(&'static str, String)> {
+    let field = |name: &str| v.get(name);
+    let invalid = |what: &str| Some(("invalid_message", format!("{what}: {v}")));
+    match v["type"].as_str() {
+        Some("pong") if !field("event_id").is_some_and(Value::is_i64) => {
+            invalid("pong needs an integer event_id")
+        }
+        Some("user_message") if !field("text").is_some_and(|t| t.is_string() || t.is_null()) => {
+            invalid("user_message needs text")
+        }
+        Some("contextual_update") if !field("text").is_some_and(Value::is_string) => {
+            invalid("contextual_update needs text")
+        }
+        Some("client_tool_result")
+            if !(field("tool_call_id").is_some_and(Value::is_string)
+                && field("result").is_some_and(Value::is_string)
+                && field("is_error").is_some_and(Value::is_boolean)) =>
+        {
+            invalid("client_tool_result needs tool_call_id, result (string), is_error")
+        }
+        Some("conversation_initiation_client_data")
+            if !overrides_allowed && field("conversation_config_override").is_some() =>
+        {
+            Some((
+                "override_error",
+                "Override for field 'agent' is not allowed by config.".to_owned(),
+            ))
+        }
+        Some(
+            "pong"
+            | "user_message"
+            | "user_activity"
+            | "feedback"
+            | "client_tool_result"
+            | "mcp_tool_approval_result"
+            | "contextual_update"
+            | "conversation_initiation_client_data"
+            | "multimodal_message",
+        ) => None,
+        _ => invalid("unknown client message"),
+    }
 }
 
 impl FakeConn {
@@ -118,6 +190,22 @@ impl FakeConn {
                     self.chunk_sizes.push(bytes.len());
                     self.audio.extend_from_slice(&bytes);
                 } else {
+                    if let Some((error_type, message)) =
+                        contract_violation(&v, self.overrides_allowed)
+                    {
+                        let e = json!({"type": "error", "error_event": {"code": 1008,
+                            "message": message, "error_type": error_type, "reason": error_type}});
+                        let _ = self.ws.send(Message::text(e.to_string())).await;
+                        let _ = self
+                            .ws
+                            .close(Some(CloseFrame {
+                                code: CloseCode::Policy,
+                                reason: error_type.into(),
+                            }))
+                            .await;
+                        self.refused = Some(message);
+                        return false;
+                    }
                     self.control.push_back(v);
                 }
                 true
@@ -350,13 +438,11 @@ async fn conversation(format: &str, call_rate: SlinRate) {
     }
     // Compared after the call: the test runtime has one thread and must keep the call going.
     let uplink = decode(format, &conn.audio);
-    // The DTMF digit reached the agent as context.
-    let update = conn.next_control().await;
-    assert_eq!(update["type"], "contextual_update");
-    assert!(
-        update["text"].as_str().unwrap().contains("key 5"),
-        "{update}"
-    );
+    // The DTMF digit reached the agent as a caller turn it answers (a user_message, 1 s
+    // after the digit), not as silent context.
+    let turn = conn.next_control().await;
+    assert_eq!(turn["type"], "user_message");
+    assert_eq!(turn["text"], "(The caller pressed the phone key 5.)");
 
     // The agent answers, faster than real time.
     conn.send(json!({"type": "user_transcript", "user_transcription_event": {"user_transcript": "Hello, world."}})).await;
@@ -452,10 +538,20 @@ async fn interruption_flushes_playout_and_drops_stale_audio() {
     conn.metadata("ulaw_8000").await;
     // A long reply (4.1 s), all at once.
     let long = fixture("invalid.wav").samples;
+    conn.send(json!({"type": "agent_response", "agent_response_event": {
+        "agent_response": "Our opening hours are nine to five on weekdays and ten to two on Saturdays.", "event_id": 1}}))
+        .await;
     let next_id = conn.speak("ulaw_8000", &long, 1).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // The caller talks over it.
     conn.send(json!({"type": "interruption", "interruption_event": {"event_id": next_id - 1}}))
+        .await;
+    // The server says what the caller actually heard of that reply.
+    conn.send(json!({"type": "agent_response_correction", "agent_response_correction_event": {
+        "original_agent_response": "Our opening hours are nine to five on weekdays and ten to two on Saturdays.",
+        "corrected_agent_response": "Our opening hours are", "event_id": next_id}}))
+        .await;
+    conn.send(json!({"type": "user_transcript", "user_transcription_event": {"user_transcript": "Thanks.", "event_id": next_id}}))
         .await;
     // Audio generated before the interruption that arrives late must not play: 1 s of it.
     conn.speak("ulaw_8000", &long[8_000..16_000], next_id - 10)
@@ -469,6 +565,14 @@ async fn interruption_flushes_playout_and_drops_stale_audio() {
     let report = caller.await.unwrap();
     let s = server.next_summary().await;
     assert_eq!(s.barge_ins, 1, "playout flushed once");
+    // The record keeps what the caller heard, not what the agent meant to say.
+    let agent_lines: Vec<&str> = s
+        .transcript
+        .iter()
+        .filter(|(who, _)| *who == Speaker::Agent)
+        .map(|(_, t)| t.as_str())
+        .collect();
+    assert_eq!(agent_lines, ["Our opening hours are"]);
     // About 1 s of the long reply plus the 0.96 s answer were heard (1.5 s audible
     // measured); without the flush (4.1 s more) or with the stale audio (+1 s: 2.5 s
     // measured) there would be more.
@@ -609,6 +713,22 @@ async fn provider_error_close_ends_in_fallback() {
     conn.collect_audio(400 * 8).await;
     conn.close(CloseCode::Error, "internal error").await;
     falls_back(&mut server, caller, "1011").await;
+    server.stop.cancel();
+}
+
+/// The agent does not allow the overrides voicegate sends: the server answers with an
+/// `error_event` (`override_error`) and closes with 1008; the call falls back and the record
+/// names the code, the type and the reason.
+#[tokio::test]
+async fn refused_overrides_end_in_fallback_naming_the_error() {
+    let mut fake = FakeEleven::start().await;
+    fake.forbid_overrides();
+    let mut server = server(config(fake.url()), ToolRegistry::empty()).await;
+    let caller = call(&server, &plan(8.0));
+    let mut conn = fake.next_conn().await;
+    assert!(!conn.read_one().await, "the fake closes the conversation");
+    assert!(conn.refused.is_some());
+    falls_back(&mut server, caller, "error_event 1008: override_error").await;
     server.stop.cancel();
 }
 

@@ -33,7 +33,7 @@ use voicegate::audiosocket::codec::{self, Message};
 use voicegate::audiosocket::server::ServerParams;
 use voicegate::call::{CallSummary, Outcome};
 use voicegate::caller::{CallPlan, CallReport, place_call, run_call};
-use voicegate::config::{AudioSocketConfig, OpenAiRealtimeConfig, RealtimeApi};
+use voicegate::config::{AudioSocketConfig, OpenAiRealtimeConfig};
 use voicegate::guard::{Guard, GuardConfig};
 use voicegate::secret::SecretSource;
 
@@ -95,7 +95,6 @@ fn realtime(url: &str, connect_timeout_ms: u64) -> SharedAgent {
     let cfg = OpenAiRealtimeConfig {
         url: url.to_owned(),
         api_key: SecretSource::Inline(KEY.into()),
-        api: RealtimeApi::Ga,
         instructions: "You are a test agent.".into(),
         connect_timeout_ms,
         ..OpenAiRealtimeConfig::default()
@@ -273,10 +272,9 @@ async fn assert_fallback(
 
 /// `session.created` → `session.update` → `session.updated` with μ-law both ways.
 async fn set_up(c: &mut FakeConn) {
-    c.session_created(RealtimeApi::Ga).await;
+    c.session_created().await;
     let update = c.expect("session.update").await;
-    c.session_updated(RealtimeApi::Ga, &update, (ULAW, ULAW))
-        .await;
+    c.session_updated(&update, (ULAW, ULAW)).await;
 }
 
 fn ulaw_reply(seconds: f64) -> Vec<u8> {
@@ -419,15 +417,8 @@ async fn provider_sends_malformed_json_then_closes_with_an_error_code_body() {
             c.send_raw(WsMessage::Text(junk.into())).await;
         }
         c.send_raw(WsMessage::Binary(vec![0xff; 64].into())).await;
-        c.reply(
-            RealtimeApi::Ga,
-            "resp_1",
-            "item_1",
-            &ulaw_reply(1.0),
-            1_600,
-            "still here",
-        )
-        .await;
+        c.reply("resp_1", "item_1", &ulaw_reply(1.0), 1_600, "still here")
+            .await;
         c.drain(Duration::from_millis(1_500)).await;
         let t = c.now_ms();
         c.close_with(1011, "internal server error").await;
@@ -467,8 +458,7 @@ async fn provider_sends_audio_in_another_format_than_agreed_body() {
         let pcm24 = voicegate::caller::resample_recording(&speech, 24_000).expect("resample");
         let mut wire = to_wire(&pcm24.samples, WireFormat::Pcm16 { rate_hz: 24_000 });
         wire.truncate(48_000 * 2 + 1);
-        c.reply(RealtimeApi::Ga, "resp_1", "item_1", &wire, 4_801, "noise")
-            .await;
+        c.reply("resp_1", "item_1", &wire, 4_801, "noise").await;
         c.drain(Duration::from_millis(2_500)).await;
         let t = c.now_ms();
         c.close_with(1008, "policy violation").await;
@@ -510,8 +500,7 @@ async fn provider_floods_a_minute_of_audio_and_memory_stays_bounded_body() {
         c.wait_for_audio_ms(300).await;
         let minute = ulaw_reply(60.0);
         let sent_from = c.now_ms();
-        c.reply(RealtimeApi::Ga, "resp_1", "item_1", &minute, 8_000, "flood")
-            .await;
+        c.reply("resp_1", "item_1", &minute, 8_000, "flood").await;
         let sent_in = c.now_ms() - sent_from;
         c.drain(Duration::from_millis(1_000)).await;
         let t = c.now_ms();

@@ -26,24 +26,18 @@ use voicegate::audio::wav::Recording;
 use voicegate::audiosocket::SlinRate;
 use voicegate::call::Outcome;
 use voicegate::caller::{CallPlan, CallReport, best_correlation, resample_recording, run_call};
-use voicegate::config::{OpenAiRealtimeConfig, RealtimeApi};
+use voicegate::config::OpenAiRealtimeConfig;
 use voicegate::secret::SecretSource;
 
 const KEY: &str = "sk-test-9f8e7d6c5b4a-secret";
 const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
 const PCM24: WireFormat = WireFormat::Pcm16 { rate_hz: 24_000 };
 
-fn agent(url: &str, api: RealtimeApi, edit: impl FnOnce(&mut OpenAiRealtimeConfig)) -> SharedAgent {
+fn agent(url: &str, edit: impl FnOnce(&mut OpenAiRealtimeConfig)) -> SharedAgent {
     let mut cfg = OpenAiRealtimeConfig {
         url: url.to_owned(),
         api_key: SecretSource::Inline(KEY.into()),
-        api,
-        voice: if api == RealtimeApi::Ga {
-            "marin"
-        } else {
-            "alloy"
-        }
-        .into(),
+        voice: "marin".into(),
         instructions: "You are a test agent.".into(),
         connect_timeout_ms: 2_000,
         ..OpenAiRealtimeConfig::default()
@@ -79,10 +73,10 @@ async fn call(addr: SocketAddr, plan: &CallPlan, t0: Instant) -> (CallReport, f6
 }
 
 /// `session.created`, check the `session.update`, confirm `formats`; returns the update.
-async fn set_up(c: &mut FakeConn, api: RealtimeApi, formats: (WireFormat, WireFormat)) -> Value {
-    c.session_created(api).await;
+async fn set_up(c: &mut FakeConn, formats: (WireFormat, WireFormat)) -> Value {
+    c.session_created().await;
     let update = c.expect("session.update").await;
-    c.session_updated(api, &update, formats).await;
+    c.session_updated(&update, formats).await;
     update
 }
 
@@ -131,7 +125,7 @@ const REPLY_TEXT: &str = "Hello world. Goodbye. Thank you.";
 #[tokio::test]
 async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
     let speech = fixture("hello-world.wav");
     let reply_audio = concat(&["hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav"]);
     let reply_ms = reply_audio.len() as f64 / 8.0;
@@ -142,20 +136,13 @@ async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
     let fake_side = async {
         let (hs, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        let update = set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        let update = set_up(&mut c, (ULAW, ULAW)).await;
         // The caller's 1.4 s of speech (from 100 ms), then the turn the server VAD detects.
         c.wait_for_audio_ms(1_700).await;
         c.caller_turn("item_u1", "Hello world.").await;
         // 3.2 s of reply as 100 ms deltas, back to back.
         let (reply_first, reply_last) = c
-            .reply(
-                RealtimeApi::Ga,
-                "resp_1",
-                "item_a1",
-                &reply_wire,
-                800,
-                REPLY_TEXT,
-            )
+            .reply("resp_1", "item_a1", &reply_wire, 800, REPLY_TEXT)
             .await;
         // The caller hears about a second of it, then talks over it.
         tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -354,7 +341,7 @@ async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
 #[tokio::test]
 async fn barge_in_mid_stream_drops_late_deltas() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
     let early = concat(&["hello-world.wav", "vm-goodbye.wav"]);
     let late = fixture("auth-thankyou.wav").samples;
     let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 5.0);
@@ -362,7 +349,7 @@ async fn barge_in_mid_stream_drops_late_deltas() {
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        set_up(&mut c, (ULAW, ULAW)).await;
         c.wait_for_audio_ms(1_700).await;
         c.caller_turn("item_u1", "Hello world.").await;
         let ids = json!({"response_id": "resp_1", "item_id": "item_a1", "output_index": 0, "content_index": 0});
@@ -442,10 +429,8 @@ async fn barge_in_mid_stream_drops_late_deltas() {
 async fn greeting_is_spoken_first_without_caller_speech() {
     let greeting = "Thank you for calling.";
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |c| {
-        c.greeting = Some(greeting.into())
-    }))
-    .await;
+    let mut server =
+        TestServer::start(agent(&fake.url, |c| c.greeting = Some(greeting.into()))).await;
     let audio = fixture("auth-thankyou.wav");
     let wire = to_wire(&audio.samples, ULAW);
     let plan = plan(SlinRate::Hz8000, silence(), 3.0);
@@ -453,12 +438,10 @@ async fn greeting_is_spoken_first_without_caller_speech() {
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        set_up(&mut c, (ULAW, ULAW)).await;
         // The first thing after set-up is the agent's own turn.
         let create = c.expect("response.create").await;
-        let sent = c
-            .reply(RealtimeApi::Ga, "resp_g", "item_g", &wire, 800, greeting)
-            .await;
+        let sent = c.reply("resp_g", "item_g", &wire, 800, greeting).await;
         c.drain(Duration::from_secs(10)).await;
         (create, c, sent.0)
     };
@@ -518,7 +501,7 @@ async fn tool_call_round_trip_and_non_fatal_error() {
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        let update = set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        let update = set_up(&mut c, (ULAW, ULAW)).await;
         assert_eq!(
             update["session"]["tools"],
             json!([tool]),
@@ -539,8 +522,7 @@ async fn tool_call_round_trip_and_non_fatal_error() {
         let output = c.expect("conversation.item.create").await;
         let create = c.expect("response.create").await;
         // The model then speaks about the result.
-        c.reply(RealtimeApi::Ga, "resp_2", "item_a2", &wire, 800, "Goodbye.")
-            .await;
+        c.reply("resp_2", "item_a2", &wire, 800, "Goodbye.").await;
         c.drain(Duration::from_secs(10)).await;
         (output, create)
     };
@@ -569,15 +551,310 @@ async fn tool_call_round_trip_and_non_fatal_error() {
     server.stop.cancel();
 }
 
-/// Test 4a: the preview API on a 16 kHz call: pcm16 at 24 kHz both ways, preview shapes and
-/// event names.
+/// A session with one declared tool, `get_time` (not in the call's registry, so each call
+/// is answered at once with an "unknown tool" result).
+fn tool_agent(url: &str) -> SharedAgent {
+    let tool = json!({"type": "function", "name": "get_time", "description": "The current time",
+                      "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}});
+    let cfg = OpenAiRealtimeConfig {
+        url: url.to_owned(),
+        api_key: SecretSource::Inline(KEY.into()),
+        ..OpenAiRealtimeConfig::default()
+    };
+    Arc::new(
+        OpenAiRealtime::new(&cfg)
+            .expect("agent config")
+            .with_tools(vec![tool]),
+    )
+}
+
+/// The events of a response that calls `get_time` once per id in `call_ids`, up to (not
+/// including) its `response.done`.
+async fn function_calls(c: &mut FakeConn, response_id: &str, call_ids: &[&str]) {
+    c.send(json!({"type": "response.created", "response": {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []}})).await;
+    for (i, call_id) in call_ids.iter().enumerate() {
+        let item_id = format!("item_{call_id}");
+        let item = json!({"id": item_id, "type": "function_call", "status": "in_progress", "call_id": call_id, "name": "get_time", "arguments": ""});
+        c.send(json!({"type": "response.output_item.added", "response_id": response_id, "output_index": i, "item": item})).await;
+        c.send(json!({"type": "response.function_call_arguments.done", "response_id": response_id, "item_id": item_id,
+                      "output_index": i, "call_id": call_id, "name": "get_time", "arguments": "{\"tz\":\"UTC\"}"})).await;
+    }
+}
+
+/// Test 3b: tool outputs that come back while the response that called the tools is still
+/// active wait for its `response.done`; two parallel calls get ONE `response.create`, after
+/// both outputs. The fake refuses a `response.create` during an active response as the
+/// server does, so sending it at once (the old behaviour) fails here.
 #[tokio::test]
-async fn preview_api_wideband_call_uses_pcm16_24k() {
+async fn tool_outputs_wait_for_response_done_and_parallel_calls_get_one_create() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Preview, |c| {
-        c.model = "gpt-4o-realtime-preview".into()
+    let mut server = TestServer::start(tool_agent(&fake.url)).await;
+    let wire = to_wire(&fixture("vm-goodbye.wav").samples, ULAW);
+    let plan = plan(SlinRate::Hz8000, silence(), 3.0);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c = conn.expect("upgrade accepted");
+        set_up(&mut c, (ULAW, ULAW)).await;
+        function_calls(&mut c, "resp_f", &["call_a", "call_b"]).await;
+        let first = c.expect("conversation.item.create").await;
+        let second = c.expect("conversation.item.create").await;
+        // The response is still active: nothing more may come.
+        c.drain(Duration::from_millis(300)).await;
+        let before_done = c.events.len();
+        c.send(json!({"type": "response.done", "response": {"id": "resp_f", "object": "realtime.response", "status": "completed", "output": []}})).await;
+        let create = c.expect("response.create").await;
+        c.reply("resp_2", "item_a2", &wire, 800, "It is noon.")
+            .await;
+        c.drain(Duration::from_secs(10)).await;
+        (first, second, before_done, create, c)
+    };
+    let ((first, second, before_done, create, c), (report, _)) =
+        tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    let ids: Vec<&str> = [&first, &second]
+        .iter()
+        .map(|e| e["item"]["call_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["call_a", "call_b"]);
+    assert!(c.rejected.is_empty(), "refused: {:?}", c.rejected);
+    assert_eq!(
+        before_done, 3,
+        "only the two outputs before response.done: {:?}",
+        c.events
+    );
+    let creates = c
+        .events
+        .iter()
+        .filter(|e| e["type"] == "response.create")
+        .count();
+    assert_eq!(creates, 1, "one response.create for both outputs");
+    assert!(create["event_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(
+        report.audible_frames_received > 20,
+        "the reply after the tools was heard"
+    );
+    assert_eq!(server.next_summary().await.outcome, Outcome::CallerHungUp);
+    server.stop.cancel();
+}
+
+/// Test 3c: the server starts a response of its own (server VAD heard the caller) just as
+/// voicegate sends `response.create` for a tool output: the server refuses it with
+/// `conversation_already_has_active_response`; voicegate sends it again after that
+/// response's `response.done`, so the tool result is still spoken.
+#[tokio::test]
+async fn response_create_refused_by_an_active_response_is_sent_after_its_done() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server = TestServer::start(tool_agent(&fake.url)).await;
+    let wire = to_wire(&fixture("vm-goodbye.wav").samples, ULAW);
+    let plan = plan(SlinRate::Hz8000, silence(), 3.0);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c = conn.expect("upgrade accepted");
+        set_up(&mut c, (ULAW, ULAW)).await;
+        function_calls(&mut c, "resp_f", &["call_a"]).await;
+        c.send(json!({"type": "response.done", "response": {"id": "resp_f", "object": "realtime.response", "status": "completed", "output": []}})).await;
+        c.expect("conversation.item.create").await;
+        // Server VAD starts a response before it reads voicegate's response.create.
+        c.send(json!({"type": "response.created", "response": {"id": "resp_vad", "object": "realtime.response", "status": "in_progress", "output": []}})).await;
+        c.drain(Duration::from_millis(300)).await;
+        let refused = c.rejected.len();
+        c.send(json!({"type": "response.done", "response": {"id": "resp_vad", "object": "realtime.response", "status": "completed", "output": []}})).await;
+        let again = c.expect("response.create").await;
+        c.reply("resp_2", "item_a2", &wire, 800, "It is noon.")
+            .await;
+        c.drain(Duration::from_secs(10)).await;
+        (refused, again, c)
+    };
+    let ((refused, again, c), (report, _)) = tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    assert_eq!(
+        refused, 1,
+        "the first response.create met the active response"
+    );
+    assert_eq!(c.rejected.len(), 1, "and only that one");
+    assert_ne!(c.rejected[0]["event_id"], again["event_id"]);
+    assert!(
+        report.audible_frames_received > 20,
+        "the tool result was spoken"
+    );
+    assert_eq!(server.next_summary().await.outcome, Outcome::CallerHungUp);
+    server.stop.cancel();
+}
+
+/// Test 3d: sessions end at their time limit (here a fake that expires them after 5 s;
+/// OpenAI: 60 min). The agent sets up a new session before that, carries the conversation
+/// over as items, switches when nothing is being said, and the call goes on there: no
+/// fallback, no gap, the old socket closed by voicegate before it expired.
+#[tokio::test]
+async fn session_is_renewed_before_it_expires_and_the_call_goes_on() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server = TestServer::start(agent(&fake.url, |c| c.session_renew_s = 2)).await;
+    let first = to_wire(&fixture("vm-goodbye.wav").samples, ULAW);
+    let second_reply = fixture("auth-thankyou.wav").samples;
+    let second = to_wire(&second_reply, ULAW);
+    let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 9.0);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c1 = conn.expect("upgrade accepted");
+        let expires_at = Instant::now() + Duration::from_secs(5);
+        set_up(&mut c1, (ULAW, ULAW)).await;
+        c1.wait_for_audio_ms(1_700).await;
+        c1.caller_turn("item_u1", "Hello world.").await;
+        c1.reply("resp_1", "item_a1", &first, 800, "Goodbye.").await;
+        // The renewal connects while the first session is still live.
+        let old = async {
+            let r = tokio::time::timeout_at(expires_at, c1.drain(Duration::from_secs(10))).await;
+            if r.is_err() {
+                c1.expire().await;
+            }
+            r.is_ok()
+        };
+        let new = async {
+            let (hs2, conn2) = fake.accept(None, t0).await;
+            let mut c2 = conn2.expect("renewal upgrade accepted");
+            assert_eq!(
+                hs2.authorization.as_deref(),
+                Some(format!("Bearer {KEY}").as_str())
+            );
+            set_up(&mut c2, (ULAW, ULAW)).await;
+            let user = c2.expect("conversation.item.create").await;
+            let agent_item = c2.expect("conversation.item.create").await;
+            let switched_ms = c2.now_ms();
+            c2.wait_for_audio_ms(300).await;
+            c2.caller_turn("item_u2", "Thanks.").await;
+            let (sent2, _) = c2
+                .reply("resp_2", "item_a2", &second, 800, "Thank you.")
+                .await;
+            c2.drain(Duration::from_secs(10)).await;
+            (user, agent_item, switched_ms, sent2)
+        };
+        let (closed, (user, agent_item, switched_ms, sent2)) = tokio::join!(old, new);
+        (closed, user, agent_item, switched_ms, sent2)
+    };
+    let ((closed_before_expiry, user, agent_item, switched_ms, sent2), (report, offset)) =
+        tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    assert!(
+        closed_before_expiry,
+        "voicegate left the old session before it expired"
+    );
+    assert_eq!(
+        user["item"],
+        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello world."}]})
+    );
+    assert_eq!(
+        agent_item["item"],
+        json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Goodbye."}]})
+    );
+    assert!(
+        switched_ms > 2_000.0,
+        "renewed after session_renew_s: {switched_ms}"
+    );
+    // The new session's reply reached the caller, with no hole in the stream.
+    let c = heard_correlation_after(&report, &second_reply, sent2 - offset);
+    assert!(c > 0.85, "second session's reply correlation {c}");
+    assert!(report.gap_max_ms < 500.0, "max gap {}", report.gap_max_ms);
+    let summary = server.next_summary().await;
+    assert_eq!(summary.outcome, Outcome::CallerHungUp);
+    assert!(has_transcript(
+        &summary.transcript,
+        Speaker::Agent,
+        "Thank you."
+    ));
+    server.stop.cancel();
+}
+
+/// Correlation of what the caller heard from `from_ms` (call time) on with `reference`.
+fn heard_correlation_after(report: &CallReport, reference: &[i16], from_ms: f64) -> f64 {
+    let rx = decimate(&report.received.samples, report.rate_hz as usize / 8_000);
+    let from = ((from_ms.max(0.0) * 8.0) as usize).min(rx.len());
+    best_correlation(&rx[from..], reference, 8_000).0
+}
+
+/// Test 3e: a caller who stays silent. With `idle_timeout_ms` the server reports
+/// `input_audio_buffer.timeout_triggered` and answers with a prompt of its own; after
+/// `idle_prompts` (2) such prompts the next one is followed by a goodbye voicegate asks for,
+/// and once it is said the call ends (the agent ended it, not a fallback).
+#[tokio::test]
+async fn a_silent_caller_is_prompted_then_told_goodbye() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server = TestServer::start(agent(&fake.url, |c| {
+        c.idle_timeout_ms = Some(6_000);
+        c.idle_prompts = 2;
     }))
     .await;
+    let prompt = to_wire(&fixture("auth-thankyou.wav").samples, ULAW);
+    let plan = plan(SlinRate::Hz8000, silence(), 12.0);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c = conn.expect("upgrade accepted");
+        let update = set_up(&mut c, (ULAW, ULAW)).await;
+        for n in 1..=3 {
+            c.wait_for_audio_ms(200 * n).await;
+            c.send(
+                json!({"type": "input_audio_buffer.timeout_triggered", "audio_start_ms": 0,
+                          "audio_end_ms": 6000, "item_id": format!("item_t{n}")}),
+            )
+            .await;
+            // The server's own response to the timeout.
+            c.reply(
+                &format!("resp_p{n}"),
+                &format!("item_p{n}"),
+                &prompt,
+                800,
+                "Are you still there?",
+            )
+            .await;
+        }
+        let bye = c.expect("response.create").await;
+        c.reply("resp_bye", "item_bye", &prompt, 800, "Goodbye.")
+            .await;
+        c.drain(Duration::from_secs(10)).await;
+        (update, bye, c)
+    };
+    let ((update, bye, c), (report, _)) = tokio::join!(fake_side, call(server.addr, &plan, t0));
+
+    assert_eq!(
+        update["session"]["audio"]["input"]["turn_detection"]["idle_timeout_ms"],
+        6_000
+    );
+    assert!(
+        bye["response"]["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("goodbye"),
+        "{bye}"
+    );
+    let creates = c
+        .events
+        .iter()
+        .filter(|e| e["type"] == "response.create")
+        .count();
+    assert_eq!(
+        creates, 1,
+        "only the goodbye was asked for; the prompts were the server's"
+    );
+    assert!(c.rejected.is_empty(), "{:?}", c.rejected);
+    assert!(report.hangup_received, "voicegate ended the call");
+    let summary = server.next_summary().await;
+    assert_eq!(
+        summary.outcome,
+        Outcome::AgentEnded("the caller stayed silent".into())
+    );
+    server.stop.cancel();
+}
+
+/// Test 4a: a 16 kHz call: pcm16 at 24 kHz both ways, GA shapes and event names only (no
+/// `OpenAI-Beta` header, which the real server and the fake refuse).
+#[tokio::test]
+async fn wideband_call_uses_pcm16_24k() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    let mut server =
+        TestServer::start(agent(&fake.url, |c| c.model = "gpt-realtime-mini".into())).await;
     let speech = fixture("hello-world.wav");
     let reply = fixture("vm-goodbye.wav");
     let reply24 = resample_recording(&reply, 24_000).unwrap();
@@ -587,43 +864,34 @@ async fn preview_api_wideband_call_uses_pcm16_24k() {
     let fake_side = async {
         let (hs, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        let update = set_up(&mut c, RealtimeApi::Preview, (PCM24, PCM24)).await;
+        let update = set_up(&mut c, (PCM24, PCM24)).await;
         c.wait_for_audio_ms(1_700).await;
         c.caller_turn("item_u1", "Hello world.").await;
-        c.reply(
-            RealtimeApi::Preview,
-            "resp_1",
-            "item_a1",
-            &wire,
-            4_800,
-            "Goodbye.",
-        )
-        .await;
+        c.reply("resp_1", "item_a1", &wire, 4_800, "Goodbye.").await;
         c.drain(Duration::from_secs(10)).await;
         (hs, update, c)
     };
     let ((hs, update, c), (report, _)) = tokio::join!(fake_side, call(server.addr, &plan, t0));
 
-    assert_eq!(hs.beta.as_deref(), Some("realtime=v1"));
-    assert_eq!(hs.uri, "/v1/realtime?model=gpt-4o-realtime-preview");
+    assert_eq!(hs.beta, None, "no preview header");
+    assert_eq!(hs.uri, "/v1/realtime?model=gpt-realtime-mini");
     let s = &update["session"];
-    assert!(
-        s.get("type").is_none() && s.get("audio").is_none(),
-        "preview shape: {s}"
-    );
-    assert_eq!(s["input_audio_format"], "pcm16");
-    assert_eq!(s["output_audio_format"], "pcm16");
-    assert_eq!(s["voice"], "alloy");
-    assert_eq!(s["turn_detection"]["type"], "server_vad");
+    assert_eq!(s["type"], "realtime");
+    for gone in [
+        "input_audio_format",
+        "output_audio_format",
+        "modalities",
+        "voice",
+    ] {
+        assert!(s.get(gone).is_none(), "no beta field {gone}: {s}");
+    }
+    let pcm = json!({"type": "audio/pcm", "rate": 24000});
+    assert_eq!(s["audio"]["input"]["format"], pcm);
+    assert_eq!(s["audio"]["output"]["format"], pcm);
+    assert_eq!(s["audio"]["output"]["voice"], "marin");
     assert_eq!(
-        s["input_audio_transcription"]["model"],
+        s["audio"]["input"]["transcription"]["model"],
         "gpt-4o-mini-transcribe"
-    );
-    assert!(
-        s["modalities"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("audio"))
     );
 
     // 20 ms of pcm16 at 24 kHz per append, and it is the caller's speech.
@@ -661,7 +929,7 @@ async fn preview_api_wideband_call_uses_pcm16_24k() {
 #[tokio::test]
 async fn ga_uses_the_format_the_server_confirms() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
     let speech = fixture("hello-world.wav");
     let reply = fixture("auth-thankyou.wav");
     let wire = to_wire(&resample_recording(&reply, 24_000).unwrap().samples, PCM24);
@@ -670,17 +938,10 @@ async fn ga_uses_the_format_the_server_confirms() {
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        let update = set_up(&mut c, RealtimeApi::Ga, (PCM24, PCM24)).await;
+        let update = set_up(&mut c, (PCM24, PCM24)).await;
         c.wait_for_audio_ms(1_700).await;
-        c.reply(
-            RealtimeApi::Ga,
-            "resp_1",
-            "item_a1",
-            &wire,
-            4_800,
-            "Thank you.",
-        )
-        .await;
+        c.reply("resp_1", "item_a1", &wire, 4_800, "Thank you.")
+            .await;
         c.drain(Duration::from_secs(10)).await;
         (update, c)
     };
@@ -731,7 +992,7 @@ async fn assert_fallback(
 #[tokio::test]
 async fn refused_upgrade_falls_back() {
     let fake = FakeOpenAi::bind("sk-the-right-key").await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
     let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 5.0);
     let t0 = Instant::now();
     let fake_side = async { fake.accept(None, t0).await };
@@ -750,13 +1011,13 @@ async fn refused_upgrade_falls_back() {
 #[tokio::test]
 async fn connection_lost_mid_call_falls_back() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
     let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 6.0);
     let t0 = Instant::now();
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        set_up(&mut c, (ULAW, ULAW)).await;
         c.wait_for_audio_ms(500).await;
         let t = c.now_ms();
         drop(c);
@@ -772,10 +1033,7 @@ async fn connection_lost_mid_call_falls_back() {
 #[tokio::test]
 async fn silent_server_times_out_and_falls_back() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |c| {
-        c.connect_timeout_ms = 400
-    }))
-    .await;
+    let mut server = TestServer::start(agent(&fake.url, |c| c.connect_timeout_ms = 400)).await;
     let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 5.0);
     let t0 = Instant::now();
     let fake_side = async {
@@ -826,13 +1084,13 @@ async fn fatal_error_event_falls_back_and_the_key_never_reaches_the_log() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
     let plan = plan(SlinRate::Hz8000, fixture("hello-world.wav"), 6.0);
     let t0 = Instant::now();
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        set_up(&mut c, (ULAW, ULAW)).await;
         c.wait_for_audio_ms(400).await;
         let t = c
             .send(json!({"type": "error", "event_id": "ev_x", "error": {"type": "invalid_request_error", "code": "session_expired",
@@ -858,7 +1116,7 @@ async fn fatal_error_event_falls_back_and_the_key_never_reaches_the_log() {
 #[tokio::test]
 async fn keypad_digits_interrupt_and_become_a_user_message() {
     let fake = FakeOpenAi::bind(KEY).await;
-    let mut server = TestServer::start(agent(&fake.url, RealtimeApi::Ga, |_| {})).await;
+    let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
     let reply_audio = concat(&["hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav"]);
     let reply_frames = reply_audio.len() / 160;
     let reply_wire = to_wire(&reply_audio, ULAW);
@@ -872,17 +1130,10 @@ async fn keypad_digits_interrupt_and_become_a_user_message() {
     let fake_side = async {
         let (_, conn) = fake.accept(None, t0).await;
         let mut c = conn.expect("upgrade accepted");
-        set_up(&mut c, RealtimeApi::Ga, (ULAW, ULAW)).await;
+        set_up(&mut c, (ULAW, ULAW)).await;
         // The agent greets with 3.2 s of audio, sent as a burst.
-        c.reply(
-            RealtimeApi::Ga,
-            "resp_1",
-            "item_a1",
-            &reply_wire,
-            800,
-            REPLY_TEXT,
-        )
-        .await;
+        c.reply("resp_1", "item_a1", &reply_wire, 800, REPLY_TEXT)
+            .await;
         let truncate = c.expect("conversation.item.truncate").await;
         let item = c.expect("conversation.item.create").await;
         let create = c.expect("response.create").await;

@@ -433,7 +433,6 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     use fake_openai::{FakeOpenAi, to_wire};
     use voicegate::audio::convert::WireFormat;
     use voicegate::audio::g711::Law;
-    use voicegate::config::RealtimeApi;
     let Some(prefix) = asterisk_prefix("openai_barge_in") else {
         return;
     };
@@ -463,15 +462,13 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     let ch = rig.ast.originate(&call).await;
     let (_, conn) = fake.accept(None, t0).await;
     let mut c = conn.expect("upgrade accepted");
-    c.session_created(RealtimeApi::Ga).await;
+    c.session_created().await;
     let update = c.expect("session.update").await;
-    c.session_updated(RealtimeApi::Ga, &update, (ULAW, ULAW))
-        .await;
+    c.session_updated(&update, (ULAW, ULAW)).await;
     // The caller's speech arrives through Asterisk; then the server answers, all at once.
     c.wait_for_audio_ms(1_000).await;
     c.caller_turn("item_u1", "Hello world.").await;
     c.reply(
-        RealtimeApi::Ga,
         "resp_1",
         "item_a1",
         &to_wire(&reply, ULAW),
@@ -537,7 +534,6 @@ async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
     use fake_openai::{FakeOpenAi, to_wire};
     use voicegate::audio::convert::WireFormat;
     use voicegate::audio::g711::Law;
-    use voicegate::config::RealtimeApi;
     let Some(prefix) = asterisk_prefix(&format!("tool_{tool}_{mode}")) else {
         return;
     };
@@ -561,7 +557,7 @@ async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
     let ch = rig.ast.originate(&call).await;
     let (_, conn) = fake.accept(None, t0).await;
     let mut c = conn.expect("upgrade accepted");
-    c.session_created(RealtimeApi::Ga).await;
+    c.session_created().await;
     let update = c.expect("session.update").await;
     let names: Vec<_> = update["session"]["tools"]
         .as_array()
@@ -570,11 +566,9 @@ async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
         .map(|t| t["name"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert!(names.contains(&tool.to_owned()), "{names:?}");
-    c.session_updated(RealtimeApi::Ga, &update, (ULAW, ULAW))
-        .await;
+    c.session_updated(&update, (ULAW, ULAW)).await;
     c.wait_for_audio_ms(500).await;
     c.reply(
-        RealtimeApi::Ga,
         "resp_1",
         "item_a1",
         &to_wire(&goodbye, ULAW),

@@ -1,5 +1,5 @@
-//! Fuzzes the cascade's streaming STT message parsers (Soniox §5, Deepgram §6, ElevenLabs
-//! Scribe §4): the first byte picks the vendor, the rest is a sequence of text messages
+//! Fuzzes the cascade's streaming STT message parsers (Soniox §5, Deepgram §6 and Flux,
+//! ElevenLabs Scribe §4): the first byte picks the vendor, the rest is a sequence of text messages
 //! separated by NUL bytes, fed to one protocol instance (so turn state carries over).
 #![no_main]
 
@@ -12,13 +12,15 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else {
         return;
     };
-    let provider = match pick % 3 {
-        0 => SttProvider::Soniox,
-        1 => SttProvider::Deepgram,
-        _ => SttProvider::Elevenlabs,
+    let (provider, model) = match pick % 4 {
+        0 => (SttProvider::Soniox, None),
+        1 => (SttProvider::Deepgram, None),
+        2 => (SttProvider::Deepgram, Some("flux-general-en".to_owned())),
+        _ => (SttProvider::Elevenlabs, None),
     };
     let cfg = SttConfig {
         provider,
+        model,
         ..SttConfig::default()
     };
     let rate = if pick & 0x80 != 0 { 16_000 } else { 8_000 };

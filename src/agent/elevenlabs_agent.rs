@@ -17,17 +17,27 @@
 //! | `audio` | [`AgentEvent::Audio`] (audio with an `event_id` at or below the last interruption's is dropped, as the official SDK does) |
 //! | `interruption` | [`AgentEvent::SpeechStarted`]: the call flushes its playout |
 //! | `ping` | `{"type":"pong","event_id":…}` at once |
-//! | `user_transcript`, `agent_response` | [`AgentEvent::Transcript`] |
+//! | `user_transcript` | [`AgentEvent::Transcript`] (caller) |
+//! | `agent_response` | [`AgentEvent::Transcript`] (agent), held until the next turn so that an `agent_response_correction` (the reply was cut by an interruption) can replace it with what the caller heard |
 //! | `client_tool_call` | [`AgentEvent::ToolCall`]; its [`AgentInput::ToolResult`] goes back as `client_tool_result` (`is_error` when the result is `{"error":…}`) |
-//! | DTMF | `contextual_update` telling the agent which key was pressed |
+//! | DTMF | digits collected by [`Keypad`] (1 s after the last, or at once on `#`), then one `user_message` the agent answers |
+//! | `error` (`error_event`: `code`, `error_type`, `reason`, `message`) | logged; its details join the reason of the close that follows |
 //! | close with code 1000 | [`AgentEvent::Ended`] (the agent ended the conversation) |
 //! | any other close, a dropped connection, a failed connect, no metadata in time | [`AgentEvent::Failed`] |
+//!
+//! Shapes: elevenlabs/packages `schemas/agent.asyncapi.yaml`. Two agent settings matter and
+//! only the agent's owner can change them: client tool calls arrive only if the agent's
+//! `client_events` include `client_tool_call` (the default list does not), and the
+//! `prompt`/`first_message`/`language` overrides voicegate sends must be allowed in the
+//! agent's security settings, or the server closes with 1008 (`override_error`). With tools
+//! configured, the first call logs a warning saying so.
 //!
 //! Replies: ElevenLabs does not number replies, so a new [`ReplyId`] starts with the first
 //! audio after the caller's transcript or an interruption. A tool call is tied to the reply
 //! being spoken, or to the interrupted one if it arrives after an interruption and before
 //! new audio, so the call can refuse a terminal tool whose goodbye was cut off.
 
+use super::keypad::Keypad;
 use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
 use super::{Speaker, ws};
 use crate::audio::ReplyId;
@@ -42,6 +52,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value, json};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::Message;
@@ -49,6 +60,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{debug, info, trace, warn};
 
 const PROVIDER: &str = "elevenlabs_agent";
+
+/// Whether the `client_events` warning was logged (once per process).
+static TOOLS_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Caller audio held while waiting for the `conversation_initiation_metadata` (1 s).
 pub const EARLY_AUDIO: Duration = Duration::from_secs(1);
@@ -280,10 +294,24 @@ pub enum ServerMessage {
     },
     /// `client_tool_call` without `tool_name` or `tool_call_id` (ignored by the loop).
     MalformedToolCall,
-    /// `client_error` or `error` (payload unverified, §2.4); `kind` is the `type`.
+    /// `error` (`ErrorPayload` of agent.asyncapi.yaml: `error_event` with `code` 1000 / 1002
+    /// / 1008 / 1011, `error_type` such as `override_error` or `missing_dynamic_variable`,
+    /// `reason`, `message`), or the older `client_error`; `kind` is the `type`. Missing
+    /// fields are `None`.
     Error {
         /// The message's `type`.
         kind: String,
+        /// `error_event.code`: the WebSocket close code that follows.
+        code: Option<i64>,
+        /// `error_event.error_type`.
+        error_type: Option<String>,
+        /// `error_event.reason`, or else `error_event.message`.
+        reason: Option<String>,
+    },
+    /// `agent_response_correction`: the agent's reply was cut; what the caller heard.
+    AgentResponseCorrection {
+        /// `agent_response_correction_event.corrected_agent_response`; `None` when missing.
+        corrected: Option<String>,
     },
     /// Any other `type` (`vad_score`, `agent_response_correction`, …, or `""` when the
     /// message has no string `type`); ignored.
@@ -365,7 +393,24 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Err
                 _ => ServerMessage::MalformedToolCall,
             }
         }
-        "client_error" | "error" => ServerMessage::Error { kind },
+        "client_error" | "error" => {
+            let code = int(&v, "/error_event/code");
+            let error_type = take_str(&mut v, "/error_event/error_type");
+            let reason = take_str(&mut v, "/error_event/reason")
+                .or_else(|| take_str(&mut v, "/error_event/message"));
+            ServerMessage::Error {
+                kind,
+                code,
+                error_type,
+                reason,
+            }
+        }
+        "agent_response_correction" => ServerMessage::AgentResponseCorrection {
+            corrected: take_str(
+                &mut v,
+                "/agent_response_correction_event/corrected_agent_response",
+            ),
+        },
         _ => ServerMessage::Other { kind },
     })
 }
@@ -421,11 +466,28 @@ async fn conversation(
     let mut reply = ReplyId(1);
     let mut boundary = Boundary::UserTurn;
     let mut last_interrupt: i64 = -1;
+    let mut keypad = Keypad::default();
+    // The agent's last reply text, held until the next turn (see the module table).
+    let mut agent_said: Option<String> = None;
+    // The last `error` event, for the reason of the close that follows it.
+    let mut last_error: Option<String> = None;
+    if !call.tools.is_empty() && !TOOLS_WARNED.swap(true, Ordering::Relaxed) {
+        warn!(
+            tools = call.tools.len(),
+            "tools are configured: ElevenLabs sends client_tool_call only if the agent's \
+             client_events include client_tool_call (not in the default list) and the agent has \
+             client tools of the same names (`voicegate tools --format elevenlabs`)"
+        );
+    }
 
     loop {
         tokio::select! {
             input = io.input.recv() => {
                 let Some(input) = input else {
+                    // The call is over; the record may still take the last reply's text.
+                    if let Some(t) = agent_said.take() {
+                        let _ = io.events.try_send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t });
+                    }
                     let _ = sink.send(Message::Close(None)).await;
                     return Ok(None);
                 };
@@ -456,16 +518,20 @@ async fn conversation(
                         sink.send(Message::text(msg.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
                     }
                     AgentInput::Dtmf(d) => {
-                        let msg = json!({
-                            "type": "contextual_update",
-                            "text": format!("The caller pressed the phone key {d}."),
-                        });
-                        sink.send(Message::text(msg.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
+                        debug!(digit = %d, "dtmf");
+                        if let Some(text) = keypad.push(d) {
+                            send_keypad_turn(&mut sink, text).await?;
+                        }
                     }
                     // Playout frames come only to agents that ask for them; this one does not.
                     AgentInput::Interrupted { .. }
                     | AgentInput::PlayedOut { .. }
                     | AgentInput::Playout(_) => {}
+                }
+            }
+            () = sleep_until(keypad.deadline().unwrap_or(deadline)), if keypad.deadline().is_some() => {
+                if let Some(text) = keypad.take() {
+                    send_keypad_turn(&mut sink, text).await?;
                 }
             }
             () = sleep_until(deadline), if formats.is_none() => {
@@ -478,9 +544,15 @@ async fn conversation(
                         return match frame {
                             Some(f) if f.code == CloseCode::Normal => {
                                 info!(reason = %f.reason, "elevenlabs ended the conversation");
+                                if let Some(t) = agent_said.take() {
+                                    let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t }).await;
+                                }
                                 Ok(Some(format!("elevenlabs closed the conversation: {}", f.reason)))
                             }
-                            Some(f) => Err(provider_err(format!("closed with code {}: {}", u16::from(f.code), f.reason))),
+                            Some(f) => {
+                                let error = last_error.map(|e| format!(" ({e})")).unwrap_or_default();
+                                Err(provider_err(format!("closed with code {}: {}{error}", u16::from(f.code), f.reason)))
+                            }
                             None => Err(provider_err("closed without a reason")),
                         };
                     }
@@ -554,13 +626,23 @@ async fn conversation(
                     }
                     ServerMessage::UserTranscript { text } => {
                         boundary = Boundary::UserTurn;
+                        if let Some(t) = agent_said.take() {
+                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t }).await;
+                        }
                         if let Some(t) = text {
                             let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Caller, text: t }).await;
                         }
                     }
                     ServerMessage::AgentResponse { text } => {
-                        if let Some(t) = text {
+                        if let Some(t) = std::mem::replace(&mut agent_said, text) {
                             let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t }).await;
+                        }
+                    }
+                    ServerMessage::AgentResponseCorrection { corrected } => {
+                        debug!("elevenlabs: agent response corrected after an interruption");
+                        if let Some(c) = corrected {
+                            // What the caller heard; nothing at all when cut before a word.
+                            agent_said = (!c.trim().is_empty()).then_some(c);
                         }
                     }
                     ServerMessage::ToolCall { tool_call_id, tool_name, arguments } => {
@@ -577,15 +659,31 @@ async fn conversation(
                     ServerMessage::MalformedToolCall => {
                         warn!("client_tool_call without tool_name or tool_call_id; ignored");
                     }
-                    ServerMessage::Error { kind } => {
-                        // Payload unverified (providers.md §2.4); a fatal error is followed by a close.
-                        warn!(kind = kind.as_str(), "elevenlabs reported an error");
+                    ServerMessage::Error { kind, code, error_type, reason } => {
+                        // A fatal error is followed by a close with `code`.
+                        let error_type = error_type.unwrap_or_default();
+                        let reason = reason.unwrap_or_default();
+                        warn!(kind = kind.as_str(), code, error_type = error_type.as_str(), reason = reason.as_str(), "elevenlabs reported an error");
+                        last_error = Some(format!("error_event {}: {error_type}: {reason}", code.unwrap_or(0)));
                     }
                     ServerMessage::Other { kind } => trace!(kind = kind.as_str(), "elevenlabs event ignored"),
                 }
             }
         }
     }
+}
+
+/// Typed digits as a caller turn: a `user_message` (`UserMessagePayload`), which the agent
+/// answers (a `contextual_update` would only add context, without a reply).
+async fn send_keypad_turn<S>(sink: &mut S, text: String) -> Result<(), AgentError>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    info!(text = %text, "keypad turn");
+    let msg = json!({"type": "user_message", "text": text});
+    sink.send(Message::text(msg.to_string()))
+        .await
+        .map_err(|e| provider_err(format!("send: {e}")))
 }
 
 async fn send_audio<S>(sink: &mut S, wire: &mut Vec<u8>) -> Result<(), AgentError>
@@ -687,7 +785,27 @@ mod tests {
         assert_eq!(
             m,
             ServerMessage::Error {
-                kind: "error".into()
+                kind: "error".into(),
+                code: None,
+                error_type: None,
+                reason: None,
+            }
+        );
+        let m = parse_server_message(r#"{"type":"error","error_event":{"code":1008,"message":"Override for field 'first_message' is not allowed by config.","error_type":"override_error","reason":"invalid override"}}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::Error {
+                kind: "error".into(),
+                code: Some(1008),
+                error_type: Some("override_error".into()),
+                reason: Some("invalid override".into()),
+            }
+        );
+        let m = parse_server_message(r#"{"type":"agent_response_correction","agent_response_correction_event":{"original_agent_response":"Sure, our hours are nine to five","corrected_agent_response":"Sure, our hours","event_id":7}}"#).unwrap();
+        assert_eq!(
+            m,
+            ServerMessage::AgentResponseCorrection {
+                corrected: Some("Sure, our hours".into())
             }
         );
         assert_eq!(

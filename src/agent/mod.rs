@@ -196,6 +196,38 @@ pub enum AgentError {
     },
 }
 
+/// Why a provider failed, as the `reason` label of `voicegate_provider_errors_total`:
+/// `quota` when the provider refused for a quota, a rate or a concurrency limit (so an
+/// operator sees why calls went to the humans), else `error`. Read from the failure's text,
+/// which carries each vendor's own words:
+/// OpenAI `insufficient_quota` / `rate_limit_exceeded` (openai-python error codes), HTTP 429
+/// on any upgrade or request, Soniox `error_code` 429 (soniox.com `stt/rt/error-handling`;
+/// its default limit is 10 concurrent sessions), ElevenLabs Scribe `quota_exceeded` /
+/// `rate_limited` / `resource_exhausted` / `queue_overflow` (scribe.asyncapi.yaml), ElevenLabs
+/// TTS `quota_exceeded`.
+pub fn failure_reason(detail: &str) -> &'static str {
+    const QUOTA: [&str; 12] = [
+        "insufficient_quota",
+        "rate_limit_exceeded",
+        "quota_exceeded",
+        "quota exceeded",
+        "rate_limited",
+        "resource_exhausted",
+        "queue_overflow",
+        "too many requests",
+        "too many concurrent",
+        "http 429",
+        "error 429",
+        "429 too many",
+    ];
+    let d = detail.to_ascii_lowercase();
+    if QUOTA.iter().any(|q| d.contains(q)) {
+        "quota"
+    } else {
+        "error"
+    }
+}
+
 /// The call's end of an agent session.
 #[derive(Debug)]
 pub struct AgentSession {

@@ -1,17 +1,18 @@
-//! The `openai_realtime` agent: the OpenAI Realtime API over one WebSocket per call
-//! (`providers.md` §1), in either generation of its event names (GA or the older preview,
-//! [`RealtimeApi`]).
+//! The `openai_realtime` agent: the OpenAI Realtime API (GA shapes, as openai-python's
+//! `src/openai/types/realtime/*` define them) over one WebSocket per call (`providers.md` §1).
+//! The preview (beta) interface is gone (OpenAI refuses `OpenAI-Beta: realtime=v1`), and so
+//! is voicegate's support for it: `api = "preview"` is a config error.
 //!
 //! One call, as this task drives it:
 //!
-//! 1. Connect to `{url}?model={model}` with `Authorization: Bearer <key>` (and
-//!    `OpenAI-Beta: realtime=v1` for the preview API) and receive `session.created`, both
+//! 1. Connect to `{url}?model={model}` with `Authorization: Bearer <key>` and receive
+//!    `session.created`, both
 //!    within `connect_timeout_ms`; send `session.update` (instructions, voice, server VAD,
 //!    input transcription, audio formats) and receive `session.updated` within another
 //!    `connect_timeout_ms`. Caller audio that arrives meanwhile is kept (up to
 //!    [`SETUP_BUFFER_FRAMES`]) and sent once the session is ready, so a caller who speaks at
 //!    once is not cut off.
-//! 2. Audio format: G.711 μ-law (`audio/pcmu`, `g711_ulaw`) when the call is 8 kHz and
+//! 2. Audio format: G.711 μ-law (`audio/pcmu`) when the call is 8 kHz and
 //!    `g711` is on, otherwise pcm16 at 24 kHz (§0, §1.2). The formats used are the ones the
 //!    server states in `session.updated` (input and output separately), not the ones asked
 //!    for. As a sanity check, a pcm16 delta of odd length, or a first 500 ms of agent audio
@@ -21,7 +22,7 @@
 //!    [`Encoder`] and sent at once as one `input_audio_buffer.append` (20 ms each: no
 //!    batching, so server VAD sees speech with no added latency; §1.3 recommends small
 //!    chunks).
-//! 4. Downlink: `response.output_audio.delta` (`response.audio.delta`) is decoded by one
+//! 4. Downlink: `response.output_audio.delta` is decoded by one
 //!    stateful [`Decoder`] into [`AgentEvent::Audio`], one [`ReplyId`] per assistant item;
 //!    the audio-done event gives [`AgentEvent::ReplyDone`].
 //! 5. Barge-in (§1.6): on `input_audio_buffer.speech_started` the task emits
@@ -37,6 +38,23 @@
 //!    calls (`response.function_call_arguments.done` → [`AgentEvent::ToolCall`],
 //!    [`AgentInput::ToolResult`] → `function_call_output` + `response.create`, §1.7); an
 //!    optional greeting (a `response.create` right after set-up, so the agent speaks first).
+//! 8. One response at a time (`Responses`): the server allows one active response per
+//!    conversation and refuses a `response.create` meanwhile with
+//!    `conversation_already_has_active_response`. Every `response.create` voicegate wants
+//!    (tool output, keypad turn, greeting) waits for the `response.done` of the active one,
+//!    and for the outputs of all function calls of that response (parallel calls get one
+//!    `response.create`), as openai-agents-js's `responseCreateSequencer.ts` does; one the
+//!    server still refuses (it started a response voicegate had not yet heard of) is sent
+//!    again after that response's `response.done`.
+//! 9. Session renewal: OpenAI ends a session at 60 minutes (`session_expired`, close 1001).
+//!    After `session_renew_s` (default 55 min) a second session is set up beside the live
+//!    one; at the first quiet moment (no response active or wanted, no reply streaming, no
+//!    function call open, the caller not speaking, no keypad digits waiting) the transcript
+//!    so far goes into it as conversation items (`message` items: the caller's as
+//!    `input_text`, the agent's as `output_text`; the last [`HISTORY_ITEMS`]), caller audio
+//!    switches to it and the old socket is closed. Nothing is being played or said at that
+//!    moment, so the caller hears no gap. If the old session ends first while the new one is
+//!    ready, the switch happens then.
 //!
 //! Failures end the session with [`AgentEvent::Failed`]: connect failure or timeout, an
 //! `error` event that ends the session (authentication, `session_expired`, quota; any error
@@ -51,7 +69,9 @@ use super::{Speaker, session_channel};
 use crate::audio::ReplyId;
 use crate::audio::convert::{Decoder, Encoder, WireFormat};
 use crate::audio::g711::Law;
-use crate::config::{ConfigError, OpenAiRealtimeConfig, RealtimeApi};
+use crate::config::{
+    ConfigError, NoiseReduction, OpenAiRealtimeConfig, TurnDetection, VadEagerness,
+};
 use crate::secret::Secret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -60,7 +80,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -76,6 +96,12 @@ pub const SETUP_BUFFER_FRAMES: usize = 50;
 /// A single WebSocket send may block this long before the session is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Transcript lines carried into a renewed session, at most.
+pub const HISTORY_ITEMS: usize = 64;
+
+/// When setting up the renewal session fails, it is tried again this much later.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+
 /// Replies remembered for truncation (ReplyId ↔ item_id); older ones are forgotten.
 const MAX_REPLIES: usize = 16;
 
@@ -90,11 +116,6 @@ const LEVEL_CHECK_MS: usize = 500;
 /// in the confirmed format: real prompts and TTS sit near 2000–5000, while μ-law bytes read
 /// as pcm16 (or pcm16 read as μ-law) give 13000–18000 (measured on `tests/fixtures`).
 const IMPLAUSIBLE_RMS: f64 = 9_000.0;
-
-/// Voices the preview (beta) API knows (`providers.md` §1.2).
-const PREVIEW_VOICES: [&str; 8] = [
-    "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
-];
 
 /// `error.code` values after which the session cannot go on.
 const FATAL_CODES: [&str; 6] = [
@@ -114,7 +135,6 @@ const FATAL_TYPES: [&str; 2] = ["authentication_error", "permission_error"];
 struct Settings {
     /// `{url}?model={model}`.
     url: String,
-    api: RealtimeApi,
     api_key: Secret,
     voice: String,
     instructions: String,
@@ -123,8 +143,18 @@ struct Settings {
     vad_threshold: f32,
     vad_prefix_padding_ms: u32,
     vad_silence_duration_ms: u32,
+    turn_detection: TurnDetection,
+    vad_eagerness: VadEagerness,
+    noise_reduction: Option<NoiseReduction>,
+    idle_timeout_ms: Option<u32>,
+    transcription_language: Option<String>,
+    transcription_prompt: Option<String>,
     transcription_model: String,
     connect_timeout: Duration,
+    /// A new session replaces the live one after this long (OpenAI's limit is 60 min).
+    session_renew: Duration,
+    /// `idle_timeout_ms` prompts before the goodbye to a silent caller.
+    idle_prompts: u32,
     /// Function declarations for `session.update` (§1.7); empty = no tools.
     tools: Vec<Value>,
 }
@@ -141,8 +171,9 @@ impl OpenAiRealtime {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key: `agent.api_key` (unset or unreadable),
     /// `agent.instructions_file` (unreadable), `agent.model` (characters that do not belong
-    /// in a URL query), `agent.voice` (not a preview voice while `api = "preview"`).
+    /// in a URL query), `agent.api` (the removed `preview`).
     pub fn new(cfg: &OpenAiRealtimeConfig) -> Result<Self, ConfigError> {
+        cfg.check_api()?;
         let api_key = cfg
             .api_key
             .resolve()
@@ -161,21 +192,10 @@ impl OpenAiRealtime {
                 "must be a model name such as gpt-realtime (letters, digits, - _ .)",
             ));
         }
-        if cfg.api == RealtimeApi::Preview && !PREVIEW_VOICES.contains(&cfg.voice.as_str()) {
-            return Err(ConfigError::invalid(
-                "agent.voice",
-                format!(
-                    "the preview API knows only {}; `{}` needs api = \"ga\"",
-                    PREVIEW_VOICES.join(", "),
-                    cfg.voice
-                ),
-            ));
-        }
         let sep = if cfg.url.contains('?') { '&' } else { '?' };
         Ok(OpenAiRealtime {
             settings: Arc::new(Settings {
                 url: format!("{}{sep}model={}", cfg.url, cfg.model),
-                api: cfg.api,
                 api_key,
                 voice: cfg.voice.clone(),
                 instructions,
@@ -184,8 +204,16 @@ impl OpenAiRealtime {
                 vad_threshold: cfg.vad_threshold,
                 vad_prefix_padding_ms: cfg.vad_prefix_padding_ms,
                 vad_silence_duration_ms: cfg.vad_silence_duration_ms,
+                turn_detection: cfg.turn_detection,
+                vad_eagerness: cfg.vad_eagerness,
+                noise_reduction: cfg.noise_reduction,
+                idle_timeout_ms: cfg.idle_timeout_ms,
+                transcription_language: cfg.transcription_language.clone(),
+                transcription_prompt: cfg.transcription_prompt.clone(),
                 transcription_model: cfg.transcription_model.clone(),
                 connect_timeout: cfg.connect_timeout(),
+                session_renew: Duration::from_secs(cfg.session_renew_s),
+                idle_prompts: cfg.idle_prompts,
                 tools: Vec::new(),
             }),
         })
@@ -253,7 +281,6 @@ async fn run(mut settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint)
         }
     };
     info!(
-        api = ?settings.api,
         input = ?formats.input,
         output = ?formats.output,
         "openai realtime session ready"
@@ -298,30 +325,20 @@ fn requested_format(s: &Settings, call_rate_hz: u32) -> WireFormat {
     }
 }
 
-/// A format as `session.update` writes it: GA `{"type":"audio/pcmu"}`, preview `"g711_ulaw"`
-/// (`providers.md` §1.2).
-fn format_json(api: RealtimeApi, f: WireFormat) -> Value {
-    match (api, f) {
-        (RealtimeApi::Ga, WireFormat::G711(Law::Ulaw)) => json!({"type": "audio/pcmu"}),
-        (RealtimeApi::Ga, WireFormat::G711(Law::Alaw)) => json!({"type": "audio/pcma"}),
-        (RealtimeApi::Ga, WireFormat::Pcm16 { rate_hz }) => {
-            json!({"type": "audio/pcm", "rate": rate_hz})
-        }
-        (RealtimeApi::Preview, WireFormat::G711(Law::Ulaw)) => json!("g711_ulaw"),
-        (RealtimeApi::Preview, WireFormat::G711(Law::Alaw)) => json!("g711_alaw"),
-        (RealtimeApi::Preview, WireFormat::Pcm16 { .. }) => json!("pcm16"),
+/// A format as `session.update` writes it (openai-python
+/// `types/realtime/realtime_audio_formats_param.py`): `{"type":"audio/pcmu"}`,
+/// `{"type":"audio/pcma"}` or `{"type":"audio/pcm","rate":24000}`.
+fn format_json(f: WireFormat) -> Value {
+    match f {
+        WireFormat::G711(Law::Ulaw) => json!({"type": "audio/pcmu"}),
+        WireFormat::G711(Law::Alaw) => json!({"type": "audio/pcma"}),
+        WireFormat::Pcm16 { rate_hz } => json!({"type": "audio/pcm", "rate": rate_hz}),
     }
 }
 
-/// Reads a format in either shape (GA object or preview string); `None` if unknown.
+/// Reads a GA format object; `None` if unknown.
 fn parse_format(v: &Value) -> Option<WireFormat> {
     match v {
-        Value::String(s) => match s.as_str() {
-            "g711_ulaw" => Some(WireFormat::G711(Law::Ulaw)),
-            "g711_alaw" => Some(WireFormat::G711(Law::Alaw)),
-            "pcm16" => Some(WireFormat::Pcm16 { rate_hz: 24_000 }),
-            _ => None,
-        },
         Value::Object(o) => match o.get("type")?.as_str()? {
             "audio/pcmu" => Some(WireFormat::G711(Law::Ulaw)),
             "audio/pcma" => Some(WireFormat::G711(Law::Alaw)),
@@ -340,77 +357,194 @@ fn parse_format(v: &Value) -> Option<WireFormat> {
     }
 }
 
-/// The formats a `session.updated` session states, in either shape; `requested` where it
-/// states none.
+/// The formats a `session.updated` session states; `requested` where it states none.
 fn confirmed_formats(session: &Value, requested: WireFormat) -> Formats {
-    let pick = |ga: &str, preview: &str| {
-        let stated = session.pointer(ga).or_else(|| session.get(preview));
+    let pick = |field: &str| {
+        let stated = session.pointer(field);
         match stated.and_then(parse_format) {
             Some(f) => f,
             None => {
-                debug!(field = preview, stated = ?stated, "no usable format in session.updated; using the requested one");
+                debug!(field, stated = ?stated, "no usable format in session.updated; using the requested one");
                 requested
             }
         }
     };
     Formats {
-        input: pick("/audio/input/format", "input_audio_format"),
-        output: pick("/audio/output/format", "output_audio_format"),
+        input: pick("/audio/input/format"),
+        output: pick("/audio/output/format"),
     }
 }
 
 /// The `session.update` event for this configuration (`providers.md` §1.2, §1.5, §1.9).
 fn session_update(s: &Settings, format: WireFormat) -> Value {
-    let turn_detection = json!({
-        "type": "server_vad",
-        "threshold": s.vad_threshold,
-        "prefix_padding_ms": s.vad_prefix_padding_ms,
-        "silence_duration_ms": s.vad_silence_duration_ms,
-        "create_response": true,
-        // The server cancels its own response on barge-in (§1.6), so voicegate never
-        // sends response.cancel; it only truncates what the caller did not hear.
-        "interrupt_response": true,
-    });
-    let transcription =
-        (!s.transcription_model.is_empty()).then(|| json!({"model": s.transcription_model}));
-    let fmt = format_json(s.api, format);
-    let mut session = match s.api {
-        RealtimeApi::Ga => {
-            let mut input = json!({"format": fmt, "turn_detection": turn_detection});
-            if let Some(t) = transcription {
-                input["transcription"] = t;
-            }
-            json!({
-                "type": "realtime",
-                "instructions": s.instructions,
-                "output_modalities": ["audio"],
-                "audio": {
-                    "input": input,
-                    "output": {"format": fmt, "voice": s.voice},
-                },
-            })
-        }
-        RealtimeApi::Preview => {
-            let mut session = json!({
-                "instructions": s.instructions,
-                "modalities": ["audio", "text"],
-                "voice": s.voice,
-                "input_audio_format": fmt,
-                "output_audio_format": fmt,
-                "turn_detection": turn_detection,
+    // The server cancels its own response on barge-in (§1.6), so voicegate never sends
+    // response.cancel for it; it only truncates what the caller did not hear.
+    let turn_detection = match s.turn_detection {
+        TurnDetection::ServerVad => {
+            let mut t = json!({
+                "type": "server_vad",
+                "threshold": s.vad_threshold,
+                "prefix_padding_ms": s.vad_prefix_padding_ms,
+                "silence_duration_ms": s.vad_silence_duration_ms,
+                "create_response": true,
+                "interrupt_response": true,
             });
-            if let Some(t) = transcription {
-                session["input_audio_transcription"] = t;
+            if let Some(ms) = s.idle_timeout_ms {
+                t["idle_timeout_ms"] = json!(ms);
             }
-            session
+            t
         }
+        TurnDetection::SemanticVad => json!({
+            "type": "semantic_vad",
+            "eagerness": match s.vad_eagerness {
+                VadEagerness::Auto => "auto",
+                VadEagerness::Low => "low",
+                VadEagerness::Medium => "medium",
+                VadEagerness::High => "high",
+            },
+            "create_response": true,
+            "interrupt_response": true,
+        }),
     };
-    // The same flat function shape in both generations (§1.2).
+    let transcription = (!s.transcription_model.is_empty()).then(|| {
+        let mut t = json!({"model": s.transcription_model});
+        if let Some(l) = &s.transcription_language {
+            t["language"] = json!(l);
+        }
+        if let Some(p) = &s.transcription_prompt {
+            t["prompt"] = json!(p);
+        }
+        t
+    });
+    let fmt = format_json(format);
+    let mut input = json!({"format": fmt, "turn_detection": turn_detection});
+    if let Some(t) = transcription {
+        input["transcription"] = t;
+    }
+    if let Some(n) = s.noise_reduction {
+        input["noise_reduction"] = json!({"type": match n {
+            NoiseReduction::NearField => "near_field",
+            NoiseReduction::FarField => "far_field",
+        }});
+    }
+    let mut session = json!({
+        "type": "realtime",
+        "instructions": s.instructions,
+        "output_modalities": ["audio"],
+        "audio": {
+            "input": input,
+            "output": {"format": fmt, "voice": s.voice},
+        },
+    });
+    // Flat function declarations (`realtime_function_tool_param.py`, §1.7).
     if !s.tools.is_empty() {
         session["tools"] = Value::Array(s.tools.clone());
         session["tool_choice"] = json!("auto");
     }
     json!({"type": "session.update", "session": session})
+}
+
+/// The code of the `error` the server answers a `response.create` with while a response is
+/// active (openai/openai-agents-python#1466, pipecat-ai/pipecat#3960).
+const ACTIVE_RESPONSE: &str = "conversation_already_has_active_response";
+
+/// The `response.create` requests of one session, sent one at a time (see module doc, 8).
+/// Sans-IO: the live loop feeds it server events and sends what [`Responses::poll`] returns.
+#[derive(Debug, Default)]
+struct Responses {
+    /// A response is in progress at the server (`response.created` seen, or the server said
+    /// so in an error; `response.done` not yet).
+    active: bool,
+    /// A `response.create` was sent and neither `response.created` nor an error answered it.
+    requested: bool,
+    /// The last `response.create` sent, kept until the next `response.done` so that it can be
+    /// sent again if the server refuses it.
+    sent: Option<Value>,
+    /// A `response.create` waiting for its turn (later requests are covered by it: one
+    /// response answers every item added before it).
+    wanted: Option<Value>,
+    /// Function calls of the current response whose output has not been sent.
+    open_calls: HashSet<String>,
+    /// Numbers the `event_id`s of the `response.create`s (`vg_response_create_N`).
+    sent_count: u64,
+}
+
+impl Responses {
+    /// Asks for a response (`event` is a `response.create`, with or without `response`).
+    fn want(&mut self, event: Value) {
+        if self.wanted.is_none() {
+            self.wanted = Some(event);
+        }
+    }
+
+    /// The `response.create` to send now, if one is wanted and nothing stands in its way.
+    fn poll(&mut self) -> Option<Value> {
+        if self.active || self.requested || !self.open_calls.is_empty() {
+            return None;
+        }
+        let mut event = self.wanted.take()?;
+        self.sent_count += 1;
+        event["event_id"] = json!(format!("vg_response_create_{}", self.sent_count));
+        self.requested = true;
+        self.sent = Some(event.clone());
+        Some(event)
+    }
+
+    fn on_created(&mut self) {
+        self.active = true;
+        self.requested = false;
+        // Calls of an earlier response whose output never came (a terminal tool, an
+        // interrupted one) do not hold the conversation up any longer.
+        self.open_calls.clear();
+    }
+
+    fn on_done(&mut self) {
+        self.active = false;
+        if !self.requested {
+            self.sent = None;
+        }
+    }
+
+    fn on_function_call(&mut self, call_id: &str) {
+        self.open_calls.insert(call_id.to_owned());
+    }
+
+    fn on_tool_output(&mut self, call_id: &str) {
+        self.open_calls.remove(call_id);
+    }
+
+    /// An `error` event; `true` if it refused a `response.create` of ours because a response
+    /// was active: the request waits for that response's `response.done` and goes again.
+    fn on_error(&mut self, error: Option<&Value>) -> bool {
+        let field = |name: &str| error.and_then(|e| e.get(name)).and_then(Value::as_str);
+        let ours = |sent: &Value| match field("event_id") {
+            Some(id) => sent.get("event_id").and_then(Value::as_str) == Some(id),
+            // Older servers leave event_id null: the error is about the last create.
+            None => true,
+        };
+        let Some(sent) = self.sent.as_ref().filter(|s| ours(s)) else {
+            return false;
+        };
+        if field("code") == Some(ACTIVE_RESPONSE) {
+            let mut again = sent.clone();
+            if let Some(o) = again.as_object_mut() {
+                o.remove("event_id");
+            }
+            self.sent = None;
+            self.requested = false;
+            self.active = true;
+            if self.wanted.is_none() {
+                self.wanted = Some(again);
+            }
+            return true;
+        }
+        if field("event_id").is_some() {
+            // Refused for another reason: it will not be answered.
+            self.sent = None;
+            self.requested = false;
+        }
+        false
+    }
 }
 
 /// The `response.create` that makes the agent speak `greeting` first.
@@ -425,14 +559,29 @@ fn greeting_response(greeting: &str) -> Value {
     })
 }
 
+/// What [`set_up`] yields.
+type SetUp = Result<(Ws, Formats), AgentError>;
+
+/// One transcript line as a `conversation.item.create` for a renewed session
+/// (openai-python `types/realtime/realtime_conversation_item_user_message_param.py`,
+/// `…_assistant_message_param.py`: `input_text` for the user, `output_text` for the
+/// assistant).
+fn history_item((speaker, text): &(Speaker, String)) -> Value {
+    let (role, kind) = match speaker {
+        Speaker::Caller => ("user", "input_text"),
+        Speaker::Agent => ("assistant", "output_text"),
+    };
+    json!({
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": role, "content": [{"type": kind, "text": text}]},
+    })
+}
+
 /// Connects, waits for `session.created`, configures the session and waits for
 /// `session.updated`; returns the socket and the confirmed formats.
-async fn set_up(s: &Settings, requested: WireFormat) -> Result<(Ws, Formats), AgentError> {
+async fn set_up(s: &Settings, requested: WireFormat) -> SetUp {
     let auth = format!("Bearer {}", s.api_key.expose());
-    let mut headers = vec![("Authorization", auth.as_str())];
-    if s.api == RealtimeApi::Preview {
-        headers.push(("OpenAI-Beta", "realtime=v1"));
-    }
+    let headers = [("Authorization", auth.as_str())];
     debug!(url = %s.url, "connecting");
     // Connecting and session.created share one deadline; session.updated gets its own.
     let deadline = Instant::now() + s.connect_timeout;
@@ -750,6 +899,43 @@ struct Live {
     level: LevelCheck,
     /// Keypad digits not yet sent as a caller turn.
     keypad: Keypad,
+    /// `response.create`s, one at a time.
+    responses: Responses,
+    /// The conversation so far, for a renewed session (last [`HISTORY_ITEMS`]).
+    history: VecDeque<(Speaker, String)>,
+    /// Between `speech_started` and `speech_stopped`.
+    caller_speaking: bool,
+    /// A renewal session, set up and waiting for a quiet moment.
+    next: Option<(Ws, Formats)>,
+    /// `input_audio_buffer.timeout_triggered` since the caller last spoke.
+    idle_prompts: u32,
+    /// How many such prompts before the goodbye (`idle_prompts` in the config).
+    idle_prompts_max: u32,
+    /// The goodbye to a silent caller.
+    goodbye: Goodbye,
+}
+
+/// Where the goodbye to a caller who stays silent stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Goodbye {
+    /// Not needed.
+    No,
+    /// Wanted once the server's own response to the last timeout is done.
+    AfterResponse,
+    /// Its `response.create` is wanted or sent.
+    Asked,
+    /// Response `id` is saying it; its `response.done` ends the call.
+    Speaking(String),
+}
+
+/// The `response.create` for the goodbye to a caller who stays silent.
+fn goodbye_response() -> Value {
+    json!({
+        "type": "response.create",
+        "response": {
+            "instructions": "The caller has not answered your last prompts. Say a short, polite goodbye now; the call ends after it.",
+        },
+    })
 }
 
 impl Live {
@@ -772,6 +958,13 @@ impl Live {
             odd_delta_seen: false,
             level: LevelCheck::default(),
             keypad: Keypad::default(),
+            responses: Responses::default(),
+            history: VecDeque::with_capacity(HISTORY_ITEMS),
+            caller_speaking: false,
+            next: None,
+            idle_prompts: 0,
+            idle_prompts_max: s.idle_prompts,
+            goodbye: Goodbye::No,
         })
     }
 
@@ -783,42 +976,151 @@ impl Live {
     ) -> Result<(), AgentError> {
         if let Some(greeting) = &s.greeting {
             debug!("asking for the greeting");
-            send_json(&mut self.ws, &greeting_response(greeting)).await?;
+            self.responses.want(greeting_response(greeting));
+            self.send_wanted_response().await?;
         }
         for frame in early {
             self.append(&frame).await?;
         }
+        let requested = requested_format(s, self.call_rate_hz);
+        let mut renew_at = Instant::now() + s.session_renew;
+        let mut renewal: Option<std::pin::Pin<Box<dyn Future<Output = SetUp> + Send + '_>>> = None;
         loop {
-            tokio::select! {
-                input = io.input.recv() => match input {
-                    Some(input) => {
-                        if let Flow::Stop = self.handle_input(input, io).await? {
-                            return Ok(());
+            if self.next.is_some() && self.quiet() {
+                self.switch_session().await?;
+                renew_at = Instant::now() + s.session_renew;
+            }
+            let step = self
+                .step(io, &mut renewal, &mut renew_at, s, requested)
+                .await;
+            match step {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => return Ok(()),
+                // The old session ended with the new one ready: switch now.
+                Err(e) if self.next.is_some() => {
+                    info!(error = %e, "the session ended; switching to the renewed one");
+                    self.switch_session().await?;
+                    renew_at = Instant::now() + s.session_renew;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Nothing is under way that a session switch would cut.
+    fn quiet(&self) -> bool {
+        let r = &self.responses;
+        !r.active
+            && !r.requested
+            && r.wanted.is_none()
+            && r.open_calls.is_empty()
+            && !self.caller_speaking
+            && self.keypad.is_empty()
+            && self.replies.iter().all(|r| r.done || r.cancelled)
+    }
+
+    /// Moves the call to the renewal session: the transcript so far as conversation items,
+    /// then caller audio goes there; the old socket is closed in the background.
+    async fn switch_session(&mut self) -> Result<(), AgentError> {
+        let Some((ws, formats)) = self.next.take() else {
+            return Ok(());
+        };
+        let mut old = std::mem::replace(&mut self.ws, ws);
+        if formats != self.formats {
+            let protocol = |e: crate::audio::resample::ResampleError| AgentError::Protocol {
+                provider: PROVIDER,
+                detail: format!("cannot convert the renewed session's audio format: {e}"),
+            };
+            self.enc = Encoder::new(self.call_rate_hz, formats.input).map_err(protocol)?;
+            self.dec = Decoder::new(formats.output, self.call_rate_hz).map_err(protocol)?;
+            self.formats = formats;
+        }
+        let items: Vec<Value> = self.history.iter().map(history_item).collect();
+        for item in &items {
+            send_json(&mut self.ws, item).await?;
+        }
+        // The old session's items are gone with it.
+        self.replies.clear();
+        self.responses = Responses::default();
+        info!(
+            items = items.len(),
+            "session renewed: the conversation goes on in a new session"
+        );
+        tokio::spawn(
+            async move {
+                let _ = timeout(Duration::from_secs(1), old.close(None)).await;
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+
+    /// Remembers one transcript line for a renewed session.
+    fn remember(&mut self, speaker: Speaker, text: &str) {
+        if self.history.len() == HISTORY_ITEMS {
+            self.history.pop_front();
+        }
+        self.history.push_back((speaker, text.to_owned()));
+    }
+
+    /// One turn of the live loop: an input from the call, a keypad deadline, a server event,
+    /// or the renewal session's progress.
+    async fn step<'s>(
+        &mut self,
+        io: &mut AgentEndpoint,
+        renewal: &mut Option<std::pin::Pin<Box<dyn Future<Output = SetUp> + Send + 's>>>,
+        renew_at: &mut Instant,
+        s: &'s Settings,
+        requested: WireFormat,
+    ) -> Result<Flow, AgentError> {
+        let renewing = renewal.is_some() || self.next.is_some();
+        tokio::select! {
+                () = tokio::time::sleep_until(*renew_at), if !renewing => {
+                    info!("setting up a new session before this one reaches its time limit");
+                    *renewal = Some(Box::pin(set_up(s, requested)));
+                    Ok(Flow::Continue)
+                }
+                r = async { match renewal.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if renewal.is_some() => {
+                    *renewal = None;
+                    match r {
+                        Ok(next) => self.next = Some(next),
+                        Err(e) => {
+                            warn!(error = %e, retry_in = ?RENEW_RETRY, "renewal session failed");
+                            *renew_at = Instant::now() + RENEW_RETRY;
                         }
                     }
-                    None => return Ok(()),
+                    Ok(Flow::Continue)
+                }
+                input = io.input.recv() => match input {
+                    Some(input) => self.handle_input(input, io).await,
+                    None => Ok(Flow::Stop),
                 },
                 () = tokio::time::sleep_until(self.keypad.deadline().unwrap_or_else(Instant::now)),
                     if self.keypad.deadline().is_some() => {
-                    if let Some(text) = self.keypad.take() {
-                        if let Flow::Stop = self.keypad_turn(text, io).await? {
-                            return Ok(());
-                        }
+                    match self.keypad.take() {
+                        Some(text) => self.keypad_turn(text, io).await,
+                        None => Ok(Flow::Continue),
                     }
                 }
                 msg = self.ws.next() => match msg {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Flow::Stop = self.handle_event(&text, io).await? {
-                            return Ok(());
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => return Err(closed(frame.as_ref(), &self.key)),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(socket_error(&e, &self.key)),
-                    None => return Err(closed(None, &self.key)),
+                    Some(Ok(Message::Text(text))) => self.handle_event(&text, io).await,
+                    Some(Ok(Message::Close(frame))) => Err(closed(frame.as_ref(), &self.key)),
+                    Some(Ok(_)) => Ok(Flow::Continue),
+                    Some(Err(e)) => Err(socket_error(&e, &self.key)),
+                    None => Err(closed(None, &self.key)),
                 },
-            }
         }
+    }
+
+    /// Sends the wanted `response.create`, if its turn has come.
+    async fn send_wanted_response(&mut self) -> Result<(), AgentError> {
+        if let Some(event) = self.responses.poll() {
+            debug!(event_id = ?event.get("event_id"), "response.create");
+            send_json(&mut self.ws, &event).await?;
+        } else if self.responses.wanted.is_some() {
+            debug!("response.create waits for the active response to finish");
+        }
+        Ok(())
     }
 
     /// Sends one caller frame as `input_audio_buffer.append`.
@@ -886,7 +1188,9 @@ impl Live {
                      "content": [{"type": "input_text", "text": text}]},
         });
         send_json(&mut self.ws, &item).await?;
-        send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
+        self.responses.want(json!({"type": "response.create"}));
+        self.send_wanted_response().await?;
+        self.remember(Speaker::Caller, &text);
         let ev = AgentEvent::Transcript {
             speaker: Speaker::Caller,
             text,
@@ -937,7 +1241,9 @@ impl Live {
                     "item": {"type": "function_call_output", "call_id": call_id, "output": output},
                 });
                 send_json(&mut self.ws, &item).await?;
-                send_json(&mut self.ws, &json!({"type": "response.create"})).await?;
+                self.responses.on_tool_output(&call_id);
+                self.responses.want(json!({"type": "response.create"}));
+                self.send_wanted_response().await?;
             }
             AgentInput::Dtmf(digit) => return self.on_dtmf(digit, io).await,
         }
@@ -960,7 +1266,7 @@ impl Live {
             }
         };
         match ev.kind.as_ref() {
-            "response.output_audio.delta" | "response.audio.delta" => {
+            "response.output_audio.delta" => {
                 if ev.item_id.is_empty() {
                     warn!("audio delta without item_id; ignored");
                     return Ok(Flow::Continue);
@@ -973,10 +1279,15 @@ impl Live {
                 }
                 return Ok(self.audio_delta(&ev.item_id, &ev.delta, io).await);
             }
-            "response.output_audio.done" | "response.audio.done" => {
+            "response.output_audio.done" => {
                 return Ok(self.audio_done(&ev.item_id, io).await);
             }
             "input_audio_buffer.speech_started" => {
+                self.caller_speaking = true;
+                self.idle_prompts = 0;
+                if self.goodbye == Goodbye::AfterResponse {
+                    self.goodbye = Goodbye::No;
+                }
                 // The server cancels its own response (interrupt_response).
                 if self.interrupt(io).await.is_none() {
                     return Ok(Flow::Stop);
@@ -985,6 +1296,7 @@ impl Live {
             }
             "conversation.item.input_audio_transcription.completed" => {
                 if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
+                    self.remember(Speaker::Caller, t.trim());
                     let ev = AgentEvent::Transcript {
                         speaker: Speaker::Caller,
                         text: t.trim().to_owned(),
@@ -992,8 +1304,9 @@ impl Live {
                     return Ok(Self::emit(io, ev).await);
                 }
             }
-            "response.output_audio_transcript.done" | "response.audio_transcript.done" => {
+            "response.output_audio_transcript.done" => {
                 if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
+                    self.remember(Speaker::Agent, t.trim());
                     let ev = AgentEvent::Transcript {
                         speaker: Speaker::Agent,
                         text: t.trim().to_owned(),
@@ -1007,6 +1320,7 @@ impl Live {
                     return Ok(Flow::Continue);
                 };
                 info!(tool = %name, call_id = %call_id, "tool call");
+                self.responses.on_function_call(&call_id);
                 // Tied to the spoken reply of the same response, if it had one.
                 let reply = (!ev.response_id.is_empty())
                     .then(|| {
@@ -1026,6 +1340,10 @@ impl Live {
             }
             "error" => {
                 let detail = describe_error(ev.error.as_ref(), &self.key);
+                if self.responses.on_error(ev.error.as_ref()) {
+                    info!(error = %detail, "response.create refused while a response is active; sent again after its response.done");
+                    return Ok(Flow::Continue);
+                }
                 if is_fatal(ev.error.as_ref()) {
                     return Err(AgentError::Provider {
                         provider: PROVIDER,
@@ -1034,7 +1352,39 @@ impl Live {
                 }
                 warn!(error = %detail, "openai realtime error; the session goes on");
             }
+            "response.created" => {
+                let ours = self.responses.requested;
+                self.responses.on_created();
+                if ours && self.goodbye == Goodbye::Asked {
+                    let id = ev
+                        .response
+                        .as_ref()
+                        .and_then(|r| r.get("id"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned();
+                    self.goodbye = Goodbye::Speaking(id);
+                }
+            }
             "response.done" => {
+                self.responses.on_done();
+                if self.goodbye == Goodbye::AfterResponse {
+                    self.goodbye = Goodbye::Asked;
+                    self.responses.want(goodbye_response());
+                }
+                let id = ev
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.get("id"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if matches!(&self.goodbye, Goodbye::Speaking(g) if g == id) {
+                    info!("goodbye said after the caller stayed silent; ending the call");
+                    let reason = "the caller stayed silent".to_owned();
+                    Self::emit(io, AgentEvent::Ended { reason }).await;
+                    return Ok(Flow::Stop);
+                }
+                self.send_wanted_response().await?;
                 let status = ev
                     .response
                     .as_ref()
@@ -1059,9 +1409,27 @@ impl Live {
                     }
                 }
             }
-            "input_audio_buffer.speech_stopped"
-            | "input_audio_buffer.committed"
-            | "conversation.item.truncated" => debug!(event = %ev.kind, "event"),
+            "input_audio_buffer.timeout_triggered" => {
+                self.idle_prompts += 1;
+                if self.idle_prompts > self.idle_prompts_max && self.goodbye == Goodbye::No {
+                    info!(
+                        prompts = self.idle_prompts - 1,
+                        "the caller stays silent; the goodbye follows this prompt"
+                    );
+                    // The server answers the timeout with a response of its own; the goodbye
+                    // is asked for after it, so the next response.created is the goodbye's.
+                    self.goodbye = Goodbye::AfterResponse;
+                } else {
+                    info!("the caller has been silent for idle_timeout_ms; the model prompts them");
+                }
+            }
+            "input_audio_buffer.speech_stopped" => {
+                self.caller_speaking = false;
+                debug!("caller stopped speaking");
+            }
+            "input_audio_buffer.committed" | "conversation.item.truncated" => {
+                debug!(event = %ev.kind, "event")
+            }
             other => trace!(event = other, "event ignored"),
         }
         Ok(Flow::Continue)
@@ -1184,16 +1552,10 @@ mod tests {
     use super::*;
     use crate::secret::SecretSource;
 
-    fn settings(api: RealtimeApi, transcription: &str) -> Settings {
+    fn settings(transcription: &str) -> Settings {
         let cfg = OpenAiRealtimeConfig {
             api_key: SecretSource::Inline("sk-unit-test-key-123".into()),
-            api,
-            voice: if api == RealtimeApi::Ga {
-                "marin"
-            } else {
-                "alloy"
-            }
-            .into(),
+            voice: "marin".into(),
             instructions: "Be brief.".into(),
             transcription_model: transcription.into(),
             ..OpenAiRealtimeConfig::default()
@@ -1203,7 +1565,7 @@ mod tests {
 
     #[test]
     fn ga_session_update_shape() {
-        let s = settings(RealtimeApi::Ga, "gpt-4o-mini-transcribe");
+        let s = settings("gpt-4o-mini-transcribe");
         assert_eq!(s.url, "wss://api.openai.com/v1/realtime?model=gpt-realtime");
         let v = session_update(&s, requested_format(&s, 8_000));
         assert_eq!(v["type"], "session.update");
@@ -1222,6 +1584,15 @@ mod tests {
             "gpt-4o-mini-transcribe"
         );
         assert!(ss.get("input_audio_format").is_none());
+        assert!(
+            ss["audio"]["input"].get("noise_reduction").is_none(),
+            "unset: none"
+        );
+        assert!(
+            ss["audio"]["input"]["turn_detection"]
+                .get("idle_timeout_ms")
+                .is_none()
+        );
         // Wideband calls get pcm at 24 kHz.
         let v = session_update(&s, requested_format(&s, 16_000));
         assert_eq!(
@@ -1231,23 +1602,39 @@ mod tests {
     }
 
     #[test]
-    fn preview_session_update_shape() {
-        let s = settings(RealtimeApi::Preview, "");
+    fn semantic_vad_noise_reduction_idle_timeout_and_transcription_hints() {
+        let mut s = settings("gpt-4o-mini-transcribe");
+        s.turn_detection = TurnDetection::SemanticVad;
+        s.vad_eagerness = VadEagerness::Low;
+        s.noise_reduction = Some(NoiseReduction::NearField);
+        s.transcription_language = Some("uk".into());
+        s.transcription_prompt = Some("Шиномонтаж, R16".into());
         let v = session_update(&s, requested_format(&s, 8_000));
-        let ss = &v["session"];
-        assert!(ss.get("type").is_none());
-        assert_eq!(ss["input_audio_format"], "g711_ulaw");
-        assert_eq!(ss["output_audio_format"], "g711_ulaw");
-        assert_eq!(ss["voice"], "alloy");
-        assert_eq!(ss["turn_detection"]["interrupt_response"], true);
-        assert!(
-            ss.get("input_audio_transcription").is_none(),
-            "empty model = off"
+        let input = &v["session"]["audio"]["input"];
+        assert_eq!(
+            input["turn_detection"],
+            json!({"type": "semantic_vad", "eagerness": "low", "create_response": true, "interrupt_response": true})
         );
-        assert!(ss.get("tools").is_none(), "no tools declared");
+        assert_eq!(input["noise_reduction"], json!({"type": "near_field"}));
+        assert_eq!(input["transcription"]["language"], "uk");
+        assert_eq!(input["transcription"]["prompt"], "Шиномонтаж, R16");
+        s.turn_detection = TurnDetection::ServerVad;
+        s.idle_timeout_ms = Some(8_000);
+        let v = session_update(&s, requested_format(&s, 8_000));
+        let td = &v["session"]["audio"]["input"]["turn_detection"];
+        assert_eq!(td["type"], "server_vad");
+        assert_eq!(td["idle_timeout_ms"], 8_000);
+    }
+
+    #[test]
+    fn tools_and_no_transcription() {
+        let mut s = settings("");
+        let v = session_update(&s, requested_format(&s, 8_000));
+        let input = &v["session"]["audio"]["input"];
+        assert!(input.get("transcription").is_none(), "empty model = off");
+        assert!(v["session"].get("tools").is_none(), "no tools declared");
         let tool = json!({"type": "function", "name": "get_time", "description": "Current time",
                           "parameters": {"type": "object", "properties": {}}});
-        let mut s = s;
         s.tools = vec![tool.clone()];
         let v = session_update(&s, requested_format(&s, 8_000));
         assert_eq!(v["session"]["tools"], json!([tool]));
@@ -1255,18 +1642,68 @@ mod tests {
     }
 
     #[test]
-    fn preview_rejects_ga_only_voice() {
-        let cfg = OpenAiRealtimeConfig {
-            api_key: SecretSource::Inline("k".into()),
-            api: RealtimeApi::Preview,
-            ..OpenAiRealtimeConfig::default()
-        };
-        let e = OpenAiRealtime::new(&cfg).unwrap_err();
-        assert!(e.to_string().contains("agent.voice"), "{e}");
+    fn responses_go_one_at_a_time() {
+        let create = || json!({"type": "response.create"});
+        let mut r = Responses::default();
+        // A response with two parallel calls is active: nothing goes out.
+        r.on_created();
+        r.on_function_call("a");
+        r.on_function_call("b");
+        r.on_tool_output("a");
+        r.want(create());
+        assert!(r.poll().is_none(), "response active");
+        r.on_tool_output("b");
+        r.want(create());
+        assert!(r.poll().is_none(), "response active");
+        r.on_done();
+        let sent = r.poll().expect("one create after done and both outputs");
+        assert_eq!(sent["event_id"], "vg_response_create_1");
+        assert!(r.poll().is_none(), "the two requests were one");
+        // The server refuses it: a response of its own started meanwhile.
+        r.on_created();
+        let refused = json!({"type": "invalid_request_error", "code": ACTIVE_RESPONSE,
+                             "message": "Conversation already has an active response in progress: resp_x.",
+                             "param": null, "event_id": "vg_response_create_1"});
+        assert!(r.on_error(Some(&refused)));
+        assert!(r.poll().is_none(), "waits for that response");
+        r.on_done();
+        let again = r.poll().expect("sent again after done");
+        assert_eq!(again["event_id"], "vg_response_create_2");
+        // Another client event's error is not about the create.
+        r.on_created();
+        let other = json!({"code": ACTIVE_RESPONSE, "event_id": "evt_other"});
+        assert!(!r.on_error(Some(&other)));
     }
 
     #[test]
-    fn confirmed_formats_in_both_shapes() {
+    fn an_unanswered_call_does_not_block_later_responses() {
+        let mut r = Responses::default();
+        r.on_created();
+        r.on_function_call("hangup_1");
+        r.on_done();
+        r.want(json!({"type": "response.create"}));
+        assert!(r.poll().is_none(), "the output may still come");
+        // The caller spoke and the server answered: the old call is moot.
+        r.on_created();
+        r.on_done();
+        assert!(r.poll().is_some());
+    }
+
+    #[test]
+    fn the_removed_preview_api_is_a_config_error() {
+        let mut cfg = OpenAiRealtimeConfig {
+            api_key: SecretSource::Inline("k".into()),
+            api: Some("preview".into()),
+            ..OpenAiRealtimeConfig::default()
+        };
+        let e = OpenAiRealtime::new(&cfg).unwrap_err().to_string();
+        assert!(e.contains("agent.api") && e.contains("GA"), "{e}");
+        cfg.api = Some("ga".into());
+        assert!(OpenAiRealtime::new(&cfg).is_ok());
+    }
+
+    #[test]
+    fn confirmed_formats_are_read() {
         let req = WireFormat::G711(Law::Ulaw);
         let ga = json!({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}},
                                   "output": {"format": {"type": "audio/pcma"}}}});
@@ -1277,11 +1714,12 @@ mod tests {
                 output: WireFormat::G711(Law::Alaw)
             }
         );
+        // The beta strings are not GA formats: the requested one stands.
         let preview = json!({"input_audio_format": "pcm16", "output_audio_format": "g711_ulaw"});
         assert_eq!(
             confirmed_formats(&preview, req),
             Formats {
-                input: WireFormat::Pcm16 { rate_hz: 24_000 },
+                input: req,
                 output: req
             }
         );

@@ -414,7 +414,12 @@ impl CallContext {
         if let Some(reason) = &s.fallback {
             ::metrics::counter!(m::FALLBACKS, "reason" => reason.label()).increment(1);
             if reason.is_provider_failure() {
-                ::metrics::counter!(m::PROVIDER_ERRORS, "provider" => s.agent).increment(1);
+                let why = reason.provider_reason();
+                if why == "quota" {
+                    warn!(provider = s.agent, error = %reason, "provider refused for a quota or concurrency limit");
+                }
+                ::metrics::counter!(m::PROVIDER_ERRORS, "provider" => s.agent, "reason" => why)
+                    .increment(1);
                 self.breaker.record_failure();
                 if let Some(h) = &self.health {
                     h.set_component(

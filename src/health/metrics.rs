@@ -29,8 +29,8 @@ pub const BARGE_INS: &str = "voicegate_barge_ins_total";
 pub const PLAYOUT_LATENESS: &str = "voicegate_playout_lateness_seconds";
 /// Histogram: caller speech end → first agent audio of the reply, s.
 pub const TURN_LATENCY: &str = "voicegate_turn_latency_seconds";
-/// Counter: provider failures (calls handed to the fallback by a failing agent), label
-/// `provider`.
+/// Counter: provider failures (calls handed to the fallback by a failing agent), labels
+/// `provider` and `reason` (`quota`, `silent`, `error`; [`crate::fallback::FallbackReason::provider_reason`]).
 pub const PROVIDER_ERRORS: &str = "voicegate_provider_errors_total";
 /// Counter: connections refused by the guard, label `reason`.
 pub const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";

@@ -25,11 +25,13 @@
 //! |---|---|---|
 //! | OpenAI Realtime (`session.update.session.tools`, providers.md §1.7) | [`openai_realtime_tools`] | `{"type":"function","name","description","parameters"}` (flat) |
 //! | Chat Completions (`tools`, providers.md §7.1) | [`chat_completions_tools`] | `{"type":"function","function":{"name","description","parameters"}}` (nested) |
-//! | ElevenLabs Agents client tools (providers.md §2.5) | [`elevenlabs_client_tools`] | `{"type":"client","name","description","parameters","expects_response","response_timeout_secs"}` |
+//! | ElevenLabs Agents client tools (providers.md §2.5) | [`elevenlabs_client_tools`] | `{"tool_config":{"type":"client","name","description","parameters","expects_response","response_timeout_secs"}}` per tool |
 //!
-//! ElevenLabs declares tools on the agent (dashboard or `POST /v1/convai/tools` with the
-//! entry as `tool_config`), not per conversation; the helper renders what to paste there,
-//! and `voicegate tools --format elevenlabs` prints it for the configured tools.
+//! ElevenLabs declares tools on the agent, not per conversation: each printed entry is the
+//! body of one `POST /v1/convai/tools`; attach the returned ids to the agent and add
+//! `client_tool_call` to the agent's `client_events` (it is not in the default list, and
+//! without it the server never sends the calls). `voicegate tools --format elevenlabs`
+//! prints them for the configured tools.
 //! Whatever the provider, the model's call comes back as [`crate::agent::AgentEvent::ToolCall`]
 //! and the result goes in as [`crate::agent::AgentInput::ToolResult`].
 
@@ -123,7 +125,7 @@ impl ToolSpec {
     /// "expects_response":…,"response_timeout_secs":…}`. `response_timeout_secs` is how
     /// long the agent waits for the `client_tool_result`. The built-in terminal tools
     /// (`hangup`, `transfer_to_operator`) expect no response: the call ends instead.
-    /// (The field names follow ElevenLabs' tool API as of 2025 [I: not in providers.md].)
+    /// (Field names: elevenlabs.io `docs/api-reference/tools/create`, client variant.)
     pub fn to_elevenlabs_client_tool(&self, response_timeout_secs: u32) -> Value {
         let expects_response = !matches!(self.name.as_str(), HANGUP | TRANSFER_TO_OPERATOR);
         json!({
@@ -147,13 +149,17 @@ pub fn chat_completions_tools(specs: &[ToolSpec]) -> Value {
     Value::Array(specs.iter().map(ToolSpec::to_chat_completions).collect())
 }
 
-/// ElevenLabs client-tool entries for the agent's configuration, each answered within
-/// `response_timeout_secs`.
+/// The request bodies of ElevenLabs' `POST /v1/convai/tools` (elevenlabs.io
+/// `docs/api-reference/tools/create`: `{"tool_config": {…}}`, one per tool), each a client
+/// tool answered within `response_timeout_secs` (ElevenLabs accepts 1–120 for client tools;
+/// the value is clamped to that). Create each tool with one POST, then attach the returned
+/// ids to the agent (`tool_ids`) and add `client_tool_call` to its `client_events`.
 pub fn elevenlabs_client_tools(specs: &[ToolSpec], response_timeout_secs: u32) -> Value {
+    let timeout = response_timeout_secs.clamp(1, 120);
     Value::Array(
         specs
             .iter()
-            .map(|s| s.to_elevenlabs_client_tool(response_timeout_secs))
+            .map(|s| json!({"tool_config": s.to_elevenlabs_client_tool(timeout)}))
             .collect(),
     )
 }
@@ -480,13 +486,19 @@ mod tests {
         assert!(nested[1].get("name").is_none());
 
         let el = elevenlabs_client_tools(&specs, 15);
-        assert_eq!(el[0]["type"], "client");
-        assert_eq!(el[0]["name"], "search_tires");
-        assert_eq!(el[0]["expects_response"], true);
-        assert_eq!(el[0]["response_timeout_secs"], 15);
+        let t = &el[0]["tool_config"];
+        assert_eq!(t["type"], "client");
+        assert_eq!(t["name"], "search_tires");
+        assert_eq!(t["expects_response"], true);
+        assert_eq!(t["response_timeout_secs"], 15);
         assert_eq!(
-            el[1]["expects_response"], false,
+            el[1]["tool_config"]["expects_response"], false,
             "hangup ends the call instead"
+        );
+        assert_eq!(
+            elevenlabs_client_tools(&specs, 600)[0]["tool_config"]["response_timeout_secs"],
+            120,
+            "client tools accept at most 120 s"
         );
     }
 

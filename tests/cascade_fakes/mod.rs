@@ -36,14 +36,34 @@ fn query(uri: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Every value of query parameter `key`, in order.
+pub fn query_all(uri: &str, key: &str) -> Vec<String> {
+    let Ok(url) = reqwest::Url::parse(&format!("http://x{uri}")) else {
+        return Vec::new();
+    };
+    url.query_pairs()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+/// The header a vendor authenticates the WebSocket upgrade with, and its value.
+type Auth = (&'static str, String);
+
+/// Accepts a WebSocket upgrade. With `auth`, an upgrade without that header and value is
+/// refused with HTTP 401 and `None` is returned (after the URI and headers are read), as the
+/// vendors do.
 #[allow(clippy::result_large_err)] // the handshake callback's error type is tungstenite's
 async fn accept_ws(
     stream: TcpStream,
+    auth: Option<Auth>,
 ) -> (
-    tokio_tungstenite::WebSocketStream<TcpStream>,
+    Option<tokio_tungstenite::WebSocketStream<TcpStream>>,
     String,
     Vec<(String, String)>,
 ) {
+    use tokio_tungstenite::tungstenite::handshake::server::ErrorResponse;
+    use tokio_tungstenite::tungstenite::http::StatusCode;
     let mut uri = String::new();
     let mut headers = Vec::new();
     let ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp: Response| {
@@ -53,11 +73,20 @@ async fn accept_ws(
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
             .collect();
+        if let Some((name, value)) = &auth {
+            if header(&headers, name) != Some(value.as_str()) {
+                let mut e = ErrorResponse::new(Some(
+                    r#"{"error_code":401,"error_message":"Missing or invalid API key."}"#
+                        .to_owned(),
+                ));
+                *e.status_mut() = StatusCode::UNAUTHORIZED;
+                return Err(e);
+            }
+        }
         Ok(resp)
     })
-    .await
-    .expect("websocket handshake");
-    (ws, uri, headers)
+    .await;
+    (ws.ok(), uri, headers)
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -77,6 +106,10 @@ pub enum SttVendor {
     Soniox,
     Deepgram,
     ElevenLabs,
+    /// Deepgram Flux on `/v2/listen` (developers.deepgram.com `docs/flux/quickstart`,
+    /// `docs/flux/state`): `Connected`, then `TurnInfo` events (`StartOfTurn`, `Update`,
+    /// `EndOfTurn`); the client ends with `CloseStream`.
+    Flux,
 }
 
 /// What an STT fake saw.
@@ -101,6 +134,16 @@ pub struct SttLog {
     pub errors: Vec<String>,
     /// Connections accepted.
     pub connections: usize,
+    /// Upgrades refused for a missing or wrong key.
+    pub refused: usize,
+    /// Soniox: `{"type":"finalize"}` messages received.
+    pub finalized: usize,
+    /// Soniox: utterances ended by a finalize (before the fake's own endpointing).
+    pub turns_by_finalize: usize,
+    /// Scribe: a chunk with `commit: true` arrived (the end of the call).
+    pub final_commit: bool,
+    /// Scribe: `previous_text` values received (with a session's first chunk).
+    pub previous_texts: Vec<String>,
 }
 
 /// A scripted STT: the "transcript" of the n-th utterance it hears is `utterances[n]`.
@@ -149,6 +192,7 @@ impl SttFake {
         match vendor {
             SttVendor::Soniox => format!("ws://{}/transcribe-websocket", self.addr),
             SttVendor::Deepgram => format!("ws://{}/v1/listen", self.addr),
+            SttVendor::Flux => format!("ws://{}/v2/listen", self.addr),
             SttVendor::ElevenLabs => format!("ws://{}/v1/speech-to-text/realtime", self.addr),
         }
     }
@@ -161,17 +205,28 @@ async fn serve_stt(
     utterances: Vec<String>,
     fail_after_ms: Option<u64>,
 ) {
-    let (mut ws, uri, headers) = accept_ws(stream).await;
+    // How each vendor authenticates the upgrade: Soniox `Authorization: Bearer` (soniox.com
+    // guides/websocket-authentication; from 15 January 2027 a connection without it is
+    // refused), Deepgram `Authorization: Token` (developers.deepgram.com "Authenticating"),
+    // ElevenLabs `xi-api-key` (scribe.asyncapi.yaml in elevenlabs/packages).
+    let auth: Auth = match vendor {
+        SttVendor::Soniox => ("authorization", format!("Bearer {KEY}")),
+        SttVendor::Deepgram | SttVendor::Flux => ("authorization", format!("Token {KEY}")),
+        SttVendor::ElevenLabs => ("xi-api-key", KEY.to_owned()),
+    };
+    let (ws, uri, headers) = accept_ws(stream, Some(auth)).await;
     let mut format: Option<(String, u32)> = None;
     {
         let mut l = log.lock().unwrap();
         l.uri = uri.clone();
         l.headers = headers.clone();
+        if ws.is_none() {
+            l.refused += 1;
+            l.errors
+                .push("upgrade without the key: refused with 401".into());
+        }
         match vendor {
             SttVendor::Deepgram => {
-                if header(&headers, "authorization") != Some(&format!("Token {KEY}")) {
-                    l.errors.push("missing Authorization: Token".into());
-                }
                 let enc = query(&uri, "encoding").unwrap_or_default();
                 let rate = query(&uri, "sample_rate")
                     .and_then(|r| r.parse().ok())
@@ -182,12 +237,49 @@ async fn serve_stt(
                 if query(&uri, "interim_results").as_deref() != Some("true") {
                     l.errors.push("interim_results not requested".into());
                 }
+                // `language_hint` belongs to nova-3 multilingual (`language=multi`,
+                // developers.deepgram.com docs/nova-3-language-prompting); without a
+                // `language` Deepgram silently transcribes English (docs/models).
+                let hints = query_all(&uri, "language_hint");
+                match query(&uri, "language").as_deref() {
+                    None => l
+                        .errors
+                        .push("no language: Deepgram would assume en".into()),
+                    Some("multi") => {}
+                    Some(_) if !hints.is_empty() => {
+                        l.errors.push("language_hint without language=multi".into())
+                    }
+                    Some(_) => {}
+                }
+                if !query_all(&uri, "keyterm").is_empty()
+                    && !query(&uri, "model")
+                        .unwrap_or_default()
+                        .starts_with("nova-3")
+                {
+                    l.errors
+                        .push("keyterm is only compatible with nova-3".into());
+                }
+                format = Some((enc, rate));
+            }
+            SttVendor::Flux => {
+                if !uri.starts_with("/v2/listen?") {
+                    l.errors
+                        .push(format!("flux lives on /v2/listen, not {uri}"));
+                }
+                if !query(&uri, "model").unwrap_or_default().starts_with("flux") {
+                    l.errors.push("not a flux model".into());
+                }
+                let enc = query(&uri, "encoding").unwrap_or_default();
+                let rate = query(&uri, "sample_rate")
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                if enc.is_empty() || rate == 0 {
+                    l.errors
+                        .push("encoding and sample_rate are required".into());
+                }
                 format = Some((enc, rate));
             }
             SttVendor::ElevenLabs => {
-                if header(&headers, "xi-api-key") != Some(KEY) {
-                    l.errors.push("missing xi-api-key".into());
-                }
                 let f = query(&uri, "audio_format").unwrap_or_default();
                 let rate = if f == "ulaw_8000" {
                     8000
@@ -208,10 +300,25 @@ async fn serve_stt(
             l.rate_hz = *r;
         }
     }
+    let Some(mut ws) = ws else { return };
+    if vendor == SttVendor::Flux {
+        let _ = ws
+            .send(Message::text(
+                r#"{"type":"Connected","request_id":"r1","sequence_id":0}"#,
+            ))
+            .await;
+    }
+    // Scribe: shapes from elevenlabs/packages `schemas/scribe.asyncapi.yaml`
+    // (SessionStartedPayload: `vad_commit_strategy` is the string "manual" | "vad";
+    // InputAudioChunkPayload: message_type, audio_base_64, commit, sample_rate required,
+    // `previous_text` only alongside the first chunk, "if sent in a subsequent chunk, an
+    // error will be returned").
+    let mut chunks_seen = 0usize;
     if vendor == SttVendor::ElevenLabs {
         let (f, r) = format.clone().unwrap();
         let started = serde_json::json!({"message_type":"session_started","session_id":"s1",
-            "config":{"sample_rate":r,"audio_format":f,"vad_commit_strategy":true,"model_id":"scribe_v2_realtime"}});
+            "config":{"sample_rate":r,"audio_format":f,"vad_commit_strategy":"vad",
+                      "vad_silence_threshold_secs":0.5,"model_id":"scribe_v2_realtime"}});
         let _ = ws.send(Message::text(started.to_string())).await;
     }
     let mut ep = Endpointer::default();
@@ -231,8 +338,12 @@ async fn serve_stt(
                     SttVendor::Soniox if format.is_none() => {
                         let cfg: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
                         let mut l = log.lock().unwrap();
-                        if cfg["api_key"] != KEY {
-                            l.errors.push("config without the api_key".into());
+                        if cfg.get("api_key").is_some() {
+                            l.errors.push(
+                                "api_key in the start message: deprecated, the key goes with \
+                                 the connection (soniox.com guides/migrate-websocket-authentication)"
+                                    .into(),
+                            );
                         }
                         if cfg["num_channels"] != 1 {
                             l.errors.push("num_channels != 1".into());
@@ -243,6 +354,42 @@ async fn serve_stt(
                         l.rate_hz = r;
                         l.config = Some(cfg);
                         format = Some((e, r));
+                        continue;
+                    }
+                    // soniox.com stt/real-time-API/manual-finalization: the audio so far
+                    // becomes final at once, then a `<fin>` token.
+                    SttVendor::Soniox if t.contains(r#""type":"finalize""#) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                        {
+                            let mut l = log.lock().unwrap();
+                            l.finalized += 1;
+                            if !v["trailing_silence_ms"].is_u64()
+                                && v.get("trailing_silence_ms").is_some()
+                            {
+                                l.errors
+                                    .push("trailing_silence_ms is not an integer".into());
+                            }
+                        }
+                        let mut tokens: Vec<serde_json::Value> = Vec::new();
+                        if let Some(text) = current.take() {
+                            let mut l = log.lock().unwrap();
+                            l.turns += 1;
+                            l.turns_by_finalize += 1;
+                            drop(l);
+                            tokens = text
+                                .split_whitespace()
+                                .enumerate()
+                                .map(|(i, w)| {
+                                    let t = if i == 0 { w.to_owned() } else { format!(" {w}") };
+                                    serde_json::json!({"text":t,"start_ms":100*i,"end_ms":100*i+90,"confidence":0.95,"is_final":true})
+                                })
+                                .collect();
+                        }
+                        tokens.push(serde_json::json!({"text":"<fin>","is_final":true}));
+                        let m = serde_json::json!({"tokens":tokens,"final_audio_proc_ms":1000,"total_audio_proc_ms":1000});
+                        if ws.send(Message::text(m.to_string())).await.is_err() {
+                            return;
+                        }
                         continue;
                     }
                     SttVendor::Soniox if t.is_empty() => {
@@ -269,12 +416,38 @@ async fn serve_stt(
                                 .errors
                                 .push("sample_rate field differs".into());
                         }
+                        if !v["commit"].is_boolean() || !v["audio_base_64"].is_string() {
+                            log.lock()
+                                .unwrap()
+                                .errors
+                                .push(format!("input_audio_chunk without a required field: {t}"));
+                        }
+                        chunks_seen += 1;
+                        if chunks_seen > 1 && v.get("previous_text").is_some() {
+                            let e = serde_json::json!({"message_type":"input_error",
+                                "error":"previous_text can only be sent with the first audio chunk"});
+                            let _ = ws.send(Message::text(e.to_string())).await;
+                            let _ = ws.close(None).await;
+                            log.lock()
+                                .unwrap()
+                                .errors
+                                .push("previous_text after the first chunk".into());
+                            break;
+                        }
+                        if let Some(p) = v["previous_text"].as_str() {
+                            log.lock().unwrap().previous_texts.push(p.to_owned());
+                        }
+                        if v["commit"] == true {
+                            // The last chunk of the call: a manual commit.
+                            log.lock().unwrap().final_commit = true;
+                            continue;
+                        }
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(v["audio_base_64"].as_str().unwrap_or(""))
                             .unwrap_or_default();
                         chunk = decode(&format.as_ref().unwrap().0, &bytes);
                     }
-                    SttVendor::Deepgram if t.contains("CloseStream") => {
+                    SttVendor::Deepgram | SttVendor::Flux if t.contains("CloseStream") => {
                         log.lock().unwrap().client_closed = true;
                         let _ = ws
                             .send(Message::text(r#"{"type":"Metadata","transaction_key":"deprecated","request_id":"r1","sha256":"x","created":"2025-01-01T00:00:00Z","duration":1.0,"channels":1}"#))
@@ -319,7 +492,7 @@ async fn serve_stt(
                             reason: "".into(),
                         },
                     ),
-                    SttVendor::Deepgram => (
+                    SttVendor::Deepgram | SttVendor::Flux => (
                         None,
                         CloseFrame {
                             code: CloseCode::Error,
@@ -328,7 +501,7 @@ async fn serve_stt(
                     ),
                     SttVendor::ElevenLabs => (
                         Some(
-                            r#"{"message_type":"transcriber_error","error":"internal transcriber failure"}"#,
+                            r#"{"message_type":"session_time_limit_exceeded","error":"Maximum session duration exceeded."}"#,
                         ),
                         CloseFrame {
                             code: CloseCode::Error,
@@ -374,6 +547,7 @@ fn stt_interim(vendor: SttVendor, text: &str) -> Vec<String> {
             serde_json::json!({"type":"Results","channel_index":[0,1],"duration":0.4,"start":0.0,"is_final":false,"speech_final":false,"channel":{"alternatives":[{"transcript":text,"confidence":0.8,"words":[]}]},"metadata":{"request_id":"r1"}}).to_string(),
         ],
         SttVendor::ElevenLabs => vec![serde_json::json!({"message_type":"partial_transcript","text":text}).to_string()],
+        SttVendor::Flux => vec![flux_turn("StartOfTurn", text)],
     }
 }
 
@@ -396,7 +570,15 @@ fn stt_final(vendor: SttVendor, text: &str) -> Vec<String> {
             r#"{"type":"UtteranceEnd","channel":[0,1],"last_word_end":1.0}"#.to_owned(),
         ],
         SttVendor::ElevenLabs => vec![serde_json::json!({"message_type":"committed_transcript","text":text}).to_string()],
+        SttVendor::Flux => vec![flux_turn("Update", text), flux_turn("EndOfTurn", text)],
     }
+}
+
+/// A Flux `TurnInfo` message.
+fn flux_turn(event: &str, transcript: &str) -> String {
+    serde_json::json!({"type":"TurnInfo","event":event,"turn_index":0,"audio_window_start":0.0,
+        "audio_window_end":1.0,"transcript":transcript,"words":[],"end_of_turn_confidence":0.9})
+    .to_string()
 }
 
 fn decode(encoding: &str, bytes: &[u8]) -> Vec<i16> {
@@ -586,11 +768,19 @@ async fn serve_llm(
         });
         l.requests.len() - 1
     };
-    let reply = script
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or(LlmReply::Error {
+    // Reasoning models refuse the deprecated `max_tokens` (openai-python
+    // `src/openai/types/chat/completion_create_params.py`: "max_tokens … is not compatible
+    // with o-series models"; use `max_completion_tokens`); the fake refuses it for every
+    // model, with OpenAI's error shape, before taking a scripted reply.
+    let refusal = log.lock().unwrap().requests[index]
+        .body
+        .get("max_tokens")
+        .map(|_| LlmReply::Error {
+            status: 400,
+            body: r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#.into(),
+            retry_after_s: None,
+        });
+    let reply = refusal.or_else(|| script.lock().unwrap().pop_front()).unwrap_or(LlmReply::Error {
             status: 400,
             body:
                 r#"{"error":{"message":"fake has no more scripted replies","type":"invalid_request_error"}}"#
@@ -689,21 +879,24 @@ pub fn tool_events(id: &str, name: &str, arguments: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------
-// ElevenLabs TTS stream-input fake (WebSocket)
+// ElevenLabs TTS multi-context fake (WebSocket)
 // ---------------------------------------------------------------------------------------
 
+/// One context (= one reply) the fake saw.
 #[derive(Debug, Default, Clone)]
 pub struct TtsConn {
+    /// The socket's URI.
     pub uri: String,
     pub api_key: Option<String>,
+    /// The context's first message.
     pub init: Option<serde_json::Value>,
     /// Text messages with words in them, in order.
     pub texts: Vec<String>,
-    /// `{"text":""}` arrived.
+    /// `{"context_id","flush":true}` without text arrived: the reply's text is complete.
     pub end_of_input: bool,
-    /// `isFinal` was sent.
+    /// `isFinal` was sent for it.
     pub final_sent: bool,
-    /// The client closed the socket before `isFinal`.
+    /// The client closed the context before its text was complete (a barge-in).
     pub closed_early: bool,
     /// Audio bytes sent.
     pub audio_bytes: usize,
@@ -711,11 +904,35 @@ pub struct TtsConn {
 
 #[derive(Debug, Default)]
 pub struct TtsLog {
+    /// One entry per context, in the order they were opened.
     pub conns: Vec<TtsConn>,
+    /// WebSocket connections accepted.
+    pub sockets: usize,
+    /// Violations of the vendor's rules by the client.
+    pub errors: Vec<String>,
+    /// `{"close_socket":true}` arrived.
+    pub close_socket: bool,
 }
 
-/// Answers each sentence with `clip` (a real recording, converted to the requested
-/// `output_format`), in 100 ms chunks with character alignment spread over the clip.
+/// Bytes of 100 ms of audio in the format.
+fn bytes_per_chunk(ulaw: bool, rate: u32) -> usize {
+    if ulaw { 800 } else { rate as usize / 5 }
+}
+
+/// Models that take `language_code` (elevenlabs.io multi-stream-input: "for specific
+/// models"; pipecat `services/elevenlabs/tts.py` `ELEVENLABS_MULTILINGUAL_MODELS`).
+const LANGUAGE_MODELS: [&str; 3] = ["eleven_flash_v2_5", "eleven_turbo_v2_5", "eleven_v3"];
+
+/// A fake of ElevenLabs' multi-context TTS socket
+/// (`/v1/text-to-speech/{voice}/multi-stream-input`; shapes from elevenlabs.io
+/// `docs/api-reference/text-to-speech/v-1-text-to-speech-voice-id-multi-stream-input`, the
+/// multi-context WebSocket guide, and pipecat `services/elevenlabs/tts.py`): `xi-api-key`
+/// on the upgrade (else 401); a context opens with its first text; each flushed text is
+/// answered with `clip` (a real recording, converted to the requested `output_format`) in
+/// 100 ms `{"audio","alignment","contextId"}` chunks; `close_context` is answered with
+/// `{"isFinal":true,"contextId"}`. Like the vendor it refuses: more than 5 open contexts,
+/// text to a closed context, `eleven_v3` on this socket, and `language_code` for a model that
+/// takes none (an error message, then a 1008 close).
 pub struct TtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<TtsLog>>,
@@ -723,13 +940,23 @@ pub struct TtsFake {
 
 impl TtsFake {
     pub async fn start(clip: Recording, fail: bool) -> Self {
+        Self::start_with(clip, fail, Duration::ZERO).await
+    }
+
+    /// Like [`Self::start`], each connection's upgrade taking `handshake` (what TCP + TLS +
+    /// the HTTP upgrade cost over the internet).
+    pub async fn start_with(clip: Recording, fail: bool, handshake: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(TtsLog::default()));
         let l = log.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_tts(stream, l.clone(), clip.clone(), fail));
+                let (l, clip) = (l.clone(), clip.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(handshake).await;
+                    serve_tts(stream, l, clip, fail).await
+                });
             }
         });
         TtsFake { addr, log }
@@ -748,16 +975,38 @@ pub fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
 }
 
 async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, fail: bool) {
-    let (mut ws, uri, headers) = accept_ws(stream).await;
-    let idx = {
-        let mut l = log.lock().unwrap();
-        l.conns.push(TtsConn {
-            uri: uri.clone(),
-            api_key: header(&headers, "xi-api-key").map(str::to_owned),
-            ..TtsConn::default()
-        });
-        l.conns.len() - 1
+    let (ws, uri, headers) = accept_ws(stream, Some(("xi-api-key", KEY.to_owned()))).await;
+    let Some(mut ws) = ws else {
+        log.lock()
+            .unwrap()
+            .errors
+            .push("upgrade without xi-api-key".into());
+        return;
     };
+    log.lock().unwrap().sockets += 1;
+    let api_key = header(&headers, "xi-api-key").map(str::to_owned);
+    let model = query(&uri, "model_id").unwrap_or_default();
+    let refusal = if !uri.contains("/multi-stream-input") {
+        Some("not the multi-stream-input endpoint")
+    } else if model == "eleven_v3" {
+        Some("Multi-context WebSockets are not available for the eleven_v3 model")
+    } else if query(&uri, "language_code").is_some() && !LANGUAGE_MODELS.contains(&model.as_str()) {
+        Some("language_code is not supported for this model")
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        log.lock().unwrap().errors.push(why.into());
+        let m = serde_json::json!({"message": why, "error": "invalid_request", "code": 1008});
+        let _ = ws.send(Message::text(m.to_string())).await;
+        let _ = ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Policy,
+                reason: why.into(),
+            }))
+            .await;
+        return;
+    }
     let format = query(&uri, "output_format").unwrap_or_default();
     let (rate, ulaw) = match format.as_str() {
         "ulaw_8000" => (8000, true),
@@ -777,38 +1026,102 @@ async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, 
     }
     let bytes_per_100ms = if ulaw { 800 } else { rate as usize / 5 };
     let clip_ms = samples.len() as u64 * 1000 / rate as u64;
+    // context id → (index in the log, open)
+    let mut contexts: std::collections::HashMap<String, (usize, bool)> = Default::default();
+    let refuse = |why: String| {
+        let m = serde_json::json!({"message": why, "error": "invalid_request", "code": 1008});
+        m.to_string()
+    };
     while let Some(msg) = ws.next().await {
         let text = match msg {
             Ok(Message::Text(t)) => t.as_str().to_owned(),
-            Ok(Message::Close(_)) | Err(_) => {
-                let mut l = log.lock().unwrap();
-                let c = &mut l.conns[idx];
-                if !c.final_sent {
-                    c.closed_early = true;
-                }
-                return;
-            }
+            Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let t = v["text"].as_str().unwrap_or("").to_owned();
-        {
-            let mut l = log.lock().unwrap();
-            let c = &mut l.conns[idx];
-            if c.init.is_none() {
-                c.init = Some(v.clone());
-                if t != " " {
-                    c.texts.push("<bad init>".into());
+        if v["close_socket"] == true {
+            log.lock().unwrap().close_socket = true;
+            let _ = ws.close(None).await;
+            break;
+        }
+        let Some(id) = v["context_id"].as_str().map(str::to_owned) else {
+            // `{"text":""}` keeps the socket alive; anything else needs a context.
+            if v["text"] != "" {
+                log.lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("message without context_id: {text}"));
+            }
+            continue;
+        };
+        let t = v["text"].as_str().map(str::to_owned);
+        let idx = match contexts.get(&id) {
+            Some(&(idx, true)) => idx,
+            Some(&(_, false)) => {
+                let why = format!("context {id} is closed");
+                log.lock().unwrap().errors.push(why.clone());
+                let _ = ws.send(Message::text(refuse(why))).await;
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "".into(),
+                    }))
+                    .await;
+                break;
+            }
+            None => {
+                if contexts.values().filter(|(_, open)| *open).count() >= 5 {
+                    let why = "Maximum of 5 concurrent contexts per connection".to_owned();
+                    log.lock().unwrap().errors.push(why.clone());
+                    let _ = ws.send(Message::text(refuse(why))).await;
+                    let _ = ws
+                        .close(Some(CloseFrame {
+                            code: CloseCode::Policy,
+                            reason: "".into(),
+                        }))
+                        .await;
+                    break;
                 }
+                let mut l = log.lock().unwrap();
+                l.conns.push(TtsConn {
+                    uri: uri.clone(),
+                    api_key: api_key.clone(),
+                    init: Some(v.clone()),
+                    ..TtsConn::default()
+                });
+                let idx = l.conns.len() - 1;
+                if t.as_deref() != Some(" ") {
+                    l.conns[idx].texts.push("<bad init>".into());
+                }
+                contexts.insert(id.clone(), (idx, true));
                 continue;
             }
-            if t.is_empty() {
-                c.end_of_input = true;
-            } else if !t.trim().is_empty() {
-                c.texts.push(t.clone());
+        };
+        if v["close_context"] == true {
+            contexts.insert(id.clone(), (idx, false));
+            {
+                let mut l = log.lock().unwrap();
+                let c = &mut l.conns[idx];
+                if !c.end_of_input {
+                    c.closed_early = true;
+                }
+                c.final_sent = true;
             }
+            let m = serde_json::json!({"isFinal": true, "contextId": id});
+            let _ = ws.send(Message::text(m.to_string())).await;
+            continue;
         }
-        if fail && !t.trim().is_empty() {
+        let Some(t) = t else {
+            if v["flush"] == true {
+                log.lock().unwrap().conns[idx].end_of_input = true;
+            }
+            continue;
+        };
+        if t.trim().is_empty() {
+            continue; // a context keepalive
+        }
+        log.lock().unwrap().conns[idx].texts.push(t.clone());
+        if fail {
             let _ = ws
                 .send(Message::text(r#"{"message":"Quota exceeded for this API key","error":"quota_exceeded","code":1008}"#))
                 .await;
@@ -820,43 +1133,31 @@ async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, 
                 .await;
             return;
         }
-        if t.is_empty() {
-            let _ = ws
-                .send(Message::text(r#"{"audio":null,"isFinal":true}"#))
-                .await;
-            log.lock().unwrap().conns[idx].final_sent = true;
-            let _ = ws.close(None).await;
-            while let Some(Ok(_)) = ws.next().await {}
-            return;
-        }
-        if t.trim().is_empty() {
-            continue; // keepalive
-        }
         // "Synthesize": the clip, with this text's characters spread over it.
         let chars: Vec<String> = t.chars().map(|c| c.to_string()).collect();
         let n = chars.len() as u64;
         let starts: Vec<u64> = (0..n).map(|i| i * clip_ms / n.max(1)).collect();
         let durs: Vec<u64> = (0..n).map(|_| clip_ms / n.max(1)).collect();
         for (i, piece) in wire.chunks(bytes_per_100ms).enumerate() {
-            let mut m = serde_json::json!({"audio": b64(piece), "isFinal": null});
+            let mut m = serde_json::json!({"audio": b64(piece), "isFinal": null, "contextId": id});
             if i == 0 {
-                let al = serde_json::json!({"chars": chars, "charStartTimesMs": starts, "charsDurationsMs": durs});
+                let al = serde_json::json!({"chars": chars, "charStartTimesMs": starts, "charDurationsMs": durs});
                 m["alignment"] = al.clone();
                 m["normalizedAlignment"] = al;
             } else {
                 m["alignment"] = serde_json::Value::Null;
             }
             if ws.send(Message::text(m.to_string())).await.is_err() {
-                let mut l = log.lock().unwrap();
-                l.conns[idx].closed_early = true;
                 return;
             }
             log.lock().unwrap().conns[idx].audio_bytes += piece.len();
         }
     }
     let mut l = log.lock().unwrap();
-    if !l.conns[idx].final_sent {
-        l.conns[idx].closed_early = true;
+    for &(idx, open) in contexts.values() {
+        if open && !l.conns[idx].final_sent {
+            l.conns[idx].closed_early = true;
+        }
     }
 }
 
@@ -987,8 +1288,12 @@ pub struct HttpTtsRequest {
     pub body: serde_json::Value,
 }
 
-/// Answers every `POST /v1/text-to-speech/{voice}/stream?output_format=…` with `clip` in
-/// that format, as a chunked raw-audio body.
+/// Answers every `POST /v1/text-to-speech/{voice}/stream/with-timestamps?output_format=…`
+/// with `clip` in that format, as newline-delimited JSON chunks in ElevenLabs' shape
+/// (OpenAPI `StreamingAudioChunkWithTimestampsResponseModel`: `audio_base64`, `alignment` and
+/// `normalized_alignment` with `characters`, `character_start_times_seconds`,
+/// `character_end_times_seconds`), the text's characters spread over the clip. Refuses (400)
+/// another path, and `language_code` for a model that takes none.
 pub struct HttpTtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<HttpTtsRequest>>>,
@@ -1056,6 +1361,26 @@ impl HttpTtsFake {
                             false,
                         ),
                     };
+                    let req = l.lock().unwrap().last().cloned().unwrap();
+                    let model = req.body["model_id"].as_str().unwrap_or("").to_owned();
+                    let bad = if !path.contains("/stream/with-timestamps?") {
+                        Some("unknown path")
+                    } else if req.body.get("language_code").is_some()
+                        && !LANGUAGE_MODELS.contains(&model.as_str())
+                    {
+                        Some("language_code is not supported for this model")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = bad {
+                        let body = serde_json::json!({"detail": {"status": "invalid_request", "message": why}}).to_string();
+                        let resp = format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = stream.write_all(resp.as_bytes()).await;
+                        return;
+                    }
                     let samples = clip_at(&clip, rate);
                     let mut wire = Vec::new();
                     if ulaw {
@@ -1063,10 +1388,29 @@ impl HttpTtsFake {
                     } else {
                         voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
                     }
-                    let head = "HTTP/1.1 200 OK\r\nContent-Type: audio/basic\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                    let clip_s = samples.len() as f64 / rate as f64;
+                    let text = req.body["text"].as_str().unwrap_or("").to_owned();
+                    let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
+                    let n = chars.len().max(1) as f64;
+                    let starts: Vec<f64> =
+                        (0..chars.len()).map(|i| i as f64 * clip_s / n).collect();
+                    let ends: Vec<f64> = (1..=chars.len()).map(|i| i as f64 * clip_s / n).collect();
+                    let alignment = serde_json::json!({"characters": chars,
+                        "character_start_times_seconds": starts, "character_end_times_seconds": ends});
+                    let mut body = Vec::new();
+                    for (i, piece) in wire.chunks(bytes_per_chunk(ulaw, rate)).enumerate() {
+                        let mut m = serde_json::json!({"audio_base64": b64(piece), "alignment": null, "normalized_alignment": null});
+                        if i == 0 {
+                            m["alignment"] = alignment.clone();
+                            m["normalized_alignment"] = alignment.clone();
+                        }
+                        body.extend_from_slice(m.to_string().as_bytes());
+                        body.push(b'\n');
+                    }
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
                     let _ = stream.write_all(head.as_bytes()).await;
-                    // Odd-sized chunks: PCM samples split across chunks must survive.
-                    for piece in wire.chunks(777) {
+                    // Odd-sized chunks: lines split across HTTP chunks must survive.
+                    for piece in body.chunks(777) {
                         let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
                         c.extend_from_slice(piece);
                         c.extend_from_slice(b"\r\n");

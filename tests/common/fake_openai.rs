@@ -2,6 +2,21 @@
 //! (`providers.md` §1): a WebSocket upgrade on `/v1/realtime?model=…` whose headers it checks
 //! and records, JSON events in both directions, base64 audio in μ-law or pcm16.
 //!
+//! Shapes come from openai-python `src/openai/types/realtime/` (GA): `session_update_event.py`,
+//! `realtime_session_create_request.py`, `realtime_audio_formats.py`,
+//! `response_created_event.py`, `response_done_event.py`, `realtime_error_event.py` /
+//! `realtime_error.py` (`{type, code, message, param, event_id}`). Like the real server it
+//! is strict where a client can go wrong:
+//! - a handshake with `OpenAI-Beta: realtime=v1` (the removed preview interface) is refused
+//!   with `beta_api_shape_disabled`;
+//! - one response at a time per conversation: a `response.create` while a response is active
+//!   (from an accepted `response.create` until its `response.done`) is answered with the
+//!   error `conversation_already_has_active_response`, message text as the server words it
+//!   (quoted in openai/openai-agents-python#1466, pipecat-ai/pipecat#3960), `event_id` the
+//!   client event's, and is otherwise dropped (the test never sees it as an event);
+//! - `response.cancel` answers `response.done` with status `cancelled` while a response is
+//!   active, else the error `response_cancel_not_active`.
+//!
 //! The fake has no script of its own: a test accepts a connection and drives it event by
 //! event with [`FakeConn`], so every scenario reads as the conversation it is. Caller audio
 //! (`input_audio_buffer.append`) is decoded and collected as it arrives in whatever format
@@ -20,7 +35,6 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use voicegate::audio::convert::WireFormat;
 use voicegate::audio::g711::Law;
-use voicegate::config::RealtimeApi;
 
 /// How long the fake waits for any single client event before failing the test.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,18 +100,22 @@ impl FakeOpenAi {
                 beta: header("openai-beta"),
             };
             let auth_ok = hs.authorization.as_deref() == Some(expected.as_str());
+            let beta = hs.beta.is_some();
             *record.lock().unwrap() = hs;
             let status = match refuse {
                 Some(s) => Some(s),
                 None if !auth_ok => Some(StatusCode::UNAUTHORIZED),
+                None if beta => Some(StatusCode::BAD_REQUEST),
                 None => None,
+            };
+            let body = if beta && auth_ok {
+                r#"{"error":{"type":"invalid_request_error","code":"beta_api_shape_disabled","message":"The beta Realtime API shape is disabled; use the GA interface.","param":null,"event_id":null}}"#
+            } else {
+                r#"{"error":{"type":"invalid_request_error","code":"invalid_api_key","message":"Incorrect API key provided."}}"#
             };
             match status {
                 Some(status) => {
-                    let mut e = ErrorResponse::new(Some(
-                        r#"{"error":{"type":"invalid_request_error","code":"invalid_api_key","message":"Incorrect API key provided."}}"#
-                            .to_owned(),
-                    ));
+                    let mut e = ErrorResponse::new(Some(body.to_owned()));
                     *e.status_mut() = status;
                     Err(e)
                 }
@@ -116,6 +134,9 @@ impl FakeOpenAi {
                     audio_in: Vec::new(),
                     append_sizes: Vec::new(),
                     events: Vec::new(),
+                    active_response: None,
+                    rejected: Vec::new(),
+                    next_event_id: 0,
                 }),
             ),
             Err(_) => (hs, None),
@@ -134,8 +155,14 @@ pub struct FakeConn {
     pub audio_in: Vec<i16>,
     /// Bytes of each append, decoded from base64.
     pub append_sizes: Vec<usize>,
-    /// Every client event other than appends, in order.
+    /// Every client event other than appends, in order (rejected `response.create`s too).
     pub events: Vec<Value>,
+    /// The response in progress: set by an accepted `response.create` (`"pending"`) or a
+    /// `response.created` the fake sends, cleared by the `response.done` it sends.
+    pub active_response: Option<String>,
+    /// The `response.create` events refused because a response was active.
+    pub rejected: Vec<Value>,
+    next_event_id: u64,
 }
 
 impl FakeConn {
@@ -144,8 +171,16 @@ impl FakeConn {
         self.t0.elapsed().as_secs_f64() * 1000.0
     }
 
-    /// Sends one server event; returns the time it was sent (ms since `t0`).
+    /// Sends one server event; returns the time it was sent (ms since `t0`). Tracks the
+    /// active response from the `response.created` / `response.done` it sends.
     pub async fn send(&mut self, v: Value) -> f64 {
+        match v["type"].as_str() {
+            Some("response.created") => {
+                self.active_response = v["response"]["id"].as_str().map(str::to_owned);
+            }
+            Some("response.done") => self.active_response = None,
+            _ => {}
+        }
         let t = self.now_ms();
         self.ws
             .send(Message::Text(v.to_string().into()))
@@ -192,8 +227,82 @@ impl FakeConn {
                 continue;
             }
             self.events.push(v.clone());
+            if !self.server_rules(&v).await {
+                continue;
+            }
             return Some(v);
         }
+    }
+
+    /// What the real server does on its own with a client event; `false` if the event was
+    /// refused (the test does not see it).
+    async fn server_rules(&mut self, v: &Value) -> bool {
+        match v["type"].as_str() {
+            Some("response.create") => {
+                if let Some(active) = self.active_response.clone() {
+                    self.rejected.push(v.clone());
+                    let message = format!(
+                        "Conversation already has an active response in progress: {active}. Wait until the response is finished before creating a new one."
+                    );
+                    self.server_error(
+                        "conversation_already_has_active_response",
+                        &message,
+                        v.get("event_id"),
+                    )
+                    .await;
+                    return false;
+                }
+                self.active_response = Some("pending".to_owned());
+                true
+            }
+            Some("response.cancel") => {
+                match self.active_response.clone() {
+                    Some(id) => {
+                        let event_id = self.event_id();
+                        self.send(json!({"type": "response.done", "event_id": event_id,
+                            "response": {"id": id, "object": "realtime.response", "status": "cancelled",
+                                         "status_details": {"type": "cancelled", "reason": "client_cancelled"}, "output": []}}))
+                            .await;
+                    }
+                    None => {
+                        self.server_error(
+                            "response_cancel_not_active",
+                            "Cancellation failed: no active response found",
+                            v.get("event_id"),
+                        )
+                        .await;
+                    }
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+
+    fn event_id(&mut self) -> String {
+        self.next_event_id += 1;
+        format!("event_fake_{}", self.next_event_id)
+    }
+
+    /// The session reaches its time limit, as OpenAI ends one at 60 minutes: an `error`
+    /// with code `session_expired`, then a close with 1001 (going away).
+    pub async fn expire(&mut self) {
+        self.server_error(
+            "session_expired",
+            "Your session hit the maximum duration of 60 minutes.",
+            None,
+        )
+        .await;
+        self.close_with(1001, "session expired").await;
+    }
+
+    /// An `error` event in the real shape (`realtime_error_event.py`).
+    pub async fn server_error(&mut self, code: &str, message: &str, client_event: Option<&Value>) {
+        let id = self.event_id();
+        self.send(json!({"type": "error", "event_id": id, "error": {
+            "type": "invalid_request_error", "code": code, "message": message, "param": null,
+            "event_id": client_event.cloned().unwrap_or(Value::Null)}}))
+            .await;
     }
 
     fn take_append(&mut self, v: &Value) {
@@ -263,7 +372,8 @@ impl FakeConn {
         }
     }
 
-    /// Reads every remaining client event until the client closes (or `limit` passes).
+    /// Reads every remaining client event until the client closes (or `limit` passes),
+    /// applying the server's rules to each (a `response.create` may be refused).
     pub async fn drain(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
@@ -273,7 +383,8 @@ impl FakeConn {
                     if v["type"] == "input_audio_buffer.append" {
                         self.take_append(&v);
                     } else {
-                        self.events.push(v);
+                        self.events.push(v.clone());
+                        self.server_rules(&v).await;
                     }
                 }
                 Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
@@ -285,36 +396,21 @@ impl FakeConn {
     }
 
     /// `session.created`, as the server sends it first.
-    pub async fn session_created(&mut self, api: RealtimeApi) {
-        let mut session =
-            json!({"id": "sess_fake_1", "object": "realtime.session", "model": "gpt-realtime"});
-        if api == RealtimeApi::Ga {
-            session["type"] = json!("realtime");
-        }
+    pub async fn session_created(&mut self) {
+        let session = json!({"id": "sess_fake_1", "object": "realtime.session", "type": "realtime",
+                             "model": "gpt-realtime"});
         self.send(json!({"type": "session.created", "event_id": "ev_c1", "session": session}))
             .await;
     }
 
     /// Answers a `session.update` with `session.updated` holding the effective session:
     /// the update's session with `formats` (input, output) in place of what was asked.
-    pub async fn session_updated(
-        &mut self,
-        api: RealtimeApi,
-        update: &Value,
-        formats: (WireFormat, WireFormat),
-    ) {
+    pub async fn session_updated(&mut self, update: &Value, formats: (WireFormat, WireFormat)) {
         let mut session = update["session"].clone();
+        assert_eq!(session["type"], "realtime", "a GA session.update: {update}");
         session["id"] = json!("sess_fake_1");
-        match api {
-            RealtimeApi::Ga => {
-                session["audio"]["input"]["format"] = ga_format(formats.0);
-                session["audio"]["output"]["format"] = ga_format(formats.1);
-            }
-            RealtimeApi::Preview => {
-                session["input_audio_format"] = json!(preview_format(formats.0));
-                session["output_audio_format"] = json!(preview_format(formats.1));
-            }
-        }
+        session["audio"]["input"]["format"] = ga_format(formats.0);
+        session["audio"]["output"]["format"] = ga_format(formats.1);
         self.input_format = formats.0;
         self.send(json!({"type": "session.updated", "event_id": "ev_u1", "session": session}))
             .await;
@@ -338,7 +434,6 @@ impl FakeConn {
     /// (ms since `t0`) of the first and the last event.
     pub async fn reply(
         &mut self,
-        api: RealtimeApi,
         response_id: &str,
         item_id: &str,
         audio: &[u8],
@@ -346,22 +441,12 @@ impl FakeConn {
         transcript: &str,
     ) -> (f64, f64) {
         use base64::Engine as _;
-        let ga = api == RealtimeApi::Ga;
-        let (audio_delta, audio_done, tr_delta, tr_done) = if ga {
-            (
-                "response.output_audio.delta",
-                "response.output_audio.done",
-                "response.output_audio_transcript.delta",
-                "response.output_audio_transcript.done",
-            )
-        } else {
-            (
-                "response.audio.delta",
-                "response.audio.done",
-                "response.audio_transcript.delta",
-                "response.audio_transcript.done",
-            )
-        };
+        let (audio_delta, audio_done, tr_delta, tr_done) = (
+            "response.output_audio.delta",
+            "response.output_audio.done",
+            "response.output_audio_transcript.delta",
+            "response.output_audio_transcript.done",
+        );
         let ids = json!({"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0});
         let with = |mut v: Value| {
             for (k, x) in ids.as_object().unwrap() {
@@ -375,14 +460,11 @@ impl FakeConn {
             .await;
         self.send(json!({"type": "response.output_item.added", "response_id": response_id, "output_index": 0, "item": item}))
             .await;
-        let added = if ga {
-            "conversation.item.added"
-        } else {
-            "conversation.item.created"
-        };
-        self.send(json!({"type": added, "previous_item_id": null, "item": item}))
-            .await;
-        let part_type = if ga { "output_audio" } else { "audio" };
+        self.send(
+            json!({"type": "conversation.item.added", "previous_item_id": null, "item": item}),
+        )
+        .await;
+        let part_type = "output_audio";
         self.send(with(json!({"type": "response.content_part.added", "part": {"type": part_type, "transcript": ""}})))
             .await;
         let mut words = transcript.split_inclusive(' ');
@@ -406,10 +488,8 @@ impl FakeConn {
                                "content": [{"type": part_type, "transcript": transcript}]});
         self.send(json!({"type": "response.output_item.done", "response_id": response_id, "output_index": 0, "item": done_item}))
             .await;
-        if ga {
-            self.send(json!({"type": "conversation.item.done", "item": done_item}))
-                .await;
-        }
+        self.send(json!({"type": "conversation.item.done", "item": done_item}))
+            .await;
         let last = self
             .send(json!({"type": "response.done", "response": {"id": response_id, "object": "realtime.response", "status": "completed",
                           "status_details": null, "output": [done_item]}}))
@@ -424,15 +504,6 @@ pub fn ga_format(f: WireFormat) -> Value {
         WireFormat::G711(Law::Ulaw) => json!({"type": "audio/pcmu"}),
         WireFormat::G711(Law::Alaw) => json!({"type": "audio/pcma"}),
         WireFormat::Pcm16 { rate_hz } => json!({"type": "audio/pcm", "rate": rate_hz}),
-    }
-}
-
-/// A preview format string (§1.2).
-pub fn preview_format(f: WireFormat) -> &'static str {
-    match f {
-        WireFormat::G711(Law::Ulaw) => "g711_ulaw",
-        WireFormat::G711(Law::Alaw) => "g711_alaw",
-        WireFormat::Pcm16 { .. } => "pcm16",
     }
 }
 

@@ -85,12 +85,22 @@ pub struct SttConfig {
     pub url: Option<String>,
     /// API key; default `{ env = "SONIOX_API_KEY" | "DEEPGRAM_API_KEY" | "ELEVENLABS_API_KEY" }`.
     pub api_key: Option<SecretSource>,
-    /// Model; default `stt-rt-v4` (Soniox), `nova-3` (Deepgram), `scribe_v2_realtime`.
+    /// Model; default `stt-rt-v4` (Soniox), `nova-3` (Deepgram), `scribe_v2_realtime`. A
+    /// Deepgram `flux-…` model (`flux-general-en`, `flux-general-multi`) uses Deepgram Flux
+    /// on `/v2/listen`, the turn-taking model Deepgram recommends for voice agents.
     pub model: Option<String>,
-    /// Language hints, ISO 639-1 (`["ru", "uk", "en"]`). Soniox: `language_hints`; Deepgram:
-    /// `language` when one is given, `multi` when several; ElevenLabs: `language_code` when
-    /// one is given, automatic detection otherwise. Empty: the vendor detects.
+    /// Languages, ISO 639-1 (`["ru", "uk", "en"]`). Soniox: `language_hints` (empty: it
+    /// detects). Deepgram: `language` when one is given (`"multi"` for nova-3 multilingual,
+    /// which covers uk and ru among 55 languages), `language=multi` plus one `language_hint`
+    /// per language when several; empty sends `language=en` (Deepgram's own default: it does
+    /// NOT detect the language unless asked for `multi`). ElevenLabs: `language_code` when
+    /// one is given, automatic detection otherwise.
     pub languages: Vec<String>,
+    /// Words the caller is likely to say that the STT should not miss (names, brands, tyre
+    /// sizes). Deepgram: one `keyterm` each (nova-3 models only; developers.deepgram.com
+    /// `docs/keyterm`); Soniox: `context.terms` (soniox.com `stt/concepts/context`);
+    /// ElevenLabs Scribe realtime: not sent.
+    pub keyterms: Vec<String>,
     /// Send G.711 μ-law on 8 kHz calls (default true; half the bytes of slin, exact for phone
     /// audio); wideband calls always send PCM at the call rate.
     pub g711: bool,
@@ -114,6 +124,7 @@ impl Default for SttConfig {
             api_key: None,
             model: None,
             languages: Vec::new(),
+            keyterms: Vec::new(),
             g711: true,
             endpointing_ms: 500,
             utterance_end_ms: 1000,
@@ -160,10 +171,12 @@ pub struct LlmConfig {
     pub system_prompt: String,
     /// System prompt from a file (UTF-8 text).
     pub system_prompt_file: Option<PathBuf>,
-    /// Sampling temperature; unset leaves the endpoint's default.
+    /// Sampling temperature; unset leaves it out of the request (reasoning models refuse it).
     pub temperature: Option<f32>,
-    /// Most tokens per reply; unset leaves the endpoint's default.
-    pub max_tokens: Option<u32>,
+    /// Most tokens per reply, sent as `max_completion_tokens`; unset leaves it out. The old
+    /// key name `max_tokens` is still read.
+    #[serde(alias = "max_tokens")]
+    pub max_completion_tokens: Option<u32>,
     /// Extra request headers, e.g. OpenRouter's `HTTP-Referer` and `X-Title` (not secret).
     pub extra_headers: BTreeMap<String, String>,
     /// The response headers must arrive within this long, ms (default 10000).
@@ -189,7 +202,7 @@ impl Default for LlmConfig {
                 .into(),
             system_prompt_file: None,
             temperature: None,
-            max_tokens: None,
+            max_completion_tokens: None,
             extra_headers: BTreeMap::new(),
             timeout_ms: 10_000,
             retries: 1,
@@ -218,10 +231,10 @@ impl LlmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TtsMode {
-    /// WebSocket `stream-input`, one socket per reply (default).
+    /// WebSocket `multi-stream-input`: one socket per call, one context per reply (default).
     #[default]
     Ws,
-    /// HTTP `POST …/stream`, one request per sentence.
+    /// HTTP `POST …/stream/with-timestamps`, one request per sentence.
     Http,
 }
 
@@ -240,7 +253,9 @@ pub struct TtsConfig {
     pub model_id: String,
     /// `ws` (default) or `http`.
     pub mode: TtsMode,
-    /// `language_code` sent to the model (e.g. `ru`); unset: the model detects.
+    /// `language_code` sent to the model (e.g. `ru`); unset: the model detects. Sent only to
+    /// models that take one (`eleven_flash_v2_5`, `eleven_turbo_v2_5`, `eleven_v3`; others
+    /// answer 400), otherwise a warning at start-up.
     pub language_code: Option<String>,
     /// Voice `speed` (default 1.0; ElevenLabs accepts 0.7–1.2).
     pub speed: f32,
@@ -352,6 +367,12 @@ impl CascadeConfig {
             .api_key
             .resolve()
             .map_err(|e| ConfigError::invalid("agent.tts.api_key", e.to_string()))?;
+        if self.tts.mode == TtsMode::Ws && self.tts.model_id == "eleven_v3" {
+            return Err(ConfigError::invalid(
+                "agent.tts.model_id",
+                "eleven_v3 has no multi-context WebSocket: set agent.tts.mode = \"http\"",
+            ));
+        }
         if self.tts.voice_id.is_empty() {
             return Err(ConfigError::invalid("agent.tts.voice_id", "must be set"));
         }

@@ -78,8 +78,9 @@ pub struct LlmSettings {
     pub model: String,
     /// Sampling temperature.
     pub temperature: Option<f32>,
-    /// Most tokens per reply.
-    pub max_tokens: Option<u32>,
+    /// Most tokens per reply, sent as `max_completion_tokens` (the deprecated `max_tokens`
+    /// is refused by reasoning models; openai-python `types/chat/completion_create_params.py`).
+    pub max_completion_tokens: Option<u32>,
     /// Extra headers (OpenRouter's `HTTP-Referer`, `X-Title`).
     pub extra_headers: BTreeMap<String, String>,
     /// Time allowed until the response headers arrive.
@@ -164,11 +165,13 @@ impl LlmClient {
             body["tools"] = self.tools.clone();
             body["tool_choice"] = "auto".into();
         }
+        // Only what is configured: reasoning models refuse `temperature` among others, so an
+        // unset value is left out rather than sent as a default.
         if let Some(t) = self.settings.temperature {
             body["temperature"] = t.into();
         }
-        if let Some(m) = self.settings.max_tokens {
-            body["max_tokens"] = m.into();
+        if let Some(m) = self.settings.max_completion_tokens {
+            body["max_completion_tokens"] = m.into();
         }
         body
     }

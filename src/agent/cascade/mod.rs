@@ -55,7 +55,7 @@ use std::time::Duration;
 use stt::{SttEvent, SttHandle};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use tts::{TtsCommand, TtsEvent, TtsSettings, TtsStream};
+use tts::{TtsCall, TtsCommand, TtsEvent, TtsSettings, TtsStream};
 use vad::{Vad, VadEvent};
 
 /// Caller frames kept while the STT is fed silence (echo only), sent when speech starts
@@ -104,6 +104,15 @@ impl CascadeAgent {
             .api_key
             .resolve()
             .map_err(|e| ConfigError::invalid("agent.tts.api_key", e.to_string()))?;
+        if let Some(lang) = &cfg.tts.language_code {
+            if !tts::accepts_language_code(&cfg.tts.model_id) {
+                warn!(
+                    language_code = lang.as_str(),
+                    model_id = cfg.tts.model_id.as_str(),
+                    "agent.tts.language_code is not sent: this model does not take one (only eleven_flash_v2_5, eleven_turbo_v2_5 and eleven_v3 do)"
+                );
+            }
+        }
         let system_prompt = cfg.llm.load_system_prompt()?;
         let llm = LlmClient::new(
             LlmSettings {
@@ -111,7 +120,7 @@ impl CascadeAgent {
                 api_key: llm_key,
                 model: cfg.llm.model.clone(),
                 temperature: cfg.llm.temperature,
-                max_tokens: cfg.llm.max_tokens,
+                max_completion_tokens: cfg.llm.max_completion_tokens,
                 extra_headers: cfg.llm.extra_headers.clone(),
                 timeout: Duration::from_millis(cfg.llm.timeout_ms),
                 retries: cfg.llm.retries,
@@ -300,12 +309,19 @@ struct Conversation {
     stt_dropped: u64,
     /// Keypad digits typed and not yet sent as a caller turn.
     keypad: Keypad,
+    /// The call's TTS (one WebSocket for all replies in `ws` mode).
+    tts: TtsCall,
 }
 
 impl Conversation {
     fn new(shared: Arc<Shared>, call: CallInfo, io: AgentEndpoint, stt: SttHandle) -> Self {
         let history = vec![serde_json::json!({"role": "system", "content": shared.system_prompt})];
+        // Opened now, while the caller is still speaking, so that the first reply does not
+        // wait for a handshake.
+        let mut tts = shared.tts.call(call.rate_hz);
+        tts.connect();
         Conversation {
+            tts,
             vad: Vad::new(shared.cfg.vad.clone()),
             shared,
             call,
@@ -447,6 +463,10 @@ impl Conversation {
         if verdict.event == Some(VadEvent::SpeechStarted) && self.agent_talking() {
             self.barge_in().await?;
         }
+        // The caller stopped: vendors that can finalize on request end the turn now.
+        if verdict.event == Some(VadEvent::SpeechEnded) {
+            self.stt.finalize(self.shared.cfg.vad.hang_ms);
+        }
         // While only the agent's echo can be on the line, the STT hears silence.
         let suppress = verdict.echo_possible && !self.vad.in_speech();
         if suppress {
@@ -496,7 +516,7 @@ impl Conversation {
         Reply {
             id,
             llm: with_llm.then(|| self.shared.llm.stream(&self.history)),
-            tts: Some(self.shared.tts.start(self.call.rate_hz)),
+            tts: Some(self.tts.start()),
             text: String::new(),
             pending: String::new(),
             sent: String::new(),

@@ -1,19 +1,32 @@
-//! The cascade's TTS: ElevenLabs text-to-speech (`providers.md` §3), one stream per reply.
+//! The cascade's TTS: ElevenLabs text-to-speech (`providers.md` §3).
 //!
-//! The cascade sends the reply's text sentence by sentence as the LLM produces it
+//! The cascade sends each reply's text sentence by sentence as the LLM produces it
 //! ([`TtsCommand::Text`]), then [`TtsCommand::Finish`]. Audio comes back in the format that
 //! matches the call (`ulaw_8000` for 8 kHz calls, `pcm_16000` for 16 kHz calls), so it is
 //! decoded to slin once and never resampled; other call rates get `pcm_16000` resampled.
 //!
-//! - WebSocket `stream-input` (default): one socket per reply, each sentence sent with
-//!   `flush: true` so generation starts at once; `{"text":""}` ends the reply. With
-//!   `sync_alignment=true` every audio chunk carries character timings, which map how much
-//!   of an interrupted reply the caller heard to text.
-//! - HTTP streaming (fallback): one `POST …/stream` per sentence, raw audio body; character
-//!   timings are spread evenly over each sentence's audio.
+//! - WebSocket `multi-stream-input` (default; elevenlabs.io `docs/api-reference/text-to-speech/
+//!   v-1-text-to-speech-voice-id-multi-stream-input` and the "multi-context WebSocket" guide):
+//!   ONE socket per call ([`TtsCall`]), opened when the call starts — while the caller is
+//!   still speaking — so the first reply does not wait for TCP + TLS + the upgrade. Each
+//!   reply is one context (`context_id` `vg_r<N>`): `{"text":" ","context_id"}` opens it,
+//!   every sentence goes with `flush: true`, and the end of the reply is
+//!   `{"context_id","flush":true}` then `{"context_id","close_context":true}`, after which
+//!   the server sends `{"isFinal":true,"contextId"}`. A barge-in closes the reply's context
+//!   at once (`close_context`) and its late audio is dropped. At most
+//!   [`MAX_CONTEXTS`] contexts are open at a time (ElevenLabs' limit per connection). With
+//!   `sync_alignment=true` every audio chunk carries character timings, which map how much of
+//!   an interrupted reply the caller heard to text. A socket that fails is replaced on the
+//!   next reply. `eleven_v3` has no multi-context socket: it needs `mode = "http"`.
+//! - HTTP streaming (fallback): one `POST …/stream/with-timestamps` per sentence with
+//!   `previous_text`/`next_text` for continuity; the answer is newline-delimited JSON with
+//!   base64 audio and the characters' real start times.
 //!
-//! Dropping the [`TtsStream`] cancels it: the socket is closed (close frame) or the HTTP
-//! response dropped, and the provider stops generating.
+//! `language_code` is sent only to models that accept it ([`accepts_language_code`]);
+//! others answer HTTP 400.
+//!
+//! Dropping a [`TtsStream`] cancels that reply; dropping the [`TtsCall`] closes the socket
+//! (`{"close_socket":true}`).
 
 use super::config::{TtsConfig, TtsMode};
 use crate::agent::AgentError;
@@ -23,11 +36,12 @@ use crate::secret::Secret;
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{Instrument, debug, trace, warn};
 
 const PROVIDER: &str = "elevenlabs_tts";
 
@@ -73,34 +87,67 @@ pub struct TtsSettings {
     pub key: Secret,
 }
 
-/// Pieces of text one reply's TTS stream holds before more text is dropped (issue 14: no
-/// unbounded queue); one slot is always left for [`TtsCommand::Finish`].
+/// Pieces of text queued for the TTS before more text is dropped (issue 14: no unbounded
+/// queue); beyond them [`CONTROL_RESERVE`] slots stay free for `Finish`, context opens and
+/// cancels, which are never dropped.
 pub const TEXT_QUEUE: usize = 4096;
 
-/// The text side of a [`TtsStream`]: a bounded queue with the shape of an unbounded sender.
-#[derive(Debug, Clone)]
-pub struct TextTx(mpsc::Sender<TtsCommand>);
+/// Slots of a TTS queue kept for control messages (see [`TEXT_QUEUE`]).
+pub const CONTROL_RESERVE: usize = 16;
 
-impl TextTx {
-    /// Queues `cmd` without waiting. Text beyond [`TEXT_QUEUE`] pieces (an LLM far ahead of
-    /// the TTS) is dropped with a warning; the slot kept free means `Finish` always fits.
-    ///
-    /// # Errors
-    /// The command back, when the stream is gone or the text was dropped.
-    pub fn send(&self, cmd: TtsCommand) -> Result<(), mpsc::error::TrySendError<TtsCommand>> {
-        if matches!(cmd, TtsCommand::Text(_)) && self.0.capacity() <= 1 {
-            tracing::warn!(queue = TEXT_QUEUE, "TTS text queue full; text dropped");
-            return Err(mpsc::error::TrySendError::Full(cmd));
+/// Queues `msg` without waiting; text (`droppable`) beyond [`TEXT_QUEUE`] is dropped with a
+/// warning (an LLM far ahead of the TTS), control messages use the reserve.
+fn queue<T>(tx: &mpsc::Sender<T>, msg: T, droppable: bool) -> Result<(), TtsGone> {
+    if droppable && tx.capacity() <= CONTROL_RESERVE {
+        tracing::warn!(queue = TEXT_QUEUE, "TTS text queue full; text dropped");
+        return Ok(());
+    }
+    match tx.try_send(msg) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(TtsGone),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!("TTS queue full; control message dropped");
+            Ok(())
         }
-        self.0.try_send(cmd)
     }
 }
 
-/// One reply's TTS stream; dropping it cancels.
+/// Why text could not be sent: the reply's stream is gone (cancelled or failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtsGone;
+
+/// Where a reply's text goes: its context on the call's socket, or its own HTTP task.
+#[derive(Debug)]
+enum TextSink {
+    Ws { ctx: u64, tx: mpsc::Sender<ConnMsg> },
+    Http(mpsc::Sender<TtsCommand>),
+}
+
+/// The text side of one reply's stream.
+#[derive(Debug)]
+pub struct TtsText(TextSink);
+
+impl TtsText {
+    /// Sends one command; never blocks (the LLM is slower than the socket drains). Text
+    /// beyond [`TEXT_QUEUE`] queued pieces is dropped with a warning; `Finish` always fits.
+    ///
+    /// # Errors
+    /// [`TtsGone`] when the stream's task is gone.
+    pub fn send(&self, cmd: TtsCommand) -> Result<(), TtsGone> {
+        let droppable = matches!(cmd, TtsCommand::Text(_));
+        match &self.0 {
+            TextSink::Ws { ctx, tx } => queue(tx, ConnMsg::Text { ctx: *ctx, cmd }, droppable),
+            TextSink::Http(tx) => queue(tx, cmd, droppable),
+        }
+    }
+}
+
+/// One reply's TTS stream; dropping it cancels the reply (its context is closed, or its
+/// HTTP request dropped).
 #[derive(Debug)]
 pub struct TtsStream {
-    /// Text in (bounded, never waits: [`TextTx::send`]).
-    pub text: TextTx,
+    /// Text in.
+    pub text: TtsText,
     /// Events out.
     pub events: mpsc::Receiver<TtsEvent>,
     cancel: CancellationToken,
@@ -108,32 +155,48 @@ pub struct TtsStream {
 
 impl Drop for TtsStream {
     fn drop(&mut self) {
+        if let TextSink::Ws { ctx, tx } = &self.text.0 {
+            let _ = queue(tx, ConnMsg::Cancel { ctx: *ctx }, false);
+        }
         self.cancel.cancel();
     }
 }
 
+/// ElevenLabs' limit of open contexts per multi-context socket.
+pub const MAX_CONTEXTS: usize = 5;
+
+/// With no message sent for this long, a `{"text":""}` keeps the socket open (ElevenLabs
+/// closes it after `inactivity_timeout`, which voicegate sets to its maximum, 180 s).
+const KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Whether `model_id` takes a `language_code` (elevenlabs.io: "The ISO 639-1 language code
+/// (for specific models)"; the multilingual v2.5 models and v3 do, pipecat's
+/// `ELEVENLABS_MULTILINGUAL_MODELS` lists the v2.5 ones; others answer HTTP 400).
+pub fn accepts_language_code(model_id: &str) -> bool {
+    matches!(
+        model_id,
+        "eleven_flash_v2_5" | "eleven_turbo_v2_5" | "eleven_v3"
+    )
+}
+
 impl TtsSettings {
-    /// Starts a stream for one reply on a call at `rate_hz`.
-    pub fn start(&self, rate_hz: u32) -> TtsStream {
-        let (text_tx, text_rx) = mpsc::channel(TEXT_QUEUE);
-        let (ev_tx, ev_rx) = mpsc::channel(256);
-        let cancel = CancellationToken::new();
-        let this = self.clone();
-        let token = cancel.clone();
-        tokio::spawn(async move {
-            let result = match this.cfg.mode {
-                TtsMode::Ws => run_ws(&this, rate_hz, text_rx, &ev_tx, token).await,
-                TtsMode::Http => run_http(&this, rate_hz, text_rx, &ev_tx, token).await,
-            };
-            if let Err(e) = result {
-                let _ = ev_tx.send(TtsEvent::Failed(e)).await;
-            }
-        });
-        TtsStream {
-            text: TextTx(text_tx),
-            events: ev_rx,
-            cancel,
+    /// The TTS of one call at `rate_hz`. In `ws` mode nothing is opened until
+    /// [`TtsCall::connect`] or the first [`TtsCall::start`].
+    pub fn call(&self, rate_hz: u32) -> TtsCall {
+        TtsCall {
+            settings: self.clone(),
+            rate_hz,
+            conn: None,
+            next_ctx: 1,
         }
+    }
+
+    /// The `language_code` to send: the configured one if the model takes it.
+    fn language_code(&self) -> Option<&str> {
+        self.cfg
+            .language_code
+            .as_deref()
+            .filter(|_| accepts_language_code(&self.cfg.model_id))
     }
 
     fn base_url(&self, ws: bool) -> String {
@@ -154,6 +217,82 @@ impl TtsSettings {
     }
 }
 
+/// One call's TTS (see the module docs); dropping it closes the call's socket.
+#[derive(Debug)]
+pub struct TtsCall {
+    settings: TtsSettings,
+    rate_hz: u32,
+    /// The socket task of `ws` mode; replaced when it has ended.
+    conn: Option<mpsc::Sender<ConnMsg>>,
+    next_ctx: u64,
+}
+
+impl TtsCall {
+    /// Opens the call's socket now (`ws` mode), so that the first reply finds it ready; a
+    /// no-op in `http` mode or when it is open.
+    pub fn connect(&mut self) {
+        if self.settings.cfg.mode == TtsMode::Ws {
+            self.conn();
+        }
+    }
+
+    /// The socket task's sender, starting a task if there is none alive.
+    fn conn(&mut self) -> mpsc::Sender<ConnMsg> {
+        match &self.conn {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = mpsc::channel(TEXT_QUEUE + CONTROL_RESERVE);
+                let settings = self.settings.clone();
+                let rate_hz = self.rate_hz;
+                tokio::spawn(run_connection(settings, rate_hz, rx).in_current_span());
+                self.conn = Some(tx.clone());
+                tx
+            }
+        }
+    }
+
+    /// Starts the stream of one reply.
+    pub fn start(&mut self) -> TtsStream {
+        let (ev_tx, ev_rx) = mpsc::channel(256);
+        let cancel = CancellationToken::new();
+        let text = match self.settings.cfg.mode {
+            TtsMode::Ws => {
+                let ctx = self.next_ctx;
+                self.next_ctx += 1;
+                let open = ConnMsg::Open { ctx, events: ev_tx };
+                let mut tx = self.conn();
+                // The task may have ended just now: one fresh one takes it.
+                if let Err(mpsc::error::TrySendError::Closed(back)) = tx.try_send(open) {
+                    self.conn = None;
+                    tx = self.conn();
+                    let _ = queue(&tx, back, false);
+                }
+                TextSink::Ws { ctx, tx }
+            }
+            TtsMode::Http => {
+                let (text_tx, text_rx) = mpsc::channel(TEXT_QUEUE + CONTROL_RESERVE);
+                let this = self.settings.clone();
+                let rate_hz = self.rate_hz;
+                let token = cancel.clone();
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = run_http(&this, rate_hz, text_rx, &ev_tx, token).await {
+                            let _ = ev_tx.send(TtsEvent::Failed(e)).await;
+                        }
+                    }
+                    .in_current_span(),
+                );
+                TextSink::Http(text_tx)
+            }
+        };
+        TtsStream {
+            text: TtsText(text),
+            events: ev_rx,
+            cancel,
+        }
+    }
+}
+
 fn decoder(format: WireFormat, rate_hz: u32) -> Result<Decoder, AgentError> {
     Decoder::new(format, rate_hz).map_err(|e| AgentError::Protocol {
         provider: PROVIDER,
@@ -161,9 +300,12 @@ fn decoder(format: WireFormat, rate_hz: u32) -> Result<Decoder, AgentError> {
     })
 }
 
+/// A server message of the multi-context socket (its `contextId` names the reply).
 #[derive(Deserialize)]
 struct WsOut {
     audio: Option<String>,
+    #[serde(rename = "contextId", alias = "context_id")]
+    context_id: Option<String>,
     #[serde(rename = "isFinal")]
     is_final: Option<bool>,
     alignment: Option<Alignment>,
@@ -211,16 +353,37 @@ pub fn inspect_message(text: &str) -> Result<(usize, usize), serde_json::Error> 
     Ok((raw.len(), chars))
 }
 
-async fn run_ws(
-    s: &TtsSettings,
-    rate_hz: u32,
-    mut text: mpsc::Receiver<TtsCommand>,
-    events: &mpsc::Sender<TtsEvent>,
-    cancel: CancellationToken,
-) -> Result<(), AgentError> {
-    let (format_name, format) = output_format(rate_hz);
+/// What the call side tells its socket task.
+#[derive(Debug)]
+enum ConnMsg {
+    /// A new reply: open context `ctx`, its events go to `events`.
+    Open {
+        ctx: u64,
+        events: mpsc::Sender<TtsEvent>,
+    },
+    /// Text for context `ctx`.
+    Text { ctx: u64, cmd: TtsCommand },
+    /// Context `ctx` is no longer wanted (barge-in, or the reply is gone).
+    Cancel { ctx: u64 },
+}
+
+/// One open context (reply) on the socket.
+struct Ctx {
+    events: mpsc::Sender<TtsEvent>,
+    dec: Decoder,
+    wire_bytes: u64,
+    /// `close_context` was sent (the reply's text is complete); only `isFinal` is to come.
+    closing: bool,
+}
+
+fn context_id(ctx: u64) -> String {
+    format!("vg_r{ctx}")
+}
+
+/// The `multi-stream-input` URL for this call.
+fn ws_url(s: &TtsSettings, format_name: &str) -> Result<reqwest::Url, AgentError> {
     let mut url = reqwest::Url::parse(&format!(
-        "{}/v1/text-to-speech/{}/stream-input",
+        "{}/v1/text-to-speech/{}/multi-stream-input",
         s.base_url(true),
         s.cfg.voice_id
     ))
@@ -231,69 +394,147 @@ async fn run_ws(
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("model_id", &s.cfg.model_id)
-            .append_pair("output_format", &format_name)
+            .append_pair("output_format", format_name)
             .append_pair("sync_alignment", "true")
-            .append_pair("inactivity_timeout", "60");
-        if let Some(lang) = &s.cfg.language_code {
+            .append_pair("inactivity_timeout", "180");
+        if let Some(lang) = s.language_code() {
             q.append_pair("language_code", lang);
         }
     }
-    let timeout = Duration::from_millis(s.cfg.connect_timeout_ms);
-    let headers = [("xi-api-key", s.key.expose())];
-    let connect = crate::agent::ws::connect(url.as_str(), &headers, timeout);
-    let ws = tokio::select! {
-        () = cancel.cancelled() => return Ok(()),
-        ws = connect => ws.map_err(|e| AgentError::Connect { provider: PROVIDER, detail: e.to_string() })?,
-    };
+    Ok(url)
+}
+
+/// The call's socket: connects, then multiplexes the replies' contexts until the call
+/// drops its [`TtsCall`] or the socket fails (every open reply then gets
+/// [`TtsEvent::Failed`]; the next reply opens a new socket).
+async fn run_connection(s: TtsSettings, rate_hz: u32, mut rx: mpsc::Receiver<ConnMsg>) {
+    let (format_name, format) = output_format(rate_hz);
+    let mut contexts: HashMap<u64, Ctx> = HashMap::new();
+    let result = async {
+        let url = ws_url(&s, &format_name)?;
+        let timeout = Duration::from_millis(s.cfg.connect_timeout_ms);
+        let headers = [("xi-api-key", s.key.expose())];
+        let t0 = tokio::time::Instant::now();
+        let ws = crate::agent::ws::connect(url.as_str(), &headers, timeout)
+            .await
+            .map_err(|e| AgentError::Connect {
+                provider: PROVIDER,
+                detail: e.to_string(),
+            })?;
+        debug!(
+            connect_ms = t0.elapsed().as_millis() as u64,
+            "tts socket open"
+        );
+        connection_loop(&s, format, rate_hz, ws, &mut rx, &mut contexts).await
+    }
+    .await;
+    let Err(e) = result else { return };
+    warn!(error = %e, "tts socket failed");
+    // Replies already opened, and those asked for meanwhile, learn of it.
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        if let ConnMsg::Open { ctx, events } = msg {
+            contexts.insert(
+                ctx,
+                Ctx {
+                    events,
+                    dec: match decoder(format, rate_hz) {
+                        Ok(d) => d,
+                        Err(_) => continue,
+                    },
+                    wire_bytes: 0,
+                    closing: false,
+                },
+            );
+        }
+    }
+    for (_, c) in contexts.drain() {
+        let _ = c.events.send(TtsEvent::Failed(e.clone())).await;
+    }
+}
+
+async fn connection_loop(
+    s: &TtsSettings,
+    format: WireFormat,
+    rate_hz: u32,
+    ws: crate::agent::ws::Ws,
+    rx: &mut mpsc::Receiver<ConnMsg>,
+    contexts: &mut HashMap<u64, Ctx>,
+) -> Result<(), AgentError> {
     let (mut sink, mut stream) = ws.split();
     let send_err = |e: tokio_tungstenite::tungstenite::Error| AgentError::Provider {
         provider: PROVIDER,
         detail: format!("send: {e}"),
     };
-    let mut init = serde_json::json!({
-        "text": " ",
-        "generation_config": {"chunk_length_schedule": [50, 120, 160, 250]},
-    });
-    if (s.cfg.speed - 1.0).abs() > f32::EPSILON {
-        init["voice_settings"] = serde_json::json!({"speed": s.cfg.speed});
-    }
-    sink.send(Message::text(init.to_string()))
-        .await
-        .map_err(send_err)?;
-    let mut dec = decoder(format, rate_hz)?;
     let bytes_per_ms = format.bytes_per_ms() as u64;
-    let mut wire_bytes: u64 = 0;
-    let mut finished = false;
-    let mut text_open = true;
     let mut raw = Vec::with_capacity(8192);
+    let mut last_sent = tokio::time::Instant::now();
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.tick().await;
     loop {
         tokio::select! {
             biased;
-            () = cancel.cancelled() => {
-                debug!("tts cancelled: closing the socket");
-                let _ = tokio::time::timeout(Duration::from_millis(500), sink.close()).await;
-                return Ok(());
-            }
-            cmd = text.recv(), if text_open => {
-                let msg = match cmd {
-                    Some(TtsCommand::Text(t)) => {
-                        let mut t = t.trim().to_owned();
-                        if t.is_empty() { continue; }
-                        t.push(' ');
-                        serde_json::json!({"text": t, "flush": true}).to_string()
-                    }
-                    Some(TtsCommand::Finish) => {
-                        text_open = false;
-                        finished = true;
-                        r#"{"text":""}"#.to_owned()
-                    }
-                    // The stream was dropped (cancelled): close without finishing.
+            msg = rx.recv() => {
+                let out = match msg {
+                    // The call is over.
                     None => {
+                        let _ = sink.send(Message::text(r#"{"close_socket":true}"#)).await;
                         let _ = tokio::time::timeout(Duration::from_millis(500), sink.close()).await;
                         return Ok(());
                     }
+                    Some(ConnMsg::Open { ctx, events }) => {
+                        if contexts.len() >= MAX_CONTEXTS {
+                            let detail = format!("more than {MAX_CONTEXTS} replies at once");
+                            let _ = events.send(TtsEvent::Failed(AgentError::Protocol { provider: PROVIDER, detail })).await;
+                            continue;
+                        }
+                        contexts.insert(ctx, Ctx { events, dec: decoder(format, rate_hz)?, wire_bytes: 0, closing: false });
+                        let mut init = serde_json::json!({"text": " ", "context_id": context_id(ctx)});
+                        if (s.cfg.speed - 1.0).abs() > f32::EPSILON {
+                            init["voice_settings"] = serde_json::json!({"speed": s.cfg.speed});
+                        }
+                        vec![init]
+                    }
+                    Some(ConnMsg::Text { ctx, cmd }) => {
+                        let Some(c) = contexts.get_mut(&ctx).filter(|c| !c.closing) else {
+                            continue;
+                        };
+                        let id = context_id(ctx);
+                        match cmd {
+                            TtsCommand::Text(t) => {
+                                let mut t = t.trim().to_owned();
+                                if t.is_empty() { continue; }
+                                t.push(' ');
+                                vec![serde_json::json!({"text": t, "context_id": id, "flush": true})]
+                            }
+                            // Generate what is left, then end the context: isFinal follows.
+                            TtsCommand::Finish => {
+                                c.closing = true;
+                                vec![
+                                serde_json::json!({"context_id": id, "flush": true}),
+                                serde_json::json!({"context_id": id, "close_context": true}),
+                            ]}
+                        }
+                    }
+                    Some(ConnMsg::Cancel { ctx }) => {
+                        // A closing context is already ending; its late audio is dropped.
+                        if contexts.remove(&ctx).is_none_or(|c| c.closing) {
+                            continue;
+                        }
+                        debug!(context = ctx, "tts context cancelled");
+                        vec![serde_json::json!({"context_id": context_id(ctx), "close_context": true})]
+                    }
                 };
-                sink.send(Message::text(msg)).await.map_err(send_err)?;
+                for m in out {
+                    sink.send(Message::text(m.to_string())).await.map_err(send_err)?;
+                }
+                last_sent = tokio::time::Instant::now();
+            }
+            _ = keepalive.tick() => {
+                if last_sent.elapsed() >= KEEPALIVE {
+                    sink.send(Message::text(r#"{"text":""}"#)).await.map_err(send_err)?;
+                    last_sent = tokio::time::Instant::now();
+                }
             }
             msg = stream.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
@@ -301,45 +542,59 @@ async fn run_ws(
                         provider: PROVIDER,
                         detail: format!("bad message: {e}"),
                     })?;
+                    let ctx = out.context_id.as_deref().and_then(|c| c.strip_prefix("vg_r")).and_then(|n| n.parse::<u64>().ok());
                     if out.audio.is_none() && (out.message.is_some() || out.error.is_some()) {
                         let detail = out.message.or_else(|| out.error.map(|e| e.to_string())).unwrap_or_default();
-                        return Err(AgentError::Provider { provider: PROVIDER, detail });
+                        let err = AgentError::Provider { provider: PROVIDER, detail };
+                        // An error about one context fails that reply; any other, the socket.
+                        match ctx.and_then(|c| contexts.remove(&c)) {
+                            Some(c) => { let _ = c.events.send(TtsEvent::Failed(err)).await; continue; }
+                            None => return Err(err),
+                        }
                     }
+                    let Some(id) = ctx else {
+                        trace!("tts message without a context of ours; ignored");
+                        continue;
+                    };
+                    let Some(c) = contexts.get_mut(&id) else {
+                        trace!(context = id, "audio of a cancelled reply dropped");
+                        continue;
+                    };
+                    let mut gone = false;
                     if let Some(b64) = out.audio.filter(|a| !a.is_empty()) {
                         raw.clear();
                         base64::engine::general_purpose::STANDARD
                             .decode_vec(b64.as_bytes(), &mut raw)
                             .map_err(|e| AgentError::Protocol { provider: PROVIDER, detail: format!("audio base64: {e}") })?;
-                        let offset_ms = wire_bytes / bytes_per_ms;
-                        wire_bytes += raw.len() as u64;
+                        let offset_ms = c.wire_bytes / bytes_per_ms;
+                        c.wire_bytes += raw.len() as u64;
                         if let Some(a) = out.alignment {
                             let chars = a
                                 .chars
                                 .iter()
                                 .zip(&a.char_start_times_ms)
-                                .filter_map(|(c, t)| c.chars().next().map(|c| (offset_ms + t.max(0.0) as u64, c)))
+                                .filter_map(|(ch, t)| ch.chars().next().map(|ch| (offset_ms + t.max(0.0) as u64, ch)))
                                 .collect::<Vec<_>>();
-                            if !chars.is_empty() && events.send(TtsEvent::Chars(chars)).await.is_err() {
-                                return Ok(());
-                            }
+                            gone |= !chars.is_empty() && c.events.send(TtsEvent::Chars(chars)).await.is_err();
                         }
                         let mut samples = Vec::with_capacity(raw.len() * 2);
-                        dec.decode(&raw, &mut samples);
-                        if !samples.is_empty() && events.send(TtsEvent::Audio(samples)).await.is_err() {
-                            return Ok(());
-                        }
+                        c.dec.decode(&raw, &mut samples);
+                        gone |= !samples.is_empty() && c.events.send(TtsEvent::Audio(samples)).await.is_err();
                     }
                     if out.is_final == Some(true) {
-                        let _ = events.send(TtsEvent::Done).await;
-                        let _ = tokio::time::timeout(Duration::from_millis(500), sink.close()).await;
-                        return Ok(());
+                        if let Some(c) = contexts.remove(&id) {
+                            let _ = c.events.send(TtsEvent::Done).await;
+                        }
+                    } else if gone {
+                        // The reply's receiver is gone without a cancel: stop its generation.
+                        if contexts.remove(&id).is_some_and(|c| c.closing) {
+                            continue;
+                        }
+                        let m = serde_json::json!({"context_id": context_id(id), "close_context": true});
+                        sink.send(Message::text(m.to_string())).await.map_err(send_err)?;
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    if finished {
-                        let _ = events.send(TtsEvent::Done).await;
-                        return Ok(());
-                    }
                     let detail = match frame {
                         Some(f) => format!("closed the stream ({} {})", u16::from(f.code), f.reason),
                         None => "closed the stream".into(),
@@ -348,17 +603,31 @@ async fn run_ws(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(AgentError::Provider { provider: PROVIDER, detail: format!("receive: {e}") }),
-                None => {
-                    if finished {
-                        let _ = events.send(TtsEvent::Done).await;
-                        return Ok(());
-                    }
-                    return Err(AgentError::Provider { provider: PROVIDER, detail: "connection closed".into() });
-                }
+                None => return Err(AgentError::Provider { provider: PROVIDER, detail: "connection closed".into() }),
             }
         }
     }
 }
+
+/// One chunk of `POST …/stream/with-timestamps` (ElevenLabs' OpenAPI
+/// `StreamingAudioChunkWithTimestampsResponseModel`: `audio_base64`, `alignment` with
+/// `characters` and `character_start_times_seconds`), one JSON object per line.
+#[derive(Deserialize)]
+struct HttpChunk {
+    audio_base64: Option<String>,
+    alignment: Option<HttpAlignment>,
+}
+
+#[derive(Deserialize)]
+struct HttpAlignment {
+    #[serde(default)]
+    characters: Vec<String>,
+    #[serde(default)]
+    character_start_times_seconds: Vec<f64>,
+}
+
+/// Characters of `previous_text` sent with each sentence (the tail of the reply so far).
+const PREVIOUS_TEXT_CHARS: usize = 300;
 
 async fn run_http(
     s: &TtsSettings,
@@ -376,31 +645,65 @@ async fn run_http(
             detail: e.to_string(),
         })?;
     let url = format!(
-        "{}/v1/text-to-speech/{}/stream?output_format={format_name}",
+        "{}/v1/text-to-speech/{}/stream/with-timestamps?output_format={format_name}",
         s.base_url(false),
         s.cfg.voice_id
     );
     let mut dec = decoder(format, rate_hz)?;
     let bytes_per_ms = format.bytes_per_ms() as u64;
     let mut wire_bytes: u64 = 0;
+    // Sentences received and not yet spoken (the next one is `next_text`), and the reply so
+    // far (its tail is `previous_text`).
+    let mut queue: VecDeque<String> = VecDeque::new();
+    let mut finished = false;
+    let mut spoken = String::new();
     loop {
-        let cmd = tokio::select! {
-            biased;
-            () = cancel.cancelled() => return Ok(()),
-            cmd = text.recv() => cmd,
-        };
-        let sentence = match cmd {
-            Some(TtsCommand::Text(t)) if !t.trim().is_empty() => t.trim().to_owned(),
-            Some(TtsCommand::Text(_)) => continue,
-            Some(TtsCommand::Finish) => {
+        if queue.is_empty() && !finished {
+            let cmd = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(()),
+                cmd = text.recv() => cmd,
+            };
+            match cmd {
+                Some(TtsCommand::Text(t)) if !t.trim().is_empty() => {
+                    queue.push_back(t.trim().to_owned())
+                }
+                Some(TtsCommand::Text(_)) => continue,
+                Some(TtsCommand::Finish) => finished = true,
+                None => return Ok(()),
+            }
+        }
+        // Whatever else has arrived already gives `next_text`.
+        while let Ok(cmd) = text.try_recv() {
+            match cmd {
+                TtsCommand::Text(t) if !t.trim().is_empty() => queue.push_back(t.trim().to_owned()),
+                TtsCommand::Text(_) => {}
+                TtsCommand::Finish => finished = true,
+            }
+        }
+        let Some(sentence) = queue.pop_front() else {
+            if finished {
                 let _ = events.send(TtsEvent::Done).await;
                 return Ok(());
             }
-            None => return Ok(()),
+            continue;
         };
         let mut body = serde_json::json!({"text": sentence, "model_id": s.cfg.model_id});
-        if let Some(lang) = &s.cfg.language_code {
-            body["language_code"] = lang.clone().into();
+        if !spoken.is_empty() {
+            let tail: String = {
+                let n = spoken.chars().count();
+                spoken
+                    .chars()
+                    .skip(n.saturating_sub(PREVIOUS_TEXT_CHARS))
+                    .collect()
+            };
+            body["previous_text"] = tail.trim().into();
+        }
+        if let Some(next) = queue.front() {
+            body["next_text"] = next.clone().into();
+        }
+        if let Some(lang) = s.language_code() {
+            body["language_code"] = lang.into();
         }
         if (s.cfg.speed - 1.0).abs() > f32::EPSILON {
             body["voice_settings"] = serde_json::json!({"speed": s.cfg.speed});
@@ -428,14 +731,19 @@ async fn run_http(
                 detail: format!("HTTP {status}: {body}"),
             });
         }
-        let start_ms = wire_bytes / bytes_per_ms;
+        spoken.push_str(&sentence);
+        spoken.push(' ');
+        // Character times count from the start of this request's audio.
+        let request_base_ms = wire_bytes / bytes_per_ms;
         let mut stream = response.bytes_stream();
+        let mut line = Vec::with_capacity(16 * 1024);
+        let mut raw = Vec::with_capacity(8192);
         loop {
             let chunk = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 c = stream.next() => c,
             };
-            match chunk {
+            let bytes = match chunk {
                 None => break,
                 Some(Err(e)) => {
                     return Err(AgentError::Provider {
@@ -443,28 +751,52 @@ async fn run_http(
                         detail: format!("stream: {}", e.without_url()),
                     });
                 }
-                Some(Ok(bytes)) => {
-                    wire_bytes += bytes.len() as u64;
-                    let mut samples = Vec::with_capacity(bytes.len() * 2);
-                    dec.decode(&bytes, &mut samples);
-                    if !samples.is_empty() && events.send(TtsEvent::Audio(samples)).await.is_err() {
+                Some(Ok(bytes)) => bytes,
+            };
+            line.extend_from_slice(&bytes);
+            // Each complete line is one JSON chunk.
+            while let Some(end) = line.iter().position(|&b| b == b'\n') {
+                let one: Vec<u8> = line.drain(..=end).collect();
+                let one = one.trim_ascii();
+                if one.is_empty() {
+                    continue;
+                }
+                let c: HttpChunk =
+                    serde_json::from_slice(one).map_err(|e| AgentError::Protocol {
+                        provider: PROVIDER,
+                        detail: format!("bad chunk: {e}"),
+                    })?;
+                raw.clear();
+                if let Some(b64) = c.audio_base64.filter(|a| !a.is_empty()) {
+                    base64::engine::general_purpose::STANDARD
+                        .decode_vec(b64.as_bytes(), &mut raw)
+                        .map_err(|e| AgentError::Protocol {
+                            provider: PROVIDER,
+                            detail: format!("audio base64: {e}"),
+                        })?;
+                }
+                wire_bytes += raw.len() as u64;
+                if let Some(a) = c.alignment {
+                    let chars: Vec<(u64, char)> = a
+                        .characters
+                        .iter()
+                        .zip(&a.character_start_times_seconds)
+                        .filter_map(|(ch, t)| {
+                            ch.chars()
+                                .next()
+                                .map(|ch| (request_base_ms + (t.max(0.0) * 1000.0) as u64, ch))
+                        })
+                        .collect();
+                    if !chars.is_empty() && events.send(TtsEvent::Chars(chars)).await.is_err() {
                         return Ok(());
                     }
                 }
+                let mut samples = Vec::with_capacity(raw.len() * 2);
+                dec.decode(&raw, &mut samples);
+                if !samples.is_empty() && events.send(TtsEvent::Audio(samples)).await.is_err() {
+                    return Ok(());
+                }
             }
-        }
-        // Spread the sentence's characters evenly over its audio.
-        let end_ms = wire_bytes / bytes_per_ms;
-        let chars: Vec<char> = format!("{sentence} ").chars().collect();
-        let span = end_ms.saturating_sub(start_ms);
-        let n = chars.len() as u64;
-        let timed = chars
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| (start_ms + span * i as u64 / n.max(1), c))
-            .collect();
-        if events.send(TtsEvent::Chars(timed)).await.is_err() {
-            return Ok(());
         }
     }
 }

@@ -1,5 +1,11 @@
-//! Deepgram live STT (`providers.md` §6): `Authorization: Token` header, parameters in the
-//! query, audio as binary frames, `Results` with `is_final`/`speech_final`, `UtteranceEnd`.
+//! Deepgram live STT (`providers.md` §6; developers.deepgram.com `reference/listen-live`):
+//! `Authorization: Token` header, parameters in the query, audio as binary frames, `Results`
+//! with `is_final`/`speech_final`, `UtteranceEnd`.
+//!
+//! Language: Deepgram transcribes English when no `language` is sent ("All models default to
+//! language=en", `docs/models`), so one is always sent: the configured one; `multi` with one
+//! `language_hint` per language when several are configured (nova-3 multilingual, 55
+//! languages including uk and ru; `docs/nova-3-language-prompting`); `en` when none is.
 
 use super::{Protocol, SttEvent, push_segment};
 use crate::agent::cascade::config::SttConfig;
@@ -11,6 +17,10 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
+/// The language sent when none is configured: what Deepgram would assume anyway, said out
+/// loud.
+pub const DEFAULT_LANGUAGE: &str = "en";
+
 /// The Deepgram side of the wire.
 #[derive(Debug)]
 pub struct Deepgram {
@@ -18,6 +28,7 @@ pub struct Deepgram {
     key: Secret,
     model: String,
     languages: Vec<String>,
+    keyterms: Vec<String>,
     endpointing_ms: u32,
     utterance_end_ms: u32,
     format: WireFormat,
@@ -44,6 +55,7 @@ impl Deepgram {
             key,
             model: cfg.model().to_owned(),
             languages: cfg.languages.clone(),
+            keyterms: cfg.keyterms.clone(),
             endpointing_ms: cfg.endpointing_ms,
             utterance_end_ms: cfg.utterance_end_ms.max(1000),
             format,
@@ -78,12 +90,23 @@ impl Protocol for Deepgram {
                 .append_pair("vad_events", "true")
                 .append_pair("smart_format", "true");
             match self.languages.as_slice() {
-                [] => {}
+                [] => {
+                    q.append_pair("language", DEFAULT_LANGUAGE);
+                }
                 [one] => {
                     q.append_pair("language", one);
                 }
-                _ => {
+                several => {
                     q.append_pair("language", "multi");
+                    for l in several.iter().filter(|l| l.as_str() != "multi") {
+                        q.append_pair("language_hint", l);
+                    }
+                }
+            }
+            // Keyterm prompting is a nova-3 feature ("Only compatible with Nova-3").
+            if self.model.starts_with("nova-3") {
+                for k in &self.keyterms {
+                    q.append_pair("keyterm", k);
                 }
             }
         }
@@ -165,7 +188,50 @@ mod tests {
         );
         let url = d.url().unwrap();
         assert!(url.contains("encoding=mulaw&sample_rate=8000"), "{url}");
-        assert!(url.contains("language=multi"), "{url}");
+        assert!(
+            url.ends_with("language=multi&language_hint=ru&language_hint=uk"),
+            "{url}"
+        );
+        let one = |languages: &[&str]| {
+            let cfg = SttConfig {
+                languages: languages.iter().map(|l| l.to_string()).collect(),
+                ..SttConfig::default()
+            };
+            Deepgram::new(
+                &cfg,
+                Secret::new("k"),
+                WireFormat::Pcm16 { rate_hz: 16_000 },
+            )
+            .url()
+            .unwrap()
+        };
+        assert!(one(&[]).ends_with("language=en"), "explicit default");
+        assert!(one(&["uk"]).ends_with("language=uk"));
+        assert!(one(&["multi"]).ends_with("language=multi"));
+        let cfg = SttConfig {
+            keyterms: vec!["R16".into(), "Michelin".into()],
+            ..SttConfig::default()
+        };
+        let url = Deepgram::new(
+            &cfg,
+            Secret::new("k"),
+            WireFormat::Pcm16 { rate_hz: 16_000 },
+        )
+        .url()
+        .unwrap();
+        assert!(url.ends_with("&keyterm=R16&keyterm=Michelin"), "{url}");
+        let cfg = SttConfig {
+            model: Some("nova-2".into()),
+            ..cfg
+        };
+        let url = Deepgram::new(
+            &cfg,
+            Secret::new("k"),
+            WireFormat::Pcm16 { rate_hz: 16_000 },
+        )
+        .url()
+        .unwrap();
+        assert!(!url.contains("keyterm"), "nova-2 takes no keyterm: {url}");
         let mut out = Vec::new();
         let r = |t: &str, f: bool, sf: bool| {
             format!(

@@ -13,6 +13,7 @@
 
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod flux;
 pub mod soniox;
 
 use super::config::{SttConfig, SttProvider};
@@ -80,6 +81,13 @@ pub trait Protocol: Send + 'static {
     fn keepalive(&self) -> Option<(Duration, Message)>;
     /// What to send at the end of the call, before the close handshake.
     fn end_message(&self) -> Option<Message>;
+    /// What to send when the local VAD has heard the caller stop, after
+    /// `trailing_silence_ms` of silence already sent, so the vendor finalizes at once instead
+    /// of waiting for its own endpointing (Soniox `{"type":"finalize"}`). Default: nothing.
+    fn finalize_message(&self, trailing_silence_ms: u32) -> Option<Message> {
+        let _ = trailing_silence_ms;
+        None
+    }
     /// Handles one text message from the server, appending events; `Err` is a vendor error.
     fn on_text(&mut self, text: &str, out: &mut Vec<SttEvent>) -> Result<(), String>;
     /// Whether the vendor error `detail` (as returned by [`Protocol::on_text`]) asks the
@@ -106,8 +114,23 @@ pub struct SttHandle {
     pub audio: mpsc::Sender<Bytes>,
     /// Results; `None` once the task is gone.
     pub events: mpsc::Receiver<SttEvent>,
+    /// Finalize requests (trailing silence, ms); see [`SttHandle::finalize`].
+    finalize: mpsc::Sender<u32>,
     task: tokio::task::JoinHandle<()>,
 }
+
+impl SttHandle {
+    /// The caller stopped speaking `trailing_silence_ms` ago (the local VAD's hang time):
+    /// vendors that can finalize on request are asked to (at most once per
+    /// [`MIN_FINALIZE_GAP`]); the others keep their own endpointing. Never blocks.
+    pub fn finalize(&self, trailing_silence_ms: u32) {
+        let _ = self.finalize.try_send(trailing_silence_ms);
+    }
+}
+
+/// Finalize requests closer together than this are dropped (Soniox: "do not send finalize
+/// too frequently … every few seconds is fine").
+pub const MIN_FINALIZE_GAP: Duration = Duration::from_secs(1);
 
 impl Drop for SttHandle {
     fn drop(&mut self) {
@@ -146,6 +169,9 @@ pub fn wire_format(provider: SttProvider, rate_hz: u32, g711: bool) -> WireForma
 pub fn protocol(cfg: &SttConfig, key: Secret, rate_hz: u32) -> Box<dyn Protocol> {
     let format = wire_format(cfg.provider, rate_hz, cfg.g711);
     match cfg.provider {
+        SttProvider::Deepgram if flux::is_flux(cfg.model()) => {
+            Box::new(flux::Flux::new(cfg, key, rate_hz))
+        }
         SttProvider::Soniox => Box::new(soniox::Soniox::new(cfg, key, format)),
         SttProvider::Deepgram => Box::new(deepgram::Deepgram::new(cfg, key, format)),
         SttProvider::Elevenlabs => Box::new(elevenlabs::ElevenLabsStt::new(cfg, key, format)),
@@ -156,9 +182,19 @@ pub fn protocol(cfg: &SttConfig, key: Secret, rate_hz: u32) -> Box<dyn Protocol>
 pub fn spawn(proto: Box<dyn Protocol>, rate_hz: u32, connect_timeout: Duration) -> SttHandle {
     let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CAPACITY_FRAMES);
     let (ev_tx, ev_rx) = mpsc::channel(64);
+    let (fin_tx, fin_rx) = mpsc::channel(1);
     let task = tokio::spawn(async move {
         let name = proto.name();
-        if let Err(e) = run(proto, rate_hz, connect_timeout, audio_rx, ev_tx.clone()).await {
+        if let Err(e) = run(
+            proto,
+            rate_hz,
+            connect_timeout,
+            audio_rx,
+            fin_rx,
+            ev_tx.clone(),
+        )
+        .await
+        {
             debug!(provider = name, error = %e, "stt failed");
             let _ = ev_tx.send(SttEvent::Failed(e)).await;
         }
@@ -166,6 +202,7 @@ pub fn spawn(proto: Box<dyn Protocol>, rate_hz: u32, connect_timeout: Duration) 
     SttHandle {
         audio: audio_tx,
         events: ev_rx,
+        finalize: fin_tx,
         task,
     }
 }
@@ -175,6 +212,7 @@ async fn run(
     rate_hz: u32,
     connect_timeout: Duration,
     mut audio: mpsc::Receiver<Bytes>,
+    mut finalize: mpsc::Receiver<u32>,
     events: mpsc::Sender<SttEvent>,
 ) -> Result<(), AgentError> {
     let mut restarts = 0;
@@ -184,6 +222,7 @@ async fn run(
             rate_hz,
             connect_timeout,
             &mut audio,
+            &mut finalize,
             &events,
         )
         .await
@@ -205,9 +244,11 @@ async fn run_once(
     rate_hz: u32,
     connect_timeout: Duration,
     audio: &mut mpsc::Receiver<Bytes>,
+    finalize: &mut mpsc::Receiver<u32>,
     events: &mpsc::Sender<SttEvent>,
 ) -> Result<(), AgentError> {
     let provider = proto.name();
+    let mut last_finalize: Option<Instant> = None;
     let protocol_err = |detail: String| AgentError::Protocol { provider, detail };
     let provider_err = |detail: String| AgentError::Provider { provider, detail };
     let url = proto
@@ -290,6 +331,16 @@ async fn run_once(
                 Some(Err(e)) => return Err(provider_err(format!("receive: {e}"))),
                 None => return Err(provider_err("connection closed".into())),
             },
+            Some(ms) = finalize.recv() => {
+                if last_finalize.is_some_and(|t| t.elapsed() < MIN_FINALIZE_GAP) {
+                    continue;
+                }
+                if let Some(msg) = proto.finalize_message(ms) {
+                    debug!(provider, trailing_silence_ms = ms, "stt finalize");
+                    sink.send(msg).await.map_err(send_err)?;
+                    last_finalize = Some(Instant::now());
+                }
+            }
             _ = tick.tick(), if keepalive.is_some() => {
                 if let Some((after, msg)) = &keepalive {
                     if last_sent.elapsed() >= *after {

@@ -1,5 +1,8 @@
-//! Soniox real-time STT (`providers.md` §5): config with the API key as the first text
-//! message, audio as binary frames, tokens with `is_final`, `<end>` = end of turn.
+//! Soniox real-time STT (`providers.md` §5; soniox.com `api-reference/stt/websocket-api`):
+//! the API key with the connection (`Authorization: Bearer <key>` on the upgrade, soniox.com
+//! `guides/websocket-authentication`; `api_key` in the start message is deprecated and
+//! refused from 15 January 2027), the config as the first text message, audio as binary
+//! frames, tokens with `is_final`, `<end>` = end of turn.
 
 use super::{Protocol, SttEvent};
 use crate::agent::cascade::config::SttConfig;
@@ -17,6 +20,7 @@ pub struct Soniox {
     key: Secret,
     model: String,
     languages: Vec<String>,
+    keyterms: Vec<String>,
     endpoint_delay_ms: u32,
     format: WireFormat,
     /// Final text of the current turn.
@@ -46,6 +50,7 @@ impl Soniox {
             key,
             model: cfg.model().to_owned(),
             languages: cfg.languages.clone(),
+            keyterms: cfg.keyterms.clone(),
             endpoint_delay_ms: cfg.endpointing_ms.clamp(500, 3_000),
             format,
             turn: String::new(),
@@ -64,7 +69,7 @@ impl Protocol for Soniox {
         Ok(self.url.clone())
     }
     fn headers(&self) -> Vec<(&'static str, String)> {
-        Vec::new()
+        vec![("Authorization", format!("Bearer {}", self.key.expose()))]
     }
     fn first_message(&self) -> Option<String> {
         let (audio_format, rate) = match self.format {
@@ -73,7 +78,6 @@ impl Protocol for Soniox {
             WireFormat::Pcm16 { rate_hz } => ("pcm_s16le", rate_hz),
         };
         let mut config = serde_json::json!({
-            "api_key": self.key.expose(),
             "model": self.model,
             "audio_format": audio_format,
             "sample_rate": rate,
@@ -84,6 +88,9 @@ impl Protocol for Soniox {
         if !self.languages.is_empty() {
             config["language_hints"] = serde_json::json!(self.languages);
         }
+        if !self.keyterms.is_empty() {
+            config["context"] = serde_json::json!({"terms": self.keyterms});
+        }
         Some(config.to_string())
     }
     fn audio_message(&mut self, wire: Bytes) -> Message {
@@ -93,6 +100,14 @@ impl Protocol for Soniox {
         Some((
             Duration::from_secs(5),
             Message::text(r#"{"type":"keepalive"}"#),
+        ))
+    }
+    fn finalize_message(&self, trailing_silence_ms: u32) -> Option<Message> {
+        // soniox.com stt/real-time-API/manual-finalization: all audio so far becomes final,
+        // then a `<fin>` token; `trailing_silence_ms` is the silence already sent.
+        Some(Message::text(
+            serde_json::json!({"type": "finalize", "trailing_silence_ms": trailing_silence_ms})
+                .to_string(),
         ))
     }
     fn end_message(&self) -> Option<Message> {
@@ -118,16 +133,18 @@ impl Protocol for Soniox {
         let mut interim = String::new();
         for t in &r.tokens {
             match (t.text.as_str(), t.is_final) {
-                ("<end>", _) => end = true,
-                ("<fin>", _) => {}
+                // `<end>`: Soniox's endpointing; `<fin>`: our finalize request answered.
+                ("<end>" | "<fin>", _) => end = true,
                 (s, true) => self.turn.push_str(s),
                 (s, false) => interim.push_str(s),
             }
         }
         if end {
-            out.push(SttEvent::EndOfTurn(
-                std::mem::take(&mut self.turn).trim().to_owned(),
-            ));
+            let text = std::mem::take(&mut self.turn).trim().to_owned();
+            // A `<fin>` after the `<end>` of the same words (or on noise) is no turn.
+            if !text.is_empty() {
+                out.push(SttEvent::EndOfTurn(text));
+            }
         } else if !interim.is_empty() || !r.tokens.is_empty() {
             let now = format!("{}{}", self.turn, interim);
             if !now.trim().is_empty() {
@@ -144,14 +161,23 @@ mod tests {
 
     #[test]
     fn tokens_become_interim_and_end_of_turn() {
-        let cfg = SttConfig::default();
+        let cfg = SttConfig {
+            keyterms: vec!["R16".into()],
+            ..SttConfig::default()
+        };
         let mut s = Soniox::new(
             &cfg,
             Secret::new("k"),
             WireFormat::Pcm16 { rate_hz: 16_000 },
         );
         let first: serde_json::Value = serde_json::from_str(&s.first_message().unwrap()).unwrap();
+        assert!(
+            first.get("api_key").is_none(),
+            "the key goes with the connection"
+        );
+        assert_eq!(s.headers(), [("Authorization", "Bearer k".to_owned())]);
         assert_eq!(first["audio_format"], "pcm_s16le");
+        assert_eq!(first["context"], serde_json::json!({"terms": ["R16"]}));
         assert_eq!(first["sample_rate"], 16_000);
         let mut out = Vec::new();
         s.on_text(r#"{"tokens":[{"text":"Hi","is_final":false}],"final_audio_proc_ms":0,"total_audio_proc_ms":600}"#, &mut out).unwrap();
