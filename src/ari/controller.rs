@@ -1347,6 +1347,8 @@ impl CallDirectory for Controller {
                         caller_number: call.number.clone(),
                         caller_name: call.name.clone(),
                         extra_input: Some(rx),
+                        // Our externalMedia channel: prompt its media with silence at once.
+                        media_at_once: true,
                     });
                 }
                 if self.inner.settings.stasis_only {
@@ -1366,6 +1368,7 @@ impl CallDirectory for Controller {
                         caller_number: ch.caller_number(),
                         caller_name: ch.caller_name(),
                         extra_input: None,
+                        media_at_once: false,
                     })
                 }
                 None => Admission::Accept(CallDetails::default()),

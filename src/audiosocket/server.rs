@@ -573,6 +573,9 @@ where
             return Some(s);
         }
         let mut session = params.session.clone();
+        if details.media_at_once {
+            session.keepalive_before_audio = Duration::ZERO;
+        }
         if let Some(h) = &ctx.health {
             session.clock = Some(h.call_clocks.clone());
             h.call_started();

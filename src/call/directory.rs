@@ -37,6 +37,10 @@ pub struct CallDetails {
     pub caller_name: Option<String>,
     /// More input for the agent (DTMF from ARI), merged with what AudioSocket carries.
     pub extra_input: Option<mpsc::Receiver<AgentInput>>,
+    /// Send silence from the first tick instead of waiting for Asterisk's first frame: an
+    /// externalMedia channel was seen (Asterisk 22.10.1, about 1 call in 30) to send nothing
+    /// until it received a frame from voicegate.
+    pub media_at_once: bool,
 }
 
 /// A boxed future returned by [`CallDirectory::admit`].

@@ -60,6 +60,10 @@ pub struct SessionParams {
     /// How far caller audio may run ahead of real time (a burst after network jitter)
     /// before frames are dropped and counted (default 1 s).
     pub input_allowance: Duration,
+    /// Before Asterisk's first audio frame, silence goes out at 8 kHz after this long
+    /// (default 500 ms; zero for calls whose media must be prompted, see
+    /// [`crate::call::directory::CallDetails::media_at_once`]).
+    pub keepalive_before_audio: Duration,
     /// Bound of the playout buffer.
     pub playout_max: Duration,
     /// Close the call when Asterisk sends nothing for this long.
@@ -81,6 +85,7 @@ impl Default for SessionParams {
     fn default() -> Self {
         SessionParams {
             input_allowance: Duration::from_secs(1),
+            keepalive_before_audio: KEEPALIVE_BEFORE_AUDIO,
             playout_max: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(5),
             max_duration: None,
@@ -302,7 +307,7 @@ where
     let mut playout = PlayoutBuffer::new(8_000, params.playout_max);
     let mut frame: Vec<i16> = vec![0; SlinRate::Hz8000.samples_per_frame()];
     let mut out = BytesMut::with_capacity(4 + SlinRate::Hz8000.bytes_per_frame());
-    let mut clock = PlayoutClock::new(start + KEEPALIVE_BEFORE_AUDIO);
+    let mut clock = PlayoutClock::new(start + params.keepalive_before_audio);
     let mut last_input = start;
     // After ReplyDone, tell the agent when the reply has been fully heard.
     let mut awaiting_played_out: Option<ReplyId> = None;
