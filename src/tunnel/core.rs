@@ -190,6 +190,8 @@ struct Peer {
     tx_bytes: u64,
     handshakes: u64,
     last_handshake: Option<Instant>,
+    /// When the last authenticated datagram (data, keepalive or handshake) arrived.
+    last_rx: Option<Instant>,
 }
 
 /// The in-memory link between WireGuard and smoltcp: IP packets each way.
@@ -254,6 +256,9 @@ struct ConnInfo {
     closing: bool,
     /// The caller will not read any more: received bytes may be discarded.
     released: bool,
+    /// The peer opened it (accepted on a listened port): a call, for [`PeerStats::calls`].
+    /// `None` for outgoing connections.
+    incoming_from: Option<usize>,
 }
 
 /// The tunnel core. See the module docs.
@@ -349,6 +354,7 @@ impl TunnelCore {
                 tx_bytes: 0,
                 handshakes: 0,
                 last_handshake: None,
+                last_rx: None,
             })
             .collect();
         let mut device = VirtualDevice {
@@ -515,6 +521,7 @@ impl TunnelCore {
         if authenticated {
             let peer = &mut self.peers[i];
             peer.rx_bytes += datagram.len() as u64;
+            peer.last_rx = Some(self.now);
             if peer.endpoint != Some(from) {
                 debug!(peer = i, %from, "peer endpoint changed");
                 peer.endpoint = Some(from);
@@ -738,8 +745,12 @@ impl TunnelCore {
 
     /// The peer whose allowed IPs contain `dst`, longest prefix first.
     fn route(&self, dst: IpAddr) -> Option<usize> {
+        Self::route_in(&self.peers, dst)
+    }
+
+    fn route_in(peers: &[Peer], dst: IpAddr) -> Option<usize> {
         let mut best: Option<(usize, u8)> = None;
-        for (i, p) in self.peers.iter().enumerate() {
+        for (i, p) in peers.iter().enumerate() {
             for net in &p.allowed_ips {
                 if net.contains(&dst) && best.is_none_or(|(_, len)| net.prefix_len() > len) {
                     best = Some((i, net.prefix_len()));
@@ -775,12 +786,14 @@ impl TunnelCore {
                     }
                     _ => match s.remote_endpoint() {
                         Some(remote) => {
+                            let peer = Self::route_in(&self.peers, to_ip(remote.addr));
                             self.conns.insert(
                                 h,
                                 ConnInfo {
                                     connecting: false,
                                     closing: false,
                                     released: false,
+                                    incoming_from: peer,
                                 },
                             );
                             self.events.push_back(TunnelEvent::Accepted {
@@ -881,6 +894,7 @@ impl TunnelCore {
                 connecting: true,
                 closing: false,
                 released: false,
+                incoming_from: None,
             },
         );
         Ok(ConnId(h))
@@ -1009,13 +1023,26 @@ impl TunnelCore {
             peers: self
                 .peers
                 .iter()
-                .map(|p| PeerStats {
+                .enumerate()
+                .map(|(i, p)| PeerStats {
                     public_key: super::keys::encode_key(p.public_key.as_bytes()),
                     endpoint: p.endpoint.map(|e| e.to_string()),
                     allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
                     last_handshake_age_s: p
                         .last_handshake
                         .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+                    last_rx_age_s: p
+                        .last_rx
+                        .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+                    calls: self
+                        .conns
+                        .iter()
+                        .filter(|(h, c)| {
+                            c.incoming_from == Some(i)
+                                && !c.closing
+                                && self.sockets.get::<tcp::Socket>(**h).may_recv()
+                        })
+                        .count(),
                     handshakes: p.handshakes,
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
