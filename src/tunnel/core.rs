@@ -44,7 +44,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
-use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -61,6 +61,12 @@ pub const MAX_QUEUED_DATAGRAMS: usize = 1024;
 pub const MAX_QUEUED_PACKETS: usize = 512;
 /// Receive and send buffer of each TCP connection, bytes (64 KiB each way).
 pub const TCP_BUFFER_BYTES: usize = 64 * 1024;
+/// How long a received segment may wait for its ACK (smoltcp's default is 10 ms): longer
+/// than a call's 20 ms frame interval, so the ACK rides on the next audio frame going the
+/// other way instead of costing a datagram of its own (encryption, a `sendto`, a wake-up
+/// at each end). More than one full segment unacknowledged is still acknowledged at once,
+/// so bulk transfers (ARI responses) are not slowed.
+pub const ACK_DELAY: Duration = Duration::from_millis(40);
 /// Sockets kept listening per port, so that calls arriving together are all accepted.
 pub const LISTEN_BACKLOG: usize = 2;
 /// Most half-open (SYN received) connections per listening port.
@@ -70,6 +76,11 @@ const MAX_PENDING_PER_PORT: usize = 64;
 const SCRATCH_BYTES: usize = 65_536 + 32;
 /// Ephemeral ports for outgoing connections (IANA dynamic range).
 const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49_152..=65_535;
+
+/// The hasher of the maps looked up per packet and per connection: the keys are local
+/// socket handles (small integers nobody outside chooses), so SipHash's flood resistance
+/// buys nothing and costs a large share of the per-frame CPU.
+pub(crate) type FastHash = foldhash::fast::FixedState;
 
 /// Why the core cannot do what was asked.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -277,7 +288,7 @@ pub struct TunnelCore {
     transmits: VecDeque<Transmit>,
     events: VecDeque<TunnelEvent>,
     listeners: HashMap<u16, Listener>,
-    conns: HashMap<SocketHandle, ConnInfo>,
+    conns: HashMap<SocketHandle, ConnInfo, FastHash>,
     next_port: u16,
     scratch: Vec<u8>,
     dropped_datagrams: u64,
@@ -316,6 +327,9 @@ fn new_socket() -> tcp::Socket<'static> {
     );
     // Audio frames are small and paced: send each at once.
     s.set_nagle_enabled(false);
+    s.set_ack_delay(Some(smoltcp::time::Duration::from_millis(
+        ACK_DELAY.as_millis() as u64,
+    )));
     // A peer that vanished (PBX rebooted, link cut) is noticed on idle connections too:
     // probes every 30 s, and the connection is reset if nothing is acknowledged for 120 s.
     s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
@@ -394,7 +408,7 @@ impl TunnelCore {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             listeners: HashMap::new(),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             next_port: *EPHEMERAL_PORTS.start(),
             scratch: vec![0; SCRATCH_BYTES],
             dropped_datagrams: 0,
@@ -673,14 +687,13 @@ impl TunnelCore {
     fn poll_stack(&mut self) {
         self.prepare_listeners();
         let now = smol_time(self.epoch, self.now);
+        // One poll runs all ingress and then egress until the sockets have nothing more to
+        // send; it needs repeating only when the outgoing queue filled up and stopped it.
         for _ in 0..16 {
-            let result = self.iface.poll(now, &mut self.device, &mut self.sockets);
-            let had_output = !self.device.tx.is_empty();
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            let full = self.device.tx.len() >= MAX_QUEUED_PACKETS;
             self.encapsulate_outgoing();
-            if result == PollResult::None && !had_output {
-                break;
-            }
-            if self.device.rx.is_empty() && !had_output {
+            if !full {
                 break;
             }
         }
@@ -761,14 +774,26 @@ impl TunnelCore {
     }
 
     fn update_sockets(&mut self) {
-        // Listening ports: a socket that left Listen is a connection in the making.
-        let mut ports: Vec<u16> = self.listeners.keys().copied().collect();
-        ports.sort_unstable();
-        for port in ports {
-            let Some(mut l) = self.listeners.remove(&port) else {
+        // Listening ports: a socket that left Listen is a connection in the making. The
+        // common case (every socket still listening, none pending) costs one state check
+        // per listening socket and allocates nothing.
+        let TunnelCore {
+            listeners,
+            sockets,
+            conns,
+            events,
+            peers,
+            ..
+        } = self;
+        for (&port, l) in listeners.iter_mut() {
+            let settled = l.pending.is_empty()
+                && l.listening.len() >= LISTEN_BACKLOG
+                && l.listening
+                    .iter()
+                    .all(|h| sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen);
+            if settled {
                 continue;
-            };
-            let sockets = &mut self.sockets;
+            }
             let (still, started): (Vec<_>, Vec<_>) = l
                 .listening
                 .iter()
@@ -777,17 +802,17 @@ impl TunnelCore {
             l.pending.extend(started);
             let mut keep = Vec::with_capacity(l.pending.len());
             for h in l.pending.drain(..) {
-                let s = self.sockets.get_mut::<tcp::Socket>(h);
+                let s = sockets.get_mut::<tcp::Socket>(h);
                 match s.state() {
                     tcp::State::SynReceived => keep.push(h),
                     tcp::State::Listen | tcp::State::Closed => {
                         // Reset during the handshake.
-                        self.sockets.remove(h);
+                        sockets.remove(h);
                     }
                     _ => match s.remote_endpoint() {
                         Some(remote) => {
-                            let peer = Self::route_in(&self.peers, to_ip(remote.addr));
-                            self.conns.insert(
+                            let peer = Self::route_in(peers, to_ip(remote.addr));
+                            conns.insert(
                                 h,
                                 ConnInfo {
                                     connecting: false,
@@ -796,14 +821,14 @@ impl TunnelCore {
                                     incoming_from: peer,
                                 },
                             );
-                            self.events.push_back(TunnelEvent::Accepted {
+                            events.push_back(TunnelEvent::Accepted {
                                 conn: ConnId(h),
                                 port,
                                 remote: to_socket_addr(remote),
                             });
                         }
                         None => {
-                            self.sockets.remove(h);
+                            sockets.remove(h);
                         }
                     },
                 }
@@ -814,9 +839,8 @@ impl TunnelCore {
                 if s.listen(port).is_err() {
                     break;
                 }
-                l.listening.push(self.sockets.add(s));
+                l.listening.push(sockets.add(s));
             }
-            self.listeners.insert(port, l);
         }
         // Outgoing connections and closing ones.
         let mut gone = Vec::new();
