@@ -500,7 +500,7 @@ fn call(lab: &Lab, ari: SocketAddr, key: &str, context: &str, n: u32, formats: &
         },
     );
     let heard = lab.dir.join(format!("rec/heard-{n}.wav"));
-    wait_for("the recording", Duration::from_secs(10), || {
+    wait_for("the recording", Duration::from_secs(20), || {
         Recording::open(&heard)
             .ok()
             .filter(|r| !r.samples.is_empty())
@@ -642,7 +642,13 @@ fn calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk() {
     .into_iter()
     .enumerate()
     {
-        let heard = call(&lab, ari, &key, context, n as u32 + 1, formats);
+        let heard = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            call(&lab, ari, &key, context, n as u32 + 1, formats)
+        }))
+        .unwrap_or_else(|e| {
+            lab.print_logs();
+            std::panic::resume_unwind(e)
+        });
         let (similarity, lag) = echo_similarity(&heard, &speech);
         eprintln!(
             "{context}: echo similarity {similarity:.3} at {} ms",
