@@ -6,6 +6,13 @@
 //! UDP, so every packet is encrypted and decrypted twice on the same cores: the numbers are
 //! a lower bound for one voicegate box. Options (after `--`): `--max-calls N` (default
 //! 400), `--calls N` (only that round), `--seconds S` per call round (default 6).
+//!
+//! `--cpu` measures instead what a call costs in CPU: the process's user + system time
+//! (`getrusage`) over rounds of 1 and 100 concurrent echo calls (`--cpu-calls N` for another
+//! count; `--seconds`, default 10), through the tunnel and over plain loopback TCP, in ms per
+//! call-second. The difference is what the tunnel adds at both of its ends (the PBX's and
+//! voicegate's do the same work per frame, so voicegate's share is about half).
+//! `--tunnel-only` skips the plain rounds (for `strace -c -f` or `valgrind --tool=callgrind`).
 
 #[path = "../tests/tunnel_support/mod.rs"]
 mod tunnel_support;
@@ -157,6 +164,41 @@ fn udp_receive_drops() -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// CPU ms per call-second of `n` echo calls of `seconds`, tunnel and plain TCP.
+async fn cpu_round(n: usize, seconds: f64) {
+    let mut per = [0.0f64; 2];
+    // `--tunnel-only`: skip the plain round (to profile or trace the tunnel alone).
+    let tunnel_only = std::env::args().any(|a| a == "--tunnel-only");
+    for (i, tunnel) in [true, false].into_iter().enumerate() {
+        if tunnel_only && !tunnel {
+            continue;
+        }
+        let before = process_cpu();
+        let r = calls(n, seconds, tunnel).await;
+        let used = process_cpu() - before;
+        assert_eq!(r.failed, 0, "calls failed in the CPU round");
+        per[i] = used.as_secs_f64() * 1000.0 / (n as f64 * seconds);
+    }
+    println!(
+        "cpu, {n:>3} calls x {seconds:.0} s: tunnel {:.2} ms per call-second, plain TCP {:.2} ms, \
+         the tunnel adds {:.2} ms (both ends; voicegate's end about {:.2} ms)",
+        per[0],
+        per[1],
+        per[0] - per[1],
+        (per[0] - per[1]) / 2.0
+    );
+}
+
 fn speech() -> Recording {
     Recording::open(
         &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -276,6 +318,26 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::args().any(|a| a == "--cpu") || !full {
+        let seconds = if full {
+            arg("--seconds", 10) as f64
+        } else {
+            1.0
+        };
+        let counts = match arg("--cpu-calls", 0) as usize {
+            0 if full => vec![1, 100],
+            0 => vec![2],
+            n => vec![n],
+        };
+        rt.block_on(async {
+            for n in counts {
+                cpu_round(n, seconds).await;
+            }
+        });
+        if full {
+            return;
+        }
+    }
     rt.block_on(async {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!("voicegate tunnel bench ({cpus} CPUs, boringtun + smoltcp, loopback UDP)");

@@ -578,7 +578,8 @@ pub struct AriConfig {
     /// `stasis` (default) or `lookup`.
     pub mode: AriMode,
     /// `HOST:PORT` at which Asterisk reaches voicegate's AudioSocket listener, for
-    /// externalMedia (default: `audiosocket.listen`).
+    /// externalMedia (default: `audiosocket.listen`; when `url` is a `[[wireguard.forward]]`,
+    /// the tunnel address and the AudioSocket port, e.g. `10.0.0.2:9092`).
     pub external_host: Option<String>,
     /// externalMedia format: `slin16` (default) or `slin`.
     pub format: AriFormat,
@@ -792,10 +793,14 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Parse`] naming the key, or [`ConfigError::Invalid`] from validation.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: redact_secret_lines(text, e.to_string()),
         })?;
+        // ARI through a tunnel forward: Asterisk reaches externalMedia at the tunnel address.
+        if let (Some(wg), Some(ari)) = (&config.wireguard, &mut config.ari) {
+            wg.default_ari_external_host(ari, config.audiosocket.listen.port());
+        }
         config.validate()?;
         Ok(config)
     }
@@ -938,6 +943,9 @@ impl Config {
         }
         if let Some(wg) = &self.wireguard {
             wg.validate()?;
+            if let Some(ari) = &self.ari {
+                wg.check_ari(ari, self.audiosocket.listen.port())?;
+            }
         }
         if self
             .log

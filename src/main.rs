@@ -86,9 +86,11 @@ enum WgCommand {
     Pubkey,
     /// Show the running service's tunnel: peers, latest handshakes, transfer (`wg show`).
     Show {
-        /// The service's health listener, HOST:PORT.
-        #[arg(long, default_value = "127.0.0.1:9100")]
-        health: String,
+        /// The service's health listener, HOST:PORT. Default: `[health] listen` of the
+        /// config (`--config`, `VOICEGATE_CONFIG`, else /etc/voicegate/voicegate.toml),
+        /// else 127.0.0.1:9100.
+        #[arg(long)]
+        health: Option<String>,
         /// Print the JSON as served instead of wg-style text.
         #[arg(long)]
         json: bool,
@@ -139,8 +141,22 @@ static ALLOCATOR: voicegate::health::heap::CountingAllocator =
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Wg(wg) = &cli.command {
-        // Key tools need no config, like `wg`.
-        return match wg_command(wg) {
+        // Key tools need no config, like `wg`; `show` reads only the health listener's
+        // address from it.
+        let health = match wg {
+            WgCommand::Show {
+                health: Some(h), ..
+            } => h.clone(),
+            WgCommand::Show { health: None, .. } => match Config::load(cli.config.as_deref()) {
+                Ok(c) => health_client_addr(c.health.listen),
+                Err(e) => {
+                    eprintln!("voicegate: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            WgCommand::Genkey | WgCommand::Pubkey => String::new(),
+        };
+        return match wg_command(wg, &health) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("voicegate wg: {e:#}");
@@ -370,7 +386,19 @@ fn print_tools(config: &Config, args: &ToolsArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn wg_command(cmd: &WgCommand) -> anyhow::Result<()> {
+/// Where a client on this box reaches a listener bound to `listen`: a wildcard address
+/// (`0.0.0.0`, `::`) is reached on loopback.
+fn health_client_addr(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(a) if a.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(a) if a.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port()).to_string()
+}
+
+/// `voicegate wg …`; `health` is the health listener `show` asks.
+fn wg_command(cmd: &WgCommand, health: &str) -> anyhow::Result<()> {
     use std::io::Read as _;
     use voicegate::tunnel::keys;
     match cmd {
@@ -385,7 +413,7 @@ fn wg_command(cmd: &WgCommand) -> anyhow::Result<()> {
                 .context("reading the private key from stdin")?;
             println!("{}", keys::public_key_of(&text)?);
         }
-        WgCommand::Show { health, json } => {
+        WgCommand::Show { json, .. } => {
             voicegate::tls::install_crypto_provider();
             let url = format!("http://{health}/v1/wireguard");
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -237,7 +237,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                     format!("{} udp {}", tunnel.address(), tunnel.udp_addr()),
                 ),
             );
-            spawn_tunnel_health(tunnel.clone(), health.clone(), tunnel_stop.clone());
+            spawn_tunnel_health(
+                tunnel.clone(),
+                wg.silent_after(),
+                health.clone(),
+                tunnel_stop.clone(),
+            );
             (server.with_tunnel(listener), Some(tunnel))
         }
         None => (server, None),
@@ -326,6 +331,31 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         );
         None
     };
+
+    // Asterisk on the far side of the tunnel asks `/v1/calls/{id}/next` at the tunnel
+    // address: carry those connections to the health listener (same allowlist).
+    if let (Some(tunnel), Some(addr)) = (&tunnel, http_addr) {
+        let listener = tunnel
+            .listen(addr.port())
+            .await
+            .context("listening for health requests inside the WireGuard tunnel")?;
+        let local = match addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => {
+                std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            }
+            ip if ip.is_unspecified() => {
+                std::net::SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port())
+            }
+            _ => addr,
+        };
+        let guard = guard.clone();
+        crate::tunnel::forward::serve_local(
+            listener,
+            local,
+            Arc::new(move |ip| guard.allows(ip)),
+            tunnel_stop.clone(),
+        );
+    }
 
     if config.guard.nftables {
         load_nftables(
@@ -637,15 +667,18 @@ fn spawn_ari_health(
     });
 }
 
-/// Every 10 s: the tunnel's peers into `/metrics` and the `tunnel` component of `/health`
-/// (down when no peer has a live session, so a peer that went silent shows).
+/// Every second: the tunnel's peers into `/metrics` and the `tunnel` component of `/health`
+/// ([`crate::tunnel::TunnelStats::health`]: down when no peer has a live session, degraded
+/// when a peer carrying calls has been silent for `silent_after`).
 fn spawn_tunnel_health(
     tunnel: crate::tunnel::Tunnel,
+    silent_after: Duration,
     health: Arc<HealthState>,
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(10));
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -655,16 +688,7 @@ fn spawn_tunnel_health(
                 return;
             };
             stats.record_metrics();
-            let up = stats.peers.iter().filter(|p| p.is_up()).count();
-            let status = if up > 0 {
-                ComponentStatus::Ok
-            } else {
-                ComponentStatus::Down
-            };
-            health.set_component(
-                component::TUNNEL,
-                Component::new(status, format!("{up} of {} peers up", stats.peers.len())),
-            );
+            health.set_component(component::TUNNEL, stats.health(silent_after));
         }
     });
 }

@@ -127,6 +127,50 @@ allowed_ips = ["10.0.0.1/32"]
         "echo through the tunnel: similarity {similarity}"
     );
 
+    // The dialplan's question after the call, asked through the tunnel at the tunnel
+    // address and the health port, as `[voicegate-next]` does with VOICEGATE_HTTP.
+    let mut http = pbx
+        .connect(format!("10.0.0.2:{health_port}").parse().unwrap())
+        .await
+        .expect("health port through the tunnel");
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        http.write_all(
+            format!(
+                "GET /v1/calls/{}/next HTTP/1.1\r\nhost: 10.0.0.2\r\nconnection: close\r\n\r\n",
+                plan.call_id
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), http.read_to_string(&mut answer))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // The echo agent never ends a call itself: the caller goes to the operators.
+        assert!(answer.ends_with("\r\n\r\noperator"), "{answer}");
+    }
+    // `/health` names the peer with its handshake and last packet.
+    let health: serde_json::Value = {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", health_port)).unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let tunnel = &health["components"]["tunnel"];
+    let detail = tunnel["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("10.0.0.1/32: handshake") && detail.contains("last packet"),
+        "{tunnel}"
+    );
+
     // The service reports the peer, as JSON and as `wg show`.
     let out = Command::new(BIN)
         .args([

@@ -15,8 +15,11 @@
 //! allowed_ips = ["10.0.0.1/32"]                     # AllowedIPs
 //! persistent_keepalive = 25                         # PersistentKeepalive, s (0 = off)
 //! ```
+//!
+//! Beyond wg-quick: `silent_after_ms` (when `/health` calls a peer with calls silent) and
+//! `[[wireguard.forward]]` (loopback TCP ports carried into the tunnel, for ARI).
 
-use crate::config::ConfigError;
+use crate::config::{AriConfig, ConfigError};
 use crate::secret::SecretSource;
 use crate::tunnel::keys;
 use ipnet::IpNet;
@@ -45,6 +48,11 @@ pub struct WireGuardConfig {
     /// WebSocket) reach the remote Asterisk: point `[ari] url` at the forward's `listen`.
     #[serde(default, rename = "forward")]
     pub forwards: Vec<ForwardConfig>,
+    /// A peer carrying calls that has sent nothing for this long marks the `tunnel`
+    /// component of `/health` degraded, ms (default 3000; Asterisk sends a frame every 20 ms
+    /// during a call, so silence means the link is cut).
+    #[serde(default = "default_silent_after_ms")]
+    pub silent_after_ms: u64,
 }
 
 /// `[[wireguard.forward]]`: TCP on a local address, carried to a tunnel address.
@@ -59,6 +67,10 @@ pub struct ForwardConfig {
 
 fn default_mtu() -> u16 {
     1420
+}
+
+fn default_silent_after_ms() -> u64 {
+    3000
 }
 
 /// `[[wireguard.peer]]`: one remote WireGuard peer (the Asterisk server).
@@ -95,6 +107,12 @@ impl WireGuardConfig {
             .map_err(|e| ConfigError::invalid("wireguard.private_key", e.to_string()))?;
         keys::decode_key(key.expose())
             .map_err(|e| ConfigError::invalid("wireguard.private_key", e.to_string()))?;
+        if !(100..=600_000).contains(&self.silent_after_ms) {
+            return Err(ConfigError::invalid(
+                "wireguard.silent_after_ms",
+                "must be 100 to 600000",
+            ));
+        }
         if !(576..=9000).contains(&self.mtu) {
             return Err(ConfigError::invalid("wireguard.mtu", "must be 576 to 9000"));
         }
@@ -146,6 +164,109 @@ impl WireGuardConfig {
                     "must name at least one address range, e.g. [\"10.0.0.1/32\"]",
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+/// The addresses `[ari] url` names: the literal IP, or both loopbacks for `localhost`;
+/// empty for other host names or an unparsable URL. Port: the URL's, or 80/443.
+fn url_addrs(url: &str) -> Vec<std::net::SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return Vec::new();
+    };
+    let Some(port) = u.port_or_known_default() else {
+        return Vec::new();
+    };
+    let host = u.host_str().unwrap_or_default();
+    let ips: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") {
+        vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+    } else {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<IpAddr>().into_iter().collect()
+    };
+    ips.into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect()
+}
+
+impl WireGuardConfig {
+    /// [`Self::silent_after_ms`] as a duration.
+    pub fn silent_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.silent_after_ms)
+    }
+
+    /// The index of the `[[wireguard.forward]]` whose `listen` is the host and port of
+    /// `url` (an `[ari] url`): ARI then reaches Asterisk through the tunnel, at that
+    /// forward's `to`.
+    pub fn forward_for_url(&self, url: &str) -> Option<usize> {
+        let addrs = url_addrs(url);
+        self.forwards.iter().position(|f| addrs.contains(&f.listen))
+    }
+
+    /// Where Asterisk, on the far side of the tunnel, reaches voicegate's AudioSocket
+    /// listener: the tunnel address (`address` without its prefix) and `port` (the port of
+    /// `[audiosocket] listen`, which voicegate also listens on inside the tunnel).
+    pub fn audiosocket_addr(&self, port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.address.addr(), port)
+    }
+
+    /// Fills in `[ari] external_host` when ARI goes through a forward and it is unset: the
+    /// default (`[audiosocket] listen`, usually `127.0.0.1:9092`) would send Asterisk's
+    /// externalMedia channel to Asterisk's own loopback. The tunnel default is
+    /// [`Self::audiosocket_addr`], e.g. `10.0.0.2:9092`.
+    pub fn default_ari_external_host(&self, ari: &mut AriConfig, audiosocket_port: u16) {
+        if ari.external_host.is_none() && self.forward_for_url(&ari.url).is_some() {
+            ari.external_host = Some(self.audiosocket_addr(audiosocket_port).to_string());
+        }
+    }
+
+    /// Checks `[ari]` against the tunnel: ARI must reach a tunnel address through a
+    /// `[[wireguard.forward]]` (the ARI client does not use the tunnel by itself), and when
+    /// it does, `external_host` must not be a loopback address (Asterisk is on the far side).
+    /// `audiosocket_port` is the port of `[audiosocket] listen`, named in the message.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `ari.url` or `ari.external_host`.
+    pub fn check_ari(&self, ari: &AriConfig, audiosocket_port: u16) -> Result<(), ConfigError> {
+        let in_tunnel = url_addrs(&ari.url).iter().any(|a| {
+            self.address.contains(&a.ip())
+                || self
+                    .peers
+                    .iter()
+                    .any(|p| p.allowed_ips.iter().any(|n| n.contains(&a.ip())))
+        });
+        if in_tunnel {
+            return Err(ConfigError::invalid(
+                "ari.url",
+                "is a tunnel address, which the ARI client cannot reach directly: add a \
+                 [[wireguard.forward]] with listen = \"127.0.0.1:18088\" and to = that \
+                 address and port, and set ari.url = \"http://127.0.0.1:18088\"",
+            ));
+        }
+        let Some(f) = self.forward_for_url(&ari.url) else {
+            return Ok(());
+        };
+        let host = ari.external_host.as_deref().unwrap_or_default();
+        let host_ip = host
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'));
+        let loopback = host_ip.is_some_and(|h| {
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+        });
+        if loopback {
+            return Err(ConfigError::invalid(
+                "ari.external_host",
+                format!(
+                    "{host} is voicegate's loopback, but ARI reaches Asterisk through the \
+                     tunnel (wireguard.forward[{f}]): Asterisk connects externalMedia to \
+                     voicegate's tunnel address, e.g. \"{}\" (the default when unset)",
+                    self.audiosocket_addr(audiosocket_port)
+                ),
+            ));
         }
         Ok(())
     }
@@ -228,6 +349,56 @@ mod tests {
         assert!(e.to_string().contains("wireguard.private_key"), "{e}");
         let e = parse("mtu = 100\n").unwrap_err();
         assert!(e.to_string().contains("wireguard.mtu"), "{e}");
+    }
+
+    const ARI_FORWARD: &str = "[[wireguard.peer]]\npublic_key = \"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\"\n\
+        allowed_ips = [\"10.0.0.1/32\"]\n\
+        [[wireguard.forward]]\nlisten = \"127.0.0.1:18088\"\nto = \"10.0.0.1:8088\"\n";
+
+    fn with_ari(ari: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(
+            &format!(
+                "[audiosocket]\nlisten = \"127.0.0.1:9093\"\n[ari]\npassword = \"pw\"\n{ari}\n\
+                 [wireguard]\nprivate_key = \"{PRIV}\"\naddress = \"10.0.0.2/24\"\n{ARI_FORWARD}"
+            ),
+            Path::new("x.toml"),
+        )
+    }
+
+    #[test]
+    fn ari_through_a_forward_defaults_external_host_to_the_tunnel_address() {
+        let c = with_ari("url = \"http://127.0.0.1:18088\"").unwrap();
+        let ari = c.ari.as_ref().unwrap();
+        assert_eq!(ari.external_host.as_deref(), Some("10.0.0.2:9093"));
+        // `localhost` names the same forward; check-config prints the effective value.
+        let c = with_ari("url = \"http://localhost:18088\"").unwrap();
+        assert!(
+            c.to_redacted_toml()
+                .contains("external_host = \"10.0.0.2:9093\""),
+            "{}",
+            c.to_redacted_toml()
+        );
+        // An explicit non-loopback value is kept.
+        let c = with_ari("url = \"http://127.0.0.1:18088\"\nexternal_host = \"10.0.0.2:9999\"")
+            .unwrap();
+        assert_eq!(
+            c.ari.unwrap().external_host.as_deref(),
+            Some("10.0.0.2:9999")
+        );
+        // ARI on this box (not a forward): the default stays the AudioSocket listener.
+        let c = with_ari("url = \"http://127.0.0.1:8088\"").unwrap();
+        assert_eq!(c.ari.unwrap().external_host, None);
+    }
+
+    #[test]
+    fn ari_to_a_tunnel_address_or_loopback_external_host_is_refused() {
+        let e = with_ari("url = \"http://10.0.0.1:8088\"").unwrap_err();
+        assert!(e.to_string().contains("`ari.url`"), "{e}");
+        assert!(e.to_string().contains("[[wireguard.forward]]"), "{e}");
+        let e = with_ari("url = \"http://127.0.0.1:18088\"\nexternal_host = \"127.0.0.1:9093\"")
+            .unwrap_err();
+        assert!(e.to_string().contains("`ari.external_host`"), "{e}");
+        assert!(e.to_string().contains("10.0.0.2:9093"), "{e}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
-use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -61,6 +61,12 @@ pub const MAX_QUEUED_DATAGRAMS: usize = 1024;
 pub const MAX_QUEUED_PACKETS: usize = 512;
 /// Receive and send buffer of each TCP connection, bytes (64 KiB each way).
 pub const TCP_BUFFER_BYTES: usize = 64 * 1024;
+/// How long a received segment may wait for its ACK (smoltcp's default is 10 ms): longer
+/// than a call's 20 ms frame interval, so the ACK rides on the next audio frame going the
+/// other way instead of costing a datagram of its own (encryption, a `sendto`, a wake-up
+/// at each end). More than one full segment unacknowledged is still acknowledged at once,
+/// so bulk transfers (ARI responses) are not slowed.
+pub const ACK_DELAY: Duration = Duration::from_millis(40);
 /// Sockets kept listening per port, so that calls arriving together are all accepted.
 pub const LISTEN_BACKLOG: usize = 2;
 /// Most half-open (SYN received) connections per listening port.
@@ -70,6 +76,11 @@ const MAX_PENDING_PER_PORT: usize = 64;
 const SCRATCH_BYTES: usize = 65_536 + 32;
 /// Ephemeral ports for outgoing connections (IANA dynamic range).
 const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 49_152..=65_535;
+
+/// The hasher of the maps looked up per packet and per connection: the keys are local
+/// socket handles (small integers nobody outside chooses), so SipHash's flood resistance
+/// buys nothing and costs a large share of the per-frame CPU.
+pub(crate) type FastHash = foldhash::fast::FixedState;
 
 /// Why the core cannot do what was asked.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -190,6 +201,8 @@ struct Peer {
     tx_bytes: u64,
     handshakes: u64,
     last_handshake: Option<Instant>,
+    /// When the last authenticated datagram (data, keepalive or handshake) arrived.
+    last_rx: Option<Instant>,
 }
 
 /// The in-memory link between WireGuard and smoltcp: IP packets each way.
@@ -254,6 +267,9 @@ struct ConnInfo {
     closing: bool,
     /// The caller will not read any more: received bytes may be discarded.
     released: bool,
+    /// The peer opened it (accepted on a listened port): a call, for [`PeerStats::calls`].
+    /// `None` for outgoing connections.
+    incoming_from: Option<usize>,
 }
 
 /// The tunnel core. See the module docs.
@@ -272,7 +288,7 @@ pub struct TunnelCore {
     transmits: VecDeque<Transmit>,
     events: VecDeque<TunnelEvent>,
     listeners: HashMap<u16, Listener>,
-    conns: HashMap<SocketHandle, ConnInfo>,
+    conns: HashMap<SocketHandle, ConnInfo, FastHash>,
     next_port: u16,
     scratch: Vec<u8>,
     dropped_datagrams: u64,
@@ -311,6 +327,9 @@ fn new_socket() -> tcp::Socket<'static> {
     );
     // Audio frames are small and paced: send each at once.
     s.set_nagle_enabled(false);
+    s.set_ack_delay(Some(smoltcp::time::Duration::from_millis(
+        ACK_DELAY.as_millis() as u64,
+    )));
     // A peer that vanished (PBX rebooted, link cut) is noticed on idle connections too:
     // probes every 30 s, and the connection is reset if nothing is acknowledged for 120 s.
     s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
@@ -349,6 +368,7 @@ impl TunnelCore {
                 tx_bytes: 0,
                 handshakes: 0,
                 last_handshake: None,
+                last_rx: None,
             })
             .collect();
         let mut device = VirtualDevice {
@@ -388,7 +408,7 @@ impl TunnelCore {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             listeners: HashMap::new(),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             next_port: *EPHEMERAL_PORTS.start(),
             scratch: vec![0; SCRATCH_BYTES],
             dropped_datagrams: 0,
@@ -515,6 +535,7 @@ impl TunnelCore {
         if authenticated {
             let peer = &mut self.peers[i];
             peer.rx_bytes += datagram.len() as u64;
+            peer.last_rx = Some(self.now);
             if peer.endpoint != Some(from) {
                 debug!(peer = i, %from, "peer endpoint changed");
                 peer.endpoint = Some(from);
@@ -666,14 +687,13 @@ impl TunnelCore {
     fn poll_stack(&mut self) {
         self.prepare_listeners();
         let now = smol_time(self.epoch, self.now);
+        // One poll runs all ingress and then egress until the sockets have nothing more to
+        // send; it needs repeating only when the outgoing queue filled up and stopped it.
         for _ in 0..16 {
-            let result = self.iface.poll(now, &mut self.device, &mut self.sockets);
-            let had_output = !self.device.tx.is_empty();
+            self.iface.poll(now, &mut self.device, &mut self.sockets);
+            let full = self.device.tx.len() >= MAX_QUEUED_PACKETS;
             self.encapsulate_outgoing();
-            if result == PollResult::None && !had_output {
-                break;
-            }
-            if self.device.rx.is_empty() && !had_output {
+            if !full {
                 break;
             }
         }
@@ -738,8 +758,12 @@ impl TunnelCore {
 
     /// The peer whose allowed IPs contain `dst`, longest prefix first.
     fn route(&self, dst: IpAddr) -> Option<usize> {
+        Self::route_in(&self.peers, dst)
+    }
+
+    fn route_in(peers: &[Peer], dst: IpAddr) -> Option<usize> {
         let mut best: Option<(usize, u8)> = None;
-        for (i, p) in self.peers.iter().enumerate() {
+        for (i, p) in peers.iter().enumerate() {
             for net in &p.allowed_ips {
                 if net.contains(&dst) && best.is_none_or(|(_, len)| net.prefix_len() > len) {
                     best = Some((i, net.prefix_len()));
@@ -750,14 +774,26 @@ impl TunnelCore {
     }
 
     fn update_sockets(&mut self) {
-        // Listening ports: a socket that left Listen is a connection in the making.
-        let mut ports: Vec<u16> = self.listeners.keys().copied().collect();
-        ports.sort_unstable();
-        for port in ports {
-            let Some(mut l) = self.listeners.remove(&port) else {
+        // Listening ports: a socket that left Listen is a connection in the making. The
+        // common case (every socket still listening, none pending) costs one state check
+        // per listening socket and allocates nothing.
+        let TunnelCore {
+            listeners,
+            sockets,
+            conns,
+            events,
+            peers,
+            ..
+        } = self;
+        for (&port, l) in listeners.iter_mut() {
+            let settled = l.pending.is_empty()
+                && l.listening.len() >= LISTEN_BACKLOG
+                && l.listening
+                    .iter()
+                    .all(|h| sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen);
+            if settled {
                 continue;
-            };
-            let sockets = &mut self.sockets;
+            }
             let (still, started): (Vec<_>, Vec<_>) = l
                 .listening
                 .iter()
@@ -766,31 +802,33 @@ impl TunnelCore {
             l.pending.extend(started);
             let mut keep = Vec::with_capacity(l.pending.len());
             for h in l.pending.drain(..) {
-                let s = self.sockets.get_mut::<tcp::Socket>(h);
+                let s = sockets.get_mut::<tcp::Socket>(h);
                 match s.state() {
                     tcp::State::SynReceived => keep.push(h),
                     tcp::State::Listen | tcp::State::Closed => {
                         // Reset during the handshake.
-                        self.sockets.remove(h);
+                        sockets.remove(h);
                     }
                     _ => match s.remote_endpoint() {
                         Some(remote) => {
-                            self.conns.insert(
+                            let peer = Self::route_in(peers, to_ip(remote.addr));
+                            conns.insert(
                                 h,
                                 ConnInfo {
                                     connecting: false,
                                     closing: false,
                                     released: false,
+                                    incoming_from: peer,
                                 },
                             );
-                            self.events.push_back(TunnelEvent::Accepted {
+                            events.push_back(TunnelEvent::Accepted {
                                 conn: ConnId(h),
                                 port,
                                 remote: to_socket_addr(remote),
                             });
                         }
                         None => {
-                            self.sockets.remove(h);
+                            sockets.remove(h);
                         }
                     },
                 }
@@ -801,9 +839,8 @@ impl TunnelCore {
                 if s.listen(port).is_err() {
                     break;
                 }
-                l.listening.push(self.sockets.add(s));
+                l.listening.push(sockets.add(s));
             }
-            self.listeners.insert(port, l);
         }
         // Outgoing connections and closing ones.
         let mut gone = Vec::new();
@@ -881,6 +918,7 @@ impl TunnelCore {
                 connecting: true,
                 closing: false,
                 released: false,
+                incoming_from: None,
             },
         );
         Ok(ConnId(h))
@@ -1009,13 +1047,26 @@ impl TunnelCore {
             peers: self
                 .peers
                 .iter()
-                .map(|p| PeerStats {
+                .enumerate()
+                .map(|(i, p)| PeerStats {
                     public_key: super::keys::encode_key(p.public_key.as_bytes()),
                     endpoint: p.endpoint.map(|e| e.to_string()),
                     allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
                     last_handshake_age_s: p
                         .last_handshake
                         .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+                    last_rx_age_s: p
+                        .last_rx
+                        .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+                    calls: self
+                        .conns
+                        .iter()
+                        .filter(|(h, c)| {
+                            c.incoming_from == Some(i)
+                                && !c.closing
+                                && self.sockets.get::<tcp::Socket>(**h).may_recv()
+                        })
+                        .count(),
                     handshakes: p.handshakes,
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,

@@ -450,3 +450,77 @@ fn many_connections_arriving_together_are_all_accepted() {
     });
     assert_eq!((connected, accepted, failed), (50, 50, 0));
 }
+
+#[test]
+fn a_cut_link_under_a_call_shows_as_silence_within_seconds() {
+    use crate::health::ComponentStatus;
+    let silent_after = Duration::from_secs(3);
+    // A keeps the link up (keepalive 25 s) and calls B, as Asterisk calls voicegate.
+    let mut s = Sim::new(0, 2, Some(25));
+    let (ca, cb) = s.connect();
+    let frame = pattern(320, 8);
+    let mut buf = vec![0u8; 4096];
+    // One call-second of 20 ms frames each way.
+    let mut talk = |s: &mut Sim, for_: Duration| {
+        let mut next = s.now;
+        s.run_until(for_, |s| {
+            if s.now >= next {
+                next += Duration::from_millis(20);
+                let _ = s.a.send(ca, &frame);
+                let _ = s.b.send(cb, &frame);
+                s.a.handle_timeout(s.now);
+                s.b.handle_timeout(s.now);
+                s.collect();
+            }
+            while let Recv::Data(_) = s.b.recv(cb, &mut buf) {}
+            while let Recv::Data(_) = s.a.recv(ca, &mut buf) {}
+            false
+        });
+    };
+    talk(&mut s, Duration::from_secs(1));
+    let b = s.b.stats(s.now);
+    assert_eq!(b.peers[0].calls, 1, "B counts A's connection as a call");
+    assert!(b.peers[0].last_rx_age_s.unwrap() < 0.1, "{b:?}");
+    assert_eq!(b.health(silent_after).status, ComponentStatus::Ok);
+    // A's connect was outgoing: A carries no calls of B's.
+    assert_eq!(s.a.stats(s.now).peers[0].calls, 0);
+
+    // The link is cut for 5 s: the handshake is still fresh, but B hears nothing.
+    s.loss_permille = 1000;
+    talk(&mut s, Duration::from_secs(2));
+    let h = s.b.stats(s.now).health(silent_after);
+    assert_eq!(
+        h.status,
+        ComponentStatus::Ok,
+        "2 s of silence: {}",
+        h.detail
+    );
+    talk(&mut s, Duration::from_secs(3));
+    let b = s.b.stats(s.now);
+    let age = b.peers[0].last_rx_age_s.unwrap();
+    assert!((4.9..=5.1).contains(&age), "silent for {age} s");
+    assert!(b.peers[0].last_handshake_age_s.unwrap() < 180.0);
+    let h = b.health(silent_after);
+    assert_eq!(h.status, ComponentStatus::Degraded, "{}", h.detail);
+    assert!(h.detail.contains("10.0.0.2/32"), "{}", h.detail);
+
+    // The link comes back: TCP retransmits, packets flow, the tunnel is ok again.
+    s.loss_permille = 0;
+    talk(&mut s, Duration::from_secs(3));
+    let b = s.b.stats(s.now);
+    // (TCP may still be in retransmission backoff: packets arrive, not yet every 20 ms.)
+    assert!(b.peers[0].last_rx_age_s.unwrap() < 1.0, "{b:?}");
+    assert_eq!(b.health(silent_after).status, ComponentStatus::Ok);
+
+    // The call ends (voicegate closes it): no call left, silence is no longer a symptom.
+    s.b.release(cb);
+    s.run_until(Duration::from_secs(1), |_| false);
+    let b = s.b.stats(s.now);
+    assert_eq!(b.peers[0].calls, 0);
+    s.loss_permille = 1000;
+    s.run_until(Duration::from_secs(5), |_| false);
+    assert_eq!(
+        s.b.stats(s.now).health(silent_after).status,
+        ComponentStatus::Ok
+    );
+}

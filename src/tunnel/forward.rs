@@ -59,3 +59,53 @@ pub async fn forward(
     });
     Ok((local, task))
 }
+
+/// Decides whether a connection from a tunnel address may be carried (the guard's
+/// allowlist in the service).
+pub type SourceFilter = std::sync::Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+
+/// The other direction: carries each connection arriving through the tunnel on `listener`
+/// to the local TCP address `to`, if `allow` accepts its tunnel source address (others are
+/// closed at once). This is how Asterisk, on the far side, reaches voicegate's health
+/// listener (`GET /v1/calls/{id}/next` after modes 1 and 2) at the tunnel address. Runs
+/// until `stop` or the tunnel stops.
+pub fn serve_local(
+    mut listener: super::TunnelListener,
+    to: SocketAddr,
+    allow: SourceFilter,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    info!(local = %listener.local_addr(), %to, "serving through the WireGuard tunnel");
+    tokio::spawn(async move {
+        loop {
+            let (mut remote, peer) = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(_) => return,
+                },
+            };
+            if !allow(peer.ip()) {
+                debug!(%peer, "tunnel connection from outside the allowlist closed");
+                continue;
+            }
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut local = match tokio::net::TcpStream::connect(to).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%peer, %to, error = %e, "cannot reach the local listener");
+                        return;
+                    }
+                };
+                let _ = local.set_nodelay(true);
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut remote, &mut local) => {
+                        debug!(%peer, %to, result = ?r, "tunnel connection closed");
+                    }
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    })
+}

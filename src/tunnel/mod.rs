@@ -291,9 +291,11 @@ impl Tunnel {
             drop_tx,
             drop_rx,
             wake: Arc::new(Notify::new()),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             listeners: HashMap::new(),
-            connecting: HashMap::new(),
+            connecting: HashMap::default(),
+            stack_dirty: true,
+            deadline: Instant::now(),
             endpoint_names: spec.endpoint_names,
             next_resolve: vec![Instant::now(); peers],
             resolving: vec![false; peers],
@@ -561,6 +563,8 @@ struct ConnIo {
     shutdown: bool,
     dropped: bool,
     closed: bool,
+    /// The core was told to close it (FIN after the queued bytes).
+    fin: bool,
 }
 
 struct Connecting {
@@ -578,9 +582,13 @@ struct Driver {
     drop_tx: mpsc::UnboundedSender<ConnId>,
     drop_rx: mpsc::UnboundedReceiver<ConnId>,
     wake: Arc<Notify>,
-    conns: HashMap<ConnId, ConnIo>,
+    conns: HashMap<ConnId, ConnIo, core::FastHash>,
     listeners: HashMap<u16, mpsc::Sender<(TunnelStream, SocketAddr)>>,
-    connecting: HashMap<ConnId, Connecting>,
+    connecting: HashMap<ConnId, Connecting, core::FastHash>,
+    /// Datagrams arrived or a command touched the core since the stack last ran.
+    stack_dirty: bool,
+    /// When the core next needs to run (its timers, a connect timeout).
+    deadline: Instant,
     endpoint_names: Vec<Option<String>>,
     next_resolve: Vec<Instant>,
     resolving: Vec<bool>,
@@ -604,13 +612,21 @@ impl Driver {
                 self.on_drop(id);
             }
             let now = Instant::now();
-            self.core.handle_timeout(now.into_std());
-            self.dispatch_events();
+            // The stack runs (a pass over every socket) only when there is something for
+            // it: datagrams, a command, a timer. A wake-up for a stream's write alone skips
+            // this first pass and runs only the one after the write is in the socket.
+            if self.stack_dirty || now >= self.deadline {
+                self.stack_dirty = false;
+                self.core.handle_timeout(now.into_std());
+                self.dispatch_events();
+            }
             self.expire_connects(now);
-            self.service_conns();
-            // Send what the streams just queued.
-            self.core.handle_timeout(now.into_std());
-            self.dispatch_events();
+            // Send what the streams just queued (or what a command asked for).
+            if self.service_conns() || self.stack_dirty {
+                self.stack_dirty = false;
+                self.core.handle_timeout(now.into_std());
+                self.dispatch_events();
+            }
             self.maybe_resolve(now);
             self.flush_transmits();
             let deadline = Instant::from_std(self.core.poll_timeout());
@@ -619,6 +635,9 @@ impl Driver {
                 .values()
                 .map(|c| c.deadline)
                 .fold(deadline, Instant::min);
+            // Something above left work for the stack (an abort): run again at once.
+            let deadline = if self.stack_dirty { now } else { deadline };
+            self.deadline = deadline;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -669,6 +688,7 @@ impl Driver {
             Ok((n, from)) => {
                 let now = Instant::now().into_std();
                 self.core.handle_datagram(now, from, &self.recv_buf[..n]);
+                self.stack_dirty = true;
             }
             // ICMP port unreachable from a peer that is down surfaces here: not fatal.
             Err(e) => debug!(error = %e, "udp receive failed"),
@@ -704,6 +724,7 @@ impl Driver {
                 shutdown: false,
                 dropped: false,
                 closed: false,
+                fin: false,
             },
         );
         TunnelStream {
@@ -728,6 +749,7 @@ impl Driver {
                     let local = SocketAddr::new(self.listener_addr(), port);
                     let Some(tx) = self.listeners.get(&port).cloned() else {
                         self.core.abort(conn);
+                        self.stack_dirty = true;
                         continue;
                     };
                     let stream = self.new_stream(conn, remote, local);
@@ -736,6 +758,7 @@ impl Driver {
                         drop(e.into_inner());
                         self.conns.remove(&conn);
                         self.core.abort(conn);
+                        self.stack_dirty = true;
                     } else {
                         debug!(%remote, port, "tunnel connection accepted");
                     }
@@ -776,6 +799,7 @@ impl Driver {
         for id in late {
             if let Some(c) = self.connecting.remove(&id) {
                 self.core.abort(id);
+                self.stack_dirty = true;
                 let _ = c.reply.send(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no answer from {} through the tunnel", c.remote),
@@ -786,6 +810,11 @@ impl Driver {
 
     fn on_command(&mut self, cmd: Cmd) {
         let now = Instant::now();
+        // Everything but a write (handled by service_conns) and a stats query touches the
+        // core's sockets or peers: the stack must run.
+        if !matches!(cmd, Cmd::Write { .. } | Cmd::Stats(_)) {
+            self.stack_dirty = true;
+        }
         match cmd {
             Cmd::Listen {
                 port,
@@ -848,14 +877,17 @@ impl Driver {
     }
 
     fn on_drop(&mut self, id: ConnId) {
+        self.stack_dirty = true;
         if let Some(c) = self.conns.get_mut(&id) {
             c.dropped = true;
             c.to_stream = None;
         }
     }
 
-    /// Moves bytes between the streams' channels and the TCP sockets.
-    fn service_conns(&mut self) {
+    /// Moves bytes between the streams' channels and the TCP sockets. True when it gave the
+    /// core something to send (bytes, a FIN, a release): the stack must then run.
+    fn service_conns(&mut self) -> bool {
+        let mut sent = false;
         let mut gone = Vec::new();
         for (&id, c) in self.conns.iter_mut() {
             // Stream → socket.
@@ -863,6 +895,7 @@ impl Driver {
                 match self.core.send(id, front) {
                     Ok(0) => break,
                     Ok(n) => {
+                        sent = true;
                         c.budget.add_permits(n);
                         front.advance(n);
                         if front.is_empty() {
@@ -897,17 +930,21 @@ impl Driver {
             if c.closed {
                 c.budget.close();
             }
-            if (c.shutdown || c.dropped) && c.pending.is_empty() {
+            if (c.shutdown || c.dropped) && c.pending.is_empty() && !c.fin {
                 self.core.close(id);
+                c.fin = true;
+                sent = true;
             }
             if c.dropped && (c.pending.is_empty() || c.closed) {
                 self.core.release(id);
                 gone.push(id);
+                sent = true;
             }
         }
         for id in gone {
             self.conns.remove(&id);
         }
+        sent
     }
 
     /// Looks endpoint host names up again for peers without a live session.

@@ -35,6 +35,15 @@ pub struct PeerStats {
     pub allowed_ips: Vec<String>,
     /// Seconds since the last completed handshake; `None` if there has been none.
     pub last_handshake_age_s: Option<f64>,
+    /// Seconds since the last authenticated datagram from the peer (data, keepalive or
+    /// handshake); `None` if none yet. During a call Asterisk sends a frame every 20 ms, so
+    /// this stays below 0.1 s unless the link is down.
+    #[serde(default)]
+    pub last_rx_age_s: Option<f64>,
+    /// Open TCP connections the peer made to voicegate through the tunnel: AudioSocket
+    /// calls (and, for a few milliseconds each, the dialplan's `/next` requests).
+    #[serde(default)]
+    pub calls: usize,
     /// Handshakes completed since start (the first one and every rekey).
     pub handshakes: u64,
     /// UDP payload bytes received from the peer.
@@ -54,10 +63,61 @@ impl PeerStats {
 }
 
 impl TunnelStats {
+    /// The `tunnel` component of `/health`:
+    /// - `down` when no peer is up ([`PeerStats::is_up`]);
+    /// - `degraded` when a peer carrying calls ([`PeerStats::calls`] > 0) has sent nothing
+    ///   for longer than `silent_after` (`[wireguard] silent_after_ms`): the link is cut
+    ///   and those callers hear nothing, long before the 180 s a handshake may be old;
+    /// - `ok` otherwise.
+    ///
+    /// The detail names each peer (its first allowed IP, else its key) with the time since
+    /// its last handshake and last packet and its calls, e.g.
+    /// `1 of 1 peers up; 10.0.0.1/32: handshake 12.0 s ago, last packet 0.0 s ago, 2 calls`.
+    pub fn health(&self, silent_after: std::time::Duration) -> crate::health::Component {
+        use crate::health::{Component, ComponentStatus};
+        use std::fmt::Write as _;
+        let up = self.peers.iter().filter(|p| p.is_up()).count();
+        let mut detail = format!("{up} of {} peers up", self.peers.len());
+        let mut silent = Vec::new();
+        for p in &self.peers {
+            let name = p.allowed_ips.first().unwrap_or(&p.public_key);
+            let age = |a: Option<f64>| a.map_or("never".to_owned(), |a| format!("{a:.1} s ago"));
+            // Writing to a String cannot fail.
+            let _ = write!(
+                detail,
+                "; {name}: handshake {}, last packet {}, {} call{}",
+                age(p.last_handshake_age_s),
+                age(p.last_rx_age_s),
+                p.calls,
+                if p.calls == 1 { "" } else { "s" }
+            );
+            let quiet = p
+                .last_rx_age_s
+                .is_none_or(|a| a > silent_after.as_secs_f64());
+            if p.calls > 0 && quiet {
+                silent.push(name.as_str());
+            }
+        }
+        let status = if up == 0 {
+            ComponentStatus::Down
+        } else if !silent.is_empty() {
+            detail = format!(
+                "silent for over {:.1} s while carrying calls: {}; {detail}",
+                silent_after.as_secs_f64(),
+                silent.join(", ")
+            );
+            ComponentStatus::Degraded
+        } else {
+            ComponentStatus::Ok
+        };
+        Component::new(status, detail)
+    }
+
     /// Sets the tunnel's gauges in the `metrics` registry (call it when `/metrics` is
     /// scraped), labelled by the peer's public key:
     /// `voicegate_wireguard_peer_last_handshake_age_seconds` (-1 before the first
-    /// handshake), `voicegate_wireguard_peer_rx_bytes`, `voicegate_wireguard_peer_tx_bytes`,
+    /// handshake), `voicegate_wireguard_peer_last_rx_age_seconds` (-1 before the first
+    /// packet), `voicegate_wireguard_peer_calls`, `voicegate_wireguard_peer_rx_bytes`, `voicegate_wireguard_peer_tx_bytes`,
     /// `voicegate_wireguard_peer_handshakes`, `voicegate_wireguard_peer_up` (1 or 0), and
     /// `voicegate_wireguard_dropped_datagrams`.
     pub fn record_metrics(&self) {
@@ -66,6 +126,10 @@ impl TunnelStats {
             let peer = p.public_key.clone();
             metrics::gauge!("voicegate_wireguard_peer_last_handshake_age_seconds", "peer" => peer.clone())
                 .set(p.last_handshake_age_s.unwrap_or(-1.0));
+            metrics::gauge!("voicegate_wireguard_peer_last_rx_age_seconds", "peer" => peer.clone())
+                .set(p.last_rx_age_s.unwrap_or(-1.0));
+            metrics::gauge!("voicegate_wireguard_peer_calls", "peer" => peer.clone())
+                .set(p.calls as f64);
             metrics::gauge!("voicegate_wireguard_peer_rx_bytes", "peer" => peer.clone())
                 .set(p.rx_bytes as f64);
             metrics::gauge!("voicegate_wireguard_peer_tx_bytes", "peer" => peer.clone())
@@ -185,6 +249,8 @@ mod tests {
                     endpoint: Some("192.0.2.1:51820".into()),
                     allowed_ips: vec!["10.0.0.1/32".into()],
                     last_handshake_age_s: Some(65.4),
+                    last_rx_age_s: Some(0.02),
+                    calls: 2,
                     handshakes: 2,
                     rx_bytes: 1_572_864,
                     tx_bytes: 2_500,
@@ -195,6 +261,8 @@ mod tests {
                     endpoint: None,
                     allowed_ips: vec![],
                     last_handshake_age_s: None,
+                    last_rx_age_s: None,
+                    calls: 0,
                     handshakes: 0,
                     rx_bytes: 0,
                     tx_bytes: 0,
@@ -238,5 +306,33 @@ peer: xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=
         assert_eq!(ago(0.4), "Now");
         assert_eq!(ago(3.0 * 3600.0 + 1.0), "3 hours, 1 second ago");
         assert_eq!(bytes(512), "512 B");
+    }
+
+    #[test]
+    fn health_is_degraded_when_a_peer_with_calls_falls_silent() {
+        use crate::health::ComponentStatus;
+        use std::time::Duration;
+        let silent_after = Duration::from_secs(3);
+        let mut s = sample();
+        let h = s.health(silent_after);
+        assert_eq!(h.status, ComponentStatus::Ok, "{}", h.detail);
+        assert!(
+            h.detail.starts_with(
+                "1 of 2 peers up; 10.0.0.1/32: handshake 65.4 s ago, last packet 0.0 s ago, 2 calls; "
+            ),
+            "{}",
+            h.detail
+        );
+        // Silent for 4 s with calls on it: degraded, though the handshake is still valid.
+        s.peers[0].last_rx_age_s = Some(4.0);
+        let h = s.health(silent_after);
+        assert_eq!(h.status, ComponentStatus::Degraded, "{}", h.detail);
+        assert!(h.detail.contains("10.0.0.1/32"), "{}", h.detail);
+        // Silent without calls (keepalives every 25 s are normal): ok.
+        s.peers[0].calls = 0;
+        assert_eq!(s.health(silent_after).status, ComponentStatus::Ok);
+        // No peer with a live session: down.
+        s.peers[0].last_handshake_age_s = Some(200.0);
+        assert_eq!(s.health(silent_after).status, ComponentStatus::Down);
     }
 }
