@@ -27,7 +27,7 @@
 //!
 //! Needs root (namespaces, TUN), `apt-get install wireguard-go wireguard-tools iproute2`,
 //! and Asterisk 22 installed under `/var/cache/asterisk-22.10.1` (or
-//! `VOICEGATE_ASTERISK_PREFIX`; `/work/shared/asterisk/build.sh` builds it). Without them
+//! `VOICEGATE_ASTERISK`; `../shared/asterisk/build.sh` builds it). Without them
 //! it prints `skipped` and passes, unless `VOICEGATE_REQUIRE_ALL=1`, when it fails.
 //! Run: `cargo test --test wireguard_asterisk -- --nocapture`.
 
@@ -510,7 +510,7 @@ fn call(lab: &Lab, ari: SocketAddr, key: &str, context: &str, n: u32, formats: &
 #[test]
 fn calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk() {
     let prefix = PathBuf::from(
-        std::env::var("VOICEGATE_ASTERISK_PREFIX")
+        std::env::var("VOICEGATE_ASTERISK")
             .unwrap_or_else(|_| "/var/cache/asterisk-22.10.1".into()),
     );
     let asterisk = prefix.join("sbin/asterisk");
