@@ -168,11 +168,8 @@ async fn failing_agent_reaches_operators(mode: &'static str) {
     let call = TestCall::new(&format!("fail-{mode}"), mode);
     let started = Instant::now();
     let ch = ast.originate(&call).await;
-    let deadline = started + Duration::from_secs(10);
-    while ast.operator_log().is_empty() {
-        assert!(Instant::now() < deadline, "{mode}: no operator answered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ast.wait_operator_calls(1, Duration::from_secs(10), mode)
+        .await;
     let took = started.elapsed();
     eprintln!("{mode}: failing agent → operator answered in {took:?}");
     assert!(took < Duration::from_secs(2), "{mode}: {took:?}");
@@ -233,11 +230,8 @@ async fn voicegate_down_every_mode_reaches_the_operators() {
     for (i, mode) in ["app", "driver", "stasis"].into_iter().enumerate() {
         let call = TestCall::new(&format!("down-{mode}"), mode);
         let ch = ast.originate(&call).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ast.operator_log().len() <= i {
-            assert!(Instant::now() < deadline, "{mode}: no operator answered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        ast.wait_operator_calls(i + 1, Duration::from_secs(5), mode)
+            .await;
         assert_eq!(ast.operator_log()[i], call.number);
         ast.wait_gone(&ch, Duration::from_secs(20)).await;
         ast.wait_no_channels(Duration::from_secs(10)).await;
@@ -394,11 +388,9 @@ async fn maintenance_sends_every_mode_to_the_operators() {
     for (i, mode) in ["app", "driver", "stasis"].into_iter().enumerate() {
         let call = TestCall::new(&format!("maint-{mode}"), mode);
         let ch = rig.ast.originate(&call).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while rig.ast.operator_log().len() <= i {
-            assert!(Instant::now() < deadline, "{mode}: no operator answered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        rig.ast
+            .wait_operator_calls(i + 1, Duration::from_secs(5), mode)
+            .await;
         rig.ast.wait_gone(&ch, Duration::from_secs(20)).await;
         rig.ast.wait_no_channels(Duration::from_secs(10)).await;
     }
@@ -652,11 +644,8 @@ async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
     }
     let call = TestCall::new("setup", "stasis");
     let ch = ast.originate(&call).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ast.operator_log().is_empty() {
-        assert!(Instant::now() < deadline, "no operator answered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ast.wait_operator_calls(1, Duration::from_secs(5), "setup")
+        .await;
     assert_eq!(ast.operator_log(), vec![call.number.clone()]);
     ast.wait_gone(&ch, Duration::from_secs(20)).await;
     let records = vg.wait_records(1, Duration::from_secs(5)).await;

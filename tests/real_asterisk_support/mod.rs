@@ -454,6 +454,16 @@ impl Asterisk {
             .collect()
     }
 
+    /// Waits until the operators' queue member has answered `n` callers, at most `limit`;
+    /// panics naming `what` otherwise.
+    pub async fn wait_operator_calls(&self, n: usize, limit: Duration, what: &str) {
+        let deadline = Instant::now() + limit;
+        while self.operator_log().len() < n {
+            assert!(Instant::now() < deadline, "{what}: no operator answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `ERROR` lines in Asterisk's log.
     pub fn errors(&self) -> Vec<String> {
         self.log()
