@@ -8,8 +8,8 @@ mod fake_openai;
 mod real_asterisk_support;
 
 use real_asterisk_support::{
-    Asterisk, AsteriskSetup, PacingProbe, TestCall, Voicegate, assert_echo, asterisk_prefix,
-    percentile, read_wav, repo,
+    Asterisk, AsteriskSetup, PacingProbe, TestCall, Voicegate, assert_echo, percentile, read_wav,
+    repo,
 };
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,29 @@ fn failing_agent() -> String {
         "[agent]\nkind = \"openai_realtime\"\nurl = \"ws://127.0.0.1:{closed}/v1/realtime\"\n\
          api_key = \"sk-test-unreachable\"\n"
     )
+}
+
+/// The fake OpenAI Realtime server's key.
+const OPENAI_KEY: &str = "sk-test-real-asterisk";
+
+/// G.711 μ-law: what the OpenAI Realtime agent uses on an 8 kHz call.
+const ULAW: voicegate::audio::convert::WireFormat =
+    voicegate::audio::convert::WireFormat::G711(voicegate::audio::g711::Law::Ulaw);
+
+/// `[agent]` for the OpenAI Realtime agent against the fake at `url`, plus `extra` TOML.
+fn openai_agent(url: &str, extra: &str) -> String {
+    format!(
+        "[agent]\nkind = \"openai_realtime\"\nurl = \"{url}\"\napi_key = \"{OPENAI_KEY}\"\n{extra}"
+    )
+}
+
+/// `session.created`, the agent's `session.update`, `session.updated` confirming μ-law both
+/// ways; returns the update.
+async fn open_session(c: &mut fake_openai::FakeConn) -> serde_json::Value {
+    c.session_created().await;
+    let update = c.expect("session.update").await;
+    c.session_updated(&update, (ULAW, ULAW)).await;
+    update
 }
 
 fn globals(host: std::net::SocketAddr, http: std::net::SocketAddr) -> AsteriskSetup {
@@ -91,12 +114,7 @@ impl Rig {
         };
         let vg = Voicegate::start_on(name, audiosocket, health, &extra).await;
         if stasis_format.is_some() {
-            // The events WebSocket registers the application.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !ast.cli("ari show apps").contains("voicegate") {
-                assert!(Instant::now() < deadline, "Stasis app not registered");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            ast.wait_app_registered().await;
         }
         Rig { ast, vg, probe }
     }
@@ -104,10 +122,11 @@ impl Rig {
 
 /// One echo call in `mode`; checks the echo and voicegate's pacing as Asterisk gets it.
 async fn echo_call(mode: &'static str, format: &'static str) {
-    let Some(prefix) = asterisk_prefix(&format!("echo_call_{mode}")) else {
+    let Some((prefix, _serial)) =
+        real_asterisk_support::asterisk_for(&format!("echo_call_{mode}")).await
+    else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     let stasis = (mode == "stasis").then_some(if format == "slin16" { "slin16" } else { "slin" });
     let rig = Rig::start(&prefix, mode, stasis, &echo_agent()).await;
     let (ast, vg, probe) = (&rig.ast, &rig.vg, &rig.probe);
@@ -158,10 +177,11 @@ async fn mode3_stasis_echoes_the_callers_speech() {
 /// A failing agent (its provider unreachable): the caller reaches the operators' queue
 /// member within 2 s of the call starting, in `mode`, and the record says why.
 async fn failing_agent_reaches_operators(mode: &'static str) {
-    let Some(prefix) = asterisk_prefix(&format!("failing_agent_{mode}")) else {
+    let Some((prefix, _serial)) =
+        real_asterisk_support::asterisk_for(&format!("failing_agent_{mode}")).await
+    else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     let stasis = (mode == "stasis").then_some("slin16");
     let rig = Rig::start(&prefix, &format!("fail-{mode}"), stasis, &failing_agent()).await;
     let (ast, vg) = (&rig.ast, &rig.vg);
@@ -221,10 +241,10 @@ async fn failing_agent_mode3_reaches_the_operators() {
 /// `DIALSTATUS=CHANUNAVAIL`), and so does mode 3 (`STASISSTATUS=FAILED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn voicegate_down_every_mode_reaches_the_operators() {
-    let Some(prefix) = asterisk_prefix("voicegate_down") else {
+    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("voicegate_down").await
+    else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     let (audiosocket, health) = Voicegate::ports();
     let ast = Asterisk::start(&prefix, "down", globals(audiosocket, health)).await;
     for (i, mode) in ["app", "driver", "stasis"].into_iter().enumerate() {
@@ -251,10 +271,9 @@ async fn voicegate_down_every_mode_reaches_the_operators() {
 /// as AudioSocket `0x03` on the media leg and as ARI `ChannelDtmfReceived`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
-    let Some(prefix) = asterisk_prefix("dtmf") else {
+    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("dtmf").await else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     for mode in ["app", "driver", "stasis"] {
         let stasis = (mode == "stasis").then_some("slin16");
         let rig = Rig::start(&prefix, &format!("dtmf-{mode}"), stasis, &echo_agent()).await;
@@ -272,10 +291,9 @@ async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
 /// has no bridge and no channel left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stasis_calls_in_a_row_and_at_once_all_bridge_and_leave_nothing() {
-    let Some(prefix) = asterisk_prefix("stasis_many") else {
+    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("stasis_many").await else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     let in_a_row: usize = std::env::var("VOICEGATE_STASIS_CALLS")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -335,10 +353,9 @@ async fn stasis_calls_in_a_row_and_at_once_all_bridge_and_leave_nothing() {
 /// Run it with a parallel build on the machine to see it hold under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_echo_call_keeps_its_delay() {
-    let Some(prefix) = asterisk_prefix("long_echo") else {
+    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("long_echo").await else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     let rig = Rig::start(&prefix, "long", None, &echo_agent()).await;
     // 14 s of real speech: the three fixtures, over and over, each padded to whole frames.
     let mut speech = Vec::new();
@@ -379,10 +396,9 @@ async fn long_echo_call_keeps_its_delay() {
 /// reaches the operators and the record says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_sends_every_mode_to_the_operators() {
-    let Some(prefix) = asterisk_prefix("maintenance") else {
+    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("maintenance").await else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     let agent = format!("{}[fallback]\nmaintenance = true\n", echo_agent());
     let rig = Rig::start(&prefix, "maint", Some("slin16"), &agent).await;
     for (i, mode) in ["app", "driver", "stasis"].into_iter().enumerate() {
@@ -423,20 +439,12 @@ async fn maintenance_sends_every_mode_to_the_operators() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     use fake_openai::{FakeOpenAi, to_wire};
-    use voicegate::audio::convert::WireFormat;
-    use voicegate::audio::g711::Law;
-    let Some(prefix) = asterisk_prefix("openai_barge_in") else {
+    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("openai_barge_in").await
+    else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
-    const KEY: &str = "sk-test-real-asterisk";
-    const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
-    let fake = FakeOpenAi::bind(KEY).await;
-    let agent = format!(
-        "[agent]\nkind = \"openai_realtime\"\nurl = \"{}\"\napi_key = \"{KEY}\"\n\
-         instructions = \"You are a test agent.\"\n",
-        fake.url
-    );
+    let fake = FakeOpenAi::bind(OPENAI_KEY).await;
+    let agent = openai_agent(&fake.url, "instructions = \"You are a test agent.\"\n");
     let rig = Rig::start(&prefix, "openai", None, &agent).await;
     // The reply: 4.5 s of real speech the caller can be checked against.
     let mut reply = Vec::new();
@@ -454,9 +462,7 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     let ch = rig.ast.originate(&call).await;
     let (_, conn) = fake.accept(None, t0).await;
     let mut c = conn.expect("upgrade accepted");
-    c.session_created().await;
-    let update = c.expect("session.update").await;
-    c.session_updated(&update, (ULAW, ULAW)).await;
+    open_session(&mut c).await;
     // The caller's speech arrives through Asterisk; then the server answers, all at once.
     c.wait_for_audio_ms(1_000).await;
     c.caller_turn("item_u1", "Hello world.").await;
@@ -524,19 +530,15 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
 /// (modes 1 and 3), or hung up (long before its own end).
 async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
     use fake_openai::{FakeOpenAi, to_wire};
-    use voicegate::audio::convert::WireFormat;
-    use voicegate::audio::g711::Law;
-    let Some(prefix) = asterisk_prefix(&format!("tool_{tool}_{mode}")) else {
+    let Some((prefix, _serial)) =
+        real_asterisk_support::asterisk_for(&format!("tool_{tool}_{mode}")).await
+    else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
-    const KEY: &str = "sk-test-real-asterisk";
-    const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
-    let fake = FakeOpenAi::bind(KEY).await;
-    let agent = format!(
-        "[agent]\nkind = \"openai_realtime\"\nurl = \"{}\"\napi_key = \"{KEY}\"\n\
-         [[tools]]\nkind = \"transfer_to_operator\"\n[[tools]]\nkind = \"hangup\"\n",
-        fake.url
+    let fake = FakeOpenAi::bind(OPENAI_KEY).await;
+    let agent = openai_agent(
+        &fake.url,
+        "[[tools]]\nkind = \"transfer_to_operator\"\n[[tools]]\nkind = \"hangup\"\n",
     );
     // Stasis at 8 kHz: the agent talks G.711 μ-law like in mode 1.
     let stasis = (mode == "stasis").then_some("slin");
@@ -549,8 +551,7 @@ async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
     let ch = rig.ast.originate(&call).await;
     let (_, conn) = fake.accept(None, t0).await;
     let mut c = conn.expect("upgrade accepted");
-    c.session_created().await;
-    let update = c.expect("session.update").await;
+    let update = open_session(&mut c).await;
     let names: Vec<_> = update["session"]["tools"]
         .as_array()
         .expect("tools declared")
@@ -558,7 +559,6 @@ async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
         .map(|t| t["name"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert!(names.contains(&tool.to_owned()), "{names:?}");
-    c.session_updated(&update, (ULAW, ULAW)).await;
     c.wait_for_audio_ms(500).await;
     c.reply(
         "resp_1",
@@ -626,10 +626,9 @@ async fn hangup_tool_mode3_hangs_up_after_the_goodbye() {
 /// is recorded and counted as a fallback with the reason, not as a completed call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
-    let Some(prefix) = asterisk_prefix("failed_setup") else {
+    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("failed_setup").await else {
         return;
     };
-    let _serial = real_asterisk_support::serial().await;
     let (audiosocket, health) = Voicegate::ports();
     let ast = Asterisk::start(&prefix, "setup", globals(audiosocket, health)).await;
     let closed: std::net::SocketAddr = format!("127.0.0.1:{}", real_asterisk_support::free_port())
@@ -637,11 +636,7 @@ async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
         .unwrap();
     let extra = format!("{}{}", echo_agent(), ari(&ast, closed, "slin16"));
     let vg = Voicegate::start_on("setup", audiosocket, health, &extra).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ast.cli("ari show apps").contains("voicegate") {
-        assert!(Instant::now() < deadline, "Stasis app not registered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ast.wait_app_registered().await;
     let call = TestCall::new("setup", "stasis");
     let ch = ast.originate(&call).await;
     ast.wait_operator_calls(1, Duration::from_secs(5), "setup")

@@ -47,6 +47,13 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// For one scenario: the Asterisk prefix ([`asterisk_prefix`]) and the [`serial`] guard to
+/// hold for the whole test; `None` when the test is skipped.
+pub async fn asterisk_for(test: &str) -> Option<(PathBuf, tokio::sync::MutexGuard<'static, ()>)> {
+    let prefix = asterisk_prefix(test)?;
+    Some((prefix, serial().await))
+}
+
 /// The Asterisk install prefix, or `None` (after printing "skipped") when there is none and
 /// the run does not require it. Panics under `VOICEGATE_REQUIRE_ALL=1` without one.
 pub fn asterisk_prefix(test: &str) -> Option<PathBuf> {
@@ -452,6 +459,15 @@ impl Asterisk {
             .filter(|l| l.contains("Unable to register extension") || l.contains("already in use"))
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Waits until voicegate's events WebSocket has registered the Stasis application.
+    pub async fn wait_app_registered(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.cli("ari show apps").contains("voicegate") {
+            assert!(Instant::now() < deadline, "Stasis app not registered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until the operators' queue member has answered `n` callers, at most `limit`;
