@@ -55,9 +55,9 @@ impl FallbackConfig {
     /// Checks ranges.
     ///
     /// # Errors
-    /// [`crate::config::ConfigError::Invalid`] naming the key.
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::ConfigError;
+    /// [`crate::error::ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        use crate::error::ConfigError;
         if self.breaker_failures > 0 && !(1..=3600).contains(&self.breaker_cooldown_s) {
             return Err(ConfigError::invalid(
                 "fallback.breaker_cooldown_s",

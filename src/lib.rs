@@ -28,6 +28,7 @@ pub mod audiosocket;
 pub mod call;
 pub mod caller;
 pub mod config;
+pub mod error;
 pub mod fallback;
 pub mod guard;
 pub mod health;

@@ -40,10 +40,11 @@
 use super::keypad::Keypad;
 use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
 use super::{Speaker, ws};
+use crate::agent::config::ElevenlabsAgentConfig;
 use crate::audio::ReplyId;
 use crate::audio::convert::{Decoder, Encoder, WireFormat};
 use crate::audio::g711::Law;
-use crate::config::{ConfigError, ElevenlabsAgentConfig};
+use crate::error::ConfigError;
 use crate::secret::Secret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;

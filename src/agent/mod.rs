@@ -14,6 +14,7 @@
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
 pub mod cascade;
+pub mod config;
 pub mod echo;
 pub mod elevenlabs_agent;
 pub mod keypad;
@@ -293,12 +294,12 @@ pub type SharedAgent = Arc<dyn Agent>;
 /// Builds the agent provider the configuration selects.
 ///
 /// # Errors
-/// [`crate::config::ConfigError`] if the provider's settings cannot be used (for example an
+/// [`crate::error::ConfigError`] if the provider's settings cannot be used (for example an
 /// instructions file that cannot be read).
 pub fn from_config(
-    cfg: &crate::config::AgentConfig,
-) -> Result<SharedAgent, crate::config::ConfigError> {
-    use crate::config::AgentConfig;
+    cfg: &crate::agent::config::AgentConfig,
+) -> Result<SharedAgent, crate::error::ConfigError> {
+    use crate::agent::config::AgentConfig;
     Ok(match cfg {
         AgentConfig::Echo(c) => Arc::new(echo::EchoAgent::new(c.delay())),
         AgentConfig::Cascade(c) => Arc::new(cascade::CascadeAgent::new(c, Vec::new())?),

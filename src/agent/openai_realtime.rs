@@ -66,12 +66,11 @@ use super::keypad::Keypad;
 use super::ws::{self, Ws};
 use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
 use super::{Speaker, session_channel};
+use crate::agent::config::{NoiseReduction, OpenAiRealtimeConfig, TurnDetection, VadEagerness};
 use crate::audio::ReplyId;
 use crate::audio::convert::{Decoder, Encoder, WireFormat};
 use crate::audio::g711::Law;
-use crate::config::{
-    ConfigError, NoiseReduction, OpenAiRealtimeConfig, TurnDetection, VadEagerness,
-};
+use crate::error::ConfigError;
 use crate::secret::Secret;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;

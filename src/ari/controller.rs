@@ -30,12 +30,12 @@ use super::client::{AriClient, AriError, ExternalMedia};
 use super::events::{self, EventLink, EventsParams, LinkState};
 use super::model::{Channel, Event};
 use crate::agent::AgentInput;
+use crate::ari::config::{AriConfig, AriFormat, AriMode};
 use crate::call::directory::{
     Admission, AdmitFuture, CallDetails, CallDirectory, EXTRA_INPUT_CAPACITY,
 };
 use crate::call::next::{Next, NextStore};
 use crate::call::{CallSummary, Outcome};
-use crate::config::{AriConfig, AriFormat, AriMode};
 use crate::fallback::FallbackReason;
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -11,6 +11,7 @@
 //! (retry once, then hang up, logged), a bridge or externalMedia channel left behind.
 
 pub mod client;
+pub mod config;
 pub mod controller;
 pub mod events;
 pub mod model;

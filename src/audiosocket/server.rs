@@ -51,7 +51,7 @@ pub struct ServerParams {
 
 impl ServerParams {
     /// The listener settings of a config.
-    pub fn from_config(c: &crate::config::AudioSocketConfig) -> Self {
+    pub fn from_config(c: &crate::audiosocket::config::AudioSocketConfig) -> Self {
         ServerParams {
             call_id_timeout: c.call_id_timeout(),
             shutdown_grace: c.shutdown_grace(),

@@ -91,9 +91,9 @@ impl GuardConfig {
     /// Checks ranges.
     ///
     /// # Errors
-    /// [`crate::config::ConfigError::Invalid`] naming the key.
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::ConfigError;
+    /// [`crate::error::ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        use crate::error::ConfigError;
         if self.max_calls == 0 {
             return Err(ConfigError::invalid(
                 "guard.max_calls",

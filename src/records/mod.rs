@@ -90,9 +90,9 @@ impl RecordsConfig {
     /// Checks ranges.
     ///
     /// # Errors
-    /// [`crate::config::ConfigError::Invalid`] naming the key.
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        use crate::config::ConfigError;
+    /// [`crate::error::ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        use crate::error::ConfigError;
         if self.max_file_bytes < 64 * 1024 {
             return Err(ConfigError::invalid(
                 "records.max_file_bytes",

@@ -458,6 +458,17 @@ impl ToolRegistry {
     }
 }
 
+/// Checks the `[[tools]]` entries as the registry would build them (names, kinds, URLs,
+/// schemas).
+///
+/// # Errors
+/// [`crate::error::ConfigError::Invalid`] naming `tools` and what is wrong.
+pub fn validate_config(entries: &[ToolConfig]) -> Result<(), crate::error::ConfigError> {
+    ToolRegistry::from_config(entries)
+        .map(drop)
+        .map_err(|e| crate::error::ConfigError::invalid("tools", e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

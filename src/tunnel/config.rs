@@ -19,7 +19,7 @@
 //! Beyond wg-quick: `silent_after_ms` (when `/health` calls a peer with calls silent) and
 //! `[[wireguard.forward]]` (loopback TCP ports carried into the tunnel, for ARI).
 
-use crate::config::{AriConfig, ConfigError};
+use crate::error::ConfigError;
 use crate::secret::SecretSource;
 use crate::tunnel::keys;
 use ipnet::IpNet;
@@ -212,25 +212,36 @@ impl WireGuardConfig {
         std::net::SocketAddr::new(self.address.addr(), port)
     }
 
-    /// Fills in `[ari] external_host` when ARI goes through a forward and it is unset: the
+    /// Fills in `[ari] external_host` (`external_host`, for ARI at `ari_url`) when ARI goes
+    /// through a forward and it is unset: the
     /// default (`[audiosocket] listen`, usually `127.0.0.1:9092`) would send Asterisk's
     /// externalMedia channel to Asterisk's own loopback. The tunnel default is
     /// [`Self::audiosocket_addr`], e.g. `10.0.0.2:9092`.
-    pub fn default_ari_external_host(&self, ari: &mut AriConfig, audiosocket_port: u16) {
-        if ari.external_host.is_none() && self.forward_for_url(&ari.url).is_some() {
-            ari.external_host = Some(self.audiosocket_addr(audiosocket_port).to_string());
+    pub fn default_ari_external_host(
+        &self,
+        ari_url: &str,
+        external_host: &mut Option<String>,
+        audiosocket_port: u16,
+    ) {
+        if external_host.is_none() && self.forward_for_url(ari_url).is_some() {
+            *external_host = Some(self.audiosocket_addr(audiosocket_port).to_string());
         }
     }
 
-    /// Checks `[ari]` against the tunnel: ARI must reach a tunnel address through a
+    /// Checks `[ari]` (`ari_url`, `external_host`) against the tunnel: ARI must reach a tunnel address through a
     /// `[[wireguard.forward]]` (the ARI client does not use the tunnel by itself), and when
     /// it does, `external_host` must not be a loopback address (Asterisk is on the far side).
     /// `audiosocket_port` is the port of `[audiosocket] listen`, named in the message.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming `ari.url` or `ari.external_host`.
-    pub fn check_ari(&self, ari: &AriConfig, audiosocket_port: u16) -> Result<(), ConfigError> {
-        let in_tunnel = url_addrs(&ari.url).iter().any(|a| {
+    pub fn check_ari(
+        &self,
+        ari_url: &str,
+        external_host: Option<&str>,
+        audiosocket_port: u16,
+    ) -> Result<(), ConfigError> {
+        let in_tunnel = url_addrs(ari_url).iter().any(|a| {
             self.address.contains(&a.ip())
                 || self
                     .peers
@@ -245,10 +256,10 @@ impl WireGuardConfig {
                  address and port, and set ari.url = \"http://127.0.0.1:18088\"",
             ));
         }
-        let Some(f) = self.forward_for_url(&ari.url) else {
+        let Some(f) = self.forward_for_url(ari_url) else {
             return Ok(());
         };
-        let host = ari.external_host.as_deref().unwrap_or_default();
+        let host = external_host.unwrap_or_default();
         let host_ip = host
             .rsplit_once(':')
             .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'));
@@ -298,7 +309,7 @@ mod tests {
     const PRIV: &str = "IF7rg2tPXiGB37woxL4pw78YWqXeNxcrf1JhbeEoCkk=";
     const PUB: &str = "fSAaMcDhvJvU5Ia8Ji45HUTVZUTNVV6TTzkt3rYzN3w=";
 
-    fn parse(extra: &str) -> Result<Config, crate::config::ConfigError> {
+    fn parse(extra: &str) -> Result<Config, crate::error::ConfigError> {
         Config::from_toml(
             &format!("[wireguard]\nprivate_key = \"{PRIV}\"\naddress = \"10.0.0.2/24\"\n{extra}"),
             Path::new("x.toml"),
@@ -355,7 +366,7 @@ mod tests {
         allowed_ips = [\"10.0.0.1/32\"]\n\
         [[wireguard.forward]]\nlisten = \"127.0.0.1:18088\"\nto = \"10.0.0.1:8088\"\n";
 
-    fn with_ari(ari: &str) -> Result<Config, crate::config::ConfigError> {
+    fn with_ari(ari: &str) -> Result<Config, crate::error::ConfigError> {
         Config::from_toml(
             &format!(
                 "[audiosocket]\nlisten = \"127.0.0.1:9093\"\n[ari]\npassword = \"pw\"\n{ari}\n\

@@ -1,7 +1,7 @@
 //! `[agent]` with `kind = "cascade"` and its sub-tables `[agent.stt]`, `[agent.llm]`,
 //! `[agent.tts]`, `[agent.vad]`. Every key is documented in `examples/voicegate.toml`.
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::secret::SecretSource;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -46,7 +46,7 @@ use super::{
 };
 use crate::agent::keypad::Keypad;
 use crate::audio::{ReplyId, slin_from_le_bytes};
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use bytes::Bytes;
 use llm::{LlmClient, LlmEvent, LlmSettings, LlmStream, ToolCallRequest};
 use std::collections::VecDeque;
