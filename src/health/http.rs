@@ -100,80 +100,79 @@ impl RouteRequest {
 type BoxedHandler =
     Arc<dyn Fn(RouteRequest) -> Pin<Box<dyn Future<Output = HttpResponse> + Send>> + Send + Sync>;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    Param(String),
-}
-
-struct Route {
-    method: Method,
-    pattern: Vec<Segment>,
-    handler: BoxedHandler,
-}
-
-/// The route table; build it with [`Router::route`].
+/// The route table; build it with [`Router::route`]. Path matching is `matchit`'s (the
+/// router under axum): `{name}` segments capture one segment each; a trailing `/` is ignored.
 #[derive(Default)]
 pub struct Router {
-    routes: Vec<Route>,
+    /// Pattern → index into `routes`.
+    paths: matchit::Router<usize>,
+    /// Per pattern: the pattern and its handlers by method.
+    routes: Vec<(String, Vec<(Method, BoxedHandler)>)>,
 }
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut l = f.debug_list();
-        for r in &self.routes {
-            l.entry(&(r.method.as_str(), &r.pattern));
+        for (pattern, methods) in &self.routes {
+            for (m, _) in methods {
+                l.entry(&(m.as_str(), pattern));
+            }
         }
         l.finish()
     }
 }
 
-fn split(path: &str) -> impl Iterator<Item = &str> {
-    path.split('/').filter(|s| !s.is_empty())
+/// `path` without a trailing `/` (but `/` itself).
+fn trim_slash(path: &str) -> &str {
+    match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    }
 }
 
 impl Router {
     /// An empty router (every path answers 404).
     pub fn new() -> Self {
-        Router { routes: Vec::new() }
+        Router::default()
     }
 
     /// Adds a route. `pattern` is an absolute path; `{name}` segments capture.
+    ///
+    /// # Panics
+    /// If `pattern` is not a valid `matchit` pattern or conflicts with another one (the
+    /// routes are fixed strings in the code: a programming error, caught by any test that
+    /// builds the router).
     pub fn route<F, Fut>(mut self, method: Method, pattern: &str, handler: F) -> Self
     where
         F: Fn(RouteRequest) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HttpResponse> + Send + 'static,
     {
-        let pattern = split(pattern)
-            .map(
-                |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                    Some(name) => Segment::Param(name.to_owned()),
-                    None => Segment::Literal(s.to_owned()),
-                },
-            )
-            .collect();
-        self.routes.push(Route {
-            method,
-            pattern,
-            handler: Arc::new(move |req| Box::pin(handler(req))),
-        });
+        let pattern = trim_slash(pattern);
+        let handler: BoxedHandler = Arc::new(move |req| Box::pin(handler(req)));
+        let index = match self.routes.iter().position(|(p, _)| p == pattern) {
+            Some(i) => i,
+            None => {
+                let i = self.routes.len();
+                if let Err(e) = self.paths.insert(pattern, i) {
+                    panic!("route {pattern}: {e}");
+                }
+                self.routes.push((pattern.to_owned(), Vec::new()));
+                i
+            }
+        };
+        self.routes[index].1.push((method, handler));
         self
     }
 
-    fn matches(pattern: &[Segment], path: &str) -> Option<BTreeMap<String, String>> {
-        let mut params = BTreeMap::new();
-        let mut segments = split(path);
-        for p in pattern {
-            let s = segments.next()?;
-            match p {
-                Segment::Literal(l) if l == s => {}
-                Segment::Literal(_) => return None,
-                Segment::Param(name) => {
-                    params.insert(name.clone(), s.to_owned());
-                }
-            }
-        }
-        segments.next().is_none().then_some(params)
+    /// The handlers of the pattern `path` matches, with the captured segments.
+    fn matches(&self, path: &str) -> Option<(usize, BTreeMap<String, String>)> {
+        let m = self.paths.at(trim_slash(path)).ok()?;
+        let params = m
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Some((*m.value, params))
     }
 
     /// Answers one request (the body is read only for a matching route, within
@@ -184,23 +183,16 @@ impl Router {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let path = req.uri().path().to_owned();
-        let mut method_mismatch = false;
-        let mut found = None;
-        for r in &self.routes {
-            if let Some(params) = Self::matches(&r.pattern, &path) {
-                if r.method == req.method() {
-                    found = Some((r.handler.clone(), params));
-                    break;
-                }
-                method_mismatch = true;
-            }
-        }
-        let Some((handler, params)) = found else {
-            return if method_mismatch {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-            } else {
-                text(StatusCode::NOT_FOUND, "not found\n")
-            };
+        let Some((index, params)) = self.matches(&path) else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        let handler = self.routes[index]
+            .1
+            .iter()
+            .find(|(m, _)| m == req.method())
+            .map(|(_, h)| h.clone());
+        let Some(handler) = handler else {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         };
         let (parts, body) = req.into_parts();
         let body =
@@ -429,16 +421,16 @@ mod tests {
         let r = Router::new().route(Method::GET, "/v1/calls/{id}/next", |_req| async {
             text(StatusCode::OK, "x")
         });
-        let p = &r.routes[0].pattern;
-        let got = Router::matches(p, "/v1/calls/abc-123/next").unwrap();
+        let (_, got) = r.matches("/v1/calls/abc-123/next").unwrap();
         assert_eq!(got.get("id").map(String::as_str), Some("abc-123"));
-        assert!(Router::matches(p, "/v1/calls/abc/next/more").is_none());
-        assert!(Router::matches(p, "/v1/calls/abc").is_none());
-        assert!(Router::matches(p, "/v1/wireguard").is_none());
+        assert!(r.matches("/v1/calls/abc/next/more").is_none());
+        assert!(r.matches("/v1/calls/abc").is_none());
+        assert!(r.matches("/v1/wireguard").is_none());
         let root = Router::new().route(Method::GET, "/health", |_req| async {
             text(StatusCode::OK, "x")
         });
-        assert!(Router::matches(&root.routes[0].pattern, "/health/").is_some());
+        assert!(root.matches("/health/").is_some());
+        assert!(root.matches("/").is_none());
     }
 
     #[test]
