@@ -3,9 +3,9 @@
 # disk with dd or balenaEtcher. Standard Debian tools only: no Docker, no loop devices, no
 # mounts (debootstrap, mke2fs -d, mkfs.vfat + mtools, systemd-boot, sfdisk, dd).
 #
-#   sudo image/build.sh x86_64            # or aarch64 (generic UEFI arm64; see README)
+#   sudo image/build.sh x86_64            # or aarch64 (generic UEFI arm64; see docs/firmware.md)
 #
-# Layout (README "Firmware"):
+# Layout (docs/firmware.md):
 #   1 VG-BOOT  FAT32, 128 MiB  ESP: systemd-boot, kernel, initrd, and the installer's
 #                              `voicegate/` folder (voicegate.toml, allow.nft, credentials/)
 #   2 vg-root  ext4, read-only Debian 12 minbase with systemd, the static voicegate, its unit
@@ -176,7 +176,7 @@ wants systemd-networkd.service multi-user.target
 wants systemd-networkd-wait-online.service network-online.target
 wants systemd-resolved.service multi-user.target
 wants systemd-timesyncd.service sysinit.target
-# No package updates on a read-only root: the image is replaced as a whole (README).
+# No package updates on a read-only root: the image is replaced as a whole (docs/firmware.md, "Updating").
 rm -f "$R"/etc/systemd/system/timers.target.wants/{apt-daily,apt-daily-upgrade,dpkg-db-backup}.timer
 # Do not let systemd-update-done/ldconfig try to write the read-only /etc.
 touch "$R/etc/.updated" "$R/var/.updated"
@@ -200,7 +200,7 @@ mcopy -i "$ESP" "$WORK/loader.conf" ::/loader/loader.conf
 mcopy -i "$ESP" "$WORK/voicegate.conf" ::/loader/entries/voicegate.conf
 mcopy -i "$ESP" "$HERE/image/files/voicegate.toml" ::/voicegate/voicegate.toml.example
 mcopy -i "$ESP" "$HERE/image/files/allow.nft" ::/voicegate/allow.nft.example
-printf 'Put voicegate.toml (see voicegate.toml.example), allow.nft and credentials/NAME files here.\r\nREADME "Firmware" explains each.\r\n' \
+printf 'Put voicegate.toml (see voicegate.toml.example), allow.nft and credentials/NAME files here.\r\ndocs/firmware.md of voicegate explains each.\r\n' \
   >"$WORK/README.txt"
 mcopy -i "$ESP" "$WORK/README.txt" ::/voicegate/README.txt
 

@@ -220,8 +220,9 @@ async fn call_and_http_through_wireguard_go() {
         let msg = format!(
             "{missing:?} not installed: apt-get install wireguard-go wireguard-tools iproute2 python3"
         );
-        // `cargo test` on a fresh machine needs nothing installed (README); CI that has the
-        // tools sets VOICEGATE_REQUIRE_INTEROP=1 so that a missing tool fails instead.
+        // `cargo test` on a fresh machine needs nothing installed (README, docs/testing.md); CI
+        // that has the tools sets VOICEGATE_REQUIRE_INTEROP=1 so that a missing tool fails
+        // instead.
         assert!(
             std::env::var_os("VOICEGATE_REQUIRE_INTEROP").is_none(),
             "{msg}"
@@ -285,7 +286,7 @@ async fn call_and_http_through_wireguard_go() {
     let stamp: u64 = shown.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(stamp > 0, "wg on the far side saw the handshake: {shown}");
 
-    // voicegate's userspace stack answers ping (how the README says to check the link).
+    // voicegate's userspace stack answers ping (how wireguard/README.md says to check the link).
     if have("ping") {
         let ping = Command::new("ip")
             .args([

@@ -26,7 +26,7 @@ pub enum WsConnectError {
 
 /// Read buffer of each provider socket, bytes. tungstenite's default (128 KiB) is zero-filled
 /// up to its capacity on every read, which at hundreds of calls was the largest single CPU
-/// cost of a call (the load bench, `README.md` "Performance"), and is held per call; provider
+/// cost of a call (the load bench, `docs/performance.md`), and is held per call; provider
 /// messages are a few KiB (a 200 ms pcm16 24 kHz delta is 12.8 KiB of base64), and larger
 /// ones still arrive whole: the buffer grows to the frame's length.
 pub const READ_BUFFER_BYTES: usize = 8 * 1024;

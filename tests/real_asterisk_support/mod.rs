@@ -123,7 +123,7 @@ pub struct Asterisk {
 
 /// What a PBX's own dialplan already has before it includes voicegate's (issue 12: the
 /// drop-in file used to define `[incoming]` and `[operators]` itself, and the PBX's won
-/// silently). Its incoming context has the one line the README asks a user to add.
+/// silently). Its incoming context has the one line asterisk/README.md asks a user to add.
 const PBX_OWN: &str = r#"
 [globals]
 OPERATORS_QUEUE=operators
