@@ -212,20 +212,7 @@ impl Handover for DialplanHandover {
     }
 }
 
-/// What the breaker says, for `/health` and `STATUS=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum BreakerState {
-    /// Calls go to the agent.
-    Closed,
-    /// New calls go to the fallback for `remaining_s` more seconds.
-    Open {
-        /// Seconds of cool-down left.
-        remaining_s: u64,
-    },
-    /// Cool-down over, the next result decides: a success closes, a failure reopens.
-    HalfOpen,
-}
+pub use crate::health::BreakerState;
 
 #[derive(Debug)]
 struct BreakerInner {
@@ -317,6 +304,12 @@ impl Breaker {
                 }
             }
         }
+    }
+}
+
+impl crate::health::BreakerSource for Breaker {
+    fn breaker_state(&self) -> BreakerState {
+        self.state()
     }
 }
 

@@ -23,7 +23,6 @@ pub mod metrics;
 pub mod notify;
 pub mod tally;
 
-use crate::fallback::{Breaker, BreakerState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -147,7 +146,29 @@ pub struct HealthState {
     maintenance: AtomicBool,
     stall_limit_ms: AtomicU64,
     components: Mutex<BTreeMap<&'static str, Component>>,
-    breaker: Arc<Breaker>,
+    breaker: Arc<dyn BreakerSource>,
+}
+
+/// What the breaker says, for `/health` and `STATUS=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Calls go to the agent.
+    Closed,
+    /// New calls go to the fallback for `remaining_s` more seconds.
+    Open {
+        /// Seconds of cool-down left.
+        remaining_s: u64,
+    },
+    /// Cool-down over, the next result decides: a success closes, a failure reopens.
+    HalfOpen,
+}
+
+/// Where [`HealthState`] reads the circuit breaker's state (`fallback::Breaker` is one):
+/// health reports the state it is given and knows no breaker logic.
+pub trait BreakerSource: Send + Sync + std::fmt::Debug {
+    /// The state now.
+    fn breaker_state(&self) -> BreakerState;
 }
 
 /// The `/health` document.
@@ -169,7 +190,7 @@ pub struct HealthReport {
 
 impl HealthState {
     /// Fresh state: not ready, ARI and tunnel "not configured", the agent not yet tried.
-    pub fn new(agent_name: &str, breaker: Arc<Breaker>) -> Self {
+    pub fn new(agent_name: &str, breaker: Arc<dyn BreakerSource>) -> Self {
         let mut components = BTreeMap::new();
         components.insert(
             component::AUDIOSOCKET,
@@ -257,11 +278,6 @@ impl HealthState {
         self.live_calls.load(Ordering::SeqCst)
     }
 
-    /// The breaker this state reports.
-    pub fn breaker(&self) -> &Arc<Breaker> {
-        &self.breaker
-    }
-
     /// `None` while the runtime makes progress; otherwise what stalled.
     pub fn stall(&self) -> Option<String> {
         let limit = Duration::from_millis(self.stall_limit_ms.load(Ordering::SeqCst));
@@ -280,7 +296,7 @@ impl HealthState {
 
     /// The `/health` document now.
     pub fn report(&self) -> HealthReport {
-        let breaker = self.breaker.state();
+        let breaker = self.breaker.breaker_state();
         let mut components = self.components().clone();
         if let (BreakerState::Open { remaining_s }, Some(agent)) =
             (breaker, components.get_mut(component::AGENT))
@@ -392,6 +408,7 @@ pub fn accept_beat_period(interval: Option<Duration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fallback::Breaker;
 
     #[test]
     fn stall_is_reported_when_a_heartbeat_ages() {
