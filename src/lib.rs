@@ -20,11 +20,14 @@
 //! each `expect` names the invariant it relies on.
 
 #![warn(missing_docs)]
+// No unsafe code but the counting allocator (`health::heap`, which allows it for itself).
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod ari;
 pub mod audio;
 pub mod audiosocket;
+pub mod backoff;
 pub mod call;
 pub mod caller;
 pub mod config;

@@ -1,5 +1,7 @@
 //! The `voicegate` command: argument parsing only; the work is in the library.
 
+#![forbid(unsafe_code)]
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;

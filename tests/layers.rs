@@ -34,6 +34,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("tunnel", 3),
     ("health", 3),
     ("error", 1),
+    ("backoff", 1),
     ("secret", 1),
     ("tls", 1),
 ];
@@ -51,7 +52,9 @@ fn layer(module: &str) -> u8 {
     LAYERS
         .iter()
         .find(|(m, _)| *m == module)
-        .unwrap_or_else(|| panic!("module `{module}` has no layer: add it to LAYERS and docs/architecture.md"))
+        .unwrap_or_else(|| {
+            panic!("module `{module}` has no layer: add it to LAYERS and docs/architecture.md")
+        })
         .1
 }
 
@@ -142,7 +145,12 @@ fn sources() -> Vec<Source> {
         .into_iter()
         .map(|file| {
             let rel = file.strip_prefix(&root).unwrap();
-            let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
             let module = first.trim_end_matches(".rs").to_owned();
             let code = production_code(&std::fs::read_to_string(&file).unwrap());
             Source { module, file, code }
@@ -165,7 +173,11 @@ fn violations() -> Vec<String> {
             }
             edges.entry(from.clone()).or_default().insert(to.clone());
             if layer(&to) > layer(from) {
-                out.push(format!("{file}: `{from}` (layer {}) imports higher `crate::{path}` (layer {})", layer(from), layer(&to)));
+                out.push(format!(
+                    "{file}: `{from}` (layer {}) imports higher `crate::{path}` (layer {})",
+                    layer(from),
+                    layer(&to)
+                ));
             }
             for (a, b, why) in FORBIDDEN {
                 if from == a && &to == b {
@@ -173,7 +185,9 @@ fn violations() -> Vec<String> {
                 }
             }
             if to == "config" && layer(from) < layer("app") {
-                out.push(format!("{file}: `{from}` imports `crate::{path}`: no module imports config.rs"));
+                out.push(format!(
+                    "{file}: `{from}` imports `crate::{path}`: no module imports config.rs"
+                ));
             }
             if from == "config" {
                 let last = path.rsplit("::").next().unwrap();
@@ -182,7 +196,9 @@ fn violations() -> Vec<String> {
                     || last == "ConfigError"
                     || last == "validate_config";
                 if !ok {
-                    out.push(format!("{file}: config.rs imports `crate::{path}`, not a *Config type"));
+                    out.push(format!(
+                        "{file}: config.rs imports `crate::{path}`, not a *Config type"
+                    ));
                 }
             }
         }
@@ -263,7 +279,12 @@ fn cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
 #[test]
 fn src_modules_follow_the_layers() {
     let v = violations();
-    assert!(v.is_empty(), "{} layering violations:\n{}", v.len(), v.join("\n"));
+    assert!(
+        v.is_empty(),
+        "{} layering violations:\n{}",
+        v.len(),
+        v.join("\n")
+    );
 }
 
 /// The checker itself: a planted upward import, a cycle and a forbidden pair are found;
@@ -278,7 +299,11 @@ fn the_checker_finds_what_it_should() {
     );
     assert_eq!(
         crate_paths(&code),
-        ["call::CallSummary", "ari::client::Client", "ari::model::Event"]
+        [
+            "call::CallSummary",
+            "ari::client::Client",
+            "ari::model::Event"
+        ]
     );
     let mut edges = BTreeMap::new();
     edges.insert("a".to_owned(), BTreeSet::from(["b".to_owned()]));

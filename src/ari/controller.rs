@@ -544,13 +544,12 @@ impl Controller {
         stop: CancellationToken,
     ) {
         let interval = self.inner.settings.reconcile_interval;
-        let initial = RETRY_INITIAL.min(interval);
+        let mut backoff = crate::backoff::Backoff::new(RETRY_INITIAL.min(interval), interval);
         let mut was_up = false;
         let mut lost = false;
         let mut pass: Option<tokio::task::JoinHandle<Pass>> = None;
         let mut wanted = false;
         let mut due = Instant::now() + interval;
-        let mut backoff = initial;
         loop {
             if wanted && pass.is_none() {
                 wanted = false;
@@ -583,7 +582,7 @@ impl Controller {
                     }
                 }
                 () = self.inner.given_up_wake.notified() => {
-                    due = due.min(Instant::now() + backoff);
+                    due = due.min(Instant::now() + backoff.peek());
                 }
                 () = tokio::time::sleep_until(due), if pass.is_none() => wanted = true,
                 done = async {
@@ -595,15 +594,16 @@ impl Controller {
                     pass = None;
                     let done = done.unwrap_or(Pass { listed: false, retried: 0 });
                     if done.listed && self.given_up_callers() == 0 {
-                        backoff = initial;
+                        backoff.reset();
                         due = Instant::now() + interval;
                     } else {
                         if !done.listed || done.retried > 0 {
-                            // This pass was the retry and it failed: wait longer next time.
-                            backoff = (backoff * 2).min(interval);
+                            // This pass was the retry and it failed: wait longer this time.
+                            backoff.next();
                         }
-                        due = Instant::now() + backoff;
-                        debug!(wait_ms = backoff.as_millis() as u64, listed = done.listed, "ari: next reconcile pass");
+                        let wait = backoff.peek();
+                        due = Instant::now() + wait;
+                        debug!(wait_ms = wait.as_millis() as u64, listed = done.listed, "ari: next reconcile pass");
                     }
                 }
             }

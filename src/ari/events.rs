@@ -110,7 +110,7 @@ pub fn spawn(
     };
     let task = tokio::spawn(async move {
         let url = client.events_url(&app);
-        let mut backoff = params.initial;
+        let mut backoff = crate::backoff::Backoff::new(params.initial, params.max);
         loop {
             if stop.is_cancelled() || tx.is_closed() {
                 break;
@@ -142,7 +142,7 @@ pub fn spawn(
                     let up_at = Instant::now();
                     let why = pump(ws, &params, &tx, &stop).await;
                     if up_at.elapsed() >= params.stable {
-                        backoff = params.initial;
+                        backoff.reset();
                     }
                     if stop.is_cancelled() {
                         break;
@@ -156,12 +156,12 @@ pub fn spawn(
                 ),
             }
             let _ = state_tx.send(LinkState::Down);
-            debug!(wait_ms = backoff.as_millis() as u64, "ari events backoff");
+            let wait = backoff.next();
+            debug!(wait_ms = wait.as_millis() as u64, "ari events backoff");
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = sleep(backoff) => {}
+                () = sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(params.max);
         }
         let _ = state_tx.send(LinkState::Down);
     });

@@ -8,6 +8,10 @@
 //! global allocator; a program that does not (a test binary) reads 0 from [`allocated_bytes`].
 //!
 //! Cost: one relaxed atomic add or subtract per allocation, reallocation and free.
+//!
+//! The one module with `unsafe` code: a `GlobalAlloc` impl cannot be written without it.
+
+#![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -46,14 +46,6 @@ pub fn parse_private_key(text: &str) -> Result<StaticSecret, KeyError> {
     decode_key(text).map(StaticSecret::from)
 }
 
-/// Parses a base64 public key.
-///
-/// # Errors
-/// As [`decode_key`].
-pub fn parse_public_key(text: &str) -> Result<PublicKey, KeyError> {
-    decode_key(text).map(PublicKey::from)
-}
-
 /// A new private key, base64, as `wg genkey` prints it.
 ///
 /// # Errors
