@@ -599,7 +599,7 @@ impl Controller {
                     } else {
                         if !done.listed || done.retried > 0 {
                             // This pass was the retry and it failed: wait longer this time.
-                            backoff.next();
+                            backoff.next_wait();
                         }
                         let wait = backoff.peek();
                         due = Instant::now() + wait;

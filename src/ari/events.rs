@@ -156,7 +156,7 @@ pub fn spawn(
                 ),
             }
             let _ = state_tx.send(LinkState::Down);
-            let wait = backoff.next();
+            let wait = backoff.next_wait();
             debug!(wait_ms = wait.as_millis() as u64, "ari events backoff");
             tokio::select! {
                 () = stop.cancelled() => break,
