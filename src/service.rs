@@ -536,7 +536,7 @@ pub async fn write_records(
             if pending.is_none() {
                 match rx.recv().await {
                     Some(summary) => {
-                        let record = CallRecord::from_summary(&summary, w.numbers);
+                        let record = summary.record(w.numbers);
                         pending = Some((summary.call_id, record));
                     }
                     None => return,

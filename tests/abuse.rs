@@ -570,7 +570,7 @@ fn a_flipped_byte_loses_only_the_damaged_record() {
             voicegate::call::Outcome::CallerHungUp,
         );
         s.barge_ins = i;
-        voicegate::records::CallRecord::from_summary(&s, Default::default())
+        s.record(Default::default())
     };
     for i in 0..100 {
         spool.append(&record(i)).unwrap();

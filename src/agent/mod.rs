@@ -51,15 +51,7 @@ pub struct CallInfo {
     pub tools: Vec<crate::tools::ToolSpec>,
 }
 
-/// Who said something, in a transcript.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Speaker {
-    /// The person who called.
-    Caller,
-    /// The voice agent.
-    Agent,
-}
+pub use crate::records::Speaker;
 
 /// Call → agent.
 #[derive(Debug, Clone)]

@@ -399,7 +399,7 @@ struct CallContext {
 impl CallContext {
     /// Metrics, breaker, health and budget bookkeeping for a finished call.
     async fn account(&self, s: &CallSummary) {
-        let (label, _) = crate::records::outcome_label(&s.outcome);
+        let (label, _) = s.outcome.label();
         ::metrics::counter!(m::CALLS_TOTAL, "outcome" => label).increment(1);
         ::metrics::counter!(m::UNDERRUNS).increment(s.underruns);
         ::metrics::counter!(m::IDLE_FRAMES).increment(s.idle_frames);

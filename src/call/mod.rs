@@ -5,3 +5,4 @@ pub mod session;
 pub use session::{CallSummary, Outcome, SessionParams, run_session};
 pub mod directory;
 pub mod next;
+pub mod record;

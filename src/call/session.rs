@@ -114,14 +114,7 @@ fn is_voiced(payload: &[u8]) -> bool {
     sum / n as u32 > VOICED_MEAN_ABS
 }
 
-/// A tool the agent called during the call.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ToolCallRecord {
-    /// Tool name.
-    pub name: String,
-    /// Arguments as the JSON text the model produced.
-    pub arguments: String,
-}
+pub use crate::records::ToolCallRecord;
 
 /// How a call ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

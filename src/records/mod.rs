@@ -1,6 +1,7 @@
 //! Call records: every call leaves one, on disk before the call is forgotten.
 //!
-//! A record ([`CallRecord`]) is made from the call's [`CallSummary`]: call id, caller number
+//! A record ([`CallRecord`]) is made from a finished call's plain facts ([`CallFacts`], which
+//! the call module fills from its summary; records knows no call type): call id, caller number
 //! (kept, masked or dropped per [`CallerNumbers`]), start and end, duration, agent, outcome
 //! and detail, barge-ins, per-turn latencies, tool calls, DTMF and the transcript. Never an
 //! API key: nothing in a summary holds one.
@@ -17,13 +18,69 @@
 
 pub mod spool;
 
-use crate::agent::Speaker;
-use crate::call::session::ToolCallRecord;
-use crate::call::{CallSummary, Outcome};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
+
+/// Who said something, in a transcript.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speaker {
+    /// The person who called.
+    Caller,
+    /// The voice agent.
+    Agent,
+}
+
+/// A tool the agent called during the call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallRecord {
+    /// Tool name.
+    pub name: String,
+    /// Arguments as the JSON text the model produced.
+    pub arguments: String,
+}
+
+/// A finished call's facts, as plain values: what [`CallRecord::from_facts`] keeps (cut to
+/// [`bounds`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CallFacts<'a> {
+    /// The AudioSocket call id.
+    pub call_id: Uuid,
+    /// The caller's number, unmasked, when known.
+    pub caller_number: Option<&'a str>,
+    /// Wall-clock start.
+    pub started: SystemTime,
+    /// Length.
+    pub duration: Duration,
+    /// Agent provider name.
+    pub agent: &'a str,
+    /// Outcome label (see [`CallRecord::outcome`]).
+    pub outcome: &'static str,
+    /// Why, for fallback/rejected/errors.
+    pub detail: Option<&'a str>,
+    /// Sample rate of the call, Hz (0 if no audio arrived).
+    pub rate_hz: u32,
+    /// Times the caller interrupted the agent.
+    pub barge_ins: u64,
+    /// Per-turn latencies, ms.
+    pub turn_latencies_ms: &'a [u32],
+    /// Tools the agent called.
+    pub tool_calls: &'a [ToolCallRecord],
+    /// DTMF digits kept by the call.
+    pub dtmf: &'a str,
+    /// DTMF digits the call did not keep.
+    pub dtmf_dropped: u64,
+    /// The conversation.
+    pub transcript: &'a [(Speaker, String)],
+    /// Audio frames from Asterisk.
+    pub frames_in: u64,
+    /// Audio frames to Asterisk.
+    pub frames_out: u64,
+    /// Frames cut short while a reply streamed.
+    pub underruns: u64,
+}
 
 /// What records keep of the caller's number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -174,8 +231,9 @@ pub struct CallRecord {
 /// Per-field bounds of a record ([`CallRecord::from_summary`] cuts beyond them and says so
 /// in [`CallRecord::truncated`]); together far below [`spool::MAX_RECORD_BYTES`].
 pub mod bounds {
-    /// DTMF digits (the call keeps no more either: [`crate::call::session::MAX_DTMF_KEPT`]).
-    pub const DTMF_CHARS: usize = crate::call::session::MAX_DTMF_KEPT;
+    /// DTMF digits (the call keeps no more either: a compile-time check in `call` holds its
+    /// limit to this one).
+    pub const DTMF_CHARS: usize = 256;
     /// Bytes of one transcript line.
     pub const TRANSCRIPT_LINE_BYTES: usize = 4 * 1024;
     /// Bytes of the whole transcript.
@@ -202,35 +260,19 @@ fn cut(text: &str, max: usize) -> (String, bool) {
     (text[..end].to_owned(), true)
 }
 
-/// The record label and detail of an outcome.
-pub fn outcome_label(o: &Outcome) -> (&'static str, Option<String>) {
-    match o {
-        Outcome::CallerHungUp => ("completed", None),
-        Outcome::AgentEnded(r) => ("agent_ended", Some(r.clone())),
-        Outcome::Fallback(r) => ("fallback", Some(r.clone())),
-        Outcome::ProtocolError(r) => ("protocol_error", Some(r.clone())),
-        Outcome::IdleTimeout => ("idle_timeout", None),
-        Outcome::Shutdown => ("shutdown", None),
-        Outcome::WriteFailed(r) => ("write_failed", Some(r.clone())),
-        Outcome::MaxDuration => ("max_duration", None),
-        Outcome::Rejected(r) => ("rejected", Some(r.clone())),
-        Outcome::Operator(r) => ("transferred", Some(r.clone())),
-    }
-}
-
 impl CallRecord {
     /// The record of a finished call, caller number per `numbers`. Fields beyond [`bounds`]
     /// are cut and named in [`CallRecord::truncated`], so a record is never lost for being
     /// large.
-    pub fn from_summary(s: &CallSummary, numbers: CallerNumbers) -> Self {
+    pub fn from_facts(s: &CallFacts<'_>, numbers: CallerNumbers) -> Self {
         let started = s
             .started
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
-        let (outcome, detail) = outcome_label(&s.outcome);
+        let outcome = s.outcome;
         let mut truncated = Vec::new();
-        let detail = detail.map(|d| {
-            let (d, was) = cut(&d, bounds::SHORT_TEXT_BYTES);
+        let detail = s.detail.map(|d| {
+            let (d, was) = cut(d, bounds::SHORT_TEXT_BYTES);
             if was {
                 truncated.push(format!("detail: kept {} bytes", d.len()));
             }
@@ -238,10 +280,9 @@ impl CallRecord {
         });
         let caller_number = s
             .caller_number
-            .as_deref()
             .and_then(|n| numbers.apply(n))
             .map(|n| cut(&n, bounds::SHORT_TEXT_BYTES).0);
-        let (dtmf, _) = cut(&s.dtmf, bounds::DTMF_CHARS);
+        let (dtmf, _) = cut(s.dtmf, bounds::DTMF_CHARS);
         let dtmf_total = s.dtmf.len() as u64 + s.dtmf_dropped;
         if dtmf.len() as u64 != dtmf_total {
             truncated.push(format!("dtmf: kept {} of {dtmf_total} digits", dtmf.len()));
@@ -249,7 +290,7 @@ impl CallRecord {
         let mut transcript = Vec::new();
         let mut transcript_bytes = 0;
         let mut lines_cut = 0;
-        for (speaker, text) in &s.transcript {
+        for (speaker, text) in s.transcript {
             let (text, was) = cut(text, bounds::TRANSCRIPT_LINE_BYTES);
             lines_cut += was as usize;
             if transcript_bytes + text.len() > bounds::TRANSCRIPT_BYTES {
@@ -323,41 +364,6 @@ impl CallRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_huge_summary_makes_a_cut_record_that_fits_and_says_so() {
-        let mut s = CallSummary::without_agent(Uuid::from_u128(7), "echo", Outcome::CallerHungUp);
-        s.dtmf = "1".repeat(crate::call::session::MAX_DTMF_KEPT);
-        s.dtmf_dropped = 5_100_000;
-        s.transcript = vec![(Speaker::Caller, "ü".repeat(10_000)); 2_000];
-        s.tool_calls = vec![
-            ToolCallRecord {
-                name: "t".into(),
-                arguments: "x".repeat(100_000)
-            };
-            1_000
-        ];
-        s.turn_latencies_ms = vec![1; 100_000];
-        let r = CallRecord::from_summary(&s, CallerNumbers::Full);
-        let frame = spool::encode_frame(&r).expect("fits");
-        assert!(frame.len() < spool::MAX_RECORD_BYTES, "{}", frame.len());
-        assert_eq!(r.dtmf.len(), 256);
-        assert!(
-            r.truncated
-                .iter()
-                .any(|t| t == "dtmf: kept 256 of 5100256 digits"),
-            "{:?}",
-            r.truncated
-        );
-        assert_eq!(r.truncated.len(), 4, "{:?}", r.truncated);
-        // A small call is kept whole and says nothing.
-        let small = CallSummary::without_agent(Uuid::from_u128(8), "echo", Outcome::CallerHungUp);
-        assert!(
-            CallRecord::from_summary(&small, CallerNumbers::Full)
-                .truncated
-                .is_empty()
-        );
-    }
 
     #[test]
     fn masking() {

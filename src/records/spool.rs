@@ -446,7 +446,7 @@ mod tests {
             tool_calls: vec![],
             dtmf: "5".into(),
             transcript: vec![TranscriptLine {
-                speaker: crate::agent::Speaker::Caller,
+                speaker: crate::records::Speaker::Caller,
                 text: "x".repeat(text_len),
             }],
             frames_in: 3000,
