@@ -557,7 +557,7 @@ async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (bool, Durati
     loop {
         match tokio::time::timeout_at(
             t + limit,
-            voicegate::call::session::read_message(stream, &mut buf),
+            voicegate::audiosocket::read_message(stream, &mut buf),
         )
         .await
         {

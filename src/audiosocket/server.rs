@@ -17,19 +17,19 @@
 //! started with.
 
 use crate::agent::{CallInfo, SharedAgent};
+use crate::audiosocket::Connection;
 use crate::audiosocket::codec::Message;
 use crate::call::directory::{Admission, CallDetails, CallDirectory};
-use crate::call::{CallSummary, Outcome, SessionParams, session::read_message};
+use crate::call::{CallSummary, Outcome, SessionParams};
 use crate::fallback::{Breaker, FallbackConfig, Route};
 use crate::guard::{Guard, Handshake, Rejection};
 use crate::health::tally::{Tally, WINDOW};
 use crate::health::{HealthState, metrics as m};
-use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
@@ -479,10 +479,8 @@ where
 {
     let agent = ctx.generation.agent.clone();
     let params: &ServerParams = &ctx.generation.params;
-    // One task owns both halves, so the split's lock is never contended.
-    let (mut reader, writer) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(2048);
-    let call_id = match timeout(params.call_id_timeout, read_message(&mut reader, &mut buf)).await {
+    let mut conn = Connection::new(stream);
+    let call_id = match timeout(params.call_id_timeout, conn.read_message()).await {
         // Asterisk sends a real UUID (`AudioSocket()` and externalMedia refuse an invalid
         // one); 16 zero bytes is a forged or broken client.
         Ok(Ok(Some(Message::CallId(id)))) if id.is_nil() => {
@@ -542,7 +540,6 @@ where
         if let Route::Fallback(reason) =
             crate::fallback::route(&ctx.generation.fallback, &ctx.breaker)
         {
-            let mut writer = writer;
             info!(%reason, "call sent straight to the operators");
             let handover = params.session.handover.clone();
             if timeout(
@@ -557,10 +554,8 @@ where
                     "fallback handover timed out; dialplan fall-through"
                 );
             }
-            let mut out = BytesMut::with_capacity(3);
-            crate::audiosocket::codec::encode(&Message::Hangup, &mut out);
-            let _ = timeout(Duration::from_secs(2), writer.write_all(&out)).await;
-            let _ = timeout(Duration::from_secs(2), writer.shutdown()).await;
+            let _ = timeout(Duration::from_secs(2), conn.write_message(&Message::Hangup)).await;
+            let _ = timeout(Duration::from_secs(2), conn.shutdown()).await;
             let mut s = CallSummary::without_agent(
                 call_id,
                 agent.name(),
@@ -581,9 +576,7 @@ where
             h.call_started();
         }
         let mut summary = crate::call::session::run_session_with_input(
-            reader,
-            writer,
-            buf,
+            conn,
             info,
             agent,
             session,

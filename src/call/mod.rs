@@ -1,7 +1,10 @@
-//! One call: the per-call task ([`session`]) and what is kept of it ([`CallSummary`]).
+//! One call: the sans-IO call core ([`core`]), its tokio driver ([`session`]) and what is
+//! kept of a call ([`CallSummary`]).
 
+pub mod core;
+pub mod directory;
+mod gates;
+pub mod next;
 pub mod session;
 
 pub use session::{CallSummary, Outcome, SessionParams, run_session};
-pub mod directory;
-pub mod next;
