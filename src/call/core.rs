@@ -587,3 +587,7 @@ impl CallCore {
         self.s
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;
