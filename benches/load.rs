@@ -491,7 +491,7 @@ mod realtime {
     use tokio_tungstenite::tungstenite::Message as WsMessage;
     use voicegate::audio::g711::Law;
     use voicegate::audiosocket::codec::{self, Message};
-    use voicegate::call::session::read_message;
+    use voicegate::audiosocket::read_message;
 
     const UP: u8 = 0x81;
     const DOWN: u8 = 0x82;

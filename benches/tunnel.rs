@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use voicegate::agent::echo::EchoAgent;
 use voicegate::audio::wav::Recording;
 use voicegate::audiosocket::SlinRate;
-use voicegate::audiosocket::server::{Server, ServerParams};
+use voicegate::audiosocket::server::Server;
+use voicegate::call::route::{Generation, Router, ServerParams};
 use voicegate::caller::{CallPlan, place_call, run_call_on};
 use voicegate::config::AudioSocketConfig;
 
@@ -223,15 +224,13 @@ async fn calls(n: usize, seconds: f64, tunnel: bool) -> Round {
         tunnel_support::serve_audiosocket(listener, agent, tx);
         pbx = Some(p);
     } else {
-        let server = Server::bind(
-            "127.0.0.1:0".parse().unwrap(),
+        let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let router = Router::fixed(Generation::new(
             agent,
             ServerParams::from_config(&AudioSocketConfig::default()),
-        )
-        .await
-        .unwrap();
+        ));
         plain = Some(server.local_addr().unwrap());
-        tokio::spawn(server.run(stop.clone()));
+        tokio::spawn(server.run(Arc::new(router), stop.clone()));
     }
     let speech = speech();
     let mut tasks = Vec::new();

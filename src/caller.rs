@@ -8,12 +8,11 @@
 use crate::audio::resample::Resampler;
 use crate::audio::wav::Recording;
 use crate::audiosocket::codec::{self, Message, SlinRate};
-use crate::call::session::{ReadError, read_message};
+use crate::audiosocket::{Connection, ReadError};
 use bytes::BytesMut;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use uuid::Uuid;
@@ -156,15 +155,14 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let speech = resample_recording(&plan.speech, plan.rate.hz())?;
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reader, writer) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (Connection::new(reader), Connection::new(writer));
     let start = Instant::now();
     let mut out = BytesMut::with_capacity(64);
-    codec::encode(&Message::CallId(plan.call_id), &mut out);
-    writer.write_all(&out).await?;
+    writer.write_message(&Message::CallId(plan.call_id)).await?;
 
     let rate = plan.rate;
     let reader_task = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(4096);
         let mut received = Vec::new();
         let mut arrivals = Vec::new();
         let mut audible = 0u64;
@@ -173,7 +171,7 @@ where
         let mut hangup = false;
         let mut samples = Vec::with_capacity(rate.samples_per_frame());
         let result: Result<(), CallError> = loop {
-            match read_message(&mut reader, &mut buf).await {
+            match reader.read_message().await {
                 Ok(Some(Message::Audio { payload, .. })) => {
                     let t = start.elapsed().as_secs_f64() * 1000.0;
                     arrivals.push(t);
@@ -236,7 +234,7 @@ where
             .and_then(|i| speech.samples.chunks(spf).nth(i))
             .unwrap_or(&silence);
         codec::encode_audio_samples(rate, chunk, &mut out);
-        if let Err(e) = writer.write_all(&out).await {
+        if let Err(e) = writer.write_encoded(&out).await {
             write_error = Some(e);
             break;
         }

@@ -6,7 +6,8 @@
 
 use crate::audio::wav::Recording;
 use crate::audiosocket::SlinRate;
-use crate::audiosocket::server::{Server, ServerParams};
+use crate::audiosocket::server::Server;
+use crate::call::route::{Generation, Router, ServerParams};
 use crate::caller::{CallPlan, CallReport, place_call, speech_similarity};
 use crate::config::{AgentConfig, Config};
 use serde::Serialize;
@@ -58,17 +59,14 @@ pub struct SelftestOutcome {
 pub async fn run(config: &Config, length: Duration) -> anyhow::Result<SelftestOutcome> {
     let agent = crate::agent::from_config(&config.agent)?;
     let agent_name = agent.name().to_owned();
-    let server = Server::bind(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        agent,
-        ServerParams::from_config(&config.audiosocket).with_tools(std::sync::Arc::new(
-            crate::tools::ToolRegistry::from_config(&config.tools)?,
-        )),
-    )
-    .await?;
+    let params = ServerParams::from_config(&config.audiosocket).with_tools(std::sync::Arc::new(
+        crate::tools::ToolRegistry::from_config(&config.tools)?,
+    ));
+    let router = Router::fixed(Generation::new(agent, params));
+    let server = Server::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = server.local_addr()?;
     let stop = CancellationToken::new();
-    let serving = tokio::spawn(server.run(stop.clone()));
+    let serving = tokio::spawn(server.run(std::sync::Arc::new(router), stop.clone()));
 
     let speech = builtin_recording();
     let plan = CallPlan {

@@ -11,7 +11,8 @@
 //! There is no test hook in here: the watchdog test (`tests/appliance_notify.rs`) runs
 //! [`run`] inside its own process and stalls that runtime itself.
 
-use crate::audiosocket::server::{Generation, Server, ServerParams};
+use crate::audiosocket::server::Server;
+use crate::call::route::{Generation, Router as CallRouter, ServerParams};
 use crate::config::Config;
 use crate::fallback::Breaker;
 use crate::guard::Guard;
@@ -58,7 +59,7 @@ pub fn generation(
 fn ari_hooks(
     generation: watch::Receiver<Arc<Generation>>,
     breaker: Arc<Breaker>,
-    summaries: crate::audiosocket::server::SummaryTx,
+    summaries: crate::call::route::SummaryTx,
 ) -> crate::ari::controller::Hooks {
     use crate::fallback::Route;
     use crate::health::metrics as m;
@@ -190,22 +191,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 
     // Bounded: a slow disk drops records (counted), never grows memory.
     let (summary_tx, summary_rx) = mpsc::channel(RECORDS_QUEUE);
-    let first_agent = gen_rx.borrow().agent.clone();
-    let server = Server::bind(
-        config.audiosocket.listen,
-        first_agent,
-        ServerParams::from_config(&config.audiosocket),
-    )
-    .await
-    .with_context(|| format!("binding AudioSocket listener {}", config.audiosocket.listen))?
-    .with_updates(gen_rx.clone())
-    .with_guard(guard.clone())
-    .with_breaker(breaker.clone())
-    .with_health(
-        health.clone(),
-        crate::health::accept_beat_period(watchdog_interval),
-    )
-    .with_summaries(summary_tx.clone());
+    let server = Server::bind(config.audiosocket.listen)
+        .await
+        .with_context(|| format!("binding AudioSocket listener {}", config.audiosocket.listen))?;
+    let mut router = CallRouter::new(gen_rx.clone());
+    router.guard = Some(guard.clone());
+    router.breaker = breaker.clone();
+    let beat = crate::health::accept_beat_period(watchdog_interval);
+    router.health = Some((health.clone(), beat));
+    router.summaries = Some(summary_tx.clone().into());
     let audiosocket_addr = server.local_addr()?;
 
     // WireGuard: calls from a remote Asterisk arrive on the tunnel address (same port as the
@@ -259,7 +253,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     // What the dialplan does after an AudioSocket() call: GET /v1/calls/{id}/next.
     let next = std::sync::Arc::new(crate::call::next::NextStore::new());
     let ari_stop = CancellationToken::new();
-    let (server, ari) = match &config.ari {
+    let ari = match &config.ari {
         Some(c) => {
             // Its own stop: ARI outlives the listener until the last transfer is confirmed.
             // The bound address: with port 0 in the config, Asterisk must still find us.
@@ -271,19 +265,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 ari_stop.clone(),
             )
             .context("starting ARI")?;
-            (
-                server.with_directory(std::sync::Arc::new(rt.controller.clone())),
-                Some(rt),
-            )
+            router.directory = Some(std::sync::Arc::new(rt.controller.clone()));
+            Some(rt)
         }
         None => {
             // The records task ends when the last sender is gone: only the listener keeps
             // one then.
             drop(summary_tx);
-            (
-                server.with_directory(std::sync::Arc::new(next.clone())),
-                None,
-            )
+            router.directory = Some(std::sync::Arc::new(next.clone()));
+            None
         }
     };
     if let Some(rt) = &ari {
@@ -369,7 +359,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     // Before READY=1: a SIGHUP (`systemctl reload`) right after it must reload, not kill.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let serving = tokio::spawn(server.run(stop.clone()));
+    let serving = tokio::spawn(server.run(Arc::new(router), stop.clone()));
     health.set_ready(true);
     // READY=1 goes first: systemd ignores WATCHDOG=1 before it, and the order is promised.
     notify::ready(&format!(
@@ -561,7 +551,7 @@ pub async fn write_records(
                     e @ (crate::records::spool::SpoolError::TooLarge(_)
                     | crate::records::spool::SpoolError::Encode(_)),
                 )) => {
-                    // Cannot happen after from_summary's bounds; never retried.
+                    // Cannot happen after from_facts's bounds; never retried.
                     error!(%call_id, error = %e, "call record cannot be encoded; lost");
                     lost("encode", 1);
                     pending = None;

@@ -786,7 +786,8 @@ async fn nil_call_id_is_refused() {
 /// costs records, counted, never memory: the summary queue is bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_records_writer_drops_and_counts_instead_of_queueing() {
-    use voicegate::audiosocket::server::{Server, ServerParams};
+    use voicegate::audiosocket::server::Server;
+    use voicegate::call::route::{Generation, Router, ServerParams};
     voicegate::health::metrics::install();
     let lost = || {
         voicegate::health::metrics::render()
@@ -802,17 +803,15 @@ async fn a_stuck_records_writer_drops_and_counts_instead_of_queueing() {
     let agent = std::sync::Arc::new(voicegate::agent::echo::EchoAgent::new(
         Duration::from_millis(50),
     ));
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
+    let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut router = Router::fixed(Generation::new(
         agent,
         ServerParams::from_config(&voicegate::config::AudioSocketConfig::default()),
-    )
-    .await
-    .unwrap()
-    .with_summaries(tx);
+    ));
+    router.summaries = Some(tx.into());
     let addr = server.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(server.run(stop.clone()));
+    let task = tokio::spawn(server.run(std::sync::Arc::new(router), stop.clone()));
     for _ in 0..3 {
         assert!(real_time_call(addr, Duration::from_millis(200)).await > 0);
     }

@@ -18,7 +18,8 @@ use voicegate::agent::{
 use voicegate::audio::ReplyId;
 use voicegate::audio::wav::Recording;
 use voicegate::audiosocket::SlinRate;
-use voicegate::audiosocket::server::{Generation, Server, ServerParams};
+use voicegate::audiosocket::server::Server;
+use voicegate::call::route::{Generation, Router, ServerParams};
 use voicegate::call::{CallSummary, Outcome};
 use voicegate::caller::{CallPlan, place_call};
 use voicegate::fallback::{
@@ -140,17 +141,15 @@ impl Harness {
             fallback,
         }));
         let (tx, summaries) = mpsc::unbounded_channel();
-        let server = Server::bind("127.0.0.1:0".parse().unwrap(), agent, params)
-            .await
-            .unwrap()
-            .with_updates(rx)
-            .with_guard(Arc::new(Guard::new(guard, None).unwrap()))
-            .with_breaker(breaker.clone())
-            .with_health(health.clone(), Duration::from_millis(200))
-            .with_summaries(tx);
+        let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut router = Router::new(rx);
+        router.guard = Some(Arc::new(Guard::new(guard, None).unwrap()));
+        router.breaker = breaker.clone();
+        router.health = Some((health.clone(), Duration::from_millis(200)));
+        router.summaries = Some(tx.into());
         let addr = server.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(server.run(stop.clone()));
+        tokio::spawn(server.run(Arc::new(router), stop.clone()));
         Harness {
             addr,
             stop,

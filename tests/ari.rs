@@ -21,8 +21,9 @@ use voicegate::ari::controller::{self, AriRuntime, Hooks, Unserved};
 use voicegate::ari::{AriError, Controller, LinkState};
 use voicegate::audio::ReplyId;
 use voicegate::audiosocket::SlinRate;
-use voicegate::audiosocket::server::{Server, ServerParams};
+use voicegate::audiosocket::server::Server;
 use voicegate::call::next::NextStore;
+use voicegate::call::route::{Generation, Router, ServerParams};
 use voicegate::call::{CallSummary, Outcome};
 use voicegate::caller::{CallPlan, place_call, resample_recording, speech_similarity};
 use voicegate::config::{AriConfig, AriFormat, AriMode};
@@ -213,17 +214,15 @@ impl Harness {
             controller: OnceLock::new(),
         });
         let (tx, summaries) = mpsc::unbounded_channel();
-        let server = Server::bind(
-            "127.0.0.1:0".parse().unwrap(),
+        let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut router = Router::fixed(Generation::new(
             agent.clone(),
             ServerParams {
                 shutdown_grace: Duration::from_millis(300),
                 ..ServerParams::from_config(&Default::default())
             },
-        )
-        .await
-        .unwrap()
-        .with_summaries(tx);
+        ));
+        router.summaries = Some(tx.into());
         let addr = server.local_addr().unwrap();
         let mut cfg = AriConfig {
             url: fake.url(),
@@ -257,9 +256,9 @@ impl Harness {
         };
         let rt = controller::start(&cfg, addr, next.clone(), hooks, stop.clone()).unwrap();
         let _ = agent.controller.set(rt.controller.clone());
-        let server = server.with_directory(Arc::new(rt.controller.clone()));
+        router.directory = Some(Arc::new(rt.controller.clone()));
         let server_stop = CancellationToken::new();
-        tokio::spawn(server.run(server_stop.clone()));
+        tokio::spawn(server.run(Arc::new(router), server_stop.clone()));
         if cfg.mode == AriMode::Stasis {
             fake.wait_ws().await;
         }
@@ -912,18 +911,16 @@ async fn plain_server(
     });
     let next = Arc::new(NextStore::new());
     let (tx, rx) = mpsc::unbounded_channel();
-    let server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
+    let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut router = Router::fixed(Generation::new(
         agent,
         ServerParams::from_config(&Default::default()),
-    )
-    .await
-    .unwrap()
-    .with_summaries(tx)
-    .with_directory(Arc::new(next.clone()));
+    ));
+    router.summaries = Some(tx.into());
+    router.directory = Some(Arc::new(next.clone()));
     let addr = server.local_addr().unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(server.run(stop.clone()));
+    tokio::spawn(server.run(Arc::new(router), stop.clone()));
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http_addr = http.local_addr().unwrap();
     let store = next.clone();

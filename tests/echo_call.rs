@@ -155,7 +155,7 @@ async fn malformed_stream_closes_only_that_call() {
 
 #[tokio::test]
 async fn connection_without_call_id_is_closed() {
-    let mut params = voicegate::audiosocket::server::ServerParams::from_config(&Default::default());
+    let mut params = voicegate::call::route::ServerParams::from_config(&Default::default());
     params.call_id_timeout = Duration::from_millis(200);
     let server = TestServer::start_with(Arc::new(EchoAgent::new(Duration::ZERO)), params).await;
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -173,7 +173,7 @@ async fn connection_without_call_id_is_closed() {
 
 #[tokio::test]
 async fn shutdown_hangs_up_live_calls_after_grace() {
-    let mut params = voicegate::audiosocket::server::ServerParams::from_config(&Default::default());
+    let mut params = voicegate::call::route::ServerParams::from_config(&Default::default());
     params.shutdown_grace = Duration::from_millis(300);
     let mut server = TestServer::start_with(Arc::new(EchoAgent::new(Duration::ZERO)), params).await;
     let call = tokio::spawn({

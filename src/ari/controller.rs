@@ -334,7 +334,7 @@ struct Inner {
 }
 
 /// The ARI controller. Cheap to clone; install it on the AudioSocket server with
-/// [`crate::audiosocket::server::Server::with_directory`] and drive it with [`Controller::run`].
+/// [`crate::call::route::Router::directory`] and drive it with [`Controller::run`].
 #[derive(Clone)]
 pub struct Controller {
     inner: Arc<Inner>,

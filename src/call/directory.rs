@@ -2,7 +2,7 @@
 //! connect (ARI in Stasis mode) or wants to hear how they ended (the `/next` disposition
 //! store, the ARI controller).
 //!
-//! [`crate::audiosocket::server::Server::with_directory`] installs one. The listener asks
+//! [`crate::call::route::Router::directory`] holds one. The router asks
 //! [`CallDirectory::admit`] once the call id (`0x01`) is read and before the call's agent
 //! starts, and tells [`CallDirectory::finished`] the call's summary once it ends. Without a
 //! directory every call is admitted with no caller details.

@@ -22,19 +22,17 @@
 //! [`DTMF_BURST`]) and at most [`MAX_DTMF_KEPT`] digits are kept per call; digits are logged
 //! at debug only.
 
+use super::core::CallCore;
 use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker, TurnLatency};
-use crate::audio::{PlayoutBuffer, PlayoutClock, ReplyId};
-use crate::audiosocket::codec::{self, CodecError, Message, SlinRate};
-use crate::tools::{Terminal, ToolRegistry, ToolRunner, runner::ToolStep};
-use bytes::BytesMut;
+use crate::audiosocket::{Connection, Message};
+use crate::tools::ToolRegistry;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 /// How long a single frame write may block before the call is given up, since a peer that
@@ -95,23 +93,6 @@ impl Default for SessionParams {
             tools: Arc::new(ToolRegistry::empty()),
         }
     }
-}
-
-/// Mean absolute slin amplitude above which a caller frame counts as speech (about
-/// -40 dBFS), for the agent-silence timer and turn latencies.
-const VOICED_MEAN_ABS: u32 = 330;
-
-/// Whether a slin little-endian frame holds speech rather than silence or line noise.
-fn is_voiced(payload: &[u8]) -> bool {
-    let n = payload.len() / 2;
-    if n == 0 {
-        return false;
-    }
-    let sum: u32 = payload
-        .chunks_exact(2)
-        .map(|b| i16::from_le_bytes([b[0], b[1]]).unsigned_abs() as u32)
-        .sum();
-    sum / n as u32 > VOICED_MEAN_ABS
 }
 
 pub use crate::records::ToolCallRecord;
@@ -239,338 +220,102 @@ impl CallSummary {
     }
 }
 
-/// Runs one call to its end. `call_id` has been read already; `read_buf` holds any bytes
-/// read after it. Returns what is kept of the call; it never panics on input.
-pub async fn run_session<R, W>(
-    reader: R,
-    writer: W,
-    read_buf: BytesMut,
+/// Runs one call to its end over `conn`, whose call id has been read already (bytes read
+/// after it stay in the connection). Returns what is kept of the call; it never panics on
+/// input.
+pub async fn run_session<S>(
+    conn: Connection<S>,
     info: CallInfo,
     agent: SharedAgent,
     params: SessionParams,
     hangup: CancellationToken,
 ) -> CallSummary
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    run_session_with_input(reader, writer, read_buf, info, agent, params, hangup, None).await
+    run_session_with_input(conn, info, agent, params, hangup, None).await
 }
 
 /// [`run_session`] with a second source of agent input besides the AudioSocket stream
 /// (DTMF from ARI `ChannelDtmfReceived` in Stasis mode): each [`AgentInput::Dtmf`] is counted
 /// in [`CallSummary::dtmf`] and forwarded like a `0x03` digit; other inputs are forwarded as
 /// they are. Inputs arriving before the agent starts (first audio) are dropped.
-#[allow(clippy::too_many_arguments)] // run_session's arguments plus the one input
-pub async fn run_session_with_input<R, W>(
-    mut reader: R,
-    mut writer: W,
-    mut read_buf: BytesMut,
-    mut info: CallInfo,
+///
+/// This is the thin tokio driver of the [`CallCore`]: it owns the connection, the agent's
+/// event channel and the one timer, and passes what happens to the core with the time.
+pub async fn run_session_with_input<S>(
+    mut conn: Connection<S>,
+    info: CallInfo,
     agent: SharedAgent,
     params: SessionParams,
     hangup: CancellationToken,
     mut extra_input: Option<mpsc::Receiver<AgentInput>>,
 ) -> CallSummary
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let mut s = CallSummary::without_agent(info.call_id, agent.name(), Outcome::CallerHungUp);
-    s.caller_number = info.caller_number.clone();
-    let m_frames_in = metrics::counter!(crate::health::metrics::FRAMES_IN);
+    let (handover, beat) = (params.handover.clone(), params.clock.clone());
+    let (reference, live) = (agent.wants_playout_reference(), agent.live_playout());
+    let mut core = CallCore::new(Instant::now(), info, agent.name(), reference, live, params);
     let m_frames_out = metrics::counter!(crate::health::metrics::FRAMES_OUT);
     let m_lateness = metrics::histogram!(crate::health::metrics::PLAYOUT_LATENESS);
-    let mut agent_started: Option<Instant> = None;
-    // The agent-silence timer: agent start, agent audio, or caller speech resets it.
-    let mut last_activity = start;
-    // For turn latency: the caller's last voiced frame since the previous reply began.
-    let mut caller_voiced_at: Option<Instant> = None;
-    let mut last_reply: Option<ReplyId> = None;
-    // Agents with their own VAD get every played frame as an echo reference.
-    let playout_reference = agent.wants_playout_reference();
-    let live_playout = agent.live_playout();
-    // A reply's latency waits here for its first frame on the wire: (latency, when received).
-    let mut pending_latency: Option<(TurnLatency, Instant)> = None;
-
-    // Known once the first audio frame arrives; until then only keepalive silence at 8 kHz.
-    let mut rate: Option<SlinRate> = None;
-    let mut agent_session = None;
-    let mut playout = PlayoutBuffer::new(8_000, params.playout_max);
-    let mut frame: Vec<i16> = vec![0; SlinRate::Hz8000.samples_per_frame()];
-    let mut out = BytesMut::with_capacity(4 + SlinRate::Hz8000.bytes_per_frame());
-    let mut clock = PlayoutClock::new(start + params.keepalive_before_audio);
-    let mut last_input = start;
-    // After ReplyDone, tell the agent when the reply has been fully heard.
-    let mut awaiting_played_out: Option<ReplyId> = None;
-    // Set when the agent ended the call: hang up once the playout buffer is empty.
-    let mut ending: Option<String> = None;
-    info.tools = params.tools.specs();
-    let mut tools = ToolRunner::new(params.tools.clone(), &info);
-
-    // In Stasis mode a digit may arrive twice: ARI ChannelDtmfReceived and 0x03 through the bridge.
-    let mut dtmf_dedup = DtmfDedup::default();
-    let mut dtmf_gate = DtmfGate::new(start);
-    let mut input_meter = InputMeter::new(params.input_allowance, start);
-    let m_overrun = metrics::counter!(crate::health::metrics::INPUT_OVERRUN);
-
-    // One timer for the whole call, re-armed each tick (no timer churn per event).
-    let tick = sleep_until(clock.deadline());
+    let mut events: Option<mpsc::Receiver<AgentEvent>> = None;
+    // One timer for the whole call, re-armed after each event (no timer churn per event).
+    let tick = sleep_until(core.poll_timeout());
     tokio::pin!(tick);
-    let outcome = loop {
+    while core.outcome().is_none() {
         tokio::select! {
             biased;
-            () = hangup.cancelled() => break Outcome::Shutdown,
+            () = hangup.cancelled() => core.handle_shutdown(),
             () = &mut tick => {
                 let now = Instant::now();
-                m_lateness.record(now.saturating_duration_since(clock.deadline()).as_secs_f64());
-                if let Some(beat) = &params.clock {
+                m_lateness.record(now.saturating_duration_since(core.poll_timeout()).as_secs_f64());
+                if let Some(beat) = &beat {
                     beat.beat();
                 }
-                if params.max_duration.is_some_and(|max| now - start >= max) {
-                    break Outcome::MaxDuration;
-                }
-                if agent_session.is_some()
-                    && playout.is_empty()
-                    && params.agent_silence.is_some_and(|limit| now - last_activity >= limit)
-                {
-                    warn!("no agent audio while the caller waits; handing the call to the fallback");
-                    s.fallback = Some(crate::fallback::FallbackReason::AgentSilent);
-                    break Outcome::Fallback(crate::fallback::FallbackReason::AgentSilent.to_string());
-                }
-                let tick_rate = rate.unwrap_or(SlinRate::Hz8000);
-                let popped = playout.pop_frame(&mut frame);
-                if popped.agent_samples > 0 {
-                    s.agent_frames_out += 1;
-                }
-                s.underruns += popped.underrun as u64;
-                s.idle_frames += (popped.agent_samples == 0 && !popped.underrun) as u64;
-                out.clear();
-                codec::encode_audio_samples(tick_rate, &frame, &mut out);
-                if let Err(e) = write_frame(&mut writer, &out).await {
-                    break Outcome::WriteFailed(e);
-                }
-                s.frames_out += 1;
-                m_frames_out.increment(1);
-                if playout_reference {
-                    if let Some(a) = agent_session.as_ref() {
-                        let a: &crate::agent::AgentSession = a;
-                        let _ = a.input.try_send(AgentInput::Playout(frame.clone()));
-                    }
-                }
-                if popped.agent_samples > 0 {
-                    if let Some((mut lat, at)) = pending_latency.take_if(|(l, _)| playout.heard_ms(ReplyId(l.reply)) > 0) {
-                        lat.first_frame_ms = lat.tts_first_audio_ms.map(|t| t + at.elapsed().as_millis() as u64);
-                        info!(reply = lat.reply, first_frame_ms = ?lat.first_frame_ms, "first frame of the reply on the wire");
-                        s.turns.push(lat);
-                    }
-                }
-                let skipped = clock.skipped_frames();
-                clock.advance(now);
-                if live_playout && clock.skipped_frames() > skipped {
-                    // A live stream (the echo) keeps its timing: the skipped ticks' audio goes.
-                    let n = (clock.skipped_frames() - skipped) as usize * playout.samples_per_frame();
-                    let dropped = playout.discard(n);
-                    debug!(skipped = clock.skipped_frames() - skipped, dropped_samples = dropped, "clock skipped ticks; live audio dropped");
-                }
-                tick.as_mut().reset(clock.deadline());
-                // Checked once per tick: a half-open connection sends nothing.
-                if now.duration_since(last_input) > params.idle_timeout {
-                    break Outcome::IdleTimeout;
-                }
-                trace!(queued_ms = playout.queued().as_millis() as u64, "frame out");
-                if let Some(a) = agent_session.as_ref() {
-                    tools.retry_unsent(&a.input);
-                }
-                if tools.terminal_pending() {
-                    match tools.poll_terminal(playout.is_empty(), Instant::now()) {
-                        Some(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
-                        Some(Terminal::Operator { detail }) => break Outcome::Operator(detail),
-                        None => {}
-                    }
-                }
-                if playout.is_empty() {
-                    if let (Some(reply), Some(agent)) = (awaiting_played_out.take(), agent_session.as_ref()) {
-                        let agent: &crate::agent::AgentSession = agent;
-                        let _ = agent.input.try_send(AgentInput::PlayedOut { reply });
-                    }
-                    if let Some(reason) = ending.take() {
-                        break Outcome::AgentEnded(reason);
+                if let Some(frame) = core.poll_tick(now) {
+                    match write_frame(&mut conn, frame).await {
+                        Ok(()) => m_frames_out.increment(1),
+                        Err(e) => core.handle_write_error(e),
                     }
                 }
             }
-            read = read_message(&mut reader, &mut read_buf) => {
-                last_input = Instant::now();
-                match read {
-                    Ok(Some(Message::Audio { rate: r, payload })) => {
-                        s.frames_in += 1;
-                        m_frames_in.increment(1);
-                        if is_voiced(&payload) {
-                            last_activity = last_input;
-                            caller_voiced_at = Some(last_input);
-                        }
-                        if rate.is_none() {
-                            rate = Some(r);
-                            s.rate_hz = r.hz();
-                            info.rate_hz = r.hz();
-                            playout = PlayoutBuffer::new(r.hz(), params.playout_max);
-                            frame = vec![0; r.samples_per_frame()];
-                            out = BytesMut::with_capacity(4 + r.bytes_per_frame());
-                            // Start the 20 ms grid now: first agent audio goes out promptly.
-                            clock = PlayoutClock::new(Instant::now());
-                            tick.as_mut().reset(clock.deadline());
-                            debug!(rate_hz = r.hz(), "first audio; starting agent");
-                            agent_session = Some(agent.start(info.clone()));
-                            agent_started = Some(Instant::now());
-                            last_activity = Instant::now();
-                        } else if rate != Some(r) {
-                            trace!(rate_hz = r.hz(), "frame at another rate ignored");
-                            continue;
-                        }
-                        if !input_meter.admit(payload.len() / 2, r.hz(), last_input) {
-                            if s.input_overrun_frames == 0 {
-                                warn!(allowance_ms = params.input_allowance.as_millis() as u64, "caller audio arrives faster than real time; dropping the excess");
-                            }
-                            s.input_overrun_frames += 1;
-                            m_overrun.increment(1);
-                            continue;
-                        }
-                        if let Some(a) = agent_session.as_ref() {
-                            let a: &crate::agent::AgentSession = a;
-                            match a.input.try_send(AgentInput::Audio(payload)) {
-                                Ok(()) => {}
-                                Err(TrySendError::Full(_)) => s.frames_dropped_in += 1,
-                                Err(TrySendError::Closed(_)) => {}
-                            }
-                        }
-                    }
-                    Ok(Some(Message::Dtmf(d))) => {
-                        if dtmf_dedup.duplicate(d, false, Instant::now()) {
-                            continue;
-                        }
-                        if !keep_dtmf(&mut dtmf_gate, &mut s, d, Instant::now()) {
-                            continue;
-                        }
-                        if let Some(a) = agent_session.as_ref() {
-                            let a: &crate::agent::AgentSession = a;
-                            let _ = a.input.try_send(AgentInput::Dtmf(d));
-                        }
-                    }
-                    Ok(Some(Message::Hangup)) | Ok(None) => break Outcome::CallerHungUp,
-                    Ok(Some(Message::Error(code))) => break Outcome::ProtocolError(format!("asterisk sent error frame, code {code}")),
-                    Ok(Some(Message::CallId(id))) => break Outcome::ProtocolError(format!("second call id {id}")),
-                    Err(ReadError::Codec(e)) => break Outcome::ProtocolError(e.to_string()),
-                    Err(ReadError::Io(e)) => break Outcome::ProtocolError(format!("read: {e}")),
+            read = conn.read_message() => core.handle_caller(Instant::now(), read),
+            step = core.next_tool_step() => core.handle_tool_step(step),
+            ev = next_event(&mut events) => {
+                if ev.is_none() {
+                    events = None;
                 }
+                core.handle_agent(Instant::now(), ev);
             }
-            step = tools.next_step() => match step {
-                ToolStep::Answer(answer) => {
-                    if let Some(a) = agent_session.as_ref() {
-                        tools.deliver(&a.input, answer);
-                    }
-                }
-                ToolStep::End(Terminal::Hangup) => break Outcome::AgentEnded("agent hung up (hangup tool)".into()),
-                ToolStep::End(Terminal::Operator { detail }) => break Outcome::Operator(detail),
-            },
-            ev = next_event(&mut agent_session) => match ev {
-                Some(AgentEvent::Audio { reply, samples }) => {
-                    let now = Instant::now();
-                    last_activity = now;
-                    if last_reply != Some(reply) {
-                        last_reply = Some(reply);
-                        if let Some(spoke) = caller_voiced_at.take() {
-                            s.turn_latencies_ms.push((now - spoke).as_millis().min(u32::MAX as u128) as u32);
-                        }
-                    }
-                    playout.push(reply, &samples);
-                    tools.on_agent_audio(Instant::now());
-                }
-                Some(AgentEvent::ReplyDone { reply }) => {
-                    tools.on_reply_done(reply);
-                    playout.mark_reply_complete();
-                    awaiting_played_out = Some(reply);
-                }
-                Some(AgentEvent::TurnLatency(lat)) => {
-                    if let Some((old, _)) = pending_latency.replace((lat, Instant::now())) {
-                        s.turns.push(old);
-                    }
-                }
-                Some(AgentEvent::SpeechStarted) => {
-                    if let Some((lat, _)) = pending_latency.take() {
-                        s.turns.push(lat);
-                    }
-                    let flushed = playout.flush();
-                    awaiting_played_out = None;
-                    if let (Some(answer), Some(a)) = (tools.on_barge_in(flushed.reply), agent_session.as_ref()) {
-                        tools.deliver(&a.input, answer);
-                    }
-                    if let Some(reply) = flushed.reply {
-                        s.barge_ins += 1;
-                        info!(reply = reply.0, heard_ms = flushed.heard_ms, dropped_ms = flushed.dropped_samples as u64 * 1000 / playout.rate_hz() as u64, "barge-in: playout flushed");
-                        if let Some(a) = agent_session.as_ref() {
-                            let a: &crate::agent::AgentSession = a;
-                            let _ = a.input.try_send(AgentInput::Interrupted { reply, heard_ms: flushed.heard_ms });
-                        }
-                    }
-                }
-                Some(AgentEvent::Transcript { speaker, text }) => {
-                    info!(?speaker, text = %text, "transcript");
-                    s.transcript.push((speaker, text));
-                }
-                Some(AgentEvent::ToolCall { call_id, name, arguments, reply }) => {
-                    s.tool_calls.push(ToolCallRecord { name: name.clone(), arguments: arguments.clone() });
-                    if let (Some(answer), Some(a)) = (tools.on_tool_call(call_id, &name, &arguments, reply, Instant::now()), agent_session.as_ref()) {
-                        tools.deliver(&a.input, answer);
-                    }
-                }
-                Some(AgentEvent::Ended { reason }) => {
-                    info!(reason = %reason, "agent ended the call");
-                    if playout.is_empty() {
-                        break Outcome::AgentEnded(reason);
-                    }
-                    ending = Some(reason);
-                }
-                Some(AgentEvent::Failed(e)) => {
-                    warn!(error = %e, "agent failed; handing the call to the dialplan fallback");
-                    s.fallback = Some(crate::fallback::FallbackReason::AgentFailed(e.to_string()));
-                    break Outcome::Fallback(e.to_string());
-                }
-                None if ending.is_some() => {
-                    // The agent said Ended and its task finished: let the playout drain.
-                    agent_session = None;
-                }
-                None => {
-                    warn!("agent task ended without a reason; handing the call to the fallback");
-                    s.fallback = Some(crate::fallback::FallbackReason::AgentFailed("agent task ended".into()));
-                    break Outcome::Fallback("agent task ended".into());
-                }
-            },
             input = next_extra(&mut extra_input) => match input {
-                Some(input) => {
-                    if let AgentInput::Dtmf(d) = input {
-                        if dtmf_dedup.duplicate(d, true, Instant::now()) {
-                            continue;
-                        }
-                        if !keep_dtmf(&mut dtmf_gate, &mut s, d, Instant::now()) {
-                            continue;
-                        }
-                    }
-                    if let Some(a) = agent_session.as_ref() {
-                        let a: &crate::agent::AgentSession = a;
-                        let _ = a.input.try_send(input);
-                    }
-                }
+                Some(input) => core.handle_extra_input(Instant::now(), input),
                 None => extra_input = None,
             },
         }
-    };
+        if let Some(info) = core.poll_start_agent() {
+            let session = agent.start(info);
+            core.agent_started(session.input);
+            events = Some(session.events);
+        }
+        tick.as_mut().reset(core.poll_timeout());
+    }
+    close(&mut conn, &core, handover).await;
+    drop(events);
+    core.finish(Instant::now())
+}
 
-    if let Some(reason) = &s.fallback {
-        let handover = params.handover.clone();
+/// Hands a failed call to a human, then says goodbye (`0x00`) unless the caller hung up or
+/// the socket failed, then closes.
+async fn close<S: AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    core: &CallCore,
+    handover: crate::fallback::SharedHandover,
+) {
+    if let Some(reason) = core.fallback() {
         match timeout(
             crate::fallback::HANDOVER_TIMEOUT,
-            handover.hand_over(&info, reason),
+            handover.hand_over(core.info(), reason),
         )
         .await
         {
@@ -581,155 +326,27 @@ where
             ),
         }
     }
-    // Asterisk returns from AudioSocket() on 0x00 or a close; for anything but the caller's
-    // own hangup say goodbye explicitly, then close.
-    if !matches!(outcome, Outcome::CallerHungUp | Outcome::WriteFailed(_)) {
-        out.clear();
-        codec::encode(&Message::Hangup, &mut out);
-        let _ = write_frame(&mut writer, &out).await;
+    if core.says_goodbye() {
+        let _ = timeout(WRITE_TIMEOUT, conn.write_message(&Message::Hangup)).await;
     }
-    let _ = timeout(WRITE_TIMEOUT, writer.shutdown()).await;
-    drop(agent_session);
-    if let Some((lat, _)) = pending_latency.take() {
-        s.turns.push(lat);
-    }
-    s.outcome = outcome;
-    s.duration = start.elapsed();
-    s.agent_time = agent_started.map_or(Duration::ZERO, |t| t.elapsed());
-    s.playout_overflow_samples = playout.overflow_samples();
-    s.late_skipped_frames = clock.skipped_frames();
-    s
+    let _ = timeout(WRITE_TIMEOUT, conn.shutdown()).await;
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> Result<(), String> {
-    match timeout(WRITE_TIMEOUT, writer.write_all(bytes)).await {
+async fn write_frame<W: AsyncWrite + Unpin>(
+    conn: &mut Connection<W>,
+    bytes: &[u8],
+) -> Result<(), String> {
+    match timeout(WRITE_TIMEOUT, conn.write_encoded(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("write blocked for more than {WRITE_TIMEOUT:?}")),
     }
 }
 
-async fn next_event(session: &mut Option<crate::agent::AgentSession>) -> Option<AgentEvent> {
-    match session {
-        Some(s) => s.events.recv().await,
+async fn next_event(events: &mut Option<mpsc::Receiver<AgentEvent>>) -> Option<AgentEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Drops the second copy of a DTMF digit that arrives from both sources of a Stasis call:
-/// ARI `ChannelDtmfReceived` and AudioSocket `0x03` through the bridge (the same key press
-/// seen twice). A digit repeated from the same source is a new key press and always passes.
-#[derive(Debug, Default)]
-struct DtmfDedup {
-    /// Last digit, whether it came from ARI, when.
-    last: Option<(char, bool, Instant)>,
-}
-
-impl DtmfDedup {
-    /// Two copies of one key press arrive within this of each other.
-    const WINDOW: Duration = Duration::from_millis(1_000);
-
-    /// True if `digit` from this source, arriving at `now`, is the other source's copy of
-    /// the last digit.
-    fn duplicate(&mut self, digit: char, from_ari: bool, now: Instant) -> bool {
-        if let Some((d, src, at)) = self.last {
-            if d == digit && src != from_ari && now.duration_since(at) <= Self::WINDOW {
-                self.last = None;
-                return true;
-            }
-        }
-        self.last = Some((digit, from_ari, now));
-        false
-    }
-}
-
-/// Lets a digit through [`DtmfGate`] and keeps it in the summary (up to [`MAX_DTMF_KEPT`]);
-/// false when it is dropped for the rate. Digits are logged at debug; floods as one WARN
-/// line at the first drop and a count in the summary and `voicegate_dtmf_dropped_total`.
-fn keep_dtmf(gate: &mut DtmfGate, s: &mut CallSummary, d: char, now: Instant) -> bool {
-    let reason = if !gate.admit(now) {
-        "rate"
-    } else if s.dtmf.len() >= MAX_DTMF_KEPT {
-        "per_call"
-    } else {
-        debug!(digit = %d, "dtmf");
-        s.dtmf.push(d);
-        return true;
-    };
-    if s.dtmf_dropped == 0 {
-        warn!(
-            reason,
-            "DTMF beyond the per-call bounds; further digits are only counted"
-        );
-    }
-    s.dtmf_dropped += 1;
-    metrics::counter!(crate::health::metrics::DTMF_DROPPED, "reason" => reason).increment(1);
-    // Past the per-call limit a digit still reaches the agent; past the rate it does not.
-    reason == "per_call"
-}
-
-/// Token bucket for DTMF digits: [`DTMF_BURST`] at once, then [`DTMF_RATE_PER_S`].
-#[derive(Debug)]
-struct DtmfGate {
-    /// Tokens in thousandths of a digit.
-    milli_tokens: u64,
-    at: Instant,
-}
-
-impl DtmfGate {
-    fn new(now: Instant) -> Self {
-        DtmfGate {
-            milli_tokens: DTMF_BURST as u64 * 1000,
-            at: now,
-        }
-    }
-
-    fn admit(&mut self, now: Instant) -> bool {
-        let elapsed_ms = now.saturating_duration_since(self.at).as_millis() as u64;
-        self.at = now;
-        self.milli_tokens =
-            (self.milli_tokens + elapsed_ms * DTMF_RATE_PER_S as u64).min(DTMF_BURST as u64 * 1000);
-        if self.milli_tokens >= 1000 {
-            self.milli_tokens -= 1000;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Meters caller audio against real time: a token bucket of audio time, refilled by wall
-/// time and holding at most the allowance. A frame that would overdraw it is dropped.
-#[derive(Debug)]
-struct InputMeter {
-    /// Audio time that may still arrive ahead of real time, µs.
-    credit_us: u64,
-    cap_us: u64,
-    at: Instant,
-}
-
-impl InputMeter {
-    fn new(allowance: Duration, now: Instant) -> Self {
-        let cap_us = allowance.as_micros() as u64;
-        InputMeter {
-            credit_us: cap_us,
-            cap_us,
-            at: now,
-        }
-    }
-
-    /// Whether a frame of `samples` at `rate_hz` arriving at `now` is within real time plus
-    /// the allowance; it is charged when it is.
-    fn admit(&mut self, samples: usize, rate_hz: u32, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.at).as_micros() as u64;
-        self.at = now;
-        self.credit_us = (self.credit_us + elapsed).min(self.cap_us);
-        let cost = samples as u64 * 1_000_000 / rate_hz.max(1) as u64;
-        if cost > self.credit_us {
-            return false;
-        }
-        self.credit_us -= cost;
-        true
     }
 }
 
@@ -737,107 +354,5 @@ async fn next_extra(extra: &mut Option<mpsc::Receiver<AgentInput>>) -> Option<Ag
     match extra {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Why reading a message failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    /// The bytes are not AudioSocket.
-    #[error(transparent)]
-    Codec(#[from] CodecError),
-    /// The socket failed.
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-/// Reads the next message. `Ok(None)` is a clean close between frames; a close in the middle
-/// of a frame is an error. Cancel-safe: bytes read stay in `buf`.
-pub async fn read_message<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-) -> Result<Option<Message>, ReadError> {
-    loop {
-        if let Some(m) = codec::decode(buf)? {
-            return Ok(Some(m));
-        }
-        buf.reserve(1024);
-        if reader.read_buf(buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(ReadError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "connection closed inside a frame ({} bytes pending)",
-                        buf.len()
-                    ),
-                )))
-            };
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn input_faster_than_real_time_is_cut_to_the_allowance() {
-        let t = Instant::now();
-        let mut m = InputMeter::new(Duration::from_millis(200), t);
-        // Real time (a 20 ms frame every 20 ms) always passes, for an hour.
-        for i in 1..=180_000u64 {
-            assert!(m.admit(160, 8000, t + Duration::from_millis(20 * i)));
-        }
-        // A burst after a stall: the allowance (10 frames), then nothing until time passes.
-        let t2 = t + Duration::from_secs(4_000);
-        let passed = (0..1000).filter(|_| m.admit(160, 8000, t2)).count();
-        assert_eq!(passed, 10);
-        assert!(m.admit(160, 8000, t2 + Duration::from_millis(20)));
-        assert!(!m.admit(160, 8000, t2 + Duration::from_millis(20)));
-        // The cost is audio time, not frames: one 1 s frame at 192 kHz costs 1 s.
-        let mut m = InputMeter::new(Duration::from_millis(1000), t);
-        assert!(m.admit(192_000, 192_000, t));
-        assert!(!m.admit(192, 192_000, t));
-    }
-
-    #[test]
-    fn dtmf_gate_allows_a_keypad_and_cuts_a_flood() {
-        let t = Instant::now();
-        let mut g = DtmfGate::new(t);
-        // A fast human: 10 digits per second for a minute.
-        for i in 0..600u64 {
-            assert!(g.admit(t + Duration::from_millis(100 * i)));
-        }
-        // A flood: 10 000 digits in one second pass at most burst + rate.
-        let t2 = t + Duration::from_secs(100);
-        let passed = (0..10_000u64)
-            .filter(|i| g.admit(t2 + Duration::from_micros(100 * i)))
-            .count() as u32;
-        assert!(passed <= DTMF_BURST + DTMF_RATE_PER_S, "{passed}");
-        assert!(passed >= DTMF_BURST, "{passed}");
-    }
-
-    #[test]
-    fn dtmf_seen_by_both_sources_counts_once() {
-        let t = Instant::now();
-        let ms = |n| t + Duration::from_millis(n);
-        let mut d = DtmfDedup::default();
-        assert!(!d.duplicate('5', true, ms(0)));
-        assert!(
-            d.duplicate('5', false, ms(300)),
-            "0x03 copy of an ARI digit"
-        );
-        assert!(
-            !d.duplicate('5', false, ms(900)),
-            "a second press of the same key"
-        );
-        assert!(
-            !d.duplicate('5', false, ms(1_200)),
-            "same source again: a new press"
-        );
-        assert!(!d.duplicate('5', true, ms(2_500)), "too late to be a copy");
-        assert!(!d.duplicate('6', false, ms(2_600)), "another key");
     }
 }

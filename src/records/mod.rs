@@ -228,7 +228,7 @@ pub struct CallRecord {
     pub truncated: Vec<String>,
 }
 
-/// Per-field bounds of a record ([`CallRecord::from_summary`] cuts beyond them and says so
+/// Per-field bounds of a record ([`CallRecord::from_facts`] cuts beyond them and says so
 /// in [`CallRecord::truncated`]); together far below [`spool::MAX_RECORD_BYTES`].
 pub mod bounds {
     /// DTMF digits (the call keeps no more either: a compile-time check in `call` holds its

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use voicegate::audio::g711::Law;
 use voicegate::audio::wav::Recording;
 use voicegate::audiosocket::codec::{self, Message as AsMessage, SlinRate};
-use voicegate::call::session::read_message;
+use voicegate::audiosocket::read_message;
 
 pub const KEY: &str = "test-key-123";
 

@@ -7,8 +7,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use voicegate::agent::SharedAgent;
 use voicegate::audio::wav::Recording;
-use voicegate::audiosocket::server::{Server, ServerParams};
+use voicegate::audiosocket::server::Server;
 use voicegate::call::CallSummary;
+use voicegate::call::route::{Generation, Router, ServerParams};
 use voicegate::config::AudioSocketConfig;
 
 /// A real recording from `tests/fixtures`.
@@ -38,13 +39,14 @@ impl TestServer {
 
     pub async fn start_with(agent: SharedAgent, params: ServerParams) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let server = Server::bind("127.0.0.1:0".parse().unwrap(), agent, params)
+        let server = Server::bind("127.0.0.1:0".parse().unwrap())
             .await
-            .expect("bind loopback")
-            .with_summaries(tx);
+            .expect("bind loopback");
+        let mut router = Router::fixed(Generation::new(agent, params));
+        router.summaries = Some(tx.into());
         let addr = server.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(server.run(stop.clone()));
+        let task = tokio::spawn(server.run(std::sync::Arc::new(router), stop.clone()));
         TestServer {
             addr,
             stop,

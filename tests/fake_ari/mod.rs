@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use voicegate::audiosocket::codec::{self, Message, SlinRate};
-use voicegate::call::session::read_message;
+use voicegate::audiosocket::read_message;
 
 pub const USER: &str = "voicegate";
 pub const PASS: &str = "ari-test-secret";

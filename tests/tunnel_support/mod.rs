@@ -4,14 +4,13 @@
 #![allow(dead_code)]
 
 use boringtun::x25519::{PublicKey, StaticSecret};
-use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use voicegate::agent::{CallInfo, SharedAgent};
+use voicegate::audiosocket::Connection;
 use voicegate::audiosocket::codec::Message;
-use voicegate::call::session::read_message;
 use voicegate::call::{CallSummary, SessionParams, run_session};
 use voicegate::tunnel::{CoreSpec, PeerSpec, Tunnel, TunnelListener, TunnelSpec};
 
@@ -87,13 +86,8 @@ pub fn serve_audiosocket(
             let agent = agent.clone();
             let summaries = summaries.clone();
             tokio::spawn(async move {
-                let (mut reader, writer) = tokio::io::split(stream);
-                let mut buf = BytesMut::with_capacity(2048);
-                let read = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    read_message(&mut reader, &mut buf),
-                )
-                .await;
+                let mut conn = Connection::new(stream);
+                let read = tokio::time::timeout(Duration::from_secs(2), conn.read_message()).await;
                 let Ok(Ok(Some(Message::CallId(call_id)))) = read else {
                     eprintln!("connection from {peer} sent no call id");
                     return;
@@ -106,9 +100,7 @@ pub fn serve_audiosocket(
                     tools: Vec::new(),
                 };
                 let summary = run_session(
-                    reader,
-                    writer,
-                    buf,
+                    conn,
                     info,
                     agent,
                     SessionParams::default(),
