@@ -24,6 +24,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod app;
 pub mod ari;
 pub mod audio;
 pub mod audiosocket;
@@ -38,7 +39,6 @@ pub mod health;
 pub mod records;
 pub mod secret;
 pub mod selftest;
-pub mod service;
 pub mod tls;
 pub mod tools;
 pub mod tunnel;

@@ -196,7 +196,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run => voicegate::service::run(config, cli.config.clone())
+            Command::Run => voicegate::app::run(config, cli.config.clone())
                 .await
                 .map(|()| true),
             Command::Call(args) => call(args).await,

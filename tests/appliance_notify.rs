@@ -6,7 +6,7 @@
 //!
 //! The stall test needs a runtime that stops making progress while the process lives. The
 //! release binary has no hook for that (issue 14): the test starts this test binary again
-//! as the child ([`stalled_service_child`]), which runs the same `voicegate::service::run`
+//! as the child ([`stalled_service_child`]), which runs the same `voicegate::app::run`
 //! in-process and blocks its own runtime's workers.
 
 mod common;
@@ -399,7 +399,7 @@ fn stalled_service_child() {
                 std::thread::sleep(Duration::from_secs(3600));
             });
         }
-        voicegate::service::run(config, Some(path)).await.unwrap();
+        voicegate::app::run(config, Some(path)).await.unwrap();
     });
 }
 

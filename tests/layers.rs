@@ -18,7 +18,6 @@ const LAYERS: &[(&str, u8)] = &[
     ("main", 8),
     ("lib", 8),
     ("app", 8),
-    ("service", 8),
     ("selftest", 8),
     ("config", 7),
     ("call", 6),
