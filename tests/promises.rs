@@ -759,3 +759,157 @@ fn tunnel_health_goes_down_180_s_after_the_last_handshake() {
     assert_eq!(c.status, ComponentStatus::Down, "{}", c.detail);
     assert!(c.detail.contains("0 of 1 peers up"), "{}", c.detail);
 }
+
+// ---- Fakes that push back (issue 20 item 6), through the running service ----
+
+/// The fake Asterisk honours `app=` like a real one: voicegate configured with
+/// `ari.app = "vg-east"` subscribes to that application only, leaves a caller of another
+/// application alone, and creates its externalMedia channel in its own application (else the
+/// channel's `StasisStart` would never reach it and the caller would go to the operators).
+/// The call's events come in the real order (`ChannelHangupRequest`, `ChannelLeftBridge`,
+/// `StasisEnd`, `ChannelDestroyed`), voicegate never puts a channel in a second bridge, and
+/// cleans up everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stasis_call_in_a_named_app_with_real_event_order() {
+    let speech = fixture("hello-world.wav");
+    let fake = FakeAri::start(speech.samples.clone(), SlinRate::Hz8000).await;
+    let body = format!(
+        "[agent]\nkind = \"echo\"\ndelay_ms = 100\n[ari]\nurl = \"{}\"\npassword = \"{PASS}\"\n\
+         app = \"vg-east\"\nformat = \"slin\"\n",
+        fake.url()
+    );
+    let mut svc = Svc::start("pushback-app", &body, &[]).await;
+    fake.wait_ws().await;
+    assert_eq!(fake.count(&fake.counts.ws_without_app), 0);
+    let stranger = fake.new_caller_in("other-app", "+15550000001", "Other App");
+    let caller = fake.new_caller_in("vg-east", "+15550000002", "Our Caller");
+    // Our caller is bridged with a media channel that joined vg-east, and hears the echo.
+    wait_until(Duration::from_secs(10), || {
+        fake.media_reports()
+            .first()
+            .is_some_and(|r| r.frames_received > 100)
+    })
+    .await;
+    assert_eq!(fake.count(&fake.counts.bridges_created), 1);
+    assert_eq!(fake.count(&fake.counts.media_created), 1);
+    fake.caller_hangs_up(&caller);
+    wait_until(Duration::from_secs(5), || {
+        fake.count(&fake.counts.media_destroyed) == 1 && fake.live_bridges() == 0
+    })
+    .await;
+    // The other application's caller was never touched.
+    assert!(fake.channel_exists(&stranger));
+    assert!(fake.continued().is_empty());
+    assert_eq!(fake.count(&fake.counts.bridge_moves), 0);
+    let report = fake.media_reports()[0].clone();
+    let similarity =
+        voicegate::caller::speech_similarity(&report.received, &speech.samples, 8000, 800, 480);
+    assert!(similarity > 0.9, "echo similarity {similarity}");
+    svc.stop().await;
+    let (records, _) = svc.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["outcome"], "completed", "{}", records[0]);
+    assert_eq!(records[0]["caller_number"], "+15550000002");
+}
+
+/// Input frames late like a busy Asterisk's (p99 27 ms, max 47 ms, bunched after a late
+/// one), from the synthetic caller and from the fake Asterisk's externalMedia side: voicegate
+/// takes every frame (none dropped as "ahead of real time") and the echo comes back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jittery_input_loses_no_frame() {
+    use voicegate::caller::{CallOptions, InputJitter, place_call_with, speech_similarity};
+    let speech = fixture("hello-world.wav");
+    let fake = FakeAri::start(speech.samples.clone(), SlinRate::Hz8000).await;
+    fake.media_jitter(Some(InputJitter::busy_asterisk(7)));
+    let body = format!(
+        "[agent]\nkind = \"echo\"\ndelay_ms = 100\n[ari]\nurl = \"{}\"\npassword = \"{PASS}\"\n\
+         format = \"slin\"\n",
+        fake.url()
+    );
+    let mut svc = Svc::start("pushback-jitter", &body, &[]).await;
+    fake.wait_ws().await;
+
+    // The synthetic caller (an AudioSocket() call, admitted without Stasis).
+    let id = Uuid::new_v4();
+    let options = CallOptions {
+        input_jitter: Some(InputJitter::busy_asterisk(3)),
+        ..CallOptions::default()
+    };
+    let report = place_call_with(svc.audiosocket, &plan(id, 4.0), options)
+        .await
+        .unwrap();
+    let similarity = speech_similarity(&report.received.samples, &speech.samples, 8000, 1600, 480);
+    assert!(similarity > 0.9, "echo similarity {similarity}");
+
+    // A Stasis call whose media side is late the same way.
+    let caller = fake.new_caller("+15550000003", "Busy Box");
+    wait_until(Duration::from_secs(10), || {
+        fake.media_reports()
+            .first()
+            .is_some_and(|r| r.frames_sent > 150)
+    })
+    .await;
+    fake.caller_hangs_up(&caller);
+    wait_until(Duration::from_secs(5), || {
+        fake.media_reports().first().is_some_and(|r| r.closed)
+    })
+    .await;
+    let media = fake.media_reports()[0].clone();
+    svc.stop().await;
+    let (records, _) = svc.records();
+    assert_eq!(records.len(), 2, "{records:?}");
+    let synthetic = records
+        .iter()
+        .find(|r| r["call_id"] == id.to_string())
+        .unwrap();
+    assert_eq!(
+        synthetic["frames_in"].as_u64().unwrap(),
+        report.frames_sent,
+        "every late frame taken: {synthetic}"
+    );
+    let stasis = records
+        .iter()
+        .find(|r| r["call_id"] != id.to_string())
+        .unwrap();
+    let taken = stasis["frames_in"].as_u64().unwrap();
+    assert!(
+        taken + 1 >= media.frames_sent && taken <= media.frames_sent,
+        "{taken} frames taken of {} sent (the last may cross the hangup)",
+        media.frames_sent
+    );
+}
+
+/// A caller that ends with an AudioSocket hangup (`0x00`) or error (`0xFF`) frame and then
+/// waits: voicegate closes the connection at once and records `completed` or
+/// `protocol_error` with the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_and_error_frames_from_the_caller_end_the_call_at_once() {
+    use voicegate::caller::{CallEnd, CallOptions, place_call_with};
+    let mut svc = Svc::start("pushback-frames", "[agent]\nkind = \"echo\"\n", &[]).await;
+    let (hangup_id, error_id) = (Uuid::new_v4(), Uuid::new_v4());
+    for (id, end) in [(hangup_id, CallEnd::Hangup), (error_id, CallEnd::Error(7))] {
+        let options = CallOptions {
+            end,
+            ..CallOptions::default()
+        };
+        let report = place_call_with(svc.audiosocket, &plan(id, 2.0), options)
+            .await
+            .unwrap();
+        let after = report
+            .closed_after_end_frame_ms
+            .unwrap_or_else(|| panic!("{end:?}: voicegate kept the connection open 3 s"));
+        assert!(after < 1000.0, "{end:?}: closed {after} ms after the frame");
+    }
+    svc.stop().await;
+    let (records, _) = svc.records();
+    let by_id = |id: Uuid| {
+        records
+            .iter()
+            .find(|r| r["call_id"] == id.to_string())
+            .unwrap_or_else(|| panic!("record of {id}: {records:?}"))
+    };
+    assert_eq!(by_id(hangup_id)["outcome"], "completed");
+    let e = by_id(error_id);
+    assert_eq!(e["outcome"], "protocol_error", "{e}");
+    assert!(e["detail"].as_str().unwrap().contains("code 7"), "{e}");
+}

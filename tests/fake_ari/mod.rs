@@ -9,6 +9,32 @@
 //! listens), and once that channel and a caller share a bridge it streams the caller's
 //! recording as paced 20 ms slin frames and records what comes back. Deleting the channel
 //! closes the socket.
+//!
+//! It pushes back where a real Asterisk 22.10.1 does (source files named are in the
+//! asterisk-22.10.1 tarball of `shared/asterisk/`):
+//! - **Events in the real order.** A channel that hangs up gives `ChannelHangupRequest`
+//!   (`main/channel.c`, `__ast_queue_hangup`/`ast_softhangup` publish it first), then
+//!   `ChannelLeftBridge` if it was bridged (`res/res_stasis.c`, `stasis_app_exec` departs the
+//!   bridge when its loop ends; `main/stasis_bridges.c`, `ast_bridge_publish_leave`), then
+//!   `StasisEnd` (`app_send_end_msg`, after the depart), then `ChannelDestroyed`. `continue`
+//!   gives `ChannelLeftBridge` then `StasisEnd`; `removeChannel` and deleting a bridge with
+//!   members give `ChannelLeftBridge`. An externalMedia channel's `StasisStart` follows the REST
+//!   reply ([`MediaJoin`]).
+//! - **`app=`.** The events WebSocket needs `app` (400 "HTTP request is missing param:
+//!   [app]", `res/ari/ari_websockets.c`, `websocket_attempted_cb`) and carries only the events
+//!   of the applications it names: a channel's events go to the application it is in, a
+//!   bridge's to the applications of the channels that were put in it (`app_subscribe_bridge`,
+//!   `res/stasis/control.c`). externalMedia needs `app` (400 "app cannot be empty",
+//!   `res/ari/resource_channels.c`) and its channel enters that application.
+//! - **One bridge per channel.** `addChannel` of a channel that is in another bridge moves
+//!   it: it leaves the old bridge (`ChannelLeftBridge`) before entering the new one
+//!   (`res/stasis/control.c`, `control_swap_channel_in_bridge`: "Depart whatever Stasis bridge
+//!   we're currently in"); Asterisk 22 has no error for this, so the fake does not invent one
+//!   but counts the moves ([`Counts::bridge_moves`]) so a test can require that voicegate
+//!   never causes one.
+//! - **Media jitter** ([`FakeAri::media_jitter`]): the externalMedia side sends its frames
+//!   with the gaps of a busy Asterisk (p99 27 ms, max 47 ms; `docs/asterisk.md`), through
+//!   [`voicegate::caller::InputJitter`].
 #![allow(dead_code)]
 
 use bytes::BytesMut;
@@ -65,6 +91,8 @@ struct FakeChannel {
     priority: i64,
     app_name: String,
     app_data: String,
+    /// The Stasis application the channel is in (empty outside Stasis).
+    app: String,
     media: Option<Media>,
 }
 
@@ -95,6 +123,8 @@ struct State {
     channels: HashMap<String, FakeChannel>,
     bridges: HashMap<String, Vec<String>>,
     bridge_names: HashMap<String, String>,
+    /// Applications subscribed to each bridge (those of the channels put in it).
+    bridge_apps: HashMap<String, Vec<String>>,
     seq: u64,
     continued: Vec<Continued>,
     media_reports: Vec<Arc<Mutex<MediaReport>>>,
@@ -103,6 +133,8 @@ struct State {
     hung_requests: Vec<String>,
     /// When an externalMedia channel enters the application.
     media_join: MediaJoin,
+    /// Late media frames for new externalMedia channels.
+    media_jitter: Option<voicegate::caller::InputJitter>,
 }
 
 /// When a new externalMedia channel enters the Stasis application (its `StasisStart`).
@@ -134,6 +166,10 @@ pub struct Counts {
     pub fail_continue: AtomicU64,
     /// Events WebSockets that went silent ([`FakeAri::silence_ws`]).
     pub ws_silenced: AtomicU64,
+    /// `addChannel` requests that moved a channel out of another bridge (module doc).
+    pub bridge_moves: AtomicU64,
+    /// Events WebSocket upgrades refused for want of `app` (400).
+    pub ws_without_app: AtomicU64,
 }
 
 pub struct FakeAri {
@@ -246,6 +282,12 @@ impl FakeAri {
 
     /// A caller dials in and the dialplan runs `Stasis(voicegate)`: `StasisStart`.
     pub fn new_caller(&self, number: &str, name: &str) -> String {
+        self.new_caller_in("voicegate", number, name)
+    }
+
+    /// A caller dials in and the dialplan runs `Stasis(<app>)`: `StasisStart` to the
+    /// subscribers of `app` only.
+    pub fn new_caller_in(&self, app: &str, number: &str, name: &str) -> String {
         let mut st = self.state.lock().unwrap();
         st.seq += 1;
         let id = format!("1763719200.{}", st.seq);
@@ -259,10 +301,15 @@ impl FakeAri {
             exten: "s".into(),
             priority: 2,
             app_name: "Stasis".into(),
-            app_data: "voicegate".into(),
+            app_data: app.into(),
+            app: app.into(),
             media: None,
         };
-        let ev = event("StasisStart", json!({"args": [], "channel": ch.json()}));
+        let ev = event(
+            "StasisStart",
+            app,
+            json!({"args": [], "channel": ch.json()}),
+        );
         st.channels.insert(id.clone(), ch);
         let _ = self.events.send(ev);
         id
@@ -294,6 +341,7 @@ impl FakeAri {
                 priority: 3,
                 app_name: app_name.into(),
                 app_data: app_data.into(),
+                app: String::new(),
                 media: None,
             },
         );
@@ -324,6 +372,7 @@ impl FakeAri {
                 priority: 1,
                 app_name: "Stasis".into(),
                 app_data: format!("voicegate,{uuid}"),
+                app: "voicegate".into(),
                 media: Some(Media {
                     uuid,
                     dtmf: tokio::sync::mpsc::unbounded_channel().0,
@@ -349,6 +398,7 @@ impl FakeAri {
         if let Some(ch) = st.channels.get(channel) {
             let ev = event(
                 "ChannelDtmfReceived",
+                &ch.app,
                 json!({"digit": digit.to_string(), "duration_ms": 100, "channel": ch.json()}),
             );
             let _ = self.events.send(ev);
@@ -422,6 +472,12 @@ impl FakeAri {
         self.state.lock().unwrap().media_join = join;
     }
 
+    /// New externalMedia channels send their frames late like a busy Asterisk (`None`: on
+    /// the 20 ms grid).
+    pub fn media_jitter(&self, jitter: Option<voicegate::caller::InputJitter>) {
+        self.state.lock().unwrap().media_jitter = jitter;
+    }
+
     /// `METHOD /path` of every REST request held by [`FakeAri::hang_rest`], in arrival order.
     pub fn hung_requests(&self) -> Vec<String> {
         self.state.lock().unwrap().hung_requests.clone()
@@ -473,13 +529,33 @@ pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn event(kind: &str, mut body: Value) -> String {
+/// An event for the subscribers of application `app`.
+fn event(kind: &str, app: &str, mut body: Value) -> String {
     let obj = body.as_object_mut().unwrap();
     obj.insert("type".into(), json!(kind));
     obj.insert("timestamp".into(), json!("2026-11-21T10:00:00.000+0000"));
     obj.insert("asterisk_id".into(), json!("00:11:22:33:44:55"));
-    obj.insert("application".into(), json!("voicegate"));
+    obj.insert("application".into(), json!(app));
     body.to_string()
+}
+
+/// Takes channel `id` out of every bridge it is in, with `ChannelLeftBridge` to its
+/// application for each.
+fn leave_bridges(st: &mut State, events: &broadcast::Sender<String>, id: &str) {
+    let Some(ch) = st.channels.get(id) else {
+        return;
+    };
+    let (j, app) = (ch.json(), ch.app.clone());
+    for (bid, members) in st.bridges.iter_mut() {
+        if members.iter().any(|m| m == id) {
+            members.retain(|m| m != id);
+            let _ = events.send(event(
+                "ChannelLeftBridge",
+                &app,
+                json!({"bridge": {"id": bid, "bridge_type": "mixing", "channels": members.clone()}, "channel": j}),
+            ));
+        }
+    }
 }
 
 fn destroy_channel(
@@ -488,26 +564,29 @@ fn destroy_channel(
     counts: &Counts,
     id: &str,
 ) -> bool {
-    let Some(ch) = st.channels.remove(id) else {
+    let Some(ch) = st.channels.get(id) else {
         return false;
     };
-    for members in st.bridges.values_mut() {
-        members.retain(|m| m != id);
-    }
+    // The order of a real hangup (module doc): the request, the bridge depart, StasisEnd,
+    // then the channel is destroyed.
+    let (j, app, in_stasis) = (ch.json(), ch.app.clone(), ch.in_stasis);
+    let _ = events.send(event(
+        "ChannelHangupRequest",
+        &app,
+        json!({"cause": 16, "channel": j}),
+    ));
+    leave_bridges(st, events, id);
+    let ch = st.channels.remove(id).expect("looked up above");
     if let Some(m) = &ch.media {
         m.hangup.cancel();
         counts.media_destroyed.fetch_add(1, Ordering::SeqCst);
     }
-    let j = ch.json();
-    if ch.in_stasis {
-        let _ = events.send(event("StasisEnd", json!({"channel": j})));
+    if in_stasis {
+        let _ = events.send(event("StasisEnd", &app, json!({"channel": j})));
     }
     let _ = events.send(event(
-        "ChannelHangupRequest",
-        json!({"cause": 16, "channel": j}),
-    ));
-    let _ = events.send(event(
         "ChannelDestroyed",
+        &app,
         json!({"cause": 16, "cause_txt": "Normal Clearing", "channel": j}),
     ));
     true
@@ -647,6 +726,16 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                 let _ = respond(&mut stream, 503, msg("Service Unavailable")).await;
                 return;
             }
+            if req.query.get("app").is_none_or(|a| a.is_empty()) {
+                shared.counts.ws_without_app.fetch_add(1, Ordering::SeqCst);
+                let _ = respond(
+                    &mut stream,
+                    400,
+                    msg("HTTP request is missing param: [app]"),
+                )
+                .await;
+                return;
+            }
             websocket(stream, req, shared).await;
             return;
         }
@@ -684,6 +773,18 @@ async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
     };
     // Subscribe before the 101, so no event sent after the client sees the link up is lost.
     let mut events = shared.events.subscribe();
+    // Only the events of the applications named in `app=` (comma-separated) reach it.
+    let apps: Vec<String> = req
+        .query
+        .get("app")
+        .map(|a| a.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let wanted = |text: &str| {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| v["application"].as_str().map(str::to_owned))
+            .is_some_and(|a| apps.contains(&a))
+    };
     let mut kill = shared.kill_ws.clone();
     kill.borrow_and_update();
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -720,6 +821,7 @@ async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
             }
             ev = events.recv() => match ev {
                 Ok(_) if shared.lose_events.load(Ordering::SeqCst) => continue,
+                Ok(text) if !wanted(&text) => continue,
                 Ok(text) => if ws.send(WsMessage::text(text)).await.is_err() { break },
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => break,
@@ -811,17 +913,19 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
                         extension: q("extension").unwrap_or_default(),
                         priority: q("priority").unwrap_or_default(),
                     };
+                    // The channel departs its bridge, then leaves the application.
+                    let app = ch.app.clone();
+                    leave_bridges(&mut st, events, id);
+                    let ch = st.channels.get_mut(*id).expect("looked up above");
                     ch.in_stasis = false;
+                    ch.app = String::new();
                     ch.context = c.context.clone();
                     ch.exten = c.extension.clone();
                     ch.app_name = "Queue".into();
                     ch.app_data = "operators".into();
                     let j = ch.json();
                     st.continued.push(c);
-                    for members in st.bridges.values_mut() {
-                        members.retain(|m| m != id);
-                    }
-                    let _ = events.send(event("StasisEnd", json!({"channel": j})));
+                    let _ = events.send(event("StasisEnd", &app, json!({"channel": j})));
                     (204, None)
                 }
                 _ => (404, msg("Resource not found")),
@@ -863,10 +967,23 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
                 }
             }
             for c in &ids {
-                let j = st.channels[c].json();
+                if st.bridges[*bid].contains(c) {
+                    continue;
+                }
+                // One bridge per channel: a channel in another bridge leaves it first.
+                if st.bridges.iter().any(|(b, m)| b != bid && m.contains(c)) {
+                    shared.counts.bridge_moves.fetch_add(1, Ordering::SeqCst);
+                    leave_bridges(&mut st, events, c);
+                }
+                let (j, app) = (st.channels[c].json(), st.channels[c].app.clone());
                 st.bridges.get_mut(*bid).unwrap().push(c.clone());
+                let apps = st.bridge_apps.entry(bid.to_string()).or_default();
+                if !apps.contains(&app) {
+                    apps.push(app.clone());
+                }
                 let _ = events.send(event(
                     "ChannelEnteredBridge",
+                    &app,
                     json!({"bridge": {"id": bid}, "channel": j}),
                 ));
             }
@@ -893,23 +1010,31 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
             if !members.contains(&c) {
                 return (422, msg("Channel not in this bridge"));
             }
-            members.retain(|m| m != &c);
+            leave_bridges(&mut st, events, &c);
             (204, None)
         }
         ("DELETE", ["bridges", bid]) => {
             let mut st = shared.state.lock().unwrap();
-            st.bridge_names.remove(*bid);
-            if st.bridges.remove(*bid).is_none() {
+            let Some(members) = st.bridges.get(*bid).cloned() else {
                 return (404, msg("Bridge not found"));
+            };
+            // Members are put out of the bridge first (they stay in their application).
+            for m in &members {
+                leave_bridges(&mut st, events, m);
             }
+            st.bridge_names.remove(*bid);
+            st.bridges.remove(*bid);
             shared
                 .counts
                 .bridges_destroyed
                 .fetch_add(1, Ordering::SeqCst);
-            let _ = events.send(event(
-                "BridgeDestroyed",
-                json!({"bridge": {"id": bid, "bridge_type": "mixing", "channels": []}}),
-            ));
+            for app in st.bridge_apps.remove(*bid).unwrap_or_default() {
+                let _ = events.send(event(
+                    "BridgeDestroyed",
+                    &app,
+                    json!({"bridge": {"id": bid, "bridge_type": "mixing", "channels": []}}),
+                ));
+            }
             (204, None)
         }
         _ => (404, msg("Resource not found")),
@@ -927,6 +1052,9 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
     {
         return (400, msg("AudioSocket requires transport tcp"));
     }
+    let Some(app) = q("app").filter(|a| !a.is_empty()) else {
+        return (400, msg("app cannot be empty"));
+    };
     let Ok(uuid) = Uuid::parse_str(&data) else {
         return (500, msg("Failed to create external media channel"));
     };
@@ -959,9 +1087,10 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         Arc::new(Vec::new())
     };
     let (dtmf_tx, dtmf_rx) = tokio::sync::mpsc::unbounded_channel();
+    let jitter = shared.state.lock().unwrap().media_jitter;
     tokio::spawn(media_side(
         stream,
-        rate,
+        (rate, jitter),
         speech,
         dtmf_rx,
         bridged_rx,
@@ -982,7 +1111,8 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         exten: "s".into(),
         priority: 1,
         app_name: "Stasis".into(),
-        app_data: format!("voicegate,{data}"),
+        app_data: format!("{app},{data}"),
+        app: app.clone(),
         media: Some(Media {
             uuid,
             dtmf: dtmf_tx,
@@ -1013,6 +1143,7 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
             ch.in_stasis = true;
             let _ = events.send(event(
                 "StasisStart",
+                &app,
                 json!({"args": [data], "channel": ch.json()}),
             ));
         });
@@ -1024,7 +1155,7 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
 /// caller's speech (then silence) one 20 ms frame every 20 ms, records what comes back.
 async fn media_side(
     stream: TcpStream,
-    rate: SlinRate,
+    (rate, jitter): (SlinRate, Option<voicegate::caller::InputJitter>),
     speech: Arc<Vec<i16>>,
     mut dtmf: tokio::sync::mpsc::UnboundedReceiver<char>,
     mut bridged: watch::Receiver<bool>,
@@ -1070,7 +1201,7 @@ async fn media_side(
     while !hangup.is_cancelled() {
         tokio::select! {
             () = hangup.cancelled() => break,
-            () = tokio::time::sleep_until(start + Duration::from_millis(20 * n)) => {}
+            () = tokio::time::sleep_until(start + Duration::from_millis(20 * n + jitter.map_or(0, |j| j.late_ms(n)))) => {}
         }
         let chunk = speech
             .chunks(spf)
