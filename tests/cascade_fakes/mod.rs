@@ -694,10 +694,19 @@ pub struct LlmRequest {
     pub body: serde_json::Value,
 }
 
+/// A Chat Completions endpoint (`POST /v1/chat/completions`, `stream: true`; shapes from
+/// `providers.md` §7 and openai-python `src/openai/types/chat/`). Like the vendor it pushes
+/// back: `max_tokens` is refused (reasoning models), and so is a history OpenAI rejects: an
+/// assistant message with `tool_calls` not followed by a `tool` message for each id, or a
+/// `tool` message that answers no preceding tool call (400 `invalid_request_error`, message
+/// texts as the API words them, quoted in sdcb/chats#132 and smarter-sh/smarter#264). Its
+/// first token can be delayed ([`LlmFake::first_token_delay`]), as a model thinks before
+/// it streams.
 pub struct LlmFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<LlmLog>>,
     pub release: Arc<Notify>,
+    first_token: Arc<Mutex<Duration>>,
 }
 
 impl LlmFake {
@@ -707,13 +716,32 @@ impl LlmFake {
         let log = Arc::new(Mutex::new(LlmLog::default()));
         let release = Arc::new(Notify::new());
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
-        let (l, r) = (log.clone(), release.clone());
+        let first_token = Arc::new(Mutex::new(Duration::ZERO));
+        let (l, r, f) = (log.clone(), release.clone(), first_token.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_llm(stream, l.clone(), r.clone(), script.clone()));
+                let first = *f.lock().unwrap();
+                tokio::spawn(serve_llm(
+                    stream,
+                    l.clone(),
+                    r.clone(),
+                    script.clone(),
+                    first,
+                ));
             }
         });
-        LlmFake { addr, log, release }
+        LlmFake {
+            addr,
+            log,
+            release,
+            first_token,
+        }
+    }
+
+    /// Streams of later requests send their first `data:` event this long after the 200
+    /// and the processing comment (the model's time to first token).
+    pub fn first_token_delay(&self, d: Duration) {
+        *self.first_token.lock().unwrap() = d;
     }
 
     pub fn url(&self) -> String {
@@ -726,6 +754,7 @@ async fn serve_llm(
     log: Arc<Mutex<LlmLog>>,
     release: Arc<Notify>,
     script: Arc<Mutex<VecDeque<LlmReply>>>,
+    first_token: Duration,
 ) {
     let mut buf = Vec::new();
     let head_end = loop {
@@ -780,6 +809,14 @@ async fn serve_llm(
             body: r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#.into(),
             retry_after_s: None,
         });
+    let refusal = refusal.or_else(|| {
+        let l = log.lock().unwrap();
+        history_error(&l.requests[index].body).map(|body| LlmReply::Error {
+            status: 400,
+            body,
+            retry_after_s: None,
+        })
+    });
     let reply = refusal.or_else(|| script.lock().unwrap().pop_front()).unwrap_or(LlmReply::Error {
             status: 400,
             body:
@@ -813,6 +850,9 @@ async fn serve_llm(
             all.push("data: [DONE]\n\n".into());
             let hold_at = hold_after.map(|n| n + 1);
             for (i, ev) in all.iter().enumerate() {
+                if i == 1 && !first_token.is_zero() {
+                    tokio::time::sleep(first_token).await;
+                }
                 if Some(i) == hold_at {
                     log.lock().unwrap().holding.push(index);
                     let mut probe = [0u8; 64];
@@ -838,6 +878,62 @@ async fn serve_llm(
         }
     }
     let _ = stream.shutdown().await;
+}
+
+/// OpenAI's 400 body for a `messages` history it refuses, if it does: every assistant
+/// `tool_calls` id must be answered by a `tool` message before the next other message, and
+/// every `tool` message must answer such an id.
+fn history_error(body: &serde_json::Value) -> Option<String> {
+    let messages = body["messages"].as_array()?;
+    let refuse = |message: String, i: usize| {
+        Some(
+            serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
+                "param": format!("messages.[{i}].role"), "code": null}})
+            .to_string(),
+        )
+    };
+    let mut open: Vec<String> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        match m["role"].as_str() {
+            Some("tool") => {
+                let id = m["tool_call_id"].as_str().unwrap_or("");
+                if !open.iter().any(|o| o == id) {
+                    return refuse(
+                        "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.".into(),
+                        i,
+                    );
+                }
+                open.retain(|o| o != id);
+            }
+            _ if !open.is_empty() => {
+                return refuse(
+                    format!(
+                        "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+                        open.join(", ")
+                    ),
+                    i,
+                );
+            }
+            _ => {
+                if let Some(calls) = m["tool_calls"].as_array() {
+                    open = calls
+                        .iter()
+                        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+                        .collect();
+                }
+            }
+        }
+    }
+    if !open.is_empty() {
+        return refuse(
+            format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+                open.join(", ")
+            ),
+            messages.len() - 1,
+        );
+    }
+    None
 }
 
 fn chunk(delta: serde_json::Value, finish: Option<&str>) -> String {
@@ -912,6 +1008,8 @@ pub struct TtsLog {
     pub errors: Vec<String>,
     /// `{"close_socket":true}` arrived.
     pub close_socket: bool,
+    /// Sockets closed for inactivity (`input_timeout_exceeded`).
+    pub timed_out: usize,
 }
 
 /// Bytes of 100 ms of audio in the format.
@@ -933,9 +1031,21 @@ const LANGUAGE_MODELS: [&str; 3] = ["eleven_flash_v2_5", "eleven_turbo_v2_5", "e
 /// `{"isFinal":true,"contextId"}`. Like the vendor it refuses: more than 5 open contexts,
 /// text to a closed context, `eleven_v3` on this socket, and `language_code` for a model that
 /// takes none (an error message, then a 1008 close).
+///
+/// The key and the silence are checked as ElevenLabs does: the upgrade is accepted whatever
+/// the key (pipecat-ai/pipecat#1006: a wrong key shows as a 1008 close on the open socket),
+/// and a missing or wrong `xi-api-key` gets
+/// `{"message":"Invalid API key","error":"invalid_api_key","code":1008}` and a 1008 close
+/// (the in-band shape of the vendor's socket errors, livekit/agents#218; `invalid_api_key`
+/// is the status its REST API gives a bad key, SillyTavern/SillyTavern#4483). With no text
+/// message (keepalives count) for `inactivity_timeout` seconds (query parameter, default 20,
+/// max 180; `providers.md` §3.1), the socket gets `input_timeout_exceeded` and a 1008 close
+/// (message text as elevenlabs/elevenlabs-docs#426 and livekit/agents#218 quote it);
+/// [`TtsFake::inactivity_timeout`] shortens that for a test.
 pub struct TtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<TtsLog>>,
+    inactivity: Arc<Mutex<Option<Duration>>>,
 }
 
 impl TtsFake {
@@ -949,17 +1059,29 @@ impl TtsFake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(TtsLog::default()));
-        let l = log.clone();
+        let inactivity = Arc::new(Mutex::new(None));
+        let (l, i) = (log.clone(), inactivity.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (l, clip) = (l.clone(), clip.clone());
+                let idle = *i.lock().unwrap();
                 tokio::spawn(async move {
                     tokio::time::sleep(handshake).await;
-                    serve_tts(stream, l, clip, fail).await
+                    serve_tts(stream, l, clip, fail, idle).await
                 });
             }
         });
-        TtsFake { addr, log }
+        TtsFake {
+            addr,
+            log,
+            inactivity,
+        }
+    }
+
+    /// Sockets opened from now on close after `d` without a text message, whatever
+    /// `inactivity_timeout` asks for (`None`: as asked, default 20 s).
+    pub fn inactivity_timeout(&self, d: Option<Duration>) {
+        *self.inactivity.lock().unwrap() = d;
     }
 
     pub fn url(&self) -> String {
@@ -974,17 +1096,36 @@ pub fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
         .samples
 }
 
-async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, fail: bool) {
-    let (ws, uri, headers) = accept_ws(stream, Some(("xi-api-key", KEY.to_owned()))).await;
+async fn serve_tts(
+    stream: TcpStream,
+    log: Arc<Mutex<TtsLog>>,
+    clip: Recording,
+    fail: bool,
+    idle_override: Option<Duration>,
+) {
+    let (ws, uri, headers) = accept_ws(stream, None).await;
     let Some(mut ws) = ws else {
-        log.lock()
-            .unwrap()
-            .errors
-            .push("upgrade without xi-api-key".into());
         return;
     };
     log.lock().unwrap().sockets += 1;
     let api_key = header(&headers, "xi-api-key").map(str::to_owned);
+    if api_key.as_deref() != Some(KEY) {
+        log.lock().unwrap().errors.push("invalid xi-api-key".into());
+        let m = r#"{"message":"Invalid API key","error":"invalid_api_key","code":1008}"#;
+        let _ = ws.send(Message::text(m)).await;
+        let _ = ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Policy,
+                reason: "Invalid API key".into(),
+            }))
+            .await;
+        return;
+    }
+    let idle_s: f64 = query(&uri, "inactivity_timeout")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20.0f64)
+        .min(180.0);
+    let idle = idle_override.unwrap_or(Duration::from_secs_f64(idle_s));
     let model = query(&uri, "model_id").unwrap_or_default();
     let refusal = if !uri.contains("/multi-stream-input") {
         Some("not the multi-stream-input endpoint")
@@ -1032,12 +1173,31 @@ async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, 
         let m = serde_json::json!({"message": why, "error": "invalid_request", "code": 1008});
         m.to_string()
     };
-    while let Some(msg) = ws.next().await {
+    let mut last_text = Instant::now();
+    loop {
+        let msg = match tokio::time::timeout_at(last_text + idle, ws.next()).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break,
+            Err(_) => {
+                let m = serde_json::json!({"message": format!("Have not received a new text input within the timeout of {idle_s:.1} seconds. Streaming input terminated. Please make sure to either feed the input in the timely manner, or to send the end of input text (empty string \"\") when done."),
+                    "error": "input_timeout_exceeded", "code": 1008});
+                log.lock().unwrap().timed_out += 1;
+                let _ = ws.send(Message::text(m.to_string())).await;
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "input_timeout_exceeded".into(),
+                    }))
+                    .await;
+                break;
+            }
+        };
         let text = match msg {
             Ok(Message::Text(t)) => t.as_str().to_owned(),
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
+        last_text = Instant::now();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         if v["close_socket"] == true {
             log.lock().unwrap().close_socket = true;
