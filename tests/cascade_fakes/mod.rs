@@ -3,6 +3,9 @@
 //! agent's own voice back as echo.
 #![allow(dead_code)]
 
+#[path = "../support/http.rs"]
+mod http;
+
 use base64::Engine as _;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
@@ -10,7 +13,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -718,18 +721,10 @@ impl LlmFake {
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
         let first_token = Arc::new(Mutex::new(Duration::ZERO));
         let (l, r, f) = (log.clone(), release.clone(), first_token.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let first = *f.lock().unwrap();
-                tokio::spawn(serve_llm(
-                    stream,
-                    l.clone(),
-                    r.clone(),
-                    script.clone(),
-                    first,
-                ));
-            }
-        });
+        tokio::spawn(http::serve(listener, move |req: http::Request| {
+            let first = *f.lock().unwrap();
+            serve_llm(req, l.clone(), r.clone(), script.clone(), first)
+        }));
         LlmFake {
             addr,
             log,
@@ -749,51 +744,21 @@ impl LlmFake {
     }
 }
 
+/// Answers one request; `None` closes the connection without an answer.
 async fn serve_llm(
-    mut stream: TcpStream,
+    req: http::Request,
     log: Arc<Mutex<LlmLog>>,
     release: Arc<Notify>,
     script: Arc<Mutex<VecDeque<LlmReply>>>,
     first_token: Duration,
-) {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        let mut tmp = [0u8; 4096];
-        let n = match stream.read(&mut tmp).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("").to_owned();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let len: usize = header(&headers, "content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let mut tmp = [0u8; 4096];
-        match stream.read(&mut tmp).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
-    let body: serde_json::Value =
-        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+) -> Option<http::Response> {
     let index = {
         let mut l = log.lock().unwrap();
         l.requests.push(LlmRequest {
             at: Instant::now(),
-            path: request_line.split(' ').nth(1).unwrap_or("").to_owned(),
-            headers,
-            body,
+            path: req.target.clone(),
+            headers: req.headers.clone().into_iter().collect(),
+            body: req.json(),
         });
         l.requests.len() - 1
     };
@@ -830,54 +795,54 @@ async fn serve_llm(
             body,
             retry_after_s,
         } => {
-            let retry_after = retry_after_s
-                .map(|s| format!("Retry-After: {s}\r\n"))
-                .unwrap_or_default();
-            let resp = format!(
-                "HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\n{retry_after}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
-        }
-        LlmReply::Hangup => return,
-        LlmReply::Stream { events, hold_after } => {
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-            if stream.write_all(head.as_bytes()).await.is_err() {
-                return;
+            let retry_after = retry_after_s.map(|s| s.to_string());
+            let mut headers = vec![("content-type", "application/json")];
+            if let Some(r) = &retry_after {
+                headers.push(("retry-after", r.as_str()));
             }
+            Some(http::full(status, &headers, body))
+        }
+        LlmReply::Hangup => None,
+        LlmReply::Stream { events, hold_after } => {
+            let (tx, resp) = http::streamed(
+                200,
+                &[
+                    ("content-type", "text/event-stream"),
+                    ("cache-control", "no-cache"),
+                ],
+            );
             let mut all: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
             all.insert(0, ": OPENROUTER PROCESSING\n\n".into());
             all.push("data: [DONE]\n\n".into());
             let hold_at = hold_after.map(|n| n + 1);
-            for (i, ev) in all.iter().enumerate() {
-                if i == 1 && !first_token.is_zero() {
-                    tokio::time::sleep(first_token).await;
-                }
-                if Some(i) == hold_at {
-                    log.lock().unwrap().holding.push(index);
-                    let mut probe = [0u8; 64];
-                    tokio::select! {
-                        () = release.notified() => {}
-                        r = stream.read(&mut probe) => {
-                            if matches!(r, Ok(0) | Err(_)) {
+            tokio::spawn(async move {
+                for (i, ev) in all.into_iter().enumerate() {
+                    if i == 1 && !first_token.is_zero() {
+                        tokio::time::sleep(first_token).await;
+                    }
+                    if Some(i) == hold_at {
+                        log.lock().unwrap().holding.push(index);
+                        tokio::select! {
+                            () = release.notified() => {}
+                            () = tx.closed() => {
                                 log.lock().unwrap().cancelled.push(index);
                                 return;
                             }
                         }
                     }
+                    if tx.send(ev.into()).await.is_err() {
+                        log.lock().unwrap().cancelled.push(index);
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                let chunk = format!("{:x}\r\n{ev}\r\n", ev.len());
-                if stream.write_all(chunk.as_bytes()).await.is_err() {
-                    log.lock().unwrap().cancelled.push(index);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let _ = stream.write_all(b"0\r\n\r\n").await;
-            log.lock().unwrap().completed.push(index);
+                // The body ends when `tx` is dropped; wait until hyper has taken it all.
+                drop(tx);
+                log.lock().unwrap().completed.push(index);
+            });
+            Some(resp)
         }
     }
-    let _ = stream.shutdown().await;
 }
 
 /// OpenAI's 400 body for a `messages` history it refuses, if it does: every assistant
@@ -1465,124 +1430,83 @@ impl HttpTtsFake {
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let l = l.clone();
-                let clip = clip.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let head_end = loop {
-                        let mut tmp = [0u8; 4096];
-                        match stream.read(&mut tmp).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                    let mut lines = head.split("\r\n");
-                    let path = lines
-                        .next()
-                        .unwrap_or("")
-                        .split(' ')
-                        .nth(1)
-                        .unwrap_or("")
-                        .to_owned();
-                    let headers: Vec<(String, String)> = lines
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                        .collect();
-                    let len: usize = header(&headers, "content-length")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < head_end + len {
-                        let mut tmp = [0u8; 4096];
-                        match stream.read(&mut tmp).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
-                    }
-                    let body =
-                        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
-                    l.lock().unwrap().push(HttpTtsRequest {
-                        path: path.clone(),
-                        headers,
-                        body,
-                    });
-                    let format = query(&path, "output_format").unwrap_or_default();
-                    let (rate, ulaw) = match format.as_str() {
-                        "ulaw_8000" => (8000, true),
-                        f => (
-                            f.strip_prefix("pcm_")
-                                .and_then(|r| r.parse().ok())
-                                .unwrap_or(16000),
-                            false,
-                        ),
-                    };
-                    let req = l.lock().unwrap().last().cloned().unwrap();
-                    let model = req.body["model_id"].as_str().unwrap_or("").to_owned();
-                    let bad = if !path.contains("/stream/with-timestamps?") {
-                        Some("unknown path")
-                    } else if req.body.get("language_code").is_some()
-                        && !LANGUAGE_MODELS.contains(&model.as_str())
-                    {
-                        Some("language_code is not supported for this model")
-                    } else {
-                        None
-                    };
-                    if let Some(why) = bad {
-                        let body = serde_json::json!({"detail": {"status": "invalid_request", "message": why}}).to_string();
-                        let resp = format!(
-                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = stream.write_all(resp.as_bytes()).await;
-                        return;
-                    }
-                    let samples = clip_at(&clip, rate);
-                    let mut wire = Vec::new();
-                    if ulaw {
-                        Law::Ulaw.encode_into(&samples, &mut wire);
-                    } else {
-                        voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
-                    }
-                    let clip_s = samples.len() as f64 / rate as f64;
-                    let text = req.body["text"].as_str().unwrap_or("").to_owned();
-                    let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
-                    let n = chars.len().max(1) as f64;
-                    let starts: Vec<f64> =
-                        (0..chars.len()).map(|i| i as f64 * clip_s / n).collect();
-                    let ends: Vec<f64> = (1..=chars.len()).map(|i| i as f64 * clip_s / n).collect();
-                    let alignment = serde_json::json!({"characters": chars,
-                        "character_start_times_seconds": starts, "character_end_times_seconds": ends});
-                    let mut body = Vec::new();
-                    for (i, piece) in wire.chunks(bytes_per_chunk(ulaw, rate)).enumerate() {
-                        let mut m = serde_json::json!({"audio_base64": b64(piece), "alignment": null, "normalized_alignment": null});
-                        if i == 0 {
-                            m["alignment"] = alignment.clone();
-                            m["normalized_alignment"] = alignment.clone();
-                        }
-                        body.extend_from_slice(m.to_string().as_bytes());
-                        body.push(b'\n');
-                    }
-                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-                    let _ = stream.write_all(head.as_bytes()).await;
-                    // Odd-sized chunks: lines split across HTTP chunks must survive.
-                    for piece in body.chunks(777) {
-                        let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
-                        c.extend_from_slice(piece);
-                        c.extend_from_slice(b"\r\n");
-                        if stream.write_all(&c).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = stream.write_all(b"0\r\n\r\n").await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
+        tokio::spawn(http::serve(listener, move |req: http::Request| {
+            let (l, clip) = (l.clone(), clip.clone());
+            async move { Some(serve_http_tts(req, &l, &clip)) }
+        }));
         HttpTtsFake { addr, log }
     }
+}
+
+fn serve_http_tts(
+    req: http::Request,
+    l: &Mutex<Vec<HttpTtsRequest>>,
+    clip: &Recording,
+) -> http::Response {
+    let path = req.target.clone();
+    let headers: Vec<(String, String)> = req.headers.clone().into_iter().collect();
+    l.lock().unwrap().push(HttpTtsRequest {
+        path: path.clone(),
+        headers,
+        body: req.json(),
+    });
+    let format = query(&path, "output_format").unwrap_or_default();
+    let (rate, ulaw) = match format.as_str() {
+        "ulaw_8000" => (8000, true),
+        f => (
+            f.strip_prefix("pcm_")
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(16000),
+            false,
+        ),
+    };
+    let req = l.lock().unwrap().last().cloned().unwrap();
+    let model = req.body["model_id"].as_str().unwrap_or("").to_owned();
+    let bad = if !path.contains("/stream/with-timestamps?") {
+        Some("unknown path")
+    } else if req.body.get("language_code").is_some() && !LANGUAGE_MODELS.contains(&model.as_str())
+    {
+        Some("language_code is not supported for this model")
+    } else {
+        None
+    };
+    if let Some(why) = bad {
+        let body = serde_json::json!({"detail": {"status": "invalid_request", "message": why}});
+        return http::json(400, body.to_string());
+    }
+    let samples = clip_at(clip, rate);
+    let mut wire = Vec::new();
+    if ulaw {
+        Law::Ulaw.encode_into(&samples, &mut wire);
+    } else {
+        voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
+    }
+    let clip_s = samples.len() as f64 / rate as f64;
+    let text = req.body["text"].as_str().unwrap_or("").to_owned();
+    let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
+    let n = chars.len().max(1) as f64;
+    let starts: Vec<f64> = (0..chars.len()).map(|i| i as f64 * clip_s / n).collect();
+    let ends: Vec<f64> = (1..=chars.len()).map(|i| i as f64 * clip_s / n).collect();
+    let alignment = serde_json::json!({"characters": chars,
+        "character_start_times_seconds": starts, "character_end_times_seconds": ends});
+    let mut body = Vec::new();
+    for (i, piece) in wire.chunks(bytes_per_chunk(ulaw, rate)).enumerate() {
+        let mut m = serde_json::json!({"audio_base64": b64(piece), "alignment": null, "normalized_alignment": null});
+        if i == 0 {
+            m["alignment"] = alignment.clone();
+            m["normalized_alignment"] = alignment.clone();
+        }
+        body.extend_from_slice(m.to_string().as_bytes());
+        body.push(b'\n');
+    }
+    let (tx, resp) = http::streamed(200, &[("content-type", "application/json")]);
+    tokio::spawn(async move {
+        // Odd-sized chunks: lines split across HTTP chunks must survive.
+        for piece in body.chunks(777) {
+            if tx.send(bytes::Bytes::copy_from_slice(piece)).await.is_err() {
+                return;
+            }
+        }
+    });
+    resp
 }

@@ -37,15 +37,19 @@
 //!   [`voicegate::caller::InputJitter`].
 #![allow(dead_code)]
 
+#[path = "../support/http.rs"]
+mod http;
+
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use http::Request;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -242,15 +246,9 @@ impl FakeAri {
             speech: speech.clone(),
             rate,
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move { serve(stream, shared).await });
-            }
-        });
+        let task = tokio::spawn(http::serve(listener, move |req: Request| {
+            serve(req, shared.clone())
+        }));
         FakeAri {
             addr,
             state,
@@ -592,210 +590,102 @@ fn destroy_channel(
     true
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: HashMap<String, String>,
-    headers: HashMap<String, String>,
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn read_request(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Request> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = buf.split_to(end + 4);
-            let text = String::from_utf8_lossy(&head).into_owned();
-            let mut lines = text.split("\r\n");
-            let mut first = lines.next()?.split(' ');
-            let method = first.next()?.to_owned();
-            let target = first.next()?.to_owned();
-            let mut headers = HashMap::new();
-            for l in lines {
-                if let Some((k, v)) = l.split_once(':') {
-                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-                }
-            }
-            let len: usize = headers
-                .get("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            while buf.len() < len {
-                if stream.read_buf(buf).await.ok()? == 0 {
-                    return None;
-                }
-            }
-            let _body = buf.split_to(len);
-            let (path, q) = target.split_once('?').unwrap_or((&target, ""));
-            let query = q
-                .split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (percent_decode(k), percent_decode(v))
-                })
-                .collect();
-            return Some(Request {
-                method,
-                path: percent_decode(path),
-                query,
-                headers,
-            });
-        }
-        if buf.len() > 16 * 1024 || stream.read_buf(buf).await.ok()? == 0 {
-            return None;
-        }
-    }
-}
-
 fn authorized(req: &Request) -> bool {
     use base64::Engine as _;
     let want = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
-    req.headers
-        .get("authorization")
-        .is_some_and(|v| v == &format!("Basic {want}"))
+    req.header("authorization")
+        .is_some_and(|v| v == format!("Basic {want}"))
         || req
-            .query
-            .get("api_key")
-            .is_some_and(|k| k == &format!("{USER}:{PASS}"))
+            .query("api_key")
+            .is_some_and(|k| k == format!("{USER}:{PASS}"))
 }
 
-async fn respond(stream: &mut TcpStream, code: u16, body: Option<Value>) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        409 => "Conflict",
-        422 => "Unprocessable Entity",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Other",
-    };
+/// Asterisk's answer: its `Server` header, a JSON body (none for 204).
+fn respond(code: u16, body: Option<Value>) -> http::Response {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nServer: Asterisk/22.10.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await
+    http::full(
+        code,
+        &[
+            ("server", "Asterisk/22.10.1"),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
 }
 
 fn msg(m: &str) -> Option<Value> {
     Some(json!({ "message": m }))
 }
 
-async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
-    let mut buf = BytesMut::with_capacity(4096);
-    while let Some(req) = read_request(&mut stream, &mut buf).await {
-        if req.path == "/ari/events"
-            && req
-                .headers
-                .get("upgrade")
-                .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
-        {
-            shared.counts.ws_attempts.fetch_add(1, Ordering::SeqCst);
-            if !authorized(&req) {
-                let _ = respond(&mut stream, 401, msg("Authentication required")).await;
-                return;
-            }
-            if shared.refuse_ws.load(Ordering::SeqCst) {
-                let _ = respond(&mut stream, 503, msg("Service Unavailable")).await;
-                return;
-            }
-            if req.query.get("app").is_none_or(|a| a.is_empty()) {
-                shared.counts.ws_without_app.fetch_add(1, Ordering::SeqCst);
-                let _ = respond(
-                    &mut stream,
-                    400,
-                    msg("HTTP request is missing param: [app]"),
-                )
-                .await;
-                return;
-            }
-            websocket(stream, req, shared).await;
-            return;
-        }
-        if shared.hang_rest.load(Ordering::SeqCst) {
-            let line = format!("{} {}", req.method, req.path);
-            shared.state.lock().unwrap().hung_requests.push(line);
-            // Never answer; hold the connection until the client closes it.
-            let mut sink = [0u8; 1024];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            return;
-        }
+/// One HTTP request to the fake (on the shared test HTTP server, [`http`]).
+async fn serve(mut req: Request, shared: Arc<Shared>) -> Option<http::Response> {
+    if req.path == "/ari/events"
+        && req
+            .header("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+    {
+        shared.counts.ws_attempts.fetch_add(1, Ordering::SeqCst);
         if !authorized(&req) {
-            if respond(&mut stream, 401, msg("Authentication required"))
-                .await
-                .is_err()
-            {
-                return;
+            return Some(respond(401, msg("Authentication required")));
+        }
+        if shared.refuse_ws.load(Ordering::SeqCst) {
+            return Some(respond(503, msg("Service Unavailable")));
+        }
+        if req.query("app").is_none_or(|a| a.is_empty()) {
+            shared.counts.ws_without_app.fetch_add(1, Ordering::SeqCst);
+            return Some(respond(400, msg("HTTP request is missing param: [app]")));
+        }
+        let Some(key) = req.header("sec-websocket-key").map(str::to_owned) else {
+            return Some(respond(400, msg("missing key")));
+        };
+        // Subscribe before the 101, so no event sent after the client sees the link up is
+        // lost.
+        let events = shared.events.subscribe();
+        let mut kill = shared.kill_ws.clone();
+        kill.borrow_and_update();
+        // Only the events of the applications named in `app=` (comma-separated) reach it.
+        let apps: Vec<String> = req
+            .query("app")
+            .map(|a| a.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let upgraded = req.upgraded();
+        tokio::spawn(async move {
+            if let Some(io) = upgraded.await {
+                websocket(io, apps, events, kill, shared).await;
             }
-            continue;
-        }
-        let (code, body) = rest(&req, &shared).await;
-        if code == 409 {
-            shared.state.lock().unwrap().status_409 += 1;
-        }
-        if respond(&mut stream, code, body).await.is_err() {
-            return;
-        }
+        });
+        return Some(http::switching_protocols(&key));
     }
+    if shared.hang_rest.load(Ordering::SeqCst) {
+        let line = format!("{} {}", req.method, req.path);
+        shared.state.lock().unwrap().hung_requests.push(line);
+        // Never answer; the connection stays until the client closes it.
+        return std::future::pending().await;
+    }
+    if !authorized(&req) {
+        return Some(respond(401, msg("Authentication required")));
+    }
+    let (code, body) = rest(&req, &shared).await;
+    if code == 409 {
+        shared.state.lock().unwrap().status_409 += 1;
+    }
+    Some(respond(code, body))
 }
 
-async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
-    let Some(key) = req.headers.get("sec-websocket-key") else {
-        let _ = respond(&mut stream, 400, msg("missing key")).await;
-        return;
-    };
-    // Subscribe before the 101, so no event sent after the client sees the link up is lost.
-    let mut events = shared.events.subscribe();
-    // Only the events of the applications named in `app=` (comma-separated) reach it.
-    let apps: Vec<String> = req
-        .query
-        .get("app")
-        .map(|a| a.split(',').map(str::to_owned).collect())
-        .unwrap_or_default();
+async fn websocket(
+    io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    apps: Vec<String>,
+    mut events: broadcast::Receiver<String>,
+    mut kill: watch::Receiver<u64>,
+    shared: Arc<Shared>,
+) {
     let wanted = |text: &str| {
         serde_json::from_str::<Value>(text)
             .ok()
             .and_then(|v| v["application"].as_str().map(str::to_owned))
             .is_some_and(|a| apps.contains(&a))
     };
-    let mut kill = shared.kill_ws.clone();
-    kill.borrow_and_update();
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let head = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    if stream.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
-    let mut ws =
-        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
     if shared.close_ws_at_once.load(Ordering::SeqCst) {
         let _ = ws.close(None).await;
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -843,7 +733,7 @@ async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
 
 async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
     let parts: Vec<&str> = req.path.trim_start_matches("/ari/").split('/').collect();
-    let q = |k: &str| req.query.get(k).cloned();
+    let q = |k: &str| req.query(k);
     let events = &shared.events;
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["channels"]) => {
@@ -1042,7 +932,7 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
 }
 
 async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
-    let q = |k: &str| req.query.get(k).cloned();
+    let q = |k: &str| req.query(k);
     let (Some(host), Some(data), Some(format)) = (q("external_host"), q("data"), q("format"))
     else {
         return (400, msg("external_host, data and format are required"));
