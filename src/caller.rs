@@ -37,6 +37,73 @@ pub struct CallPlan {
     pub duration: Duration,
 }
 
+/// How a synthetic call ends when its [`CallPlan::duration`] is up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CallEnd {
+    /// Close the connection, as Asterisk does when the caller hangs up (it never sends
+    /// `0x00`; `docs/asterisk.md`). The default.
+    #[default]
+    Close,
+    /// Send `0x00` (hangup, `res_audiosocket.h`) and wait for the far end to close, as an
+    /// AudioSocket client other than Asterisk may.
+    Hangup,
+    /// Send `0xFF` (error) with this code and wait for the far end to close.
+    Error(u8),
+}
+
+/// Late input frames like a busy Asterisk's: frames leave on the 20 ms grid but each one
+/// may be sent late, so gaps between frames are p50 20 ms, p99 about 27 ms, max
+/// `20 + max_late_ms` (47 ms with [`InputJitter::busy_asterisk`]), and a late frame is
+/// followed by a short gap (observed on Asterisk 22.10.1 with a parallel build running,
+/// `docs/asterisk.md`). Deterministic for a seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputJitter {
+    /// Picks the pseudo-random lateness sequence.
+    pub seed: u64,
+    /// Latest a frame is sent after its grid slot, ms.
+    pub max_late_ms: u64,
+}
+
+impl InputJitter {
+    /// The gaps measured on a busy box: p99 27 ms, max 47 ms.
+    pub fn busy_asterisk(seed: u64) -> Self {
+        InputJitter {
+            seed,
+            max_late_ms: 27,
+        }
+    }
+
+    /// How late frame `n` leaves after its grid slot, ms: 0–2 ms for 97 % of frames,
+    /// 3–7 ms for 2 %, 8–`max_late_ms` for 1 %.
+    pub fn late_ms(&self, n: u64) -> u64 {
+        // splitmix64 of (seed, n): cheap, stateless, well spread.
+        let mut z = self
+            .seed
+            .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let (pick, within) = (z % 1000, z >> 32);
+        let band = |lo: u64, hi: u64| lo + within % (hi.max(lo) - lo + 1);
+        match pick {
+            0..970 => band(0, 2.min(self.max_late_ms)),
+            970..990 => band(3.min(self.max_late_ms), 7.min(self.max_late_ms)),
+            _ => band(8.min(self.max_late_ms), self.max_late_ms),
+        }
+    }
+}
+
+/// What a synthetic call does beyond its [`CallPlan`] (kept apart so the plan's many
+/// literals stay as they are): input jitter and how it ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallOptions {
+    /// Send input frames late like a busy Asterisk (default: on the grid).
+    pub input_jitter: Option<InputJitter>,
+    /// How the caller ends the call.
+    pub end: CallEnd,
+}
+
 /// What the synthetic call observed.
 #[derive(Debug, Clone, Serialize)]
 pub struct CallReport {
@@ -68,6 +135,10 @@ pub struct CallReport {
     pub closed_by_peer: bool,
     /// Milliseconds from the call id to the end of the call.
     pub duration_ms: f64,
+    /// With [`CallEnd::Hangup`] or [`CallEnd::Error`]: ms from sending that frame until the
+    /// far end closed; `None` if it was not sent or the far end kept the connection open
+    /// for 3 s.
+    pub closed_after_end_frame_ms: Option<f64>,
     /// Everything received, concatenated, at `rate_hz`.
     #[serde(skip)]
     pub received: Recording,
@@ -129,10 +200,23 @@ pub fn resample_recording(
 /// # Errors
 /// [`CallError`] on connect or protocol failures.
 pub async fn place_call(addr: SocketAddr, plan: &CallPlan) -> Result<CallReport, CallError> {
+    place_call_with(addr, plan, CallOptions::default()).await
+}
+
+/// [`place_call`] with [`CallOptions`] (input jitter, hangup or error frame at the end).
+///
+/// # Errors
+/// [`CallError`] on connect or protocol failures.
+pub async fn place_call_with(
+    addr: SocketAddr,
+    plan: &CallPlan,
+    options: CallOptions,
+) -> Result<CallReport, CallError> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|source| CallError::Connect { addr, source })?;
-    run_call(stream, plan).await
+    stream.set_nodelay(true)?;
+    run_call_on_with(stream, plan, options).await
 }
 
 /// Places one call over an already connected stream (a TCP connection, or one through the
@@ -151,6 +235,21 @@ pub async fn run_call(stream: TcpStream, plan: &CallPlan) -> Result<CallReport, 
 /// # Errors
 /// [`CallError`] on I/O or protocol failures.
 pub async fn run_call_on<S>(stream: S, plan: &CallPlan) -> Result<CallReport, CallError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    run_call_on_with(stream, plan, CallOptions::default()).await
+}
+
+/// [`run_call_on`] with [`CallOptions`].
+///
+/// # Errors
+/// [`CallError`] on I/O or protocol failures.
+pub async fn run_call_on_with<S>(
+    stream: S,
+    plan: &CallPlan,
+    options: CallOptions,
+) -> Result<CallReport, CallError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
@@ -221,7 +320,8 @@ where
     let mut write_error = None;
     for n in 0..total_frames {
         let due = start + Duration::from_millis(20 * n as u64);
-        sleep_until(due).await;
+        let late = options.input_jitter.map_or(0, |j| j.late_ms(n as u64));
+        sleep_until(due + Duration::from_millis(late)).await;
         if reader_task.is_finished() {
             break;
         }
@@ -251,6 +351,24 @@ where
         )
     });
     let hung_up_by_us = !peer_closed && !reader_task.is_finished();
+    let end_frame = match options.end {
+        CallEnd::Close => None,
+        CallEnd::Hangup => Some(Message::Hangup),
+        CallEnd::Error(code) => Some(Message::Error(code)),
+    };
+    let mut closed_after_end_frame_ms = None;
+    if let (true, Some(frame)) = (hung_up_by_us, end_frame) {
+        if writer.write_message(&frame).await.is_ok() {
+            // The far end must close on its own: no FIN from us meanwhile.
+            let sent = Instant::now();
+            while !reader_task.is_finished() && sent.elapsed() < Duration::from_secs(3) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            closed_after_end_frame_ms = reader_task
+                .is_finished()
+                .then(|| sent.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
     let _ = writer.shutdown().await;
     drop(writer);
     // The far end closes after our FIN; don't wait forever if it doesn't.
@@ -294,6 +412,7 @@ where
         hangup_received: hangup,
         closed_by_peer: !hung_up_by_us,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        closed_after_end_frame_ms,
         received: Recording {
             rate_hz: rate.hz(),
             samples: received,
@@ -468,5 +587,26 @@ mod tests {
             .map(|i| (((i * 104729 + 7) % 3001) as i16) - 1500)
             .collect();
         assert!(best_correlation(&noise, &b, 50).0 < 0.3);
+    }
+
+    /// The send schedule of [`InputJitter::busy_asterisk`] has the gaps measured on a busy
+    /// Asterisk: p50 20 ms, p99 27 ± 2 ms, max 47 ms, and no drift off the 20 ms grid.
+    #[test]
+    fn busy_asterisk_jitter_has_the_measured_gaps() {
+        for seed in [1, 2, 3] {
+            let j = InputJitter::busy_asterisk(seed);
+            let sent: Vec<u64> = (0..20_000u64).map(|n| 20 * n + j.late_ms(n)).collect();
+            let mut gaps: Vec<u64> = sent.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+            gaps.sort_unstable();
+            let pct = |p: f64| gaps[((gaps.len() - 1) as f64 * p).round() as usize];
+            assert_eq!(pct(0.5), 20, "seed {seed}");
+            assert!(
+                (25..=29).contains(&pct(0.99)),
+                "seed {seed}: p99 {}",
+                pct(0.99)
+            );
+            assert_eq!(*gaps.last().unwrap(), 47, "seed {seed}");
+            assert!((0..20_000).all(|n| j.late_ms(n) <= 27));
+        }
     }
 }

@@ -3,6 +3,9 @@
 //! agent's own voice back as echo.
 #![allow(dead_code)]
 
+#[path = "../support/http.rs"]
+mod http;
+
 use base64::Engine as _;
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
@@ -10,7 +13,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -694,10 +697,19 @@ pub struct LlmRequest {
     pub body: serde_json::Value,
 }
 
+/// A Chat Completions endpoint (`POST /v1/chat/completions`, `stream: true`; shapes from
+/// `providers.md` §7 and openai-python `src/openai/types/chat/`). Like the vendor it pushes
+/// back: `max_tokens` is refused (reasoning models), and so is a history OpenAI rejects: an
+/// assistant message with `tool_calls` not followed by a `tool` message for each id, or a
+/// `tool` message that answers no preceding tool call (400 `invalid_request_error`, message
+/// texts as the API words them, quoted in sdcb/chats#132 and smarter-sh/smarter#264). Its
+/// first token can be delayed ([`LlmFake::first_token_delay`]), as a model thinks before
+/// it streams.
 pub struct LlmFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<LlmLog>>,
     pub release: Arc<Notify>,
+    first_token: Arc<Mutex<Duration>>,
 }
 
 impl LlmFake {
@@ -707,13 +719,24 @@ impl LlmFake {
         let log = Arc::new(Mutex::new(LlmLog::default()));
         let release = Arc::new(Notify::new());
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
-        let (l, r) = (log.clone(), release.clone());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_llm(stream, l.clone(), r.clone(), script.clone()));
-            }
-        });
-        LlmFake { addr, log, release }
+        let first_token = Arc::new(Mutex::new(Duration::ZERO));
+        let (l, r, f) = (log.clone(), release.clone(), first_token.clone());
+        tokio::spawn(http::serve(listener, move |req: http::Request| {
+            let first = *f.lock().unwrap();
+            serve_llm(req, l.clone(), r.clone(), script.clone(), first)
+        }));
+        LlmFake {
+            addr,
+            log,
+            release,
+            first_token,
+        }
+    }
+
+    /// Streams of later requests send their first `data:` event this long after the 200
+    /// and the processing comment (the model's time to first token).
+    pub fn first_token_delay(&self, d: Duration) {
+        *self.first_token.lock().unwrap() = d;
     }
 
     pub fn url(&self) -> String {
@@ -721,50 +744,21 @@ impl LlmFake {
     }
 }
 
+/// Answers one request; `None` closes the connection without an answer.
 async fn serve_llm(
-    mut stream: TcpStream,
+    req: http::Request,
     log: Arc<Mutex<LlmLog>>,
     release: Arc<Notify>,
     script: Arc<Mutex<VecDeque<LlmReply>>>,
-) {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        let mut tmp = [0u8; 4096];
-        let n = match stream.read(&mut tmp).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&tmp[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("").to_owned();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let len: usize = header(&headers, "content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let mut tmp = [0u8; 4096];
-        match stream.read(&mut tmp).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
-    let body: serde_json::Value =
-        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+    first_token: Duration,
+) -> Option<http::Response> {
     let index = {
         let mut l = log.lock().unwrap();
         l.requests.push(LlmRequest {
             at: Instant::now(),
-            path: request_line.split(' ').nth(1).unwrap_or("").to_owned(),
-            headers,
-            body,
+            path: req.target.clone(),
+            headers: req.headers.clone().into_iter().collect(),
+            body: req.json(),
         });
         l.requests.len() - 1
     };
@@ -780,6 +774,14 @@ async fn serve_llm(
             body: r#"{"error":{"message":"Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.","type":"invalid_request_error","param":"max_tokens","code":"unsupported_parameter"}}"#.into(),
             retry_after_s: None,
         });
+    let refusal = refusal.or_else(|| {
+        let l = log.lock().unwrap();
+        history_error(&l.requests[index].body).map(|body| LlmReply::Error {
+            status: 400,
+            body,
+            retry_after_s: None,
+        })
+    });
     let reply = refusal.or_else(|| script.lock().unwrap().pop_front()).unwrap_or(LlmReply::Error {
             status: 400,
             body:
@@ -793,51 +795,110 @@ async fn serve_llm(
             body,
             retry_after_s,
         } => {
-            let retry_after = retry_after_s
-                .map(|s| format!("Retry-After: {s}\r\n"))
-                .unwrap_or_default();
-            let resp = format!(
-                "HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\n{retry_after}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
-        }
-        LlmReply::Hangup => return,
-        LlmReply::Stream { events, hold_after } => {
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-            if stream.write_all(head.as_bytes()).await.is_err() {
-                return;
+            let retry_after = retry_after_s.map(|s| s.to_string());
+            let mut headers = vec![("content-type", "application/json")];
+            if let Some(r) = &retry_after {
+                headers.push(("retry-after", r.as_str()));
             }
+            Some(http::full(status, &headers, body))
+        }
+        LlmReply::Hangup => None,
+        LlmReply::Stream { events, hold_after } => {
+            let (tx, resp) = http::streamed(
+                200,
+                &[
+                    ("content-type", "text/event-stream"),
+                    ("cache-control", "no-cache"),
+                ],
+            );
             let mut all: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
             all.insert(0, ": OPENROUTER PROCESSING\n\n".into());
             all.push("data: [DONE]\n\n".into());
             let hold_at = hold_after.map(|n| n + 1);
-            for (i, ev) in all.iter().enumerate() {
-                if Some(i) == hold_at {
-                    log.lock().unwrap().holding.push(index);
-                    let mut probe = [0u8; 64];
-                    tokio::select! {
-                        () = release.notified() => {}
-                        r = stream.read(&mut probe) => {
-                            if matches!(r, Ok(0) | Err(_)) {
+            tokio::spawn(async move {
+                for (i, ev) in all.into_iter().enumerate() {
+                    if i == 1 && !first_token.is_zero() {
+                        tokio::time::sleep(first_token).await;
+                    }
+                    if Some(i) == hold_at {
+                        log.lock().unwrap().holding.push(index);
+                        tokio::select! {
+                            () = release.notified() => {}
+                            () = tx.closed() => {
                                 log.lock().unwrap().cancelled.push(index);
                                 return;
                             }
                         }
                     }
+                    if tx.send(ev.into()).await.is_err() {
+                        log.lock().unwrap().cancelled.push(index);
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                let chunk = format!("{:x}\r\n{ev}\r\n", ev.len());
-                if stream.write_all(chunk.as_bytes()).await.is_err() {
-                    log.lock().unwrap().cancelled.push(index);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let _ = stream.write_all(b"0\r\n\r\n").await;
-            log.lock().unwrap().completed.push(index);
+                // The body ends when `tx` is dropped; wait until hyper has taken it all.
+                drop(tx);
+                log.lock().unwrap().completed.push(index);
+            });
+            Some(resp)
         }
     }
-    let _ = stream.shutdown().await;
+}
+
+/// OpenAI's 400 body for a `messages` history it refuses, if it does: every assistant
+/// `tool_calls` id must be answered by a `tool` message before the next other message, and
+/// every `tool` message must answer such an id.
+fn history_error(body: &serde_json::Value) -> Option<String> {
+    let messages = body["messages"].as_array()?;
+    let refuse = |message: String, i: usize| {
+        Some(
+            serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
+                "param": format!("messages.[{i}].role"), "code": null}})
+            .to_string(),
+        )
+    };
+    let mut open: Vec<String> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        match m["role"].as_str() {
+            Some("tool") => {
+                let id = m["tool_call_id"].as_str().unwrap_or("");
+                if !open.iter().any(|o| o == id) {
+                    return refuse(
+                        "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.".into(),
+                        i,
+                    );
+                }
+                open.retain(|o| o != id);
+            }
+            _ if !open.is_empty() => {
+                return refuse(
+                    format!(
+                        "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+                        open.join(", ")
+                    ),
+                    i,
+                );
+            }
+            _ => {
+                if let Some(calls) = m["tool_calls"].as_array() {
+                    open = calls
+                        .iter()
+                        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+                        .collect();
+                }
+            }
+        }
+    }
+    if !open.is_empty() {
+        return refuse(
+            format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+                open.join(", ")
+            ),
+            messages.len() - 1,
+        );
+    }
+    None
 }
 
 fn chunk(delta: serde_json::Value, finish: Option<&str>) -> String {
@@ -912,6 +973,8 @@ pub struct TtsLog {
     pub errors: Vec<String>,
     /// `{"close_socket":true}` arrived.
     pub close_socket: bool,
+    /// Sockets closed for inactivity (`input_timeout_exceeded`).
+    pub timed_out: usize,
 }
 
 /// Bytes of 100 ms of audio in the format.
@@ -933,9 +996,21 @@ const LANGUAGE_MODELS: [&str; 3] = ["eleven_flash_v2_5", "eleven_turbo_v2_5", "e
 /// `{"isFinal":true,"contextId"}`. Like the vendor it refuses: more than 5 open contexts,
 /// text to a closed context, `eleven_v3` on this socket, and `language_code` for a model that
 /// takes none (an error message, then a 1008 close).
+///
+/// The key and the silence are checked as ElevenLabs does: the upgrade is accepted whatever
+/// the key (pipecat-ai/pipecat#1006: a wrong key shows as a 1008 close on the open socket),
+/// and a missing or wrong `xi-api-key` gets
+/// `{"message":"Invalid API key","error":"invalid_api_key","code":1008}` and a 1008 close
+/// (the in-band shape of the vendor's socket errors, livekit/agents#218; `invalid_api_key`
+/// is the status its REST API gives a bad key, SillyTavern/SillyTavern#4483). With no text
+/// message (keepalives count) for `inactivity_timeout` seconds (query parameter, default 20,
+/// max 180; `providers.md` §3.1), the socket gets `input_timeout_exceeded` and a 1008 close
+/// (message text as elevenlabs/elevenlabs-docs#426 and livekit/agents#218 quote it);
+/// [`TtsFake::inactivity_timeout`] shortens that for a test.
 pub struct TtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<TtsLog>>,
+    inactivity: Arc<Mutex<Option<Duration>>>,
 }
 
 impl TtsFake {
@@ -949,17 +1024,29 @@ impl TtsFake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(TtsLog::default()));
-        let l = log.clone();
+        let inactivity = Arc::new(Mutex::new(None));
+        let (l, i) = (log.clone(), inactivity.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (l, clip) = (l.clone(), clip.clone());
+                let idle = *i.lock().unwrap();
                 tokio::spawn(async move {
                     tokio::time::sleep(handshake).await;
-                    serve_tts(stream, l, clip, fail).await
+                    serve_tts(stream, l, clip, fail, idle).await
                 });
             }
         });
-        TtsFake { addr, log }
+        TtsFake {
+            addr,
+            log,
+            inactivity,
+        }
+    }
+
+    /// Sockets opened from now on close after `d` without a text message, whatever
+    /// `inactivity_timeout` asks for (`None`: as asked, default 20 s).
+    pub fn inactivity_timeout(&self, d: Option<Duration>) {
+        *self.inactivity.lock().unwrap() = d;
     }
 
     pub fn url(&self) -> String {
@@ -974,17 +1061,36 @@ pub fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
         .samples
 }
 
-async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, fail: bool) {
-    let (ws, uri, headers) = accept_ws(stream, Some(("xi-api-key", KEY.to_owned()))).await;
+async fn serve_tts(
+    stream: TcpStream,
+    log: Arc<Mutex<TtsLog>>,
+    clip: Recording,
+    fail: bool,
+    idle_override: Option<Duration>,
+) {
+    let (ws, uri, headers) = accept_ws(stream, None).await;
     let Some(mut ws) = ws else {
-        log.lock()
-            .unwrap()
-            .errors
-            .push("upgrade without xi-api-key".into());
         return;
     };
     log.lock().unwrap().sockets += 1;
     let api_key = header(&headers, "xi-api-key").map(str::to_owned);
+    if api_key.as_deref() != Some(KEY) {
+        log.lock().unwrap().errors.push("invalid xi-api-key".into());
+        let m = r#"{"message":"Invalid API key","error":"invalid_api_key","code":1008}"#;
+        let _ = ws.send(Message::text(m)).await;
+        let _ = ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Policy,
+                reason: "Invalid API key".into(),
+            }))
+            .await;
+        return;
+    }
+    let idle_s: f64 = query(&uri, "inactivity_timeout")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20.0f64)
+        .min(180.0);
+    let idle = idle_override.unwrap_or(Duration::from_secs_f64(idle_s));
     let model = query(&uri, "model_id").unwrap_or_default();
     let refusal = if !uri.contains("/multi-stream-input") {
         Some("not the multi-stream-input endpoint")
@@ -1032,12 +1138,31 @@ async fn serve_tts(stream: TcpStream, log: Arc<Mutex<TtsLog>>, clip: Recording, 
         let m = serde_json::json!({"message": why, "error": "invalid_request", "code": 1008});
         m.to_string()
     };
-    while let Some(msg) = ws.next().await {
+    let mut last_text = Instant::now();
+    loop {
+        let msg = match tokio::time::timeout_at(last_text + idle, ws.next()).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break,
+            Err(_) => {
+                let m = serde_json::json!({"message": format!("Have not received a new text input within the timeout of {idle_s:.1} seconds. Streaming input terminated. Please make sure to either feed the input in the timely manner, or to send the end of input text (empty string \"\") when done."),
+                    "error": "input_timeout_exceeded", "code": 1008});
+                log.lock().unwrap().timed_out += 1;
+                let _ = ws.send(Message::text(m.to_string())).await;
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::Policy,
+                        reason: "input_timeout_exceeded".into(),
+                    }))
+                    .await;
+                break;
+            }
+        };
         let text = match msg {
             Ok(Message::Text(t)) => t.as_str().to_owned(),
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
+        last_text = Instant::now();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         if v["close_socket"] == true {
             log.lock().unwrap().close_socket = true;
@@ -1305,124 +1430,83 @@ impl HttpTtsFake {
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let l = l.clone();
-                let clip = clip.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let head_end = loop {
-                        let mut tmp = [0u8; 4096];
-                        match stream.read(&mut tmp).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                    let mut lines = head.split("\r\n");
-                    let path = lines
-                        .next()
-                        .unwrap_or("")
-                        .split(' ')
-                        .nth(1)
-                        .unwrap_or("")
-                        .to_owned();
-                    let headers: Vec<(String, String)> = lines
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                        .collect();
-                    let len: usize = header(&headers, "content-length")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < head_end + len {
-                        let mut tmp = [0u8; 4096];
-                        match stream.read(&mut tmp).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                        }
-                    }
-                    let body =
-                        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
-                    l.lock().unwrap().push(HttpTtsRequest {
-                        path: path.clone(),
-                        headers,
-                        body,
-                    });
-                    let format = query(&path, "output_format").unwrap_or_default();
-                    let (rate, ulaw) = match format.as_str() {
-                        "ulaw_8000" => (8000, true),
-                        f => (
-                            f.strip_prefix("pcm_")
-                                .and_then(|r| r.parse().ok())
-                                .unwrap_or(16000),
-                            false,
-                        ),
-                    };
-                    let req = l.lock().unwrap().last().cloned().unwrap();
-                    let model = req.body["model_id"].as_str().unwrap_or("").to_owned();
-                    let bad = if !path.contains("/stream/with-timestamps?") {
-                        Some("unknown path")
-                    } else if req.body.get("language_code").is_some()
-                        && !LANGUAGE_MODELS.contains(&model.as_str())
-                    {
-                        Some("language_code is not supported for this model")
-                    } else {
-                        None
-                    };
-                    if let Some(why) = bad {
-                        let body = serde_json::json!({"detail": {"status": "invalid_request", "message": why}}).to_string();
-                        let resp = format!(
-                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = stream.write_all(resp.as_bytes()).await;
-                        return;
-                    }
-                    let samples = clip_at(&clip, rate);
-                    let mut wire = Vec::new();
-                    if ulaw {
-                        Law::Ulaw.encode_into(&samples, &mut wire);
-                    } else {
-                        voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
-                    }
-                    let clip_s = samples.len() as f64 / rate as f64;
-                    let text = req.body["text"].as_str().unwrap_or("").to_owned();
-                    let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
-                    let n = chars.len().max(1) as f64;
-                    let starts: Vec<f64> =
-                        (0..chars.len()).map(|i| i as f64 * clip_s / n).collect();
-                    let ends: Vec<f64> = (1..=chars.len()).map(|i| i as f64 * clip_s / n).collect();
-                    let alignment = serde_json::json!({"characters": chars,
-                        "character_start_times_seconds": starts, "character_end_times_seconds": ends});
-                    let mut body = Vec::new();
-                    for (i, piece) in wire.chunks(bytes_per_chunk(ulaw, rate)).enumerate() {
-                        let mut m = serde_json::json!({"audio_base64": b64(piece), "alignment": null, "normalized_alignment": null});
-                        if i == 0 {
-                            m["alignment"] = alignment.clone();
-                            m["normalized_alignment"] = alignment.clone();
-                        }
-                        body.extend_from_slice(m.to_string().as_bytes());
-                        body.push(b'\n');
-                    }
-                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-                    let _ = stream.write_all(head.as_bytes()).await;
-                    // Odd-sized chunks: lines split across HTTP chunks must survive.
-                    for piece in body.chunks(777) {
-                        let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
-                        c.extend_from_slice(piece);
-                        c.extend_from_slice(b"\r\n");
-                        if stream.write_all(&c).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = stream.write_all(b"0\r\n\r\n").await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
+        tokio::spawn(http::serve(listener, move |req: http::Request| {
+            let (l, clip) = (l.clone(), clip.clone());
+            async move { Some(serve_http_tts(req, &l, &clip)) }
+        }));
         HttpTtsFake { addr, log }
     }
+}
+
+fn serve_http_tts(
+    req: http::Request,
+    l: &Mutex<Vec<HttpTtsRequest>>,
+    clip: &Recording,
+) -> http::Response {
+    let path = req.target.clone();
+    let headers: Vec<(String, String)> = req.headers.clone().into_iter().collect();
+    l.lock().unwrap().push(HttpTtsRequest {
+        path: path.clone(),
+        headers,
+        body: req.json(),
+    });
+    let format = query(&path, "output_format").unwrap_or_default();
+    let (rate, ulaw) = match format.as_str() {
+        "ulaw_8000" => (8000, true),
+        f => (
+            f.strip_prefix("pcm_")
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(16000),
+            false,
+        ),
+    };
+    let req = l.lock().unwrap().last().cloned().unwrap();
+    let model = req.body["model_id"].as_str().unwrap_or("").to_owned();
+    let bad = if !path.contains("/stream/with-timestamps?") {
+        Some("unknown path")
+    } else if req.body.get("language_code").is_some() && !LANGUAGE_MODELS.contains(&model.as_str())
+    {
+        Some("language_code is not supported for this model")
+    } else {
+        None
+    };
+    if let Some(why) = bad {
+        let body = serde_json::json!({"detail": {"status": "invalid_request", "message": why}});
+        return http::json(400, body.to_string());
+    }
+    let samples = clip_at(clip, rate);
+    let mut wire = Vec::new();
+    if ulaw {
+        Law::Ulaw.encode_into(&samples, &mut wire);
+    } else {
+        voicegate::audio::slin_to_le_bytes(&samples, &mut wire);
+    }
+    let clip_s = samples.len() as f64 / rate as f64;
+    let text = req.body["text"].as_str().unwrap_or("").to_owned();
+    let chars: Vec<String> = text.chars().map(|c| c.to_string()).collect();
+    let n = chars.len().max(1) as f64;
+    let starts: Vec<f64> = (0..chars.len()).map(|i| i as f64 * clip_s / n).collect();
+    let ends: Vec<f64> = (1..=chars.len()).map(|i| i as f64 * clip_s / n).collect();
+    let alignment = serde_json::json!({"characters": chars,
+        "character_start_times_seconds": starts, "character_end_times_seconds": ends});
+    let mut body = Vec::new();
+    for (i, piece) in wire.chunks(bytes_per_chunk(ulaw, rate)).enumerate() {
+        let mut m = serde_json::json!({"audio_base64": b64(piece), "alignment": null, "normalized_alignment": null});
+        if i == 0 {
+            m["alignment"] = alignment.clone();
+            m["normalized_alignment"] = alignment.clone();
+        }
+        body.extend_from_slice(m.to_string().as_bytes());
+        body.push(b'\n');
+    }
+    let (tx, resp) = http::streamed(200, &[("content-type", "application/json")]);
+    tokio::spawn(async move {
+        // Odd-sized chunks: lines split across HTTP chunks must survive.
+        for piece in body.chunks(777) {
+            if tx.send(bytes::Bytes::copy_from_slice(piece)).await.is_err() {
+                return;
+            }
+        }
+    });
+    resp
 }

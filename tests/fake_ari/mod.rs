@@ -9,17 +9,47 @@
 //! listens), and once that channel and a caller share a bridge it streams the caller's
 //! recording as paced 20 ms slin frames and records what comes back. Deleting the channel
 //! closes the socket.
+//!
+//! It pushes back where a real Asterisk 22.10.1 does (source files named are in the
+//! asterisk-22.10.1 tarball of `shared/asterisk/`):
+//! - **Events in the real order.** A channel that hangs up gives `ChannelHangupRequest`
+//!   (`main/channel.c`, `__ast_queue_hangup`/`ast_softhangup` publish it first), then
+//!   `ChannelLeftBridge` if it was bridged (`res/res_stasis.c`, `stasis_app_exec` departs the
+//!   bridge when its loop ends; `main/stasis_bridges.c`, `ast_bridge_publish_leave`), then
+//!   `StasisEnd` (`app_send_end_msg`, after the depart), then `ChannelDestroyed`. `continue`
+//!   gives `ChannelLeftBridge` then `StasisEnd`; `removeChannel` and deleting a bridge with
+//!   members give `ChannelLeftBridge`. An externalMedia channel's `StasisStart` follows the REST
+//!   reply ([`MediaJoin`]).
+//! - **`app=`.** The events WebSocket needs `app` (400 "HTTP request is missing param:
+//!   [app]", `res/ari/ari_websockets.c`, `websocket_attempted_cb`) and carries only the events
+//!   of the applications it names: a channel's events go to the application it is in, a
+//!   bridge's to the applications of the channels that were put in it (`app_subscribe_bridge`,
+//!   `res/stasis/control.c`). externalMedia needs `app` (400 "app cannot be empty",
+//!   `res/ari/resource_channels.c`) and its channel enters that application.
+//! - **One bridge per channel.** `addChannel` of a channel that is in another bridge moves
+//!   it: it leaves the old bridge (`ChannelLeftBridge`) before entering the new one
+//!   (`res/stasis/control.c`, `control_swap_channel_in_bridge`: "Depart whatever Stasis bridge
+//!   we're currently in"); Asterisk 22 has no error for this, so the fake does not invent one
+//!   but counts the moves ([`Counts::bridge_moves`]) so a test can require that voicegate
+//!   never causes one.
+//! - **Media jitter** ([`FakeAri::media_jitter`]): the externalMedia side sends its frames
+//!   with the gaps of a busy Asterisk (p99 27 ms, max 47 ms; `docs/asterisk.md`), through
+//!   [`voicegate::caller::InputJitter`].
 #![allow(dead_code)]
+
+#[path = "../support/http.rs"]
+mod http;
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use http::Request;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -65,6 +95,8 @@ struct FakeChannel {
     priority: i64,
     app_name: String,
     app_data: String,
+    /// The Stasis application the channel is in (empty outside Stasis).
+    app: String,
     media: Option<Media>,
 }
 
@@ -95,6 +127,8 @@ struct State {
     channels: HashMap<String, FakeChannel>,
     bridges: HashMap<String, Vec<String>>,
     bridge_names: HashMap<String, String>,
+    /// Applications subscribed to each bridge (those of the channels put in it).
+    bridge_apps: HashMap<String, Vec<String>>,
     seq: u64,
     continued: Vec<Continued>,
     media_reports: Vec<Arc<Mutex<MediaReport>>>,
@@ -103,6 +137,8 @@ struct State {
     hung_requests: Vec<String>,
     /// When an externalMedia channel enters the application.
     media_join: MediaJoin,
+    /// Late media frames for new externalMedia channels.
+    media_jitter: Option<voicegate::caller::InputJitter>,
 }
 
 /// When a new externalMedia channel enters the Stasis application (its `StasisStart`).
@@ -134,6 +170,10 @@ pub struct Counts {
     pub fail_continue: AtomicU64,
     /// Events WebSockets that went silent ([`FakeAri::silence_ws`]).
     pub ws_silenced: AtomicU64,
+    /// `addChannel` requests that moved a channel out of another bridge (module doc).
+    pub bridge_moves: AtomicU64,
+    /// Events WebSocket upgrades refused for want of `app` (400).
+    pub ws_without_app: AtomicU64,
 }
 
 pub struct FakeAri {
@@ -206,15 +246,9 @@ impl FakeAri {
             speech: speech.clone(),
             rate,
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move { serve(stream, shared).await });
-            }
-        });
+        let task = tokio::spawn(http::serve(listener, move |req: Request| {
+            serve(req, shared.clone())
+        }));
         FakeAri {
             addr,
             state,
@@ -246,6 +280,12 @@ impl FakeAri {
 
     /// A caller dials in and the dialplan runs `Stasis(voicegate)`: `StasisStart`.
     pub fn new_caller(&self, number: &str, name: &str) -> String {
+        self.new_caller_in("voicegate", number, name)
+    }
+
+    /// A caller dials in and the dialplan runs `Stasis(<app>)`: `StasisStart` to the
+    /// subscribers of `app` only.
+    pub fn new_caller_in(&self, app: &str, number: &str, name: &str) -> String {
         let mut st = self.state.lock().unwrap();
         st.seq += 1;
         let id = format!("1763719200.{}", st.seq);
@@ -259,10 +299,15 @@ impl FakeAri {
             exten: "s".into(),
             priority: 2,
             app_name: "Stasis".into(),
-            app_data: "voicegate".into(),
+            app_data: app.into(),
+            app: app.into(),
             media: None,
         };
-        let ev = event("StasisStart", json!({"args": [], "channel": ch.json()}));
+        let ev = event(
+            "StasisStart",
+            app,
+            json!({"args": [], "channel": ch.json()}),
+        );
         st.channels.insert(id.clone(), ch);
         let _ = self.events.send(ev);
         id
@@ -294,6 +339,7 @@ impl FakeAri {
                 priority: 3,
                 app_name: app_name.into(),
                 app_data: app_data.into(),
+                app: String::new(),
                 media: None,
             },
         );
@@ -324,6 +370,7 @@ impl FakeAri {
                 priority: 1,
                 app_name: "Stasis".into(),
                 app_data: format!("voicegate,{uuid}"),
+                app: "voicegate".into(),
                 media: Some(Media {
                     uuid,
                     dtmf: tokio::sync::mpsc::unbounded_channel().0,
@@ -349,6 +396,7 @@ impl FakeAri {
         if let Some(ch) = st.channels.get(channel) {
             let ev = event(
                 "ChannelDtmfReceived",
+                &ch.app,
                 json!({"digit": digit.to_string(), "duration_ms": 100, "channel": ch.json()}),
             );
             let _ = self.events.send(ev);
@@ -422,6 +470,12 @@ impl FakeAri {
         self.state.lock().unwrap().media_join = join;
     }
 
+    /// New externalMedia channels send their frames late like a busy Asterisk (`None`: on
+    /// the 20 ms grid).
+    pub fn media_jitter(&self, jitter: Option<voicegate::caller::InputJitter>) {
+        self.state.lock().unwrap().media_jitter = jitter;
+    }
+
     /// `METHOD /path` of every REST request held by [`FakeAri::hang_rest`], in arrival order.
     pub fn hung_requests(&self) -> Vec<String> {
         self.state.lock().unwrap().hung_requests.clone()
@@ -473,13 +527,33 @@ pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn event(kind: &str, mut body: Value) -> String {
+/// An event for the subscribers of application `app`.
+fn event(kind: &str, app: &str, mut body: Value) -> String {
     let obj = body.as_object_mut().unwrap();
     obj.insert("type".into(), json!(kind));
     obj.insert("timestamp".into(), json!("2026-11-21T10:00:00.000+0000"));
     obj.insert("asterisk_id".into(), json!("00:11:22:33:44:55"));
-    obj.insert("application".into(), json!("voicegate"));
+    obj.insert("application".into(), json!(app));
     body.to_string()
+}
+
+/// Takes channel `id` out of every bridge it is in, with `ChannelLeftBridge` to its
+/// application for each.
+fn leave_bridges(st: &mut State, events: &broadcast::Sender<String>, id: &str) {
+    let Some(ch) = st.channels.get(id) else {
+        return;
+    };
+    let (j, app) = (ch.json(), ch.app.clone());
+    for (bid, members) in st.bridges.iter_mut() {
+        if members.iter().any(|m| m == id) {
+            members.retain(|m| m != id);
+            let _ = events.send(event(
+                "ChannelLeftBridge",
+                &app,
+                json!({"bridge": {"id": bid, "bridge_type": "mixing", "channels": members.clone()}, "channel": j}),
+            ));
+        }
+    }
 }
 
 fn destroy_channel(
@@ -488,213 +562,130 @@ fn destroy_channel(
     counts: &Counts,
     id: &str,
 ) -> bool {
-    let Some(ch) = st.channels.remove(id) else {
+    let Some(ch) = st.channels.get(id) else {
         return false;
     };
-    for members in st.bridges.values_mut() {
-        members.retain(|m| m != id);
-    }
+    // The order of a real hangup (module doc): the request, the bridge depart, StasisEnd,
+    // then the channel is destroyed.
+    let (j, app, in_stasis) = (ch.json(), ch.app.clone(), ch.in_stasis);
+    let _ = events.send(event(
+        "ChannelHangupRequest",
+        &app,
+        json!({"cause": 16, "channel": j}),
+    ));
+    leave_bridges(st, events, id);
+    let ch = st.channels.remove(id).expect("looked up above");
     if let Some(m) = &ch.media {
         m.hangup.cancel();
         counts.media_destroyed.fetch_add(1, Ordering::SeqCst);
     }
-    let j = ch.json();
-    if ch.in_stasis {
-        let _ = events.send(event("StasisEnd", json!({"channel": j})));
+    if in_stasis {
+        let _ = events.send(event("StasisEnd", &app, json!({"channel": j})));
     }
     let _ = events.send(event(
-        "ChannelHangupRequest",
-        json!({"cause": 16, "channel": j}),
-    ));
-    let _ = events.send(event(
         "ChannelDestroyed",
+        &app,
         json!({"cause": 16, "cause_txt": "Normal Clearing", "channel": j}),
     ));
     true
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: HashMap<String, String>,
-    headers: HashMap<String, String>,
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn read_request(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Request> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = buf.split_to(end + 4);
-            let text = String::from_utf8_lossy(&head).into_owned();
-            let mut lines = text.split("\r\n");
-            let mut first = lines.next()?.split(' ');
-            let method = first.next()?.to_owned();
-            let target = first.next()?.to_owned();
-            let mut headers = HashMap::new();
-            for l in lines {
-                if let Some((k, v)) = l.split_once(':') {
-                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-                }
-            }
-            let len: usize = headers
-                .get("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            while buf.len() < len {
-                if stream.read_buf(buf).await.ok()? == 0 {
-                    return None;
-                }
-            }
-            let _body = buf.split_to(len);
-            let (path, q) = target.split_once('?').unwrap_or((&target, ""));
-            let query = q
-                .split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (percent_decode(k), percent_decode(v))
-                })
-                .collect();
-            return Some(Request {
-                method,
-                path: percent_decode(path),
-                query,
-                headers,
-            });
-        }
-        if buf.len() > 16 * 1024 || stream.read_buf(buf).await.ok()? == 0 {
-            return None;
-        }
-    }
-}
-
 fn authorized(req: &Request) -> bool {
     use base64::Engine as _;
     let want = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
-    req.headers
-        .get("authorization")
-        .is_some_and(|v| v == &format!("Basic {want}"))
+    req.header("authorization")
+        .is_some_and(|v| v == format!("Basic {want}"))
         || req
-            .query
-            .get("api_key")
-            .is_some_and(|k| k == &format!("{USER}:{PASS}"))
+            .query("api_key")
+            .is_some_and(|k| k == format!("{USER}:{PASS}"))
 }
 
-async fn respond(stream: &mut TcpStream, code: u16, body: Option<Value>) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        409 => "Conflict",
-        422 => "Unprocessable Entity",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Other",
-    };
+/// Asterisk's answer: its `Server` header, a JSON body (none for 204).
+fn respond(code: u16, body: Option<Value>) -> http::Response {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nServer: Asterisk/22.10.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await
+    http::full(
+        code,
+        &[
+            ("server", "Asterisk/22.10.1"),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
 }
 
 fn msg(m: &str) -> Option<Value> {
     Some(json!({ "message": m }))
 }
 
-async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
-    let mut buf = BytesMut::with_capacity(4096);
-    while let Some(req) = read_request(&mut stream, &mut buf).await {
-        if req.path == "/ari/events"
-            && req
-                .headers
-                .get("upgrade")
-                .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
-        {
-            shared.counts.ws_attempts.fetch_add(1, Ordering::SeqCst);
-            if !authorized(&req) {
-                let _ = respond(&mut stream, 401, msg("Authentication required")).await;
-                return;
-            }
-            if shared.refuse_ws.load(Ordering::SeqCst) {
-                let _ = respond(&mut stream, 503, msg("Service Unavailable")).await;
-                return;
-            }
-            websocket(stream, req, shared).await;
-            return;
-        }
-        if shared.hang_rest.load(Ordering::SeqCst) {
-            let line = format!("{} {}", req.method, req.path);
-            shared.state.lock().unwrap().hung_requests.push(line);
-            // Never answer; hold the connection until the client closes it.
-            let mut sink = [0u8; 1024];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            return;
-        }
+/// One HTTP request to the fake (on the shared test HTTP server, [`http`]).
+async fn serve(mut req: Request, shared: Arc<Shared>) -> Option<http::Response> {
+    if req.path == "/ari/events"
+        && req
+            .header("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+    {
+        shared.counts.ws_attempts.fetch_add(1, Ordering::SeqCst);
         if !authorized(&req) {
-            if respond(&mut stream, 401, msg("Authentication required"))
-                .await
-                .is_err()
-            {
-                return;
+            return Some(respond(401, msg("Authentication required")));
+        }
+        if shared.refuse_ws.load(Ordering::SeqCst) {
+            return Some(respond(503, msg("Service Unavailable")));
+        }
+        if req.query("app").is_none_or(|a| a.is_empty()) {
+            shared.counts.ws_without_app.fetch_add(1, Ordering::SeqCst);
+            return Some(respond(400, msg("HTTP request is missing param: [app]")));
+        }
+        let Some(key) = req.header("sec-websocket-key").map(str::to_owned) else {
+            return Some(respond(400, msg("missing key")));
+        };
+        // Subscribe before the 101, so no event sent after the client sees the link up is
+        // lost.
+        let events = shared.events.subscribe();
+        let mut kill = shared.kill_ws.clone();
+        kill.borrow_and_update();
+        // Only the events of the applications named in `app=` (comma-separated) reach it.
+        let apps: Vec<String> = req
+            .query("app")
+            .map(|a| a.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let upgraded = req.upgraded();
+        tokio::spawn(async move {
+            if let Some(io) = upgraded.await {
+                websocket(io, apps, events, kill, shared).await;
             }
-            continue;
-        }
-        let (code, body) = rest(&req, &shared).await;
-        if code == 409 {
-            shared.state.lock().unwrap().status_409 += 1;
-        }
-        if respond(&mut stream, code, body).await.is_err() {
-            return;
-        }
+        });
+        return Some(http::switching_protocols(&key));
     }
+    if shared.hang_rest.load(Ordering::SeqCst) {
+        let line = format!("{} {}", req.method, req.path);
+        shared.state.lock().unwrap().hung_requests.push(line);
+        // Never answer; the connection stays until the client closes it.
+        return std::future::pending().await;
+    }
+    if !authorized(&req) {
+        return Some(respond(401, msg("Authentication required")));
+    }
+    let (code, body) = rest(&req, &shared).await;
+    if code == 409 {
+        shared.state.lock().unwrap().status_409 += 1;
+    }
+    Some(respond(code, body))
 }
 
-async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
-    let Some(key) = req.headers.get("sec-websocket-key") else {
-        let _ = respond(&mut stream, 400, msg("missing key")).await;
-        return;
+async fn websocket(
+    io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    apps: Vec<String>,
+    mut events: broadcast::Receiver<String>,
+    mut kill: watch::Receiver<u64>,
+    shared: Arc<Shared>,
+) {
+    let wanted = |text: &str| {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| v["application"].as_str().map(str::to_owned))
+            .is_some_and(|a| apps.contains(&a))
     };
-    // Subscribe before the 101, so no event sent after the client sees the link up is lost.
-    let mut events = shared.events.subscribe();
-    let mut kill = shared.kill_ws.clone();
-    kill.borrow_and_update();
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let head = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    if stream.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
-    let mut ws =
-        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
     if shared.close_ws_at_once.load(Ordering::SeqCst) {
         let _ = ws.close(None).await;
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -720,6 +711,7 @@ async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
             }
             ev = events.recv() => match ev {
                 Ok(_) if shared.lose_events.load(Ordering::SeqCst) => continue,
+                Ok(text) if !wanted(&text) => continue,
                 Ok(text) => if ws.send(WsMessage::text(text)).await.is_err() { break },
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(_) => break,
@@ -741,7 +733,7 @@ async fn websocket(mut stream: TcpStream, req: Request, shared: Arc<Shared>) {
 
 async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
     let parts: Vec<&str> = req.path.trim_start_matches("/ari/").split('/').collect();
-    let q = |k: &str| req.query.get(k).cloned();
+    let q = |k: &str| req.query(k);
     let events = &shared.events;
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["channels"]) => {
@@ -811,17 +803,19 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
                         extension: q("extension").unwrap_or_default(),
                         priority: q("priority").unwrap_or_default(),
                     };
+                    // The channel departs its bridge, then leaves the application.
+                    let app = ch.app.clone();
+                    leave_bridges(&mut st, events, id);
+                    let ch = st.channels.get_mut(*id).expect("looked up above");
                     ch.in_stasis = false;
+                    ch.app = String::new();
                     ch.context = c.context.clone();
                     ch.exten = c.extension.clone();
                     ch.app_name = "Queue".into();
                     ch.app_data = "operators".into();
                     let j = ch.json();
                     st.continued.push(c);
-                    for members in st.bridges.values_mut() {
-                        members.retain(|m| m != id);
-                    }
-                    let _ = events.send(event("StasisEnd", json!({"channel": j})));
+                    let _ = events.send(event("StasisEnd", &app, json!({"channel": j})));
                     (204, None)
                 }
                 _ => (404, msg("Resource not found")),
@@ -863,10 +857,23 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
                 }
             }
             for c in &ids {
-                let j = st.channels[c].json();
+                if st.bridges[*bid].contains(c) {
+                    continue;
+                }
+                // One bridge per channel: a channel in another bridge leaves it first.
+                if st.bridges.iter().any(|(b, m)| b != bid && m.contains(c)) {
+                    shared.counts.bridge_moves.fetch_add(1, Ordering::SeqCst);
+                    leave_bridges(&mut st, events, c);
+                }
+                let (j, app) = (st.channels[c].json(), st.channels[c].app.clone());
                 st.bridges.get_mut(*bid).unwrap().push(c.clone());
+                let apps = st.bridge_apps.entry(bid.to_string()).or_default();
+                if !apps.contains(&app) {
+                    apps.push(app.clone());
+                }
                 let _ = events.send(event(
                     "ChannelEnteredBridge",
+                    &app,
                     json!({"bridge": {"id": bid}, "channel": j}),
                 ));
             }
@@ -893,23 +900,31 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
             if !members.contains(&c) {
                 return (422, msg("Channel not in this bridge"));
             }
-            members.retain(|m| m != &c);
+            leave_bridges(&mut st, events, &c);
             (204, None)
         }
         ("DELETE", ["bridges", bid]) => {
             let mut st = shared.state.lock().unwrap();
-            st.bridge_names.remove(*bid);
-            if st.bridges.remove(*bid).is_none() {
+            let Some(members) = st.bridges.get(*bid).cloned() else {
                 return (404, msg("Bridge not found"));
+            };
+            // Members are put out of the bridge first (they stay in their application).
+            for m in &members {
+                leave_bridges(&mut st, events, m);
             }
+            st.bridge_names.remove(*bid);
+            st.bridges.remove(*bid);
             shared
                 .counts
                 .bridges_destroyed
                 .fetch_add(1, Ordering::SeqCst);
-            let _ = events.send(event(
-                "BridgeDestroyed",
-                json!({"bridge": {"id": bid, "bridge_type": "mixing", "channels": []}}),
-            ));
+            for app in st.bridge_apps.remove(*bid).unwrap_or_default() {
+                let _ = events.send(event(
+                    "BridgeDestroyed",
+                    &app,
+                    json!({"bridge": {"id": bid, "bridge_type": "mixing", "channels": []}}),
+                ));
+            }
             (204, None)
         }
         _ => (404, msg("Resource not found")),
@@ -917,7 +932,7 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
 }
 
 async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
-    let q = |k: &str| req.query.get(k).cloned();
+    let q = |k: &str| req.query(k);
     let (Some(host), Some(data), Some(format)) = (q("external_host"), q("data"), q("format"))
     else {
         return (400, msg("external_host, data and format are required"));
@@ -927,6 +942,9 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
     {
         return (400, msg("AudioSocket requires transport tcp"));
     }
+    let Some(app) = q("app").filter(|a| !a.is_empty()) else {
+        return (400, msg("app cannot be empty"));
+    };
     let Ok(uuid) = Uuid::parse_str(&data) else {
         return (500, msg("Failed to create external media channel"));
     };
@@ -959,9 +977,10 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         Arc::new(Vec::new())
     };
     let (dtmf_tx, dtmf_rx) = tokio::sync::mpsc::unbounded_channel();
+    let jitter = shared.state.lock().unwrap().media_jitter;
     tokio::spawn(media_side(
         stream,
-        rate,
+        (rate, jitter),
         speech,
         dtmf_rx,
         bridged_rx,
@@ -982,7 +1001,8 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         exten: "s".into(),
         priority: 1,
         app_name: "Stasis".into(),
-        app_data: format!("voicegate,{data}"),
+        app_data: format!("{app},{data}"),
+        app: app.clone(),
         media: Some(Media {
             uuid,
             dtmf: dtmf_tx,
@@ -1013,6 +1033,7 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
             ch.in_stasis = true;
             let _ = events.send(event(
                 "StasisStart",
+                &app,
                 json!({"args": [data], "channel": ch.json()}),
             ));
         });
@@ -1024,7 +1045,7 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
 /// caller's speech (then silence) one 20 ms frame every 20 ms, records what comes back.
 async fn media_side(
     stream: TcpStream,
-    rate: SlinRate,
+    (rate, jitter): (SlinRate, Option<voicegate::caller::InputJitter>),
     speech: Arc<Vec<i16>>,
     mut dtmf: tokio::sync::mpsc::UnboundedReceiver<char>,
     mut bridged: watch::Receiver<bool>,
@@ -1070,7 +1091,7 @@ async fn media_side(
     while !hangup.is_cancelled() {
         tokio::select! {
             () = hangup.cancelled() => break,
-            () = tokio::time::sleep_until(start + Duration::from_millis(20 * n)) => {}
+            () = tokio::time::sleep_until(start + Duration::from_millis(20 * n + jitter.map_or(0, |j| j.late_ms(n)))) => {}
         }
         let chunk = speech
             .chunks(spf)

@@ -1,12 +1,13 @@
 //! Test helpers for tools: a tiny HTTP/1.1 server standing in for a business's tool
-//! endpoint, and a scripted agent the test drives by hand.
+//! endpoint, and a scripted agent the test drives by hand; [`http`], the HTTP server every
+//! fake shares.
 #![allow(dead_code)]
+
+pub mod http;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use voicegate::agent::{Agent, AgentEndpoint, AgentSession, CallInfo};
 
@@ -38,8 +39,8 @@ pub enum Reply {
     Hang,
 }
 
-/// A tiny HTTP/1.1 server on 127.0.0.1:0 that answers every request with `reply` and
-/// reports each request.
+/// An HTTP/1.1 server on 127.0.0.1:0 ([`http`]) that answers every request with `reply`
+/// and reports each request.
 pub struct HttpServer {
     pub addr: SocketAddr,
     pub requests: mpsc::UnboundedReceiver<HttpRequest>,
@@ -47,77 +48,25 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub async fn start(reply: Reply) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let tx = tx.clone();
-                let reply = reply.clone();
-                tokio::spawn(async move {
-                    // Several requests may come over one keep-alive connection.
-                    let mut buf = Vec::new();
-                    loop {
-                        let head_end = loop {
-                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break p + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-                        let mut lines = head.split("\r\n");
-                        let mut request_line = lines.next().unwrap_or("").split(' ');
-                        let method = request_line.next().unwrap_or("").to_owned();
-                        let target = request_line.next().unwrap_or("").to_owned();
-                        let headers: BTreeMap<String, String> = lines
-                            .filter_map(|l| l.split_once(':'))
-                            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                            .collect();
-                        let len: usize = headers
-                            .get("content-length")
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
-                        while buf.len() < head_end + len {
-                            let mut chunk = [0u8; 4096];
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let body = buf[head_end..head_end + len].to_vec();
-                        buf.drain(..head_end + len);
-                        let _ = tx.send(HttpRequest {
-                            method,
-                            target,
-                            headers,
-                            body,
-                        });
-                        let (status, body) = match &reply {
-                            Reply::Json(b) => (200, b.clone()),
-                            Reply::Status(s, b) => (*s, b.clone()),
-                            Reply::Hang => {
-                                tokio::time::sleep(Duration::from_secs(60)).await;
-                                return;
-                            }
-                        };
-                        let response = format!(
-                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if stream.write_all(response.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
+        let addr = http::spawn(move |req: http::Request| {
+            let (tx, reply) = (tx.clone(), reply.clone());
+            async move {
+                let _ = tx.send(HttpRequest {
+                    method: req.method.clone(),
+                    target: req.target.clone(),
+                    headers: req.headers.clone(),
+                    body: req.body.to_vec(),
                 });
+                let (status, body) = match reply {
+                    Reply::Json(b) => (200, b),
+                    Reply::Status(s, b) => (s, b),
+                    Reply::Hang => std::future::pending().await,
+                };
+                Some(http::json(status, body))
             }
-        });
+        })
+        .await;
         HttpServer { addr, requests: rx }
     }
 

@@ -559,6 +559,17 @@ impl Conversation {
             text: text.clone(),
         })
         .await?;
+        // Tool calls still unanswered when the caller speaks again: Chat Completions refuses
+        // a history whose assistant `tool_calls` are not each followed by a `tool` message
+        // (400 "An assistant message with 'tool_calls' must be followed by tool messages
+        // responding to each 'tool_call_id'"), so each gets a placeholder result now and its
+        // late result is ignored.
+        for id in std::mem::take(&mut self.outstanding_tools) {
+            self.history.push(serde_json::json!({
+                "role": "tool", "tool_call_id": id,
+                "content": "{\"error\":\"no result: the caller spoke again before it came\"}",
+            }));
+        }
         self.history
             .push(serde_json::json!({"role": "user", "content": text}));
         self.continue_after_tools = false;

@@ -462,10 +462,6 @@ async fn connection_loop(
     contexts: &mut HashMap<u64, Ctx>,
 ) -> Result<(), AgentError> {
     let (mut sink, mut stream) = ws.split();
-    let send_err = |e: tokio_tungstenite::tungstenite::Error| AgentError::Provider {
-        provider: PROVIDER,
-        detail: format!("send: {e}"),
-    };
     let bytes_per_ms = format.bytes_per_ms() as u64;
     let mut raw = Vec::with_capacity(8192);
     let mut last_sent = tokio::time::Instant::now();
@@ -526,13 +522,17 @@ async fn connection_loop(
                     }
                 };
                 for m in out {
-                    sink.send(Message::text(m.to_string())).await.map_err(send_err)?;
+                    if let Err(e) = sink.send(Message::text(m.to_string())).await {
+                        return Err(send_failed(&mut stream, e).await);
+                    }
                 }
                 last_sent = tokio::time::Instant::now();
             }
             _ = keepalive.tick() => {
                 if last_sent.elapsed() >= KEEPALIVE {
-                    sink.send(Message::text(r#"{"text":""}"#)).await.map_err(send_err)?;
+                    if let Err(e) = sink.send(Message::text(r#"{"text":""}"#)).await {
+                        return Err(send_failed(&mut stream, e).await);
+                    }
                     last_sent = tokio::time::Instant::now();
                 }
             }
@@ -591,7 +591,9 @@ async fn connection_loop(
                             continue;
                         }
                         let m = serde_json::json!({"context_id": context_id(id), "close_context": true});
-                        sink.send(Message::text(m.to_string())).await.map_err(send_err)?;
+                        if let Err(e) = sink.send(Message::text(m.to_string())).await {
+                            return Err(send_failed(&mut stream, e).await);
+                        }
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -606,6 +608,41 @@ async fn connection_loop(
                 None => return Err(AgentError::Provider { provider: PROVIDER, detail: "connection closed".into() }),
             }
         }
+    }
+}
+
+/// A send to the socket failed, usually because ElevenLabs closed it: it says why just before
+/// (an error message such as `{"message":"Invalid API key","error":"invalid_api_key",
+/// "code":1008}`, then a 1008 close), so that reason is read from what already arrived (for up
+/// to 200 ms) rather than lost behind "broken pipe".
+async fn send_failed<S>(stream: &mut S, e: tokio_tungstenite::tungstenite::Error) -> AgentError
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let mut detail = format!("send: {e}");
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while let Some(Ok(m)) = stream.next().await {
+            match m {
+                Message::Text(t) => {
+                    if let Ok(out) = serde_json::from_str::<WsOut>(t.as_str()) {
+                        if let Some(m) = out.message.or(out.error.map(|e| e.to_string())) {
+                            detail = m;
+                            return;
+                        }
+                    }
+                }
+                Message::Close(Some(f)) => {
+                    detail = format!("closed the stream ({} {})", u16::from(f.code), f.reason);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    AgentError::Provider {
+        provider: PROVIDER,
+        detail,
     }
 }
 
