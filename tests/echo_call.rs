@@ -78,13 +78,6 @@ async fn echo_comes_back(rate: SlinRate) {
         expected_at,
         60 * spms,
     );
-    eprintln!(
-        "PLANT old check (median {:.3} > 0.9): {}; new check: {}",
-        similarity.median(),
-        if similarity.median() > 0.9 { "PASS" } else { "FAIL" },
-        similarity.describe(0.9)
-    );
-    assert!(similarity.median() > 0.9, "OLD CHECK FAILED");
     assert!(similarity.passes(0.9), "echo: {}", similarity.describe(0.9));
 
     // Never early: the first audible echo comes the echo delay after the first audible
@@ -200,9 +193,6 @@ async fn shutdown_hangs_up_live_calls_after_grace() {
         report.hangup_received,
         "live call got 0x00 when the grace period ran out"
     );
-    assert!(report.duration_ms < 2000.0);
-    assert_eq!(server.next_summary().await.outcome, Outcome::Shutdown);
-    eprintln!("PLANT old checks passed (hangup_received, duration < 2 s, outcome Shutdown); hangup {ended:?} after stop");
     // The live call kept its grace period (an immediate hangup fails), and no more than a
     // loaded machine's second beyond it.
     eprintln!("measured: shutdown → caller saw the hangup after {ended:?} (grace 300 ms)");
@@ -210,6 +200,8 @@ async fn shutdown_hangs_up_live_calls_after_grace() {
         ended >= Duration::from_millis(300) && ended < Duration::from_millis(1_300),
         "hung up {ended:?} after the shutdown, grace 300 ms"
     );
+    assert!(report.duration_ms < 2000.0);
+    assert_eq!(server.next_summary().await.outcome, Outcome::Shutdown);
     // New connections are refused once stopped.
     server.task.await.unwrap();
     assert!(tokio::net::TcpStream::connect(server.addr).await.is_err());

@@ -547,6 +547,8 @@ async fn provider_floods_a_minute_of_audio_and_memory_stays_bounded_body() {
         sent_in < 30_000.0,
         "precondition: the fake sent its minute in {sent_in} ms"
     );
+    // The check: what voicegate did with it on the caller's wire.
+    assert_paced_on_the_wire("a minute of audio flooded", &report);
     assert!(report.hangup_received);
     let ended = offset + report.duration_ms;
     assert!(
@@ -566,8 +568,6 @@ async fn provider_floods_a_minute_of_audio_and_memory_stays_bounded_body() {
         s.playout_overflow_samples
     );
     assert!(s.playout_overflow_samples > 40 * 8_000, "{s:?}");
-    eprintln!("PLANT old checks passed (sent_in, hangup, fallback, overflow)");
-    assert_paced_on_the_wire("a minute of audio flooded", &report);
     drop(fake);
     h.finish(vec![server]).await;
 }

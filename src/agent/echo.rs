@@ -102,15 +102,7 @@ impl DelayLine {
     }
 
     /// Takes one caller frame that arrived at `now`.
-    pub fn push(&mut self, now: Instant, mut samples: Vec<i16>) {
-        // PLANTED BUG (scratch): garble every other 100 ms window of the echo.
-        if std::env::var_os("VG_PLANT_GARBLE").is_some()
-            && (self.position / (u64::from(self.rate_hz) / 10)) % 2 == 1
-        {
-            for (k, s) in samples.iter_mut().enumerate() {
-                *s = ((((k as u64 + self.position) * 7919) % 4001) as i16) - 2000;
-            }
-        }
+    pub fn push(&mut self, now: Instant, samples: Vec<i16>) {
         let mut anchor = *self.anchor.get_or_insert(now);
         let slot = anchor + self.stream_time(self.position);
         if now < slot {

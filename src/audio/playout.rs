@@ -248,12 +248,7 @@ impl PlayoutClock {
     /// the deadline 20 ms on, or re-anchors it to `now` if the driver is more than
     /// [`Self::MAX_LAG_FRAMES`] frames late (the missed frames are counted, not sent).
     pub fn advance(&mut self, now: Instant) {
-        // PLANTED BUG (scratch): pace at 10 ms.
-        self.next += if std::env::var_os("VG_PLANT_FAST").is_some() {
-            FRAME / 2
-        } else {
-            FRAME
-        };
+        self.next += FRAME;
         if now > self.next + FRAME * Self::MAX_LAG_FRAMES {
             let behind = (now - self.next).as_micros() / FRAME.as_micros();
             self.skipped_frames += behind as u64;

@@ -288,12 +288,6 @@ impl Server {
         }
         drop(self.listener);
         let grace = self.current.borrow().params.shutdown_grace;
-        // PLANTED BUG (scratch): hang up at once at shutdown.
-        let grace = if std::env::var_os("VG_PLANT_NOGRACE").is_some() {
-            Duration::ZERO
-        } else {
-            grace
-        };
         tracker.close();
         let live = tracker.len();
         if live > 0 {
