@@ -491,23 +491,116 @@ pub fn best_correlation_in(
     best
 }
 
+/// One voiced 100 ms window of the reference, matched against the received audio by
+/// [`speech_similarity`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowMatch {
+    /// Index of the window in the reference: it covers samples `index * rate_hz / 10` up to
+    /// the next window.
+    pub index: usize,
+    /// Normalised correlation at the best lag: 1.0 identical, unrelated audio stays well
+    /// under 0.5, 0.0 when no lag fitted inside `received`.
+    pub correlation: f64,
+    /// The lag (samples) at which it matched: positive when `received` carries it later.
+    pub lag: isize,
+}
+
+/// What [`speech_similarity`] found, window by window: the single implementation behind
+/// every "the echo is the caller's own speech" check (tests, `voicegate selftest`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Similarity {
+    /// Sample rate (Hz) of both signals.
+    pub rate_hz: u32,
+    /// The voiced windows (RMS above 300), in reference order.
+    pub windows: Vec<WindowMatch>,
+}
+
+impl Similarity {
+    /// Number of voiced windows in the reference.
+    pub fn voiced(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Number of voiced windows whose correlation is at least `threshold`.
+    pub fn count_at_least(&self, threshold: f64) -> usize {
+        self.windows
+            .iter()
+            .filter(|w| w.correlation >= threshold)
+            .count()
+    }
+
+    /// How many voiced windows must reach the threshold: 95 % of them (rounded up), except
+    /// that a recording under 20 windows may lose one (a single late frame or skipped tick
+    /// on a loaded machine); never fewer than one.
+    pub fn required(&self) -> usize {
+        let n = self.voiced();
+        (n * 19).div_ceil(20).min(n.saturating_sub(1)).max(1)
+    }
+
+    /// True when the reference has a voiced window and at least [`Similarity::required`]
+    /// of its voiced windows reach `threshold` (a correlation, 0–1).
+    pub fn passes(&self, threshold: f64) -> bool {
+        self.voiced() > 0 && self.count_at_least(threshold) >= self.required()
+    }
+
+    /// The window with the lowest correlation, `None` without voiced windows.
+    pub fn worst(&self) -> Option<WindowMatch> {
+        self.windows
+            .iter()
+            .copied()
+            .min_by(|a, b| a.correlation.total_cmp(&b.correlation))
+    }
+
+    /// The median correlation of the voiced windows (0.0 without any): a summary for
+    /// display only; [`Similarity::passes`] is the check.
+    pub fn median(&self) -> f64 {
+        let mut c: Vec<f64> = self.windows.iter().map(|w| w.correlation).collect();
+        if c.is_empty() {
+            return 0.0;
+        }
+        c.sort_by(f64::total_cmp);
+        c[c.len() / 2]
+    }
+
+    /// One line for a failure message or a report, e.g. `18/19 voiced 100 ms windows ≥ 0.90
+    /// (need 18), worst 0.41 at 700 ms (lag 305 ms), median 0.97`.
+    pub fn describe(&self, threshold: f64) -> String {
+        let ms = |samples: isize| samples * 1000 / self.rate_hz.max(1) as isize;
+        let worst = self.worst().map_or("none".to_string(), |w| {
+            format!(
+                "{:.2} at {} ms (lag {} ms)",
+                w.correlation,
+                w.index * 100,
+                ms(w.lag)
+            )
+        });
+        format!(
+            "{}/{} voiced 100 ms windows ≥ {threshold:.2} (need {}), worst {worst}, median {:.2}",
+            self.count_at_least(threshold),
+            self.voiced(),
+            self.required(),
+            self.median()
+        )
+    }
+}
+
 /// How well `received` carries the speech in `reference`, tolerant of the small timing
 /// shifts a real audio path adds (a late frame, a skipped tick): the reference is cut into
 /// 100 ms windows; each voiced window (RMS above 300) is matched against `received` at the
 /// best lag within `search` samples of where the previous window matched (the first around
-/// `expected_lag`). Returns the median of the windows' normalised correlations (1.0 is
-/// identical; unrelated audio stays well under 0.5), or 0.0 when the reference has no voiced
-/// window. `rate_hz` is the sample rate of both.
+/// `expected_lag`). Returns every voiced window's match; check it with
+/// [`Similarity::passes`] (≥ 95 % of the windows at the threshold), which a half-garbled
+/// echo fails. `rate_hz` is the sample rate of both; lags are in samples.
 pub fn speech_similarity(
     received: &[i16],
     reference: &[i16],
     rate_hz: u32,
     expected_lag: usize,
     search: usize,
-) -> f64 {
-    let window = rate_hz as usize / 10;
+) -> Similarity {
+    let window = (rate_hz as usize / 10).max(1);
     let mut lag = expected_lag as isize;
-    let mut scores = Vec::new();
+    let mut windows = Vec::new();
     for (i, chunk) in reference.chunks_exact(window).enumerate() {
         if crate::audio::rms(chunk) < 300.0 {
             continue;
@@ -529,13 +622,13 @@ pub fn speech_similarity(
             }
         }
         lag = best.1;
-        scores.push(best.0);
+        windows.push(WindowMatch {
+            index: i,
+            correlation: best.0,
+            lag: best.1,
+        });
     }
-    if scores.is_empty() {
-        return 0.0;
-    }
-    scores.sort_by(f64::total_cmp);
-    scores[scores.len() / 2]
+    Similarity { rate_hz, windows }
 }
 
 #[cfg(test)]
@@ -553,12 +646,42 @@ mod tests {
         received.extend_from_slice(&reference[..4000]);
         received.extend(std::iter::repeat_n(0, 320));
         received.extend_from_slice(&reference[4000..]);
-        assert!(speech_similarity(&received, &reference, 8000, 4000, 480) > 0.95);
+        let s = speech_similarity(&received, &reference, 8000, 4000, 480);
+        assert!(s.passes(0.9), "{}", s.describe(0.9));
+        assert_eq!(s.voiced(), 10);
         let other: Vec<i16> = (0..12000)
             .map(|i| (((i * 7919) % 4001) as i16) - 2000)
             .collect();
-        assert!(speech_similarity(&other, &reference, 8000, 4000, 480) < 0.5);
-        assert_eq!(speech_similarity(&received, &[0; 800], 8000, 0, 10), 0.0);
+        let s = speech_similarity(&other, &reference, 8000, 4000, 480);
+        assert!(!s.passes(0.5), "{}", s.describe(0.5));
+        let s = speech_similarity(&received, &[0; 800], 8000, 0, 10);
+        assert!(!s.passes(0.0) && s.worst().is_none());
+    }
+
+    #[test]
+    fn similarity_fails_a_half_garbled_echo_and_names_the_worst_window() {
+        // 2 s of voiced reference, echoed 500 ms late with every other 100 ms window
+        // replaced by unrelated noise: the median stays high, the check must fail.
+        let reference: Vec<i16> = (0..16000)
+            .map(|i| ((i as f32 * (0.05 + (i / 800) as f32 * 0.01)).sin() * 6000.0) as i16)
+            .collect();
+        let mut received = vec![0i16; 4000];
+        received.extend_from_slice(&reference);
+        let clean = speech_similarity(&received, &reference, 8000, 4000, 480);
+        assert!(clean.passes(0.9), "{}", clean.describe(0.9));
+        for w in (0..20).step_by(2) {
+            for (k, s) in received[4000 + w * 800..4000 + (w + 1) * 800]
+                .iter_mut()
+                .enumerate()
+            {
+                *s = ((((k + w) * 7919) % 4001) as i16) - 2000;
+            }
+        }
+        let garbled = speech_similarity(&received, &reference, 8000, 4000, 480);
+        assert!(garbled.median() > 0.9, "{}", garbled.describe(0.9));
+        assert!(!garbled.passes(0.9), "{}", garbled.describe(0.9));
+        assert!(garbled.worst().unwrap().correlation < 0.5);
+        assert_eq!(garbled.worst().unwrap().index % 2, 0);
     }
 
     #[test]

@@ -39,8 +39,9 @@ pub struct Check {
 pub struct SelftestOutcome {
     /// Agent provider used.
     pub agent: String,
-    /// Echo similarity of what came back to what was said, window by window (echo agent
-    /// only; see [`crate::caller::speech_similarity`]).
+    /// Echo similarity of what came back to what was said: the median of the 100 ms
+    /// windows' correlations, 0–1 (echo agent only; the check itself needs 95 % of the
+    /// windows ≥ 0.8, see [`crate::caller::Similarity::passes`]).
     pub correlation: Option<f64>,
     /// Every check made.
     pub checks: Vec<Check>,
@@ -113,10 +114,10 @@ pub async fn run(config: &Config, length: Duration) -> anyhow::Result<SelftestOu
             offset,
             480,
         );
-        correlation = Some(c);
+        correlation = Some(c.median());
         checks.push(Check {
-            what: format!("echo matches the recording (similarity {c:.2} ≥ 0.80)"),
-            ok: c >= 0.8,
+            what: format!("echo matches the recording: {}", c.describe(0.8)),
+            ok: c.passes(0.8),
         });
     }
     let passed = checks.iter().all(|c| c.ok);

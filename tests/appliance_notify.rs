@@ -301,6 +301,7 @@ async fn notify_messages_in_order_ready_watchdog_stopping_extend() {
     });
     svc.wait_for(Duration::from_secs(5), |m| m.contains("1 live calls"))
         .expect("STATUS shows the live call");
+    let terminated = Instant::now();
     svc.signal("TERM");
     svc.wait_for(Duration::from_secs(5), |m| {
         m.contains("EXTEND_TIMEOUT_USEC=")
@@ -314,6 +315,14 @@ async fn notify_messages_in_order_ready_watchdog_stopping_extend() {
     assert!(
         report.hangup_received,
         "hung up with 0x00 after the grace period"
+    );
+    // After the grace period (shutdown_grace_s = 2; an immediate hangup fails), and not much
+    // later: the caller's 10 s call would otherwise still run.
+    let ended = terminated.elapsed();
+    eprintln!("measured: SIGTERM → caller saw the hangup after {ended:?} (grace 2 s)");
+    assert!(
+        ended >= Duration::from_secs(2) && ended < Duration::from_secs(4),
+        "hung up {ended:?} after SIGTERM, grace 2 s"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
@@ -583,11 +592,14 @@ async fn sighup_reload_applies_to_new_calls_and_metrics_parse() {
     assert!(samples.contains_key("voicegate_barge_ins_total"));
     assert!(samples.contains_key("voicegate_frames_dropped_total{direction=\"in\"}"));
     assert!(text.contains("# TYPE voicegate_playout_lateness_seconds histogram"));
-    // The binary counts its live heap: more than nothing (a running service with its
-    // runtime, listeners and config), and far less than a leak would show (64 MiB).
+    // The binary counts its live heap, idle after two calls: its runtime, listeners and
+    // config (measured 172–176 KiB on 2 cores), with room for more worker threads on a
+    // bigger machine; a call's buffers left behind (a 10 s call holds ~160 KiB of audio in
+    // and out) or a counter that stopped counting fail.
     let heap = get("voicegate_heap_allocated_bytes");
+    eprintln!("measured: live heap {heap} bytes after two calls");
     assert!(
-        heap > 64.0 * 1024.0 && heap < 64.0 * 1024.0 * 1024.0,
-        "{heap}"
+        heap > 100.0 * 1024.0 && heap < 512.0 * 1024.0,
+        "live heap {heap} bytes, expected 100–512 KiB"
     );
 }

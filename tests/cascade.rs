@@ -379,6 +379,26 @@ async fn first_audio_before_llm_finished(rate: SlinRate) {
         "turn latency at {} Hz (from end of caller speech): stt final {s} ms, llm first token {l} ms, tts first audio {a} ms, first frame on the wire {f} ms",
         rate.hz()
     );
+    // The values, not only their order (measured 399–420, +14–28, +1–14, +0–19 ms): the
+    // fake STT's endpointing ends the turn after 400 ms of silence; the fake LLM streams at
+    // once, the TTS fake answers the first sentence at once, and the first frame goes out
+    // on the next 20 ms tick. The margins are for a loaded machine.
+    assert!((350..=600).contains(&s), "stt final {s} ms: {t:?}");
+    assert!(
+        l - s <= 200,
+        "llm first token {} ms after stt final: {t:?}",
+        l - s
+    );
+    assert!(
+        a - l <= 200,
+        "tts first audio {} ms after the llm's first token: {t:?}",
+        a - l
+    );
+    assert!(
+        f - a <= 100,
+        "first frame {} ms after tts first audio: {t:?}",
+        f - a
+    );
     assert!(
         summary
             .transcript

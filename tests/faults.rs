@@ -244,6 +244,39 @@ async fn call(addr: SocketAddr, plan: &CallPlan, t0: Instant) -> (CallReport, f6
 
 /// The faulty call reached the fallback: `0x00` within 2 s of `failed_at` (ms after `t0`),
 /// and a call record with a fallback outcome and reason. Returns the reason.
+/// What voicegate put on the AudioSocket wire while the provider misbehaved: 20 ms frames
+/// at 20 ms pacing (median gap 18–22 ms), and never ahead of real time (frame `i` not
+/// before `20·i − 60` ms after the first: a burst passed through, or 10 ms pacing, fails),
+/// whatever the provider sent and however fast.
+fn assert_paced_on_the_wire(what: &str, report: &CallReport) {
+    assert_eq!(report.short_frames, 0, "{what}: {report:?}");
+    let a = &report.arrivals_ms;
+    assert!(a.len() >= 40, "{what}: only {} frames", a.len());
+    assert!(
+        (18.0..=22.0).contains(&report.gap_p50_ms),
+        "{what}: frame gap p50 {} ms",
+        report.gap_p50_ms
+    );
+    let ahead = (0..a.len())
+        .map(|i| (i as f64 * 20.0 - (a[i] - a[0]), i))
+        .fold((f64::MIN, 0), |m, x| if x.0 > m.0 { x } else { m });
+    eprintln!(
+        "measured: {what}: {} frames, gap p50 {:.1} p99 {:.1} max {:.1} ms, at most {:.1} ms ahead of real time (frame {})",
+        a.len(),
+        report.gap_p50_ms,
+        report.gap_p99_ms,
+        report.gap_max_ms,
+        ahead.0,
+        ahead.1
+    );
+    assert!(
+        ahead.0 <= 60.0,
+        "{what}: frame {} arrived {:.1} ms ahead of 20 ms pacing",
+        ahead.1,
+        ahead.0
+    );
+}
+
 async fn assert_fallback(
     server: &mut TestServer,
     plan: &CallPlan,
@@ -469,6 +502,7 @@ async fn provider_sends_audio_in_another_format_than_agreed_body() {
         report.gap_max_ms < 1_000.0 && report.short_frames == 0,
         "the faulty call's own frames kept coming: {report:?}"
     );
+    assert_paced_on_the_wire("audio in another format", &report);
     let reason = assert_fallback(&mut server, &p, &report, offset, closed).await;
     assert!(reason.contains("1008"), "{reason}");
     drop(fake);
@@ -508,10 +542,13 @@ async fn provider_floods_a_minute_of_audio_and_memory_stays_bounded_body() {
         (t, sent_in)
     };
     let ((closed, sent_in), (report, offset)) = tokio::join!(fake_side, call(server.addr, &p, t0));
+    // The set-up (not the check): the fake did flood, a minute of audio well ahead of time.
     assert!(
         sent_in < 30_000.0,
-        "a minute of audio went out faster than real time ({sent_in} ms)"
+        "precondition: the fake sent its minute in {sent_in} ms"
     );
+    // The check: what voicegate did with it on the caller's wire.
+    assert_paced_on_the_wire("a minute of audio flooded", &report);
     assert!(report.hangup_received);
     let ended = offset + report.duration_ms;
     assert!(

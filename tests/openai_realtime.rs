@@ -206,10 +206,11 @@ async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
         lag / 8
     );
 
-    // The reply went out as a burst, much faster than real time.
+    // The set-up (not the check): the fake sent the reply as a burst, much faster than
+    // real time, so what follows checks voicegate's pacing, not the fake's.
     assert!(
         reply_last - reply_first < reply_ms / 4.0,
-        "fake sent {reply_ms} ms of reply in {} ms",
+        "precondition: fake sent {reply_ms} ms of reply in {} ms",
         reply_last - reply_first
     );
 
@@ -252,6 +253,15 @@ async fn ga_ulaw_call_paced_reply_and_barge_in_truncates_what_was_heard() {
         (18.0..=22.0).contains(&report.gap_p50_ms),
         "call gap p50 {}",
         report.gap_p50_ms
+    );
+    // Never ahead of real time on the caller's wire: reply frame k not before 20·k − 40 ms
+    // after the first (a burst passed through, or 10 ms pacing, fails at once).
+    let ahead = (first..=last)
+        .map(|i| (i - first) as f64 * 20.0 - (t(i) - t(first)))
+        .fold(f64::MIN, f64::max);
+    assert!(
+        ahead <= 40.0,
+        "a reply frame arrived {ahead:.1} ms ahead of 20 ms pacing"
     );
     // Tolerant of a loaded machine: a hiccup may delay a frame, but frames never bunch up.
     let bunched = gaps.iter().filter(|&&g| g < 5.0).count();

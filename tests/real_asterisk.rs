@@ -6,6 +6,7 @@
 #[path = "common/fake_openai.rs"]
 mod fake_openai;
 mod real_asterisk_support;
+mod skip;
 
 use real_asterisk_support::{
     Asterisk, AsteriskSetup, PacingProbe, TestCall, Voicegate, assert_echo, percentile, read_wav,

@@ -1,13 +1,17 @@
 //! The files under `systemd/` pass systemd's own offline checks: `systemd-analyze verify`
 //! prints nothing on stderr (it exits 0 on unknown keys and bad values, only warning, so
 //! any stderr output fails the test), `systemd-analyze security --offline=yes` rates the
-//! unit 2.0 or better, and (as root) `systemd-sysusers` / `systemd-tmpfiles` accept their
+//! unit 1.2 or better (what the README claims; measured 1.2 with systemd 252), and (as root) `systemd-sysusers` / `systemd-tmpfiles` accept their
 //! files in a scratch root. Needs the `systemd` package (`.ci/run` installs it); without
-//! `systemd-analyze` the test says so and passes.
+//! `systemd-analyze` the test prints a `voicegate-test-skipped` line (`tests/skip/`) and
+//! passes, or fails under `VOICEGATE_REQUIRE_ALL=1` (CI).
 //!
 //! `verify` checks that `ExecStart=`'s binary exists, so the test checks a copy of the unit
 //! whose `ExecStart=` names the binary cargo just built; everything else is verbatim.
 
+mod skip;
+
+use skip::skip;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -50,14 +54,6 @@ fn unit_copy(dir: &Path) -> PathBuf {
     path
 }
 
-/// A test that cannot run here says so; under `VOICEGATE_REQUIRE_ALL=1` (CI) it fails.
-fn skip(why: &str) {
-    assert!(
-        std::env::var("VOICEGATE_REQUIRE_ALL").as_deref() != Ok("1"),
-        "cannot run, and VOICEGATE_REQUIRE_ALL=1: {why}"
-    );
-    eprintln!("skipped: {why}");
-}
 #[test]
 fn unit_has_the_promised_settings() {
     let text = std::fs::read_to_string(unit_dir().join("voicegate.service")).unwrap();
@@ -83,7 +79,10 @@ fn unit_has_the_promised_settings() {
 #[test]
 fn systemd_analyze_verify_prints_nothing() {
     if !have("systemd-analyze") {
-        skip("systemd-analyze not installed (apt-get install systemd)");
+        skip(
+            "systemd_analyze_verify_prints_nothing",
+            "systemd-analyze not installed (apt-get install systemd)",
+        );
         return;
     }
     let dir = scratch("verify");
@@ -100,9 +99,12 @@ fn systemd_analyze_verify_prints_nothing() {
 }
 
 #[test]
-fn systemd_analyze_security_rates_2_0_or_better() {
+fn systemd_analyze_security_rates_1_2_or_better() {
     if !have("systemd-analyze") {
-        skip("systemd-analyze not installed (apt-get install systemd)");
+        skip(
+            "systemd_analyze_security_rates_1_2_or_better",
+            "systemd-analyze not installed (apt-get install systemd)",
+        );
         return;
     }
     let dir = scratch("security");
@@ -128,14 +130,18 @@ fn systemd_analyze_security_rates_2_0_or_better() {
             )
         });
     eprintln!("systemd-analyze security: exposure {score}");
-    assert!(score <= 2.0, "exposure {score} > 2.0:\n{stdout}");
+    // The README says 1.2; any loosened setting raises it (each is worth 0.1 or more).
+    assert!(score <= 1.2, "exposure {score} > 1.2 (README):\n{stdout}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn sysusers_and_tmpfiles_apply_in_a_scratch_root() {
     if !(have("systemd-sysusers") && have("systemd-tmpfiles") && is_root()) {
-        skip("systemd-sysusers/systemd-tmpfiles or root missing");
+        skip(
+            "sysusers_and_tmpfiles_apply_in_a_scratch_root",
+            "systemd-sysusers/systemd-tmpfiles or root missing",
+        );
         return;
     }
     let root = scratch("root");

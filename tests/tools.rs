@@ -8,7 +8,7 @@ mod support;
 use common::{TestServer, fixture};
 use serde_json::{Value, json};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use support::{HttpServer, Reply, ScriptAgent};
 use tokio::sync::mpsc;
@@ -20,8 +20,7 @@ use voicegate::call::route::ServerParams;
 use voicegate::caller::{CallPlan, CallReport, place_call};
 use voicegate::config::Config;
 use voicegate::tools::http::ToolContext;
-use voicegate::tools::transfer::TransferFuture;
-use voicegate::tools::{OperatorTransfer, ToolAction, ToolRegistry};
+use voicegate::tools::{ToolAction, ToolRegistry};
 
 fn registry(toml_text: &str) -> ToolRegistry {
     let config = Config::from_toml(toml_text, Path::new("test.toml")).expect("config");
@@ -194,6 +193,7 @@ async fn terminal_tool_is_not_run_when_its_reply_was_interrupted() {
     let (_info, mut ep) = next_call(&mut calls).await;
     let long = fixture("invalid.wav").samples;
     let (r1, r2) = (ReplyId(1), ReplyId(2));
+    let sent = std::time::Instant::now();
     send(
         &ep,
         AgentEvent::Audio {
@@ -205,6 +205,7 @@ async fn terminal_tool_is_not_run_when_its_reply_was_interrupted() {
     send(&ep, tool_call("c1", "hangup", json!({}), Some(r1))).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The caller talks over the goodbye.
+    let talked_ms = sent.elapsed().as_millis() as u64;
     send(&ep, AgentEvent::SpeechStarted).await;
     let mut got_result = false;
     let mut got_interrupted = false;
@@ -217,7 +218,17 @@ async fn terminal_tool_is_not_run_when_its_reply_was_interrupted() {
             }
             AgentInput::Interrupted { reply, heard_ms } => {
                 assert_eq!(reply, r1);
-                assert!(heard_ms > 0 && heard_ms < 4000, "{heard_ms}");
+                // What was played of the reply until the caller spoke (about 600 ms; the
+                // sleep may overrun on a loaded machine, so measured): playout starts on the
+                // next 20 ms tick after the audio arrives, and the barge-in is seen within a
+                // few ticks of being sent (measured: 19–27 ms more than the time it was sent).
+                eprintln!(
+                    "measured: heard_ms {heard_ms}, SpeechStarted sent {talked_ms} ms after the reply"
+                );
+                assert!(
+                    heard_ms + 100 >= talked_ms && heard_ms <= talked_ms + 100,
+                    "heard_ms {heard_ms} for a reply cut {talked_ms} ms after it was sent"
+                );
                 got_interrupted = true;
             }
             other => panic!("unexpected {other:?}"),
@@ -311,60 +322,6 @@ async fn transfer_without_ari_ends_the_session_for_the_dialplan_queue() {
     );
     let summary = server.next_summary().await;
     assert_eq!(summary.outcome, Outcome::Operator("dialplan".into()));
-    server.stop.cancel();
-}
-
-/// Transfers the fake ARI was asked for: (call id, reason).
-type Transfers = Arc<Mutex<Vec<(uuid::Uuid, Option<String>)>>>;
-
-struct FakeAri {
-    seen: Transfers,
-}
-
-impl OperatorTransfer for FakeAri {
-    fn name(&self) -> &'static str {
-        "fake_ari"
-    }
-    fn transfer(&self, call: &CallInfo, reason: Option<String>) -> TransferFuture {
-        self.seen.lock().unwrap().push((call.call_id, reason));
-        Box::pin(async { Ok(()) })
-    }
-}
-
-#[tokio::test]
-async fn transfer_uses_the_installed_operator_transfer() {
-    let seen: Transfers = Arc::new(Mutex::new(Vec::new()));
-    let reg = registry("[[tools]]\nkind = \"transfer_to_operator\"\n")
-        .with_transfer(Arc::new(FakeAri { seen: seen.clone() }));
-    let (mut server, mut calls) = server_with(reg).await;
-    let p = plan(8.0);
-    let call_id = p.call_id;
-    let caller = call(&server, p);
-    let (_info, ep) = next_call(&mut calls).await;
-    send(
-        &ep,
-        tool_call(
-            "t1",
-            "transfer_to_operator",
-            json!({"reason": "wants a human"}),
-            None,
-        ),
-    )
-    .await;
-    let (_events, _control) = drain(ep);
-    let report = tokio::time::timeout(Duration::from_secs(6), caller)
-        .await
-        .expect("ended")
-        .unwrap();
-    assert!(report.hangup_received);
-    assert_eq!(
-        server.next_summary().await.outcome,
-        Outcome::Operator("fake_ari".into())
-    );
-    assert_eq!(
-        *seen.lock().unwrap(),
-        vec![(call_id, Some("wants a human".to_owned()))]
-    );
     server.stop.cancel();
 }
 

@@ -123,8 +123,9 @@ allowed_ips = ["10.0.0.1/32"]
         480,
     );
     assert!(
-        similarity > 0.9,
-        "echo through the tunnel: similarity {similarity}"
+        similarity.passes(0.9),
+        "echo through the tunnel: {}",
+        similarity.describe(0.9)
     );
 
     // The dialplan's question after the call, asked through the tunnel at the tunnel

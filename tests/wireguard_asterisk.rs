@@ -28,10 +28,13 @@
 //! Needs root (namespaces, TUN), `apt-get install wireguard-go wireguard-tools iproute2`,
 //! and Asterisk 22 installed under `/var/cache/asterisk-22.10.1` (or
 //! `VOICEGATE_ASTERISK`; `../shared/asterisk/build.sh` builds it). Without them
-//! it prints `skipped` and passes, unless `VOICEGATE_REQUIRE_ALL=1`, when it fails.
+//! it prints a `voicegate-test-skipped` line and passes, unless `VOICEGATE_REQUIRE_ALL=1`, when it fails.
 //! Run: `cargo test --test wireguard_asterisk -- --nocapture`.
 
 mod common;
+mod skip;
+
+use skip::skip;
 
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
@@ -40,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use voicegate::audio::wav::Recording;
-use voicegate::caller::speech_similarity;
+use voicegate::caller::{Similarity, speech_similarity};
 use voicegate::tunnel::keys;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -48,15 +51,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_voicegate");
 
 fn repo_file(path: &str) -> String {
     std::fs::read_to_string(Path::new(REPO).join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-/// `skipped` (pass), or a failure when `VOICEGATE_REQUIRE_ALL=1`.
-fn skip(why: &str) {
-    assert!(
-        std::env::var("VOICEGATE_REQUIRE_ALL").as_deref() != Ok("1"),
-        "VOICEGATE_REQUIRE_ALL=1 but: {why}"
-    );
-    eprintln!("skipped: {why}");
 }
 
 fn have(tool: &str) -> bool {
@@ -451,7 +445,7 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
 
 /// [`speech_similarity`] of `heard` against `speech`, at the lag (0–4 s) where their 10 ms
 /// energy envelopes match best; returns the similarity and the lag in samples.
-fn echo_similarity(heard: &Recording, speech: &Recording) -> (f64, usize) {
+fn echo_similarity(heard: &Recording, speech: &Recording) -> (Similarity, usize) {
     let rate = heard.rate_hz;
     let frame = rate as usize / 100;
     let envelope = |x: &[i16]| -> Vec<f64> {
@@ -515,23 +509,32 @@ fn calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk() {
     );
     let asterisk = prefix.join("sbin/asterisk");
     if !asterisk.exists() {
-        return skip(&format!(
-            "no Asterisk at {} (/work/shared/asterisk/build.sh builds it)",
-            asterisk.display()
-        ));
+        return skip(
+            "calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk",
+            &format!(
+                "no Asterisk at {} (/work/shared/asterisk/build.sh builds it)",
+                asterisk.display()
+            ),
+        );
     }
     let missing: Vec<&str> = ["ip", "wireguard-go", "wg"]
         .into_iter()
         .filter(|t| !have(t))
         .collect();
     if !missing.is_empty() {
-        return skip(&format!(
-            "{missing:?} not installed: apt-get install wireguard-go wireguard-tools iproute2"
-        ));
+        return skip(
+            "calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk",
+            &format!(
+                "{missing:?} not installed: apt-get install wireguard-go wireguard-tools iproute2"
+            ),
+        );
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (network namespaces, TUN)");
+        return skip(
+            "calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk",
+            "needs root (network namespaces, TUN)",
+        );
     }
 
     let tag = format!("{:04x}", std::process::id() & 0xffff);
@@ -540,7 +543,12 @@ fn calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut lab = match namespaces(&tag, dir.clone()) {
         Ok(lab) => lab,
-        Err(e) => return skip(&format!("network namespaces not allowed: {e}")),
+        Err(e) => {
+            return skip(
+                "calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk",
+                &format!("network namespaces not allowed: {e}"),
+            );
+        }
     };
 
     // Keys, made as the README says (either tool makes either key).
@@ -554,7 +562,10 @@ fn calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk() {
         .replace("<ASTERISK_PRIVATE_KEY>", ast_private.expose())
         .replace("<VOICEGATE_PUBLIC_KEY>", &vg_public);
     if let Err(e) = wg_quick_up(&mut lab, &wg0) {
-        return skip(&format!("wireguard-go in a namespace: {e}"));
+        return skip(
+            "calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk",
+            &format!("wireguard-go in a namespace: {e}"),
+        );
     }
     let listen_port = ini_value(&wg0, "ListenPort").expect("wg0.conf ListenPort");
 
@@ -650,13 +661,14 @@ fn calls_in_all_three_modes_through_the_tunnel_to_a_real_asterisk() {
             std::panic::resume_unwind(e)
         });
         let (similarity, lag) = echo_similarity(&heard, &speech);
+        let describe = similarity.describe(0.8);
         eprintln!(
-            "{context}: echo similarity {similarity:.3} at {} ms",
+            "{context}: echo {describe} at {} ms",
             lag * 1000 / heard.rate_hz as usize
         );
-        results.push((context, similarity));
+        results.push((context, similarity.passes(0.8), describe));
     }
-    let failed: Vec<_> = results.iter().filter(|(_, s)| *s < 0.8).collect();
+    let failed: Vec<_> = results.iter().filter(|(_, ok, _)| !ok).collect();
     if !failed.is_empty() {
         lab.print_logs();
     }

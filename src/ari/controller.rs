@@ -180,17 +180,6 @@ enum SetupError {
     },
 }
 
-/// Why a control request from a tool failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// No live call has this id.
-    #[error("no live call {0}")]
-    UnknownCall(Uuid),
-    /// The call is already being transferred or hung up.
-    #[error("call {0} is already ending")]
-    AlreadyEnding(Uuid),
-}
-
 /// Counters of what the controller did (monotonic).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AriStats {
@@ -281,10 +270,6 @@ struct StasisCall {
     started: (SystemTime, Instant),
 }
 
-struct LookupCall {
-    end: CancellationToken,
-}
-
 /// What a reconcile pass does for a caller given up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
@@ -304,7 +289,6 @@ struct GivenUp {
 struct Registry {
     calls: HashMap<Uuid, StasisCall>,
     by_channel: HashMap<String, Uuid>,
-    lookups: HashMap<Uuid, LookupCall>,
     /// Caller channel id → the call given up on; left on `StasisEnd`/`ChannelDestroyed` or
     /// when a reconcile pass moved, hung up or no longer found the channel.
     given_up: HashMap<String, GivenUp>,
@@ -1036,52 +1020,6 @@ impl Controller {
         self.cleanup(id).await;
     }
 
-    /// Transfers a live call to the operators (the `transfer_to_operator` tool). In Stasis
-    /// mode: ARI `continue` as in a fallback; for an `AudioSocket()`/channel-driver call:
-    /// `/next` answers `operator` and the session ends with `0x00`. Returns once the transfer
-    /// is done or has fallen back to a hangup.
-    ///
-    /// # Errors
-    /// [`ControlError`] if no live call has this id or it is already ending.
-    pub async fn transfer(&self, call_id: Uuid) -> Result<(), ControlError> {
-        self.control(call_id, Next::Operator).await
-    }
-
-    /// Hangs up a live call (the `hangup` tool): `DELETE` in Stasis mode; `/next` answers
-    /// `hangup` and the session ends for an `AudioSocket()`/channel-driver call.
-    ///
-    /// # Errors
-    /// [`ControlError`] if no live call has this id or it is already ending.
-    pub async fn hangup(&self, call_id: Uuid) -> Result<(), ControlError> {
-        self.control(call_id, Next::Hangup).await
-    }
-
-    async fn control(&self, call_id: Uuid, next: Next) -> Result<(), ControlError> {
-        self.inner.next.set(call_id, next.clone());
-        let stasis = {
-            let mut reg = self.registry();
-            if let Some(call) = reg.calls.get(&call_id) {
-                if matches!(call.phase, Phase::Setup | Phase::Live) {
-                    true
-                } else {
-                    return Err(ControlError::AlreadyEnding(call_id));
-                }
-            } else if let Some(l) = reg.lookups.remove(&call_id) {
-                l.end.cancel();
-                false
-            } else {
-                return Err(ControlError::UnknownCall(call_id));
-            }
-        };
-        if stasis {
-            match next {
-                Next::Hangup => self.hangup_flow(call_id).await,
-                _ => self.transfer_flow(call_id).await,
-            }
-        }
-        Ok(())
-    }
-
     /// One reconcile pass (scheduled by [`Controller::run`]). With Asterisk's channels in
     /// hand it:
     /// 1. cleans up tracked calls whose caller channel no longer exists (their `StasisEnd`
@@ -1355,7 +1293,6 @@ impl CallDirectory for Controller {
                     bump(&self.inner.counters.rejected);
                     return Admission::Reject;
                 }
-                reg.lookups.insert(call_id, LookupCall { end });
             }
             let found = timeout(self.inner.settings.lookup_timeout, self.lookup(call_id))
                 .await
@@ -1396,7 +1333,6 @@ impl CallDirectory for Controller {
             .set_default(id, Next::from_outcome(&summary.outcome));
         let action = {
             let mut reg = self.registry();
-            reg.lookups.remove(&id);
             let Some(call) = reg.calls.get_mut(&id) else {
                 return;
             };

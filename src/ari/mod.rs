@@ -17,6 +17,6 @@ pub mod events;
 pub mod model;
 
 pub use client::{AriClient, AriError};
-pub use controller::{AriRuntime, AriSettings, AriStats, ControlError, Controller};
+pub use controller::{AriRuntime, AriSettings, AriStats, Controller};
 pub use events::{EventLink, LinkState};
 pub use model::{Channel, Event};

@@ -8,9 +8,11 @@
 //!   call's 20 ms loop never waits for them.
 //! - **`hangup`** (built in, terminal): the agent says goodbye, the playout drains, then the
 //!   call ends with `0x00`.
-//! - **`transfer_to_operator`** (built in, terminal): through an [`OperatorTransfer`] when
-//!   one is installed (ARI), otherwise by ending the AudioSocket session with `0x00` so the
-//!   dialplan's next priority (the operator queue) runs.
+//! - **`transfer_to_operator`** (built in, terminal): ends the AudioSocket session with
+//!   `0x00` and the outcome [`crate::call::Outcome::Operator`]`("dialplan")`. Without ARI the
+//!   dialplan's next priority (the operator queue) runs; for a Stasis call the ARI controller
+//!   sees that outcome when the session ends and `continue`s the caller to the transfer
+//!   context (`ari.transfer_context`), as for any fallback.
 //!
 //! A terminal tool runs only if the reply that asked for it was not interrupted, and only
 //! after the words before it were played (the session's playout buffer is empty).
@@ -37,11 +39,9 @@
 
 pub mod http;
 pub mod runner;
-pub mod transfer;
 
 pub use http::HttpTool;
 pub use runner::{Terminal, ToolRunner};
-pub use transfer::{OperatorTransfer, TransferError};
 
 use crate::secret::SecretSource;
 use serde::{Deserialize, Serialize};
@@ -286,11 +286,10 @@ pub struct Tool {
     pub action: ToolAction,
 }
 
-/// The configured tools, shared by every call (`Arc`), plus the operator transfer in use.
+/// The configured tools, shared by every call (`Arc`).
 #[derive(Clone, Default)]
 pub struct ToolRegistry {
     tools: Vec<Tool>,
-    transfer: Option<Arc<dyn OperatorTransfer>>,
 }
 
 impl std::fmt::Debug for ToolRegistry {
@@ -300,7 +299,6 @@ impl std::fmt::Debug for ToolRegistry {
                 "tools",
                 &self.tools.iter().map(|t| &t.spec.name).collect::<Vec<_>>(),
             )
-            .field("transfer", &self.transfer.as_ref().map(|t| t.name()))
             .finish()
     }
 }
@@ -424,22 +422,7 @@ impl ToolRegistry {
             };
             tools.push(Tool { spec, action });
         }
-        Ok(ToolRegistry {
-            tools,
-            transfer: None,
-        })
-    }
-
-    /// Uses `transfer` for `transfer_to_operator` (the ARI issue's implementation) instead
-    /// of ending the AudioSocket session for the dialplan.
-    pub fn with_transfer(mut self, transfer: Arc<dyn OperatorTransfer>) -> Self {
-        self.transfer = Some(transfer);
-        self
-    }
-
-    /// The operator transfer in use, if any (`None`: the dialplan fallback).
-    pub fn transfer(&self) -> Option<&Arc<dyn OperatorTransfer>> {
-        self.transfer.as_ref()
+        Ok(ToolRegistry { tools })
     }
 
     /// The declarations of every tool, in config order, for [`crate::agent::CallInfo::tools`].

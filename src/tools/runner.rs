@@ -1,8 +1,8 @@
 //! The call session's side of tools: runs HTTP tools in spawned tasks and decides when a
 //! terminal tool (hangup, transfer) may end the call.
 //!
-//! Owned by [`crate::call::run_session`], one per call. Nothing here blocks: HTTP tools and
-//! operator transfers run in a [`JoinSet`] (aborted when the call ends) and come back through
+//! Owned by [`crate::call::run_session`], one per call. Nothing here blocks: HTTP tools
+//! run in a [`JoinSet`] (aborted when the call ends) and come back through
 //! [`ToolRunner::next_step`]; the terminal-tool state machine is advanced by the session's
 //! events ([`ToolRunner::on_agent_audio`], [`ToolRunner::on_reply_done`],
 //! [`ToolRunner::on_barge_in`]) and polled on the 20 ms tick ([`ToolRunner::poll_terminal`]).
@@ -15,7 +15,7 @@
 //! streaming the goodbye when the call arrives).
 
 use super::http::{ToolContext, error_result};
-use super::{ToolAction, ToolRegistry, TransferError};
+use super::{ToolAction, ToolRegistry};
 use crate::agent::{AgentInput, CallInfo};
 use crate::audio::ReplyId;
 use serde_json::{Value, json};
@@ -32,9 +32,6 @@ use tracing::{info, warn};
 /// streamed is not cut.
 pub const TERMINAL_QUIET: Duration = Duration::from_millis(800);
 
-/// How long an [`super::OperatorTransfer`] may take before the dialplan fallback is used.
-pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Tool results held while the agent's input channel is full, at most.
 const MAX_UNSENT: usize = 16;
 
@@ -47,7 +44,8 @@ pub enum Terminal {
     /// `hangup`: the goodbye was played; send `0x00`.
     Hangup,
     /// `transfer_to_operator`: the caller goes to the operators; `detail` says how
-    /// (`dialplan`, or the [`super::OperatorTransfer`]'s name).
+    /// (`dialplan`: the session ends with `0x00`; a Stasis call is then `continue`d by the
+    /// ARI controller, see [`crate::tools`]).
     Operator {
         /// How the caller was handed over.
         detail: String,
@@ -66,7 +64,6 @@ pub enum ToolStep {
 #[derive(Debug)]
 enum Done {
     Result { call_id: String, output: String },
-    Transferred(Result<(), TransferError>),
 }
 
 #[derive(Debug, Clone)]
@@ -88,11 +85,9 @@ struct Pending {
 #[derive(Debug)]
 pub struct ToolRunner {
     registry: Arc<ToolRegistry>,
-    call: CallInfo,
     ctx: ToolContext,
     tasks: JoinSet<Done>,
     pending: Option<Pending>,
-    transferring: bool,
     replies_done: VecDeque<ReplyId>,
     interrupted: VecDeque<ReplyId>,
     last_agent_audio: Option<Instant>,
@@ -115,10 +110,8 @@ impl ToolRunner {
                 call_id: call.call_id,
                 caller_number: call.caller_number.clone(),
             },
-            call: call.clone(),
             tasks: JoinSet::new(),
             pending: None,
-            transferring: false,
             replies_done: VecDeque::new(),
             interrupted: VecDeque::new(),
             last_agent_audio: None,
@@ -126,9 +119,9 @@ impl ToolRunner {
         }
     }
 
-    /// A terminal tool is waiting for its moment (or a transfer is under way).
+    /// A terminal tool is waiting for its moment.
     pub fn terminal_pending(&self) -> bool {
-        self.pending.is_some() || self.transferring
+        self.pending.is_some()
     }
 
     /// The model called tool `name`. HTTP tools start in the background; terminal tools
@@ -224,8 +217,7 @@ impl ToolRunner {
     }
 
     /// Called on each 20 ms tick while [`Self::terminal_pending`]: returns how the call
-    /// ends once a pending terminal tool may run. A transfer through an
-    /// [`super::OperatorTransfer`] starts here and finishes through [`Self::next_step`].
+    /// ends once a pending terminal tool may run.
     pub fn poll_terminal(&mut self, playout_empty: bool, now: Instant) -> Option<Terminal> {
         let p = self.pending.as_ref()?;
         if !playout_empty {
@@ -243,29 +235,15 @@ impl ToolRunner {
                 info!("hangup tool: goodbye played, ending the call");
                 Some(Terminal::Hangup)
             }
-            TerminalKind::Transfer { reason } => match self.registry.transfer() {
-                None => {
-                    info!("transfer to operator: ending the session for the dialplan queue");
-                    Some(Terminal::Operator {
-                        detail: "dialplan".into(),
-                    })
-                }
-                Some(t) => {
-                    info!(via = t.name(), "transfer to operator");
-                    let fut = t.transfer(&self.call, reason);
-                    self.transferring = true;
-                    self.tasks.spawn(async move {
-                        let r = match tokio::time::timeout(TRANSFER_TIMEOUT, fut).await {
-                            Ok(r) => r,
-                            Err(_) => Err(TransferError::Failed(format!(
-                                "no answer within {TRANSFER_TIMEOUT:?}"
-                            ))),
-                        };
-                        Done::Transferred(r)
-                    });
-                    None
-                }
-            },
+            TerminalKind::Transfer { reason } => {
+                info!(
+                    reason = reason.as_deref().unwrap_or(""),
+                    "transfer to operator: ending the session for the operators (dialplan queue, or ARI continue for a Stasis call)"
+                );
+                Some(Terminal::Operator {
+                    detail: "dialplan".into(),
+                })
+            }
         }
     }
 
@@ -278,18 +256,6 @@ impl ToolRunner {
             match self.tasks.join_next().await {
                 Some(Ok(Done::Result { call_id, output })) => {
                     return ToolStep::Answer(AgentInput::ToolResult { call_id, output });
-                }
-                Some(Ok(Done::Transferred(r))) => {
-                    self.transferring = false;
-                    let via = self.registry.transfer().map_or("transfer", |t| t.name());
-                    let detail = match r {
-                        Ok(()) => via.to_owned(),
-                        Err(e) => {
-                            warn!(error = %e, "operator transfer failed; using the dialplan");
-                            format!("dialplan ({via} {e})")
-                        }
-                    };
-                    return ToolStep::End(Terminal::Operator { detail });
                 }
                 Some(Err(e)) => warn!(error = %e, "tool task failed"),
                 None => {}

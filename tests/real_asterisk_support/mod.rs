@@ -7,7 +7,7 @@
 //!
 //! Where Asterisk is: `VOICEGATE_ASTERISK` names its install prefix (the directory with
 //! `sbin/asterisk` and `lib/asterisk/modules`), default `/var/cache/asterisk-22.10.1`.
-//! Without it the tests print "skipped"; with `VOICEGATE_REQUIRE_ALL=1` (CI) they fail.
+//! Without it the tests print a `voicegate-test-skipped` line (`tests/skip/`); with `VOICEGATE_REQUIRE_ALL=1` (CI) they fail.
 //!
 //! Test calls are Local channels originated through ARI (`formats=slin`, or the media is
 //! 6 dB quieter: `docs/asterisk.md` in shared/). The `;2` half runs the project's dialplan
@@ -54,7 +54,7 @@ pub async fn asterisk_for(test: &str) -> Option<(PathBuf, tokio::sync::MutexGuar
     Some((prefix, serial().await))
 }
 
-/// The Asterisk install prefix, or `None` (after printing "skipped") when there is none and
+/// The Asterisk install prefix, or `None` (after [`crate::skip::skip`]) when there is none and
 /// the run does not require it. Panics under `VOICEGATE_REQUIRE_ALL=1` without one.
 pub fn asterisk_prefix(test: &str) -> Option<PathBuf> {
     let prefix = std::env::var_os("VOICEGATE_ASTERISK")
@@ -63,15 +63,12 @@ pub fn asterisk_prefix(test: &str) -> Option<PathBuf> {
     if prefix.join("sbin/asterisk").exists() {
         return Some(prefix);
     }
-    if std::env::var("VOICEGATE_REQUIRE_ALL").as_deref() == Ok("1") {
-        panic!(
-            "{test}: no Asterisk at {} and VOICEGATE_REQUIRE_ALL=1 (build it with ../shared/asterisk/build.sh)",
+    crate::skip::skip(
+        test,
+        &format!(
+            "no Asterisk at {} (set VOICEGATE_ASTERISK; ../shared/asterisk/build.sh builds it)",
             prefix.display()
-        );
-    }
-    eprintln!(
-        "{test}: skipped (no Asterisk at {}; set VOICEGATE_ASTERISK)",
-        prefix.display()
+        ),
     );
     None
 }
@@ -806,9 +803,9 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-/// Per 100 ms window of the voiced reference: its best normalised correlation with
-/// `received` and the lag (samples) where it matched, tracked window to window within
-/// `search` samples of the previous match (the first around `expected_lag`).
+/// The voiced 100 ms windows of `reference` matched in `received` (8 kHz or `rate_hz`), as
+/// `(correlation, lag in samples)`: [`voicegate::caller::speech_similarity`], the one
+/// implementation.
 pub fn window_matches(
     received: &[i16],
     reference: &[i16],
@@ -816,30 +813,11 @@ pub fn window_matches(
     expected_lag: usize,
     search: usize,
 ) -> Vec<(f64, isize)> {
-    let window = rate_hz as usize / 10;
-    let mut lag = expected_lag as isize;
-    let mut out = Vec::new();
-    for (i, chunk) in reference.chunks_exact(window).enumerate() {
-        if voicegate::audio::rms(chunk) < 300.0 {
-            continue;
-        }
-        let offset = (i * window) as isize;
-        let mut best = (0.0f64, lag);
-        for l in (lag - search as isize).max(-offset)..=lag + search as isize {
-            let start = offset + l;
-            if start < 0 || start as usize + window > received.len() {
-                continue;
-            }
-            let seg = &received[start as usize..start as usize + window];
-            let (c, _) = voicegate::caller::best_correlation_in(seg, chunk, 0..=0);
-            if c > best.0 {
-                best = (c, l);
-            }
-        }
-        lag = best.1;
-        out.push(best);
-    }
-    out
+    voicegate::caller::speech_similarity(received, reference, rate_hz, expected_lag, search)
+        .windows
+        .iter()
+        .map(|w| (w.correlation, w.lag))
+        .collect()
 }
 
 /// Asserts that `received` carries `reference` echoed: at least 95 % of the voiced 100 ms
@@ -852,22 +830,17 @@ pub fn assert_echo(
     expected_lag: usize,
     search: usize,
 ) -> Vec<(f64, isize)> {
-    let m = window_matches(received, reference, 8_000, expected_lag, search);
+    let sim =
+        voicegate::caller::speech_similarity(received, reference, 8_000, expected_lag, search);
+    let m: Vec<(f64, isize)> = sim.windows.iter().map(|w| (w.correlation, w.lag)).collect();
     assert!(m.len() >= 5, "{what}: only {} voiced windows", m.len());
-    let good = m.iter().filter(|(c, _)| *c >= 0.8).count();
-    let worst = m.iter().map(|(c, _)| *c).fold(1.0, f64::min);
     eprintln!(
-        "{what}: {good}/{} windows ≥ 0.8, worst {worst:.3}, lags {:?} ms",
-        m.len(),
+        "{what}: {}, lags {:?} ms",
+        sim.describe(0.8),
         m.iter().map(|(_, l)| l / 8).collect::<Vec<_>>()
     );
     // At least 95 % of the windows; a short recording (under 20 windows) may lose one, a
-    // single late frame on a loaded machine.
-    let allowed = (m.len() / 20).max(1);
-    assert!(
-        good + allowed >= m.len(),
-        "{what}: {good}/{} windows match, worst {worst:.3}",
-        m.len()
-    );
+    // single late frame on a loaded machine (`Similarity::passes`).
+    assert!(sim.passes(0.8), "{what}: {}", sim.describe(0.8));
     m
 }
