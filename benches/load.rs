@@ -215,7 +215,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn speech() -> Recording {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid.wav");
-    Recording::open(&path).expect("fixture")
+    voicegate::wavfile::open(&path).expect("fixture")
 }
 
 struct RunResult {

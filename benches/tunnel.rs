@@ -201,7 +201,7 @@ async fn cpu_round(n: usize, seconds: f64) {
 }
 
 fn speech() -> Recording {
-    Recording::open(
+    voicegate::wavfile::open(
         &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/hello-world.wav"),
     )

@@ -42,3 +42,4 @@ pub mod selftest;
 pub mod tls;
 pub mod tools;
 pub mod tunnel;
+pub mod wavfile;

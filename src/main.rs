@@ -277,7 +277,7 @@ fn init_tracing(config: &Config, service: bool) {
 
 fn load_speech(path: Option<&std::path::Path>) -> anyhow::Result<Recording> {
     match path {
-        Some(p) => Recording::open(p).with_context(|| format!("reading {}", p.display())),
+        Some(p) => voicegate::wavfile::open(p).with_context(|| format!("reading {}", p.display())),
         None => Ok(voicegate::selftest::builtin_recording()),
     }
 }
@@ -295,9 +295,7 @@ async fn call(args: CallArgs) -> anyhow::Result<bool> {
     };
     let report = voicegate::caller::place_call(args.to, &plan).await?;
     if let Some(out) = &args.out {
-        report
-            .received
-            .save(out)
+        voicegate::wavfile::save(&report.received, out)
             .with_context(|| format!("writing {}", out.display()))?;
     }
     print_report(&report, args.json, None);

@@ -200,7 +200,7 @@ fn run_answers_a_call_and_stops_on_sigterm() {
     // frame timing, up to a frame early; measured 342–343 ms for 360), and at most 150 ms
     // later on a loaded machine.
     let said8 = voicegate::caller::resample_recording(
-        &voicegate::audio::wav::Recording::open(std::path::Path::new(wav)).unwrap(),
+        &voicegate::wavfile::open(std::path::Path::new(wav)).unwrap(),
         8000,
     )
     .unwrap();
@@ -219,8 +219,8 @@ fn run_answers_a_call_and_stops_on_sigterm() {
     );
 
     // The WAV holds the echoed speech.
-    let got = voicegate::audio::wav::Recording::open(&heard).unwrap();
-    let said = voicegate::audio::wav::Recording::open(std::path::Path::new(wav)).unwrap();
+    let got = voicegate::wavfile::open(&heard).unwrap();
+    let said = voicegate::wavfile::open(std::path::Path::new(wav)).unwrap();
     assert_eq!(got.rate_hz, 8000);
     // 300 ms echo delay = 2400 samples; windows may shift by up to 60 ms on a loaded box.
     let similarity =

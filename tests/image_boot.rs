@@ -16,7 +16,6 @@ mod common;
 use common::fixture;
 use std::path::PathBuf;
 use std::process::Command;
-use voicegate::audio::wav::Recording;
 use voicegate::caller::{resample_recording, speech_similarity};
 
 #[test]
@@ -110,7 +109,7 @@ fn boot_and_check_echo(arch: &str, image_var: &str, as_port: u16, health_port: u
     // window by window, the first searched 300–1500 ms late (emulation and user-mode
     // networking add latency), each next one within 600 ms of the previous (an emulated
     // machine skips ticks).
-    let heard = Recording::open(&out.join("heard.wav")).expect("heard.wav");
+    let heard = voicegate::wavfile::open(&out.join("heard.wav")).expect("heard.wav");
     let speech = resample_recording(&fixture("hello-world.wav"), 8000).expect("resample");
     let similarity = speech_similarity(&heard.samples, &speech.samples, 8000, 7200, 4800);
     println!("{arch}: echo {}", similarity.describe(0.8));

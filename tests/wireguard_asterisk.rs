@@ -390,9 +390,7 @@ fn asterisk_config(
          same => n,Hangup()\n"
     ));
     std::fs::write(etc.join("extensions.conf"), dialplan).unwrap();
-    common::fixture("hello-world.wav")
-        .save(&rec.join("speech.wav"))
-        .unwrap();
+    voicegate::wavfile::save(&common::fixture("hello-world.wav"), &rec.join("speech.wav")).unwrap();
     etc.join("asterisk.conf")
 }
 
@@ -495,7 +493,7 @@ fn call(lab: &Lab, ari: SocketAddr, key: &str, context: &str, n: u32, formats: &
     );
     let heard = lab.dir.join(format!("rec/heard-{n}.wav"));
     wait_for("the recording", Duration::from_secs(20), || {
-        Recording::open(&heard)
+        voicegate::wavfile::open(&heard)
             .ok()
             .filter(|r| !r.samples.is_empty())
     })

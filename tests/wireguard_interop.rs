@@ -344,7 +344,7 @@ async fn call_and_http_through_wireguard_go() {
         summary.call_id.to_string()
     );
 
-    let echo = voicegate::audio::wav::Recording::open(&out_wav).unwrap();
+    let echo = voicegate::wavfile::open(&out_wav).unwrap();
     let speech = resample_recording(&common::fixture("hello-world.wav"), echo.rate_hz).unwrap();
     let spms = echo.rate_hz as usize / 1000;
     let expected_at = delay.as_millis() as usize * spms;

@@ -2,7 +2,6 @@
 //! the self-test and the tests.
 
 use std::io::{Read, Seek};
-use std::path::Path;
 
 /// Why a WAV file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,16 +60,6 @@ impl Recording {
         })
     }
 
-    /// Reads a mono 16-bit PCM WAV file.
-    ///
-    /// # Errors
-    /// As [`Recording::read`], plus I/O errors.
-    pub fn open(path: &Path) -> Result<Self, WavError> {
-        Self::read(std::io::BufReader::new(
-            std::fs::File::open(path).map_err(hound::Error::IoError)?,
-        ))
-    }
-
     /// Writes the recording as a mono 16-bit PCM WAV to a seekable writer.
     ///
     /// # Errors
@@ -88,15 +77,5 @@ impl Recording {
         }
         w.finalize()?;
         Ok(())
-    }
-
-    /// Writes the recording to a WAV file at `path`.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn save(&self, path: &Path) -> Result<(), WavError> {
-        self.write(std::io::BufWriter::new(
-            std::fs::File::create(path).map_err(hound::Error::IoError)?,
-        ))
     }
 }

@@ -17,7 +17,7 @@ pub fn fixture(name: &str) -> Recording {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
-    Recording::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    voicegate::wavfile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// A running AudioSocket server on an ephemeral loopback port.

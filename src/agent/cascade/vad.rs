@@ -388,13 +388,12 @@ impl Vad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audio::wav::Recording;
 
     fn fixture(name: &str) -> Vec<i16> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(name);
-        let r = Recording::open(&path).expect("fixture");
+        let r = crate::wavfile::open(&path).expect("fixture");
         assert_eq!(r.rate_hz, 8_000);
         r.samples
     }
