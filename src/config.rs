@@ -3,7 +3,7 @@
 //! One file (`--config`, default `/etc/voicegate/voicegate.toml`); when the default file does
 //! not exist the built-in defaults apply (AudioSocket on `127.0.0.1:9092`, the `echo` agent).
 //! Every key is documented in `examples/voicegate.toml`. Unknown keys are errors, so a typo
-//! never silently falls back to a default. Secrets are [`SecretSource`]s and never printed.
+//! never silently falls back to a default. Secrets are [`SecretSource`](crate::secret::SecretSource)s and never printed.
 
 pub use crate::agent::config::{
     AgentConfig, EchoConfig, ElevenlabsAgentConfig, NoiseReduction, OpenAiRealtimeConfig,

@@ -8,9 +8,9 @@
 //! - [`Handover`]: *how* a call reaches a human. [`DialplanHandover`] does nothing itself: the
 //!   session then sends `0x00` and closes, so Asterisk's `AudioSocket()` returns and the
 //!   dialplan's next priority runs `Queue(operators)` (see `asterisk/`). An ARI transfer is
-//!   another implementation of the same trait, set in [`crate::call::SessionParams::handover`].
+//!   another implementation of the same trait, set in `call::SessionParams::handover`.
 //! - The session's own triggers (agent failed, agent task gone, no agent audio for
-//!   `agent_silence_s` while the caller waits) end in [`crate::call::Outcome::Fallback`].
+//!   `agent_silence_s` while the caller waits) end in `call::Outcome::Fallback`.
 //!
 //! The breaker reads tokio's clock ([`tokio::time::Instant`]), so tests drive it with paused
 //! time. Must never: leave a caller in dead air; count a maintenance or breaker-open fallback

@@ -2,14 +2,14 @@
 //! until SIGTERM or SIGINT, then shuts down gracefully (stop accepting, let live calls finish
 //! for `audiosocket.shutdown_grace_s`, hang up the rest).
 //!
-//! Start-up, one step a function: [`Base::prepare`] (metrics recorder, state directory,
-//! agent, breaker, health, guard, the first [`Generation`]) → [`start_calls`] (the
-//! AudioSocket listener, the WireGuard tunnel and its forwards) → [`start_ari`] →
-//! [`start_http`] (the health listener) → [`start_records`] → nftables (if configured) →
-//! [`go_ready`] (`READY=1` and the watchdog thread) → [`serve`] (SIGHUP reloads: the new
+//! Start-up, one step a function: `Base::prepare` (metrics recorder, state directory,
+//! agent, breaker, health, guard, the first [`Generation`]) → `start_calls` (the
+//! AudioSocket listener, the WireGuard tunnel and its forwards) → `start_ari` →
+//! `start_http` (the health listener) → `start_records` → nftables (if configured) →
+//! `go_ready` (`READY=1` and the watchdog thread) → `serve` (SIGHUP reloads: the new
 //! agent, limits and switches apply to new calls; live calls finish on the generation they
 //! started with; listen addresses and the state directory need a restart) →
-//! [`Running::shut_down`].
+//! `Parts::shut_down`.
 //!
 //! There is no test hook in here: the watchdog test (`tests/appliance_notify.rs`) runs
 //! [`run`] inside its own process and stalls that runtime itself.

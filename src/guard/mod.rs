@@ -19,7 +19,7 @@
 //!
 //! The budget is persisted in the state directory (`budget.json`: UTC day number and AI
 //! milliseconds used) so a restart does not reset it. The maximum call duration is enforced
-//! by the call session ([`crate::call::SessionParams::max_duration`]); the call-id timeout by
+//! by the call session (`call::SessionParams::max_duration`); the call-id timeout by
 //! the listener (`audiosocket.call_id_timeout_ms`).
 //!
 //! Optionally ([`GuardConfig::nftables`]) [`nft`] writes and loads an nftables ruleset that

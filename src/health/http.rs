@@ -21,7 +21,7 @@
 //! });
 //! ```
 //!
-//! and `crate::app` passes the router to [`HttpServer::run`]. Unknown paths answer 404,
+//! and `app` passes the router to [`HttpServer::run`]. Unknown paths answer 404,
 //! a known path with another method 405. Request bodies above [`MAX_BODY_BYTES`] are refused
 //! (413), bodies not complete within [`BODY_TIMEOUT`] too (408).
 //!

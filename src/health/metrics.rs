@@ -30,7 +30,7 @@ pub const PLAYOUT_LATENESS: &str = "voicegate_playout_lateness_seconds";
 /// Histogram: caller speech end → first agent audio of the reply, s.
 pub const TURN_LATENCY: &str = "voicegate_turn_latency_seconds";
 /// Counter: provider failures (calls handed to the fallback by a failing agent), labels
-/// `provider` and `reason` (`quota`, `silent`, `error`; [`crate::fallback::FallbackReason::provider_reason`]).
+/// `provider` and `reason` (`quota`, `silent`, `error`; `fallback::FallbackReason::provider_reason`).
 pub const PROVIDER_ERRORS: &str = "voicegate_provider_errors_total";
 /// Counter: connections refused by the guard, label `reason`.
 pub const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";
@@ -39,7 +39,7 @@ pub const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";
 /// controller did not issue, in Stasis-only mode).
 pub const HANDSHAKE_FAILURES: &str = "voicegate_handshake_failures_total";
 /// Counter: caller audio frames dropped because they arrived faster than real time beyond
-/// the allowance ([`crate::call::SessionParams::input_allowance`]).
+/// the allowance (`call::SessionParams::input_allowance`).
 pub const INPUT_OVERRUN: &str = "voicegate_input_overrun_frames_total";
 /// Counter: DTMF digits ignored, label `reason` (`rate`: faster than a keypad can send;
 /// `per_call`: more than a call keeps).
