@@ -255,60 +255,152 @@ where
 {
     let speech = resample_recording(&plan.speech, plan.rate.hz())?;
     let (reader, writer) = tokio::io::split(stream);
-    let (mut reader, mut writer) = (Connection::new(reader), Connection::new(writer));
+    let (reader, mut writer) = (Connection::new(reader), Connection::new(writer));
     let start = Instant::now();
-    let mut out = BytesMut::with_capacity(64);
     writer.write_message(&Message::CallId(plan.call_id)).await?;
-
-    let rate = plan.rate;
-    let reader_task = tokio::spawn(async move {
-        let mut received = Vec::new();
-        let mut arrivals = Vec::new();
-        let mut audible = 0u64;
-        let mut first_audio = None;
-        let mut short = 0u64;
-        let mut hangup = false;
-        let mut samples = Vec::with_capacity(rate.samples_per_frame());
-        let result: Result<(), CallError> = loop {
-            match reader.read_message().await {
-                Ok(Some(Message::Audio { payload, .. })) => {
-                    let t = start.elapsed().as_secs_f64() * 1000.0;
-                    arrivals.push(t);
-                    if payload.len() != rate.bytes_per_frame() {
-                        short += 1;
-                    }
-                    samples.clear();
-                    crate::audio::slin_from_le_bytes(&payload, &mut samples);
-                    if crate::audio::rms(&samples) > AUDIBLE_RMS {
-                        audible += 1;
-                        first_audio.get_or_insert(t);
-                    }
-                    received.extend_from_slice(&samples);
-                }
-                Ok(Some(Message::Hangup)) => {
-                    hangup = true;
-                    break Ok(());
-                }
-                Ok(Some(other)) => break Err(CallError::Protocol(format!("unexpected {other:?}"))),
-                Ok(None) => break Ok(()),
-                Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    break Ok(());
-                }
-                Err(e) => break Err(CallError::Protocol(e.to_string())),
-            }
-        };
-        (
-            result,
-            received,
-            arrivals,
-            audible,
-            first_audio,
-            short,
-            hangup,
+    let reader_task = tokio::spawn(receive(reader, plan.rate, start));
+    let jitter = options.input_jitter;
+    let (frames_sent, write_error) =
+        send(&mut writer, plan, &speech, start, jitter, &reader_task).await;
+    // A write refused because the far end already closed (EPIPE, RST) is its hangup, even
+    // when the reader has not seen the close yet: that race is lost on a slow machine.
+    let peer_closed = write_error.as_ref().is_some_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
         )
     });
+    let hung_up_by_us = !peer_closed && !reader_task.is_finished();
+    let closed_after_end_frame_ms = if hung_up_by_us {
+        send_end_frame(&mut writer, options.end, &reader_task).await
+    } else {
+        None
+    };
+    let _ = writer.shutdown().await;
+    drop(writer);
+    // The far end closes after our FIN; don't wait forever if it doesn't.
+    let mut received = match tokio::time::timeout(Duration::from_secs(3), reader_task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => return Err(CallError::Protocol(format!("reader task: {join}"))),
+        Err(_) => {
+            return Err(CallError::Protocol(
+                "far end did not close after hangup".into(),
+            ));
+        }
+    };
+    std::mem::replace(&mut received.result, Ok(()))?;
+    if let Some(e) = write_error {
+        if hung_up_by_us {
+            return Err(CallError::Io(e));
+        }
+    }
+    let mut report = received.report(plan, frames_sent, !hung_up_by_us, start);
+    report.closed_after_end_frame_ms = closed_after_end_frame_ms;
+    Ok(report)
+}
 
-    // Writer: one frame every 20 ms on a deadline grid, speech then silence.
+/// Ends the call with the AudioSocket frame `end` asks for (none for [`CallEnd::Close`]),
+/// then waits up to 3 s for the far end to close on its own (no FIN from us meanwhile).
+/// Returns how long that took, ms, if it did.
+async fn send_end_frame<W, T>(
+    writer: &mut Connection<W>,
+    end: CallEnd,
+    reader_task: &tokio::task::JoinHandle<T>,
+) -> Option<f64>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let frame = match end {
+        CallEnd::Close => return None,
+        CallEnd::Hangup => Message::Hangup,
+        CallEnd::Error(code) => Message::Error(code),
+    };
+    writer.write_message(&frame).await.ok()?;
+    let sent = Instant::now();
+    while !reader_task.is_finished() && sent.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    reader_task
+        .is_finished()
+        .then(|| sent.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// What the caller's reader saw.
+struct Received {
+    result: Result<(), CallError>,
+    samples: Vec<i16>,
+    /// Arrival of each audio frame, ms since the call started.
+    arrivals: Vec<f64>,
+    audible: u64,
+    first_audio: Option<f64>,
+    short: u64,
+    hangup: bool,
+}
+
+/// Reads what the far end sends until it hangs up or closes.
+async fn receive<R>(mut reader: Connection<R>, rate: SlinRate, start: Instant) -> Received
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut r = Received {
+        result: Ok(()),
+        samples: Vec::new(),
+        arrivals: Vec::new(),
+        audible: 0,
+        first_audio: None,
+        short: 0,
+        hangup: false,
+    };
+    let mut samples = Vec::with_capacity(rate.samples_per_frame());
+    r.result = loop {
+        match reader.read_message().await {
+            Ok(Some(Message::Audio { payload, .. })) => {
+                let t = start.elapsed().as_secs_f64() * 1000.0;
+                r.arrivals.push(t);
+                if payload.len() != rate.bytes_per_frame() {
+                    r.short += 1;
+                }
+                samples.clear();
+                crate::audio::slin_from_le_bytes(&payload, &mut samples);
+                if crate::audio::rms(&samples) > AUDIBLE_RMS {
+                    r.audible += 1;
+                    r.first_audio.get_or_insert(t);
+                }
+                r.samples.extend_from_slice(&samples);
+            }
+            Ok(Some(Message::Hangup)) => {
+                r.hangup = true;
+                break Ok(());
+            }
+            Ok(Some(other)) => break Err(CallError::Protocol(format!("unexpected {other:?}"))),
+            Ok(None) => break Ok(()),
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                break Ok(());
+            }
+            Err(e) => break Err(CallError::Protocol(e.to_string())),
+        }
+    };
+    r
+}
+
+/// Writes one frame every 20 ms on a deadline grid (each late by `jitter`'s gap, if any),
+/// speech then silence, with the DTMF of the plan, until the plan's end or the reader
+/// finished. Returns the frames sent and the
+/// write error that stopped it.
+async fn send<W, T>(
+    writer: &mut Connection<W>,
+    plan: &CallPlan,
+    speech: &Recording,
+    start: Instant,
+    jitter: Option<InputJitter>,
+    reader_task: &tokio::task::JoinHandle<T>,
+) -> (u64, Option<std::io::Error>)
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let rate = plan.rate;
     let spf = rate.samples_per_frame();
     let speech_start_frame = (plan.speech_offset.as_millis() / 20) as usize;
     let total_frames = (plan.duration.as_millis() / 20) as usize;
@@ -317,10 +409,10 @@ where
     let mut dtmf = dtmf.into_iter().peekable();
     let mut frames_sent = 0u64;
     let silence = vec![0i16; spf];
-    let mut write_error = None;
+    let mut out = BytesMut::with_capacity(64);
     for n in 0..total_frames {
         let due = start + Duration::from_millis(20 * n as u64);
-        let late = options.input_jitter.map_or(0, |j| j.late_ms(n as u64));
+        let late = jitter.map_or(0, |j| j.late_ms(n as u64));
         sleep_until(due + Duration::from_millis(late)).await;
         if reader_task.is_finished() {
             break;
@@ -335,90 +427,55 @@ where
             .unwrap_or(&silence);
         codec::encode_audio_samples(rate, chunk, &mut out);
         if let Err(e) = writer.write_encoded(&out).await {
-            write_error = Some(e);
-            break;
+            return (frames_sent, Some(e));
         }
         frames_sent += 1;
     }
-    // A write refused because the far end already closed (EPIPE, RST) is its hangup, even
-    // when the reader has not seen the close yet: that race is lost on a slow machine.
-    let peer_closed = write_error.as_ref().is_some_and(|e| {
-        matches!(
-            e.kind(),
-            std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-        )
-    });
-    let hung_up_by_us = !peer_closed && !reader_task.is_finished();
-    let end_frame = match options.end {
-        CallEnd::Close => None,
-        CallEnd::Hangup => Some(Message::Hangup),
-        CallEnd::Error(code) => Some(Message::Error(code)),
-    };
-    let mut closed_after_end_frame_ms = None;
-    if let (true, Some(frame)) = (hung_up_by_us, end_frame) {
-        if writer.write_message(&frame).await.is_ok() {
-            // The far end must close on its own: no FIN from us meanwhile.
-            let sent = Instant::now();
-            while !reader_task.is_finished() && sent.elapsed() < Duration::from_secs(3) {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+    (frames_sent, None)
+}
+
+impl Received {
+    /// The report of the call: pacing percentiles of the arrivals and what was heard.
+    fn report(
+        self,
+        plan: &CallPlan,
+        frames_sent: u64,
+        closed_by_peer: bool,
+        start: Instant,
+    ) -> CallReport {
+        let mut gaps: Vec<f64> = self.arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort_by(f64::total_cmp);
+        let pct = |p: f64| -> f64 {
+            if gaps.is_empty() {
+                0.0
+            } else {
+                gaps[((gaps.len() - 1) as f64 * p).round() as usize]
             }
-            closed_after_end_frame_ms = reader_task
-                .is_finished()
-                .then(|| sent.elapsed().as_secs_f64() * 1000.0);
-        }
-    }
-    let _ = writer.shutdown().await;
-    drop(writer);
-    // The far end closes after our FIN; don't wait forever if it doesn't.
-    let joined = tokio::time::timeout(Duration::from_secs(3), reader_task).await;
-    let (result, received, arrivals, audible, first_audio, short, hangup) = match joined {
-        Ok(Ok(r)) => r,
-        Ok(Err(join)) => return Err(CallError::Protocol(format!("reader task: {join}"))),
-        Err(_) => {
-            return Err(CallError::Protocol(
-                "far end did not close after hangup".into(),
-            ));
-        }
-    };
-    result?;
-    if let Some(e) = write_error {
-        if hung_up_by_us {
-            return Err(CallError::Io(e));
-        }
-    }
-    let mut gaps: Vec<f64> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
-    gaps.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if gaps.is_empty() {
-            0.0
-        } else {
-            gaps[((gaps.len() - 1) as f64 * p).round() as usize]
-        }
-    };
-    Ok(CallReport {
-        call_id: plan.call_id,
-        rate_hz: rate.hz(),
-        frames_sent,
-        frames_received: arrivals.len() as u64,
-        audible_frames_received: audible,
-        first_audio_ms: first_audio,
-        gap_p50_ms: pct(0.5),
-        gap_p99_ms: pct(0.99),
-        gap_max_ms: gaps.last().copied().unwrap_or(0.0),
-        underruns: gaps.iter().filter(|&&g| g > 30.0).count() as u64,
-        short_frames: short,
-        hangup_received: hangup,
-        closed_by_peer: !hung_up_by_us,
-        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-        closed_after_end_frame_ms,
-        received: Recording {
+        };
+        let rate = plan.rate;
+        CallReport {
+            call_id: plan.call_id,
             rate_hz: rate.hz(),
-            samples: received,
-        },
-        arrivals_ms: arrivals,
-    })
+            frames_sent,
+            frames_received: self.arrivals.len() as u64,
+            audible_frames_received: self.audible,
+            first_audio_ms: self.first_audio,
+            gap_p50_ms: pct(0.5),
+            gap_p99_ms: pct(0.99),
+            gap_max_ms: gaps.last().copied().unwrap_or(0.0),
+            underruns: gaps.iter().filter(|&&g| g > 30.0).count() as u64,
+            short_frames: self.short,
+            hangup_received: self.hangup,
+            closed_by_peer,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            closed_after_end_frame_ms: None,
+            received: Recording {
+                rate_hz: rate.hz(),
+                samples: self.samples,
+            },
+            arrivals_ms: self.arrivals,
+        }
+    }
 }
 
 /// Parses a DTMF schedule entry such as `1@2.5s` or `#@3` (seconds).

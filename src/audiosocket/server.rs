@@ -1,7 +1,7 @@
 //! The AudioSocket listener: accepts connections from Asterisk over TCP and through the
 //! WireGuard tunnel alike, reads each one's call id (`0x01`) and hands it on as an
 //! [`Incoming`] to a [`Handler`], in its own task. It only listens: who is admitted, where a
-//! call goes and what is kept of it is the handler's (`call::route`).
+//! call goes and what is kept of it is the handler's (the router in `call::route`).
 //!
 //! Per connection: [`Handler::screen`] on accept, before a byte is read (a refused one is
 //! closed at once); then the call id within [`ListenSettings::call_id_timeout`] — anything

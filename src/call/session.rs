@@ -356,3 +356,226 @@ async fn next_extra(extra: &mut Option<mpsc::Receiver<AgentInput>>) -> Option<Ag
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver on tokio's paused clock over an in-memory stream, with the synthetic
+    //! caller on the other end: the whole call path without a socket, so pacing and
+    //! timeouts are exact (virtual time; no assertion depends on machine load).
+
+    use super::*;
+    use crate::agent::echo::EchoAgent;
+    use crate::audio::wav::Recording;
+    use crate::audiosocket::SlinRate;
+    use crate::caller::{CallPlan, CallReport, run_call_on};
+
+    fn hello() -> Recording {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hello-world.wav"
+        );
+        crate::wavfile::open(std::path::Path::new(path)).expect("fixture")
+    }
+
+    fn plan(rate: SlinRate, seconds: f64) -> CallPlan {
+        CallPlan {
+            call_id: Uuid::from_u128(42),
+            rate,
+            speech: hello(),
+            speech_offset: Duration::from_millis(100),
+            dtmf: vec![('5', Duration::from_millis(1500))],
+            duration: Duration::from_secs_f64(seconds),
+        }
+    }
+
+    fn info(call_id: Uuid) -> CallInfo {
+        CallInfo {
+            call_id,
+            rate_hz: 0,
+            caller_number: None,
+            caller_name: None,
+            tools: Vec::new(),
+        }
+    }
+
+    /// Runs `plan` against a session of `agent` with `params`; the caller's report and the
+    /// session's summary.
+    async fn call(
+        plan: &CallPlan,
+        agent: SharedAgent,
+        params: SessionParams,
+        hangup: CancellationToken,
+    ) -> (CallReport, CallSummary) {
+        let (caller_end, server_end) = tokio::io::duplex(64 * 1024);
+        let session = tokio::spawn(async move {
+            let mut conn = Connection::new(server_end);
+            let first = conn.read_message().await.expect("call id");
+            let Some(Message::CallId(id)) = first else {
+                panic!("{first:?}")
+            };
+            run_session(conn, info(id), agent, params, hangup).await
+        });
+        let report = run_call_on(caller_end, plan).await.expect("call");
+        (report, session.await.expect("session task"))
+    }
+
+    /// echo_call's `echo_comes_back` with exact timing: a frame every 20.000 ms, the echo
+    /// exactly the echo delay later.
+    async fn echo_comes_back(rate: SlinRate) {
+        let delay = Duration::from_millis(500);
+        let plan = plan(rate, 3.0);
+        let agent = Arc::new(EchoAgent::new(delay));
+        let (report, summary) = call(
+            &plan,
+            agent,
+            SessionParams::default(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(report.frames_received >= 149, "{report:?}");
+        // Exact up to the f64 ms arithmetic of the report.
+        let exact = |ms: f64| (ms - 20.0).abs() < 1e-6;
+        assert!(
+            exact(report.gap_p50_ms) && exact(report.gap_p99_ms),
+            "{report:?}"
+        );
+        assert!(exact(report.gap_max_ms), "never a burst, never a gap");
+        assert!(report.arrivals_ms.windows(2).all(|w| exact(w[1] - w[0])));
+        assert_eq!(report.short_frames, 0);
+        let speech = crate::caller::resample_recording(&plan.speech, rate.hz()).unwrap();
+        let spms = rate.hz() as usize / 1000;
+        let expected_at = (plan.speech_offset + delay).as_millis() as usize * spms;
+        let similarity = crate::caller::speech_similarity(
+            &report.received.samples,
+            &speech.samples,
+            rate.hz(),
+            expected_at,
+            60 * spms,
+        );
+        assert!(similarity.passes(0.9), "echo: {}", similarity.describe(0.9));
+        let spf = rate.samples_per_frame();
+        let lead = speech.samples.chunks(spf);
+        let lead_frames = lead
+            .clone()
+            .position(|f| crate::audio::rms(f) > crate::caller::AUDIBLE_RMS)
+            .expect("audible");
+        let want_ms = (plan.speech_offset + delay).as_millis() as f64 + lead_frames as f64 * 20.0;
+        let first = report.first_audio_ms.expect("audible audio");
+        // The echo hands each frame to the playout CUSHION (40 ms) before its slot; on the
+        // 20 ms grid the first audible one goes out one tick early, never more than the
+        // 25 ms the socket test allows, and never late.
+        assert!(
+            (want_ms - 25.0..=want_ms).contains(&first),
+            "first audio at {first} ms, expected {want_ms} ms"
+        );
+        assert_eq!(summary.call_id, plan.call_id);
+        assert_eq!(summary.outcome, Outcome::CallerHungUp);
+        assert_eq!(summary.rate_hz, rate.hz());
+        assert_eq!(summary.dtmf, "5");
+        assert_eq!(summary.frames_in, 150);
+        assert_eq!(summary.late_skipped_frames, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn echo_call_8khz_paced_exactly() {
+        echo_comes_back(SlinRate::Hz8000).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn echo_call_16khz_paced_exactly() {
+        echo_comes_back(SlinRate::Hz16000).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_duration_sends_goodbye_at_exactly_the_limit() {
+        let params = SessionParams {
+            max_duration: Some(Duration::from_millis(1_000)),
+            ..SessionParams::default()
+        };
+        let agent = Arc::new(EchoAgent::new(Duration::ZERO));
+        let (report, summary) = call(
+            &plan(SlinRate::Hz8000, 5.0),
+            agent,
+            params,
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(report.hangup_received, "0x00 at the limit");
+        assert!(report.closed_by_peer);
+        let last = report.arrivals_ms.last().copied();
+        assert_eq!(last, Some(980.0), "frames 0..=980 ms, none at the limit");
+        assert_eq!(summary.duration, Duration::from_millis(1_000));
+        assert_eq!(summary.outcome, Outcome::MaxDuration);
+        assert_eq!(summary.frames_out, 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_caller_is_closed_by_the_idle_timeout_exactly() {
+        let params = SessionParams {
+            idle_timeout: Duration::from_millis(1_000),
+            ..SessionParams::default()
+        };
+        let (mut caller, server_end) = tokio::io::duplex(64 * 1024);
+        let session = tokio::spawn(async move {
+            let conn = Connection::new(server_end);
+            let agent = Arc::new(EchoAgent::new(Duration::ZERO));
+            run_session(
+                conn,
+                info(Uuid::from_u128(5)),
+                agent,
+                params,
+                CancellationToken::new(),
+            )
+            .await
+        });
+        let t0 = Instant::now();
+        let mut conn = Connection::new(&mut caller);
+        for n in 0..10u64 {
+            tokio::time::sleep_until(t0 + Duration::from_millis(20 * n)).await;
+            conn.write_audio(SlinRate::Hz8000, &[0; 160]).await.unwrap();
+        }
+        // Silence from here on, the stream left open: what a vanished peer looks like.
+        let mut hangup_at = None;
+        while let Some(m) = conn.read_message().await.unwrap() {
+            if m == Message::Hangup {
+                hangup_at = Some(t0.elapsed());
+            }
+        }
+        // Last input at 180 ms; the first tick more than 1000 ms later is at 1200 ms.
+        assert_eq!(
+            hangup_at,
+            Some(Duration::from_millis(1_200)),
+            "0x00 before the close"
+        );
+        let s = session.await.unwrap();
+        assert_eq!(s.outcome, Outcome::IdleTimeout);
+        assert_eq!(s.frames_in, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hangup_token_sends_goodbye_and_ends_as_shutdown() {
+        let hangup = CancellationToken::new();
+        let t0 = Instant::now();
+        tokio::spawn({
+            let hangup = hangup.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                hangup.cancel();
+            }
+        });
+        let agent = Arc::new(EchoAgent::new(Duration::ZERO));
+        let (report, summary) = call(
+            &plan(SlinRate::Hz8000, 10.0),
+            agent,
+            SessionParams::default(),
+            hangup,
+        )
+        .await;
+        assert!(report.hangup_received, "live call got 0x00");
+        assert_eq!(summary.outcome, Outcome::Shutdown);
+        // Frames every 20 ms up to the hangup at 700 ms: the last at 680 ms.
+        assert_eq!(report.arrivals_ms.last().copied(), Some(680.0));
+        assert!(t0.elapsed() >= Duration::from_millis(700));
+        assert_eq!(summary.duration, Duration::from_millis(700));
+    }
+}
