@@ -7,6 +7,8 @@
 //! sent each event, the caller when each frame arrived (`CallReport::arrivals_ms` plus the
 //! offset at which the call started).
 
+#[path = "common/call_logs.rs"]
+mod call_logs;
 mod common;
 #[path = "common/fake_openai.rs"]
 mod fake_openai;
@@ -480,6 +482,7 @@ async fn greeting_is_spoken_first_without_caller_speech() {
 /// not end the call.
 #[tokio::test]
 async fn tool_call_round_trip_and_non_fatal_error() {
+    let (logs, _guard) = call_logs::capture();
     let fake = FakeOpenAi::bind(KEY).await;
     let tool = json!({"type": "function", "name": "get_time", "description": "The current time",
                       "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}});
@@ -549,6 +552,12 @@ async fn tool_call_round_trip_and_non_fatal_error() {
         "a non-fatal error does not end the call"
     );
     server.stop.cancel();
+    server.task.await.unwrap();
+    // Every line of the call, the agent's and the tool runner's, carries the call id.
+    logs.assert_every_call_line_has(
+        plan.call_id,
+        &["voicegate::agent::openai_realtime", "voicegate::tools"],
+    );
 }
 
 /// A session with one declared tool, `get_time` (not in the call's registry, so each call

@@ -146,7 +146,7 @@ impl Agent for ElevenlabsAgent {
 
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = super::session_channel();
-        tokio::spawn(run(self.settings.clone(), call, endpoint));
+        super::task::spawn(run(self.settings.clone(), call, endpoint));
         session
     }
 }

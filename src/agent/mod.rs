@@ -18,6 +18,7 @@ pub mod echo;
 pub mod elevenlabs_agent;
 pub mod keypad;
 pub mod openai_realtime;
+pub mod task;
 pub mod ws;
 
 use crate::audio::ReplyId;

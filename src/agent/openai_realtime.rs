@@ -85,7 +85,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{Instrument, debug, info, trace, warn};
+use tracing::{debug, info, trace, warn};
 
 const PROVIDER: &str = "openai_realtime";
 
@@ -236,7 +236,7 @@ impl Agent for OpenAiRealtime {
 
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = session_channel();
-        tokio::spawn(run(self.settings.clone(), call, endpoint).in_current_span());
+        super::task::spawn(run(self.settings.clone(), call, endpoint));
         session
     }
 }
@@ -1046,12 +1046,9 @@ impl Live {
             items = items.len(),
             "session renewed: the conversation goes on in a new session"
         );
-        tokio::spawn(
-            async move {
-                let _ = timeout(Duration::from_secs(1), old.close(None)).await;
-            }
-            .in_current_span(),
-        );
+        super::task::spawn(async move {
+            let _ = timeout(Duration::from_secs(1), old.close(None)).await;
+        });
         Ok(())
     }
 

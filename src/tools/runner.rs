@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 /// Without a `ReplyDone` for its reply, a terminal tool waits for this much agent silence
 /// (after both the call and the last agent audio) before it runs, so a goodbye still being
@@ -159,10 +159,13 @@ impl ToolRunner {
                 let http = http.clone();
                 let ctx = self.ctx.clone();
                 let arguments = arguments.to_owned();
-                self.tasks.spawn(async move {
-                    let output = http.call(&ctx, &call_id, &arguments).await;
-                    Done::Result { call_id, output }
-                });
+                self.tasks.spawn(
+                    async move {
+                        let output = http.call(&ctx, &call_id, &arguments).await;
+                        Done::Result { call_id, output }
+                    }
+                    .in_current_span(),
+                );
                 None
             }
             action => {
@@ -254,15 +257,18 @@ impl ToolRunner {
                     info!(via = t.name(), "transfer to operator");
                     let fut = t.transfer(&self.call, reason);
                     self.transferring = true;
-                    self.tasks.spawn(async move {
-                        let r = match tokio::time::timeout(TRANSFER_TIMEOUT, fut).await {
-                            Ok(r) => r,
-                            Err(_) => Err(TransferError::Failed(format!(
-                                "no answer within {TRANSFER_TIMEOUT:?}"
-                            ))),
-                        };
-                        Done::Transferred(r)
-                    });
+                    self.tasks.spawn(
+                        async move {
+                            let r = match tokio::time::timeout(TRANSFER_TIMEOUT, fut).await {
+                                Ok(r) => r,
+                                Err(_) => Err(TransferError::Failed(format!(
+                                    "no answer within {TRANSFER_TIMEOUT:?}"
+                                ))),
+                            };
+                            Done::Transferred(r)
+                        }
+                        .in_current_span(),
+                    );
                     None
                 }
             },

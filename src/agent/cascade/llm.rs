@@ -186,7 +186,7 @@ impl LlmClient {
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&self.body(messages));
         let settings = self.settings.clone();
-        let task = tokio::spawn(async move {
+        let task = crate::agent::task::spawn(async move {
             if let Err(e) = run(request, &settings, &tx).await {
                 let _ = tx.send(LlmEvent::Failed(e)).await;
             }

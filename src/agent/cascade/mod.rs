@@ -174,7 +174,8 @@ impl Agent for CascadeAgent {
                 let _ = c.io.events.send(AgentEvent::Failed(e)).await;
             }
         };
-        tokio::spawn(tracing::Instrument::instrument(task, span));
+        let _enter = span.enter();
+        super::task::spawn(task);
         session
     }
 }

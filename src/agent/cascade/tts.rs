@@ -41,7 +41,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, trace, warn};
+use tracing::{debug, trace, warn};
 
 const PROVIDER: &str = "elevenlabs_tts";
 
@@ -244,7 +244,7 @@ impl TtsCall {
                 let (tx, rx) = mpsc::channel(TEXT_QUEUE + CONTROL_RESERVE);
                 let settings = self.settings.clone();
                 let rate_hz = self.rate_hz;
-                tokio::spawn(run_connection(settings, rate_hz, rx).in_current_span());
+                crate::agent::task::spawn(run_connection(settings, rate_hz, rx));
                 self.conn = Some(tx.clone());
                 tx
             }
@@ -274,14 +274,11 @@ impl TtsCall {
                 let this = self.settings.clone();
                 let rate_hz = self.rate_hz;
                 let token = cancel.clone();
-                tokio::spawn(
-                    async move {
-                        if let Err(e) = run_http(&this, rate_hz, text_rx, &ev_tx, token).await {
-                            let _ = ev_tx.send(TtsEvent::Failed(e)).await;
-                        }
+                crate::agent::task::spawn(async move {
+                    if let Err(e) = run_http(&this, rate_hz, text_rx, &ev_tx, token).await {
+                        let _ = ev_tx.send(TtsEvent::Failed(e)).await;
                     }
-                    .in_current_span(),
-                );
+                });
                 TextSink::Http(text_tx)
             }
         };

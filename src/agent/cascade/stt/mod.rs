@@ -138,10 +138,14 @@ impl Drop for SttHandle {
         let task = self.task.abort_handle();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move {
+                let linger = async move {
                     tokio::time::sleep(CLOSE_GRACE + Duration::from_secs(1)).await;
                     task.abort();
-                });
+                };
+                rt.spawn(tracing::Instrument::instrument(
+                    linger,
+                    tracing::Span::current(),
+                ));
             }
             Err(_) => task.abort(),
         }
@@ -183,7 +187,7 @@ pub fn spawn(proto: Box<dyn Protocol>, rate_hz: u32, connect_timeout: Duration) 
     let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CAPACITY_FRAMES);
     let (ev_tx, ev_rx) = mpsc::channel(64);
     let (fin_tx, fin_rx) = mpsc::channel(1);
-    let task = tokio::spawn(async move {
+    let task = crate::agent::task::spawn(async move {
         let name = proto.name();
         if let Err(e) = run(
             proto,
