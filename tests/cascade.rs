@@ -409,7 +409,7 @@ async fn every_line_of_a_cascade_call_carries_its_call_id() {
         barge: None,
         echo: None,
         noise_rms: 30.0,
-        duration_ms: 4_000,
+        duration_ms: 6_500,
     };
     let call_id = uuid::Uuid::new_v4();
     let call = tokio::spawn(caller.run(server.addr, call_id, first_tx));
@@ -418,7 +418,10 @@ async fn every_line_of_a_cascade_call_carries_its_call_id() {
         .expect("agent audio reached the caller")
         .unwrap();
     call.await.unwrap();
-    assert_eq!(server.next_summary().await.call_id, call_id);
+    let summary = server.next_summary().await;
+    assert_eq!(summary.call_id, call_id);
+    // The whole turn ran (so each stage had its say in the log).
+    assert!(summary.transcript.contains(&(Speaker::Agent, REPLY.into())));
     server.stop.cancel();
     server.task.await.unwrap();
     logs.assert_every_call_line_has(

@@ -325,7 +325,7 @@ impl OperatorTransfer for FakeAri {
     fn name(&self) -> &'static str {
         "fake_ari"
     }
-    fn transfer(&self, call: &CallInfo, reason: Option<String>) -> TransferFuture {
+    fn transfer(&self, call: &ToolContext, reason: Option<String>) -> TransferFuture {
         self.seen.lock().unwrap().push((call.call_id, reason));
         Box::pin(async { Ok(()) })
     }

@@ -139,6 +139,36 @@ impl ElevenlabsAgent {
     }
 }
 
+/// The request bodies of ElevenLabs' `POST /v1/convai/tools` (providers.md §2.5;
+/// elevenlabs.io `docs/api-reference/tools/create`, client variant: `{"tool_config": {…}}`,
+/// one per tool): `{"type":"client","name","description","parameters","expects_response",
+/// "response_timeout_secs"}`, each answered within `response_timeout_secs` (ElevenLabs
+/// accepts 1–120 for client tools; the value is clamped to that). The built-in terminal
+/// tools (`hangup`, `transfer_to_operator`) expect no response: the call ends instead.
+/// ElevenLabs declares tools on the agent, not per conversation: create each with one POST,
+/// attach the returned ids to the agent (`tool_ids`) and add `client_tool_call` to its
+/// `client_events` (not in the default list; without it the server never sends the calls).
+pub fn client_tools(specs: &[crate::tools::ToolSpec], response_timeout_secs: u32) -> Value {
+    use crate::tools::{HANGUP, TRANSFER_TO_OPERATOR};
+    let timeout = response_timeout_secs.clamp(1, 120);
+    Value::Array(
+        specs
+            .iter()
+            .map(|s| {
+                let expects_response = !matches!(s.name.as_str(), HANGUP | TRANSFER_TO_OPERATOR);
+                json!({"tool_config": {
+                    "type": "client",
+                    "name": s.name,
+                    "description": s.description,
+                    "parameters": s.parameters,
+                    "expects_response": expects_response,
+                    "response_timeout_secs": timeout,
+                }})
+            })
+            .collect(),
+    )
+}
+
 impl Agent for ElevenlabsAgent {
     fn name(&self) -> &'static str {
         PROVIDER
@@ -703,6 +733,31 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_client_tool_bodies() {
+        let search = crate::tools::ToolSpec {
+            name: "search_tires".into(),
+            description: "Find tyres in stock".into(),
+            parameters: json!({"type":"object","properties":{"size":{"type":"string"}},"required":["size"]}),
+        };
+        let specs = [search, crate::tools::ToolSpec::hangup()];
+        let el = client_tools(&specs, 15);
+        let t = &el[0]["tool_config"];
+        assert_eq!(t["type"], "client");
+        assert_eq!(t["name"], "search_tires");
+        assert_eq!(t["expects_response"], true);
+        assert_eq!(t["response_timeout_secs"], 15);
+        assert_eq!(
+            el[1]["tool_config"]["expects_response"], false,
+            "hangup ends the call instead"
+        );
+        assert_eq!(
+            client_tools(&specs, 600)[0]["tool_config"]["response_timeout_secs"],
+            120,
+            "client tools accept at most 120 s"
+        );
+    }
 
     #[test]
     fn formats_parse() {

@@ -45,8 +45,8 @@ pub struct CallInfo {
     pub caller_number: Option<String>,
     /// The caller's name, when Asterisk told us (ARI).
     pub caller_name: Option<String>,
-    /// Tools the agent should declare to its model (render with the helpers in
-    /// [`crate::tools`]); filled by the call session from the configured registry. Empty
+    /// Tools the agent should declare to its model (each provider renders them in its own
+    /// wire shape); filled by the call session from the configured registry. Empty
     /// when no tools are configured.
     pub tools: Vec<crate::tools::ToolSpec>,
 }
@@ -290,6 +290,26 @@ pub trait Agent: Send + Sync + 'static {
 
 /// A shared agent provider.
 pub type SharedAgent = Arc<dyn Agent>;
+
+/// A tool's answer goes to the agent as [`AgentInput::ToolResult`].
+impl From<crate::tools::ToolResult> for AgentInput {
+    fn from(r: crate::tools::ToolResult) -> Self {
+        AgentInput::ToolResult {
+            call_id: r.call_id,
+            output: r.output,
+        }
+    }
+}
+
+/// What a tool may know of the call (its id and the caller's number).
+impl From<&CallInfo> for crate::tools::ToolContext {
+    fn from(call: &CallInfo) -> Self {
+        crate::tools::ToolContext {
+            call_id: call.call_id,
+            caller_number: call.caller_number.clone(),
+        }
+    }
+}
 
 /// Builds the agent provider the configuration selects.
 ///

@@ -241,16 +241,29 @@ impl Agent for OpenAiRealtime {
     }
 }
 
+/// The `tools` array of a `session.update` (providers.md §1.2, §1.7; oai-py
+/// `realtime_function_tool_param.py`): one flat function entry per tool,
+/// `{"type":"function","name":…,"description":…,"parameters":{…}}`.
+pub fn tool_declarations(specs: &[crate::tools::ToolSpec]) -> Vec<Value> {
+    specs
+        .iter()
+        .map(|s| {
+            json!({
+                "type": "function",
+                "name": s.name,
+                "description": s.description,
+                "parameters": s.parameters,
+            })
+        })
+        .collect()
+}
+
 /// The session task: set-up, then the live loop; any failure becomes [`AgentEvent::Failed`].
 async fn run(mut settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
     // The call's `[[tools]]` join any declared with `with_tools`, in the flat Realtime shape.
     if !call.tools.is_empty() {
         let tools = &mut Arc::make_mut(&mut settings).tools;
-        tools.extend(
-            call.tools
-                .iter()
-                .map(crate::tools::ToolSpec::to_openai_realtime),
-        );
+        tools.extend(tool_declarations(&call.tools));
     }
     let requested = requested_format(&settings, call.rate_hz);
     // Caller audio that arrives while connecting is kept and sent once the session is ready.
@@ -1548,6 +1561,22 @@ impl Live {
 mod tests {
     use super::*;
     use crate::secret::SecretSource;
+    use crate::tools::ToolSpec;
+
+    #[test]
+    fn renders_flat_tool_declarations() {
+        let search = ToolSpec {
+            name: "search_tires".into(),
+            description: "Find tyres in stock".into(),
+            parameters: json!({"type":"object","properties":{"size":{"type":"string"}},"required":["size"]}),
+        };
+        let flat = tool_declarations(&[search, ToolSpec::hangup()]);
+        assert_eq!(flat[0]["type"], "function");
+        assert_eq!(flat[0]["name"], "search_tires");
+        assert_eq!(flat[0]["parameters"]["required"][0], "size");
+        assert!(flat[0].get("function").is_none());
+        assert_eq!(flat[1]["name"], "hangup");
+    }
 
     fn settings(transcription: &str) -> Settings {
         let cfg = OpenAiRealtimeConfig {

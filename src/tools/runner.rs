@@ -1,7 +1,7 @@
 //! The call session's side of tools: runs HTTP tools in spawned tasks and decides when a
 //! terminal tool (hangup, transfer) may end the call.
 //!
-//! Owned by [`crate::call::run_session`], one per call. Nothing here blocks: HTTP tools and
+//! Owned by the call session, one per call. Nothing here blocks: HTTP tools and
 //! operator transfers run in a [`JoinSet`] (aborted when the call ends) and come back through
 //! [`ToolRunner::next_step`]; the terminal-tool state machine is advanced by the session's
 //! events ([`ToolRunner::on_agent_audio`], [`ToolRunner::on_reply_done`],
@@ -10,13 +10,12 @@
 //! When a terminal tool may run: the caller did not interrupt the reply that asked for it
 //! (neither before the call arrived nor while it waits), the playout buffer is empty, and the
 //! agent is done speaking: either the provider said so for that reply
-//! ([`crate::agent::AgentEvent::ReplyDone`]) or no agent audio arrived for [`TERMINAL_QUIET`]
+//! (the agent's `ReplyDone` event) or no agent audio arrived for [`TERMINAL_QUIET`]
 //! (providers that do not tie tool calls to replies, such as ElevenLabs, may still be
 //! streaming the goodbye when the call arrives).
 
 use super::http::{ToolContext, error_result};
-use super::{ToolAction, ToolRegistry, TransferError};
-use crate::agent::{AgentInput, CallInfo};
+use super::{ToolAction, ToolRegistry, ToolResult, TransferError};
 use crate::audio::ReplyId;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -58,7 +57,7 @@ pub enum Terminal {
 #[derive(Debug)]
 pub enum ToolStep {
     /// Send this to the agent (a tool result), through [`ToolRunner::deliver`].
-    Answer(AgentInput),
+    Answer(ToolResult),
     /// End the call.
     End(Terminal),
 }
@@ -88,7 +87,6 @@ struct Pending {
 #[derive(Debug)]
 pub struct ToolRunner {
     registry: Arc<ToolRegistry>,
-    call: CallInfo,
     ctx: ToolContext,
     tasks: JoinSet<Done>,
     pending: Option<Pending>,
@@ -96,7 +94,7 @@ pub struct ToolRunner {
     replies_done: VecDeque<ReplyId>,
     interrupted: VecDeque<ReplyId>,
     last_agent_audio: Option<Instant>,
-    unsent: VecDeque<AgentInput>,
+    unsent: VecDeque<ToolResult>,
 }
 
 fn remember(list: &mut VecDeque<ReplyId>, reply: ReplyId) {
@@ -107,15 +105,12 @@ fn remember(list: &mut VecDeque<ReplyId>, reply: ReplyId) {
 }
 
 impl ToolRunner {
-    /// Tools of `registry` for the call `call`.
-    pub fn new(registry: Arc<ToolRegistry>, call: &CallInfo) -> Self {
+    /// Tools of `registry` for the call `call` (the agent's call info converts into a
+    /// [`ToolContext`]).
+    pub fn new(registry: Arc<ToolRegistry>, call: impl Into<ToolContext>) -> Self {
         ToolRunner {
             registry,
-            ctx: ToolContext {
-                call_id: call.call_id,
-                caller_number: call.caller_number.clone(),
-            },
-            call: call.clone(),
+            ctx: call.into(),
             tasks: JoinSet::new(),
             pending: None,
             transferring: false,
@@ -142,9 +137,9 @@ impl ToolRunner {
         arguments: &str,
         reply: Option<ReplyId>,
         now: Instant,
-    ) -> Option<AgentInput> {
+    ) -> Option<ToolResult> {
         let answer = |output: String| {
-            Some(AgentInput::ToolResult {
+            Some(ToolResult {
                 call_id: call_id.clone(),
                 output,
             })
@@ -212,13 +207,13 @@ impl ToolRunner {
     /// The caller barged in and the playout was flushed (`flushed` is the reply that was
     /// playing). A pending terminal tool is dropped: the caller wants to go on. Returns the
     /// answer for its tool call.
-    pub fn on_barge_in(&mut self, flushed: Option<ReplyId>) -> Option<AgentInput> {
+    pub fn on_barge_in(&mut self, flushed: Option<ReplyId>) -> Option<ToolResult> {
         if let Some(r) = flushed {
             remember(&mut self.interrupted, r);
         }
         let p = self.pending.take()?;
         info!(tool = %p.name, "terminal tool cancelled: the caller interrupted");
-        Some(AgentInput::ToolResult {
+        Some(ToolResult {
             call_id: p.call_id,
             output: error_result(
                 "not executed: the caller interrupted the reply that asked for it",
@@ -255,7 +250,7 @@ impl ToolRunner {
                 }
                 Some(t) => {
                     info!(via = t.name(), "transfer to operator");
-                    let fut = t.transfer(&self.call, reason);
+                    let fut = t.transfer(&self.ctx, reason);
                     self.transferring = true;
                     self.tasks.spawn(
                         async move {
@@ -283,7 +278,7 @@ impl ToolRunner {
             }
             match self.tasks.join_next().await {
                 Some(Ok(Done::Result { call_id, output })) => {
-                    return ToolStep::Answer(AgentInput::ToolResult { call_id, output });
+                    return ToolStep::Answer(ToolResult { call_id, output });
                 }
                 Some(Ok(Done::Transferred(r))) => {
                     self.transferring = false;
@@ -303,19 +298,20 @@ impl ToolRunner {
         }
     }
 
-    /// Sends `input` to the agent without waiting; if its channel is full the message is
-    /// kept (up to 16) and retried by [`Self::retry_unsent`].
-    pub fn deliver(&mut self, agent: &mpsc::Sender<AgentInput>, input: AgentInput) {
+    /// Sends `input` to the agent (whose input type converts from a [`ToolResult`]) without
+    /// waiting; if its channel is full the message is kept (up to 16) and retried by
+    /// [`Self::retry_unsent`].
+    pub fn deliver<T: From<ToolResult>>(&mut self, agent: &mpsc::Sender<T>, input: ToolResult) {
         if !self.unsent.is_empty() {
             self.queue(input);
             return;
         }
-        if let Err(TrySendError::Full(input)) = agent.try_send(input) {
+        if let Err(TrySendError::Full(_)) = agent.try_send(T::from(input.clone())) {
             self.queue(input);
         }
     }
 
-    fn queue(&mut self, input: AgentInput) {
+    fn queue(&mut self, input: ToolResult) {
         if self.unsent.len() == MAX_UNSENT {
             warn!("agent input full; dropping the oldest tool result");
             self.unsent.pop_front();
@@ -324,11 +320,11 @@ impl ToolRunner {
     }
 
     /// Retries results the agent's full channel refused (call on each tick; free when none).
-    pub fn retry_unsent(&mut self, agent: &mpsc::Sender<AgentInput>) {
+    pub fn retry_unsent<T: From<ToolResult>>(&mut self, agent: &mpsc::Sender<T>) {
         while let Some(input) = self.unsent.pop_front() {
-            match agent.try_send(input) {
+            match agent.try_send(T::from(input.clone())) {
                 Ok(()) => {}
-                Err(TrySendError::Full(input)) => {
+                Err(TrySendError::Full(_)) => {
                     self.unsent.push_front(input);
                     return;
                 }
@@ -366,14 +362,11 @@ mod tests {
             })
             .collect();
         let registry = Arc::new(ToolRegistry::from_config(&entries).unwrap());
-        let call = CallInfo {
+        let call = ToolContext {
             call_id: uuid::Uuid::nil(),
-            rate_hz: 8000,
             caller_number: None,
-            caller_name: None,
-            tools: registry.specs(),
         };
-        ToolRunner::new(registry, &call)
+        ToolRunner::new(registry, call)
     }
 
     #[tokio::test]
@@ -416,15 +409,13 @@ mod tests {
         let mut r = runner(&[ToolKind::Hangup, ToolKind::TransferToOperator]);
         r.on_tool_call("c1".into(), HANGUP_NAME, "{}", Some(ReplyId(1)), t0);
         let answer = r.on_barge_in(Some(ReplyId(1)));
-        assert!(
-            matches!(answer, Some(AgentInput::ToolResult { ref call_id, .. }) if call_id == "c1")
-        );
+        assert!(matches!(answer, Some(ToolResult { ref call_id, .. }) if call_id == "c1"));
         assert!(!r.terminal_pending());
         assert_eq!(r.poll_terminal(true, t0 + Duration::from_secs(5)), None);
         // Asked for by the interrupted reply afterwards: refused at once.
         let refused = r.on_tool_call("c2".into(), TRANSFER_NAME, "{}", Some(ReplyId(1)), t0);
         assert!(
-            matches!(refused, Some(AgentInput::ToolResult { ref output, .. }) if output.contains("interrupted"))
+            matches!(refused, Some(ToolResult { ref output, .. }) if output.contains("interrupted"))
         );
         // Another reply's transfer goes ahead, through the dialplan without ARI.
         r.on_tool_call(
@@ -447,7 +438,7 @@ mod tests {
         let mut r = runner(&[]);
         let a = r.on_tool_call("c".into(), "nope", "{}", None, Instant::now());
         assert!(
-            matches!(a, Some(AgentInput::ToolResult { ref output, .. }) if output.contains("unknown tool nope"))
+            matches!(a, Some(ToolResult { ref output, .. }) if output.contains("unknown tool nope"))
         );
     }
 

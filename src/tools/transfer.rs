@@ -1,13 +1,13 @@
 //! The `transfer_to_operator` interface: how a call reaches a human.
 //!
 //! Without ARI the transfer needs no code here: the session ends the AudioSocket session
-//! with `0x00` and records the outcome [`crate::call::Outcome::Operator`], and the
+//! with `0x00` and records the outcome `Operator`, and the
 //! dialplan's next priority (`Queue(operators)`) takes the caller. With ARI, the ARI module
 //! implements [`OperatorTransfer`] (move the channel into the queue) and installs it with
 //! [`crate::tools::ToolRegistry::with_transfer`]; the session runs it in a spawned task,
 //! never on the 20 ms loop, and still falls back to the dialplan if it fails.
 
-use crate::agent::CallInfo;
+use super::http::ToolContext;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -27,7 +27,7 @@ pub trait OperatorTransfer: Send + Sync + 'static {
     /// Short name for logs and the call record (`ari`).
     fn name(&self) -> &'static str;
 
-    /// Moves `call` to the operators; `reason` is the model's, if it gave one. Resolves
+    /// Moves `call` (its AudioSocket call id and caller number) to the operators; `reason` is the model's, if it gave one. Resolves
     /// when the PBX has accepted the move; the session then ends the AudioSocket session.
-    fn transfer(&self, call: &CallInfo, reason: Option<String>) -> TransferFuture;
+    fn transfer(&self, call: &ToolContext, reason: Option<String>) -> TransferFuture;
 }
