@@ -14,6 +14,7 @@
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
 pub mod cascade;
+pub mod driver;
 pub mod echo;
 pub mod elevenlabs_agent;
 pub mod keypad;
