@@ -78,9 +78,29 @@ pub enum ServerMsg<'a> {
     Opened,
     /// A text message.
     Text(&'a str),
-    /// The socket is gone (connect failure, close frame, read or write error); the text says
-    /// why, in the provider's words where it gave some (never with upgrade header values).
-    Closed(String),
+    /// The socket is gone (connect failure, close frame, read or write error).
+    Closed(Closed),
+}
+
+/// Why a socket is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The close frame's code and reason, when the server sent one.
+    pub frame: Option<(u16, String)>,
+    /// What happened, in words, with the provider's reason where it gave one (never with
+    /// upgrade header values): `connect: …`, `server closed the session (code 1011, reason
+    /// "…")`, `server closed the connection`, `websocket send failed: …`.
+    pub detail: String,
+}
+
+impl Closed {
+    /// Gone without a close frame, for `detail`.
+    pub fn because(detail: impl Into<String>) -> Self {
+        Closed {
+            frame: None,
+            detail: detail.into(),
+        }
+    }
 }
 
 /// A provider's protocol, sans-IO; see the module docs.
@@ -101,13 +121,18 @@ pub trait WsProtocol: Send + 'static {
     fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Out>);
     /// When [`WsProtocol::handle_timeout`] is next due, if a timer is set.
     fn poll_timeout(&self) -> Option<Instant>;
+    /// The call is over (its input closed): last words for the call's record (events go
+    /// out only if the call still reads them) and the sockets, which the driver then closes.
+    fn finish(&mut self, out: &mut Vec<Out>) {
+        let _ = out;
+    }
 }
 
 /// One socket's news, from its reader task.
 enum Read {
     Opened(SocketId, SplitSink<Ws, Message>),
     Text(SocketId, tokio_tungstenite::tungstenite::Utf8Bytes),
-    Closed(SocketId, String),
+    Closed(SocketId, Closed),
 }
 
 /// Runs `protocol` for one call until the call or the session ends.
@@ -118,13 +143,22 @@ pub async fn run<P: WsProtocol>(mut protocol: P, mut io: AgentEndpoint) {
     protocol.start(Instant::now(), &mut out);
     loop {
         if !apply(&mut out, &mut sinks, &read_tx, &io, &mut protocol).await {
-            break;
+            // Stay until the call lets go, so the call sees the last event first.
+            for (_, sink) in sinks.drain() {
+                close(sink);
+            }
+            while io.input.recv().await.is_some() {}
+            return;
         }
         let due = protocol.poll_timeout();
         tokio::select! {
             input = io.input.recv() => match input {
                 Some(input) => protocol.handle_input(Instant::now(), input, &mut out),
-                None => break,
+                None => {
+                    protocol.finish(&mut out);
+                    finish(out, &mut sinks, &io).await;
+                    break;
+                }
             },
             Some(read) = read_rx.recv() => match read {
                 Read::Opened(id, sink) => {
@@ -147,6 +181,28 @@ pub async fn run<P: WsProtocol>(mut protocol: P, mut io: AgentEndpoint) {
     // The call is over: say goodbye politely, but do not wait long for it.
     for (_, sink) in sinks {
         close(sink);
+    }
+}
+
+/// Carries out the last `out` of a call that is over: events only if the call still reads
+/// them, messages as usual.
+async fn finish(
+    out: Vec<Out>,
+    sinks: &mut HashMap<SocketId, SplitSink<Ws, Message>>,
+    io: &AgentEndpoint,
+) {
+    for o in out {
+        match o {
+            Out::Event(ev) => {
+                let _ = io.events.try_send(ev);
+            }
+            Out::Send { socket, text } => {
+                if let Some(sink) = sinks.get_mut(&socket) {
+                    let _ = send(sink, text).await;
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -178,7 +234,7 @@ async fn apply<P: WsProtocol>(
                     };
                     if let Err(why) = send(sink, text).await {
                         sinks.remove(&socket);
-                        failed = Some((socket, why));
+                        failed = Some((socket, Closed::because(why)));
                         break;
                     }
                 }
@@ -235,7 +291,8 @@ async fn open(
     let ws = match ws::connect(&url, &pairs, connect_timeout).await {
         Ok(ws) => ws,
         Err(e) => {
-            let _ = tx.send(Read::Closed(id, format!("connect: {e}"))).await;
+            let why = Closed::because(format!("connect: {e}"));
+            let _ = tx.send(Read::Closed(id, why)).await;
             return;
         }
     };
@@ -248,32 +305,38 @@ async fn open(
 }
 
 /// Forwards the text messages of `stream` until it ends; returns why it ended.
-async fn read(id: SocketId, mut stream: SplitStream<Ws>, tx: &mpsc::Sender<Read>) -> String {
+async fn read(id: SocketId, mut stream: SplitStream<Ws>, tx: &mpsc::Sender<Read>) -> Closed {
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     loop {
         match stream.next().await {
             Some(Ok(Message::Text(t))) => {
                 if tx.send(Read::Text(id, t)).await.is_err() {
-                    return "the session is over".into();
+                    return Closed::because("the session is over");
                 }
             }
             Some(Ok(Message::Close(Some(f)))) => {
-                return format!(
-                    "server closed the session (code {}, reason \"{}\")",
-                    u16::from(f.code),
-                    f.reason
-                );
+                let code = u16::from(f.code);
+                return Closed {
+                    detail: format!(
+                        "server closed the session (code {code}, reason \"{}\")",
+                        f.reason
+                    ),
+                    frame: Some((code, f.reason.as_str().to_owned())),
+                };
             }
-            Some(Ok(Message::Close(None))) | None => return "server closed the connection".into(),
+            Some(Ok(Message::Close(None))) => {
+                return Closed::because("server closed the connection");
+            }
+            None => return Closed::because("server closed the connection without a close frame"),
             Some(Ok(_)) => {}
             Some(Err(
                 e @ (WsError::ConnectionClosed
                 | WsError::AlreadyClosed
                 | WsError::Io(_)
                 | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)),
-            )) => return format!("server closed the connection: {e}"),
-            Some(Err(e)) => return format!("websocket failed: {e}"),
+            )) => return Closed::because(format!("server closed the connection: {e}")),
+            Some(Err(e)) => return Closed::because(format!("websocket failed: {e}")),
         }
     }
 }

@@ -194,16 +194,16 @@ impl Realtime {
                 su.stage = Stage::Created;
                 return Ok(None);
             }
-            ServerMsg::Closed(why) if su.stage == Stage::Connecting => {
+            ServerMsg::Closed(c) if su.stage == Stage::Connecting => {
                 return Err(AgentError::Connect {
                     provider: PROVIDER,
-                    detail: scrub(&why, &self.s.api_key),
+                    detail: scrub(&c.detail, &self.s.api_key),
                 });
             }
-            ServerMsg::Closed(why) => {
+            ServerMsg::Closed(c) => {
                 return Err(AgentError::Provider {
                     provider: PROVIDER,
-                    detail: scrub(&why, &self.s.api_key),
+                    detail: scrub(&c.detail, &self.s.api_key),
                 });
             }
             ServerMsg::Text(t) => t,
@@ -838,10 +838,10 @@ impl WsProtocol for Realtime {
                 return self.maybe_switch(now, out);
             }
             Renewal::Ready { socket: s, .. } if s == socket => {
-                if let ServerMsg::Closed(why) = msg {
+                if let ServerMsg::Closed(c) = msg {
                     let e = AgentError::Provider {
                         provider: PROVIDER,
-                        detail: scrub(&why, &self.s.api_key),
+                        detail: scrub(&c.detail, &self.s.api_key),
                     };
                     self.renewal = self.renewal_failed(now, socket, &e, out);
                 }
@@ -855,10 +855,10 @@ impl WsProtocol for Realtime {
         }
         match msg {
             ServerMsg::Text(text) => self.handle_event(now, text, out),
-            ServerMsg::Closed(why) => {
+            ServerMsg::Closed(c) => {
                 let e = AgentError::Provider {
                     provider: PROVIDER,
-                    detail: scrub(&why, &self.s.api_key),
+                    detail: scrub(&c.detail, &self.s.api_key),
                 };
                 return self.live_ended(now, e, out);
             }

@@ -3,6 +3,7 @@
 //! `src/openai/types/realtime/`).
 
 use super::*;
+use crate::agent::driver::Closed;
 use crate::agent::openai_realtime::OpenAiRealtime;
 use crate::config::OpenAiRealtimeConfig;
 use crate::secret::SecretSource;
@@ -265,7 +266,7 @@ fn a_renewal_waits_for_the_active_response_and_a_failed_one_is_retried() {
     p.handle_server(
         t1,
         2,
-        ServerMsg::Closed("connect: refused".into()),
+        ServerMsg::Closed(Closed::because("connect: refused")),
         &mut out,
     );
     assert!(out.iter().any(|o| matches!(o, Out::Close { socket: 2 })));
@@ -321,7 +322,7 @@ fn the_live_session_ending_with_a_renewal_ready_switches_instead_of_failing() {
     q.handle_server(
         t0,
         1,
-        ServerMsg::Closed("server closed the connection".into()),
+        ServerMsg::Closed(Closed::because("server closed the connection")),
         &mut out,
     );
     assert!(fails(&out).expect("failed").contains("closed"));
