@@ -458,8 +458,84 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Err
     })
 }
 
+/// Fuzzing hook (`fuzz/fuzz_targets/elevenlabs_agent_event.rs`; built only with
+/// `--cfg fuzzing`, as cargo-fuzz builds, and in unit tests): drives one call's
+/// [`Conversation`] protocol with `data` as server messages, one per line, the way the driver
+/// feeds it (socket open, 20 ms of virtual time per message, timers fired when due), at 8 and
+/// at 16 kHz, with caller audio and a keypad digit between messages.
+#[cfg(any(fuzzing, test))]
+pub fn fuzz_server_messages(data: &[u8]) {
+    use super::AgentInput;
+    use super::driver::{ServerMsg, WsProtocol};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let cfg = ElevenlabsAgentConfig {
+        url: "ws://127.0.0.1:9/c".into(),
+        agent_id: "agent_fuzz".into(),
+        ..Default::default()
+    };
+    let Ok(agent) = ElevenlabsAgent::from_config(&cfg) else {
+        return;
+    };
+    for rate_hz in [8_000, 16_000] {
+        let call = CallInfo {
+            call_id: uuid::Uuid::nil(),
+            rate_hz,
+            caller_number: None,
+            caller_name: None,
+            tools: Vec::new(),
+        };
+        let mut now = Instant::now();
+        let deadline = now + Duration::from_secs(60);
+        let mut c = Conversation::new(agent.settings.clone(), &call, cfg.url.clone(), deadline);
+        let mut out = Vec::new();
+        c.start(now, &mut out);
+        c.handle_server(now, 1, ServerMsg::Opened, &mut out);
+        let frame = bytes::Bytes::from(vec![0u8; rate_hz as usize / 25]);
+        for (n, line) in text.lines().enumerate() {
+            now += Duration::from_millis(20);
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now, &mut out);
+            }
+            c.handle_server(now, 1, ServerMsg::Text(line), &mut out);
+            c.handle_input(now, AgentInput::Audio(frame.clone()), &mut out);
+            if n % 7 == 3 {
+                c.handle_input(now, AgentInput::Dtmf('5'), &mut out);
+            }
+            out.clear();
+        }
+        c.finish(&mut out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// The fuzzing hook runs the corpus, one message at a time and all as one conversation,
+    /// and hostile text, without a panic.
+    #[test]
+    fn fuzz_hook_survives_the_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/elevenlabs_agent_event");
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("corpus") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            fuzz_server_messages(&data);
+            all.extend_from_slice(&data);
+            all.push(b'\n');
+        }
+        fuzz_server_messages(&all);
+        for hostile in [
+            "",
+            "{",
+            r#"{"type":"audio","audio_event":{"audio_base_64":"%%","event_id":1}}"#,
+            r#"{"type":"conversation_initiation_metadata","conversation_initiation_metadata_event":{"agent_output_audio_format":"pcm_7","user_input_audio_format":"ulaw_8000"}}"#,
+        ] {
+            fuzz_server_messages(hostile.as_bytes());
+        }
+    }
+
     use super::*;
 
     #[test]

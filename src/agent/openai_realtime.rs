@@ -78,8 +78,6 @@ use crate::config::{
     ConfigError, NoiseReduction, OpenAiRealtimeConfig, TurnDetection, VadEagerness,
 };
 use crate::secret::Secret;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::borrow::Cow;
@@ -624,35 +622,58 @@ struct ServerEvent<'a> {
     response: Option<Value>,
 }
 
-/// The socket-free part of reading one server event, exposed for the fuzz target
-/// `fuzz/fuzz_targets/openai_realtime_event.rs`: parses `text` as the live loop does and
-/// runs the pure steps it derives from the event — the base64 audio of a delta (and the
-/// level check on it, read as μ-law and as pcm16), the formats a `session.updated` states,
-/// and the scrubbed description and fatality of an `error`. Returns the event's `type`.
-///
-/// # Errors
-/// serde's error when `text` is not a server event (the live loop logs and ignores it).
-pub fn inspect_server_event(text: &str) -> Result<String, serde_json::Error> {
-    let ev: ServerEvent<'_> = serde_json::from_str(text)?;
-    let key = Secret::new("sk-fuzz-key".to_owned());
-    if !ev.delta.is_empty() {
-        let mut wire = Vec::new();
-        if BASE64.decode_vec(ev.delta.as_ref(), &mut wire).is_ok() {
-            for format in [
-                WireFormat::G711(Law::Ulaw),
-                WireFormat::Pcm16 { rate_hz: 24_000 },
+/// Fuzzing hook (`fuzz/fuzz_targets/openai_realtime_event.rs`; built only with
+/// `--cfg fuzzing`, as cargo-fuzz builds, and in unit tests): drives one call's live
+/// [`Realtime`] protocol with `data` as server messages, one per line, the way the driver
+/// feeds it, first through a session's set-up and then through the live session (20 ms of
+/// virtual time per message, timers fired when due), on a fresh protocol for each phase.
+#[cfg(any(fuzzing, test))]
+pub fn fuzz_server_messages(data: &[u8]) {
+    use super::driver::{ServerMsg, WsProtocol};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let cfg = OpenAiRealtimeConfig {
+        api_key: crate::secret::SecretSource::Inline("sk-fuzz-key".into()),
+        instructions: "Fuzz.".into(),
+        greeting: Some("Hello.".into()),
+        ..OpenAiRealtimeConfig::default()
+    };
+    let Ok(agent) = OpenAiRealtime::new(&cfg) else {
+        return;
+    };
+    for (live, rate_hz) in [(false, 8_000), (true, 16_000)] {
+        let call = CallInfo {
+            call_id: uuid::Uuid::nil(),
+            rate_hz,
+            caller_number: None,
+            caller_name: None,
+            tools: Vec::new(),
+        };
+        let Ok(mut p) = Realtime::new(agent.settings.clone(), &call) else {
+            return;
+        };
+        let mut now = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        p.start(now, &mut out);
+        p.handle_server(now, 1, ServerMsg::Opened, &mut out);
+        if live {
+            for ev in [
+                r#"{"type":"session.created"}"#,
+                r#"{"type":"session.updated","session":{"audio":{"input":{"format":{"type":"audio/pcm","rate":24000}},"output":{"format":{"type":"audio/pcmu"}}}}}"#,
             ] {
-                let _ = LevelCheck::default().feed(&wire, format);
+                p.handle_server(now, 1, ServerMsg::Text(ev), &mut out);
             }
         }
+        for line in text.lines() {
+            now += Duration::from_millis(20);
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now, &mut out);
+            }
+            p.handle_server(now, 1, ServerMsg::Text(line), &mut out);
+            out.clear();
+        }
     }
-    if let Some(session) = &ev.session {
-        let _ = confirmed_formats(session, WireFormat::G711(Law::Ulaw));
-    }
-    let _ = describe_error(ev.error.as_ref(), &key);
-    let _ = is_fatal(ev.error.as_ref());
-    let _ = scrub(&ev.delta, &key);
-    Ok(ev.kind.into_owned())
 }
 
 /// Checks the level of the first [`LEVEL_CHECK_MS`] of agent audio, in the wire format as
@@ -981,6 +1002,33 @@ mod tests {
         assert!(!check(&pcm, pcm8), "real speech in the right format");
         assert!(check(&ulaw, pcm8), "μ-law read as pcm16");
         assert!(check(&pcm, ulaw_fmt), "pcm16 read as μ-law");
+    }
+
+    /// The fuzzing hook runs the corpus, one message at a time and all as one conversation,
+    /// and hostile text, without a panic.
+    #[test]
+    fn fuzz_hook_survives_the_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/openai_realtime_event");
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("corpus") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            fuzz_server_messages(&data);
+            all.extend_from_slice(&data);
+            all.push(b'\n');
+        }
+        fuzz_server_messages(&all);
+        for hostile in [
+            "",
+            "\n\n",
+            "{",
+            "[]",
+            r#"{"type":"response.output_audio.delta","item_id":"","delta":"%%"}"#,
+            r#"{"type":"response.output_audio.delta","item_id":"i","delta":"AAA"}"#,
+            r#"{"type":"response.done"}"#,
+        ] {
+            fuzz_server_messages(hostile.as_bytes());
+        }
     }
 
     #[test]
