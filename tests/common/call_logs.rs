@@ -1,17 +1,28 @@
 //! Capturing a test's log output to check that every line of a call carries its call id
 //! (issue 15: every task of a call runs inside the call's tracing span).
 //!
-//! Use inside a current-thread `#[tokio::test]`: [`capture`] installs a TRACE-level
-//! subscriber for this thread only, so the call's tasks (all on this thread) log into the
-//! buffer and other tests running in parallel do not.
+//! Use inside a current-thread `#[tokio::test]`: [`capture`] installs (once per test binary)
+//! a global TRACE-level subscriber whose output goes only to the buffer of the thread that
+//! captures, so the call's tasks (all on this thread) log into it and tests running in
+//! parallel on other threads neither add to it nor pay for formatting. (A thread-local
+//! `set_default` per test is not enough when tests run in parallel: tracing caches each
+//! callsite's interest across threads, and a callsite first hit on another thread, without
+//! a subscriber, stays silent for the test that captures.)
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, Once};
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
 use uuid::Uuid;
 
-/// The log text written while the guard of [`capture`] lives.
+/// The log text written on one thread while its [`Capturing`] guard lives.
 #[derive(Clone, Default)]
 pub struct CallLogs(Arc<Mutex<Vec<u8>>>);
+
+thread_local! {
+    static CAPTURE: RefCell<Option<CallLogs>> = const { RefCell::new(None) };
+}
 
 impl std::io::Write for CallLogs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -23,22 +34,44 @@ impl std::io::Write for CallLogs {
     }
 }
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CallLogs {
+/// Writes to the buffer of the thread that logs, if it captures.
+struct ThreadWriter;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ThreadWriter {
     type Writer = CallLogs;
     fn make_writer(&'a self) -> CallLogs {
-        self.clone()
+        CAPTURE.with(|c| c.borrow().clone()).unwrap_or_default()
+    }
+}
+
+/// Stops the capture of this thread when dropped.
+pub struct Capturing;
+
+impl Drop for Capturing {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| *c.borrow_mut() = None);
     }
 }
 
 /// Starts capturing every event (TRACE and up, no colours) of this thread.
-pub fn capture() -> (CallLogs, tracing::subscriber::DefaultGuard) {
+pub fn capture() -> (CallLogs, Capturing) {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(ThreadWriter)
+            .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+                CAPTURE.with(|c| c.borrow().is_some())
+            }));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        // Callsites other tests hit before now were cached as uninteresting (tracing-core
+        // 0.1.36 does not rebuild the cache for a global default): ask them again.
+        tracing::callsite::rebuild_interest_cache();
+    });
     let logs = CallLogs::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(logs.clone())
-        .finish();
-    (logs.clone(), tracing::subscriber::set_default(subscriber))
+    CAPTURE.with(|c| *c.borrow_mut() = Some(logs.clone()));
+    (logs, Capturing)
 }
 
 /// Log targets (module paths) whose every line belongs to a call: the agents, the call

@@ -230,6 +230,7 @@ async fn run(
                 detail: "request cannot be repeated".into(),
             });
         };
+        debug!(attempt, "llm request");
         let (error, wait) = match send(this_try, settings.timeout).await {
             Ok(response) => break response,
             Err(Refused::Final(e)) => return Err(e),

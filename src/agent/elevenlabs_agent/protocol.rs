@@ -226,6 +226,21 @@ impl Conversation {
         Ok(())
     }
 
+    /// A client tool call, tied to the reply being spoken or the one just interrupted.
+    fn on_tool_call(&mut self, id: String, name: String, arguments: String, out: &mut Vec<Out>) {
+        let tied = match self.boundary {
+            Boundary::UserTurn => None,
+            Boundary::None | Boundary::Interrupted => Some(self.reply),
+        };
+        info!(tool = name.as_str(), "elevenlabs: client tool call");
+        out.push(Out::Event(AgentEvent::ToolCall {
+            call_id: id,
+            name,
+            arguments,
+            reply: tied,
+        }));
+    }
+
     /// One server message; an error ends the conversation.
     fn on_message(&mut self, message: ServerMessage, out: &mut Vec<Out>) -> Result<(), AgentError> {
         match message {
@@ -287,19 +302,7 @@ impl Conversation {
                 tool_call_id,
                 tool_name,
                 arguments,
-            } => {
-                let tied = match self.boundary {
-                    Boundary::UserTurn => None,
-                    Boundary::None | Boundary::Interrupted => Some(self.reply),
-                };
-                info!(tool = tool_name.as_str(), "elevenlabs: client tool call");
-                out.push(Out::Event(AgentEvent::ToolCall {
-                    call_id: tool_call_id,
-                    name: tool_name,
-                    arguments,
-                    reply: tied,
-                }));
-            }
+            } => self.on_tool_call(tool_call_id, tool_name, arguments, out),
             ServerMessage::MalformedToolCall => {
                 warn!("client_tool_call without tool_name or tool_call_id; ignored");
             }
@@ -319,10 +322,8 @@ impl Conversation {
                     reason = reason.as_str(),
                     "elevenlabs reported an error"
                 );
-                self.last_error = Some(format!(
-                    "error_event {}: {error_type}: {reason}",
-                    code.unwrap_or(0)
-                ));
+                let code = code.unwrap_or(0);
+                self.last_error = Some(format!("error_event {code}: {error_type}: {reason}"));
             }
             ServerMessage::Other { kind } => {
                 trace!(kind = kind.as_str(), "elevenlabs event ignored")

@@ -243,6 +243,41 @@ async fn run(
     }
 }
 
+/// Connects `proto`'s socket within `connect_timeout`.
+async fn connect(
+    proto: &mut dyn Protocol,
+    connect_timeout: Duration,
+) -> Result<crate::agent::ws::Ws, AgentError> {
+    let provider = proto.name();
+    let url = proto
+        .url()
+        .map_err(|detail| AgentError::Connect { provider, detail })?;
+    let headers = proto.headers();
+    let format = proto.format();
+    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let ws = crate::agent::ws::connect(&url, &header_refs, connect_timeout)
+        .await
+        .map_err(|e| AgentError::Connect {
+            provider,
+            detail: e.to_string(),
+        })?;
+    debug!(provider, ?format, "stt connected");
+    Ok(ws)
+}
+
+/// One caller frame in the vendor's format (`encoder`, or as it is when it is already
+/// that).
+fn encode(encoder: Option<&mut Encoder>, wire: &mut Vec<u8>, bytes: Bytes) -> Bytes {
+    match encoder {
+        None => bytes,
+        Some(enc) => {
+            wire.clear();
+            enc.encode_le_bytes(&bytes, wire);
+            Bytes::copy_from_slice(wire)
+        }
+    }
+}
+
 async fn run_once(
     proto: &mut dyn Protocol,
     rate_hz: u32,
@@ -255,19 +290,7 @@ async fn run_once(
     let mut last_finalize: Option<Instant> = None;
     let protocol_err = |detail: String| AgentError::Protocol { provider, detail };
     let provider_err = |detail: String| AgentError::Provider { provider, detail };
-    let url = proto
-        .url()
-        .map_err(|detail| AgentError::Connect { provider, detail })?;
-    let headers = proto.headers();
-    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let ws = crate::agent::ws::connect(&url, &header_refs, connect_timeout)
-        .await
-        .map_err(|e| AgentError::Connect {
-            provider,
-            detail: e.to_string(),
-        })?;
-    debug!(provider, format = ?proto.format(), "stt connected");
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, mut stream) = connect(proto, connect_timeout).await?.split();
     let send_err = |e: tokio_tungstenite::tungstenite::Error| AgentError::Provider {
         provider,
         detail: format!("send: {e}"),
@@ -291,14 +314,7 @@ async fn run_once(
         tokio::select! {
             frame = audio.recv() => match frame {
                 Some(bytes) => {
-                    let chunk = match encoder.as_mut() {
-                        None => bytes,
-                        Some(enc) => {
-                            wire.clear();
-                            enc.encode_le_bytes(&bytes, &mut wire);
-                            Bytes::copy_from_slice(&wire)
-                        }
-                    };
+                    let chunk = encode(encoder.as_mut(), &mut wire, bytes);
                     if chunk.is_empty() {
                         continue;
                     }
@@ -314,8 +330,7 @@ async fn run_once(
                     let _ = tokio::time::timeout(CLOSE_GRACE, async {
                         let _ = sink.close().await;
                         while let Some(Ok(_)) = stream.next().await {}
-                    })
-                    .await;
+                    }).await;
                     return Ok(());
                 }
             },
