@@ -17,7 +17,7 @@ use common::{TestServer, fixture};
 use fake_openai::{FakeConn, FakeOpenAi, to_wire};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use voicegate::agent::openai_realtime::OpenAiRealtime;
@@ -1058,39 +1058,12 @@ async fn silent_server_times_out_and_falls_back() {
     server.stop.cancel();
 }
 
-/// A `tracing` writer that keeps every log line, to check what reaches the log.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
-    type Writer = LogBuf;
-    fn make_writer(&'a self) -> LogBuf {
-        self.clone()
-    }
-}
-
 /// Test 5d: a fatal `error` event (the session cap, §1.8) ends the call with a fallback, and
 /// the key the error message echoes reaches neither the log nor the call record.
 #[tokio::test]
 async fn fatal_error_event_falls_back_and_the_key_never_reaches_the_log() {
-    let logs = LogBuf::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(logs.clone())
-        .finish();
     // Current-thread runtime: every task of this test logs on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = call_logs::capture();
 
     let fake = FakeOpenAi::bind(KEY).await;
     let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
@@ -1112,7 +1085,7 @@ async fn fatal_error_event_falls_back_and_the_key_never_reaches_the_log() {
     let reason = assert_fallback(&mut server, &report, offset, error_at).await;
     assert!(reason.contains("session_expired"), "{reason}");
     server.stop.cancel();
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let text = logs.text();
     assert!(text.contains("session_expired"), "the failure is logged");
     assert!(
         !text.contains("9f8e7d6c5b4a"),

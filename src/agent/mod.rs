@@ -1,6 +1,6 @@
 //! Voice agents: one interface for every provider.
 //!
-//! An agent runs as its own task per call and talks to the call's session ([`crate::call::run_session`])
+//! An agent runs as its own task per call and talks to the call's session (`call::run_session`)
 //! over two bounded channels, so a slow provider never blocks the 20 ms audio path:
 //!
 //! - [`AgentInput`] (call → agent): caller audio as slin at the call's sample rate, DTMF,

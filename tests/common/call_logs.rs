@@ -7,7 +7,9 @@
 //! parallel on other threads neither add to it nor pay for formatting. (A thread-local
 //! `set_default` per test is not enough when tests run in parallel: tracing caches each
 //! callsite's interest across threads, and a callsite first hit on another thread, without
-//! a subscriber, stays silent for the test that captures.)
+//! a subscriber, stays silent for the test that captures. For the same reason no test in a
+//! binary that uses this may install a `set_default` subscriber of its own: callsites
+//! registered beside it would ignore the global one.)
 #![allow(dead_code)]
 
 use std::cell::RefCell;
@@ -60,7 +62,9 @@ pub fn capture() -> (CallLogs, Capturing) {
         let layer = tracing_subscriber::fmt::layer()
             .with_ansi(false)
             .with_writer(ThreadWriter)
-            .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+            // Dynamic: asked for every event (a `filter_fn` would cache its first answer
+            // per callsite, given on whichever thread hit it first).
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|_, _| {
                 CAPTURE.with(|c| c.borrow().is_some())
             }));
         let subscriber = tracing_subscriber::registry().with(layer);
