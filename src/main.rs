@@ -374,9 +374,11 @@ fn print_tools(config: &Config, args: &ToolsArgs) -> ExitCode {
     };
     let specs = registry.specs();
     let json = match args.format.as_str() {
-        "openai-realtime" => voicegate::tools::openai_realtime_tools(&specs),
-        "chat-completions" => voicegate::tools::chat_completions_tools(&specs),
-        _ => voicegate::tools::elevenlabs_client_tools(&specs, args.response_timeout_secs),
+        "openai-realtime" => {
+            serde_json::Value::Array(voicegate::agent::openai_realtime::tool_declarations(&specs))
+        }
+        "chat-completions" => voicegate::agent::cascade::llm::tool_declarations(&specs),
+        _ => voicegate::agent::elevenlabs_agent::client_tools(&specs, args.response_timeout_secs),
     };
     // A serde_json::Value always serializes.
     println!(

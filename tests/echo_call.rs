@@ -1,6 +1,8 @@
 //! A call end to end through the real AudioSocket listener with the echo agent, driven by
 //! the synthetic caller on a real recording.
 
+#[path = "common/call_logs.rs"]
+mod call_logs;
 mod common;
 
 use common::{TestServer, fixture};
@@ -113,6 +115,20 @@ async fn echo_call_8khz_audiosocket_app() {
 #[tokio::test]
 async fn echo_call_16khz_channel_driver() {
     echo_comes_back(SlinRate::Hz16000).await;
+}
+
+/// Every line the echo agent and the call session log during a call carries the call's id
+/// (the agent's task runs inside the call's span).
+#[tokio::test]
+async fn every_line_of_an_echo_call_carries_its_call_id() {
+    let (logs, _guard) = call_logs::capture();
+    let mut server = TestServer::start(Arc::new(EchoAgent::new(Duration::from_millis(100)))).await;
+    let plan = plan(SlinRate::Hz8000, 2.0);
+    place_call(server.addr, &plan).await.expect("call");
+    assert_eq!(server.next_summary().await.call_id, plan.call_id);
+    server.stop.cancel();
+    server.task.await.unwrap();
+    logs.assert_every_call_line_has(plan.call_id, &["voicegate::agent::echo", "voicegate::call"]);
 }
 
 #[tokio::test]

@@ -5,6 +5,8 @@
 // tungstenite's handshake callback returns its own large `Result`.
 #![allow(clippy::result_large_err)]
 
+#[path = "common/call_logs.rs"]
+mod call_logs;
 mod common;
 mod support;
 
@@ -611,6 +613,7 @@ kind = "hangup"
 
 #[tokio::test]
 async fn client_tool_calls_round_trip_and_hangup_follows_the_goodbye() {
+    let (logs, _guard) = call_logs::capture();
     let stock = json!({"in_stock": 4, "brand": "Nokian"});
     let mut http = HttpServer::start(Reply::Json(stock.to_string())).await;
     let mut fake = FakeEleven::start().await;
@@ -678,6 +681,11 @@ async fn client_tool_calls_round_trip_and_hangup_follows_the_goodbye() {
     );
     server.stop.cancel();
     drop(pump);
+    // Every line of the call, the agent's and the tool runner's, carries the call id.
+    logs.assert_every_call_line_has(
+        p.call_id,
+        &["voicegate::agent::elevenlabs_agent", "voicegate::tools"],
+    );
 }
 
 async fn falls_back(

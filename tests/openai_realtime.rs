@@ -7,6 +7,8 @@
 //! sent each event, the caller when each frame arrived (`CallReport::arrivals_ms` plus the
 //! offset at which the call started).
 
+#[path = "common/call_logs.rs"]
+mod call_logs;
 mod common;
 #[path = "common/fake_openai.rs"]
 mod fake_openai;
@@ -15,7 +17,7 @@ use common::{TestServer, fixture};
 use fake_openai::{FakeConn, FakeOpenAi, to_wire};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use voicegate::agent::openai_realtime::OpenAiRealtime;
@@ -490,6 +492,7 @@ async fn greeting_is_spoken_first_without_caller_speech() {
 /// not end the call.
 #[tokio::test]
 async fn tool_call_round_trip_and_non_fatal_error() {
+    let (logs, _guard) = call_logs::capture();
     let fake = FakeOpenAi::bind(KEY).await;
     let tool = json!({"type": "function", "name": "get_time", "description": "The current time",
                       "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}});
@@ -559,6 +562,12 @@ async fn tool_call_round_trip_and_non_fatal_error() {
         "a non-fatal error does not end the call"
     );
     server.stop.cancel();
+    server.task.await.unwrap();
+    // Every line of the call, the agent's and the tool runner's, carries the call id.
+    logs.assert_every_call_line_has(
+        plan.call_id,
+        &["voicegate::agent::openai_realtime", "voicegate::tools"],
+    );
 }
 
 /// A session with one declared tool, `get_time` (not in the call's registry, so each call
@@ -1059,39 +1068,12 @@ async fn silent_server_times_out_and_falls_back() {
     server.stop.cancel();
 }
 
-/// A `tracing` writer that keeps every log line, to check what reaches the log.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
-    type Writer = LogBuf;
-    fn make_writer(&'a self) -> LogBuf {
-        self.clone()
-    }
-}
-
 /// Test 5d: a fatal `error` event (the session cap, §1.8) ends the call with a fallback, and
 /// the key the error message echoes reaches neither the log nor the call record.
 #[tokio::test]
 async fn fatal_error_event_falls_back_and_the_key_never_reaches_the_log() {
-    let logs = LogBuf::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(logs.clone())
-        .finish();
     // Current-thread runtime: every task of this test logs on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = call_logs::capture();
 
     let fake = FakeOpenAi::bind(KEY).await;
     let mut server = TestServer::start(agent(&fake.url, |_| {})).await;
@@ -1113,7 +1095,7 @@ async fn fatal_error_event_falls_back_and_the_key_never_reaches_the_log() {
     let reason = assert_fallback(&mut server, &report, offset, error_at).await;
     assert!(reason.contains("session_expired"), "{reason}");
     server.stop.cancel();
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let text = logs.text();
     assert!(text.contains("session_expired"), "the failure is logged");
     assert!(
         !text.contains("9f8e7d6c5b4a"),

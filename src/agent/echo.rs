@@ -18,7 +18,7 @@ use crate::audio::{ReplyId, slin_from_le_bytes};
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::{Instant, sleep_until};
-use tracing::{Instrument as _, debug};
+use tracing::debug;
 
 /// How much earlier than its slot a frame is handed to the playout buffer, which paces it.
 pub const CUSHION: Duration = Duration::from_millis(40);
@@ -58,7 +58,7 @@ impl Agent for EchoAgent {
         let (session, endpoint) = super::session_channel();
         let line = DelayLine::new(self.delay, call.rate_hz);
         // Inside the call's span: its log lines carry the call id.
-        tokio::spawn(run(line, endpoint).in_current_span());
+        super::task::spawn(run(line, endpoint));
         session
     }
 }

@@ -9,6 +9,9 @@
 //! assuming them, and converts the call's slin with [`crate::audio::convert`]. Caller audio
 //! that arrives before the metadata is held (up to [`EARLY_AUDIO`]) and sent after it.
 //!
+//! Each call is a sans-IO protocol, [`Conversation`] (`elevenlabs_agent/protocol.rs`, `now`
+//! passed in), run by the shared WebSocket driver ([`super::driver`]) once the URL is known.
+//!
 //! Mapping (§2.3, §2.4, §2.5):
 //!
 //! | ElevenLabs | voicegate |
@@ -19,8 +22,8 @@
 //! | `ping` | `{"type":"pong","event_id":…}` at once |
 //! | `user_transcript` | [`AgentEvent::Transcript`] (caller) |
 //! | `agent_response` | [`AgentEvent::Transcript`] (agent), held until the next turn so that an `agent_response_correction` (the reply was cut by an interruption) can replace it with what the caller heard |
-//! | `client_tool_call` | [`AgentEvent::ToolCall`]; its [`AgentInput::ToolResult`] goes back as `client_tool_result` (`is_error` when the result is `{"error":…}`) |
-//! | DTMF | digits collected by [`Keypad`] (1 s after the last, or at once on `#`), then one `user_message` the agent answers |
+//! | `client_tool_call` | [`AgentEvent::ToolCall`]; its [`AgentInput::ToolResult`](super::AgentInput::ToolResult) goes back as `client_tool_result` (`is_error` when the result is `{"error":…}`) |
+//! | DTMF | digits collected by [`Keypad`](super::keypad::Keypad) (1 s after the last, or at once on `#`), then one `user_message` the agent answers |
 //! | `error` (`error_event`: `code`, `error_type`, `reason`, `message`) | logged; its details join the reason of the close that follows |
 //! | close with code 1000 | [`AgentEvent::Ended`] (the agent ended the conversation) |
 //! | any other close, a dropped connection, a failed connect, no metadata in time | [`AgentEvent::Failed`] |
@@ -32,33 +35,26 @@
 //! agent's security settings, or the server closes with 1008 (`override_error`). With tools
 //! configured, the first call logs a warning saying so.
 //!
-//! Replies: ElevenLabs does not number replies, so a new [`ReplyId`] starts with the first
+//! Replies: ElevenLabs does not number replies, so a new [`ReplyId`](crate::audio::ReplyId) starts with the first
 //! audio after the caller's transcript or an interruption. A tool call is tied to the reply
 //! being spoken, or to the interrupted one if it arrives after an interruption and before
 //! new audio, so the call can refuse a terminal tool whose goodbye was cut off.
 
-use super::keypad::Keypad;
-use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
-use super::{Speaker, ws};
+mod protocol;
+
+pub use protocol::Conversation;
+
+use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentSession, CallInfo};
 use crate::agent::config::ElevenlabsAgentConfig;
-use crate::audio::ReplyId;
-use crate::audio::convert::{Decoder, Encoder, WireFormat};
+use crate::audio::convert::WireFormat;
 use crate::audio::g711::Law;
 use crate::error::ConfigError;
 use crate::secret::Secret;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value, json};
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tracing::{debug, info, trace, warn};
+use tokio::time::Instant;
 
 const PROVIDER: &str = "elevenlabs_agent";
 
@@ -140,6 +136,36 @@ impl ElevenlabsAgent {
     }
 }
 
+/// The request bodies of ElevenLabs' `POST /v1/convai/tools` (providers.md §2.5;
+/// elevenlabs.io `docs/api-reference/tools/create`, client variant: `{"tool_config": {…}}`,
+/// one per tool): `{"type":"client","name","description","parameters","expects_response",
+/// "response_timeout_secs"}`, each answered within `response_timeout_secs` (ElevenLabs
+/// accepts 1–120 for client tools; the value is clamped to that). The built-in terminal
+/// tools (`hangup`, `transfer_to_operator`) expect no response: the call ends instead.
+/// ElevenLabs declares tools on the agent, not per conversation: create each with one POST,
+/// attach the returned ids to the agent (`tool_ids`) and add `client_tool_call` to its
+/// `client_events` (not in the default list; without it the server never sends the calls).
+pub fn client_tools(specs: &[crate::tools::ToolSpec], response_timeout_secs: u32) -> Value {
+    use crate::tools::{HANGUP, TRANSFER_TO_OPERATOR};
+    let timeout = response_timeout_secs.clamp(1, 120);
+    Value::Array(
+        specs
+            .iter()
+            .map(|s| {
+                let expects_response = !matches!(s.name.as_str(), HANGUP | TRANSFER_TO_OPERATOR);
+                json!({"tool_config": {
+                    "type": "client",
+                    "name": s.name,
+                    "description": s.description,
+                    "parameters": s.parameters,
+                    "expects_response": expects_response,
+                    "response_timeout_secs": timeout,
+                }})
+            })
+            .collect(),
+    )
+}
+
 impl Agent for ElevenlabsAgent {
     fn name(&self) -> &'static str {
         PROVIDER
@@ -147,19 +173,36 @@ impl Agent for ElevenlabsAgent {
 
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = super::session_channel();
-        tokio::spawn(run(self.settings.clone(), call, endpoint));
+        super::task::spawn(run(self.settings.clone(), call, endpoint));
         session
     }
 }
 
-async fn run(settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
-    let result = conversation(&settings, &call, &mut io).await;
-    let event = match result {
-        Ok(Some(reason)) => AgentEvent::Ended { reason },
-        Ok(None) => return, // the call is over
-        Err(e) => AgentEvent::Failed(e),
+/// Fetches the conversation's URL (a signed one for a private agent), then runs the
+/// conversation protocol on the shared driver; connecting and the metadata share one
+/// deadline, `connect_timeout` from now.
+async fn run(s: Arc<Settings>, call: CallInfo, io: AgentEndpoint) {
+    let deadline = Instant::now() + s.connect_timeout;
+    let url = match tokio::time::timeout_at(deadline, conversation_url(&s)).await {
+        Ok(Ok(url)) => url,
+        Ok(Err(e)) => return fail(e, io).await,
+        Err(_) => {
+            let e = AgentError::Timeout {
+                provider: PROVIDER,
+                detail: "signed url".into(),
+            };
+            return fail(e, io).await;
+        }
     };
-    let _ = io.events.send(event).await;
+    if io.events.is_closed() {
+        return;
+    }
+    let conversation = protocol::Conversation::new(s, &call, url, deadline);
+    super::driver::run(conversation, io).await;
+}
+
+async fn fail(e: AgentError, mut io: AgentEndpoint) {
+    let _ = io.events.send(AgentEvent::Failed(e)).await;
     // Stay until the call lets go, so the call sees the event before the channel closes.
     while io.input.recv().await.is_some() {}
 }
@@ -416,294 +459,110 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Err
     })
 }
 
-/// What the conversation's audio converters are, once the metadata has named the formats.
-struct Formats {
-    encoder: Encoder,
-    decoder: Decoder,
-    chunk_bytes: usize,
-}
-
-/// Where the next agent audio belongs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Boundary {
-    /// Audio continues the current reply.
-    None,
-    /// The caller's turn was transcribed: the next audio starts a new reply; a tool call
-    /// before it belongs to no spoken reply.
-    UserTurn,
-    /// The current reply was interrupted: the next audio starts a new reply; a tool call
-    /// before it belongs to the interrupted reply.
-    Interrupted,
-}
-
-/// Runs the conversation. `Ok(Some(reason))`: the agent ended it; `Ok(None)`: the call ended.
-async fn conversation(
-    s: &Settings,
-    call: &CallInfo,
-    io: &mut AgentEndpoint,
-) -> Result<Option<String>, AgentError> {
-    let deadline = Instant::now() + s.connect_timeout;
-    let url = tokio::time::timeout_at(deadline, conversation_url(s))
-        .await
-        .map_err(|_| AgentError::Timeout {
-            provider: PROVIDER,
-            detail: "signed url".into(),
-        })??;
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let socket = ws::connect(&url, &[], remaining)
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
-    let (mut sink, mut stream) = socket.split();
-    sink.send(Message::text(client_data(s, call)))
-        .await
-        .map_err(|e| provider_err(format!("send: {e}")))?;
-    debug!("elevenlabs conversation opened; waiting for metadata");
-
-    let mut formats: Option<Formats> = None;
-    let mut early: VecDeque<Bytes> = VecDeque::new();
-    let early_frames = (EARLY_AUDIO.as_millis() / 20) as usize;
-    let mut wire: Vec<u8> = Vec::with_capacity(4096);
-    let mut samples: Vec<i16> = Vec::with_capacity(8192);
-    let mut reply = ReplyId(1);
-    let mut boundary = Boundary::UserTurn;
-    let mut last_interrupt: i64 = -1;
-    let mut keypad = Keypad::default();
-    // The agent's last reply text, held until the next turn (see the module table).
-    let mut agent_said: Option<String> = None;
-    // The last `error` event, for the reason of the close that follows it.
-    let mut last_error: Option<String> = None;
-    if !call.tools.is_empty() && !TOOLS_WARNED.swap(true, Ordering::Relaxed) {
-        warn!(
-            tools = call.tools.len(),
-            "tools are configured: ElevenLabs sends client_tool_call only if the agent's \
-             client_events include client_tool_call (not in the default list) and the agent has \
-             client tools of the same names (`voicegate tools --format elevenlabs`)"
-        );
-    }
-
-    loop {
-        tokio::select! {
-            input = io.input.recv() => {
-                let Some(input) = input else {
-                    // The call is over; the record may still take the last reply's text.
-                    if let Some(t) = agent_said.take() {
-                        let _ = io.events.try_send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t });
-                    }
-                    let _ = sink.send(Message::Close(None)).await;
-                    return Ok(None);
-                };
-                match input {
-                    AgentInput::Audio(bytes) => match formats.as_mut() {
-                        None => {
-                            if early.len() == early_frames {
-                                early.pop_front();
-                            }
-                            early.push_back(bytes);
-                        }
-                        Some(f) => {
-                            f.encoder.encode_le_bytes(&bytes, &mut wire);
-                            if wire.len() >= f.chunk_bytes {
-                                send_audio(&mut sink, &mut wire).await?;
-                            }
-                        }
-                    },
-                    AgentInput::ToolResult { call_id, output } => {
-                        let is_error = crate::tools::http::is_error_result(&output);
-                        let msg = json!({
-                            "type": "client_tool_result",
-                            "tool_call_id": call_id,
-                            "result": output,
-                            "is_error": is_error,
-                        });
-                        debug!(tool_call_id = %call_id, is_error, "client_tool_result");
-                        sink.send(Message::text(msg.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
-                    }
-                    AgentInput::Dtmf(d) => {
-                        debug!(digit = %d, "dtmf");
-                        if let Some(text) = keypad.push(d) {
-                            send_keypad_turn(&mut sink, text).await?;
-                        }
-                    }
-                    // Playout frames come only to agents that ask for them; this one does not.
-                    AgentInput::Interrupted { .. }
-                    | AgentInput::PlayedOut { .. }
-                    | AgentInput::Playout(_) => {}
-                }
+/// Fuzzing hook (`fuzz/fuzz_targets/elevenlabs_agent_event.rs`; built only with
+/// `--cfg fuzzing`, as cargo-fuzz builds, and in unit tests): drives one call's
+/// [`Conversation`] protocol with `data` as server messages, one per line, the way the driver
+/// feeds it (socket open, 20 ms of virtual time per message, timers fired when due), at 8 and
+/// at 16 kHz, with caller audio and a keypad digit between messages.
+#[cfg(any(fuzzing, test))]
+pub fn fuzz_server_messages(data: &[u8]) {
+    use super::AgentInput;
+    use super::driver::{ServerMsg, WsProtocol};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let cfg = ElevenlabsAgentConfig {
+        url: "ws://127.0.0.1:9/c".into(),
+        agent_id: "agent_fuzz".into(),
+        ..Default::default()
+    };
+    let Ok(agent) = ElevenlabsAgent::from_config(&cfg) else {
+        return;
+    };
+    for rate_hz in [8_000, 16_000] {
+        let call = CallInfo {
+            call_id: uuid::Uuid::nil(),
+            rate_hz,
+            caller_number: None,
+            caller_name: None,
+            tools: Vec::new(),
+        };
+        let mut now = Instant::now();
+        let deadline = now + Duration::from_secs(60);
+        let mut c = Conversation::new(agent.settings.clone(), &call, cfg.url.clone(), deadline);
+        let mut out = Vec::new();
+        c.start(now, &mut out);
+        c.handle_server(now, 1, ServerMsg::Opened, &mut out);
+        let frame = bytes::Bytes::from(vec![0u8; rate_hz as usize / 25]);
+        for (n, line) in text.lines().enumerate() {
+            now += Duration::from_millis(20);
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now, &mut out);
             }
-            () = sleep_until(keypad.deadline().unwrap_or(deadline)), if keypad.deadline().is_some() => {
-                if let Some(text) = keypad.take() {
-                    send_keypad_turn(&mut sink, text).await?;
-                }
+            c.handle_server(now, 1, ServerMsg::Text(line), &mut out);
+            c.handle_input(now, AgentInput::Audio(frame.clone()), &mut out);
+            if n % 7 == 3 {
+                c.handle_input(now, AgentInput::Dtmf('5'), &mut out);
             }
-            () = sleep_until(deadline), if formats.is_none() => {
-                return Err(AgentError::Timeout { provider: PROVIDER, detail: "no conversation_initiation_metadata".into() });
-            }
-            msg = stream.next() => {
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(frame))) => {
-                        return match frame {
-                            Some(f) if f.code == CloseCode::Normal => {
-                                info!(reason = %f.reason, "elevenlabs ended the conversation");
-                                if let Some(t) = agent_said.take() {
-                                    let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t }).await;
-                                }
-                                Ok(Some(format!("elevenlabs closed the conversation: {}", f.reason)))
-                            }
-                            Some(f) => {
-                                let error = last_error.map(|e| format!(" ({e})")).unwrap_or_default();
-                                Err(provider_err(format!("closed with code {}: {}{error}", u16::from(f.code), f.reason)))
-                            }
-                            None => Err(provider_err("closed without a reason")),
-                        };
-                    }
-                    Some(Ok(_)) => continue, // binary, ping, pong frames
-                    Some(Err(e)) => return Err(provider_err(format!("connection lost: {e}"))),
-                    None => return Err(provider_err("connection closed without a close frame")),
-                };
-                let Ok(message) = parse_server_message(&text) else {
-                    warn!(len = text.len(), "elevenlabs sent a message that is not JSON; ignored");
-                    continue;
-                };
-                match message {
-                    ServerMessage::Metadata { conversation_id, input_format, output_format } => {
-                        let (out_name, in_name) = (output_format.as_str(), input_format.as_str());
-                        let (Some(out_fmt), Some(in_fmt)) = (parse_format(out_name), parse_format(in_name)) else {
-                            return Err(protocol_err(format!("unusable audio formats: input {in_name:?}, output {out_name:?}")));
-                        };
-                        let encoder = Encoder::new(call.rate_hz, in_fmt).map_err(|e| protocol_err(e.to_string()))?;
-                        let decoder = Decoder::new(out_fmt, call.rate_hz).map_err(|e| protocol_err(e.to_string()))?;
-                        info!(
-                            conversation_id = conversation_id.as_str(),
-                            input = in_name, output = out_name, "elevenlabs conversation started"
-                        );
-                        let mut f = Formats { encoder, decoder, chunk_bytes: in_fmt.bytes_per_ms() * s.chunk_ms as usize };
-                        for bytes in early.drain(..) {
-                            f.encoder.encode_le_bytes(&bytes, &mut wire);
-                        }
-                        if !wire.is_empty() {
-                            send_audio(&mut sink, &mut wire).await?;
-                        }
-                        formats = Some(f);
-                    }
-                    ServerMessage::Audio { event_id: id, audio_base_64 } => {
-                        if id <= last_interrupt {
-                            trace!(event_id = id, "audio from before the interruption dropped");
-                            continue;
-                        }
-                        let Some(f) = formats.as_mut() else {
-                            return Err(protocol_err("audio before conversation_initiation_metadata"));
-                        };
-                        let Some(b64) = audio_base_64 else { continue };
-                        let bytes = B64.decode(b64).map_err(|e| protocol_err(format!("audio base64: {e}")))?;
-                        samples.clear();
-                        f.decoder.decode(&bytes, &mut samples);
-                        if boundary != Boundary::None {
-                            reply = ReplyId(reply.0 + 1);
-                            boundary = Boundary::None;
-                        }
-                        if samples.is_empty() {
-                            continue;
-                        }
-                        let chunk = std::mem::replace(&mut samples, Vec::with_capacity(8192));
-                        if io.events.send(AgentEvent::Audio { reply, samples: chunk }).await.is_err() {
-                            return Ok(None);
-                        }
-                    }
-                    ServerMessage::Interruption { event_id: id } => {
-                        last_interrupt = last_interrupt.max(id);
-                        if let Some(f) = formats.as_mut() {
-                            f.decoder.reset();
-                        }
-                        boundary = Boundary::Interrupted;
-                        debug!(event_id = id, "elevenlabs: interruption");
-                        if io.events.send(AgentEvent::SpeechStarted).await.is_err() {
-                            return Ok(None);
-                        }
-                    }
-                    ServerMessage::Ping { event_id } => {
-                        let pong = json!({"type": "pong", "event_id": event_id});
-                        sink.send(Message::text(pong.to_string())).await.map_err(|e| provider_err(format!("send: {e}")))?;
-                    }
-                    ServerMessage::UserTranscript { text } => {
-                        boundary = Boundary::UserTurn;
-                        if let Some(t) = agent_said.take() {
-                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t }).await;
-                        }
-                        if let Some(t) = text {
-                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Caller, text: t }).await;
-                        }
-                    }
-                    ServerMessage::AgentResponse { text } => {
-                        if let Some(t) = std::mem::replace(&mut agent_said, text) {
-                            let _ = io.events.send(AgentEvent::Transcript { speaker: Speaker::Agent, text: t }).await;
-                        }
-                    }
-                    ServerMessage::AgentResponseCorrection { corrected } => {
-                        debug!("elevenlabs: agent response corrected after an interruption");
-                        if let Some(c) = corrected {
-                            // What the caller heard; nothing at all when cut before a word.
-                            agent_said = (!c.trim().is_empty()).then_some(c);
-                        }
-                    }
-                    ServerMessage::ToolCall { tool_call_id, tool_name, arguments } => {
-                        let tied = match boundary {
-                            Boundary::UserTurn => None,
-                            Boundary::None | Boundary::Interrupted => Some(reply),
-                        };
-                        info!(tool = tool_name.as_str(), "elevenlabs: client tool call");
-                        let event = AgentEvent::ToolCall { call_id: tool_call_id, name: tool_name, arguments, reply: tied };
-                        if io.events.send(event).await.is_err() {
-                            return Ok(None);
-                        }
-                    }
-                    ServerMessage::MalformedToolCall => {
-                        warn!("client_tool_call without tool_name or tool_call_id; ignored");
-                    }
-                    ServerMessage::Error { kind, code, error_type, reason } => {
-                        // A fatal error is followed by a close with `code`.
-                        let error_type = error_type.unwrap_or_default();
-                        let reason = reason.unwrap_or_default();
-                        warn!(kind = kind.as_str(), code, error_type = error_type.as_str(), reason = reason.as_str(), "elevenlabs reported an error");
-                        last_error = Some(format!("error_event {}: {error_type}: {reason}", code.unwrap_or(0)));
-                    }
-                    ServerMessage::Other { kind } => trace!(kind = kind.as_str(), "elevenlabs event ignored"),
-                }
-            }
+            out.clear();
         }
+        c.finish(&mut out);
     }
-}
-
-/// Typed digits as a caller turn: a `user_message` (`UserMessagePayload`), which the agent
-/// answers (a `contextual_update` would only add context, without a reply).
-async fn send_keypad_turn<S>(sink: &mut S, text: String) -> Result<(), AgentError>
-where
-    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    info!(text = %text, "keypad turn");
-    let msg = json!({"type": "user_message", "text": text});
-    sink.send(Message::text(msg.to_string()))
-        .await
-        .map_err(|e| provider_err(format!("send: {e}")))
-}
-
-async fn send_audio<S>(sink: &mut S, wire: &mut Vec<u8>) -> Result<(), AgentError>
-where
-    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-{
-    let mut text = String::with_capacity(24 + wire.len().div_ceil(3) * 4);
-    text.push_str("{\"user_audio_chunk\":\"");
-    B64.encode_string(&wire[..], &mut text);
-    text.push_str("\"}");
-    wire.clear();
-    sink.send(Message::text(text))
-        .await
-        .map_err(|e| provider_err(format!("send: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
+
+    /// The fuzzing hook runs the corpus, one message at a time and all as one conversation,
+    /// and hostile text, without a panic.
+    #[test]
+    fn fuzz_hook_survives_the_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/elevenlabs_agent_event");
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("corpus") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            fuzz_server_messages(&data);
+            all.extend_from_slice(&data);
+            all.push(b'\n');
+        }
+        fuzz_server_messages(&all);
+        for hostile in [
+            "",
+            "{",
+            r#"{"type":"audio","audio_event":{"audio_base_64":"%%","event_id":1}}"#,
+            r#"{"type":"conversation_initiation_metadata","conversation_initiation_metadata_event":{"agent_output_audio_format":"pcm_7","user_input_audio_format":"ulaw_8000"}}"#,
+        ] {
+            fuzz_server_messages(hostile.as_bytes());
+        }
+    }
+
     use super::*;
+
+    #[test]
+    fn renders_client_tool_bodies() {
+        let search = crate::tools::ToolSpec {
+            name: "search_tires".into(),
+            description: "Find tyres in stock".into(),
+            parameters: json!({"type":"object","properties":{"size":{"type":"string"}},"required":["size"]}),
+        };
+        let specs = [search, crate::tools::ToolSpec::hangup()];
+        let el = client_tools(&specs, 15);
+        let t = &el[0]["tool_config"];
+        assert_eq!(t["type"], "client");
+        assert_eq!(t["name"], "search_tires");
+        assert_eq!(t["expects_response"], true);
+        assert_eq!(t["response_timeout_secs"], 15);
+        assert_eq!(
+            el[1]["tool_config"]["expects_response"], false,
+            "hangup ends the call instead"
+        );
+        assert_eq!(
+            client_tools(&specs, 600)[0]["tool_config"]["response_timeout_secs"],
+            120,
+            "client tools accept at most 120 s"
+        );
+    }
 
     #[test]
     fn formats_parse() {

@@ -10,7 +10,8 @@ use tokio::time::Instant;
 /// Digits typed less than this apart form one turn.
 pub const DIGIT_GAP: Duration = Duration::from_millis(1_000);
 
-/// Collects one call's digits. Sans-IO apart from reading the clock on [`Keypad::push`].
+/// Collects one call's digits. Sans-IO with [`Keypad::push_at`] (`now` passed in);
+/// [`Keypad::push`] reads the clock.
 #[derive(Debug, Default)]
 pub struct Keypad {
     digits: String,
@@ -20,11 +21,17 @@ pub struct Keypad {
 impl Keypad {
     /// Adds `digit` (0-9, *, #, A-D). Returns the turn's text when `digit` is `#`.
     pub fn push(&mut self, digit: char) -> Option<String> {
+        self.push_at(digit, Instant::now())
+    }
+
+    /// [`Keypad::push`] at `now`: the turn ends [`DIGIT_GAP`] after `now` unless another
+    /// digit comes.
+    pub fn push_at(&mut self, digit: char, now: Instant) -> Option<String> {
         self.digits.push(digit);
         if digit == '#' {
             self.take()
         } else {
-            self.deadline = Some(Instant::now() + DIGIT_GAP);
+            self.deadline = Some(now + DIGIT_GAP);
             None
         }
     }

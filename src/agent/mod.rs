@@ -1,6 +1,6 @@
 //! Voice agents: one interface for every provider.
 //!
-//! An agent runs as its own task per call and talks to the call's session ([`crate::call::run_session`])
+//! An agent runs as its own task per call and talks to the call's session (`call::run_session`)
 //! over two bounded channels, so a slow provider never blocks the 20 ms audio path:
 //!
 //! - [`AgentInput`] (call → agent): caller audio as slin at the call's sample rate, DTMF,
@@ -15,10 +15,12 @@
 
 pub mod cascade;
 pub mod config;
+pub mod driver;
 pub mod echo;
 pub mod elevenlabs_agent;
 pub mod keypad;
 pub mod openai_realtime;
+pub mod task;
 pub mod ws;
 
 use crate::audio::ReplyId;
@@ -45,8 +47,8 @@ pub struct CallInfo {
     pub caller_number: Option<String>,
     /// The caller's name, when Asterisk told us (ARI).
     pub caller_name: Option<String>,
-    /// Tools the agent should declare to its model (render with the helpers in
-    /// [`crate::tools`]); filled by the call session from the configured registry. Empty
+    /// Tools the agent should declare to its model (each provider renders them in its own
+    /// wire shape); filled by the call session from the configured registry. Empty
     /// when no tools are configured.
     pub tools: Vec<crate::tools::ToolSpec>,
 }
@@ -282,6 +284,26 @@ pub trait Agent: Send + Sync + 'static {
 
 /// A shared agent provider.
 pub type SharedAgent = Arc<dyn Agent>;
+
+/// A tool's answer goes to the agent as [`AgentInput::ToolResult`].
+impl From<crate::tools::ToolResult> for AgentInput {
+    fn from(r: crate::tools::ToolResult) -> Self {
+        AgentInput::ToolResult {
+            call_id: r.call_id,
+            output: r.output,
+        }
+    }
+}
+
+/// What a tool may know of the call (its id and the caller's number).
+impl From<&CallInfo> for crate::tools::ToolContext {
+    fn from(call: &CallInfo) -> Self {
+        crate::tools::ToolContext {
+            call_id: call.call_id,
+            caller_number: call.caller_number.clone(),
+        }
+    }
+}
 
 /// Builds the agent provider the configuration selects.
 ///

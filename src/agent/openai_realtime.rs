@@ -3,7 +3,10 @@
 //! The preview (beta) interface is gone (OpenAI refuses `OpenAI-Beta: realtime=v1`), and so
 //! is voicegate's support for it: `api = "preview"` is a config error.
 //!
-//! One call, as this task drives it:
+//! Each call is a sans-IO protocol, [`Realtime`] (`openai_realtime/protocol.rs`: server
+//! events, call inputs and timers in, with `now` passed in; wire messages, [`AgentEvent`]s and
+//! timers out), run by the shared WebSocket driver ([`super::driver`]), which spawns its
+//! tasks inside the call's span. One call, step by step:
 //!
 //! 1. Connect to `{url}?model={model}` with `Authorization: Bearer <key>` and receive
 //!    `session.created`, both
@@ -19,24 +22,24 @@
 //!    far louder than speech (what μ-law read as pcm16, or the reverse, sounds like), is
 //!    logged as a sign that the stated format is wrong.
 //! 3. Uplink: every caller frame (slin at the call rate) is converted by one stateful
-//!    [`Encoder`] and sent at once as one `input_audio_buffer.append` (20 ms each: no
+//!    [`Encoder`](crate::audio::convert::Encoder) and sent at once as one `input_audio_buffer.append` (20 ms each: no
 //!    batching, so server VAD sees speech with no added latency; §1.3 recommends small
 //!    chunks).
 //! 4. Downlink: `response.output_audio.delta` is decoded by one
-//!    stateful [`Decoder`] into [`AgentEvent::Audio`], one [`ReplyId`] per assistant item;
+//!    stateful [`Decoder`](crate::audio::convert::Decoder) into [`AgentEvent::Audio`], one [`ReplyId`] per assistant item;
 //!    the audio-done event gives [`AgentEvent::ReplyDone`].
 //! 5. Barge-in (§1.6): on `input_audio_buffer.speech_started` the task emits
 //!    [`AgentEvent::SpeechStarted`] before anything else; the call flushes its playout buffer
-//!    and answers [`AgentInput::Interrupted`] with what the caller heard, which becomes
+//!    and answers [`AgentInput::Interrupted`](super::AgentInput::Interrupted) with what the caller heard, which becomes
 //!    `conversation.item.truncate {item_id, content_index: 0, audio_end_ms}`. Server VAD runs
 //!    with `interrupt_response: true`, so the server cancels the in-flight response itself
 //!    and no `response.cancel` is sent; late deltas of the interrupted item are dropped.
 //! 6. Keypad: DTMF digits become a user `input_text` message plus `response.create` (see
-//!    [`Keypad`]: 1 s after the last digit, or at once on `#`); the first digit interrupts a
+//!    [`Keypad`](super::keypad::Keypad): 1 s after the last digit, or at once on `#`); the first digit interrupts a
 //!    reply being heard like a barge-in, with a `response.cancel` if it is still streaming.
 //! 7. Transcripts of both sides; tools declared with [`OpenAiRealtime::with_tools`] and their
 //!    calls (`response.function_call_arguments.done` → [`AgentEvent::ToolCall`],
-//!    [`AgentInput::ToolResult`] → `function_call_output` + `response.create`, §1.7); an
+//!    [`AgentInput::ToolResult`](super::AgentInput::ToolResult) → `function_call_output` + `response.create`, §1.7); an
 //!    optional greeting (a `response.create` right after set-up, so the agent speaks first).
 //! 8. One response at a time (`Responses`): the server allows one active response per
 //!    conversation and refuses a `response.create` meanwhile with
@@ -62,38 +65,31 @@
 //! on. The API key is only ever written into the `Authorization` header; provider messages
 //! are scrubbed of it (and of anything shaped like an OpenAI key) before they are logged.
 
-use super::keypad::Keypad;
-use super::ws::{self, Ws};
-use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo};
+mod protocol;
+
+pub use protocol::Realtime;
+
+use super::{Agent, AgentEvent, AgentSession, CallInfo};
 use super::{Speaker, session_channel};
 use crate::agent::config::{NoiseReduction, OpenAiRealtimeConfig, TurnDetection, VadEagerness};
 use crate::audio::ReplyId;
-use crate::audio::convert::{Decoder, Encoder, WireFormat};
+use crate::audio::convert::WireFormat;
 use crate::audio::g711::Law;
 use crate::error::ConfigError;
 use crate::secret::Secret;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::{Instant, timeout, timeout_at};
-use tokio_tungstenite::tungstenite::Message;
-use tracing::{Instrument, debug, info, trace, warn};
+use tracing::{debug, warn};
 
 const PROVIDER: &str = "openai_realtime";
 
 /// Caller frames kept while the session is being set up (50 × 20 ms = 1 s); older ones are
 /// dropped.
 pub const SETUP_BUFFER_FRAMES: usize = 50;
-
-/// A single WebSocket send may block this long before the session is given up.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Transcript lines carried into a renewed session, at most.
 pub const HISTORY_ITEMS: usize = 64;
@@ -235,75 +231,41 @@ impl Agent for OpenAiRealtime {
 
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = session_channel();
-        tokio::spawn(run(self.settings.clone(), call, endpoint).in_current_span());
+        let mut settings = self.settings.clone();
+        // The call's `[[tools]]` join any declared with `with_tools`, in the flat Realtime
+        // shape.
+        if !call.tools.is_empty() {
+            let tools = &mut Arc::make_mut(&mut settings).tools;
+            tools.extend(tool_declarations(&call.tools));
+        }
+        match protocol::Realtime::new(settings, &call) {
+            Ok(p) => {
+                super::task::spawn(super::driver::run(p, endpoint));
+            }
+            Err(e) => {
+                warn!(error = %e, "openai realtime session failed");
+                let _ = endpoint.events.try_send(AgentEvent::Failed(e));
+            }
+        }
         session
     }
 }
 
-/// The session task: set-up, then the live loop; any failure becomes [`AgentEvent::Failed`].
-async fn run(mut settings: Arc<Settings>, call: CallInfo, mut io: AgentEndpoint) {
-    // The call's `[[tools]]` join any declared with `with_tools`, in the flat Realtime shape.
-    if !call.tools.is_empty() {
-        let tools = &mut Arc::make_mut(&mut settings).tools;
-        tools.extend(
-            call.tools
-                .iter()
-                .map(crate::tools::ToolSpec::to_openai_realtime),
-        );
-    }
-    let requested = requested_format(&settings, call.rate_hz);
-    // Caller audio that arrives while connecting is kept and sent once the session is ready.
-    let mut early: VecDeque<Bytes> = VecDeque::with_capacity(SETUP_BUFFER_FRAMES);
-    let setup = set_up(&settings, requested);
-    tokio::pin!(setup);
-    let ready = loop {
-        tokio::select! {
-            r = &mut setup => break r,
-            input = io.input.recv() => match input {
-                Some(AgentInput::Audio(frame)) => {
-                    if early.len() == SETUP_BUFFER_FRAMES {
-                        early.pop_front();
-                    }
-                    early.push_back(frame);
-                }
-                Some(other) => debug!(input = ?other, "input before the session is ready ignored"),
-                // The call ended while connecting.
-                None => return,
-            },
-        }
-    };
-    let (ws, formats) = match ready {
-        Ok(r) => r,
-        Err(e) => {
-            fail(&io, e).await;
-            return;
-        }
-    };
-    info!(
-        input = ?formats.input,
-        output = ?formats.output,
-        "openai realtime session ready"
-    );
-    let mut live = match Live::new(ws, &settings, &call, formats) {
-        Ok(l) => l,
-        Err(e) => {
-            fail(&io, e).await;
-            return;
-        }
-    };
-    let result = live.run(&settings, early, &mut io).await;
-    match result {
-        Ok(()) => {
-            // The call is over: say goodbye politely, but do not wait long for it.
-            let _ = timeout(Duration::from_secs(1), live.ws.close(None)).await;
-        }
-        Err(e) => fail(&io, e).await,
-    }
-}
-
-async fn fail(io: &AgentEndpoint, e: AgentError) {
-    warn!(error = %e, "openai realtime session failed");
-    let _ = io.events.send(AgentEvent::Failed(e)).await;
+/// The `tools` array of a `session.update` (providers.md §1.2, §1.7; oai-py
+/// `realtime_function_tool_param.py`): one flat function entry per tool,
+/// `{"type":"function","name":…,"description":…,"parameters":{…}}`.
+pub fn tool_declarations(specs: &[crate::tools::ToolSpec]) -> Vec<Value> {
+    specs
+        .iter()
+        .map(|s| {
+            json!({
+                "type": "function",
+                "name": s.name,
+                "description": s.description,
+                "parameters": s.parameters,
+            })
+        })
+        .collect()
 }
 
 /// The audio formats the server confirmed.
@@ -558,9 +520,6 @@ fn greeting_response(greeting: &str) -> Value {
     })
 }
 
-/// What [`set_up`] yields.
-type SetUp = Result<(Ws, Formats), AgentError>;
-
 /// One transcript line as a `conversation.item.create` for a renewed session
 /// (openai-python `types/realtime/realtime_conversation_item_user_message_param.py`,
 /// `…_assistant_message_param.py`: `input_text` for the user, `output_text` for the
@@ -574,127 +533,6 @@ fn history_item((speaker, text): &(Speaker, String)) -> Value {
         "type": "conversation.item.create",
         "item": {"type": "message", "role": role, "content": [{"type": kind, "text": text}]},
     })
-}
-
-/// Connects, waits for `session.created`, configures the session and waits for
-/// `session.updated`; returns the socket and the confirmed formats.
-async fn set_up(s: &Settings, requested: WireFormat) -> SetUp {
-    let auth = format!("Bearer {}", s.api_key.expose());
-    let headers = [("Authorization", auth.as_str())];
-    debug!(url = %s.url, "connecting");
-    // Connecting and session.created share one deadline; session.updated gets its own.
-    let deadline = Instant::now() + s.connect_timeout;
-    let mut ws = ws::connect(&s.url, &headers, s.connect_timeout)
-        .await
-        .map_err(|e| AgentError::Connect {
-            provider: PROVIDER,
-            detail: scrub(&e.to_string(), &s.api_key),
-        })?;
-
-    wait_for(&mut ws, "session.created", deadline, s).await?;
-    send_json(&mut ws, &session_update(s, requested)).await?;
-    let deadline = Instant::now() + s.connect_timeout;
-    let updated = wait_for(&mut ws, "session.updated", deadline, s).await?;
-    let formats = confirmed_formats(updated.get("session").unwrap_or(&Value::Null), requested);
-    if formats.input != requested || formats.output != requested {
-        info!(requested = ?requested, input = ?formats.input, output = ?formats.output, "server chose other audio formats; using them");
-    }
-    Ok((ws, formats))
-}
-
-/// Reads events until one of type `kind` arrives; any `error` event fails set-up.
-async fn wait_for(
-    ws: &mut Ws,
-    kind: &'static str,
-    deadline: Instant,
-    s: &Settings,
-) -> Result<Value, AgentError> {
-    loop {
-        let msg = timeout_at(deadline, ws.next())
-            .await
-            .map_err(|_| AgentError::Timeout {
-                provider: PROVIDER,
-                detail: format!("no {kind} within {:?}", s.connect_timeout),
-            })?;
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Close(frame))) => return Err(closed(frame.as_ref(), &s.api_key)),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(socket_error(&e, &s.api_key)),
-            None => return Err(closed(None, &s.api_key)),
-        };
-        let v: Value = serde_json::from_str(&text).map_err(|e| AgentError::Protocol {
-            provider: PROVIDER,
-            detail: format!("server event is not JSON: {e}"),
-        })?;
-        match v.get("type").and_then(Value::as_str) {
-            Some(t) if t == kind => return Ok(v),
-            Some("error") => {
-                return Err(AgentError::Provider {
-                    provider: PROVIDER,
-                    detail: format!(
-                        "error while waiting for {kind}: {}",
-                        describe_error(v.get("error"), &s.api_key)
-                    ),
-                });
-            }
-            other => debug!(event = ?other, waiting_for = kind, "event during set-up ignored"),
-        }
-    }
-}
-
-async fn send_json(ws: &mut Ws, v: &Value) -> Result<(), AgentError> {
-    send_text(ws, v.to_string()).await
-}
-
-async fn send_text(ws: &mut Ws, text: String) -> Result<(), AgentError> {
-    match timeout(SEND_TIMEOUT, ws.send(Message::Text(text.into()))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(AgentError::Provider {
-            provider: PROVIDER,
-            detail: format!("websocket send failed: {e}"),
-        }),
-        Err(_) => Err(AgentError::Timeout {
-            provider: PROVIDER,
-            detail: format!("websocket send blocked for {SEND_TIMEOUT:?}"),
-        }),
-    }
-}
-
-fn closed(
-    frame: Option<&tokio_tungstenite::tungstenite::protocol::CloseFrame>,
-    key: &Secret,
-) -> AgentError {
-    let detail = match frame {
-        Some(f) => format!(
-            "server closed the session (code {}, reason \"{}\")",
-            u16::from(f.code),
-            scrub(&f.reason, key)
-        ),
-        None => "server closed the connection".to_owned(),
-    };
-    AgentError::Provider {
-        provider: PROVIDER,
-        detail,
-    }
-}
-
-fn socket_error(e: &tokio_tungstenite::tungstenite::Error, key: &Secret) -> AgentError {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    use tokio_tungstenite::tungstenite::error::ProtocolError;
-    let what = match e {
-        WsError::ConnectionClosed
-        | WsError::AlreadyClosed
-        | WsError::Io(_)
-        | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            "server closed the connection"
-        }
-        _ => "websocket failed",
-    };
-    AgentError::Provider {
-        provider: PROVIDER,
-        detail: format!("{what}: {}", scrub(&e.to_string(), key)),
-    }
 }
 
 /// `type/code: message` of an `error` object, scrubbed of the key.
@@ -783,35 +621,58 @@ struct ServerEvent<'a> {
     response: Option<Value>,
 }
 
-/// The socket-free part of reading one server event, exposed for the fuzz target
-/// `fuzz/fuzz_targets/openai_realtime_event.rs`: parses `text` as the live loop does and
-/// runs the pure steps it derives from the event — the base64 audio of a delta (and the
-/// level check on it, read as μ-law and as pcm16), the formats a `session.updated` states,
-/// and the scrubbed description and fatality of an `error`. Returns the event's `type`.
-///
-/// # Errors
-/// serde's error when `text` is not a server event (the live loop logs and ignores it).
-pub fn inspect_server_event(text: &str) -> Result<String, serde_json::Error> {
-    let ev: ServerEvent<'_> = serde_json::from_str(text)?;
-    let key = Secret::new("sk-fuzz-key".to_owned());
-    if !ev.delta.is_empty() {
-        let mut wire = Vec::new();
-        if BASE64.decode_vec(ev.delta.as_ref(), &mut wire).is_ok() {
-            for format in [
-                WireFormat::G711(Law::Ulaw),
-                WireFormat::Pcm16 { rate_hz: 24_000 },
+/// Fuzzing hook (`fuzz/fuzz_targets/openai_realtime_event.rs`; built only with
+/// `--cfg fuzzing`, as cargo-fuzz builds, and in unit tests): drives one call's live
+/// [`Realtime`] protocol with `data` as server messages, one per line, the way the driver
+/// feeds it, first through a session's set-up and then through the live session (20 ms of
+/// virtual time per message, timers fired when due), on a fresh protocol for each phase.
+#[cfg(any(fuzzing, test))]
+pub fn fuzz_server_messages(data: &[u8]) {
+    use super::driver::{ServerMsg, WsProtocol};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let cfg = OpenAiRealtimeConfig {
+        api_key: crate::secret::SecretSource::Inline("sk-fuzz-key".into()),
+        instructions: "Fuzz.".into(),
+        greeting: Some("Hello.".into()),
+        ..OpenAiRealtimeConfig::default()
+    };
+    let Ok(agent) = OpenAiRealtime::new(&cfg) else {
+        return;
+    };
+    for (live, rate_hz) in [(false, 8_000), (true, 16_000)] {
+        let call = CallInfo {
+            call_id: uuid::Uuid::nil(),
+            rate_hz,
+            caller_number: None,
+            caller_name: None,
+            tools: Vec::new(),
+        };
+        let Ok(mut p) = Realtime::new(agent.settings.clone(), &call) else {
+            return;
+        };
+        let mut now = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        p.start(now, &mut out);
+        p.handle_server(now, 1, ServerMsg::Opened, &mut out);
+        if live {
+            for ev in [
+                r#"{"type":"session.created"}"#,
+                r#"{"type":"session.updated","session":{"audio":{"input":{"format":{"type":"audio/pcm","rate":24000}},"output":{"format":{"type":"audio/pcmu"}}}}}"#,
             ] {
-                let _ = LevelCheck::default().feed(&wire, format);
+                p.handle_server(now, 1, ServerMsg::Text(ev), &mut out);
             }
         }
+        for line in text.lines() {
+            now += Duration::from_millis(20);
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now, &mut out);
+            }
+            p.handle_server(now, 1, ServerMsg::Text(line), &mut out);
+            out.clear();
+        }
     }
-    if let Some(session) = &ev.session {
-        let _ = confirmed_formats(session, WireFormat::G711(Law::Ulaw));
-    }
-    let _ = describe_error(ev.error.as_ref(), &key);
-    let _ = is_fatal(ev.error.as_ref());
-    let _ = scrub(&ev.delta, &key);
-    Ok(ev.kind.into_owned())
 }
 
 /// Checks the level of the first [`LEVEL_CHECK_MS`] of agent audio, in the wire format as
@@ -871,49 +732,6 @@ struct Reply {
     cancelled: bool,
 }
 
-/// Whether the live loop goes on.
-enum Flow {
-    Continue,
-    /// The call is gone (its event channel closed).
-    Stop,
-}
-
-/// A ready session.
-struct Live {
-    ws: Ws,
-    key: Secret,
-    formats: Formats,
-    call_rate_hz: u32,
-    enc: Encoder,
-    dec: Decoder,
-    /// Encoded caller audio of one frame (reused).
-    wire_in: Vec<u8>,
-    /// Decoded provider audio of one delta (reused).
-    wire_out: Vec<u8>,
-    replies: VecDeque<Reply>,
-    next_reply: u64,
-    /// A pcm16 delta of odd length was seen (logged once).
-    odd_delta_seen: bool,
-    /// Sanity check of the output format on the call's first agent audio.
-    level: LevelCheck,
-    /// Keypad digits not yet sent as a caller turn.
-    keypad: Keypad,
-    /// `response.create`s, one at a time.
-    responses: Responses,
-    /// The conversation so far, for a renewed session (last [`HISTORY_ITEMS`]).
-    history: VecDeque<(Speaker, String)>,
-    /// Between `speech_started` and `speech_stopped`.
-    caller_speaking: bool,
-    /// A renewal session, set up and waiting for a quiet moment.
-    next: Option<(Ws, Formats)>,
-    /// `input_audio_buffer.timeout_triggered` since the caller last spoke.
-    idle_prompts: u32,
-    /// How many such prompts before the goodbye (`idle_prompts` in the config).
-    idle_prompts_max: u32,
-    /// The goodbye to a silent caller.
-    goodbye: Goodbye,
-}
-
 /// Where the goodbye to a caller who stays silent stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Goodbye {
@@ -937,619 +755,26 @@ fn goodbye_response() -> Value {
     })
 }
 
-impl Live {
-    fn new(ws: Ws, s: &Settings, call: &CallInfo, formats: Formats) -> Result<Self, AgentError> {
-        let protocol = |e: crate::audio::resample::ResampleError| AgentError::Protocol {
-            provider: PROVIDER,
-            detail: format!("cannot convert the confirmed audio format: {e}"),
-        };
-        Ok(Live {
-            ws,
-            key: s.api_key.clone(),
-            formats,
-            call_rate_hz: call.rate_hz,
-            enc: Encoder::new(call.rate_hz, formats.input).map_err(protocol)?,
-            dec: Decoder::new(formats.output, call.rate_hz).map_err(protocol)?,
-            wire_in: Vec::with_capacity(1024),
-            wire_out: Vec::with_capacity(16 * 1024),
-            replies: VecDeque::with_capacity(MAX_REPLIES),
-            next_reply: 1,
-            odd_delta_seen: false,
-            level: LevelCheck::default(),
-            keypad: Keypad::default(),
-            responses: Responses::default(),
-            history: VecDeque::with_capacity(HISTORY_ITEMS),
-            caller_speaking: false,
-            next: None,
-            idle_prompts: 0,
-            idle_prompts_max: s.idle_prompts,
-            goodbye: Goodbye::No,
-        })
-    }
-
-    async fn run(
-        &mut self,
-        s: &Settings,
-        early: VecDeque<Bytes>,
-        io: &mut AgentEndpoint,
-    ) -> Result<(), AgentError> {
-        if let Some(greeting) = &s.greeting {
-            debug!("asking for the greeting");
-            self.responses.want(greeting_response(greeting));
-            self.send_wanted_response().await?;
-        }
-        for frame in early {
-            self.append(&frame).await?;
-        }
-        let requested = requested_format(s, self.call_rate_hz);
-        let mut renew_at = Instant::now() + s.session_renew;
-        let mut renewal: Option<std::pin::Pin<Box<dyn Future<Output = SetUp> + Send + '_>>> = None;
-        loop {
-            if self.next.is_some() && self.quiet() {
-                self.switch_session().await?;
-                renew_at = Instant::now() + s.session_renew;
-            }
-            let step = self
-                .step(io, &mut renewal, &mut renew_at, s, requested)
-                .await;
-            match step {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Stop) => return Ok(()),
-                // The old session ended with the new one ready: switch now.
-                Err(e) if self.next.is_some() => {
-                    info!(error = %e, "the session ended; switching to the renewed one");
-                    self.switch_session().await?;
-                    renew_at = Instant::now() + s.session_renew;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Nothing is under way that a session switch would cut.
-    fn quiet(&self) -> bool {
-        let r = &self.responses;
-        !r.active
-            && !r.requested
-            && r.wanted.is_none()
-            && r.open_calls.is_empty()
-            && !self.caller_speaking
-            && self.keypad.is_empty()
-            && self.replies.iter().all(|r| r.done || r.cancelled)
-    }
-
-    /// Moves the call to the renewal session: the transcript so far as conversation items,
-    /// then caller audio goes there; the old socket is closed in the background.
-    async fn switch_session(&mut self) -> Result<(), AgentError> {
-        let Some((ws, formats)) = self.next.take() else {
-            return Ok(());
-        };
-        let mut old = std::mem::replace(&mut self.ws, ws);
-        if formats != self.formats {
-            let protocol = |e: crate::audio::resample::ResampleError| AgentError::Protocol {
-                provider: PROVIDER,
-                detail: format!("cannot convert the renewed session's audio format: {e}"),
-            };
-            self.enc = Encoder::new(self.call_rate_hz, formats.input).map_err(protocol)?;
-            self.dec = Decoder::new(formats.output, self.call_rate_hz).map_err(protocol)?;
-            self.formats = formats;
-        }
-        let items: Vec<Value> = self.history.iter().map(history_item).collect();
-        for item in &items {
-            send_json(&mut self.ws, item).await?;
-        }
-        // The old session's items are gone with it.
-        self.replies.clear();
-        self.responses = Responses::default();
-        info!(
-            items = items.len(),
-            "session renewed: the conversation goes on in a new session"
-        );
-        tokio::spawn(
-            async move {
-                let _ = timeout(Duration::from_secs(1), old.close(None)).await;
-            }
-            .in_current_span(),
-        );
-        Ok(())
-    }
-
-    /// Remembers one transcript line for a renewed session.
-    fn remember(&mut self, speaker: Speaker, text: &str) {
-        if self.history.len() == HISTORY_ITEMS {
-            self.history.pop_front();
-        }
-        self.history.push_back((speaker, text.to_owned()));
-    }
-
-    /// One turn of the live loop: an input from the call, a keypad deadline, a server event,
-    /// or the renewal session's progress.
-    async fn step<'s>(
-        &mut self,
-        io: &mut AgentEndpoint,
-        renewal: &mut Option<std::pin::Pin<Box<dyn Future<Output = SetUp> + Send + 's>>>,
-        renew_at: &mut Instant,
-        s: &'s Settings,
-        requested: WireFormat,
-    ) -> Result<Flow, AgentError> {
-        let renewing = renewal.is_some() || self.next.is_some();
-        tokio::select! {
-                () = tokio::time::sleep_until(*renew_at), if !renewing => {
-                    info!("setting up a new session before this one reaches its time limit");
-                    *renewal = Some(Box::pin(set_up(s, requested)));
-                    Ok(Flow::Continue)
-                }
-                r = async { match renewal.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if renewal.is_some() => {
-                    *renewal = None;
-                    match r {
-                        Ok(next) => self.next = Some(next),
-                        Err(e) => {
-                            warn!(error = %e, retry_in = ?RENEW_RETRY, "renewal session failed");
-                            *renew_at = Instant::now() + RENEW_RETRY;
-                        }
-                    }
-                    Ok(Flow::Continue)
-                }
-                input = io.input.recv() => match input {
-                    Some(input) => self.handle_input(input, io).await,
-                    None => Ok(Flow::Stop),
-                },
-                () = tokio::time::sleep_until(self.keypad.deadline().unwrap_or_else(Instant::now)),
-                    if self.keypad.deadline().is_some() => {
-                    match self.keypad.take() {
-                        Some(text) => self.keypad_turn(text, io).await,
-                        None => Ok(Flow::Continue),
-                    }
-                }
-                msg = self.ws.next() => match msg {
-                    Some(Ok(Message::Text(text))) => self.handle_event(&text, io).await,
-                    Some(Ok(Message::Close(frame))) => Err(closed(frame.as_ref(), &self.key)),
-                    Some(Ok(_)) => Ok(Flow::Continue),
-                    Some(Err(e)) => Err(socket_error(&e, &self.key)),
-                    None => Err(closed(None, &self.key)),
-                },
-        }
-    }
-
-    /// Sends the wanted `response.create`, if its turn has come.
-    async fn send_wanted_response(&mut self) -> Result<(), AgentError> {
-        if let Some(event) = self.responses.poll() {
-            debug!(event_id = ?event.get("event_id"), "response.create");
-            send_json(&mut self.ws, &event).await?;
-        } else if self.responses.wanted.is_some() {
-            debug!("response.create waits for the active response to finish");
-        }
-        Ok(())
-    }
-
-    /// Sends one caller frame as `input_audio_buffer.append`.
-    async fn append(&mut self, frame: &[u8]) -> Result<(), AgentError> {
-        self.wire_in.clear();
-        self.enc.encode_le_bytes(frame, &mut self.wire_in);
-        if self.wire_in.is_empty() {
-            // The resampler is still filling its first chunk.
-            return Ok(());
-        }
-        // One allocation per frame: the message text, which the socket takes ownership of.
-        const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
-        let mut text = String::with_capacity(HEAD.len() + self.wire_in.len().div_ceil(3) * 4 + 2);
-        text.push_str(HEAD);
-        BASE64.encode_string(&self.wire_in, &mut text);
-        text.push_str("\"}");
-        trace!(bytes = self.wire_in.len(), "append");
-        send_text(&mut self.ws, text).await
-    }
-
-    /// A keypad digit. The first one of a turn stops the agent talking: the call flushes its
-    /// playout (and answers with what was heard, which truncates the item) and the
-    /// response is cancelled, since server VAD heard nothing to cancel it.
-    async fn on_dtmf(&mut self, digit: char, io: &AgentEndpoint) -> Result<Flow, AgentError> {
-        debug!(digit = %digit, "dtmf");
-        // A reply is being heard: still streaming, or streamed and not yet played out.
-        if self.keypad.is_empty() && self.replies.iter().any(|r| !r.cancelled) {
-            match self.interrupt(io).await {
-                None => return Ok(Flow::Stop),
-                Some(true) => send_json(&mut self.ws, &json!({"type": "response.cancel"})).await?,
-                Some(false) => {}
-            }
-        }
-        match self.keypad.push(digit) {
-            Some(text) => self.keypad_turn(text, io).await,
-            None => Ok(Flow::Continue),
-        }
-    }
-
-    /// Barge-in: tells the call first ([`AgentEvent::SpeechStarted`]: it flushes its playout
-    /// and answers with what was heard), then drops the replies still streaming. `None` if
-    /// the call is gone, else whether a reply was still streaming.
-    async fn interrupt(&mut self, io: &AgentEndpoint) -> Option<bool> {
-        if let Flow::Stop = Self::emit(io, AgentEvent::SpeechStarted).await {
-            return None;
-        }
-        let mut streaming = false;
-        for r in self.replies.iter_mut().filter(|r| !r.done) {
-            r.cancelled = true;
-            streaming = true;
-        }
-        if streaming {
-            self.dec.reset();
-        }
-        Some(streaming)
-    }
-
-    /// The typed digits as a user message, and a response to it (§1.7's
-    /// `conversation.item.create` with `input_text`).
-    async fn keypad_turn(&mut self, text: String, io: &AgentEndpoint) -> Result<Flow, AgentError> {
-        info!(text = %text, "keypad turn");
-        let item = json!({
-            "type": "conversation.item.create",
-            "item": {"type": "message", "role": "user",
-                     "content": [{"type": "input_text", "text": text}]},
-        });
-        send_json(&mut self.ws, &item).await?;
-        self.responses.want(json!({"type": "response.create"}));
-        self.send_wanted_response().await?;
-        self.remember(Speaker::Caller, &text);
-        let ev = AgentEvent::Transcript {
-            speaker: Speaker::Caller,
-            text,
-        };
-        Ok(Self::emit(io, ev).await)
-    }
-
-    async fn handle_input(
-        &mut self,
-        input: AgentInput,
-        io: &AgentEndpoint,
-    ) -> Result<Flow, AgentError> {
-        match input {
-            AgentInput::Audio(frame) => self.append(&frame).await?,
-            AgentInput::Interrupted { reply, heard_ms } => {
-                let Some(r) = self.replies.iter().find(|r| r.id == reply) else {
-                    debug!(reply = reply.0, "interrupted reply is no longer known");
-                    return Ok(Flow::Continue);
-                };
-                // audio_end_ms beyond the item's real length is an error (§1.3); the tail
-                // flush and resampling can make the call side a little longer.
-                let wire_ms = (r.wire_bytes / self.formats.output.bytes_per_ms()) as u64;
-                if r.done && heard_ms >= wire_ms {
-                    debug!(item_id = %r.item_id, "the caller heard all of the reply; nothing to truncate");
-                    self.replies.retain(|r| r.id.0 > reply.0);
-                    return Ok(Flow::Continue);
-                }
-                let audio_end_ms = heard_ms.min(wire_ms);
-                info!(item_id = %r.item_id, audio_end_ms, "truncating the interrupted reply");
-                let truncate = json!({
-                    "type": "conversation.item.truncate",
-                    "item_id": r.item_id,
-                    "content_index": 0,
-                    "audio_end_ms": audio_end_ms,
-                });
-                self.replies.retain(|r| r.id.0 > reply.0);
-                send_json(&mut self.ws, &truncate).await?;
-            }
-            // Playout frames come only to agents that ask for them; this one does not.
-            AgentInput::Playout(_) => {}
-            AgentInput::PlayedOut { reply } => {
-                self.replies.retain(|r| r.id.0 > reply.0 || !r.done);
-            }
-            AgentInput::ToolResult { call_id, output } => {
-                debug!(call_id = %call_id, "tool result");
-                let item = json!({
-                    "type": "conversation.item.create",
-                    "item": {"type": "function_call_output", "call_id": call_id, "output": output},
-                });
-                send_json(&mut self.ws, &item).await?;
-                self.responses.on_tool_output(&call_id);
-                self.responses.want(json!({"type": "response.create"}));
-                self.send_wanted_response().await?;
-            }
-            AgentInput::Dtmf(digit) => return self.on_dtmf(digit, io).await,
-        }
-        Ok(Flow::Continue)
-    }
-
-    async fn emit(io: &AgentEndpoint, ev: AgentEvent) -> Flow {
-        match io.events.send(ev).await {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Stop,
-        }
-    }
-
-    async fn handle_event(&mut self, text: &str, io: &AgentEndpoint) -> Result<Flow, AgentError> {
-        let ev: ServerEvent<'_> = match serde_json::from_str(text) {
-            Ok(ev) => ev,
-            Err(e) => {
-                warn!(error = %e, "server event not understood; ignored");
-                return Ok(Flow::Continue);
-            }
-        };
-        match ev.kind.as_ref() {
-            "response.output_audio.delta" => {
-                if ev.item_id.is_empty() {
-                    warn!("audio delta without item_id; ignored");
-                    return Ok(Flow::Continue);
-                }
-                if !ev.response_id.is_empty() {
-                    let r = self.reply_for(&ev.item_id);
-                    if r.response_id.is_empty() {
-                        r.response_id = ev.response_id.to_string();
-                    }
-                }
-                return Ok(self.audio_delta(&ev.item_id, &ev.delta, io).await);
-            }
-            "response.output_audio.done" => {
-                return Ok(self.audio_done(&ev.item_id, io).await);
-            }
-            "input_audio_buffer.speech_started" => {
-                self.caller_speaking = true;
-                self.idle_prompts = 0;
-                if self.goodbye == Goodbye::AfterResponse {
-                    self.goodbye = Goodbye::No;
-                }
-                // The server cancels its own response (interrupt_response).
-                if self.interrupt(io).await.is_none() {
-                    return Ok(Flow::Stop);
-                }
-                debug!("caller started speaking");
-            }
-            "conversation.item.input_audio_transcription.completed" => {
-                if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
-                    self.remember(Speaker::Caller, t.trim());
-                    let ev = AgentEvent::Transcript {
-                        speaker: Speaker::Caller,
-                        text: t.trim().to_owned(),
-                    };
-                    return Ok(Self::emit(io, ev).await);
-                }
-            }
-            "response.output_audio_transcript.done" => {
-                if let Some(t) = ev.transcript.filter(|t| !t.trim().is_empty()) {
-                    self.remember(Speaker::Agent, t.trim());
-                    let ev = AgentEvent::Transcript {
-                        speaker: Speaker::Agent,
-                        text: t.trim().to_owned(),
-                    };
-                    return Ok(Self::emit(io, ev).await);
-                }
-            }
-            "response.function_call_arguments.done" => {
-                let (Some(call_id), Some(name)) = (ev.call_id, ev.name) else {
-                    warn!("function call without call_id or name; ignored");
-                    return Ok(Flow::Continue);
-                };
-                info!(tool = %name, call_id = %call_id, "tool call");
-                self.responses.on_function_call(&call_id);
-                // Tied to the spoken reply of the same response, if it had one.
-                let reply = (!ev.response_id.is_empty())
-                    .then(|| {
-                        self.replies
-                            .iter()
-                            .find(|r| r.response_id == ev.response_id)
-                    })
-                    .flatten()
-                    .map(|r| r.id);
-                let ev = AgentEvent::ToolCall {
-                    call_id,
-                    name,
-                    arguments: ev.arguments.unwrap_or_else(|| "{}".into()),
-                    reply,
-                };
-                return Ok(Self::emit(io, ev).await);
-            }
-            "error" => {
-                let detail = describe_error(ev.error.as_ref(), &self.key);
-                if self.responses.on_error(ev.error.as_ref()) {
-                    info!(error = %detail, "response.create refused while a response is active; sent again after its response.done");
-                    return Ok(Flow::Continue);
-                }
-                if is_fatal(ev.error.as_ref()) {
-                    return Err(AgentError::Provider {
-                        provider: PROVIDER,
-                        detail,
-                    });
-                }
-                warn!(error = %detail, "openai realtime error; the session goes on");
-            }
-            "response.created" => {
-                let ours = self.responses.requested;
-                self.responses.on_created();
-                if ours && self.goodbye == Goodbye::Asked {
-                    let id = ev
-                        .response
-                        .as_ref()
-                        .and_then(|r| r.get("id"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned();
-                    self.goodbye = Goodbye::Speaking(id);
-                }
-            }
-            "response.done" => {
-                self.responses.on_done();
-                if self.goodbye == Goodbye::AfterResponse {
-                    self.goodbye = Goodbye::Asked;
-                    self.responses.want(goodbye_response());
-                }
-                let id = ev
-                    .response
-                    .as_ref()
-                    .and_then(|r| r.get("id"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                if matches!(&self.goodbye, Goodbye::Speaking(g) if g == id) {
-                    info!("goodbye said after the caller stayed silent; ending the call");
-                    let reason = "the caller stayed silent".to_owned();
-                    Self::emit(io, AgentEvent::Ended { reason }).await;
-                    return Ok(Flow::Stop);
-                }
-                self.send_wanted_response().await?;
-                let status = ev
-                    .response
-                    .as_ref()
-                    .and_then(|r| r.get("status"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                if status == "failed" {
-                    let details = ev
-                        .response
-                        .as_ref()
-                        .and_then(|r| r.pointer("/status_details/error"));
-                    warn!(error = %describe_error(details, &self.key), "response failed");
-                } else {
-                    debug!(status, "response done");
-                }
-            }
-            "session.updated" => {
-                if let Some(session) = &ev.session {
-                    let now = confirmed_formats(session, self.formats.input);
-                    if now != self.formats {
-                        warn!(formats = ?now, "session.updated changed the audio formats mid-call; keeping the first ones");
-                    }
-                }
-            }
-            "input_audio_buffer.timeout_triggered" => {
-                self.idle_prompts += 1;
-                if self.idle_prompts > self.idle_prompts_max && self.goodbye == Goodbye::No {
-                    info!(
-                        prompts = self.idle_prompts - 1,
-                        "the caller stays silent; the goodbye follows this prompt"
-                    );
-                    // The server answers the timeout with a response of its own; the goodbye
-                    // is asked for after it, so the next response.created is the goodbye's.
-                    self.goodbye = Goodbye::AfterResponse;
-                } else {
-                    info!("the caller has been silent for idle_timeout_ms; the model prompts them");
-                }
-            }
-            "input_audio_buffer.speech_stopped" => {
-                self.caller_speaking = false;
-                debug!("caller stopped speaking");
-            }
-            "input_audio_buffer.committed" | "conversation.item.truncated" => {
-                debug!(event = %ev.kind, "event")
-            }
-            other => trace!(event = other, "event ignored"),
-        }
-        Ok(Flow::Continue)
-    }
-
-    /// The reply for `item_id`, made on its first delta.
-    fn reply_for(&mut self, item_id: &str) -> &mut Reply {
-        let pos = match self.replies.iter().position(|r| r.item_id == item_id) {
-            Some(p) => p,
-            None => {
-                if self.replies.len() == MAX_REPLIES {
-                    self.replies.pop_front();
-                }
-                let id = ReplyId(self.next_reply);
-                self.next_reply += 1;
-                debug!(reply = id.0, item_id, "new reply");
-                self.replies.push_back(Reply {
-                    id,
-                    item_id: item_id.to_owned(),
-                    response_id: String::new(),
-                    wire_bytes: 0,
-                    done: false,
-                    cancelled: false,
-                });
-                self.replies.len() - 1
-            }
-        };
-        &mut self.replies[pos]
-    }
-
-    async fn audio_delta(&mut self, item_id: &str, delta: &str, io: &AgentEndpoint) -> Flow {
-        self.wire_out.clear();
-        if let Err(e) = BASE64.decode_vec(delta, &mut self.wire_out) {
-            warn!(error = %e, "audio delta is not base64; ignored");
-            return Flow::Continue;
-        }
-        let format = self.formats.output;
-        let len = self.wire_out.len();
-        let reply = self.reply_for(item_id);
-        if reply.cancelled || reply.done {
-            trace!(item_id, "delta of an interrupted or finished reply dropped");
-            return Flow::Continue;
-        }
-        reply.wire_bytes += len;
-        let id = reply.id;
-        if matches!(format, WireFormat::Pcm16 { .. })
-            && self.wire_out.len() % 2 == 1
-            && !self.odd_delta_seen
-        {
-            self.odd_delta_seen = true;
-            warn!(
-                bytes = self.wire_out.len(),
-                "pcm16 audio delta of odd length: the confirmed output format may be wrong"
-            );
-        }
-        if let Some(rms) = self.level.feed(&self.wire_out, format) {
-            warn!(
-                rms = rms as u64,
-                format = ?format,
-                "agent audio is far louder than speech: the confirmed output format may be wrong"
-            );
-        }
-        // Samples at the call rate for this delta's duration, plus resampler slack.
-        let mut samples = Vec::with_capacity(
-            self.wire_out.len() * self.call_rate_hz as usize / 1000 / format.bytes_per_ms() + 512,
-        );
-        self.dec.decode(&self.wire_out, &mut samples);
-        if samples.is_empty() {
-            return Flow::Continue;
-        }
-        Self::emit(io, AgentEvent::Audio { reply: id, samples }).await
-    }
-
-    async fn audio_done(&mut self, item_id: &str, io: &AgentEndpoint) -> Flow {
-        let Some(pos) = self.replies.iter().position(|r| r.item_id == item_id) else {
-            return Flow::Continue;
-        };
-        let reply = &mut self.replies[pos];
-        if reply.done {
-            return Flow::Continue;
-        }
-        reply.done = true;
-        if reply.cancelled {
-            return Flow::Continue;
-        }
-        let id = reply.id;
-        let format = self.formats.output;
-        if format.rate_hz() != self.call_rate_hz {
-            // Push wire silence through the resampler so the reply's last samples come out.
-            let silence: u8 = match format {
-                WireFormat::G711(law) => law.encode(0),
-                WireFormat::Pcm16 { .. } => 0,
-            };
-            self.wire_out.clear();
-            self.wire_out
-                .resize(format.bytes_per_ms() * TAIL_FLUSH_MS, silence);
-            let mut tail = Vec::new();
-            self.dec.decode(&self.wire_out, &mut tail);
-            self.dec.reset();
-            if !tail.is_empty() {
-                if let Flow::Stop = Self::emit(
-                    io,
-                    AgentEvent::Audio {
-                        reply: id,
-                        samples: tail,
-                    },
-                )
-                .await
-                {
-                    return Flow::Stop;
-                }
-            }
-        }
-        Self::emit(io, AgentEvent::ReplyDone { reply: id }).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::secret::SecretSource;
+    use crate::tools::ToolSpec;
+
+    #[test]
+    fn renders_flat_tool_declarations() {
+        let search = ToolSpec {
+            name: "search_tires".into(),
+            description: "Find tyres in stock".into(),
+            parameters: json!({"type":"object","properties":{"size":{"type":"string"}},"required":["size"]}),
+        };
+        let flat = tool_declarations(&[search, ToolSpec::hangup()]);
+        assert_eq!(flat[0]["type"], "function");
+        assert_eq!(flat[0]["name"], "search_tires");
+        assert_eq!(flat[0]["parameters"]["required"][0], "size");
+        assert!(flat[0].get("function").is_none());
+        assert_eq!(flat[1]["name"], "hangup");
+    }
 
     fn settings(transcription: &str) -> Settings {
         let cfg = OpenAiRealtimeConfig {
@@ -1776,6 +1001,33 @@ mod tests {
         assert!(!check(&pcm, pcm8), "real speech in the right format");
         assert!(check(&ulaw, pcm8), "μ-law read as pcm16");
         assert!(check(&pcm, ulaw_fmt), "pcm16 read as μ-law");
+    }
+
+    /// The fuzzing hook runs the corpus, one message at a time and all as one conversation,
+    /// and hostile text, without a panic.
+    #[test]
+    fn fuzz_hook_survives_the_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus/openai_realtime_event");
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("corpus") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            fuzz_server_messages(&data);
+            all.extend_from_slice(&data);
+            all.push(b'\n');
+        }
+        fuzz_server_messages(&all);
+        for hostile in [
+            "",
+            "\n\n",
+            "{",
+            "[]",
+            r#"{"type":"response.output_audio.delta","item_id":"","delta":"%%"}"#,
+            r#"{"type":"response.output_audio.delta","item_id":"i","delta":"AAA"}"#,
+            r#"{"type":"response.done"}"#,
+        ] {
+            fuzz_server_messages(hostile.as_bytes());
+        }
     }
 
     #[test]

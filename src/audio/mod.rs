@@ -5,6 +5,7 @@ pub mod convert;
 pub mod g711;
 pub mod playout;
 pub mod resample;
+pub mod vad;
 pub mod wav;
 
 pub use playout::{FRAME, PlayoutBuffer, PlayoutClock, ReplyId};

@@ -212,7 +212,7 @@ impl CallCore {
         }
     }
 
-    fn deliver(&mut self, answer: AgentInput) {
+    fn deliver(&mut self, answer: crate::tools::ToolResult) {
         if let AgentState::Running(tx) = &self.agent {
             self.tools.deliver(tx, answer);
         }

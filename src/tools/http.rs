@@ -116,7 +116,7 @@ impl HttpTool {
     }
 
     /// Calls the endpoint for the model's `arguments` (JSON text) and returns the result
-    /// text for [`crate::agent::AgentInput::ToolResult`]. Never fails: errors are
+    /// text of a [`super::ToolResult`]. Never fails: errors are
     /// `{"error":"…"}` results. Takes at most the tool's timeout.
     pub async fn call(&self, ctx: &ToolContext, tool_call_id: &str, arguments: &str) -> String {
         let args: Value = if arguments.trim().is_empty() {

@@ -19,28 +19,18 @@
 //!
 //! # Declaring tools to a model
 //!
-//! Every provider receives the same provider-neutral list, [`crate::agent::CallInfo::tools`]
-//! (a `Vec<`[`ToolSpec`]`>`, filled by the call session from the configured registry before
-//! the agent starts), and renders it in its own wire shape:
-//!
-//! | provider | helper | shape |
-//! |---|---|---|
-//! | OpenAI Realtime (`session.update.session.tools`, providers.md §1.7) | [`openai_realtime_tools`] | `{"type":"function","name","description","parameters"}` (flat) |
-//! | Chat Completions (`tools`, providers.md §7.1) | [`chat_completions_tools`] | `{"type":"function","function":{"name","description","parameters"}}` (nested) |
-//! | ElevenLabs Agents client tools (providers.md §2.5) | [`elevenlabs_client_tools`] | `{"tool_config":{"type":"client","name","description","parameters","expects_response","response_timeout_secs"}}` per tool |
-//!
-//! ElevenLabs declares tools on the agent, not per conversation: each printed entry is the
-//! body of one `POST /v1/convai/tools`; attach the returned ids to the agent and add
-//! `client_tool_call` to the agent's `client_events` (it is not in the default list, and
-//! without it the server never sends the calls). `voicegate tools --format elevenlabs`
-//! prints them for the configured tools.
-//! Whatever the provider, the model's call comes back as [`crate::agent::AgentEvent::ToolCall`]
-//! and the result goes in as [`crate::agent::AgentInput::ToolResult`].
+//! Every provider receives the same provider-neutral list of [`ToolSpec`]s (the agent's call
+//! info carries it, filled by the call session from the configured registry before the agent
+//! starts), and renders it in its own wire shape, in the provider's module (OpenAI Realtime's
+//! flat entries, Chat Completions' nested ones, ElevenLabs' `POST /v1/convai/tools` bodies;
+//! `voicegate tools --format …` prints each). This module knows no provider and no agent
+//! type: the model's call comes back as the agent's `ToolCall` event, and the session hands
+//! the tool's answer, a [`ToolResult`], to the agent (whose input converts from it).
 
 pub mod http;
 pub mod runner;
 
-pub use http::HttpTool;
+pub use http::{HttpTool, ToolContext};
 pub use runner::{Terminal, ToolRunner};
 
 use crate::secret::SecretSource;
@@ -55,6 +45,16 @@ pub const HANGUP: &str = "hangup";
 
 /// Name of the built-in tool that hands the caller to a human operator.
 pub const TRANSFER_TO_OPERATOR: &str = "transfer_to_operator";
+
+/// The answer to one tool call, for the model: the provider's id of the call and the
+/// result as JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolResult {
+    /// The provider's id of the tool call.
+    pub call_id: String,
+    /// Result text (JSON).
+    pub output: String,
+}
 
 /// A tool as the model sees it, independent of the provider.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -95,73 +95,6 @@ impl ToolSpec {
             }),
         }
     }
-
-    /// OpenAI Realtime's flat function entry (providers.md §1.2, §1.7):
-    /// `{"type":"function","name":…,"description":…,"parameters":{…}}`.
-    pub fn to_openai_realtime(&self) -> Value {
-        json!({
-            "type": "function",
-            "name": self.name,
-            "description": self.description,
-            "parameters": self.parameters,
-        })
-    }
-
-    /// Chat Completions' nested function entry (providers.md §7.1):
-    /// `{"type":"function","function":{"name":…,"description":…,"parameters":{…}}}`.
-    pub fn to_chat_completions(&self) -> Value {
-        json!({
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": self.description,
-                "parameters": self.parameters,
-            }
-        })
-    }
-
-    /// An ElevenLabs Agents client-tool entry (providers.md §2.5; the `tool_config` of
-    /// `POST /v1/convai/tools`): `{"type":"client","name","description","parameters",
-    /// "expects_response":…,"response_timeout_secs":…}`. `response_timeout_secs` is how
-    /// long the agent waits for the `client_tool_result`. The built-in terminal tools
-    /// (`hangup`, `transfer_to_operator`) expect no response: the call ends instead.
-    /// (Field names: elevenlabs.io `docs/api-reference/tools/create`, client variant.)
-    pub fn to_elevenlabs_client_tool(&self, response_timeout_secs: u32) -> Value {
-        let expects_response = !matches!(self.name.as_str(), HANGUP | TRANSFER_TO_OPERATOR);
-        json!({
-            "type": "client",
-            "name": self.name,
-            "description": self.description,
-            "parameters": self.parameters,
-            "expects_response": expects_response,
-            "response_timeout_secs": response_timeout_secs,
-        })
-    }
-}
-
-/// The `tools` array of an OpenAI Realtime `session.update` (flat entries).
-pub fn openai_realtime_tools(specs: &[ToolSpec]) -> Value {
-    Value::Array(specs.iter().map(ToolSpec::to_openai_realtime).collect())
-}
-
-/// The `tools` array of a Chat Completions request (nested entries).
-pub fn chat_completions_tools(specs: &[ToolSpec]) -> Value {
-    Value::Array(specs.iter().map(ToolSpec::to_chat_completions).collect())
-}
-
-/// The request bodies of ElevenLabs' `POST /v1/convai/tools` (elevenlabs.io
-/// `docs/api-reference/tools/create`: `{"tool_config": {…}}`, one per tool), each a client
-/// tool answered within `response_timeout_secs` (ElevenLabs accepts 1–120 for client tools;
-/// the value is clamped to that). Create each tool with one POST, then attach the returned
-/// ids to the agent (`tool_ids`) and add `client_tool_call` to its `client_events`.
-pub fn elevenlabs_client_tools(specs: &[ToolSpec], response_timeout_secs: u32) -> Value {
-    let timeout = response_timeout_secs.clamp(1, 120);
-    Value::Array(
-        specs
-            .iter()
-            .map(|s| json!({"tool_config": s.to_elevenlabs_client_tool(timeout)}))
-            .collect(),
-    )
 }
 
 /// What a `[[tools]]` entry is.
@@ -425,7 +358,7 @@ impl ToolRegistry {
         Ok(ToolRegistry { tools })
     }
 
-    /// The declarations of every tool, in config order, for [`crate::agent::CallInfo::tools`].
+    /// The declarations of every tool, in config order, for the agent's call info.
     pub fn specs(&self) -> Vec<ToolSpec> {
         self.tools.iter().map(|t| t.spec.clone()).collect()
     }
@@ -455,46 +388,6 @@ pub fn validate_config(entries: &[ToolConfig]) -> Result<(), crate::error::Confi
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn search_tires() -> ToolSpec {
-        ToolSpec {
-            name: "search_tires".into(),
-            description: "Find tyres in stock".into(),
-            parameters: json!({"type":"object","properties":{"size":{"type":"string"}},"required":["size"]}),
-        }
-    }
-
-    #[test]
-    fn renders_each_provider_shape() {
-        let specs = [search_tires(), ToolSpec::hangup()];
-        let flat = openai_realtime_tools(&specs);
-        assert_eq!(flat[0]["type"], "function");
-        assert_eq!(flat[0]["name"], "search_tires");
-        assert_eq!(flat[0]["parameters"]["required"][0], "size");
-        assert!(flat[0].get("function").is_none());
-
-        let nested = chat_completions_tools(&specs);
-        assert_eq!(nested[1]["type"], "function");
-        assert_eq!(nested[1]["function"]["name"], "hangup");
-        assert_eq!(nested[1]["function"]["parameters"]["type"], "object");
-        assert!(nested[1].get("name").is_none());
-
-        let el = elevenlabs_client_tools(&specs, 15);
-        let t = &el[0]["tool_config"];
-        assert_eq!(t["type"], "client");
-        assert_eq!(t["name"], "search_tires");
-        assert_eq!(t["expects_response"], true);
-        assert_eq!(t["response_timeout_secs"], 15);
-        assert_eq!(
-            el[1]["tool_config"]["expects_response"], false,
-            "hangup ends the call instead"
-        );
-        assert_eq!(
-            elevenlabs_client_tools(&specs, 600)[0]["tool_config"]["response_timeout_secs"],
-            120,
-            "client tools accept at most 120 s"
-        );
-    }
 
     #[derive(Deserialize)]
     struct Doc {

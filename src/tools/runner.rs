@@ -1,7 +1,7 @@
 //! The call session's side of tools: runs HTTP tools in spawned tasks and decides when a
 //! terminal tool (hangup, transfer) may end the call.
 //!
-//! Owned by [`crate::call::run_session`], one per call. Nothing here blocks: HTTP tools
+//! Owned by the call session, one per call. Nothing here blocks: HTTP tools
 //! run in a [`JoinSet`] (aborted when the call ends) and come back through
 //! [`ToolRunner::next_step`]; the terminal-tool state machine is advanced by the session's
 //! events ([`ToolRunner::on_agent_audio`], [`ToolRunner::on_reply_done`],
@@ -10,13 +10,12 @@
 //! When a terminal tool may run: the caller did not interrupt the reply that asked for it
 //! (neither before the call arrived nor while it waits), the playout buffer is empty, and the
 //! agent is done speaking: either the provider said so for that reply
-//! ([`crate::agent::AgentEvent::ReplyDone`]) or no agent audio arrived for [`TERMINAL_QUIET`]
+//! (the agent's `ReplyDone` event) or no agent audio arrived for [`TERMINAL_QUIET`]
 //! (providers that do not tie tool calls to replies, such as ElevenLabs, may still be
 //! streaming the goodbye when the call arrives).
 
 use super::http::{ToolContext, error_result};
-use super::{ToolAction, ToolRegistry};
-use crate::agent::{AgentInput, CallInfo};
+use super::{ToolAction, ToolRegistry, ToolResult};
 use crate::audio::ReplyId;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -25,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 /// Without a `ReplyDone` for its reply, a terminal tool waits for this much agent silence
 /// (after both the call and the last agent audio) before it runs, so a goodbye still being
@@ -56,7 +55,7 @@ pub enum Terminal {
 #[derive(Debug)]
 pub enum ToolStep {
     /// Send this to the agent (a tool result), through [`ToolRunner::deliver`].
-    Answer(AgentInput),
+    Answer(ToolResult),
     /// End the call.
     End(Terminal),
 }
@@ -91,7 +90,7 @@ pub struct ToolRunner {
     replies_done: VecDeque<ReplyId>,
     interrupted: VecDeque<ReplyId>,
     last_agent_audio: Option<Instant>,
-    unsent: VecDeque<AgentInput>,
+    unsent: VecDeque<ToolResult>,
 }
 
 fn remember(list: &mut VecDeque<ReplyId>, reply: ReplyId) {
@@ -102,14 +101,12 @@ fn remember(list: &mut VecDeque<ReplyId>, reply: ReplyId) {
 }
 
 impl ToolRunner {
-    /// Tools of `registry` for the call `call`.
-    pub fn new(registry: Arc<ToolRegistry>, call: &CallInfo) -> Self {
+    /// Tools of `registry` for the call `call` (the agent's call info converts into a
+    /// [`ToolContext`]).
+    pub fn new(registry: Arc<ToolRegistry>, call: impl Into<ToolContext>) -> Self {
         ToolRunner {
             registry,
-            ctx: ToolContext {
-                call_id: call.call_id,
-                caller_number: call.caller_number.clone(),
-            },
+            ctx: call.into(),
             tasks: JoinSet::new(),
             pending: None,
             replies_done: VecDeque::new(),
@@ -135,9 +132,9 @@ impl ToolRunner {
         arguments: &str,
         reply: Option<ReplyId>,
         now: Instant,
-    ) -> Option<AgentInput> {
+    ) -> Option<ToolResult> {
         let answer = |output: String| {
-            Some(AgentInput::ToolResult {
+            Some(ToolResult {
                 call_id: call_id.clone(),
                 output,
             })
@@ -152,10 +149,13 @@ impl ToolRunner {
                 let http = http.clone();
                 let ctx = self.ctx.clone();
                 let arguments = arguments.to_owned();
-                self.tasks.spawn(async move {
-                    let output = http.call(&ctx, &call_id, &arguments).await;
-                    Done::Result { call_id, output }
-                });
+                self.tasks.spawn(
+                    async move {
+                        let output = http.call(&ctx, &call_id, &arguments).await;
+                        Done::Result { call_id, output }
+                    }
+                    .in_current_span(),
+                );
                 None
             }
             action => {
@@ -202,13 +202,13 @@ impl ToolRunner {
     /// The caller barged in and the playout was flushed (`flushed` is the reply that was
     /// playing). A pending terminal tool is dropped: the caller wants to go on. Returns the
     /// answer for its tool call.
-    pub fn on_barge_in(&mut self, flushed: Option<ReplyId>) -> Option<AgentInput> {
+    pub fn on_barge_in(&mut self, flushed: Option<ReplyId>) -> Option<ToolResult> {
         if let Some(r) = flushed {
             remember(&mut self.interrupted, r);
         }
         let p = self.pending.take()?;
         info!(tool = %p.name, "terminal tool cancelled: the caller interrupted");
-        Some(AgentInput::ToolResult {
+        Some(ToolResult {
             call_id: p.call_id,
             output: error_result(
                 "not executed: the caller interrupted the reply that asked for it",
@@ -255,7 +255,7 @@ impl ToolRunner {
             }
             match self.tasks.join_next().await {
                 Some(Ok(Done::Result { call_id, output })) => {
-                    return ToolStep::Answer(AgentInput::ToolResult { call_id, output });
+                    return ToolStep::Answer(ToolResult { call_id, output });
                 }
                 Some(Err(e)) => warn!(error = %e, "tool task failed"),
                 None => {}
@@ -263,19 +263,20 @@ impl ToolRunner {
         }
     }
 
-    /// Sends `input` to the agent without waiting; if its channel is full the message is
-    /// kept (up to 16) and retried by [`Self::retry_unsent`].
-    pub fn deliver(&mut self, agent: &mpsc::Sender<AgentInput>, input: AgentInput) {
+    /// Sends `input` to the agent (whose input type converts from a [`ToolResult`]) without
+    /// waiting; if its channel is full the message is kept (up to 16) and retried by
+    /// [`Self::retry_unsent`].
+    pub fn deliver<T: From<ToolResult>>(&mut self, agent: &mpsc::Sender<T>, input: ToolResult) {
         if !self.unsent.is_empty() {
             self.queue(input);
             return;
         }
-        if let Err(TrySendError::Full(input)) = agent.try_send(input) {
+        if let Err(TrySendError::Full(_)) = agent.try_send(T::from(input.clone())) {
             self.queue(input);
         }
     }
 
-    fn queue(&mut self, input: AgentInput) {
+    fn queue(&mut self, input: ToolResult) {
         if self.unsent.len() == MAX_UNSENT {
             warn!("agent input full; dropping the oldest tool result");
             self.unsent.pop_front();
@@ -284,11 +285,11 @@ impl ToolRunner {
     }
 
     /// Retries results the agent's full channel refused (call on each tick; free when none).
-    pub fn retry_unsent(&mut self, agent: &mpsc::Sender<AgentInput>) {
+    pub fn retry_unsent<T: From<ToolResult>>(&mut self, agent: &mpsc::Sender<T>) {
         while let Some(input) = self.unsent.pop_front() {
-            match agent.try_send(input) {
+            match agent.try_send(T::from(input.clone())) {
                 Ok(()) => {}
-                Err(TrySendError::Full(input)) => {
+                Err(TrySendError::Full(_)) => {
                     self.unsent.push_front(input);
                     return;
                 }
@@ -326,14 +327,11 @@ mod tests {
             })
             .collect();
         let registry = Arc::new(ToolRegistry::from_config(&entries).unwrap());
-        let call = CallInfo {
+        let call = ToolContext {
             call_id: uuid::Uuid::nil(),
-            rate_hz: 8000,
             caller_number: None,
-            caller_name: None,
-            tools: registry.specs(),
         };
-        ToolRunner::new(registry, &call)
+        ToolRunner::new(registry, call)
     }
 
     #[tokio::test]
@@ -376,15 +374,13 @@ mod tests {
         let mut r = runner(&[ToolKind::Hangup, ToolKind::TransferToOperator]);
         r.on_tool_call("c1".into(), HANGUP_NAME, "{}", Some(ReplyId(1)), t0);
         let answer = r.on_barge_in(Some(ReplyId(1)));
-        assert!(
-            matches!(answer, Some(AgentInput::ToolResult { ref call_id, .. }) if call_id == "c1")
-        );
+        assert!(matches!(answer, Some(ToolResult { ref call_id, .. }) if call_id == "c1"));
         assert!(!r.terminal_pending());
         assert_eq!(r.poll_terminal(true, t0 + Duration::from_secs(5)), None);
         // Asked for by the interrupted reply afterwards: refused at once.
         let refused = r.on_tool_call("c2".into(), TRANSFER_NAME, "{}", Some(ReplyId(1)), t0);
         assert!(
-            matches!(refused, Some(AgentInput::ToolResult { ref output, .. }) if output.contains("interrupted"))
+            matches!(refused, Some(ToolResult { ref output, .. }) if output.contains("interrupted"))
         );
         // Another reply's transfer goes ahead, through the dialplan without ARI.
         r.on_tool_call(
@@ -407,7 +403,7 @@ mod tests {
         let mut r = runner(&[]);
         let a = r.on_tool_call("c".into(), "nope", "{}", None, Instant::now());
         assert!(
-            matches!(a, Some(AgentInput::ToolResult { ref output, .. }) if output.contains("unknown tool nope"))
+            matches!(a, Some(ToolResult { ref output, .. }) if output.contains("unknown tool nope"))
         );
     }
 

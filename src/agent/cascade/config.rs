@@ -282,41 +282,8 @@ impl Default for TtsConfig {
     }
 }
 
-/// `[agent.vad]`: the local barge-in detector (see `vad.rs`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct VadConfig {
-    /// A frame is speech only if its RMS exceeds the noise floor by this factor (default 3.0).
-    pub onset_ratio: f32,
-    /// ... and this absolute RMS, slin units 0–32768 (default 400).
-    pub min_rms: f32,
-    /// The echo level assumed until the echo path has been measured, as a fraction of the
-    /// played amplitude (default 0.5, i.e. 6 dB echo return loss, the G.168 minimum for a
-    /// hybrid). Until then a caller frame no louder than this times the loudest played frame
-    /// in the echo window is treated as echo; after ~0.5 s of agent speech the measured gain
-    /// and delay take over.
-    pub echo_return_max: f32,
-    /// How late the echo may come back, ms (default 400): the played reference is searched
-    /// over this window.
-    pub echo_window_ms: u32,
-    /// Speech needed to declare a barge-in, ms (default 200).
-    pub min_speech_ms: u32,
-    /// Silence that ends a speech segment, ms (default 400).
-    pub hang_ms: u32,
-}
-
-impl Default for VadConfig {
-    fn default() -> Self {
-        VadConfig {
-            onset_ratio: 3.0,
-            min_rms: 400.0,
-            echo_return_max: 0.5,
-            echo_window_ms: 400,
-            min_speech_ms: 200,
-            hang_ms: 400,
-        }
-    }
-}
+/// `[agent.vad]`: the local barge-in detector, [`crate::audio::vad`].
+pub use crate::audio::vad::VadConfig;
 
 impl CascadeConfig {
     /// Checks ranges and that every secret and file can be read.

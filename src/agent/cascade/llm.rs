@@ -40,6 +40,27 @@ const RETRY_STATUSES: [u16; 6] = [429, 500, 502, 503, 504, 529];
 
 pub use crate::tools::ToolSpec;
 
+/// The `tools` array of a Chat Completions request (providers.md §7.1; openai-python
+/// `chat_completion_function_tool_param.py`): one nested function entry per tool,
+/// `{"type":"function","function":{"name":…,"description":…,"parameters":{…}}}`.
+pub fn tool_declarations(specs: &[ToolSpec]) -> serde_json::Value {
+    serde_json::Value::Array(
+        specs
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "type": "function",
+                    "function": {
+                        "name": s.name,
+                        "description": s.description,
+                        "parameters": s.parameters,
+                    }
+                })
+            })
+            .collect(),
+    )
+}
+
 /// A tool call the model made, assembled from its fragments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolCallRequest {
@@ -136,7 +157,7 @@ impl LlmClient {
             http,
             settings,
             headers,
-            tools: crate::tools::chat_completions_tools(tools),
+            tools: tool_declarations(tools),
         })
     }
 
@@ -144,10 +165,9 @@ impl LlmClient {
     /// the connection pool.
     pub fn with_more_tools(&self, extra: &[ToolSpec]) -> LlmClient {
         let mut client = self.clone();
-        if let (serde_json::Value::Array(all), serde_json::Value::Array(more)) = (
-            &mut client.tools,
-            crate::tools::chat_completions_tools(extra),
-        ) {
+        if let (serde_json::Value::Array(all), serde_json::Value::Array(more)) =
+            (&mut client.tools, tool_declarations(extra))
+        {
             all.extend(more);
         }
         client
@@ -186,7 +206,7 @@ impl LlmClient {
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .json(&self.body(messages));
         let settings = self.settings.clone();
-        let task = tokio::spawn(async move {
+        let task = crate::agent::task::spawn(async move {
             if let Err(e) = run(request, &settings, &tx).await {
                 let _ = tx.send(LlmEvent::Failed(e)).await;
             }
@@ -210,6 +230,7 @@ async fn run(
                 detail: "request cannot be repeated".into(),
             });
         };
+        debug!(attempt, "llm request");
         let (error, wait) = match send(this_try, settings.timeout).await {
             Ok(response) => break response,
             Err(Refused::Final(e)) => return Err(e),
@@ -574,6 +595,20 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_nested_tool_declarations() {
+        let search = ToolSpec {
+            name: "search_tires".into(),
+            description: "Find tyres in stock".into(),
+            parameters: serde_json::json!({"type":"object","properties":{"size":{"type":"string"}},"required":["size"]}),
+        };
+        let nested = tool_declarations(&[search, ToolSpec::hangup()]);
+        assert_eq!(nested[1]["type"], "function");
+        assert_eq!(nested[1]["function"]["name"], "hangup");
+        assert_eq!(nested[1]["function"]["parameters"]["type"], "object");
+        assert!(nested[1].get("name").is_none());
+    }
 
     #[test]
     fn sse_split_anywhere_with_comments() {

@@ -15,7 +15,7 @@
 //!   VAD's last voiced frame) → STT end of turn → first LLM token → first TTS audio, and
 //!   sends them as [`AgentEvent::TurnLatency`]; the call adds the first frame on the wire.
 //! - **Barge-in.** The call sends every frame it plays ([`AgentInput::Playout`], opted in by
-//!   [`Agent::wants_playout_reference`]); the [`vad::Vad`] compares the caller leg against it,
+//!   [`Agent::wants_playout_reference`]); the [`crate::audio::vad::Vad`] compares the caller leg against it,
 //!   so the agent's own voice coming back down the line is not taken for the caller. While
 //!   only echo can be present the STT receives silence instead of the echo (the frames are
 //!   kept and sent once the caller really speaks). On real caller speech during a reply:
@@ -35,7 +35,6 @@ pub mod config;
 pub mod llm;
 pub mod stt;
 pub mod tts;
-pub mod vad;
 
 pub use config::CascadeConfig;
 pub use llm::ToolSpec;
@@ -45,6 +44,7 @@ use super::{
     TurnLatency,
 };
 use crate::agent::keypad::Keypad;
+use crate::audio::vad::{Vad, VadEvent};
 use crate::audio::{ReplyId, slin_from_le_bytes};
 use crate::error::ConfigError;
 use bytes::Bytes;
@@ -56,7 +56,6 @@ use stt::{SttEvent, SttHandle};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use tts::{TtsCall, TtsCommand, TtsEvent, TtsSettings, TtsStream};
-use vad::{Vad, VadEvent};
 
 /// Caller frames kept while the STT is fed silence (echo only), sent when speech starts
 /// (25 × 20 ms = 500 ms).
@@ -174,7 +173,8 @@ impl Agent for CascadeAgent {
                 let _ = c.io.events.send(AgentEvent::Failed(e)).await;
             }
         };
-        tokio::spawn(tracing::Instrument::instrument(task, span));
+        let _enter = span.enter();
+        super::task::spawn(task);
         session
     }
 }

@@ -41,7 +41,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, trace, warn};
+use tracing::{debug, trace, warn};
 
 const PROVIDER: &str = "elevenlabs_tts";
 
@@ -244,7 +244,7 @@ impl TtsCall {
                 let (tx, rx) = mpsc::channel(TEXT_QUEUE + CONTROL_RESERVE);
                 let settings = self.settings.clone();
                 let rate_hz = self.rate_hz;
-                tokio::spawn(run_connection(settings, rate_hz, rx).in_current_span());
+                crate::agent::task::spawn(run_connection(settings, rate_hz, rx));
                 self.conn = Some(tx.clone());
                 tx
             }
@@ -274,14 +274,11 @@ impl TtsCall {
                 let this = self.settings.clone();
                 let rate_hz = self.rate_hz;
                 let token = cancel.clone();
-                tokio::spawn(
-                    async move {
-                        if let Err(e) = run_http(&this, rate_hz, text_rx, &ev_tx, token).await {
-                            let _ = ev_tx.send(TtsEvent::Failed(e)).await;
-                        }
+                crate::agent::task::spawn(async move {
+                    if let Err(e) = run_http(&this, rate_hz, text_rx, &ev_tx, token).await {
+                        let _ = ev_tx.send(TtsEvent::Failed(e)).await;
                     }
-                    .in_current_span(),
-                );
+                });
                 TextSink::Http(text_tx)
             }
         };
@@ -462,7 +459,6 @@ async fn connection_loop(
     contexts: &mut HashMap<u64, Ctx>,
 ) -> Result<(), AgentError> {
     let (mut sink, mut stream) = ws.split();
-    let bytes_per_ms = format.bytes_per_ms() as u64;
     let mut raw = Vec::with_capacity(8192);
     let mut last_sent = tokio::time::Instant::now();
     let mut keepalive = tokio::time::interval(KEEPALIVE);
@@ -471,56 +467,16 @@ async fn connection_loop(
         tokio::select! {
             biased;
             msg = rx.recv() => {
-                let out = match msg {
+                let Some(msg) = msg else {
                     // The call is over.
-                    None => {
-                        let _ = sink.send(Message::text(r#"{"close_socket":true}"#)).await;
-                        let _ = tokio::time::timeout(Duration::from_millis(500), sink.close()).await;
-                        return Ok(());
-                    }
-                    Some(ConnMsg::Open { ctx, events }) => {
-                        if contexts.len() >= MAX_CONTEXTS {
-                            let detail = format!("more than {MAX_CONTEXTS} replies at once");
-                            let _ = events.send(TtsEvent::Failed(AgentError::Protocol { provider: PROVIDER, detail })).await;
-                            continue;
-                        }
-                        contexts.insert(ctx, Ctx { events, dec: decoder(format, rate_hz)?, wire_bytes: 0, closing: false });
-                        let mut init = serde_json::json!({"text": " ", "context_id": context_id(ctx)});
-                        if (s.cfg.speed - 1.0).abs() > f32::EPSILON {
-                            init["voice_settings"] = serde_json::json!({"speed": s.cfg.speed});
-                        }
-                        vec![init]
-                    }
-                    Some(ConnMsg::Text { ctx, cmd }) => {
-                        let Some(c) = contexts.get_mut(&ctx).filter(|c| !c.closing) else {
-                            continue;
-                        };
-                        let id = context_id(ctx);
-                        match cmd {
-                            TtsCommand::Text(t) => {
-                                let mut t = t.trim().to_owned();
-                                if t.is_empty() { continue; }
-                                t.push(' ');
-                                vec![serde_json::json!({"text": t, "context_id": id, "flush": true})]
-                            }
-                            // Generate what is left, then end the context: isFinal follows.
-                            TtsCommand::Finish => {
-                                c.closing = true;
-                                vec![
-                                serde_json::json!({"context_id": id, "flush": true}),
-                                serde_json::json!({"context_id": id, "close_context": true}),
-                            ]}
-                        }
-                    }
-                    Some(ConnMsg::Cancel { ctx }) => {
-                        // A closing context is already ending; its late audio is dropped.
-                        if contexts.remove(&ctx).is_none_or(|c| c.closing) {
-                            continue;
-                        }
-                        debug!(context = ctx, "tts context cancelled");
-                        vec![serde_json::json!({"context_id": context_id(ctx), "close_context": true})]
-                    }
+                    let _ = sink.send(Message::text(r#"{"close_socket":true}"#)).await;
+                    let _ = tokio::time::timeout(Duration::from_millis(500), sink.close()).await;
+                    return Ok(());
                 };
+                let out = command(s, format, rate_hz, msg, contexts).await?;
+                if out.is_empty() {
+                    continue;
+                }
                 for m in out {
                     if let Err(e) = sink.send(Message::text(m.to_string())).await {
                         return Err(send_failed(&mut stream, e).await);
@@ -538,59 +494,7 @@ async fn connection_loop(
             }
             msg = stream.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
-                    let out: WsOut = serde_json::from_str(t.as_str()).map_err(|e| AgentError::Protocol {
-                        provider: PROVIDER,
-                        detail: format!("bad message: {e}"),
-                    })?;
-                    let ctx = out.context_id.as_deref().and_then(|c| c.strip_prefix("vg_r")).and_then(|n| n.parse::<u64>().ok());
-                    if out.audio.is_none() && (out.message.is_some() || out.error.is_some()) {
-                        let detail = out.message.or_else(|| out.error.map(|e| e.to_string())).unwrap_or_default();
-                        let err = AgentError::Provider { provider: PROVIDER, detail };
-                        // An error about one context fails that reply; any other, the socket.
-                        match ctx.and_then(|c| contexts.remove(&c)) {
-                            Some(c) => { let _ = c.events.send(TtsEvent::Failed(err)).await; continue; }
-                            None => return Err(err),
-                        }
-                    }
-                    let Some(id) = ctx else {
-                        trace!("tts message without a context of ours; ignored");
-                        continue;
-                    };
-                    let Some(c) = contexts.get_mut(&id) else {
-                        trace!(context = id, "audio of a cancelled reply dropped");
-                        continue;
-                    };
-                    let mut gone = false;
-                    if let Some(b64) = out.audio.filter(|a| !a.is_empty()) {
-                        raw.clear();
-                        base64::engine::general_purpose::STANDARD
-                            .decode_vec(b64.as_bytes(), &mut raw)
-                            .map_err(|e| AgentError::Protocol { provider: PROVIDER, detail: format!("audio base64: {e}") })?;
-                        let offset_ms = c.wire_bytes / bytes_per_ms;
-                        c.wire_bytes += raw.len() as u64;
-                        if let Some(a) = out.alignment {
-                            let chars = a
-                                .chars
-                                .iter()
-                                .zip(&a.char_start_times_ms)
-                                .filter_map(|(ch, t)| ch.chars().next().map(|ch| (offset_ms + t.max(0.0) as u64, ch)))
-                                .collect::<Vec<_>>();
-                            gone |= !chars.is_empty() && c.events.send(TtsEvent::Chars(chars)).await.is_err();
-                        }
-                        let mut samples = Vec::with_capacity(raw.len() * 2);
-                        c.dec.decode(&raw, &mut samples);
-                        gone |= !samples.is_empty() && c.events.send(TtsEvent::Audio(samples)).await.is_err();
-                    }
-                    if out.is_final == Some(true) {
-                        if let Some(c) = contexts.remove(&id) {
-                            let _ = c.events.send(TtsEvent::Done).await;
-                        }
-                    } else if gone {
-                        // The reply's receiver is gone without a cancel: stop its generation.
-                        if contexts.remove(&id).is_some_and(|c| c.closing) {
-                            continue;
-                        }
-                        let m = serde_json::json!({"context_id": context_id(id), "close_context": true});
+                    if let Some(m) = server_text(format, t.as_str(), contexts, &mut raw).await? {
                         if let Err(e) = sink.send(Message::text(m.to_string())).await {
                             return Err(send_failed(&mut stream, e).await);
                         }
@@ -646,6 +550,178 @@ where
     }
 }
 
+/// What one message of the call's side asks the socket to carry.
+async fn command(
+    s: &TtsSettings,
+    format: WireFormat,
+    rate_hz: u32,
+    msg: ConnMsg,
+    contexts: &mut HashMap<u64, Ctx>,
+) -> Result<Vec<serde_json::Value>, AgentError> {
+    Ok(match msg {
+        ConnMsg::Open { ctx, events } => {
+            if contexts.len() >= MAX_CONTEXTS {
+                let detail = format!("more than {MAX_CONTEXTS} replies at once");
+                let _ = events
+                    .send(TtsEvent::Failed(AgentError::Protocol {
+                        provider: PROVIDER,
+                        detail,
+                    }))
+                    .await;
+                return Ok(Vec::new());
+            }
+            let dec = decoder(format, rate_hz)?;
+            contexts.insert(
+                ctx,
+                Ctx {
+                    events,
+                    dec,
+                    wire_bytes: 0,
+                    closing: false,
+                },
+            );
+            let mut init = serde_json::json!({"text": " ", "context_id": context_id(ctx)});
+            if (s.cfg.speed - 1.0).abs() > f32::EPSILON {
+                init["voice_settings"] = serde_json::json!({"speed": s.cfg.speed});
+            }
+            vec![init]
+        }
+        ConnMsg::Text { ctx, cmd } => {
+            let Some(c) = contexts.get_mut(&ctx).filter(|c| !c.closing) else {
+                return Ok(Vec::new());
+            };
+            let id = context_id(ctx);
+            match cmd {
+                TtsCommand::Text(t) => {
+                    let mut t = t.trim().to_owned();
+                    if t.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    t.push(' ');
+                    vec![serde_json::json!({"text": t, "context_id": id, "flush": true})]
+                }
+                // Generate what is left, then end the context: isFinal follows.
+                TtsCommand::Finish => {
+                    c.closing = true;
+                    vec![
+                        serde_json::json!({"context_id": id, "flush": true}),
+                        serde_json::json!({"context_id": id, "close_context": true}),
+                    ]
+                }
+            }
+        }
+        ConnMsg::Cancel { ctx } => {
+            // A closing context is already ending; its late audio is dropped.
+            if contexts.remove(&ctx).is_none_or(|c| c.closing) {
+                return Ok(Vec::new());
+            }
+            debug!(context = ctx, "tts context cancelled");
+            vec![serde_json::json!({"context_id": context_id(ctx), "close_context": true})]
+        }
+    })
+}
+
+/// One text message of the server: audio, alignment and the end of a reply go to its
+/// context; returns a message to send back (the `close_context` of a reply whose receiver is
+/// gone). An error about one context fails that reply; any other, the socket.
+async fn server_text(
+    format: WireFormat,
+    text: &str,
+    contexts: &mut HashMap<u64, Ctx>,
+    raw: &mut Vec<u8>,
+) -> Result<Option<serde_json::Value>, AgentError> {
+    let out: WsOut = serde_json::from_str(text).map_err(|e| AgentError::Protocol {
+        provider: PROVIDER,
+        detail: format!("bad message: {e}"),
+    })?;
+    let ctx = out
+        .context_id
+        .as_deref()
+        .and_then(|c| c.strip_prefix("vg_r"))
+        .and_then(|n| n.parse::<u64>().ok());
+    if out.audio.is_none() && (out.message.is_some() || out.error.is_some()) {
+        let detail = out
+            .message
+            .or_else(|| out.error.map(|e| e.to_string()))
+            .unwrap_or_default();
+        let err = AgentError::Provider {
+            provider: PROVIDER,
+            detail,
+        };
+        return match ctx.and_then(|c| contexts.remove(&c)) {
+            Some(c) => {
+                let _ = c.events.send(TtsEvent::Failed(err)).await;
+                Ok(None)
+            }
+            None => Err(err),
+        };
+    }
+    let Some(id) = ctx else {
+        trace!("tts message without a context of ours; ignored");
+        return Ok(None);
+    };
+    let Some(c) = contexts.get_mut(&id) else {
+        trace!(context = id, "audio of a cancelled reply dropped");
+        return Ok(None);
+    };
+    let mut gone = false;
+    if let Some(b64) = out.audio.filter(|a| !a.is_empty()) {
+        gone = context_audio(format, c, &b64, out.alignment, raw).await?;
+    }
+    if out.is_final == Some(true) {
+        if let Some(c) = contexts.remove(&id) {
+            let _ = c.events.send(TtsEvent::Done).await;
+        }
+    } else if gone {
+        // The reply's receiver is gone without a cancel: stop its generation.
+        if contexts.remove(&id).is_some_and(|c| c.closing) {
+            return Ok(None);
+        }
+        return Ok(Some(
+            serde_json::json!({"context_id": context_id(id), "close_context": true}),
+        ));
+    }
+    Ok(None)
+}
+
+/// One chunk of a reply's audio (base64 `b64`, with its `alignment`) to its context;
+/// `true` if the reply's receiver is gone.
+async fn context_audio(
+    format: WireFormat,
+    c: &mut Ctx,
+    b64: &str,
+    alignment: Option<Alignment>,
+    raw: &mut Vec<u8>,
+) -> Result<bool, AgentError> {
+    raw.clear();
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(b64.as_bytes(), raw)
+        .map_err(|e| AgentError::Protocol {
+            provider: PROVIDER,
+            detail: format!("audio base64: {e}"),
+        })?;
+    let offset_ms = c.wire_bytes / format.bytes_per_ms() as u64;
+    c.wire_bytes += raw.len() as u64;
+    let mut gone = false;
+    if let Some(a) = alignment {
+        let chars = a
+            .chars
+            .iter()
+            .zip(&a.char_start_times_ms)
+            .filter_map(|(ch, t)| {
+                ch.chars()
+                    .next()
+                    .map(|ch| (offset_ms + t.max(0.0) as u64, ch))
+            })
+            .collect::<Vec<_>>();
+        gone |= !chars.is_empty() && c.events.send(TtsEvent::Chars(chars)).await.is_err();
+    }
+    let mut samples = Vec::with_capacity(raw.len() * 2);
+    c.dec.decode(raw, &mut samples);
+    gone |= !samples.is_empty() && c.events.send(TtsEvent::Audio(samples)).await.is_err();
+    Ok(gone)
+}
+
 /// One chunk of `POST …/stream/with-timestamps` (ElevenLabs' OpenAPI
 /// `StreamingAudioChunkWithTimestampsResponseModel`: `audio_base64`, `alignment` with
 /// `characters` and `character_start_times_seconds`), one JSON object per line.
@@ -695,28 +771,8 @@ async fn run_http(
     let mut finished = false;
     let mut spoken = String::new();
     loop {
-        if queue.is_empty() && !finished {
-            let cmd = tokio::select! {
-                biased;
-                () = cancel.cancelled() => return Ok(()),
-                cmd = text.recv() => cmd,
-            };
-            match cmd {
-                Some(TtsCommand::Text(t)) if !t.trim().is_empty() => {
-                    queue.push_back(t.trim().to_owned())
-                }
-                Some(TtsCommand::Text(_)) => continue,
-                Some(TtsCommand::Finish) => finished = true,
-                None => return Ok(()),
-            }
-        }
-        // Whatever else has arrived already gives `next_text`.
-        while let Ok(cmd) = text.try_recv() {
-            match cmd {
-                TtsCommand::Text(t) if !t.trim().is_empty() => queue.push_back(t.trim().to_owned()),
-                TtsCommand::Text(_) => {}
-                TtsCommand::Finish => finished = true,
-            }
+        if !gather(&mut text, &cancel, &mut queue, &mut finished).await {
+            return Ok(());
         }
         let Some(sentence) = queue.pop_front() else {
             if finished {
@@ -725,26 +781,7 @@ async fn run_http(
             }
             continue;
         };
-        let mut body = serde_json::json!({"text": sentence, "model_id": s.cfg.model_id});
-        if !spoken.is_empty() {
-            let tail: String = {
-                let n = spoken.chars().count();
-                spoken
-                    .chars()
-                    .skip(n.saturating_sub(PREVIOUS_TEXT_CHARS))
-                    .collect()
-            };
-            body["previous_text"] = tail.trim().into();
-        }
-        if let Some(next) = queue.front() {
-            body["next_text"] = next.clone().into();
-        }
-        if let Some(lang) = s.language_code() {
-            body["language_code"] = lang.into();
-        }
-        if (s.cfg.speed - 1.0).abs() > f32::EPSILON {
-            body["voice_settings"] = serde_json::json!({"speed": s.cfg.speed});
-        }
+        let body = http_body(s, &sentence, &spoken, queue.front());
         let request = http
             .post(&url)
             .header("xi-api-key", s.key.expose())
@@ -772,16 +809,112 @@ async fn run_http(
         spoken.push(' ');
         // Character times count from the start of this request's audio.
         let request_base_ms = wire_bytes / bytes_per_ms;
+        let mut reply = HttpReply {
+            events,
+            dec: &mut dec,
+            wire_bytes: &mut wire_bytes,
+            base_ms: request_base_ms,
+        };
+        if !reply.stream(response, &cancel).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// Waits for a sentence when none is queued and the reply's text is not finished, then takes
+/// whatever else has arrived already (it gives `next_text`); `false` when the reply was
+/// cancelled or its text is gone.
+async fn gather(
+    text: &mut mpsc::Receiver<TtsCommand>,
+    cancel: &CancellationToken,
+    queue: &mut VecDeque<String>,
+    finished: &mut bool,
+) -> bool {
+    while queue.is_empty() && !*finished {
+        let cmd = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return false,
+            cmd = text.recv() => cmd,
+        };
+        match cmd {
+            Some(cmd) => take(cmd, queue, finished),
+            None => return false,
+        }
+    }
+    while let Ok(cmd) = text.try_recv() {
+        take(cmd, queue, finished);
+    }
+    true
+}
+
+/// Queues the text of `cmd`, or notes that the reply's text is finished.
+fn take(cmd: TtsCommand, queue: &mut VecDeque<String>, finished: &mut bool) {
+    match cmd {
+        TtsCommand::Text(t) if !t.trim().is_empty() => queue.push_back(t.trim().to_owned()),
+        TtsCommand::Text(_) => {}
+        TtsCommand::Finish => *finished = true,
+    }
+}
+
+/// The body of one `POST …/stream/with-timestamps` for `sentence`, with the tail of what
+/// was `spoken` before it as `previous_text` and the `next` sentence as `next_text`.
+fn http_body(
+    s: &TtsSettings,
+    sentence: &str,
+    spoken: &str,
+    next: Option<&String>,
+) -> serde_json::Value {
+    let mut body = serde_json::json!({"text": sentence, "model_id": s.cfg.model_id});
+    if !spoken.is_empty() {
+        let tail: String = {
+            let n = spoken.chars().count();
+            spoken
+                .chars()
+                .skip(n.saturating_sub(PREVIOUS_TEXT_CHARS))
+                .collect()
+        };
+        body["previous_text"] = tail.trim().into();
+    }
+    if let Some(next) = next {
+        body["next_text"] = next.clone().into();
+    }
+    if let Some(lang) = s.language_code() {
+        body["language_code"] = lang.into();
+    }
+    if (s.cfg.speed - 1.0).abs() > f32::EPSILON {
+        body["voice_settings"] = serde_json::json!({"speed": s.cfg.speed});
+    }
+    body
+}
+
+/// One HTTP request's audio on its way to the reply.
+struct HttpReply<'a> {
+    events: &'a mpsc::Sender<TtsEvent>,
+    dec: &'a mut Decoder,
+    /// Wire audio of the whole reply so far, bytes.
+    wire_bytes: &'a mut u64,
+    /// Where this request's audio starts in the reply, ms.
+    base_ms: u64,
+}
+
+impl HttpReply<'_> {
+    /// Streams the response's chunks (one JSON object per line) to the reply; `false` if
+    /// the reply was cancelled or its receiver is gone.
+    async fn stream(
+        &mut self,
+        response: reqwest::Response,
+        cancel: &CancellationToken,
+    ) -> Result<bool, AgentError> {
         let mut stream = response.bytes_stream();
         let mut line = Vec::with_capacity(16 * 1024);
         let mut raw = Vec::with_capacity(8192);
         loop {
             let chunk = tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
+                () = cancel.cancelled() => return Ok(false),
                 c = stream.next() => c,
             };
             let bytes = match chunk {
-                None => break,
+                None => return Ok(true),
                 Some(Err(e)) => {
                     return Err(AgentError::Provider {
                         provider: PROVIDER,
@@ -795,46 +928,47 @@ async fn run_http(
             while let Some(end) = line.iter().position(|&b| b == b'\n') {
                 let one: Vec<u8> = line.drain(..=end).collect();
                 let one = one.trim_ascii();
-                if one.is_empty() {
-                    continue;
-                }
-                let c: HttpChunk =
-                    serde_json::from_slice(one).map_err(|e| AgentError::Protocol {
-                        provider: PROVIDER,
-                        detail: format!("bad chunk: {e}"),
-                    })?;
-                raw.clear();
-                if let Some(b64) = c.audio_base64.filter(|a| !a.is_empty()) {
-                    base64::engine::general_purpose::STANDARD
-                        .decode_vec(b64.as_bytes(), &mut raw)
-                        .map_err(|e| AgentError::Protocol {
-                            provider: PROVIDER,
-                            detail: format!("audio base64: {e}"),
-                        })?;
-                }
-                wire_bytes += raw.len() as u64;
-                if let Some(a) = c.alignment {
-                    let chars: Vec<(u64, char)> = a
-                        .characters
-                        .iter()
-                        .zip(&a.character_start_times_seconds)
-                        .filter_map(|(ch, t)| {
-                            ch.chars()
-                                .next()
-                                .map(|ch| (request_base_ms + (t.max(0.0) * 1000.0) as u64, ch))
-                        })
-                        .collect();
-                    if !chars.is_empty() && events.send(TtsEvent::Chars(chars)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                let mut samples = Vec::with_capacity(raw.len() * 2);
-                dec.decode(&raw, &mut samples);
-                if !samples.is_empty() && events.send(TtsEvent::Audio(samples)).await.is_err() {
-                    return Ok(());
+                if !one.is_empty() && !self.chunk(one, &mut raw).await? {
+                    return Ok(false);
                 }
             }
         }
+    }
+
+    /// One JSON chunk; `false` if the reply's receiver is gone.
+    async fn chunk(&mut self, one: &[u8], raw: &mut Vec<u8>) -> Result<bool, AgentError> {
+        let c: HttpChunk = serde_json::from_slice(one).map_err(|e| AgentError::Protocol {
+            provider: PROVIDER,
+            detail: format!("bad chunk: {e}"),
+        })?;
+        raw.clear();
+        if let Some(b64) = c.audio_base64.filter(|a| !a.is_empty()) {
+            base64::engine::general_purpose::STANDARD
+                .decode_vec(b64.as_bytes(), raw)
+                .map_err(|e| AgentError::Protocol {
+                    provider: PROVIDER,
+                    detail: format!("audio base64: {e}"),
+                })?;
+        }
+        *self.wire_bytes += raw.len() as u64;
+        if let Some(a) = c.alignment {
+            let chars: Vec<(u64, char)> = a
+                .characters
+                .iter()
+                .zip(&a.character_start_times_seconds)
+                .filter_map(|(ch, t)| {
+                    ch.chars()
+                        .next()
+                        .map(|ch| (self.base_ms + (t.max(0.0) * 1000.0) as u64, ch))
+                })
+                .collect();
+            if !chars.is_empty() && self.events.send(TtsEvent::Chars(chars)).await.is_err() {
+                return Ok(false);
+            }
+        }
+        let mut samples = Vec::with_capacity(raw.len() * 2);
+        self.dec.decode(raw, &mut samples);
+        Ok(samples.is_empty() || self.events.send(TtsEvent::Audio(samples)).await.is_ok())
     }
 }
 

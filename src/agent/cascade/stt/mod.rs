@@ -138,10 +138,14 @@ impl Drop for SttHandle {
         let task = self.task.abort_handle();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move {
+                let linger = async move {
                     tokio::time::sleep(CLOSE_GRACE + Duration::from_secs(1)).await;
                     task.abort();
-                });
+                };
+                rt.spawn(tracing::Instrument::instrument(
+                    linger,
+                    tracing::Span::current(),
+                ));
             }
             Err(_) => task.abort(),
         }
@@ -183,7 +187,7 @@ pub fn spawn(proto: Box<dyn Protocol>, rate_hz: u32, connect_timeout: Duration) 
     let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CAPACITY_FRAMES);
     let (ev_tx, ev_rx) = mpsc::channel(64);
     let (fin_tx, fin_rx) = mpsc::channel(1);
-    let task = tokio::spawn(async move {
+    let task = crate::agent::task::spawn(async move {
         let name = proto.name();
         if let Err(e) = run(
             proto,
@@ -239,6 +243,41 @@ async fn run(
     }
 }
 
+/// Connects `proto`'s socket within `connect_timeout`.
+async fn connect(
+    proto: &mut dyn Protocol,
+    connect_timeout: Duration,
+) -> Result<crate::agent::ws::Ws, AgentError> {
+    let provider = proto.name();
+    let url = proto
+        .url()
+        .map_err(|detail| AgentError::Connect { provider, detail })?;
+    let headers = proto.headers();
+    let format = proto.format();
+    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let ws = crate::agent::ws::connect(&url, &header_refs, connect_timeout)
+        .await
+        .map_err(|e| AgentError::Connect {
+            provider,
+            detail: e.to_string(),
+        })?;
+    debug!(provider, ?format, "stt connected");
+    Ok(ws)
+}
+
+/// One caller frame in the vendor's format (`encoder`, or as it is when it is already
+/// that).
+fn encode(encoder: Option<&mut Encoder>, wire: &mut Vec<u8>, bytes: Bytes) -> Bytes {
+    match encoder {
+        None => bytes,
+        Some(enc) => {
+            wire.clear();
+            enc.encode_le_bytes(&bytes, wire);
+            Bytes::copy_from_slice(wire)
+        }
+    }
+}
+
 async fn run_once(
     proto: &mut dyn Protocol,
     rate_hz: u32,
@@ -251,19 +290,7 @@ async fn run_once(
     let mut last_finalize: Option<Instant> = None;
     let protocol_err = |detail: String| AgentError::Protocol { provider, detail };
     let provider_err = |detail: String| AgentError::Provider { provider, detail };
-    let url = proto
-        .url()
-        .map_err(|detail| AgentError::Connect { provider, detail })?;
-    let headers = proto.headers();
-    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let ws = crate::agent::ws::connect(&url, &header_refs, connect_timeout)
-        .await
-        .map_err(|e| AgentError::Connect {
-            provider,
-            detail: e.to_string(),
-        })?;
-    debug!(provider, format = ?proto.format(), "stt connected");
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, mut stream) = connect(proto, connect_timeout).await?.split();
     let send_err = |e: tokio_tungstenite::tungstenite::Error| AgentError::Provider {
         provider,
         detail: format!("send: {e}"),
@@ -287,14 +314,7 @@ async fn run_once(
         tokio::select! {
             frame = audio.recv() => match frame {
                 Some(bytes) => {
-                    let chunk = match encoder.as_mut() {
-                        None => bytes,
-                        Some(enc) => {
-                            wire.clear();
-                            enc.encode_le_bytes(&bytes, &mut wire);
-                            Bytes::copy_from_slice(&wire)
-                        }
-                    };
+                    let chunk = encode(encoder.as_mut(), &mut wire, bytes);
                     if chunk.is_empty() {
                         continue;
                     }
@@ -310,8 +330,7 @@ async fn run_once(
                     let _ = tokio::time::timeout(CLOSE_GRACE, async {
                         let _ = sink.close().await;
                         while let Some(Ok(_)) = stream.next().await {}
-                    })
-                    .await;
+                    }).await;
                     return Ok(());
                 }
             },

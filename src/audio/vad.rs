@@ -1,5 +1,5 @@
-//! The cascade's local voice activity detector for barge-in: frame energy (RMS) against an
-//! adaptive noise floor, gated by an echo reference.
+//! The echo-gated local voice activity detector (the cascade agent's barge-in detector):
+//! frame energy (RMS) against an adaptive noise floor, gated by an echo reference.
 //!
 //! On a phone line the caller leg carries an echo of what voicegate itself plays (the hybrid
 //! and the handset return it, attenuated by the echo return loss, 6 dB or more on a line
@@ -23,9 +23,46 @@
 //! Sans-IO: samples in, events out, no clock (time is counted in 20 ms frames). Units: RMS in
 //! slin units (0–32768), durations in ms.
 
-use super::config::VadConfig;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use tracing::trace;
+
+/// The detector's settings, `[agent.vad]` in the configuration (the cascade's barge-in
+/// detector).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VadConfig {
+    /// A frame is speech only if its RMS exceeds the noise floor by this factor (default 3.0).
+    pub onset_ratio: f32,
+    /// ... and this absolute RMS, slin units 0–32768 (default 400).
+    pub min_rms: f32,
+    /// The echo level assumed until the echo path has been measured, as a fraction of the
+    /// played amplitude (default 0.5, i.e. 6 dB echo return loss, the G.168 minimum for a
+    /// hybrid). Until then a caller frame no louder than this times the loudest played frame
+    /// in the echo window is treated as echo; after ~0.5 s of agent speech the measured gain
+    /// and delay take over.
+    pub echo_return_max: f32,
+    /// How late the echo may come back, ms (default 400): the played reference is searched
+    /// over this window.
+    pub echo_window_ms: u32,
+    /// Speech needed to declare a barge-in, ms (default 200).
+    pub min_speech_ms: u32,
+    /// Silence that ends a speech segment, ms (default 400).
+    pub hang_ms: u32,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        VadConfig {
+            onset_ratio: 3.0,
+            min_rms: 400.0,
+            echo_return_max: 0.5,
+            echo_window_ms: 400,
+            min_speech_ms: 200,
+            hang_ms: 400,
+        }
+    }
+}
 
 /// Length of one frame, ms (callers feed 20 ms frames; shorter ones count as a frame).
 const FRAME_MS: u32 = 20;
