@@ -17,13 +17,13 @@ use tokio_util::sync::CancellationToken;
 use voicegate::agent::{
     Agent, AgentEndpoint, AgentError, AgentEvent, AgentInput, AgentSession, CallInfo,
 };
-use voicegate::ari::controller::{self, AriRuntime, Hooks, Unserved};
-use voicegate::ari::{AriError, Controller, LinkState};
+use voicegate::ari::{AriError, LinkState};
 use voicegate::audio::ReplyId;
 use voicegate::audiosocket::SlinRate;
 use voicegate::audiosocket::server::Server;
 use voicegate::call::next::NextStore;
 use voicegate::call::route::{Generation, Router, ServerParams};
+use voicegate::call::stasis::{self, AriRuntime, Controller, Hooks, Unserved};
 use voicegate::call::{CallSummary, Outcome};
 use voicegate::caller::{CallPlan, place_call, resample_recording, speech_similarity};
 use voicegate::config::{AriConfig, AriFormat, AriMode};
@@ -261,7 +261,7 @@ impl Harness {
                 move |u| unserved.lock().unwrap().push(u)
             })),
         };
-        let rt = controller::start(&cfg, addr, next.clone(), hooks, stop.clone()).unwrap();
+        let rt = stasis::start(&cfg, addr, next.clone(), hooks, stop.clone()).unwrap();
         router.directory = Some(Arc::new(rt.controller.clone()));
         let server_stop = CancellationToken::new();
         tokio::spawn(server.run(Arc::new(router), server_stop.clone()));
@@ -1057,7 +1057,7 @@ async fn wrong_credentials_are_reported_and_retried_with_backoff() {
         ..AriConfig::default()
     };
     let stop = CancellationToken::new();
-    let rt = controller::start(
+    let rt = stasis::start(
         &cfg,
         "127.0.0.1:9092".parse().unwrap(),
         Arc::new(NextStore::new()),
@@ -1134,7 +1134,7 @@ async fn ari_rest_hanging_gives_up_then_retries_until_the_caller_reaches_the_ope
     assert_eq!(h.ctl().stats().given_up, 1);
 
     // No busy loop: the first retry waits RETRY_INITIAL, so nothing is asked for 3/4 of it.
-    sleep(controller::RETRY_INITIAL * 3 / 4).await;
+    sleep(stasis::RETRY_INITIAL * 3 / 4).await;
     assert_eq!(h.fake.hung_requests(), expected);
     // Then one pass: a single GET /channels, which hangs too.
     wait_until(Duration::from_secs(5), || h.fake.hung_requests().len() > 4).await;
@@ -1143,15 +1143,15 @@ async fn ari_rest_hanging_gives_up_then_retries_until_the_caller_reaches_the_ope
     // Not before RETRY_INITIAL (the pass is scheduled that long after the give-up; the
     // give-up was seen by a 20 ms poll, a loaded machine's poll later), and not much later.
     assert!(
-        first_retry >= controller::RETRY_INITIAL - Duration::from_millis(250)
-            && first_retry < controller::RETRY_INITIAL + Duration::from_millis(1_500),
+        first_retry >= stasis::RETRY_INITIAL - Duration::from_millis(250)
+            && first_retry < stasis::RETRY_INITIAL + Duration::from_millis(1_500),
         "first retry {first_retry:?} after the give-up, RETRY_INITIAL {:?}",
-        controller::RETRY_INITIAL
+        stasis::RETRY_INITIAL
     );
     expected.push("GET /ari/channels".into());
     assert_eq!(h.fake.hung_requests(), expected);
     // The next pass waits twice as long (after this one timed out): nothing for RETRY_INITIAL.
-    sleep(controller::RETRY_INITIAL).await;
+    sleep(stasis::RETRY_INITIAL).await;
     assert_eq!(h.fake.hung_requests(), expected);
     let stats = h.ctl().stats();
     assert_eq!((stats.transfers, stats.hangups), (0, 0));

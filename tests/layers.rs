@@ -7,7 +7,7 @@
 //! - no import cycle between top-level modules;
 //! - no module imports one of a higher layer;
 //! - the issue-15 rules: `audiosocket` knows no call or agent; `records` nothing of `call`;
-//!   `ari` no agent type; `health` no `fallback` type; `config` only `*Config` types and
+//!   `ari` no agent or call type; `health` no `fallback` type; `config` only `*Config` types and
 //!   validators, and nothing but the application layer imports `config`; `audio` does no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +45,11 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
     ("audiosocket", "agent", "the wire knows no agent"),
     ("records", "call", "records stores plain summaries"),
     ("ari", "agent", "ARI knows no agent type"),
+    (
+        "ari",
+        "call",
+        "ARI is the protocol; the Stasis controller lives in call/stasis.rs",
+    ),
     ("health", "fallback", "health reads the state it is given"),
 ];
 
@@ -330,7 +335,7 @@ fn cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
 
 /// Violations still being removed (issue 15), by the start of their line. Every entry must
 /// still match one (so the list only shrinks); nothing else may violate.
-const KNOWN: &[&str] = &["ari/controller.rs:"];
+const KNOWN: &[&str] = &[];
 
 #[test]
 fn src_modules_follow_the_layers() {

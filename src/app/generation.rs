@@ -39,18 +39,18 @@ pub(crate) fn ari_hooks(
     generation: watch::Receiver<Arc<Generation>>,
     breaker: Arc<Breaker>,
     summaries: crate::call::route::SummaryTx,
-) -> crate::ari::controller::Hooks {
+) -> crate::call::stasis::Hooks {
     use crate::fallback::Route;
     use crate::health::metrics as m;
     let current = generation.clone();
-    crate::ari::controller::Hooks {
+    crate::call::stasis::Hooks {
         route: Some(Arc::new(move || {
             match crate::fallback::route(&generation.borrow().fallback, &breaker) {
                 Route::Fallback(reason) => Some(reason),
                 Route::Agent => None,
             }
         })),
-        report: Some(Arc::new(move |u: crate::ari::controller::Unserved| {
+        report: Some(Arc::new(move |u: crate::call::stasis::Unserved| {
             let agent = current.borrow().agent.name();
             let mut s = crate::call::CallSummary::without_agent(
                 u.call_id,

@@ -218,7 +218,7 @@ fn start_ari(
     next: Arc<NextStore>,
     summaries: mpsc::Sender<crate::call::CallSummary>,
     stops: &Stops,
-) -> anyhow::Result<Option<crate::ari::controller::AriRuntime>> {
+) -> anyhow::Result<Option<crate::call::stasis::AriRuntime>> {
     let Some(c) = &config.ari else {
         // The records task ends when the last sender is gone: only the listener keeps one.
         drop(summaries);
@@ -231,7 +231,7 @@ fn start_ari(
         summaries.into(),
     );
     // The bound address: with port 0 in the config, Asterisk must still find us.
-    let rt = crate::ari::controller::start(c, calls.addr, next, hooks, stops.ari.clone())
+    let rt = crate::call::stasis::start(c, calls.addr, next, hooks, stops.ari.clone())
         .context("starting ARI")?;
     calls.router.directory = Some(Arc::new(rt.controller.clone()));
     feeds::spawn_ari_health(rt.link.state.clone(), base.health.clone());
@@ -332,7 +332,7 @@ async fn forward_health_into_tunnel(
 /// The running service's parts, for shutdown.
 struct Parts {
     serving: JoinHandle<()>,
-    ari: Option<crate::ari::controller::AriRuntime>,
+    ari: Option<crate::call::stasis::AriRuntime>,
     records: Option<JoinHandle<()>>,
     http: Option<JoinHandle<()>>,
     watchdog: Watchdog,
@@ -350,7 +350,7 @@ fn go_ready(
     base: &Base,
     calls: Calls,
     http: Http,
-    ari: Option<crate::ari::controller::AriRuntime>,
+    ari: Option<crate::call::stasis::AriRuntime>,
     records: Option<JoinHandle<()>>,
     stops: &Stops,
 ) -> anyhow::Result<Running> {

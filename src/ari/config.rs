@@ -123,6 +123,13 @@ impl AriConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad `ari.*` key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_connection()?;
+        self.validate_names()?;
+        self.validate_timings()
+    }
+
+    /// `ari.url`, `ari.username`, `ari.password`.
+    fn validate_connection(&self) -> Result<(), ConfigError> {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://"))
             || reqwest::Url::parse(&self.url).is_err()
         {
@@ -140,6 +147,11 @@ impl AriConfig {
         self.password
             .resolve()
             .map_err(|e| ConfigError::invalid("ari.password", e.to_string()))?;
+        Ok(())
+    }
+
+    /// `ari.app`, `ari.external_host` and the transfer target.
+    fn validate_names(&self) -> Result<(), ConfigError> {
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.chars()
@@ -180,6 +192,11 @@ impl AriConfig {
                 "must be at least 1",
             ));
         }
+        Ok(())
+    }
+
+    /// The `ari.*_ms` ranges, and the reconnect cap not below its start.
+    fn validate_timings(&self) -> Result<(), ConfigError> {
         for (key, v, lo, hi) in [
             (
                 "ari.request_timeout_ms",

@@ -1,5 +1,6 @@
 //! Calls: the router that admits and accounts for them ([`route`]), the sans-IO call core
-//! ([`core`]), its tokio driver ([`session`]) and what is kept of a call ([`CallSummary`]).
+//! ([`core`]), its tokio driver ([`session`]), what is kept of a call ([`CallSummary`]) and
+//! the ARI Stasis application that joins a caller to a call ([`stasis`]).
 
 pub mod core;
 pub mod directory;
@@ -8,5 +9,6 @@ pub mod next;
 pub mod record;
 pub mod route;
 pub mod session;
+pub mod stasis;
 
 pub use session::{CallSummary, Outcome, SessionParams, run_session};

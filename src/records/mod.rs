@@ -287,50 +287,8 @@ impl CallRecord {
         if dtmf.len() as u64 != dtmf_total {
             truncated.push(format!("dtmf: kept {} of {dtmf_total} digits", dtmf.len()));
         }
-        let mut transcript = Vec::new();
-        let mut transcript_bytes = 0;
-        let mut lines_cut = 0;
-        for (speaker, text) in s.transcript {
-            let (text, was) = cut(text, bounds::TRANSCRIPT_LINE_BYTES);
-            lines_cut += was as usize;
-            if transcript_bytes + text.len() > bounds::TRANSCRIPT_BYTES {
-                break;
-            }
-            transcript_bytes += text.len();
-            transcript.push(TranscriptLine {
-                speaker: *speaker,
-                text,
-            });
-        }
-        if transcript.len() < s.transcript.len() || lines_cut > 0 {
-            truncated.push(format!(
-                "transcript: kept {} of {} lines, {lines_cut} lines cut to {} bytes",
-                transcript.len(),
-                s.transcript.len(),
-                bounds::TRANSCRIPT_LINE_BYTES
-            ));
-        }
-        let mut args_cut = 0;
-        let tool_calls: Vec<ToolCallRecord> = s
-            .tool_calls
-            .iter()
-            .take(bounds::TOOL_CALLS)
-            .map(|t| {
-                let (arguments, was) = cut(&t.arguments, bounds::TOOL_ARGUMENT_BYTES);
-                args_cut += was as usize;
-                ToolCallRecord {
-                    name: cut(&t.name, bounds::SHORT_TEXT_BYTES).0,
-                    arguments,
-                }
-            })
-            .collect();
-        if tool_calls.len() < s.tool_calls.len() || args_cut > 0 {
-            truncated.push(format!(
-                "tool_calls: kept {} of {}, {args_cut} argument texts cut",
-                tool_calls.len(),
-                s.tool_calls.len()
-            ));
-        }
+        let transcript = bounded_transcript(s.transcript, &mut truncated);
+        let tool_calls = bounded_tool_calls(s.tool_calls, &mut truncated);
         let turns = s.turn_latencies_ms.len().min(bounds::TURNS);
         if turns < s.turn_latencies_ms.len() {
             truncated.push(format!(
@@ -359,6 +317,67 @@ impl CallRecord {
             truncated,
         }
     }
+}
+
+/// The transcript within [`bounds::TRANSCRIPT_BYTES`], each line within
+/// [`bounds::TRANSCRIPT_LINE_BYTES`]; what was cut is noted in `truncated`.
+fn bounded_transcript(
+    lines: &[(Speaker, String)],
+    truncated: &mut Vec<String>,
+) -> Vec<TranscriptLine> {
+    let mut transcript = Vec::new();
+    let mut transcript_bytes = 0;
+    let mut lines_cut = 0;
+    for (speaker, text) in lines {
+        let (text, was) = cut(text, bounds::TRANSCRIPT_LINE_BYTES);
+        lines_cut += was as usize;
+        if transcript_bytes + text.len() > bounds::TRANSCRIPT_BYTES {
+            break;
+        }
+        transcript_bytes += text.len();
+        transcript.push(TranscriptLine {
+            speaker: *speaker,
+            text,
+        });
+    }
+    if transcript.len() < lines.len() || lines_cut > 0 {
+        truncated.push(format!(
+            "transcript: kept {} of {} lines, {lines_cut} lines cut to {} bytes",
+            transcript.len(),
+            lines.len(),
+            bounds::TRANSCRIPT_LINE_BYTES
+        ));
+    }
+    transcript
+}
+
+/// At most [`bounds::TOOL_CALLS`] tool calls, each argument text within
+/// [`bounds::TOOL_ARGUMENT_BYTES`]; what was cut is noted in `truncated`.
+fn bounded_tool_calls(
+    calls: &[ToolCallRecord],
+    truncated: &mut Vec<String>,
+) -> Vec<ToolCallRecord> {
+    let mut args_cut = 0;
+    let tool_calls: Vec<ToolCallRecord> = calls
+        .iter()
+        .take(bounds::TOOL_CALLS)
+        .map(|t| {
+            let (arguments, was) = cut(&t.arguments, bounds::TOOL_ARGUMENT_BYTES);
+            args_cut += was as usize;
+            ToolCallRecord {
+                name: cut(&t.name, bounds::SHORT_TEXT_BYTES).0,
+                arguments,
+            }
+        })
+        .collect();
+    if tool_calls.len() < calls.len() || args_cut > 0 {
+        truncated.push(format!(
+            "tool_calls: kept {} of {}, {args_cut} argument texts cut",
+            tool_calls.len(),
+            calls.len()
+        ));
+    }
+    tool_calls
 }
 
 #[cfg(test)]

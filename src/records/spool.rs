@@ -275,6 +275,68 @@ pub struct Spool {
     quarantined: u64,
 }
 
+/// Copies the damaged ranges of `path` (its `bytes`, as `scan` read them) and its torn tail
+/// into `<dir>/quarantine/`; returns how many bytes went there.
+fn quarantine_damage(
+    dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+    scan: &FileScan,
+) -> Result<u64, SpoolError> {
+    let mut quarantined = 0u64;
+    let tail = (scan.good_len, bytes.len() as u64 - scan.good_len);
+    for (at, n) in scan.damaged.iter().copied().chain([tail]) {
+        if n > 0 {
+            quarantine(dir, path, at, &bytes[at as usize..(at + n) as usize])?;
+            quarantined += n;
+        }
+    }
+    Ok(quarantined)
+}
+
+/// Cuts `path` back to its `good_len` bytes (dropping `torn` bytes of a torn record), synced.
+fn cut_torn_tail(path: &Path, good_len: u64, torn: u64) -> Result<(), SpoolError> {
+    tracing::warn!(file = %path.display(), torn_bytes = torn, "cut off a torn record (kept in quarantine/)");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(good_len).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    Ok(())
+}
+
+/// Damage inside `path`: rewrites its good records (`scan.records`) into a fresh file, then
+/// swaps it in (synced, directory too); returns the new file's length in bytes.
+/// `quarantined` (bytes) is for the log line.
+fn rewrite_good_records(
+    dir: &Path,
+    path: &Path,
+    scan: &FileScan,
+    quarantined: u64,
+) -> Result<u64, SpoolError> {
+    tracing::warn!(
+        file = %path.display(),
+        kept_records = scan.records.len(),
+        damaged_bytes = quarantined,
+        "damaged spool file: unreadable bytes moved to quarantine/, good records kept"
+    );
+    let tmp = path.with_extension("vgr.tmp");
+    let mut out = Vec::with_capacity(scan.good_len as usize);
+    out.extend_from_slice(MAGIC);
+    for r in &scan.records {
+        out.extend_from_slice(&encode_frame(r)?);
+    }
+    {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&out).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    sync_dir(dir);
+    Ok(out.len() as u64)
+}
+
 impl Spool {
     /// Opens (creating) the spool in `dir`: continues the newest file after its last good
     /// record, or starts a new one. Unreadable bytes of the newest file (a torn tail, a
@@ -304,48 +366,16 @@ impl Spool {
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(io(path))?;
         let scan = scan_file_bytes(&bytes);
-        let mut quarantined = 0u64;
-        let tail = (scan.good_len, bytes.len() as u64 - scan.good_len);
-        for (at, n) in scan.damaged.iter().copied().chain([tail]) {
-            if n > 0 {
-                quarantine(dir, path, at, &bytes[at as usize..(at + n) as usize])?;
-                quarantined += n;
-            }
-        }
+        let torn = bytes.len() as u64 - scan.good_len;
+        let quarantined = quarantine_damage(dir, path, &bytes, &scan)?;
         let len = if scan.damaged.is_empty() && scan.good_len >= MAGIC.len() as u64 {
             // Only a torn tail (or nothing): cut it.
-            if tail.1 > 0 {
-                tracing::warn!(file = %path.display(), torn_bytes = tail.1, "cut off a torn record (kept in quarantine/)");
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(io(path))?;
-                f.set_len(scan.good_len).map_err(io(path))?;
-                f.sync_all().map_err(io(path))?;
+            if torn > 0 {
+                cut_torn_tail(path, scan.good_len, torn)?;
             }
             scan.good_len
         } else {
-            // Damage inside: rewrite the good records into a fresh file, then swap it in.
-            tracing::warn!(
-                file = %path.display(),
-                kept_records = scan.records.len(),
-                damaged_bytes = quarantined,
-                "damaged spool file: unreadable bytes moved to quarantine/, good records kept"
-            );
-            let tmp = path.with_extension("vgr.tmp");
-            let mut out = Vec::with_capacity(bytes.len());
-            out.extend_from_slice(MAGIC);
-            for r in &scan.records {
-                out.extend_from_slice(&encode_frame(r)?);
-            }
-            {
-                let mut f = File::create(&tmp).map_err(io(&tmp))?;
-                f.write_all(&out).map_err(io(&tmp))?;
-                f.sync_all().map_err(io(&tmp))?;
-            }
-            std::fs::rename(&tmp, path).map_err(io(path))?;
-            sync_dir(dir);
-            out.len() as u64
+            rewrite_good_records(dir, path, &scan, quarantined)?
         };
         let mut file = OpenOptions::new()
             .read(true)

@@ -128,6 +128,51 @@ impl HttpTool {
             }
         };
         let started = Instant::now();
+        let request = self.request(ctx, tool_call_id, args);
+        // reqwest's timeout covers the body too; the outer one guards against anything else.
+        let outcome = tokio::time::timeout(self.timeout, async {
+            let response = request.send().await?;
+            let status = response.status();
+            let body = read_limited(response).await?;
+            Ok::<_, reqwest::Error>((status, body))
+        })
+        .await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Err(_) => {
+                warn!(tool = %self.name, elapsed_ms, "tool endpoint timed out");
+                error_result(&format!(
+                    "tool {} timed out after {} ms",
+                    self.name,
+                    self.timeout.as_millis()
+                ))
+            }
+            Ok(Err(e)) if e.is_timeout() => {
+                warn!(tool = %self.name, elapsed_ms, "tool endpoint timed out");
+                error_result(&format!(
+                    "tool {} timed out after {} ms",
+                    self.name,
+                    self.timeout.as_millis()
+                ))
+            }
+            Ok(Err(e)) => {
+                let e = e.without_url();
+                warn!(tool = %self.name, elapsed_ms, error = %e, "tool endpoint failed");
+                error_result(&format!("tool {} failed: {e}", self.name))
+            }
+            Ok(Ok((status, body))) => self.answered(elapsed_ms, status, &body),
+        }
+    }
+
+    /// The request for one call: `GET` with the context and the arguments as query
+    /// parameters, or a JSON body `{tool, tool_call_id, call_id, caller_number, arguments}`;
+    /// with the configured headers, `Accept: application/json` and the tool's timeout.
+    fn request(
+        &self,
+        ctx: &ToolContext,
+        tool_call_id: &str,
+        args: Value,
+    ) -> reqwest::RequestBuilder {
         let request = match self.method {
             HttpMethod::Get => {
                 let mut query: Vec<(String, String)> = vec![
@@ -167,58 +212,29 @@ impl HttpTool {
                 builder.json(&body)
             }
         };
-        let request = request
+        request
             .headers(self.headers.clone())
             .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(self.timeout);
-        // reqwest's timeout covers the body too; the outer one guards against anything else.
-        let outcome = tokio::time::timeout(self.timeout, async {
-            let response = request.send().await?;
-            let status = response.status();
-            let body = read_limited(response).await?;
-            Ok::<_, reqwest::Error>((status, body))
-        })
-        .await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        match outcome {
-            Err(_) => {
-                warn!(tool = %self.name, elapsed_ms, "tool endpoint timed out");
-                error_result(&format!(
-                    "tool {} timed out after {} ms",
-                    self.name,
-                    self.timeout.as_millis()
-                ))
+            .timeout(self.timeout)
+    }
+
+    /// The result text of an answer: its JSON (or `{"result": text}`) on success, else
+    /// `{"error": "… answered HTTP n", "body": …}`.
+    fn answered(&self, elapsed_ms: u64, status: reqwest::StatusCode, body: &[u8]) -> String {
+        debug!(tool = %self.name, elapsed_ms, status = status.as_u16(), "tool endpoint answered");
+        let parsed: Option<Value> = serde_json::from_slice(body).ok();
+        if status.is_success() {
+            match parsed {
+                Some(v) => v.to_string(),
+                None => json!({ "result": String::from_utf8_lossy(body) }).to_string(),
             }
-            Ok(Err(e)) if e.is_timeout() => {
-                warn!(tool = %self.name, elapsed_ms, "tool endpoint timed out");
-                error_result(&format!(
-                    "tool {} timed out after {} ms",
-                    self.name,
-                    self.timeout.as_millis()
-                ))
-            }
-            Ok(Err(e)) => {
-                let e = e.without_url();
-                warn!(tool = %self.name, elapsed_ms, error = %e, "tool endpoint failed");
-                error_result(&format!("tool {} failed: {e}", self.name))
-            }
-            Ok(Ok((status, body))) => {
-                debug!(tool = %self.name, elapsed_ms, status = status.as_u16(), "tool endpoint answered");
-                let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-                if status.is_success() {
-                    match parsed {
-                        Some(v) => v.to_string(),
-                        None => json!({ "result": String::from_utf8_lossy(&body) }).to_string(),
-                    }
-                } else {
-                    warn!(tool = %self.name, status = status.as_u16(), "tool endpoint answered an error");
-                    json!({
-                        "error": format!("tool {} answered HTTP {}", self.name, status.as_u16()),
-                        "body": parsed.unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body).into_owned())),
-                    })
-                    .to_string()
-                }
-            }
+        } else {
+            warn!(tool = %self.name, status = status.as_u16(), "tool endpoint answered an error");
+            json!({
+                "error": format!("tool {} answered HTTP {}", self.name, status.as_u16()),
+                "body": parsed.unwrap_or_else(|| Value::String(String::from_utf8_lossy(body).into_owned())),
+            })
+            .to_string()
         }
     }
 }

@@ -243,6 +243,104 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The declaration of one `[[tools]]` entry: a built-in's own (its name fixed, no url or
+/// headers) or an HTTP tool's name and description, with `description` / `parameters`
+/// overridden from the entry. `invalid` builds the error for this entry.
+fn tool_spec(c: &ToolConfig, invalid: &impl Fn(&str) -> ToolError) -> Result<ToolSpec, ToolError> {
+    let (mut spec, builtin) = match c.kind {
+        ToolKind::Http => {
+            let name = c.name.clone().ok_or_else(|| invalid("needs a name"))?;
+            let description = c
+                .description
+                .clone()
+                .ok_or_else(|| invalid("needs a description"))?;
+            (
+                ToolSpec {
+                    name,
+                    description,
+                    parameters: json!({"type": "object", "properties": {}}),
+                },
+                false,
+            )
+        }
+        ToolKind::Hangup => (ToolSpec::hangup(), true),
+        ToolKind::TransferToOperator => (ToolSpec::transfer_to_operator(), true),
+    };
+    if builtin {
+        if c.name.as_ref().is_some_and(|n| *n != spec.name) {
+            return Err(invalid("a built-in tool's name cannot be changed"));
+        }
+        if c.url.is_some() || !c.headers.is_empty() {
+            return Err(invalid("a built-in tool has no url or headers"));
+        }
+    }
+    if let Some(d) = &c.description {
+        spec.description = d.clone();
+    }
+    if let Some(p) = &c.parameters {
+        if !p.is_object() || p.get("type").and_then(Value::as_str) != Some("object") {
+            return Err(invalid(
+                "parameters must be a JSON schema with type = \"object\"",
+            ));
+        }
+        spec.parameters = p.clone();
+    }
+    if !valid_name(&spec.name) {
+        return Err(invalid(
+            "name must be 1-64 characters of a-z, A-Z, 0-9, _ or -",
+        ));
+    }
+    Ok(spec)
+}
+
+/// The action of an HTTP `[[tools]]` entry: its url (http or https), timeout (100 to
+/// 60 000 ms) and resolved header secrets, on the HTTP `client` shared by all HTTP tools
+/// (built by the first one).
+fn http_action(
+    c: &ToolConfig,
+    spec: &ToolSpec,
+    client: &mut Option<reqwest::Client>,
+    invalid: &impl Fn(&str) -> ToolError,
+) -> Result<ToolAction, ToolError> {
+    let url = c.url.clone().ok_or_else(|| invalid("needs a url"))?;
+    let parsed = reqwest::Url::parse(&url).map_err(|e| invalid(&format!("url: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid("url must start with http:// or https://"));
+    }
+    if !(100..=60_000).contains(&c.timeout_ms) {
+        return Err(invalid("timeout_ms must be 100 to 60000"));
+    }
+    let mut headers = Vec::with_capacity(c.headers.len());
+    for (name, source) in &c.headers {
+        let value = source.resolve().map_err(|source| ToolError::Secret {
+            tool: spec.name.clone(),
+            header: name.clone(),
+            source,
+        })?;
+        headers.push((name.clone(), value));
+    }
+    let client = match client {
+        Some(c) => c.clone(),
+        None => {
+            let built = crate::tls::http_client_builder()
+                .build()
+                .map_err(|e| ToolError::Client(e.to_string()))?;
+            *client = Some(built.clone());
+            built
+        }
+    };
+    let tool = HttpTool::new(
+        client,
+        spec.name.clone(),
+        parsed,
+        c.method,
+        headers,
+        Duration::from_millis(c.timeout_ms),
+    )
+    .map_err(|e| invalid(&e))?;
+    Ok(ToolAction::Http(Arc::new(tool)))
+}
+
 impl ToolRegistry {
     /// No tools: the agent declares none, and any tool call is answered with an error.
     pub fn empty() -> Self {
@@ -263,95 +361,14 @@ impl ToolRegistry {
                 tool: label.clone(),
                 message: message.to_owned(),
             };
-            let (mut spec, builtin) = match c.kind {
-                ToolKind::Http => {
-                    let name = c.name.clone().ok_or_else(|| invalid("needs a name"))?;
-                    let description = c
-                        .description
-                        .clone()
-                        .ok_or_else(|| invalid("needs a description"))?;
-                    (
-                        ToolSpec {
-                            name,
-                            description,
-                            parameters: json!({"type": "object", "properties": {}}),
-                        },
-                        false,
-                    )
-                }
-                ToolKind::Hangup => (ToolSpec::hangup(), true),
-                ToolKind::TransferToOperator => (ToolSpec::transfer_to_operator(), true),
-            };
-            if builtin {
-                if c.name.as_ref().is_some_and(|n| *n != spec.name) {
-                    return Err(invalid("a built-in tool's name cannot be changed"));
-                }
-                if c.url.is_some() || !c.headers.is_empty() {
-                    return Err(invalid("a built-in tool has no url or headers"));
-                }
-            }
-            if let Some(d) = &c.description {
-                spec.description = d.clone();
-            }
-            if let Some(p) = &c.parameters {
-                if !p.is_object() || p.get("type").and_then(Value::as_str) != Some("object") {
-                    return Err(invalid(
-                        "parameters must be a JSON schema with type = \"object\"",
-                    ));
-                }
-                spec.parameters = p.clone();
-            }
-            if !valid_name(&spec.name) {
-                return Err(invalid(
-                    "name must be 1-64 characters of a-z, A-Z, 0-9, _ or -",
-                ));
-            }
+            let spec = tool_spec(c, &invalid)?;
             if tools.iter().any(|t| t.spec.name == spec.name) {
                 return Err(ToolError::Duplicate(spec.name));
             }
             let action = match c.kind {
                 ToolKind::Hangup => ToolAction::Hangup,
                 ToolKind::TransferToOperator => ToolAction::TransferToOperator,
-                ToolKind::Http => {
-                    let url = c.url.clone().ok_or_else(|| invalid("needs a url"))?;
-                    let parsed =
-                        reqwest::Url::parse(&url).map_err(|e| invalid(&format!("url: {e}")))?;
-                    if !matches!(parsed.scheme(), "http" | "https") {
-                        return Err(invalid("url must start with http:// or https://"));
-                    }
-                    if !(100..=60_000).contains(&c.timeout_ms) {
-                        return Err(invalid("timeout_ms must be 100 to 60000"));
-                    }
-                    let mut headers = Vec::with_capacity(c.headers.len());
-                    for (name, source) in &c.headers {
-                        let value = source.resolve().map_err(|source| ToolError::Secret {
-                            tool: spec.name.clone(),
-                            header: name.clone(),
-                            source,
-                        })?;
-                        headers.push((name.clone(), value));
-                    }
-                    let client = match &client {
-                        Some(c) => c.clone(),
-                        None => {
-                            let built = crate::tls::http_client_builder()
-                                .build()
-                                .map_err(|e| ToolError::Client(e.to_string()))?;
-                            client = Some(built.clone());
-                            built
-                        }
-                    };
-                    let tool = HttpTool::new(
-                        client,
-                        spec.name.clone(),
-                        parsed,
-                        c.method,
-                        headers,
-                        Duration::from_millis(c.timeout_ms),
-                    )
-                    .map_err(|e| invalid(&e))?;
-                    ToolAction::Http(Arc::new(tool))
-                }
+                ToolKind::Http => http_action(c, &spec, &mut client, &invalid)?,
             };
             tools.push(Tool { spec, action });
         }

@@ -773,10 +773,19 @@ impl TunnelCore {
         best.map(|(i, _)| i)
     }
 
+    /// Brings the bookkeeping up to date with smoltcp's sockets: listening ports
+    /// ([`Self::update_listeners`]), then outgoing and closing connections
+    /// ([`Self::update_conns`]).
     fn update_sockets(&mut self) {
-        // Listening ports: a socket that left Listen is a connection in the making. The
-        // common case (every socket still listening, none pending) costs one state check
-        // per listening socket and allocates nothing.
+        self.update_listeners();
+        self.update_conns();
+    }
+
+    /// Listening ports: a socket that left Listen is a connection in the making. The
+    /// common case (every socket still listening, none pending) costs one state check per
+    /// listening socket and allocates nothing. Keeps [`LISTEN_BACKLOG`] sockets listening
+    /// per port while fewer than [`MAX_PENDING_PER_PORT`] handshakes are pending.
+    fn update_listeners(&mut self) {
         let TunnelCore {
             listeners,
             sockets,
@@ -800,40 +809,7 @@ impl TunnelCore {
                 .partition(|h| sockets.get::<tcp::Socket>(**h).state() == tcp::State::Listen);
             l.listening = still;
             l.pending.extend(started);
-            let mut keep = Vec::with_capacity(l.pending.len());
-            for h in l.pending.drain(..) {
-                let s = sockets.get_mut::<tcp::Socket>(h);
-                match s.state() {
-                    tcp::State::SynReceived => keep.push(h),
-                    tcp::State::Listen | tcp::State::Closed => {
-                        // Reset during the handshake.
-                        sockets.remove(h);
-                    }
-                    _ => match s.remote_endpoint() {
-                        Some(remote) => {
-                            let peer = Self::route_in(peers, to_ip(remote.addr));
-                            conns.insert(
-                                h,
-                                ConnInfo {
-                                    connecting: false,
-                                    closing: false,
-                                    released: false,
-                                    incoming_from: peer,
-                                },
-                            );
-                            events.push_back(TunnelEvent::Accepted {
-                                conn: ConnId(h),
-                                port,
-                                remote: to_socket_addr(remote),
-                            });
-                        }
-                        None => {
-                            sockets.remove(h);
-                        }
-                    },
-                }
-            }
-            l.pending = keep;
+            Self::settle_pending(port, l, sockets, conns, events, peers);
             while l.listening.len() < LISTEN_BACKLOG && l.pending.len() < MAX_PENDING_PER_PORT {
                 let mut s = new_socket();
                 if s.listen(port).is_err() {
@@ -842,7 +818,58 @@ impl TunnelCore {
                 l.listening.push(sockets.add(s));
             }
         }
-        // Outgoing connections and closing ones.
+    }
+
+    /// The pending sockets of listener `l` on `port`: one still in its handshake stays
+    /// pending, one reset during it is removed, one established becomes a connection
+    /// (routed to the peer its remote address belongs to) and a [`TunnelEvent::Accepted`].
+    fn settle_pending(
+        port: u16,
+        l: &mut Listener,
+        sockets: &mut SocketSet<'static>,
+        conns: &mut HashMap<SocketHandle, ConnInfo, FastHash>,
+        events: &mut VecDeque<TunnelEvent>,
+        peers: &[Peer],
+    ) {
+        let mut keep = Vec::with_capacity(l.pending.len());
+        for h in l.pending.drain(..) {
+            let s = sockets.get_mut::<tcp::Socket>(h);
+            match s.state() {
+                tcp::State::SynReceived => keep.push(h),
+                tcp::State::Listen | tcp::State::Closed => {
+                    // Reset during the handshake.
+                    sockets.remove(h);
+                }
+                _ => match s.remote_endpoint() {
+                    Some(remote) => {
+                        let peer = Self::route_in(peers, to_ip(remote.addr));
+                        conns.insert(
+                            h,
+                            ConnInfo {
+                                connecting: false,
+                                closing: false,
+                                released: false,
+                                incoming_from: peer,
+                            },
+                        );
+                        events.push_back(TunnelEvent::Accepted {
+                            conn: ConnId(h),
+                            port,
+                            remote: to_socket_addr(remote),
+                        });
+                    }
+                    None => {
+                        sockets.remove(h);
+                    }
+                },
+            }
+        }
+        l.pending = keep;
+    }
+
+    /// Outgoing connections (reported connected or failed once) and closing ones (removed
+    /// once smoltcp is done and the caller has read or released what arrived).
+    fn update_conns(&mut self) {
         let mut gone = Vec::new();
         for (h, info) in self.conns.iter_mut() {
             let state = self.sockets.get::<tcp::Socket>(*h).state();

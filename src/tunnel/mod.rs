@@ -600,56 +600,12 @@ struct Driver {
 impl Driver {
     async fn run(mut self, stop: CancellationToken) {
         loop {
-            // Commands first on every turn, so a steady stream of datagrams (the select below
-            // is biased towards them) cannot starve the streams' writes.
-            for _ in 0..RECV_BATCH {
-                match self.cmd_rx.try_recv() {
-                    Ok(cmd) => self.on_command(cmd),
-                    Err(_) => break,
-                }
-            }
-            while let Ok(id) = self.drop_rx.try_recv() {
-                self.on_drop(id);
-            }
-            let now = Instant::now();
-            // The stack runs (a pass over every socket) only when there is something for
-            // it: datagrams, a command, a timer. A wake-up for a stream's write alone skips
-            // this first pass and runs only the one after the write is in the socket.
-            if self.stack_dirty || now >= self.deadline {
-                self.stack_dirty = false;
-                self.core.handle_timeout(now.into_std());
-                self.dispatch_events();
-            }
-            self.expire_connects(now);
-            // Send what the streams just queued (or what a command asked for).
-            if self.service_conns() || self.stack_dirty {
-                self.stack_dirty = false;
-                self.core.handle_timeout(now.into_std());
-                self.dispatch_events();
-            }
-            self.maybe_resolve(now);
-            self.flush_transmits();
-            let deadline = Instant::from_std(self.core.poll_timeout());
-            let deadline = self
-                .connecting
-                .values()
-                .map(|c| c.deadline)
-                .fold(deadline, Instant::min);
-            // Something above left work for the stack (an abort): run again at once.
-            let deadline = if self.stack_dirty { now } else { deadline };
-            self.deadline = deadline;
+            let deadline = self.turn();
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
                 r = self.udp.recv_from(&mut self.recv_buf) => {
-                    self.on_datagram(r);
-                    for _ in 1..RECV_BATCH {
-                        let r = self.udp.try_recv_from(&mut self.recv_buf);
-                        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                            break;
-                        }
-                        self.on_datagram(r);
-                    }
+                    self.on_datagrams(r);
                 }
                 cmd = self.cmd_rx.recv() => {
                     // Invariant: the driver holds a sender, so the channel never closes.
@@ -681,6 +637,63 @@ impl Driver {
             }
         }
         info!("wireguard tunnel stopped");
+    }
+
+    /// One turn's work before the driver waits: pending commands and drops, the stack when
+    /// there is something for it, connect timeouts, the streams' writes, endpoint
+    /// resolution, the transmit queue. Returns when the driver must run next at the latest.
+    fn turn(&mut self) -> Instant {
+        // Commands first on every turn, so a steady stream of datagrams (the select in `run`
+        // is biased towards them) cannot starve the streams' writes.
+        for _ in 0..RECV_BATCH {
+            match self.cmd_rx.try_recv() {
+                Ok(cmd) => self.on_command(cmd),
+                Err(_) => break,
+            }
+        }
+        while let Ok(id) = self.drop_rx.try_recv() {
+            self.on_drop(id);
+        }
+        let now = Instant::now();
+        // The stack runs (a pass over every socket) only when there is something for
+        // it: datagrams, a command, a timer. A wake-up for a stream's write alone skips
+        // this first pass and runs only the one after the write is in the socket.
+        if self.stack_dirty || now >= self.deadline {
+            self.stack_dirty = false;
+            self.core.handle_timeout(now.into_std());
+            self.dispatch_events();
+        }
+        self.expire_connects(now);
+        // Send what the streams just queued (or what a command asked for).
+        if self.service_conns() || self.stack_dirty {
+            self.stack_dirty = false;
+            self.core.handle_timeout(now.into_std());
+            self.dispatch_events();
+        }
+        self.maybe_resolve(now);
+        self.flush_transmits();
+        let deadline = Instant::from_std(self.core.poll_timeout());
+        let deadline = self
+            .connecting
+            .values()
+            .map(|c| c.deadline)
+            .fold(deadline, Instant::min);
+        // Something above left work for the stack (an abort): run again at once.
+        let deadline = if self.stack_dirty { now } else { deadline };
+        self.deadline = deadline;
+        deadline
+    }
+
+    /// A received datagram `r`, then up to [`RECV_BATCH`] more already waiting.
+    fn on_datagrams(&mut self, r: io::Result<(usize, SocketAddr)>) {
+        self.on_datagram(r);
+        for _ in 1..RECV_BATCH {
+            let r = self.udp.try_recv_from(&mut self.recv_buf);
+            if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                break;
+            }
+            self.on_datagram(r);
+        }
     }
 
     fn on_datagram(&mut self, r: io::Result<(usize, SocketAddr)>) {

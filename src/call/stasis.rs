@@ -26,16 +26,14 @@
 //! The registry is a short-held `std::sync::Mutex` (never across an `.await`); every REST
 //! sequence runs in its own task, so a slow Asterisk never stalls the event loop.
 
-use super::client::{AriClient, AriError, ExternalMedia};
-use super::events::{self, EventLink, EventsParams, LinkState};
-use super::model::{Channel, Event};
+use super::directory::{Admission, AdmitFuture, CallDetails, CallDirectory, EXTRA_INPUT_CAPACITY};
+use super::next::{Next, NextStore};
+use super::{CallSummary, Outcome};
 use crate::agent::AgentInput;
+use crate::ari::client::{AriClient, AriError, ExternalMedia};
 use crate::ari::config::{AriConfig, AriFormat, AriMode};
-use crate::call::directory::{
-    Admission, AdmitFuture, CallDetails, CallDirectory, EXTRA_INPUT_CAPACITY,
-};
-use crate::call::next::{Next, NextStore};
-use crate::call::{CallSummary, Outcome};
+use crate::ari::events::{self, EventLink, EventsParams, LinkState};
+use crate::ari::model::{Channel, Event};
 use crate::fallback::FallbackReason;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -1036,22 +1034,15 @@ impl Controller {
     ///    Orphans are confirmed by a second look [`ORPHAN_RECHECK`] later, so a call whose
     ///    `StasisStart` is still on its way is never mistaken for one.
     async fn reconcile(&self) -> Pass {
-        let c = &self.inner.client;
         // Taken before the list is asked for (see step 1).
-        let tracked: Vec<(Uuid, String)> = self
-            .registry()
-            .calls
-            .iter()
-            .filter(|(_, c)| c.phase != Phase::Done)
-            .map(|(id, c)| (*id, c.caller.clone()))
-            .collect();
+        let tracked = self.tracked_callers();
         let given_up: Vec<(String, Uuid, Retry)> = self
             .registry()
             .given_up
             .iter()
             .map(|(ch, g)| (ch.clone(), g.call_id, g.retry))
             .collect();
-        let channels = match c.channels().await {
+        let channels = match self.inner.client.channels().await {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, given_up = given_up.len(), "reconcile: cannot list channels");
@@ -1062,6 +1053,32 @@ impl Controller {
             }
         };
         bump(&self.inner.counters.reconciles);
+        self.clean_up_gone(&tracked, &channels).await;
+        for (channel, call_id, retry) in &given_up {
+            self.retry_given_up(&channels, channel, *call_id, *retry)
+                .await;
+        }
+        let given_up: Vec<String> = given_up.into_iter().map(|(ch, _, _)| ch).collect();
+        self.deal_with_orphans(&channels, &given_up).await;
+        Pass {
+            listed: true,
+            retried: given_up.len(),
+        }
+    }
+
+    /// The calls not yet done, as `(call id, caller channel id)`.
+    fn tracked_callers(&self) -> Vec<(Uuid, String)> {
+        self.registry()
+            .calls
+            .iter()
+            .filter(|(_, c)| c.phase != Phase::Done)
+            .map(|(id, c)| (*id, c.caller.clone()))
+            .collect()
+    }
+
+    /// Step 1 of [`Controller::reconcile`]: cleans up each of the `tracked` calls whose caller
+    /// is not among `channels` (and whose call is not done meanwhile).
+    async fn clean_up_gone(&self, tracked: &[(Uuid, String)], channels: &[Channel]) {
         let gone: Vec<Uuid> = tracked
             .iter()
             .filter(|(_, caller)| !channels.iter().any(|ch| &ch.id == caller))
@@ -1082,50 +1099,56 @@ impl Controller {
             }
             self.cleanup(id).await;
         }
+    }
 
-        for (channel, call_id, retry) in &given_up {
-            self.retry_given_up(&channels, channel, *call_id, *retry)
-                .await;
-        }
+    /// The orphans among `list` and `bridges`: channels of this application that no call
+    /// owns and that are not (or were not at the start of this pass: `given_up`) given up
+    /// on, and `voicegate-` bridges no call owns, as `(channels, bridge ids)`.
+    fn orphans(
+        &self,
+        list: &[Channel],
+        bridges: &[crate::ari::model::Bridge],
+        given_up: &[String],
+    ) -> (Vec<Channel>, Vec<String>) {
+        let reg = self.registry();
+        let chans: Vec<Channel> = list
+            .iter()
+            .filter(|ch| {
+                self.in_our_app(ch)
+                    && !reg.by_channel.contains_key(&ch.id)
+                    && !reg.given_up.contains_key(&ch.id)
+                    && !given_up.contains(&ch.id)
+            })
+            .cloned()
+            .collect();
+        let owned: Vec<&String> = reg
+            .calls
+            .values()
+            .filter_map(|c| c.bridge.as_ref())
+            .collect();
+        let brs: Vec<String> = bridges
+            .iter()
+            .filter(|b| b.name.starts_with("voicegate-") && !owned.contains(&&b.id))
+            .map(|b| b.id.clone())
+            .collect();
+        (chans, brs)
+    }
 
-        let orphans = |list: &[Channel], bridges: &[super::model::Bridge]| {
-            let reg = self.registry();
-            let chans: Vec<Channel> = list
-                .iter()
-                .filter(|ch| {
-                    self.in_our_app(ch)
-                        && !reg.by_channel.contains_key(&ch.id)
-                        && !reg.given_up.contains_key(&ch.id)
-                        && !given_up.iter().any(|(g, _, _)| g == &ch.id)
-                })
-                .cloned()
-                .collect();
-            let owned: Vec<&String> = reg
-                .calls
-                .values()
-                .filter_map(|c| c.bridge.as_ref())
-                .collect();
-            let brs: Vec<String> = bridges
-                .iter()
-                .filter(|b| b.name.starts_with("voicegate-") && !owned.contains(&&b.id))
-                .map(|b| b.id.clone())
-                .collect();
-            (chans, brs)
-        };
+    /// Step 3 of [`Controller::reconcile`]: finds the orphans, looks again
+    /// [`ORPHAN_RECHECK`] later, and acts on those orphaned both times: an externalMedia
+    /// channel is deleted, a caller sent to the operators, a bridge destroyed.
+    async fn deal_with_orphans(&self, channels: &[Channel], given_up: &[String]) {
+        let c = &self.inner.client;
         let bridges = c.bridges().await.unwrap_or_default();
-        let (first_chans, first_brs) = orphans(&channels, &bridges);
-        let done = Pass {
-            listed: true,
-            retried: given_up.len(),
-        };
+        let (first_chans, first_brs) = self.orphans(channels, &bridges, given_up);
         if first_chans.is_empty() && first_brs.is_empty() {
-            return done;
+            return;
         }
         tokio::time::sleep(ORPHAN_RECHECK).await;
         let (Ok(channels), Ok(bridges)) = (c.channels().await, c.bridges().await) else {
-            return done;
+            return;
         };
-        let (chans, brs) = orphans(&channels, &bridges);
+        let (chans, brs) = self.orphans(&channels, &bridges, given_up);
         for ch in chans
             .iter()
             .filter(|ch| first_chans.iter().any(|f| f.id == ch.id))
@@ -1135,30 +1158,35 @@ impl Controller {
                 self.delete_media(&ch.id).await;
                 continue;
             }
-            warn!(channel = %ch.id, "reconcile: caller in the stasis app with no call; sending to the operators");
-            let s = &self.inner.settings;
-            let moved = c
-                .continue_in_dialplan(
-                    &ch.id,
-                    &s.transfer_context,
-                    &s.transfer_extension,
-                    s.transfer_priority,
-                )
-                .await;
-            if let Err(e) = moved {
-                if !e.is_not_found() {
-                    error!(channel = %ch.id, error = %e, "orphaned caller cannot be transferred; hanging up");
-                    let _ = c.hangup(&ch.id).await;
-                }
-            } else {
-                bump(&self.inner.counters.transfers);
-            }
+            self.orphan_to_operators(ch).await;
         }
         for b in brs.iter().filter(|b| first_brs.contains(b)) {
             info!(bridge = %b, "reconcile: destroying an orphaned bridge");
             self.destroy_bridge(b).await;
         }
-        done
+    }
+
+    /// An orphaned caller goes to the operators (`continue`); hung up if Asterisk refuses.
+    async fn orphan_to_operators(&self, ch: &Channel) {
+        let c = &self.inner.client;
+        warn!(channel = %ch.id, "reconcile: caller in the stasis app with no call; sending to the operators");
+        let s = &self.inner.settings;
+        let moved = c
+            .continue_in_dialplan(
+                &ch.id,
+                &s.transfer_context,
+                &s.transfer_extension,
+                s.transfer_priority,
+            )
+            .await;
+        if let Err(e) = moved {
+            if !e.is_not_found() {
+                error!(channel = %ch.id, error = %e, "orphaned caller cannot be transferred; hanging up");
+                let _ = c.hangup(&ch.id).await;
+            }
+        } else {
+            bump(&self.inner.counters.transfers);
+        }
     }
 
     /// Step 2 of [`Controller::reconcile`] for one caller given up on: forgotten once it is
