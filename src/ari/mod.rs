@@ -1,7 +1,7 @@
 //! ARI, the Asterisk REST Interface: the REST [`client`], the [`events`] WebSocket, the JSON
 //! [`model`] and the `[ari]` [`config`]. The protocol only: the Stasis application that joins
 //! a caller to a call (and looks up callers of `AudioSocket()` calls) is
-//! `crate::call::stasis`, one layer up.
+//! `call::stasis`, one layer up.
 //!
 //! What a real Asterisk 22 does on the wire is in `asterisk.md`; the parts this module
 //! relies on: externalMedia connects to voicegate at once with `data` as the call id, audio

@@ -9,7 +9,7 @@
 //! - **`hangup`** (built in, terminal): the agent says goodbye, the playout drains, then the
 //!   call ends with `0x00`.
 //! - **`transfer_to_operator`** (built in, terminal): ends the AudioSocket session with
-//!   `0x00` and the outcome [`crate::call::Outcome::Operator`]`("dialplan")`. Without ARI the
+//!   `0x00` and the outcome `call::Outcome::Operator``("dialplan")`. Without ARI the
 //!   dialplan's next priority (the operator queue) runs; for a Stasis call the ARI controller
 //!   sees that outcome when the session ends and `continue`s the caller to the transfer
 //!   context (`ari.transfer_context`), as for any fallback.

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::agent::elevenlabs_agent::ElevenlabsAgent;
-use crate::config::ElevenlabsAgentConfig;
+use crate::agent::config::ElevenlabsAgentConfig;
 use serde_json::Value;
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 use super::*;
 use crate::agent::driver::Closed;
 use crate::agent::openai_realtime::OpenAiRealtime;
-use crate::config::OpenAiRealtimeConfig;
+use crate::agent::config::OpenAiRealtimeConfig;
 use crate::secret::SecretSource;
 use std::time::Duration;
 
