@@ -7,7 +7,6 @@ use voicegate::config::{AgentConfig, Config};
 
 // --- ElevenLabs Agents ---
 
-
 #[test]
 fn config_parses_validates_and_redacts() {
     let text = r#"
@@ -48,8 +47,8 @@ type = "string"
         "{out}"
     );
 
-    let e = Config::from_toml("[agent]\nkind = \"elevenlabs_agent\"\n", Path::new("x"))
-        .unwrap_err();
+    let e =
+        Config::from_toml("[agent]\nkind = \"elevenlabs_agent\"\n", Path::new("x")).unwrap_err();
     assert!(e.to_string().contains("agent.agent_id"), "{e}");
     let e = Config::from_toml(
         "[agent]\nkind = \"elevenlabs_agent\"\nagent_id = \"a\"\nchunk_ms = 5\n",
@@ -66,7 +65,6 @@ type = "string"
 }
 
 // --- cascade ---
-
 
 const TOML: &str = r#"
 [agent]
@@ -95,7 +93,10 @@ fn parses_and_validates() {
     let AgentConfig::Cascade(c) = c.agent else {
         panic!("not cascade")
     };
-    assert_eq!(c.stt.provider, voicegate::agent::cascade::config::SttProvider::Soniox);
+    assert_eq!(
+        c.stt.provider,
+        voicegate::agent::cascade::config::SttProvider::Soniox
+    );
     assert_eq!(c.stt.url(), "wss://stt-rt.soniox.com/transcribe-websocket");
     assert_eq!(c.stt.model(), "stt-rt-v4");
     assert_eq!(c.llm.extra_headers["X-Title"], "voicegate");

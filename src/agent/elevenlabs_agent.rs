@@ -386,23 +386,17 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Err
     };
     let int = |v: &Value, pointer: &str| v.pointer(pointer).and_then(Value::as_i64);
     Ok(match kind.as_str() {
-        "conversation_initiation_metadata" => ServerMessage::Metadata {
-            conversation_id: take_str(
-                &mut v,
-                "/conversation_initiation_metadata_event/conversation_id",
-            )
-            .unwrap_or_default(),
-            input_format: take_str(
-                &mut v,
-                "/conversation_initiation_metadata_event/user_input_audio_format",
-            )
-            .unwrap_or_default(),
-            output_format: take_str(
-                &mut v,
-                "/conversation_initiation_metadata_event/agent_output_audio_format",
-            )
-            .unwrap_or_default(),
-        },
+        "conversation_initiation_metadata" => {
+            let mut field = |name: &str| {
+                let pointer = format!("/conversation_initiation_metadata_event/{name}");
+                take_str(&mut v, &pointer).unwrap_or_default()
+            };
+            ServerMessage::Metadata {
+                conversation_id: field("conversation_id"),
+                input_format: field("user_input_audio_format"),
+                output_format: field("agent_output_audio_format"),
+            }
+        }
         "audio" => ServerMessage::Audio {
             event_id: int(&v, "/audio_event/event_id").unwrap_or(i64::MAX),
             audio_base_64: take_str(&mut v, "/audio_event/audio_base_64"),
@@ -422,21 +416,7 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Err
         "agent_response" => ServerMessage::AgentResponse {
             text: take_str(&mut v, "/agent_response_event/agent_response"),
         },
-        "client_tool_call" => {
-            let name = take_str(&mut v, "/client_tool_call/tool_name");
-            let id = take_str(&mut v, "/client_tool_call/tool_call_id");
-            match (name, id) {
-                (Some(tool_name), Some(tool_call_id)) => ServerMessage::ToolCall {
-                    tool_call_id,
-                    tool_name,
-                    arguments: match v.pointer("/client_tool_call/parameters") {
-                        Some(p @ Value::Object(_)) => p.to_string(),
-                        _ => "{}".to_owned(),
-                    },
-                },
-                _ => ServerMessage::MalformedToolCall,
-            }
-        }
+        "client_tool_call" => client_tool_call(&mut v),
         "client_error" | "error" => {
             let code = int(&v, "/error_event/code");
             let error_type = take_str(&mut v, "/error_event/error_type");
@@ -457,6 +437,28 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Err
         },
         _ => ServerMessage::Other { kind },
     })
+}
+
+/// A `client_tool_call` message (`tool_name`, `tool_call_id`, `parameters`); malformed
+/// without a name or id.
+fn client_tool_call(v: &mut Value) -> ServerMessage {
+    let mut take = |pointer: &str| match v.pointer_mut(pointer).map(Value::take) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let name = take("/client_tool_call/tool_name");
+    let id = take("/client_tool_call/tool_call_id");
+    match (name, id) {
+        (Some(tool_name), Some(tool_call_id)) => ServerMessage::ToolCall {
+            tool_call_id,
+            tool_name,
+            arguments: match v.pointer("/client_tool_call/parameters") {
+                Some(p @ Value::Object(_)) => p.to_string(),
+                _ => "{}".to_owned(),
+            },
+        },
+        _ => ServerMessage::MalformedToolCall,
+    }
 }
 
 /// Fuzzing hook (`fuzz/fuzz_targets/elevenlabs_agent_event.rs`; built only with

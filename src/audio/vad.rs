@@ -265,6 +265,39 @@ impl Vad {
         )
     }
 
+    /// The correlation of the caller window (frames `first`…) with the played frames `lag`
+    /// before them; `None` when some of those are not known or the reference is flat
+    /// (silence says nothing about the path).
+    fn correlation_at(&self, first: u64, lag: usize, oldest: i64) -> Option<f32> {
+        let m = self.caller.len();
+        // Every paired played frame must be known (played and still kept).
+        let (lo, hi) = (
+            self.paired(first, lag),
+            self.paired(first, lag) + m as i64 - 1,
+        );
+        if hi >= self.played as i64 || lo < oldest {
+            return None;
+        }
+        let r = |j: usize| self.reference[(lo - oldest) as usize + j];
+        let (mut sr, mut sc, mut srr, mut scc, mut src) = (0.0f32, 0.0, 0.0, 0.0, 0.0);
+        for j in 0..m {
+            let (x, y) = (r(j), self.caller[j]);
+            sr += x;
+            sc += y;
+            srr += x * x;
+            scc += y * y;
+            src += x * y;
+        }
+        let k = m as f32;
+        let cov = src - sr * sc / k;
+        let var_r = srr - sr * sr / k;
+        let var_c = scc - sc * sc / k;
+        if var_r <= (self.floor * self.floor) * k || var_c <= 0.0 {
+            return None;
+        }
+        Some(cov / (var_r * var_c).sqrt())
+    }
+
     /// Re-measures the echo path from the last [`MATCH_FRAMES`] frames, if the caller leg
     /// clearly follows the reference at some delay.
     fn measure_echo_path(&mut self) {
@@ -277,33 +310,9 @@ impl Vad {
         let oldest = self.oldest();
         let mut best: Option<(usize, f32)> = None;
         for lag in 0..=self.window {
-            // Every paired played frame must be known (played and still kept).
-            let (lo, hi) = (
-                self.paired(first, lag),
-                self.paired(first, lag) + m as i64 - 1,
-            );
-            if hi >= self.played as i64 || lo < oldest {
+            let Some(corr) = self.correlation_at(first, lag, oldest) else {
                 continue;
-            }
-            let r = |j: usize| self.reference[(lo - oldest) as usize + j];
-            let (mut sr, mut sc, mut srr, mut scc, mut src) = (0.0f32, 0.0, 0.0, 0.0, 0.0);
-            for j in 0..m {
-                let (x, y) = (r(j), self.caller[j]);
-                sr += x;
-                sc += y;
-                srr += x * x;
-                scc += y * y;
-                src += x * y;
-            }
-            let k = m as f32;
-            let cov = src - sr * sc / k;
-            let var_r = srr - sr * sr / k;
-            let var_c = scc - sc * sc / k;
-            // A flat reference (silence) says nothing about the path.
-            if var_r <= (self.floor * self.floor) * k || var_c <= 0.0 {
-                continue;
-            }
-            let corr = cov / (var_r * var_c).sqrt();
+            };
             if corr >= MATCH_CORRELATION && best.is_none_or(|(_, c)| corr > c) {
                 best = Some((lag, corr));
             }

@@ -401,21 +401,7 @@ async fn stream_response(
                 done = true;
                 break;
             }
-            let c: Chunk = serde_json::from_str(&payload).map_err(|e| AgentError::Protocol {
-                provider: PROVIDER,
-                detail: format!("bad chunk: {e}"),
-            })?;
-            if let Some(err) = c.error {
-                let message = err
-                    .get("message")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| err.to_string());
-                return Err(AgentError::Provider {
-                    provider: PROVIDER,
-                    detail: message,
-                });
-            }
+            let c = parse_chunk(&payload)?;
             for choice in c.choices {
                 if let Some(delta) = choice.delta {
                     if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
@@ -447,6 +433,27 @@ async fn stream_response(
     }
     let _ = tx.send(LlmEvent::Done { finish_reason }).await;
     Ok(())
+}
+
+/// One SSE `data:` payload as a chunk; an `error` object in it (some OpenAI-compatible
+/// servers report failures mid-stream this way) is the provider's error.
+fn parse_chunk(payload: &str) -> Result<Chunk, AgentError> {
+    let c: Chunk = serde_json::from_str(payload).map_err(|e| AgentError::Protocol {
+        provider: PROVIDER,
+        detail: format!("bad chunk: {e}"),
+    })?;
+    if let Some(err) = &c.error {
+        let message = err
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| err.to_string());
+        return Err(AgentError::Provider {
+            provider: PROVIDER,
+            detail: message,
+        });
+    }
+    Ok(c)
 }
 
 #[derive(Deserialize)]

@@ -242,6 +242,38 @@ impl Conversation {
     }
 
     /// One server message; an error ends the conversation.
+    /// ElevenLabs cut the agent off: audio of that event and before is dropped.
+    fn on_interruption(&mut self, event_id: i64, out: &mut Vec<Out>) {
+        self.last_interrupt = self.last_interrupt.max(event_id);
+        if let Some(f) = self.formats.as_mut() {
+            f.decoder.reset();
+        }
+        self.boundary = Boundary::Interrupted;
+        debug!(event_id, "elevenlabs: interruption");
+        out.push(Out::Event(AgentEvent::SpeechStarted));
+    }
+
+    /// An `error` event: kept for the close that follows a fatal one (with `code`).
+    fn on_error(
+        &mut self,
+        kind: &str,
+        code: Option<i64>,
+        error_type: Option<String>,
+        reason: Option<String>,
+    ) {
+        let error_type = error_type.unwrap_or_default();
+        let reason = reason.unwrap_or_default();
+        warn!(
+            kind,
+            code,
+            error_type = error_type.as_str(),
+            reason = reason.as_str(),
+            "elevenlabs reported an error"
+        );
+        let code = code.unwrap_or(0);
+        self.last_error = Some(format!("error_event {code}: {error_type}: {reason}"));
+    }
+
     fn on_message(&mut self, message: ServerMessage, out: &mut Vec<Out>) -> Result<(), AgentError> {
         match message {
             ServerMessage::Metadata {
@@ -258,15 +290,7 @@ impl Conversation {
                 event_id,
                 audio_base_64,
             } => self.on_audio(event_id, audio_base_64, out)?,
-            ServerMessage::Interruption { event_id } => {
-                self.last_interrupt = self.last_interrupt.max(event_id);
-                if let Some(f) = self.formats.as_mut() {
-                    f.decoder.reset();
-                }
-                self.boundary = Boundary::Interrupted;
-                debug!(event_id, "elevenlabs: interruption");
-                out.push(Out::Event(AgentEvent::SpeechStarted));
-            }
+            ServerMessage::Interruption { event_id } => self.on_interruption(event_id, out),
             ServerMessage::Ping { event_id } => {
                 Self::send(
                     out,
@@ -311,20 +335,7 @@ impl Conversation {
                 code,
                 error_type,
                 reason,
-            } => {
-                // A fatal error is followed by a close with `code`.
-                let error_type = error_type.unwrap_or_default();
-                let reason = reason.unwrap_or_default();
-                warn!(
-                    kind = kind.as_str(),
-                    code,
-                    error_type = error_type.as_str(),
-                    reason = reason.as_str(),
-                    "elevenlabs reported an error"
-                );
-                let code = code.unwrap_or(0);
-                self.last_error = Some(format!("error_event {code}: {error_type}: {reason}"));
-            }
+            } => self.on_error(&kind, code, error_type, reason),
             ServerMessage::Other { kind } => {
                 trace!(kind = kind.as_str(), "elevenlabs event ignored")
             }

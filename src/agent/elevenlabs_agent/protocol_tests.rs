@@ -3,8 +3,8 @@
 //! (elevenlabs/packages `schemas/agent.asyncapi.yaml`).
 
 use super::*;
-use crate::agent::elevenlabs_agent::ElevenlabsAgent;
 use crate::agent::config::ElevenlabsAgentConfig;
+use crate::agent::elevenlabs_agent::ElevenlabsAgent;
 use serde_json::Value;
 use std::time::Duration;
 

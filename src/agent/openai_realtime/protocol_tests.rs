@@ -3,9 +3,9 @@
 //! `src/openai/types/realtime/`).
 
 use super::*;
+use crate::agent::config::OpenAiRealtimeConfig;
 use crate::agent::driver::Closed;
 use crate::agent::openai_realtime::OpenAiRealtime;
-use crate::agent::config::OpenAiRealtimeConfig;
 use crate::secret::SecretSource;
 use std::time::Duration;
 

@@ -289,7 +289,6 @@ async fn run_once(
     let provider = proto.name();
     let mut last_finalize: Option<Instant> = None;
     let protocol_err = |detail: String| AgentError::Protocol { provider, detail };
-    let provider_err = |detail: String| AgentError::Provider { provider, detail };
     let (mut sink, mut stream) = connect(proto, connect_timeout).await?.split();
     let send_err = |e: tokio_tungstenite::tungstenite::Error| AgentError::Provider {
         provider,
@@ -298,13 +297,7 @@ async fn run_once(
     if let Some(first) = proto.first_message() {
         sink.send(Message::text(first)).await.map_err(send_err)?;
     }
-    let format = proto.format();
-    let passthrough = format == (WireFormat::Pcm16 { rate_hz });
-    let mut encoder = if passthrough {
-        None
-    } else {
-        Some(Encoder::new(rate_hz, format).map_err(|e| protocol_err(e.to_string()))?)
-    };
+    let mut encoder = wire_encoder(proto.format(), rate_hz).map_err(protocol_err)?;
     let keepalive = proto.keepalive();
     let mut last_sent = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -334,22 +327,11 @@ async fn run_once(
                     return Ok(());
                 }
             },
-            msg = stream.next() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    proto.on_text(text.as_str(), &mut out).map_err(provider_err)?;
-                    for ev in out.drain(..) {
-                        if events.send(ev).await.is_err() {
-                            return Ok(());
-                        }
-                    }
+            msg = stream.next() => {
+                if on_server_message(proto, msg, &mut out, events).await? {
+                    return Ok(());
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(provider_err(proto.describe_close(frame.as_ref())));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(provider_err(format!("receive: {e}"))),
-                None => return Err(provider_err("connection closed".into())),
-            },
+            }
             Some(ms) = finalize.recv() => {
                 if last_finalize.is_some_and(|t| t.elapsed() < MIN_FINALIZE_GAP) {
                     continue;
@@ -369,6 +351,44 @@ async fn run_once(
                 }
             }
         }
+    }
+}
+
+/// The encoder from the call's slin to the provider's `format`: none when the provider takes
+/// 16-bit PCM at the call's own rate.
+fn wire_encoder(format: WireFormat, rate_hz: u32) -> Result<Option<Encoder>, String> {
+    if format == (WireFormat::Pcm16 { rate_hz }) {
+        return Ok(None);
+    }
+    Encoder::new(rate_hz, format)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// One message from the STT socket: its events go to the cascade. `Ok(true)`: the cascade
+/// is gone, stop quietly.
+async fn on_server_message(
+    proto: &mut dyn Protocol,
+    msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    out: &mut Vec<SttEvent>,
+    events: &mpsc::Sender<SttEvent>,
+) -> Result<bool, AgentError> {
+    let provider = proto.name();
+    let provider_err = |detail: String| AgentError::Provider { provider, detail };
+    match msg {
+        Some(Ok(Message::Text(text))) => {
+            proto.on_text(text.as_str(), out).map_err(provider_err)?;
+            for ev in out.drain(..) {
+                if events.send(ev).await.is_err() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Some(Ok(Message::Close(frame))) => Err(provider_err(proto.describe_close(frame.as_ref()))),
+        Some(Ok(_)) => Ok(false),
+        Some(Err(e)) => Err(provider_err(format!("receive: {e}"))),
+        None => Err(provider_err("connection closed".into())),
     }
 }
 
