@@ -1,7 +1,7 @@
 //! Fuzzes the health listener's request handling end to end: arbitrary bytes from a client,
 //! through hyper's HTTP/1.1 parser with the listener's settings
 //! (`voicegate::health::http::serve_stream`: head limit, header and body timeouts, one
-//! request per connection) into the service's own router (`voicegate::service::http_router`:
+//! request per connection) into the service's own router (`voicegate::app::http_router`:
 //! `/health`, `/metrics`, `/v1/wireguard`, `/v1/calls/{id}/next`). The connection must end,
 //! and whatever comes back must be an HTTP/1.x response (hyper answers an HTTP/1.0 request
 //! in kind). Time is tokio's paused clock, so a
@@ -34,7 +34,7 @@ fn router() -> Arc<Router> {
             ));
             let health = Arc::new(voicegate::health::HealthState::new("echo", breaker));
             let next = Arc::new(voicegate::call::next::NextStore::new());
-            Arc::new(voicegate::service::http_router(health, next, None))
+            Arc::new(voicegate::app::http_router(health, next, None))
         })
         .clone()
 }

@@ -365,11 +365,9 @@ async fn stream_response(
     tx: &mpsc::Sender<LlmEvent>,
 ) -> Result<(), AgentError> {
     let mut body = response.bytes_stream();
-    let mut sse = SseParser::default();
-    let mut assembler = ToolCallAssembler::default();
-    let mut finish_reason = None;
-    let mut data = Vec::new();
-    loop {
+    let mut reader = StreamReader::default();
+    let mut text = Vec::new();
+    while !reader.done {
         let chunk = match tokio::time::timeout(STALL_TIMEOUT, body.next()).await {
             Err(_) => {
                 return Err(AgentError::Timeout {
@@ -377,10 +375,8 @@ async fn stream_response(
                     detail: format!("stream stalled for {STALL_TIMEOUT:?}"),
                 });
             }
+            Ok(None) if reader.finish_reason.is_some() => break,
             Ok(None) => {
-                if finish_reason.is_some() {
-                    break;
-                }
                 return Err(AgentError::Protocol {
                     provider: PROVIDER,
                     detail: "stream ended without a finish reason or [DONE]".into(),
@@ -394,35 +390,16 @@ async fn stream_response(
             }
             Ok(Some(Ok(c))) => c,
         };
-        sse.push(&chunk, &mut data);
-        let mut done = false;
-        for payload in data.drain(..) {
-            if payload.trim() == "[DONE]" {
-                done = true;
-                break;
-            }
-            let c = parse_chunk(&payload)?;
-            for choice in c.choices {
-                if let Some(delta) = choice.delta {
-                    if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
-                        if tx.send(LlmEvent::Text(text)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    for tc in delta.tool_calls.unwrap_or_default() {
-                        assembler.push(tc);
-                    }
-                }
-                if let Some(r) = choice.finish_reason {
-                    finish_reason = Some(r);
-                }
+        let read = reader.push(&chunk, &mut text);
+        for t in text.drain(..) {
+            if tx.send(LlmEvent::Text(t)).await.is_err() {
+                return Ok(());
             }
         }
-        if done {
-            break;
-        }
+        read?;
     }
-    let calls = assembler.finish();
+    let finish_reason = reader.finish_reason;
+    let calls = reader.assembler.finish();
     debug!(
         ?finish_reason,
         tool_calls = calls.len(),
@@ -433,6 +410,53 @@ async fn stream_response(
     }
     let _ = tx.send(LlmEvent::Done { finish_reason }).await;
     Ok(())
+}
+
+/// The sans-IO reader of a Chat Completions stream: bytes in (any split), text deltas out;
+/// tool-call fragments assembled, the finish reason kept, `[DONE]` noted. The stream task
+/// and the fuzz target (`fuzz/fuzz_targets/llm_sse.rs`, through [`inspect_stream`]) run the
+/// same code.
+#[derive(Debug, Default)]
+struct StreamReader {
+    sse: SseParser,
+    data: Vec<String>,
+    assembler: ToolCallAssembler,
+    finish_reason: Option<String>,
+    /// `data: [DONE]` arrived: nothing after it is read.
+    done: bool,
+}
+
+impl StreamReader {
+    /// Feeds `bytes`; appends the text deltas of the complete events to `text`.
+    ///
+    /// # Errors
+    /// A chunk that is not JSON, or one carrying the provider's `error` object; the deltas
+    /// before it are in `text`.
+    fn push(&mut self, bytes: &[u8], text: &mut Vec<String>) -> Result<(), AgentError> {
+        if self.done {
+            return Ok(());
+        }
+        self.sse.push(bytes, &mut self.data);
+        for payload in std::mem::take(&mut self.data) {
+            if payload.trim() == "[DONE]" {
+                self.done = true;
+                return Ok(());
+            }
+            let c = parse_chunk(&payload)?;
+            for choice in c.choices {
+                if let Some(delta) = choice.delta {
+                    text.extend(delta.content.filter(|t| !t.is_empty()));
+                    for tc in delta.tool_calls.unwrap_or_default() {
+                        self.assembler.push(tc);
+                    }
+                }
+                if let Some(r) = choice.finish_reason {
+                    self.finish_reason = Some(r);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One SSE `data:` payload as a chunk; an `error` object in it (some OpenAI-compatible
@@ -489,33 +513,14 @@ struct FunctionFragment {
     arguments: Option<String>,
 }
 
-/// The socket-free part of reading a Chat Completions stream, exposed for the fuzz target
-/// `fuzz/fuzz_targets/llm_sse.rs`: feeds `bytes` to an [`SseParser`] and each event's data
-/// to the chunk parser and tool-call assembler as the stream task does. Returns the text
-/// deltas and the assembled tool calls; a chunk that is not JSON ends it, as it ends a turn.
+/// Reads a whole Chat Completions stream `bytes` with the stream task's own reader (exposed
+/// for the fuzz target `fuzz/fuzz_targets/llm_sse.rs`). Returns the text deltas and the
+/// assembled tool calls; a chunk that is not JSON ends it, as it ends a turn.
 pub fn inspect_stream(bytes: &[u8]) -> (Vec<String>, Vec<ToolCallRequest>) {
-    let mut sse = SseParser::default();
-    let mut data = Vec::new();
-    sse.push(bytes, &mut data);
+    let mut reader = StreamReader::default();
     let mut text = Vec::new();
-    let mut assembler = ToolCallAssembler::default();
-    for payload in data {
-        if payload.trim() == "[DONE]" {
-            break;
-        }
-        let Ok(c) = serde_json::from_str::<Chunk>(&payload) else {
-            break;
-        };
-        for choice in c.choices {
-            if let Some(delta) = choice.delta {
-                text.extend(delta.content.filter(|t| !t.is_empty()));
-                for tc in delta.tool_calls.unwrap_or_default() {
-                    assembler.push(tc);
-                }
-            }
-        }
-    }
-    (text, assembler.finish())
+    let _ = reader.push(bytes, &mut text);
+    (text, reader.assembler.finish())
 }
 
 /// Joins `delta.tool_calls` fragments by `index` (§7.2 "Tool-call assembly").

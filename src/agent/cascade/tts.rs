@@ -319,35 +319,45 @@ struct Alignment {
     char_start_times_ms: Vec<f64>,
 }
 
-/// The socket-free part of reading one ElevenLabs TTS WebSocket message, exposed for the
-/// fuzz target `fuzz/fuzz_targets/elevenlabs_tts.rs`: parses `text` as the stream task does,
-/// decodes its base64 audio as μ-law and maps its alignment to (ms, char) pairs. Returns
-/// the audio bytes and the character count.
-///
-/// # Errors
-/// serde's error when `text` is not a TTS message (the stream task fails the turn).
-pub fn inspect_message(text: &str) -> Result<(usize, usize), serde_json::Error> {
-    let out: WsOut = serde_json::from_str(text)?;
-    let mut raw = Vec::new();
-    if let Some(b64) = out.audio.filter(|a| !a.is_empty()) {
-        if base64::engine::general_purpose::STANDARD
-            .decode_vec(b64.as_bytes(), &mut raw)
-            .is_ok()
-        {
-            let mut samples = Vec::with_capacity(raw.len());
-            if let Ok(mut dec) = Decoder::new(WireFormat::G711(Law::Ulaw), 8_000) {
-                dec.decode(&raw, &mut samples);
+/// Fuzzing hook (`fuzz/fuzz_targets/elevenlabs_tts.rs`; built only with `--cfg fuzzing` and
+/// in tests): feeds each of `messages` to the socket task's own handler of server text
+/// ([`server_text`]), with two live replies (`vg_r1` μ-law 8 kHz, `vg_r2` already closing)
+/// whose receivers are drained, on a current-thread runtime. Returns how many messages the
+/// handler refused (the socket task fails the call on those).
+#[cfg(any(fuzzing, test))]
+pub fn fuzz_server_messages(messages: &[&str]) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime");
+    rt.block_on(async {
+        let format = WireFormat::G711(Law::Ulaw);
+        let mut contexts = HashMap::new();
+        let mut receivers = Vec::new();
+        for (id, closing) in [(1u64, false), (2, true)] {
+            let (events, rx) = mpsc::channel(4096);
+            let dec = Decoder::new(format, 8_000).expect("a μ-law decoder");
+            let ctx = Ctx {
+                events,
+                dec,
+                wire_bytes: 0,
+                closing,
+            };
+            contexts.insert(id, ctx);
+            receivers.push(rx);
+        }
+        let mut raw = Vec::new();
+        let mut refused = 0;
+        for m in messages {
+            refused += server_text(format, m, &mut contexts, &mut raw)
+                .await
+                .is_err() as usize;
+            for rx in &mut receivers {
+                while rx.try_recv().is_ok() {}
             }
         }
-    }
-    let chars = out.alignment.map_or(0, |a| {
-        a.chars
-            .iter()
-            .zip(&a.char_start_times_ms)
-            .filter_map(|(c, t)| c.chars().next().map(|c| (t.max(0.0) as u64, c)))
-            .count()
-    });
-    Ok((raw.len(), chars))
+        refused
+    })
 }
 
 /// What the call side tells its socket task.
@@ -975,6 +985,29 @@ impl HttpReply<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fuzz hook drives the live handler: an error outside a reply is refused, one
+    /// inside a reply fails only that reply, audio and `isFinal` of ours are taken, and
+    /// garbage is refused; the committed corpus runs through it.
+    #[test]
+    fn fuzz_hook_runs_the_live_handler() {
+        let audio = r#"{"audio":"//8A","context_id":"vg_r1","alignment":{"chars":["H"],"charStartTimesMs":[0]}}"#;
+        let in_reply =
+            r#"{"message":"Unusual activity","error":"quota_exceeded","context_id":"vg_r1"}"#;
+        let outside = r#"{"message":"Unusual activity","error":"quota_exceeded","code":1008}"#;
+        let fin = r#"{"isFinal":true,"context_id":"vg_r2"}"#;
+        assert_eq!(fuzz_server_messages(&[audio, fin]), 0);
+        assert_eq!(fuzz_server_messages(&[in_reply]), 0);
+        assert_eq!(fuzz_server_messages(&[outside]), 1);
+        assert_eq!(fuzz_server_messages(&["not json", "{}"]), 1);
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/elevenlabs_tts");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            fuzz_server_messages(&lines);
+        }
+    }
 
     #[test]
     fn formats_match_the_call() {
