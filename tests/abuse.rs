@@ -316,9 +316,22 @@ async fn faster_than_real_time_caller_leaves_the_heap_bounded() {
     );
 }
 
-/// Issue 14 probe 2: 32 allowlisted sockets that never send a call id (re-opened as they
-/// time out) plus a connect/close churn do not refuse real calls: handshakes have their own
-/// budget, apart from `max_calls`.
+/// The allowlisted address the attackers of probe 2 come from: another host on the LAN than
+/// the Asterisk (127.0.0.1) whose calls must go on being served. From one source the
+/// per-source handshake budget is theirs to exhaust; it must never reach Asterisk's calls.
+const ATTACKER: &str = "127.0.0.2";
+
+/// A TCP connection to `to` from the loopback address `source`.
+async fn connect_from(source: &str, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{source}:0").parse().expect("an address"))?;
+    sock.connect(to).await
+}
+
+/// Issue 14 probe 2: 32 sockets from another allowlisted host ([`ATTACKER`]) that never
+/// send a call id (re-opened as they time out) plus a connect/close churn from it do not
+/// refuse Asterisk's real calls: handshakes have their own budget, apart from `max_calls`,
+/// and per source, so the churn exhausts only its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_and_churn_leave_real_calls_admitted() {
     let svc = Svc::start("idle", "[guard]\nmax_calls = 32\n");
@@ -328,7 +341,7 @@ async fn idle_sockets_and_churn_leave_real_calls_admitted() {
         let (stop, addr) = (stop.clone(), svc.audiosocket);
         attackers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(mut s) = TcpStream::connect(addr).await {
+                if let Ok(mut s) = connect_from(ATTACKER, addr).await {
                     let mut b = [0u8; 64];
                     // Held until voicegate's call-id timeout closes it.
                     let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
@@ -341,7 +354,7 @@ async fn idle_sockets_and_churn_leave_real_calls_admitted() {
         let (stop, addr, churned) = (stop.clone(), svc.audiosocket, churned.clone());
         async move {
             while !stop.load(Ordering::Relaxed) {
-                if TcpStream::connect(addr).await.is_ok() {
+                if connect_from(ATTACKER, addr).await.is_ok() {
                     churned.fetch_add(1, Ordering::Relaxed);
                 }
                 tokio::task::yield_now().await;
