@@ -10,11 +10,13 @@
 //! for those), with the median under the 100 ms the issue names; a loaded 2-core box passes
 //! that by a wide margin (`cargo bench --bench load` is the place for strict numbers).
 
+#[path = "common/service.rs"]
+mod service;
+
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -42,56 +44,14 @@ impl Svc {
         let dir = std::env::temp_dir().join(format!("vg-abuse-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("voicegate.toml");
-        let text = format!(
-            "[audiosocket]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_s = 1\n\
-             [health]\nlisten = \"127.0.0.1:0\"\n\
-             [state]\ndir = \"{}\"\n{agent}{extra}",
-            dir.join("state").display()
-        );
-        std::fs::write(&config, text).unwrap();
-        let sock = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&sock).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_voicegate"))
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("NOTIFY_SOCKET", &sock)
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        let status = loop {
-            let n = notify.recv(&mut buf).expect("READY=1 from voicegate");
-            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if m.contains("READY=1") {
-                break m;
-            }
-        };
-        let addr = |key: &str| -> SocketAddr {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("STATUS="))
-                .unwrap()
-                .split("; ")
-                .find_map(|p| p.strip_prefix(key))
-                .unwrap_or_else(|| panic!("{key} in {status}"))
-                .parse()
-                .unwrap()
-        };
+        let body = format!("{agent}{extra}");
+        let started = service::start(&dir, 1, &body);
         Svc {
-            child,
-            audiosocket: addr("audiosocket "),
-            health: addr("health "),
+            child: started.child,
+            audiosocket: started.audiosocket,
+            health: started.health,
             dir,
-            config,
+            config: started.config,
         }
     }
 

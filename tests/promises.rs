@@ -13,9 +13,8 @@ use common::fixture;
 use fake_ari::{FakeAri, MediaJoin, PASS, wait_until};
 use fake_openai::FakeOpenAi;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -46,61 +45,13 @@ impl Svc {
         for (file, text) in state_files {
             std::fs::write(dir.join("state").join(file), text).unwrap();
         }
-        let config = dir.join("voicegate.toml");
-        let text = format!(
-            "[audiosocket]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_s = 3\n\
-             [health]\nlisten = \"127.0.0.1:0\"\n\
-             [state]\ndir = \"{}\"\n{body}",
-            dir.join("state").display()
-        );
-        std::fs::write(&config, text).unwrap();
-        let sock = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&sock).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("NOTIFY_SOCKET", &sock)
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        let status = loop {
-            let n = notify.recv(&mut buf).unwrap_or_else(|e| {
-                panic!(
-                    "READY=1 from voicegate: {e}; stderr: {}",
-                    std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
-                )
-            });
-            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if m.contains("READY=1") {
-                break m;
-            }
-        };
-        let addr = |key: &str| -> SocketAddr {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("STATUS="))
-                .unwrap()
-                .split("; ")
-                .find_map(|p| p.strip_prefix(key))
-                .unwrap_or_else(|| panic!("{key} in {status}"))
-                .parse()
-                .unwrap()
-        };
+        let started = common::service::start(&dir, 3, body);
         Svc {
-            child,
-            audiosocket: addr("audiosocket "),
-            health: addr("health "),
+            child: started.child,
+            audiosocket: started.audiosocket,
+            health: started.health,
             dir,
-            config,
+            config: started.config,
         }
     }
 

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: fixtures and a server on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod service;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::sync::mpsc;

@@ -694,6 +694,18 @@ async fn server_text(
     Ok(None)
 }
 
+/// `b64` (a message's base64 audio, either endpoint) decoded into `raw`, replacing what it
+/// held.
+fn decode_audio(b64: &str, raw: &mut Vec<u8>) -> Result<(), AgentError> {
+    raw.clear();
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(b64.as_bytes(), raw)
+        .map_err(|e| AgentError::Protocol {
+            provider: PROVIDER,
+            detail: format!("audio base64: {e}"),
+        })
+}
+
 /// One chunk of a reply's audio (base64 `b64`, with its `alignment`) to its context;
 /// `true` if the reply's receiver is gone.
 async fn context_audio(
@@ -703,13 +715,7 @@ async fn context_audio(
     alignment: Option<Alignment>,
     raw: &mut Vec<u8>,
 ) -> Result<bool, AgentError> {
-    raw.clear();
-    base64::engine::general_purpose::STANDARD
-        .decode_vec(b64.as_bytes(), raw)
-        .map_err(|e| AgentError::Protocol {
-            provider: PROVIDER,
-            detail: format!("audio base64: {e}"),
-        })?;
+    decode_audio(b64, raw)?;
     let offset_ms = c.wire_bytes / format.bytes_per_ms() as u64;
     c.wire_bytes += raw.len() as u64;
     let mut gone = false;
@@ -953,12 +959,7 @@ impl HttpReply<'_> {
         })?;
         raw.clear();
         if let Some(b64) = c.audio_base64.filter(|a| !a.is_empty()) {
-            base64::engine::general_purpose::STANDARD
-                .decode_vec(b64.as_bytes(), raw)
-                .map_err(|e| AgentError::Protocol {
-                    provider: PROVIDER,
-                    detail: format!("audio base64: {e}"),
-                })?;
+            decode_audio(&b64, raw)?;
         }
         *self.wire_bytes += raw.len() as u64;
         if let Some(a) = c.alignment {
