@@ -12,41 +12,14 @@ use common::{TestServer, fixture};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use voicegate::agent::cascade::config::{SttConfig, SttProvider};
-use voicegate::agent::cascade::{CascadeAgent, CascadeConfig, ToolSpec, stt};
+use voicegate::agent::cascade::config::SttConfig;
+use voicegate::agent::cascade::{CascadeAgent, ToolSpec, stt};
 use voicegate::agent::{Agent, AgentEvent, AgentInput, AgentSession, CallInfo, Speaker};
 use voicegate::audiosocket::SlinRate;
 use voicegate::call::Outcome;
 use voicegate::call::session::CallSummary;
 use voicegate::caller::best_correlation;
 use voicegate::secret::{Secret, SecretSource};
-
-fn provider(v: SttVendor) -> SttProvider {
-    match v {
-        SttVendor::Soniox => SttProvider::Soniox,
-        SttVendor::Deepgram | SttVendor::Flux => SttProvider::Deepgram,
-        SttVendor::ElevenLabs => SttProvider::Elevenlabs,
-    }
-}
-
-fn config(vendor: SttVendor, stt: &SttFake, llm: &LlmFake, tts: &TtsFake) -> CascadeConfig {
-    let mut c = CascadeConfig::default();
-    c.stt.provider = provider(vendor);
-    c.stt.url = Some(stt.url(vendor));
-    c.stt.api_key = Some(SecretSource::Inline(KEY.into()));
-    c.stt.languages = vec!["en".into()];
-    c.llm.url = llm.url();
-    c.llm.api_key = SecretSource::Inline(KEY.into());
-    c.llm.model = "test-model".into();
-    c.llm.system_prompt = "You are a test agent.".into();
-    c.llm
-        .extra_headers
-        .insert("X-Title".into(), "voicegate".into());
-    c.tts.url = tts.url();
-    c.tts.api_key = SecretSource::Inline(KEY.into());
-    c.tts.voice_id = "voice1".into();
-    c
-}
 
 fn messages(llm: &LlmFake, i: usize) -> Vec<serde_json::Value> {
     llm.log.lock().unwrap().requests[i].body["messages"]

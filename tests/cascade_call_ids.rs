@@ -14,28 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use voicegate::agent::Speaker;
-use voicegate::agent::cascade::config::SttProvider;
-use voicegate::agent::cascade::{CascadeAgent, CascadeConfig};
+use voicegate::agent::cascade::CascadeAgent;
 use voicegate::audiosocket::SlinRate;
-use voicegate::secret::SecretSource;
 
 const REPLY: &str = "Hello! This is the voicegate test line. How can I help you today?";
-
-fn config(stt: &SttFake, llm: &LlmFake, tts: &TtsFake) -> CascadeConfig {
-    let mut c = CascadeConfig::default();
-    c.stt.provider = SttProvider::Deepgram;
-    c.stt.url = Some(stt.url(SttVendor::Deepgram));
-    c.stt.api_key = Some(SecretSource::Inline(KEY.into()));
-    c.stt.languages = vec!["en".into()];
-    c.llm.url = llm.url();
-    c.llm.api_key = SecretSource::Inline(KEY.into());
-    c.llm.model = "test-model".into();
-    c.llm.system_prompt = "You are a test agent.".into();
-    c.tts.url = tts.url();
-    c.tts.api_key = SecretSource::Inline(KEY.into());
-    c.tts.voice_id = "voice1".into();
-    c
-}
 
 /// Every line the cascade's tasks (its conversation, the STT, LLM and TTS tasks) and the
 /// call session log during a call carries the call's id.
@@ -46,7 +28,7 @@ async fn every_line_of_a_cascade_call_carries_its_call_id() {
     let llm = LlmFake::start(vec![LlmReply::text(REPLY)]).await;
     let clip = fixture("vm-goodbye.wav");
     let tts = TtsFake::start(clip.clone(), false).await;
-    let agent = CascadeAgent::new(&config(&stt, &llm, &tts), vec![]).unwrap();
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
     let mut server = TestServer::start(Arc::new(agent)).await;
     let (first_tx, mut first_rx) = watch::channel(None);
     let caller = EchoCaller {

@@ -11,29 +11,12 @@ use common::{TestServer, fixture};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use voicegate::agent::cascade::config::SttProvider;
 use voicegate::agent::cascade::tts::{TtsCommand, TtsEvent, TtsSettings};
-use voicegate::agent::cascade::{CascadeAgent, CascadeConfig, ToolSpec};
+use voicegate::agent::cascade::{CascadeAgent, ToolSpec};
 use voicegate::agent::{Agent, AgentEvent, AgentInput, CallInfo};
 use voicegate::audiosocket::SlinRate;
 use voicegate::call::Outcome;
 use voicegate::secret::{Secret, SecretSource};
-
-fn config(stt: &SttFake, llm: &LlmFake, tts: &TtsFake) -> CascadeConfig {
-    let mut c = CascadeConfig::default();
-    c.stt.provider = SttProvider::Deepgram;
-    c.stt.url = Some(stt.url(SttVendor::Deepgram));
-    c.stt.api_key = Some(SecretSource::Inline(KEY.into()));
-    c.stt.languages = vec!["en".into()];
-    c.llm.url = llm.url();
-    c.llm.api_key = SecretSource::Inline(KEY.into());
-    c.llm.model = "test-model".into();
-    c.llm.system_prompt = "You are a test agent.".into();
-    c.tts.url = tts.url();
-    c.tts.api_key = SecretSource::Inline(KEY.into());
-    c.tts.voice_id = "voice1".into();
-    c
-}
 
 /// The model takes 1.5 s to its first token: the caller still hears the reply, the call ends
 /// normally, and the recorded turn latency includes the model's wait (it is measured from the
@@ -44,7 +27,7 @@ async fn late_first_token_is_waited_for_and_counted_in_the_turn_latency() {
     let llm = LlmFake::start(vec![LlmReply::text("Good morning.")]).await;
     llm.first_token_delay(Duration::from_millis(1500));
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
-    let agent = CascadeAgent::new(&config(&stt, &llm, &tts), vec![]).unwrap();
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), vec![]).unwrap();
     let mut server = TestServer::start(Arc::new(agent)).await;
     let (first_tx, _rx) = watch::channel(None);
     let caller = EchoCaller {
@@ -98,7 +81,7 @@ async fn caller_speaking_over_an_unanswered_tool_call_keeps_the_history_valid() 
         description: "Search the tyre stock".into(),
         parameters: serde_json::json!({"type":"object","properties":{"size":{"type":"string"}}}),
     }];
-    let agent = CascadeAgent::new(&config(&stt, &llm, &tts), tools).unwrap();
+    let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), tools).unwrap();
     let mut s = agent.start(CallInfo {
         tools: Vec::new(),
         call_id: uuid::Uuid::new_v4(),

@@ -21,10 +21,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use voicegate::agent::cascade::CascadeConfig;
+use voicegate::agent::cascade::config::SttProvider;
 use voicegate::audio::g711::Law;
 use voicegate::audio::wav::Recording;
 use voicegate::audiosocket::codec::{self, Message as AsMessage, SlinRate};
 use voicegate::audiosocket::read_message;
+use voicegate::secret::SecretSource;
 
 pub const KEY: &str = "test-key-123";
 
@@ -1509,4 +1512,34 @@ fn serve_http_tts(
         }
     });
     resp
+}
+
+/// The cascade's STT provider setting for a fake vendor.
+pub fn provider(v: SttVendor) -> SttProvider {
+    match v {
+        SttVendor::Soniox => SttProvider::Soniox,
+        SttVendor::Deepgram | SttVendor::Flux => SttProvider::Deepgram,
+        SttVendor::ElevenLabs => SttProvider::Elevenlabs,
+    }
+}
+
+/// A cascade on the three fakes: `vendor`'s STT, the Chat Completions fake (with an
+/// `X-Title` extra header) and the ElevenLabs TTS fake, all with [`KEY`].
+pub fn config(vendor: SttVendor, stt: &SttFake, llm: &LlmFake, tts: &TtsFake) -> CascadeConfig {
+    let mut c = CascadeConfig::default();
+    c.stt.provider = provider(vendor);
+    c.stt.url = Some(stt.url(vendor));
+    c.stt.api_key = Some(SecretSource::Inline(KEY.into()));
+    c.stt.languages = vec!["en".into()];
+    c.llm.url = llm.url();
+    c.llm.api_key = SecretSource::Inline(KEY.into());
+    c.llm.model = "test-model".into();
+    c.llm.system_prompt = "You are a test agent.".into();
+    c.llm
+        .extra_headers
+        .insert("X-Title".into(), "voicegate".into());
+    c.tts.url = tts.url();
+    c.tts.api_key = SecretSource::Inline(KEY.into());
+    c.tts.voice_id = "voice1".into();
+    c
 }
