@@ -1,8 +1,26 @@
 //! Load bench: N concurrent synthetic callers against one `voicegate run` child process.
 //!
 //! ```text
-//! cargo bench --bench load -- [--agent echo|openai] [--calls N] [--seconds S] [--ramp 50,100,200,400] [--soak MIN]
+//! cargo bench --bench load -- [--agent echo|openai] [--transport audiosocket|websocket|rtp|all] [--calls N] [--seconds S] [--ramp 50,100,200,400] [--soak MIN] [--console]
 //! ```
+//!
+//! `--transport websocket` (echo agent) runs every level twice in one run, first over
+//! AudioSocket, then with callers that speak Asterisk's WebSocket media channel
+//! (`chan_websocket`) to voicegate's `[websocket]` listener, so the two rows compare.
+//!
+//! `--transport rtp` runs every level twice in one run: Stasis calls with
+//! `[ari] media = "rtp"` (A-law, lines `rtp`), then the same over AudioSocket. The RTP calls
+//! run against the fake ARI of `tests/fake_ari/` playing Asterisk's chan_rtp side (its own
+//! UDP port per call, RTP both ways): the same echo agent, CPU and RSS measured the same
+//! way, pacing as the fake Asterisk receives voicegate's packets.
+//!
+//! `--transport all` runs every level three times in one run: AudioSocket, the WebSocket
+//! media channel, RTP.
+//!
+//! `--console` (echo path) runs every level twice in the same run: the console off, then on
+//! with 5 logged-in watchers reading its live feed (`/console/api/events`, Server-Sent
+//! Events, reconnecting as a browser does); the rows are labelled `off` and `on/5`, with the
+//! feed lines the watchers got and the lines dropped for them.
 //!
 //! Each caller speaks a real recording in a loop, paced at 20 ms, through the real AudioSocket
 //! listener; voicegate answers with the echo agent. Reported per N: voicegate's CPU time per
@@ -18,6 +36,7 @@
 //! received (up), delta sent → frame received (down; `dn+` is the part beyond the first
 //! 20 ms tick that could have carried it), and speech_started → first frame without reply
 //! audio (barge). The load average at the start of each level is printed next to it.
+#![allow(clippy::disallowed_types)] // a benchmark on real sockets and processes: real time (std::time::Instant)
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -28,12 +47,39 @@ use voicegate::audio::wav::Recording;
 use voicegate::audiosocket::SlinRate;
 use voicegate::caller::{CallPlan, CallReport, place_call};
 
+#[path = "../tests/fake_ari/mod.rs"]
+mod fake_ari;
+
 struct Args {
     calls: Vec<usize>,
     seconds: f64,
     soak_minutes: Option<f64>,
     /// `--agent openai`: path (b), the fake OpenAI Realtime server; default echo.
     realtime: bool,
+    /// `--console`: each level with the console off, then on with 5 watchers.
+    console: bool,
+    /// The transports each level runs over, in order (`--transport websocket`: AudioSocket,
+    /// then the WebSocket media channel).
+    transports: Vec<Transport>,
+}
+
+/// How the bench's callers reach voicegate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    AudioSocket,
+    WebSocket,
+    /// Stasis + externalMedia over RTP, against the fake ARI.
+    Rtp,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::AudioSocket => "audiosocket",
+            Transport::WebSocket => "websocket",
+            Transport::Rtp => "rtp",
+        }
+    }
 }
 
 fn parse_args() -> Args {
@@ -42,6 +88,8 @@ fn parse_args() -> Args {
         seconds: 20.0,
         soak_minutes: None,
         realtime: false,
+        console: false,
+        transports: vec![Transport::AudioSocket],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -62,6 +110,18 @@ fn parse_args() -> Args {
             }
             "--soak" => args.soak_minutes = it.next().and_then(|v| v.parse().ok()),
             "--agent" => args.realtime = it.next().as_deref() == Some("openai"),
+            "--console" => args.console = true,
+            "--transport" => {
+                args.transports = match it.next().as_deref() {
+                    Some("websocket") => vec![Transport::AudioSocket, Transport::WebSocket],
+                    Some("rtp") => vec![Transport::Rtp, Transport::AudioSocket],
+                    Some("audiosocket") => vec![Transport::AudioSocket],
+                    Some("all") => {
+                        vec![Transport::AudioSocket, Transport::WebSocket, Transport::Rtp]
+                    }
+                    other => panic!("--transport audiosocket|websocket|rtp|all, not {other:?}"),
+                }
+            }
             "--bench" => {}
             other => eprintln!("ignoring argument {other}"),
         }
@@ -109,6 +169,8 @@ fn free_port() -> u16 {
 struct Service {
     child: Child,
     addr: SocketAddr,
+    /// The `[websocket]` listener (chan_websocket callers).
+    ws: SocketAddr,
     health: SocketAddr,
 }
 
@@ -122,12 +184,13 @@ impl Service {
     fn start_with(agent: &str) -> Self {
         let port = free_port();
         let health_port = free_port();
+        let ws_port = free_port();
         let dir = std::env::temp_dir().join(format!("vg-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("voicegate.toml");
         std::fs::write(
             &cfg,
-            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[health]\nlisten = \"127.0.0.1:{health_port}\"\n[state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\nmax_handshakes = 5000\nmax_handshakes_per_source = 5000\n{agent}", dir.join("state").display()),
+            format!("[audiosocket]\nlisten = \"127.0.0.1:{port}\"\n[health]\nlisten = \"127.0.0.1:{health_port}\"\n[state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[guard]\nmax_calls = 5000\nmax_calls_per_source = 5000\nmax_handshakes = 5000\nmax_handshakes_per_source = 5000\n[websocket]\nlisten = \"127.0.0.1:{ws_port}\"\n{agent}", dir.join("state").display()),
         )
         .unwrap();
         let child = Command::new(voicegate_binary())
@@ -147,6 +210,7 @@ impl Service {
         Service {
             child,
             addr,
+            ws: format!("127.0.0.1:{ws_port}").parse().unwrap(),
             health,
         }
     }
@@ -219,6 +283,7 @@ fn speech() -> Recording {
 }
 
 struct RunResult {
+    transport: Transport,
     calls: usize,
     cpu_ms_per_call_second: f64,
     cpu_cores: f64,
@@ -232,16 +297,107 @@ struct RunResult {
     failed: usize,
 }
 
-fn run_level(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunResult {
-    let service = Service::start();
+/// The console's password in the bench.
+const CONSOLE_PASSWORD: &str = "bench console password";
+
+/// One console watcher: logs in, then reads the live feed until `stop`, reconnecting when
+/// a stream ends (as `EventSource` does); counts the `data:` lines it got.
+async fn watch_console(
+    health: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    lines: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    let http = voicegate::tls::http_client_builder().build().unwrap();
+    let login = http
+        .post(format!("http://{health}/console/login"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"password\":\"{CONSOLE_PASSWORD}\"}}"))
+        .send()
+        .await
+        .expect("console login");
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut resp) = http
+            .get(format!("http://{health}/console/api/events"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            let n = chunk.windows(5).filter(|w| w == b"data:").count();
+            lines.fetch_add(n as u64, Ordering::Relaxed);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+    }
+}
+
+/// `voicegate_console_events_dropped_total` from `/metrics` (0 when absent).
+async fn console_dropped(health: SocketAddr) -> u64 {
+    let http = voicegate::tls::http_client_builder().build().unwrap();
+    let text = match http.get(format!("http://{health}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return 0,
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("voicegate_console_events_dropped_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Feed lines the watchers got and lines dropped, of the last level.
+static CONSOLE_FEED: std::sync::Mutex<(u64, u64)> = std::sync::Mutex::new((0, 0));
+
+fn run_level(
+    rt: &tokio::runtime::Runtime,
+    calls: usize,
+    seconds: f64,
+    watchers: usize,
+    transport: Transport,
+) -> RunResult {
+    let service = if watchers == 0 {
+        Service::start()
+    } else {
+        let hash = voicegate::console::auth::PasswordHash::hash(CONSOLE_PASSWORD).unwrap();
+        Service::start_with(&format!(
+            "[agent]\nkind = \"echo\"\ndelay_ms = 200\n[console]\nenabled = true\npassword_hash = \"{hash}\"\n"
+        ))
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watching: Vec<_> = (0..watchers)
+        .map(|_| rt.spawn(watch_console(service.health, stop.clone(), lines.clone())))
+        .collect();
     let idle_rss = service.rss_kib();
     let speech = speech();
     let duration = Duration::from_secs_f64(seconds);
     // Stagger starts over one second, with the calls' 20 ms grids spread like real traffic.
-    let reports: Vec<Result<CallReport, String>> = rt.block_on(async {
+    let reports: Vec<Result<ws_caller::WsReport, String>> = rt.block_on(async {
         let mut tasks = Vec::with_capacity(calls);
         let addr = service.addr;
+        let ws = service.ws;
+        let speech8k = voicegate::caller::resample_recording(&speech, 8000).expect("resample");
         for i in 0..calls {
+            if transport == Transport::WebSocket {
+                let stagger = start_offset(i, calls, Duration::from_secs(1));
+                let speech = speech8k.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(stagger).await;
+                    ws_caller::place(ws, &speech, duration).await
+                }));
+                continue;
+            }
             let plan = CallPlan {
                 call_id: uuid::Uuid::new_v4(),
                 rate: SlinRate::Hz8000,
@@ -253,7 +409,10 @@ fn run_level(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunRes
             let stagger = start_offset(i, calls, Duration::from_secs(1));
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(stagger).await;
-                place_call(addr, &plan).await.map_err(|e| e.to_string())
+                place_call(addr, &plan)
+                    .await
+                    .map(ws_caller::WsReport::from)
+                    .map_err(|e| e.to_string())
             }));
         }
         // Measure CPU over the middle of the run, when every call is up.
@@ -271,6 +430,18 @@ fn run_level(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunRes
             out.push(t.await.map_err(|e| e.to_string()).and_then(|r| r));
         }
         out
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    rt.block_on(async {
+        for w in watching {
+            let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+        }
+        let dropped = if watchers > 0 {
+            console_dropped(service.health).await
+        } else {
+            0
+        };
+        *CONSOLE_FEED.lock().unwrap() = (lines.load(std::sync::atomic::Ordering::Relaxed), dropped);
     });
     let (cpu, wall, rss) = CPU.with(|c| c.get());
     let mut gaps = Vec::new();
@@ -302,6 +473,7 @@ fn run_level(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunRes
     gaps.sort_by(f64::total_cmp);
     let ok = calls - failed;
     RunResult {
+        transport,
         calls,
         cpu_ms_per_call_second: cpu * 1000.0 / (wall * ok.max(1) as f64),
         cpu_cores: cpu / wall,
@@ -312,6 +484,78 @@ fn run_level(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunRes
         max: gaps.last().copied().unwrap_or(0.0),
         late,
         missing: missing.max(0),
+        failed,
+    }
+}
+
+/// One level over externalMedia RTP: `calls` Stasis callers at the fake ARI, each bridged
+/// to voicegate over RTP (A-law), echoed for `seconds`, then hung up.
+fn run_level_rtp(rt: &tokio::runtime::Runtime, calls: usize, seconds: f64) -> RunResult {
+    let samples = speech().samples;
+    let fake = rt.block_on(fake_ari::FakeAri::start(samples, SlinRate::Hz8000));
+    let lo = free_port().clamp(1024, 60_000);
+    let ari = format!(
+        "[ari]\nurl = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nmode = \"stasis\"\n\
+         media = \"rtp\"\nformat = \"alaw\"\nrtp_ports = \"{lo}-{}\"\n",
+        fake.url(),
+        fake_ari::USER,
+        fake_ari::PASS,
+        lo + calls as u16 + 50
+    );
+    let service = Service::start_with(&format!("[agent]\nkind = \"echo\"\ndelay_ms = 200\n{ari}"));
+    let idle_rss = service.rss_kib();
+    let duration = Duration::from_secs_f64(seconds);
+    rt.block_on(fake.wait_ws());
+    rt.block_on(async {
+        let t_start = Instant::now();
+        let mut live = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let stagger = start_offset(i, calls, Duration::from_secs(1));
+            tokio::time::sleep(stagger.saturating_sub(t_start.elapsed())).await;
+            live.push(fake.new_caller(&format!("+1555{i:07}"), "bench"));
+        }
+        tokio::time::sleep(Duration::from_secs_f64(1.5)).await;
+        let cpu0 = service.cpu_seconds();
+        let t0 = Instant::now();
+        let window = (seconds - 3.0).max(1.0);
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let cpu1 = service.cpu_seconds();
+        let wall = t0.elapsed().as_secs_f64();
+        CPU.with(|c| c.set((cpu1 - cpu0, wall, service.rss_kib())));
+        tokio::time::sleep(duration.saturating_sub(t_start.elapsed())).await;
+        for ch in &live {
+            fake.caller_hangs_up(ch);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let (cpu, wall, rss) = CPU.with(|c| c.get());
+    let reports = fake.media_reports();
+    let mut gaps = Vec::new();
+    let mut failed = calls.saturating_sub(reports.len());
+    for r in &reports {
+        if r.frames_received < 50 {
+            failed += 1;
+            continue;
+        }
+        // Skip the first second: the call's start is not steady state.
+        gaps.extend(r.gaps_ms.iter().skip(50).copied());
+    }
+    gaps.sort_by(f64::total_cmp);
+    let late = gaps.iter().filter(|&&g| g > 30.0).count() as u64;
+    let ok = calls - failed.min(calls);
+    RunResult {
+        transport: Transport::Rtp,
+        calls,
+        cpu_ms_per_call_second: cpu * 1000.0 / (wall * ok.max(1) as f64),
+        cpu_cores: cpu / wall,
+        rss_mib: rss as f64 / 1024.0,
+        rss_kib_per_call: (rss.saturating_sub(idle_rss)) as f64 / ok.max(1) as f64,
+        p50: percentile(&gaps, 0.5),
+        p99: percentile(&gaps, 0.99),
+        max: gaps.last().copied().unwrap_or(0.0),
+        late,
+        // Not counted over RTP: a missing packet shows as a gap of 40 ms or more (`late`).
+        missing: 0,
         failed,
     }
 }
@@ -421,7 +665,8 @@ fn main() {
         args.seconds
     );
     println!(
-        "{:>6} {:>12} {:>9} {:>8} {:>12} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6}",
+        "{:>11} {:>6} {:>12} {:>9} {:>8} {:>12} {:>7} {:>7} {:>7} {:>6} {:>8} {:>6}",
+        "transport",
         "calls",
         "cpu_ms/call_s",
         "cpu_cores",
@@ -435,10 +680,36 @@ fn main() {
         "failed"
     );
     let mut best = None;
-    for &n in &args.calls {
-        let r = run_level(&rt, n, args.seconds);
+    let runs: Vec<(usize, Transport, usize)> = args
+        .calls
+        .iter()
+        .flat_map(|&n| args.transports.iter().map(move |&t| (n, t)))
+        .flat_map(|(n, t)| {
+            if args.console {
+                vec![(n, t, 0), (n, t, 5)]
+            } else {
+                vec![(n, t, 0)]
+            }
+        })
+        .collect();
+    for (n, transport, watchers) in runs {
+        let r = if transport == Transport::Rtp {
+            run_level_rtp(&rt, n, args.seconds)
+        } else {
+            run_level(&rt, n, args.seconds, watchers, transport)
+        };
+        if args.console {
+            let (lines, dropped) = *CONSOLE_FEED.lock().unwrap();
+            let label = if watchers == 0 {
+                "off".to_owned()
+            } else {
+                format!("on/{watchers}")
+            };
+            print!("console {label:>5} (feed lines {lines}, dropped {dropped}) ");
+        }
         println!(
-            "{:>6} {:>12.3} {:>9.3} {:>8.1} {:>12.1} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>8} {:>6}",
+            "{:>11} {:>6} {:>12.3} {:>9.3} {:>8.1} {:>12.1} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>8} {:>6}",
+            r.transport.label(),
             r.calls,
             r.cpu_ms_per_call_second,
             r.cpu_cores,
@@ -452,7 +723,11 @@ fn main() {
             r.failed
         );
         let _ = std::io::stdout().flush();
-        if r.failed == 0 && (18.0..=22.0).contains(&r.p99) && (18.0..=22.0).contains(&r.p50) {
+        if transport == args.transports[0]
+            && r.failed == 0
+            && (18.0..=22.0).contains(&r.p99)
+            && (18.0..=22.0).contains(&r.p50)
+        {
             best = Some(r.calls);
         }
     }
@@ -1062,5 +1337,151 @@ fn ramp_realtime(rt: &tokio::runtime::Runtime, levels: &[usize], seconds: f64) {
             cores
         ),
         None => println!("no level held p99 pacing within 20 ± 2 ms with no dropped frame"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// `--transport websocket`: the callers speak Asterisk's WebSocket media channel.
+// ---------------------------------------------------------------------------------------
+
+mod ws_caller {
+    //! A caller that behaves as Asterisk 22.10.1's `chan_websocket` does towards voicegate
+    //! (`channels/chan_websocket.c`, `res/res_http_websocket.c`): it connects with the
+    //! subprotocol `media`, sends `MEDIA_START` (plain text) first, then one binary message
+    //! of slin per 20 ms; it answers `MARK_MEDIA` with `MEDIA_MARK_PROCESSED` as it plays
+    //! what it received (at once: it plays as it receives), and takes `FLUSH_MEDIA` and
+    //! `HANGUP`. It reports the same figures as the AudioSocket caller.
+
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use voicegate::chanws::protocol::{Command, ControlFormat, Event, MediaFormat, MediaStart};
+
+    /// What one call saw (of either transport).
+    pub struct WsReport {
+        pub arrivals_ms: Vec<f64>,
+        pub frames_sent: u64,
+        pub frames_received: u64,
+        pub underruns: u64,
+    }
+
+    impl From<CallReport> for WsReport {
+        fn from(r: CallReport) -> Self {
+            WsReport {
+                arrivals_ms: r.arrivals_ms,
+                frames_sent: r.frames_sent,
+                frames_received: r.frames_received,
+                underruns: r.underruns,
+            }
+        }
+    }
+
+    /// One call of `duration` at 8 kHz to voicegate's `[websocket]` listener at `addr`.
+    pub async fn place(
+        addr: SocketAddr,
+        speech: &Recording,
+        duration: Duration,
+    ) -> Result<WsReport, String> {
+        let rate = SlinRate::Hz8000;
+        let spf = rate.samples_per_frame();
+        let mut req = format!("ws://{addr}/media?call_id={}", uuid::Uuid::new_v4())
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        req.headers_mut()
+            .insert("sec-websocket-protocol", "media".parse().unwrap());
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (ws, _) = tokio_tungstenite::client_async(req, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut tx, mut rx) = ws.split();
+        let start = MediaStart {
+            connection_id: "voicegate".into(),
+            channel: "WebSocket/voicegate/0x1".into(),
+            channel_id: "1764712345.1".into(),
+            format: MediaFormat::Slin(8000),
+            optimal_frame_size: 320,
+            ptime: 20,
+            channel_variables: Default::default(),
+        };
+        let text = Event::MediaStart(start).render(ControlFormat::PlainText, "1764712345.1");
+        tx.send(WsMessage::text(text))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let t0 = Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut arrivals = Vec::new();
+            let mut received = 0u64;
+            while let Some(Ok(m)) = rx.next().await {
+                match m {
+                    WsMessage::Binary(b) if b.len() == spf * 2 => {
+                        received += 1;
+                        arrivals.push(t0.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    WsMessage::Text(t) => match Command::parse(&t, ControlFormat::PlainText) {
+                        Ok(Command::MarkMedia { correlation_id }) => {
+                            let e = Event::MediaMarkProcessed {
+                                correlation_id: correlation_id.unwrap_or_default(),
+                            };
+                            let _ = ctl_tx.send(e.render(ControlFormat::PlainText, "1764712345.1"));
+                        }
+                        Ok(Command::Hangup) => break,
+                        Ok(_) => {}
+                        Err(e) => eprintln!("ws caller: bad command {t:?}: {e}"),
+                    },
+                    WsMessage::Close(_) => break,
+                    _ => {}
+                }
+            }
+            (arrivals, received)
+        });
+        let silence = vec![0i16; spf];
+        let total = (duration.as_millis() / 20) as usize;
+        let mut sent = 0u64;
+        let mut frame = Vec::with_capacity(spf * 2);
+        for n in 0..total {
+            tokio::time::sleep_until((t0 + Duration::from_millis(20 * n as u64)).into()).await;
+            if reader.is_finished() {
+                break;
+            }
+            while let Ok(t) = ctl_rx.try_recv() {
+                tx.send(WsMessage::text(t))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let chunk = speech
+                .samples
+                .chunks(spf)
+                .nth(n % (speech.samples.len() / spf))
+                .unwrap_or(&silence);
+            frame.clear();
+            for s in chunk {
+                frame.extend_from_slice(&s.to_le_bytes());
+            }
+            frame.resize(spf * 2, 0);
+            tx.send(WsMessage::binary(frame.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            sent += 1;
+        }
+        let _ = tx.send(WsMessage::Close(None)).await;
+        let (arrivals, received) = tokio::time::timeout(Duration::from_secs(3), reader)
+            .await
+            .map_err(|_| "far end did not close".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let underruns = arrivals
+            .windows(2)
+            .filter(|w| w[0] > 1000.0 && w[1] - w[0] > 30.0)
+            .count() as u64;
+        Ok(WsReport {
+            arrivals_ms: arrivals,
+            frames_sent: sent,
+            frames_received: received,
+            underruns,
+        })
     }
 }

@@ -13,6 +13,7 @@
 //! call-second. The difference is what the tunnel adds at both of its ends (the PBX's and
 //! voicegate's do the same work per frame, so voicegate's share is about half).
 //! `--tunnel-only` skips the plain rounds (for `strace -c -f` or `valgrind --tool=callgrind`).
+#![allow(clippy::disallowed_types)] // a benchmark on real sockets and processes: real time (std::time::Instant)
 
 #[path = "../tests/tunnel_support/mod.rs"]
 mod tunnel_support;

@@ -9,7 +9,7 @@ pub use crate::agent::config::{
     AgentConfig, EchoConfig, ElevenlabsAgentConfig, NoiseReduction, OpenAiRealtimeConfig,
     TurnDetection, VadEagerness,
 };
-pub use crate::ari::config::{AriConfig, AriFormat, AriMode};
+pub use crate::ari::config::{AriConfig, AriFormat, AriMedia, AriMode};
 pub use crate::audiosocket::config::AudioSocketConfig;
 pub use crate::error::ConfigError;
 use serde::{Deserialize, Serialize};
@@ -43,8 +43,22 @@ pub struct Config {
     pub tools: Vec<crate::tools::ToolConfig>,
     /// `[ari]`: the Asterisk REST Interface (Stasis mode, caller lookup); absent = no ARI.
     pub ari: Option<AriConfig>,
+    /// `[[webhooks]]`: where each call's event is POSTed, signed, through an on-disk outbox;
+    /// see [`crate::webhooks`].
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     /// `[wireguard]`: the in-process WireGuard tunnel to a remote Asterisk (optional).
     pub wireguard: Option<crate::tunnel::WireGuardConfig>,
+    /// `[console]`: the supervisors' web console on the health listener (off by default).
+    pub console: crate::console::ConsoleConfig,
+    /// `[websocket]`: the listener for Asterisk's WebSocket media channel
+    /// (`Dial(WebSocket/...)`); absent = off.
+    pub websocket: Option<crate::chanws::config::ChanWsConfig>,
+    /// `[[profiles]]`: more agents besides the default `[agent]`, chosen per call; see
+    /// [`crate::profiles`].
+    pub profiles: Vec<crate::profiles::ProfileConfig>,
+    /// `[profile_routing]`: the DID → profile map and what happens to calls with an unknown
+    /// or no profile.
+    pub profile_routing: crate::profiles::ProfileRoutingConfig,
 }
 
 /// `[state]`.
@@ -175,7 +189,8 @@ impl Config {
         if let Some(ari) = &self.ari {
             check("ari.url", &ari.url);
         }
-        for t in &self.tools {
+        let profile_tools = self.profiles.iter().flat_map(|p| &p.tools);
+        for t in self.tools.iter().chain(profile_tools) {
             if let (Some(url), false) = (&t.url, t.headers.is_empty()) {
                 check(
                     &format!("tools.{}.url", t.name.as_deref().unwrap_or("?")),
@@ -196,7 +211,10 @@ impl Config {
         self.guard.validate()?;
         self.fallback.validate()?;
         self.records.validate()?;
+        self.console.validate()?;
         crate::tools::validate_config(&self.tools)?;
+        crate::webhooks::validate_config(&self.webhooks)?;
+        crate::profiles::validate_config(&self.profiles, &self.profile_routing, &self.tools)?;
         if let Some(ari) = &self.ari {
             ari.validate()?;
             if ari.mode == AriMode::Stasis
@@ -209,9 +227,24 @@ impl Config {
                 ));
             }
         }
+        if let Some(ws) = &self.websocket {
+            ws.validate()?;
+            if ws.listen == self.audiosocket.listen {
+                return Err(ConfigError::invalid(
+                    "websocket.listen",
+                    "must differ from audiosocket.listen",
+                ));
+            }
+        }
         if let Some(wg) = &self.wireguard {
             wg.validate()?;
             if let Some(ari) = &self.ari {
+                if ari.media == AriMedia::Rtp && wg.forward_for_url(&ari.url).is_some() {
+                    return Err(ConfigError::invalid(
+                        "ari.media",
+                        "\"rtp\" cannot reach an Asterisk behind the WireGuard tunnel (it carries TCP only): use \"audiosocket\"",
+                    ));
+                }
                 wg.check_ari(
                     &ari.url,
                     ari.external_host.as_deref(),
@@ -450,5 +483,31 @@ mod tests {
         assert!(out.contains("openai_realtime"), "{out}");
         // And it parses back (minus the redacted secret, which becomes a table).
         assert!(out.contains("<redacted>"));
+    }
+
+    /// `[websocket]` is off unless present, validated when present, and may not share the
+    /// AudioSocket port.
+    #[test]
+    fn websocket_section_is_off_by_default_and_checked() {
+        let c = Config::from_toml("", Path::new("x.toml")).unwrap();
+        assert!(c.websocket.is_none());
+        let c = Config::from_toml("[websocket]\n", Path::new("x.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.websocket.unwrap().listen.port(), 9093);
+        for (text, key) in [
+            (
+                "[websocket]\nhandshake_timeout_ms = 1\n",
+                "websocket.handshake_timeout_ms",
+            ),
+            (
+                "[websocket]\nlisten = \"127.0.0.1:9092\"\n",
+                "websocket.listen",
+            ),
+        ] {
+            let e = Config::from_toml(text, Path::new("x.toml"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
     }
 }

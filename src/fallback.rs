@@ -94,6 +94,15 @@ pub enum FallbackReason {
     /// Stasis mode: the call could not be set up (an ARI request failed, or the
     /// externalMedia channel never entered the application); what went wrong.
     SetupFailed(String),
+    /// The call's profile is over its own limits (`[profiles.limits]`): its calls at once
+    /// or its daily AI minutes.
+    ProfileLimit {
+        /// The profile's name.
+        profile: String,
+        /// Which limit: [`crate::guard::Rejection::ProfileLimit`] or
+        /// [`crate::guard::Rejection::ProfileBudgetSpent`].
+        limit: crate::guard::Rejection,
+    },
 }
 
 impl FallbackReason {
@@ -105,6 +114,7 @@ impl FallbackReason {
             FallbackReason::AgentFailed(_) => "agent_failed",
             FallbackReason::AgentSilent => "agent_silent",
             FallbackReason::SetupFailed(_) => "setup_failed",
+            FallbackReason::ProfileLimit { limit, .. } => limit.label(),
         }
     }
 
@@ -136,6 +146,9 @@ impl std::fmt::Display for FallbackReason {
             FallbackReason::AgentFailed(e) => write!(f, "agent failed: {e}"),
             FallbackReason::AgentSilent => f.write_str("no agent audio while the caller waited"),
             FallbackReason::SetupFailed(e) => write!(f, "stasis setup failed: {e}"),
+            FallbackReason::ProfileLimit { profile, limit } => {
+                write!(f, "profile {profile:?}: {limit}")
+            }
         }
     }
 }

@@ -5,6 +5,9 @@
 //! See `docs/architecture.md` for one frame's path through these modules.
 //!
 //! - [`audiosocket`]: the sans-IO wire codec and the TCP listener.
+//! - [`chanws`]: Asterisk's WebSocket media channel (`chan_websocket`): control protocol
+//!   and listener.
+//! - [`rtp`]: sans-IO RTP for ARI externalMedia over UDP (header, G.711/L16, jitter buffer).
 //! - [`call`]: the per-call task that owns all of a call's state.
 //! - [`audio`]: G.711, resampling, the playout buffer and clock.
 //! - [`agent`]: the voice-agent interface and its providers.
@@ -13,6 +16,7 @@
 //! - [`config`], [`secret`], [`tls`]: configuration, secrets, TLS for cloud connections.
 //! - [`guard`], [`fallback`], [`health`], [`records`]: the appliance: port guard and budget,
 //!   the human fallback and circuit breaker, watchdog/health/metrics, call records.
+//! - [`webhooks`]: each call's signed event to the CRM through an on-disk outbox.
 //! - [`tools`]: tools the agent can call (HTTP lookups, hangup, transfer to an operator).
 //! - [`tunnel`]: WireGuard inside the process (boringtun + smoltcp) to reach a remote Asterisk.
 //!
@@ -31,15 +35,20 @@ pub mod audiosocket;
 pub mod backoff;
 pub mod call;
 pub mod caller;
+pub mod chanws;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod fallback;
 pub mod guard;
 pub mod health;
+pub mod profiles;
 pub mod records;
+pub mod rtp;
 pub mod secret;
 pub mod selftest;
 pub mod tls;
 pub mod tools;
 pub mod tunnel;
 pub mod wavfile;
+pub mod webhooks;

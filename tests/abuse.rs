@@ -9,6 +9,7 @@
 //! and answered long before the slow clients' own timeouts (the old listener made them wait
 //! for those), with the median under the 100 ms the issue names; a loaded 2-core box passes
 //! that by a wide margin (`cargo bench --bench load` is the place for strict numbers).
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 #[path = "common/service.rs"]
 mod service;

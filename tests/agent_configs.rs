@@ -153,4 +153,6 @@ fn example_section_parses() {
     assert_eq!(c.llm.timeout_ms, 10_000);
     assert_eq!((c.llm.retries, c.llm.retry_delay_ms), (1, 250));
     assert_eq!(c.vad.min_speech_ms, 200);
+    assert_eq!((c.barge_in.detect_ms, c.barge_in.confirm_ms), (60, 700));
+    assert!(c.barge_in.is_backchannel("Ага."));
 }

@@ -2,6 +2,7 @@
 //! closed before any agent session, an unreachable provider hands the caller to the dialplan
 //! (`0x00`) within 2 s, the circuit breaker opens and closes, maintenance sends every call
 //! to the operators, a silent agent is given up on.
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 mod common;
 
@@ -139,6 +140,7 @@ impl Harness {
             agent: agent.clone(),
             params: Arc::new(params.clone()),
             fallback,
+            profiles: None,
         }));
         let (tx, summaries) = mpsc::unbounded_channel();
         let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

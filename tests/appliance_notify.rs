@@ -8,6 +8,7 @@
 //! release binary has no hook for that (issue 14): the test starts this test binary again
 //! as the child ([`stalled_service_child`]), which runs the same `voicegate::app::run`
 //! in-process and blocks its own runtime's workers.
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 mod common;
 

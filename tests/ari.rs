@@ -221,14 +221,21 @@ impl Harness {
         });
         let (tx, summaries) = mpsc::unbounded_channel();
         let server = Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let mut router = Router::fixed(Generation::new(
-            agent.clone(),
-            ServerParams {
-                shutdown_grace: Duration::from_millis(300),
-                ..ServerParams::from_config(&Default::default())
-            }
-            .with_tools(Arc::new(transfer_tool())),
-        ));
+        // A `sales` profile beside the default, both this agent (the call's `variables`
+        // tell which ran).
+        let profiles = voicegate::profiles::Profiles::single(agent.clone())
+            .with_profile("sales", agent.clone());
+        let mut router = Router::fixed(
+            Generation::new(
+                agent.clone(),
+                ServerParams {
+                    shutdown_grace: Duration::from_millis(300),
+                    ..ServerParams::from_config(&Default::default())
+                }
+                .with_tools(Arc::new(transfer_tool())),
+            )
+            .with_profiles(profiles),
+        );
         router.summaries = Some(tx.into());
         let addr = server.local_addr().unwrap();
         let mut cfg = AriConfig {
@@ -261,10 +268,18 @@ impl Harness {
                 move |u| unserved.lock().unwrap().push(u)
             })),
         };
-        let rt = stasis::start(&cfg, addr, next.clone(), hooks, stop.clone()).unwrap();
+        let mut rt = stasis::start(&cfg, addr, next.clone(), hooks, stop.clone()).unwrap();
         router.directory = Some(Arc::new(rt.controller.clone()));
         let server_stop = CancellationToken::new();
-        tokio::spawn(server.run(Arc::new(router), server_stop.clone()));
+        let router = Arc::new(router);
+        if let Some(rtp) = rt.rtp_calls.take() {
+            // `ari.media = "rtp"`: the controller's RTP calls, through the same router.
+            let grace = Duration::from_millis(300);
+            let serve =
+                voicegate::call::media_rtp::serve(router.clone(), rtp, server_stop.clone(), grace);
+            tokio::spawn(serve);
+        }
+        tokio::spawn(server.run(router, server_stop.clone()));
         if cfg.mode == AriMode::Stasis {
             fake.wait_ws().await;
         }
@@ -363,6 +378,9 @@ async fn stasis_call_with_echo_agent_dtmf_and_cleanup() {
     );
 
     // The caller heard themself: what the media side received is its own speech.
+    // The fake's media side marks the close once its reader has seen it, a moment after
+    // the summary on a loaded machine.
+    wait_until(Duration::from_secs(5), || h.fake.media_reports()[0].closed).await;
     let report = &h.fake.media_reports()[0];
     assert_eq!(report.call_id, Some(summary.call_id));
     assert!(report.closed, "externalMedia socket closed after clean-up");
@@ -387,6 +405,78 @@ async fn stasis_call_with_echo_agent_dtmf_and_cleanup() {
         (1, 1, 1)
     );
     assert_eq!((stats.bridges_destroyed, stats.media_destroyed), (1, 1));
+}
+
+/// `ari.media = "rtp"` against the fake's chan_rtp side (issue 16): externalMedia is asked
+/// for `encapsulation=rtp&transport=udp&format=slin16` at one of voicegate's RTP ports, the
+/// caller hears their own speech back over RTP, the summary says `rtp`, and clean-up leaves
+/// no channel, bridge or session.
+#[tokio::test]
+async fn stasis_call_over_rtp_echoes_and_cleans_up() {
+    let lo = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port().clamp(1024, 65_000)
+    };
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz16000, |c| {
+        c.media = voicegate::ari::config::AriMedia::Rtp;
+        c.rtp_ports = format!("{lo}-{}", lo + 3);
+    })
+    .await;
+    let caller = h.fake.new_caller("+15551234567", "Alice Example");
+    wait_bridged(&h, 1).await;
+    sleep(Duration::from_millis(2_500)).await;
+    h.fake.caller_hangs_up(&caller);
+    h.wait_clean().await;
+    let summary = h.next_summary().await;
+    assert_eq!(summary.outcome, Outcome::CallerHungUp, "{summary:?}");
+    assert_eq!((summary.rate_hz, summary.transport), (16_000, "rtp"));
+    let report = &h.fake.media_reports()[0];
+    assert_eq!(report.call_id, Some(summary.call_id));
+    assert!(report.frames_received > 100, "{}", report.frames_received);
+    let n = h.speech.len().min(16 * 1_000);
+    let similarity = speech_similarity(&report.received, &h.speech[..n], 16_000, 16 * 80, 16 * 80);
+    assert!(
+        similarity.passes(0.9),
+        "echo over RTP: {}",
+        similarity.describe(0.9)
+    );
+    // Paced at 20 ms: no two packets together, no frame skipped in the median.
+    let mut gaps = report.gaps_ms.clone();
+    gaps.sort_by(f64::total_cmp);
+    let p50 = gaps[gaps.len() / 2];
+    assert!((18.0..=22.0).contains(&p50), "median gap {p50} ms");
+    assert_eq!(h.ctl().stats().rtp_calls, 1);
+}
+
+/// The dialplan chooses a Stasis call's profile with the channel variable
+/// `VOICEGATE_PROFILE` or the `Stasis(voicegate,<profile>)` argument; neither: the default.
+#[tokio::test]
+async fn stasis_profile_comes_from_the_channel_variable_or_the_stasis_argument() {
+    let mut h = Harness::start(Behaviour::Echo, SlinRate::Hz8000, |c| {
+        c.profile_variable = Some(stasis::PROFILE_VARIABLE.into());
+    })
+    .await;
+    type Caller<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let callers: [Caller; 3] = [
+        (&[], &[("VOICEGATE_PROFILE", "sales")], "sales"),
+        (&["sales"], &[], "sales"),
+        (&[], &[], "default"),
+    ];
+    for (i, (args, vars, expected)) in callers.into_iter().enumerate() {
+        let number = format!("+1555000{i}");
+        let caller = h
+            .fake
+            .new_caller_with("voicegate", &number, "Ann", args, vars);
+        wait_bridged(&h, i + 1).await;
+        h.fake.caller_hangs_up(&caller);
+        let summary = h.next_summary().await;
+        assert_eq!(summary.profile.as_deref(), Some(expected), "caller {i}");
+        let info = h.log.infos.lock().unwrap()[i].clone();
+        assert_eq!(info.call_id, summary.call_id);
+        assert_eq!(info.variables["profile"], expected, "caller {i}");
+        assert_eq!(info.variables["caller_number"], number);
+    }
+    h.wait_clean().await;
 }
 
 #[tokio::test]

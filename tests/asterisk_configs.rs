@@ -173,7 +173,8 @@ fn every_referenced_context_exists() {
         ari.transfer_extension
     );
     assert!(
-        ext_text.contains(&format!("Stasis({})", ari.app)),
+        ext_text.contains(&format!("Stasis({})", ari.app))
+            || ext_text.contains(&format!("Stasis({},", ari.app)),
         "dialplan runs a different Stasis app"
     );
     // Mode 1 is protected by TryExec, mode 2 by Dial's g option, as asterisk.md requires.
@@ -251,4 +252,44 @@ fn every_referenced_context_exists() {
     let user = ari_conf.get(&ari.username).expect("ari.conf user");
     assert!(user.iter().any(|l| l.replace(' ', "") == "type=user"));
     assert!(user.iter().any(|l| l.replace(' ', "") == "read_only=no"));
+}
+
+/// Mode 4: the dialplan dials the `websocket_client.conf` connection that exists, with the
+/// `g` option and the call id for `/next`; the connection points at voicegate's default
+/// `[websocket]` listen port, offers the `media` subprotocol and gives up fast.
+#[test]
+fn websocket_connection_matches_the_dialplan_and_defaults() {
+    let ext_text = read("extensions.conf");
+    let ws_text = read("websocket_client.conf");
+    assert_balanced("websocket_client.conf", &ws_text);
+    let ws = sections(&ws_text);
+    let conn = ws.get("voicegate").expect("[voicegate] connection");
+    let has = |l: &str| {
+        conn.iter()
+            .any(|x| x.replace(' ', "") == l.replace(' ', ""))
+    };
+    assert!(has("type = websocket_client"), "{conn:?}");
+    assert!(has("connection_type = per_call_config"), "{conn:?}");
+    assert!(has("protocols = media"), "{conn:?}");
+    assert!(has("reconnect_attempts = 1"), "{conn:?}");
+    let default = voicegate::chanws::config::ChanWsConfig::default().listen;
+    assert!(
+        has(&format!("uri = ws://{default}/media")),
+        "uri is not voicegate's default [websocket] listen {default}: {conn:?}"
+    );
+    let ext = sections(&ext_text);
+    let mode4 = ext
+        .get("voicegate-websocket")
+        .expect("[voicegate-websocket]");
+    let dial = mode4
+        .iter()
+        .find(|l| l.contains("Dial(WebSocket/voicegate/"))
+        .expect("mode 4 dials the [voicegate] connection");
+    assert!(dial.ends_with(",,g)"), "{dial}");
+    assert!(dial.contains("call_id=${AS_UUID}"), "{dial}");
+    assert!(
+        dial.contains("profile=${URIENCODE(${VOICEGATE_PROFILE})}"),
+        "{dial}"
+    );
+    assert!(ext_text.contains("\"websocket\"]?voicegate-websocket,s,1)"));
 }

@@ -214,6 +214,68 @@ async fn stt_elevenlabs_session_time_limit_reconnects_with_previous_text() {
     assert!(log.errors.is_empty(), "{:?}", log.errors);
 }
 
+/// Scribe realtime keyterms go as one `keyterms` query parameter each (elevenlabs-js
+/// `wrapper/realtime/scribe.ts`); the fake, like the vendor, turns down a term over 20
+/// characters with an `input_error` (config validation refuses such a term before that).
+#[tokio::test]
+async fn stt_elevenlabs_sends_keyterms_and_the_fake_refuses_an_overlong_one() {
+    let vendor = SttVendor::ElevenLabs;
+    for (keyterms, ok) in [
+        (vec!["ElevenLabs", "R16 Michelin"], true),
+        (vec!["ElevenLabs", "a keyterm of 21 chars"], false),
+    ] {
+        let fake = SttFake::start(vendor, &["hello world"], None).await;
+        let cfg = SttConfig {
+            provider: provider(vendor),
+            url: Some(fake.url(vendor)),
+            api_key: Some(SecretSource::Inline(KEY.into())),
+            keyterms: keyterms.iter().map(|k| k.to_string()).collect(),
+            ..SttConfig::default()
+        };
+        let mut h = stt::spawn(
+            stt::protocol(&cfg, Secret::new(KEY), 8_000),
+            8_000,
+            Duration::from_secs(5),
+        );
+        let mut audio = fixture("hello-world.wav").samples;
+        audio.extend(std::iter::repeat_n(0i16, 8_000));
+        let tx = h.audio.clone();
+        let feeder = tokio::spawn(async move {
+            for f in audio.chunks(160) {
+                let mut b = Vec::new();
+                voicegate::audio::slin_to_le_bytes(f, &mut b);
+                if tx.send(bytes::Bytes::from(b)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+        });
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match h.events.recv().await {
+                    Some(stt::SttEvent::EndOfTurn(t)) => break Ok(t),
+                    Some(stt::SttEvent::Failed(e)) => break Err(e.to_string()),
+                    Some(_) => {}
+                    None => break Err("stt ended".into()),
+                }
+            }
+        })
+        .await
+        .expect("an answer in time");
+        feeder.abort();
+        drop(h);
+        let log = fake.log.lock().unwrap();
+        assert_eq!(log.keyterms, keyterms, "one keyterms parameter per term");
+        if ok {
+            assert_eq!(got.as_deref(), Ok("hello world"));
+            assert!(log.errors.is_empty(), "{:?}", log.errors);
+        } else {
+            let e = got.expect_err("refused");
+            assert!(e.contains("input_error") && e.contains("maximum 20"), "{e}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn stt_elevenlabs_8khz_ulaw() {
     stt_round_trip(SttVendor::ElevenLabs, 8_000, "ulaw_8000").await;
@@ -814,6 +876,7 @@ async fn cascade_llm_client_error_is_not_retried() {
 fn start_call(agent: &CascadeAgent) -> (AgentSession, tokio::task::JoinHandle<()>) {
     let session = agent.start(CallInfo {
         tools: Vec::new(),
+        variables: Default::default(),
         call_id: uuid::Uuid::new_v4(),
         rate_hz: 8_000,
         caller_number: Some("+15550100".into()),
@@ -1083,6 +1146,7 @@ async fn tts_http_mode(rate_hz: u32, want_format: &str) {
     let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
     let session = agent.start(CallInfo {
         tools: Vec::new(),
+        variables: Default::default(),
         call_id: uuid::Uuid::new_v4(),
         rate_hz,
         caller_number: None,
@@ -1158,10 +1222,12 @@ async fn cascade_greeting_is_spoken_first_and_kept_in_history() {
     let llm = LlmFake::start(vec![LlmReply::text("Sure.")]).await;
     let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
     let mut cfg = config(SttVendor::Deepgram, &stt, &llm, &tts);
-    cfg.greeting = Some("Welcome to the tyre shop.".into());
+    // A profile's `{placeholder}`, filled from the call's variables.
+    cfg.greeting = Some("Welcome to the {shop} shop.".into());
     let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
     let session = agent.start(CallInfo {
         tools: Vec::new(),
+        variables: [("shop".to_owned(), "tyre".to_owned())].into(),
         call_id: uuid::Uuid::new_v4(),
         rate_hz: 8_000,
         caller_number: None,
@@ -1264,7 +1330,7 @@ async fn cascade_keypad_digits_become_a_caller_turn() {
     wait_requests(&llm, 1).await;
 
     // Digits typed together end with '#': one turn, sent at once.
-    let typed = std::time::Instant::now();
+    let typed = tokio::time::Instant::now();
     for d in ['4', '7', '1', '1', '#'] {
         s.input.send(AgentInput::Dtmf(d)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -1283,7 +1349,7 @@ async fn cascade_keypad_digits_become_a_caller_turn() {
     );
 
     // One digit alone is sent after the 1 s gap.
-    let pressed = std::time::Instant::now();
+    let pressed = tokio::time::Instant::now();
     s.input.send(AgentInput::Dtmf('2')).await.unwrap();
     wait_requests(&llm, 3).await;
     let waited = pressed.elapsed();
@@ -1349,4 +1415,170 @@ async fn cascade_keypad_digit_stops_the_agent_talking() {
         "(The caller pressed the phone key 1.)"
     );
     feeder.abort();
+}
+
+// ------------------------------------------------------------------------------------
+// Deepgram Flux eager end of turn
+// ------------------------------------------------------------------------------------
+
+/// One call through AudioSocket with a Flux STT (`flux-general-en`, `eager_eot_threshold`
+/// as given); the caller says `speech` 200 ms in.
+async fn flux_call(
+    utterance: &str,
+    speech: Vec<i16>,
+    eager: Option<f32>,
+    script: Vec<LlmReply>,
+    first_token: Duration,
+) -> (EchoReport, CallSummary, SttFake, LlmFake, TtsFake) {
+    let stt = SttFake::start(SttVendor::Flux, &[utterance], None).await;
+    let llm = LlmFake::start(script).await;
+    llm.first_token_delay(first_token);
+    let tts = TtsFake::start(fixture("vm-goodbye.wav"), false).await;
+    let mut cfg = config(SttVendor::Flux, &stt, &llm, &tts);
+    cfg.stt.model = Some("flux-general-en".into());
+    cfg.stt.eager_eot_threshold = eager;
+    cfg.validate().unwrap();
+    let agent = CascadeAgent::new(&cfg, vec![]).unwrap();
+    let mut server = TestServer::start(Arc::new(agent)).await;
+    let (first_tx, _first_rx) = watch::channel(None);
+    let caller = EchoCaller {
+        rate: SlinRate::Hz8000,
+        speech,
+        speech_at_ms: 200,
+        barge: None,
+        echo: None,
+        noise_rms: 30.0,
+        duration_ms: 4_500,
+    };
+    let report = caller
+        .run(server.addr, uuid::Uuid::new_v4(), first_tx)
+        .await;
+    let summary = server.next_summary().await;
+    (report, summary, stt, llm, tts)
+}
+
+/// Deepgram's advice for voice agents (developers.deepgram.com
+/// `docs/flux/voice-agent-eager-eot`): with `eager_eot_threshold` set, the reply's LLM
+/// request starts on `EagerEndOfTurn` and `EndOfTurn` confirms it. Against the Flux fake
+/// (eager after 120 ms of silence, end of turn after 400 ms) and a model that takes 600 ms
+/// to its first token, the request goes out before the end of turn and the first token is
+/// there that much sooner after it; without the threshold, Flux sends no eager event and
+/// the request waits for the end of turn.
+#[tokio::test]
+async fn cascade_flux_eager_end_of_turn_starts_the_reply_earlier() {
+    let mut gaps = Vec::new();
+    for eager in [None, Some(0.5)] {
+        let (report, summary, stt, llm, _tts) = flux_call(
+            "hello world",
+            fixture("hello-world.wav").samples,
+            eager,
+            vec![LlmReply::text("Hi there. How can I help?")],
+            Duration::from_millis(600),
+        )
+        .await;
+        assert!(
+            report.first_audio_ms.is_some(),
+            "the caller heard the reply"
+        );
+        let s = stt.log.lock().unwrap();
+        let l = llm.log.lock().unwrap();
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!(s.end_of_turn_sent.len(), 1);
+        assert_eq!(l.requests.len(), 1, "one request for the turn: {eager:?}");
+        assert_eq!(
+            l.requests[0].body["messages"][1],
+            serde_json::json!({"role":"user","content":"hello world"})
+        );
+        let eot = s.end_of_turn_sent[0];
+        if eager.is_some() {
+            assert_eq!(s.eager_sent.len(), 1, "{:?}", s.eager_sent);
+            assert!(
+                l.requests[0].at < eot,
+                "the LLM request went out {:?} before the end of turn",
+                eot - l.requests[0].at
+            );
+        } else {
+            assert!(s.eager_sent.is_empty(), "no eager event unless asked for");
+            assert!(
+                l.requests[0].at >= eot,
+                "the request waited for the end of turn"
+            );
+        }
+        let t = &summary.turns[0];
+        let gap = t.llm_first_token_ms.unwrap() - t.stt_final_ms.unwrap();
+        eprintln!("flux eager {eager:?}: first llm token {gap} ms after the end of turn ({t:?})");
+        gaps.push(gap);
+    }
+    // The eager event comes 280 ms before the end of turn; allow 130 ms for a busy machine.
+    assert!(
+        gaps[1] + 150 <= gaps[0],
+        "first token after the end of turn: eager {} ms, without {} ms",
+        gaps[1],
+        gaps[0]
+    );
+}
+
+/// The caller pauses (Flux sends `EagerEndOfTurn` for "hello world"), then goes on
+/// (`TurnResumed`): the speculative request is cancelled and none of its words reach the
+/// TTS or the caller; the turn is answered from the request made for the whole utterance
+/// at its own `EagerEndOfTurn`, which the `EndOfTurn` confirms.
+#[tokio::test]
+async fn cascade_flux_turn_resumed_cancels_the_speculative_reply_unheard() {
+    let mut speech = fixture("hello-world.wav").samples;
+    speech.extend(std::iter::repeat_n(0i16, 800)); // 100 ms: a 280 ms pause in all
+    speech.extend(fixture("auth-thankyou.wav").samples);
+    let (report, summary, stt, llm, tts) = flux_call(
+        "hello world | thank you",
+        speech,
+        Some(0.4),
+        vec![
+            LlmReply::text_held("Speculative words. More of them.", 1),
+            LlmReply::text("Final answer."),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    assert!(
+        report.first_audio_ms.is_some(),
+        "the caller heard the reply"
+    );
+    let s = stt.log.lock().unwrap();
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let eager: Vec<&str> = s.eager_sent.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(eager, ["hello world", "hello world thank you"]);
+    assert_eq!(s.resumed, 1);
+    {
+        let l = llm.log.lock().unwrap();
+        assert_eq!(
+            l.requests.len(),
+            2,
+            "the end of turn used the second request"
+        );
+        assert_eq!(
+            l.cancelled,
+            vec![0],
+            "the speculative request was cancelled"
+        );
+        assert!(
+            l.cancelled_at[0] < s.eager_sent[1].0,
+            "cancelled on TurnResumed, not only replaced by the next eager request"
+        );
+    }
+    let user = |i: usize| messages(&llm, i).last().unwrap()["content"].clone();
+    assert_eq!(user(0), "hello world");
+    assert_eq!(user(1), "hello world thank you");
+    let t = tts.log.lock().unwrap();
+    let said: Vec<&String> = t.conns.iter().flat_map(|c| &c.texts).collect();
+    assert_eq!(
+        said,
+        ["Final answer. "],
+        "only the confirmed reply was spoken"
+    );
+    assert_eq!(
+        summary.transcript,
+        [
+            (Speaker::Caller, "hello world thank you".to_owned()),
+            (Speaker::Agent, "Final answer.".to_owned()),
+        ]
+    );
 }

@@ -84,6 +84,7 @@ async fn caller_speaking_over_an_unanswered_tool_call_keeps_the_history_valid() 
     let agent = CascadeAgent::new(&config(SttVendor::Deepgram, &stt, &llm, &tts), tools).unwrap();
     let mut s = agent.start(CallInfo {
         tools: Vec::new(),
+        variables: Default::default(),
         call_id: uuid::Uuid::new_v4(),
         rate_hz: 8_000,
         caller_number: None,

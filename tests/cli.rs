@@ -1,4 +1,5 @@
 //! The `voicegate` binary as an installer uses it: check-config, run + call, SIGTERM.
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -36,6 +37,78 @@ fn bad_config_exits_64_naming_the_key() {
     );
 }
 
+/// A bad `[websocket]` (the chan_websocket listener) is refused like any bad key: exit 64,
+/// the key named.
+#[test]
+fn bad_websocket_section_exits_64_naming_the_key() {
+    let dir = temp_dir("bad-ws");
+    for (text, key) in [
+        (
+            "[websocket]\nhandshake_timeout_ms = 5\n",
+            "websocket.handshake_timeout_ms",
+        ),
+        (
+            "[websocket]\nusername = \"asterisk\"\n",
+            "websocket.password",
+        ),
+        (
+            "[websocket]\nlisten = \"127.0.0.1:9092\"\n",
+            "websocket.listen",
+        ),
+    ] {
+        let cfg = dir.join("ws.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "check-config"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}
+
+/// `[ari] media = "rtp"` and its keys are checked before anything starts (issue 16).
+#[test]
+fn bad_rtp_media_config_exits_64_naming_the_key() {
+    let dir = temp_dir("rtp");
+    let cfg = dir.join("rtp.toml");
+    for (body, key) in [
+        ("media = \"rtp\"\nformat = \"slin\"\n", "ari.format"),
+        (
+            "media = \"rtp\"\nrtp_ports = \"40000-30000\"\n",
+            "ari.rtp_ports",
+        ),
+        ("media = \"rtp\"\nmode = \"lookup\"\n", "ari.media"),
+        ("media = \"srtp\"\n", "media"),
+        ("format = \"ulaw\"\n", "ari.format"),
+    ] {
+        std::fs::write(&cfg, format!("[ari]\npassword = \"pw\"\n{body}")).unwrap();
+        let out = Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "check-config"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{body}: {err}");
+        assert!(err.contains(key), "{body}: {err}");
+    }
+    std::fs::write(
+        &cfg,
+        "[ari]\npassword = \"pw\"\nmedia = \"rtp\"\nformat = \"alaw\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// OpenAI removed the preview Realtime interface: a config that still asks for it is refused
 /// before anything starts, saying what to do instead.
 #[test]
@@ -58,6 +131,99 @@ fn removed_preview_realtime_api_exits_64_saying_to_use_ga() {
             err.contains("agent.api") && err.contains("GA shapes"),
             "{err}"
         );
+    }
+}
+
+/// ElevenLabs Scribe realtime takes at most 50 keyterms of up to 20 characters
+/// (elevenlabs.io `speech-to-text/keyterm-prompting`): more is refused before anything
+/// starts, naming the key and the limit, rather than sent and turned down mid-call.
+#[test]
+fn scribe_keyterms_over_the_vendor_limits_exit_64() {
+    let dir = temp_dir("keyterms");
+    let base = "[agent]\nkind = \"cascade\"\n[agent.stt]\nprovider = \"elevenlabs\"\n\
+                api_key = \"k\"\n[agent.llm]\napi_key = \"k\"\n[agent.tts]\napi_key = \"k\"\n";
+    let cases = [
+        (
+            "keyterms = [\"ElevenLabs\", \"a keyterm of 21 chars\"]".to_owned(),
+            "at most 20 characters",
+        ),
+        (
+            format!(
+                "keyterms = [{}]",
+                (0..51)
+                    .map(|i| format!("\"t{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "at most 50 keyterms, 51 given",
+        ),
+        ("keyterms = [\"exactly twenty chars\"]".to_owned(), ""),
+    ];
+    for (i, (keyterms, want)) in cases.iter().enumerate() {
+        let cfg = dir.join(format!("k{i}.toml"));
+        let text = base.replace(
+            "api_key = \"k\"\n[agent.llm]",
+            &format!("api_key = \"k\"\n{keyterms}\n[agent.llm]"),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "check-config"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if want.is_empty() {
+            assert_eq!(out.status.code(), Some(0), "{keyterms}: {err}");
+        } else {
+            assert_eq!(out.status.code(), Some(64), "{keyterms}: {err}");
+            assert!(
+                err.contains("agent.stt.keyterms") && err.contains(want),
+                "{err}"
+            );
+        }
+    }
+}
+
+/// `eager_eot_threshold` is Deepgram Flux's (developers.deepgram.com
+/// `docs/flux/configuration`: 0.3–0.9): on another STT, or out of range, the config is
+/// refused (exit 64) naming the key.
+#[test]
+fn flux_eager_threshold_only_for_flux_and_in_range() {
+    let dir = temp_dir("eager");
+    for (stt, ok) in [
+        (
+            "provider = \"deepgram\"\nmodel = \"flux-general-en\"\neager_eot_threshold = 0.5",
+            true,
+        ),
+        (
+            "provider = \"deepgram\"\nmodel = \"flux-general-en\"\neager_eot_threshold = 0.95",
+            false,
+        ),
+        (
+            "provider = \"deepgram\"\nmodel = \"nova-3\"\neager_eot_threshold = 0.5",
+            false,
+        ),
+        ("provider = \"soniox\"\neager_eot_threshold = 0.5", false),
+    ] {
+        let cfg = dir.join("eager.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[agent]\nkind = \"cascade\"\n[agent.stt]\n{stt}\napi_key = \"k\"\n\
+                 [agent.llm]\napi_key = \"k\"\n[agent.tts]\napi_key = \"k\"\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(BIN)
+            .args(["--config", cfg.to_str().unwrap(), "check-config"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if ok {
+            assert_eq!(out.status.code(), Some(0), "{stt}: {err}");
+        } else {
+            assert_eq!(out.status.code(), Some(64), "{stt}: {err}");
+            assert!(err.contains("agent.stt.eager_eot_threshold"), "{err}");
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! A call end to end through the real AudioSocket listener with the echo agent, driven by
 //! the synthetic caller on a real recording.
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 #[path = "common/call_logs.rs"]
 mod call_logs;

@@ -452,7 +452,9 @@ async fn provider_sends_malformed_json_then_closes_with_an_error_code_body() {
         c.send_raw(WsMessage::Binary(vec![0xff; 64].into())).await;
         c.reply("resp_1", "item_1", &ulaw_reply(1.0), 1_600, "still here")
             .await;
-        c.drain(Duration::from_millis(1_500)).await;
+        // The caller is still saying "Hello, world." over the reply: local barge-in pauses
+        // it, nothing confirms, and it resumes 700 ms later; 2.5 s lets it play out.
+        c.drain(Duration::from_millis(2_500)).await;
         let t = c.now_ms();
         c.close_with(1011, "internal server error").await;
         t

@@ -436,6 +436,88 @@ async fn barge_in_mid_stream_drops_late_deltas() {
     server.stop.cancel();
 }
 
+/// Test 1c: local barge-in on the wire. The caller says "Thank you." over a reply; the server
+/// VAD answers realistically late (once it has 300 ms of the caller's speech, plus 50 ms of
+/// network). The call has paused the reply before that, at the caller; `speech_started` then
+/// confirms, and the truncate names what was heard before the pause, not before the flush.
+#[tokio::test]
+async fn local_barge_in_pauses_before_speech_started_and_truncates_at_the_pause() {
+    let fake = FakeOpenAi::bind(KEY).await;
+    // The caller leg has no echo (a softphone with its own canceller): docs/bargein.md says
+    // to lower `echo_return_max` to 0.2 on such trunks. With the default 0.6 the gate waits
+    // for the caller to be louder than 0.6 x the agent's last 400 ms, and when that comes
+    // depends on how the two voices line up in time, which moves with the machine's load.
+    let mut server =
+        TestServer::start(agent(&fake.url, |c| c.barge_in.echo_return_max = 0.2)).await;
+    let reply_audio = concat(&["hello-world.wav", "vm-goodbye.wav", "hello-world.wav"]);
+    let voice = fixture("auth-thankyou.wav");
+    // The voice's onset: its first 10 ms above RMS 100.
+    let onset = voice
+        .samples
+        .chunks(80)
+        .position(|c| voicegate::audio::rms(c) > 100.0)
+        .unwrap() as f64
+        * 10.0;
+    let mut p = plan(SlinRate::Hz8000, voice, 5.0);
+    p.speech_offset = Duration::from_millis(1_500);
+    let onset_ms = 1_500.0 + onset;
+    let wire = to_wire(&reply_audio, ULAW);
+    let t0 = Instant::now();
+    let fake_side = async {
+        let (_, conn) = fake.accept(None, t0).await;
+        let mut c = conn.expect("upgrade accepted");
+        set_up(&mut c, (ULAW, ULAW)).await;
+        c.reply("resp_1", "item_a1", &wire, 800, REPLY_TEXT).await;
+        // The server VAD: 300 ms of the caller's speech, then 50 ms on the way back.
+        c.wait_for_audio_ms(onset_ms as u64 + 300).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t_ss = c
+            .send(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": onset_ms as u64, "item_id": "item_u2"}))
+            .await;
+        let truncate = c.expect("conversation.item.truncate").await;
+        c.drain(Duration::from_secs(10)).await;
+        (t_ss, truncate)
+    };
+    let ((t_ss, truncate), (report, offset)) = tokio::join!(fake_side, call(server.addr, &p, t0));
+
+    let expected: Vec<i16> = reply_audio
+        .iter()
+        .map(|&s| Law::Ulaw.decode(Law::Ulaw.encode(s)))
+        .collect();
+    let rx = &report.received.samples;
+    let (start, heard) = locate_reply(rx, &expected);
+    let heard_frames = heard / 160;
+    let heard_ms = heard_frames as f64 * 20.0;
+    let silent = start / 160 + heard_frames;
+    // The caller's clock: the frame after the last heard one is the first silent one.
+    let silent_at = report.arrivals_ms[silent];
+    let latency = silent_at - onset_ms;
+    eprintln!(
+        "onset at {onset_ms} ms; agent silent at the caller {latency:.1} ms after it; \
+         speech_started {:.1} ms after it; heard {heard_ms} ms; audio_end_ms {}",
+        t_ss - offset - onset_ms,
+        truncate["audio_end_ms"]
+    );
+    assert!(
+        silent_at + offset < t_ss,
+        "paused at {:.1} ms, after speech_started at {t_ss:.1} ms",
+        silent_at + offset
+    );
+    assert!(latency > 0.0, "silent {latency} ms before the onset");
+    // Nothing after the pause reached the caller: the flush confirmed it.
+    assert!(rx[silent * 160..].iter().all(|&s| s == 0));
+    let audio_end_ms = truncate["audio_end_ms"].as_f64().unwrap();
+    assert_eq!(truncate["item_id"], "item_a1");
+    assert!(
+        (audio_end_ms - heard_ms).abs() <= 20.0,
+        "audio_end_ms {audio_end_ms}, heard {heard_ms}"
+    );
+    let summary = server.next_summary().await;
+    assert_eq!((summary.barge_ins, summary.false_barge_ins), (1, 0));
+    assert_eq!(summary.barge_in_latencies_ms.len(), 1, "{summary:?}");
+    server.stop.cancel();
+}
+
 /// Test 2: with a greeting the agent speaks first; the caller says nothing.
 #[tokio::test]
 async fn greeting_is_spoken_first_without_caller_speech() {

@@ -3,6 +3,7 @@
 //! `max_call_s`, call records (caller-number masking, no secret), the daily AI budget and
 //! `max_calls_per_source`, `/health` going bad, a caller hanging up during Stasis set-up,
 //! `selftest` and `tools --format` (issue 20 item 4).
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 mod common;
 mod fake_ari;

@@ -58,6 +58,8 @@ fn record(i: u64, text_len: usize) -> CallRecord {
         frames_out: 2100,
         underruns: 0,
         truncated: vec![],
+        barge_in: Default::default(),
+        profile: None,
     }
 }
 

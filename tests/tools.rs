@@ -1,6 +1,7 @@
 //! Tools through a real call: the AudioSocket listener, the call session and the tool
 //! registry, with a scripted agent standing in for the model and a local HTTP server for
 //! the business's endpoint.
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 mod common;
 mod support;

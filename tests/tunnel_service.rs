@@ -1,5 +1,6 @@
 //! `voicegate run` with a `[wireguard]` section: a remote "Asterisk" (an in-test tunnel peer)
 //! calls it through the tunnel, and `/v1/wireguard` and `voicegate wg show` report the peer.
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 mod common;
 mod tunnel_support;

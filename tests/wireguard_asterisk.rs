@@ -30,6 +30,7 @@
 //! `VOICEGATE_ASTERISK`; `../shared/asterisk/build.sh` builds it). Without them
 //! it prints a `voicegate-test-skipped` line and passes, unless `VOICEGATE_REQUIRE_ALL=1`, when it fails.
 //! Run: `cargo test --test wireguard_asterisk -- --nocapture`.
+#![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 mod common;
 mod skip;

@@ -89,8 +89,10 @@ fn agent_event(t: &mut Tape) -> Option<Option<AgentEvent>> {
 }
 
 /// Checks one frame out: a whole audio frame of 20 ms at `rate`.
-fn check_frame(frame: &[u8], rate: SlinRate) {
-    let mut buf = BytesMut::from(frame);
+fn check_frame(frame: &[i16], rate: SlinRate) {
+    // As the AudioSocket port writes it.
+    let mut buf = BytesMut::new();
+    codec::encode_audio_samples(rate, frame, &mut buf);
     match codec::decode(&mut buf) {
         Ok(Some(Message::Audio { rate: r, payload })) => {
             assert_eq!(r, rate);
@@ -111,6 +113,7 @@ fuzz_target!(|data: &[u8]| {
         caller_number: None,
         caller_name: None,
         tools: Vec::new(),
+        variables: Default::default(),
     };
     let params = SessionParams {
         max_duration: Some(Duration::from_secs(600)),
@@ -129,7 +132,7 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(Some(Message::Audio { rate: r, .. })) = &m {
                     rate.get_or_insert(*r);
                 }
-                core.handle_caller(now, m);
+                core.handle_caller(now, voicegate::call::media::from_audiosocket(m));
             }
             1 => {
                 let Some(ev) = agent_event(&mut t) else { break };
@@ -147,6 +150,7 @@ fuzz_target!(|data: &[u8]| {
                     let due = core.poll_timeout();
                     let at = if t.byte().unwrap_or(0) % 4 == 0 { now } else { due };
                     let r = rate.unwrap_or(SlinRate::Hz8000);
+                    assert_eq!(core.rate(), r);
                     match core.poll_tick(at) {
                         Some(frame) => check_frame(frame, r),
                         None => break,

@@ -152,6 +152,9 @@ pub struct OpenAiRealtimeConfig {
     /// A call moves to a new session after this long, s (default 3300; OpenAI ends a session
     /// at 60 minutes with `session_expired`). At least 1.
     pub session_renew_s: u64,
+    /// `[agent.barge_in]`: local barge-in (pause on the caller's voice, confirmed by
+    /// `input_audio_buffer.speech_started` or the caller's transcript); on by default.
+    pub barge_in: crate::audio::bargein::BargeInConfig,
 }
 
 impl Default for OpenAiRealtimeConfig {
@@ -182,6 +185,7 @@ impl Default for OpenAiRealtimeConfig {
             transcription_model: "gpt-4o-mini-transcribe".into(),
             connect_timeout_ms: 1_500,
             session_renew_s: 3_300,
+            barge_in: Default::default(),
         }
     }
 }
@@ -264,6 +268,9 @@ pub struct ElevenlabsAgentConfig {
     /// provider that does not answer still leaves the caller time to reach a human within
     /// about 2 s).
     pub connect_timeout_ms: u64,
+    /// `[agent.barge_in]`: local barge-in (pause on the caller's voice, confirmed by
+    /// `interruption` or the caller's transcript); on by default.
+    pub barge_in: crate::audio::bargein::BargeInConfig,
 }
 
 impl Default for ElevenlabsAgentConfig {
@@ -280,6 +287,7 @@ impl Default for ElevenlabsAgentConfig {
             language: None,
             chunk_ms: 40,
             connect_timeout_ms: 1_500,
+            barge_in: Default::default(),
         }
     }
 }
@@ -339,6 +347,7 @@ impl ElevenlabsAgentConfig {
         if !(20..=250).contains(&self.chunk_ms) {
             return Err(ConfigError::invalid("agent.chunk_ms", "must be 20 to 250"));
         }
+        self.barge_in.validate("agent.barge_in")?;
         if !(100..=60_000).contains(&self.connect_timeout_ms) {
             return Err(ConfigError::invalid(
                 "agent.connect_timeout_ms",
@@ -399,6 +408,7 @@ impl OpenAiRealtimeConfig {
                 "must be 0.0 to 1.0",
             ));
         }
+        self.barge_in.validate("agent.barge_in")?;
         Ok(())
     }
 }

@@ -80,6 +80,8 @@ pub fn parse_format(name: &str) -> Option<WireFormat> {
 
 #[derive(Debug)]
 struct Settings {
+    /// Local barge-in (`[agent.barge_in]`), when on.
+    barge_in: Option<crate::audio::bargein::BargeInConfig>,
     url: String,
     agent_id: String,
     api_key: Option<Secret>,
@@ -131,6 +133,7 @@ impl ElevenlabsAgent {
                 chunk_ms: c.chunk_ms,
                 connect_timeout: c.connect_timeout(),
                 http,
+                barge_in: c.barge_in.enabled.then(|| c.barge_in.clone()),
             }),
         })
     }
@@ -169,6 +172,10 @@ pub fn client_tools(specs: &[crate::tools::ToolSpec], response_timeout_secs: u32
 impl Agent for ElevenlabsAgent {
     fn name(&self) -> &'static str {
         PROVIDER
+    }
+
+    fn barge_in(&self) -> Option<crate::audio::bargein::BargeInConfig> {
+        self.settings.barge_in.clone()
     }
 
     fn start(&self, call: CallInfo) -> AgentSession {
@@ -262,21 +269,32 @@ async fn conversation_url(s: &Settings) -> Result<String, AgentError> {
 /// The `conversation_initiation_client_data` message (§2.2).
 fn client_data(s: &Settings, call: &CallInfo) -> String {
     let mut agent = Map::new();
+    let fill = |t: &str| super::fill_placeholders(t, &call.variables);
     if let Some(p) = &s.prompt {
-        agent.insert("prompt".into(), json!({ "prompt": p }));
+        agent.insert("prompt".into(), json!({ "prompt": fill(p) }));
     }
     if let Some(m) = &s.first_message {
-        agent.insert("first_message".into(), json!(m));
+        agent.insert("first_message".into(), json!(fill(m)));
     }
     if let Some(l) = &s.language {
         agent.insert("language".into(), json!(l));
     }
+    // The profile's variables (caller and called number, custom ones; empty ones too: an
+    // agent whose prompt names a variable the client leaves out fails to start) first; the
+    // two the agent always had keep their meaning.
+    let mut vars: Map<String, serde_json::Value> = call
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    vars.insert(
+        "caller_number".into(),
+        json!(call.caller_number.as_deref().unwrap_or("unknown")),
+    );
+    vars.insert("call_id".into(), json!(call.call_id.to_string()));
     let mut msg = json!({
         "type": "conversation_initiation_client_data",
-        "dynamic_variables": {
-            "caller_number": call.caller_number.as_deref().unwrap_or("unknown"),
-            "call_id": call.call_id.to_string(),
-        },
+        "dynamic_variables": vars,
     });
     if !agent.is_empty() {
         msg["conversation_config_override"] = json!({ "agent": agent });
@@ -488,6 +506,7 @@ pub fn fuzz_server_messages(data: &[u8]) {
             caller_number: None,
             caller_name: None,
             tools: Vec::new(),
+            variables: Default::default(),
         };
         let mut now = Instant::now();
         let deadline = now + Duration::from_secs(60);
@@ -692,6 +711,7 @@ mod tests {
             chunk_ms: 40,
             connect_timeout: Duration::from_secs(1),
             http: None,
+            barge_in: None,
         };
         let call = CallInfo {
             call_id: uuid::Uuid::nil(),
@@ -699,6 +719,7 @@ mod tests {
             caller_number: Some("+380441234567".into()),
             caller_name: None,
             tools: Vec::new(),
+            variables: Default::default(),
         };
         let v: Value = serde_json::from_str(&client_data(&s, &call)).unwrap();
         assert_eq!(v["type"], "conversation_initiation_client_data");
@@ -711,5 +732,49 @@ mod tests {
         assert_eq!(agent["prompt"]["prompt"], "Be brief.");
         assert_eq!(agent["language"], "uk");
         assert!(agent.get("first_message").is_none());
+    }
+
+    #[test]
+    fn a_profiles_variables_become_dynamic_variables_and_fill_the_overrides() {
+        let s = Settings {
+            url: "ws://x".into(),
+            agent_id: "a".into(),
+            api_key: None,
+            signed_url_endpoint: String::new(),
+            prompt: Some("Sales for {customer}.".into()),
+            first_message: Some("Hello {caller_name}.".into()),
+            language: None,
+            chunk_ms: 40,
+            connect_timeout: Duration::from_secs(1),
+            http: None,
+            barge_in: None,
+        };
+        let variables = [
+            ("customer", "C-17"),
+            ("caller_name", "Ann"),
+            ("called_number", "200"),
+            ("caller_number", "ignored: the call's own number wins"),
+            ("empty", ""),
+        ];
+        let call = CallInfo {
+            call_id: uuid::Uuid::nil(),
+            rate_hz: 8000,
+            caller_number: Some("+4930123".into()),
+            caller_name: Some("Ann".into()),
+            tools: Vec::new(),
+            variables: variables
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        let v: Value = serde_json::from_str(&client_data(&s, &call)).unwrap();
+        let d = &v["dynamic_variables"];
+        assert_eq!(d["customer"], "C-17");
+        assert_eq!(d["called_number"], "200");
+        assert_eq!(d["caller_number"], "+4930123");
+        assert_eq!(d["empty"], "", "{d}");
+        let agent = &v["conversation_config_override"]["agent"];
+        assert_eq!(agent["prompt"]["prompt"], "Sales for C-17.");
+        assert_eq!(agent["first_message"], "Hello Ann.");
     }
 }

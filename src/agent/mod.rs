@@ -51,6 +51,48 @@ pub struct CallInfo {
     /// wire shape); filled by the call session from the configured registry. Empty
     /// when no tools are configured.
     pub tools: Vec<crate::tools::ToolSpec>,
+    /// The call's variables (`caller_number`, `called_number`, `profile`, custom ones from the
+    /// dialplan or the profile) for the `{name}` placeholders of instructions and greeting
+    /// ([`fill_placeholders`]); ElevenLabs Agents receive them as `dynamic_variables`. Empty
+    /// when the call has no profile data.
+    pub variables: std::collections::BTreeMap<String, String>,
+}
+
+/// `template` with every `{name}` whose name is in `vars` replaced by its value; unknown
+/// `{…}` and lone braces are left as they are (instructions may contain JSON examples).
+/// Names are 1–64 of `A-Za-z0-9_`.
+pub fn fill_placeholders(
+    template: &str,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> String {
+    if vars.is_empty() {
+        return template.to_owned();
+    }
+    // The braces as escapes: a lone brace in a char literal unbalances brace-counting tools.
+    const OPEN: char = '\x7b';
+    const CLOSE: char = '\x7d';
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find(OPEN) {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let name_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let name = &after[..name_len];
+        match vars.get(name) {
+            Some(v) if (1..=64).contains(&name_len) && after[name_len..].starts_with(CLOSE) => {
+                out.push_str(v);
+                rest = &after[name_len + 1..];
+            }
+            _ => {
+                out.push(OPEN);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 pub use crate::records::Speaker;
@@ -140,7 +182,7 @@ pub enum AgentEvent {
 
 /// How long one turn took, each time in ms from the end of the caller's speech (the agent's
 /// VAD's last voiced frame). `None` where a stage did not happen or is not measured.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TurnLatency {
     /// The reply this turn produced ([`ReplyId`]'s number).
     pub reply: u64,
@@ -279,6 +321,13 @@ pub trait Agent: Send + Sync + 'static {
     /// falling behind for the rest of the call. Default: no (a reply is delayed, never cut).
     fn live_playout(&self) -> bool {
         false
+    }
+
+    /// Local barge-in for this agent's calls ([`crate::audio::bargein`]): the call pauses
+    /// playout on the caller's voice and waits for the provider to confirm. `None` (the
+    /// default): only the agent's [`AgentEvent::SpeechStarted`] stops playback.
+    fn barge_in(&self) -> Option<crate::audio::bargein::BargeInConfig> {
+        None
     }
 }
 

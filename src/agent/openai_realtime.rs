@@ -128,6 +128,8 @@ const FATAL_TYPES: [&str; 2] = ["authentication_error", "permission_error"];
 /// Everything a session needs, resolved once at start-up.
 #[derive(Debug, Clone)]
 struct Settings {
+    /// Local barge-in (`[agent.barge_in]`), when on.
+    barge_in: Option<crate::audio::bargein::BargeInConfig>,
     /// `{url}?model={model}`.
     url: String,
     api_key: Secret,
@@ -210,6 +212,7 @@ impl OpenAiRealtime {
                 session_renew: Duration::from_secs(cfg.session_renew_s),
                 idle_prompts: cfg.idle_prompts,
                 tools: Vec::new(),
+                barge_in: cfg.barge_in.enabled.then(|| cfg.barge_in.clone()),
             }),
         })
     }
@@ -229,6 +232,10 @@ impl Agent for OpenAiRealtime {
         PROVIDER
     }
 
+    fn barge_in(&self) -> Option<crate::audio::bargein::BargeInConfig> {
+        self.settings.barge_in.clone()
+    }
+
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = session_channel();
         let mut settings = self.settings.clone();
@@ -237,6 +244,14 @@ impl Agent for OpenAiRealtime {
         if !call.tools.is_empty() {
             let tools = &mut Arc::make_mut(&mut settings).tools;
             tools.extend(tool_declarations(&call.tools));
+        }
+        // The profile's `{placeholders}` (caller number, called number, custom variables).
+        if !call.variables.is_empty() {
+            let s = Arc::make_mut(&mut settings);
+            s.instructions = super::fill_placeholders(&s.instructions, &call.variables);
+            if let Some(g) = &mut s.greeting {
+                *g = super::fill_placeholders(g, &call.variables);
+            }
         }
         match protocol::Realtime::new(settings, &call) {
             Ok(p) => {
@@ -648,6 +663,7 @@ pub fn fuzz_server_messages(data: &[u8]) {
             caller_number: None,
             caller_name: None,
             tools: Vec::new(),
+            variables: Default::default(),
         };
         let Ok(mut p) = Realtime::new(agent.settings.clone(), &call) else {
             return;

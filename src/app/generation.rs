@@ -14,20 +14,23 @@ use tracing::warn;
 /// The [`Generation`] new calls get under `config`.
 ///
 /// # Errors
-/// If the `[[tools]]` cannot be built (already checked by [`Config::validate`]).
-pub fn generation(
-    config: &Config,
-    agent: crate::agent::SharedAgent,
-) -> Result<Generation, crate::tools::ToolError> {
-    let mut params = ServerParams::from_config(&config.audiosocket).with_tools(Arc::new(
-        crate::tools::ToolRegistry::from_config(&config.tools)?,
-    ));
+/// If the `[[tools]]` or a profile's agent cannot be built.
+pub fn generation(config: &Config, agent: crate::agent::SharedAgent) -> anyhow::Result<Generation> {
+    let tools = Arc::new(crate::tools::ToolRegistry::from_config(&config.tools)?);
+    let mut params = ServerParams::from_config(&config.audiosocket).with_tools(tools.clone());
     params.session.max_duration = config.guard.max_call();
     params.session.agent_silence = config.fallback.agent_silence();
+    let profiles = crate::profiles::Profiles::build(
+        agent.clone(),
+        &config.profiles,
+        &config.profile_routing,
+        &tools,
+    )?;
     Ok(Generation {
         agent,
         params: Arc::new(params),
         fallback: config.fallback.clone(),
+        profiles: Some(Arc::new(profiles)),
     })
 }
 
@@ -80,7 +83,8 @@ pub(crate) fn reload(
     health: &HealthState,
     gen_tx: &watch::Sender<Arc<Generation>>,
 ) -> anyhow::Result<Config> {
-    let new = Config::load(path)?;
+    let mut new = Config::load(path)?;
+    console_maintenance(&mut new, &old.state.dir());
     warn_plaintext_secrets(&new);
     let agent = crate::agent::from_config(&new.agent)?;
     if new.audiosocket.listen != old.audiosocket.listen
@@ -99,6 +103,15 @@ pub(crate) fn reload(
     }
     gen_tx.send_replace(Arc::new(generation(&new, agent)?));
     Ok(new)
+}
+
+/// With the console on, the maintenance switch it saved in `state_dir` wins over
+/// `fallback.maintenance` ([`crate::console::saved_maintenance`]).
+pub(crate) fn console_maintenance(config: &mut Config, state_dir: &Path) {
+    if config.console.enabled {
+        let on = crate::console::effective_maintenance(config.fallback.maintenance, state_dir);
+        config.fallback.maintenance = on;
+    }
 }
 
 /// Warns about every URL that would carry an API key or password unencrypted to another

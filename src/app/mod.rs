@@ -18,6 +18,7 @@ mod feeds;
 mod generation;
 pub mod http;
 pub mod records;
+pub mod webhooks;
 
 pub use feeds::shutdown_signal;
 pub use generation::generation;
@@ -51,7 +52,9 @@ pub const RECORDS_QUEUE: usize = 1024;
 ///
 /// # Errors
 /// If the agent cannot be built or a listener cannot be bound.
-pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let state_dir = config.state.dir();
+    generation::console_maintenance(&mut config, &state_dir);
     let base = Base::prepare(&config)?;
     // Bounded: a slow disk drops records (counted), never grows memory.
     let (summary_tx, summary_rx) = mpsc::channel(RECORDS_QUEUE);
@@ -60,7 +63,29 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     // What the dialplan does after an AudioSocket() call: GET /v1/calls/{id}/next.
     let next = Arc::new(NextStore::new());
     let ari = start_ari(&config, &base, &mut calls, next.clone(), summary_tx, &stops)?;
-    let http = start_http(&config, &base, next, calls.tunnel.clone(), &stops).await?;
+    let console = start_console(&config, &base, &mut calls, next.clone(), ari.is_some())?;
+    // The dialplan's announcements (modes 1 and 2): POST /v1/calls/{id}.
+    let announcements = Arc::new(crate::profiles::announce::Announcements::new());
+    calls.router.announcements = Some(announcements.clone());
+    let incoming = incoming_connector(&config, &mut calls);
+    let http = start_http(
+        &config,
+        &base,
+        next,
+        (announcements, incoming),
+        calls.tunnel.clone(),
+        console,
+        &stops,
+    );
+    let http = http.await?;
+    let hooks = &config.webhooks;
+    let summary_rx = webhooks::start(
+        hooks,
+        &base.state_dir,
+        &base.health,
+        summary_rx,
+        &stops.webhooks,
+    )?;
     let records = start_records(&config, &base, summary_rx);
     if let (Some(tunnel), Some(addr)) = (&calls.tunnel, http.addr) {
         forward_health_into_tunnel(tunnel, addr, &base.guard, &stops).await?;
@@ -91,6 +116,7 @@ struct Stops {
     ari: CancellationToken,
     http: CancellationToken,
     tunnel: CancellationToken,
+    webhooks: CancellationToken,
 }
 
 impl Base {
@@ -134,6 +160,18 @@ struct Calls {
     router: CallRouter,
     addr: SocketAddr,
     tunnel: Option<crate::tunnel::Tunnel>,
+    /// With `[websocket]`: the chan_websocket listener, bound, and its settings.
+    websocket: Option<(
+        crate::chanws::server::Server,
+        crate::chanws::server::ListenSettings,
+    )>,
+    /// With `[ari] media = "rtp"`: the calls the Stasis controller sets up over RTP.
+    rtp: Option<mpsc::Receiver<crate::call::media_rtp::RtpCall>>,
+    /// With `[ari] media = "websocket"`: the calls the Stasis controller connects.
+    ws_calls: Option<mpsc::Receiver<crate::call::stasis::WsCall>>,
+    /// The `Dial(WebSocket/INCOMING/...)` calls voicegate connects when the dialplan
+    /// announces them.
+    incoming_ws: Option<mpsc::Receiver<crate::call::media_ws::IncomingCall>>,
 }
 
 /// Binds the AudioSocket listener and builds the call router; with `[wireguard]`, starts
@@ -166,12 +204,48 @@ async fn start_calls(
     let detail = format!("listening on {addr}");
     let up = Component::new(ComponentStatus::Ok, detail);
     base.health.set_component(component::AUDIOSOCKET, up);
+    let websocket = match &config.websocket {
+        Some(ws) => Some(bind_websocket(ws, config.audiosocket.shutdown_grace()).await?),
+        None => None,
+    };
     Ok(Calls {
         server,
         router,
         addr,
+        rtp: None,
+        ws_calls: None,
+        incoming_ws: None,
         tunnel,
+        websocket,
     })
+}
+
+/// Binds the chan_websocket listener (`[websocket]`) and resolves its password.
+async fn bind_websocket(
+    ws: &crate::chanws::config::ChanWsConfig,
+    shutdown_grace: Duration,
+) -> anyhow::Result<(
+    crate::chanws::server::Server,
+    crate::chanws::server::ListenSettings,
+)> {
+    use crate::chanws::server::{Credentials, ListenSettings, Server as WsServer};
+    let credentials = match (&ws.username, &ws.password) {
+        (Some(user), Some(password)) => {
+            let password = password.resolve().context("websocket.password")?;
+            Some(Credentials::new(user, password.expose()))
+        }
+        _ => None,
+    };
+    let server = WsServer::bind(ws.listen)
+        .await
+        .with_context(|| format!("binding the chan_websocket listener {}", ws.listen))?;
+    let settings = ListenSettings {
+        handshake_timeout: ws.handshake_timeout(),
+        shutdown_grace,
+        credentials,
+        max_message_bytes: ws.max_message_bytes,
+    };
+    Ok((server, settings))
 }
 
 /// Starts the WireGuard tunnel, its listener for calls on `port` and its
@@ -231,11 +305,68 @@ fn start_ari(
         summaries.into(),
     );
     // The bound address: with port 0 in the config, Asterisk must still find us.
-    let rt = crate::call::stasis::start(c, calls.addr, next, hooks, stops.ari.clone())
+    let mut rt = crate::call::stasis::start(c, calls.addr, next, hooks, stops.ari.clone())
         .context("starting ARI")?;
+    calls.rtp = rt.rtp_calls.take();
+    calls.ws_calls = rt.ws_calls.take();
     calls.router.directory = Some(Arc::new(rt.controller.clone()));
     feeds::spawn_ari_health(rt.link.state.clone(), base.health.clone());
     Ok(Some(rt))
+}
+
+/// With `[console] enabled`, puts the console in front of the calls' directory (every call
+/// is shown live and can be taken over) and returns its routes' state.
+fn start_console(
+    config: &Config,
+    base: &Base,
+    calls: &mut Calls,
+    next: Arc<NextStore>,
+    stasis: bool,
+) -> anyhow::Result<Option<Arc<crate::console::routes::Deps>>> {
+    use crate::console::{Console, ConsoleDirectory, auth::Auth, routes::Deps};
+    let c = &config.console;
+    if !c.enabled {
+        return Ok(None);
+    }
+    if !config.health.enabled {
+        anyhow::bail!("console.enabled needs the health listener ([health] enabled = true)");
+    }
+    let hash = c.hash().map_err(anyhow::Error::msg)?;
+    let mode = if stasis { "stasis" } else { "audiosocket" };
+    let console = Console::new(
+        mode,
+        config.records.caller_numbers,
+        base.gen_tx.clone(),
+        base.health.clone(),
+        next.clone(),
+        base.state_dir.clone(),
+        c.summary
+            .as_ref()
+            .map(crate::console::SummaryConfig::client)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    );
+    let inner = calls
+        .router
+        .directory
+        .take()
+        .unwrap_or_else(|| Arc::new(next));
+    calls.router.directory = Some(Arc::new(ConsoleDirectory {
+        inner,
+        console: console.clone(),
+    }));
+    info!(listen = %config.health.listen, "console enabled at /console on the health listener");
+    Ok(Some(Arc::new(Deps {
+        console,
+        auth: Arc::new(Auth::new(hash, crate::console::session_lifetime(c))),
+        spool: config
+            .records
+            .enabled
+            .then(|| config.records.spool_dir(&base.state_dir)),
+        guard: Some(base.guard.clone()),
+        tunnel: calls.tunnel.clone(),
+        dropped: Default::default(),
+    })))
 }
 
 /// The health listener, when enabled: its address and task.
@@ -251,9 +382,15 @@ async fn start_http(
     config: &Config,
     base: &Base,
     next: Arc<NextStore>,
+    announce: (
+        Arc<crate::profiles::announce::Announcements>,
+        Option<Arc<crate::call::media_ws::IncomingConnector>>,
+    ),
     tunnel: Option<crate::tunnel::Tunnel>,
+    console: Option<Arc<crate::console::routes::Deps>>,
     stops: &Stops,
 ) -> anyhow::Result<Http> {
+    let (announcements, incoming) = announce;
     if !config.health.enabled {
         return Ok(Http {
             addr: None,
@@ -267,12 +404,41 @@ async fn start_http(
         .with_context(|| format!("binding health listener {listen}"))?
         .with_source_filter(Arc::new(move |ip| guard.allows(ip)));
     let addr = http.local_addr()?;
-    let router = Arc::new(http_router(base.health.clone(), next, tunnel));
+    let mut router = http_router(base.health.clone(), next, tunnel);
+    if let Some(deps) = console {
+        router = crate::console::routes::routes(router, deps);
+    }
+    if let Some(connector) = incoming {
+        router = http::incoming_ws_route(router, connector);
+    }
+    let router = Arc::new(http::announce_route(router, announcements));
     let task = tokio::spawn(http.run(router, stops.http.clone()));
     Ok(Http {
         addr: Some(addr),
         task: Some(task),
     })
+}
+
+/// The connector for `Dial(WebSocket/INCOMING/...)` announcements, when voicegate knows
+/// Asterisk's HTTP server (`[websocket] asterisk_url`, else `[ari] url`); its calls' queue
+/// goes into `calls`, served with the other listeners.
+fn incoming_connector(
+    config: &Config,
+    calls: &mut Calls,
+) -> Option<Arc<crate::call::media_ws::IncomingConnector>> {
+    let ws = config.websocket.clone().unwrap_or_default();
+    let base = ws
+        .asterisk_url
+        .clone()
+        .or_else(|| config.ari.as_ref().map(|a| a.url.clone()))?;
+    let (tx, rx) = mpsc::channel(crate::call::media_rtp::RTP_CALL_QUEUE);
+    calls.incoming_ws = Some(rx);
+    Some(Arc::new(crate::call::media_ws::IncomingConnector {
+        base,
+        handshake_timeout: ws.handshake_timeout(),
+        max_message_bytes: ws.max_message_bytes,
+        calls: tx,
+    }))
 }
 
 /// Starts the records writer when `[records] enabled`. It opens the spool itself and
@@ -358,7 +524,50 @@ fn go_ready(
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let router = Arc::new(calls.router);
-    let serving = tokio::spawn(calls.server.run(router, stops.listener.clone()));
+    let websocket = calls.websocket.map(|(server, settings)| {
+        let handler = Arc::new(crate::call::media_ws::WebSocketCalls {
+            router: router.clone(),
+            settings,
+        });
+        server.run(handler, stops.listener.clone())
+    });
+    // RTP and WebSocket externalMedia calls go through the same router and stop with the
+    // listener, same grace.
+    let grace = router.generation.borrow().params.shutdown_grace;
+    let rtp = calls.rtp.map(|rtp| {
+        crate::call::media_rtp::serve(router.clone(), rtp, stops.listener.clone(), grace)
+    });
+    let ws_calls = calls
+        .ws_calls
+        .map(|ws| crate::call::media_rtp::serve(router.clone(), ws, stops.listener.clone(), grace));
+    let incoming_ws = calls
+        .incoming_ws
+        .map(|ws| crate::call::media_rtp::serve(router.clone(), ws, stops.listener.clone(), grace));
+    let audiosocket = calls.server.run(router, stops.listener.clone());
+    // One task serves every listener: shutdown drains the calls of each.
+    let serving = tokio::spawn(async move {
+        let websocket = async move {
+            if let Some(ws) = websocket {
+                ws.await;
+            }
+        };
+        let rtp = async move {
+            if let Some(rtp) = rtp {
+                rtp.await;
+            }
+        };
+        let ws_calls = async move {
+            if let Some(ws) = ws_calls {
+                ws.await;
+            }
+        };
+        let incoming_ws = async move {
+            if let Some(ws) = incoming_ws {
+                ws.await;
+            }
+        };
+        tokio::join!(audiosocket, websocket, rtp, ws_calls, incoming_ws);
+    });
     base.health.set_ready(true);
     // READY=1 goes first: systemd ignores WATCHDOG=1 before it, and the order is promised.
     let health_at = http.addr.map_or("off".to_owned(), |a| a.to_string());
@@ -440,6 +649,8 @@ impl Parts {
                 warn!("call records: writer still waiting at shutdown; stopping anyway");
             }
         }
+        // The records are written, so every call's event is in the outboxes.
+        stops.webhooks.cancel();
         stops.http.cancel();
         if let Some(t) = self.http {
             let _ = t.await;

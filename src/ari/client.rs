@@ -94,12 +94,22 @@ impl AriError {
 pub struct ExternalMedia<'a> {
     /// Stasis application the new channel enters.
     pub app: &'a str,
-    /// `HOST:PORT` Asterisk connects to (voicegate's AudioSocket listener).
+    /// `HOST:PORT` Asterisk connects to (voicegate's AudioSocket listener), or sends its RTP
+    /// to (the call's own UDP socket).
     pub external_host: &'a str,
-    /// `slin16` or `slin`.
+    /// `audiosocket` or `rtp`.
+    pub encapsulation: &'a str,
+    /// `tcp` (with `audiosocket`) or `udp` (with `rtp`).
+    pub transport: &'a str,
+    /// `slin16` or `slin` (AudioSocket); `alaw`, `ulaw` or `slin16` (RTP).
     pub format: &'a str,
-    /// The call id Asterisk sends in `0x01`: a UUID string.
+    /// The call id: Asterisk sends it in `0x01` (AudioSocket) and gives it as the Stasis
+    /// argument of the new channel (every transport). A UUID string.
     pub data: &'a str,
+    /// `connection_type`: `server` for the WebSocket transport (Asterisk waits for
+    /// voicegate to connect to `/media/<connection id>`); `None` = Asterisk's default,
+    /// `client`.
+    pub connection_type: Option<&'a str>,
 }
 
 /// An ARI REST client. Cheap to clone.
@@ -330,26 +340,38 @@ impl AriClient {
             .map(drop)
     }
 
-    /// `POST /channels/externalMedia?…&encapsulation=audiosocket&transport=tcp`: Asterisk
-    /// connects to `external_host` at once and sends `data` as the call id.
+    /// `POST /channels/externalMedia?…&encapsulation=…&transport=…`. AudioSocket: Asterisk
+    /// connects to `external_host` at once and sends `data` as the call id. RTP: Asterisk
+    /// binds a UDP port and sends to `external_host`; the returned channel's `channelvars`
+    /// name that port (`UNICASTRTP_LOCAL_ADDRESS`, `UNICASTRTP_LOCAL_PORT`: chan_rtp.c,
+    /// `unicast_rtp_request`, copied into the response by `external_media_rtp_udp` in
+    /// res/ari/resource_channels.c). WebSocket with `connection_type=server` and no
+    /// `external_host`: Asterisk creates a `WebSocket/INCOMING` channel and answers with its
+    /// connection id in `channelvars` `MEDIA_WEBSOCKET_CONNECTION_ID` (chan_websocket.c
+    /// `set_channel_variables`, copied by `external_media_websocket`); the channel answers
+    /// and enters Stasis once voicegate connects to `/media/<that id>`.
     ///
     /// # Errors
     /// [`AriError`]: 400 for missing `data`/`format`, 500 if `data` is not a UUID or nothing
     /// listens at `external_host` (`asterisk.md`).
     pub async fn external_media(&self, req: &ExternalMedia<'_>) -> Result<Channel, AriError> {
-        self.json(
-            Method::POST,
-            "/channels/externalMedia",
-            &[
-                ("app", req.app),
-                ("external_host", req.external_host),
-                ("encapsulation", "audiosocket"),
-                ("transport", "tcp"),
-                ("format", req.format),
-                ("data", req.data),
-            ],
-        )
-        .await
+        let mut query = vec![("app", req.app)];
+        // A WebSocket server connection has no external host (Asterisk: "May be empty for a
+        // websocket server connection").
+        if !req.external_host.is_empty() {
+            query.push(("external_host", req.external_host));
+        }
+        query.extend([
+            ("encapsulation", req.encapsulation),
+            ("transport", req.transport),
+            ("format", req.format),
+            ("data", req.data),
+        ]);
+        if let Some(t) = req.connection_type {
+            query.push(("connection_type", t));
+        }
+        self.json(Method::POST, "/channels/externalMedia", &query)
+            .await
     }
 
     /// `POST /channels/{id}/continue?context=…&extension=…&priority=…`: leave Stasis and go

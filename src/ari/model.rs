@@ -47,6 +47,9 @@ pub struct Channel {
     pub caller: CallerId,
     /// Dialplan location.
     pub dialplan: Dialplan,
+    /// Channel variables, where ARI includes them (the externalMedia response:
+    /// `UNICASTRTP_LOCAL_ADDRESS`, `UNICASTRTP_LOCAL_PORT` for RTP).
+    pub channelvars: std::collections::BTreeMap<String, String>,
 }
 
 impl Channel {
@@ -58,6 +61,24 @@ impl Channel {
     /// The caller name, `None` when empty.
     pub fn caller_name(&self) -> Option<String> {
         non_empty(&self.caller.name)
+    }
+
+    /// Where an externalMedia RTP channel receives: `UNICASTRTP_LOCAL_ADDRESS` and
+    /// `UNICASTRTP_LOCAL_PORT` from [`Self::channelvars`]; `None` if either is missing or
+    /// not an address and a port.
+    pub fn unicast_rtp_local(&self) -> Option<std::net::SocketAddr> {
+        let ip: std::net::IpAddr = self
+            .channelvars
+            .get("UNICASTRTP_LOCAL_ADDRESS")?
+            .trim_matches(['[', ']'])
+            .parse()
+            .ok()?;
+        let port: u16 = self
+            .channelvars
+            .get("UNICASTRTP_LOCAL_PORT")?
+            .parse()
+            .ok()?;
+        Some(std::net::SocketAddr::new(ip, port))
     }
 }
 
@@ -193,5 +214,30 @@ mod tests {
         );
         assert!(Event::parse(r#"{"type":"StasisEnd"}"#).is_err());
         assert!(Event::parse("not json").is_err());
+    }
+
+    #[test]
+    fn external_media_rtp_response_names_asterisks_rtp_port() {
+        // The shape `external_media_rtp_udp` (res/ari/resource_channels.c) answers with: the
+        // channel, plus `channelvars` set by chan_rtp.c's `unicast_rtp_request`.
+        let body = r#"{"id":"1700000000.7","name":"UnicastRTP/127.0.0.1:40000-0x7f00",
+            "state":"Down","protocol_id":"","caller":{"name":"","number":""},
+            "connected":{"name":"","number":""},"accountcode":"",
+            "dialplan":{"context":"default","exten":"s","priority":1,"app_name":"","app_data":""},
+            "creationtime":"2026-12-02T22:00:00.000+0000","language":"en",
+            "channelvars":{"UNICASTRTP_LOCAL_ADDRESS":"127.0.0.1","UNICASTRTP_LOCAL_PORT":"17234"}}"#;
+        let ch: Channel = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            ch.unicast_rtp_local(),
+            Some("127.0.0.1:17234".parse().unwrap())
+        );
+        let mut v6 = ch.clone();
+        v6.channelvars
+            .insert("UNICASTRTP_LOCAL_ADDRESS".into(), "::1".into());
+        assert_eq!(v6.unicast_rtp_local(), Some("[::1]:17234".parse().unwrap()));
+        let mut bad = ch.clone();
+        bad.channelvars.remove("UNICASTRTP_LOCAL_PORT");
+        assert_eq!(bad.unicast_rtp_local(), None);
+        assert_eq!(Channel::default().unicast_rtp_local(), None);
     }
 }

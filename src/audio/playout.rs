@@ -61,6 +61,8 @@ pub struct PlayoutBuffer {
     streaming: bool,
     /// Samples dropped because the buffer was full (oldest first).
     overflow_samples: u64,
+    /// Held by a local barge-in: frames are silence and nothing is consumed.
+    paused: bool,
 }
 
 impl PlayoutBuffer {
@@ -75,7 +77,24 @@ impl PlayoutBuffer {
             last_played: None,
             streaming: false,
             overflow_samples: 0,
+            paused: false,
         }
+    }
+
+    /// Holds playout (a local barge-in): [`Self::pop_frame`] gives silence and keeps
+    /// everything queued, and pushes still queue, until [`Self::resume`] or [`Self::flush`].
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Plays on from where [`Self::pause`] held it; nothing queued was lost.
+    pub fn resume(&mut self) {
+        self.paused = false;
+    }
+
+    /// Playout is held by [`Self::pause`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// Sample rate, Hz.
@@ -146,8 +165,15 @@ impl PlayoutBuffer {
     }
 
     /// Fills `out` (one frame, normally [`Self::samples_per_frame`] samples) with the next
-    /// queued samples and silence after them.
+    /// queued samples and silence after them; all silence while paused ([`Self::pause`]).
     pub fn pop_frame(&mut self, out: &mut [i16]) -> PoppedFrame {
+        if self.paused {
+            out.fill(0);
+            return PoppedFrame {
+                agent_samples: 0,
+                underrun: false,
+            };
+        }
         let n = out.len().min(self.samples.len());
         for (o, s) in out.iter_mut().zip(self.samples.drain(..n)) {
             *o = s;
@@ -188,8 +214,8 @@ impl PlayoutBuffer {
         }
     }
 
-    /// Drops everything queued at once (barge-in) and reports what the caller heard of the
-    /// reply that was playing.
+    /// Drops everything queued at once (barge-in), ends a pause, and reports what the caller
+    /// heard of the reply that was playing.
     ///
     /// A reply counts as interrupted only while it is still playing: audio is queued, or its
     /// agent has not marked it complete. Speech after a reply was heard in full reports
@@ -207,6 +233,7 @@ impl PlayoutBuffer {
         self.samples.clear();
         self.segments.clear();
         self.streaming = false;
+        self.paused = false;
         Flushed {
             reply,
             heard_ms,
@@ -354,6 +381,33 @@ mod tests {
         b.pop_frame(&mut frame);
         let f = b.flush();
         assert_eq!((f.reply, f.heard_ms), (Some(R2), 20));
+    }
+
+    #[test]
+    fn pause_holds_everything_and_resume_plays_on_from_there() {
+        let mut b = PlayoutBuffer::new(8_000, Duration::from_secs(60));
+        let audio: Vec<i16> = (1..=480).map(|i| i as i16).collect();
+        b.push(ReplyId(1), &audio);
+        let mut frame = [0i16; 160];
+        b.pop_frame(&mut frame);
+        b.pause();
+        b.push(ReplyId(1), &[7; 160]);
+        for _ in 0..5 {
+            let p = b.pop_frame(&mut frame);
+            assert_eq!(p.agent_samples, 0);
+            assert!(!p.underrun);
+            assert!(frame.iter().all(|&s| s == 0));
+        }
+        assert_eq!(b.heard_ms(ReplyId(1)), 20);
+        assert_eq!(b.len(), 320 + 160);
+        b.resume();
+        b.pop_frame(&mut frame);
+        assert_eq!(frame[0], 161, "plays on from the sample after the pause");
+        assert_eq!(b.heard_ms(ReplyId(1)), 40);
+        b.pause();
+        let f = b.flush();
+        assert_eq!((f.heard_ms, f.dropped_samples), (40, 320));
+        assert!(!b.is_paused(), "a flush ends the pause");
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! The sans-IO call core: everything one call decides, with time passed in.
 //!
 //! Shaped like the tunnel core ([`crate::tunnel::core`]): the driver
-//! ([`crate::call::session`]) feeds it what happened — [`CallCore::handle_caller`] (a message
-//! from Asterisk, or the read error), [`CallCore::handle_agent`] (an agent event, or `None`
+//! ([`crate::call::session`]) feeds it what happened — [`CallCore::handle_caller`] (a
+//! [`super::media::MediaEvent`] from the caller's side, or the read error), [`CallCore::handle_agent`] (an agent event, or `None`
 //! when the agent task is gone), [`CallCore::handle_extra_input`] (DTMF from ARI),
 //! [`CallCore::handle_tool_step`] — and on each deadline of [`CallCore::poll_timeout`] calls
 //! [`CallCore::poll_tick`], which returns the 20 ms frame to write. The core never reads a
 //! clock, never awaits and never touches a socket.
 //!
 //! Its outputs:
-//! - **frames out**: the encoded AudioSocket frame [`CallCore::poll_tick`] returns, one per
-//!   20 ms deadline (agent audio or silence);
+//! - **frames out**: the slin frame [`CallCore::poll_tick`] returns, one per 20 ms deadline
+//!   (agent audio or silence), which the driver writes to the call's
+//!   [`super::media::MediaPort`] whatever the transport; after a barge-in
+//!   [`CallCore::take_flushed`] tells the driver to flush the transport too;
 //! - **agent inputs**: sent with `try_send` on the agent's bounded input channel given to
 //!   [`CallCore::agent_started`] (a full channel drops caller audio, counted in
 //!   [`CallSummary::frames_dropped_in`]); before that, [`CallCore::poll_start_agent`] says
@@ -29,14 +31,15 @@
 //! pending forever when no tool runs).
 
 use super::gates::{DtmfDedup, DtmfGate, InputMeter, is_voiced, keep_dtmf};
+use super::media::{MediaError, MediaEvent};
 use super::session::{CallSummary, Outcome, SessionParams, ToolCallRecord};
 use crate::agent::{AgentEvent, AgentInput, CallInfo, TurnLatency};
+use crate::audio::bargein::{Action, BargeIn, BargeInConfig};
 use crate::audio::{PlayoutBuffer, PlayoutClock, ReplyId};
-use crate::audiosocket::ReadError;
-use crate::audiosocket::codec::{self, Message, SlinRate};
+use crate::audiosocket::codec::SlinRate;
 use crate::fallback::FallbackReason;
 use crate::tools::{Terminal, ToolRunner, runner::ToolStep};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -70,6 +73,10 @@ pub struct CallCore {
     agent_started: Option<Instant>,
     playout_reference: bool,
     live_playout: bool,
+    /// Live playout only: samples of silence underruns wrote in the stream's place, to be
+    /// taken back from the backlog that follows (so a late frame does not add its lateness
+    /// to the delay for the rest of the call).
+    live_debt: usize,
     /// The agent-silence timer: agent start, agent audio, or caller speech resets it.
     last_activity: Instant,
     /// For turn latency: the caller's last voiced frame since the previous reply began.
@@ -77,10 +84,16 @@ pub struct CallCore {
     last_reply: Option<ReplyId>,
     /// A reply's latency waits here for its first frame on the wire: (latency, when received).
     pending_latency: Option<(TurnLatency, Instant)>,
+    /// The agent reports its own turns ([`AgentEvent::TurnLatency`]: the cascade).
+    agent_reports_turns: bool,
+    /// Turns complete with their first frame on the wire, for an observer (the console's
+    /// live waterfall): [`Self::take_observed_turns`].
+    observed_turns: Vec<TurnLatency>,
     rate: Option<SlinRate>,
     playout: PlayoutBuffer,
     frame: Vec<i16>,
-    out: BytesMut,
+    /// Set by a barge-in that flushed the playout; the driver tells the transport.
+    flushed: bool,
     clock: PlayoutClock,
     last_input: Instant,
     /// After ReplyDone, tell the agent when the reply has been fully heard.
@@ -93,6 +106,15 @@ pub struct CallCore {
     dtmf_gate: DtmfGate,
     input_meter: InputMeter,
     outcome: Option<Outcome>,
+    /// Local barge-in ([`Self::set_barge_in`]); `None`: only the provider's event stops playback.
+    barge: Option<BargeIn>,
+    /// Scratch for the caller frame as samples (local barge-in).
+    caller_samples: Vec<i16>,
+    /// A barge-in is silencing the agent: the caller's speech onset, for the latency taken at
+    /// the first silent frame, and whether it is confirmed (a pause may yet resume).
+    silencing: Option<(Instant, bool)>,
+    /// The latency of a pause not confirmed yet, ms: recorded if it is, dropped if it resumes.
+    pause_latency_ms: Option<u32>,
 }
 
 impl CallCore {
@@ -119,14 +141,17 @@ impl CallCore {
             agent_started: None,
             playout_reference,
             live_playout,
+            live_debt: 0,
             last_activity: now,
             caller_voiced_at: None,
             last_reply: None,
             pending_latency: None,
+            agent_reports_turns: false,
+            observed_turns: Vec::new(),
             rate: None,
             playout: PlayoutBuffer::new(8_000, params.playout_max),
             frame: vec![0; SlinRate::Hz8000.samples_per_frame()],
-            out: BytesMut::with_capacity(4 + SlinRate::Hz8000.bytes_per_frame()),
+            flushed: false,
             clock: PlayoutClock::new(now + params.keepalive_before_audio),
             last_input: now,
             awaiting_played_out: None,
@@ -136,9 +161,31 @@ impl CallCore {
             dtmf_gate: DtmfGate::new(now),
             input_meter: InputMeter::new(params.input_allowance, now),
             outcome: None,
+            barge: None,
+            caller_samples: Vec::with_capacity(SlinRate::Hz16000.samples_per_frame()),
+            silencing: None,
+            pause_latency_ms: None,
             info,
             params,
         }
+    }
+
+    /// Turns on local barge-in ([`crate::audio::bargein`]): the caller's voice over the
+    /// agent pauses playout at once; the provider's event (or the caller's words) confirms
+    /// within the window, or playback resumes. Call before the first frame.
+    pub fn set_barge_in(&mut self, cfg: BargeInConfig) {
+        self.barge = cfg.enabled.then(|| BargeIn::new(cfg));
+    }
+
+    /// The call's sample rate: the first caller audio's, 8 kHz before it.
+    pub fn rate(&self) -> SlinRate {
+        self.rate.unwrap_or(SlinRate::Hz8000)
+    }
+
+    /// Whether a barge-in flushed the playout since the last call: the driver then tells
+    /// the transport ([`super::media::MediaPort::flushed`]).
+    pub fn take_flushed(&mut self) -> bool {
+        std::mem::take(&mut self.flushed)
     }
 
     /// When [`Self::poll_tick`] is next due: the playout clock's deadline.
@@ -193,6 +240,12 @@ impl CallCore {
         self.outcome = Some(Outcome::WriteFailed(error));
     }
 
+    /// Telling the transport about a flush ([`Self::take_flushed`]) failed or blocked: the
+    /// call ends as a failed write.
+    pub fn handle_flush_error(&mut self, error: String) {
+        self.outcome = Some(Outcome::WriteFailed(error));
+    }
+
     fn end(&mut self, outcome: Outcome) {
         if self.outcome.is_none() {
             self.outcome = Some(outcome);
@@ -219,29 +272,25 @@ impl CallCore {
     }
 
     /// What Asterisk sent at `now` (`Ok(None)`: it closed the connection).
-    pub fn handle_caller(&mut self, now: Instant, read: Result<Option<Message>, ReadError>) {
+    pub fn handle_caller(&mut self, now: Instant, read: Result<Option<MediaEvent>, MediaError>) {
         if self.outcome.is_some() {
             return;
         }
         self.last_input = now;
         match read {
-            Ok(Some(Message::Audio { rate, payload })) => self.on_caller_audio(now, rate, payload),
-            Ok(Some(Message::Dtmf(d))) => {
+            Ok(Some(MediaEvent::Audio { rate, payload })) => {
+                self.on_caller_audio(now, rate, payload);
+            }
+            Ok(Some(MediaEvent::Dtmf(d))) => {
                 if !self.dtmf_dedup.duplicate(d, false, now)
                     && keep_dtmf(&mut self.dtmf_gate, &mut self.s, d, now)
                 {
                     self.try_send(AgentInput::Dtmf(d));
                 }
             }
-            Ok(Some(Message::Hangup)) | Ok(None) => self.end(Outcome::CallerHungUp),
-            Ok(Some(Message::Error(code))) => self.end(Outcome::ProtocolError(format!(
-                "asterisk sent error frame, code {code}"
-            ))),
-            Ok(Some(Message::CallId(id))) => {
-                self.end(Outcome::ProtocolError(format!("second call id {id}")));
-            }
-            Err(ReadError::Codec(e)) => self.end(Outcome::ProtocolError(e.to_string())),
-            Err(ReadError::Io(e)) => self.end(Outcome::ProtocolError(format!("read: {e}"))),
+            Ok(Some(MediaEvent::Hangup)) | Ok(None) => self.end(Outcome::CallerHungUp),
+            Err(MediaError::Protocol(e)) => self.end(Outcome::ProtocolError(e)),
+            Err(e @ MediaError::Io(_)) => self.end(Outcome::ProtocolError(e.to_string())),
         }
     }
 
@@ -271,7 +320,54 @@ impl CallCore {
             metrics::counter!(crate::health::metrics::INPUT_OVERRUN).increment(1);
             return;
         }
+        self.detect_barge_in(now, &payload);
         self.send_audio(payload);
+    }
+
+    /// Local barge-in: the caller frame through the echo-gated detector; pause on speech.
+    fn detect_barge_in(&mut self, now: Instant, payload: &[u8]) {
+        let Some(b) = self.barge.as_mut() else {
+            return;
+        };
+        self.caller_samples.clear();
+        crate::audio::slin_from_le_bytes(payload, &mut self.caller_samples);
+        let audible = !self.playout.is_empty() && !self.playout.is_paused();
+        // The frame was recorded over the time before it arrived.
+        let len = self.caller_samples.len() as u64 * 1_000_000 / self.playout.rate_hz() as u64;
+        let began = now.checked_sub(Duration::from_micros(len)).unwrap_or(now);
+        if b.caller(now, began, &self.caller_samples, audible) == Some(Action::Pause) {
+            self.playout.pause();
+            self.silencing = Some((b.onset().unwrap_or(now), false));
+            self.pause_latency_ms = None;
+            debug!(
+                queued_ms = self.playout.queued().as_millis() as u64,
+                "barge-in: caller speech over the agent; playout paused"
+            );
+        }
+    }
+
+    /// The barge-in state's answer: flush, or resume (a false barge-in or a backchannel).
+    fn barge_action(&mut self, action: Option<Action>) {
+        match action {
+            Some(Action::Flush) => self.barge_in(),
+            Some(Action::Resume { backchannel }) => {
+                let held_ms = self.playout.queued().as_millis() as u64;
+                self.playout.resume();
+                self.silencing = None;
+                self.pause_latency_ms = None;
+                self.s.resumed_audio_ms += held_ms;
+                if backchannel {
+                    self.s.backchannels += 1;
+                } else {
+                    self.s.false_barge_ins += 1;
+                }
+                info!(
+                    held_ms,
+                    backchannel, "barge-in not confirmed: playout resumed"
+                );
+            }
+            Some(Action::Pause) | None => {}
+        }
     }
 
     /// The first audio frame: the call takes its rate, the 20 ms grid starts now, and the
@@ -282,7 +378,6 @@ impl CallCore {
         self.info.rate_hz = r.hz();
         self.playout = PlayoutBuffer::new(r.hz(), self.params.playout_max);
         self.frame = vec![0; r.samples_per_frame()];
-        self.out = BytesMut::with_capacity(4 + r.bytes_per_frame());
         // Start the 20 ms grid now: first agent audio goes out promptly.
         self.clock = PlayoutClock::new(now);
         debug!(rate_hz = r.hz(), "first audio; starting agent");
@@ -351,31 +446,31 @@ impl CallCore {
             return;
         }
         match event {
-            Some(AgentEvent::Audio { reply, samples }) => {
-                self.last_activity = now;
-                if self.last_reply != Some(reply) {
-                    self.last_reply = Some(reply);
-                    if let Some(spoke) = self.caller_voiced_at.take() {
-                        let ms = (now - spoke).as_millis().min(u32::MAX as u128) as u32;
-                        self.s.turn_latencies_ms.push(ms);
-                    }
-                }
-                self.playout.push(reply, &samples);
-                self.tools.on_agent_audio(now);
-            }
+            Some(AgentEvent::Audio { reply, samples }) => self.agent_audio(now, reply, &samples),
             Some(AgentEvent::ReplyDone { reply }) => {
                 self.tools.on_reply_done(reply);
                 self.playout.mark_reply_complete();
                 self.awaiting_played_out = Some(reply);
             }
             Some(AgentEvent::TurnLatency(lat)) => {
+                self.agent_reports_turns = true;
                 if let Some((old, _)) = self.pending_latency.replace((lat, now)) {
                     self.s.turns.push(old);
                 }
             }
-            Some(AgentEvent::SpeechStarted) => self.barge_in(),
+            Some(AgentEvent::SpeechStarted) => match self.barge.as_mut() {
+                Some(b) => {
+                    let action = b.provider_started();
+                    self.barge_action(action);
+                }
+                None => self.barge_in(),
+            },
             Some(AgentEvent::Transcript { speaker, text }) => {
                 info!(?speaker, text = %text, "transcript");
+                if speaker == crate::agent::Speaker::Caller {
+                    let action = self.barge.as_mut().and_then(|b| b.caller_text(&text));
+                    self.barge_action(action);
+                }
                 self.s.transcript.push((speaker, text));
             }
             Some(AgentEvent::ToolCall {
@@ -433,8 +528,22 @@ impl CallCore {
         if let Some((lat, _)) = self.pending_latency.take() {
             self.s.turns.push(lat);
         }
+        let was_paused = self.playout.is_paused();
         let flushed = self.playout.flush();
+        self.live_debt = 0;
+        self.flushed = true;
         self.awaiting_played_out = None;
+        if let Some(b) = self.barge.as_mut() {
+            b.flushed();
+            if let Some(ms) = self.pause_latency_ms.take() {
+                self.s.barge_in_latencies_ms.push(ms);
+            } else if let Some((_, confirmed)) = self.silencing.as_mut() {
+                *confirmed = true;
+            } else if !was_paused && flushed.dropped_samples > 0 {
+                // Not paused before: the agent goes silent on the next frame.
+                self.silencing = b.onset().map(|t| (t, true));
+            }
+        }
         if let Some(answer) = self.tools.on_barge_in(flushed.reply) {
             self.deliver(answer);
         }
@@ -457,11 +566,12 @@ impl CallCore {
 
 impl CallCore {
     /// Runs the tick due at [`Self::poll_timeout`] if `now` has reached it: checks the call
-    /// limits, pops the next 20 ms of playout and returns it encoded, to be written at once.
+    /// limits, pops the next 20 ms of playout and returns its slin samples at
+    /// [`Self::rate`], to be written at once.
     /// `None` when no tick is due, or the call ended before a frame (then
     /// [`Self::outcome`] says why). A frame may come with an end decided after it (idle,
     /// a terminal tool, the agent's end): write it, then stop.
-    pub fn poll_tick(&mut self, now: Instant) -> Option<&[u8]> {
+    pub fn poll_tick(&mut self, now: Instant) -> Option<&[i16]> {
         if self.outcome.is_some() || now < self.clock.deadline() {
             return None;
         }
@@ -484,21 +594,38 @@ impl CallCore {
             );
             return None;
         }
+        let action = self.barge.as_mut().and_then(|b| b.poll(now));
+        self.barge_action(action);
         self.pop_frame(now);
         self.after_frame(now);
-        Some(&self.out)
+        Some(&self.frame)
     }
 
     fn pop_frame(&mut self, now: Instant) {
+        self.pay_live_debt();
         let popped = self.playout.pop_frame(&mut self.frame);
+        if self.live_playout && popped.underrun {
+            self.live_debt += self.frame.len() - popped.agent_samples;
+        }
         if popped.agent_samples > 0 {
             self.s.agent_frames_out += 1;
         }
         self.s.underruns += popped.underrun as u64;
         self.s.idle_frames += (popped.agent_samples == 0 && !popped.underrun) as u64;
-        self.out.clear();
-        let rate = self.rate.unwrap_or(SlinRate::Hz8000);
-        codec::encode_audio_samples(rate, &self.frame, &mut self.out);
+        if let Some(b) = self.barge.as_mut() {
+            b.reference(&self.frame);
+            if popped.agent_samples == 0 {
+                if let Some((onset, confirmed)) = self.silencing.take() {
+                    let ms = now.saturating_duration_since(onset).as_millis();
+                    let ms = ms.min(u32::MAX as u128) as u32;
+                    if confirmed {
+                        self.s.barge_in_latencies_ms.push(ms);
+                    } else {
+                        self.pause_latency_ms = Some(ms);
+                    }
+                }
+            }
+        }
         self.s.frames_out += 1;
         if self.playout_reference {
             self.try_send(AgentInput::Playout(self.frame.clone()));
@@ -511,9 +638,59 @@ impl CallCore {
                 let since = (now - at).as_millis() as u64;
                 lat.first_frame_ms = lat.tts_first_audio_ms.map(|t| t + since);
                 info!(reply = lat.reply, first_frame_ms = ?lat.first_frame_ms, "first frame of the reply on the wire");
+                self.observed_turns.push(lat.clone());
                 self.s.turns.push(lat);
             }
         }
+    }
+
+    /// A live stream (the echo) keeps its timing across an underrun: the audio that came
+    /// late is dropped from what is queued beyond this frame, never from this frame itself
+    /// (that would only make another underrun). Counted as underruns already.
+    fn pay_live_debt(&mut self) {
+        if self.live_debt == 0 {
+            return;
+        }
+        let spare = self
+            .playout
+            .len()
+            .saturating_sub(self.playout.samples_per_frame());
+        let n = self.live_debt.min(spare);
+        if n > 0 {
+            self.live_debt -= self.playout.discard(n);
+            trace!(dropped_samples = n, "live audio after an underrun dropped");
+        }
+    }
+
+    /// Agent audio: the turn's latency on a new reply, then into the playout buffer.
+    fn agent_audio(&mut self, now: Instant, reply: ReplyId, samples: &[i16]) {
+        self.last_activity = now;
+        if self.last_reply != Some(reply) {
+            self.last_reply = Some(reply);
+            if let Some(spoke) = self.caller_voiced_at.take() {
+                let ms = (now - spoke).as_millis().min(u32::MAX as u128) as u32;
+                self.s.turn_latencies_ms.push(ms);
+                if !self.agent_reports_turns {
+                    // Speech-to-speech: end of the caller's speech → the reply's
+                    // first audio, which goes out on the next tick.
+                    self.observed_turns.push(TurnLatency {
+                        reply: reply.0,
+                        first_frame_ms: Some(u64::from(ms)),
+                        ..TurnLatency::default()
+                    });
+                }
+            }
+        }
+        self.playout.push(reply, samples);
+        self.tools.on_agent_audio(now);
+    }
+
+    /// Turns completed since the last call, each with its first frame on the wire: the
+    /// cascade's full turn (STT final → LLM first token → TTS first audio → first frame, ms
+    /// from the end of the caller's speech), or for a speech-to-speech agent the end of the
+    /// caller's speech → the reply's first audio (`first_frame_ms` alone).
+    pub fn take_observed_turns(&mut self) -> Vec<TurnLatency> {
+        std::mem::take(&mut self.observed_turns)
     }
 
     /// The clock, the idle check, tools and the agent's end, after a frame.
@@ -591,3 +768,7 @@ impl CallCore {
 #[cfg(test)]
 #[path = "core_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "bargein_tests.rs"]
+mod bargein_tests;

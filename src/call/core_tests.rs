@@ -26,6 +26,7 @@ fn info() -> CallInfo {
         caller_number: None,
         caller_name: None,
         tools: Vec::new(),
+        variables: Default::default(),
     }
 }
 
@@ -36,12 +37,12 @@ fn params(edit: impl FnOnce(&mut SessionParams)) -> SessionParams {
 }
 
 /// 20 ms of 8 kHz slin: silence, or a square wave well above the voiced threshold.
-fn audio(voiced: bool) -> Message {
+fn audio(voiced: bool) -> MediaEvent {
     let v: i16 = if voiced { 3000 } else { 0 };
     let bytes: Vec<u8> = (0..160)
         .flat_map(|i| (if i % 2 == 0 { v } else { -v }).to_le_bytes())
         .collect();
-    Message::Audio {
+    MediaEvent::Audio {
         rate: SlinRate::Hz8000,
         payload: Bytes::from(bytes),
     }
@@ -78,7 +79,7 @@ impl Call {
         }
     }
 
-    fn caller(&mut self, ms: u64, m: Message) {
+    fn caller(&mut self, ms: u64, m: MediaEvent) {
         self.core.handle_caller(self.at(ms), Ok(Some(m)));
         self.start_agent_if_asked();
     }
@@ -96,8 +97,9 @@ impl Call {
                 return;
             }
             let ms = (due - self.t0).as_millis() as u64;
+            let rate = self.core.rate();
             if let Some(frame) = self.core.poll_tick(due) {
-                self.frames.push((ms, frame.to_vec()));
+                self.frames.push((ms, encoded(rate, frame)));
             }
             if self.core.outcome().is_some() {
                 return;
@@ -128,6 +130,14 @@ impl Call {
     }
 }
 
+/// A frame as the AudioSocket port writes it (header and slin), so the assertions read the
+/// wire.
+fn encoded(rate: SlinRate, samples: &[i16]) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    crate::audiosocket::codec::encode_audio_samples(rate, samples, &mut out);
+    out.to_vec()
+}
+
 fn is_silence(frame: &[u8]) -> bool {
     frame[3..].iter().all(|&b| b == 0)
 }
@@ -140,11 +150,8 @@ fn before_audio_silence_goes_out_at_8khz_after_exactly_the_keepalive() {
         "nothing before 500 ms"
     );
     assert_eq!(c.core.poll_timeout(), c.at(500));
-    let f = c
-        .core
-        .poll_tick(c.at(500))
-        .expect("keepalive frame")
-        .to_vec();
+    let rate = c.core.rate();
+    let f = encoded(rate, c.core.poll_tick(c.at(500)).expect("keepalive frame"));
     assert_eq!(&f[..3], &[0x10, 0x01, 0x40], "8 kHz, 320 bytes");
     assert!(is_silence(&f));
     assert_eq!(c.core.poll_timeout(), c.at(520), "then every 20 ms");
@@ -157,7 +164,7 @@ fn the_first_audio_frame_starts_the_agent_once_at_the_call_rate_and_the_grid() {
     let payload = Bytes::from(vec![1u8; 640]);
     c.core.handle_caller(
         c.at(130),
-        Ok(Some(Message::Audio {
+        Ok(Some(MediaEvent::Audio {
             rate: SlinRate::Hz16000,
             payload: payload.clone(),
         })),
@@ -319,6 +326,53 @@ fn turn_latency_is_caller_speech_end_to_the_replys_first_audio() {
         },
     );
     assert_eq!(c.core.summary().turn_latencies_ms, [350]);
+    // For the console's live waterfall: a speech-to-speech turn, once.
+    let turn = TurnLatency {
+        reply: R1.0,
+        first_frame_ms: Some(350),
+        ..TurnLatency::default()
+    };
+    assert_eq!(c.core.take_observed_turns(), [turn]);
+    assert!(c.core.take_observed_turns().is_empty());
+}
+
+/// The cascade reports its own turn (STT final → LLM → TTS first audio); the call adds the
+/// first frame on the wire and hands the whole turn to an observer once that frame is out,
+/// with no speech-to-speech turn beside it.
+#[test]
+fn an_agents_turn_is_observed_with_its_first_frame_on_the_wire() {
+    let mut c = Call::new(params(|_| {}));
+    c.caller(0, audio(false));
+    c.caller(100, audio(true));
+    c.caller(120, audio(false));
+    let reported = TurnLatency {
+        reply: R1.0,
+        stt_final_ms: Some(200),
+        llm_first_token_ms: Some(300),
+        tts_first_audio_ms: Some(400),
+        first_frame_ms: None,
+    };
+    c.agent(540, AgentEvent::TurnLatency(reported.clone()));
+    c.agent(
+        540,
+        AgentEvent::Audio {
+            reply: R1,
+            samples: vec![1; 160],
+        },
+    );
+    assert!(
+        c.core.take_observed_turns().is_empty(),
+        "not on the wire yet"
+    );
+    c.tick_to(560);
+    let observed = c.core.take_observed_turns();
+    assert_eq!(observed.len(), 1, "{observed:?}");
+    assert_eq!(observed[0].stt_final_ms, reported.stt_final_ms);
+    let wire = observed[0].first_frame_ms.expect("first frame on the wire");
+    assert!(
+        (400..=420).contains(&wire),
+        "TTS first audio + up to one tick: {wire}"
+    );
 }
 
 #[test]
@@ -439,10 +493,10 @@ fn dtmf_copies_within_the_window_count_once() {
     let mut c = Call::new(params(|_| {}));
     c.caller(0, audio(false));
     c.core.handle_extra_input(c.at(100), AgentInput::Dtmf('5'));
-    c.caller(1_100, Message::Dtmf('5')); // exactly the window later: the bridge's copy
+    c.caller(1_100, MediaEvent::Dtmf('5')); // exactly the window later: the bridge's copy
     c.core
         .handle_extra_input(c.at(3_000), AgentInput::Dtmf('7'));
-    c.caller(4_001, Message::Dtmf('7')); // 1 ms past the window: a second press
+    c.caller(4_001, MediaEvent::Dtmf('7')); // 1 ms past the window: a second press
     assert_eq!(c.core.summary().dtmf, "577");
     let digits: Vec<char> = c
         .inputs()
@@ -458,7 +512,7 @@ fn dtmf_copies_within_the_window_count_once() {
 #[test]
 fn dtmf_before_the_agent_is_counted_but_not_sent() {
     let mut c = Call::new(params(|_| {}));
-    c.caller(0, Message::Dtmf('1'));
+    c.caller(0, MediaEvent::Dtmf('1'));
     c.caller(10, audio(false));
     assert_eq!(c.core.summary().dtmf, "1");
     assert!(c.inputs().iter().all(|i| !matches!(i, AgentInput::Dtmf(_))));
@@ -472,12 +526,16 @@ fn caller_hangup_and_errors_end_the_call_with_or_without_goodbye() {
     assert!(!c.core.says_goodbye(), "Asterisk closed: no 0x00");
 
     let mut c = Call::new(params(|_| {}));
-    c.caller(10, Message::Error(3));
+    let read =
+        crate::call::media::from_audiosocket(Ok(Some(crate::audiosocket::Message::Error(3))));
+    c.core.handle_caller(c.at(10), read);
     assert!(matches!(c.core.outcome(), Some(Outcome::ProtocolError(e)) if e.contains("code 3")));
     assert!(c.core.says_goodbye());
 
     let mut c = Call::new(params(|_| {}));
-    c.caller(10, Message::CallId(Uuid::from_u128(9)));
+    let second = crate::audiosocket::Message::CallId(Uuid::from_u128(9));
+    let read = crate::call::media::from_audiosocket(Ok(Some(second)));
+    c.core.handle_caller(c.at(10), read);
     assert!(
         matches!(c.core.outcome(), Some(Outcome::ProtocolError(e)) if e.contains("second call id"))
     );
@@ -523,6 +581,44 @@ fn a_late_driver_skips_ticks_and_a_live_agent_loses_their_audio() {
         c.tick_to(240 + 20 * 60);
         assert_eq!(c.core.summary().agent_frames_out, 2 + left, "live={live}");
         assert_eq!(c.finish(2_000).late_skipped_frames, 9, "(220 - 40) / 20");
+    }
+}
+
+/// A live stream (the echo) whose frames 5 and 6 come two ticks late, together with frame
+/// 7: the two ticks without audio are underruns either way, but a live agent's stream is
+/// back on its slots at once (5 and 6 are dropped, tick 7 plays frame 7), while a reply
+/// (not live) plays everything, two frames later for the rest of the call.
+#[test]
+fn a_live_stream_keeps_its_slots_after_late_frames() {
+    for live in [false, true] {
+        let mut c = Call::with_agent(params(|_| {}), false, live);
+        c.caller(0, audio(false));
+        let frame = |n: u64| AgentEvent::Audio {
+            reply: R1,
+            samples: vec![n as i16 + 1; 160],
+        };
+        let mut played = Vec::new();
+        for k in 0..12u64 {
+            let ms = 20 * k;
+            match k {
+                5 | 6 => {}
+                7 => (5..=7).for_each(|n| c.agent(ms, frame(n))),
+                _ => c.agent(ms, frame(k)),
+            }
+            let out = c.core.poll_tick(c.at(ms)).expect("a tick is due").to_vec();
+            assert!(
+                out.iter().all(|s| *s == out[0]),
+                "one frame's audio at a time"
+            );
+            played.push(out[0] - 1);
+        }
+        let expected: Vec<i16> = if live {
+            vec![0, 1, 2, 3, 4, -1, -1, 7, 8, 9, 10, 11]
+        } else {
+            vec![0, 1, 2, 3, 4, -1, -1, 5, 6, 7, 8, 9]
+        };
+        assert_eq!(played, expected, "live={live}");
+        assert_eq!(c.core.summary().underruns, 2, "live={live}");
     }
 }
 
@@ -605,8 +701,11 @@ fn transcripts_and_tool_calls_are_kept_in_order() {
 }
 
 fn hangup_tool() -> SessionParams {
-    let toml = "[[tools]]\nkind = \"hangup\"\n";
-    let config = crate::config::Config::from_toml(toml, std::path::Path::new("t.toml")).unwrap();
+    #[derive(serde::Deserialize)]
+    struct Tools {
+        tools: Vec<crate::tools::ToolConfig>,
+    }
+    let config: Tools = toml::from_str("[[tools]]\nkind = \"hangup\"\n").unwrap();
     let tools = ToolRegistry::from_config(&config.tools).unwrap();
     params(|p| p.tools = Arc::new(tools))
 }

@@ -7,7 +7,7 @@
 //! starts, and tells [`CallDirectory::finished`] the call's summary once it ends. Without a
 //! directory every call is admitted with no caller details.
 
-use crate::agent::AgentInput;
+use crate::agent::{AgentEvent, AgentInput};
 use crate::call::CallSummary;
 use std::future::Future;
 use std::pin::Pin;
@@ -41,6 +41,32 @@ pub struct CallDetails {
     /// externalMedia channel was seen (Asterisk 22.10.1, about 1 call in 30) to send nothing
     /// until it received a frame from voicegate.
     pub media_at_once: bool,
+    /// The agent profile and call variables the directory learned (Stasis: the channel
+    /// variable `VOICEGATE_PROFILE` or the `Stasis()` argument); `None`: not said.
+    pub profile: Option<crate::profiles::ProfileChoice>,
+    /// Sees the call's agent events as the session handles them (the console's live feed).
+    pub observer: Option<SharedObserver>,
+}
+
+/// Watches one call's agent events from inside its session task (the 20 ms loop): it is
+/// called for every [`AgentEvent`] before the call handles it, so it must return at once —
+/// never wait, never do I/O (the console copies what it needs and broadcasts without
+/// waiting, dropping what a slow watcher cannot take).
+pub trait CallObserver: Send + Sync + 'static {
+    /// One agent event of the call.
+    fn agent_event(&self, event: &AgentEvent);
+
+    /// A tool's result, before it goes to the agent.
+    fn tool_result(&self, _result: &crate::tools::ToolResult) {}
+}
+
+/// A shared [`CallObserver`].
+pub type SharedObserver = std::sync::Arc<dyn CallObserver>;
+
+impl std::fmt::Debug for dyn CallObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallObserver")
+    }
 }
 
 /// A boxed future returned by [`CallDirectory::admit`].

@@ -15,7 +15,8 @@ use crate::call::directory::{Admission, AdmitFuture, CallDetails, CallDirectory}
 use crate::call::{CallSummary, Outcome};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

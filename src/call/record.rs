@@ -50,6 +50,11 @@ impl CallSummary {
             frames_in: self.frames_in,
             frames_out: self.frames_out,
             underruns: self.underruns,
+            barge_in_latencies_ms: &self.barge_in_latencies_ms,
+            false_barge_ins: self.false_barge_ins,
+            backchannels: self.backchannels,
+            resumed_audio_ms: self.resumed_audio_ms,
+            profile: self.profile.as_deref(),
         }
     }
 

@@ -14,14 +14,16 @@
 //! [`Generation`] (SIGHUP); a live call keeps the one it started with.
 
 use crate::agent::{CallInfo, SharedAgent};
-use crate::audiosocket::server::{Handler, HandshakeFailure, Incoming, ListenSettings, Stream};
-use crate::audiosocket::{Connection, Message};
+use crate::audiosocket::server::{Handler, HandshakeFailure, Incoming, ListenSettings};
 use crate::call::directory::{Admission, CallDetails, CallDirectory};
+use crate::call::media::{AudioSocketPort, MediaPort};
 use crate::call::{CallSummary, Outcome, SessionParams};
 use crate::fallback::{Breaker, FallbackConfig, FallbackReason, Route};
 use crate::guard::{Guard, Handshake, Rejection};
 use crate::health::tally::{Tally, WINDOW};
 use crate::health::{HealthState, metrics as m};
+use crate::profiles::announce::Announcements;
+use crate::profiles::{Chosen, ProfileChoice, Profiles, Refusal};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -29,9 +31,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
-
-/// The connection of a call, TCP or tunnel.
-type CallConnection = Connection<Box<dyn Stream>>;
 
 /// Settings of the listener and of each call.
 #[derive(Debug, Clone)]
@@ -75,6 +74,9 @@ pub struct Generation {
     pub params: Arc<ServerParams>,
     /// Maintenance switch and breaker settings.
     pub fallback: FallbackConfig,
+    /// The agent profiles calls choose from (`[[profiles]]`, `[profile_routing]`); `None`:
+    /// every call gets `agent`.
+    pub profiles: Option<Arc<Profiles>>,
 }
 
 impl Generation {
@@ -84,6 +86,25 @@ impl Generation {
             agent,
             params: Arc::new(params),
             fallback: FallbackConfig::default(),
+            profiles: None,
+        }
+    }
+
+    /// With `profiles` (whose default agent should be [`Self::agent`]).
+    pub fn with_profiles(mut self, profiles: Profiles) -> Self {
+        self.profiles = Some(Arc::new(profiles));
+        self
+    }
+
+    /// The profile for a call announced with `choice` ([`Profiles::choose`]); without
+    /// profiles, [`Self::agent`] with the choice's variables.
+    ///
+    /// # Errors
+    /// [`Refusal`] when `[profile_routing]` refuses the call.
+    pub fn choose(&self, choice: &ProfileChoice) -> Result<Chosen, Refusal> {
+        match &self.profiles {
+            Some(p) => p.choose(choice),
+            None => Profiles::single(self.agent.clone()).choose(choice),
         }
     }
 }
@@ -161,6 +182,8 @@ pub struct Router {
     /// Where the summary of every admitted call goes once it ends (records, tests).
     /// Refused connections and failed handshakes send none.
     pub summaries: Option<SummaryTx>,
+    /// The dialplan's announcements (`POST /v1/calls/{uuid}`): each call takes its own.
+    pub announcements: Option<Arc<Announcements>>,
 }
 
 impl Router {
@@ -175,6 +198,7 @@ impl Router {
             health: None,
             directory: None,
             summaries: None,
+            announcements: None,
         }
     }
 
@@ -219,26 +243,13 @@ impl Handler for Router {
     }
 
     async fn call(&self, incoming: Incoming, ticket: Ticket, hangup: CancellationToken) {
-        // The call limits apply from here; the handshake slot is freed either way.
-        let _permit = match ticket.handshake.map(Handshake::admit).transpose() {
-            Ok(p) => p,
-            Err(rejection) => {
-                refuse(incoming.peer, rejection);
-                return;
-            }
-        };
-        let span = info_span!("call", call_id = %incoming.call_id, peer = %incoming.peer);
-        let generation = ticket.generation;
-        let summary = self
-            .run_call(incoming, &generation, hangup)
-            .instrument(span.clone())
+        let Incoming {
+            stream,
+            peer,
+            call_id,
+        } = incoming;
+        self.take_call(AudioSocketPort::new(stream), call_id, peer, ticket, hangup)
             .await;
-        if let Some(summary) = summary {
-            self.account(&summary).instrument(span).await;
-            if let Some(tx) = &self.summaries {
-                tx.send(summary);
-            }
-        }
     }
 
     fn settings(&self) -> ListenSettings {
@@ -289,22 +300,72 @@ fn handshake_failed(peer: SocketAddr, reason: &'static str) {
 }
 
 impl Router {
+    /// Runs one call that [`Handler::screen`] let through, over any media transport: the call
+    /// limits (the ticket's handshake slot is admitted or refused here), then in the call's
+    /// span the directory, the fallback route, the session, and the accounting (metrics,
+    /// breaker, `/health`, budget, records). Each transport's listener calls this with its
+    /// [`MediaPort`] once it knows the call id; the AudioSocket listener does through
+    /// [`Handler::call`]. `peer` is the media source (for the logs and refusals).
+    pub async fn take_call<M: MediaPort>(
+        &self,
+        media: M,
+        call_id: uuid::Uuid,
+        peer: SocketAddr,
+        ticket: Ticket,
+        hangup: CancellationToken,
+    ) {
+        self.take_call_with_choice(media, call_id, peer, None, ticket, hangup)
+            .await;
+    }
+
+    /// [`Self::take_call`] for a transport that carries the call's profile and details
+    /// itself (the WebSocket media channel's `v(profile=...,caller=...)`): `choice` fills
+    /// what the directory (Stasis) left unsaid, and the dialplan's announce what both did.
+    pub async fn take_call_with_choice<M: MediaPort>(
+        &self,
+        media: M,
+        call_id: uuid::Uuid,
+        peer: SocketAddr,
+        choice: Option<ProfileChoice>,
+        ticket: Ticket,
+        hangup: CancellationToken,
+    ) {
+        // The call limits apply from here; the handshake slot is freed either way.
+        let _permit = match ticket.handshake.map(Handshake::admit).transpose() {
+            Ok(p) => p,
+            Err(rejection) => {
+                refuse(peer, rejection);
+                return;
+            }
+        };
+        let span = info_span!("call", %call_id, %peer, transport = media.transport());
+        let generation = ticket.generation;
+        let summary = self
+            .run_call(media, call_id, peer, choice, &generation, hangup)
+            .instrument(span.clone())
+            .await;
+        if let Some(summary) = summary {
+            self.account(&summary).instrument(span).await;
+            if let Some(tx) = &self.summaries {
+                tx.send(summary);
+            }
+        }
+    }
+
     /// Inside the call's span: the directory, the fallback route, the session. `None` if
     /// the directory refused the call.
-    async fn run_call(
+    async fn run_call<M: MediaPort>(
         &self,
-        incoming: Incoming,
+        conn: M,
+        call_id: uuid::Uuid,
+        peer: SocketAddr,
+        from_transport: Option<ProfileChoice>,
         generation: &Generation,
         hangup: CancellationToken,
     ) -> Option<CallSummary> {
-        let Incoming {
-            stream: conn,
-            peer,
-            call_id,
-        } = incoming;
         // The directory may end this call alone; the server's hangup still ends every call.
         let end = hangup.child_token();
-        let details = match &self.directory {
+        let mut details = match &self.directory {
             Some(d) => match d.admit(call_id, end.clone()).await {
                 Admission::Accept(details) => details,
                 Admission::Reject => {
@@ -314,30 +375,86 @@ impl Router {
             },
             None => CallDetails::default(),
         };
-        info!("call started");
+        // The profile: what the directory (Stasis), the transport (the WebSocket media
+        // channel's query) or the dialplan's announce said, in that order, with the caller's
+        // details from ARI where they left them out.
+        let mut choice = details.profile.take().unwrap_or_default();
+        if let Some(t) = from_transport {
+            choice = choice.or(t);
+        }
+        if let Some(a) = &self.announcements
+            && let Some(announced) = a.take(call_id, tokio::time::Instant::now())
+        {
+            choice = choice.or(announced);
+        }
+        choice.caller_number = choice.caller_number.or(details.caller_number.clone());
+        choice.caller_name = choice.caller_name.or(details.caller_name.clone());
+        let chosen = match generation.choose(&choice) {
+            Ok(c) => c,
+            Err(refusal) => {
+                let mut summary = refuse_profile(conn, call_id, generation, &refusal).await;
+                summary.caller_number = choice.caller_number;
+                if let Some(d) = &self.directory {
+                    d.finished(&mut summary);
+                }
+                return Some(summary);
+            }
+        };
+        info!(profile = %chosen.name, "call started");
         let info = CallInfo {
             call_id,
             rate_hz: 0,
-            caller_number: details.caller_number.clone(),
-            caller_name: details.caller_name.clone(),
+            caller_number: choice.caller_number.clone(),
+            caller_name: choice.caller_name.clone(),
             tools: Vec::new(),
+            variables: chosen.variables.clone(),
         };
-        let mut summary = match crate::fallback::route(&generation.fallback, &self.breaker) {
-            Route::Fallback(reason) => to_operators(conn, info, generation, reason).await,
-            Route::Agent => self.session(conn, info, details, generation, end).await,
+        let route = crate::fallback::route(&generation.fallback, &self.breaker);
+        let mut summary = match (route, self.admit_profile(&chosen)) {
+            (Route::Fallback(reason), _) | (Route::Agent, Err(reason)) => {
+                to_operators(conn, info, generation, reason).await
+            }
+            (Route::Agent, Ok(_permit)) => {
+                self.session(conn, info, details, &chosen, generation, end)
+                    .await
+            }
         };
+        summary.profile = Some(chosen.name);
         if let Some(d) = &self.directory {
             d.finished(&mut summary);
         }
         Some(summary)
     }
 
-    /// Runs the session and logs how it ended.
-    async fn session(
+    /// A slot in the chosen profile's own limits (`[profiles.limits]`), held for the
+    /// call; `None` without a guard.
+    ///
+    /// # Errors
+    /// [`FallbackReason::ProfileLimit`] when the profile is at its `max_calls` or has
+    /// spent its `daily_budget_minutes`.
+    fn admit_profile(
         &self,
-        conn: CallConnection,
+        chosen: &Chosen,
+    ) -> Result<Option<crate::guard::ProfilePermit>, FallbackReason> {
+        let Some(guard) = &self.guard else {
+            return Ok(None);
+        };
+        guard
+            .admit_profile(&chosen.name, &chosen.limits, SystemTime::now())
+            .map(Some)
+            .map_err(|limit| FallbackReason::ProfileLimit {
+                profile: chosen.name.clone(),
+                limit,
+            })
+    }
+
+    /// Runs the session and logs how it ended.
+    async fn session<M: MediaPort>(
+        &self,
+        conn: M,
         info: CallInfo,
         details: CallDetails,
+        chosen: &Chosen,
         generation: &Generation,
         end: CancellationToken,
     ) -> CallSummary {
@@ -345,12 +462,17 @@ impl Router {
         if details.media_at_once {
             session.keepalive_before_audio = Duration::ZERO;
         }
+        session.observer = details.observer;
+        session.max_duration = chosen.limits.max_call(session.max_duration);
+        if let Some(tools) = &chosen.tools {
+            session.tools = tools.clone();
+        }
         let health = self.health.as_ref().map(|(h, _)| h);
         if let Some(h) = health {
             session.clock = Some(h.call_clocks.clone());
             h.call_started();
         }
-        let agent = generation.agent.clone();
+        let agent = chosen.agent.clone();
         let extra = details.extra_input;
         let summary =
             crate::call::session::run_session_with_input(conn, info, agent, session, end, extra)
@@ -378,10 +500,27 @@ impl Router {
     }
 }
 
+/// Closes a call `[profile_routing]` refuses (`0x00`, close) before any agent session; its
+/// summary says `rejected` with the reason.
+async fn refuse_profile<M: MediaPort>(
+    mut conn: M,
+    call_id: uuid::Uuid,
+    generation: &Generation,
+    refusal: &Refusal,
+) -> CallSummary {
+    warn!(reason = %refusal, "call refused: {}", refusal.label());
+    let _ = timeout(Duration::from_secs(2), conn.hang_up()).await;
+    let _ = timeout(Duration::from_secs(2), conn.close()).await;
+    let outcome = Outcome::Rejected(format!("profile: {refusal}"));
+    let mut s = CallSummary::without_agent(call_id, generation.agent.name(), outcome);
+    s.transport = conn.transport();
+    s
+}
+
 /// Sends a call straight to the humans (maintenance, open breaker): the handover, `0x00`,
 /// close. No agent session is opened.
-async fn to_operators(
-    mut conn: CallConnection,
+async fn to_operators<M: MediaPort>(
+    mut conn: M,
     info: CallInfo,
     generation: &Generation,
     reason: FallbackReason,
@@ -400,11 +539,13 @@ async fn to_operators(
             "fallback handover timed out; dialplan fall-through"
         );
     }
-    let _ = timeout(Duration::from_secs(2), conn.write_message(&Message::Hangup)).await;
-    let _ = timeout(Duration::from_secs(2), conn.shutdown()).await;
+    let _ = timeout(Duration::from_secs(2), conn.hang_up()).await;
+    let _ = timeout(Duration::from_secs(2), conn.close()).await;
     let outcome = Outcome::Fallback(reason.to_string());
     let mut s = CallSummary::without_agent(info.call_id, generation.agent.name(), outcome);
+    s.caller_number = info.caller_number.clone();
     s.fallback = Some(reason);
+    s.transport = conn.transport();
     s
 }
 
@@ -440,7 +581,7 @@ impl Router {
         );
         ::metrics::gauge!(m::BREAKER_OPEN).set(if open { 1.0 } else { 0.0 });
         if let Some(guard) = &self.guard {
-            charge_budget(guard, s.agent_time).await;
+            charge_budget(guard, s.profile.as_deref(), s.agent_time).await;
         }
     }
 
@@ -458,24 +599,33 @@ impl Router {
 fn count_call(s: &CallSummary) {
     let (label, _) = s.outcome.label();
     ::metrics::counter!(m::CALLS_TOTAL, "outcome" => label).increment(1);
+    ::metrics::counter!(m::CALLS_BY_TRANSPORT, "transport" => s.transport).increment(1);
     ::metrics::counter!(m::UNDERRUNS).increment(s.underruns);
     ::metrics::counter!(m::IDLE_FRAMES).increment(s.idle_frames);
     ::metrics::counter!(m::FRAMES_DROPPED, "direction" => "in").increment(s.frames_dropped_in);
     ::metrics::counter!(m::FRAMES_DROPPED, "direction" => "out").increment(s.late_skipped_frames);
     ::metrics::counter!(m::BARGE_INS).increment(s.barge_ins);
+    ::metrics::counter!(m::FALSE_BARGE_INS).increment(s.false_barge_ins);
+    ::metrics::counter!(m::BACKCHANNELS).increment(s.backchannels);
+    ::metrics::counter!(m::BARGE_IN_RESUMED_AUDIO).increment(s.resumed_audio_ms);
+    let barge = ::metrics::histogram!(m::BARGE_IN_LATENCY);
+    for ms in &s.barge_in_latencies_ms {
+        barge.record(*ms as f64 / 1000.0);
+    }
     let latency = ::metrics::histogram!(m::TURN_LATENCY);
     for ms in &s.turn_latencies_ms {
         latency.record(*ms as f64 / 1000.0);
     }
 }
 
-/// Charges an agent session's time to the day's AI budget and saves it.
-async fn charge_budget(guard: &Arc<Guard>, agent_time: Duration) {
+/// Charges an agent session's time to the day's AI budget (and to its profile's share)
+/// and saves it.
+async fn charge_budget(guard: &Arc<Guard>, profile: Option<&str>, agent_time: Duration) {
     if agent_time == Duration::ZERO {
         return;
     }
     let now = SystemTime::now();
-    guard.charge(agent_time, now);
+    guard.charge_profile(profile, agent_time, now);
     ::metrics::gauge!(m::BUDGET_USED).set(guard.budget_used(now).as_secs_f64());
     let guard = guard.clone();
     match tokio::task::spawn_blocking(move || guard.save_budget()).await {

@@ -1,7 +1,8 @@
-//! The per-call task: owns the AudioSocket connection's two halves, the agent session and the
-//! playout buffer, and `select!`s over them.
+//! The per-call task: owns the call's media channel ([`MediaPort`]: AudioSocket, RTP, the
+//! WebSocket channel), the agent session and the playout buffer, and `select!`s over them.
 //!
-//! Audio path of one call:
+//! Audio path of one call (AudioSocket shown; other transports decode and encode in their
+//! port):
 //!
 //! ```text
 //! Asterisk ─0x10..0x18 frame─▶ decode ─Bytes (no copy)─▶ AgentInput::Audio ─▶ agent task
@@ -23,12 +24,12 @@
 //! at debug only.
 
 use super::core::CallCore;
+use super::media::MediaPort;
 use crate::agent::{AgentEvent, AgentInput, CallInfo, SharedAgent, Speaker, TurnLatency};
-use crate::audiosocket::{Connection, Message};
+use crate::audiosocket::SlinRate;
 use crate::tools::ToolRegistry;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +78,8 @@ pub struct SessionParams {
     pub clock: Option<std::sync::Arc<crate::health::Heartbeat>>,
     /// The tools the agent may call (declared to it through [`CallInfo::tools`]).
     pub tools: Arc<ToolRegistry>,
+    /// Sees every agent event before the call handles it (the console's live feed).
+    pub observer: Option<crate::call::directory::SharedObserver>,
 }
 
 impl Default for SessionParams {
@@ -91,6 +94,7 @@ impl Default for SessionParams {
             handover: std::sync::Arc::new(crate::fallback::DialplanHandover),
             clock: None,
             tools: Arc::new(ToolRegistry::empty()),
+            observer: None,
         }
     }
 }
@@ -162,6 +166,15 @@ pub struct CallSummary {
     pub late_skipped_frames: u64,
     /// Times the caller interrupted the agent.
     pub barge_ins: u64,
+    /// Per barge-in: caller speech onset (the first speech frame's arrival, as the local
+    /// detector saw it) → the first silent frame out, ms. Local barge-in only.
+    pub barge_in_latencies_ms: Vec<u32>,
+    /// Local pauses that nothing confirmed (playback resumed): a cough, a door, a noise.
+    pub false_barge_ins: u64,
+    /// Local pauses that the caller's words ended as a backchannel (playback resumed).
+    pub backchannels: u64,
+    /// Agent audio held by pauses and played after resuming instead of being thrown away, ms.
+    pub resumed_audio_ms: u64,
     /// DTMF digits from the caller, in order (at most [`MAX_DTMF_KEPT`]).
     pub dtmf: String,
     /// DTMF digits not kept in [`Self::dtmf`]: beyond [`MAX_DTMF_KEPT`] or faster than
@@ -184,6 +197,12 @@ pub struct CallSummary {
     pub agent_time: Duration,
     /// Per-turn latency, for agents that report it ([`AgentEvent::TurnLatency`]).
     pub turns: Vec<TurnLatency>,
+    /// The media transport that carried the call ([`MediaPort::transport`]):
+    /// `"audiosocket"`, `"rtp"`, `"websocket"`.
+    pub transport: &'static str,
+    /// The agent profile the call ran with (`default` for the top-level `[agent]`); `None`
+    /// when it never got that far ([`crate::profiles`]).
+    pub profile: Option<String>,
 }
 
 impl CallSummary {
@@ -206,6 +225,10 @@ impl CallSummary {
             idle_frames: 0,
             late_skipped_frames: 0,
             barge_ins: 0,
+            barge_in_latencies_ms: Vec::new(),
+            false_barge_ins: 0,
+            backchannels: 0,
+            resumed_audio_ms: 0,
             dtmf: String::new(),
             dtmf_dropped: 0,
             input_overrun_frames: 0,
@@ -216,47 +239,56 @@ impl CallSummary {
             fallback: None,
             agent_time: Duration::ZERO,
             turns: Vec::new(),
+            transport: "audiosocket",
+            profile: None,
         }
     }
 }
 
-/// Runs one call to its end over `conn`, whose call id has been read already (bytes read
-/// after it stay in the connection). Returns what is kept of the call; it never panics on
-/// input.
-pub async fn run_session<S>(
-    conn: Connection<S>,
+/// Runs one call to its end over its media channel `conn` (for AudioSocket, a
+/// [`super::media::AudioSocketPort`] whose call id has been read already). Returns what is
+/// kept of the call; it never panics on input.
+pub async fn run_session<M: MediaPort>(
+    conn: M,
     info: CallInfo,
     agent: SharedAgent,
     params: SessionParams,
     hangup: CancellationToken,
-) -> CallSummary
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> CallSummary {
     run_session_with_input(conn, info, agent, params, hangup, None).await
 }
 
-/// [`run_session`] with a second source of agent input besides the AudioSocket stream
+/// Hands the call's completed turns to the observer (the console's live waterfall).
+fn observe_turns(observer: Option<&crate::call::directory::SharedObserver>, core: &mut CallCore) {
+    if let Some(o) = observer {
+        for turn in core.take_observed_turns() {
+            o.agent_event(&AgentEvent::TurnLatency(turn));
+        }
+    }
+}
+
+/// [`run_session`] with a second source of agent input besides the media channel
 /// (DTMF from ARI `ChannelDtmfReceived` in Stasis mode): each [`AgentInput::Dtmf`] is counted
 /// in [`CallSummary::dtmf`] and forwarded like a `0x03` digit; other inputs are forwarded as
 /// they are. Inputs arriving before the agent starts (first audio) are dropped.
 ///
 /// This is the thin tokio driver of the [`CallCore`]: it owns the connection, the agent's
 /// event channel and the one timer, and passes what happens to the core with the time.
-pub async fn run_session_with_input<S>(
-    mut conn: Connection<S>,
+pub async fn run_session_with_input<M: MediaPort>(
+    mut conn: M,
     info: CallInfo,
     agent: SharedAgent,
     params: SessionParams,
     hangup: CancellationToken,
     mut extra_input: Option<mpsc::Receiver<AgentInput>>,
-) -> CallSummary
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> CallSummary {
     let (handover, beat) = (params.handover.clone(), params.clock.clone());
+    let observer = params.observer.clone();
     let (reference, live) = (agent.wants_playout_reference(), agent.live_playout());
     let mut core = CallCore::new(Instant::now(), info, agent.name(), reference, live, params);
+    if let Some(cfg) = agent.barge_in() {
+        core.set_barge_in(cfg);
+    }
     let m_frames_out = metrics::counter!(crate::health::metrics::FRAMES_OUT);
     let m_lateness = metrics::histogram!(crate::health::metrics::PLAYOUT_LATENESS);
     let mut events: Option<mpsc::Receiver<AgentEvent>> = None;
@@ -273,18 +305,27 @@ where
                 if let Some(beat) = &beat {
                     beat.beat();
                 }
+                let rate = core.rate();
                 if let Some(frame) = core.poll_tick(now) {
-                    match write_frame(&mut conn, frame).await {
+                    match write_frame(&mut conn, rate, frame).await {
                         Ok(()) => m_frames_out.increment(1),
                         Err(e) => core.handle_write_error(e),
                     }
                 }
             }
-            read = conn.read_message() => core.handle_caller(Instant::now(), read),
-            step = core.next_tool_step() => core.handle_tool_step(step),
+            read = conn.read() => core.handle_caller(Instant::now(), read),
+            step = core.next_tool_step() => {
+                if let (Some(o), crate::tools::runner::ToolStep::Answer(r)) = (&observer, &step) {
+                    o.tool_result(r);
+                }
+                core.handle_tool_step(step);
+            }
             ev = next_event(&mut events) => {
                 if ev.is_none() {
                     events = None;
+                }
+                if let (Some(o), Some(ev)) = (&observer, &ev) {
+                    o.agent_event(ev);
                 }
                 core.handle_agent(Instant::now(), ev);
             }
@@ -292,6 +333,12 @@ where
                 Some(input) => core.handle_extra_input(Instant::now(), input),
                 None => extra_input = None,
             },
+        }
+        observe_turns(observer.as_ref(), &mut core);
+        if core.take_flushed() {
+            if let Err(e) = bounded(WRITE_TIMEOUT, conn.flushed()).await {
+                core.handle_flush_error(e);
+            }
         }
         if let Some(info) = core.poll_start_agent() {
             let session = agent.start(info);
@@ -302,13 +349,15 @@ where
     }
     close(&mut conn, &core, handover).await;
     drop(events);
-    core.finish(Instant::now())
+    let mut summary = core.finish(Instant::now());
+    summary.transport = conn.transport();
+    summary
 }
 
-/// Hands a failed call to a human, then says goodbye (`0x00`) unless the caller hung up or
-/// the socket failed, then closes.
-async fn close<S: AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
+/// Hands a failed call to a human, then says goodbye (AudioSocket `0x00`) unless the caller
+/// hung up or the socket failed, then closes.
+async fn close<M: MediaPort>(
+    conn: &mut M,
     core: &CallCore,
     handover: crate::fallback::SharedHandover,
 ) {
@@ -327,19 +376,29 @@ async fn close<S: AsyncWrite + Unpin>(
         }
     }
     if core.says_goodbye() {
-        let _ = timeout(WRITE_TIMEOUT, conn.write_message(&Message::Hangup)).await;
+        let _ = timeout(WRITE_TIMEOUT, conn.hang_up()).await;
     }
-    let _ = timeout(WRITE_TIMEOUT, conn.shutdown()).await;
+    let _ = timeout(WRITE_TIMEOUT, conn.close()).await;
 }
 
-async fn write_frame<W: AsyncWrite + Unpin>(
-    conn: &mut Connection<W>,
-    bytes: &[u8],
+async fn write_frame<M: MediaPort>(
+    conn: &mut M,
+    rate: SlinRate,
+    samples: &[i16],
 ) -> Result<(), String> {
-    match timeout(WRITE_TIMEOUT, conn.write_encoded(bytes)).await {
+    bounded(WRITE_TIMEOUT, conn.write_frame(rate, samples)).await
+}
+
+/// A write that may block at most `limit`: a peer that stops reading would otherwise stall
+/// this call's clock.
+async fn bounded(
+    limit: Duration,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), String> {
+    match timeout(limit, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("write blocked for more than {WRITE_TIMEOUT:?}")),
+        Err(_) => Err(format!("write blocked for more than {limit:?}")),
     }
 }
 
@@ -366,7 +425,8 @@ mod tests {
     use super::*;
     use crate::agent::echo::EchoAgent;
     use crate::audio::wav::Recording;
-    use crate::audiosocket::SlinRate;
+    use crate::audiosocket::{Connection, Message, SlinRate};
+    use crate::call::media::AudioSocketPort;
     use crate::caller::{CallPlan, CallReport, run_call_on};
 
     fn hello() -> Recording {
@@ -395,6 +455,7 @@ mod tests {
             caller_number: None,
             caller_name: None,
             tools: Vec::new(),
+            variables: Default::default(),
         }
     }
 
@@ -413,7 +474,7 @@ mod tests {
             let Some(Message::CallId(id)) = first else {
                 panic!("{first:?}")
             };
-            run_session(conn, info(id), agent, params, hangup).await
+            run_session(AudioSocketPort::new(conn), info(id), agent, params, hangup).await
         });
         let report = run_call_on(caller_end, plan).await.expect("call");
         (report, session.await.expect("session task"))
@@ -517,7 +578,7 @@ mod tests {
         };
         let (mut caller, server_end) = tokio::io::duplex(64 * 1024);
         let session = tokio::spawn(async move {
-            let conn = Connection::new(server_end);
+            let conn = AudioSocketPort::new(Connection::new(server_end));
             let agent = Arc::new(EchoAgent::new(Duration::ZERO));
             run_session(
                 conn,

@@ -31,10 +31,15 @@ use super::next::{Next, NextStore};
 use super::{CallSummary, Outcome};
 use crate::agent::AgentInput;
 use crate::ari::client::{AriClient, AriError, ExternalMedia};
-use crate::ari::config::{AriConfig, AriFormat, AriMode};
+use crate::ari::config::{AriConfig, AriFormat, AriMedia, AriMode};
 use crate::ari::events::{self, EventLink, EventsParams, LinkState};
 use crate::ari::model::{Channel, Event};
+use crate::call::media_rtp::{PortCall, RTP_CALL_QUEUE, RtpCall, RtpPort, RtpPorts};
+use crate::call::media_ws::WebSocketPort;
+use crate::chanws::client::{self as ws_client, ClientStream};
 use crate::fallback::FallbackReason;
+use crate::profiles::ProfileChoice;
+use crate::rtp::RtpFormat;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +50,17 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
+
+/// The channel variable the examples use to name a Stasis call's profile
+/// (`[ari] profile_variable`): `Set(VOICEGATE_PROFILE=sales)` before `Stasis(voicegate)`.
+pub const PROFILE_VARIABLE: &str = "VOICEGATE_PROFILE";
+
+/// The called number (the DID) of a channel: its dialplan extension, unless that is the
+/// catch-all `s` or empty.
+fn called_number(channel: &Channel) -> Option<String> {
+    let exten = &channel.dialplan.exten;
+    (!exten.is_empty() && exten != "s").then(|| exten.clone())
+}
 
 /// After clean-up, a session still running this long (its socket not closed by Asterisk) is
 /// ended by voicegate.
@@ -82,6 +98,12 @@ pub struct AriSettings {
     pub external_host: String,
     /// externalMedia format.
     pub format: AriFormat,
+    /// externalMedia transport (AudioSocket or RTP).
+    pub media: AriMedia,
+    /// With RTP: the ports and the jitter buffer's bound.
+    pub rtp: Option<RtpSettings>,
+    /// With WebSocket: where and how voicegate connects to Asterisk's `/media`.
+    pub websocket: Option<WsSettings>,
     /// Reject AudioSocket connections with a UUID this controller did not create.
     pub stasis_only: bool,
     /// Transfer target: context.
@@ -94,6 +116,8 @@ pub struct AriSettings {
     pub transfer_confirm: Duration,
     /// Caller lookup may take this long.
     pub lookup_timeout: Duration,
+    /// The channel variable naming a Stasis call's profile (`[ari] profile_variable`).
+    pub profile_variable: Option<String>,
     /// Longest time between two reconcile passes (and the cap of the retry backoff).
     pub reconcile_interval: Duration,
     /// How long setup waits for the externalMedia channel's own `StasisStart` before it
@@ -102,10 +126,76 @@ pub struct AriSettings {
     pub media_join_timeout: Duration,
 }
 
+/// How RTP calls get their sockets (`ari.media = "rtp"`).
+#[derive(Debug, Clone)]
+pub struct RtpSettings {
+    /// The port range on voicegate's RTP address.
+    pub ports: Arc<RtpPorts>,
+    /// The RTP payload format.
+    pub format: RtpFormat,
+    /// Most audio the jitter buffer holds.
+    pub jitter_max: Duration,
+}
+
+/// How voicegate connects to Asterisk's media WebSockets (`ari.media = "websocket"`).
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Asterisk's HTTP server (`ari.url`); the media URL is
+    /// [`ws_client::media_url`]`(base, connection id)`.
+    pub base: String,
+    /// The upgrade and `MEDIA_START` must come within this long (`ari.request_timeout_ms`).
+    pub handshake_timeout: Duration,
+    /// Largest WebSocket message taken, bytes.
+    pub max_message_bytes: usize,
+}
+
+/// Largest message taken on an externalMedia WebSocket (20 ms of slin192 is 7680 bytes; as
+/// `[websocket] max_message_bytes`' default).
+pub const WS_MAX_MESSAGE_BYTES: usize = 65_536;
+
+/// A WebSocket externalMedia call, for [`crate::call::media_rtp::serve`].
+pub type WsCall = PortCall<WebSocketPort<ClientStream>>;
+
+impl RtpSettings {
+    /// From `[ari]`: the address is the host of `external_host` when it is an IP address,
+    /// else `listen`'s (the config check makes sure one of them is usable).
+    fn from_config(c: &AriConfig, listen: SocketAddr) -> Option<Self> {
+        if c.media != AriMedia::Rtp {
+            return None;
+        }
+        let ip = c
+            .external_host
+            .as_deref()
+            .and_then(|h| h.rsplit_once(':'))
+            .and_then(|(host, _)| host.trim_matches(['[', ']']).parse().ok())
+            .unwrap_or(listen.ip());
+        let format = match c.format {
+            AriFormat::Alaw => RtpFormat::Alaw,
+            AriFormat::Ulaw => RtpFormat::Ulaw,
+            // The config check allows only these three with RTP.
+            AriFormat::Slin16 | AriFormat::Slin => RtpFormat::Slin16,
+        };
+        // `AriConfig::validate` checked the range; the default stands in should it not have run.
+        let range = c.rtp_port_range().unwrap_or(40_000..=40_999);
+        Some(RtpSettings {
+            ports: Arc::new(RtpPorts::new(ip, range)),
+            format,
+            jitter_max: c.rtp_jitter_max(),
+        })
+    }
+}
+
 impl AriSettings {
     /// Settings from `[ari]`; `listen` is the AudioSocket listener, the default external host.
     pub fn from_config(c: &AriConfig, listen: SocketAddr) -> Self {
         AriSettings {
+            media: c.media,
+            rtp: RtpSettings::from_config(c, listen),
+            websocket: (c.media == AriMedia::Websocket).then(|| WsSettings {
+                base: c.url.clone(),
+                handshake_timeout: c.request_timeout(),
+                max_message_bytes: WS_MAX_MESSAGE_BYTES,
+            }),
             app: c.app.clone(),
             mode: c.mode,
             external_host: c
@@ -119,6 +209,7 @@ impl AriSettings {
             transfer_priority: c.transfer_priority,
             transfer_confirm: c.transfer_confirm(),
             lookup_timeout: c.lookup_timeout(),
+            profile_variable: c.profile_variable.clone(),
             reconcile_interval: c.reconcile_interval(),
             media_join_timeout: c.media_join_timeout(),
         }
@@ -168,6 +259,14 @@ enum SetupError {
     /// A REST request failed.
     #[error(transparent)]
     Ari(#[from] AriError),
+    /// No RTP socket: every port of `ari.rtp_ports` taken, or Asterisk's answer lacked its
+    /// RTP address.
+    #[error("rtp: {0}")]
+    Rtp(std::io::Error),
+    /// No media WebSocket: Asterisk's answer lacked the connection id, the connection failed,
+    /// or the call could not be queued.
+    #[error("websocket: {0}")]
+    WebSocket(String),
     /// The externalMedia channel did not enter the application in time.
     #[error("externalMedia channel {channel} sent no StasisStart within {waited_ms} ms")]
     MediaNotJoined {
@@ -191,6 +290,10 @@ pub struct AriStats {
     pub media_created: u64,
     /// externalMedia channels deleted (or found already gone).
     pub media_destroyed: u64,
+    /// RTP calls handed to the router (`ari.media = "rtp"`).
+    pub rtp_calls: u64,
+    /// WebSocket calls connected and handed to the router (`ari.media = "websocket"`).
+    pub websocket_calls: u64,
     /// Callers transferred to the operators (confirmed by `StasisEnd`).
     pub transfers: u64,
     /// Transfers that failed twice and ended in a hangup.
@@ -217,6 +320,8 @@ struct Counters {
     bridges_destroyed: AtomicU64,
     media_created: AtomicU64,
     media_destroyed: AtomicU64,
+    rtp_calls: AtomicU64,
+    websocket_calls: AtomicU64,
     transfers: AtomicU64,
     transfer_failures: AtomicU64,
     hangups: AtomicU64,
@@ -249,10 +354,15 @@ struct StasisCall {
     caller: String,
     number: Option<String>,
     name: Option<String>,
+    /// The profile the dialplan chose (`Stasis()` argument, `VOICEGATE_PROFILE`) and the
+    /// called number.
+    profile: ProfileChoice,
     bridge: Option<String>,
     media: Option<String>,
     input: Option<mpsc::Sender<AgentInput>>,
     end: Option<CancellationToken>,
+    /// RTP: ends the media channel's reads when the caller's side is gone.
+    media_closed: Option<CancellationToken>,
     phase: Phase,
     admitted: bool,
     session_done: bool,
@@ -313,6 +423,10 @@ struct Inner {
     /// Wakes [`Controller::run`] when a caller is given up on, to schedule a retry.
     given_up_wake: tokio::sync::Notify,
     hooks: Hooks,
+    /// Where RTP calls go once set up (to [`crate::call::media_rtp::serve`]).
+    rtp_calls: Option<mpsc::Sender<RtpCall>>,
+    /// Where WebSocket calls go once connected (to [`crate::call::media_rtp::serve`]).
+    ws_calls: Option<mpsc::Sender<WsCall>>,
 }
 
 /// The ARI controller. Cheap to clone; install it on the AudioSocket server with
@@ -339,6 +453,12 @@ pub struct AriRuntime {
     pub link: EventLink,
     /// The events task and the controller's event loop; they end when `stop` is cancelled.
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// With `ari.media = "rtp"`: the calls the controller set up, for
+    /// [`crate::call::media_rtp::serve`].
+    pub rtp_calls: Option<mpsc::Receiver<RtpCall>>,
+    /// With `ari.media = "websocket"`: the calls the controller connected, for
+    /// [`crate::call::media_rtp::serve`].
+    pub ws_calls: Option<mpsc::Receiver<WsCall>>,
 }
 
 /// Builds the controller from `[ari]` and starts it: in Stasis mode the events WebSocket and
@@ -358,17 +478,34 @@ pub fn start(
         .resolve()
         .map_err(|e| AriError::Client(format!("ari.password: {e}")))?;
     let client = AriClient::new(&cfg.url, &cfg.username, password, cfg.request_timeout())?;
-    let controller = Controller::with_hooks(
+    let (rtp_tx, rtp_calls) = match cfg.media {
+        AriMedia::Rtp if cfg.mode == AriMode::Stasis => {
+            let (tx, rx) = mpsc::channel(RTP_CALL_QUEUE);
+            (Some(tx), Some(rx))
+        }
+        _ => (None, None),
+    };
+    let (ws_tx, ws_calls) = match cfg.media {
+        AriMedia::Websocket if cfg.mode == AriMode::Stasis => {
+            let (tx, rx) = mpsc::channel(RTP_CALL_QUEUE);
+            (Some(tx), Some(rx))
+        }
+        _ => (None, None),
+    };
+    let controller = Controller::build(
         client.clone(),
         AriSettings::from_config(cfg, listen),
         next,
         hooks,
+        (rtp_tx, ws_tx),
     );
     if cfg.mode == AriMode::Lookup {
         return Ok(AriRuntime {
             controller,
             link: EventLink::disabled(),
             tasks: Vec::new(),
+            rtp_calls,
+            ws_calls,
         });
     }
     let (tx, rx) = mpsc::channel(events::EVENT_QUEUE);
@@ -385,6 +522,8 @@ pub fn start(
         controller,
         link,
         tasks: vec![events_task, run],
+        rtp_calls,
+        ws_calls,
     })
 }
 
@@ -401,6 +540,19 @@ impl Controller {
         next: Arc<NextStore>,
         hooks: Hooks,
     ) -> Self {
+        Self::build(client, settings, next, hooks, (None, None))
+    }
+
+    /// [`Controller::with_hooks`], handing RTP calls to `queues.0` and WebSocket calls to
+    /// `queues.1`.
+    fn build(
+        client: AriClient,
+        settings: AriSettings,
+        next: Arc<NextStore>,
+        hooks: Hooks,
+        queues: (Option<mpsc::Sender<RtpCall>>, Option<mpsc::Sender<WsCall>>),
+    ) -> Self {
+        let (rtp_calls, ws_calls) = queues;
         Controller {
             inner: Arc::new(Inner {
                 client,
@@ -411,6 +563,8 @@ impl Controller {
                 counters: Counters::default(),
                 given_up_wake: tokio::sync::Notify::new(),
                 hooks,
+                rtp_calls,
+                ws_calls,
             }),
         }
     }
@@ -430,6 +584,8 @@ impl Controller {
             bridges_destroyed: l(&c.bridges_destroyed),
             media_created: l(&c.media_created),
             media_destroyed: l(&c.media_destroyed),
+            rtp_calls: l(&c.rtp_calls),
+            websocket_calls: l(&c.websocket_calls),
             transfers: l(&c.transfers),
             transfer_failures: l(&c.transfer_failures),
             hangups: l(&c.hangups),
@@ -629,7 +785,7 @@ impl Controller {
                 if !known {
                     // A caller given up on that entered the app again is a new call.
                     self.registry().given_up.remove(&channel.id);
-                    let id = self.register(&channel);
+                    let id = self.register(&channel, &args);
                     let me = self.clone();
                     tokio::spawn(async move { me.setup(id, channel).await });
                 }
@@ -707,8 +863,16 @@ impl Controller {
 
     /// Registers a new caller under a fresh call id, before any `.await`, so that events
     /// for it (a quick hangup) find it.
-    fn register(&self, channel: &Channel) -> Uuid {
+    /// The first `Stasis()` argument (`Stasis(voicegate,sales)`) names the call's profile.
+    fn register(&self, channel: &Channel, args: &[String]) -> Uuid {
         let id = Uuid::new_v4();
+        let profile = ProfileChoice {
+            profile: args.first().filter(|a| !a.is_empty()).cloned(),
+            caller_number: channel.caller_number(),
+            caller_name: channel.caller_name(),
+            called_number: called_number(channel),
+            ..ProfileChoice::default()
+        };
         bump(&self.inner.counters.calls);
         let mut reg = self.registry();
         reg.by_channel.insert(channel.id.clone(), id);
@@ -718,10 +882,12 @@ impl Controller {
                 caller: channel.id.clone(),
                 number: channel.caller_number(),
                 name: channel.caller_name(),
+                profile: profile.bounded(),
                 bridge: None,
                 media: None,
                 input: None,
                 end: None,
+                media_closed: None,
                 phase: Phase::Setup,
                 admitted: false,
                 session_done: false,
@@ -741,6 +907,7 @@ impl Controller {
             self.send_to_operators(id, reason).await;
             return;
         }
+        self.read_profile_variable(id, &channel).await;
         info!(call_id = %id, channel = %channel.id, "stasis call: setting up");
         match self.bridge_media(id, &channel).await {
             Ok(()) => debug!(call_id = %id, "stasis call bridged"),
@@ -754,6 +921,30 @@ impl Controller {
                     .await;
             }
         }
+    }
+
+    /// Without a `Stasis()` argument, the channel variable `[ari] profile_variable` (when
+    /// set) names the call's profile (`GET /channels/{id}/variable`); unset, empty or
+    /// unanswered within the lookup timeout: none.
+    async fn read_profile_variable(&self, id: Uuid, channel: &Channel) {
+        let Some(name) = &self.inner.settings.profile_variable else {
+            return;
+        };
+        if self.read(id, |call| call.profile.profile.is_some()) != Some(false) {
+            return;
+        }
+        let c = &self.inner.client;
+        let asked = c.variable(&channel.id, name);
+        let value = match timeout(self.inner.settings.lookup_timeout, asked).await {
+            Ok(Ok(v)) if !v.is_empty() => v,
+            Ok(Err(e)) if !e.is_not_found() => {
+                debug!(call_id = %id, error = %e, "cannot read {name}");
+                return;
+            }
+            _ => return,
+        };
+        debug!(call_id = %id, profile = %value, "profile from {name}");
+        self.keep(id, |call| call.profile.profile = Some(value));
     }
 
     /// Answer, bridge, externalMedia, wait for its `StasisStart`, bridge both. `Ok` also when
@@ -774,12 +965,31 @@ impl Controller {
             return Ok(());
         }
         let data = id.to_string();
+        // RTP: this call's own UDP socket is where Asterisk sends.
+        let rtp = match &s.rtp {
+            Some(r) => {
+                let sock = r.ports.bind().map_err(SetupError::Rtp)?;
+                let at = sock.local_addr().map_err(SetupError::Rtp)?;
+                Some((sock, at.to_string()))
+            }
+            None => None,
+        };
+        let (encapsulation, transport) = s.media.encapsulation();
+        let websocket = s.media == AriMedia::Websocket;
         let media = c
             .external_media(&ExternalMedia {
                 app: &s.app,
-                external_host: &s.external_host,
+                // WebSocket: Asterisk waits for voicegate to connect (no host of ours).
+                external_host: match &rtp {
+                    _ if websocket => "",
+                    Some((_, at)) => at,
+                    None => &s.external_host,
+                },
+                encapsulation,
+                transport,
                 format: s.format.as_str(),
                 data: &data,
+                connection_type: websocket.then_some("server"),
             })
             .await?;
         bump(&self.inner.counters.media_created);
@@ -792,6 +1002,30 @@ impl Controller {
             self.delete_media(&media.id).await;
             return Ok(());
         }
+        if let Some((sock, _)) = rtp {
+            self.start_rtp(id, sock, &media)?;
+        }
+        if websocket {
+            // The channel answers, and enters the application, once voicegate is connected.
+            self.start_websocket(id, &media).await?;
+        }
+        self.join_and_bridge(id, channel, &bridge.id, &media, &mut joined, &mut left)
+            .await
+    }
+
+    /// Waits for the externalMedia channel's `StasisStart` (or the caller leaving), then
+    /// bridges it with the caller and marks the call live.
+    async fn join_and_bridge(
+        &self,
+        id: Uuid,
+        channel: &Channel,
+        bridge: &str,
+        media: &Channel,
+        joined: &mut watch::Receiver<bool>,
+        left: &mut watch::Receiver<bool>,
+    ) -> Result<(), SetupError> {
+        let c = &self.inner.client;
+        let s = &self.inner.settings;
         // Asterisk answers the REST request before the new channel has entered the
         // application; bridging it before its own `StasisStart` fails with 422.
         let waited = Instant::now();
@@ -799,7 +1033,7 @@ impl Controller {
             r = timeout(s.media_join_timeout, joined.wait_for(|j| *j)) => {
                 if !matches!(r, Ok(Ok(_))) {
                     return Err(SetupError::MediaNotJoined {
-                        channel: media.id,
+                        channel: media.id.clone(),
                         waited_ms: s.media_join_timeout.as_millis() as u64,
                     });
                 }
@@ -807,13 +1041,112 @@ impl Controller {
             _ = left.wait_for(|l| *l) => return Ok(()),
         }
         debug!(call_id = %id, channel = %media.id, waited_ms = waited.elapsed().as_millis() as u64, "externalMedia channel in stasis");
-        c.add_channels(&bridge.id, &[&channel.id, &media.id])
-            .await?;
+        c.add_channels(bridge, &[&channel.id, &media.id]).await?;
         self.keep(id, |call| {
             if call.phase == Phase::Setup {
                 call.phase = Phase::Live;
             }
         });
+        Ok(())
+    }
+
+    /// Hands the RTP call to the router: Asterisk's RTP address from the externalMedia
+    /// answer, the port over `sock`. If no session admits it in time (the guard or the call
+    /// limits refused it), the caller goes to the operators.
+    fn start_rtp(
+        &self,
+        id: Uuid,
+        sock: tokio::net::UdpSocket,
+        media: &Channel,
+    ) -> Result<(), SetupError> {
+        let s = &self.inner.settings;
+        let (Some(r), Some(tx)) = (&s.rtp, &self.inner.rtp_calls) else {
+            return Err(SetupError::Rtp(std::io::Error::other("no RTP call queue")));
+        };
+        let peer = media.unicast_rtp_local().ok_or_else(|| {
+            SetupError::Rtp(std::io::Error::other(
+                "externalMedia answer has no UNICASTRTP_LOCAL_ADDRESS/PORT",
+            ))
+        })?;
+        let closed = CancellationToken::new();
+        if !self.keep(id, |call| call.media_closed = Some(closed.clone())) {
+            // Cleaned up meanwhile (the caller left): no session; the socket closes here.
+            return Ok(());
+        }
+        let port = RtpPort::new(sock, peer, r.format, r.jitter_max, closed);
+        debug!(call_id = %id, %peer, "rtp call handed to the router");
+        tx.try_send(RtpCall {
+            call_id: id,
+            peer,
+            port,
+            choice: None,
+        })
+        .map_err(|_| SetupError::Rtp(std::io::Error::other("RTP call queue full or closed")))?;
+        bump(&self.inner.counters.rtp_calls);
+        self.watch_admission(id, "rtp");
+        Ok(())
+    }
+
+    /// If no session admits call `id` within `ari.media_join_timeout` (the guard or the call
+    /// limits refused its media), sends the caller to the operators.
+    fn watch_admission(&self, id: Uuid, transport: &'static str) {
+        let me = self.clone();
+        let wait = self.inner.settings.media_join_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let unadmitted = me.read(id, |c| !c.admitted && c.phase != Phase::Done);
+            if unadmitted == Some(true) {
+                warn!(call_id = %id, transport, "media not admitted (guard or limits); sending the caller to the operators");
+                let why = FallbackReason::SetupFailed(format!("{transport} media not admitted"));
+                me.send_to_operators(id, why).await;
+            }
+        });
+    }
+
+    /// Connects to the `WebSocket/INCOMING` channel Asterisk created (its connection id from
+    /// the externalMedia answer's `channelvars`) and hands the call to the router. If no
+    /// session admits it in time, the caller goes to the operators.
+    async fn start_websocket(&self, id: Uuid, media: &Channel) -> Result<(), SetupError> {
+        let s = &self.inner.settings;
+        let (Some(w), Some(tx)) = (&s.websocket, &self.inner.ws_calls) else {
+            return Err(SetupError::WebSocket("no WebSocket call queue".into()));
+        };
+        let conn = media
+            .channelvars
+            .get(ws_client::CONNECTION_ID_VARIABLE)
+            .ok_or_else(|| {
+                SetupError::WebSocket(format!(
+                    "externalMedia answer has no {}",
+                    ws_client::CONNECTION_ID_VARIABLE
+                ))
+            })?;
+        let url = ws_client::media_url(&w.base, conn)
+            .map_err(|e| SetupError::WebSocket(e.to_string()))?;
+        let out = match ws_client::connect(&url, w.handshake_timeout, w.max_message_bytes).await {
+            Ok(out) => out,
+            Err(e) => {
+                ::metrics::counter!(crate::health::metrics::HANDSHAKE_FAILURES, "reason" => e.label())
+                    .increment(1);
+                return Err(SetupError::WebSocket(format!("{url}: {e}")));
+            }
+        };
+        let peer = out.peer;
+        let port = WebSocketPort::new(out.channel)
+            .map_err(|format| SetupError::WebSocket(format!("media in {format}, not slin")))?;
+        if self.read(id, |c| c.phase == Phase::Done) != Some(false) {
+            // Cleaned up meanwhile (the caller left): no session; the socket closes here.
+            return Ok(());
+        }
+        debug!(call_id = %id, %peer, connection_id = %conn, "websocket media connected; call handed to the router");
+        tx.try_send(WsCall {
+            call_id: id,
+            peer,
+            port,
+            choice: None,
+        })
+        .map_err(|_| SetupError::WebSocket("call queue full or closed".into()))?;
+        bump(&self.inner.counters.websocket_calls);
+        self.watch_admission(id, "websocket");
         Ok(())
     }
 
@@ -892,6 +1225,10 @@ impl Controller {
             };
             call.phase = Phase::Done;
             call.input = None;
+            if let Some(closed) = call.media_closed.take() {
+                // RTP has no socket for Asterisk to close: the caller's side ends here.
+                closed.cancel();
+            }
             let taken = (call.bridge.take(), call.media.take(), call.end.take());
             if call.session_done || !call.admitted {
                 if !call.admitted {
@@ -1153,7 +1490,7 @@ impl Controller {
             .iter()
             .filter(|ch| first_chans.iter().any(|f| f.id == ch.id))
         {
-            if ch.name.starts_with("AudioSocket/") {
+            if ch.name.starts_with("AudioSocket/") || ch.name.starts_with("WebSocket/") {
                 info!(channel = %ch.id, "reconcile: deleting an orphaned externalMedia channel");
                 self.delete_media(&ch.id).await;
                 continue;
@@ -1315,6 +1652,8 @@ impl CallDirectory for Controller {
                         extra_input: Some(rx),
                         // Our externalMedia channel: prompt its media with silence at once.
                         media_at_once: true,
+                        observer: None,
+                        profile: Some(call.profile.clone()),
                     });
                 }
                 if self.inner.settings.stasis_only {
@@ -1334,6 +1673,11 @@ impl CallDirectory for Controller {
                         caller_name: ch.caller_name(),
                         extra_input: None,
                         media_at_once: false,
+                        observer: None,
+                        profile: Some(ProfileChoice {
+                            called_number: called_number(&ch),
+                            ..ProfileChoice::default()
+                        }),
                     })
                 }
                 None => Admission::Accept(CallDetails::default()),

@@ -22,6 +22,11 @@
 //! by the call session (`call::SessionParams::max_duration`); the call-id timeout by
 //! the listener (`audiosocket.call_id_timeout_ms`).
 //!
+//! A profile's own limits ([`ProfileLimits`], `[profiles.limits]`) apply on top, once the
+//! call's profile is known ([`Guard::admit_profile`]): its calls at once and its share of
+//! the AI minutes per UTC day, kept here so they outlive a SIGHUP reload; the budget file
+//! keeps each profile's minutes beside the box's.
+//!
 //! Optionally ([`GuardConfig::nftables`]) [`nft`] writes and loads an nftables ruleset that
 //! drops packets to the AudioSocket and health ports from outside the allowlist, when the
 //! process has `CAP_NET_ADMIN`; the in-process check works without it.
@@ -33,7 +38,7 @@ pub mod nft;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -139,8 +144,10 @@ impl GuardConfig {
     }
 }
 
-/// Why a connection was refused. [`Rejection::label`] is the metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a connection was refused. [`Rejection::label`] is the metrics label (and the
+/// serialised name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Rejection {
     /// The source address is not in `guard.allow`.
     #[error("source not in the allowlist")]
@@ -161,6 +168,12 @@ pub enum Rejection {
     /// call id.
     #[error("too many connections from this source waiting for their call id")]
     HandshakeSourceLimit,
+    /// The call's profile has its `[profiles.limits] max_calls` calls live.
+    #[error("the profile's call limit is reached")]
+    ProfileLimit,
+    /// Today's `[profiles.limits] daily_budget_minutes` of the call's profile are spent.
+    #[error("the profile's daily AI budget is spent")]
+    ProfileBudgetSpent,
 }
 
 impl Rejection {
@@ -173,6 +186,8 @@ impl Rejection {
             Rejection::BudgetSpent => "budget_spent",
             Rejection::HandshakeLimit => "handshake_limit",
             Rejection::HandshakeSourceLimit => "handshake_source_limit",
+            Rejection::ProfileLimit => "profile_limit",
+            Rejection::ProfileBudgetSpent => "profile_budget_spent",
         }
     }
 }
@@ -191,12 +206,70 @@ pub enum GuardError {
 }
 
 /// AI time used on one UTC day; the content of `budget.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct BudgetDay {
     /// Days since 1970-01-01, UTC.
     pub day: u64,
     /// AI time used that day, ms.
     pub used_ms: u64,
+    /// The part of it each named profile used, ms (absent in files written before
+    /// profiles had budgets: all zero).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub profiles_ms: BTreeMap<String, u64>,
+}
+
+impl BudgetDay {
+    /// This record as of `today`: itself, or an empty one when it is an older day's.
+    fn on(&mut self, today: u64) -> &mut Self {
+        if self.day != today {
+            *self = BudgetDay {
+                day: today,
+                ..BudgetDay::default()
+            };
+        }
+        self
+    }
+}
+
+/// `[profiles.limits]`: one profile's limits, on top of the box's `[guard]` (a call must
+/// pass both). Every key 0 (the default) means no limit of the profile's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileLimits {
+    /// Most calls of this profile at once; the next goes to the operators.
+    pub max_calls: u32,
+    /// Longest call of this profile, s (at least 10); the shorter of this and
+    /// `guard.max_call_s` applies.
+    pub max_call_s: u64,
+    /// AI minutes per UTC day for this profile's calls (their share of
+    /// `guard.daily_budget_minutes`, which still applies to all calls together); when
+    /// spent, its new calls go to the operators.
+    pub daily_budget_minutes: u64,
+}
+
+impl ProfileLimits {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// [`crate::error::ConfigError::Invalid`] naming `<prefix>.max_call_s`.
+    pub fn validate(&self, prefix: &str) -> Result<(), crate::error::ConfigError> {
+        if self.max_call_s != 0 && self.max_call_s < 10 {
+            return Err(crate::error::ConfigError::invalid(
+                &format!("{prefix}.max_call_s"),
+                "must be 0 (the box's) or at least 10",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The longest call under both these limits and the box's `box_max` (`None`: no limit).
+    pub fn max_call(&self, box_max: Option<Duration>) -> Option<Duration> {
+        let own = (self.max_call_s > 0).then(|| Duration::from_secs(self.max_call_s));
+        match (own, box_max) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 fn utc_day(now: SystemTime) -> u64 {
@@ -210,6 +283,8 @@ struct State {
     per_source: HashMap<IpAddr, u32>,
     handshakes: u32,
     handshakes_per_source: HashMap<IpAddr, u32>,
+    /// Live calls per named profile.
+    per_profile: HashMap<String, u32>,
     budget: BudgetDay,
 }
 
@@ -244,6 +319,25 @@ impl Drop for Permit {
         let mut s = self.guard.lock();
         s.live = s.live.saturating_sub(1);
         release(&mut s.per_source, &self.source);
+    }
+}
+
+/// A live call's slot in its profile's `max_calls`; freed on drop.
+#[derive(Debug)]
+pub struct ProfilePermit {
+    guard: Arc<Guard>,
+    profile: String,
+}
+
+impl Drop for ProfilePermit {
+    fn drop(&mut self) {
+        let mut s = self.guard.lock();
+        if let Some(n) = s.per_profile.get_mut(&self.profile) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.per_profile.remove(&self.profile);
+            }
+        }
     }
 }
 
@@ -287,6 +381,12 @@ impl Handshake {
     }
 }
 
+/// Sets `voicegate_budget_limit_seconds` to `guard.daily_budget_minutes` (0: no limit).
+fn set_budget_limit(cfg: &GuardConfig) {
+    ::metrics::gauge!(crate::health::metrics::BUDGET_LIMIT)
+        .set(cfg.daily_budget_minutes.saturating_mul(60) as f64);
+}
+
 impl Guard {
     /// A guard with `cfg`; with `state_dir`, the budget is loaded from and saved to
     /// `state_dir/budget.json` (a missing file is an empty budget).
@@ -310,6 +410,7 @@ impl Guard {
             },
             None => BudgetDay::default(),
         };
+        set_budget_limit(&cfg);
         Ok(Guard {
             state: Mutex::new(State {
                 cfg,
@@ -317,6 +418,7 @@ impl Guard {
                 per_source: HashMap::new(),
                 handshakes: 0,
                 handshakes_per_source: HashMap::new(),
+                per_profile: HashMap::new(),
                 budget,
             }),
             budget_path,
@@ -332,6 +434,7 @@ impl Guard {
 
     /// Applies a new config to new connections (live permits keep their slots).
     pub fn reconfigure(&self, cfg: GuardConfig) {
+        set_budget_limit(&cfg);
         self.lock().cfg = cfg;
     }
 
@@ -405,15 +508,19 @@ impl Guard {
     /// Adds `ai_time` (time an agent session was up) to the budget of `now`'s UTC day.
     /// Call [`Guard::save_budget`] afterwards (off the async threads).
     pub fn charge(&self, ai_time: Duration, now: SystemTime) {
-        let today = utc_day(now);
+        self.charge_profile(None, ai_time, now);
+    }
+
+    /// [`Guard::charge`], also counting the time in `profile`'s share (a named profile).
+    pub fn charge_profile(&self, profile: Option<&str>, ai_time: Duration, now: SystemTime) {
+        let ms = ai_time.as_millis() as u64;
         let mut s = self.lock();
-        if s.budget.day != today {
-            s.budget = BudgetDay {
-                day: today,
-                used_ms: 0,
-            };
+        let b = s.budget.on(utc_day(now));
+        b.used_ms = b.used_ms.saturating_add(ms);
+        if let Some(p) = profile {
+            let used = b.profiles_ms.entry(p.to_owned()).or_default();
+            *used = used.saturating_add(ms);
         }
-        s.budget.used_ms = s.budget.used_ms.saturating_add(ai_time.as_millis() as u64);
     }
 
     /// AI time used on `now`'s UTC day.
@@ -426,6 +533,56 @@ impl Guard {
         }
     }
 
+    /// AI time `profile`'s calls used on `now`'s UTC day.
+    pub fn profile_budget_used(&self, profile: &str, now: SystemTime) -> Duration {
+        let s = self.lock();
+        if s.budget.day == utc_day(now) {
+            Duration::from_millis(s.budget.profiles_ms.get(profile).copied().unwrap_or(0))
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Live calls of `profile` holding a [`ProfilePermit`].
+    pub fn profile_calls(&self, profile: &str) -> u32 {
+        self.lock().per_profile.get(profile).copied().unwrap_or(0)
+    }
+
+    /// A call of `profile` at `now`, under its `limits`: a slot in its `max_calls` while
+    /// its `daily_budget_minutes` are not spent. Live calls of earlier config generations
+    /// count (the counts outlive a reload).
+    ///
+    /// # Errors
+    /// [`Rejection::ProfileLimit`] or [`Rejection::ProfileBudgetSpent`]; nothing is
+    /// reserved then.
+    pub fn admit_profile(
+        self: &Arc<Self>,
+        profile: &str,
+        limits: &ProfileLimits,
+        now: SystemTime,
+    ) -> Result<ProfilePermit, Rejection> {
+        let mut s = self.lock();
+        if limits.daily_budget_minutes > 0 {
+            let used = if s.budget.day == utc_day(now) {
+                s.budget.profiles_ms.get(profile).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            if used >= limits.daily_budget_minutes.saturating_mul(60_000) {
+                return Err(Rejection::ProfileBudgetSpent);
+            }
+        }
+        let live = s.per_profile.get(profile).copied().unwrap_or(0);
+        if limits.max_calls > 0 && live >= limits.max_calls {
+            return Err(Rejection::ProfileLimit);
+        }
+        s.per_profile.insert(profile.to_owned(), live + 1);
+        Ok(ProfilePermit {
+            guard: self.clone(),
+            profile: profile.to_owned(),
+        })
+    }
+
     /// Writes the current budget to `budget.json` (temp file, fsync, rename). Blocking: call
     /// it from `spawn_blocking`. Does nothing without a state directory.
     ///
@@ -436,7 +593,7 @@ impl Guard {
             return Ok(());
         };
         let _serial = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let budget = self.lock().budget;
+        let budget = self.lock().budget.clone();
         let io = |source| GuardError::Io {
             path: path.clone(),
             source,
@@ -445,7 +602,7 @@ impl Guard {
         {
             use std::io::Write as _;
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            // BudgetDay is two integers: serialising cannot fail.
+            // BudgetDay is integers and a string-keyed map: serialising cannot fail.
             let text = serde_json::to_vec(&budget).unwrap_or_default();
             f.write_all(&text).map_err(io)?;
             f.sync_all().map_err(io)?;
@@ -569,5 +726,82 @@ mod tests {
         assert!(g2.admit(lo, day2).is_ok());
         assert_eq!(g2.budget_used(day2), Duration::ZERO);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn profile_limits_count_calls_and_minutes_per_profile() {
+        let dir = std::env::temp_dir().join(format!("vg-guard-prof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join(BUDGET_FILE));
+        let g = Arc::new(Guard::new(GuardConfig::default(), Some(&dir)).unwrap());
+        let day1 = UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 3600);
+        let two = ProfileLimits {
+            max_calls: 2,
+            daily_budget_minutes: 1,
+            ..ProfileLimits::default()
+        };
+        let a = g.admit_profile("sales", &two, day1).unwrap();
+        let _b = g.admit_profile("sales", &two, day1).unwrap();
+        assert_eq!(
+            g.admit_profile("sales", &two, day1).unwrap_err(),
+            Rejection::ProfileLimit
+        );
+        // Another profile, and one without limits, are not affected.
+        let _s = g.admit_profile("service", &two, day1).unwrap();
+        let _d = g
+            .admit_profile("default", &ProfileLimits::default(), day1)
+            .unwrap();
+        assert_eq!(g.profile_calls("sales"), 2);
+        drop(a);
+        assert_eq!(g.profile_calls("sales"), 1);
+        drop(g.admit_profile("sales", &two, day1).unwrap());
+        // Minutes: the profile's share and the box's total.
+        g.charge_profile(Some("sales"), Duration::from_secs(59), day1);
+        g.charge_profile(Some("service"), Duration::from_secs(30), day1);
+        drop(g.admit_profile("sales", &two, day1).unwrap());
+        g.charge_profile(Some("sales"), Duration::from_secs(1), day1);
+        assert_eq!(
+            g.admit_profile("sales", &two, day1).unwrap_err(),
+            Rejection::ProfileBudgetSpent
+        );
+        assert_eq!(g.budget_used(day1), Duration::from_secs(90));
+        assert_eq!(
+            g.profile_budget_used("sales", day1),
+            Duration::from_secs(60)
+        );
+        // The shares survive a restart; the next UTC day starts from zero.
+        g.save_budget().unwrap();
+        let g2 = Arc::new(Guard::new(GuardConfig::default(), Some(&dir)).unwrap());
+        assert_eq!(
+            g2.profile_budget_used("sales", day1),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            g2.admit_profile("sales", &two, day1).unwrap_err(),
+            Rejection::ProfileBudgetSpent
+        );
+        let day2 = day1 + Duration::from_secs(86_400);
+        assert!(g2.admit_profile("sales", &two, day2).is_ok());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_budget_file_without_profiles_still_reads() {
+        let b: BudgetDay = serde_json::from_str(r#"{"day":20000,"used_ms":5}"#).unwrap();
+        assert_eq!((b.day, b.used_ms, b.profiles_ms.len()), (20_000, 5, 0));
+    }
+
+    #[test]
+    fn the_shorter_max_call_applies() {
+        let l = |s| ProfileLimits {
+            max_call_s: s,
+            ..ProfileLimits::default()
+        };
+        let box_max = Some(Duration::from_secs(1800));
+        assert_eq!(l(300).max_call(box_max), Some(Duration::from_secs(300)));
+        assert_eq!(l(3600).max_call(box_max), box_max);
+        assert_eq!(l(0).max_call(box_max), box_max);
+        assert_eq!(l(300).max_call(None), Some(Duration::from_secs(300)));
+        assert!(l(5).validate("profiles[0].limits").is_err());
     }
 }

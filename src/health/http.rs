@@ -38,6 +38,7 @@
 
 use crate::health::metrics as m;
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -70,8 +71,10 @@ pub const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
 /// Largest request head (request line and headers) hyper buffers, bytes.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// A response as the handlers build it.
-pub type HttpResponse = Response<Full<Bytes>>;
+/// A response as the handlers build it: a whole body ([`respond`]) or a stream of frames
+/// (the console's Server-Sent Events, [`HttpResponse::new`] with any boxed body). A stream
+/// still ends within [`CONNECTION_TIMEOUT`] of the connection's start.
+pub type HttpResponse = Response<BoxBody<Bytes, std::convert::Infallible>>;
 
 /// A request as a route sees it: the body is read (at most [`MAX_BODY_BYTES`]).
 #[derive(Debug)]
@@ -88,6 +91,8 @@ pub struct RouteRequest {
     pub headers: hyper::HeaderMap,
     /// The body.
     pub body: Bytes,
+    /// The client's address, when served from a socket ([`HttpServer::run`]).
+    pub peer: Option<SocketAddr>,
 }
 
 impl RouteRequest {
@@ -182,6 +187,16 @@ impl Router {
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        self.handle_from(req, None).await
+    }
+
+    /// [`Router::handle`] for a request from `peer` (passed to the route as
+    /// [`RouteRequest::peer`]).
+    pub async fn handle_from<B>(&self, req: Request<B>, peer: Option<SocketAddr>) -> HttpResponse
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let path = req.uri().path().to_owned();
         let Some((index, params)) = self.matches(&path) else {
             return text(StatusCode::NOT_FOUND, "not found\n");
@@ -210,6 +225,7 @@ impl Router {
             params,
             headers: parts.headers,
             body,
+            peer,
         })
         .await
     }
@@ -229,7 +245,7 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
 
 /// A response with a given content type.
 pub fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> HttpResponse {
-    let mut r = Response::new(Full::new(body));
+    let mut r = Response::new(Full::new(body).boxed());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -316,7 +332,7 @@ impl HttpServer {
             let open = open.clone();
             tracker.spawn(async move {
                 tokio::select! {
-                    () = serve_stream(router, stream) => {}
+                    () = serve_stream_from(router, stream, Some(peer)) => {}
                     () = end.cancelled() => debug!(%peer, "http connection closed to make room"),
                 }
                 open.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
@@ -334,9 +350,17 @@ pub async fn serve_stream<S>(router: Arc<Router>, stream: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
+    serve_stream_from(router, stream, None).await;
+}
+
+/// [`serve_stream`] for a connection from `peer`.
+async fn serve_stream_from<S>(router: Arc<Router>, stream: S, peer: Option<SocketAddr>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
         let router = router.clone();
-        async move { Ok::<_, std::convert::Infallible>(router.handle(req).await) }
+        async move { Ok::<_, std::convert::Infallible>(router.handle_from(req, peer).await) }
     });
     // One request per connection: an idle keep-alive client cannot hold a slot.
     let conn = hyper::server::conn::http1::Builder::new()

@@ -12,6 +12,9 @@ use std::sync::OnceLock;
 pub const CALLS_ACTIVE: &str = "voicegate_calls_active";
 /// Counter: finished calls, label `outcome`.
 pub const CALLS_TOTAL: &str = "voicegate_calls_total";
+/// Counter: finished calls that had a media channel, label `transport` (`audiosocket`,
+/// `websocket`, ...).
+pub const CALLS_BY_TRANSPORT: &str = "voicegate_calls_by_transport_total";
 /// Counter: audio frames from Asterisk.
 pub const FRAMES_IN: &str = "voicegate_frames_in_total";
 /// Counter: audio frames to Asterisk.
@@ -25,6 +28,17 @@ pub const IDLE_FRAMES: &str = "voicegate_idle_frames_total";
 pub const FRAMES_DROPPED: &str = "voicegate_frames_dropped_total";
 /// Counter: barge-ins (caller interrupted the agent).
 pub const BARGE_INS: &str = "voicegate_barge_ins_total";
+/// Histogram: local barge-in latency, the caller's speech onset (the first frame the
+/// detector took for speech) → the first frame out without agent audio, s; confirmed
+/// barge-ins only.
+pub const BARGE_IN_LATENCY: &str = "voicegate_barge_in_latency_seconds";
+/// Counter: local barge-in pauses nothing confirmed (playback resumed): coughs, noises.
+pub const FALSE_BARGE_INS: &str = "voicegate_false_barge_ins_total";
+/// Counter: local barge-in pauses the caller's words ended as a backchannel (resumed).
+pub const BACKCHANNELS: &str = "voicegate_backchannels_total";
+/// Counter: agent audio held by a pause and played after resuming (not thrown away), ms
+/// (an integer counter, so milliseconds rather than seconds).
+pub const BARGE_IN_RESUMED_AUDIO: &str = "voicegate_barge_in_resumed_audio_milliseconds_total";
 /// Histogram: how late each playout tick fired after its 20 ms deadline, s.
 pub const PLAYOUT_LATENESS: &str = "voicegate_playout_lateness_seconds";
 /// Histogram: caller speech end → first agent audio of the reply, s.
@@ -58,8 +72,27 @@ pub const FALLBACKS: &str = "voicegate_fallbacks_total";
 pub const BREAKER_OPEN: &str = "voicegate_breaker_open";
 /// Gauge: AI time used today (UTC), s.
 pub const BUDGET_USED: &str = "voicegate_budget_used_seconds";
+/// Gauge: the daily AI budget, s (`guard.daily_budget_minutes` × 60; 0 = no limit).
+pub const BUDGET_LIMIT: &str = "voicegate_budget_limit_seconds";
+/// Gauge: when this process started, s since the Unix epoch (a restart, by the watchdog or
+/// otherwise, changes it).
+pub const START_TIME: &str = "voicegate_start_time_seconds";
 /// Gauge: live heap, bytes (requested sizes; [`crate::health::heap`]), refreshed by upkeep.
 pub const HEAP_ALLOCATED: &str = "voicegate_heap_allocated_bytes";
+
+/// Gauge: events waiting in a webhook's outbox, label `webhook`.
+pub const WEBHOOK_BACKLOG: &str = "voicegate_webhook_backlog_events";
+/// Gauge: age of the oldest event waiting in a webhook's outbox, s (0 when empty), label
+/// `webhook`.
+pub const WEBHOOK_OLDEST_AGE: &str = "voicegate_webhook_oldest_age_seconds";
+/// Counter: events delivered (2xx), label `webhook`.
+pub const WEBHOOK_DELIVERED: &str = "voicegate_webhook_delivered_total";
+/// Counter: delivery attempts that failed (non-2xx, timeout, refused), label `webhook`.
+pub const WEBHOOK_FAILURES: &str = "voicegate_webhook_attempt_failures_total";
+/// Counter: events given up, labels `webhook` and `reason` (`full`: the outbox was over its
+/// bounds, oldest dropped; `expired`: older than `max_age_h`; `unwritable`: the outbox could
+/// not be written).
+pub const WEBHOOK_DROPPED: &str = "voicegate_webhook_dropped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -70,10 +103,14 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let lateness = [0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16];
             let latency = [0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0];
+            let barge = [0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(PLAYOUT_LATENESS.into()), &lateness)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(TURN_LATENCY.into()), &latency)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BARGE_IN_LATENCY.into()), &barge)
                 });
             // Both bucket lists are non-empty literals, the only error set_buckets_for_metric has.
             let builder = builder.expect("non-empty bucket lists");
@@ -89,9 +126,20 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_calls();
+    describe_box();
+    zero_counters();
+}
+
+/// The calls' and the audio path's metrics.
+fn describe_calls() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(CALLS_ACTIVE, "Calls in progress");
     describe_counter!(CALLS_TOTAL, "Finished calls by outcome");
+    describe_counter!(
+        CALLS_BY_TRANSPORT,
+        "Finished calls by media transport (audiosocket, websocket)"
+    );
     describe_counter!(FRAMES_IN, "Audio frames received from Asterisk");
     describe_counter!(FRAMES_OUT, "Audio frames sent to Asterisk");
     describe_counter!(
@@ -106,15 +154,34 @@ fn describe() {
     describe_counter!(BARGE_INS, "Times the caller interrupted the agent");
     describe_histogram!(PLAYOUT_LATENESS, Unit::Seconds, "Lateness of playout ticks");
     describe_histogram!(
+        BARGE_IN_LATENCY,
+        Unit::Seconds,
+        "Caller speech onset to the agent silent at the caller (local barge-in)"
+    );
+    describe_counter!(FALSE_BARGE_INS, "Local barge-in pauses not confirmed");
+    describe_counter!(BACKCHANNELS, "Local barge-in pauses ended by a backchannel");
+    describe_counter!(
+        BARGE_IN_RESUMED_AUDIO,
+        Unit::Milliseconds,
+        "Agent audio resumed after an unconfirmed pause"
+    );
+    describe_histogram!(
         TURN_LATENCY,
         Unit::Seconds,
         "Caller speech end to first agent audio"
     );
+}
+
+/// The box's metrics: providers, guard, fallback, budget, records, webhooks.
+fn describe_box() {
+    use metrics::{Unit, describe_counter, describe_gauge};
     describe_counter!(PROVIDER_ERRORS, "Agent provider failures");
     describe_counter!(GUARD_REJECTIONS, "Connections refused by the guard");
     describe_counter!(FALLBACKS, "Calls handed to the operators by reason");
     describe_gauge!(BREAKER_OPEN, "1 while the circuit breaker is open");
     describe_gauge!(BUDGET_USED, Unit::Seconds, "AI time used today (UTC)");
+    describe_gauge!(BUDGET_LIMIT, Unit::Seconds, "Daily AI budget (0: no limit)");
+    describe_gauge!(START_TIME, Unit::Seconds, "Process start, Unix time");
     describe_gauge!(HEAP_ALLOCATED, Unit::Bytes, "Live heap allocations");
     describe_counter!(
         HANDSHAKE_FAILURES,
@@ -135,6 +202,19 @@ fn describe() {
         HTTP_REFUSED,
         "Health-listener connections closed unanswered"
     );
+    describe_gauge!(WEBHOOK_BACKLOG, "Events waiting in a webhook outbox");
+    describe_gauge!(
+        WEBHOOK_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest event waiting in a webhook outbox"
+    );
+    describe_counter!(WEBHOOK_DELIVERED, "Webhook events delivered");
+    describe_counter!(WEBHOOK_FAILURES, "Webhook delivery attempts that failed");
+    describe_counter!(WEBHOOK_DROPPED, "Webhook events given up by reason");
+}
+
+/// Series present from the start (a rate over a missing series is no data, not zero).
+fn zero_counters() {
     metrics::counter!(INPUT_OVERRUN).increment(0);
     metrics::counter!(RECORDS_LOST, "reason" => "queue_full").increment(0);
     metrics::gauge!(CALLS_ACTIVE).set(0.0);
@@ -145,8 +225,15 @@ fn describe() {
     metrics::counter!(FRAMES_DROPPED, "direction" => "in").increment(0);
     metrics::counter!(FRAMES_DROPPED, "direction" => "out").increment(0);
     metrics::counter!(BARGE_INS).increment(0);
+    metrics::counter!(FALSE_BARGE_INS).increment(0);
+    metrics::counter!(BACKCHANNELS).increment(0);
+    metrics::counter!(BARGE_IN_RESUMED_AUDIO).increment(0);
     metrics::gauge!(BREAKER_OPEN).set(0.0);
     metrics::gauge!(BUDGET_USED).set(0.0);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!(START_TIME).set(started);
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.

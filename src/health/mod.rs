@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+#[allow(clippy::disallowed_types)] // the watchdog thread's Heartbeat needs real time
 use std::time::{Duration, Instant};
 
 /// `[health]` in the config.
@@ -54,6 +55,7 @@ impl Default for HealthConfig {
 /// [`Heartbeat::age`]. One relaxed atomic store per beat (cheap enough for every 20 ms tick).
 #[derive(Debug)]
 pub struct Heartbeat {
+    #[allow(clippy::disallowed_types)] // real time: a stalled runtime must not stop this clock
     origin: Instant,
     last_ms: AtomicU64,
 }
@@ -67,6 +69,7 @@ impl Default for Heartbeat {
 impl Heartbeat {
     /// A heartbeat that has just beaten.
     pub fn new() -> Self {
+        #[allow(clippy::disallowed_types)] // real time: a stalled runtime must not stop this clock
         Heartbeat {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),

@@ -80,6 +80,30 @@ pub struct CallFacts<'a> {
     pub frames_out: u64,
     /// Frames cut short while a reply streamed.
     pub underruns: u64,
+    /// Local barge-in: onset → agent silent, ms, per confirmed barge-in.
+    pub barge_in_latencies_ms: &'a [u32],
+    /// Local barge-in pauses nothing confirmed.
+    pub false_barge_ins: u64,
+    /// Local barge-in pauses ended by a backchannel.
+    pub backchannels: u64,
+    /// Agent audio resumed after pauses, ms.
+    pub resumed_audio_ms: u64,
+    /// The agent profile the call ran with, if it reached one.
+    pub profile: Option<&'a str>,
+}
+
+/// Local barge-in in one call (`audio::bargein`); all zero when it was off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BargeInStats {
+    /// Per confirmed barge-in: caller speech onset → agent silent at the caller, ms (at most
+    /// [`bounds::TURNS`]).
+    pub latencies_ms: Vec<u32>,
+    /// Pauses nothing confirmed (playback resumed).
+    pub false_barge_ins: u64,
+    /// Pauses the caller's words ended as a backchannel (playback resumed).
+    pub backchannels: u64,
+    /// Agent audio held by pauses and played after resuming, ms.
+    pub resumed_audio_ms: u64,
 }
 
 /// What records keep of the caller's number.
@@ -226,6 +250,12 @@ pub struct CallRecord {
     /// kept (`"dtmf: kept 256 of 5100000 digits"`); empty when nothing was cut. Added in
     /// format version 2 (version 1 records read back with it empty).
     pub truncated: Vec<String>,
+    /// Local barge-in figures. Added in format version 3 (older records read back with
+    /// them zero).
+    pub barge_in: BargeInStats,
+    /// The agent profile the call ran with (`default` for the top-level `[agent]`); `None`
+    /// when it never reached one. Added in format version 3 (older records: `None`).
+    pub profile: Option<String>,
 }
 
 /// Per-field bounds of a record ([`CallRecord::from_facts`] cuts beyond them and says so
@@ -296,6 +326,13 @@ impl CallRecord {
                 s.turn_latencies_ms.len()
             ));
         }
+        let barge_ins = s.barge_in_latencies_ms.len().min(bounds::TURNS);
+        if barge_ins < s.barge_in_latencies_ms.len() {
+            truncated.push(format!(
+                "barge_in.latencies_ms: kept {barge_ins} of {}",
+                s.barge_in_latencies_ms.len()
+            ));
+        }
         CallRecord {
             call_id: s.call_id,
             caller_number,
@@ -315,6 +352,13 @@ impl CallRecord {
             frames_out: s.frames_out,
             underruns: s.underruns,
             truncated,
+            barge_in: BargeInStats {
+                latencies_ms: s.barge_in_latencies_ms[..barge_ins].to_vec(),
+                false_barge_ins: s.false_barge_ins,
+                backchannels: s.backchannels,
+                resumed_audio_ms: s.resumed_audio_ms,
+            },
+            profile: s.profile.map(|p| cut(p, bounds::SHORT_TEXT_BYTES).0),
         }
     }
 }

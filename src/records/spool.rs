@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// First 8 bytes of every spool file.
 pub const MAGIC: &[u8; 8] = b"VGREC\x00\x01\n";
 /// Version byte at the start of every record payload (2: [`CallRecord::truncated`] added).
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 /// The subdirectory unreadable bytes are moved to.
 pub const QUARANTINE_DIR: &str = "quarantine";
 /// Largest payload accepted, bytes; a larger length field is corruption.
@@ -100,12 +100,15 @@ fn frame_at(bytes: &[u8], at: usize) -> Option<(CallRecord, usize)> {
     if !(1..=FORMAT_VERSION).contains(&payload[0]) || crc32fast::hash(payload) != crc {
         return None;
     }
-    let record = if payload[0] == 1 {
-        // Version 1 lacks the trailing `truncated` list: postcard's empty sequence is one
-        // zero byte (its varint length).
-        let mut v2 = payload[1..].to_vec();
-        v2.push(0);
-        postcard::from_bytes::<CallRecord>(&v2).ok()?
+    let record = if payload[0] < 3 {
+        // Version 1 lacks the trailing `truncated` list, versions 1 and 2 the trailing
+        // `barge_in` stats and `profile`: postcard's empty sequence, a zero integer and
+        // `None` are one zero byte each (their varints), so the missing fields read as empty,
+        // zero and `None`.
+        let mut v3 = payload[1..].to_vec();
+        let missing = if payload[0] == 1 { 6 } else { 5 };
+        v3.extend(std::iter::repeat_n(0u8, missing));
+        postcard::from_bytes::<CallRecord>(&v3).ok()?
     } else {
         postcard::from_bytes::<CallRecord>(&payload[1..]).ok()?
     };
@@ -483,6 +486,8 @@ mod tests {
             frames_out: 3000,
             underruns: 0,
             truncated: vec![],
+            barge_in: Default::default(),
+            profile: None,
         }
     }
 
@@ -574,7 +579,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_magic_loses_nothing_and_version_1_still_reads() {
+    fn a_damaged_magic_loses_nothing_and_versions_1_and_2_still_read() {
         let dir = tmp("magic");
         let mut s = Spool::open(&dir, 1 << 24, 4).unwrap();
         for i in 0..5 {
@@ -586,20 +591,36 @@ mod tests {
         bytes[2] = b'X';
         // A version-1 frame (no `truncated` field) appended by hand.
         let mut body = postcard::to_stdvec(&record(5, 30)).unwrap();
-        body.pop(); // the empty `truncated` list
+        // The `profile` (None), the zero `barge_in` (version 3) and the empty `truncated`
+        // list (version 2).
+        body.truncate(body.len() - 6);
         let mut payload = vec![1u8];
         payload.extend_from_slice(&body);
         bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         bytes.extend_from_slice(&payload);
+        // A version-2 frame (no `barge_in` stats).
+        let mut body = postcard::to_stdvec(&record(6, 30)).unwrap();
+        body.truncate(body.len() - 4);
+        let mut payload = vec![2u8];
+        payload.extend_from_slice(&body);
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(read_file(&path).unwrap().records.len(), 6);
+        assert_eq!(read_file(&path).unwrap().records.len(), 7);
         let mut s = Spool::open(&dir, 1 << 24, 4).unwrap();
         assert_eq!(s.quarantined_bytes(), MAGIC.len() as u64);
-        s.append(&record(6, 30)).unwrap();
+        let mut with_stats = record(7, 30);
+        with_stats.barge_in.latencies_ms = vec![100, 120];
+        with_stats.barge_in.false_barge_ins = 2;
+        with_stats.barge_in.resumed_audio_ms = 2_340;
+        s.append(&with_stats).unwrap();
         let (all, torn) = read_dir(&dir).unwrap();
-        assert_eq!((all.len(), torn), (7, 0));
+        assert_eq!((all.len(), torn), (8, 0));
         assert_eq!(all[5], record(5, 30));
+        assert_eq!(all[6], record(6, 30));
+        assert_eq!(all[7], with_stats);
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -158,6 +158,18 @@ pub struct ToolConfig {
     pub timeout_ms: u64,
 }
 
+impl ToolConfig {
+    /// The name the model calls it by: `name` for an HTTP tool (`None` when missing), the
+    /// built-in's fixed name otherwise.
+    pub fn declared_name(&self) -> Option<&str> {
+        match self.kind {
+            ToolKind::Http => self.name.as_deref(),
+            ToolKind::Hangup => Some(HANGUP),
+            ToolKind::TransferToOperator => Some(TRANSFER_TO_OPERATOR),
+        }
+    }
+}
+
 fn default_timeout_ms() -> u64 {
     5_000
 }
@@ -373,6 +385,38 @@ impl ToolRegistry {
             tools.push(Tool { spec, action });
         }
         Ok(ToolRegistry { tools })
+    }
+
+    /// A profile's tools: the tools of this registry (the box's `[[tools]]`) that `names`
+    /// lists, in its order (`None`: none of them), then the profile's `own` entries
+    /// (`[[profiles.tools]]`), built as [`Self::from_config`] builds them.
+    ///
+    /// # Errors
+    /// [`ToolError::Invalid`] for a name this registry lacks, [`ToolError::Duplicate`]
+    /// for a name listed twice or both listed and defined, or the first bad `own` entry's.
+    pub fn for_profile(
+        &self,
+        names: Option<&[String]>,
+        own: &[ToolConfig],
+    ) -> Result<Self, ToolError> {
+        let mut tools = ToolRegistry::from_config(own)?.tools;
+        let mut picked = Vec::new();
+        for name in names.unwrap_or_default() {
+            let tool = self.get(name).ok_or_else(|| ToolError::Invalid {
+                tool: name.clone(),
+                message: "no [[tools]] entry has this name".into(),
+            })?;
+            if picked
+                .iter()
+                .chain(&tools)
+                .any(|t: &Tool| t.spec.name == *name)
+            {
+                return Err(ToolError::Duplicate(name.clone()));
+            }
+            picked.push(tool.clone());
+        }
+        picked.append(&mut tools);
+        Ok(ToolRegistry { tools: picked })
     }
 
     /// The declarations of every tool, in config order, for the agent's call info.

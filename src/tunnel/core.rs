@@ -37,6 +37,7 @@
 //! IP packets between boringtun and smoltcp queue up to [`MAX_QUEUED_PACKETS`] each way;
 //! each TCP connection buffers [`TCP_BUFFER_BYTES`] each way. Nothing from the network can
 //! make the core panic: malformed datagrams are dropped and counted.
+#![allow(clippy::disallowed_types)] // boringtun's Tunn takes std::time::Instant; the time still comes in as an argument
 
 use super::stats::{PeerStats, TunnelStats};
 use boringtun::noise::errors::WireGuardError;

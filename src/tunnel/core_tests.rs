@@ -1,5 +1,6 @@
 //! Two tunnel cores on a simulated network with a simulated clock: handshake, TCP both ways
 //! with loss and reordering, rekey after boringtun's timers, keepalive, roaming.
+#![allow(clippy::disallowed_types)] // a simulated std::time::Instant clock, as boringtun's Tunn takes
 
 use super::core::*;
 use boringtun::x25519::{PublicKey, StaticSecret};

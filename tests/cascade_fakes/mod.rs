@@ -114,7 +114,10 @@ pub enum SttVendor {
     ElevenLabs,
     /// Deepgram Flux on `/v2/listen` (developers.deepgram.com `docs/flux/quickstart`,
     /// `docs/flux/state`): `Connected`, then `TurnInfo` events (`StartOfTurn`, `Update`,
-    /// `EndOfTurn`); the client ends with `CloseStream`.
+    /// `EndOfTurn`); the client ends with `CloseStream`. With `eager_eot_threshold` in the
+    /// query (0.3–0.9, `docs/flux/configuration`; without it Flux never sends them) also
+    /// `EagerEndOfTurn` at a pause and `TurnResumed` when speech follows it
+    /// (`docs/flux/voice-agent-eager-eot`), keeping the state machine's rules.
     Flux,
 }
 
@@ -150,6 +153,27 @@ pub struct SttLog {
     pub final_commit: bool,
     /// Scribe: `previous_text` values received (with a session's first chunk).
     pub previous_texts: Vec<String>,
+    /// Scribe: the `keyterms` query parameters of the last upgrade.
+    pub keyterms: Vec<String>,
+    /// Soniox: sessions open now, and the most it admits (`None`: no limit).
+    pub active_sessions: usize,
+    pub concurrency_limit: Option<usize>,
+    /// Soniox: sessions refused for the concurrency limit.
+    pub refused_concurrency: usize,
+    /// Flux: when each `EagerEndOfTurn` (with its transcript) and `EndOfTurn` was sent, and
+    /// how many `TurnResumed`.
+    pub eager_sent: Vec<(Instant, String)>,
+    pub end_of_turn_sent: Vec<Instant>,
+    pub resumed: usize,
+}
+
+/// One admitted session of an STT fake; leaving it frees the slot.
+struct ActiveSession(Arc<Mutex<SttLog>>);
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().active_sessions -= 1;
+    }
 }
 
 /// A scripted STT: the "transcript" of the n-th utterance it hears is `utterances[n]`.
@@ -192,6 +216,12 @@ impl SttFake {
             }
         });
         SttFake { addr, log }
+    }
+
+    /// Soniox: at most `n` sessions at once, as a project's concurrency limit (soniox.com
+    /// `stt/rt/limits-and-quotas`: 10 by default); one more is refused with a 429.
+    pub fn concurrency_limit(&self, n: usize) {
+        self.log.lock().unwrap().concurrency_limit = Some(n);
     }
 
     pub fn url(&self, vendor: SttVendor) -> String {
@@ -283,6 +313,14 @@ async fn serve_stt(
                     l.errors
                         .push("encoding and sample_rate are required".into());
                 }
+                // docs/flux/configuration: eager_eot_threshold 0.3–0.9, unset by default
+                // (then no EagerEndOfTurn or TurnResumed is ever sent).
+                if let Some(t) = query(&uri, "eager_eot_threshold") {
+                    if !t.parse::<f32>().is_ok_and(|t| (0.3..=0.9).contains(&t)) {
+                        l.errors
+                            .push(format!("eager_eot_threshold {t} outside 0.3–0.9"));
+                    }
+                }
                 format = Some((enc, rate));
             }
             SttVendor::ElevenLabs => {
@@ -297,6 +335,10 @@ async fn serve_stt(
                 if query(&uri, "commit_strategy").as_deref() != Some("vad") {
                     l.errors.push("commit_strategy != vad".into());
                 }
+                // Keyterms: one repeated query parameter each (elevenlabs-js
+                // `wrapper/realtime/scribe.ts`), at most 50 of up to 20 characters
+                // (elevenlabs.io `speech-to-text/keyterm-prompting`, "Realtime").
+                l.keyterms = query_all(&uri, "keyterms");
                 format = Some((f, rate));
             }
             SttVendor::Soniox => {}
@@ -321,13 +363,38 @@ async fn serve_stt(
     // error will be returned").
     let mut chunks_seen = 0usize;
     if vendor == SttVendor::ElevenLabs {
+        let keyterms = log.lock().unwrap().keyterms.clone();
+        let refusal = if keyterms.len() > 50 {
+            Some(format!(
+                "Too many keyterms: {} (maximum 50)",
+                keyterms.len()
+            ))
+        } else {
+            keyterms.iter().find(|k| k.chars().count() > 20).map(|k| {
+                format!(
+                    "Keyterm '{k}' is {} characters (maximum 20)",
+                    k.chars().count()
+                )
+            })
+        };
+        if let Some(e) = refusal {
+            let m = serde_json::json!({"message_type":"input_error","error":e});
+            let _ = ws.send(Message::text(m.to_string())).await;
+            let _ = ws.close(None).await;
+            log.lock().unwrap().errors.push(e);
+            return;
+        }
         let (f, r) = format.clone().unwrap();
         let started = serde_json::json!({"message_type":"session_started","session_id":"s1",
             "config":{"sample_rate":r,"audio_format":f,"vad_commit_strategy":"vad",
                       "vad_silence_threshold_secs":0.5,"model_id":"scribe_v2_realtime"}});
         let _ = ws.send(Message::text(started.to_string())).await;
     }
-    let mut ep = Endpointer::default();
+    let mut _admitted: Option<ActiveSession> = None;
+    let mut ep = Endpointer {
+        eager: vendor == SttVendor::Flux && query(&uri, "eager_eot_threshold").is_some(),
+        ..Endpointer::default()
+    };
     let mut utt = utterances.into_iter();
     let mut current: Option<String> = None;
     let mut audio_ms_total = 0u64;
@@ -343,23 +410,49 @@ async fn serve_stt(
                 match vendor {
                     SttVendor::Soniox if format.is_none() => {
                         let cfg: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
-                        let mut l = log.lock().unwrap();
-                        if cfg.get("api_key").is_some() {
-                            l.errors.push(
+                        let refused = {
+                            let mut l = log.lock().unwrap();
+                            if cfg.get("api_key").is_some() {
+                                l.errors.push(
                                 "api_key in the start message: deprecated, the key goes with \
                                  the connection (soniox.com guides/migrate-websocket-authentication)"
                                     .into(),
                             );
+                            }
+                            if cfg["num_channels"] != 1 {
+                                l.errors.push("num_channels != 1".into());
+                            }
+                            let e = cfg["audio_format"].as_str().unwrap_or("").to_owned();
+                            let r = cfg["sample_rate"].as_u64().unwrap_or(0) as u32;
+                            l.encoding = e.clone();
+                            l.rate_hz = r;
+                            l.config = Some(cfg);
+                            format = Some((e, r));
+                            // A session over the project's concurrency limit: the error response
+                            // every real-time error has (soniox.com `stt/rt/error-handling`:
+                            // error_code, error_type, error_message, more_info, request_id; then
+                            // the socket closes), code 429 `limit_exceeded` as for any rate or
+                            // usage limit (`api-reference/errors`, `guides/concurrency-limits`:
+                            // "the 429 response identifies which tier rejected it").
+                            let refused =
+                                l.concurrency_limit.is_some_and(|n| l.active_sessions >= n);
+                            if refused {
+                                l.refused_concurrency += 1;
+                            } else {
+                                l.active_sessions += 1;
+                            }
+                            refused
+                        };
+                        if refused {
+                            let e = serde_json::json!({"error_code":429,"error_type":"limit_exceeded",
+                                "error_message":"Concurrent requests limit has been exceeded for your project.",
+                                "more_info":"https://soniox.com/docs/api-reference/errors#limit-exceeded",
+                                "request_id":"3d37a3bd-5078-47ee-a369-b204e3bbedda"});
+                            let _ = ws.send(Message::text(e.to_string())).await;
+                            let _ = ws.close(None).await;
+                            return;
                         }
-                        if cfg["num_channels"] != 1 {
-                            l.errors.push("num_channels != 1".into());
-                        }
-                        let e = cfg["audio_format"].as_str().unwrap_or("").to_owned();
-                        let r = cfg["sample_rate"].as_u64().unwrap_or(0) as u32;
-                        l.encoding = e.clone();
-                        l.rate_hz = r;
-                        l.config = Some(cfg);
-                        format = Some((e, r));
+                        _admitted = Some(ActiveSession(log.clone()));
                         continue;
                     }
                     // soniox.com stt/real-time-API/manual-finalization: the audio so far
@@ -530,10 +623,37 @@ async fn serve_stt(
                     let first = text.split_whitespace().next().unwrap_or("").to_owned();
                     stt_interim(vendor, &first)
                 }
+                // Flux eager mode (docs/flux/state): the transcript so far is the script's
+                // " | "-separated parts up to this pause; `EndOfTurn` repeats the last
+                // `EagerEndOfTurn`'s transcript (rule 4), and `TurnResumed` only follows an
+                // `EagerEndOfTurn` (rule 3).
+                EpEvent::Eager(pause) => {
+                    let Some(text) = &current else { continue };
+                    let parts: Vec<&str> = text.split(" | ").collect();
+                    let so_far = parts[..=pause.min(parts.len() - 1)].join(" ");
+                    log.lock()
+                        .unwrap()
+                        .eager_sent
+                        .push((Instant::now(), so_far.clone()));
+                    vec![flux_turn("EagerEndOfTurn", &so_far)]
+                }
+                EpEvent::Resumed => {
+                    let Some(text) = &current else { continue };
+                    log.lock().unwrap().resumed += 1;
+                    vec![flux_turn(
+                        "TurnResumed",
+                        text.split(" | ").next().unwrap_or(""),
+                    )]
+                }
                 EpEvent::Ended => {
                     let Some(text) = current.take() else { continue };
-                    log.lock().unwrap().turns += 1;
-                    stt_final(vendor, &text)
+                    let mut l = log.lock().unwrap();
+                    l.turns += 1;
+                    if vendor == SttVendor::Flux {
+                        l.end_of_turn_sent.push(Instant::now());
+                    }
+                    drop(l);
+                    stt_final(vendor, &text.replace(" | ", " "))
                 }
             };
             for t in text {
@@ -602,12 +722,24 @@ struct Endpointer {
     speech_ms: u32,
     silence_ms: u32,
     started: bool,
+    /// Flux eager mode: an `Eager` after 120 ms of silence within an utterance (well before
+    /// its end at 400 ms), `Resumed` when speech follows it.
+    eager: bool,
+    /// Eager events sent in this utterance; whether the last one awaits resumption or end.
+    pauses: usize,
+    awaiting_end: bool,
 }
 
 enum EpEvent {
     Started,
+    /// The n-th pause (from 0) of the utterance looks like its end.
+    Eager(usize),
+    Resumed,
     Ended,
 }
+
+/// Silence after which the Flux fake, in eager mode, sends `EagerEndOfTurn`.
+pub const FLUX_EAGER_SILENCE_MS: u32 = 120;
 
 impl Endpointer {
     fn push(&mut self, samples: &[i16], rate: u32) -> Vec<EpEvent> {
@@ -619,6 +751,10 @@ impl Endpointer {
             if voicegate::audio::rms(&block) > 300.0 {
                 self.speech_ms += 20;
                 self.silence_ms = 0;
+                if self.awaiting_end {
+                    self.awaiting_end = false;
+                    out.push(EpEvent::Resumed);
+                }
             } else {
                 self.silence_ms += 20;
             }
@@ -626,9 +762,20 @@ impl Endpointer {
                 self.started = true;
                 out.push(EpEvent::Started);
             }
+            if self.eager
+                && self.started
+                && !self.awaiting_end
+                && self.silence_ms >= FLUX_EAGER_SILENCE_MS
+            {
+                self.awaiting_end = true;
+                out.push(EpEvent::Eager(self.pauses));
+                self.pauses += 1;
+            }
             if self.started && self.silence_ms >= 400 {
                 self.started = false;
                 self.speech_ms = 0;
+                self.pauses = 0;
+                self.awaiting_end = false;
                 out.push(EpEvent::Ended);
             }
             if !self.started && self.silence_ms >= 400 {
@@ -685,6 +832,8 @@ pub struct LlmLog {
     pub requests: Vec<LlmRequest>,
     /// Request indices whose streams the client closed before the end.
     pub cancelled: Vec<usize>,
+    /// When each of `cancelled` was noticed.
+    pub cancelled_at: Vec<Instant>,
     /// Request indices whose streams were sent completely.
     pub completed: Vec<usize>,
     /// Request indices that are holding back their last events.
@@ -828,13 +977,17 @@ async fn serve_llm(
                         tokio::select! {
                             () = release.notified() => {}
                             () = tx.closed() => {
-                                log.lock().unwrap().cancelled.push(index);
+                                let mut l = log.lock().unwrap();
+                                l.cancelled.push(index);
+                                l.cancelled_at.push(Instant::now());
                                 return;
                             }
                         }
                     }
                     if tx.send(ev.into()).await.is_err() {
-                        log.lock().unwrap().cancelled.push(index);
+                        let mut l = log.lock().unwrap();
+                        l.cancelled.push(index);
+                        l.cancelled_at.push(Instant::now());
                         return;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;

@@ -44,7 +44,7 @@ use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,6 +73,8 @@ pub struct MediaReport {
     pub closed: bool,
     /// Largest gap between two audio frames received from voicegate, ms.
     pub gap_max_ms: f64,
+    /// RTP (`encapsulation=rtp`): every gap between two packets received from voicegate, ms.
+    pub gaps_ms: Vec<f64>,
 }
 
 struct Media {
@@ -98,6 +100,8 @@ struct FakeChannel {
     /// The Stasis application the channel is in (empty outside Stasis).
     app: String,
     media: Option<Media>,
+    /// Channel variables the dialplan set (`Set(VOICEGATE_PROFILE=…)`).
+    vars: BTreeMap<String, String>,
 }
 
 impl FakeChannel {
@@ -286,6 +290,20 @@ impl FakeAri {
     /// A caller dials in and the dialplan runs `Stasis(<app>)`: `StasisStart` to the
     /// subscribers of `app` only.
     pub fn new_caller_in(&self, app: &str, number: &str, name: &str) -> String {
+        self.new_caller_with(app, number, name, &[], &[])
+    }
+
+    /// A caller dials in and the dialplan sets `vars` then runs `Stasis(<app>,<args…>)`:
+    /// `StasisStart` with `args` (ARI `StasisStart.args`), the variables readable with
+    /// `GET /channels/{id}/variable`.
+    pub fn new_caller_with(
+        &self,
+        app: &str,
+        number: &str,
+        name: &str,
+        args: &[&str],
+        vars: &[(&str, &str)],
+    ) -> String {
         let mut st = self.state.lock().unwrap();
         st.seq += 1;
         let id = format!("1763719200.{}", st.seq);
@@ -302,11 +320,15 @@ impl FakeAri {
             app_data: app.into(),
             app: app.into(),
             media: None,
+            vars: vars
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         let ev = event(
             "StasisStart",
             app,
-            json!({"args": [], "channel": ch.json()}),
+            json!({"args": args, "channel": ch.json()}),
         );
         st.channels.insert(id.clone(), ch);
         let _ = self.events.send(ev);
@@ -341,6 +363,7 @@ impl FakeAri {
                 app_data: app_data.into(),
                 app: String::new(),
                 media: None,
+                vars: BTreeMap::new(),
             },
         );
         id
@@ -371,6 +394,7 @@ impl FakeAri {
                 app_name: "Stasis".into(),
                 app_data: format!("voicegate,{uuid}"),
                 app: "voicegate".into(),
+                vars: BTreeMap::new(),
                 media: Some(Media {
                     uuid,
                     dtmf: tokio::sync::mpsc::unbounded_channel().0,
@@ -769,6 +793,9 @@ async fn rest(req: &Request, shared: &Shared) -> (u16, Option<Value>) {
                 (Some(ch), Some(v)) if v == "CALLERID(num)" => {
                     (200, Some(json!({"value": ch.caller_number})))
                 }
+                (Some(ch), Some(v)) if ch.vars.contains_key(&v) => {
+                    (200, Some(json!({"value": ch.vars[&v]})))
+                }
                 (Some(_), Some(_)) => (200, Some(json!({"value": ""}))),
             }
         }
@@ -937,8 +964,16 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
     else {
         return (400, msg("external_host, data and format are required"));
     };
-    if q("transport").as_deref() == Some("udp")
-        || q("encapsulation").as_deref() != Some("audiosocket")
+    // RTP: chan_rtp's UnicastRTP channel (res/ari/resource_channels.c,
+    // `external_media_rtp_udp`; channels/chan_rtp.c): Asterisk binds its own UDP port, sends
+    // to `external_host`, and answers with `channelvars` naming its port.
+    let rtp = q("encapsulation").as_deref() == Some("rtp");
+    if rtp && q("transport").as_deref() != Some("udp") {
+        return (400, msg("RTP requires transport udp"));
+    }
+    if !rtp
+        && (q("transport").as_deref() == Some("udp")
+            || q("encapsulation").as_deref() != Some("audiosocket"))
     {
         return (400, msg("AudioSocket requires transport tcp"));
     }
@@ -948,23 +983,41 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
     let Ok(uuid) = Uuid::parse_str(&data) else {
         return (500, msg("Failed to create external media channel"));
     };
-    let rate = match format.as_str() {
-        "slin16" => SlinRate::Hz16000,
-        "slin" => SlinRate::Hz8000,
+    use voicegate::rtp::RtpFormat;
+    let (rate, rtp_format) = match (rtp, format.as_str()) {
+        (_, "slin16") => (SlinRate::Hz16000, Some(RtpFormat::Slin16)),
+        (false, "slin") => (SlinRate::Hz8000, None),
+        (true, "alaw") => (SlinRate::Hz8000, Some(RtpFormat::Alaw)),
+        (true, "ulaw") => (SlinRate::Hz8000, Some(RtpFormat::Ulaw)),
         _ => return (400, msg("Unsupported format")),
     };
-    // Asterisk connects at once and sends the UUID as the call id.
-    let Ok(Ok(mut stream)) =
-        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&host)).await
-    else {
-        return (500, msg("Failed to create external media channel"));
+    let media_io = if rtp {
+        let (Ok(peer), Ok(sock)) = (
+            host.parse::<SocketAddr>(),
+            tokio::net::UdpSocket::bind("127.0.0.1:0").await,
+        ) else {
+            return (500, msg("Failed to create external media channel"));
+        };
+        MediaIo::Rtp(sock, peer, rtp_format.expect("set for every RTP format"))
+    } else {
+        // Asterisk connects at once and sends the UUID as the call id.
+        let Ok(Ok(mut stream)) =
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&host)).await
+        else {
+            return (500, msg("Failed to create external media channel"));
+        };
+        let _ = stream.set_nodelay(true);
+        let mut out = BytesMut::new();
+        codec::encode(&Message::CallId(uuid), &mut out);
+        if stream.write_all(&out).await.is_err() {
+            return (500, msg("Failed to create external media channel"));
+        }
+        MediaIo::Tcp(stream)
     };
-    let _ = stream.set_nodelay(true);
-    let mut out = BytesMut::new();
-    codec::encode(&Message::CallId(uuid), &mut out);
-    if stream.write_all(&out).await.is_err() {
-        return (500, msg("Failed to create external media channel"));
-    }
+    let local_rtp = match &media_io {
+        MediaIo::Rtp(sock, ..) => sock.local_addr().ok(),
+        MediaIo::Tcp(_) => None,
+    };
     let (bridged_tx, bridged_rx) = watch::channel(false);
     let hangup = CancellationToken::new();
     let report = Arc::new(Mutex::new(MediaReport {
@@ -978,21 +1031,38 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
     };
     let (dtmf_tx, dtmf_rx) = tokio::sync::mpsc::unbounded_channel();
     let jitter = shared.state.lock().unwrap().media_jitter;
-    tokio::spawn(media_side(
-        stream,
-        (rate, jitter),
-        speech,
-        dtmf_rx,
-        bridged_rx,
-        hangup.clone(),
-        report.clone(),
-    ));
+    match media_io {
+        MediaIo::Tcp(stream) => {
+            tokio::spawn(media_side(
+                stream,
+                (rate, jitter),
+                speech,
+                dtmf_rx,
+                bridged_rx,
+                hangup.clone(),
+                report.clone(),
+            ));
+        }
+        MediaIo::Rtp(sock, peer, fmt) => {
+            tokio::spawn(rtp_media_side(
+                (sock, peer, fmt),
+                speech,
+                bridged_rx,
+                hangup.clone(),
+                report.clone(),
+            ));
+        }
+    }
     let mut st = shared.state.lock().unwrap();
     st.seq += 1;
     let id = format!("1763719200.{}", st.seq);
     let ch = FakeChannel {
         id: id.clone(),
-        name: format!("AudioSocket/{host}-{:08x}", st.seq),
+        name: if rtp {
+            format!("UnicastRTP/{host}-{:08x}", st.seq)
+        } else {
+            format!("AudioSocket/{host}-{:08x}", st.seq)
+        },
         caller_name: String::new(),
         caller_number: String::new(),
         // Not yet: see [`MediaJoin`].
@@ -1003,6 +1073,7 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         app_name: "Stasis".into(),
         app_data: format!("{app},{data}"),
         app: app.clone(),
+        vars: BTreeMap::new(),
         media: Some(Media {
             uuid,
             dtmf: dtmf_tx,
@@ -1011,7 +1082,13 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
             report: report.clone(),
         }),
     };
-    let j = ch.json();
+    let mut j = ch.json();
+    if let Some(at) = local_rtp {
+        j["channelvars"] = json!({
+            "UNICASTRTP_LOCAL_ADDRESS": at.ip().to_string(),
+            "UNICASTRTP_LOCAL_PORT": at.port().to_string(),
+        });
+    }
     st.channels.insert(id.clone(), ch);
     st.media_reports.push(report);
     shared.counts.media_created.fetch_add(1, Ordering::SeqCst);
@@ -1039,6 +1116,85 @@ async fn external_media(req: &Request, shared: &Shared) -> (u16, Option<Value>) 
         });
     }
     (200, Some(j))
+}
+
+/// The transport of one externalMedia channel.
+enum MediaIo {
+    Tcp(TcpStream),
+    Rtp(tokio::net::UdpSocket, SocketAddr, voicegate::rtp::RtpFormat),
+}
+
+/// Asterisk's end of an externalMedia RTP channel (chan_rtp): waits for the bridge, then
+/// sends the caller's speech (then silence) as one RTP packet every 20 ms to voicegate,
+/// and records what voicegate sends back, from any source (the fake is not strict about
+/// sources; Asterisk's strictrtp learns the first one), with the gap between packets.
+async fn rtp_media_side(
+    (sock, peer, fmt): (tokio::net::UdpSocket, SocketAddr, voicegate::rtp::RtpFormat),
+    speech: Arc<Vec<i16>>,
+    mut bridged: watch::Receiver<bool>,
+    hangup: CancellationToken,
+    report: Arc<Mutex<MediaReport>>,
+) {
+    let sock = Arc::new(sock);
+    let rx = sock.clone();
+    let rep = report.clone();
+    let stop = hangup.clone();
+    let reading = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        let mut samples = Vec::new();
+        let mut last: Option<tokio::time::Instant> = None;
+        loop {
+            let n = tokio::select! {
+                () = stop.cancelled() => break,
+                r = rx.recv_from(&mut buf) => match r { Ok((n, _)) => n, Err(_) => continue },
+            };
+            let Ok(p) = voicegate::rtp::packet::parse(&buf[..n]) else {
+                continue;
+            };
+            let now = tokio::time::Instant::now();
+            let gap = last.map(|l| (now - l).as_secs_f64() * 1e3);
+            last = Some(now);
+            samples.clear();
+            fmt.decode(p.payload, &mut samples);
+            let mut r = rep.lock().unwrap();
+            if let Some(g) = gap {
+                r.gap_max_ms = r.gap_max_ms.max(g);
+                r.gaps_ms.push(g);
+            }
+            r.frames_received += 1;
+            r.received.extend_from_slice(&samples);
+        }
+    });
+    tokio::select! {
+        () = hangup.cancelled() => {}
+        r = bridged.wait_for(|b| *b) => { let _ = r; }
+    }
+    let spf = fmt.samples_per_frame();
+    let silence = vec![0i16; spf];
+    let mut tx = voicegate::rtp::RtpSender::new(fmt, 0x5eed, 1, 0);
+    let start = tokio::time::Instant::now();
+    let mut out = Vec::with_capacity(12 + 2 * spf);
+    let mut n = 0u64;
+    while !hangup.is_cancelled() {
+        tokio::select! {
+            () = hangup.cancelled() => break,
+            () = tokio::time::sleep_until(start + Duration::from_millis(20 * n)) => {}
+        }
+        let chunk = speech
+            .chunks(spf)
+            .nth(n as usize)
+            .filter(|c| c.len() == spf)
+            .unwrap_or(&silence);
+        out.clear();
+        tx.packet(chunk, &mut out);
+        if sock.send_to(&out, peer).await.is_err() {
+            break;
+        }
+        report.lock().unwrap().frames_sent += 1;
+        n += 1;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), reading).await;
+    report.lock().unwrap().closed = true;
 }
 
 /// Asterisk's end of an externalMedia AudioSocket: waits for the bridge, then sends the

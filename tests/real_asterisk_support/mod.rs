@@ -153,6 +153,12 @@ exten => driver,1,Set(VOICEGATE_MODE=driver)
  same => n,Goto(voicegate-entry,s,1)
 exten => stasis,1,Set(VOICEGATE_MODE=stasis)
  same => n,Goto(voicegate-entry,s,1)
+exten => pair,1,Set(VOICEGATE_MODE=pair)
+ same => n,Goto(voicegate-entry,s,1)
+exten => websocket,1,Set(VOICEGATE_MODE=websocket)
+ same => n,Goto(voicegate-entry,s,1)
+exten => websocket-in,1,Set(VOICEGATE_MODE=websocket-in)
+ same => n,Goto(voicegate-entry,s,1)
 
 [vg-test-caller]
 ; The ;1 half: plays VG_WAV, records what it hears (r) and says (t), presses VG_DTMF if set,
@@ -200,7 +206,7 @@ impl Asterisk {
         // asserts an Asterisk log without ERROR).
         write(
             &etc.join("modules.conf"),
-            "[modules]\nautoload = no\nload => res_sorcery_config.so\nload => res_sorcery_memory.so\nload => res_sorcery_astdb.so\nload => res_timing_timerfd.so\nload => res_curl.so\nload => res_http_websocket.so\nload => res_websocket_client.so\nload => res_audiosocket.so\nload => res_rtp_asterisk.so\nload => res_rtp_multicast.so\nload => res_musiconhold.so\nload => res_stasis.so\nload => res_stasis_answer.so\nload => res_stasis_playback.so\nload => res_stasis_recording.so\nload => res_stasis_snoop.so\nload => res_stasis_device_state.so\nload => res_ari.so\nload => res_ari_model.so\nload => res_ari_applications.so\nload => res_ari_asterisk.so\nload => res_ari_bridges.so\nload => res_ari_channels.so\nload => res_ari_device_states.so\nload => res_ari_endpoints.so\nload => res_ari_events.so\nload => res_ari_playbacks.so\nload => res_ari_recordings.so\nload => res_ari_sounds.so\nload => pbx_config.so\nload => app_audiosocket.so\nload => chan_audiosocket.so\nload => chan_rtp.so\nload => chan_websocket.so\nload => chan_bridge_media.so\nload => app_stasis.so\nload => app_queue.so\nload => app_dial.so\nload => app_exec.so\nload => app_playback.so\nload => app_mixmonitor.so\nload => app_senddtmf.so\nload => app_system.so\nload => app_echo.so\nload => app_stack.so\nload => app_verbose.so\nload => func_uuid.so\nload => func_curl.so\nload => func_callerid.so\nload => func_channel.so\nload => func_global.so\nload => func_dialplan.so\nload => func_logic.so\nload => func_strings.so\nload => func_math.so\nload => bridge_simple.so\nload => bridge_softmix.so\nload => bridge_holding.so\nload => bridge_native_rtp.so\nload => bridge_builtin_features.so\nload => codec_ulaw.so\nload => codec_alaw.so\nload => codec_a_mu.so\nload => codec_resample.so\nload => format_wav.so\nload => format_pcm.so\nload => format_sln.so\n",
+            "[modules]\nautoload = no\nload => res_sorcery_config.so\nload => res_sorcery_memory.so\nload => res_sorcery_astdb.so\nload => res_timing_timerfd.so\nload => res_curl.so\nload => res_http_websocket.so\nload => res_websocket_client.so\nload => res_audiosocket.so\nload => res_rtp_asterisk.so\nload => res_rtp_multicast.so\nload => res_musiconhold.so\nload => res_stasis.so\nload => res_stasis_answer.so\nload => res_stasis_playback.so\nload => res_stasis_recording.so\nload => res_stasis_snoop.so\nload => res_stasis_device_state.so\nload => res_ari.so\nload => res_ari_model.so\nload => res_ari_applications.so\nload => res_ari_asterisk.so\nload => res_ari_bridges.so\nload => res_ari_channels.so\nload => res_ari_device_states.so\nload => res_ari_endpoints.so\nload => res_ari_events.so\nload => res_ari_playbacks.so\nload => res_ari_recordings.so\nload => res_ari_sounds.so\nload => pbx_config.so\nload => app_audiosocket.so\nload => chan_audiosocket.so\nload => chan_rtp.so\nload => chan_websocket.so\nload => chan_bridge_media.so\nload => app_stasis.so\nload => app_queue.so\nload => app_dial.so\nload => app_exec.so\nload => app_playback.so\nload => app_mixmonitor.so\nload => app_senddtmf.so\nload => app_system.so\nload => app_echo.so\nload => app_stack.so\nload => app_verbose.so\nload => func_uuid.so\nload => func_curl.so\nload => func_callerid.so\nload => func_channel.so\nload => func_global.so\nload => func_dialplan.so\nload => func_logic.so\nload => func_strings.so\nload => func_uri.so\nload => func_math.so\nload => bridge_simple.so\nload => bridge_softmix.so\nload => bridge_holding.so\nload => bridge_native_rtp.so\nload => bridge_builtin_features.so\nload => codec_ulaw.so\nload => codec_alaw.so\nload => codec_a_mu.so\nload => codec_resample.so\nload => format_wav.so\nload => format_pcm.so\nload => format_sln.so\n",
         );
         // Core subsystems read these at start and log an ERROR when they are missing.
         for f in [
@@ -217,6 +223,20 @@ impl Asterisk {
         }
         for f in ["acl.conf", "websocket_client.conf", "chan_websocket.conf"] {
             write(&etc.join(f), "");
+        }
+        // Mode 4: the project's websocket_client.conf, its uri moved to the test's
+        // voicegate (the VOICEGATE_WS_HOST global, which only this file uses).
+        if let Some((_, ws)) = setup.globals.iter().find(|(k, _)| k == "VOICEGATE_WS_HOST") {
+            let conf =
+                std::fs::read_to_string(repo().join("asterisk/websocket_client.conf")).unwrap();
+            assert!(
+                conf.contains("ws://127.0.0.1:9093/media"),
+                "asterisk/websocket_client.conf changed"
+            );
+            write(
+                &etc.join("websocket_client.conf"),
+                &conf.replace("ws://127.0.0.1:9093/media", &format!("ws://{ws}/media")),
+            );
         }
         write(
             &etc.join("logger.conf"),

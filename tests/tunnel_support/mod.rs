@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use voicegate::agent::{CallInfo, SharedAgent};
 use voicegate::audiosocket::Connection;
 use voicegate::audiosocket::codec::Message;
-use voicegate::call::{CallSummary, SessionParams, run_session};
+use voicegate::call::{AudioSocketPort, CallSummary, SessionParams, run_session};
 use voicegate::tunnel::{CoreSpec, PeerSpec, Tunnel, TunnelListener, TunnelSpec};
 
 /// A fixed private key (the test's own; never used outside tests).
@@ -98,9 +98,10 @@ pub fn serve_audiosocket(
                     caller_number: None,
                     caller_name: None,
                     tools: Vec::new(),
+                    variables: Default::default(),
                 };
                 let summary = run_session(
-                    conn,
+                    AudioSocketPort::new(conn),
                     info,
                     agent,
                     SessionParams::default(),

@@ -22,6 +22,9 @@ pub struct CascadeConfig {
     pub tts: TtsConfig,
     /// `[agent.vad]`.
     pub vad: VadConfig,
+    /// `[agent.barge_in]`: local barge-in in the call (pause on the caller's voice at once);
+    /// with it on, the STT's words confirm a barge-in rather than the `[agent.vad]` alone.
+    pub barge_in: crate::audio::bargein::BargeInConfig,
 }
 
 /// Which streaming speech-to-text vendor (`providers.md` §4–§6).
@@ -99,7 +102,9 @@ pub struct SttConfig {
     /// Words the caller is likely to say that the STT should not miss (names, brands, tyre
     /// sizes). Deepgram: one `keyterm` each (nova-3 models only; developers.deepgram.com
     /// `docs/keyterm`); Soniox: `context.terms` (soniox.com `stt/concepts/context`);
-    /// ElevenLabs Scribe realtime: not sent.
+    /// ElevenLabs Scribe realtime: one `keyterms` query parameter each, at most
+    /// [`SCRIBE_MAX_KEYTERMS`] terms of up to [`SCRIBE_MAX_KEYTERM_CHARS`] characters
+    /// (elevenlabs.io keyterm-prompting guide; more is refused at start-up, exit 64).
     pub keyterms: Vec<String>,
     /// Send G.711 μ-law on 8 kHz calls (default true; half the bytes of slin, exact for phone
     /// audio); wideband calls always send PCM at the call rate.
@@ -110,6 +115,13 @@ pub struct SttConfig {
     pub endpointing_ms: u32,
     /// Deepgram `utterance_end_ms`: end of turn on noisy lines (default 1000).
     pub utterance_end_ms: u32,
+    /// Deepgram Flux `eager_eot_threshold`, 0.3–0.9; unset (the vendor's default): no eager
+    /// mode. When set, Flux sends `EagerEndOfTurn` once it is this confident the caller has
+    /// finished; the reply's LLM request starts then, is cancelled on `TurnResumed`, and is
+    /// used when `EndOfTurn` confirms the same words (developers.deepgram.com
+    /// `docs/flux/voice-agent-eager-eot`, `docs/flux/configuration`). The audio still waits
+    /// for `EndOfTurn`. Lower is earlier and costs more LLM requests. Flux models only.
+    pub eager_eot_threshold: Option<f32>,
     /// Connecting may take this long, ms (default 1500, so a
     /// provider that does not answer still leaves the caller time to reach a human within
     /// about 2 s).
@@ -128,6 +140,7 @@ impl Default for SttConfig {
             g711: true,
             endpointing_ms: 500,
             utterance_end_ms: 1000,
+            eager_eot_threshold: None,
             connect_timeout_ms: 1_500,
         }
     }
@@ -155,6 +168,12 @@ impl SttConfig {
         Duration::from_millis(self.connect_timeout_ms)
     }
 }
+
+/// Most `keyterms` Scribe realtime takes (elevenlabs.io `speech-to-text/keyterm-prompting`:
+/// "Realtime (Scribe v2 Realtime): Max keyterms 50").
+pub const SCRIBE_MAX_KEYTERMS: usize = 50;
+/// Longest Scribe realtime keyterm, characters (same page: "Max characters per keyterm 20").
+pub const SCRIBE_MAX_KEYTERM_CHARS: usize = 20;
 
 /// `[agent.llm]`: an OpenAI-compatible Chat Completions endpoint (`providers.md` §7).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -291,8 +310,14 @@ impl CascadeConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ws = |u: &str| u.starts_with("ws://") || u.starts_with("wss://");
-        if !ws(self.stt.url()) {
+        self.validate_stt()?;
+        self.validate_llm_tts()?;
+        self.validate_vad()?;
+        self.barge_in.validate("agent.barge_in")
+    }
+
+    fn validate_stt(&self) -> Result<(), ConfigError> {
+        if !ws_url(self.stt.url()) {
             return Err(ConfigError::invalid(
                 "agent.stt.url",
                 "must start with ws:// or wss://",
@@ -302,6 +327,51 @@ impl CascadeConfig {
             .api_key()
             .resolve()
             .map_err(|e| ConfigError::invalid("agent.stt.api_key", e.to_string()))?;
+        if let Some(t) = self.stt.eager_eot_threshold {
+            let flux = self.stt.provider == SttProvider::Deepgram
+                && crate::agent::cascade::stt::flux::is_flux(self.stt.model());
+            if !flux {
+                return Err(ConfigError::invalid(
+                    "agent.stt.eager_eot_threshold",
+                    "only Deepgram Flux has EagerEndOfTurn: set provider = \"deepgram\" and a \
+                     flux-… model, or remove it",
+                ));
+            }
+            if !(0.3..=0.9).contains(&t) {
+                return Err(ConfigError::invalid(
+                    "agent.stt.eager_eot_threshold",
+                    "must be 0.3 to 0.9 (Deepgram Flux)",
+                ));
+            }
+        }
+        if self.stt.provider == SttProvider::Elevenlabs {
+            let k = &self.stt.keyterms;
+            if k.len() > SCRIBE_MAX_KEYTERMS {
+                return Err(ConfigError::invalid(
+                    "agent.stt.keyterms",
+                    format!(
+                        "ElevenLabs Scribe realtime takes at most {SCRIBE_MAX_KEYTERMS} keyterms, {} given",
+                        k.len()
+                    ),
+                ));
+            }
+            if let Some(long) = k
+                .iter()
+                .find(|t| t.chars().count() > SCRIBE_MAX_KEYTERM_CHARS)
+            {
+                return Err(ConfigError::invalid(
+                    "agent.stt.keyterms",
+                    format!(
+                        "ElevenLabs Scribe realtime takes keyterms of at most \
+                         {SCRIBE_MAX_KEYTERM_CHARS} characters: {long:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_llm_tts(&self) -> Result<(), ConfigError> {
         if !(self.llm.url.starts_with("http://") || self.llm.url.starts_with("https://")) {
             return Err(ConfigError::invalid(
                 "agent.llm.url",
@@ -324,7 +394,7 @@ impl CascadeConfig {
             }
         }
         let t = &self.tts.url;
-        if !(ws(t) || t.starts_with("http://") || t.starts_with("https://")) {
+        if !(ws_url(t) || t.starts_with("http://") || t.starts_with("https://")) {
             return Err(ConfigError::invalid(
                 "agent.tts.url",
                 "must start with ws://, wss://, http:// or https://",
@@ -343,6 +413,10 @@ impl CascadeConfig {
         if self.tts.voice_id.is_empty() {
             return Err(ConfigError::invalid("agent.tts.voice_id", "must be set"));
         }
+        Ok(())
+    }
+
+    fn validate_vad(&self) -> Result<(), ConfigError> {
         let v = &self.vad;
         if v.onset_ratio < 1.0 {
             return Err(ConfigError::invalid(
@@ -364,4 +438,9 @@ impl CascadeConfig {
         }
         Ok(())
     }
+}
+
+/// A WebSocket URL (`ws://` or `wss://`).
+fn ws_url(u: &str) -> bool {
+    u.starts_with("ws://") || u.starts_with("wss://")
 }

@@ -18,7 +18,11 @@
 //!   [`Agent::wants_playout_reference`]); the [`crate::audio::vad::Vad`] compares the caller leg against it,
 //!   so the agent's own voice coming back down the line is not taken for the caller. While
 //!   only echo can be present the STT receives silence instead of the echo (the frames are
-//!   kept and sent once the caller really speaks). On real caller speech during a reply:
+//!   kept and sent once the caller really speaks). With `[agent.barge_in]` on (the default)
+//!   the call pauses playout on the caller's voice at once ([`crate::audio::bargein`]) and
+//!   the STT's first words (heard by the VAD as speech, not a configured backchannel)
+//!   confirm the barge-in; a backchannel turn while the agent talks is not a turn. With it
+//!   off the VAD alone decides. On a confirmed barge-in:
 //!   [`AgentEvent::SpeechStarted`] (the call flushes playout and answers
 //!   [`AgentInput::Interrupted`] with the heard time), the LLM request and the TTS stream are
 //!   cancelled, and the history keeps only the words the caller heard (ElevenLabs' character
@@ -152,6 +156,11 @@ impl Agent for CascadeAgent {
         true
     }
 
+    fn barge_in(&self) -> Option<crate::audio::bargein::BargeInConfig> {
+        let b = &self.shared.cfg.barge_in;
+        b.enabled.then(|| b.clone())
+    }
+
     fn start(&self, call: CallInfo) -> AgentSession {
         let (session, endpoint) = super::session_channel();
         let shared = self.shared.clone();
@@ -185,6 +194,20 @@ struct Marks {
     speech_end: Instant,
     stt_final: Instant,
     llm_first: Option<Instant>,
+}
+
+/// An LLM request started on Deepgram Flux's `EagerEndOfTurn`, before the caller's turn is
+/// final (developers.deepgram.com `docs/flux/voice-agent-eager-eot`): dropped (which
+/// cancels it) on `TurnResumed`; on `EndOfTurn` it becomes the reply if it answers the same
+/// words with the same history, else a fresh request is made. Nothing of it reaches the TTS
+/// before then.
+#[derive(Debug)]
+struct Speculation {
+    /// The caller's words it answers.
+    text: String,
+    /// The messages it sent.
+    messages: Vec<serde_json::Value>,
+    llm: LlmStream,
 }
 
 /// One agent reply, from its LLM request to the end of its playout.
@@ -311,11 +334,15 @@ struct Conversation {
     keypad: Keypad,
     /// The call's TTS (one WebSocket for all replies in `ws` mode).
     tts: TtsCall,
+    /// A reply's LLM request started early on `EagerEndOfTurn`.
+    speculation: Option<Speculation>,
 }
 
 impl Conversation {
     fn new(shared: Arc<Shared>, call: CallInfo, io: AgentEndpoint, stt: SttHandle) -> Self {
-        let history = vec![serde_json::json!({"role": "system", "content": shared.system_prompt})];
+        // The profile's `{placeholders}` (caller number, called number, custom variables).
+        let prompt = crate::agent::fill_placeholders(&shared.system_prompt, &call.variables);
+        let history = vec![serde_json::json!({"role": "system", "content": prompt})];
         // Opened now, while the caller is still speaking, so that the first reply does not
         // wait for a handshake.
         let mut tts = shared.tts.call(call.rate_hz);
@@ -338,6 +365,7 @@ impl Conversation {
             samples: Vec::with_capacity(960),
             stt_dropped: 0,
             keypad: Keypad::default(),
+            speculation: None,
         }
     }
 
@@ -353,7 +381,8 @@ impl Conversation {
     }
 
     async fn run_inner(&mut self) -> Result<(), Stop> {
-        if let Some(greeting) = self.shared.cfg.greeting.clone() {
+        if let Some(greeting) = self.shared.cfg.greeting.as_deref() {
+            let greeting = crate::agent::fill_placeholders(greeting, &self.call.variables);
             self.history
                 .push(serde_json::json!({"role": "assistant", "content": greeting}));
             let mut r = self.new_reply(false);
@@ -376,8 +405,14 @@ impl Conversation {
                     Some(i) => self.on_input(i).await?,
                 },
                 ev = self.stt.events.recv() => match ev {
-                    Some(SttEvent::Interim(text)) => debug!(text = %text, "stt interim"),
+                    Some(SttEvent::Interim(text)) => self.on_interim(text).await?,
                     Some(SttEvent::EndOfTurn(text)) => self.on_end_of_turn(text).await?,
+                    Some(SttEvent::EagerEndOfTurn(text)) => self.on_eager_end_of_turn(text),
+                    Some(SttEvent::TurnResumed) => {
+                        if self.speculation.take().is_some() {
+                            info!("caller went on: speculative reply cancelled");
+                        }
+                    }
                     Some(SttEvent::Failed(e)) => return Err(Stop::Failed(e)),
                     None => return Err(Stop::Failed(AgentError::Provider {
                         provider: self.shared.cfg.stt.provider.name(),
@@ -460,7 +495,10 @@ impl Conversation {
         if verdict.speech {
             self.last_voice = Some(Instant::now());
         }
-        if verdict.event == Some(VadEvent::SpeechStarted) && self.agent_talking() {
+        if verdict.event == Some(VadEvent::SpeechStarted)
+            && self.agent_talking()
+            && !self.words_decide()
+        {
             self.barge_in().await?;
         }
         // The caller stopped: vendors that can finalize on request end the turn now.
@@ -492,6 +530,32 @@ impl Conversation {
             self.send_to_stt(bytes);
         }
         self.suppressing = suppress;
+        Ok(())
+    }
+
+    /// With local barge-in on (`[agent.barge_in]`) the call pauses playout on the caller's
+    /// voice at once and the STT's words confirm the barge-in; off, the VAD alone does.
+    fn words_decide(&self) -> bool {
+        self.shared.cfg.barge_in.enabled
+    }
+
+    /// The STT's first words while the agent talks confirm a barge-in (when
+    /// [`Self::words_decide`]): words the VAD heard as the caller's speech within the last
+    /// 1.5 s (the echo gate), that are not a configured backchannel.
+    async fn on_interim(&mut self, text: String) -> Result<(), Stop> {
+        debug!(text = %text, "stt interim");
+        let voiced = self
+            .last_voice
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(1_500));
+        if self.words_decide()
+            && self.agent_talking()
+            && voiced
+            && !text.trim().is_empty()
+            && !self.shared.cfg.barge_in.is_backchannel(&text)
+        {
+            info!(text = %text, "barge-in: the caller's words over the reply");
+            self.barge_in().await?;
+        }
         Ok(())
     }
 
@@ -531,9 +595,56 @@ impl Conversation {
         }
     }
 
+    /// The history a caller turn of `text` is answered with: placeholder results for tool
+    /// calls still unanswered (Chat Completions refuses a history whose assistant
+    /// `tool_calls` are not each followed by a `tool` message: 400 "An assistant message
+    /// with 'tool_calls' must be followed by tool messages responding to each
+    /// 'tool_call_id'"; their late results are ignored), then the caller's words.
+    fn turn_messages(&self, text: &str) -> Vec<serde_json::Value> {
+        let mut m = self.history.clone();
+        for id in &self.outstanding_tools {
+            m.push(serde_json::json!({
+                "role": "tool", "tool_call_id": id,
+                "content": "{\"error\":\"no result: the caller spoke again before it came\"}",
+            }));
+        }
+        m.push(serde_json::json!({"role": "user", "content": text}));
+        m
+    }
+
+    /// Flux's `EagerEndOfTurn`: the reply's LLM request starts now (a newer one replaces
+    /// it). Only while no reply runs: superseding one changes the history the request
+    /// would have to carry.
+    fn on_eager_end_of_turn(&mut self, text: String) {
+        let text = text.trim().to_owned();
+        if text.is_empty() || self.reply.is_some() {
+            return;
+        }
+        let messages = self.turn_messages(&text);
+        info!(text = %text, "eager end of turn: speculative reply started");
+        let llm = self.shared.llm.stream(&messages);
+        self.speculation = Some(Speculation {
+            text,
+            messages,
+            llm,
+        });
+    }
+
     async fn on_end_of_turn(&mut self, text: String) -> Result<(), Stop> {
+        let speculation = self.speculation.take();
         let text = text.trim().to_owned();
         if text.is_empty() {
+            return Ok(());
+        }
+        // A backchannel ("uh-huh") while the agent talks is not a turn: the call resumes
+        // the reply it paused, and the reply goes on.
+        if self.agent_talking() && self.shared.cfg.barge_in.is_backchannel(&text) {
+            info!(text = %text, "backchannel while the agent talks; not a turn");
+            self.emit(AgentEvent::Transcript {
+                speaker: Speaker::Caller,
+                text,
+            })
+            .await?;
             return Ok(());
         }
         let now = Instant::now();
@@ -559,21 +670,24 @@ impl Conversation {
             text: text.clone(),
         })
         .await?;
-        // Tool calls still unanswered when the caller speaks again: Chat Completions refuses
-        // a history whose assistant `tool_calls` are not each followed by a `tool` message
-        // (400 "An assistant message with 'tool_calls' must be followed by tool messages
-        // responding to each 'tool_call_id'"), so each gets a placeholder result now and its
-        // late result is ignored.
-        for id in std::mem::take(&mut self.outstanding_tools) {
-            self.history.push(serde_json::json!({
-                "role": "tool", "tool_call_id": id,
-                "content": "{\"error\":\"no result: the caller spoke again before it came\"}",
-            }));
-        }
-        self.history
-            .push(serde_json::json!({"role": "user", "content": text}));
+        self.history = self.turn_messages(&text);
+        self.outstanding_tools.clear();
         self.continue_after_tools = false;
-        let mut r = self.new_reply(true);
+        let early = match speculation {
+            Some(s) if s.text == text && s.messages == self.history => {
+                info!("end of turn confirms the eager one: speculative reply used");
+                Some(s.llm)
+            }
+            Some(_) => {
+                info!("end of turn differs from the eager one: speculative reply replaced");
+                None
+            }
+            None => None,
+        };
+        let mut r = self.new_reply(early.is_none());
+        if early.is_some() {
+            r.llm = early;
+        }
         r.marks = Some(Marks {
             speech_end,
             stt_final: now,

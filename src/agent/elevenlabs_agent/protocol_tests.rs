@@ -21,6 +21,7 @@ fn conversation(t0: Instant) -> Conversation {
         caller_number: Some("+15550100".into()),
         caller_name: None,
         tools: Vec::new(),
+        variables: Default::default(),
     };
     let deadline = t0 + agent.settings.connect_timeout;
     Conversation::new(agent.settings, &call, "ws://127.0.0.1:9/c".into(), deadline)

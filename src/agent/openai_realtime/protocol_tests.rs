@@ -26,6 +26,7 @@ fn protocol(edit: impl FnOnce(&mut OpenAiRealtimeConfig)) -> Realtime {
         caller_number: None,
         caller_name: None,
         tools: Vec::new(),
+        variables: Default::default(),
     };
     Realtime::new(agent.settings, &call).expect("protocol")
 }

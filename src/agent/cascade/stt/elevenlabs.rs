@@ -48,6 +48,7 @@ pub struct ElevenLabsStt {
     key: Secret,
     model: String,
     languages: Vec<String>,
+    keyterms: Vec<String>,
     silence_ms: u32,
     format: WireFormat,
     /// Committed text of the current turn.
@@ -77,6 +78,7 @@ impl ElevenLabsStt {
             key,
             model: cfg.model().to_owned(),
             languages: cfg.languages.clone(),
+            keyterms: cfg.keyterms.clone(),
             silence_ms: cfg.endpointing_ms.clamp(300, 3_000),
             format,
             turn: String::new(),
@@ -115,6 +117,13 @@ impl Protocol for ElevenLabsStt {
                 );
             if let [one] = self.languages.as_slice() {
                 q.append_pair("language_code", one);
+            }
+            // One repeated `keyterms` parameter per term (elevenlabs-js
+            // `wrapper/realtime/scribe.ts` buildWebSocketUri; elevenlabs.io keyterm-prompting
+            // guide: "pass keyterms as query parameters"), at most 50 of up to 20 characters
+            // (checked in `CascadeConfig::validate`).
+            for k in &self.keyterms {
+                q.append_pair("keyterms", k);
             }
         }
         Ok(url.into())

@@ -7,8 +7,10 @@
 //! `flux-general-multi`), audio as binary frames, `{"type":"CloseStream"}` at the end.
 //! The server speaks in `TurnInfo` messages whose `event` follows Flux's state machine:
 //! `StartOfTurn`, `Update`, `EagerEndOfTurn`, `TurnResumed` carry the turn's transcript so
-//! far (interim text); `EndOfTurn` ends the caller's turn. `Connected` is informational; an
-//! `Error` message fails the session.
+//! far (interim text); `EndOfTurn` ends the caller's turn. With `eager_eot_threshold` set,
+//! `EagerEndOfTurn` and `TurnResumed` are also passed on as such, for the cascade to start
+//! the reply's LLM early (`docs/flux/voice-agent-eager-eot`). `Connected` is informational;
+//! an `Error` message fails the session.
 
 use super::{Protocol, SttEvent};
 use crate::agent::cascade::config::SttConfig;
@@ -32,6 +34,7 @@ pub struct Flux {
     model: String,
     languages: Vec<String>,
     keyterms: Vec<String>,
+    eager_eot_threshold: Option<f32>,
     rate_hz: u32,
 }
 
@@ -60,6 +63,7 @@ impl Flux {
             model: cfg.model().to_owned(),
             languages: cfg.languages.clone(),
             keyterms: cfg.keyterms.clone(),
+            eager_eot_threshold: cfg.eager_eot_threshold,
             rate_hz,
         }
     }
@@ -89,6 +93,9 @@ impl Protocol for Flux {
             for k in &self.keyterms {
                 q.append_pair("keyterm", k);
             }
+            if let Some(t) = self.eager_eot_threshold {
+                q.append_pair("eager_eot_threshold", &format!("{t:.2}"));
+            }
         }
         Ok(url.into())
     }
@@ -115,6 +122,20 @@ impl Protocol for Flux {
                 let t = m.transcript.trim();
                 if !t.is_empty() {
                     out.push(SttEvent::EndOfTurn(t.to_owned()));
+                }
+            }
+            // Always a nonempty transcript (`docs/flux/state`, rule 2).
+            ("TurnInfo", "EagerEndOfTurn") => {
+                let t = m.transcript.trim();
+                if !t.is_empty() {
+                    out.push(SttEvent::EagerEndOfTurn(t.to_owned()));
+                }
+            }
+            ("TurnInfo", "TurnResumed") => {
+                out.push(SttEvent::TurnResumed);
+                let t = m.transcript.trim();
+                if !t.is_empty() {
+                    out.push(SttEvent::Interim(t.to_owned()));
                 }
             }
             ("TurnInfo", _) => {
@@ -187,6 +208,45 @@ mod tests {
         assert!(
             e.contains("INVALID_AUDIO") && e.contains("bad audio"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn eager_mode_asks_for_and_passes_on_eager_and_resumed() {
+        let cfg = SttConfig {
+            model: Some("flux-general-en".into()),
+            eager_eot_threshold: Some(0.5),
+            ..SttConfig::default()
+        };
+        let mut f = Flux::new(&cfg, Secret::new("k"), 8_000);
+        assert!(
+            f.url().unwrap().ends_with("&eager_eot_threshold=0.50"),
+            "{}",
+            f.url().unwrap()
+        );
+        let ti = |event: &str, t: &str| {
+            format!(
+                r#"{{"type":"TurnInfo","event":"{event}","turn_index":0,"audio_window_start":0.0,"audio_window_end":1.0,"transcript":"{t}","words":[],"end_of_turn_confidence":0.6}}"#
+            )
+        };
+        let mut out = Vec::new();
+        for (e, t) in [
+            ("EagerEndOfTurn", "book"),
+            ("TurnResumed", "book a"),
+            ("EagerEndOfTurn", "book a table"),
+            ("EndOfTurn", "book a table"),
+        ] {
+            f.on_text(&ti(e, t), &mut out).unwrap();
+        }
+        assert_eq!(
+            out,
+            vec![
+                SttEvent::EagerEndOfTurn("book".into()),
+                SttEvent::TurnResumed,
+                SttEvent::Interim("book a".into()),
+                SttEvent::EagerEndOfTurn("book a table".into()),
+                SttEvent::EndOfTurn("book a table".into()),
+            ]
         );
     }
 }

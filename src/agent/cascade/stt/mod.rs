@@ -47,6 +47,11 @@ pub enum SttEvent {
     /// The vendor's endpointing says the caller finished the turn; the turn's final text
     /// (may be empty when the vendor heard only noise).
     EndOfTurn(String),
+    /// Deepgram Flux `EagerEndOfTurn`: the caller has probably finished with these words
+    /// (only with `eager_eot_threshold` set). A `TurnResumed` or an `EndOfTurn` follows.
+    EagerEndOfTurn(String),
+    /// Deepgram Flux `TurnResumed`: the caller went on after an `EagerEndOfTurn`.
+    TurnResumed,
     /// The session failed; the cascade ends the call's agent with this error.
     Failed(AgentError),
 }
@@ -56,6 +61,8 @@ impl PartialEq for SttEvent {
         match (self, other) {
             (SttEvent::Interim(a), SttEvent::Interim(b)) => a == b,
             (SttEvent::EndOfTurn(a), SttEvent::EndOfTurn(b)) => a == b,
+            (SttEvent::EagerEndOfTurn(a), SttEvent::EagerEndOfTurn(b)) => a == b,
+            (SttEvent::TurnResumed, SttEvent::TurnResumed) => true,
             (SttEvent::Failed(a), SttEvent::Failed(b)) => a.to_string() == b.to_string(),
             _ => false,
         }

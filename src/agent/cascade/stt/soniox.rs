@@ -32,6 +32,8 @@ struct Response {
     #[serde(default)]
     tokens: Vec<Token>,
     error_code: Option<serde_json::Value>,
+    /// Stable error identifier, e.g. `limit_exceeded` (soniox.com `stt/rt/error-handling`).
+    error_type: Option<String>,
     error_message: Option<String>,
 }
 
@@ -124,8 +126,9 @@ impl Protocol for Soniox {
     fn on_text(&mut self, text: &str, out: &mut Vec<SttEvent>) -> Result<(), String> {
         let r: Response = serde_json::from_str(text).map_err(|e| format!("bad response: {e}"))?;
         if let Some(code) = r.error_code {
+            let kind = r.error_type.map(|t| format!(" {t}")).unwrap_or_default();
             return Err(format!(
-                "error {code}: {}",
+                "error {code}{kind}: {}",
                 r.error_message.unwrap_or_default()
             ));
         }
