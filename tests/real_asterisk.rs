@@ -247,12 +247,13 @@ fn log_field(log: &str, what: &str, key: &str) -> Option<f64> {
 /// found"), is one packet per 20 ms: p50 within 20 ± 1 ms (as the AudioSocket modes at
 /// Asterisk), and drift-free: the mean gap, first to last packet, within 20 ± 0.5 ms (a late
 /// tick is caught up by the next ones, so this holds on a loaded machine; a sender that
-/// lost or doubled frames, or ran at another rate, moves it). The spread (p1, p99) is
-/// printed, not bounded: it is the machine's scheduling as much as voicegate's, and on the
-/// shared 2-core box a tick late by over 20 ms is caught up by a packet sent at once (p1
-/// near 0, p99 over 30 ms, seen under load). It is bounded where it is measured alone:
-/// `cargo bench --bench load -- --transport rtp` (docs/performance.md: p99 21.04 ms at 100
-/// calls).
+/// lost or doubled frames, or ran at another rate, moves it), and no tick a whole frame late
+/// at p99 (≤ 40 ms). The finer spread is the machine's scheduling as much as voicegate's: on
+/// the shared 2-core box a tick late by some ms is caught up by a shorter next gap, or by a
+/// packet sent at once when it is over 20 ms late (p1 8.1 ms and p99 33.6 ms seen with a CPU
+/// hog beside the test), so p1 is printed, not bounded, and the issue's 20 ± 2 ms p99 is
+/// checked where it is measured alone: `cargo bench --bench load -- --transport rtp`
+/// (docs/performance.md: p99 21.04 ms at 100 calls).
 async fn rtp_echo_call(format: &'static str) {
     let name = format!("rtp_{format}");
     let Some((prefix, _serial)) = real_asterisk_support::asterisk_for(&name).await else {
@@ -300,6 +301,7 @@ async fn rtp_echo_call(format: &'static str) {
         (19.5..=20.5).contains(&mean),
         "mean send gap outside 20 ± 0.5 ms (frames lost, doubled or paced at another rate)",
     );
+    explain(p99 <= 40.0, "p99 send gap over a frame late (40 ms)");
     let records = vg.wait_records(1, Duration::from_secs(5)).await;
     explain(
         records[0].outcome == "completed",
