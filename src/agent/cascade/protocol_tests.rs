@@ -37,6 +37,9 @@ fn assistant(text: &str) -> Value {
 fn show(out: &[CascadeOut]) -> Vec<String> {
     out.iter()
         .map(|o| match o {
+            CascadeOut::SttAudio(b) if b.iter().all(|&x| x == 0) => {
+                format!("stt zeros {}", b.len())
+            }
             CascadeOut::SttAudio(b) => format!("stt audio {}", b.len()),
             CascadeOut::SttFinalize {
                 trailing_silence_ms,
@@ -681,8 +684,69 @@ fn caller_audio_goes_to_the_stt_and_an_empty_turn_is_no_turn() {
     let frame = Bytes::from(vec![0u8; 320]);
     assert_eq!(
         input(&mut p, t0, AgentInput::Audio(frame)),
-        ["stt audio 320"]
+        ["stt zeros 320"]
     );
     assert!(stt(&mut p, t0, SttEvent::EndOfTurn("  ".into())).is_empty());
     assert!(stt(&mut p, t0, SttEvent::Interim("Hel".into())).is_empty());
+}
+
+/// One 20 ms caller frame at 8 kHz of constant `level`.
+fn caller(level: i16) -> AgentInput {
+    let bytes: Vec<u8> = std::iter::repeat_n(level.to_le_bytes(), 160)
+        .flatten()
+        .collect();
+    AgentInput::Audio(Bytes::from(bytes))
+}
+
+/// Ten loud caller frames over the agent's echo (200 ms, the VAD's `min_speech_ms`): the
+/// first nine may be echo, so the STT hears zeros and they are kept; the tenth starts the
+/// caller's speech and the STT gets the kept frames and itself.
+fn speak_over(p: &mut CascadeProtocol, now: Instant) -> Vec<String> {
+    for _ in 0..9 {
+        assert_eq!(input(p, now, caller(4_000)), ["stt zeros 320"]);
+    }
+    input(p, now, caller(4_000))
+}
+
+#[test]
+fn words_heard_as_the_callers_voice_confirm_a_barge_in() {
+    let mut p = protocol(|_| {});
+    let t0 = Instant::now();
+    talking(&mut p, t0);
+    play(&mut p, t0, 5);
+    // Local barge-in is on: the VAD alone does not interrupt.
+    assert_eq!(speak_over(&mut p, t0), vec!["stt audio 320"; 10]);
+    // Words 1.5 s after the last voiced frame are not taken for the caller's.
+    assert!(stt(&mut p, t0 + ms(1_500), SttEvent::Interim("Wait".into())).is_empty());
+    let t1 = t0 + ms(1_600);
+    assert_eq!(input(&mut p, t1, caller(4_000)), ["stt audio 320"]);
+    assert_eq!(
+        stt(&mut p, t1 + ms(1_499), SttEvent::Interim("Wait".into())),
+        ["llm drop 1", "tts drop 1", "speech started"]
+    );
+    // The call's flush after 100 ms played: nothing whole was heard.
+    let flushed = AgentInput::Interrupted {
+        reply: ReplyId(1),
+        heard_ms: 100,
+    };
+    assert!(input(&mut p, t1, flushed).is_empty());
+}
+
+#[test]
+fn without_local_barge_in_the_vad_interrupts_and_its_end_finalizes_the_stt() {
+    let mut p = protocol(|c| c.barge_in.enabled = false);
+    let t0 = Instant::now();
+    talking(&mut p, t0);
+    play(&mut p, t0, 5);
+    let mut want = vec!["llm drop 1", "tts drop 1", "speech started"];
+    want.extend(vec!["stt audio 320"; 10]);
+    assert_eq!(speak_over(&mut p, t0), want);
+    // `hang_ms` (400 ms) of quiet ends the speech: the STT is asked to finalize.
+    for _ in 0..19 {
+        assert_eq!(input(&mut p, t0, caller(30)), ["stt audio 320"]);
+    }
+    assert_eq!(
+        input(&mut p, t0, caller(30)),
+        ["stt finalize 400", "stt zeros 320"]
+    );
 }
