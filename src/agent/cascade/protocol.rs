@@ -56,7 +56,7 @@ const NO_RESULT: &str = "{\"error\":\"no result: the caller spoke again before i
 /// One LLM request of a call, numbered by the protocol from 1 (a speculative request has
 /// no reply yet, so requests have their own numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LlmId(pub(crate) u64);
+pub(crate) struct LlmId(u64);
 
 /// What the protocol asks its driver to do, in order.
 #[derive(Debug)]
