@@ -1099,7 +1099,9 @@ async fn two_boxes_behind_one_dialplan_lose_no_call_when_one_stops() {
     let records = b.wait_records(4, Duration::from_secs(5)).await;
     assert!(
         records.iter().all(|r| r.outcome == "completed"),
-        "{records:?}"
+        "{records:?}\n--- box B's log ---\n{}\n--- asterisk log ---\n{}",
+        b.log.lock().unwrap(),
+        ast.log()
     );
     assert_eq!(a.records().len(), 2, "box A had calls 2 and 4");
     assert_eq!(
@@ -1107,7 +1109,22 @@ async fn two_boxes_behind_one_dialplan_lose_no_call_when_one_stops() {
         1,
         "only call 4 reached the operators"
     );
-    // The failover logs AudioSocket's own connection ERROR for box A; nothing else may.
+    // Box A, down, was skipped on its /health answer, before any AudioSocket() to it: a
+    // refused AudioSocket connection in Asterisk 22.10.1 closes its socket twice, and the
+    // second close can take another thread's file (here the caller leg's MixMonitor, whose
+    // WAV data then reached box B in the middle of call 6's AudioSocket stream: 1 run in 5
+    // under load before the health check).
+    let log = ast.log();
+    assert!(
+        log.contains(r#"Return("Local/pair@vg-test-callee-"#) && log.contains(r#"", "DOWN")"#),
+        "box A was not found down by its /health"
+    );
+    assert!(
+        !log.contains("Failed to connect to AudioSocket service"),
+        "an AudioSocket() was tried on the stopped box"
+    );
+    // Box A's stop ends call 4's AudioSocket from voicegate's side: Asterisk may log that
+    // as an AudioSocket ERROR; nothing else may.
     let errors: Vec<_> = ast
         .errors()
         .into_iter()
