@@ -8,25 +8,25 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Digits typed less than this apart form one turn.
-pub const DIGIT_GAP: Duration = Duration::from_millis(1_000);
+pub(crate) const DIGIT_GAP: Duration = Duration::from_millis(1_000);
 
 /// Collects one call's digits. Sans-IO with [`Keypad::push_at`] (`now` passed in);
 /// [`Keypad::push`] reads the clock.
 #[derive(Debug, Default)]
-pub struct Keypad {
+pub(crate) struct Keypad {
     digits: String,
     deadline: Option<Instant>,
 }
 
 impl Keypad {
     /// Adds `digit` (0-9, *, #, A-D). Returns the turn's text when `digit` is `#`.
-    pub fn push(&mut self, digit: char) -> Option<String> {
+    pub(crate) fn push(&mut self, digit: char) -> Option<String> {
         self.push_at(digit, Instant::now())
     }
 
     /// [`Keypad::push`] at `now`: the turn ends [`DIGIT_GAP`] after `now` unless another
     /// digit comes.
-    pub fn push_at(&mut self, digit: char, now: Instant) -> Option<String> {
+    pub(crate) fn push_at(&mut self, digit: char, now: Instant) -> Option<String> {
         self.digits.push(digit);
         if digit == '#' {
             self.take()
@@ -37,17 +37,17 @@ impl Keypad {
     }
 
     /// No digits are waiting (the next one is the first of a turn).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.digits.is_empty()
     }
 
     /// When the waiting digits become a turn, if any are waiting.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// The waiting digits as the turn's text (`None` if there are none), and clears them.
-    pub fn take(&mut self) -> Option<String> {
+    pub(crate) fn take(&mut self) -> Option<String> {
         self.deadline = None;
         let digits = std::mem::take(&mut self.digits);
         match digits.chars().count() {

@@ -89,11 +89,9 @@ struct Pass {
 
 /// What the controller needs from the config.
 #[derive(Debug, Clone)]
-pub struct AriSettings {
+pub(crate) struct AriSettings {
     /// Stasis application name.
     pub app: String,
-    /// Stasis or lookup only.
-    pub mode: AriMode,
     /// `HOST:PORT` Asterisk connects to for externalMedia.
     pub external_host: String,
     /// externalMedia format.
@@ -128,7 +126,7 @@ pub struct AriSettings {
 
 /// How RTP calls get their sockets (`ari.media = "rtp"`).
 #[derive(Debug, Clone)]
-pub struct RtpSettings {
+pub(crate) struct RtpSettings {
     /// The port range on voicegate's RTP address.
     pub ports: Arc<RtpPorts>,
     /// The RTP payload format.
@@ -139,7 +137,7 @@ pub struct RtpSettings {
 
 /// How voicegate connects to Asterisk's media WebSockets (`ari.media = "websocket"`).
 #[derive(Debug, Clone)]
-pub struct WsSettings {
+pub(crate) struct WsSettings {
     /// Asterisk's HTTP server (`ari.url`); the media URL is
     /// [`ws_client::media_url`]`(base, connection id)`.
     pub base: String,
@@ -151,10 +149,10 @@ pub struct WsSettings {
 
 /// Largest message taken on an externalMedia WebSocket (20 ms of slin192 is 7680 bytes; as
 /// `[websocket] max_message_bytes`' default).
-pub const WS_MAX_MESSAGE_BYTES: usize = 65_536;
+pub(crate) const WS_MAX_MESSAGE_BYTES: usize = 65_536;
 
 /// A WebSocket externalMedia call, for [`crate::call::media_rtp::serve`].
-pub type WsCall = PortCall<WebSocketPort<ClientStream>>;
+pub(crate) type WsCall = PortCall<WebSocketPort<ClientStream>>;
 
 impl RtpSettings {
     /// From `[ari]`: the address is the host of `external_host` when it is an IP address,
@@ -187,7 +185,7 @@ impl RtpSettings {
 
 impl AriSettings {
     /// Settings from `[ari]`; `listen` is the AudioSocket listener, the default external host.
-    pub fn from_config(c: &AriConfig, listen: SocketAddr) -> Self {
+    pub(crate) fn from_config(c: &AriConfig, listen: SocketAddr) -> Self {
         AriSettings {
             media: c.media,
             rtp: RtpSettings::from_config(c, listen),
@@ -197,7 +195,6 @@ impl AriSettings {
                 max_message_bytes: WS_MAX_MESSAGE_BYTES,
             }),
             app: c.app.clone(),
-            mode: c.mode,
             external_host: c
                 .external_host
                 .clone()
@@ -528,22 +525,8 @@ pub fn start(
 }
 
 impl Controller {
-    /// A controller using `client`; dispositions of the calls it sees go to `next`.
-    pub fn new(client: AriClient, settings: AriSettings, next: Arc<NextStore>) -> Self {
-        Self::with_hooks(client, settings, next, Hooks::default())
-    }
-
-    /// [`Controller::new`] with [`Hooks`] for routing and reporting.
-    pub fn with_hooks(
-        client: AriClient,
-        settings: AriSettings,
-        next: Arc<NextStore>,
-        hooks: Hooks,
-    ) -> Self {
-        Self::build(client, settings, next, hooks, (None, None))
-    }
-
-    /// [`Controller::with_hooks`], handing RTP calls to `queues.0` and WebSocket calls to
+    /// A controller using `client`, with [`Hooks`] for routing and reporting; dispositions of
+    /// the calls it sees go to `next`, RTP calls to `queues.0` and WebSocket calls to
     /// `queues.1`.
     fn build(
         client: AriClient,
@@ -675,7 +658,7 @@ impl Controller {
     ///   [`RETRY_INITIAL`] after the give-up, then doubling per pass up to the interval. Each
     ///   pass costs one `GET /channels` while ARI does not answer, so a hung Asterisk sees one
     ///   request per period, never a loop.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         mut events: mpsc::Receiver<Event>,
         mut link: watch::Receiver<LinkState>,
@@ -752,7 +735,7 @@ impl Controller {
     }
 
     /// Handles one event (REST work is spawned).
-    pub fn handle(&self, ev: Event) {
+    pub(crate) fn handle(&self, ev: Event) {
         match ev {
             Event::StasisStart { args, channel } => {
                 let known = {

@@ -12,7 +12,7 @@ const BINS: usize = 400;
 
 /// Gaps between sends.
 #[derive(Debug, Clone)]
-pub struct GapHistogram {
+pub(crate) struct GapHistogram {
     last: Option<Instant>,
     bins: Box<[u32; BINS]>,
     count: u32,
@@ -30,7 +30,7 @@ impl Default for GapHistogram {
 
 impl GapHistogram {
     /// A packet went out at `now`.
-    pub fn record(&mut self, now: Instant) {
+    pub(crate) fn record(&mut self, now: Instant) {
         if let Some(last) = self.last.replace(now) {
             let gap = now.saturating_duration_since(last);
             let bin = ((gap.as_micros() / BIN.as_micros()) as usize).min(BINS - 1);
@@ -40,13 +40,13 @@ impl GapHistogram {
     }
 
     /// Gaps recorded (one fewer than the packets).
-    pub fn count(&self) -> u32 {
+    pub(crate) fn count(&self) -> u32 {
         self.count
     }
 
     /// The `q` quantile (0.0–1.0) of the gaps, to the bin's middle (±0.125 ms); `None`
     /// before two packets.
-    pub fn quantile(&self, q: f64) -> Option<Duration> {
+    pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
         if self.count == 0 {
             return None;
         }
