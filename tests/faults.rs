@@ -453,8 +453,10 @@ async fn provider_sends_malformed_json_then_closes_with_an_error_code_body() {
         c.reply("resp_1", "item_1", &ulaw_reply(1.0), 1_600, "still here")
             .await;
         // The caller is still saying "Hello, world." over the reply: local barge-in pauses
-        // it, nothing confirms, and it resumes 700 ms later; 2.5 s lets it play out.
-        c.drain(Duration::from_millis(2_500)).await;
+        // it, nothing confirms, and it resumes 700 ms later (twice, if the caller is still
+        // talking at the resume: 1 s of reply + 1.4 s of pauses); 4 s lets it play out on a
+        // loaded machine too (2.5 s left ~100 ms of slack).
+        c.drain(Duration::from_millis(4_000)).await;
         let t = c.now_ms();
         c.close_with(1011, "internal server error").await;
         t

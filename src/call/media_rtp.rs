@@ -211,6 +211,7 @@ impl RtpPort {
             send_gap_p50_ms = ms(0.5),
             send_gap_p99_ms = ms(0.99),
             send_gap_max_ms = ms(1.0),
+            send_gap_mean_ms = self.pacing.mean().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             "rtp stream ended"
         );
     }

@@ -13,6 +13,7 @@ const BINS: usize = 400;
 /// Gaps between sends.
 #[derive(Debug, Clone)]
 pub(crate) struct GapHistogram {
+    first: Option<Instant>,
     last: Option<Instant>,
     bins: Box<[u32; BINS]>,
     count: u32,
@@ -21,6 +22,7 @@ pub(crate) struct GapHistogram {
 impl Default for GapHistogram {
     fn default() -> Self {
         GapHistogram {
+            first: None,
             last: None,
             bins: Box::new([0; BINS]),
             count: 0,
@@ -31,6 +33,7 @@ impl Default for GapHistogram {
 impl GapHistogram {
     /// A packet went out at `now`.
     pub(crate) fn record(&mut self, now: Instant) {
+        self.first.get_or_insert(now);
         if let Some(last) = self.last.replace(now) {
             let gap = now.saturating_duration_since(last);
             let bin = ((gap.as_micros() / BIN.as_micros()) as usize).min(BINS - 1);
@@ -42,6 +45,14 @@ impl GapHistogram {
     /// Gaps recorded (one fewer than the packets).
     pub(crate) fn count(&self) -> u32 {
         self.count
+    }
+
+    /// The mean gap: first to last send over the gaps; `None` before two packets. A
+    /// drift-free sender keeps it at the frame time (20 ms) however late single ticks are,
+    /// since a late tick is caught up by the next ones.
+    pub(crate) fn mean(&self) -> Option<Duration> {
+        let span = self.last?.saturating_duration_since(self.first?);
+        (self.count > 0).then(|| span / self.count)
     }
 
     /// The `q` quantile (0.0–1.0) of the gaps, to the bin's middle (±0.125 ms); `None`
@@ -71,6 +82,7 @@ mod tests {
         let t0 = Instant::now();
         let mut h = GapHistogram::default();
         assert_eq!(h.quantile(0.5), None);
+        assert_eq!(h.mean(), None);
         let mut t = t0;
         for i in 0..200 {
             t += if i == 100 {
@@ -81,6 +93,8 @@ mod tests {
             h.record(t);
         }
         assert_eq!(h.count(), 199);
+        // 198 gaps of 20 ms and one of 30 ms.
+        assert_eq!(h.mean(), Some(Duration::from_millis(3_990) / 199));
         let p50 = h.quantile(0.5).unwrap();
         assert!(
             p50 >= Duration::from_micros(19_875) && p50 <= Duration::from_micros(20_125),

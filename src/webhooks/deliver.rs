@@ -363,4 +363,108 @@ mod tests {
         assert_eq!(hook.key, b"secret");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A receiver on 127.0.0.1 that answers every POST 200 and keeps each `webhook-id`, in
+    /// order of arrival (plain HTTP/1.1: headers, then a `content-length` body).
+    async fn receiver(listener: tokio::net::TcpListener, ids: Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let header = |name: &str| {
+                        head.lines()
+                            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+                    };
+                    let len: usize = header("content-length:").map_or(0, |v| v.parse().unwrap());
+                    while buf.len() < end + 4 + len {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    ids.lock().unwrap().push(header("webhook-id:").unwrap());
+                    buf.drain(..end + 4 + len);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if sock.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// The receiver is down (connections refused) for 15 minutes, on tokio's paused clock,
+    /// with the default schedule (1 s doubling to 600 s): nothing is lost, the backlog shows,
+    /// and once it is back every event arrives exactly once, oldest first, at the next
+    /// attempt of the capped backoff (within `retry_max_s` of its return).
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_of_minutes_loses_nothing_and_the_capped_backoff_delivers_each_once() {
+        let dir = std::env::temp_dir().join(format!("vg-webhook-outage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let breaker = Arc::new(crate::fallback::Breaker::new(3, Duration::from_secs(5)));
+        let health = Arc::new(HealthState::new("echo", breaker));
+        let mut config: WebhookConfig = toml::from_str(&format!(
+            "name = \"crm\"\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret = \"s\"\n"
+        ))
+        .unwrap();
+        config.secret = SecretSource::Inline("whsec_c2VjcmV0".into());
+        let retry_max = Duration::from_secs(config.retry_max_s);
+        let hook = Webhook::open(config, &dir, health.clone()).unwrap();
+        let keys: Vec<String> = (0..3).map(|i| format!("call-{i}")).collect();
+        for k in &keys {
+            hook.enqueue_blocking(k, b"{}").unwrap();
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let client = crate::tls::http_client_builder().build().unwrap();
+        let task = tokio::spawn(deliver(hook.clone(), client, stop.clone()));
+
+        tokio::time::sleep(Duration::from_secs(15 * 60)).await;
+        let report = health.report();
+        let c = &report.components["webhook:crm"];
+        assert!(c.detail.starts_with("backlog 3 events"), "{c:?}");
+        assert!(c.detail.contains("last attempt"), "{c:?}");
+
+        let back = Instant::now();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(receiver(listener, ids.clone()));
+        while ids.lock().unwrap().len() < keys.len() {
+            assert!(
+                back.elapsed() <= retry_max,
+                "{:?} after the receiver came back: {:?}",
+                back.elapsed(),
+                ids.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Nothing more comes: each event once.
+        tokio::time::sleep(retry_max * 2).await;
+        assert_eq!(*ids.lock().unwrap(), keys);
+        let left = std::fs::read_dir(dir.join("webhooks/crm")).unwrap().count();
+        assert_eq!(left, 0, "delivered events stay in the outbox");
+        stop.cancel();
+        task.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
