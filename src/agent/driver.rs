@@ -86,11 +86,11 @@ pub(crate) enum ServerMsg<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Closed {
     /// The close frame's code and reason, when the server sent one.
-    pub frame: Option<(u16, String)>,
+    pub(crate) frame: Option<(u16, String)>,
     /// What happened, in words, with the provider's reason where it gave one (never with
     /// upgrade header values): `connect: …`, `server closed the session (code 1011, reason
     /// "…")`, `server closed the connection`, `websocket send failed: …`.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 impl Closed {

@@ -93,23 +93,23 @@ impl AriError {
 #[derive(Debug, Clone)]
 pub(crate) struct ExternalMedia<'a> {
     /// Stasis application the new channel enters.
-    pub app: &'a str,
+    pub(crate) app: &'a str,
     /// `HOST:PORT` Asterisk connects to (voicegate's AudioSocket listener), or sends its RTP
     /// to (the call's own UDP socket).
-    pub external_host: &'a str,
+    pub(crate) external_host: &'a str,
     /// `audiosocket` or `rtp`.
-    pub encapsulation: &'a str,
+    pub(crate) encapsulation: &'a str,
     /// `tcp` (with `audiosocket`) or `udp` (with `rtp`).
-    pub transport: &'a str,
+    pub(crate) transport: &'a str,
     /// `slin16` or `slin` (AudioSocket); `alaw`, `ulaw` or `slin16` (RTP).
-    pub format: &'a str,
+    pub(crate) format: &'a str,
     /// The call id: Asterisk sends it in `0x01` (AudioSocket) and gives it as the Stasis
     /// argument of the new channel (every transport). A UUID string.
-    pub data: &'a str,
+    pub(crate) data: &'a str,
     /// `connection_type`: `server` for the WebSocket transport (Asterisk waits for
     /// voicegate to connect to `/media/<connection id>`); `None` = Asterisk's default,
     /// `client`.
-    pub connection_type: Option<&'a str>,
+    pub(crate) connection_type: Option<&'a str>,
 }
 
 /// An ARI REST client. Cheap to clone.

@@ -57,15 +57,15 @@ impl LinkState {
 #[derive(Debug, Clone)]
 pub(crate) struct EventsParams {
     /// First wait after a disconnect.
-    pub initial: Duration,
+    pub(crate) initial: Duration,
     /// Longest wait.
-    pub max: Duration,
+    pub(crate) max: Duration,
     /// Ping interval; two without any frame back drop the link.
-    pub ping: Duration,
+    pub(crate) ping: Duration,
     /// A connection up this long resets the backoff to `initial`.
-    pub stable: Duration,
+    pub(crate) stable: Duration,
     /// Connecting (TCP + upgrade) may take this long.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 }
 
 /// What others can observe of the link.

@@ -105,7 +105,7 @@ pub struct Bridge {
 #[serde(default)]
 pub(crate) struct Variable {
     /// The value.
-    pub value: String,
+    pub(crate) value: String,
 }
 
 /// An event from `/ari/events`, tagged by its `type` field.

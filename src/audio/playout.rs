@@ -32,20 +32,20 @@ struct Segment {
 pub(crate) struct Flushed {
     /// The reply that was playing (the oldest in the buffer), if any audio was queued or it
     /// had started playing.
-    pub reply: Option<ReplyId>,
+    pub(crate) reply: Option<ReplyId>,
     /// How much of that reply the caller heard before the flush, ms.
-    pub heard_ms: u64,
+    pub(crate) heard_ms: u64,
     /// Samples discarded.
-    pub dropped_samples: usize,
+    pub(crate) dropped_samples: usize,
 }
 
 /// What one popped frame held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PoppedFrame {
     /// Agent samples written at the front of the frame; the rest is silence.
-    pub agent_samples: usize,
+    pub(crate) agent_samples: usize,
     /// The frame was cut short (some but not all samples) while a reply was still streaming.
-    pub underrun: bool,
+    pub(crate) underrun: bool,
 }
 
 /// A bounded FIFO of slin samples at one sample rate, tagged by reply.

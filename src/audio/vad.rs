@@ -106,12 +106,12 @@ const LATE_FRAMES: usize = 25;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FrameVerdict {
     /// The frame is louder than the noise floor threshold and than the echo bound.
-    pub speech: bool,
+    pub(crate) speech: bool,
     /// Echo of the agent's voice may be present in this frame (the reference window holds
     /// audio loud enough to come back above the noise floor).
-    pub echo_possible: bool,
+    pub(crate) echo_possible: bool,
     /// A state change this frame caused, if any.
-    pub event: Option<VadEvent>,
+    pub(crate) event: Option<VadEvent>,
 }
 
 /// A change of the detector's state.

@@ -296,13 +296,13 @@ pub(crate) enum IncomingError {
 #[derive(Debug)]
 pub(crate) struct IncomingConnector {
     /// Asterisk's HTTP server (`[websocket] asterisk_url`, else `[ari] url`).
-    pub base: String,
+    pub(crate) base: String,
     /// The upgrade and `MEDIA_START` must come within this long.
-    pub handshake_timeout: std::time::Duration,
+    pub(crate) handshake_timeout: std::time::Duration,
     /// Largest WebSocket message taken, bytes.
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
     /// Where connected calls go.
-    pub calls: tokio::sync::mpsc::Sender<IncomingCall>,
+    pub(crate) calls: tokio::sync::mpsc::Sender<IncomingCall>,
 }
 
 impl IncomingConnector {

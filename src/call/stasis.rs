@@ -91,48 +91,48 @@ struct Pass {
 #[derive(Debug, Clone)]
 pub(crate) struct AriSettings {
     /// Stasis application name.
-    pub app: String,
+    pub(crate) app: String,
     /// `HOST:PORT` Asterisk connects to for externalMedia.
-    pub external_host: String,
+    pub(crate) external_host: String,
     /// externalMedia format.
-    pub format: AriFormat,
+    pub(crate) format: AriFormat,
     /// externalMedia transport (AudioSocket or RTP).
-    pub media: AriMedia,
+    pub(crate) media: AriMedia,
     /// With RTP: the ports and the jitter buffer's bound.
-    pub rtp: Option<RtpSettings>,
+    pub(crate) rtp: Option<RtpSettings>,
     /// With WebSocket: where and how voicegate connects to Asterisk's `/media`.
-    pub websocket: Option<WsSettings>,
+    pub(crate) websocket: Option<WsSettings>,
     /// Reject AudioSocket connections with a UUID this controller did not create.
-    pub stasis_only: bool,
+    pub(crate) stasis_only: bool,
     /// Transfer target: context.
-    pub transfer_context: String,
+    pub(crate) transfer_context: String,
     /// Transfer target: extension.
-    pub transfer_extension: String,
+    pub(crate) transfer_extension: String,
     /// Transfer target: priority.
-    pub transfer_priority: u32,
+    pub(crate) transfer_priority: u32,
     /// Wait this long for `StasisEnd` after `continue`.
-    pub transfer_confirm: Duration,
+    pub(crate) transfer_confirm: Duration,
     /// Caller lookup may take this long.
-    pub lookup_timeout: Duration,
+    pub(crate) lookup_timeout: Duration,
     /// The channel variable naming a Stasis call's profile (`[ari] profile_variable`).
-    pub profile_variable: Option<String>,
+    pub(crate) profile_variable: Option<String>,
     /// Longest time between two reconcile passes (and the cap of the retry backoff).
-    pub reconcile_interval: Duration,
+    pub(crate) reconcile_interval: Duration,
     /// How long setup waits for the externalMedia channel's own `StasisStart` before it
     /// bridges it (Asterisk puts the channel into the application after answering the REST
     /// request; `addChannel` before that answers 422).
-    pub media_join_timeout: Duration,
+    pub(crate) media_join_timeout: Duration,
 }
 
 /// How RTP calls get their sockets (`ari.media = "rtp"`).
 #[derive(Debug, Clone)]
 pub(crate) struct RtpSettings {
     /// The port range on voicegate's RTP address.
-    pub ports: Arc<RtpPorts>,
+    pub(crate) ports: Arc<RtpPorts>,
     /// The RTP payload format.
-    pub format: RtpFormat,
+    pub(crate) format: RtpFormat,
     /// Most audio the jitter buffer holds.
-    pub jitter_max: Duration,
+    pub(crate) jitter_max: Duration,
 }
 
 /// How voicegate connects to Asterisk's media WebSockets (`ari.media = "websocket"`).
@@ -140,11 +140,11 @@ pub(crate) struct RtpSettings {
 pub(crate) struct WsSettings {
     /// Asterisk's HTTP server (`ari.url`); the media URL is
     /// [`ws_client::media_url`]`(base, connection id)`.
-    pub base: String,
+    pub(crate) base: String,
     /// The upgrade and `MEDIA_START` must come within this long (`ari.request_timeout_ms`).
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Largest WebSocket message taken, bytes.
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
 }
 
 /// Largest message taken on an externalMedia WebSocket (20 ms of slin192 is 7680 bytes; as

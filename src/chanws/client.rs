@@ -82,9 +82,9 @@ impl ConnectError {
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     /// The media channel, `MEDIA_START` read.
-    pub channel: MediaChannel<ClientStream>,
+    pub(crate) channel: MediaChannel<ClientStream>,
     /// Asterisk's address (the TCP peer).
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
 }
 
 /// The media URL of connection `id` on the Asterisk HTTP server at `base`: `ws://` for

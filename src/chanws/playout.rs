@@ -26,22 +26,22 @@ const MAX_PENDING_MARKS: usize = 256;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct PlayoutStats {
     /// Frames sent to Asterisk.
-    pub frames_sent: u64,
+    pub(crate) frames_sent: u64,
     /// Frames Asterisk confirmed played (through marks), a lower bound.
-    pub frames_heard: u64,
+    pub(crate) frames_heard: u64,
     /// Frames not sent because Asterisk said `MEDIA_XOFF`.
-    pub frames_held_back: u64,
+    pub(crate) frames_held_back: u64,
     /// Marks answered.
-    pub marks_processed: u64,
+    pub(crate) marks_processed: u64,
     /// Most frames sent but not yet confirmed played, seen when a mark was answered: the
     /// depth of Asterisk's queue (plus the mark spacing), in frames.
-    pub max_unconfirmed: u64,
+    pub(crate) max_unconfirmed: u64,
     /// `FLUSH_MEDIA` sent.
-    pub flushes: u64,
+    pub(crate) flushes: u64,
     /// Frames unconfirmed at the flushes (at most what the flushes dropped).
-    pub frames_flushed: u64,
+    pub(crate) frames_flushed: u64,
     /// `MEDIA_XOFF` received.
-    pub xoffs: u64,
+    pub(crate) xoffs: u64,
 }
 
 /// The playout bookkeeping of one call; see the module docs.

@@ -113,12 +113,12 @@ pub(crate) fn same(a: &str, b: &str) -> bool {
 #[derive(Debug, Clone)]
 pub(crate) struct Session {
     /// The CSRF token of this session.
-    pub csrf: String,
+    pub(crate) csrf: String,
     /// A short, non-secret name for the audit log (the first 8 characters of the token's
     /// SHA-256, hex).
-    pub label: String,
+    pub(crate) label: String,
     /// Who logged in: the source address.
-    pub peer: Option<IpAddr>,
+    pub(crate) peer: Option<IpAddr>,
     created: Instant,
 }
 

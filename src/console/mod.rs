@@ -237,7 +237,7 @@ struct LiveDetail {
 #[derive(Debug)]
 pub(crate) struct Console {
     /// `audiosocket` or `stasis`: how calls reach voicegate here.
-    pub mode: &'static str,
+    pub(crate) mode: &'static str,
     numbers: CallerNumbers,
     calls: Mutex<HashMap<Uuid, Arc<Live>>>,
     feed: broadcast::Sender<Arc<str>>,
@@ -566,9 +566,9 @@ pub(crate) fn saved_maintenance(state_dir: &std::path::Path) -> Option<bool> {
 #[derive(Debug)]
 pub(crate) struct ConsoleDirectory {
     /// The directory the service would use without the console.
-    pub inner: Arc<dyn CallDirectory>,
+    pub(crate) inner: Arc<dyn CallDirectory>,
     /// The console.
-    pub console: Arc<Console>,
+    pub(crate) console: Arc<Console>,
 }
 
 struct Observer {

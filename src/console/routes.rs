@@ -46,17 +46,17 @@ pub(crate) const STREAM_LIFETIME: Duration = Duration::from_secs(8);
 #[derive(Debug)]
 pub(crate) struct Deps {
     /// The console.
-    pub console: Arc<Console>,
+    pub(crate) console: Arc<Console>,
     /// Logins and sessions.
-    pub auth: Arc<Auth>,
+    pub(crate) auth: Arc<Auth>,
     /// The records spool, when `[records] enabled`.
-    pub spool: Option<PathBuf>,
+    pub(crate) spool: Option<PathBuf>,
     /// The guard (today's AI budget).
-    pub guard: Option<Arc<crate::guard::Guard>>,
+    pub(crate) guard: Option<Arc<crate::guard::Guard>>,
     /// The WireGuard tunnel, when configured.
-    pub tunnel: Option<crate::tunnel::Tunnel>,
+    pub(crate) tunnel: Option<crate::tunnel::Tunnel>,
     /// Live-feed lines dropped for slow browsers.
-    pub dropped: AtomicU64,
+    pub(crate) dropped: AtomicU64,
 }
 
 fn with_headers(mut r: HttpResponse, extra: &[(&'static str, String)]) -> HttpResponse {

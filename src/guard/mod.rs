@@ -209,13 +209,13 @@ pub enum GuardError {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub(crate) struct BudgetDay {
     /// Days since 1970-01-01, UTC.
-    pub day: u64,
+    pub(crate) day: u64,
     /// AI time used that day, ms.
-    pub used_ms: u64,
+    pub(crate) used_ms: u64,
     /// The part of it each named profile used, ms (absent in files written before
     /// profiles had budgets: all zero).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub profiles_ms: BTreeMap<String, u64>,
+    pub(crate) profiles_ms: BTreeMap<String, u64>,
 }
 
 impl BudgetDay {

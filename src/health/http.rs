@@ -80,15 +80,15 @@ pub(crate) type HttpResponse = Response<BoxBody<Bytes, std::convert::Infallible>
 #[derive(Debug)]
 pub(crate) struct RouteRequest {
     /// The query string, if any (without `?`).
-    pub query: Option<String>,
+    pub(crate) query: Option<String>,
     /// Values of the pattern's `{name}` segments.
-    pub params: BTreeMap<String, String>,
+    pub(crate) params: BTreeMap<String, String>,
     /// Request headers.
-    pub headers: hyper::HeaderMap,
+    pub(crate) headers: hyper::HeaderMap,
     /// The body.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
     /// The client's address, when served from a socket ([`HttpServer::run`]).
-    pub peer: Option<SocketAddr>,
+    pub(crate) peer: Option<SocketAddr>,
 }
 
 impl RouteRequest {

@@ -296,16 +296,16 @@ impl ProfileChoice {
 #[derive(Debug, Clone)]
 pub(crate) struct Chosen {
     /// Its name (`default` for the top-level `[agent]`).
-    pub name: String,
+    pub(crate) name: String,
     /// Its agent.
-    pub agent: SharedAgent,
+    pub(crate) agent: SharedAgent,
     /// The call's variables: the profile's, then `caller_number`, `caller_name`,
     /// `called_number` and `profile`, then the call's custom ones.
-    pub variables: BTreeMap<String, String>,
+    pub(crate) variables: BTreeMap<String, String>,
     /// The tools its agent gets; `None`: the box's `[[tools]]`.
-    pub tools: Option<Arc<ToolRegistry>>,
+    pub(crate) tools: Option<Arc<ToolRegistry>>,
     /// Its own limits (`[profiles.limits]`; none for the default).
-    pub limits: ProfileLimits,
+    pub(crate) limits: ProfileLimits,
 }
 
 /// Why [`Profiles::choose`] refused a call.

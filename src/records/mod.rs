@@ -47,49 +47,49 @@ pub struct ToolCallRecord {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CallFacts<'a> {
     /// The AudioSocket call id.
-    pub call_id: Uuid,
+    pub(crate) call_id: Uuid,
     /// The caller's number, unmasked, when known.
-    pub caller_number: Option<&'a str>,
+    pub(crate) caller_number: Option<&'a str>,
     /// Wall-clock start.
-    pub started: SystemTime,
+    pub(crate) started: SystemTime,
     /// Length.
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Agent provider name.
-    pub agent: &'a str,
+    pub(crate) agent: &'a str,
     /// Outcome label (see [`CallRecord::outcome`]).
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
     /// Why, for fallback/rejected/errors.
-    pub detail: Option<&'a str>,
+    pub(crate) detail: Option<&'a str>,
     /// Sample rate of the call, Hz (0 if no audio arrived).
-    pub rate_hz: u32,
+    pub(crate) rate_hz: u32,
     /// Times the caller interrupted the agent.
-    pub barge_ins: u64,
+    pub(crate) barge_ins: u64,
     /// Per-turn latencies, ms.
-    pub turn_latencies_ms: &'a [u32],
+    pub(crate) turn_latencies_ms: &'a [u32],
     /// Tools the agent called.
-    pub tool_calls: &'a [ToolCallRecord],
+    pub(crate) tool_calls: &'a [ToolCallRecord],
     /// DTMF digits kept by the call.
-    pub dtmf: &'a str,
+    pub(crate) dtmf: &'a str,
     /// DTMF digits the call did not keep.
-    pub dtmf_dropped: u64,
+    pub(crate) dtmf_dropped: u64,
     /// The conversation.
-    pub transcript: &'a [(Speaker, String)],
+    pub(crate) transcript: &'a [(Speaker, String)],
     /// Audio frames from Asterisk.
-    pub frames_in: u64,
+    pub(crate) frames_in: u64,
     /// Audio frames to Asterisk.
-    pub frames_out: u64,
+    pub(crate) frames_out: u64,
     /// Frames cut short while a reply streamed.
-    pub underruns: u64,
+    pub(crate) underruns: u64,
     /// Local barge-in: onset → agent silent, ms, per confirmed barge-in.
-    pub barge_in_latencies_ms: &'a [u32],
+    pub(crate) barge_in_latencies_ms: &'a [u32],
     /// Local barge-in pauses nothing confirmed.
-    pub false_barge_ins: u64,
+    pub(crate) false_barge_ins: u64,
     /// Local barge-in pauses ended by a backchannel.
-    pub backchannels: u64,
+    pub(crate) backchannels: u64,
     /// Agent audio resumed after pauses, ms.
-    pub resumed_audio_ms: u64,
+    pub(crate) resumed_audio_ms: u64,
     /// The agent profile the call ran with, if it reached one.
-    pub profile: Option<&'a str>,
+    pub(crate) profile: Option<&'a str>,
 }
 
 /// Local barge-in in one call (`audio::bargein`); all zero when it was off.

@@ -55,14 +55,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FileScan {
     /// Records read, in order.
-    pub records: Vec<CallRecord>,
+    pub(crate) records: Vec<CallRecord>,
     /// Offset just past the last good record (or the magic).
-    pub good_len: u64,
+    pub(crate) good_len: u64,
     /// Bytes that are not part of a good record, in all (`damaged` plus the tail after
     /// `good_len`).
-    pub torn_bytes: u64,
+    pub(crate) torn_bytes: u64,
     /// Unreadable ranges before `good_len`: `(offset, length)` in file offsets.
-    pub damaged: Vec<(u64, u64)>,
+    pub(crate) damaged: Vec<(u64, u64)>,
 }
 
 /// Encodes one frame: length, crc32 of the payload, payload (version byte + postcard).

@@ -21,22 +21,22 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     /// Order of arrival; unique within the outbox, also across restarts.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// When it was put in, ms since the Unix epoch.
-    pub enqueued_unix_ms: u64,
+    pub(crate) enqueued_unix_ms: u64,
     /// The idempotency key (the call id), `[0-9a-zA-Z_.:-]`, at most 128 bytes.
-    pub key: String,
+    pub(crate) key: String,
     /// Size of the body, bytes.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// The outbox's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Bounds {
     /// Events kept at most.
-    pub max_events: usize,
+    pub(crate) max_events: usize,
     /// Bytes of bodies kept at most.
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
 }
 
 /// One webhook's outbox directory and its index.

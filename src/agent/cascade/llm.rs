@@ -92,24 +92,24 @@ pub(crate) enum LlmEvent {
 #[derive(Debug, Clone)]
 pub(crate) struct LlmSettings {
     /// Endpoint URL.
-    pub url: String,
+    pub(crate) url: String,
     /// Bearer key.
-    pub api_key: Secret,
+    pub(crate) api_key: Secret,
     /// Model id.
-    pub model: String,
+    pub(crate) model: String,
     /// Sampling temperature.
-    pub temperature: Option<f32>,
+    pub(crate) temperature: Option<f32>,
     /// Most tokens per reply, sent as `max_completion_tokens` (the deprecated `max_tokens`
     /// is refused by reasoning models; openai-python `types/chat/completion_create_params.py`).
-    pub max_completion_tokens: Option<u32>,
+    pub(crate) max_completion_tokens: Option<u32>,
     /// Extra headers (OpenRouter's `HTTP-Referer`, `X-Title`).
-    pub extra_headers: BTreeMap<String, String>,
+    pub(crate) extra_headers: BTreeMap<String, String>,
     /// Time allowed until the response headers arrive.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Further attempts after a retryable refusal (0: none).
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Wait before a retry when the server gives no `Retry-After`.
-    pub retry_delay: Duration,
+    pub(crate) retry_delay: Duration,
 }
 
 /// A Chat Completions client shared by all calls (one connection pool).
@@ -255,7 +255,7 @@ async fn run(
 #[derive(Debug)]
 pub(crate) struct LlmStream {
     /// Events in order; ends after [`LlmEvent::Done`] or [`LlmEvent::Failed`].
-    pub events: mpsc::Receiver<LlmEvent>,
+    pub(crate) events: mpsc::Receiver<LlmEvent>,
     task: tokio::task::JoinHandle<()>,
 }
 
