@@ -776,13 +776,13 @@ mod realtime {
     const FRAME: usize = 160;
 
     /// Bytes whose μ-law decode → encode round trip is exact, 100 of them, as digits.
-    pub struct Digits {
+    pub(crate) struct Digits {
         to_byte: [u8; 100],
         from_byte: [u8; 256],
     }
 
     impl Digits {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let mut to_byte = [0u8; 100];
             let mut from_byte = [255u8; 256];
             let mut n = 0;
@@ -820,14 +820,14 @@ mod realtime {
         }
 
         /// Writes a stamp into the first [`STAMP`] bytes of `frame`.
-        pub fn stamp(&self, frame: &mut [u8], magic: u8, call: usize, us: u64) {
+        pub(crate) fn stamp(&self, frame: &mut [u8], magic: u8, call: usize, us: u64) {
             frame[0] = magic;
             self.put(&mut frame[1..3], call as u64);
             self.put(&mut frame[3..8], us);
         }
 
         /// Reads a stamp: (magic, call index, µs).
-        pub fn read(&self, frame: &[u8]) -> Option<(u8, usize, u64)> {
+        pub(crate) fn read(&self, frame: &[u8]) -> Option<(u8, usize, u64)> {
             if frame.len() < STAMP || ![UP, DOWN, BARGE].contains(&frame[0]) {
                 return None;
             }
@@ -851,7 +851,7 @@ mod realtime {
 
     /// What the fake saw, shared by all its connections.
     #[derive(Default)]
-    pub struct FakeStats {
+    pub(crate) struct FakeStats {
         /// frame written by the caller → append received, µs.
         pub uplink_us: Mutex<Vec<u64>>,
         /// Appends received per call index.
@@ -863,7 +863,7 @@ mod realtime {
 
     use std::collections::HashMap;
 
-    pub struct Fake {
+    pub(crate) struct Fake {
         pub url: String,
         pub stats: Arc<FakeStats>,
     }
@@ -874,7 +874,7 @@ mod realtime {
     /// every 3 s; every third reply is 3 s long and the caller "barges in" 1 s into it.
     const REPLY_EVERY: Duration = Duration::from_secs(3);
 
-    pub async fn start(t0: Instant) -> Fake {
+    pub(crate) async fn start(t0: Instant) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/realtime", listener.local_addr().unwrap());
         let stats = Arc::new(FakeStats::default());
@@ -1007,11 +1007,11 @@ mod realtime {
     }
 
     /// A stamp read back: (magic, call index, µs since t0).
-    pub type Stamp = (u8, usize, u64);
+    pub(crate) type Stamp = (u8, usize, u64);
 
     /// What one stamped caller saw.
     #[derive(Default)]
-    pub struct CallerSeen {
+    pub(crate) struct CallerSeen {
         pub frames_sent: u64,
         /// (arrival µs since t0, stamp) per frame received.
         pub frames: Vec<(u64, Option<Stamp>)>,
@@ -1019,7 +1019,7 @@ mod realtime {
     }
 
     /// An AudioSocket caller at 8 kHz whose frames carry stamps (call index, send time).
-    pub async fn stamped_call(
+    pub(crate) async fn stamped_call(
         addr: SocketAddr,
         index: usize,
         duration: Duration,
@@ -1359,7 +1359,7 @@ mod ws_caller {
     use voicegate::chanws::protocol::{Command, ControlFormat, Event, MediaFormat, MediaStart};
 
     /// What one call saw (of either transport).
-    pub struct WsReport {
+    pub(crate) struct WsReport {
         pub arrivals_ms: Vec<f64>,
         pub frames_sent: u64,
         pub frames_received: u64,
@@ -1378,7 +1378,7 @@ mod ws_caller {
     }
 
     /// One call of `duration` at 8 kHz to voicegate's `[websocket]` listener at `addr`.
-    pub async fn place(
+    pub(crate) async fn place(
         addr: SocketAddr,
         speech: &Recording,
         duration: Duration,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// A capped exponential backoff schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
@@ -17,7 +17,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Starts at `initial`, doubles up to `max` (`max` below `initial` is raised to it).
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,
             max: max.max(initial),
@@ -26,19 +26,19 @@ impl Backoff {
     }
 
     /// The wait before the next attempt; the one after it is doubled (at most `max`).
-    pub fn next_wait(&mut self) -> Duration {
+    pub(crate) fn next_wait(&mut self) -> Duration {
         let wait = self.current;
         self.current = self.current.saturating_mul(2).min(self.max);
         wait
     }
 
     /// The wait [`Self::next_wait`] would give, without moving on.
-    pub fn peek(&self) -> Duration {
+    pub(crate) fn peek(&self) -> Duration {
         self.current
     }
 
     /// Back to `initial` (after a success).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.current = self.initial;
     }
 }

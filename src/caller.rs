@@ -245,7 +245,7 @@ where
 ///
 /// # Errors
 /// [`CallError`] on I/O or protocol failures.
-pub async fn run_call_on_with<S>(
+pub(crate) async fn run_call_on_with<S>(
     stream: S,
     plan: &CallPlan,
     options: CallOptions,
@@ -509,7 +509,7 @@ pub fn best_correlation(a: &[i16], b: &[i16], max_lag: usize) -> (f64, isize) {
 }
 
 /// [`best_correlation`] over the lags in `lags` only (samples; positive: `a` lags `b`).
-pub fn best_correlation_in(
+pub(crate) fn best_correlation_in(
     a: &[i16],
     b: &[i16],
     lags: std::ops::RangeInclusive<isize>,
@@ -574,12 +574,12 @@ pub struct Similarity {
 
 impl Similarity {
     /// Number of voiced windows in the reference.
-    pub fn voiced(&self) -> usize {
+    pub(crate) fn voiced(&self) -> usize {
         self.windows.len()
     }
 
     /// Number of voiced windows whose correlation is at least `threshold`.
-    pub fn count_at_least(&self, threshold: f64) -> usize {
+    pub(crate) fn count_at_least(&self, threshold: f64) -> usize {
         self.windows
             .iter()
             .filter(|w| w.correlation >= threshold)
@@ -589,7 +589,7 @@ impl Similarity {
     /// How many voiced windows must reach the threshold: 95 % of them (rounded up), except
     /// that a recording under 20 windows may lose one (a single late frame or skipped tick
     /// on a loaded machine); never fewer than one.
-    pub fn required(&self) -> usize {
+    pub(crate) fn required(&self) -> usize {
         let n = self.voiced();
         (n * 19).div_ceil(20).min(n.saturating_sub(1)).max(1)
     }
@@ -601,7 +601,7 @@ impl Similarity {
     }
 
     /// The window with the lowest correlation, `None` without voiced windows.
-    pub fn worst(&self) -> Option<WindowMatch> {
+    pub(crate) fn worst(&self) -> Option<WindowMatch> {
         self.windows
             .iter()
             .copied()
@@ -610,7 +610,7 @@ impl Similarity {
 
     /// The median correlation of the voiced windows (0.0 without any): a summary for
     /// display only; [`Similarity::passes`] is the check.
-    pub fn median(&self) -> f64 {
+    pub(crate) fn median(&self) -> f64 {
         let mut c: Vec<f64> = self.windows.iter().map(|w| w.correlation).collect();
         if c.is_empty() {
             return 0.0;

@@ -5,10 +5,8 @@
 //! Every key is documented in `examples/voicegate.toml`. Unknown keys are errors, so a typo
 //! never silently falls back to a default. Secrets are [`SecretSource`](crate::secret::SecretSource)s and never printed.
 
-pub use crate::agent::config::{
-    AgentConfig, EchoConfig, ElevenlabsAgentConfig, NoiseReduction, OpenAiRealtimeConfig,
-    TurnDetection, VadEagerness,
-};
+pub use crate::agent::config::{AgentConfig, ElevenlabsAgentConfig, OpenAiRealtimeConfig};
+pub use crate::agent::config::{EchoConfig, NoiseReduction, TurnDetection, VadEagerness};
 pub use crate::ari::config::{AriConfig, AriFormat, AriMedia, AriMode};
 pub use crate::audiosocket::config::AudioSocketConfig;
 pub use crate::error::ConfigError;
@@ -16,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Where the config is read from when `--config` is not given.
-pub const DEFAULT_PATH: &str = "/etc/voicegate/voicegate.toml";
+pub(crate) const DEFAULT_PATH: &str = "/etc/voicegate/voicegate.toml";
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -165,7 +163,7 @@ impl Config {
     /// every `ws://` or `http://` URL sent an API key, password or secret header whose host
     /// is not loopback (`localhost`, `127.0.0.0/8`, `::1`). `voicegate run` warns about each
     /// at start and on reload.
-    pub fn plaintext_secret_urls(&self) -> Vec<(String, String)> {
+    pub(crate) fn plaintext_secret_urls(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         let mut check = |key: &str, url: &str| {
             if sends_in_clear_to_remote(url) {
@@ -205,7 +203,7 @@ impl Config {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.audiosocket.validate()?;
         self.agent.validate()?;
         self.guard.validate()?;

@@ -36,7 +36,7 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// A [`ConfigError::Invalid`] for `key`.
-    pub fn invalid(key: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: &str, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.to_owned(),
             message: message.into(),

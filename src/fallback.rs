@@ -56,7 +56,7 @@ impl FallbackConfig {
     ///
     /// # Errors
     /// [`crate::error::ConfigError::Invalid`] naming the key.
-    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), crate::error::ConfigError> {
         use crate::error::ConfigError;
         if self.breaker_failures > 0 && !(1..=3600).contains(&self.breaker_cooldown_s) {
             return Err(ConfigError::invalid(
@@ -121,7 +121,7 @@ impl FallbackReason {
     /// The `reason` label of `voicegate_provider_errors_total`: `quota` for a quota, rate
     /// or concurrency refusal ([`crate::agent::failure_reason`]), `silent` for an agent that
     /// sent no audio, else `error`.
-    pub fn provider_reason(&self) -> &'static str {
+    pub(crate) fn provider_reason(&self) -> &'static str {
         match self {
             FallbackReason::AgentFailed(e) => crate::agent::failure_reason(e),
             FallbackReason::AgentSilent => "silent",
@@ -130,7 +130,7 @@ impl FallbackReason {
     }
 
     /// Whether this counts as a provider failure for the breaker.
-    pub fn is_provider_failure(&self) -> bool {
+    pub(crate) fn is_provider_failure(&self) -> bool {
         matches!(
             self,
             FallbackReason::AgentFailed(_) | FallbackReason::AgentSilent
@@ -155,7 +155,7 @@ impl std::fmt::Display for FallbackReason {
 
 /// Where a new call goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// Start the agent.
     Agent,
     /// Straight to the humans, no agent.
@@ -163,7 +163,7 @@ pub enum Route {
 }
 
 /// Decides the route of a new call from the config in force and the breaker.
-pub fn route(cfg: &FallbackConfig, breaker: &Breaker) -> Route {
+pub(crate) fn route(cfg: &FallbackConfig, breaker: &Breaker) -> Route {
     if cfg.maintenance {
         Route::Fallback(FallbackReason::Maintenance)
     } else if !breaker.allows_call() {
@@ -196,10 +196,10 @@ pub trait Handover: Send + Sync + 'static {
 }
 
 /// The longest a [`Handover`] may take before the dialplan path is used anyway.
-pub const HANDOVER_TIMEOUT: Duration = Duration::from_millis(1500);
+pub(crate) const HANDOVER_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// A shared handover strategy.
-pub type SharedHandover = Arc<dyn Handover>;
+pub(crate) type SharedHandover = Arc<dyn Handover>;
 
 impl std::fmt::Debug for dyn Handover {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -210,7 +210,7 @@ impl std::fmt::Debug for dyn Handover {
 /// The AudioSocket-only fallback: end the session with `0x00`; the dialplan's next priority
 /// (`Queue(operators)`) runs.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DialplanHandover;
+pub(crate) struct DialplanHandover;
 
 impl Handover for DialplanHandover {
     fn name(&self) -> &'static str {
@@ -269,7 +269,7 @@ impl Breaker {
     }
 
     /// Applies new settings (SIGHUP); the failure count is kept.
-    pub fn reconfigure(&self, cfg: &FallbackConfig) {
+    pub(crate) fn reconfigure(&self, cfg: &FallbackConfig) {
         let mut b = self.lock();
         b.threshold = cfg.breaker_failures;
         b.cooldown = Duration::from_secs(cfg.breaker_cooldown_s);
@@ -279,14 +279,14 @@ impl Breaker {
     }
 
     /// Whether a new call may start an agent now.
-    pub fn allows_call(&self) -> bool {
+    pub(crate) fn allows_call(&self) -> bool {
         let b = self.lock();
         b.open_until.is_none_or(|until| Instant::now() >= until)
     }
 
     /// A provider failure: opens the breaker when the count reaches the threshold (or
     /// reopens it after a failed trial call).
-    pub fn record_failure(&self) {
+    pub(crate) fn record_failure(&self) {
         let mut b = self.lock();
         b.consecutive_failures = b.consecutive_failures.saturating_add(1);
         if b.threshold > 0 && b.consecutive_failures >= b.threshold {
@@ -295,7 +295,7 @@ impl Breaker {
     }
 
     /// A call the agent served: closes the breaker and resets the count.
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         let mut b = self.lock();
         b.consecutive_failures = 0;
         b.open_until = None;

@@ -23,7 +23,6 @@
 //! Panic policy: input from the network never panics; a panic is a broken invariant, and
 //! each `expect` names the invariant it relies on.
 
-#![warn(missing_docs)]
 // No unsafe code but the counting allocator (`health::heap`, which allows it for itself).
 #![deny(unsafe_code)]
 
@@ -32,13 +31,13 @@ pub mod app;
 pub mod ari;
 pub mod audio;
 pub mod audiosocket;
-pub mod backoff;
+mod backoff;
 pub mod call;
 pub mod caller;
 pub mod chanws;
 pub mod config;
 pub mod console;
-pub mod error;
+mod error;
 pub mod fallback;
 pub mod guard;
 pub mod health;
@@ -51,4 +50,4 @@ pub mod tls;
 pub mod tools;
 pub mod tunnel;
 pub mod wavfile;
-pub mod webhooks;
+mod webhooks;

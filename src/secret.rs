@@ -97,7 +97,7 @@ impl SecretSource {
     ///
     /// # Errors
     /// [`SecretError`] when the source is missing, unreadable or empty.
-    pub fn resolve(&self) -> Result<Secret, SecretError> {
+    pub(crate) fn resolve(&self) -> Result<Secret, SecretError> {
         let value = match self {
             SecretSource::Inline(v) => v.clone(),
             SecretSource::Env { env } => {

@@ -11,7 +11,7 @@ pub fn install_crypto_provider() {
 }
 
 /// The shared client config: embedded webpki roots, TLS 1.2 and 1.3, ALPN unset.
-pub fn client_config() -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
@@ -29,7 +29,7 @@ pub fn client_config() -> Arc<rustls::ClientConfig> {
 }
 
 /// A `tokio-tungstenite` connector using [`client_config`].
-pub fn websocket_connector() -> tokio_tungstenite::Connector {
+pub(crate) fn websocket_connector() -> tokio_tungstenite::Connector {
     tokio_tungstenite::Connector::Rustls(client_config())
 }
 

@@ -45,7 +45,7 @@ impl Default for EchoConfig {
 
 impl EchoConfig {
     /// [`Self::delay_ms`] as a duration.
-    pub fn delay(&self) -> Duration {
+    pub(crate) fn delay(&self) -> Duration {
         Duration::from_millis(self.delay_ms)
     }
 }
@@ -195,7 +195,7 @@ impl OpenAiRealtimeConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming `agent.api`, saying to use the GA shapes.
-    pub fn check_api(&self) -> Result<(), ConfigError> {
+    pub(crate) fn check_api(&self) -> Result<(), ConfigError> {
         match self.api.as_deref() {
             None | Some("ga") => Ok(()),
             Some(other) => Err(ConfigError::invalid(
@@ -214,7 +214,7 @@ impl OpenAiRealtimeConfig {
     ///
     /// # Errors
     /// [`ConfigError::Read`] if the file cannot be read.
-    pub fn load_instructions(&self) -> Result<String, ConfigError> {
+    pub(crate) fn load_instructions(&self) -> Result<String, ConfigError> {
         match &self.instructions_file {
             Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
@@ -225,7 +225,7 @@ impl OpenAiRealtimeConfig {
     }
 
     /// [`Self::connect_timeout_ms`] as a duration.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
 }
@@ -297,7 +297,7 @@ impl ElevenlabsAgentConfig {
     ///
     /// # Errors
     /// [`ConfigError::Read`] if the file cannot be read.
-    pub fn load_prompt(&self) -> Result<Option<String>, ConfigError> {
+    pub(crate) fn load_prompt(&self) -> Result<Option<String>, ConfigError> {
         match &self.prompt_file {
             Some(path) => {
                 std::fs::read_to_string(path)
@@ -312,7 +312,7 @@ impl ElevenlabsAgentConfig {
     }
 
     /// [`Self::connect_timeout_ms`] as a duration.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
@@ -320,7 +320,7 @@ impl ElevenlabsAgentConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) {
             return Err(ConfigError::invalid(
                 "agent.url",
@@ -364,7 +364,7 @@ impl AgentConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         match self {
             AgentConfig::Echo(e) if e.delay_ms > 10_000 => Err(ConfigError::invalid(
                 "agent.delay_ms",
@@ -383,7 +383,7 @@ impl OpenAiRealtimeConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.check_api()?;
         if self.session_renew_s == 0 {
             return Err(ConfigError::invalid(

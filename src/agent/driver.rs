@@ -25,10 +25,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
 /// A socket of one session, numbered by its protocol.
-pub type SocketId = u32;
+pub(crate) type SocketId = u32;
 
 /// A single WebSocket write may block this long before the session is given up.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A closing socket gets this long to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -38,7 +38,7 @@ const READ_QUEUE: usize = 64;
 
 /// What a protocol asks the driver to do, in order.
 #[derive(Debug)]
-pub enum Out {
+pub(crate) enum Out {
     /// Connect socket `socket` to `url` with `headers` (name, value), within `timeout`; the
     /// result arrives as [`ServerMsg::Opened`] or [`ServerMsg::Closed`].
     Open {
@@ -73,7 +73,7 @@ pub enum Out {
 
 /// What happened on one socket.
 #[derive(Debug)]
-pub enum ServerMsg<'a> {
+pub(crate) enum ServerMsg<'a> {
     /// The socket is connected.
     Opened,
     /// A text message.
@@ -84,18 +84,18 @@ pub enum ServerMsg<'a> {
 
 /// Why a socket is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Closed {
+pub(crate) struct Closed {
     /// The close frame's code and reason, when the server sent one.
-    pub frame: Option<(u16, String)>,
+    pub(crate) frame: Option<(u16, String)>,
     /// What happened, in words, with the provider's reason where it gave one (never with
     /// upgrade header values): `connect: …`, `server closed the session (code 1011, reason
     /// "…")`, `server closed the connection`, `websocket send failed: …`.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 impl Closed {
     /// Gone without a close frame, for `detail`.
-    pub fn because(detail: impl Into<String>) -> Self {
+    pub(crate) fn because(detail: impl Into<String>) -> Self {
         Closed {
             frame: None,
             detail: detail.into(),
@@ -104,7 +104,7 @@ impl Closed {
 }
 
 /// A provider's protocol, sans-IO; see the module docs.
-pub trait WsProtocol: Send + 'static {
+pub(crate) trait WsProtocol: Send + 'static {
     /// The session starts at `now` (open the first socket).
     fn start(&mut self, now: Instant, out: &mut Vec<Out>);
     /// An input from the call.
@@ -136,7 +136,7 @@ enum Read {
 }
 
 /// Runs `protocol` for one call until the call or the session ends.
-pub async fn run<P: WsProtocol>(mut protocol: P, mut io: AgentEndpoint) {
+pub(crate) async fn run<P: WsProtocol>(mut protocol: P, mut io: AgentEndpoint) {
     let (read_tx, mut read_rx) = mpsc::channel::<Read>(READ_QUEUE);
     let mut sinks: HashMap<SocketId, SplitSink<Ws, Message>> = HashMap::new();
     let mut out = Vec::new();

@@ -21,15 +21,15 @@ use tokio::time::{Instant, sleep_until};
 use tracing::debug;
 
 /// How much earlier than its slot a frame is handed to the playout buffer, which paces it.
-pub const CUSHION: Duration = Duration::from_millis(40);
+pub(crate) const CUSHION: Duration = Duration::from_millis(40);
 
 /// A frame this much later than its slot is a gap in the input (Asterisk sends no frames
 /// while the caller presses keys), not jitter (at most 47 ms observed): the schedule moves.
-pub const MAX_LATENESS: Duration = Duration::from_millis(120);
+pub(crate) const MAX_LATENESS: Duration = Duration::from_millis(120);
 
 /// Audio held beyond the delay before the oldest is dropped (a caller sending faster than
 /// real time cannot grow the line without bound).
-pub const MAX_EXCESS: Duration = Duration::from_secs(1);
+pub(crate) const MAX_EXCESS: Duration = Duration::from_secs(1);
 
 /// Echoes caller audio back after `delay`.
 #[derive(Debug, Clone)]
@@ -65,7 +65,7 @@ impl Agent for EchoAgent {
 
 /// A sans-IO delay line on the stream's clock (see the module docs). Time is passed in.
 #[derive(Debug)]
-pub struct DelayLine {
+pub(crate) struct DelayLine {
     delay: Duration,
     rate_hz: u32,
     /// Time of stream sample 0: the earliest arrival less its stream time, moved forward by
@@ -84,7 +84,7 @@ pub struct DelayLine {
 
 impl DelayLine {
     /// A line delaying by `delay` at `rate_hz` (8000 when 0: not yet known).
-    pub fn new(delay: Duration, rate_hz: u32) -> Self {
+    pub(crate) fn new(delay: Duration, rate_hz: u32) -> Self {
         DelayLine {
             delay,
             rate_hz: if rate_hz == 0 { 8_000 } else { rate_hz },
@@ -102,7 +102,7 @@ impl DelayLine {
     }
 
     /// Takes one caller frame that arrived at `now`.
-    pub fn push(&mut self, now: Instant, samples: Vec<i16>) {
+    pub(crate) fn push(&mut self, now: Instant, samples: Vec<i16>) {
         let mut anchor = *self.anchor.get_or_insert(now);
         let slot = anchor + self.stream_time(self.position);
         if now < slot {
@@ -138,12 +138,12 @@ impl DelayLine {
     }
 
     /// When the next frame is due, if any is queued.
-    pub fn next_release(&self) -> Option<Instant> {
+    pub(crate) fn next_release(&self) -> Option<Instant> {
         self.queue.front().map(|(t, _)| *t)
     }
 
     /// The oldest frame if it is due at `now`.
-    pub fn pop_due(&mut self, now: Instant) -> Option<Vec<i16>> {
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<Vec<i16>> {
         if self.queue.front().is_some_and(|(t, _)| *t <= now) {
             let (_, samples) = self.queue.pop_front()?;
             self.queued_samples -= samples.len();
@@ -153,12 +153,12 @@ impl DelayLine {
     }
 
     /// Samples dropped because input came faster than real time.
-    pub fn dropped_samples(&self) -> u64 {
+    pub(crate) fn dropped_samples(&self) -> u64 {
         self.dropped_samples
     }
 
     /// Times a late frame moved the schedule.
-    pub fn reanchors(&self) -> u64 {
+    pub(crate) fn reanchors(&self) -> u64 {
         self.reanchors
     }
 }

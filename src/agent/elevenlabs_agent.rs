@@ -9,7 +9,7 @@
 //! assuming them, and converts the call's slin with [`crate::audio::convert`]. Caller audio
 //! that arrives before the metadata is held (up to [`EARLY_AUDIO`]) and sent after it.
 //!
-//! Each call is a sans-IO protocol, [`Conversation`] (`elevenlabs_agent/protocol.rs`, `now`
+//! Each call is a sans-IO protocol, [`protocol::Conversation`] (`elevenlabs_agent/protocol.rs`, `now`
 //! passed in), run by the shared WebSocket driver ([`super::driver`]) once the URL is known.
 //!
 //! Mapping (§2.3, §2.4, §2.5):
@@ -42,7 +42,8 @@
 
 mod protocol;
 
-pub use protocol::Conversation;
+#[cfg(any(fuzzing, test))]
+use protocol::Conversation;
 
 use super::{Agent, AgentEndpoint, AgentError, AgentEvent, AgentSession, CallInfo};
 use crate::agent::config::ElevenlabsAgentConfig;
@@ -62,11 +63,11 @@ const PROVIDER: &str = "elevenlabs_agent";
 static TOOLS_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Caller audio held while waiting for the `conversation_initiation_metadata` (1 s).
-pub const EARLY_AUDIO: Duration = Duration::from_secs(1);
+pub(crate) const EARLY_AUDIO: Duration = Duration::from_secs(1);
 
 /// Parses an ElevenLabs audio format name (`ulaw_8000`, `pcm_16000`, …; providers.md §2.2).
 /// `None` for formats a phone bridge cannot use.
-pub fn parse_format(name: &str) -> Option<WireFormat> {
+pub(crate) fn parse_format(name: &str) -> Option<WireFormat> {
     match name {
         "ulaw_8000" => Some(WireFormat::G711(Law::Ulaw)),
         "alaw_8000" => Some(WireFormat::G711(Law::Alaw)),
@@ -96,7 +97,7 @@ struct Settings {
 
 /// The ElevenLabs Agents provider; see the module docs.
 #[derive(Debug, Clone)]
-pub struct ElevenlabsAgent {
+pub(crate) struct ElevenlabsAgent {
     settings: Arc<Settings>,
 }
 
@@ -105,7 +106,7 @@ impl ElevenlabsAgent {
     ///
     /// # Errors
     /// [`ConfigError`] naming the bad key.
-    pub fn from_config(c: &ElevenlabsAgentConfig) -> Result<Self, ConfigError> {
+    pub(crate) fn from_config(c: &ElevenlabsAgentConfig) -> Result<Self, ConfigError> {
         c.validate()?;
         let api_key = match &c.api_key {
             Some(k) => Some(
@@ -306,7 +307,7 @@ fn client_data(s: &Settings, call: &CallInfo) -> String {
 /// (providers.md §2.3–§2.5). Fields a message lacks, or carries with the wrong JSON type, take
 /// the defaults named per variant, exactly as the loop treats them.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ServerMessage {
+pub(crate) enum ServerMessage {
     /// `conversation_initiation_metadata`: the agent's audio format names (`ulaw_8000`,
     /// `pcm_16000`, …; see [`parse_format`]) and the conversation id; `""` when missing.
     Metadata {
@@ -392,7 +393,7 @@ pub enum ServerMessage {
 /// The [`serde_json::Error`] when the text is not JSON (the loop logs and ignores it). Any
 /// JSON value parses: missing or mistyped fields take the defaults documented on
 /// [`ServerMessage`].
-pub fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Error> {
+pub(crate) fn parse_server_message(text: &str) -> Result<ServerMessage, serde_json::Error> {
     let mut v: Value = serde_json::from_str(text)?;
     let kind = match v.get_mut("type").map(Value::take) {
         Some(Value::String(k)) => k,

@@ -8,25 +8,19 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Digits typed less than this apart form one turn.
-pub const DIGIT_GAP: Duration = Duration::from_millis(1_000);
+pub(crate) const DIGIT_GAP: Duration = Duration::from_millis(1_000);
 
-/// Collects one call's digits. Sans-IO with [`Keypad::push_at`] (`now` passed in);
-/// [`Keypad::push`] reads the clock.
+/// Collects one call's digits. Sans-IO: [`Keypad::push_at`] takes `now`.
 #[derive(Debug, Default)]
-pub struct Keypad {
+pub(crate) struct Keypad {
     digits: String,
     deadline: Option<Instant>,
 }
 
 impl Keypad {
-    /// Adds `digit` (0-9, *, #, A-D). Returns the turn's text when `digit` is `#`.
-    pub fn push(&mut self, digit: char) -> Option<String> {
-        self.push_at(digit, Instant::now())
-    }
-
-    /// [`Keypad::push`] at `now`: the turn ends [`DIGIT_GAP`] after `now` unless another
-    /// digit comes.
-    pub fn push_at(&mut self, digit: char, now: Instant) -> Option<String> {
+    /// Adds `digit` (0-9, *, #, A-D) typed at `now`. Returns the turn's text when `digit` is
+    /// `#`; otherwise the turn ends [`DIGIT_GAP`] after `now` unless another digit comes.
+    pub(crate) fn push_at(&mut self, digit: char, now: Instant) -> Option<String> {
         self.digits.push(digit);
         if digit == '#' {
             self.take()
@@ -37,17 +31,17 @@ impl Keypad {
     }
 
     /// No digits are waiting (the next one is the first of a turn).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.digits.is_empty()
     }
 
     /// When the waiting digits become a turn, if any are waiting.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// The waiting digits as the turn's text (`None` if there are none), and clears them.
-    pub fn take(&mut self) -> Option<String> {
+    pub(crate) fn take(&mut self) -> Option<String> {
         self.deadline = None;
         let digits = std::mem::take(&mut self.digits);
         match digits.chars().count() {
@@ -62,19 +56,20 @@ impl Keypad {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn digits_form_one_turn_ended_by_hash_or_the_gap() {
+    #[test]
+    fn digits_form_one_turn_ended_by_hash_or_the_gap() {
+        let now = Instant::now();
         let mut k = Keypad::default();
         assert!(k.is_empty() && k.deadline().is_none());
-        assert_eq!(k.push('4'), None);
-        assert_eq!(k.push('2'), None);
-        assert_eq!(k.deadline(), Some(Instant::now() + DIGIT_GAP));
+        assert_eq!(k.push_at('4', now), None);
+        assert_eq!(k.push_at('2', now), None);
+        assert_eq!(k.deadline(), Some(now + DIGIT_GAP));
         assert_eq!(
-            k.push('#').as_deref(),
+            k.push_at('#', now).as_deref(),
             Some("(The caller typed 42# on the phone keypad.)")
         );
         assert!(k.is_empty() && k.deadline().is_none());
-        assert_eq!(k.push('0'), None);
+        assert_eq!(k.push_at('0', now), None);
         assert_eq!(
             k.take().as_deref(),
             Some("(The caller pressed the phone key 0.)")

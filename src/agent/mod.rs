@@ -14,13 +14,13 @@
 //! Adding a provider: one file here implementing [`Agent`], plus its config variant.
 
 pub mod cascade;
-pub mod config;
-pub mod driver;
+pub(crate) mod config;
+pub(crate) mod driver;
 pub mod echo;
 pub mod elevenlabs_agent;
-pub mod keypad;
+pub(crate) mod keypad;
 pub mod openai_realtime;
-pub mod task;
+pub(crate) mod task;
 pub mod ws;
 
 use crate::audio::ReplyId;
@@ -31,10 +31,10 @@ use uuid::Uuid;
 
 /// Frames of caller audio the agent's input channel holds (64 × 20 ms = 1.28 s). When it is
 /// full the call drops the newest frame and counts it.
-pub const INPUT_CAPACITY_FRAMES: usize = 64;
+pub(crate) const INPUT_CAPACITY_FRAMES: usize = 64;
 
 /// Events the agent's event channel holds before the agent task waits for the call.
-pub const EVENT_CAPACITY: usize = 256;
+pub(crate) const EVENT_CAPACITY: usize = 256;
 
 /// What the agent knows about the call it serves.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ pub struct CallInfo {
 /// `template` with every `{name}` whose name is in `vars` replaced by its value; unknown
 /// `{…}` and lone braces are left as they are (instructions may contain JSON examples).
 /// Names are 1–64 of `A-Za-z0-9_`.
-pub fn fill_placeholders(
+pub(crate) fn fill_placeholders(
     template: &str,
     vars: &std::collections::BTreeMap<String, String>,
 ) -> String {
@@ -242,7 +242,7 @@ pub enum AgentError {
 /// its default limit is 10 concurrent sessions), ElevenLabs Scribe `quota_exceeded` /
 /// `rate_limited` / `resource_exhausted` / `queue_overflow` (scribe.asyncapi.yaml), ElevenLabs
 /// TTS `quota_exceeded`.
-pub fn failure_reason(detail: &str) -> &'static str {
+pub(crate) fn failure_reason(detail: &str) -> &'static str {
     const QUOTA: [&str; 12] = [
         "insufficient_quota",
         "rate_limit_exceeded",

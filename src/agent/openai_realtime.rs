@@ -3,7 +3,7 @@
 //! The preview (beta) interface is gone (OpenAI refuses `OpenAI-Beta: realtime=v1`), and so
 //! is voicegate's support for it: `api = "preview"` is a config error.
 //!
-//! Each call is a sans-IO protocol, [`Realtime`] (`openai_realtime/protocol.rs`: server
+//! Each call is a sans-IO protocol, [`protocol::Realtime`] (`openai_realtime/protocol.rs`: server
 //! events, call inputs and timers in, with `now` passed in; wire messages, [`AgentEvent`]s and
 //! timers out), run by the shared WebSocket driver ([`super::driver`]), which spawns its
 //! tasks inside the call's span. One call, step by step:
@@ -67,7 +67,8 @@
 
 mod protocol;
 
-pub use protocol::Realtime;
+#[cfg(any(fuzzing, test))]
+use protocol::Realtime;
 
 use super::{Agent, AgentEvent, AgentSession, CallInfo};
 use super::{Speaker, session_channel};
@@ -89,10 +90,10 @@ const PROVIDER: &str = "openai_realtime";
 
 /// Caller frames kept while the session is being set up (50 × 20 ms = 1 s); older ones are
 /// dropped.
-pub const SETUP_BUFFER_FRAMES: usize = 50;
+pub(crate) const SETUP_BUFFER_FRAMES: usize = 50;
 
 /// Transcript lines carried into a renewed session, at most.
-pub const HISTORY_ITEMS: usize = 64;
+pub(crate) const HISTORY_ITEMS: usize = 64;
 
 /// When setting up the renewal session fails, it is tried again this much later.
 const RENEW_RETRY: Duration = Duration::from_secs(30);

@@ -8,7 +8,7 @@ use tracing::Instrument as _;
 
 /// Spawns `task` on the current tokio runtime inside [`tracing::Span::current`] (captured
 /// now, before the spawn): the span of the call whose session started the agent.
-pub fn spawn<F>(task: F) -> JoinHandle<F::Output>
+pub(crate) fn spawn<F>(task: F) -> JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,

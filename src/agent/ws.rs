@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// A provider WebSocket (plain `ws://` for local fakes, `wss://` with rustls otherwise).
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Why a WebSocket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -29,10 +29,10 @@ pub enum WsConnectError {
 /// cost of a call (the load bench, `docs/performance.md`), and is held per call; provider
 /// messages are a few KiB (a 200 ms pcm16 24 kHz delta is 12.8 KiB of base64), and larger
 /// ones still arrive whole: the buffer grows to the frame's length.
-pub const READ_BUFFER_BYTES: usize = 8 * 1024;
+pub(crate) const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 /// The WebSocket settings of every provider connection (see [`READ_BUFFER_BYTES`]).
-pub fn socket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+pub(crate) fn socket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
 }

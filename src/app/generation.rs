@@ -15,7 +15,10 @@ use tracing::warn;
 ///
 /// # Errors
 /// If the `[[tools]]` or a profile's agent cannot be built.
-pub fn generation(config: &Config, agent: crate::agent::SharedAgent) -> anyhow::Result<Generation> {
+pub(crate) fn generation(
+    config: &Config,
+    agent: crate::agent::SharedAgent,
+) -> anyhow::Result<Generation> {
     let tools = Arc::new(crate::tools::ToolRegistry::from_config(&config.tools)?);
     let mut params = ServerParams::from_config(&config.audiosocket).with_tools(tools.clone());
     params.session.max_duration = config.guard.max_call();

@@ -66,7 +66,7 @@ pub fn announce_route(
 /// body), 502 (cannot connect: the text says why), 415 (not slin), 503 (shutting down), each
 /// with a one-line reason. The dialplan hangs the waiting channel up unless the answer is
 /// `connected`, so the caller goes to the operators at once.
-pub fn incoming_ws_route(
+pub(crate) fn incoming_ws_route(
     router: Router,
     connector: Arc<crate::call::media_ws::IncomingConnector>,
 ) -> Router {

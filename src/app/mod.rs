@@ -17,11 +17,11 @@
 mod feeds;
 mod generation;
 pub mod http;
-pub mod records;
-pub mod webhooks;
+pub(crate) mod records;
+pub(crate) mod webhooks;
 
-pub use feeds::shutdown_signal;
-pub use generation::generation;
+pub(crate) use feeds::shutdown_signal;
+pub(crate) use generation::generation;
 pub use http::{health_routes, http_router};
 pub use records::{RECORDS_RETRY, RecordsWriter, write_records};
 
@@ -45,7 +45,7 @@ use tracing::{error, info, warn};
 
 /// Summaries of finished calls waiting for the records writer; beyond this a record is
 /// dropped and counted (`voicegate_records_lost_total{reason="queue_full"}`).
-pub const RECORDS_QUEUE: usize = 1024;
+pub(crate) const RECORDS_QUEUE: usize = 1024;
 
 /// Runs the service until a termination signal. `path` is the config file to re-read on
 /// SIGHUP (`None`: the default path, else the built-in defaults).

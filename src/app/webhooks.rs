@@ -20,7 +20,7 @@ use tracing::error;
 /// # Errors
 /// A secret cannot be resolved, an outbox cannot be opened, or the HTTP client cannot be
 /// built.
-pub fn start(
+pub(crate) fn start(
     hooks: &[WebhookConfig],
     state_dir: &Path,
     health: &Arc<HealthState>,

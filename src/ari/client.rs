@@ -84,32 +84,32 @@ pub enum AriError {
 
 impl AriError {
     /// True for [`AriError::NotFound`]: the object is already gone.
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, AriError::NotFound { .. })
     }
 }
 
 /// What `POST /channels/externalMedia` is asked for.
 #[derive(Debug, Clone)]
-pub struct ExternalMedia<'a> {
+pub(crate) struct ExternalMedia<'a> {
     /// Stasis application the new channel enters.
-    pub app: &'a str,
+    pub(crate) app: &'a str,
     /// `HOST:PORT` Asterisk connects to (voicegate's AudioSocket listener), or sends its RTP
     /// to (the call's own UDP socket).
-    pub external_host: &'a str,
+    pub(crate) external_host: &'a str,
     /// `audiosocket` or `rtp`.
-    pub encapsulation: &'a str,
+    pub(crate) encapsulation: &'a str,
     /// `tcp` (with `audiosocket`) or `udp` (with `rtp`).
-    pub transport: &'a str,
+    pub(crate) transport: &'a str,
     /// `slin16` or `slin` (AudioSocket); `alaw`, `ulaw` or `slin16` (RTP).
-    pub format: &'a str,
+    pub(crate) format: &'a str,
     /// The call id: Asterisk sends it in `0x01` (AudioSocket) and gives it as the Stasis
     /// argument of the new channel (every transport). A UUID string.
-    pub data: &'a str,
+    pub(crate) data: &'a str,
     /// `connection_type`: `server` for the WebSocket transport (Asterisk waits for
     /// voicegate to connect to `/media/<connection id>`); `None` = Asterisk's default,
     /// `client`.
-    pub connection_type: Option<&'a str>,
+    pub(crate) connection_type: Option<&'a str>,
 }
 
 /// An ARI REST client. Cheap to clone.
@@ -168,13 +168,14 @@ impl AriClient {
     }
 
     /// The `/ari` base URL (no credentials in it).
-    pub fn base(&self) -> &Url {
+    #[cfg(test)]
+    pub(crate) fn base(&self) -> &Url {
         &self.base
     }
 
     /// The events WebSocket URL for `app` (`ws://…/ari/events?app=…`), credentials not
     /// included (sent as Basic auth).
-    pub fn events_url(&self, app: &str) -> Url {
+    pub(crate) fn events_url(&self, app: &str) -> Url {
         let mut u = self.base.clone();
         // http → ws, https → wss; both are valid schemes for set_scheme.
         let scheme = if u.scheme() == "https" { "wss" } else { "ws" };
@@ -187,7 +188,7 @@ impl AriClient {
     }
 
     /// The `Authorization` header value (Basic), for the events WebSocket.
-    pub fn basic_auth_header(&self) -> String {
+    pub(crate) fn basic_auth_header(&self) -> String {
         use base64::Engine as _;
         let raw = format!("{}:{}", self.username, self.password.expose());
         format!(
@@ -270,7 +271,7 @@ impl AriClient {
     ///
     /// # Errors
     /// [`AriError`]; 409 if the channel is not in Stasis.
-    pub async fn answer(&self, channel: &str) -> Result<(), AriError> {
+    pub(crate) async fn answer(&self, channel: &str) -> Result<(), AriError> {
         self.request(
             Method::POST,
             &format!("/channels/{}/answer", seg(channel)),
@@ -297,7 +298,7 @@ impl AriClient {
     ///
     /// # Errors
     /// [`AriError`].
-    pub async fn bridges(&self) -> Result<Vec<Bridge>, AriError> {
+    pub(crate) async fn bridges(&self) -> Result<Vec<Bridge>, AriError> {
         self.json(Method::GET, "/bridges", &[]).await
     }
 
@@ -305,7 +306,11 @@ impl AriClient {
     ///
     /// # Errors
     /// [`AriError`]; [`AriError::Unprocessable`] (422) if a channel is not in Stasis yet.
-    pub async fn add_channels(&self, bridge: &str, channels: &[&str]) -> Result<(), AriError> {
+    pub(crate) async fn add_channels(
+        &self,
+        bridge: &str,
+        channels: &[&str],
+    ) -> Result<(), AriError> {
         let list = channels.join(",");
         self.request(
             Method::POST,
@@ -334,7 +339,7 @@ impl AriClient {
     ///
     /// # Errors
     /// [`AriError`]; [`AriError::NotFound`] if it is already gone.
-    pub async fn destroy_bridge(&self, bridge: &str) -> Result<(), AriError> {
+    pub(crate) async fn destroy_bridge(&self, bridge: &str) -> Result<(), AriError> {
         self.request(Method::DELETE, &format!("/bridges/{}", seg(bridge)), &[])
             .await
             .map(drop)
@@ -354,7 +359,10 @@ impl AriClient {
     /// # Errors
     /// [`AriError`]: 400 for missing `data`/`format`, 500 if `data` is not a UUID or nothing
     /// listens at `external_host` (`asterisk.md`).
-    pub async fn external_media(&self, req: &ExternalMedia<'_>) -> Result<Channel, AriError> {
+    pub(crate) async fn external_media(
+        &self,
+        req: &ExternalMedia<'_>,
+    ) -> Result<Channel, AriError> {
         let mut query = vec![("app", req.app)];
         // A WebSocket server connection has no external host (Asterisk: "May be empty for a
         // websocket server connection").

@@ -37,7 +37,7 @@ pub enum AriMedia {
 
 impl AriMedia {
     /// The `encapsulation=` and `transport=` values of `POST /channels/externalMedia`.
-    pub fn encapsulation(self) -> (&'static str, &'static str) {
+    pub(crate) fn encapsulation(self) -> (&'static str, &'static str) {
         match self {
             AriMedia::Audiosocket => ("audiosocket", "tcp"),
             AriMedia::Rtp => ("rtp", "udp"),
@@ -63,7 +63,7 @@ pub enum AriFormat {
 
 impl AriFormat {
     /// The `format=` value of `POST /channels/externalMedia`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AriFormat::Slin16 => "slin16",
             AriFormat::Slin => "slin",
@@ -73,7 +73,7 @@ impl AriFormat {
     }
 
     /// Whether `media` can carry this format.
-    pub fn fits(self, media: AriMedia) -> bool {
+    pub(crate) fn fits(self, media: AriMedia) -> bool {
         match media {
             AriMedia::Audiosocket | AriMedia::Websocket => {
                 matches!(self, AriFormat::Slin16 | AriFormat::Slin)
@@ -84,7 +84,7 @@ impl AriFormat {
 }
 
 /// Most ports `ari.rtp_ports` may span (one per concurrent RTP call).
-pub const MAX_RTP_PORTS: u32 = 16_384;
+pub(crate) const MAX_RTP_PORTS: u32 = 16_384;
 
 /// `[ari]`: the Asterisk REST Interface.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -255,7 +255,7 @@ impl AriConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] unless it is `"LOW-HIGH"` with 1024 ≤ LOW ≤ HIGH and at most
     /// [`MAX_RTP_PORTS`] ports.
-    pub fn rtp_port_range(&self) -> Result<std::ops::RangeInclusive<u16>, ConfigError> {
+    pub(crate) fn rtp_port_range(&self) -> Result<std::ops::RangeInclusive<u16>, ConfigError> {
         let bad = || {
             ConfigError::invalid(
                 "ari.rtp_ports",
@@ -276,7 +276,7 @@ impl AriConfig {
     }
 
     /// [`Self::rtp_jitter_max_ms`] as a duration.
-    pub fn rtp_jitter_max(&self) -> Duration {
+    pub(crate) fn rtp_jitter_max(&self) -> Duration {
         Duration::from_millis(self.rtp_jitter_max_ms)
     }
 
@@ -399,35 +399,35 @@ impl AriConfig {
     }
 
     /// [`Self::request_timeout_ms`] as a duration.
-    pub fn request_timeout(&self) -> Duration {
+    pub(crate) fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
     /// [`Self::transfer_confirm_ms`] as a duration.
-    pub fn transfer_confirm(&self) -> Duration {
+    pub(crate) fn transfer_confirm(&self) -> Duration {
         Duration::from_millis(self.transfer_confirm_ms)
     }
     /// [`Self::lookup_timeout_ms`] as a duration.
-    pub fn lookup_timeout(&self) -> Duration {
+    pub(crate) fn lookup_timeout(&self) -> Duration {
         Duration::from_millis(self.lookup_timeout_ms)
     }
     /// [`Self::reconnect_initial_ms`] as a duration.
-    pub fn reconnect_initial(&self) -> Duration {
+    pub(crate) fn reconnect_initial(&self) -> Duration {
         Duration::from_millis(self.reconnect_initial_ms)
     }
     /// [`Self::reconnect_max_ms`] as a duration.
-    pub fn reconnect_max(&self) -> Duration {
+    pub(crate) fn reconnect_max(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_ms)
     }
     /// [`Self::ping_interval_ms`] as a duration.
-    pub fn ping_interval(&self) -> Duration {
+    pub(crate) fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)
     }
     /// [`Self::reconcile_interval_ms`] as a duration.
-    pub fn reconcile_interval(&self) -> Duration {
+    pub(crate) fn reconcile_interval(&self) -> Duration {
         Duration::from_millis(self.reconcile_interval_ms)
     }
     /// [`Self::media_join_timeout_ms`] as a duration.
-    pub fn media_join_timeout(&self) -> Duration {
+    pub(crate) fn media_join_timeout(&self) -> Duration {
         Duration::from_millis(self.media_join_timeout_ms)
     }
 }

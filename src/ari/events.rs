@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// Events the channel to the controller holds before the socket reader waits.
-pub const EVENT_QUEUE: usize = 1024;
+pub(crate) const EVENT_QUEUE: usize = 1024;
 
 /// State of the events link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum LinkState {
 
 impl LinkState {
     /// `disabled`, `connecting`, `up` or `down`, for health output.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LinkState::Disabled => "disabled",
             LinkState::Connecting => "connecting",
@@ -55,17 +55,17 @@ impl LinkState {
 
 /// Timing of the events link.
 #[derive(Debug, Clone)]
-pub struct EventsParams {
+pub(crate) struct EventsParams {
     /// First wait after a disconnect.
-    pub initial: Duration,
+    pub(crate) initial: Duration,
     /// Longest wait.
-    pub max: Duration,
+    pub(crate) max: Duration,
     /// Ping interval; two without any frame back drop the link.
-    pub ping: Duration,
+    pub(crate) ping: Duration,
     /// A connection up this long resets the backoff to `initial`.
-    pub stable: Duration,
+    pub(crate) stable: Duration,
     /// Connecting (TCP + upgrade) may take this long.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 }
 
 /// What others can observe of the link.
@@ -79,7 +79,7 @@ pub struct EventLink {
 
 impl EventLink {
     /// A link that is never used (lookup mode).
-    pub fn disabled() -> Self {
+    pub(crate) fn disabled() -> Self {
         let (_tx, rx) = watch::channel(LinkState::Disabled);
         EventLink {
             state: rx,
@@ -95,7 +95,7 @@ impl EventLink {
 
 /// Spawns the events task: connects, forwards every known event to `tx`, reconnects for as
 /// long as `stop` is not cancelled and `tx` has a receiver.
-pub fn spawn(
+pub(crate) fn spawn(
     client: AriClient,
     app: String,
     params: EventsParams,

@@ -11,10 +11,10 @@
 //! Never: a password in a log line or URL; an agent, session or call type (this layer knows
 //! the protocol, not what a call is).
 
-pub mod client;
+pub(crate) mod client;
 pub mod config;
-pub mod events;
-pub mod model;
+pub(crate) mod events;
+pub(crate) mod model;
 
 pub use client::{AriClient, AriError};
 pub use events::{EventLink, LinkState};

@@ -54,19 +54,19 @@ pub struct Channel {
 
 impl Channel {
     /// The caller number, `None` when empty.
-    pub fn caller_number(&self) -> Option<String> {
+    pub(crate) fn caller_number(&self) -> Option<String> {
         non_empty(&self.caller.number)
     }
 
     /// The caller name, `None` when empty.
-    pub fn caller_name(&self) -> Option<String> {
+    pub(crate) fn caller_name(&self) -> Option<String> {
         non_empty(&self.caller.name)
     }
 
     /// Where an externalMedia RTP channel receives: `UNICASTRTP_LOCAL_ADDRESS` and
     /// `UNICASTRTP_LOCAL_PORT` from [`Self::channelvars`]; `None` if either is missing or
     /// not an address and a port.
-    pub fn unicast_rtp_local(&self) -> Option<std::net::SocketAddr> {
+    pub(crate) fn unicast_rtp_local(&self) -> Option<std::net::SocketAddr> {
         let ip: std::net::IpAddr = self
             .channelvars
             .get("UNICASTRTP_LOCAL_ADDRESS")?
@@ -103,9 +103,9 @@ pub struct Bridge {
 /// The value of `GET /channels/{id}/variable` (`Variable`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
-pub struct Variable {
+pub(crate) struct Variable {
     /// The value.
-    pub value: String,
+    pub(crate) value: String,
 }
 
 /// An event from `/ari/events`, tagged by its `type` field.

@@ -76,7 +76,7 @@ impl BargeInConfig {
     ///
     /// # Errors
     /// [`crate::error::ConfigError::Invalid`] naming the bad key.
-    pub fn validate(&self, key: &str) -> Result<(), crate::error::ConfigError> {
+    pub(crate) fn validate(&self, key: &str) -> Result<(), crate::error::ConfigError> {
         let bad =
             |k: &str, m: &str| Err(crate::error::ConfigError::invalid(&format!("{key}.{k}"), m));
         if !(20..=1_000).contains(&self.detect_ms) {
@@ -101,7 +101,7 @@ impl BargeInConfig {
     }
 
     /// [`Self::confirm_ms`] as a duration.
-    pub fn confirm(&self) -> Duration {
+    pub(crate) fn confirm(&self) -> Duration {
         Duration::from_millis(self.confirm_ms.into())
     }
 
@@ -142,7 +142,7 @@ fn normalize(text: &str) -> String {
 
 /// What the call does with its playout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Hold playout now (silence from the next frame on, nothing thrown away).
     Pause,
     /// Confirmed: flush the playout and tell the provider what was heard.
@@ -167,7 +167,7 @@ enum State {
 
 /// One call's local barge-in detector and its pause; see the module docs.
 #[derive(Debug)]
-pub struct BargeIn {
+pub(crate) struct BargeIn {
     cfg: BargeInConfig,
     vad: Vad,
     state: State,
@@ -182,7 +182,7 @@ const ONSET_RESET_FRAMES: u32 = 5;
 
 impl BargeIn {
     /// A detector with `cfg`'s settings.
-    pub fn new(cfg: BargeInConfig) -> Self {
+    pub(crate) fn new(cfg: BargeInConfig) -> Self {
         BargeIn {
             vad: Vad::new(cfg.vad()),
             cfg,
@@ -192,21 +192,16 @@ impl BargeIn {
         }
     }
 
-    /// The settings.
-    pub fn config(&self) -> &BargeInConfig {
-        &self.cfg
-    }
-
     /// Records one frame as it went out on the wire (slin at the call rate, silence
     /// included, one per 20 ms tick): the echo reference.
-    pub fn reference(&mut self, played: &[i16]) {
+    pub(crate) fn reference(&mut self, played: &[i16]) {
         self.vad.reference(played);
     }
 
     /// A caller frame (slin at the call rate, normally 20 ms) that arrived at `now` and was
     /// recorded from `began`; `agent_audible`: the agent's audio is playing (queued and not
     /// paused). Says [`Action::Pause`] when the caller has spoken `detect_ms` over it.
-    pub fn caller(
+    pub(crate) fn caller(
         &mut self,
         now: Instant,
         began: Instant,
@@ -236,13 +231,13 @@ impl BargeIn {
     }
 
     /// When the current run of caller speech began (the start of its first speech frame), if the caller is speaking or spoke within the last 100 ms.
-    pub fn onset(&self) -> Option<Instant> {
+    pub(crate) fn onset(&self) -> Option<Instant> {
         self.onset
             .filter(|_| self.quiet_frames < ONSET_RESET_FRAMES || self.vad.in_speech())
     }
 
     /// Playout is held, waiting for confirmation.
-    pub fn is_paused(&self) -> bool {
+    pub(crate) fn is_paused(&self) -> bool {
         matches!(self.state, State::Paused { .. })
     }
 
@@ -250,7 +245,7 @@ impl BargeIn {
     /// ElevenLabs `interruption`, the cascade's STT words). [`Action::Flush`], except while
     /// paused with backchannels configured: then `None`, and the caller's words (or the end
     /// of the window) decide.
-    pub fn provider_started(&mut self) -> Option<Action> {
+    pub(crate) fn provider_started(&mut self) -> Option<Action> {
         match &mut self.state {
             State::Paused { provider, .. } if !self.cfg.backchannels.is_empty() => {
                 *provider = true;
@@ -265,7 +260,7 @@ impl BargeIn {
 
     /// The caller's transcript `text`: while paused, a backchannel resumes and other words
     /// flush. `None` when not paused (the provider decides) or the text is empty.
-    pub fn caller_text(&mut self, text: &str) -> Option<Action> {
+    pub(crate) fn caller_text(&mut self, text: &str) -> Option<Action> {
         if !self.is_paused() || normalize(text).is_empty() {
             return None;
         }
@@ -279,13 +274,13 @@ impl BargeIn {
 
     /// The playout was flushed for another reason (a keypad digit, the provider's event
     /// while not paused): no pause is pending any more.
-    pub fn flushed(&mut self) {
+    pub(crate) fn flushed(&mut self) {
         self.state = State::Idle;
     }
 
     /// Checked on each tick at `now`: the window ran out. Without confirmation →
     /// [`Action::Resume`]; with the provider's event waiting on words → [`Action::Flush`].
-    pub fn poll(&mut self, now: Instant) -> Option<Action> {
+    pub(crate) fn poll(&mut self, now: Instant) -> Option<Action> {
         match self.state {
             State::Paused { deadline, provider } if now >= deadline => {
                 self.state = State::Idle;

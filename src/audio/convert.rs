@@ -29,7 +29,7 @@ impl WireFormat {
     }
 
     /// Bytes per millisecond of audio.
-    pub fn bytes_per_ms(self) -> usize {
+    pub(crate) fn bytes_per_ms(self) -> usize {
         match self {
             WireFormat::G711(_) => 8,
             WireFormat::Pcm16 { rate_hz } => rate_hz as usize / 500,
@@ -39,7 +39,7 @@ impl WireFormat {
 
 /// Call slin → provider format.
 #[derive(Debug)]
-pub struct Encoder {
+pub(crate) struct Encoder {
     format: WireFormat,
     resampler: Resampler,
     input: Vec<i16>,
@@ -51,7 +51,7 @@ impl Encoder {
     ///
     /// # Errors
     /// If the rates cannot be resampled.
-    pub fn new(call_rate_hz: u32, format: WireFormat) -> Result<Self, ResampleError> {
+    pub(crate) fn new(call_rate_hz: u32, format: WireFormat) -> Result<Self, ResampleError> {
         Ok(Encoder {
             format,
             resampler: Resampler::new(call_rate_hz, format.rate_hz())?,
@@ -60,13 +60,8 @@ impl Encoder {
         })
     }
 
-    /// The target format.
-    pub fn format(&self) -> WireFormat {
-        self.format
-    }
-
     /// Appends the encoding of `samples` (slin at the call rate) to `out`.
-    pub fn encode(&mut self, samples: &[i16], out: &mut Vec<u8>) {
+    pub(crate) fn encode(&mut self, samples: &[i16], out: &mut Vec<u8>) {
         self.scratch.clear();
         self.resampler.process(samples, &mut self.scratch);
         match self.format {
@@ -76,7 +71,7 @@ impl Encoder {
     }
 
     /// Appends the encoding of little-endian slin `bytes` (as AudioSocket carries them).
-    pub fn encode_le_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+    pub(crate) fn encode_le_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         self.input.clear();
         super::slin_from_le_bytes(bytes, &mut self.input);
         let input = std::mem::take(&mut self.input);
@@ -87,7 +82,7 @@ impl Encoder {
 
 /// Provider format → call slin.
 #[derive(Debug)]
-pub struct Decoder {
+pub(crate) struct Decoder {
     format: WireFormat,
     resampler: Resampler,
     scratch: Vec<i16>,
@@ -100,7 +95,7 @@ impl Decoder {
     ///
     /// # Errors
     /// If the rates cannot be resampled.
-    pub fn new(format: WireFormat, call_rate_hz: u32) -> Result<Self, ResampleError> {
+    pub(crate) fn new(format: WireFormat, call_rate_hz: u32) -> Result<Self, ResampleError> {
         Ok(Decoder {
             format,
             resampler: Resampler::new(format.rate_hz(), call_rate_hz)?,
@@ -109,13 +104,8 @@ impl Decoder {
         })
     }
 
-    /// The source format.
-    pub fn format(&self) -> WireFormat {
-        self.format
-    }
-
     /// Appends the slin (call rate) of provider `bytes` to `out`.
-    pub fn decode(&mut self, bytes: &[u8], out: &mut Vec<i16>) {
+    pub(crate) fn decode(&mut self, bytes: &[u8], out: &mut Vec<i16>) {
         self.scratch.clear();
         match self.format {
             WireFormat::G711(law) => law.decode_into(bytes, &mut self.scratch),
@@ -136,7 +126,7 @@ impl Decoder {
     }
 
     /// Forgets buffered audio (after barge-in).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.resampler.reset();
         self.carry = None;
     }

@@ -1,12 +1,12 @@
 //! The audio path: G.711, resampling, framing and playout. Everything here is sans-IO and
 //! works on slin (signed 16-bit mono samples, native `i16`) unless it says otherwise.
 
-pub mod bargein;
+pub(crate) mod bargein;
 pub mod convert;
 pub mod g711;
 pub mod playout;
 pub mod resample;
-pub mod vad;
+pub(crate) mod vad;
 pub mod wav;
 
 pub use playout::{FRAME, PlayoutBuffer, PlayoutClock, ReplyId};

@@ -29,23 +29,23 @@ struct Segment {
 
 /// What [`PlayoutBuffer::flush`] threw away and what had been heard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Flushed {
+pub(crate) struct Flushed {
     /// The reply that was playing (the oldest in the buffer), if any audio was queued or it
     /// had started playing.
-    pub reply: Option<ReplyId>,
+    pub(crate) reply: Option<ReplyId>,
     /// How much of that reply the caller heard before the flush, ms.
-    pub heard_ms: u64,
+    pub(crate) heard_ms: u64,
     /// Samples discarded.
-    pub dropped_samples: usize,
+    pub(crate) dropped_samples: usize,
 }
 
 /// What one popped frame held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoppedFrame {
+pub(crate) struct PoppedFrame {
     /// Agent samples written at the front of the frame; the rest is silence.
-    pub agent_samples: usize,
+    pub(crate) agent_samples: usize,
     /// The frame was cut short (some but not all samples) while a reply was still streaming.
-    pub underrun: bool,
+    pub(crate) underrun: bool,
 }
 
 /// A bounded FIFO of slin samples at one sample rate, tagged by reply.
@@ -68,7 +68,7 @@ pub struct PlayoutBuffer {
 impl PlayoutBuffer {
     /// A buffer for audio at `rate_hz` holding at most `max` of audio (older audio is
     /// dropped beyond that). Memory grows only with what is queued.
-    pub fn new(rate_hz: u32, max: Duration) -> Self {
+    pub(crate) fn new(rate_hz: u32, max: Duration) -> Self {
         PlayoutBuffer {
             rate_hz,
             samples: VecDeque::with_capacity(rate_hz as usize / 5),
@@ -83,53 +83,53 @@ impl PlayoutBuffer {
 
     /// Holds playout (a local barge-in): [`Self::pop_frame`] gives silence and keeps
     /// everything queued, and pushes still queue, until [`Self::resume`] or [`Self::flush`].
-    pub fn pause(&mut self) {
+    pub(crate) fn pause(&mut self) {
         self.paused = true;
     }
 
     /// Plays on from where [`Self::pause`] held it; nothing queued was lost.
-    pub fn resume(&mut self) {
+    pub(crate) fn resume(&mut self) {
         self.paused = false;
     }
 
     /// Playout is held by [`Self::pause`].
-    pub fn is_paused(&self) -> bool {
+    pub(crate) fn is_paused(&self) -> bool {
         self.paused
     }
 
     /// Sample rate, Hz.
-    pub fn rate_hz(&self) -> u32 {
+    pub(crate) fn rate_hz(&self) -> u32 {
         self.rate_hz
     }
 
     /// Samples in one 20 ms frame.
-    pub fn samples_per_frame(&self) -> usize {
+    pub(crate) fn samples_per_frame(&self) -> usize {
         self.rate_hz as usize / 50
     }
 
     /// Queued audio, in samples.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.samples.len()
     }
 
     /// Nothing is queued.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
 
     /// Queued audio as a duration.
-    pub fn queued(&self) -> Duration {
+    pub(crate) fn queued(&self) -> Duration {
         Duration::from_micros(self.samples.len() as u64 * 1_000_000 / self.rate_hz as u64)
     }
 
     /// Samples dropped so far because the buffer was full.
-    pub fn overflow_samples(&self) -> u64 {
+    pub(crate) fn overflow_samples(&self) -> u64 {
         self.overflow_samples
     }
 
     /// Appends agent audio of `reply`. If the buffer would exceed its bound the oldest
     /// samples are dropped and counted in [`Self::overflow_samples`].
-    pub fn push(&mut self, reply: ReplyId, audio: &[i16]) {
+    pub(crate) fn push(&mut self, reply: ReplyId, audio: &[i16]) {
         if audio.is_empty() {
             return;
         }
@@ -152,7 +152,7 @@ impl PlayoutBuffer {
 
     /// Drops up to `n` of the oldest queued samples without playing them (a live stream
     /// catching up after the clock skipped ticks); returns how many were dropped.
-    pub fn discard(&mut self, n: usize) -> usize {
+    pub(crate) fn discard(&mut self, n: usize) -> usize {
         let n = n.min(self.samples.len());
         self.samples.drain(..n);
         self.consume_segments(n, false);
@@ -160,13 +160,13 @@ impl PlayoutBuffer {
     }
 
     /// Marks the newest reply as complete: a short last frame is then not an underrun.
-    pub fn mark_reply_complete(&mut self) {
+    pub(crate) fn mark_reply_complete(&mut self) {
         self.streaming = false;
     }
 
     /// Fills `out` (one frame, normally [`Self::samples_per_frame`] samples) with the next
     /// queued samples and silence after them; all silence while paused ([`Self::pause`]).
-    pub fn pop_frame(&mut self, out: &mut [i16]) -> PoppedFrame {
+    pub(crate) fn pop_frame(&mut self, out: &mut [i16]) -> PoppedFrame {
         if self.paused {
             out.fill(0);
             return PoppedFrame {
@@ -207,7 +207,7 @@ impl PlayoutBuffer {
     }
 
     /// How much of `reply` the caller has heard so far, ms (0 if it has not started).
-    pub fn heard_ms(&self, reply: ReplyId) -> u64 {
+    pub(crate) fn heard_ms(&self, reply: ReplyId) -> u64 {
         match self.last_played {
             Some((r, samples)) if r == reply => samples * 1000 / self.rate_hz as u64,
             _ => 0,
@@ -220,7 +220,7 @@ impl PlayoutBuffer {
     /// A reply counts as interrupted only while it is still playing: audio is queued, or its
     /// agent has not marked it complete. Speech after a reply was heard in full reports
     /// `reply: None`.
-    pub fn flush(&mut self) -> Flushed {
+    pub(crate) fn flush(&mut self) -> Flushed {
         let playing = !self.segments.is_empty() || self.streaming;
         let reply = self
             .last_played
@@ -254,7 +254,7 @@ impl PlayoutClock {
     pub const MAX_LAG_FRAMES: u32 = 3;
 
     /// A clock whose first deadline is `start`.
-    pub fn new(start: Instant) -> Self {
+    pub(crate) fn new(start: Instant) -> Self {
         PlayoutClock {
             next: start,
             skipped_frames: 0,
@@ -262,19 +262,19 @@ impl PlayoutClock {
     }
 
     /// When the next frame is due.
-    pub fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         self.next
     }
 
     /// Frames skipped so far because the driver fell behind.
-    pub fn skipped_frames(&self) -> u64 {
+    pub(crate) fn skipped_frames(&self) -> u64 {
         self.skipped_frames
     }
 
     /// Call after sending the frame due at [`Self::deadline`], with the current time; moves
     /// the deadline 20 ms on, or re-anchors it to `now` if the driver is more than
     /// [`Self::MAX_LAG_FRAMES`] frames late (the missed frames are counted, not sent).
-    pub fn advance(&mut self, now: Instant) {
+    pub(crate) fn advance(&mut self, now: Instant) {
         self.next += FRAME;
         if now > self.next + FRAME * Self::MAX_LAG_FRAMES {
             let behind = (now - self.next).as_micros() / FRAME.as_micros();

@@ -26,7 +26,7 @@ pub enum ResampleError {
 }
 
 /// Converts mono slin from one sample rate to another, keeping filter state across calls.
-pub struct Resampler {
+pub(crate) struct Resampler {
     from_hz: u32,
     to_hz: u32,
     inner: Option<FftFixedIn<f32>>,
@@ -49,7 +49,7 @@ impl Resampler {
     ///
     /// # Errors
     /// [`ResampleError::Construction`] if rubato cannot resample between the two rates.
-    pub fn new(from_hz: u32, to_hz: u32) -> Result<Self, ResampleError> {
+    pub(crate) fn new(from_hz: u32, to_hz: u32) -> Result<Self, ResampleError> {
         let chunk = (from_hz as usize * CHUNK_MS) / 1000;
         let inner = if from_hz == to_hz {
             None
@@ -74,19 +74,9 @@ impl Resampler {
         })
     }
 
-    /// Input sample rate, Hz.
-    pub fn from_hz(&self) -> u32 {
-        self.from_hz
-    }
-
-    /// Output sample rate, Hz.
-    pub fn to_hz(&self) -> u32 {
-        self.to_hz
-    }
-
     /// Feeds `input` (slin at `from_hz`) and appends every output sample now ready (slin at
     /// `to_hz`) to `out`. Output lags input by the filter delay and up to one 20 ms chunk.
-    pub fn process(&mut self, input: &[i16], out: &mut Vec<i16>) {
+    pub(crate) fn process(&mut self, input: &[i16], out: &mut Vec<i16>) {
         let Some(inner) = self.inner.as_mut() else {
             out.extend_from_slice(input);
             return;
@@ -114,7 +104,7 @@ impl Resampler {
 
     /// Drops buffered input and filter state (after barge-in, so old speech does not leak
     /// into the next reply).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.pending.clear();
         if let Some(inner) = self.inner.as_mut() {
             inner.reset();

@@ -104,19 +104,19 @@ const LATE_FRAMES: usize = 25;
 
 /// What one caller frame was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameVerdict {
+pub(crate) struct FrameVerdict {
     /// The frame is louder than the noise floor threshold and than the echo bound.
-    pub speech: bool,
+    pub(crate) speech: bool,
     /// Echo of the agent's voice may be present in this frame (the reference window holds
     /// audio loud enough to come back above the noise floor).
-    pub echo_possible: bool,
+    pub(crate) echo_possible: bool,
     /// A state change this frame caused, if any.
-    pub event: Option<VadEvent>,
+    pub(crate) event: Option<VadEvent>,
 }
 
 /// A change of the detector's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VadEvent {
+pub(crate) enum VadEvent {
     /// `min_speech_ms` of caller speech accumulated: a barge-in if the agent is talking.
     SpeechStarted,
     /// `hang_ms` without speech after a start.
@@ -137,7 +137,7 @@ struct EchoPath {
 
 /// The detector. One per call.
 #[derive(Debug)]
-pub struct Vad {
+pub(crate) struct Vad {
     cfg: VadConfig,
     floor: f32,
     /// RMS of the most recent played frames, newest last (frame number `played - 1`).
@@ -167,7 +167,7 @@ pub struct Vad {
 
 impl Vad {
     /// A detector with `cfg`'s thresholds.
-    pub fn new(cfg: VadConfig) -> Self {
+    pub(crate) fn new(cfg: VadConfig) -> Self {
         let window = (cfg.echo_window_ms / FRAME_MS) as usize + 1;
         Vad {
             floor: (cfg.min_rms / cfg.onset_ratio.max(1.0)).max(FLOOR_MIN),
@@ -188,7 +188,7 @@ impl Vad {
 
     /// Records one frame as it went out on the wire (slin at the call rate, silence included,
     /// in order, one call per 20 ms frame).
-    pub fn reference(&mut self, played: &[i16]) {
+    pub(crate) fn reference(&mut self, played: &[i16]) {
         if self.reference.len() == Self::kept(self.window) {
             self.reference.pop_front();
         }
@@ -204,7 +204,8 @@ impl Vad {
     /// The measured echo path, if any: (delay in ms, gain as an amplitude ratio). The delay
     /// counts from the played frame that was newest when the first caller frame arrived, so
     /// it includes that first frame's lateness (0–2 frames).
-    pub fn echo_path(&self) -> Option<(u32, f32)> {
+    #[cfg(test)]
+    pub(crate) fn echo_path(&self) -> Option<(u32, f32)> {
         self.path.map(|p| (p.lag as u32 * FRAME_MS, p.gain))
     }
 
@@ -243,7 +244,7 @@ impl Vad {
     }
 
     /// The loudest echo the line could be carrying now, RMS.
-    pub fn echo_bound(&self) -> f32 {
+    pub(crate) fn echo_bound(&self) -> f32 {
         let Some(newest) = self.heard.checked_sub(1) else {
             return 0.0;
         };
@@ -364,18 +365,19 @@ impl Vad {
     }
 
     /// The current noise floor, RMS.
-    pub fn noise_floor(&self) -> f32 {
+    #[cfg(test)]
+    pub(crate) fn noise_floor(&self) -> f32 {
         self.floor
     }
 
     /// The caller is speaking (between [`VadEvent::SpeechStarted`] and
     /// [`VadEvent::SpeechEnded`]).
-    pub fn in_speech(&self) -> bool {
+    pub(crate) fn in_speech(&self) -> bool {
         self.in_speech
     }
 
     /// Classifies one caller frame (slin at the call rate, normally 20 ms).
-    pub fn process(&mut self, caller: &[i16]) -> FrameVerdict {
+    pub(crate) fn process(&mut self, caller: &[i16]) -> FrameVerdict {
         let level = crate::audio::rms(caller);
         if self.caller.len() == MATCH_FRAMES {
             self.caller.pop_front();

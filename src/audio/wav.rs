@@ -32,7 +32,7 @@ pub struct Recording {
 
 impl Recording {
     /// Length in milliseconds.
-    pub fn duration_ms(&self) -> u64 {
+    pub(crate) fn duration_ms(&self) -> u64 {
         self.samples.len() as u64 * 1000 / self.rate_hz as u64
     }
 
@@ -40,7 +40,7 @@ impl Recording {
     ///
     /// # Errors
     /// [`WavError`] if it is not a WAV, or not mono 16-bit integer PCM.
-    pub fn read<R: Read>(reader: R) -> Result<Self, WavError> {
+    pub(crate) fn read<R: Read>(reader: R) -> Result<Self, WavError> {
         let mut r = hound::WavReader::new(reader)?;
         let spec = r.spec();
         if spec.channels != 1
@@ -64,7 +64,7 @@ impl Recording {
     ///
     /// # Errors
     /// I/O errors from the writer.
-    pub fn write<W: std::io::Write + Seek>(&self, writer: W) -> Result<(), WavError> {
+    pub(crate) fn write<W: std::io::Write + Seek>(&self, writer: W) -> Result<(), WavError> {
         let spec = hound::WavSpec {
             channels: 1,
             sample_rate: self.rate_hz,

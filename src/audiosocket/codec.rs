@@ -25,13 +25,13 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use uuid::Uuid;
 
 /// Size of the frame header: kind (1 byte) + length (2 bytes, big-endian).
-pub const HEADER_BYTES: usize = 3;
+pub(crate) const HEADER_BYTES: usize = 3;
 
 /// Largest payload accepted, in bytes: 100 ms of slin at 192 kHz (38 400 bytes).
 ///
 /// Asterisk sends 20 ms frames (320 bytes at 8 kHz, 7 680 bytes at 192 kHz); anything longer
 /// than five such frames is treated as a corrupt stream rather than buffered.
-pub const MAX_PAYLOAD_BYTES: usize = 38_400;
+pub(crate) const MAX_PAYLOAD_BYTES: usize = 38_400;
 
 /// Sample rates AudioSocket can carry, each with its own frame kind (`0x10`–`0x18`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,12 +71,12 @@ impl SlinRate {
     ];
 
     /// The frame kind byte for audio at this rate (`0x10`–`0x18`).
-    pub const fn kind(self) -> u8 {
+    pub(crate) const fn kind(self) -> u8 {
         0x10 + self as u8
     }
 
     /// The rate for an audio kind byte, or `None` when `kind` is not `0x10`–`0x18`.
-    pub const fn from_kind(kind: u8) -> Option<SlinRate> {
+    pub(crate) const fn from_kind(kind: u8) -> Option<SlinRate> {
         match kind {
             0x10..=0x18 => Some(Self::ALL[(kind - 0x10) as usize]),
             _ => None,
@@ -194,7 +194,7 @@ fn check_header(kind: u8, len: usize) -> Result<(), CodecError> {
 }
 
 /// Whether `byte` is a DTMF digit AudioSocket can carry (`0-9*#A-D`).
-pub fn is_dtmf_digit(byte: u8) -> bool {
+pub(crate) fn is_dtmf_digit(byte: u8) -> bool {
     matches!(byte, b'0'..=b'9' | b'*' | b'#' | b'A'..=b'D')
 }
 
@@ -273,7 +273,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) {
 /// # Errors
 /// [`CodecError::Oversized`] or [`CodecError::BadLength`] if the length is not a valid audio
 /// payload.
-pub fn encode_audio_header(
+pub(crate) fn encode_audio_header(
     rate: SlinRate,
     payload_bytes: usize,
     out: &mut BytesMut,

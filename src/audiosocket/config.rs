@@ -37,19 +37,19 @@ impl Default for AudioSocketConfig {
 
 impl AudioSocketConfig {
     /// [`Self::call_id_timeout_ms`] as a duration.
-    pub fn call_id_timeout(&self) -> Duration {
+    pub(crate) fn call_id_timeout(&self) -> Duration {
         Duration::from_millis(self.call_id_timeout_ms)
     }
     /// [`Self::shutdown_grace_s`] as a duration.
-    pub fn shutdown_grace(&self) -> Duration {
+    pub(crate) fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_s)
     }
     /// [`Self::playout_max_s`] as a duration.
-    pub fn playout_max(&self) -> Duration {
+    pub(crate) fn playout_max(&self) -> Duration {
         Duration::from_secs(self.playout_max_s)
     }
     /// [`Self::idle_timeout_ms`] as a duration.
-    pub fn idle_timeout(&self) -> Duration {
+    pub(crate) fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
     }
 }
@@ -59,7 +59,7 @@ impl AudioSocketConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if !(100..=60_000).contains(&self.call_id_timeout_ms) {
             return Err(ConfigError::invalid(
                 "audiosocket.call_id_timeout_ms",

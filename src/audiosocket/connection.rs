@@ -72,20 +72,6 @@ impl<S> Connection<S> {
             write_buf: BytesMut::with_capacity(4 + SlinRate::Hz8000.bytes_per_frame()),
         }
     }
-
-    /// The stream and the bytes read past the last message returned.
-    pub fn into_parts(self) -> (S, BytesMut) {
-        (self.stream, self.read_buf)
-    }
-
-    /// The connection of `stream` whose first `read_buf` bytes were read already.
-    pub fn from_parts(stream: S, read_buf: BytesMut) -> Self {
-        Connection {
-            stream,
-            read_buf,
-            write_buf: BytesMut::with_capacity(4 + SlinRate::Hz8000.bytes_per_frame()),
-        }
-    }
 }
 
 impl<S: AsyncRead + Unpin> Connection<S> {
@@ -103,7 +89,7 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
     ///
     /// # Errors
     /// The socket's write error.
-    pub async fn write_message(&mut self, message: &Message) -> std::io::Result<()> {
+    pub(crate) async fn write_message(&mut self, message: &Message) -> std::io::Result<()> {
         self.write_buf.clear();
         codec::encode(message, &mut self.write_buf);
         self.stream.write_all(&self.write_buf).await
@@ -114,7 +100,11 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
     ///
     /// # Errors
     /// The socket's write error.
-    pub async fn write_audio(&mut self, rate: SlinRate, samples: &[i16]) -> std::io::Result<()> {
+    pub(crate) async fn write_audio(
+        &mut self,
+        rate: SlinRate,
+        samples: &[i16],
+    ) -> std::io::Result<()> {
         self.write_buf.clear();
         codec::encode_audio_samples(rate, samples, &mut self.write_buf);
         self.stream.write_all(&self.write_buf).await
@@ -124,7 +114,7 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
     ///
     /// # Errors
     /// The socket's write error.
-    pub async fn write_encoded(&mut self, frames: &[u8]) -> std::io::Result<()> {
+    pub(crate) async fn write_encoded(&mut self, frames: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(frames).await
     }
 
@@ -132,7 +122,7 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
     ///
     /// # Errors
     /// The socket's error.
-    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn shutdown(&mut self) -> std::io::Result<()> {
         self.stream.shutdown().await
     }
 }

@@ -73,7 +73,7 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// The label (`closed`, `timeout`, `malformed`, `not_call_id`, `nil_call_id`).
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             HandshakeFailure::Closed => "closed",
             HandshakeFailure::Timeout => "timeout",

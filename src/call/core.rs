@@ -173,7 +173,7 @@ impl CallCore {
     /// Turns on local barge-in ([`crate::audio::bargein`]): the caller's voice over the
     /// agent pauses playout at once; the provider's event (or the caller's words) confirms
     /// within the window, or playback resumes. Call before the first frame.
-    pub fn set_barge_in(&mut self, cfg: BargeInConfig) {
+    pub(crate) fn set_barge_in(&mut self, cfg: BargeInConfig) {
         self.barge = cfg.enabled.then(|| BargeIn::new(cfg));
     }
 
@@ -184,7 +184,7 @@ impl CallCore {
 
     /// Whether a barge-in flushed the playout since the last call: the driver then tells
     /// the transport ([`super::media::MediaPort::flushed`]).
-    pub fn take_flushed(&mut self) -> bool {
+    pub(crate) fn take_flushed(&mut self) -> bool {
         std::mem::take(&mut self.flushed)
     }
 
@@ -199,7 +199,7 @@ impl CallCore {
     }
 
     /// What the agent is told about the call (rate known after the first audio).
-    pub fn info(&self) -> &CallInfo {
+    pub(crate) fn info(&self) -> &CallInfo {
         &self.info
     }
 
@@ -229,20 +229,20 @@ impl CallCore {
     }
 
     /// Ends the call for shutdown (the grace period ran out).
-    pub fn handle_shutdown(&mut self) {
+    pub(crate) fn handle_shutdown(&mut self) {
         self.end(Outcome::Shutdown);
     }
 
     /// Writing the frame [`Self::poll_tick`] returned failed or blocked (`error`): the frame
     /// is not counted and the call ends, whatever else that tick decided.
-    pub fn handle_write_error(&mut self, error: String) {
+    pub(crate) fn handle_write_error(&mut self, error: String) {
         self.s.frames_out = self.s.frames_out.saturating_sub(1);
         self.outcome = Some(Outcome::WriteFailed(error));
     }
 
     /// Telling the transport about a flush ([`Self::take_flushed`]) failed or blocked: the
     /// call ends as a failed write.
-    pub fn handle_flush_error(&mut self, error: String) {
+    pub(crate) fn handle_flush_error(&mut self, error: String) {
         self.outcome = Some(Outcome::WriteFailed(error));
     }
 
@@ -419,15 +419,14 @@ impl CallCore {
 
     /// The next finished tool task (an HTTP result or a transfer's end); pending forever
     /// when none runs. Cancel-safe.
-    pub async fn next_tool_step(&mut self) -> ToolStep {
+    pub(crate) async fn next_tool_step(&mut self) -> ToolStep {
         self.tools.next_step().await
     }
 
     /// A tool task finished.
-    pub fn handle_tool_step(&mut self, step: ToolStep) {
+    pub(crate) fn handle_tool_step(&mut self, step: ToolStep) {
         match step {
             ToolStep::Answer(answer) => self.deliver(answer),
-            ToolStep::End(t) => self.end(terminal_outcome(t)),
         }
     }
 }
@@ -689,7 +688,7 @@ impl CallCore {
     /// cascade's full turn (STT final → LLM first token → TTS first audio → first frame, ms
     /// from the end of the caller's speech), or for a speech-to-speech agent the end of the
     /// caller's speech → the reply's first audio (`first_frame_ms` alone).
-    pub fn take_observed_turns(&mut self) -> Vec<TurnLatency> {
+    pub(crate) fn take_observed_turns(&mut self) -> Vec<TurnLatency> {
         std::mem::take(&mut self.observed_turns)
     }
 
@@ -738,13 +737,13 @@ impl CallCore {
 
     /// Why the call goes to a human, when it does: the driver hands it over
     /// ([`crate::fallback::Handover`]) before closing.
-    pub fn fallback(&self) -> Option<&FallbackReason> {
+    pub(crate) fn fallback(&self) -> Option<&FallbackReason> {
         self.s.fallback.as_ref()
     }
 
     /// Whether the driver sends `0x00` before closing: for every end but the caller's own
     /// hangup and a failed write (Asterisk returns from `AudioSocket()` on `0x00` or a close).
-    pub fn says_goodbye(&self) -> bool {
+    pub(crate) fn says_goodbye(&self) -> bool {
         !matches!(
             self.outcome,
             None | Some(Outcome::CallerHungUp | Outcome::WriteFailed(_))

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 /// Inputs for a call's agent from outside its AudioSocket stream (ARI `ChannelDtmfReceived`);
 /// 16 is ample for DTMF, which a person types at most a few per second.
-pub const EXTRA_INPUT_CAPACITY: usize = 16;
+pub(crate) const EXTRA_INPUT_CAPACITY: usize = 16;
 
 /// What the directory says about a new connection.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ pub trait CallObserver: Send + Sync + 'static {
 }
 
 /// A shared [`CallObserver`].
-pub type SharedObserver = std::sync::Arc<dyn CallObserver>;
+pub(crate) type SharedObserver = std::sync::Arc<dyn CallObserver>;
 
 impl std::fmt::Debug for dyn CallObserver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,7 +70,7 @@ impl std::fmt::Debug for dyn CallObserver {
 }
 
 /// A boxed future returned by [`CallDirectory::admit`].
-pub type AdmitFuture<'a> = Pin<Box<dyn Future<Output = Admission> + Send + 'a>>;
+pub(crate) type AdmitFuture<'a> = Pin<Box<dyn Future<Output = Admission> + Send + 'a>>;
 
 /// Knows calls before they connect and hears how they end.
 pub trait CallDirectory: Send + Sync + 'static {

@@ -131,11 +131,6 @@ impl<S> AudioSocketPort<S> {
     pub fn new(conn: Connection<S>) -> Self {
         AudioSocketPort { conn }
     }
-
-    /// The connection back.
-    pub fn into_inner(self) -> Connection<S> {
-        self.conn
-    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + Unpin> MediaPort for AudioSocketPort<S> {

@@ -31,18 +31,18 @@ use uuid::Uuid;
 
 /// Datagrams dropped on a call's RTP socket, by `reason` (`foreign`, `malformed`,
 /// `other_payload`).
-pub const RTP_DROPPED: &str = "voicegate_rtp_dropped_total";
+pub(crate) const RTP_DROPPED: &str = "voicegate_rtp_dropped_total";
 /// RTP packets by `direction`: `in` (taken into the jitter buffer), `out` (sent).
-pub const RTP_PACKETS: &str = "voicegate_rtp_packets_total";
+pub(crate) const RTP_PACKETS: &str = "voicegate_rtp_packets_total";
 /// Incoming RTP frames by `what`: `late`, `duplicate`, `lost`, `concealed`.
-pub const RTP_JITTER: &str = "voicegate_rtp_jitter_frames_total";
+pub(crate) const RTP_JITTER: &str = "voicegate_rtp_jitter_frames_total";
 
 /// RTP calls waiting for [`serve`] (a burst of new calls; each is a few hundred bytes).
-pub const RTP_CALL_QUEUE: usize = 64;
+pub(crate) const RTP_CALL_QUEUE: usize = 64;
 
 /// The UDP ports RTP calls bind, one per call, on one address.
 #[derive(Debug)]
-pub struct RtpPorts {
+pub(crate) struct RtpPorts {
     ip: IpAddr,
     range: RangeInclusive<u16>,
     /// Where the next search starts (round robin, so a just-freed port rests a while).
@@ -51,7 +51,7 @@ pub struct RtpPorts {
 
 impl RtpPorts {
     /// Ports `range` (inclusive) on `ip`.
-    pub fn new(ip: IpAddr, range: RangeInclusive<u16>) -> Self {
+    pub(crate) fn new(ip: IpAddr, range: RangeInclusive<u16>) -> Self {
         RtpPorts {
             ip,
             range,
@@ -63,7 +63,7 @@ impl RtpPorts {
     ///
     /// # Errors
     /// `AddrInUse` when every port is taken; another bind error at once.
-    pub fn bind(&self) -> std::io::Result<UdpSocket> {
+    pub(crate) fn bind(&self) -> std::io::Result<UdpSocket> {
         let (lo, hi) = (u32::from(*self.range.start()), u32::from(*self.range.end()));
         let n = hi - lo + 1;
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +113,7 @@ impl RtpPort {
     /// The port over `socket`, talking `format` with Asterisk's RTP at `peer`; its jitter
     /// buffer holds at most `jitter_max`. Sequence number, timestamp and SSRC start random
     /// (RFC 3550 §5.1).
-    pub fn new(
+    pub(crate) fn new(
         socket: UdpSocket,
         peer: SocketAddr,
         format: RtpFormat,
@@ -144,21 +144,15 @@ impl RtpPort {
         }
     }
 
-    /// The socket's own address (what Asterisk sends to).
-    ///
-    /// # Errors
-    /// As [`UdpSocket::local_addr`].
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.socket.local_addr()
-    }
-
     /// The send gaps so far (pacing as seen at the socket).
-    pub fn pacing(&self) -> &GapHistogram {
+    #[cfg(test)]
+    pub(crate) fn pacing(&self) -> &GapHistogram {
         &self.pacing
     }
 
     /// Counters of the stream.
-    pub fn stats(&self) -> crate::rtp::RtpStats {
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> crate::rtp::RtpStats {
         self.endpoint.stats()
     }
 
@@ -303,7 +297,7 @@ pub struct PortCall<P> {
 }
 
 /// An RTP call the Stasis controller set up, for [`serve`].
-pub type RtpCall = PortCall<RtpPort>;
+pub(crate) type RtpCall = PortCall<RtpPort>;
 
 /// Runs every [`PortCall`] from `calls` through `router` (screen, limits, directory,
 /// fallback, session, accounting) until `stop`, then lets live calls finish for `grace` and

@@ -38,14 +38,14 @@ use uuid::Uuid;
 
 /// A `MARK_MEDIA` after every this many frames sent (5 × 20 ms: what the caller heard is
 /// known to 100 ms).
-pub const MARK_EVERY: u32 = 5;
+pub(crate) const MARK_EVERY: u32 = 5;
 
 /// The call rate of a chan_websocket format: slin at a rate AudioSocket's rates include.
 ///
 /// # Errors
 /// The format's name, for the log, when it is not slin at such a rate (G.711, opus, ...:
 /// use `c(slin16)` or `c(slin)` in the dial string).
-pub fn rate_of(format: &MediaFormat) -> Result<SlinRate, String> {
+pub(crate) fn rate_of(format: &MediaFormat) -> Result<SlinRate, String> {
     match format {
         MediaFormat::Slin(hz) => SlinRate::ALL
             .into_iter()
@@ -69,7 +69,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> WebSocketPort<S> {
     ///
     /// # Errors
     /// The format name when the channel's media is not slin ([`rate_of`]).
-    pub fn new(channel: MediaChannel<S>) -> Result<Self, String> {
+    pub(crate) fn new(channel: MediaChannel<S>) -> Result<Self, String> {
         let rate = rate_of(&channel.start().format)?;
         Ok(WebSocketPort {
             channel,
@@ -80,7 +80,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> WebSocketPort<S> {
     }
 
     /// The playout counters so far (frames sent, heard, held back, flushed).
-    pub fn playout(&self) -> crate::chanws::playout::PlayoutStats {
+    #[cfg(test)]
+    pub(crate) fn playout(&self) -> crate::chanws::playout::PlayoutStats {
         self.playout.stats()
     }
 }
@@ -266,12 +267,12 @@ impl server::Handler for WebSocketCalls {
 
 /// A `Dial(WebSocket/INCOMING/...)` call voicegate connected to, for
 /// [`crate::call::media_rtp::serve`] (the same queue shape as Stasis calls).
-pub type IncomingCall =
+pub(crate) type IncomingCall =
     crate::call::media_rtp::PortCall<WebSocketPort<crate::chanws::client::ClientStream>>;
 
 /// Why an announced `WebSocket/INCOMING` channel did not become a call.
 #[derive(Debug, thiserror::Error)]
-pub enum IncomingError {
+pub(crate) enum IncomingError {
     /// The connection id or the body is unusable (HTTP 400).
     #[error("{0}")]
     BadRequest(String),
@@ -293,15 +294,15 @@ pub enum IncomingError {
 /// at `<base>/media/<connection id>` (`MEDIA_WEBSOCKET_CONNECTION_ID`); once `MEDIA_START`
 /// is read the call goes to `calls`, through the router as every call.
 #[derive(Debug)]
-pub struct IncomingConnector {
+pub(crate) struct IncomingConnector {
     /// Asterisk's HTTP server (`[websocket] asterisk_url`, else `[ari] url`).
-    pub base: String,
+    pub(crate) base: String,
     /// The upgrade and `MEDIA_START` must come within this long.
-    pub handshake_timeout: std::time::Duration,
+    pub(crate) handshake_timeout: std::time::Duration,
     /// Largest WebSocket message taken, bytes.
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
     /// Where connected calls go.
-    pub calls: tokio::sync::mpsc::Sender<IncomingCall>,
+    pub(crate) calls: tokio::sync::mpsc::Sender<IncomingCall>,
 }
 
 impl IncomingConnector {
@@ -312,7 +313,11 @@ impl IncomingConnector {
     ///
     /// # Errors
     /// [`IncomingError`], each with its HTTP status ([`IncomingError::status`]).
-    pub async fn connect(&self, connection_id: &str, body: &[u8]) -> Result<Uuid, IncomingError> {
+    pub(crate) async fn connect(
+        &self,
+        connection_id: &str,
+        body: &[u8],
+    ) -> Result<Uuid, IncomingError> {
         use crate::chanws::client;
         let url = client::media_url(&self.base, connection_id)
             .map_err(|e| IncomingError::BadRequest(e.to_string()))?;
@@ -365,7 +370,7 @@ impl IncomingConnector {
 
 impl IncomingError {
     /// The HTTP status the announcement is answered with.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self {
             IncomingError::BadRequest(_) => 400,
             IncomingError::Connect(_) => 502,

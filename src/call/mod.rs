@@ -4,7 +4,7 @@
 //! the ARI Stasis application that joins a caller to a call ([`stasis`]).
 
 pub mod core;
-pub mod directory;
+pub(crate) mod directory;
 mod gates;
 pub mod media;
 pub mod media_rtp;

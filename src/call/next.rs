@@ -33,7 +33,7 @@ pub enum Next {
 
 impl Next {
     /// The answer body: `operator`, `hangup` or the target.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             Next::Operator => "operator",
             Next::Hangup => "hangup",
@@ -54,7 +54,7 @@ impl Next {
     /// The default for a call that ended with `outcome` and no explicit choice: `hangup` only
     /// when the agent ended the conversation, `operator` for everything else (a failure, a
     /// close voicegate did not ask for, shutdown).
-    pub fn from_outcome(outcome: &Outcome) -> Next {
+    pub(crate) fn from_outcome(outcome: &Outcome) -> Next {
         match outcome {
             Outcome::AgentEnded(_) => Next::Hangup,
             _ => Next::Operator,
@@ -70,9 +70,9 @@ pub struct NextStore {
 
 impl NextStore {
     /// How long an answer is kept after it is written.
-    pub const TTL: Duration = Duration::from_secs(600);
+    pub(crate) const TTL: Duration = Duration::from_secs(600);
     /// Most answers kept; the oldest go first beyond that.
-    pub const CAPACITY: usize = 10_000;
+    pub(crate) const CAPACITY: usize = 10_000;
 
     /// An empty store.
     pub fn new() -> Self {
@@ -85,7 +85,7 @@ impl NextStore {
     }
 
     /// Records `next` unless a choice is already recorded for the call.
-    pub fn set_default(&self, call_id: Uuid, next: Next) {
+    pub(crate) fn set_default(&self, call_id: Uuid, next: Next) {
         self.insert(call_id, next, false);
     }
 
@@ -107,7 +107,7 @@ impl NextStore {
     }
 
     /// The recorded answer for a call, if any and not expired.
-    pub fn get(&self, call_id: Uuid) -> Option<Next> {
+    pub(crate) fn get(&self, call_id: Uuid) -> Option<Next> {
         let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         map.get(&call_id)
             .filter(|(_, at)| at.elapsed() < Self::TTL)

@@ -30,7 +30,7 @@ impl Outcome {
 
 impl CallSummary {
     /// The call's facts as `records` takes them.
-    pub fn facts(&self) -> CallFacts<'_> {
+    pub(crate) fn facts(&self) -> CallFacts<'_> {
         let (outcome, detail) = self.outcome.label();
         CallFacts {
             call_id: self.call_id,

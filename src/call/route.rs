@@ -101,7 +101,7 @@ impl Generation {
     ///
     /// # Errors
     /// [`Refusal`] when `[profile_routing]` refuses the call.
-    pub fn choose(&self, choice: &ProfileChoice) -> Result<Chosen, Refusal> {
+    pub(crate) fn choose(&self, choice: &ProfileChoice) -> Result<Chosen, Refusal> {
         match &self.profiles {
             Some(p) => p.choose(choice),
             None => Profiles::single(self.agent.clone()).choose(choice),
@@ -148,7 +148,7 @@ impl From<mpsc::UnboundedSender<CallSummary>> for SummaryTx {
 
 impl SummaryTx {
     /// Sends one summary: never waits; a full bounded queue drops it, counted.
-    pub fn send(&self, summary: CallSummary) {
+    pub(crate) fn send(&self, summary: CallSummary) {
         match self {
             SummaryTx::Bounded(tx) => {
                 if let Err(mpsc::error::TrySendError::Full(s)) = tx.try_send(summary) {
@@ -306,7 +306,7 @@ impl Router {
     /// breaker, `/health`, budget, records). Each transport's listener calls this with its
     /// [`MediaPort`] once it knows the call id; the AudioSocket listener does through
     /// [`Handler::call`]. `peer` is the media source (for the logs and refusals).
-    pub async fn take_call<M: MediaPort>(
+    pub(crate) async fn take_call<M: MediaPort>(
         &self,
         media: M,
         call_id: uuid::Uuid,
@@ -321,7 +321,7 @@ impl Router {
     /// [`Self::take_call`] for a transport that carries the call's profile and details
     /// itself (the WebSocket media channel's `v(profile=...,caller=...)`): `choice` fills
     /// what the directory (Stasis) left unsaid, and the dialplan's announce what both did.
-    pub async fn take_call_with_choice<M: MediaPort>(
+    pub(crate) async fn take_call_with_choice<M: MediaPort>(
         &self,
         media: M,
         call_id: uuid::Uuid,

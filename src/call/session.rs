@@ -46,9 +46,9 @@ const KEEPALIVE_BEFORE_AUDIO: Duration = Duration::from_millis(500);
 
 /// DTMF digits per second accepted from one call, sustained. A keypad sends at most about
 /// 12.5 (40 ms tone, 40 ms pause); more is a flood, dropped and counted.
-pub const DTMF_RATE_PER_S: u32 = 15;
+pub(crate) const DTMF_RATE_PER_S: u32 = 15;
 /// DTMF digits accepted at once before [`DTMF_RATE_PER_S`] applies.
-pub const DTMF_BURST: u32 = 20;
+pub(crate) const DTMF_BURST: u32 = 20;
 /// DTMF digits kept in a call's summary and record; later digits still reach the agent
 /// (within the rate) and are counted in [`CallSummary::dtmf_dropped`].
 pub const MAX_DTMF_KEPT: usize = 256;
@@ -99,7 +99,7 @@ impl Default for SessionParams {
     }
 }
 
-pub use crate::records::ToolCallRecord;
+pub(crate) use crate::records::ToolCallRecord;
 
 /// How a call ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -274,7 +274,7 @@ fn observe_turns(observer: Option<&crate::call::directory::SharedObserver>, core
 ///
 /// This is the thin tokio driver of the [`CallCore`]: it owns the connection, the agent's
 /// event channel and the one timer, and passes what happens to the core with the time.
-pub async fn run_session_with_input<M: MediaPort>(
+pub(crate) async fn run_session_with_input<M: MediaPort>(
     mut conn: M,
     info: CallInfo,
     agent: SharedAgent,

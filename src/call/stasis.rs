@@ -89,72 +89,70 @@ struct Pass {
 
 /// What the controller needs from the config.
 #[derive(Debug, Clone)]
-pub struct AriSettings {
+pub(crate) struct AriSettings {
     /// Stasis application name.
-    pub app: String,
-    /// Stasis or lookup only.
-    pub mode: AriMode,
+    pub(crate) app: String,
     /// `HOST:PORT` Asterisk connects to for externalMedia.
-    pub external_host: String,
+    pub(crate) external_host: String,
     /// externalMedia format.
-    pub format: AriFormat,
+    pub(crate) format: AriFormat,
     /// externalMedia transport (AudioSocket or RTP).
-    pub media: AriMedia,
+    pub(crate) media: AriMedia,
     /// With RTP: the ports and the jitter buffer's bound.
-    pub rtp: Option<RtpSettings>,
+    pub(crate) rtp: Option<RtpSettings>,
     /// With WebSocket: where and how voicegate connects to Asterisk's `/media`.
-    pub websocket: Option<WsSettings>,
+    pub(crate) websocket: Option<WsSettings>,
     /// Reject AudioSocket connections with a UUID this controller did not create.
-    pub stasis_only: bool,
+    pub(crate) stasis_only: bool,
     /// Transfer target: context.
-    pub transfer_context: String,
+    pub(crate) transfer_context: String,
     /// Transfer target: extension.
-    pub transfer_extension: String,
+    pub(crate) transfer_extension: String,
     /// Transfer target: priority.
-    pub transfer_priority: u32,
+    pub(crate) transfer_priority: u32,
     /// Wait this long for `StasisEnd` after `continue`.
-    pub transfer_confirm: Duration,
+    pub(crate) transfer_confirm: Duration,
     /// Caller lookup may take this long.
-    pub lookup_timeout: Duration,
+    pub(crate) lookup_timeout: Duration,
     /// The channel variable naming a Stasis call's profile (`[ari] profile_variable`).
-    pub profile_variable: Option<String>,
+    pub(crate) profile_variable: Option<String>,
     /// Longest time between two reconcile passes (and the cap of the retry backoff).
-    pub reconcile_interval: Duration,
+    pub(crate) reconcile_interval: Duration,
     /// How long setup waits for the externalMedia channel's own `StasisStart` before it
     /// bridges it (Asterisk puts the channel into the application after answering the REST
     /// request; `addChannel` before that answers 422).
-    pub media_join_timeout: Duration,
+    pub(crate) media_join_timeout: Duration,
 }
 
 /// How RTP calls get their sockets (`ari.media = "rtp"`).
 #[derive(Debug, Clone)]
-pub struct RtpSettings {
+pub(crate) struct RtpSettings {
     /// The port range on voicegate's RTP address.
-    pub ports: Arc<RtpPorts>,
+    pub(crate) ports: Arc<RtpPorts>,
     /// The RTP payload format.
-    pub format: RtpFormat,
+    pub(crate) format: RtpFormat,
     /// Most audio the jitter buffer holds.
-    pub jitter_max: Duration,
+    pub(crate) jitter_max: Duration,
 }
 
 /// How voicegate connects to Asterisk's media WebSockets (`ari.media = "websocket"`).
 #[derive(Debug, Clone)]
-pub struct WsSettings {
+pub(crate) struct WsSettings {
     /// Asterisk's HTTP server (`ari.url`); the media URL is
     /// [`ws_client::media_url`]`(base, connection id)`.
-    pub base: String,
+    pub(crate) base: String,
     /// The upgrade and `MEDIA_START` must come within this long (`ari.request_timeout_ms`).
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Largest WebSocket message taken, bytes.
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
 }
 
 /// Largest message taken on an externalMedia WebSocket (20 ms of slin192 is 7680 bytes; as
 /// `[websocket] max_message_bytes`' default).
-pub const WS_MAX_MESSAGE_BYTES: usize = 65_536;
+pub(crate) const WS_MAX_MESSAGE_BYTES: usize = 65_536;
 
 /// A WebSocket externalMedia call, for [`crate::call::media_rtp::serve`].
-pub type WsCall = PortCall<WebSocketPort<ClientStream>>;
+pub(crate) type WsCall = PortCall<WebSocketPort<ClientStream>>;
 
 impl RtpSettings {
     /// From `[ari]`: the address is the host of `external_host` when it is an IP address,
@@ -187,7 +185,7 @@ impl RtpSettings {
 
 impl AriSettings {
     /// Settings from `[ari]`; `listen` is the AudioSocket listener, the default external host.
-    pub fn from_config(c: &AriConfig, listen: SocketAddr) -> Self {
+    pub(crate) fn from_config(c: &AriConfig, listen: SocketAddr) -> Self {
         AriSettings {
             media: c.media,
             rtp: RtpSettings::from_config(c, listen),
@@ -197,7 +195,6 @@ impl AriSettings {
                 max_message_bytes: WS_MAX_MESSAGE_BYTES,
             }),
             app: c.app.clone(),
-            mode: c.mode,
             external_host: c
                 .external_host
                 .clone()
@@ -528,22 +525,8 @@ pub fn start(
 }
 
 impl Controller {
-    /// A controller using `client`; dispositions of the calls it sees go to `next`.
-    pub fn new(client: AriClient, settings: AriSettings, next: Arc<NextStore>) -> Self {
-        Self::with_hooks(client, settings, next, Hooks::default())
-    }
-
-    /// [`Controller::new`] with [`Hooks`] for routing and reporting.
-    pub fn with_hooks(
-        client: AriClient,
-        settings: AriSettings,
-        next: Arc<NextStore>,
-        hooks: Hooks,
-    ) -> Self {
-        Self::build(client, settings, next, hooks, (None, None))
-    }
-
-    /// [`Controller::with_hooks`], handing RTP calls to `queues.0` and WebSocket calls to
+    /// A controller using `client`, with [`Hooks`] for routing and reporting; dispositions of
+    /// the calls it sees go to `next`, RTP calls to `queues.0` and WebSocket calls to
     /// `queues.1`.
     fn build(
         client: AriClient,
@@ -675,7 +658,7 @@ impl Controller {
     ///   [`RETRY_INITIAL`] after the give-up, then doubling per pass up to the interval. Each
     ///   pass costs one `GET /channels` while ARI does not answer, so a hung Asterisk sees one
     ///   request per period, never a loop.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         mut events: mpsc::Receiver<Event>,
         mut link: watch::Receiver<LinkState>,
@@ -752,7 +735,7 @@ impl Controller {
     }
 
     /// Handles one event (REST work is spawned).
-    pub fn handle(&self, ev: Event) {
+    pub(crate) fn handle(&self, ev: Event) {
         match ev {
             Event::StasisStart { args, channel } => {
                 let known = {

@@ -29,17 +29,17 @@ use tracing::debug;
 /// The channel variable holding a `WebSocket/INCOMING` channel's connection id
 /// (`MEDIA_WEBSOCKET_CONNECTION_ID` in `chan_websocket.c`; also in the externalMedia answer's
 /// `channelvars`).
-pub const CONNECTION_ID_VARIABLE: &str = "MEDIA_WEBSOCKET_CONNECTION_ID";
+pub(crate) const CONNECTION_ID_VARIABLE: &str = "MEDIA_WEBSOCKET_CONNECTION_ID";
 
 /// Longest connection id accepted (a UUID string is 36).
-pub const MAX_CONNECTION_ID_LEN: usize = 64;
+pub(crate) const MAX_CONNECTION_ID_LEN: usize = 64;
 
 /// The stream under a connected media channel: plain TCP for `ws://`, TLS for `wss://`.
-pub type ClientStream = MaybeTlsStream<TcpStream>;
+pub(crate) type ClientStream = MaybeTlsStream<TcpStream>;
 
 /// Why voicegate could not connect to an Asterisk media WebSocket.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// The base URL is not an `http(s)://` or `ws(s)://` URL, or the connection id is not a
     /// token of letters, digits and `-` (at most [`MAX_CONNECTION_ID_LEN`]).
     #[error("media url: {0}")]
@@ -66,7 +66,7 @@ impl ConnectError {
     /// The label for `voicegate_handshake_failures_total{reason}`: `connect`, `http_<code>`
     /// (`http_404`, `http_409`, …), `upgrade`, `timeout`, `closed`, `not_media_start`,
     /// `url`.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             ConnectError::Url(_) => "url".into(),
             ConnectError::Io(_) => "connect".into(),
@@ -80,11 +80,11 @@ impl ConnectError {
 
 /// A media channel voicegate connected to.
 #[derive(Debug)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     /// The media channel, `MEDIA_START` read.
-    pub channel: MediaChannel<ClientStream>,
+    pub(crate) channel: MediaChannel<ClientStream>,
     /// Asterisk's address (the TCP peer).
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
 }
 
 /// The media URL of connection `id` on the Asterisk HTTP server at `base`: `ws://` for
@@ -97,7 +97,7 @@ pub struct Outgoing {
 /// [`ConnectError::Url`] for another scheme, an unparsable base, or an id that is empty,
 /// longer than [`MAX_CONNECTION_ID_LEN`] or not letters, digits and `-` (what
 /// `ast_uuid_generate_str` makes; anything else could leave the path).
-pub fn media_url(base: &str, id: &str) -> Result<reqwest::Url, ConnectError> {
+pub(crate) fn media_url(base: &str, id: &str) -> Result<reqwest::Url, ConnectError> {
     if id.is_empty()
         || id.len() > MAX_CONNECTION_ID_LEN
         || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
@@ -129,7 +129,7 @@ pub fn media_url(base: &str, id: &str) -> Result<reqwest::Url, ConnectError> {
 ///
 /// # Errors
 /// [`ConnectError`]: refused, an HTTP error from Asterisk, no `MEDIA_START`, the timeout.
-pub async fn connect(
+pub(crate) async fn connect(
     url: &reqwest::Url,
     limit: Duration,
     max_message_bytes: usize,

@@ -54,7 +54,7 @@ impl Default for ChanWsConfig {
 
 impl ChanWsConfig {
     /// [`Self::handshake_timeout_ms`] as a duration.
-    pub fn handshake_timeout(&self) -> Duration {
+    pub(crate) fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
 
@@ -62,7 +62,7 @@ impl ChanWsConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if !(100..=60_000).contains(&self.handshake_timeout_ms) {
             return Err(ConfigError::invalid(
                 "websocket.handshake_timeout_ms",

@@ -47,7 +47,7 @@ pub struct MediaChannel<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> MediaChannel<S> {
     /// The channel over `ws`, whose `MEDIA_START` (in `format`) has been read.
-    pub fn new(ws: WebSocketStream<S>, format: ControlFormat, start: MediaStart) -> Self {
+    pub(crate) fn new(ws: WebSocketStream<S>, format: ControlFormat, start: MediaStart) -> Self {
         MediaChannel {
             ws,
             format,
@@ -57,12 +57,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MediaChannel<S> {
     }
 
     /// The call's `MEDIA_START`.
-    pub fn start(&self) -> &MediaStart {
+    pub(crate) fn start(&self) -> &MediaStart {
         &self.start
     }
 
     /// The call's control format (sniffed from `MEDIA_START`).
-    pub fn format(&self) -> ControlFormat {
+    pub(crate) fn format(&self) -> ControlFormat {
         self.format
     }
 
@@ -72,7 +72,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MediaChannel<S> {
     ///
     /// # Errors
     /// [`ChannelError`] for a malformed control message or a failed WebSocket.
-    pub async fn recv(&mut self) -> Result<Option<Inbound>, ChannelError> {
+    pub(crate) async fn recv(&mut self) -> Result<Option<Inbound>, ChannelError> {
         use tokio_tungstenite::tungstenite::Error as E;
         loop {
             let msg = match self.ws.next().await {
@@ -99,7 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MediaChannel<S> {
     ///
     /// # Errors
     /// The WebSocket's error.
-    pub async fn send_media(&mut self, media: Bytes) -> Result<(), ChannelError> {
+    pub(crate) async fn send_media(&mut self, media: Bytes) -> Result<(), ChannelError> {
         Ok(self.ws.send(Message::Binary(media)).await?)
     }
 
@@ -108,7 +108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MediaChannel<S> {
     /// # Errors
     /// [`ChannelError::Control`] if the command cannot be written in this format
     /// ([`Command::render`]), else the WebSocket's error.
-    pub async fn send(&mut self, command: &Command) -> Result<(), ChannelError> {
+    pub(crate) async fn send(&mut self, command: &Command) -> Result<(), ChannelError> {
         let text = command.render(self.format)?;
         Ok(self.ws.send(Message::text(text)).await?)
     }
@@ -117,7 +117,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MediaChannel<S> {
     ///
     /// # Errors
     /// The WebSocket's error (a peer already gone is not one).
-    pub async fn close(&mut self) -> Result<(), ChannelError> {
+    pub(crate) async fn close(&mut self) -> Result<(), ChannelError> {
         use tokio_tungstenite::tungstenite::Error as E;
         if std::mem::replace(&mut self.closed, true) {
             return Ok(());

@@ -7,9 +7,9 @@
 //! `/media/<connection id>` for a `WebSocket/INCOMING` channel ([`client`]). It knows the
 //! wire only, never a call or an agent.
 
-pub mod client;
+pub(crate) mod client;
 pub mod config;
-pub mod connection;
+pub(crate) mod connection;
 pub mod playout;
 pub mod protocol;
 pub mod server;

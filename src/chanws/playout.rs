@@ -24,24 +24,24 @@ const MAX_PENDING_MARKS: usize = 256;
 
 /// What the queue did over a call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PlayoutStats {
+pub(crate) struct PlayoutStats {
     /// Frames sent to Asterisk.
-    pub frames_sent: u64,
+    pub(crate) frames_sent: u64,
     /// Frames Asterisk confirmed played (through marks), a lower bound.
-    pub frames_heard: u64,
+    pub(crate) frames_heard: u64,
     /// Frames not sent because Asterisk said `MEDIA_XOFF`.
-    pub frames_held_back: u64,
+    pub(crate) frames_held_back: u64,
     /// Marks answered.
-    pub marks_processed: u64,
+    pub(crate) marks_processed: u64,
     /// Most frames sent but not yet confirmed played, seen when a mark was answered: the
     /// depth of Asterisk's queue (plus the mark spacing), in frames.
-    pub max_unconfirmed: u64,
+    pub(crate) max_unconfirmed: u64,
     /// `FLUSH_MEDIA` sent.
-    pub flushes: u64,
+    pub(crate) flushes: u64,
     /// Frames unconfirmed at the flushes (at most what the flushes dropped).
-    pub frames_flushed: u64,
+    pub(crate) frames_flushed: u64,
     /// `MEDIA_XOFF` received.
-    pub xoffs: u64,
+    pub(crate) xoffs: u64,
 }
 
 /// The playout bookkeeping of one call; see the module docs.
@@ -68,7 +68,7 @@ impl Playout {
     /// Whether a frame may be sent now: not while Asterisk's queue is over its XOFF level.
     /// A refused frame is counted as held back (the caller drops it: audio that would play
     /// 18 s late is worse than a gap).
-    pub fn admit_frame(&mut self) -> bool {
+    pub(crate) fn admit_frame(&mut self) -> bool {
         if self.xoff {
             self.stats.frames_held_back += 1;
         }
@@ -130,7 +130,7 @@ impl Playout {
 
     /// Barge-in: the `FLUSH_MEDIA` to send. Pending marks are gone with the queue; every
     /// unconfirmed frame counts as dropped (so `heard` stays a lower bound).
-    pub fn flush(&mut self) -> Command {
+    pub(crate) fn flush(&mut self) -> Command {
         let unconfirmed = self.stats.frames_sent - self.stats.frames_heard;
         self.stats.flushes += 1;
         self.stats.frames_flushed += unconfirmed;
@@ -140,12 +140,13 @@ impl Playout {
     }
 
     /// Whether Asterisk said `MEDIA_XOFF` and not yet `MEDIA_XON`.
-    pub fn paused(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn paused(&self) -> bool {
         self.xoff
     }
 
     /// The counters so far.
-    pub fn stats(&self) -> PlayoutStats {
+    pub(crate) fn stats(&self) -> PlayoutStats {
         self.stats
     }
 }

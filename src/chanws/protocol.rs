@@ -40,19 +40,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// The longest text message Asterisk acts on, in bytes (`MAX_TEXT_MESSAGE_LEN`: 128).
-pub const MAX_TEXT_MESSAGE_LEN: usize = 128;
+pub(crate) const MAX_TEXT_MESSAGE_LEN: usize = 128;
 
 /// The longest correlation id [`Command::render`] sends, in characters (leaves room for the
 /// JSON wrapping within [`MAX_TEXT_MESSAGE_LEN`]).
-pub const MAX_CORRELATION_ID_LEN: usize = 64;
-
-/// Asterisk's queue length (frames) at which it sends `MEDIA_XOFF` (`QUEUE_LENGTH_XOFF_LEVEL`).
-pub const QUEUE_XOFF_LEVEL: u32 = 900;
-/// Asterisk's queue length (frames) below which it sends `MEDIA_XON` (`QUEUE_LENGTH_XON_LEVEL`).
-pub const QUEUE_XON_LEVEL: u32 = 800;
-/// Asterisk drops whole binary messages once its queue holds this many frames
-/// (`QUEUE_LENGTH_MAX`).
-pub const QUEUE_MAX: u32 = 1000;
+pub(crate) const MAX_CORRELATION_ID_LEN: usize = 64;
 
 /// How control messages are written on a call (`f(...)` in the dial string).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,7 +58,7 @@ pub enum ControlFormat {
 
 impl ControlFormat {
     /// Asterisk's name for it: `plain-text` or `json`.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ControlFormat::PlainText => "plain-text",
             ControlFormat::Json => "json",
@@ -76,7 +68,7 @@ impl ControlFormat {
     /// The format of a text message as it arrives: JSON if it starts with `{` (after
     /// whitespace), plain text otherwise. Asterisk picks one per call and never mixes them,
     /// so the first message (`MEDIA_START`) tells the call's format.
-    pub fn sniff(text: &str) -> Self {
+    pub(crate) fn sniff(text: &str) -> Self {
         if text.trim_start().starts_with('{') {
             ControlFormat::Json
         } else {
@@ -101,7 +93,7 @@ pub enum MediaFormat {
 
 impl MediaFormat {
     /// Parses an Asterisk format name.
-    pub fn from_name(name: &str) -> Self {
+    pub(crate) fn from_name(name: &str) -> Self {
         match name {
             "slin" => MediaFormat::Slin(8000),
             "ulaw" => MediaFormat::Ulaw,
@@ -116,7 +108,7 @@ impl MediaFormat {
     }
 
     /// Asterisk's name for it (`slin`, `slin16`, `ulaw`, ...).
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             MediaFormat::Slin(8000) => "slin".into(),
             MediaFormat::Slin(44_100) => "slin44".into(),
@@ -128,7 +120,8 @@ impl MediaFormat {
     }
 
     /// Bytes of `ms` milliseconds of this format, if it is a fixed-rate one.
-    pub fn bytes_per(&self, ms: u32) -> Option<usize> {
+    #[cfg(test)]
+    pub(crate) fn bytes_per(&self, ms: u32) -> Option<usize> {
         match self {
             MediaFormat::Slin(hz) => Some((*hz as usize * ms as usize / 1000) * 2),
             MediaFormat::Ulaw | MediaFormat::Alaw => Some(8 * ms as usize),
@@ -179,9 +172,11 @@ pub struct Status {
 pub enum Event {
     /// The call's media is ready; see [`MediaStart`].
     MediaStart(MediaStart),
-    /// Asterisk's queue reached [`QUEUE_XOFF_LEVEL`] frames: stop sending media.
+    /// Asterisk's queue reached 900 frames (its `QUEUE_LENGTH_XOFF_LEVEL`): stop sending
+    /// media. At 1000 frames (`QUEUE_LENGTH_MAX`) it drops whole binary messages.
     MediaXoff,
-    /// Asterisk's queue fell under [`QUEUE_XON_LEVEL`] frames: media may flow again.
+    /// Asterisk's queue fell under 800 frames (its `QUEUE_LENGTH_XON_LEVEL`): media may flow
+    /// again.
     MediaXon,
     /// The queue ran empty after `REPORT_QUEUE_DRAINED`.
     QueueDrained,
@@ -620,7 +615,7 @@ impl Event {
 }
 
 /// Whether `id` may be sent as a correlation id (see [`ParseError::BadCorrelationId`]).
-pub fn valid_correlation_id(id: &str) -> bool {
+pub(crate) fn valid_correlation_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_CORRELATION_ID_LEN
         && id
@@ -630,7 +625,7 @@ pub fn valid_correlation_id(id: &str) -> bool {
 
 impl Command {
     /// The command word Asterisk matches (`MARK_MEDIA`, ...).
-    pub fn word(&self) -> &'static str {
+    pub(crate) fn word(&self) -> &'static str {
         match self {
             Command::Answer => "ANSWER",
             Command::Hangup => "HANGUP",
@@ -660,7 +655,7 @@ impl Command {
     /// [`ParseError::BadCorrelationId`] for an id [`valid_correlation_id`] refuses,
     /// [`ParseError::JsonOnly`] for `SET_MEDIA_DIRECTION` in plain text,
     /// [`ParseError::TooLong`] if the message would be over [`MAX_TEXT_MESSAGE_LEN`].
-    pub fn render(&self, format: ControlFormat) -> Result<String, ParseError> {
+    pub(crate) fn render(&self, format: ControlFormat) -> Result<String, ParseError> {
         let id = self.correlation_id();
         if id.is_some_and(|id| !valid_correlation_id(id)) {
             return Err(ParseError::BadCorrelationId);

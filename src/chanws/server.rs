@@ -52,7 +52,7 @@ pub struct Incoming {
 
 impl Incoming {
     /// The first value of query parameter `name`.
-    pub fn param(&self, name: &str) -> Option<&str> {
+    pub(crate) fn param(&self, name: &str) -> Option<&str> {
         self.params
             .iter()
             .find(|(k, _)| k == name)
@@ -75,7 +75,7 @@ impl std::fmt::Debug for Credentials {
 
 impl Credentials {
     /// The credentials `username:password`.
-    pub fn new(username: &str, password: &str) -> Self {
+    pub(crate) fn new(username: &str, password: &str) -> Self {
         use base64::Engine as _;
         let b64 =
             base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
@@ -123,7 +123,7 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// The label (`closed`, `timeout`, `upgrade`, `unauthorized`, `not_media_start`).
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             HandshakeFailure::Closed => "closed",
             HandshakeFailure::Timeout => "timeout",

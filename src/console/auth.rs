@@ -20,15 +20,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The session cookie's name.
-pub const COOKIE: &str = "vg_console";
+pub(crate) const COOKIE: &str = "vg_console";
 /// Sessions kept at once; a new login beyond this forgets the oldest.
-pub const MAX_SESSIONS: usize = 64;
+pub(crate) const MAX_SESSIONS: usize = 64;
 /// Login attempts a source may make at once.
-pub const LOGIN_BURST: u32 = 5;
+pub(crate) const LOGIN_BURST: u32 = 5;
 /// After the burst, one more attempt per this long.
-pub const LOGIN_REFILL: Duration = Duration::from_secs(12);
+pub(crate) const LOGIN_REFILL: Duration = Duration::from_secs(12);
 /// Sources whose login attempts are tracked.
-pub const MAX_LIMITED_SOURCES: usize = 1024;
+pub(crate) const MAX_LIMITED_SOURCES: usize = 1024;
 
 /// An argon2 PHC string, checked when the console starts.
 #[derive(Clone)]
@@ -45,7 +45,7 @@ impl PasswordHash {
     ///
     /// # Errors
     /// The parser's message when it is not a PHC string of an argon2 variant.
-    pub fn parse(phc: &str) -> Result<Self, String> {
+    pub(crate) fn parse(phc: &str) -> Result<Self, String> {
         let phc = phc.trim();
         let parsed = argon2::PasswordHash::new(phc).map_err(|e| e.to_string())?;
         if !parsed.algorithm.as_str().starts_with("argon2") {
@@ -55,7 +55,7 @@ impl PasswordHash {
     }
 
     /// Whether `password` matches (slow on purpose: call from a blocking task).
-    pub fn verify(&self, password: &str) -> bool {
+    pub(crate) fn verify(&self, password: &str) -> bool {
         use argon2::PasswordVerifier as _;
         let Ok(parsed) = argon2::PasswordHash::new(&self.0) else {
             return false;
@@ -101,7 +101,7 @@ fn token() -> String {
 }
 
 /// Equal in time independent of where they differ.
-pub fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())
@@ -111,20 +111,20 @@ pub fn same(a: &str, b: &str) -> bool {
 
 /// One logged-in browser.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub(crate) struct Session {
     /// The CSRF token of this session.
-    pub csrf: String,
+    pub(crate) csrf: String,
     /// A short, non-secret name for the audit log (the first 8 characters of the token's
     /// SHA-256, hex).
-    pub label: String,
+    pub(crate) label: String,
     /// Who logged in: the source address.
-    pub peer: Option<IpAddr>,
+    pub(crate) peer: Option<IpAddr>,
     created: Instant,
 }
 
 /// Sessions and login attempts.
 #[derive(Debug)]
-pub struct Auth {
+pub(crate) struct Auth {
     hash: PasswordHash,
     lifetime: Duration,
     sessions: Mutex<HashMap<String, Session>>,
@@ -133,7 +133,7 @@ pub struct Auth {
 
 impl Auth {
     /// Sessions live `lifetime`.
-    pub fn new(hash: PasswordHash, lifetime: Duration) -> Self {
+    pub(crate) fn new(hash: PasswordHash, lifetime: Duration) -> Self {
         Auth {
             hash,
             lifetime,
@@ -143,7 +143,7 @@ impl Auth {
     }
 
     /// Takes one login attempt from `peer`'s allowance; `false` when it is used up.
-    pub fn attempt(&self, peer: Option<IpAddr>, now: Instant) -> bool {
+    pub(crate) fn attempt(&self, peer: Option<IpAddr>, now: Instant) -> bool {
         let key = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let mut map = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_LIMITED_SOURCES && !map.contains_key(&key) {
@@ -164,7 +164,7 @@ impl Auth {
     }
 
     /// Checks `password` (in a blocking task); a new session's cookie token when it matches.
-    pub async fn login(&self, password: String, peer: Option<IpAddr>) -> Option<String> {
+    pub(crate) async fn login(&self, password: String, peer: Option<IpAddr>) -> Option<String> {
         let hash = self.hash.clone();
         let ok = tokio::task::spawn_blocking(move || hash.verify(&password))
             .await
@@ -199,7 +199,7 @@ impl Auth {
     }
 
     /// The session of a request's `Cookie` header, if logged in and not expired.
-    pub fn session(&self, headers: &hyper::HeaderMap) -> Option<Session> {
+    pub(crate) fn session(&self, headers: &hyper::HeaderMap) -> Option<Session> {
         let id = cookie(headers)?;
         let map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         map.iter()
@@ -210,14 +210,14 @@ impl Auth {
     }
 
     /// The session, if the request also carries its CSRF token in `X-CSRF-Token`.
-    pub fn action(&self, headers: &hyper::HeaderMap) -> Option<Session> {
+    pub(crate) fn action(&self, headers: &hyper::HeaderMap) -> Option<Session> {
         let s = self.session(headers)?;
         let sent = headers.get("x-csrf-token")?.to_str().ok()?;
         same(sent, &s.csrf).then_some(s)
     }
 
     /// Ends the request's session.
-    pub fn logout(&self, headers: &hyper::HeaderMap) {
+    pub(crate) fn logout(&self, headers: &hyper::HeaderMap) {
         if let Some(id) = cookie(headers) {
             let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
             map.remove(&id);
@@ -225,7 +225,7 @@ impl Auth {
     }
 
     /// The `Set-Cookie` value for a new session.
-    pub fn set_cookie(&self, id: &str) -> String {
+    pub(crate) fn set_cookie(&self, id: &str) -> String {
         format!(
             "{COOKIE}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}",
             self.lifetime.as_secs()

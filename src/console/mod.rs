@@ -5,7 +5,7 @@
 //!
 //! Off by default (`[console] enabled`); behind a password (an argon2 hash, [`auth`]) and the
 //! health listener's allowlist. The page, its script and style are embedded
-//! ([`routes::ASSETS_BYTES`]).
+//! (`include_str!` in [`routes`]).
 //!
 //! How the live feed reaches the browsers without slowing a call: [`ConsoleDirectory`] wraps
 //! the calls' [`CallDirectory`] and gives every admitted call an observer; the observer runs
@@ -15,7 +15,7 @@
 //! sent a fresh snapshot instead.
 
 pub mod auth;
-pub mod routes;
+pub(crate) mod routes;
 
 use crate::agent::{AgentEvent, Speaker, TurnLatency};
 use crate::call::directory::{AdmitFuture, CallDirectory, CallObserver};
@@ -37,15 +37,15 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 /// Lines the live feed holds for the slowest browser; beyond that it drops the oldest.
-pub const EVENTS_CAPACITY: usize = 1024;
+pub(crate) const EVENTS_CAPACITY: usize = 1024;
 /// Finished calls that went to the operators kept for the handover cards.
-pub const HANDOVERS_KEPT: usize = 50;
+pub(crate) const HANDOVERS_KEPT: usize = 50;
 /// Transcript lines kept per live call (older ones are in the record once it ends).
-pub const LIVE_LINES_KEPT: usize = 200;
+pub(crate) const LIVE_LINES_KEPT: usize = 200;
 /// The state file of the console's maintenance switch, in the state directory.
-pub const MAINTENANCE_FILE: &str = "console-maintenance.json";
+pub(crate) const MAINTENANCE_FILE: &str = "console-maintenance.json";
 /// Metric: live-feed lines a slow browser did not get.
-pub const EVENTS_DROPPED: &str = "voicegate_console_events_dropped_total";
+pub(crate) const EVENTS_DROPPED: &str = "voicegate_console_events_dropped_total";
 
 /// `[console]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -95,7 +95,7 @@ fn default_summary_timeout_ms() -> u64 {
 }
 
 /// The system prompt of the handover summary.
-pub const SUMMARY_PROMPT: &str = "You write handover notes for a call-centre operator who is \
+pub(crate) const SUMMARY_PROMPT: &str = "You write handover notes for a call-centre operator who is \
 about to take over a phone call from a voice assistant. From the transcript and tool results \
 below, write exactly three short lines, plain text, no preamble: 1) who is calling and why; \
 2) what the assistant already did or found out; 3) what is still open.";
@@ -105,7 +105,7 @@ impl SummaryConfig {
     ///
     /// # Errors
     /// When the key cannot be read or the HTTP client cannot be built.
-    pub fn client(&self) -> Result<crate::agent::cascade::llm::LlmClient, String> {
+    pub(crate) fn client(&self) -> Result<crate::agent::cascade::llm::LlmClient, String> {
         use crate::agent::cascade::llm::{LlmClient, LlmSettings};
         let settings = LlmSettings {
             url: self.url.clone(),
@@ -131,7 +131,7 @@ impl ConsoleConfig {
     /// # Errors
     /// [`crate::error::ConfigError::Invalid`] when enabled without a password hash or with a
     /// session length of 0.
-    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), crate::error::ConfigError> {
         use crate::error::ConfigError;
         if self.enabled && self.password_hash.is_none() {
             return Err(ConfigError::invalid(
@@ -160,7 +160,7 @@ impl ConsoleConfig {
     ///
     /// # Errors
     /// When the secret cannot be read or is not an argon2 PHC string.
-    pub fn hash(&self) -> Result<auth::PasswordHash, String> {
+    pub(crate) fn hash(&self) -> Result<auth::PasswordHash, String> {
         let source = self
             .password_hash
             .as_ref()
@@ -174,7 +174,7 @@ impl ConsoleConfig {
 /// What a call is doing, as the console shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum CallState {
+pub(crate) enum CallState {
     /// Before the agent's first words.
     Greeting = 0,
     /// The caller has the floor.
@@ -196,7 +196,7 @@ impl CallState {
     }
 
     /// `greeting`, `listening`, `thinking`, `speaking`.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             CallState::Greeting => "greeting",
             CallState::Listening => "listening",
@@ -208,7 +208,7 @@ impl CallState {
 
 /// What a supervisor asked of a live call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Send the caller to the operators now.
     TakeOver,
     /// End the call.
@@ -235,9 +235,9 @@ struct LiveDetail {
 
 /// The console's shared state: live calls, the feed, handover cards, the maintenance switch.
 #[derive(Debug)]
-pub struct Console {
+pub(crate) struct Console {
     /// `audiosocket` or `stasis`: how calls reach voicegate here.
-    pub mode: &'static str,
+    pub(crate) mode: &'static str,
     numbers: CallerNumbers,
     calls: Mutex<HashMap<Uuid, Arc<Live>>>,
     feed: broadcast::Sender<Arc<str>>,
@@ -257,7 +257,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 impl Console {
     /// A console over the service's generation (for the maintenance switch), health and
     /// `/next` store; caller numbers shown per `numbers` (the `[records]` policy).
-    pub fn new(
+    pub(crate) fn new(
         mode: &'static str,
         numbers: CallerNumbers,
         generation: watch::Sender<Arc<Generation>>,
@@ -288,7 +288,7 @@ impl Console {
     }
 
     /// A receiver of the live feed (JSON lines).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
         self.feed.subscribe()
     }
 
@@ -303,7 +303,7 @@ impl Console {
     }
 
     /// The live calls with their transcripts and turn latencies, oldest first.
-    pub fn snapshot(&self) -> serde_json::Value {
+    pub(crate) fn snapshot(&self) -> serde_json::Value {
         // Copied out first: a call starting or ending never waits for the rows' JSON.
         let calls: Vec<(Uuid, Arc<Live>)> = self
             .calls
@@ -328,14 +328,14 @@ impl Console {
     }
 
     /// The handover cards of the calls that went to the operators, newest first.
-    pub fn handovers(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn handovers(&self) -> Vec<serde_json::Value> {
         let h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
         h.iter().rev().cloned().collect()
     }
 
     /// Asks a live call to end: to the operators or hung up. `false` if no such live call.
     /// `who` names the supervisor in the audit line and the call's handover card.
-    pub fn act(&self, id: Uuid, action: Action, who: &str) -> bool {
+    pub(crate) fn act(&self, id: Uuid, action: Action, who: &str) -> bool {
         let call = self
             .calls
             .lock()
@@ -364,7 +364,7 @@ impl Console {
     }
 
     /// Whether the maintenance switch is on for new calls.
-    pub fn maintenance(&self) -> bool {
+    pub(crate) fn maintenance(&self) -> bool {
         self.generation.borrow().fallback.maintenance
     }
 
@@ -374,7 +374,7 @@ impl Console {
     ///
     /// # Errors
     /// When the state file cannot be written; the switch is changed anyway.
-    pub fn set_maintenance(&self, on: bool, who: &str) -> std::io::Result<()> {
+    pub(crate) fn set_maintenance(&self, on: bool, who: &str) -> std::io::Result<()> {
         apply_maintenance(&self.generation, &self.health, on);
         info!(target: "voicegate::audit", action = "maintenance", on, who, "console action");
         save_maintenance(&self.state_dir, on)
@@ -555,7 +555,7 @@ fn save_maintenance(dir: &std::path::Path, on: bool) -> std::io::Result<()> {
 
 /// The maintenance switch the console saved in `state_dir`, if any: it wins over
 /// `fallback.maintenance` at start and on reload until toggled again.
-pub fn saved_maintenance(state_dir: &std::path::Path) -> Option<bool> {
+pub(crate) fn saved_maintenance(state_dir: &std::path::Path) -> Option<bool> {
     let text = std::fs::read_to_string(state_dir.join(MAINTENANCE_FILE)).ok()?;
     serde_json::from_str::<serde_json::Value>(&text).ok()?["maintenance"].as_bool()
 }
@@ -564,11 +564,11 @@ pub fn saved_maintenance(state_dir: &std::path::Path) -> Option<bool> {
 /// can be taken over; its end is reported to the console before the inner directory, so a
 /// supervisor's take-over is what the inner directory (the `/next` store, ARI) acts on.
 #[derive(Debug)]
-pub struct ConsoleDirectory {
+pub(crate) struct ConsoleDirectory {
     /// The directory the service would use without the console.
-    pub inner: Arc<dyn CallDirectory>,
+    pub(crate) inner: Arc<dyn CallDirectory>,
     /// The console.
-    pub console: Arc<Console>,
+    pub(crate) console: Arc<Console>,
 }
 
 struct Observer {
@@ -647,7 +647,7 @@ impl CallObserver for Observer {
 }
 
 /// Bytes of a tool's arguments or result shown live (the record keeps its own bound).
-pub const TOOL_TEXT_BYTES: usize = 2048;
+pub(crate) const TOOL_TEXT_BYTES: usize = 2048;
 
 /// `text` cut to [`TOOL_TEXT_BYTES`] on a character boundary, `…` marking a cut.
 fn cut(text: &str) -> String {
@@ -688,12 +688,12 @@ impl CallDirectory for ConsoleDirectory {
 }
 
 /// Applies a maintenance switch saved by the console to a freshly loaded config's value.
-pub fn effective_maintenance(configured: bool, state_dir: &std::path::Path) -> bool {
+pub(crate) fn effective_maintenance(configured: bool, state_dir: &std::path::Path) -> bool {
     saved_maintenance(state_dir).unwrap_or(configured)
 }
 
 /// How long a console login lasts under `c`.
-pub fn session_lifetime(c: &ConsoleConfig) -> Duration {
+pub(crate) fn session_lifetime(c: &ConsoleConfig) -> Duration {
     Duration::from_secs(u64::from(c.session_minutes) * 60)
 }
 

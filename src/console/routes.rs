@@ -37,29 +37,26 @@ const INDEX: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/app.css");
 
-/// Bytes the embedded page, script and style add to the binary.
-pub const ASSETS_BYTES: usize = INDEX.len() + SCRIPT.len() + STYLE.len();
-
 /// How long one event stream lasts: less than the listener's connection limit
 /// ([`crate::health::http::CONNECTION_TIMEOUT`]); the browser's `EventSource` reconnects
 /// at once (`retry: 500`) and gets a fresh snapshot.
-pub const STREAM_LIFETIME: Duration = Duration::from_secs(8);
+pub(crate) const STREAM_LIFETIME: Duration = Duration::from_secs(8);
 
 /// What the routes need besides the console.
 #[derive(Debug)]
-pub struct Deps {
+pub(crate) struct Deps {
     /// The console.
-    pub console: Arc<Console>,
+    pub(crate) console: Arc<Console>,
     /// Logins and sessions.
-    pub auth: Arc<Auth>,
+    pub(crate) auth: Arc<Auth>,
     /// The records spool, when `[records] enabled`.
-    pub spool: Option<PathBuf>,
+    pub(crate) spool: Option<PathBuf>,
     /// The guard (today's AI budget).
-    pub guard: Option<Arc<crate::guard::Guard>>,
+    pub(crate) guard: Option<Arc<crate::guard::Guard>>,
     /// The WireGuard tunnel, when configured.
-    pub tunnel: Option<crate::tunnel::Tunnel>,
+    pub(crate) tunnel: Option<crate::tunnel::Tunnel>,
     /// Live-feed lines dropped for slow browsers.
-    pub dropped: AtomicU64,
+    pub(crate) dropped: AtomicU64,
 }
 
 fn with_headers(mut r: HttpResponse, extra: &[(&'static str, String)]) -> HttpResponse {
@@ -97,7 +94,7 @@ fn no_content(extra: &[(&'static str, String)]) -> HttpResponse {
 }
 
 /// The console's routes added to `router`.
-pub fn routes(router: Router, deps: Arc<Deps>) -> Router {
+pub(crate) fn routes(router: Router, deps: Arc<Deps>) -> Router {
     let asset = |ct: &'static str, body: &'static str| {
         move |_req: RouteRequest| async move {
             with_headers(
@@ -385,7 +382,7 @@ struct Search {
 }
 
 /// Records kept in one history answer (the newest).
-pub const HISTORY_MAX: usize = 500;
+pub(crate) const HISTORY_MAX: usize = 500;
 
 fn parse_search(query: &str) -> Search {
     let mut s = Search::default();

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Name of the budget file in the state directory.
-pub const BUDGET_FILE: &str = "budget.json";
+pub(crate) const BUDGET_FILE: &str = "budget.json";
 
 /// `[guard]` in the config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -97,7 +97,7 @@ impl GuardConfig {
     ///
     /// # Errors
     /// [`crate::error::ConfigError::Invalid`] naming the key.
-    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), crate::error::ConfigError> {
         use crate::error::ConfigError;
         if self.max_calls == 0 {
             return Err(ConfigError::invalid(
@@ -133,12 +133,12 @@ impl GuardConfig {
     }
 
     /// [`Self::max_call_s`] as a duration, `None` when off.
-    pub fn max_call(&self) -> Option<Duration> {
+    pub(crate) fn max_call(&self) -> Option<Duration> {
         (self.max_call_s > 0).then(|| Duration::from_secs(self.max_call_s))
     }
 
     /// Whether `ip` is in the allowlist (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn allows(&self, ip: IpAddr) -> bool {
+    pub(crate) fn allows(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.allow.iter().any(|net| net.contains(&ip))
     }
@@ -178,7 +178,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// Low-cardinality label for metrics and records.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Rejection::NotAllowed => "not_allowed",
             Rejection::GlobalLimit => "global_limit",
@@ -207,15 +207,15 @@ pub enum GuardError {
 
 /// AI time used on one UTC day; the content of `budget.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct BudgetDay {
+pub(crate) struct BudgetDay {
     /// Days since 1970-01-01, UTC.
-    pub day: u64,
+    pub(crate) day: u64,
     /// AI time used that day, ms.
-    pub used_ms: u64,
+    pub(crate) used_ms: u64,
     /// The part of it each named profile used, ms (absent in files written before
     /// profiles had budgets: all zero).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub profiles_ms: BTreeMap<String, u64>,
+    pub(crate) profiles_ms: BTreeMap<String, u64>,
 }
 
 impl BudgetDay {
@@ -252,7 +252,7 @@ impl ProfileLimits {
     ///
     /// # Errors
     /// [`crate::error::ConfigError::Invalid`] naming `<prefix>.max_call_s`.
-    pub fn validate(&self, prefix: &str) -> Result<(), crate::error::ConfigError> {
+    pub(crate) fn validate(&self, prefix: &str) -> Result<(), crate::error::ConfigError> {
         if self.max_call_s != 0 && self.max_call_s < 10 {
             return Err(crate::error::ConfigError::invalid(
                 &format!("{prefix}.max_call_s"),
@@ -263,7 +263,7 @@ impl ProfileLimits {
     }
 
     /// The longest call under both these limits and the box's `box_max` (`None`: no limit).
-    pub fn max_call(&self, box_max: Option<Duration>) -> Option<Duration> {
+    pub(crate) fn max_call(&self, box_max: Option<Duration>) -> Option<Duration> {
         let own = (self.max_call_s > 0).then(|| Duration::from_secs(self.max_call_s));
         match (own, box_max) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -309,7 +309,7 @@ pub struct Guard {
 
 /// A live call's slots in the guard's limits; freed on drop.
 #[derive(Debug)]
-pub struct Permit {
+pub(crate) struct Permit {
     guard: Arc<Guard>,
     source: IpAddr,
 }
@@ -324,7 +324,7 @@ impl Drop for Permit {
 
 /// A live call's slot in its profile's `max_calls`; freed on drop.
 #[derive(Debug)]
-pub struct ProfilePermit {
+pub(crate) struct ProfilePermit {
     guard: Arc<Guard>,
     profile: String,
 }
@@ -344,7 +344,7 @@ impl Drop for ProfilePermit {
 /// A connection's slot in the budget of handshakes in progress (from accept until its call
 /// id); freed on drop or turned into a call's [`Permit`] by [`Handshake::admit`].
 #[derive(Debug)]
-pub struct Handshake {
+pub(crate) struct Handshake {
     guard: Arc<Guard>,
     source: IpAddr,
 }
@@ -362,7 +362,7 @@ impl Handshake {
     ///
     /// # Errors
     /// [`Rejection::GlobalLimit`] or [`Rejection::SourceLimit`]; nothing is reserved then.
-    pub fn admit(self) -> Result<Permit, Rejection> {
+    pub(crate) fn admit(self) -> Result<Permit, Rejection> {
         let guard = self.guard.clone();
         let source = self.source;
         drop(self);
@@ -433,20 +433,15 @@ impl Guard {
     }
 
     /// Applies a new config to new connections (live permits keep their slots).
-    pub fn reconfigure(&self, cfg: GuardConfig) {
+    pub(crate) fn reconfigure(&self, cfg: GuardConfig) {
         set_budget_limit(&cfg);
         self.lock().cfg = cfg;
     }
 
     /// Whether `ip` is in the allowlist in force (for listeners other than AudioSocket,
     /// such as the health listener that serves the dialplan's `/next` question).
-    pub fn allows(&self, ip: IpAddr) -> bool {
+    pub(crate) fn allows(&self, ip: IpAddr) -> bool {
         self.lock().cfg.allows(ip)
-    }
-
-    /// The config in force.
-    pub fn config(&self) -> GuardConfig {
-        self.lock().cfg.clone()
     }
 
     /// Step 1, on accept: checks a new connection from `peer` at wall-clock `now`
@@ -454,7 +449,11 @@ impl Guard {
     ///
     /// # Errors
     /// The [`Rejection`]; nothing is reserved then.
-    pub fn screen(self: &Arc<Self>, peer: IpAddr, now: SystemTime) -> Result<Handshake, Rejection> {
+    pub(crate) fn screen(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        now: SystemTime,
+    ) -> Result<Handshake, Rejection> {
         let source = peer.to_canonical();
         let mut s = self.lock();
         if !s.cfg.allows(source) {
@@ -491,12 +490,18 @@ impl Guard {
     ///
     /// # Errors
     /// The [`Rejection`]; nothing is reserved then.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr, now: SystemTime) -> Result<Permit, Rejection> {
+    #[cfg(test)]
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        now: SystemTime,
+    ) -> Result<Permit, Rejection> {
         self.screen(peer, now)?.admit()
     }
 
     /// Connections holding a [`Handshake`] (waiting for their call id).
-    pub fn handshakes(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn handshakes(&self) -> u32 {
         self.lock().handshakes
     }
 
@@ -507,11 +512,14 @@ impl Guard {
 
     /// Adds `ai_time` (time an agent session was up) to the budget of `now`'s UTC day.
     /// Call [`Guard::save_budget`] afterwards (off the async threads).
-    pub fn charge(&self, ai_time: Duration, now: SystemTime) {
+    #[cfg(test)]
+    pub(crate) fn charge(&self, ai_time: Duration, now: SystemTime) {
         self.charge_profile(None, ai_time, now);
     }
 
-    /// [`Guard::charge`], also counting the time in `profile`'s share (a named profile).
+    /// Adds `ai_time` (time an agent session was up) to the budget of `now`'s UTC day, also
+    /// counting it in `profile`'s share (a named profile). Call [`Guard::save_budget`]
+    /// afterwards (off the async threads).
     pub fn charge_profile(&self, profile: Option<&str>, ai_time: Duration, now: SystemTime) {
         let ms = ai_time.as_millis() as u64;
         let mut s = self.lock();
@@ -555,7 +563,7 @@ impl Guard {
     /// # Errors
     /// [`Rejection::ProfileLimit`] or [`Rejection::ProfileBudgetSpent`]; nothing is
     /// reserved then.
-    pub fn admit_profile(
+    pub(crate) fn admit_profile(
         self: &Arc<Self>,
         profile: &str,
         limits: &ProfileLimits,
@@ -588,7 +596,7 @@ impl Guard {
     ///
     /// # Errors
     /// [`GuardError::Io`].
-    pub fn save_budget(&self) -> Result<(), GuardError> {
+    pub(crate) fn save_budget(&self) -> Result<(), GuardError> {
         let Some(path) = &self.budget_path else {
             return Ok(());
         };

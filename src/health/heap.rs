@@ -72,7 +72,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
 /// Bytes currently allocated through [`CountingAllocator`] (requested sizes, without the
 /// allocator's own overhead); 0 when it is not the global allocator.
-pub fn allocated_bytes() -> usize {
+pub(crate) fn allocated_bytes() -> usize {
     ALLOCATED.load(Ordering::Relaxed)
 }
 

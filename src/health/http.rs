@@ -56,48 +56,44 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// Largest request body a route receives, bytes.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Time a connection has to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a request has to send its body, once its headers are in.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest life of a connection, request and response together.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections open at once; a new one beyond this closes the oldest.
-pub const MAX_CONNECTIONS: usize = 512;
+pub(crate) const MAX_CONNECTIONS: usize = 512;
 /// Connections open at once from one source address; a new one beyond this closes that
 /// source's oldest.
-pub const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
+pub(crate) const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
 /// Largest request head (request line and headers) hyper buffers, bytes.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// A response as the handlers build it: a whole body ([`respond`]) or a stream of frames
 /// (the console's Server-Sent Events, [`HttpResponse::new`] with any boxed body). A stream
 /// still ends within [`CONNECTION_TIMEOUT`] of the connection's start.
-pub type HttpResponse = Response<BoxBody<Bytes, std::convert::Infallible>>;
+pub(crate) type HttpResponse = Response<BoxBody<Bytes, std::convert::Infallible>>;
 
 /// A request as a route sees it: the body is read (at most [`MAX_BODY_BYTES`]).
 #[derive(Debug)]
-pub struct RouteRequest {
-    /// Method.
-    pub method: Method,
-    /// Path, without the query.
-    pub path: String,
+pub(crate) struct RouteRequest {
     /// The query string, if any (without `?`).
-    pub query: Option<String>,
+    pub(crate) query: Option<String>,
     /// Values of the pattern's `{name}` segments.
-    pub params: BTreeMap<String, String>,
+    pub(crate) params: BTreeMap<String, String>,
     /// Request headers.
-    pub headers: hyper::HeaderMap,
+    pub(crate) headers: hyper::HeaderMap,
     /// The body.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
     /// The client's address, when served from a socket ([`HttpServer::run`]).
-    pub peer: Option<SocketAddr>,
+    pub(crate) peer: Option<SocketAddr>,
 }
 
 impl RouteRequest {
     /// The value of the `{name}` segment.
-    pub fn param(&self, name: &str) -> Option<&str> {
+    pub(crate) fn param(&self, name: &str) -> Option<&str> {
         self.params.get(name).map(String::as_str)
     }
 }
@@ -147,7 +143,7 @@ impl Router {
     /// If `pattern` is not a valid `matchit` pattern or conflicts with another one (the
     /// routes are fixed strings in the code: a programming error, caught by any test that
     /// builds the router).
-    pub fn route<F, Fut>(mut self, method: Method, pattern: &str, handler: F) -> Self
+    pub(crate) fn route<F, Fut>(mut self, method: Method, pattern: &str, handler: F) -> Self
     where
         F: Fn(RouteRequest) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = HttpResponse> + Send + 'static,
@@ -192,7 +188,11 @@ impl Router {
 
     /// [`Router::handle`] for a request from `peer` (passed to the route as
     /// [`RouteRequest::peer`]).
-    pub async fn handle_from<B>(&self, req: Request<B>, peer: Option<SocketAddr>) -> HttpResponse
+    pub(crate) async fn handle_from<B>(
+        &self,
+        req: Request<B>,
+        peer: Option<SocketAddr>,
+    ) -> HttpResponse
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -219,8 +219,6 @@ impl Router {
                 Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "body not sent in time\n"),
             };
         handler(RouteRequest {
-            method: parts.method,
-            path,
             query: parts.uri.query().map(str::to_owned),
             params,
             headers: parts.headers,
@@ -232,19 +230,19 @@ impl Router {
 }
 
 /// A JSON response.
-pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> HttpResponse {
+pub(crate) fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> HttpResponse {
     let mut body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     body.push(b'\n');
     respond(status, "application/json", body.into())
 }
 
 /// A plain-text response.
-pub fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
     respond(status, "text/plain; charset=utf-8", body.into())
 }
 
 /// A response with a given content type.
-pub fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> HttpResponse {
+pub(crate) fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> HttpResponse {
     let mut r = Response::new(Full::new(body).boxed());
     *r.status_mut() = status;
     r.headers_mut()
@@ -253,13 +251,13 @@ pub fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> H
 }
 
 /// A bound HTTP listener.
-pub struct HttpServer {
+pub(crate) struct HttpServer {
     listener: TcpListener,
     allow: Option<SourceFilter>,
 }
 
 /// Decides whether a connection from a source address may be served.
-pub type SourceFilter = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+pub(crate) type SourceFilter = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for HttpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -275,7 +273,7 @@ impl HttpServer {
     ///
     /// # Errors
     /// The bind error.
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+    pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         Ok(HttpServer {
             allow: None,
             listener: TcpListener::bind(addr).await?,
@@ -284,7 +282,7 @@ impl HttpServer {
 
     /// Serves only sources for which `allow` is true; others are closed at accept, before
     /// any byte is read (the service passes the guard's allowlist).
-    pub fn with_source_filter(mut self, allow: SourceFilter) -> Self {
+    pub(crate) fn with_source_filter(mut self, allow: SourceFilter) -> Self {
         self.allow = Some(allow);
         self
     }
@@ -293,12 +291,12 @@ impl HttpServer {
     ///
     /// # Errors
     /// As [`TcpListener::local_addr`].
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Serves `router` until `stop`; open connections are then closed.
-    pub async fn run(self, router: Arc<Router>, stop: CancellationToken) {
+    pub(crate) async fn run(self, router: Arc<Router>, stop: CancellationToken) {
         let tracker = TaskTracker::new();
         let open = Arc::new(Mutex::new(OpenConnections::default()));
         loop {

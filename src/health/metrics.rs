@@ -9,90 +9,91 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 /// Gauge: calls in progress.
-pub const CALLS_ACTIVE: &str = "voicegate_calls_active";
+pub(crate) const CALLS_ACTIVE: &str = "voicegate_calls_active";
 /// Counter: finished calls, label `outcome`.
-pub const CALLS_TOTAL: &str = "voicegate_calls_total";
+pub(crate) const CALLS_TOTAL: &str = "voicegate_calls_total";
 /// Counter: finished calls that had a media channel, label `transport` (`audiosocket`,
 /// `websocket`, ...).
-pub const CALLS_BY_TRANSPORT: &str = "voicegate_calls_by_transport_total";
+pub(crate) const CALLS_BY_TRANSPORT: &str = "voicegate_calls_by_transport_total";
 /// Counter: audio frames from Asterisk.
-pub const FRAMES_IN: &str = "voicegate_frames_in_total";
+pub(crate) const FRAMES_IN: &str = "voicegate_frames_in_total";
 /// Counter: audio frames to Asterisk.
-pub const FRAMES_OUT: &str = "voicegate_frames_out_total";
+pub(crate) const FRAMES_OUT: &str = "voicegate_frames_out_total";
 /// Counter: frames cut short while a reply was still streaming.
-pub const UNDERRUNS: &str = "voicegate_underruns_total";
+pub(crate) const UNDERRUNS: &str = "voicegate_underruns_total";
 /// Frames sent as silence because the agent had nothing to say (not a fault).
-pub const IDLE_FRAMES: &str = "voicegate_idle_frames_total";
+pub(crate) const IDLE_FRAMES: &str = "voicegate_idle_frames_total";
 /// Counter: dropped audio frames, label `direction` (`in`: agent input full; `out`: late
 /// ticks skipped).
-pub const FRAMES_DROPPED: &str = "voicegate_frames_dropped_total";
+pub(crate) const FRAMES_DROPPED: &str = "voicegate_frames_dropped_total";
 /// Counter: barge-ins (caller interrupted the agent).
-pub const BARGE_INS: &str = "voicegate_barge_ins_total";
+pub(crate) const BARGE_INS: &str = "voicegate_barge_ins_total";
 /// Histogram: local barge-in latency, the caller's speech onset (the first frame the
 /// detector took for speech) → the first frame out without agent audio, s; confirmed
 /// barge-ins only.
-pub const BARGE_IN_LATENCY: &str = "voicegate_barge_in_latency_seconds";
+pub(crate) const BARGE_IN_LATENCY: &str = "voicegate_barge_in_latency_seconds";
 /// Counter: local barge-in pauses nothing confirmed (playback resumed): coughs, noises.
-pub const FALSE_BARGE_INS: &str = "voicegate_false_barge_ins_total";
+pub(crate) const FALSE_BARGE_INS: &str = "voicegate_false_barge_ins_total";
 /// Counter: local barge-in pauses the caller's words ended as a backchannel (resumed).
-pub const BACKCHANNELS: &str = "voicegate_backchannels_total";
+pub(crate) const BACKCHANNELS: &str = "voicegate_backchannels_total";
 /// Counter: agent audio held by a pause and played after resuming (not thrown away), ms
 /// (an integer counter, so milliseconds rather than seconds).
-pub const BARGE_IN_RESUMED_AUDIO: &str = "voicegate_barge_in_resumed_audio_milliseconds_total";
+pub(crate) const BARGE_IN_RESUMED_AUDIO: &str =
+    "voicegate_barge_in_resumed_audio_milliseconds_total";
 /// Histogram: how late each playout tick fired after its 20 ms deadline, s.
-pub const PLAYOUT_LATENESS: &str = "voicegate_playout_lateness_seconds";
+pub(crate) const PLAYOUT_LATENESS: &str = "voicegate_playout_lateness_seconds";
 /// Histogram: caller speech end → first agent audio of the reply, s.
-pub const TURN_LATENCY: &str = "voicegate_turn_latency_seconds";
+pub(crate) const TURN_LATENCY: &str = "voicegate_turn_latency_seconds";
 /// Counter: provider failures (calls handed to the fallback by a failing agent), labels
 /// `provider` and `reason` (`quota`, `silent`, `error`; `fallback::FallbackReason::provider_reason`).
-pub const PROVIDER_ERRORS: &str = "voicegate_provider_errors_total";
+pub(crate) const PROVIDER_ERRORS: &str = "voicegate_provider_errors_total";
 /// Counter: connections refused by the guard, label `reason`.
-pub const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";
+pub(crate) const GUARD_REJECTIONS: &str = "voicegate_guard_rejections_total";
 /// Counter: AudioSocket connections closed before their call id, label `reason` (`closed`,
 /// `timeout`, `malformed`, `not_call_id`, `nil_call_id`, `not_issued`: a call id the ARI
 /// controller did not issue, in Stasis-only mode).
-pub const HANDSHAKE_FAILURES: &str = "voicegate_handshake_failures_total";
+pub(crate) const HANDSHAKE_FAILURES: &str = "voicegate_handshake_failures_total";
 /// Counter: caller audio frames dropped because they arrived faster than real time beyond
 /// the allowance (`call::SessionParams::input_allowance`).
-pub const INPUT_OVERRUN: &str = "voicegate_input_overrun_frames_total";
+pub(crate) const INPUT_OVERRUN: &str = "voicegate_input_overrun_frames_total";
 /// Counter: DTMF digits ignored, label `reason` (`rate`: faster than a keypad can send;
 /// `per_call`: more than a call keeps).
-pub const DTMF_DROPPED: &str = "voicegate_dtmf_dropped_total";
+pub(crate) const DTMF_DROPPED: &str = "voicegate_dtmf_dropped_total";
 /// Counter: call records not written, label `reason` (`queue_full`: the writer's queue was
 /// full; `spool_unavailable`: still unwritable at shutdown; `encode`: cannot be encoded).
-pub const RECORDS_LOST: &str = "voicegate_records_lost_total";
+pub(crate) const RECORDS_LOST: &str = "voicegate_records_lost_total";
 /// Counter: bytes of damaged spool files moved aside into `quarantine/` at start.
-pub const RECORDS_QUARANTINED_BYTES: &str = "voicegate_records_quarantined_bytes_total";
+pub(crate) const RECORDS_QUARANTINED_BYTES: &str = "voicegate_records_quarantined_bytes_total";
 /// Counter: health-listener connections closed unanswered, label `reason`
 /// (`not_allowed`, `busy`, `source_busy`).
-pub const HTTP_REFUSED: &str = "voicegate_http_refused_total";
+pub(crate) const HTTP_REFUSED: &str = "voicegate_http_refused_total";
 /// Counter: calls handed to the humans, label `reason`.
-pub const FALLBACKS: &str = "voicegate_fallbacks_total";
+pub(crate) const FALLBACKS: &str = "voicegate_fallbacks_total";
 /// Gauge: 1 while the circuit breaker is open.
-pub const BREAKER_OPEN: &str = "voicegate_breaker_open";
+pub(crate) const BREAKER_OPEN: &str = "voicegate_breaker_open";
 /// Gauge: AI time used today (UTC), s.
-pub const BUDGET_USED: &str = "voicegate_budget_used_seconds";
+pub(crate) const BUDGET_USED: &str = "voicegate_budget_used_seconds";
 /// Gauge: the daily AI budget, s (`guard.daily_budget_minutes` × 60; 0 = no limit).
-pub const BUDGET_LIMIT: &str = "voicegate_budget_limit_seconds";
+pub(crate) const BUDGET_LIMIT: &str = "voicegate_budget_limit_seconds";
 /// Gauge: when this process started, s since the Unix epoch (a restart, by the watchdog or
 /// otherwise, changes it).
-pub const START_TIME: &str = "voicegate_start_time_seconds";
+pub(crate) const START_TIME: &str = "voicegate_start_time_seconds";
 /// Gauge: live heap, bytes (requested sizes; [`crate::health::heap`]), refreshed by upkeep.
-pub const HEAP_ALLOCATED: &str = "voicegate_heap_allocated_bytes";
+pub(crate) const HEAP_ALLOCATED: &str = "voicegate_heap_allocated_bytes";
 
 /// Gauge: events waiting in a webhook's outbox, label `webhook`.
-pub const WEBHOOK_BACKLOG: &str = "voicegate_webhook_backlog_events";
+pub(crate) const WEBHOOK_BACKLOG: &str = "voicegate_webhook_backlog_events";
 /// Gauge: age of the oldest event waiting in a webhook's outbox, s (0 when empty), label
 /// `webhook`.
-pub const WEBHOOK_OLDEST_AGE: &str = "voicegate_webhook_oldest_age_seconds";
+pub(crate) const WEBHOOK_OLDEST_AGE: &str = "voicegate_webhook_oldest_age_seconds";
 /// Counter: events delivered (2xx), label `webhook`.
-pub const WEBHOOK_DELIVERED: &str = "voicegate_webhook_delivered_total";
+pub(crate) const WEBHOOK_DELIVERED: &str = "voicegate_webhook_delivered_total";
 /// Counter: delivery attempts that failed (non-2xx, timeout, refused), label `webhook`.
-pub const WEBHOOK_FAILURES: &str = "voicegate_webhook_attempt_failures_total";
+pub(crate) const WEBHOOK_FAILURES: &str = "voicegate_webhook_attempt_failures_total";
 /// Counter: events given up, labels `webhook` and `reason` (`full`: the outbox was over its
 /// bounds, oldest dropped; `expired`: older than `max_age_h`; `unwritable`: the outbox could
 /// not be written).
-pub const WEBHOOK_DROPPED: &str = "voicegate_webhook_dropped_total";
+pub(crate) const WEBHOOK_DROPPED: &str = "voicegate_webhook_dropped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -237,12 +238,12 @@ fn zero_counters() {
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
-pub const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Folds recorded histogram samples into buckets every [`UPKEEP_PERIOD`] until the runtime
 /// stops. The exporter keeps every raw sample until upkeep runs; with a playout-lateness
 /// sample per frame per call, memory would grow without bound on a box nobody scrapes.
-pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
     let handle = install();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(UPKEEP_PERIOD);

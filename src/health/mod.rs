@@ -21,7 +21,7 @@ pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod notify;
-pub mod tally;
+pub(crate) mod tally;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -68,7 +68,7 @@ impl Default for Heartbeat {
 
 impl Heartbeat {
     /// A heartbeat that has just beaten.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         #[allow(clippy::disallowed_types)] // real time: a stalled runtime must not stop this clock
         Heartbeat {
             origin: Instant::now(),
@@ -77,13 +77,13 @@ impl Heartbeat {
     }
 
     /// Records progress now.
-    pub fn beat(&self) {
+    pub(crate) fn beat(&self) {
         let ms = self.origin.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Time since the last beat.
-    pub fn age(&self) -> Duration {
+    pub(crate) fn age(&self) -> Duration {
         let now = self.origin.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
@@ -114,7 +114,7 @@ pub struct Component {
 
 impl Component {
     /// A component in `status` with `detail`.
-    pub fn new(status: ComponentStatus, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(status: ComponentStatus, detail: impl Into<String>) -> Self {
         Component {
             status,
             detail: detail.into(),
@@ -123,17 +123,17 @@ impl Component {
 }
 
 /// Component names used in `/health` and `STATUS=`.
-pub mod component {
+pub(crate) mod component {
     /// The AudioSocket listener.
-    pub const AUDIOSOCKET: &str = "audiosocket";
+    pub(crate) const AUDIOSOCKET: &str = "audiosocket";
     /// The agent provider.
-    pub const AGENT: &str = "agent";
+    pub(crate) const AGENT: &str = "agent";
     /// The ARI link (issue: ARI).
-    pub const ARI: &str = "ari";
+    pub(crate) const ARI: &str = "ari";
     /// The WireGuard tunnel (issue: tunnel).
-    pub const TUNNEL: &str = "tunnel";
+    pub(crate) const TUNNEL: &str = "tunnel";
     /// The call-record spool: degraded while records cannot be written.
-    pub const RECORDS: &str = "records";
+    pub(crate) const RECORDS: &str = "records";
 }
 
 /// What the process knows about its own health; shared as `Arc<HealthState>`.
@@ -230,45 +230,40 @@ impl HealthState {
     }
 
     /// Sets a component's state (other modules add their own names, e.g. `ari`, `tunnel`).
-    pub fn set_component(&self, name: &'static str, c: Component) {
+    pub(crate) fn set_component(&self, name: &'static str, c: Component) {
         self.components().insert(name, c);
     }
 
-    /// A component's state.
-    pub fn component(&self, name: &str) -> Option<Component> {
-        self.components().get(name).cloned()
-    }
-
     /// Marks the process ready (listeners bound, config loaded).
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
     /// Marks shutdown in progress.
-    pub fn set_stopping(&self) {
+    pub(crate) fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// Records the maintenance switch in force.
-    pub fn set_maintenance(&self, on: bool) {
+    pub(crate) fn set_maintenance(&self, on: bool) {
         self.maintenance.store(on, Ordering::SeqCst);
     }
 
     /// Sets how old a heartbeat may be before the runtime counts as stalled.
-    pub fn set_stall_limit(&self, limit: Duration) {
+    pub(crate) fn set_stall_limit(&self, limit: Duration) {
         self.stall_limit_ms
             .store(limit.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// A call started (beats the call clock so a fresh call is not a stall).
-    pub fn call_started(&self) {
+    pub(crate) fn call_started(&self) {
         self.call_clocks.beat();
         let n = self.live_calls.fetch_add(1, Ordering::SeqCst) + 1;
         ::metrics::gauge!(metrics::CALLS_ACTIVE).set(n as f64);
     }
 
     /// A call ended.
-    pub fn call_ended(&self) {
+    pub(crate) fn call_ended(&self) {
         let n = self
             .live_calls
             .fetch_sub(1, Ordering::SeqCst)
@@ -277,12 +272,12 @@ impl HealthState {
     }
 
     /// Calls in progress.
-    pub fn live_calls(&self) -> usize {
+    pub(crate) fn live_calls(&self) -> usize {
         self.live_calls.load(Ordering::SeqCst)
     }
 
     /// `None` while the runtime makes progress; otherwise what stalled.
-    pub fn stall(&self) -> Option<String> {
+    pub(crate) fn stall(&self) -> Option<String> {
         let limit = Duration::from_millis(self.stall_limit_ms.load(Ordering::SeqCst));
         let accept = self.accept.age();
         if accept > limit {
@@ -321,7 +316,7 @@ impl HealthState {
     }
 
     /// The one-line `STATUS=` text: live calls, agent health, breaker, ARI link.
-    pub fn status_line(&self) -> String {
+    pub(crate) fn status_line(&self) -> String {
         let r = self.report();
         let part = |name: &str| {
             r.components.get(name).map_or("unknown".to_owned(), |c| {
@@ -358,7 +353,7 @@ impl HealthState {
 
 /// The watchdog thread's handle; dropping it does not stop the thread (use [`Watchdog::stop`]).
 #[derive(Debug)]
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     stop: Arc<AtomicBool>,
 }
 
@@ -369,7 +364,10 @@ impl Watchdog {
     ///
     /// # Errors
     /// If the OS cannot start a thread.
-    pub fn spawn(state: Arc<HealthState>, interval: Option<Duration>) -> std::io::Result<Self> {
+    pub(crate) fn spawn(
+        state: Arc<HealthState>,
+        interval: Option<Duration>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let period = interval.map_or(Duration::from_secs(5), |w| w / 4);
         if let Some(w) = interval {
@@ -396,13 +394,13 @@ impl Watchdog {
     }
 
     /// Stops the thread after its current sleep.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
 
 /// How often the accept loop should beat for a watchdog `interval`: `min(1 s, interval/8)`.
-pub fn accept_beat_period(interval: Option<Duration>) -> Duration {
+pub(crate) fn accept_beat_period(interval: Option<Duration>) -> Duration {
     interval.map_or(Duration::from_secs(1), |w| {
         (w / 8).min(Duration::from_secs(1))
     })

@@ -17,22 +17,22 @@ fn send(states: &[NotifyState]) {
 }
 
 /// `READY=1` with a `STATUS=` line.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// `STATUS=` alone.
-pub fn status(status: &str) {
+pub(crate) fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
 /// `WATCHDOG=1` with a `STATUS=` line.
-pub fn watchdog(status: &str) {
+pub(crate) fn watchdog(status: &str) {
     send(&[NotifyState::Watchdog, NotifyState::Status(status)]);
 }
 
 /// `RELOADING=1` then, when done, [`reloaded`].
-pub fn reloading() {
+pub(crate) fn reloading() {
     match NotifyState::monotonic_usec_now() {
         // systemd 253+ (`Type=notify-reload`) wants the clock with RELOADING=1.
         Ok(now) => send(&[NotifyState::Reloading, now]),
@@ -41,17 +41,17 @@ pub fn reloading() {
 }
 
 /// `READY=1` after a reload, with a `STATUS=` line.
-pub fn reloaded(status: &str) {
+pub(crate) fn reloaded(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// `STOPPING=1` with a `STATUS=` line.
-pub fn stopping(status: &str) {
+pub(crate) fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
 /// `EXTEND_TIMEOUT_USEC=`: systemd should wait `by` more for the stop to finish.
-pub fn extend_timeout(by: Duration, status: &str) {
+pub(crate) fn extend_timeout(by: Duration, status: &str) {
     let usec = by.as_micros().min(u32::MAX as u128) as u32;
     send(&[
         NotifyState::ExtendTimeoutUsec(usec),
@@ -60,6 +60,6 @@ pub fn extend_timeout(by: Duration, status: &str) {
 }
 
 /// The watchdog interval systemd asked for (`WATCHDOG_USEC`, for this PID), if any.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }

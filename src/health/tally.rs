@@ -12,14 +12,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Default window between two aggregated lines.
-pub const WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 
 /// Counts of events per reason label since the last line.
-pub type Counts = BTreeMap<&'static str, u64>;
+pub(crate) type Counts = BTreeMap<&'static str, u64>;
 
 /// One kind of flooding event (`what`: "connections refused", "records lost", …).
 #[derive(Debug)]
-pub struct Tally {
+pub(crate) struct Tally {
     what: &'static str,
     window: Duration,
     state: Mutex<State>,
@@ -33,7 +33,7 @@ struct State {
 
 impl Tally {
     /// A tally of `what`, at most one line per `window`.
-    pub const fn new(what: &'static str, window: Duration) -> Self {
+    pub(crate) const fn new(what: &'static str, window: Duration) -> Self {
         Tally {
             what,
             window,
@@ -46,7 +46,7 @@ impl Tally {
 
     /// Counts one event with `reason` at `now`; returns the counts to log when a line is due
     /// (the first event, then the first event at least one window after the last line).
-    pub fn note(&self, reason: &'static str, now: Instant) -> Option<Counts> {
+    pub(crate) fn note(&self, reason: &'static str, now: Instant) -> Option<Counts> {
         // A panic inside this short critical section cannot leave the counts inconsistent.
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         *s.pending.entry(reason).or_default() += 1;
@@ -61,20 +61,20 @@ impl Tally {
     }
 
     /// Counts what was noted but not yet logged, and forgets it (at shutdown).
-    pub fn take_pending(&self) -> Counts {
+    pub(crate) fn take_pending(&self) -> Counts {
         std::mem::take(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()).pending)
     }
 
     /// [`Tally::note`] at the current time, logging a due line at WARN:
     /// `<what>: <n> since the last report` with `counts` = `reason=n, …`.
-    pub fn note_and_log(&self, reason: &'static str) {
+    pub(crate) fn note_and_log(&self, reason: &'static str) {
         if let Some(counts) = self.note(reason, Instant::now()) {
             self.log(&counts);
         }
     }
 
     /// Logs `counts` as one line (nothing when empty).
-    pub fn log(&self, counts: &Counts) {
+    pub(crate) fn log(&self, counts: &Counts) {
         let total: u64 = counts.values().sum();
         if total == 0 {
             return;

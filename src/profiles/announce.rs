@@ -13,10 +13,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 /// Most announcements kept at once.
-pub const CAPACITY: usize = 4096;
+pub(crate) const CAPACITY: usize = 4096;
 /// How long an announcement waits for its call (the dialplan runs `AudioSocket()` right
 /// after `CURL()`, so seconds would do; a minute leaves room for a slow answer).
-pub const TTL: Duration = Duration::from_secs(60);
+pub(crate) const TTL: Duration = Duration::from_secs(60);
 
 /// Announcements waiting for their calls.
 #[derive(Debug, Default)]
@@ -32,7 +32,7 @@ impl Announcements {
 
     /// Keeps `choice` for `call_id` as of `now`, replacing an earlier one for the same id.
     /// Expired entries go first; when still full, the oldest is dropped.
-    pub fn announce(&self, call_id: Uuid, choice: ProfileChoice, now: Instant) {
+    pub(crate) fn announce(&self, call_id: Uuid, choice: ProfileChoice, now: Instant) {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, (at, _)| now.saturating_duration_since(*at) < TTL);
         if map.len() >= CAPACITY && !map.contains_key(&call_id) {
@@ -44,20 +44,16 @@ impl Announcements {
     }
 
     /// Takes the announcement of `call_id`, if one was made within [`TTL`] before `now`.
-    pub fn take(&self, call_id: Uuid, now: Instant) -> Option<ProfileChoice> {
+    pub(crate) fn take(&self, call_id: Uuid, now: Instant) -> Option<ProfileChoice> {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (at, choice) = map.remove(&call_id)?;
         (now.saturating_duration_since(at) < TTL).then_some(choice)
     }
 
     /// Announcements held now (expired ones included until the next announce).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Parses an announce body: JSON (`{"profile": …, "caller_number": …, "caller_name": …,
@@ -66,7 +62,7 @@ impl Announcements {
     ///
     /// # Errors
     /// A message for the HTTP 400 answer when the body is neither.
-    pub fn parse_body(body: &[u8]) -> Result<ProfileChoice, String> {
+    pub(crate) fn parse_body(body: &[u8]) -> Result<ProfileChoice, String> {
         let trimmed = body.trim_ascii_start();
         if trimmed.first() == Some(&b'{') {
             serde_json::from_slice::<ProfileChoice>(trimmed)

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// The name that always means the top-level `[agent]`.
-pub const DEFAULT_PROFILE: &str = "default";
+pub(crate) const DEFAULT_PROFILE: &str = "default";
 
 /// One `[[profiles]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -51,7 +51,7 @@ pub struct ProfileConfig {
 impl ProfileConfig {
     /// Whether the profile says which tools it has (`use_tools` or `[[profiles.tools]]`);
     /// if not, it has all of the box's `[[tools]]`.
-    pub fn has_own_tool_list(&self) -> bool {
+    pub(crate) fn has_own_tool_list(&self) -> bool {
         self.use_tools.is_some() || !self.tools.is_empty()
     }
 }
@@ -90,7 +90,7 @@ pub struct ProfileRoutingConfig {
 /// [`ConfigError::Invalid`] naming the key (`profiles[N].name`, `profiles[N].agent…`,
 /// `profiles[N].use_tools`, `profiles[N].tools`, `profiles[N].limits…`,
 /// `profile_routing.dids`).
-pub fn validate_config(
+pub(crate) fn validate_config(
     profiles: &[ProfileConfig],
     routing: &ProfileRoutingConfig,
     box_tools: &[ToolConfig],
@@ -146,7 +146,7 @@ pub fn validate_config(
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] naming `profiles[i].use_tools` or `profiles[i].tools`.
-pub fn validate_tools(
+pub(crate) fn validate_tools(
     i: usize,
     p: &ProfileConfig,
     box_tools: &[ToolConfig],
@@ -189,7 +189,7 @@ pub fn validate_tools(
 }
 
 /// Whether `name` can be a profile name (1–64 of `A-Za-z0-9-_`).
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -216,10 +216,10 @@ pub struct ProfileChoice {
 }
 
 /// Most custom variables one choice keeps; more are dropped.
-pub const MAX_VARIABLES: usize = 32;
+pub(crate) const MAX_VARIABLES: usize = 32;
 /// Longest variable name and value kept, bytes; longer values are cut at a character
 /// boundary, longer names dropped.
-pub const MAX_VARIABLE_BYTES: usize = 512;
+pub(crate) const MAX_VARIABLE_BYTES: usize = 512;
 
 impl ProfileChoice {
     /// A choice from `key=value` pairs (URI query or form parameters, already
@@ -227,7 +227,9 @@ impl ProfileChoice {
     /// channel's `v(caller=…)` names it), `caller_name`, `called_number`, and any
     /// other key as a custom variable (a `var_` prefix is removed). Used by the announce's
     /// form body and by the WebSocket media channel's `v(...)` parameters.
-    pub fn from_uri_params<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+    pub(crate) fn from_uri_params<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
         let mut c = ProfileChoice::default();
         for (k, v) in params {
             let v = (!v.is_empty()).then(|| v.to_owned());
@@ -246,7 +248,7 @@ impl ProfileChoice {
     }
 
     /// Bounds the variables ([`MAX_VARIABLES`], [`MAX_VARIABLE_BYTES`]) and the other fields.
-    pub fn bounded(mut self) -> Self {
+    pub(crate) fn bounded(mut self) -> Self {
         let cut = |s: &mut String| {
             if s.len() > MAX_VARIABLE_BYTES {
                 let mut end = MAX_VARIABLE_BYTES;
@@ -278,7 +280,7 @@ impl ProfileChoice {
 
     /// Fills the fields this choice leaves unset from `other`; variables merge, this
     /// choice's winning.
-    pub fn or(mut self, other: ProfileChoice) -> Self {
+    pub(crate) fn or(mut self, other: ProfileChoice) -> Self {
         self.profile = self.profile.or(other.profile);
         self.caller_number = self.caller_number.or(other.caller_number);
         self.caller_name = self.caller_name.or(other.caller_name);
@@ -292,23 +294,23 @@ impl ProfileChoice {
 
 /// The profile a call runs with.
 #[derive(Debug, Clone)]
-pub struct Chosen {
+pub(crate) struct Chosen {
     /// Its name (`default` for the top-level `[agent]`).
-    pub name: String,
+    pub(crate) name: String,
     /// Its agent.
-    pub agent: SharedAgent,
+    pub(crate) agent: SharedAgent,
     /// The call's variables: the profile's, then `caller_number`, `caller_name`,
     /// `called_number` and `profile`, then the call's custom ones.
-    pub variables: BTreeMap<String, String>,
+    pub(crate) variables: BTreeMap<String, String>,
     /// The tools its agent gets; `None`: the box's `[[tools]]`.
-    pub tools: Option<Arc<ToolRegistry>>,
+    pub(crate) tools: Option<Arc<ToolRegistry>>,
     /// Its own limits (`[profiles.limits]`; none for the default).
-    pub limits: ProfileLimits,
+    pub(crate) limits: ProfileLimits,
 }
 
 /// Why [`Profiles::choose`] refused a call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The call named a profile nobody configured (`unknown_profile = "refuse"`).
     #[error("unknown profile {0:?}")]
     Unknown(String),
@@ -319,7 +321,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// A metrics label: `unknown_profile` or `no_profile`.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Refusal::Unknown(_) => "unknown_profile",
             Refusal::Unannounced => "no_profile",
@@ -371,7 +373,7 @@ impl Profiles {
     /// # Errors
     /// If a profile's agent or tools cannot be built (an unreadable instructions file, a
     /// missing key, a tool name `box_tools` lacks).
-    pub fn build(
+    pub(crate) fn build(
         agent: SharedAgent,
         profiles: &[ProfileConfig],
         routing: &ProfileRoutingConfig,
@@ -440,12 +442,14 @@ impl Profiles {
     }
 
     /// The default profile's agent.
-    pub fn default_agent(&self) -> &SharedAgent {
+    #[cfg(test)]
+    pub(crate) fn default_agent(&self) -> &SharedAgent {
         &self.default.agent
     }
 
     /// The configured profile names (without `default`).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    #[cfg(test)]
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.named.keys().map(String::as_str)
     }
 
@@ -455,7 +459,7 @@ impl Profiles {
     ///
     /// # Errors
     /// [`Refusal`] when `[profile_routing]` says to refuse the call.
-    pub fn choose(&self, choice: &ProfileChoice) -> Result<Chosen, Refusal> {
+    pub(crate) fn choose(&self, choice: &ProfileChoice) -> Result<Chosen, Refusal> {
         let by_did = || {
             choice
                 .called_number

@@ -45,51 +45,51 @@ pub struct ToolCallRecord {
 /// A finished call's facts, as plain values: what [`CallRecord::from_facts`] keeps (cut to
 /// [`bounds`]).
 #[derive(Debug, Clone, Copy)]
-pub struct CallFacts<'a> {
+pub(crate) struct CallFacts<'a> {
     /// The AudioSocket call id.
-    pub call_id: Uuid,
+    pub(crate) call_id: Uuid,
     /// The caller's number, unmasked, when known.
-    pub caller_number: Option<&'a str>,
+    pub(crate) caller_number: Option<&'a str>,
     /// Wall-clock start.
-    pub started: SystemTime,
+    pub(crate) started: SystemTime,
     /// Length.
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Agent provider name.
-    pub agent: &'a str,
+    pub(crate) agent: &'a str,
     /// Outcome label (see [`CallRecord::outcome`]).
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
     /// Why, for fallback/rejected/errors.
-    pub detail: Option<&'a str>,
+    pub(crate) detail: Option<&'a str>,
     /// Sample rate of the call, Hz (0 if no audio arrived).
-    pub rate_hz: u32,
+    pub(crate) rate_hz: u32,
     /// Times the caller interrupted the agent.
-    pub barge_ins: u64,
+    pub(crate) barge_ins: u64,
     /// Per-turn latencies, ms.
-    pub turn_latencies_ms: &'a [u32],
+    pub(crate) turn_latencies_ms: &'a [u32],
     /// Tools the agent called.
-    pub tool_calls: &'a [ToolCallRecord],
+    pub(crate) tool_calls: &'a [ToolCallRecord],
     /// DTMF digits kept by the call.
-    pub dtmf: &'a str,
+    pub(crate) dtmf: &'a str,
     /// DTMF digits the call did not keep.
-    pub dtmf_dropped: u64,
+    pub(crate) dtmf_dropped: u64,
     /// The conversation.
-    pub transcript: &'a [(Speaker, String)],
+    pub(crate) transcript: &'a [(Speaker, String)],
     /// Audio frames from Asterisk.
-    pub frames_in: u64,
+    pub(crate) frames_in: u64,
     /// Audio frames to Asterisk.
-    pub frames_out: u64,
+    pub(crate) frames_out: u64,
     /// Frames cut short while a reply streamed.
-    pub underruns: u64,
+    pub(crate) underruns: u64,
     /// Local barge-in: onset → agent silent, ms, per confirmed barge-in.
-    pub barge_in_latencies_ms: &'a [u32],
+    pub(crate) barge_in_latencies_ms: &'a [u32],
     /// Local barge-in pauses nothing confirmed.
-    pub false_barge_ins: u64,
+    pub(crate) false_barge_ins: u64,
     /// Local barge-in pauses ended by a backchannel.
-    pub backchannels: u64,
+    pub(crate) backchannels: u64,
     /// Agent audio resumed after pauses, ms.
-    pub resumed_audio_ms: u64,
+    pub(crate) resumed_audio_ms: u64,
     /// The agent profile the call ran with, if it reached one.
-    pub profile: Option<&'a str>,
+    pub(crate) profile: Option<&'a str>,
 }
 
 /// Local barge-in in one call (`audio::bargein`); all zero when it was off.
@@ -121,7 +121,7 @@ pub enum CallerNumbers {
 
 impl CallerNumbers {
     /// Applies the policy to a number.
-    pub fn apply(&self, number: &str) -> Option<String> {
+    pub(crate) fn apply(&self, number: &str) -> Option<String> {
         match self {
             CallerNumbers::Full => Some(number.to_owned()),
             CallerNumbers::Omit => None,
@@ -172,7 +172,7 @@ impl RecordsConfig {
     ///
     /// # Errors
     /// [`crate::error::ConfigError::Invalid`] naming the key.
-    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), crate::error::ConfigError> {
         use crate::error::ConfigError;
         if self.max_file_bytes < 64 * 1024 {
             return Err(ConfigError::invalid(
@@ -260,22 +260,22 @@ pub struct CallRecord {
 
 /// Per-field bounds of a record ([`CallRecord::from_facts`] cuts beyond them and says so
 /// in [`CallRecord::truncated`]); together far below [`spool::MAX_RECORD_BYTES`].
-pub mod bounds {
+pub(crate) mod bounds {
     /// DTMF digits (the call keeps no more either: a compile-time check in `call` holds its
     /// limit to this one).
-    pub const DTMF_CHARS: usize = 256;
+    pub(crate) const DTMF_CHARS: usize = 256;
     /// Bytes of one transcript line.
-    pub const TRANSCRIPT_LINE_BYTES: usize = 4 * 1024;
+    pub(crate) const TRANSCRIPT_LINE_BYTES: usize = 4 * 1024;
     /// Bytes of the whole transcript.
-    pub const TRANSCRIPT_BYTES: usize = 1024 * 1024;
+    pub(crate) const TRANSCRIPT_BYTES: usize = 1024 * 1024;
     /// Tool calls, and bytes of one call's arguments.
-    pub const TOOL_CALLS: usize = 256;
+    pub(crate) const TOOL_CALLS: usize = 256;
     /// Bytes of one tool call's arguments.
-    pub const TOOL_ARGUMENT_BYTES: usize = 4 * 1024;
+    pub(crate) const TOOL_ARGUMENT_BYTES: usize = 4 * 1024;
     /// Turn latencies.
-    pub const TURNS: usize = 4096;
+    pub(crate) const TURNS: usize = 4096;
     /// Bytes of the outcome detail and of the caller number.
-    pub const SHORT_TEXT_BYTES: usize = 1024;
+    pub(crate) const SHORT_TEXT_BYTES: usize = 1024;
 }
 
 /// `text` cut to at most `max` bytes on a character boundary; whether it was cut.
@@ -294,7 +294,7 @@ impl CallRecord {
     /// The record of a finished call, caller number per `numbers`. Fields beyond [`bounds`]
     /// are cut and named in [`CallRecord::truncated`], so a record is never lost for being
     /// large.
-    pub fn from_facts(s: &CallFacts<'_>, numbers: CallerNumbers) -> Self {
+    pub(crate) fn from_facts(s: &CallFacts<'_>, numbers: CallerNumbers) -> Self {
         let started = s
             .started
             .duration_since(UNIX_EPOCH)

@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 /// First 8 bytes of every spool file.
 pub const MAGIC: &[u8; 8] = b"VGREC\x00\x01\n";
 /// Version byte at the start of every record payload (2: [`CallRecord::truncated`] added).
-pub const FORMAT_VERSION: u8 = 3;
+pub(crate) const FORMAT_VERSION: u8 = 3;
 /// The subdirectory unreadable bytes are moved to.
 pub const QUARANTINE_DIR: &str = "quarantine";
 /// Largest payload accepted, bytes; a larger length field is corruption.
-pub const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 const HEADER: usize = 8;
 
 /// Why the spool failed.
@@ -53,16 +53,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
 
 /// What a file holds: its good records, and the byte ranges that are not.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileScan {
+pub(crate) struct FileScan {
     /// Records read, in order.
-    pub records: Vec<CallRecord>,
+    pub(crate) records: Vec<CallRecord>,
     /// Offset just past the last good record (or the magic).
-    pub good_len: u64,
+    pub(crate) good_len: u64,
     /// Bytes that are not part of a good record, in all (`damaged` plus the tail after
     /// `good_len`).
-    pub torn_bytes: u64,
+    pub(crate) torn_bytes: u64,
     /// Unreadable ranges before `good_len`: `(offset, length)` in file offsets.
-    pub damaged: Vec<(u64, u64)>,
+    pub(crate) damaged: Vec<(u64, u64)>,
 }
 
 /// Encodes one frame: length, crc32 of the payload, payload (version byte + postcard).
@@ -117,7 +117,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Option<(CallRecord, usize)> {
 
 /// Parses the frames of a file's bytes after the magic (offsets relative to `bytes`). A bad
 /// frame is skipped by searching for the next offset where a valid frame starts.
-pub fn scan_bytes(bytes: &[u8]) -> FileScan {
+pub(crate) fn scan_bytes(bytes: &[u8]) -> FileScan {
     let mut records = Vec::new();
     let mut damaged = Vec::new();
     let mut at = 0usize;
@@ -147,7 +147,7 @@ pub fn scan_bytes(bytes: &[u8]) -> FileScan {
 ///
 /// # Errors
 /// [`SpoolError::Io`].
-pub fn read_file(path: &Path) -> Result<FileScan, SpoolError> {
+pub(crate) fn read_file(path: &Path) -> Result<FileScan, SpoolError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -156,7 +156,7 @@ pub fn read_file(path: &Path) -> Result<FileScan, SpoolError> {
 }
 
 /// [`scan_bytes`] of a whole file, magic included; offsets are file offsets.
-pub fn scan_file_bytes(bytes: &[u8]) -> FileScan {
+pub(crate) fn scan_file_bytes(bytes: &[u8]) -> FileScan {
     let magic_ok = bytes.len() >= MAGIC.len() && &bytes[..MAGIC.len()] == MAGIC;
     if bytes.len() < MAGIC.len() {
         // A file torn before its magic was complete holds no records.
@@ -196,7 +196,7 @@ pub fn scan_file_bytes(bytes: &[u8]) -> FileScan {
 ///
 /// # Errors
 /// [`SpoolError::Io`] (a missing directory is an empty list).
-pub fn files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
+pub(crate) fn files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,

@@ -93,11 +93,6 @@ impl RtpSender {
         self.sequence = self.sequence.wrapping_add(1);
         self.timestamp = self.timestamp.wrapping_add(samples.len() as u32);
     }
-
-    /// The sequence number the next packet gets.
-    pub fn next_sequence(&self) -> u16 {
-        self.sequence
-    }
 }
 
 /// One call's RTP endpoint.
@@ -132,13 +127,8 @@ impl RtpEndpoint {
     }
 
     /// The address datagrams must come from and are sent to.
-    pub fn peer(&self) -> SocketAddr {
+    pub(crate) fn peer(&self) -> SocketAddr {
         self.peer
-    }
-
-    /// The format.
-    pub fn format(&self) -> RtpFormat {
-        self.format
     }
 
     /// Counters.
@@ -198,7 +188,7 @@ impl RtpEndpoint {
 
     /// Appends the datagram carrying `samples` (one 20 ms frame at the format's rate) to
     /// `out`; send it to [`Self::peer`].
-    pub fn send_frame(&mut self, samples: &[i16], out: &mut Vec<u8>) {
+    pub(crate) fn send_frame(&mut self, samples: &[i16], out: &mut Vec<u8>) {
         self.stats.sent += 1;
         self.sender.packet(samples, out);
     }

@@ -28,7 +28,7 @@ pub enum RtpFormat {
 
 impl RtpFormat {
     /// The RTP payload type Asterisk uses for this format.
-    pub const fn payload_type(self) -> u8 {
+    pub(crate) const fn payload_type(self) -> u8 {
         match self {
             RtpFormat::Ulaw => 0,
             RtpFormat::Alaw => 8,
@@ -50,19 +50,11 @@ impl RtpFormat {
     }
 
     /// Payload bytes per sample (1 for G.711, 2 for L16).
-    pub const fn bytes_per_sample(self) -> usize {
+    #[cfg(test)]
+    pub(crate) const fn bytes_per_sample(self) -> usize {
         match self {
             RtpFormat::Ulaw | RtpFormat::Alaw => 1,
             RtpFormat::Slin16 => 2,
-        }
-    }
-
-    /// The `format=` value of ARI externalMedia (`ulaw`, `alaw`, `slin16`).
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            RtpFormat::Ulaw => "ulaw",
-            RtpFormat::Alaw => "alaw",
-            RtpFormat::Slin16 => "slin16",
         }
     }
 
@@ -80,7 +72,7 @@ impl RtpFormat {
     }
 
     /// Appends the payload for `samples` to `out`.
-    pub fn encode(self, samples: &[i16], out: &mut Vec<u8>) {
+    pub(crate) fn encode(self, samples: &[i16], out: &mut Vec<u8>) {
         match self {
             RtpFormat::Ulaw => out.extend(samples.iter().map(|&s| encode_ulaw(s))),
             RtpFormat::Alaw => out.extend(samples.iter().map(|&s| encode_alaw(s))),

@@ -26,11 +26,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Length of a frame.
-pub const FRAME: Duration = Duration::from_millis(20);
+pub(crate) const FRAME: Duration = Duration::from_millis(20);
 
 /// Concealed frames in a row before the stream pauses (100 ms): the last frame fades to
 /// silence over them.
-pub const FADE_FRAMES: u32 = 5;
+pub(crate) const FADE_FRAMES: u32 = 5;
 
 /// A packet this many frames (1 s) away from the play position is a new stream: the
 /// buffer re-anchors on it instead of calling it late or overflowing.
@@ -135,7 +135,7 @@ pub struct JitterBuffer {
 
 impl JitterBuffer {
     /// An empty buffer.
-    pub fn new(cfg: JitterConfig) -> Self {
+    pub(crate) fn new(cfg: JitterConfig) -> Self {
         let spf = cfg.frame_samples();
         JitterBuffer {
             cfg,
@@ -159,7 +159,7 @@ impl JitterBuffer {
     }
 
     /// An empty buffer that carries on counting from `stats` (a new stream of one call).
-    pub fn with_stats(cfg: JitterConfig, stats: JitterStats) -> Self {
+    pub(crate) fn with_stats(cfg: JitterConfig, stats: JitterStats) -> Self {
         JitterBuffer {
             stats,
             ..Self::new(cfg)
@@ -167,27 +167,28 @@ impl JitterBuffer {
     }
 
     /// The settings.
-    pub fn config(&self) -> JitterConfig {
+    pub(crate) fn config(&self) -> JitterConfig {
         self.cfg
     }
 
     /// The counters.
-    pub fn stats(&self) -> JitterStats {
+    pub(crate) fn stats(&self) -> JitterStats {
         self.stats
     }
 
     /// The RFC 3550 interarrival jitter estimate.
-    pub fn jitter(&self) -> Duration {
+    pub(crate) fn jitter(&self) -> Duration {
         Duration::from_secs_f64(self.jitter / f64::from(self.cfg.clock_hz))
     }
 
     /// Audio buffered ahead of the play position (received or not yet), in frames.
-    pub fn depth_frames(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn depth_frames(&self) -> usize {
         self.slots.len()
     }
 
     /// The delay the buffer aims at, in frames.
-    pub fn target_frames(&self) -> usize {
+    pub(crate) fn target_frames(&self) -> usize {
         let jitter_ms = self.jitter().as_secs_f64() * 1000.0;
         let want = ((3.0 * jitter_ms + 20.0) / 20.0).ceil() as usize;
         want.max(self.cfg.frames(self.cfg.initial_delay))
@@ -195,13 +196,13 @@ impl JitterBuffer {
     }
 
     /// When [`Self::poll_frame`] next has a frame to give; `None` until a packet arrives.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// A packet's samples (already decoded), with its RTP sequence number and timestamp,
     /// arrived at `now`. `marker` is the packet's M bit (a talkspurt starts).
-    pub fn insert(
+    pub(crate) fn insert(
         &mut self,
         now: Instant,
         sequence: u16,
@@ -254,7 +255,7 @@ impl JitterBuffer {
 
     /// The frame due at `now`, written into `out` (cleared first, then `clock_hz / 50`
     /// samples), or `None` when nothing is due (before [`Self::poll_timeout`], or paused).
-    pub fn poll_frame(&mut self, now: Instant, out: &mut Vec<i16>) -> Option<Tick> {
+    pub(crate) fn poll_frame(&mut self, now: Instant, out: &mut Vec<i16>) -> Option<Tick> {
         let deadline = self.deadline?;
         if now < deadline {
             return None;

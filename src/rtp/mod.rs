@@ -7,10 +7,10 @@
 //! The UDP socket and the call live above (`call::media_rtp`); like `audiosocket`, this
 //! module knows the wire only, never a call or an agent.
 
-pub mod endpoint;
-pub mod format;
+pub(crate) mod endpoint;
+pub(crate) mod format;
 pub mod jitter;
-pub mod pacing;
+pub(crate) mod pacing;
 pub mod packet;
 
 pub use endpoint::{Dropped, RtpEndpoint, RtpSender, RtpStats};

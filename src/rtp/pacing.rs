@@ -12,7 +12,7 @@ const BINS: usize = 400;
 
 /// Gaps between sends.
 #[derive(Debug, Clone)]
-pub struct GapHistogram {
+pub(crate) struct GapHistogram {
     first: Option<Instant>,
     last: Option<Instant>,
     bins: Box<[u32; BINS]>,
@@ -32,7 +32,7 @@ impl Default for GapHistogram {
 
 impl GapHistogram {
     /// A packet went out at `now`.
-    pub fn record(&mut self, now: Instant) {
+    pub(crate) fn record(&mut self, now: Instant) {
         self.first.get_or_insert(now);
         if let Some(last) = self.last.replace(now) {
             let gap = now.saturating_duration_since(last);
@@ -43,21 +43,21 @@ impl GapHistogram {
     }
 
     /// Gaps recorded (one fewer than the packets).
-    pub fn count(&self) -> u32 {
+    pub(crate) fn count(&self) -> u32 {
         self.count
     }
 
     /// The mean gap: first to last send over the gaps; `None` before two packets. A
     /// drift-free sender keeps it at the frame time (20 ms) however late single ticks are,
     /// since a late tick is caught up by the next ones.
-    pub fn mean(&self) -> Option<Duration> {
+    pub(crate) fn mean(&self) -> Option<Duration> {
         let span = self.last?.saturating_duration_since(self.first?);
         (self.count > 0).then(|| span / self.count)
     }
 
     /// The `q` quantile (0.0–1.0) of the gaps, to the bin's middle (±0.125 ms); `None`
     /// before two packets.
-    pub fn quantile(&self, q: f64) -> Option<Duration> {
+    pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
         if self.count == 0 {
             return None;
         }

@@ -25,11 +25,11 @@
 //! before the count are emitted as zeros (RFC 3550 leaves their value open).
 
 /// Bytes of the fixed header (no CSRC, no extension).
-pub const FIXED_HEADER_BYTES: usize = 12;
+pub(crate) const FIXED_HEADER_BYTES: usize = 12;
 
 /// Largest datagram voicegate reads or writes, in bytes (an Ethernet MTU; 20 ms of slin16 is
 /// 640 bytes of payload).
-pub const MAX_DATAGRAM_BYTES: usize = 1500;
+pub(crate) const MAX_DATAGRAM_BYTES: usize = 1500;
 
 /// Why a datagram is not an RTP packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -86,7 +86,7 @@ pub struct RtpHeader<'a> {
 
 impl<'a> RtpHeader<'a> {
     /// A plain header: no CSRC, no extension, no padding.
-    pub fn new(payload_type: u8, sequence: u16, timestamp: u32, ssrc: u32) -> Self {
+    pub(crate) fn new(payload_type: u8, sequence: u16, timestamp: u32, ssrc: u32) -> Self {
         RtpHeader {
             marker: false,
             payload_type: payload_type & 0x7F,
@@ -100,12 +100,14 @@ impl<'a> RtpHeader<'a> {
     }
 
     /// Number of CSRC identifiers (`CC`).
-    pub fn csrc_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn csrc_count(&self) -> usize {
         self.csrc.len() / 4
     }
 
     /// Bytes of the header with CSRCs and extension (not the padding).
-    pub fn header_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn header_len(&self) -> usize {
         FIXED_HEADER_BYTES + self.csrc.len() + self.extension.map_or(0, |e| 4 + e.data.len())
     }
 

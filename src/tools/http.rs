@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 /// Most of a tool endpoint's reply that is read, bytes (64 KiB); the model needs no more.
-pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REPLY_BYTES: usize = 64 * 1024;
 
 /// The call a tool runs for: what the endpoint learns besides the arguments.
 #[derive(Debug, Clone)]
@@ -62,12 +62,12 @@ impl std::fmt::Debug for HttpTool {
 }
 
 /// An error result in the convention every tool uses: `{"error":"<message>"}`.
-pub fn error_result(message: &str) -> String {
+pub(crate) fn error_result(message: &str) -> String {
     json!({ "error": message }).to_string()
 }
 
 /// The result is an error result (`{"error": …}` at the top level).
-pub fn is_error_result(output: &str) -> bool {
+pub(crate) fn is_error_result(output: &str) -> bool {
     serde_json::from_str::<Value>(output)
         .ok()
         .is_some_and(|v| v.get("error").is_some())
@@ -79,7 +79,7 @@ impl HttpTool {
     ///
     /// # Errors
     /// A message naming the header that is not a valid HTTP header (its value is not shown).
-    pub fn new(
+    pub(crate) fn new(
         client: reqwest::Client,
         name: String,
         url: reqwest::Url,
@@ -104,16 +104,6 @@ impl HttpTool {
             headers: map,
             timeout,
         })
-    }
-
-    /// The tool's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The per-request timeout.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// Calls the endpoint for the model's `arguments` (JSON text) and returns the result

@@ -28,7 +28,7 @@
 //! the tool's answer, a [`ToolResult`], to the agent (whose input converts from it).
 
 pub mod http;
-pub mod runner;
+pub(crate) mod runner;
 
 pub use http::{HttpTool, ToolContext};
 pub use runner::{Terminal, ToolRunner};
@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Name of the built-in tool that ends the call after the goodbye was played.
-pub const HANGUP: &str = "hangup";
+pub(crate) const HANGUP: &str = "hangup";
 
 /// Name of the built-in tool that hands the caller to a human operator.
 pub const TRANSFER_TO_OPERATOR: &str = "transfer_to_operator";
@@ -70,7 +70,7 @@ pub struct ToolSpec {
 
 impl ToolSpec {
     /// The built-in `hangup` tool's declaration.
-    pub fn hangup() -> Self {
+    pub(crate) fn hangup() -> Self {
         ToolSpec {
             name: HANGUP.into(),
             description: "End the phone call. Say goodbye first, in the same reply; the call \
@@ -81,7 +81,7 @@ impl ToolSpec {
     }
 
     /// The built-in `transfer_to_operator` tool's declaration.
-    pub fn transfer_to_operator() -> Self {
+    pub(crate) fn transfer_to_operator() -> Self {
         ToolSpec {
             name: TRANSFER_TO_OPERATOR.into(),
             description: "Transfer the caller to a human operator. Tell the caller you are \
@@ -161,7 +161,7 @@ pub struct ToolConfig {
 impl ToolConfig {
     /// The name the model calls it by: `name` for an HTTP tool (`None` when missing), the
     /// built-in's fixed name otherwise.
-    pub fn declared_name(&self) -> Option<&str> {
+    pub(crate) fn declared_name(&self) -> Option<&str> {
         match self.kind {
             ToolKind::Http => self.name.as_deref(),
             ToolKind::Hangup => Some(HANGUP),
@@ -217,7 +217,8 @@ pub enum ToolAction {
 impl ToolAction {
     /// Ends the call: runs only after the reply's words were played and only if it was not
     /// interrupted.
-    pub fn is_terminal(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_terminal(&self) -> bool {
         !matches!(self, ToolAction::Http(_))
     }
 }
@@ -428,11 +429,6 @@ impl ToolRegistry {
     pub fn get(&self, name: &str) -> Option<&Tool> {
         self.tools.iter().find(|t| t.spec.name == name)
     }
-
-    /// No tools are configured.
-    pub fn is_empty(&self) -> bool {
-        self.tools.is_empty()
-    }
 }
 
 /// Checks the `[[tools]]` entries as the registry would build them (names, kinds, URLs,
@@ -440,7 +436,7 @@ impl ToolRegistry {
 ///
 /// # Errors
 /// [`crate::error::ConfigError::Invalid`] naming `tools` and what is wrong.
-pub fn validate_config(entries: &[ToolConfig]) -> Result<(), crate::error::ConfigError> {
+pub(crate) fn validate_config(entries: &[ToolConfig]) -> Result<(), crate::error::ConfigError> {
     ToolRegistry::from_config(entries)
         .map(drop)
         .map_err(|e| crate::error::ConfigError::invalid("tools", e.to_string()))

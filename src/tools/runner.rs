@@ -17,7 +17,7 @@
 use super::http::{ToolContext, error_result};
 use super::{ToolAction, ToolRegistry, ToolResult};
 use crate::audio::ReplyId;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,7 @@ use tracing::{Instrument as _, info, warn};
 /// Without a `ReplyDone` for its reply, a terminal tool waits for this much agent silence
 /// (after both the call and the last agent audio) before it runs, so a goodbye still being
 /// streamed is not cut.
-pub const TERMINAL_QUIET: Duration = Duration::from_millis(800);
+pub(crate) const TERMINAL_QUIET: Duration = Duration::from_millis(800);
 
 /// Tool results held while the agent's input channel is full, at most.
 const MAX_UNSENT: usize = 16;
@@ -53,11 +53,9 @@ pub enum Terminal {
 
 /// What the session does with a finished background task.
 #[derive(Debug)]
-pub enum ToolStep {
+pub(crate) enum ToolStep {
     /// Send this to the agent (a tool result), through [`ToolRunner::deliver`].
     Answer(ToolResult),
-    /// End the call.
-    End(Terminal),
 }
 
 #[derive(Debug)]
@@ -103,7 +101,7 @@ fn remember(list: &mut VecDeque<ReplyId>, reply: ReplyId) {
 impl ToolRunner {
     /// Tools of `registry` for the call `call` (the agent's call info converts into a
     /// [`ToolContext`]).
-    pub fn new(registry: Arc<ToolRegistry>, call: impl Into<ToolContext>) -> Self {
+    pub(crate) fn new(registry: Arc<ToolRegistry>, call: impl Into<ToolContext>) -> Self {
         ToolRunner {
             registry,
             ctx: call.into(),
@@ -117,7 +115,7 @@ impl ToolRunner {
     }
 
     /// A terminal tool is waiting for its moment.
-    pub fn terminal_pending(&self) -> bool {
+    pub(crate) fn terminal_pending(&self) -> bool {
         self.pending.is_some()
     }
 
@@ -125,7 +123,7 @@ impl ToolRunner {
     /// are remembered until [`Self::poll_terminal`] says the call may end. Returns an
     /// immediate answer for the agent when the call cannot run (unknown tool, the reply was
     /// interrupted, another terminal tool is pending).
-    pub fn on_tool_call(
+    pub(crate) fn on_tool_call(
         &mut self,
         call_id: String,
         name: &str,
@@ -190,19 +188,19 @@ impl ToolRunner {
     }
 
     /// Agent audio arrived (any reply).
-    pub fn on_agent_audio(&mut self, now: Instant) {
+    pub(crate) fn on_agent_audio(&mut self, now: Instant) {
         self.last_agent_audio = Some(now);
     }
 
     /// The agent said no more audio comes for `reply`.
-    pub fn on_reply_done(&mut self, reply: ReplyId) {
+    pub(crate) fn on_reply_done(&mut self, reply: ReplyId) {
         remember(&mut self.replies_done, reply);
     }
 
     /// The caller barged in and the playout was flushed (`flushed` is the reply that was
     /// playing). A pending terminal tool is dropped: the caller wants to go on. Returns the
     /// answer for its tool call.
-    pub fn on_barge_in(&mut self, flushed: Option<ReplyId>) -> Option<ToolResult> {
+    pub(crate) fn on_barge_in(&mut self, flushed: Option<ReplyId>) -> Option<ToolResult> {
         if let Some(r) = flushed {
             remember(&mut self.interrupted, r);
         }
@@ -218,7 +216,7 @@ impl ToolRunner {
 
     /// Called on each 20 ms tick while [`Self::terminal_pending`]: returns how the call
     /// ends once a pending terminal tool may run.
-    pub fn poll_terminal(&mut self, playout_empty: bool, now: Instant) -> Option<Terminal> {
+    pub(crate) fn poll_terminal(&mut self, playout_empty: bool, now: Instant) -> Option<Terminal> {
         let p = self.pending.as_ref()?;
         if !playout_empty {
             return None;
@@ -248,7 +246,7 @@ impl ToolRunner {
     }
 
     /// The next finished background task (pending forever when none runs). Cancel-safe.
-    pub async fn next_step(&mut self) -> ToolStep {
+    pub(crate) async fn next_step(&mut self) -> ToolStep {
         loop {
             if self.tasks.is_empty() {
                 std::future::pending::<()>().await;
@@ -266,7 +264,11 @@ impl ToolRunner {
     /// Sends `input` to the agent (whose input type converts from a [`ToolResult`]) without
     /// waiting; if its channel is full the message is kept (up to 16) and retried by
     /// [`Self::retry_unsent`].
-    pub fn deliver<T: From<ToolResult>>(&mut self, agent: &mpsc::Sender<T>, input: ToolResult) {
+    pub(crate) fn deliver<T: From<ToolResult>>(
+        &mut self,
+        agent: &mpsc::Sender<T>,
+        input: ToolResult,
+    ) {
         if !self.unsent.is_empty() {
             self.queue(input);
             return;
@@ -285,7 +287,7 @@ impl ToolRunner {
     }
 
     /// Retries results the agent's full channel refused (call on each tick; free when none).
-    pub fn retry_unsent<T: From<ToolResult>>(&mut self, agent: &mpsc::Sender<T>) {
+    pub(crate) fn retry_unsent<T: From<ToolResult>>(&mut self, agent: &mpsc::Sender<T>) {
         while let Some(input) = self.unsent.pop_front() {
             match agent.try_send(T::from(input.clone())) {
                 Ok(()) => {}
@@ -300,11 +302,6 @@ impl ToolRunner {
             }
         }
     }
-}
-
-/// The JSON result for a successful terminal tool, should a provider need one.
-pub fn ok_result() -> String {
-    json!({"status": "ok"}).to_string()
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ impl WireGuardConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key, e.g. `wireguard.peer[0].public_key`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let key = self
             .private_key
             .resolve()
@@ -193,7 +193,7 @@ fn url_addrs(url: &str) -> Vec<std::net::SocketAddr> {
 
 impl WireGuardConfig {
     /// [`Self::silent_after_ms`] as a duration.
-    pub fn silent_after(&self) -> std::time::Duration {
+    pub(crate) fn silent_after(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.silent_after_ms)
     }
 
@@ -208,7 +208,7 @@ impl WireGuardConfig {
     /// Where Asterisk, on the far side of the tunnel, reaches voicegate's AudioSocket
     /// listener: the tunnel address (`address` without its prefix) and `port` (the port of
     /// `[audiosocket] listen`, which voicegate also listens on inside the tunnel).
-    pub fn audiosocket_addr(&self, port: u16) -> std::net::SocketAddr {
+    pub(crate) fn audiosocket_addr(&self, port: u16) -> std::net::SocketAddr {
         std::net::SocketAddr::new(self.address.addr(), port)
     }
 
@@ -217,7 +217,7 @@ impl WireGuardConfig {
     /// default (`[audiosocket] listen`, usually `127.0.0.1:9092`) would send Asterisk's
     /// externalMedia channel to Asterisk's own loopback. The tunnel default is
     /// [`Self::audiosocket_addr`], e.g. `10.0.0.2:9092`.
-    pub fn default_ari_external_host(
+    pub(crate) fn default_ari_external_host(
         &self,
         ari_url: &str,
         external_host: &mut Option<String>,
@@ -235,7 +235,7 @@ impl WireGuardConfig {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming `ari.url` or `ari.external_host`.
-    pub fn check_ari(
+    pub(crate) fn check_ari(
         &self,
         ari_url: &str,
         external_host: Option<&str>,
@@ -287,7 +287,7 @@ impl WireGuardConfig {
 ///
 /// # Errors
 /// A message saying what is wrong.
-pub fn split_endpoint(endpoint: &str) -> Result<(&str, u16), String> {
+pub(crate) fn split_endpoint(endpoint: &str) -> Result<(&str, u16), String> {
     let (host, port) = endpoint
         .rsplit_once(':')
         .ok_or_else(|| "must be host:port".to_owned())?;

@@ -55,21 +55,21 @@ use std::time::{Duration, Instant};
 use tracing::{debug, trace};
 
 /// How often boringtun's timers are run (handshake retry, rekey, keepalive), ms: 250.
-pub const TIMER_TICK: Duration = Duration::from_millis(250);
+pub(crate) const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Most UDP datagrams waiting to be sent; more are dropped and counted.
-pub const MAX_QUEUED_DATAGRAMS: usize = 1024;
+pub(crate) const MAX_QUEUED_DATAGRAMS: usize = 1024;
 /// Most IP packets queued between WireGuard and the TCP/IP stack, each way.
-pub const MAX_QUEUED_PACKETS: usize = 512;
+pub(crate) const MAX_QUEUED_PACKETS: usize = 512;
 /// Receive and send buffer of each TCP connection, bytes (64 KiB each way).
-pub const TCP_BUFFER_BYTES: usize = 64 * 1024;
+pub(crate) const TCP_BUFFER_BYTES: usize = 64 * 1024;
 /// How long a received segment may wait for its ACK (smoltcp's default is 10 ms): longer
 /// than a call's 20 ms frame interval, so the ACK rides on the next audio frame going the
 /// other way instead of costing a datagram of its own (encryption, a `sendto`, a wake-up
 /// at each end). More than one full segment unacknowledged is still acknowledged at once,
 /// so bulk transfers (ARI responses) are not slowed.
-pub const ACK_DELAY: Duration = Duration::from_millis(40);
+pub(crate) const ACK_DELAY: Duration = Duration::from_millis(40);
 /// Sockets kept listening per port, so that calls arriving together are all accepted.
-pub const LISTEN_BACKLOG: usize = 2;
+pub(crate) const LISTEN_BACKLOG: usize = 2;
 /// Most half-open (SYN received) connections per listening port.
 const MAX_PENDING_PER_PORT: usize = 64;
 /// Largest datagram boringtun may write: an MTU-sized packet plus 32 bytes of WireGuard
@@ -183,7 +183,7 @@ pub enum TunnelEvent {
 
 /// What [`TunnelCore::recv`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recv {
+pub(crate) enum Recv {
     /// This many bytes were copied.
     Data(usize),
     /// Nothing yet.
@@ -417,31 +417,26 @@ impl TunnelCore {
         })
     }
 
-    /// This side's public key.
-    pub fn public_key(&self) -> &PublicKey {
-        &self.static_public
-    }
-
     /// Number of peers.
-    pub fn peer_count(&self) -> usize {
+    pub(crate) fn peer_count(&self) -> usize {
         self.peers.len()
     }
 
     /// Points peer `peer` at `endpoint` (after resolving its host name again).
-    pub fn set_endpoint(&mut self, peer: usize, endpoint: SocketAddr) {
+    pub(crate) fn set_endpoint(&mut self, peer: usize, endpoint: SocketAddr) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.endpoint = Some(endpoint);
         }
     }
 
     /// Where peer `peer`'s datagrams go now.
-    pub fn peer_endpoint(&self, peer: usize) -> Option<SocketAddr> {
+    pub(crate) fn peer_endpoint(&self, peer: usize) -> Option<SocketAddr> {
         self.peers.get(peer)?.endpoint
     }
 
     /// Starts a handshake with every peer that has an endpoint and a persistent keepalive
     /// (such a peer should be up without waiting for traffic), as `wg-quick up` does.
-    pub fn initiate_keepalive_peers(&mut self, now: Instant) {
+    pub(crate) fn initiate_keepalive_peers(&mut self, now: Instant) {
         self.advance(now);
         for i in 0..self.peers.len() {
             if self.peers[i].persistent_keepalive.is_some() && self.peers[i].endpoint.is_some() {
@@ -471,7 +466,7 @@ impl TunnelCore {
     }
 
     /// Seconds since peer `peer`'s last handshake at `now`; `None` if it never had one.
-    pub fn last_handshake_age(&self, peer: usize, now: Instant) -> Option<Duration> {
+    pub(crate) fn last_handshake_age(&self, peer: usize, now: Instant) -> Option<Duration> {
         let at = self.peers.get(peer)?.last_handshake?;
         Some(now.saturating_duration_since(at))
     }
@@ -656,7 +651,7 @@ impl TunnelCore {
     }
 
     /// The instant the core next needs [`Self::handle_timeout`].
-    pub fn poll_timeout(&mut self) -> Instant {
+    pub(crate) fn poll_timeout(&mut self) -> Instant {
         let now = smol_time(self.epoch, self.now);
         let stack = self
             .iface
@@ -674,12 +669,12 @@ impl TunnelCore {
     }
 
     /// Puts back a datagram that could not be sent yet (socket buffer full), to go first.
-    pub fn requeue_transmit(&mut self, t: Transmit) {
+    pub(crate) fn requeue_transmit(&mut self, t: Transmit) {
         self.transmits.push_front(t);
     }
 
     /// The next TCP event.
-    pub fn poll_event(&mut self) -> Option<TunnelEvent> {
+    pub(crate) fn poll_event(&mut self) -> Option<TunnelEvent> {
         self.events.pop_front()
     }
 
@@ -906,7 +901,7 @@ impl TunnelCore {
     ///
     /// # Errors
     /// [`CoreError::PortInUse`] if `port` is already listened on.
-    pub fn listen(&mut self, port: u16) -> Result<(), CoreError> {
+    pub(crate) fn listen(&mut self, port: u16) -> Result<(), CoreError> {
         if self.listeners.contains_key(&port) {
             return Err(CoreError::PortInUse(port));
         }
@@ -916,7 +911,7 @@ impl TunnelCore {
     }
 
     /// Stops accepting on `port` (established connections stay).
-    pub fn unlisten(&mut self, port: u16) {
+    pub(crate) fn unlisten(&mut self, port: u16) {
         if let Some(l) = self.listeners.remove(&port) {
             for h in l.listening.into_iter().chain(l.pending) {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
@@ -930,7 +925,11 @@ impl TunnelCore {
     ///
     /// # Errors
     /// [`CoreError::NoRoute`], [`CoreError::NoFreePort`] or [`CoreError::Connect`].
-    pub fn connect(&mut self, now: Instant, remote: SocketAddr) -> Result<ConnId, CoreError> {
+    pub(crate) fn connect(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+    ) -> Result<ConnId, CoreError> {
         self.advance(now);
         if self.route(remote.ip()).is_none() {
             return Err(CoreError::NoRoute(remote.ip()));
@@ -986,7 +985,7 @@ impl TunnelCore {
     ///
     /// # Errors
     /// [`CoreError::UnknownConnection`] if the connection is gone or can no longer send.
-    pub fn send(&mut self, conn: ConnId, data: &[u8]) -> Result<usize, CoreError> {
+    pub(crate) fn send(&mut self, conn: ConnId, data: &[u8]) -> Result<usize, CoreError> {
         let s = self.socket(conn)?;
         if !s.may_send() {
             return Err(CoreError::UnknownConnection);
@@ -994,16 +993,8 @@ impl TunnelCore {
         s.send_slice(data).map_err(|_| CoreError::UnknownConnection)
     }
 
-    /// Bytes `conn` can take now.
-    pub fn send_capacity(&mut self, conn: ConnId) -> usize {
-        match self.socket(conn) {
-            Ok(s) if s.may_send() => s.send_capacity() - s.send_queue(),
-            _ => 0,
-        }
-    }
-
     /// Copies received bytes of `conn` into `buf`.
-    pub fn recv(&mut self, conn: ConnId, buf: &mut [u8]) -> Recv {
+    pub(crate) fn recv(&mut self, conn: ConnId, buf: &mut [u8]) -> Recv {
         let Ok(s) = self.socket(conn) else {
             return Recv::Eof;
         };
@@ -1020,26 +1011,15 @@ impl TunnelCore {
         }
     }
 
-    /// The peer's address of `conn`.
-    pub fn remote(&self, conn: ConnId) -> Option<SocketAddr> {
-        if !self.conns.contains_key(&conn.0) {
-            return None;
-        }
-        self.sockets
-            .get::<tcp::Socket>(conn.0)
-            .remote_endpoint()
-            .map(to_socket_addr)
-    }
-
     /// True while `conn` exists and its peer has not fully closed it.
-    pub fn is_open(&self, conn: ConnId) -> bool {
+    pub(crate) fn is_open(&self, conn: ConnId) -> bool {
         self.conns.contains_key(&conn.0)
             && self.sockets.get::<tcp::Socket>(conn.0).state() != tcp::State::Closed
     }
 
     /// Closes the sending side of `conn` (FIN after queued data); the connection is forgotten
     /// once both sides are done.
-    pub fn close(&mut self, conn: ConnId) {
+    pub(crate) fn close(&mut self, conn: ConnId) {
         if let Some(info) = self.conns.get_mut(&conn.0) {
             info.closing = true;
             self.sockets.get_mut::<tcp::Socket>(conn.0).close();
@@ -1048,7 +1028,7 @@ impl TunnelCore {
 
     /// Closes `conn` like [`Self::close`] and tells the core nobody will read it any more,
     /// so it is forgotten as soon as both sides are done, unread bytes or not.
-    pub fn release(&mut self, conn: ConnId) {
+    pub(crate) fn release(&mut self, conn: ConnId) {
         if let Some(info) = self.conns.get_mut(&conn.0) {
             info.released = true;
         }
@@ -1056,7 +1036,7 @@ impl TunnelCore {
     }
 
     /// Resets `conn` (RST) and forgets it.
-    pub fn abort(&mut self, conn: ConnId) {
+    pub(crate) fn abort(&mut self, conn: ConnId) {
         if let Some(info) = self.conns.get_mut(&conn.0) {
             info.closing = true;
             info.released = true;
@@ -1106,7 +1086,8 @@ impl TunnelCore {
 
     /// Datagrams that matched no peer, failed to authenticate, or carried a source address
     /// outside the peer's allowed IPs.
-    pub fn rejected_datagrams(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn rejected_datagrams(&self) -> u64 {
         self.rejected_datagrams
     }
 }

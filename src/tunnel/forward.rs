@@ -62,14 +62,14 @@ pub async fn forward(
 
 /// Decides whether a connection from a tunnel address may be carried (the guard's
 /// allowlist in the service).
-pub type SourceFilter = std::sync::Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+pub(crate) type SourceFilter = std::sync::Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
 
 /// The other direction: carries each connection arriving through the tunnel on `listener`
 /// to the local TCP address `to`, if `allow` accepts its tunnel source address (others are
 /// closed at once). This is how Asterisk, on the far side, reaches voicegate's health
 /// listener (`GET /v1/calls/{id}/next` after modes 1 and 2) at the tunnel address. Runs
 /// until `stop` or the tunnel stops.
-pub fn serve_local(
+pub(crate) fn serve_local(
     mut listener: super::TunnelListener,
     to: SocketAddr,
     allow: SourceFilter,

@@ -28,13 +28,13 @@ pub enum KeyError {
 ///
 /// # Errors
 /// [`KeyError::Base64`] or [`KeyError::Length`].
-pub fn decode_key(text: &str) -> Result<[u8; 32], KeyError> {
+pub(crate) fn decode_key(text: &str) -> Result<[u8; 32], KeyError> {
     let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Base64)?;
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
 }
 
 /// Encodes 32 key bytes as `wg` prints them (base64 with padding, 44 characters).
-pub fn encode_key(bytes: &[u8; 32]) -> String {
+pub(crate) fn encode_key(bytes: &[u8; 32]) -> String {
     STANDARD.encode(bytes)
 }
 
@@ -42,7 +42,7 @@ pub fn encode_key(bytes: &[u8; 32]) -> String {
 ///
 /// # Errors
 /// As [`decode_key`].
-pub fn parse_private_key(text: &str) -> Result<StaticSecret, KeyError> {
+pub(crate) fn parse_private_key(text: &str) -> Result<StaticSecret, KeyError> {
     decode_key(text).map(StaticSecret::from)
 }
 

@@ -31,15 +31,15 @@
 //! has no live session, so a PBX whose address changed is found again. The UDP socket is
 //! IPv4 (`0.0.0.0:listen_port`) unless [`TunnelSpec::bind`] says otherwise.
 
-pub mod config;
+pub(crate) mod config;
 pub mod core;
 #[cfg(test)]
 mod core_tests;
 pub mod forward;
 pub mod keys;
-pub mod stats;
+pub(crate) mod stats;
 
-pub use config::{ForwardConfig, WireGuardConfig, WireGuardPeerConfig};
+pub(crate) use config::WireGuardConfig;
 pub use core::{ConnId, CoreError, CoreSpec, PeerSpec, TunnelCore, TunnelEvent};
 pub use stats::{PeerStats, TunnelStats, render_wg_show};
 
@@ -59,25 +59,25 @@ use tokio_util::sync::{CancellationToken, PollSemaphore, PollSender};
 use tracing::{debug, info, warn};
 
 /// Chunks a stream's read channel holds (each up to [`READ_CHUNK_BYTES`]).
-pub const READ_CHUNKS: usize = 16;
+pub(crate) const READ_CHUNKS: usize = 16;
 /// Largest chunk handed to a stream, bytes.
-pub const READ_CHUNK_BYTES: usize = 16 * 1024;
+pub(crate) const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// Bytes a stream may have written that the tunnel has not yet taken into its TCP send
 /// buffer (64 KiB); a writer past it waits.
-pub const WRITE_BUDGET_BYTES: usize = 64 * 1024;
+pub(crate) const WRITE_BUDGET_BYTES: usize = 64 * 1024;
 /// Commands (writes, connects, ...) queued from all streams to the driver.
-pub const COMMAND_QUEUE: usize = 1024;
+pub(crate) const COMMAND_QUEUE: usize = 1024;
 /// Accepted connections waiting for [`TunnelListener::accept`]; more are reset.
-pub const ACCEPT_QUEUE: usize = 64;
+pub(crate) const ACCEPT_QUEUE: usize = 64;
 /// An outgoing connection not established by then fails with `TimedOut`.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an endpoint's host name is looked up again while its peer has no session.
-pub const RESOLVE_RETRY: Duration = Duration::from_secs(30);
+pub(crate) const RESOLVE_RETRY: Duration = Duration::from_secs(30);
 /// A peer whose last handshake is older than this (WireGuard's Reject-After-Time, 180 s)
 /// has no usable session: its endpoint is resolved again.
 const SESSION_DEAD: Duration = Duration::from_secs(180);
 /// Receive and send buffer asked of the kernel for the UDP socket, bytes (4 MiB).
-pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+pub(crate) const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Datagrams read per wake-up before the driver services streams again.
 const RECV_BATCH: usize = 64;
 
@@ -226,7 +226,7 @@ impl Tunnel {
     ///
     /// # Errors
     /// As [`TunnelSpec::from_config`] and [`Tunnel::spawn`].
-    pub async fn from_config(
+    pub(crate) async fn from_config(
         c: &WireGuardConfig,
         stop: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), TunnelError> {
@@ -316,7 +316,7 @@ impl Tunnel {
     }
 
     /// This side's tunnel address.
-    pub fn address(&self) -> IpAddr {
+    pub(crate) fn address(&self) -> IpAddr {
         self.address
     }
 
@@ -442,11 +442,6 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 impl TunnelStream {
-    /// This side's tunnel address and port.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-
     /// The far side's tunnel address and port.
     pub fn peer_addr(&self) -> SocketAddr {
         self.remote

@@ -57,7 +57,7 @@ pub struct PeerStats {
 impl PeerStats {
     /// True when the peer has had a handshake within 180 s (WireGuard's `Reject-After-Time`:
     /// past it, no session key is valid and the peer counts as silent).
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.last_handshake_age_s.is_some_and(|a| a < 180.0)
     }
 }
@@ -120,7 +120,7 @@ impl TunnelStats {
     /// packet), `voicegate_wireguard_peer_calls`, `voicegate_wireguard_peer_rx_bytes`, `voicegate_wireguard_peer_tx_bytes`,
     /// `voicegate_wireguard_peer_handshakes`, `voicegate_wireguard_peer_up` (1 or 0), and
     /// `voicegate_wireguard_dropped_datagrams`.
-    pub fn record_metrics(&self) {
+    pub(crate) fn record_metrics(&self) {
         metrics::gauge!("voicegate_wireguard_dropped_datagrams").set(self.dropped_datagrams as f64);
         for p in &self.peers {
             let peer = p.public_key.clone();

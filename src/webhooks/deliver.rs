@@ -21,10 +21,10 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 /// Gauges and `/health` are refreshed at least this often while events wait.
-pub const REFRESH: Duration = Duration::from_secs(5);
+pub(crate) const REFRESH: Duration = Duration::from_secs(5);
 
 /// Ms since the Unix epoch, now.
-pub fn unix_ms_now() -> u64 {
+pub(crate) fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -33,7 +33,7 @@ pub fn unix_ms_now() -> u64 {
 /// One webhook: its settings, outbox and wake-up; shared by the enqueuing side and its
 /// delivery task.
 #[derive(Debug)]
-pub struct Webhook {
+pub(crate) struct Webhook {
     config: WebhookConfig,
     key: Vec<u8>,
     outbox: Mutex<Outbox>,
@@ -46,7 +46,7 @@ pub struct Webhook {
 
 /// Why a webhook cannot start.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// The secret cannot be resolved.
     #[error("webhooks.{name}.secret: {source}")]
     Secret {
@@ -75,7 +75,7 @@ impl Webhook {
     ///
     /// # Errors
     /// [`StartError`].
-    pub fn open(
+    pub(crate) fn open(
         config: WebhookConfig,
         state_dir: &std::path::Path,
         health: Arc<HealthState>,
@@ -117,7 +117,7 @@ impl Webhook {
     }
 
     /// The webhook's settings.
-    pub fn config(&self) -> &WebhookConfig {
+    pub(crate) fn config(&self) -> &WebhookConfig {
         &self.config
     }
 
@@ -138,7 +138,7 @@ impl Webhook {
     ///
     /// # Errors
     /// The outbox cannot be written: the event is counted `unwritable` and `/health` says so.
-    pub fn enqueue_blocking(&self, key: &str, body: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn enqueue_blocking(&self, key: &str, body: &[u8]) -> std::io::Result<()> {
         let pushed = self.lock().push(key, unix_ms_now(), body);
         match pushed {
             Ok(dropped) => {
@@ -197,7 +197,7 @@ enum Sent {
 /// Delivers `hook`'s outbox until `stop`: the oldest event first, retried with backoff on
 /// any failure; an attempt in flight at `stop` is abandoned (the event stays, and is sent
 /// again, with the same `webhook-id`, after the restart).
-pub async fn deliver(
+pub(crate) async fn deliver(
     hook: Arc<Webhook>,
     client: reqwest::Client,
     stop: tokio_util::sync::CancellationToken,

@@ -21,8 +21,8 @@
 //!
 //! Never sends a secret: the signing key stays on the box.
 
-pub mod deliver;
-pub mod outbox;
+pub(crate) mod deliver;
+pub(crate) mod outbox;
 
 use crate::error::ConfigError;
 use crate::records::{CallRecord, CallerNumbers};
@@ -87,17 +87,17 @@ fn default_max_bytes() -> u64 {
 
 impl WebhookConfig {
     /// One attempt's time limit.
-    pub fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.into())
     }
 
     /// How long an undelivered event is kept.
-    pub fn max_age(&self) -> Duration {
+    pub(crate) fn max_age(&self) -> Duration {
         Duration::from_secs(u64::from(self.max_age_h) * 3600)
     }
 
     /// The outbox bounds.
-    pub fn bounds(&self) -> outbox::Bounds {
+    pub(crate) fn bounds(&self) -> outbox::Bounds {
         outbox::Bounds {
             max_events: self.max_events,
             max_bytes: self.max_bytes,
@@ -109,7 +109,7 @@ impl WebhookConfig {
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] naming the entry and key.
-pub fn validate_config(hooks: &[WebhookConfig]) -> Result<(), ConfigError> {
+pub(crate) fn validate_config(hooks: &[WebhookConfig]) -> Result<(), ConfigError> {
     for (i, h) in hooks.iter().enumerate() {
         let key = |k: &str| format!("webhooks[{i}].{k}");
         let ok_name = (1..=64).contains(&h.name.len())
@@ -176,7 +176,7 @@ pub fn validate_config(hooks: &[WebhookConfig]) -> Result<(), ConfigError> {
 ///
 /// # Errors
 /// A `whsec_` secret whose rest is not base64.
-pub fn signing_key(secret: &str) -> Result<Vec<u8>, base64::DecodeError> {
+pub(crate) fn signing_key(secret: &str) -> Result<Vec<u8>, base64::DecodeError> {
     use base64::Engine as _;
     match secret.strip_prefix("whsec_") {
         Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64),
@@ -186,7 +186,7 @@ pub fn signing_key(secret: &str) -> Result<Vec<u8>, base64::DecodeError> {
 
 /// The `webhook-signature` header value: `v1,` and the base64 of
 /// HMAC-SHA256(`key`, `"{id}.{timestamp_s}.{body}"`).
-pub fn sign(key: &[u8], id: &str, timestamp_s: u64, body: &[u8]) -> String {
+pub(crate) fn sign(key: &[u8], id: &str, timestamp_s: u64, body: &[u8]) -> String {
     use base64::Engine as _;
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     let mut ctx = ring::hmac::Context::with_key(&key);
@@ -207,7 +207,10 @@ pub fn sign(key: &[u8], id: &str, timestamp_s: u64, body: &[u8]) -> String {
 ///
 /// # Errors
 /// Cannot happen for a record (plain strings and numbers); kept for the signature's sake.
-pub fn call_ended_event(record: &CallRecord, ai_time: Duration) -> serde_json::Result<Vec<u8>> {
+pub(crate) fn call_ended_event(
+    record: &CallRecord,
+    ai_time: Duration,
+) -> serde_json::Result<Vec<u8>> {
     serde_json::to_vec(&serde_json::json!({
         "type": "call.ended",
         "call_id": record.call_id,

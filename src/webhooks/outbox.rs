@@ -19,29 +19,29 @@ use std::path::{Path, PathBuf};
 
 /// One event in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Order of arrival; unique within the outbox, also across restarts.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// When it was put in, ms since the Unix epoch.
-    pub enqueued_unix_ms: u64,
+    pub(crate) enqueued_unix_ms: u64,
     /// The idempotency key (the call id), `[0-9a-zA-Z_.:-]`, at most 128 bytes.
-    pub key: String,
+    pub(crate) key: String,
     /// Size of the body, bytes.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// The outbox's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
+pub(crate) struct Bounds {
     /// Events kept at most.
-    pub max_events: usize,
+    pub(crate) max_events: usize,
     /// Bytes of bodies kept at most.
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
 }
 
 /// One webhook's outbox directory and its index.
 #[derive(Debug)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     dir: PathBuf,
     bounds: Bounds,
     entries: VecDeque<Entry>,
@@ -50,7 +50,7 @@ pub struct Outbox {
 }
 
 /// Whether `key` may name a file: 1 to 128 bytes of `[0-9a-zA-Z_.:-]`, not starting with `.`.
-pub fn valid_key(key: &str) -> bool {
+pub(crate) fn valid_key(key: &str) -> bool {
     (1..=128).contains(&key.len())
         && !key.starts_with('.')
         && key
@@ -64,7 +64,7 @@ impl Outbox {
     ///
     /// # Errors
     /// The directory cannot be created or read.
-    pub fn open(dir: &Path, bounds: Bounds) -> io::Result<Self> {
+    pub(crate) fn open(dir: &Path, bounds: Bounds) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let mut entries = Vec::new();
         for e in fs::read_dir(dir)? {
@@ -122,7 +122,12 @@ impl Outbox {
     /// # Errors
     /// `InvalidInput` for a key [`valid_key`] refuses or a body over `max_bytes`; the write
     /// failed (nothing was put in).
-    pub fn push(&mut self, key: &str, enqueued_unix_ms: u64, body: &[u8]) -> io::Result<u64> {
+    pub(crate) fn push(
+        &mut self,
+        key: &str,
+        enqueued_unix_ms: u64,
+        body: &[u8],
+    ) -> io::Result<u64> {
         if !valid_key(key) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid key"));
         }
@@ -165,7 +170,7 @@ impl Outbox {
     ///
     /// # Errors
     /// The file cannot be read.
-    pub fn front(&self) -> io::Result<Option<(Entry, Vec<u8>)>> {
+    pub(crate) fn front(&self) -> io::Result<Option<(Entry, Vec<u8>)>> {
         let Some(e) = self.entries.front() else {
             return Ok(None);
         };
@@ -177,7 +182,7 @@ impl Outbox {
     ///
     /// # Errors
     /// The file cannot be deleted.
-    pub fn remove(&mut self, seq: u64) -> io::Result<bool> {
+    pub(crate) fn remove(&mut self, seq: u64) -> io::Result<bool> {
         let Some(i) = self.entries.iter().position(|e| e.seq == seq) else {
             return Ok(false);
         };
@@ -196,7 +201,7 @@ impl Outbox {
     ///
     /// # Errors
     /// A file cannot be deleted.
-    pub fn expire(&mut self, cutoff_unix_ms: u64) -> io::Result<u64> {
+    pub(crate) fn expire(&mut self, cutoff_unix_ms: u64) -> io::Result<u64> {
         let mut n = 0;
         while let Some(e) = self.entries.front().cloned() {
             if e.enqueued_unix_ms >= cutoff_unix_ms {
@@ -209,22 +214,18 @@ impl Outbox {
     }
 
     /// Events waiting.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether no event waits.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Bytes of the bodies waiting.
-    pub fn bytes(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
 
     /// When the oldest waiting event was put in, ms since the Unix epoch.
-    pub fn oldest_unix_ms(&self) -> Option<u64> {
+    pub(crate) fn oldest_unix_ms(&self) -> Option<u64> {
         self.entries.front().map(|e| e.enqueued_unix_ms)
     }
 }

@@ -29,7 +29,7 @@ use voicegate::audiosocket::codec::{self, Message as AsMessage, SlinRate};
 use voicegate::audiosocket::read_message;
 use voicegate::secret::SecretSource;
 
-pub const KEY: &str = "test-key-123";
+pub(crate) const KEY: &str = "test-key-123";
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -43,7 +43,7 @@ fn query(uri: &str, key: &str) -> Option<String> {
 }
 
 /// Every value of query parameter `key`, in order.
-pub fn query_all(uri: &str, key: &str) -> Vec<String> {
+pub(crate) fn query_all(uri: &str, key: &str) -> Vec<String> {
     let Ok(url) = reqwest::Url::parse(&format!("http://x{uri}")) else {
         return Vec::new();
     };
@@ -108,7 +108,7 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// Which vendor an STT fake plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SttVendor {
+pub(crate) enum SttVendor {
     Soniox,
     Deepgram,
     ElevenLabs,
@@ -123,7 +123,7 @@ pub enum SttVendor {
 
 /// What an STT fake saw.
 #[derive(Debug, Default)]
-pub struct SttLog {
+pub(crate) struct SttLog {
     pub uri: String,
     pub headers: Vec<(String, String)>,
     /// Soniox' first message.
@@ -179,19 +179,23 @@ impl Drop for ActiveSession {
 /// A scripted STT: the "transcript" of the n-th utterance it hears is `utterances[n]`.
 /// Speech is found the way a vendor's endpointing does it, on the audio it received: an
 /// utterance is ≥ 200 ms above RMS 300, ended by ≥ 400 ms below.
-pub struct SttFake {
+pub(crate) struct SttFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<SttLog>>,
 }
 
 impl SttFake {
-    pub async fn start(vendor: SttVendor, utterances: &[&str], fail_after_ms: Option<u64>) -> Self {
+    pub(crate) async fn start(
+        vendor: SttVendor,
+        utterances: &[&str],
+        fail_after_ms: Option<u64>,
+    ) -> Self {
         Self::start_with(vendor, utterances, fail_after_ms, None).await
     }
 
     /// Like [`Self::start`]; with `failing_connections = Some(n)` only the first `n`
     /// connections fail after `fail_after_ms`.
-    pub async fn start_with(
+    pub(crate) async fn start_with(
         vendor: SttVendor,
         utterances: &[&str],
         fail_after_ms: Option<u64>,
@@ -220,11 +224,11 @@ impl SttFake {
 
     /// Soniox: at most `n` sessions at once, as a project's concurrency limit (soniox.com
     /// `stt/rt/limits-and-quotas`: 10 by default); one more is refused with a 429.
-    pub fn concurrency_limit(&self, n: usize) {
+    pub(crate) fn concurrency_limit(&self, n: usize) {
         self.log.lock().unwrap().concurrency_limit = Some(n);
     }
 
-    pub fn url(&self, vendor: SttVendor) -> String {
+    pub(crate) fn url(&self, vendor: SttVendor) -> String {
         match vendor {
             SttVendor::Soniox => format!("ws://{}/transcribe-websocket", self.addr),
             SttVendor::Deepgram => format!("ws://{}/v1/listen", self.addr),
@@ -739,7 +743,7 @@ enum EpEvent {
 }
 
 /// Silence after which the Flux fake, in eager mode, sends `EagerEndOfTurn`.
-pub const FLUX_EAGER_SILENCE_MS: u32 = 120;
+pub(crate) const FLUX_EAGER_SILENCE_MS: u32 = 120;
 
 impl Endpointer {
     fn push(&mut self, samples: &[i16], rate: u32) -> Vec<EpEvent> {
@@ -792,7 +796,7 @@ impl Endpointer {
 
 /// One scripted answer.
 #[derive(Debug, Clone)]
-pub enum LlmReply {
+pub(crate) enum LlmReply {
     /// `data:` payloads (`[DONE]` is added); with `hold_after = Some(n)` the fake sends `n`
     /// events, then waits for [`LlmFake::release`] (or the client closing).
     Stream {
@@ -811,7 +815,7 @@ pub enum LlmReply {
 
 impl LlmReply {
     /// The streamed reply `text`, whole.
-    pub fn text(text: &str) -> Self {
+    pub(crate) fn text(text: &str) -> Self {
         LlmReply::Stream {
             events: text_events(text),
             hold_after: None,
@@ -819,7 +823,7 @@ impl LlmReply {
     }
 
     /// The streamed reply `text`, holding back after `n` events (see [`LlmReply::Stream`]).
-    pub fn text_held(text: &str, n: usize) -> Self {
+    pub(crate) fn text_held(text: &str, n: usize) -> Self {
         LlmReply::Stream {
             events: text_events(text),
             hold_after: Some(n),
@@ -828,7 +832,7 @@ impl LlmReply {
 }
 
 #[derive(Debug, Default)]
-pub struct LlmLog {
+pub(crate) struct LlmLog {
     pub requests: Vec<LlmRequest>,
     /// Request indices whose streams the client closed before the end.
     pub cancelled: Vec<usize>,
@@ -841,7 +845,7 @@ pub struct LlmLog {
 }
 
 #[derive(Debug, Clone)]
-pub struct LlmRequest {
+pub(crate) struct LlmRequest {
     /// When the request was read.
     pub at: Instant,
     pub path: String,
@@ -857,7 +861,7 @@ pub struct LlmRequest {
 /// texts as the API words them, quoted in sdcb/chats#132 and smarter-sh/smarter#264). Its
 /// first token can be delayed ([`LlmFake::first_token_delay`]), as a model thinks before
 /// it streams.
-pub struct LlmFake {
+pub(crate) struct LlmFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<LlmLog>>,
     pub release: Arc<Notify>,
@@ -865,7 +869,7 @@ pub struct LlmFake {
 }
 
 impl LlmFake {
-    pub async fn start(script: Vec<LlmReply>) -> Self {
+    pub(crate) async fn start(script: Vec<LlmReply>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(LlmLog::default()));
@@ -887,11 +891,11 @@ impl LlmFake {
 
     /// Streams of later requests send their first `data:` event this long after the 200
     /// and the processing comment (the model's time to first token).
-    pub fn first_token_delay(&self, d: Duration) {
+    pub(crate) fn first_token_delay(&self, d: Duration) {
         *self.first_token.lock().unwrap() = d;
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/v1/chat/completions", self.addr)
     }
 }
@@ -1064,7 +1068,7 @@ fn chunk(delta: serde_json::Value, finish: Option<&str>) -> String {
 }
 
 /// SSE events streaming `text` a few words at a time, then `stop` and usage.
-pub fn text_events(text: &str) -> Vec<String> {
+pub(crate) fn text_events(text: &str) -> Vec<String> {
     let mut out = vec![chunk(
         serde_json::json!({"role":"assistant","content":""}),
         None,
@@ -1079,7 +1083,7 @@ pub fn text_events(text: &str) -> Vec<String> {
 }
 
 /// SSE events of one tool call, its arguments split into fragments (§7.2).
-pub fn tool_events(id: &str, name: &str, arguments: &str) -> Vec<String> {
+pub(crate) fn tool_events(id: &str, name: &str, arguments: &str) -> Vec<String> {
     let mut out = vec![chunk(
         serde_json::json!({"role":"assistant","content":null,"tool_calls":[{"index":0,"id":id,"type":"function","function":{"name":name,"arguments":""}}]}),
         None,
@@ -1101,7 +1105,7 @@ pub fn tool_events(id: &str, name: &str, arguments: &str) -> Vec<String> {
 
 /// One context (= one reply) the fake saw.
 #[derive(Debug, Default, Clone)]
-pub struct TtsConn {
+pub(crate) struct TtsConn {
     /// The socket's URI.
     pub uri: String,
     pub api_key: Option<String>,
@@ -1120,7 +1124,7 @@ pub struct TtsConn {
 }
 
 #[derive(Debug, Default)]
-pub struct TtsLog {
+pub(crate) struct TtsLog {
     /// One entry per context, in the order they were opened.
     pub conns: Vec<TtsConn>,
     /// WebSocket connections accepted.
@@ -1163,20 +1167,20 @@ const LANGUAGE_MODELS: [&str; 3] = ["eleven_flash_v2_5", "eleven_turbo_v2_5", "e
 /// max 180; `providers.md` §3.1), the socket gets `input_timeout_exceeded` and a 1008 close
 /// (message text as elevenlabs/elevenlabs-docs#426 and livekit/agents#218 quote it);
 /// [`TtsFake::inactivity_timeout`] shortens that for a test.
-pub struct TtsFake {
+pub(crate) struct TtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<TtsLog>>,
     inactivity: Arc<Mutex<Option<Duration>>>,
 }
 
 impl TtsFake {
-    pub async fn start(clip: Recording, fail: bool) -> Self {
+    pub(crate) async fn start(clip: Recording, fail: bool) -> Self {
         Self::start_with(clip, fail, Duration::ZERO).await
     }
 
     /// Like [`Self::start`], each connection's upgrade taking `handshake` (what TCP + TLS +
     /// the HTTP upgrade cost over the internet).
-    pub async fn start_with(clip: Recording, fail: bool, handshake: Duration) -> Self {
+    pub(crate) async fn start_with(clip: Recording, fail: bool, handshake: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(TtsLog::default()));
@@ -1201,17 +1205,17 @@ impl TtsFake {
 
     /// Sockets opened from now on close after `d` without a text message, whatever
     /// `inactivity_timeout` asks for (`None`: as asked, default 20 s).
-    pub fn inactivity_timeout(&self, d: Option<Duration>) {
+    pub(crate) fn inactivity_timeout(&self, d: Option<Duration>) {
         *self.inactivity.lock().unwrap() = d;
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("ws://{}", self.addr)
     }
 }
 
 /// `clip` at `rate_hz` (exact for the 8 kHz fixtures at 8 or 16 kHz).
-pub fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
+pub(crate) fn clip_at(clip: &Recording, rate_hz: u32) -> Vec<i16> {
     voicegate::caller::resample_recording(clip, rate_hz)
         .unwrap()
         .samples
@@ -1447,7 +1451,7 @@ async fn serve_tts(
 // ---------------------------------------------------------------------------------------
 
 /// What the synthetic caller does.
-pub struct EchoCaller {
+pub(crate) struct EchoCaller {
     pub rate: SlinRate,
     /// The first thing the caller says, and when (ms from the call id).
     pub speech: Vec<i16>,
@@ -1462,7 +1466,7 @@ pub struct EchoCaller {
 }
 
 #[derive(Debug, Default)]
-pub struct EchoReport {
+pub(crate) struct EchoReport {
     pub received: Vec<i16>,
     /// ms from the call id of each received frame that was audible (RMS > 64).
     pub audible_ms: Vec<u64>,
@@ -1473,7 +1477,7 @@ pub struct EchoReport {
 
 impl EchoCaller {
     /// Runs the call; `first_audio` is told when the first audible agent frame arrives.
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         addr: SocketAddr,
         call_id: uuid::Uuid,
@@ -1563,7 +1567,7 @@ impl EchoCaller {
 // ---------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]
-pub struct HttpTtsRequest {
+pub(crate) struct HttpTtsRequest {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: serde_json::Value,
@@ -1575,13 +1579,13 @@ pub struct HttpTtsRequest {
 /// `normalized_alignment` with `characters`, `character_start_times_seconds`,
 /// `character_end_times_seconds`), the text's characters spread over the clip. Refuses (400)
 /// another path, and `language_code` for a model that takes none.
-pub struct HttpTtsFake {
+pub(crate) struct HttpTtsFake {
     pub addr: SocketAddr,
     pub log: Arc<Mutex<Vec<HttpTtsRequest>>>,
 }
 
 impl HttpTtsFake {
-    pub async fn start(clip: Recording) -> Self {
+    pub(crate) async fn start(clip: Recording) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -1668,7 +1672,7 @@ fn serve_http_tts(
 }
 
 /// The cascade's STT provider setting for a fake vendor.
-pub fn provider(v: SttVendor) -> SttProvider {
+pub(crate) fn provider(v: SttVendor) -> SttProvider {
     match v {
         SttVendor::Soniox => SttProvider::Soniox,
         SttVendor::Deepgram | SttVendor::Flux => SttProvider::Deepgram,
@@ -1678,7 +1682,12 @@ pub fn provider(v: SttVendor) -> SttProvider {
 
 /// A cascade on the three fakes: `vendor`'s STT, the Chat Completions fake (with an
 /// `X-Title` extra header) and the ElevenLabs TTS fake, all with [`KEY`].
-pub fn config(vendor: SttVendor, stt: &SttFake, llm: &LlmFake, tts: &TtsFake) -> CascadeConfig {
+pub(crate) fn config(
+    vendor: SttVendor,
+    stt: &SttFake,
+    llm: &LlmFake,
+    tts: &TtsFake,
+) -> CascadeConfig {
     let mut c = CascadeConfig::default();
     c.stt.provider = provider(vendor);
     c.stt.url = Some(stt.url(vendor));

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 /// The log text written on one thread while its [`Capturing`] guard lives.
 #[derive(Clone, Default)]
-pub struct CallLogs(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct CallLogs(Arc<Mutex<Vec<u8>>>);
 
 thread_local! {
     static CAPTURE: RefCell<Option<CallLogs>> = const { RefCell::new(None) };
@@ -47,7 +47,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ThreadWriter {
 }
 
 /// Stops the capture of this thread when dropped.
-pub struct Capturing;
+pub(crate) struct Capturing;
 
 impl Drop for Capturing {
     fn drop(&mut self) {
@@ -56,7 +56,7 @@ impl Drop for Capturing {
 }
 
 /// Starts capturing every event (TRACE and up, no colours) of this thread.
-pub fn capture() -> (CallLogs, Capturing) {
+pub(crate) fn capture() -> (CallLogs, Capturing) {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         let layer = tracing_subscriber::fmt::layer()
@@ -84,14 +84,14 @@ const CALL_TARGETS: [&str; 3] = ["voicegate::agent", "voicegate::call", "voicega
 
 impl CallLogs {
     /// Everything captured so far.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
     /// Asserts that every captured line logged by a call's module ([`CALL_TARGETS`]) carries
     /// `call_id=<call_id>` (from the call's span), and that at least one line came from each
     /// target in `expected` (so the check saw the tasks it is about: `voicegate::agent::cascade::stt`, …).
-    pub fn assert_every_call_line_has(&self, call_id: Uuid, expected: &[&str]) {
+    pub(crate) fn assert_every_call_line_has(&self, call_id: Uuid, expected: &[&str]) {
         let text = self.text();
         let needle = format!("call_id={call_id}");
         let mut seen = vec![0usize; expected.len()];

@@ -37,11 +37,11 @@ use voicegate::audio::convert::WireFormat;
 use voicegate::audio::g711::Law;
 
 /// How long the fake waits for any single client event before failing the test.
-pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the client sent in its upgrade request.
 #[derive(Debug, Clone, Default)]
-pub struct Handshake {
+pub(crate) struct Handshake {
     /// Path and query, e.g. `/v1/realtime?model=gpt-realtime`.
     pub uri: String,
     /// The `Authorization` header.
@@ -51,7 +51,7 @@ pub struct Handshake {
 }
 
 /// The listening fake.
-pub struct FakeOpenAi {
+pub(crate) struct FakeOpenAi {
     listener: TcpListener,
     /// `ws://127.0.0.1:PORT/v1/realtime` (the agent appends `?model=`).
     pub url: String,
@@ -60,7 +60,7 @@ pub struct FakeOpenAi {
 }
 
 impl FakeOpenAi {
-    pub async fn bind(api_key: &str) -> Self {
+    pub(crate) async fn bind(api_key: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
         let addr = listener.local_addr().expect("fake address");
         FakeOpenAi {
@@ -72,7 +72,7 @@ impl FakeOpenAi {
 
     /// Accepts one client. The upgrade is refused with 401 if the key is wrong (as OpenAI
     /// does), or with `refuse` if given; then `None` is returned with the handshake seen.
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         refuse: Option<StatusCode>,
         t0: Instant,
@@ -145,7 +145,7 @@ impl FakeOpenAi {
 }
 
 /// One accepted client connection.
-pub struct FakeConn {
+pub(crate) struct FakeConn {
     ws: WebSocketStream<TcpStream>,
     /// Times are reported in ms since this instant (shared with the test's caller).
     pub t0: Instant,
@@ -167,13 +167,13 @@ pub struct FakeConn {
 
 impl FakeConn {
     /// ms since `t0`.
-    pub fn now_ms(&self) -> f64 {
+    pub(crate) fn now_ms(&self) -> f64 {
         self.t0.elapsed().as_secs_f64() * 1000.0
     }
 
     /// Sends one server event; returns the time it was sent (ms since `t0`). Tracks the
     /// active response from the `response.created` / `response.done` it sends.
-    pub async fn send(&mut self, v: Value) -> f64 {
+    pub(crate) async fn send(&mut self, v: Value) -> f64 {
         match v["type"].as_str() {
             Some("response.created") => {
                 self.active_response = v["response"]["id"].as_str().map(str::to_owned);
@@ -190,13 +190,13 @@ impl FakeConn {
     }
 
     /// Sends one WebSocket message as it is (malformed JSON, a binary frame: fault tests).
-    pub async fn send_raw(&mut self, msg: Message) {
+    pub(crate) async fn send_raw(&mut self, msg: Message) {
         self.ws.send(msg).await.expect("fake send");
     }
 
     /// Closes the session with a close frame of `code` and `reason` (RFC 6455 §7.4), as the
     /// real server does on a server error (1011) or policy violation (1008).
-    pub async fn close_with(&mut self, code: u16, reason: &str) {
+    pub(crate) async fn close_with(&mut self, code: u16, reason: &str) {
         use tokio_tungstenite::tungstenite::protocol::CloseFrame;
         let frame = CloseFrame {
             code: code.into(),
@@ -207,7 +207,7 @@ impl FakeConn {
 
     /// Receives the next client event other than an append (appends are decoded into
     /// `audio_in` on the way). `None` when the client closed.
-    pub async fn next_event(&mut self) -> Option<Value> {
+    pub(crate) async fn next_event(&mut self) -> Option<Value> {
         loop {
             let msg = tokio::time::timeout(EVENT_TIMEOUT, self.ws.next())
                 .await
@@ -286,7 +286,7 @@ impl FakeConn {
 
     /// The session reaches its time limit, as OpenAI ends one at 60 minutes: an `error`
     /// with code `session_expired`, then a close with 1001 (going away).
-    pub async fn expire(&mut self) {
+    pub(crate) async fn expire(&mut self) {
         self.server_error(
             "session_expired",
             "Your session hit the maximum duration of 60 minutes.",
@@ -297,7 +297,12 @@ impl FakeConn {
     }
 
     /// An `error` event in the real shape (`realtime_error_event.py`).
-    pub async fn server_error(&mut self, code: &str, message: &str, client_event: Option<&Value>) {
+    pub(crate) async fn server_error(
+        &mut self,
+        code: &str,
+        message: &str,
+        client_event: Option<&Value>,
+    ) {
         let id = self.event_id();
         self.send(json!({"type": "error", "event_id": id, "error": {
             "type": "invalid_request_error", "code": code, "message": message, "param": null,
@@ -326,7 +331,7 @@ impl FakeConn {
     }
 
     /// The next non-append event, which must be of type `kind`.
-    pub async fn expect(&mut self, kind: &str) -> Value {
+    pub(crate) async fn expect(&mut self, kind: &str) -> Value {
         let v = self
             .next_event()
             .await
@@ -337,7 +342,7 @@ impl FakeConn {
 
     /// Reads (collecting appends) until `ms` of caller audio has arrived. Panics if another
     /// event arrives meanwhile.
-    pub async fn wait_for_audio_ms(&mut self, ms: u64) {
+    pub(crate) async fn wait_for_audio_ms(&mut self, ms: u64) {
         let want = (self.input_format.rate_hz() as u64 * ms / 1000) as usize;
         while self.audio_in.len() < want {
             if let Some(v) = self.next_event_with_audio_only().await {
@@ -374,7 +379,7 @@ impl FakeConn {
 
     /// Reads every remaining client event until the client closes (or `limit` passes),
     /// applying the server's rules to each (a `response.create` may be refused).
-    pub async fn drain(&mut self, limit: Duration) {
+    pub(crate) async fn drain(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
@@ -396,7 +401,7 @@ impl FakeConn {
     }
 
     /// `session.created`, as the server sends it first.
-    pub async fn session_created(&mut self) {
+    pub(crate) async fn session_created(&mut self) {
         let session = json!({"id": "sess_fake_1", "object": "realtime.session", "type": "realtime",
                              "model": "gpt-realtime"});
         self.send(json!({"type": "session.created", "event_id": "ev_c1", "session": session}))
@@ -405,7 +410,11 @@ impl FakeConn {
 
     /// Answers a `session.update` with `session.updated` holding the effective session:
     /// the update's session with `formats` (input, output) in place of what was asked.
-    pub async fn session_updated(&mut self, update: &Value, formats: (WireFormat, WireFormat)) {
+    pub(crate) async fn session_updated(
+        &mut self,
+        update: &Value,
+        formats: (WireFormat, WireFormat),
+    ) {
         let mut session = update["session"].clone();
         assert_eq!(session["type"], "realtime", "a GA session.update: {update}");
         session["id"] = json!("sess_fake_1");
@@ -417,7 +426,7 @@ impl FakeConn {
     }
 
     /// The events of a caller turn under server VAD (§1.4), with its transcript.
-    pub async fn caller_turn(&mut self, item_id: &str, transcript: &str) {
+    pub(crate) async fn caller_turn(&mut self, item_id: &str, transcript: &str) {
         self.send(json!({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100, "item_id": item_id})).await;
         self.send(json!({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1500, "item_id": item_id})).await;
         self.send(json!({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": null})).await;
@@ -432,7 +441,7 @@ impl FakeConn {
     /// `audio` (wire bytes in the output format) as deltas of `chunk` bytes, back to back,
     /// with the transcript's words interleaved as transcript deltas. Returns the send times
     /// (ms since `t0`) of the first and the last event.
-    pub async fn reply(
+    pub(crate) async fn reply(
         &mut self,
         response_id: &str,
         item_id: &str,
@@ -499,7 +508,7 @@ impl FakeConn {
 }
 
 /// A GA format object (§1.2).
-pub fn ga_format(f: WireFormat) -> Value {
+pub(crate) fn ga_format(f: WireFormat) -> Value {
     match f {
         WireFormat::G711(Law::Ulaw) => json!({"type": "audio/pcmu"}),
         WireFormat::G711(Law::Alaw) => json!({"type": "audio/pcma"}),
@@ -508,7 +517,7 @@ pub fn ga_format(f: WireFormat) -> Value {
 }
 
 /// slin samples as wire bytes of `format` (the samples must already be at its rate).
-pub fn to_wire(samples: &[i16], format: WireFormat) -> Vec<u8> {
+pub(crate) fn to_wire(samples: &[i16], format: WireFormat) -> Vec<u8> {
     match format {
         WireFormat::G711(law) => samples.iter().map(|&s| law.encode(s)).collect(),
         WireFormat::Pcm16 { .. } => samples.iter().flat_map(|s| s.to_le_bytes()).collect(),

@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests: fixtures and a server on 127.0.0.1:0.
 #![allow(dead_code)]
 
-pub mod service;
+pub(crate) mod service;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use voicegate::call::route::{Generation, Router, ServerParams};
 use voicegate::config::AudioSocketConfig;
 
 /// A real recording from `tests/fixtures`.
-pub fn fixture(name: &str) -> Recording {
+pub(crate) fn fixture(name: &str) -> Recording {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
@@ -23,7 +23,7 @@ pub fn fixture(name: &str) -> Recording {
 }
 
 /// A running AudioSocket server on an ephemeral loopback port.
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub addr: SocketAddr,
     pub stop: CancellationToken,
     pub summaries: mpsc::UnboundedReceiver<CallSummary>,
@@ -31,7 +31,7 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start(agent: SharedAgent) -> Self {
+    pub(crate) async fn start(agent: SharedAgent) -> Self {
         Self::start_with(
             agent,
             ServerParams::from_config(&AudioSocketConfig::default()),
@@ -39,7 +39,7 @@ impl TestServer {
         .await
     }
 
-    pub async fn start_with(agent: SharedAgent, params: ServerParams) -> Self {
+    pub(crate) async fn start_with(agent: SharedAgent, params: ServerParams) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let server = Server::bind("127.0.0.1:0".parse().unwrap())
             .await
@@ -58,7 +58,7 @@ impl TestServer {
     }
 
     /// The summary of the next call that ends.
-    pub async fn next_summary(&mut self) -> CallSummary {
+    pub(crate) async fn next_summary(&mut self) -> CallSummary {
         tokio::time::timeout(std::time::Duration::from_secs(10), self.summaries.recv())
             .await
             .expect("a call summary in time")
@@ -73,7 +73,7 @@ impl TestServer {
 /// counts, rather than caller-sent with caller-received, keeps a slow start or end of the
 /// session, or a late tick voicegate skipped by design on a loaded machine, from passing for
 /// a loss.
-pub fn assert_no_frame_lost(report: &voicegate::caller::CallReport, summary: &CallSummary) {
+pub(crate) fn assert_no_frame_lost(report: &voicegate::caller::CallReport, summary: &CallSummary) {
     assert_no_frame_lost_counts(
         report.frames_sent,
         report.frames_received,
@@ -85,7 +85,7 @@ pub fn assert_no_frame_lost(report: &voicegate::caller::CallReport, summary: &Ca
 /// [`assert_no_frame_lost`] from the far side's own counts: frames it sent and received, and
 /// the largest gap between the frames it received, ms (the fake Asterisk's externalMedia
 /// side reports these without a `CallReport`).
-pub fn assert_no_frame_lost_counts(
+pub(crate) fn assert_no_frame_lost_counts(
     sent: u64,
     received: u64,
     gap_max_ms: f64,

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A started service: the child, its directory and config, and the bound listeners.
-pub struct Started {
+pub(crate) struct Started {
     pub child: Child,
     pub config: PathBuf,
     pub audiosocket: SocketAddr,
@@ -19,7 +19,7 @@ pub struct Started {
 /// Starts `voicegate run` in `dir` (state under `dir/state`, stderr in `dir/stderr.log`)
 /// with `body` appended to a config whose listeners are on `127.0.0.1:0`, and waits for
 /// `READY=1` (20 s at most; the panic quotes stderr).
-pub fn start(dir: &Path, shutdown_grace_s: u32, body: &str) -> Started {
+pub(crate) fn start(dir: &Path, shutdown_grace_s: u32, body: &str) -> Started {
     let config = dir.join("voicegate.toml");
     let text = format!(
         "[audiosocket]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_s = {shutdown_grace_s}\n\

@@ -59,12 +59,12 @@ use uuid::Uuid;
 use voicegate::audiosocket::codec::{self, Message, SlinRate};
 use voicegate::audiosocket::read_message;
 
-pub const USER: &str = "voicegate";
-pub const PASS: &str = "ari-test-secret";
+pub(crate) const USER: &str = "voicegate";
+pub(crate) const PASS: &str = "ari-test-secret";
 
 /// What the media side observed for one externalMedia channel.
 #[derive(Debug, Default, Clone)]
-pub struct MediaReport {
+pub(crate) struct MediaReport {
     pub call_id: Option<Uuid>,
     pub frames_sent: u64,
     pub frames_received: u64,
@@ -119,7 +119,7 @@ impl FakeChannel {
 
 /// A `continue` request Asterisk accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Continued {
+pub(crate) struct Continued {
     pub channel: String,
     pub context: String,
     pub extension: String,
@@ -153,7 +153,7 @@ struct State {
 /// REST reply at .402023, a too-early addChannel 422 at .402292, `StasisStart` at .402481;
 /// `res/ari/resource_bridges.c`). The fake does the same.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum MediaJoin {
+pub(crate) enum MediaJoin {
     /// 2–41 ms after the REST reply, every fifth channel 150 ms (default).
     #[default]
     Late,
@@ -163,7 +163,7 @@ pub enum MediaJoin {
 
 /// Counters of what the fake did.
 #[derive(Debug, Default)]
-pub struct Counts {
+pub(crate) struct Counts {
     pub bridges_created: AtomicU64,
     pub bridges_destroyed: AtomicU64,
     pub media_created: AtomicU64,
@@ -180,7 +180,7 @@ pub struct Counts {
     pub ws_without_app: AtomicU64,
 }
 
-pub struct FakeAri {
+pub(crate) struct FakeAri {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<String>,
@@ -224,7 +224,7 @@ impl Drop for FakeAri {
 
 impl FakeAri {
     /// Starts the fake; the media side streams `speech` (slin at `rate`).
-    pub async fn start(speech: Vec<i16>, rate: SlinRate) -> FakeAri {
+    pub(crate) async fn start(speech: Vec<i16>, rate: SlinRate) -> FakeAri {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -270,12 +270,12 @@ impl FakeAri {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Waits until an events WebSocket is connected.
-    pub async fn wait_ws(&self) {
+    pub(crate) async fn wait_ws(&self) {
         wait_until(Duration::from_secs(10), || {
             self.counts.ws_clients.load(Ordering::SeqCst) > 0
         })
@@ -283,20 +283,20 @@ impl FakeAri {
     }
 
     /// A caller dials in and the dialplan runs `Stasis(voicegate)`: `StasisStart`.
-    pub fn new_caller(&self, number: &str, name: &str) -> String {
+    pub(crate) fn new_caller(&self, number: &str, name: &str) -> String {
         self.new_caller_in("voicegate", number, name)
     }
 
     /// A caller dials in and the dialplan runs `Stasis(<app>)`: `StasisStart` to the
     /// subscribers of `app` only.
-    pub fn new_caller_in(&self, app: &str, number: &str, name: &str) -> String {
+    pub(crate) fn new_caller_in(&self, app: &str, number: &str, name: &str) -> String {
         self.new_caller_with(app, number, name, &[], &[])
     }
 
     /// A caller dials in and the dialplan sets `vars` then runs `Stasis(<app>,<args…>)`:
     /// `StasisStart` with `args` (ARI `StasisStart.args`), the variables readable with
     /// `GET /channels/{id}/variable`.
-    pub fn new_caller_with(
+    pub(crate) fn new_caller_with(
         &self,
         app: &str,
         number: &str,
@@ -337,7 +337,7 @@ impl FakeAri {
 
     /// A caller inside `AudioSocket(<uuid>,host:port)` (mode 1) or `Dial(AudioSocket/…)`
     /// (mode 2): not in Stasis.
-    pub fn new_audiosocket_caller(
+    pub(crate) fn new_audiosocket_caller(
         &self,
         number: &str,
         name: &str,
@@ -372,7 +372,7 @@ impl FakeAri {
     /// What a voicegate that died mid-call leaves behind: a caller in Stasis, an
     /// externalMedia channel (its socket long closed) and a `voicegate-` bridge holding both.
     /// Returns (caller, media, bridge) ids.
-    pub fn orphans_from_previous_run(&self) -> (String, String, String) {
+    pub(crate) fn orphans_from_previous_run(&self) -> (String, String, String) {
         let caller = self.new_caller("+15559999999", "Orphan");
         let mut st = self.state.lock().unwrap();
         st.seq += 1;
@@ -415,7 +415,7 @@ impl FakeAri {
     }
 
     /// The caller presses a key: `ChannelDtmfReceived`.
-    pub fn press(&self, channel: &str, digit: char) {
+    pub(crate) fn press(&self, channel: &str, digit: char) {
         let st = self.state.lock().unwrap();
         if let Some(ch) = st.channels.get(channel) {
             let ev = event(
@@ -429,7 +429,7 @@ impl FakeAri {
 
     /// The caller presses a key and the mixing bridge passes it on: `ChannelDtmfReceived`
     /// and `0x03` on every externalMedia channel in the caller's bridge.
-    pub fn press_with_passthrough(&self, channel: &str, digit: char) {
+    pub(crate) fn press_with_passthrough(&self, channel: &str, digit: char) {
         self.press(channel, digit);
         let st = self.state.lock().unwrap();
         for members in st
@@ -446,31 +446,31 @@ impl FakeAri {
     }
 
     /// The caller hangs up.
-    pub fn caller_hangs_up(&self, channel: &str) {
+    pub(crate) fn caller_hangs_up(&self, channel: &str) {
         let mut st = self.state.lock().unwrap();
         destroy_channel(&mut st, &self.events, &self.counts, channel);
     }
 
     /// Closes every events WebSocket cleanly (Close frame), as an Asterisk restart does.
-    pub fn drop_ws(&self) {
+    pub(crate) fn drop_ws(&self) {
         self.kill_ws.send_modify(|g| *g += 1);
     }
 
     /// While set, upgrades to the events WebSocket are answered 503.
-    pub fn refuse_ws(&self, refuse: bool) {
+    pub(crate) fn refuse_ws(&self, refuse: bool) {
         self.refuse_ws.store(refuse, Ordering::SeqCst);
     }
 
     /// While set, the events WebSocket upgrade succeeds and the server closes it at once with
     /// a clean Close frame.
-    pub fn close_ws_at_once(&self, on: bool) {
+    pub(crate) fn close_ws_at_once(&self, on: bool) {
         self.close_ws_at_once.store(on, Ordering::SeqCst);
     }
 
     /// While set, every REST request (not the events WebSocket upgrade) is read and never
     /// answered: the connection stays open until the client gives up and closes it, as an
     /// Asterisk whose HTTP server is wedged does.
-    pub fn hang_rest(&self, on: bool) {
+    pub(crate) fn hang_rest(&self, on: bool) {
         self.hang_rest.store(on, Ordering::SeqCst);
     }
 
@@ -479,50 +479,50 @@ impl FakeAri {
     /// on it, and the TCP connection stays open (no Close, no FIN), as a wedged Asterisk or
     /// a dead path does. A socket once silent stays so until voicegate drops it; clearing the
     /// flag only lets new connections work again.
-    pub fn silence_ws(&self, on: bool) {
+    pub(crate) fn silence_ws(&self, on: bool) {
         self.silent_ws.send_replace(on);
     }
 
     /// While set, events are not delivered on the events WebSocket, which otherwise goes on
     /// as usual (pongs answered, link up): events lost without the link noticing.
-    pub fn lose_events(&self, on: bool) {
+    pub(crate) fn lose_events(&self, on: bool) {
         self.lose_events.store(on, Ordering::SeqCst);
     }
 
     /// When the next externalMedia channels enter the application.
-    pub fn media_join(&self, join: MediaJoin) {
+    pub(crate) fn media_join(&self, join: MediaJoin) {
         self.state.lock().unwrap().media_join = join;
     }
 
     /// New externalMedia channels send their frames late like a busy Asterisk (`None`: on
     /// the 20 ms grid).
-    pub fn media_jitter(&self, jitter: Option<voicegate::caller::InputJitter>) {
+    pub(crate) fn media_jitter(&self, jitter: Option<voicegate::caller::InputJitter>) {
         self.state.lock().unwrap().media_jitter = jitter;
     }
 
     /// `METHOD /path` of every REST request held by [`FakeAri::hang_rest`], in arrival order.
-    pub fn hung_requests(&self) -> Vec<String> {
+    pub(crate) fn hung_requests(&self) -> Vec<String> {
         self.state.lock().unwrap().hung_requests.clone()
     }
 
     /// The next `n` `continue` requests answer 500.
-    pub fn fail_continue(&self, n: u64) {
+    pub(crate) fn fail_continue(&self, n: u64) {
         self.counts.fail_continue.store(n, Ordering::SeqCst);
     }
 
-    pub fn continued(&self) -> Vec<Continued> {
+    pub(crate) fn continued(&self) -> Vec<Continued> {
         self.state.lock().unwrap().continued.clone()
     }
 
-    pub fn channel_exists(&self, id: &str) -> bool {
+    pub(crate) fn channel_exists(&self, id: &str) -> bool {
         self.state.lock().unwrap().channels.contains_key(id)
     }
 
-    pub fn live_bridges(&self) -> usize {
+    pub(crate) fn live_bridges(&self) -> usize {
         self.state.lock().unwrap().bridges.len()
     }
 
-    pub fn media_reports(&self) -> Vec<MediaReport> {
+    pub(crate) fn media_reports(&self) -> Vec<MediaReport> {
         let st = self.state.lock().unwrap();
         st.media_reports
             .iter()
@@ -530,17 +530,17 @@ impl FakeAri {
             .collect()
     }
 
-    pub fn status_409_count(&self) -> u64 {
+    pub(crate) fn status_409_count(&self) -> u64 {
         self.state.lock().unwrap().status_409
     }
 
-    pub fn count(&self, c: &AtomicU64) -> u64 {
+    pub(crate) fn count(&self, c: &AtomicU64) -> u64 {
         c.load(Ordering::SeqCst)
     }
 }
 
 /// Polls `f` every 20 ms until it holds, panicking after `limit`.
-pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !f() {
         assert!(

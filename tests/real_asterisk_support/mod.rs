@@ -23,15 +23,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The ARI password in the project's `asterisk/ari.conf`.
-pub const ARI_PASSWORD: &str = "change-me-to-a-long-random-string";
+pub(crate) const ARI_PASSWORD: &str = "change-me-to-a-long-random-string";
 
 /// The repository root.
-pub fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// A free loopback TCP port (bound and released; the tests start their listeners at once).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -42,21 +42,23 @@ pub fn free_port() -> u16 {
 /// One scenario at a time in this test binary: each starts its own Asterisk and voicegate,
 /// and their timing checks (pacing, the echo's delay) are about voicegate, not about a dozen
 /// PBXs competing for two cores. Hold the guard for the whole test.
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+pub(crate) async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     SERIAL.lock().await
 }
 
 /// For one scenario: the Asterisk prefix ([`asterisk_prefix`]) and the [`serial`] guard to
 /// hold for the whole test; `None` when the test is skipped.
-pub async fn asterisk_for(test: &str) -> Option<(PathBuf, tokio::sync::MutexGuard<'static, ()>)> {
+pub(crate) async fn asterisk_for(
+    test: &str,
+) -> Option<(PathBuf, tokio::sync::MutexGuard<'static, ()>)> {
     let prefix = asterisk_prefix(test)?;
     Some((prefix, serial().await))
 }
 
 /// The Asterisk install prefix, or `None` (after [`crate::skip::skip`]) when there is none and
 /// the run does not require it. Panics under `VOICEGATE_REQUIRE_ALL=1` without one.
-pub fn asterisk_prefix(test: &str) -> Option<PathBuf> {
+pub(crate) fn asterisk_prefix(test: &str) -> Option<PathBuf> {
     let prefix = std::env::var_os("VOICEGATE_ASTERISK")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/asterisk-22.10.1"));
@@ -74,10 +76,10 @@ pub fn asterisk_prefix(test: &str) -> Option<PathBuf> {
 }
 
 /// A temp dir removed on drop.
-pub struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
-    pub fn new(name: &str) -> TempDir {
+    pub(crate) fn new(name: &str) -> TempDir {
         // Short: Asterisk's control socket path must fit in sun_path (108 bytes).
         let p = std::env::temp_dir().join(format!(
             "vga-{name}-{}-{}",
@@ -102,7 +104,7 @@ impl Drop for TempDir {
 }
 
 /// How to start Asterisk.
-pub struct AsteriskSetup {
+pub(crate) struct AsteriskSetup {
     /// `[globals]` overrides, after the project's own.
     pub globals: Vec<(String, String)>,
     /// Extra dialplan appended to the test's `extensions.conf`.
@@ -110,7 +112,7 @@ pub struct AsteriskSetup {
 }
 
 /// A running Asterisk, stopped on drop.
-pub struct Asterisk {
+pub(crate) struct Asterisk {
     pub prefix: PathBuf,
     pub dir: TempDir,
     pub http_port: u16,
@@ -181,7 +183,7 @@ exten => op,1,Answer()
 impl Asterisk {
     /// Starts Asterisk from `prefix` with the project's `asterisk/` files and `setup`, and
     /// waits until it is fully booted with ARI answering.
-    pub async fn start(prefix: &Path, name: &str, setup: AsteriskSetup) -> Asterisk {
+    pub(crate) async fn start(prefix: &Path, name: &str, setup: AsteriskSetup) -> Asterisk {
         let dir = TempDir::new(name);
         let d = &dir.0;
         for sub in ["etc", "varlib", "spool", "run", "log", "agi"] {
@@ -341,7 +343,7 @@ impl Asterisk {
     }
 
     /// Runs one CLI command (`asterisk -rx`) and returns its output.
-    pub fn cli(&self, cmd: &str) -> String {
+    pub(crate) fn cli(&self, cmd: &str) -> String {
         let out = Command::new(self.prefix.join("sbin/asterisk"))
             .arg("-C")
             .arg(self.dir.0.join("etc/asterisk.conf"))
@@ -352,12 +354,12 @@ impl Asterisk {
     }
 
     /// Asterisk's `messages.log` so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("log/messages.log")).unwrap_or_default()
     }
 
     /// The `http://127.0.0.1:PORT` of its HTTP server (ARI at `/ari`).
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
@@ -368,7 +370,7 @@ impl Asterisk {
     }
 
     /// One ARI request; the JSON body, or the status and message.
-    pub async fn ari(
+    pub(crate) async fn ari(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -393,7 +395,7 @@ impl Asterisk {
     /// project's dialplan in mode `app`, `driver` or `stasis`), whose `;1` half plays `wav`
     /// (a path without extension), sends `dtmf` after it, waits `wait_s` and hangs up,
     /// recording what it hears. Returns the `;1` channel id.
-    pub async fn originate(&self, call: &TestCall) -> String {
+    pub(crate) async fn originate(&self, call: &TestCall) -> String {
         let vars = serde_json::json!({"variables": {
             "VG_NAME": call.name, "VG_WAV": call.wav.display().to_string(),
             "VG_WAIT": call.wait_s.to_string(), "VG_DTMF": call.dtmf,
@@ -426,7 +428,7 @@ impl Asterisk {
     }
 
     /// Waits until the channel is gone (the test caller hung up), at most `limit`.
-    pub async fn wait_gone(&self, channel: &str, limit: Duration) {
+    pub(crate) async fn wait_gone(&self, channel: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         while self
             .ari(reqwest::Method::GET, &format!("/channels/{channel}"), &[])
@@ -439,7 +441,7 @@ impl Asterisk {
     }
 
     /// Waits until Asterisk has no channel at all.
-    pub async fn wait_no_channels(&self, limit: Duration) {
+    pub(crate) async fn wait_no_channels(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             let list = self
@@ -455,12 +457,12 @@ impl Asterisk {
     }
 
     /// What the calling half of call `name` heard (8 kHz slin), once its recording is closed.
-    pub fn heard(&self, name: &str) -> Vec<i16> {
+    pub(crate) fn heard(&self, name: &str) -> Vec<i16> {
         read_wav(&self.dir.0.join(format!("{name}-heard.wav")))
     }
 
     /// Lines the operators' queue member wrote (one per caller it answered).
-    pub fn operator_log(&self) -> Vec<String> {
+    pub(crate) fn operator_log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.0.join("operator.log"))
             .unwrap_or_default()
             .lines()
@@ -470,7 +472,7 @@ impl Asterisk {
 
     /// Lines where Asterisk refused an extension because a context already had it (two
     /// definitions of one context, the first silently winning).
-    pub fn shadowed(&self) -> Vec<String> {
+    pub(crate) fn shadowed(&self) -> Vec<String> {
         self.log()
             .lines()
             .filter(|l| l.contains("Unable to register extension") || l.contains("already in use"))
@@ -479,7 +481,7 @@ impl Asterisk {
     }
 
     /// Waits until voicegate's events WebSocket has registered the Stasis application.
-    pub async fn wait_app_registered(&self) {
+    pub(crate) async fn wait_app_registered(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.cli("ari show apps").contains("voicegate") {
             assert!(Instant::now() < deadline, "Stasis app not registered");
@@ -489,7 +491,7 @@ impl Asterisk {
 
     /// Waits until the operators' queue member has answered `n` callers, at most `limit`;
     /// panics naming `what` otherwise.
-    pub async fn wait_operator_calls(&self, n: usize, limit: Duration, what: &str) {
+    pub(crate) async fn wait_operator_calls(&self, n: usize, limit: Duration, what: &str) {
         let deadline = Instant::now() + limit;
         while self.operator_log().len() < n {
             assert!(Instant::now() < deadline, "{what}: no operator answered");
@@ -498,7 +500,7 @@ impl Asterisk {
     }
 
     /// `ERROR` lines in Asterisk's log.
-    pub fn errors(&self) -> Vec<String> {
+    pub(crate) fn errors(&self) -> Vec<String> {
         self.log()
             .lines()
             .filter(|l| l.contains("ERROR["))
@@ -523,7 +525,7 @@ impl Drop for Asterisk {
 }
 
 /// A test call.
-pub struct TestCall {
+pub(crate) struct TestCall {
     pub name: String,
     pub number: String,
     pub mode: &'static str,
@@ -535,7 +537,7 @@ pub struct TestCall {
 
 impl TestCall {
     /// A call in `mode` playing the fixture `hello-world`, then waiting 2 s.
-    pub fn new(name: &str, mode: &'static str) -> TestCall {
+    pub(crate) fn new(name: &str, mode: &'static str) -> TestCall {
         TestCall {
             name: name.to_owned(),
             number: format!(
@@ -552,13 +554,13 @@ impl TestCall {
 }
 
 /// Reads a WAV file's samples (mono slin, any rate).
-pub fn read_wav(path: &Path) -> Vec<i16> {
+pub(crate) fn read_wav(path: &Path) -> Vec<i16> {
     let r = hound::WavReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     r.into_samples::<i16>().map(Result::unwrap).collect()
 }
 
 /// Writes mono 8 kHz slin as a WAV file.
-pub fn write_wav(path: &Path, samples: &[i16]) {
+pub(crate) fn write_wav(path: &Path, samples: &[i16]) {
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: 8_000,
@@ -578,7 +580,7 @@ fn write(path: &Path, text: &str) {
 }
 
 /// voicegate (`voicegate run`, the binary under test) with a generated config.
-pub struct Voicegate {
+pub(crate) struct Voicegate {
     pub audiosocket: SocketAddr,
     pub health: SocketAddr,
     pub dir: TempDir,
@@ -589,20 +591,20 @@ pub struct Voicegate {
 impl Voicegate {
     /// Starts `voicegate run` with `[audiosocket]`, `[health]`, `[state]` on ephemeral ports
     /// and in a temp dir, plus `extra` TOML (the agent, `[ari]`, …).
-    pub async fn start(name: &str, extra: &str) -> Voicegate {
+    pub(crate) async fn start(name: &str, extra: &str) -> Voicegate {
         let (audiosocket, health) = Voicegate::ports();
         Voicegate::start_on(name, audiosocket, health, extra).await
     }
 
     /// Two free loopback addresses: the AudioSocket and the health listener.
-    pub fn ports() -> (SocketAddr, SocketAddr) {
+    pub(crate) fn ports() -> (SocketAddr, SocketAddr) {
         let a = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let h = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         (a, h)
     }
 
     /// [`Voicegate::start`] on chosen addresses.
-    pub async fn start_on(
+    pub(crate) async fn start_on(
         name: &str,
         audiosocket: SocketAddr,
         health: SocketAddr,
@@ -663,14 +665,14 @@ impl Voicegate {
     }
 
     /// The call records written so far.
-    pub fn records(&self) -> Vec<voicegate::records::CallRecord> {
+    pub(crate) fn records(&self) -> Vec<voicegate::records::CallRecord> {
         voicegate::records::spool::read_dir(&self.dir.0.join("state/records"))
             .map(|(r, _)| r)
             .unwrap_or_default()
     }
 
     /// Waits until `n` call records are written.
-    pub async fn wait_records(
+    pub(crate) async fn wait_records(
         &self,
         n: usize,
         limit: Duration,
@@ -692,7 +694,7 @@ impl Voicegate {
     }
 
     /// `GET /metrics`.
-    pub async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         voicegate::tls::http_client_builder()
             .build()
             .unwrap()
@@ -706,7 +708,7 @@ impl Voicegate {
     }
 
     /// Stops it (SIGTERM) and waits.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -730,7 +732,7 @@ impl Drop for Voicegate {
 
 /// An AudioSocket relay between Asterisk and voicegate that timestamps every audio frame
 /// voicegate sends, to measure voicegate's pacing as Asterisk receives it.
-pub struct PacingProbe {
+pub(crate) struct PacingProbe {
     pub addr: SocketAddr,
     /// Arrival times of voicegate's audio frames, per connection.
     pub frames: Arc<Mutex<Vec<Vec<Instant>>>>,
@@ -739,7 +741,7 @@ pub struct PacingProbe {
 
 impl PacingProbe {
     /// Relays connections on a new loopback port to `to`.
-    pub async fn start(to: SocketAddr) -> PacingProbe {
+    pub(crate) async fn start(to: SocketAddr) -> PacingProbe {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let frames = Arc::new(Mutex::new(Vec::new()));
@@ -797,7 +799,7 @@ impl PacingProbe {
     }
 
     /// Gaps between consecutive frames of connection `i`, ms, sorted.
-    pub fn gaps_ms(&self, i: usize) -> Vec<f64> {
+    pub(crate) fn gaps_ms(&self, i: usize) -> Vec<f64> {
         let all = self.frames.lock().unwrap();
         let mut g: Vec<f64> = all[i]
             .windows(2)
@@ -815,7 +817,7 @@ impl Drop for PacingProbe {
 }
 
 /// A percentile of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -826,7 +828,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// The voiced 100 ms windows of `reference` matched in `received` (8 kHz or `rate_hz`), as
 /// `(correlation, lag in samples)`: [`voicegate::caller::speech_similarity`], the one
 /// implementation.
-pub fn window_matches(
+pub(crate) fn window_matches(
     received: &[i16],
     reference: &[i16],
     rate_hz: u32,
@@ -843,7 +845,7 @@ pub fn window_matches(
 /// Asserts that `received` carries `reference` echoed: at least 95 % of the voiced 100 ms
 /// windows (all but one of a short recording) match with correlation ≥ 0.8, and returns the
 /// matches.
-pub fn assert_echo(
+pub(crate) fn assert_echo(
     what: &str,
     received: &[i16],
     reference: &[i16],

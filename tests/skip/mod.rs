@@ -8,11 +8,11 @@
 use std::io::Write as _;
 
 /// The prefix of every skip marker line (`.ci/run` greps for it).
-pub const MARKER: &str = "voicegate-test-skipped";
+pub(crate) const MARKER: &str = "voicegate-test-skipped";
 
 /// Records that `test` did not run because of `why` (see the module docs); the caller then
 /// returns. Panics under `VOICEGATE_REQUIRE_ALL=1`.
-pub fn skip(test: &str, why: &str) {
+pub(crate) fn skip(test: &str, why: &str) {
     let line = format!("{MARKER}: {test}: {why}");
     eprintln!("{line}");
     if let Some(path) = std::env::var_os("VOICEGATE_SKIP_LOG") {

@@ -3,7 +3,7 @@
 //! fake shares.
 #![allow(dead_code)]
 
-pub mod http;
+pub(crate) mod http;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use voicegate::agent::{Agent, AgentEndpoint, AgentSession, CallInfo};
 
 /// One request the HTTP server received.
 #[derive(Debug, Clone)]
-pub struct HttpRequest {
+pub(crate) struct HttpRequest {
     pub method: String,
     /// Path and query, as on the request line.
     pub target: String,
@@ -23,14 +23,14 @@ pub struct HttpRequest {
 }
 
 impl HttpRequest {
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("request body is JSON")
     }
 }
 
 /// How the server answers.
 #[derive(Debug, Clone)]
-pub enum Reply {
+pub(crate) enum Reply {
     /// `200 OK` with this JSON body.
     Json(String),
     /// This status and body.
@@ -41,13 +41,13 @@ pub enum Reply {
 
 /// An HTTP/1.1 server on 127.0.0.1:0 ([`http`]) that answers every request with `reply`
 /// and reports each request.
-pub struct HttpServer {
+pub(crate) struct HttpServer {
     pub addr: SocketAddr,
     pub requests: mpsc::UnboundedReceiver<HttpRequest>,
 }
 
 impl HttpServer {
-    pub async fn start(reply: Reply) -> Self {
+    pub(crate) async fn start(reply: Reply) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let addr = http::spawn(move |req: http::Request| {
             let (tx, reply) = (tx.clone(), reply.clone());
@@ -70,7 +70,7 @@ impl HttpServer {
         HttpServer { addr, requests: rx }
     }
 
-    pub async fn next_request(&mut self) -> HttpRequest {
+    pub(crate) async fn next_request(&mut self) -> HttpRequest {
         tokio::time::timeout(Duration::from_secs(10), self.requests.recv())
             .await
             .expect("a request in time")
@@ -80,12 +80,12 @@ impl HttpServer {
 
 /// An agent whose sessions the test drives by hand: each call's [`CallInfo`] and agent-side
 /// endpoint are handed to the test.
-pub struct ScriptAgent {
+pub(crate) struct ScriptAgent {
     tx: mpsc::UnboundedSender<(CallInfo, AgentEndpoint)>,
 }
 
 impl ScriptAgent {
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<(CallInfo, AgentEndpoint)>) {
+    pub(crate) fn new() -> (Self, mpsc::UnboundedReceiver<(CallInfo, AgentEndpoint)>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (ScriptAgent { tx }, rx)
     }

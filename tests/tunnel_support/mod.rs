@@ -15,12 +15,12 @@ use voicegate::call::{AudioSocketPort, CallSummary, SessionParams, run_session};
 use voicegate::tunnel::{CoreSpec, PeerSpec, Tunnel, TunnelListener, TunnelSpec};
 
 /// A fixed private key (the test's own; never used outside tests).
-pub fn secret(seed: u8) -> StaticSecret {
+pub(crate) fn secret(seed: u8) -> StaticSecret {
     StaticSecret::from([seed; 32])
 }
 
 /// Spec for one side: `me` at `addr`/24, one peer at `peer_ip`/32.
-pub fn spec(
+pub(crate) fn spec(
     me: u8,
     addr: &str,
     peer_public: PublicKey,
@@ -49,7 +49,7 @@ pub fn spec(
 
 /// Two in-process tunnels on loopback UDP: the PBX side (10.0.0.1, listens) and the
 /// voicegate side (10.0.0.2, knows the PBX endpoint, persistent keepalive 25 s).
-pub async fn loopback_pair(stop: &CancellationToken) -> (Tunnel, Tunnel) {
+pub(crate) async fn loopback_pair(stop: &CancellationToken) -> (Tunnel, Tunnel) {
     let pbx_pub = PublicKey::from(&secret(11));
     let vg_pub = PublicKey::from(&secret(12));
     let (pbx, _) = Tunnel::spawn(
@@ -76,7 +76,7 @@ pub async fn loopback_pair(stop: &CancellationToken) -> (Tunnel, Tunnel) {
 
 /// Accepts AudioSocket calls from `listener` and runs each with `agent`; sends each
 /// finished call's summary and the caller's tunnel address to `summaries`.
-pub fn serve_audiosocket(
+pub(crate) fn serve_audiosocket(
     mut listener: TunnelListener,
     agent: SharedAgent,
     summaries: mpsc::UnboundedSender<(CallSummary, SocketAddr)>,

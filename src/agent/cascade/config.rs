@@ -42,7 +42,7 @@ pub enum SttProvider {
 
 impl SttProvider {
     /// Name used in logs and errors.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             SttProvider::Soniox => "soniox",
             SttProvider::Deepgram => "deepgram",
@@ -51,7 +51,7 @@ impl SttProvider {
     }
 
     /// The vendor's WebSocket URL (without query).
-    pub fn default_url(self) -> &'static str {
+    pub(crate) fn default_url(self) -> &'static str {
         match self {
             SttProvider::Soniox => "wss://stt-rt.soniox.com/transcribe-websocket",
             SttProvider::Deepgram => "wss://api.deepgram.com/v1/listen",
@@ -60,7 +60,7 @@ impl SttProvider {
     }
 
     /// The default model.
-    pub fn default_model(self) -> &'static str {
+    pub(crate) fn default_model(self) -> &'static str {
         match self {
             SttProvider::Soniox => "stt-rt-v4",
             SttProvider::Deepgram => "nova-3",
@@ -69,7 +69,7 @@ impl SttProvider {
     }
 
     /// The environment variable the API key is read from by default.
-    pub fn default_key_env(self) -> &'static str {
+    pub(crate) fn default_key_env(self) -> &'static str {
         match self {
             SttProvider::Soniox => "SONIOX_API_KEY",
             SttProvider::Deepgram => "DEEPGRAM_API_KEY",
@@ -158,22 +158,22 @@ impl SttConfig {
             .unwrap_or(self.provider.default_model())
     }
     /// The API key source in effect.
-    pub fn api_key(&self) -> SecretSource {
+    pub(crate) fn api_key(&self) -> SecretSource {
         self.api_key.clone().unwrap_or_else(|| SecretSource::Env {
             env: self.provider.default_key_env().into(),
         })
     }
     /// [`Self::connect_timeout_ms`] as a duration.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
 }
 
 /// Most `keyterms` Scribe realtime takes (elevenlabs.io `speech-to-text/keyterm-prompting`:
 /// "Realtime (Scribe v2 Realtime): Max keyterms 50").
-pub const SCRIBE_MAX_KEYTERMS: usize = 50;
+pub(crate) const SCRIBE_MAX_KEYTERMS: usize = 50;
 /// Longest Scribe realtime keyterm, characters (same page: "Max characters per keyterm 20").
-pub const SCRIBE_MAX_KEYTERM_CHARS: usize = 20;
+pub(crate) const SCRIBE_MAX_KEYTERM_CHARS: usize = 20;
 
 /// `[agent.llm]`: an OpenAI-compatible Chat Completions endpoint (`providers.md` §7).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -235,7 +235,7 @@ impl LlmConfig {
     ///
     /// # Errors
     /// [`ConfigError::Read`] if the file cannot be read.
-    pub fn load_system_prompt(&self) -> Result<String, ConfigError> {
+    pub(crate) fn load_system_prompt(&self) -> Result<String, ConfigError> {
         match &self.system_prompt_file {
             Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
@@ -302,7 +302,7 @@ impl Default for TtsConfig {
 }
 
 /// `[agent.vad]`: the local barge-in detector, [`crate::audio::vad`].
-pub use crate::audio::vad::VadConfig;
+pub(crate) use crate::audio::vad::VadConfig;
 
 impl CascadeConfig {
     /// Checks ranges and that every secret and file can be read.

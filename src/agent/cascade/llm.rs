@@ -32,7 +32,7 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const ERROR_BODY_MAX: usize = 2_048;
 
 /// The longest `Retry-After` honoured; a server asking for more gets no retry.
-pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(2);
+pub(crate) const RETRY_AFTER_MAX: Duration = Duration::from_secs(2);
 
 /// HTTP statuses worth a retry: rate limited (429), server error or overloaded (500, 502,
 /// 503, 504, and 529 as Anthropic's models behind OpenRouter send it).
@@ -74,7 +74,7 @@ pub struct ToolCallRequest {
 
 /// What the stream yields.
 #[derive(Debug, Clone)]
-pub enum LlmEvent {
+pub(crate) enum LlmEvent {
     /// A piece of the reply's text.
     Text(String),
     /// The tool calls of this response (sent once, before [`LlmEvent::Done`]).
@@ -90,31 +90,31 @@ pub enum LlmEvent {
 
 /// Settings of the client (from `[agent.llm]`).
 #[derive(Debug, Clone)]
-pub struct LlmSettings {
+pub(crate) struct LlmSettings {
     /// Endpoint URL.
-    pub url: String,
+    pub(crate) url: String,
     /// Bearer key.
-    pub api_key: Secret,
+    pub(crate) api_key: Secret,
     /// Model id.
-    pub model: String,
+    pub(crate) model: String,
     /// Sampling temperature.
-    pub temperature: Option<f32>,
+    pub(crate) temperature: Option<f32>,
     /// Most tokens per reply, sent as `max_completion_tokens` (the deprecated `max_tokens`
     /// is refused by reasoning models; openai-python `types/chat/completion_create_params.py`).
-    pub max_completion_tokens: Option<u32>,
+    pub(crate) max_completion_tokens: Option<u32>,
     /// Extra headers (OpenRouter's `HTTP-Referer`, `X-Title`).
-    pub extra_headers: BTreeMap<String, String>,
+    pub(crate) extra_headers: BTreeMap<String, String>,
     /// Time allowed until the response headers arrive.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Further attempts after a retryable refusal (0: none).
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Wait before a retry when the server gives no `Retry-After`.
-    pub retry_delay: Duration,
+    pub(crate) retry_delay: Duration,
 }
 
 /// A Chat Completions client shared by all calls (one connection pool).
 #[derive(Debug, Clone)]
-pub struct LlmClient {
+pub(crate) struct LlmClient {
     http: reqwest::Client,
     settings: LlmSettings,
     headers: HeaderMap,
@@ -123,7 +123,7 @@ pub struct LlmClient {
 
 /// Why an [`LlmClient`] could not be built.
 #[derive(Debug, thiserror::Error)]
-pub enum LlmBuildError {
+pub(crate) enum LlmBuildError {
     /// An extra header name or value is not valid HTTP.
     #[error("invalid header {0}")]
     Header(String),
@@ -137,7 +137,7 @@ impl LlmClient {
     ///
     /// # Errors
     /// [`LlmBuildError`] for a malformed header or TLS setup failure.
-    pub fn new(settings: LlmSettings, tools: &[ToolSpec]) -> Result<Self, LlmBuildError> {
+    pub(crate) fn new(settings: LlmSettings, tools: &[ToolSpec]) -> Result<Self, LlmBuildError> {
         let mut headers = HeaderMap::new();
         for (k, v) in &settings.extra_headers {
             let name = HeaderName::from_bytes(k.as_bytes())
@@ -163,7 +163,7 @@ impl LlmClient {
 
     /// This client offering `extra` tools besides its own (a call's `[[tools]]`); shares
     /// the connection pool.
-    pub fn with_more_tools(&self, extra: &[ToolSpec]) -> LlmClient {
+    pub(crate) fn with_more_tools(&self, extra: &[ToolSpec]) -> LlmClient {
         let mut client = self.clone();
         if let (serde_json::Value::Array(all), serde_json::Value::Array(more)) =
             (&mut client.tools, tool_declarations(extra))
@@ -174,7 +174,7 @@ impl LlmClient {
     }
 
     /// The request body for `messages` (the whole conversation, system prompt first).
-    pub fn body(&self, messages: &[serde_json::Value]) -> serde_json::Value {
+    pub(crate) fn body(&self, messages: &[serde_json::Value]) -> serde_json::Value {
         let mut body = serde_json::json!({
             "model": self.settings.model,
             "stream": true,
@@ -197,7 +197,7 @@ impl LlmClient {
     }
 
     /// Starts streaming a completion of `messages`.
-    pub fn stream(&self, messages: &[serde_json::Value]) -> LlmStream {
+    pub(crate) fn stream(&self, messages: &[serde_json::Value]) -> LlmStream {
         let (tx, rx) = mpsc::channel(256);
         let request = self
             .http
@@ -253,9 +253,9 @@ async fn run(
 
 /// One streaming completion; dropping it cancels the request.
 #[derive(Debug)]
-pub struct LlmStream {
+pub(crate) struct LlmStream {
     /// Events in order; ends after [`LlmEvent::Done`] or [`LlmEvent::Failed`].
-    pub events: mpsc::Receiver<LlmEvent>,
+    pub(crate) events: mpsc::Receiver<LlmEvent>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -569,7 +569,7 @@ impl ToolCallAssembler {
 /// A sans-IO Server-Sent Events parser: bytes in, the `data` of each complete event out.
 /// Comment lines (`:` — OpenRouter's keepalives) and other fields are skipped.
 #[derive(Debug, Default)]
-pub struct SseParser {
+pub(crate) struct SseParser {
     line: Vec<u8>,
     data: String,
     has_data: bool,
@@ -577,7 +577,7 @@ pub struct SseParser {
 
 impl SseParser {
     /// Feeds `bytes`; appends the data of each event completed by them to `out`.
-    pub fn push(&mut self, bytes: &[u8], out: &mut Vec<String>) {
+    pub(crate) fn push(&mut self, bytes: &[u8], out: &mut Vec<String>) {
         for &b in bytes {
             if b != b'\n' {
                 self.line.push(b);

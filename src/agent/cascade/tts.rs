@@ -68,7 +68,7 @@ pub enum TtsEvent {
 }
 
 /// The output format for a call at `rate_hz`: (ElevenLabs name, wire format).
-pub fn output_format(rate_hz: u32) -> (String, WireFormat) {
+pub(crate) fn output_format(rate_hz: u32) -> (String, WireFormat) {
     match rate_hz {
         8_000 => ("ulaw_8000".into(), WireFormat::G711(Law::Ulaw)),
         16_000 | 22_050 | 24_000 | 44_100 => {
@@ -90,10 +90,10 @@ pub struct TtsSettings {
 /// Pieces of text queued for the TTS before more text is dropped (issue 14: no unbounded
 /// queue); beyond them [`CONTROL_RESERVE`] slots stay free for `Finish`, context opens and
 /// cancels, which are never dropped.
-pub const TEXT_QUEUE: usize = 4096;
+pub(crate) const TEXT_QUEUE: usize = 4096;
 
 /// Slots of a TTS queue kept for control messages (see [`TEXT_QUEUE`]).
-pub const CONTROL_RESERVE: usize = 16;
+pub(crate) const CONTROL_RESERVE: usize = 16;
 
 /// Queues `msg` without waiting; text (`droppable`) beyond [`TEXT_QUEUE`] is dropped with a
 /// warning (an LLM far ahead of the TTS), control messages use the reserve.
@@ -163,7 +163,7 @@ impl Drop for TtsStream {
 }
 
 /// ElevenLabs' limit of open contexts per multi-context socket.
-pub const MAX_CONTEXTS: usize = 5;
+pub(crate) const MAX_CONTEXTS: usize = 5;
 
 /// With no message sent for this long, a `{"text":""}` keeps the socket open (ElevenLabs
 /// closes it after `inactivity_timeout`, which voicegate sets to its maximum, 180 s).
@@ -172,7 +172,7 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 /// Whether `model_id` takes a `language_code` (elevenlabs.io: "The ISO 639-1 language code
 /// (for specific models)"; the multilingual v2.5 models and v3 do, pipecat's
 /// `ELEVENLABS_MULTILINGUAL_MODELS` lists the v2.5 ones; others answer HTTP 400).
-pub fn accepts_language_code(model_id: &str) -> bool {
+pub(crate) fn accepts_language_code(model_id: &str) -> bool {
     matches!(
         model_id,
         "eleven_flash_v2_5" | "eleven_turbo_v2_5" | "eleven_v3"

@@ -46,7 +46,7 @@ enum Boundary {
 }
 
 /// One call's ElevenLabs Agents protocol.
-pub struct Conversation {
+pub(crate) struct Conversation {
     s: Arc<Settings>,
     rate_hz: u32,
     /// `conversation_initiation_client_data`, sent once the socket is open.

@@ -67,7 +67,7 @@ enum Renewal {
 }
 
 /// One call's OpenAI Realtime protocol.
-pub struct Realtime {
+pub(crate) struct Realtime {
     s: Arc<Settings>,
     call_rate_hz: u32,
     requested: WireFormat,

@@ -19,11 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 /// The language sent when none is configured: what Deepgram would assume anyway, said out
 /// loud.
-pub const DEFAULT_LANGUAGE: &str = "en";
+pub(crate) const DEFAULT_LANGUAGE: &str = "en";
 
 /// The Deepgram side of the wire.
 #[derive(Debug)]
-pub struct Deepgram {
+pub(crate) struct Deepgram {
     url: String,
     key: Secret,
     model: String,
@@ -49,7 +49,7 @@ struct Msg {
 
 impl Deepgram {
     /// From `[agent.stt]`, the resolved key and the wire format.
-    pub fn new(cfg: &SttConfig, key: Secret, format: WireFormat) -> Self {
+    pub(crate) fn new(cfg: &SttConfig, key: Secret, format: WireFormat) -> Self {
         Deepgram {
             url: cfg.url().to_owned(),
             key,

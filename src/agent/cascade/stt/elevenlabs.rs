@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
 /// The `message_type`s the contract (`ScribeErrorPayload`) lists as errors.
-pub const ERROR_TYPES: [&str; 13] = [
+pub(crate) const ERROR_TYPES: [&str; 13] = [
     "error",
     "auth_error",
     "quota_exceeded",
@@ -43,7 +43,7 @@ const PREVIOUS_TEXT_CHARS: usize = 500;
 
 /// The ElevenLabs STT side of the wire.
 #[derive(Debug)]
-pub struct ElevenLabsStt {
+pub(crate) struct ElevenLabsStt {
     url: String,
     key: Secret,
     model: String,
@@ -72,7 +72,7 @@ struct Msg {
 
 impl ElevenLabsStt {
     /// From `[agent.stt]`, the resolved key and the wire format.
-    pub fn new(cfg: &SttConfig, key: Secret, format: WireFormat) -> Self {
+    pub(crate) fn new(cfg: &SttConfig, key: Secret, format: WireFormat) -> Self {
         ElevenLabsStt {
             url: cfg.url().to_owned(),
             key,

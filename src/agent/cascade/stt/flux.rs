@@ -22,13 +22,13 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Whether `model` is a Flux model (served on `/v2/listen`).
-pub fn is_flux(model: &str) -> bool {
+pub(crate) fn is_flux(model: &str) -> bool {
     model.starts_with("flux")
 }
 
 /// The Flux side of the wire.
 #[derive(Debug)]
-pub struct Flux {
+pub(crate) struct Flux {
     url: String,
     key: Secret,
     model: String,
@@ -54,7 +54,7 @@ struct Msg {
 
 impl Flux {
     /// From `[agent.stt]`, the resolved key and the call rate (Flux gets pcm16 at it).
-    pub fn new(cfg: &SttConfig, key: Secret, rate_hz: u32) -> Self {
+    pub(crate) fn new(cfg: &SttConfig, key: Secret, rate_hz: u32) -> Self {
         // The configured URL is the v1 endpoint unless set otherwise; Flux lives on v2.
         let url = cfg.url().replace("/v1/listen", "/v2/listen");
         Flux {

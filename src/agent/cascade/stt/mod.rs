@@ -11,10 +11,10 @@
 //! at most [`MAX_RESTARTS`] times per call; any other error or close ends the session with
 //! [`SttEvent::Failed`].
 
-pub mod deepgram;
-pub mod elevenlabs;
-pub mod flux;
-pub mod soniox;
+pub(crate) mod deepgram;
+pub(crate) mod elevenlabs;
+pub(crate) mod flux;
+pub(crate) mod soniox;
 
 use super::config::{SttConfig, SttProvider};
 use crate::agent::AgentError;
@@ -31,10 +31,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::{debug, trace, warn};
 
 /// Caller audio frames the STT task's input holds (50 × 20 ms = 1 s).
-pub const AUDIO_CAPACITY_FRAMES: usize = 50;
+pub(crate) const AUDIO_CAPACITY_FRAMES: usize = 50;
 
 /// Reconnects allowed per call when the vendor asks for one.
-pub const MAX_RESTARTS: u32 = 3;
+pub(crate) const MAX_RESTARTS: u32 = 3;
 
 /// How long the STT task waits for the vendor's last results after the call ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -130,14 +130,14 @@ impl SttHandle {
     /// The caller stopped speaking `trailing_silence_ms` ago (the local VAD's hang time):
     /// vendors that can finalize on request are asked to (at most once per
     /// [`MIN_FINALIZE_GAP`]); the others keep their own endpointing. Never blocks.
-    pub fn finalize(&self, trailing_silence_ms: u32) {
+    pub(crate) fn finalize(&self, trailing_silence_ms: u32) {
         let _ = self.finalize.try_send(trailing_silence_ms);
     }
 }
 
 /// Finalize requests closer together than this are dropped (Soniox: "do not send finalize
 /// too frequently … every few seconds is fine").
-pub const MIN_FINALIZE_GAP: Duration = Duration::from_secs(1);
+pub(crate) const MIN_FINALIZE_GAP: Duration = Duration::from_secs(1);
 
 impl Drop for SttHandle {
     fn drop(&mut self) {
@@ -160,7 +160,7 @@ impl Drop for SttHandle {
 }
 
 /// The vendor format for a call at `rate_hz`.
-pub fn wire_format(provider: SttProvider, rate_hz: u32, g711: bool) -> WireFormat {
+pub(crate) fn wire_format(provider: SttProvider, rate_hz: u32, g711: bool) -> WireFormat {
     if g711 && rate_hz == 8_000 {
         return WireFormat::G711(Law::Ulaw);
     }

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// The Soniox side of the wire.
 #[derive(Debug)]
-pub struct Soniox {
+pub(crate) struct Soniox {
     url: String,
     key: Secret,
     model: String,
@@ -46,7 +46,7 @@ struct Token {
 
 impl Soniox {
     /// From `[agent.stt]`, the resolved key and the wire format.
-    pub fn new(cfg: &SttConfig, key: Secret, format: WireFormat) -> Self {
+    pub(crate) fn new(cfg: &SttConfig, key: Secret, format: WireFormat) -> Self {
         Soniox {
             url: cfg.url().to_owned(),
             key,
