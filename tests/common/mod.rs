@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: fixtures and a server on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub(crate) mod console;
 pub(crate) mod service;
 
 use std::net::SocketAddr;
