@@ -15,7 +15,7 @@ use crate::call::route::Router;
 use crate::rtp::jitter::JitterConfig;
 use crate::rtp::pacing::GapHistogram;
 use crate::rtp::{RtpEndpoint, RtpFormat, RtpSender};
-use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -105,6 +105,9 @@ pub struct RtpPort {
     closed: CancellationToken,
     recv: Vec<u8>,
     frame: Vec<i16>,
+    /// The caller's frames as slin bytes; its allocation is reused once the call has
+    /// dropped the previous frame's `Bytes`.
+    payload: BytesMut,
     out: Vec<u8>,
     pacing: GapHistogram,
 }
@@ -139,6 +142,7 @@ impl RtpPort {
             closed,
             recv: vec![0; crate::rtp::packet::MAX_DATAGRAM_BYTES],
             frame: Vec::with_capacity(format.samples_per_frame()),
+            payload: BytesMut::new(),
             out: Vec::with_capacity(12 + 2 * format.samples_per_frame()),
             pacing: GapHistogram::default(),
         }
@@ -156,14 +160,14 @@ impl RtpPort {
         self.endpoint.stats()
     }
 
-    fn audio_event(&self) -> MediaEvent {
-        let mut payload = Vec::with_capacity(self.frame.len() * 2);
-        for s in &self.frame {
-            payload.extend_from_slice(&s.to_le_bytes());
+    fn audio_event(&mut self) -> MediaEvent {
+        self.payload.reserve(self.frame.len() * 2);
+        for &s in &self.frame {
+            self.payload.put_i16_le(s);
         }
         MediaEvent::Audio {
             rate: self.rate,
-            payload: Bytes::from(payload),
+            payload: self.payload.split().freeze(),
         }
     }
 
