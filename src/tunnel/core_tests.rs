@@ -39,6 +39,8 @@ struct Sim {
     reordered: usize,
     lost: usize,
     seq: u64,
+    /// B's next datagrams to lose on purpose (a chosen loss, beside the random one).
+    drop_from_b: usize,
 }
 
 fn key(seed: u8) -> StaticSecret {
@@ -90,6 +92,7 @@ impl Sim {
             reordered: 0,
             lost: 0,
             seq: 0,
+            drop_from_b: 0,
         }
     }
 
@@ -111,6 +114,11 @@ impl Sim {
         while let Some(t) = self.b.poll_transmit() {
             if t.dst != self.a_from {
                 // A roamed: its old NAT mapping is gone.
+                self.lost += 1;
+                continue;
+            }
+            if self.drop_from_b > 0 {
+                self.drop_from_b -= 1;
                 self.lost += 1;
                 continue;
             }
@@ -450,6 +458,49 @@ fn many_connections_arriving_together_are_all_accepted() {
         connected + failed == 50 && accepted == 50
     });
     assert_eq!((connected, accepted, failed), (50, 50, 0));
+}
+
+#[test]
+fn a_lost_syn_ack_still_connects_once() {
+    // B's socket table has free slots in front (a listener on another port came and went),
+    // so the listening socket B adds after the first SYN sits before the half-open one, and
+    // A's SYN sent again (its SYN-ACK lost) lands on a second half-open socket. The
+    // connection must still come up once, never refused.
+    let mut s = Sim::new(0, 0, None);
+    let _ = s.connect();
+    s.b.listen(9000).unwrap();
+    s.b.listen(9093).unwrap();
+    s.b.unlisten(9000);
+    s.run_until(Duration::from_millis(100), |_| false);
+    let remote: SocketAddr = format!("{B_IP}:9093").parse().unwrap();
+    let conn = s.a.connect(s.now, remote).unwrap();
+    // A's SYN goes out; B's SYN-ACK is lost.
+    s.collect();
+    s.drop_from_b = 1;
+    let (mut connected, mut failed, mut accepted) = (false, false, 0);
+    // 25 s: A's SYN again, and any second half-open connection at B playing out.
+    s.run_until(Duration::from_secs(25), |s| {
+        while let Some(ev) = s.a.poll_event() {
+            match ev {
+                TunnelEvent::Connected(c) if c == conn => connected = true,
+                TunnelEvent::ConnectFailed(c) if c == conn => failed = true,
+                _ => {}
+            }
+        }
+        while let Some(ev) = s.b.poll_event() {
+            if matches!(ev, TunnelEvent::Accepted { port: 9093, .. }) {
+                accepted += 1;
+            }
+        }
+        false
+    });
+    assert!(s.lost >= 1, "the SYN-ACK was lost");
+    assert!(
+        !failed,
+        "the connection was refused after its SYN-ACK was lost"
+    );
+    assert!(connected, "connected after the SYN was sent again");
+    assert_eq!(accepted, 1, "one connection accepted at B");
 }
 
 #[test]
