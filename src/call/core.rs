@@ -234,10 +234,14 @@ impl CallCore {
     }
 
     /// Writing the frame [`Self::poll_tick`] returned failed or blocked (`error`): the frame
-    /// is not counted and the call ends, whatever else that tick decided.
+    /// is not counted and the call ends, whatever else that tick decided, unless the caller
+    /// had already hung up (the driver hands the core what arrived before the failed write:
+    /// a hang-up is what breaks that write).
     pub(crate) fn handle_write_error(&mut self, error: String) {
         self.s.frames_out = self.s.frames_out.saturating_sub(1);
-        self.outcome = Some(Outcome::WriteFailed(error));
+        if self.outcome != Some(Outcome::CallerHungUp) {
+            self.outcome = Some(Outcome::WriteFailed(error));
+        }
     }
 
     /// Telling the transport about a flush ([`Self::take_flushed`]) failed or blocked: the

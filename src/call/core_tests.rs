@@ -560,6 +560,22 @@ fn a_failed_write_is_not_counted_and_ends_the_call_without_goodbye() {
 }
 
 #[test]
+fn a_write_broken_by_the_callers_hangup_ends_the_call_as_that_hangup() {
+    // The driver hands the core what arrived before the failed write: the caller's hangup
+    // (or close) is what broke it, so the record says `completed`, not `write_failed`.
+    for gone in [Ok(Some(MediaEvent::Hangup)), Ok(None)] {
+        let mut c = Call::new(params(|_| {}));
+        c.caller(0, audio(false));
+        assert!(c.core.poll_tick(c.at(0)).is_some());
+        c.core.handle_caller(c.at(1), gone);
+        c.core
+            .handle_write_error("Broken pipe (os error 32)".into());
+        assert_eq!(c.core.outcome(), Some(&Outcome::CallerHungUp));
+        assert_eq!(c.finish(1).frames_out, 0, "the failed frame is not counted");
+    }
+}
+
+#[test]
 fn a_late_driver_skips_ticks_and_a_live_agent_loses_their_audio() {
     for live in [false, true] {
         let mut c = Call::with_agent(params(|_| {}), false, live);

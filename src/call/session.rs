@@ -309,7 +309,7 @@ pub(crate) async fn run_session_with_input<M: MediaPort>(
                 if let Some(frame) = core.poll_tick(now) {
                     match write_frame(&mut conn, rate, frame).await {
                         Ok(()) => m_frames_out.increment(1),
-                        Err(e) => core.handle_write_error(e),
+                        Err(e) => write_failed(&mut conn, &mut core, e),
                     }
                 }
             }
@@ -379,6 +379,26 @@ async fn close<M: MediaPort>(
         let _ = timeout(WRITE_TIMEOUT, conn.hang_up()).await;
     }
     let _ = timeout(WRITE_TIMEOUT, conn.close()).await;
+}
+
+/// A write failed (`error`): first hands the core what the caller's side sent before it
+/// went (already in the socket, so polled once each, never waited for). A caller who hung
+/// up, by a hangup message, a WebSocket close or a clean EOF, often breaks the write that
+/// races it (the peer's reset after its close gives `EPIPE`); the call then ends as that
+/// hang-up, not as a failed write.
+fn write_failed<M: MediaPort>(conn: &mut M, core: &mut CallCore, error: String) {
+    use futures_util::FutureExt as _;
+    // A bound, so a peer still streaming cannot keep the failed call here.
+    for _ in 0..64 {
+        if core.outcome().is_some() {
+            break;
+        }
+        match conn.read().now_or_never() {
+            Some(read) => core.handle_caller(Instant::now(), read),
+            None => break,
+        }
+    }
+    core.handle_write_error(error);
 }
 
 async fn write_frame<M: MediaPort>(
