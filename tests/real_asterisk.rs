@@ -166,7 +166,7 @@ impl Rig {
 
 /// One echo call in `mode`; checks the echo and voicegate's pacing as Asterisk gets it.
 async fn echo_call(mode: &'static str, format: &'static str) {
-    let Some((prefix, _serial)) =
+    let Some((prefix, _slot)) =
         real_asterisk_support::asterisk_for(&format!("echo_call_{mode}")).await
     else {
         return;
@@ -256,7 +256,7 @@ fn log_field(log: &str, what: &str, key: &str) -> Option<f64> {
 /// (docs/performance.md: p99 21.04 ms at 100 calls).
 async fn rtp_echo_call(format: &'static str) {
     let name = format!("rtp_{format}");
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for(&name).await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for(&name).await else {
         return;
     };
     let (audiosocket, health) = Voicegate::ports();
@@ -339,7 +339,7 @@ async fn stasis_rtp_ulaw_echoes_the_callers_speech() {
 /// counted under `transport="websocket"`, and nothing is left behind (no channel, no bridge).
 async fn ws_externalmedia_echo_call(format: &'static str) {
     let name = format!("ariws_{format}");
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for(&name).await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for(&name).await else {
         return;
     };
     let (audiosocket, health) = Voicegate::ports();
@@ -418,7 +418,7 @@ async fn stasis_websocket_slin_echoes_the_callers_speech() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_incoming_dial_echoes_the_callers_speech() {
     let name = "wsin";
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for(name).await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for(name).await else {
         return;
     };
     let (audiosocket, health) = Voicegate::ports();
@@ -500,7 +500,7 @@ async fn websocket_incoming_dial_echoes_the_callers_speech() {
 /// A failing agent (its provider unreachable): the caller reaches the operators' queue
 /// member within 2 s of the call starting, in `mode`, and the record says why.
 async fn failing_agent_reaches_operators(mode: &'static str) {
-    let Some((prefix, _serial)) =
+    let Some((prefix, _slot)) =
         real_asterisk_support::asterisk_for(&format!("failing_agent_{mode}")).await
     else {
         return;
@@ -564,8 +564,7 @@ async fn failing_agent_mode3_reaches_the_operators() {
 /// `DIALSTATUS=CHANUNAVAIL`), and so does mode 3 (`STASISSTATUS=FAILED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn voicegate_down_every_mode_reaches_the_operators() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("voicegate_down").await
-    else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("voicegate_down").await else {
         return;
     };
     let (audiosocket, health) = Voicegate::ports();
@@ -594,7 +593,7 @@ async fn voicegate_down_every_mode_reaches_the_operators() {
 /// as AudioSocket `0x03` on the media leg and as ARI `ChannelDtmfReceived`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("dtmf").await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("dtmf").await else {
         return;
     };
     for mode in ["app", "driver", "stasis"] {
@@ -612,9 +611,14 @@ async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
 /// Stasis mode at the real Asterisk's pace: 20 calls in a row and 10 at once all bridge and
 /// echo (none handed to the operators by the externalMedia race), and afterwards Asterisk
 /// has no bridge and no channel left.
+///
+/// The longest scenario (about 75 s: 30 calls at the real pace), so it takes no slot and
+/// runs beside the others from the start (its name sorts first; libtest starts tests in
+/// name order). One echo call at a time is light, and its checks (the echo within
+/// ±100 ms, the records, what Asterisk has left) do not depend on the machine's load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stasis_calls_in_a_row_and_at_once_all_bridge_and_leave_nothing() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("stasis_many").await else {
+async fn calls_in_a_row_and_at_once_in_stasis_all_bridge_and_leave_nothing() {
+    let Some(prefix) = real_asterisk_support::asterisk_prefix("stasis_many") else {
         return;
     };
     let in_a_row: usize = std::env::var("VOICEGATE_STASIS_CALLS")
@@ -676,7 +680,7 @@ async fn stasis_calls_in_a_row_and_at_once_all_bridge_and_leave_nothing() {
 /// Run it with a parallel build on the machine to see it hold under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_echo_call_keeps_its_delay() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("long_echo").await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for("long_echo").await else {
         return;
     };
     let rig = Rig::start(&prefix, "long", None, &echo_agent()).await;
@@ -719,7 +723,7 @@ async fn long_echo_call_keeps_its_delay() {
 /// reaches the operators and the record says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_sends_every_mode_to_the_operators() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("maintenance").await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("maintenance").await else {
         return;
     };
     let agent = format!("{}[fallback]\nmaintenance = true\n", echo_agent());
@@ -762,7 +766,7 @@ async fn maintenance_sends_every_mode_to_the_operators() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     use fake_openai::FakeOpenAi;
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("openai_barge_in").await
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for("openai_barge_in").await
     else {
         return;
     };
@@ -827,7 +831,8 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtp_barge_in_truncates_the_openai_reply_at_what_was_heard() {
     use fake_openai::FakeOpenAi;
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("rtp_barge_in").await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for("rtp_barge_in").await
+    else {
         return;
     };
     let fake = FakeOpenAi::bind(OPENAI_KEY).await;
@@ -892,7 +897,7 @@ async fn rtp_barge_in_truncates_the_openai_reply_at_what_was_heard() {
 /// (modes 1 and 3), or hung up (long before its own end).
 async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
     use fake_openai::FakeOpenAi;
-    let Some((prefix, _serial)) =
+    let Some((prefix, _slot)) =
         real_asterisk_support::asterisk_for(&format!("tool_{tool}_{mode}")).await
     else {
         return;
@@ -988,7 +993,7 @@ async fn hangup_tool_mode3_hangs_up_after_the_goodbye() {
 /// is recorded and counted as a fallback with the reason, not as a completed call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("failed_setup").await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("failed_setup").await else {
         return;
     };
     let (audiosocket, health) = Voicegate::ports();
@@ -1036,7 +1041,7 @@ async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
 /// call is served by box B, also the one the round robin sent to A (the dialplan fails over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_boxes_behind_one_dialplan_lose_no_call_when_one_stops() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("two_boxes").await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("two_boxes").await else {
         return;
     };
     let (a_as, a_http) = Voicegate::ports();
@@ -1166,7 +1171,7 @@ async fn websocket_rig(
 /// came through `v(caller=...)`, and Asterisk's playout queue stayed shallow (what the
 /// marks measured).
 async fn websocket_echo_call(codec: &'static str, control: &'static str) {
-    let Some((prefix, _serial)) =
+    let Some((prefix, _slot)) =
         real_asterisk_support::asterisk_for(&format!("websocket_echo_{codec}")).await
     else {
         return;
@@ -1243,7 +1248,7 @@ async fn mode4_websocket_16k_json_echoes_the_callers_speech() {
 /// agent session and no record; Asterisk's Dial fails and the caller reaches the operators.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mode4_websocket_from_a_stranger_reaches_the_operators_without_a_session() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("websocket_stranger").await
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("websocket_stranger").await
     else {
         return;
     };
@@ -1272,7 +1277,8 @@ async fn mode4_websocket_from_a_stranger_reaches_the_operators_without_a_session
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mode4_websocket_barge_in_flushes_asterisks_queue_and_truncates() {
     use fake_openai::FakeOpenAi;
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("websocket_barge_in").await
+    let Some((prefix, _slot)) =
+        real_asterisk_support::asterisk_alone_for("websocket_barge_in").await
     else {
         return;
     };
@@ -1345,7 +1351,7 @@ async fn mode4_websocket_barge_in_flushes_asterisks_queue_and_truncates() {
 /// record says so; with `unannounced = "refuse"` a lost profile would be refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mode4_websocket_v_profile_chooses_the_profile() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("websocket_profile").await
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("websocket_profile").await
     else {
         return;
     };
@@ -1390,7 +1396,7 @@ async fn mode4_websocket_v_profile_chooses_the_profile() {
 /// `AudioSocket()`, and the call runs with it (its record says so).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mode1_announce_chooses_the_profile() {
-    let Some((prefix, _serial)) = real_asterisk_support::asterisk_for("profile_announce").await
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("profile_announce").await
     else {
         return;
     };

@@ -39,21 +39,36 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// One scenario at a time in this test binary: each starts its own Asterisk and voicegate,
-/// and their timing checks (pacing, the echo's delay) are about voicegate, not about a dozen
-/// PBXs competing for two cores. Hold the guard for the whole test.
-pub(crate) async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    SERIAL.lock().await
-}
+/// How many scenarios of this test binary run at once, each with its own Asterisk and
+/// voicegate on their own ports. Three keep two cores busy while most of a scenario is real
+/// time (a caller talking, Asterisk's timers); scenarios whose checks are about timing
+/// (pacing, an echo's delay, a barge-in's cut) take every slot ([`asterisk_alone_for`]),
+/// so those measure voicegate, not PBXs competing for two cores. The longest scenario
+/// (`calls_in_a_row_…`) takes no slot and runs beside them, so the libtest threads must be
+/// one more than this (`.cargo/config.toml` sets `RUST_TEST_THREADS` to 4).
+pub(crate) const AT_ONCE: u32 = 3;
 
-/// For one scenario: the Asterisk prefix ([`asterisk_prefix`]) and the [`serial`] guard to
-/// hold for the whole test; `None` when the test is skipped.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE as usize);
+
+/// For one scenario: the Asterisk prefix ([`asterisk_prefix`]) and one of the [`AT_ONCE`]
+/// slots, to hold for the whole test; `None` when the test is skipped.
 pub(crate) async fn asterisk_for(
     test: &str,
-) -> Option<(PathBuf, tokio::sync::MutexGuard<'static, ()>)> {
+) -> Option<(PathBuf, tokio::sync::SemaphorePermit<'static>)> {
     let prefix = asterisk_prefix(test)?;
-    Some((prefix, serial().await))
+    Some((prefix, SLOTS.acquire().await.expect("slots stay open")))
+}
+
+/// As [`asterisk_for`], for a scenario that runs alone: it holds every slot (tokio's
+/// semaphore is fair, so it waits its turn and later scenarios wait behind it).
+pub(crate) async fn asterisk_alone_for(
+    test: &str,
+) -> Option<(PathBuf, tokio::sync::SemaphorePermit<'static>)> {
+    let prefix = asterisk_prefix(test)?;
+    Some((
+        prefix,
+        SLOTS.acquire_many(AT_ONCE).await.expect("slots stay open"),
+    ))
 }
 
 /// The Asterisk install prefix, or `None` (after [`crate::skip::skip`]) when there is none and
