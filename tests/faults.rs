@@ -4,8 +4,9 @@
 //! the same process lost no frames, and that nothing leaked: the process's open file
 //! descriptors (`/proc/self/fd`) and the runtime's live tasks are back where they were.
 //!
-//! The tests take a process-wide lock so the fd and task counts of one are not disturbed by
-//! another; all of them together take about a minute.
+//! Each test runs in a process of its own (`rusty_fork_test!`: the test binary runs itself
+//! for that one test), so the fd count of one is not disturbed by another, and four run at
+//! once.
 
 mod common;
 #[path = "common/fake_openai.rs"]
@@ -14,6 +15,7 @@ mod fake_openai;
 use bytes::BytesMut;
 use common::{TestServer, fixture};
 use fake_openai::{FakeConn, FakeOpenAi, to_wire};
+use rusty_fork::rusty_fork_test;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,17 +42,11 @@ use voicegate::secret::SecretSource;
 const KEY: &str = "sk-fault-test-key-0123456789";
 const ULAW: WireFormat = WireFormat::G711(Law::Ulaw);
 
-/// One test at a time, each on a runtime made and dropped while it holds this: fd and task
-/// counts are per process.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Runs one test body on its own runtime under [`SERIAL`]: two workers, like the service
-/// on a 2-core box, so the fault's work (a burst of audio to decode) and the healthy call
-/// are scheduled as they would be in production.
-fn serial(body: impl std::future::Future<Output = ()>) {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+/// Runs one test body on a runtime of its own: two workers, like the service on a 2-core
+/// box, so the fault's work (a burst of audio to decode) and the healthy call are scheduled
+/// as they would be in production. Each test calls this inside `rusty_fork_test!`, in a
+/// process of its own: the fd count ([`open_fds`]) is per process.
+fn isolated(body: impl std::future::Future<Output = ()>) {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,9 +55,6 @@ fn serial(body: impl std::future::Future<Output = ()>) {
         .block_on(body);
 }
 
-/// Open sockets of this process (`/proc/self/fd` links to `socket:[inode]`). Other fds are
-/// left out: a test waiting for [`SERIAL`] has already built its runtime (an epoll fd and
-/// an eventfd), which says nothing about this test's leaks.
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
@@ -325,10 +318,12 @@ fn ulaw_reply(seconds: f64) -> Vec<u8> {
 // The provider
 // ---------------------------------------------------------------------------------------
 
-/// Nothing listens at the provider's address: connection refused.
-#[test]
-fn provider_refuses_the_connection() {
-    serial(provider_refuses_the_connection_body());
+rusty_fork_test! {
+    /// Nothing listens at the provider's address: connection refused.
+    #[test]
+    fn provider_refuses_the_connection() {
+        isolated(provider_refuses_the_connection_body());
+    }
 }
 
 async fn provider_refuses_the_connection_body() {
@@ -351,10 +346,12 @@ async fn provider_refuses_the_connection_body() {
     h.finish(vec![server]).await;
 }
 
-/// The provider accepts the WebSocket and then says nothing: the connect timeout.
-#[test]
-fn provider_accepts_then_never_answers() {
-    serial(provider_accepts_then_never_answers_body());
+rusty_fork_test! {
+    /// The provider accepts the WebSocket and then says nothing: the connect timeout.
+    #[test]
+    fn provider_accepts_then_never_answers() {
+        isolated(provider_accepts_then_never_answers_body());
+    }
 }
 
 async fn provider_accepts_then_never_answers_body() {
@@ -377,10 +374,12 @@ async fn provider_accepts_then_never_answers_body() {
     h.finish(vec![server]).await;
 }
 
-/// The provider's connection drops (no close frame) in the middle of a reply.
-#[test]
-fn provider_drops_mid_sentence() {
-    serial(provider_drops_mid_sentence_body());
+rusty_fork_test! {
+    /// The provider's connection drops (no close frame) in the middle of a reply.
+    #[test]
+    fn provider_drops_mid_sentence() {
+        isolated(provider_drops_mid_sentence_body());
+    }
 }
 
 async fn provider_drops_mid_sentence_body() {
@@ -418,12 +417,14 @@ async fn provider_drops_mid_sentence_body() {
     h.finish(vec![server]).await;
 }
 
-/// Malformed JSON, a binary frame and events of the wrong shape are ignored: the call goes
-/// on and a later reply still plays; then the provider closes with 1011 and the call falls
-/// back, the code in its record.
-#[test]
-fn provider_sends_malformed_json_then_closes_with_an_error_code() {
-    serial(provider_sends_malformed_json_then_closes_with_an_error_code_body());
+rusty_fork_test! {
+    /// Malformed JSON, a binary frame and events of the wrong shape are ignored: the call goes
+    /// on and a later reply still plays; then the provider closes with 1011 and the call falls
+    /// back, the code in its record.
+    #[test]
+    fn provider_sends_malformed_json_then_closes_with_an_error_code() {
+        isolated(provider_sends_malformed_json_then_closes_with_an_error_code_body());
+    }
 }
 
 async fn provider_sends_malformed_json_then_closes_with_an_error_code_body() {
@@ -473,11 +474,13 @@ async fn provider_sends_malformed_json_then_closes_with_an_error_code_body() {
     h.finish(vec![server]).await;
 }
 
-/// The provider confirms μ-law but sends pcm16 at 24 kHz (and odd-length deltas): the call
-/// neither panics nor stalls (its frames stay paced), and a close with 1008 falls back.
-#[test]
-fn provider_sends_audio_in_another_format_than_agreed() {
-    serial(provider_sends_audio_in_another_format_than_agreed_body());
+rusty_fork_test! {
+    /// The provider confirms μ-law but sends pcm16 at 24 kHz (and odd-length deltas): the call
+    /// neither panics nor stalls (its frames stay paced), and a close with 1008 falls back.
+    #[test]
+    fn provider_sends_audio_in_another_format_than_agreed() {
+        isolated(provider_sends_audio_in_another_format_than_agreed_body());
+    }
 }
 
 async fn provider_sends_audio_in_another_format_than_agreed_body() {
@@ -513,11 +516,13 @@ async fn provider_sends_audio_in_another_format_than_agreed_body() {
     h.finish(vec![server]).await;
 }
 
-/// A minute of audio as fast as the socket takes it: the playout buffer stays within its
-/// bound (2 s here) and counts the rest as overflow; then a close falls back.
-#[test]
-fn provider_floods_a_minute_of_audio_and_memory_stays_bounded() {
-    serial(provider_floods_a_minute_of_audio_and_memory_stays_bounded_body());
+rusty_fork_test! {
+    /// A minute of audio as fast as the socket takes it: the playout buffer stays within its
+    /// bound (2 s here) and counts the rest as overflow; then a close falls back.
+    #[test]
+    fn provider_floods_a_minute_of_audio_and_memory_stays_bounded() {
+        isolated(provider_floods_a_minute_of_audio_and_memory_stays_bounded_body());
+    }
 }
 
 async fn provider_floods_a_minute_of_audio_and_memory_stays_bounded_body() {
@@ -610,10 +615,12 @@ async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (bool, Durati
     }
 }
 
-/// The peer stops sending without a FIN (half-open): the idle timeout ends the call.
-#[test]
-fn half_open_caller_is_closed_by_the_idle_timeout() {
-    serial(half_open_caller_is_closed_by_the_idle_timeout_body());
+rusty_fork_test! {
+    /// The peer stops sending without a FIN (half-open): the idle timeout ends the call.
+    #[test]
+    fn half_open_caller_is_closed_by_the_idle_timeout() {
+        isolated(half_open_caller_is_closed_by_the_idle_timeout_body());
+    }
 }
 
 async fn half_open_caller_is_closed_by_the_idle_timeout_body() {
@@ -638,11 +645,13 @@ async fn half_open_caller_is_closed_by_the_idle_timeout_body() {
     h.finish(vec![server]).await;
 }
 
-/// Slowloris: a byte per second, before the call id (the call-id timeout) and inside a
-/// frame after it (the idle timeout: only whole frames count as input).
-#[test]
-fn slowloris_is_cut_off() {
-    serial(slowloris_is_cut_off_body());
+rusty_fork_test! {
+    /// Slowloris: a byte per second, before the call id (the call-id timeout) and inside a
+    /// frame after it (the idle timeout: only whole frames count as input).
+    #[test]
+    fn slowloris_is_cut_off() {
+        isolated(slowloris_is_cut_off_body());
+    }
 }
 
 async fn slowloris_is_cut_off_body() {
@@ -694,12 +703,14 @@ async fn slowloris_is_cut_off_body() {
     h.finish(vec![server]).await;
 }
 
-/// 1,000 connections from 127.0.0.2 against an allowlist of 127.0.0.1/32: every one is
-/// closed at once with nothing read or written, no agent starts, no record is written, and
-/// the allowed call on the same listener goes on.
-#[test]
-fn flood_from_a_disallowed_address_is_refused() {
-    serial(flood_from_a_disallowed_address_is_refused_body());
+rusty_fork_test! {
+    /// 1,000 connections from 127.0.0.2 against an allowlist of 127.0.0.1/32: every one is
+    /// closed at once with nothing read or written, no agent starts, no record is written, and
+    /// the allowed call on the same listener goes on.
+    #[test]
+    fn flood_from_a_disallowed_address_is_refused() {
+        isolated(flood_from_a_disallowed_address_is_refused_body());
+    }
 }
 
 async fn flood_from_a_disallowed_address_is_refused_body() {
@@ -768,11 +779,13 @@ async fn flood_from_a_disallowed_address_is_refused_body() {
     h.finish(vec![server]).await;
 }
 
-/// Frames of length 0 are harmless; a frame declaring 65,535 bytes is refused before it
-/// is buffered and ends that call only.
-#[test]
-fn frames_of_length_zero_and_65535() {
-    serial(frames_of_length_zero_and_65535_body());
+rusty_fork_test! {
+    /// Frames of length 0 are harmless; a frame declaring 65,535 bytes is refused before it
+    /// is buffered and ends that call only.
+    #[test]
+    fn frames_of_length_zero_and_65535() {
+        isolated(frames_of_length_zero_and_65535_body());
+    }
 }
 
 async fn frames_of_length_zero_and_65535_body() {
@@ -810,11 +823,13 @@ async fn start_raw_call_frames(stream: &mut TcpStream, frames: usize) {
     stream.write_all(&out).await.expect("write");
 }
 
-/// Audio of the wrong size: short even frames are carried; an odd length (not slin) ends
-/// that call with a protocol error.
-#[test]
-fn audio_of_the_wrong_size() {
-    serial(audio_of_the_wrong_size_body());
+rusty_fork_test! {
+    /// Audio of the wrong size: short even frames are carried; an odd length (not slin) ends
+    /// that call with a protocol error.
+    #[test]
+    fn audio_of_the_wrong_size() {
+        isolated(audio_of_the_wrong_size_body());
+    }
 }
 
 async fn audio_of_the_wrong_size_body() {
@@ -845,10 +860,12 @@ async fn audio_of_the_wrong_size_body() {
     h.finish(vec![server]).await;
 }
 
-/// The caller hangs up in the middle of a frame: that call ends with a protocol error.
-#[test]
-fn hangup_mid_frame() {
-    serial(hangup_mid_frame_body());
+rusty_fork_test! {
+    /// The caller hangs up in the middle of a frame: that call ends with a protocol error.
+    #[test]
+    fn hangup_mid_frame() {
+        isolated(hangup_mid_frame_body());
+    }
 }
 
 async fn hangup_mid_frame_body() {
