@@ -15,7 +15,9 @@ use uuid::Uuid;
 use voicegate::audiosocket::SlinRate;
 use voicegate::caller::{CallPlan, place_call};
 
-use common::console::{PASSWORD, Svc, act, console_section, live_calls, login, request, start};
+use common::console::{
+    PASSWORD, Svc, act, console_section, live_calls, login, request, start, try_login,
+};
 
 fn records(svc: &Svc) -> Vec<serde_json::Value> {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_voicegate"))
@@ -133,12 +135,7 @@ async fn audiosocket_hang_up_answers_hangup_to_the_dialplan_and_logins_are_limit
     // meanwhile); right after, the right password is refused too, unchecked.
     let mut limited = false;
     for _ in 0..10 {
-        let (code, head, _) = request(
-            health,
-            "POST /console/login HTTP/1.1\r\ncontent-type: application/json",
-            "{\"password\":\"wrong\"}",
-        )
-        .await;
+        let (code, head) = try_login(health, "wrong").await;
         if code == 429 {
             assert!(
                 head.to_ascii_lowercase().contains("retry-after: 12"),
@@ -150,12 +147,7 @@ async fn audiosocket_hang_up_answers_hangup_to_the_dialplan_and_logins_are_limit
         assert_eq!(code, 401, "{head}");
     }
     assert!(limited, "10 wrong passwords in a row were all checked");
-    let (code, head, _) = request(
-        health,
-        "POST /console/login HTTP/1.1\r\ncontent-type: application/json",
-        &format!("{{\"password\":\"{PASSWORD}\"}}"),
-    )
-    .await;
+    let (code, head) = try_login(health, PASSWORD).await;
     assert_eq!(code, 429, "{head}");
 }
 

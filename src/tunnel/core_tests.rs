@@ -463,9 +463,9 @@ fn many_connections_arriving_together_are_all_accepted() {
 #[test]
 fn a_lost_syn_ack_still_connects_once() {
     // B's socket table has free slots in front (a listener on another port came and went),
-    // so the listening socket B adds after the first SYN sits before the half-open one, and
-    // A's SYN sent again (its SYN-ACK lost) lands on a second half-open socket. The
-    // connection must still come up once, never refused.
+    // so the listening socket B adds after the first SYN can sit before the half-open one,
+    // where A's SYN sent again (its SYN-ACK lost) may land. Whichever socket answers, the
+    // connection must come up once and never be refused.
     let mut s = Sim::new(0, 0, None);
     let _ = s.connect();
     s.b.listen(9000).unwrap();

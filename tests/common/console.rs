@@ -56,14 +56,21 @@ pub(crate) async fn request(addr: SocketAddr, head: &str, body: &str) -> (u16, S
     (code, head.to_owned(), body.to_owned())
 }
 
-/// Logs in: the session cookie and the CSRF token.
-pub(crate) async fn login(addr: SocketAddr) -> (String, String) {
+/// One login attempt with `password`: the status and the response head.
+pub(crate) async fn try_login(addr: SocketAddr, password: &str) -> (u16, String) {
+    let body = serde_json::json!({ "password": password }).to_string();
     let (code, head, _) = request(
         addr,
         "POST /console/login HTTP/1.1\r\ncontent-type: application/json",
-        &format!("{{\"password\":\"{PASSWORD}\"}}"),
+        &body,
     )
     .await;
+    (code, head)
+}
+
+/// Logs in: the session cookie and the CSRF token.
+pub(crate) async fn login(addr: SocketAddr) -> (String, String) {
+    let (code, head) = try_login(addr, PASSWORD).await;
     assert_eq!(code, 204, "{head}");
     let cookie = head
         .lines()

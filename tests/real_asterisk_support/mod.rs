@@ -55,8 +55,7 @@ static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(AT_ONCE
 pub(crate) async fn asterisk_for(
     test: &str,
 ) -> Option<(PathBuf, tokio::sync::SemaphorePermit<'static>)> {
-    let prefix = asterisk_prefix(test)?;
-    Some((prefix, SLOTS.acquire().await.expect("slots stay open")))
+    asterisk_taking(test, 1).await
 }
 
 /// As [`asterisk_for`], for a scenario that runs alone: it holds every slot (tokio's
@@ -64,11 +63,16 @@ pub(crate) async fn asterisk_for(
 pub(crate) async fn asterisk_alone_for(
     test: &str,
 ) -> Option<(PathBuf, tokio::sync::SemaphorePermit<'static>)> {
+    asterisk_taking(test, AT_ONCE).await
+}
+
+async fn asterisk_taking(
+    test: &str,
+    slots: u32,
+) -> Option<(PathBuf, tokio::sync::SemaphorePermit<'static>)> {
     let prefix = asterisk_prefix(test)?;
-    Some((
-        prefix,
-        SLOTS.acquire_many(AT_ONCE).await.expect("slots stay open"),
-    ))
+    let permit = SLOTS.acquire_many(slots).await.expect("slots stay open");
+    Some((prefix, permit))
 }
 
 /// The Asterisk install prefix, or `None` (after [`crate::skip::skip`]) when there is none and
