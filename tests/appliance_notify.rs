@@ -346,6 +346,59 @@ async fn notify_messages_in_order_ready_watchdog_stopping_extend() {
     );
 }
 
+/// systemd may stop the service the moment it said `READY=1` (and a parent may have left
+/// SIGTERM ignored, which a child inherits): each such signal is still a graceful shutdown,
+/// `STOPPING=1` and exit 0, never the default action (killed) or lost (the service runs on).
+/// Before the handlers were installed ahead of `READY=1`, half of these runs were killed.
+#[test]
+fn sigterm_or_sigint_right_after_ready_is_a_graceful_shutdown() {
+    for round in 0..12 {
+        let (sig, name) = if round % 2 == 0 {
+            (libc::SIGTERM, "TERM")
+        } else {
+            (libc::SIGINT, "INT")
+        };
+        let ignored = round % 4 >= 2;
+        let mut svc = Service::start_as(&format!("early-{round}"), &[], |config| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_voicegate"));
+            cmd.arg("--config").arg(config).arg("run");
+            if ignored {
+                use std::os::unix::process::CommandExt as _;
+                // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        libc::signal(sig, libc::SIG_IGN);
+                        Ok(())
+                    });
+                }
+            }
+            cmd
+        });
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(svc.child.id() as i32, sig) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = svc.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIG{name} right after READY=1 (inherited as ignored: {ignored}) was lost: \
+                 still running after 10 s; {}",
+                svc.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "SIG{name} right after READY=1 (inherited as ignored: {ignored}): {status:?}; {}",
+            svc.stderr()
+        );
+        svc.wait_for(Duration::from_secs(1), |m| m.contains("STOPPING=1"))
+            .unwrap_or_else(|| panic!("no STOPPING=1 after SIG{name}: {:?}", svc.messages));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_pings_stop_when_the_runtime_stalls() {
     let mut svc = Service::start_stalling("stall", &[("WATCHDOG_USEC", "2000000")], 2500);

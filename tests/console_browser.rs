@@ -96,7 +96,11 @@ async fn browser(driver: &Driver, profile: &Path) -> Client {
         "goog:chromeOptions".into(),
         json!({
             "binary": "/usr/bin/chromium",
+            // No background networking, component updates, sync or QUIC: on a box without
+            // the internet Chromium's own connections are refused, many at a time.
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--disable-quic",
                      "--window-size=1280,1000", format!("--user-data-dir={}", profile.display())],
         }),
     );
@@ -193,10 +197,33 @@ fn start(dir: &Path, body: &str) -> common::service::Started {
     common::service::start(dir, 3, body)
 }
 
+/// SIGTERM, then waits for a clean exit: 20 s at most, then SIGKILL and a failure.
 fn stop(child: &mut Child) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("voicegate still running 20 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "voicegate exit after SIGTERM: {status:?}");
+}
+
+/// The service's child process, killed if the test fails before [`stop`].
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +259,7 @@ async fn supervisor_logs_in_watches_a_call_takes_it_over_and_switches_maintenanc
             .await
             .unwrap()
     };
-    let mut child = svc.child;
+    let mut child = Service(svc.child);
     let health = svc.health;
     let driver = chromedriver(&dir.join("chromedriver.log")).await;
     let c = browser(&driver, &dir.join("profile")).await;
@@ -491,18 +518,18 @@ async fn supervisor_logs_in_watches_a_call_takes_it_over_and_switches_maintenanc
     // The switch was saved: after a restart new calls still go to the operators.
     c.close().await.unwrap();
     drop(driver);
-    stop(&mut child);
+    stop(&mut child.0);
     let svc = {
         let (dir, body) = (dir.clone(), body.clone());
         tokio::task::spawn_blocking(move || start(&dir, &body))
             .await
             .unwrap()
     };
-    let mut child = svc.child;
+    let mut child = Service(svc.child);
     let (_, h) = get(svc.health, "/health").await;
     let h: Value = serde_json::from_str(&h).unwrap();
     assert_eq!(h["maintenance"], true, "{h}");
-    stop(&mut child);
+    stop(&mut child.0);
     for s in &shots {
         eprintln!("screenshot: {}", s.display());
     }

@@ -1,10 +1,11 @@
-//! Small background duties of the service: the nftables ruleset, the shutdown signal, and
+//! Small background duties of the service: the nftables ruleset, the process signals, and
 //! the tasks that mirror the ARI link and the tunnel into `/health`.
 
 use crate::config::Config;
 use crate::health::{Component, ComponentStatus, HealthState, component};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -26,19 +27,46 @@ pub(crate) async fn load_nftables(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// The process signals `voicegate run` acts on, installed before `READY=1`: from then on a
+/// SIGTERM or SIGINT (systemd's stop, Ctrl-C) is a graceful shutdown and a SIGHUP
+/// (`systemctl reload`) a reload, however soon after start-up it comes. Installed any later,
+/// a SIGTERM in between would take the default action and kill the process mid-start-up, or
+/// be lost where the parent left it ignored.
+pub(crate) struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+/// What [`Signals::next`] received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Received {
+    /// SIGTERM or SIGINT.
+    Shutdown,
+    /// SIGHUP.
+    Reload,
+}
+
+impl Signals {
+    /// Installs the handlers for SIGHUP, SIGTERM and SIGINT.
+    ///
+    /// # Errors
+    /// If a handler cannot be installed (no signal driver in the runtime).
+    pub(crate) fn install() -> std::io::Result<Self> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal; cancel-safe.
+    pub(crate) async fn next(&mut self) -> Received {
+        tokio::select! {
+            _ = self.term.recv() => Received::Shutdown,
+            _ = self.int.recv() => Received::Shutdown,
+            _ = self.hup.recv() => Received::Reload,
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -20,7 +20,6 @@ pub mod http;
 pub(crate) mod records;
 pub(crate) mod webhooks;
 
-pub(crate) use feeds::shutdown_signal;
 pub(crate) use generation::generation;
 pub use http::{health_routes, http_router};
 pub use records::{RECORDS_RETRY, RecordsWriter, write_records};
@@ -95,7 +94,7 @@ pub async fn run(mut config: Config, path: Option<PathBuf>) -> anyhow::Result<()
         feeds::load_nftables(&config, calls.addr.port(), http_port).await;
     }
     let running = go_ready(&base, calls, http, ari, records, &stops)?;
-    serve(&base, config, path, running.hup).await;
+    serve(&base, config, path, running.signals).await;
     running.parts.shut_down(&base, stops).await
 }
 
@@ -507,10 +506,10 @@ struct Parts {
 /// The service once ready: its parts and the SIGHUP stream.
 struct Running {
     parts: Parts,
-    hup: tokio::signal::unix::Signal,
+    signals: feeds::Signals,
 }
 
-/// Installs the SIGHUP handler, starts serving calls, says `READY=1` and starts the
+/// Installs the signal handlers, starts serving calls, says `READY=1` and starts the
 /// watchdog thread.
 fn go_ready(
     base: &Base,
@@ -520,9 +519,9 @@ fn go_ready(
     records: Option<JoinHandle<()>>,
     stops: &Stops,
 ) -> anyhow::Result<Running> {
-    // Before READY=1: a SIGHUP (`systemctl reload`) right after it must reload, not kill.
-    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
+    // Before READY=1: a SIGHUP (`systemctl reload`) right after it must reload, and a
+    // SIGTERM (`systemctl stop`) shut down gracefully, not kill.
+    let signals = feeds::Signals::install().context("installing the signal handlers")?;
     let router = Arc::new(calls.router);
     let websocket = calls.websocket.map(|(server, settings)| {
         let handler = Arc::new(crate::call::media_ws::WebSocketCalls {
@@ -586,35 +585,32 @@ fn go_ready(
         http: http.task,
         watchdog,
     };
-    Ok(Running { parts, hup })
+    Ok(Running { parts, signals })
 }
 
 /// Serves until SIGTERM or SIGINT, reloading the config on every SIGHUP.
-async fn serve(
-    base: &Base,
-    config: Config,
-    path: Option<PathBuf>,
-    mut hup: tokio::signal::unix::Signal,
-) {
+async fn serve(base: &Base, config: Config, path: Option<PathBuf>, mut signals: feeds::Signals) {
     let mut current = config;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            _ = hup.recv() => {
-                notify::reloading();
-                let (guard, breaker, health) = (&base.guard, &base.breaker, &base.health);
-                match generation::reload(&current, path.as_deref(), guard, breaker, health, &base.gen_tx) {
-                    Ok(new) => {
-                        current = new;
-                        info!("config reloaded; new calls use it");
-                    }
-                    Err(e) => error!(error = %format!("{e:#}"), "reload failed; keeping the running config"),
-                }
-                notify::reloaded(&base.health.status_line());
+    while signals.next().await == feeds::Received::Reload {
+        notify::reloading();
+        let (guard, breaker, health) = (&base.guard, &base.breaker, &base.health);
+        match generation::reload(
+            &current,
+            path.as_deref(),
+            guard,
+            breaker,
+            health,
+            &base.gen_tx,
+        ) {
+            Ok(new) => {
+                current = new;
+                info!("config reloaded; new calls use it");
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "reload failed; keeping the running config")
             }
         }
+        notify::reloaded(&base.health.status_line());
     }
 }
 
