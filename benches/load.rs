@@ -49,6 +49,8 @@ use voicegate::caller::{CallPlan, CallReport, place_call};
 
 #[path = "../tests/fake_ari/mod.rs"]
 mod fake_ari;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 struct Args {
     calls: Vec<usize>,

@@ -11,7 +11,7 @@
 //! started with; listen addresses and the state directory need a restart) →
 //! `Parts::shut_down`.
 //!
-//! There is no test hook in here: the watchdog test (`tests/appliance_notify.rs`) runs
+//! There is no test hook in here: the watchdog test (`tests/suite/appliance_notify.rs`) runs
 //! [`run`] inside its own process and stalls that runtime itself.
 
 mod feeds;

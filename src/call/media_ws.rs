@@ -13,7 +13,7 @@
 //!
 //! The session's 20 ms clock still paces what is sent: Asterisk plays one frame per `ptime`
 //! from its queue, so a paced sender keeps that queue at a frame or two (measured in
-//! `tests/real_asterisk.rs`), and barge-in, marks and flow control stay exact.
+//! `tests/suite/asterisk.rs`), and barge-in, marks and flow control stay exact.
 //!
 //! URI parameters (the dial string's `v(...)`): `call_id` (a UUID, for the dialplan's
 //! `/v1/calls/{id}/next`; a fresh one when absent or not a UUID) and `caller` (the caller's

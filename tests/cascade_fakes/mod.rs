@@ -3,8 +3,7 @@
 //! agent's own voice back as echo.
 #![allow(dead_code)]
 
-#[path = "../support/http.rs"]
-mod http;
+use crate::support::http;
 
 use base64::Engine as _;
 use bytes::BytesMut;

@@ -1,5 +1,5 @@
 //! A `voicegate run` with the console on, and a supervisor's HTTP requests to it, for the
-//! console tests (tests/console_api.rs, tests/console_summary.rs).
+//! console tests (tests/suite/console_api.rs, tests/suite/console_summary.rs).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -105,3 +105,13 @@ pub(crate) fn assert_no_frame_lost_counts(
     );
     assert!(gap_max_ms < 1_000.0, "{gap_max_ms} ms gap");
 }
+
+/// The name libtest knows `test` by, for a test binary that runs one of its own tests as a
+/// child process (`--exact <name>`): `module_path` is the caller's `module_path!()`, whose
+/// first part is the binary's crate and the rest the modules libtest puts before the name.
+pub(crate) fn test_name(module_path: &str, test: &str) -> String {
+    match module_path.split_once("::") {
+        Some((_, modules)) => format!("{modules}::{test}"),
+        None => test.to_owned(),
+    }
+}

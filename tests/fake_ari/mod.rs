@@ -37,8 +37,7 @@
 //!   [`voicegate::caller::InputJitter`].
 #![allow(dead_code)]
 
-#[path = "../support/http.rs"]
-mod http;
+use crate::support::http;
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};

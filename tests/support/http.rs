@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// What a handler answers with.
-pub(super) type Response = hyper::Response<BoxBody<Bytes, Infallible>>;
+pub(crate) type Response = hyper::Response<BoxBody<Bytes, Infallible>>;
 
 /// One request, read whole.
-pub(super) struct Request {
+pub(crate) struct Request {
     /// `GET`, `POST`, …
     pub method: String,
     /// The path, percent-decoded.
@@ -38,7 +38,7 @@ pub(super) struct Request {
 
 impl Request {
     /// The first value of query parameter `key`.
-    pub(super) fn query(&self, key: &str) -> Option<String> {
+    pub(crate) fn query(&self, key: &str) -> Option<String> {
         self.query
             .iter()
             .find(|(k, _)| k == key)
@@ -46,20 +46,20 @@ impl Request {
     }
 
     /// A header's value (name in any case).
-    pub(super) fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .get(&name.to_ascii_lowercase())
             .map(String::as_str)
     }
 
     /// The body as JSON (`Null` if it is not JSON).
-    pub(super) fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_default()
     }
 
     /// The raw connection once the handler's 101 response is sent: answer with
     /// [`switching_protocols`], and await this in a spawned task.
-    pub(super) fn upgraded(
+    pub(crate) fn upgraded(
         &mut self,
     ) -> impl Future<Output = Option<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>> + use<>
     {
@@ -71,7 +71,7 @@ impl Request {
 /// Serves `handler` on every connection accepted on `listener` (keep-alive, one request at
 /// a time per connection, as HTTP/1.1 without pipelining), until the listener fails. A
 /// handler answering `None` closes the connection without a response.
-pub(super) async fn serve<F, Fut>(listener: TcpListener, handler: F)
+pub(crate) async fn serve<F, Fut>(listener: TcpListener, handler: F)
 where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Option<Response>> + Send + 'static,
@@ -98,7 +98,7 @@ where
 }
 
 /// Spawns [`serve`] on a new 127.0.0.1:0 listener; returns its address.
-pub(super) async fn spawn<F, Fut>(handler: F) -> std::net::SocketAddr
+pub(crate) async fn spawn<F, Fut>(handler: F) -> std::net::SocketAddr
 where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Option<Response>> + Send + 'static,
@@ -154,7 +154,7 @@ async fn read(mut req: hyper::Request<hyper::body::Incoming>) -> Request {
 }
 
 /// Percent-decoding of a URL component (`+` is a space, as in a form-encoded query).
-pub(super) fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -181,7 +181,7 @@ pub(super) fn percent_decode(s: &str) -> String {
 }
 
 /// A whole response: `status`, `headers`, `body`.
-pub(super) fn full(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response {
+pub(crate) fn full(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response {
     let mut b = hyper::Response::builder().status(status);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -191,14 +191,14 @@ pub(super) fn full(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>
 }
 
 /// `status` with a JSON body.
-pub(super) fn json(status: u16, body: impl Into<Bytes>) -> Response {
+pub(crate) fn json(status: u16, body: impl Into<Bytes>) -> Response {
     full(status, &[("content-type", "application/json")], body)
 }
 
 /// A streamed (chunked) response: every `Bytes` sent on the returned channel goes out as it
 /// comes; dropping the sender ends the body. The sender's `send` fails (and `closed()`
 /// resolves) once the client has gone.
-pub(super) fn streamed(status: u16, headers: &[(&str, &str)]) -> (mpsc::Sender<Bytes>, Response) {
+pub(crate) fn streamed(status: u16, headers: &[(&str, &str)]) -> (mpsc::Sender<Bytes>, Response) {
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
@@ -217,7 +217,7 @@ pub(super) fn streamed(status: u16, headers: &[(&str, &str)]) -> (mpsc::Sender<B
 }
 
 /// `101 Switching Protocols` for a WebSocket upgrade with `Sec-WebSocket-Key` `key`.
-pub(super) fn switching_protocols(key: &str) -> Response {
+pub(crate) fn switching_protocols(key: &str) -> Response {
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     full(
         101,

@@ -1,5 +1,5 @@
 //! The ElevenLabs Agents protocol on virtual time: `now` is passed in, every timing
-//! assertion is exact. Message shapes as in `tests/elevenlabs_agent.rs`'s fake
+//! assertion is exact. Message shapes as in `tests/suite/elevenlabs_agent.rs`'s fake
 //! (elevenlabs/packages `schemas/agent.asyncapi.yaml`).
 
 use super::*;

@@ -3,10 +3,9 @@
 //! `tests/cascade_fakes` (Deepgram, Chat Completions, ElevenLabs TTS), in a test binary of
 //! its own so that no other test's tasks log at the same time.
 
-#[path = "common/call_logs.rs"]
-mod call_logs;
-mod cascade_fakes;
-mod common;
+use crate::call_logs;
+use crate::cascade_fakes;
+use crate::common;
 
 use cascade_fakes::*;
 use common::{TestServer, fixture};

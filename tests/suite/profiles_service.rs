@@ -5,7 +5,7 @@
 //! refused after it); a profile's `[profiles.limits] max_calls` sends the call over it to
 //! the operators, counting live calls across a reload.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

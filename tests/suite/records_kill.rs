@@ -104,12 +104,11 @@ fn records_survive_kill_9_mid_write_and_export_as_json() {
         dir = root.join(format!("round-{rounds}"));
         rounds += 1;
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
+            .arg(crate::common::test_name(
+                module_path!(),
                 "spool_writer_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            ))
+            .args(["--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, &dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

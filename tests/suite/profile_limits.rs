@@ -10,7 +10,7 @@
 //! the operators with the reason in its record; `max_call_s` ends the profile's calls (one
 //! test takes its 10 s minimum in real time).
 
-mod support;
+use crate::support;
 
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;

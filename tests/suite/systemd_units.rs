@@ -9,7 +9,7 @@
 //! `verify` checks that `ExecStart=`'s binary exists, so the test checks a copy of the unit
 //! whose `ExecStart=` names the binary cargo just built; everything else is verbatim.
 
-mod skip;
+use crate::skip;
 
 use skip::skip;
 use std::path::{Path, PathBuf};

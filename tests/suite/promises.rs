@@ -5,10 +5,9 @@
 //! `selftest` and `tools --format` (issue 20 item 4).
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-mod common;
-mod fake_ari;
-#[path = "common/fake_openai.rs"]
-mod fake_openai;
+use crate::common;
+use crate::fake_ari;
+use crate::fake_openai;
 
 use common::fixture;
 use fake_ari::{FakeAri, MediaJoin, PASS, wait_until};

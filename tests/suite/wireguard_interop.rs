@@ -16,11 +16,11 @@
 //! or TUN are forbidden, or the tools are missing, it prints a `voicegate-test-skipped` line
 //! and passes, or fails under `VOICEGATE_REQUIRE_ALL=1` (CI, where `.ci/run` installs the
 //! tools).
-//! Run: `cargo test --test wireguard_interop -- --nocapture`.
+//! Run: `cargo test --test suite wireguard_interop:: -- --nocapture`.
 
-mod common;
-mod skip;
-mod tunnel_support;
+use crate::common;
+use crate::skip;
+use crate::tunnel_support;
 
 use skip::skip;
 

@@ -13,7 +13,7 @@
 //! `webhook-timestamp` (Unix s, within 5 minutes), `webhook-signature: v1,<base64 HMAC-SHA256
 //! of "{id}.{timestamp}.{body}">` keyed with the base64 after `whsec_`.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use bytes::Bytes;

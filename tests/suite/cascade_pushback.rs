@@ -3,8 +3,8 @@
 //! (OpenAI's 400), a TTS socket that refuses a wrong key and closes after its inactivity
 //! timeout (ElevenLabs' `invalid_api_key` and `input_timeout_exceeded`, 1008 closes).
 
-mod cascade_fakes;
-mod common;
+use crate::cascade_fakes;
+use crate::common;
 
 use cascade_fakes::*;
 use common::{TestServer, fixture};

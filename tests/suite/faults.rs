@@ -8,9 +8,8 @@
 //! for that one test), so the fd count of one is not disturbed by another, and four run at
 //! once.
 
-mod common;
-#[path = "common/fake_openai.rs"]
-mod fake_openai;
+use crate::common;
+use crate::fake_openai;
 
 use bytes::BytesMut;
 use common::{TestServer, fixture};

@@ -1,13 +1,13 @@
 //! The console's actions through its HTTP API against `voicegate run` (the browser test,
-//! tests/console_browser.rs, covers the page in mode 1): in Stasis mode a take-over moves the
+//! tests/suite/console_browser.rs, covers the page in mode 1): in Stasis mode a take-over moves the
 //! caller to the operators with ARI `continue` (tests/fake_ari: Asterisk's REST and events
 //! shapes) and the record says `transferred` / `supervisor`; in AudioSocket mode a hang-up
 //! makes `/next` answer `hangup`; the console is off unless enabled, and a login beyond the
 //! rate limit is refused without a password check. The summary on the handover cards:
-//! tests/console_summary.rs.
+//! tests/suite/console_summary.rs.
 
-mod common;
-mod fake_ari;
+use crate::common;
+use crate::fake_ari;
 
 use fake_ari::{FakeAri, PASS, wait_until};
 use std::time::Duration;

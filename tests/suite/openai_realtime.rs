@@ -7,11 +7,9 @@
 //! sent each event, the caller when each frame arrived (`CallReport::arrivals_ms` plus the
 //! offset at which the call started).
 
-#[path = "common/call_logs.rs"]
-mod call_logs;
-mod common;
-#[path = "common/fake_openai.rs"]
-mod fake_openai;
+use crate::call_logs;
+use crate::common;
+use crate::fake_openai;
 
 use common::{TestServer, fixture};
 use fake_openai::{FakeConn, FakeOpenAi, to_wire};

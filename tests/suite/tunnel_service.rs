@@ -2,8 +2,8 @@
 //! calls it through the tunnel, and `/v1/wireguard` and `voicegate wg show` report the peer.
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-mod common;
-mod tunnel_support;
+use crate::common;
+use crate::tunnel_support;
 
 use base64::Engine as _;
 use boringtun::x25519::PublicKey;

@@ -11,8 +11,7 @@
 //! that by a wide margin (`cargo bench --bench load` is the place for strict numbers).
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-#[path = "common/service.rs"]
-mod service;
+use crate::common::service;
 
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
@@ -713,7 +712,7 @@ fn a_secret_over_plain_ws_to_a_remote_host_is_warned_about() {
 
 /// Issue 14 probe 8 (stall hook): the binary has no test hook that stalls its runtime: the
 /// environment variable it read is not in it (the watchdog test stalls its own process;
-/// see `tests/appliance_notify.rs`). The release binary is checked too when it was built.
+/// see `tests/suite/appliance_notify.rs`). The release binary is checked too when it was built.
 #[test]
 fn the_binary_contains_no_stall_hook() {
     let needle = ["VOICEGATE_TEST", "_STALL"].concat();

@@ -5,10 +5,9 @@
 // tungstenite's handshake callback returns its own large `Result`.
 #![allow(clippy::result_large_err)]
 
-#[path = "common/call_logs.rs"]
-mod call_logs;
-mod common;
-mod support;
+use crate::call_logs;
+use crate::common;
+use crate::support;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;

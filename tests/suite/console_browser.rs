@@ -13,10 +13,9 @@
 //! Needs `chromium` and `chromedriver` (Debian `chromium`, `chromium-driver`; `.ci/run`
 //! installs them); Chromium runs with `--headless=new --no-sandbox` (the tests run as root).
 
-mod common;
-#[path = "common/fake_openai.rs"]
-mod fake_openai;
-mod skip;
+use crate::common;
+use crate::fake_openai;
+use crate::skip;
 
 use fake_openai::{FakeOpenAi, to_wire};
 use fantoccini::{Client, ClientBuilder, Locator};

@@ -4,10 +4,8 @@
 //! Asterisk of your own (`VOICEGATE_ASTERISK`).
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-#[path = "common/fake_openai.rs"]
-mod fake_openai;
-mod real_asterisk_support;
-mod skip;
+use crate::fake_openai;
+use crate::real_asterisk_support;
 
 use real_asterisk_support::{
     Asterisk, AsteriskSetup, PacingProbe, TestCall, Voicegate, assert_echo, percentile, read_wav,
@@ -32,13 +30,13 @@ fn ari(ast: &Asterisk, external: std::net::SocketAddr, format: &str) -> String {
     )
 }
 
-/// The OpenAI Realtime agent pointed at a loopback port with nothing listening: it fails at
-/// once, like a provider that is down.
-fn failing_agent() -> String {
-    let closed = real_asterisk_support::free_port();
+/// The OpenAI Realtime agent pointed at a loopback port that refuses connections (`closed`,
+/// held by the caller for the test): it fails at once, like a provider that is down.
+fn failing_agent(closed: &real_asterisk_support::RefusingPort) -> String {
     format!(
-        "[agent]\nkind = \"openai_realtime\"\nurl = \"ws://127.0.0.1:{closed}/v1/realtime\"\n\
-         api_key = \"sk-test-unreachable\"\n"
+        "[agent]\nkind = \"openai_realtime\"\nurl = \"ws://{}/v1/realtime\"\n\
+         api_key = \"sk-test-unreachable\"\n",
+        closed.addr
     )
 }
 
@@ -204,16 +202,19 @@ async fn echo_call(mode: &'static str, format: &'static str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode1_app_echoes_the_callers_speech() {
     echo_call("app", "slin").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode2_driver_echoes_the_callers_speech() {
     echo_call("driver", "slin16").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode3_stasis_echoes_the_callers_speech() {
     echo_call("stasis", "slin16").await;
 }
@@ -256,7 +257,7 @@ fn log_field(log: &str, what: &str, key: &str) -> Option<f64> {
 /// (docs/performance.md: p99 21.04 ms at 100 calls).
 async fn rtp_echo_call(format: &'static str) {
     let name = format!("rtp_{format}");
-    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for(&name).await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for(&name).await else {
         return;
     };
     let (audiosocket, health) = Voicegate::ports();
@@ -322,11 +323,13 @@ async fn rtp_echo_call(format: &'static str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn stasis_rtp_alaw_echoes_the_callers_speech() {
     rtp_echo_call("alaw").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn stasis_rtp_ulaw_echoes_the_callers_speech() {
     rtp_echo_call("ulaw").await;
 }
@@ -399,11 +402,13 @@ async fn ws_externalmedia_echo_call(format: &'static str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn stasis_websocket_slin16_echoes_the_callers_speech() {
     ws_externalmedia_echo_call("slin16").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn stasis_websocket_slin_echoes_the_callers_speech() {
     ws_externalmedia_echo_call("slin").await;
 }
@@ -416,6 +421,7 @@ async fn stasis_websocket_slin_echoes_the_callers_speech() {
 /// and no channel is left. With voicegate's allowlist refusing nothing but its HTTP side
 /// down, the caller reaches the operators at once (the handler hangs the channel up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn websocket_incoming_dial_echoes_the_callers_speech() {
     let name = "wsin";
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for(name).await else {
@@ -506,7 +512,9 @@ async fn failing_agent_reaches_operators(mode: &'static str) {
         return;
     };
     let stasis = (mode == "stasis").then_some("slin16");
-    let rig = Rig::start(&prefix, &format!("fail-{mode}"), stasis, &failing_agent()).await;
+    let closed = real_asterisk_support::refusing_port();
+    let agent = failing_agent(&closed);
+    let rig = Rig::start(&prefix, &format!("fail-{mode}"), stasis, &agent).await;
     let (ast, vg) = (&rig.ast, &rig.vg);
     let call = TestCall::new(&format!("fail-{mode}"), mode);
     let started = Instant::now();
@@ -546,16 +554,19 @@ async fn failing_agent_reaches_operators(mode: &'static str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn failing_agent_mode1_reaches_the_operators() {
     failing_agent_reaches_operators("app").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn failing_agent_mode2_reaches_the_operators() {
     failing_agent_reaches_operators("driver").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn failing_agent_mode3_reaches_the_operators() {
     failing_agent_reaches_operators("stasis").await;
 }
@@ -563,6 +574,7 @@ async fn failing_agent_mode3_reaches_the_operators() {
 /// voicegate not running: modes 1 and 2 still reach the operators (`TryExec` fails,
 /// `DIALSTATUS=CHANUNAVAIL`), and so does mode 3 (`STASISSTATUS=FAILED`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn voicegate_down_every_mode_reaches_the_operators() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("voicegate_down").await else {
         return;
@@ -592,6 +604,7 @@ async fn voicegate_down_every_mode_reaches_the_operators() {
 /// exactly once per digit, in every mode (in Stasis mode Asterisk reports each digit twice:
 /// as AudioSocket `0x03` on the media leg and as ARI `ChannelDtmfReceived`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("dtmf").await else {
         return;
@@ -617,6 +630,7 @@ async fn dtmf_reaches_the_agent_once_per_digit_in_every_mode() {
 /// name order). One echo call at a time is light, and its checks (the echo within
 /// ±100 ms, the records, what Asterisk has left) do not depend on the machine's load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn calls_in_a_row_and_at_once_in_stasis_all_bridge_and_leave_nothing() {
     let Some(prefix) = real_asterisk_support::asterisk_prefix("stasis_many") else {
         return;
@@ -679,8 +693,9 @@ async fn calls_in_a_row_and_at_once_in_stasis_all_bridge_and_leave_nothing() {
 /// the whole call (issue 12: late frames from Asterisk used to add up to +80 ms of lag).
 /// Run it with a parallel build on the machine to see it hold under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn long_echo_call_keeps_its_delay() {
-    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for("long_echo").await else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("long_echo").await else {
         return;
     };
     let rig = Rig::start(&prefix, "long", None, &echo_agent()).await;
@@ -722,6 +737,7 @@ async fn long_echo_call_keeps_its_delay() {
 /// Stasis mode voicegate `continue`s the caller at once with nothing set up. Every caller
 /// reaches the operators and the record says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn maintenance_sends_every_mode_to_the_operators() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("maintenance").await else {
         return;
@@ -764,10 +780,10 @@ async fn maintenance_sends_every_mode_to_the_operators() {
 /// the caller started speaking, the playout stops at once and voicegate truncates the reply
 /// at what the caller heard, and what the caller heard ends there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
     use fake_openai::FakeOpenAi;
-    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for("openai_barge_in").await
-    else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("openai_barge_in").await else {
         return;
     };
     let fake = FakeOpenAi::bind(OPENAI_KEY).await;
@@ -829,10 +845,10 @@ async fn openai_realtime_reply_is_heard_and_a_barge_in_truncates_it() {
 /// below the call core on RTP) and truncates the reply at what was heard: the caller hears
 /// the reply up to `audio_end_ms` and nothing after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn rtp_barge_in_truncates_the_openai_reply_at_what_was_heard() {
     use fake_openai::FakeOpenAi;
-    let Some((prefix, _slot)) = real_asterisk_support::asterisk_alone_for("rtp_barge_in").await
-    else {
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("rtp_barge_in").await else {
         return;
     };
     let fake = FakeOpenAi::bind(OPENAI_KEY).await;
@@ -969,21 +985,25 @@ async fn tool_ends_the_call(mode: &'static str, tool: &'static str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn transfer_tool_mode1_puts_the_caller_in_the_queue() {
     tool_ends_the_call("app", "transfer_to_operator").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn transfer_tool_mode3_puts_the_caller_in_the_queue() {
     tool_ends_the_call("stasis", "transfer_to_operator").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn hangup_tool_mode1_hangs_up_after_the_goodbye() {
     tool_ends_the_call("app", "hangup").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn hangup_tool_mode3_hangs_up_after_the_goodbye() {
     tool_ends_the_call("stasis", "hangup").await;
 }
@@ -992,16 +1012,15 @@ async fn hangup_tool_mode3_hangs_up_after_the_goodbye() {
 /// Asterisk answers `externalMedia` with 500. The caller reaches the operators, and the call
 /// is recorded and counted as a fallback with the reason, not as a completed call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("failed_setup").await else {
         return;
     };
     let (audiosocket, health) = Voicegate::ports();
     let ast = Asterisk::start(&prefix, "setup", globals(audiosocket, health)).await;
-    let closed: std::net::SocketAddr = format!("127.0.0.1:{}", real_asterisk_support::free_port())
-        .parse()
-        .unwrap();
-    let extra = format!("{}{}", echo_agent(), ari(&ast, closed, "slin16"));
+    let closed = real_asterisk_support::refusing_port();
+    let extra = format!("{}{}", echo_agent(), ari(&ast, closed.addr, "slin16"));
     let vg = Voicegate::start_on("setup", audiosocket, health, &extra).await;
     ast.wait_app_registered().await;
     let call = TestCall::new("setup", "stasis");
@@ -1040,6 +1059,7 @@ async fn failed_stasis_setup_is_recorded_as_a_fallback_with_its_reason() {
 /// the call in progress goes to the operators when A's shutdown grace ends, and every later
 /// call is served by box B, also the one the round robin sent to A (the dialplan fails over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn two_boxes_behind_one_dialplan_lose_no_call_when_one_stops() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("two_boxes").await else {
         return;
@@ -1235,11 +1255,13 @@ async fn websocket_echo_call(codec: &'static str, control: &'static str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode4_websocket_8k_plain_text_echoes_the_callers_speech() {
     websocket_echo_call("slin", "plain-text").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode4_websocket_16k_json_echoes_the_callers_speech() {
     websocket_echo_call("slin16", "json").await;
 }
@@ -1247,6 +1269,7 @@ async fn mode4_websocket_16k_json_echoes_the_callers_speech() {
 /// A stranger (voicegate's allowlist does not hold Asterisk's address) gets no upgrade, no
 /// agent session and no record; Asterisk's Dial fails and the caller reaches the operators.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode4_websocket_from_a_stranger_reaches_the_operators_without_a_session() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("websocket_stranger").await
     else {
@@ -1275,10 +1298,10 @@ async fn mode4_websocket_from_a_stranger_reaches_the_operators_without_a_session
 /// agent: the reply is heard up to the barge-in, voicegate sends `FLUSH_MEDIA`, the
 /// truncate says what was heard, and nothing of the reply after the cut reaches the caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode4_websocket_barge_in_flushes_asterisks_queue_and_truncates() {
     use fake_openai::FakeOpenAi;
-    let Some((prefix, _slot)) =
-        real_asterisk_support::asterisk_alone_for("websocket_barge_in").await
+    let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("websocket_barge_in").await
     else {
         return;
     };
@@ -1350,6 +1373,7 @@ async fn mode4_websocket_barge_in_flushes_asterisks_queue_and_truncates() {
 /// chan_websocket sends it in the URI query, and the call runs with that profile (its
 /// record says so; with `unannounced = "refuse"` a lost profile would be refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode4_websocket_v_profile_chooses_the_profile() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("websocket_profile").await
     else {
@@ -1395,6 +1419,7 @@ async fn mode4_websocket_v_profile_chooses_the_profile() {
 /// shipped dialplan's `[voicegate-announce]` POSTs the profile with `CURL()` before
 /// `AudioSocket()`, and the call runs with it (its record says so).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by a_real_asterisk_passes_every_scenario_in_a_process_of_its_own"]
 async fn mode1_announce_chooses_the_profile() {
     let Some((prefix, _slot)) = real_asterisk_support::asterisk_for("profile_announce").await
     else {

@@ -9,7 +9,8 @@
 //! test prints a `voicegate-test-skipped` line and passes, or fails under
 //! `VOICEGATE_REQUIRE_ALL=1` (CI).
 
-mod skip;
+use crate::common;
+use crate::skip;
 
 use skip::skip;
 use std::process::Command;
@@ -97,7 +98,8 @@ fn ruleset_drops_strangers_inside_a_private_network_namespace() {
     let out = Command::new("unshare")
         .arg("-Urn")
         .arg(std::env::current_exe().unwrap())
-        .args(["nft_child", "--exact", "--nocapture", "--test-threads=1"])
+        .arg(common::test_name(module_path!(), "nft_child"))
+        .args(["--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
         .output()
         .unwrap();

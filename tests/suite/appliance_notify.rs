@@ -10,7 +10,7 @@
 //! in-process and blocks its own runtime's workers.
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -64,15 +64,10 @@ impl Service {
     fn start_stalling(name: &str, env: &[(&str, &str)], stall_after_ms: u64) -> Service {
         Self::start_as(name, env, |config| {
             let mut cmd = Command::new(std::env::current_exe().unwrap());
-            cmd.args([
-                "--exact",
-                "stalled_service_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(STALL_CHILD_CONFIG, config)
-            .env(STALL_CHILD_AFTER_MS, stall_after_ms.to_string());
+            cmd.arg(common::test_name(module_path!(), "stalled_service_child"));
+            cmd.args(["--exact", "--ignored", "--nocapture", "--test-threads=1"])
+                .env(STALL_CHILD_CONFIG, config)
+                .env(STALL_CHILD_AFTER_MS, stall_after_ms.to_string());
             cmd
         })
     }

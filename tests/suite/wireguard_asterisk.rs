@@ -29,11 +29,11 @@
 //! and Asterisk 22 installed under `/var/cache/asterisk-22.10.1` (or
 //! `VOICEGATE_ASTERISK`; `../shared/asterisk/build.sh` builds it). Without them
 //! it prints a `voicegate-test-skipped` line and passes, unless `VOICEGATE_REQUIRE_ALL=1`, when it fails.
-//! Run: `cargo test --test wireguard_asterisk -- --nocapture`.
+//! Run: `cargo test --test suite wireguard_asterisk:: -- --nocapture`.
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-mod common;
-mod skip;
+use crate::common;
+use crate::skip;
 
 use skip::skip;
 

@@ -4,8 +4,8 @@
 //! the call goes to the operators, the log says why, and `/metrics` counts it as
 //! `voicegate_provider_errors_total{provider="cascade",reason="quota"}`.
 
-mod cascade_fakes;
-mod common;
+use crate::cascade_fakes;
+use crate::common;
 
 use cascade_fakes::*;
 use common::fixture;

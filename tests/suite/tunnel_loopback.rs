@@ -1,8 +1,8 @@
 //! The tunnel's I/O shell end to end on loopback UDP: two in-process tunnels, an AudioSocket
 //! call with a real recording through one, and HTTP-style requests the other way.
 
-mod common;
-mod tunnel_support;
+use crate::common;
+use crate::tunnel_support;
 
 use std::sync::Arc;
 use std::time::Duration;

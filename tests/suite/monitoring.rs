@@ -4,7 +4,7 @@
 //! pass `promtool check rules` and their unit tests (`promtool test rules`), and use only
 //! metrics voicegate emits.
 
-mod skip;
+use crate::skip;
 
 use serde_json::Value;
 use std::collections::BTreeSet;

@@ -3,8 +3,8 @@
 //! the business's endpoint.
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use common::{TestServer, fixture};
 use serde_json::{Value, json};

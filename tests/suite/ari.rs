@@ -2,8 +2,8 @@
 //! side, `fake_ari`): Stasis calls end to end, transfers, DTMF, the events link dropping,
 //! caller lookup for `AudioSocket()` calls, and clean-up counts.
 
-mod common;
-mod fake_ari;
+use crate::common;
+use crate::fake_ari;
 
 use common::fixture;
 use fake_ari::{FakeAri, PASS, wait_until};

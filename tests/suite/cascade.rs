@@ -2,10 +2,8 @@
 //! a Chat Completions endpoint and ElevenLabs TTS, each speaking its vendor's wire format on
 //! 127.0.0.1:0, driven by real recordings.
 
-#[path = "common/call_logs.rs"]
-mod call_logs;
-mod cascade_fakes;
-mod common;
+use crate::cascade_fakes;
+use crate::common;
 
 use cascade_fakes::*;
 use common::{TestServer, fixture};

@@ -5,8 +5,7 @@
 //! with the `{placeholders}` filled; the DID map is the fallback; an unknown profile gets the
 //! default or is refused per `[profile_routing]`.
 
-#[path = "common/fake_openai.rs"]
-mod fake_openai;
+use crate::fake_openai;
 
 use fake_openai::{FakeConn, FakeOpenAi};
 use http_body_util::Full;
