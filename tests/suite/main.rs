@@ -1,13 +1,12 @@
 //! The integration tests, in one test binary (issue 15): cargo runs test binaries one after
 //! another, so tests in separate binaries never overlap, and a binary with one long test left
-//! the rest of the machine idle. Here every test waits beside the others (four at a time,
+//! the rest of the machine idle. Here every test waits beside the others (eight at a time,
 //! `.cargo/config.toml`), each module one former `tests/<name>.rs`: `cargo test --test suite
 //! <name>::` runs one of them.
 //!
-//! Kept as binaries of their own: `echo_call` and `appliance_guard` (also run for aarch64
-//! under qemu-user by `.ci/run`), `image_boot` (booted by `.ci/run`), and `real_asterisk`
-//! (its timing scenarios hold the machine's Asterisk slots alone: other binaries' tests must
-//! not run beside them).
+//! Kept apart: `image_boot` (an `#[ignore]`d test `.ci/run` runs once it has built the
+//! image), and `tests/firmware` (this suite's `echo_call` and `appliance_guard` modules
+//! alone, which `.ci/run` builds and runs for aarch64 under qemu-user).
 
 #[path = "../common/call_logs.rs"]
 mod call_logs;
@@ -30,6 +29,7 @@ mod tunnel_support;
 
 mod abuse;
 mod agent_configs;
+mod appliance_guard;
 mod appliance_notify;
 mod ari;
 mod asterisk;
@@ -41,6 +41,7 @@ mod cli;
 mod console_api;
 mod console_browser;
 mod console_summary;
+mod echo_call;
 mod elevenlabs_agent;
 mod faults;
 mod fuzz_regressions;

@@ -4,7 +4,7 @@
 //! to the operators, a silent agent is given up on.
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

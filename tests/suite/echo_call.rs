@@ -2,9 +2,8 @@
 //! the synthetic caller on a real recording.
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
-#[path = "common/call_logs.rs"]
-mod call_logs;
-mod common;
+use crate::call_logs;
+use crate::common;
 
 use common::{TestServer, fixture};
 use std::sync::Arc;
