@@ -310,7 +310,7 @@ fn main() {
     let seconds = if full {
         arg("--seconds", 6) as f64
     } else {
-        2.0
+        1.0
     };
     let bytes = if full { 64 << 20 } else { 1 << 20 };
     let rounds = if full { 2000 } else { 50 };
@@ -322,7 +322,7 @@ fn main() {
         let seconds = if full {
             arg("--seconds", 10) as f64
         } else {
-            1.0
+            0.5
         };
         let counts = match arg("--cpu-calls", 0) as usize {
             0 if full => vec![1, 100],
