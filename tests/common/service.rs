@@ -76,3 +76,20 @@ pub(crate) fn start(dir: &Path, shutdown_grace_s: u32, body: &str) -> Started {
         health: addr("health "),
     }
 }
+
+/// Waits for `child` to exit, polling every 20 ms: its status, or `None` if it still runs
+/// after `within` (the caller says what that means; the child is left running).
+pub(crate) fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    #[allow(clippy::disallowed_types)] // a real process: real time
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        #[allow(clippy::disallowed_types)]
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

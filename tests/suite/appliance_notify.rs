@@ -320,14 +320,8 @@ async fn notify_messages_in_order_ready_watchdog_stopping_extend() {
         ended >= Duration::from_secs(2) && ended < Duration::from_secs(4),
         "hung up {ended:?} after SIGTERM, grace 2 s"
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(s) = svc.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "service did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::service::exit_within(&mut svc.child, Duration::from_secs(5))
+        .expect("service did not exit");
     assert!(status.success(), "{status:?}; {}", svc.stderr());
 
     let m = &svc.messages;
@@ -371,19 +365,14 @@ fn sigterm_or_sigint_right_after_ready_is_a_graceful_shutdown() {
         });
         // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
         assert_eq!(unsafe { libc::kill(svc.child.id() as i32, sig) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = svc.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "SIG{name} right after READY=1 (inherited as ignored: {ignored}) was lost: \
-                 still running after 10 s; {}",
-                svc.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = common::service::exit_within(&mut svc.child, Duration::from_secs(10))
+            .unwrap_or_else(|| {
+                panic!(
+                    "SIG{name} right after READY=1 (inherited as ignored: {ignored}) was lost: \
+                     still running after 10 s; {}",
+                    svc.stderr()
+                )
+            });
         assert!(
             status.success(),
             "SIG{name} right after READY=1 (inherited as ignored: {ignored}): {status:?}; {}",

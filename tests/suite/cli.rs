@@ -402,13 +402,7 @@ fn run_answers_a_call_and_stops_on_sigterm() {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = service.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "service did not exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = crate::common::service::exit_within(&mut service, Duration::from_secs(10))
+        .expect("service did not exit on SIGTERM");
     assert!(status.success(), "exit status {status:?}");
 }

@@ -200,17 +200,10 @@ fn start(dir: &Path, body: &str) -> common::service::Started {
 fn stop(child: &mut Child) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("voicegate still running 20 s after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = common::service::exit_within(child, Duration::from_secs(20)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("voicegate still running 20 s after SIGTERM");
     };
     assert!(status.success(), "voicegate exit after SIGTERM: {status:?}");
 }

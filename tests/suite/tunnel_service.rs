@@ -210,9 +210,6 @@ allowed_ips = ["10.0.0.1/32"]
     let _ = Command::new("kill")
         .args(["-TERM", &service.id().to_string()])
         .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while service.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "service did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::service::exit_within(&mut service, Duration::from_secs(10))
+        .expect("service did not stop");
 }
