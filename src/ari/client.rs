@@ -112,10 +112,22 @@ pub(crate) struct ExternalMedia<'a> {
     pub(crate) connection_type: Option<&'a str>,
 }
 
+/// How the requests reach Asterisk.
+#[derive(Clone)]
+enum Transport {
+    /// HTTP(S) with reqwest: every build but the unit tests' in-memory Asterisk.
+    Http(reqwest::Client),
+    /// The in-memory Asterisk of the unit tests ([`super::memory::MemoryAsterisk`]), with
+    /// the request timeout applied here as reqwest applies it to [`Transport::Http`]: with
+    /// no socket under it, the controller runs on tokio's paused clock.
+    #[cfg(test)]
+    Memory(std::sync::Arc<super::memory::MemoryAsterisk>, Duration),
+}
+
 /// An ARI REST client. Cheap to clone.
 #[derive(Clone)]
 pub struct AriClient {
-    http: reqwest::Client,
+    transport: Transport,
     base: Url,
     username: String,
     password: Secret,
@@ -160,11 +172,26 @@ impl AriClient {
             .build()
             .map_err(|e| AriError::Client(e.to_string()))?;
         Ok(AriClient {
-            http,
+            transport: Transport::Http(http),
             base,
             username: username.to_owned(),
             password,
         })
+    }
+
+    /// A client of the unit tests' in-memory Asterisk: the same requests, the same status
+    /// handling, each request given up after `timeout` as reqwest does.
+    #[cfg(test)]
+    pub(crate) fn in_memory(
+        asterisk: std::sync::Arc<super::memory::MemoryAsterisk>,
+        timeout: Duration,
+    ) -> Self {
+        AriClient {
+            transport: Transport::Memory(asterisk, timeout),
+            base: Url::parse("http://asterisk.invalid:8088/ari").expect("a valid url"),
+            username: "voicegate".into(),
+            password: Secret::new("in-memory"),
+        }
     }
 
     /// The `/ari` base URL (no credentials in it).
@@ -204,29 +231,7 @@ impl AriClient {
         query: &[(&str, &str)],
     ) -> Result<(StatusCode, bytes::Bytes), AriError> {
         let m = method_name(&method);
-        let mut url = self.base.clone();
-        url.set_path(&format!("{}{path}", self.base.path()));
-        if !query.is_empty() {
-            let mut q = url.query_pairs_mut();
-            for (k, v) in query {
-                q.append_pair(k, v);
-            }
-        }
-        let transport = |e: reqwest::Error| AriError::Transport {
-            method: m,
-            path: path.to_owned(),
-            // Without the URL: it carries no secret, but keep messages short.
-            detail: e.without_url().to_string(),
-        };
-        let resp = self
-            .http
-            .request(method, url)
-            .basic_auth(&self.username, Some(self.password.expose()))
-            .send()
-            .await
-            .map_err(transport)?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(transport)?;
+        let (status, body) = self.send(method, path, query).await?;
         if status.is_success() {
             return Ok((status, body));
         }
@@ -250,6 +255,55 @@ impl AriClient {
                 message: error_message(&body),
             },
         })
+    }
+
+    /// Sends one request; the status and body of any answer, an error only if none came.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<(StatusCode, bytes::Bytes), AriError> {
+        let m = method_name(&method);
+        let transport = |detail: String| AriError::Transport {
+            method: m,
+            path: path.to_owned(),
+            detail,
+        };
+        match &self.transport {
+            Transport::Http(http) => {
+                let mut url = self.base.clone();
+                url.set_path(&format!("{}{path}", self.base.path()));
+                if !query.is_empty() {
+                    let mut q = url.query_pairs_mut();
+                    for (k, v) in query {
+                        q.append_pair(k, v);
+                    }
+                }
+                // Without the URL: it carries no secret, but keep messages short.
+                let failed = |e: reqwest::Error| transport(e.without_url().to_string());
+                let resp = http
+                    .request(method, url)
+                    .basic_auth(&self.username, Some(self.password.expose()))
+                    .send()
+                    .await
+                    .map_err(failed)?;
+                let status = resp.status();
+                let body = resp.bytes().await.map_err(failed)?;
+                Ok((status, body))
+            }
+            #[cfg(test)]
+            Transport::Memory(asterisk, limit) => {
+                let asked = asterisk.exchange(m, path, query);
+                match tokio::time::timeout(*limit, asked).await {
+                    Ok((status, body)) => Ok((
+                        StatusCode::from_u16(status).map_err(|e| transport(e.to_string()))?,
+                        body,
+                    )),
+                    Err(_) => Err(transport("operation timed out".into())),
+                }
+            }
+        }
     }
 
     async fn json<T: serde::de::DeserializeOwned>(

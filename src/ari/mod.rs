@@ -14,6 +14,8 @@
 pub(crate) mod client;
 pub mod config;
 pub(crate) mod events;
+#[cfg(test)]
+pub(crate) mod memory;
 pub(crate) mod model;
 
 pub use client::{AriClient, AriError};

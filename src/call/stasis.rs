@@ -1718,3 +1718,7 @@ impl CallDirectory for Controller {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "stasis_tests.rs"]
+mod tests;
