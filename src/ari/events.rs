@@ -102,6 +102,44 @@ pub(crate) fn spawn(
     tx: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) -> (tokio::task::JoinHandle<()>, EventLink) {
+    let url = client.events_url(&app);
+    let shown = url.to_string();
+    let connect = move || {
+        let url = url.clone();
+        let auth = client.basic_auth_header();
+        async move {
+            let mut request = url
+                .as_str()
+                .into_client_request()
+                .map_err(|e| format!("ari events url unusable: {e}"))?;
+            let auth = auth
+                .parse()
+                .map_err(|_| "ari credentials are not a valid header value".to_owned())?;
+            request.headers_mut().insert("authorization", auth);
+            let connector = Some(crate::tls::websocket_connector());
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
+                .await
+                .map(|(ws, _)| ws)
+                .map_err(|e| e.to_string())
+        }
+    };
+    spawn_with(connect, shown, params, tx, stop)
+}
+
+/// [`spawn`] with the connection made by `connect` (a WebSocket client over any stream);
+/// `url` is for the log.
+fn spawn_with<S, C, F>(
+    mut connect: C,
+    url: String,
+    params: EventsParams,
+    tx: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) -> (tokio::task::JoinHandle<()>, EventLink)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    C: FnMut() -> F + Send + 'static,
+    F: Future<Output = Result<tokio_tungstenite::WebSocketStream<S>, String>> + Send,
+{
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
     let attempts = Arc::new(AtomicU64::new(0));
     let link = EventLink {
@@ -109,7 +147,6 @@ pub(crate) fn spawn(
         attempts: attempts.clone(),
     };
     let task = tokio::spawn(async move {
-        let url = client.events_url(&app);
         let mut backoff = crate::backoff::Backoff::new(params.initial, params.max);
         loop {
             if stop.is_cancelled() || tx.is_closed() {
@@ -117,26 +154,12 @@ pub(crate) fn spawn(
             }
             attempts.fetch_add(1, Ordering::Relaxed);
             let _ = state_tx.send(LinkState::Connecting);
-            let mut request = match url.as_str().into_client_request() {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(error = %e, "ari events url unusable");
-                    break;
-                }
-            };
-            match client.basic_auth_header().parse() {
-                Ok(v) => {
-                    request.headers_mut().insert("authorization", v);
-                }
-                Err(_) => warn!("ari credentials are not a valid header value"),
-            }
             let connected = tokio::select! {
                 () = stop.cancelled() => break,
-                r = timeout(params.connect_timeout, tokio_tungstenite::connect_async_tls_with_config(
-                    request, None, true, Some(crate::tls::websocket_connector()))) => r,
+                r = timeout(params.connect_timeout, connect()) => r,
             };
             match connected {
-                Ok(Ok((ws, _))) => {
+                Ok(Ok(ws)) => {
                     info!(url = %url, "ari events connected");
                     let _ = state_tx.send(LinkState::Up);
                     let up_at = Instant::now();
@@ -219,3 +242,7 @@ where
         }
     }
 }
+
+#[cfg(test)]
+#[path = "events_tests.rs"]
+mod tests;
