@@ -104,9 +104,9 @@ async fn settle() {
 }
 
 fn event(kind: &str) -> WsMessage {
-    WsMessage::text(format!(
-        r#"{{"type":"{kind}","args":[],"channel":{{"id":"1764756000.1"}},"application":"voicegate"}}"#
-    ))
+    let body = serde_json::json!({"type": kind, "args": [],
+        "channel": {"id": "1764756000.1"}, "application": "voicegate"});
+    WsMessage::text(body.to_string())
 }
 
 /// Events are forwarded in order; an unknown type and a malformed message are skipped
