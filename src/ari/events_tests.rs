@@ -119,7 +119,7 @@ async fn events_are_forwarded_in_order_and_bad_ones_skipped() {
     assert_eq!(*l.link.state.borrow(), LinkState::Up);
     server.send(event("StasisStart")).await.unwrap();
     server.send(event("ChannelVarset")).await.unwrap();
-    server.send(WsMessage::text("{not json")).await.unwrap();
+    server.send(WsMessage::text("not json")).await.unwrap();
     server.send(event("StasisEnd")).await.unwrap();
     let first = l.events.recv().await.unwrap();
     assert!(matches!(first, Event::StasisStart { .. }), "{first:?}");
