@@ -716,6 +716,42 @@ mod tests {
     }
 
     #[test]
+    fn similarity_follows_a_reanchor_jump_within_its_search() {
+        // The recording the real-Asterisk scenarios play (Asterisk core sounds, CC BY-SA 3.0).
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hello-world.wav");
+        let reference = crate::wavfile::open(&path).expect("fixture").samples;
+        let half = reference.len() / 2;
+        let mut voiced_in_half = 0;
+        for (jump, wide, narrow_passes) in [(1_320, 2_000, false), (0, 800, true)] {
+            // Echoed 320 ms late; half way, a caller frame 165 ms late moves the rest of the
+            // echo 165 ms later (the echo agent's re-anchor: the gap is echoed as a gap).
+            let mut received = vec![0i16; 2_560];
+            received.extend_from_slice(&reference[..half]);
+            received.extend(std::iter::repeat_n(0, jump));
+            received.extend_from_slice(&reference[half..]);
+            let s = speech_similarity(&received, &reference, 8000, 2_400, wide);
+            assert!(s.passes(0.9), "{}", s.describe(0.9));
+            assert_eq!(s.windows.last().map(|w| w.lag), Some(2_560 + jump as isize));
+            let narrow = speech_similarity(&received, &reference, 8000, 2_400, 800);
+            assert_eq!(
+                narrow.passes(0.8),
+                narrow_passes,
+                "{}",
+                narrow.describe(0.8)
+            );
+            voiced_in_half = s.windows.iter().filter(|w| w.index * 800 >= half).count();
+        }
+        assert!(voiced_in_half >= 3, "the jump must come before speech");
+        // Unrelated audio still fails at the wide search.
+        let other: Vec<i16> = (0..reference.len() + 4_000)
+            .map(|i| (((i * 7919) % 4001) as i16) - 2000)
+            .collect();
+        let s = speech_similarity(&other, &reference, 8000, 2_400, 2_000);
+        assert!(!s.passes(0.5), "{}", s.describe(0.5));
+    }
+
+    #[test]
     fn similarity_fails_a_half_garbled_echo_and_names_the_worst_window() {
         // 2 s of voiced reference, echoed 500 ms late with every other 100 ms window
         // replaced by unrelated noise: the median stays high, the check must fail.
