@@ -149,25 +149,18 @@ impl MemoryAsterisk {
     /// gone). Returns the channel id.
     pub(crate) fn caller_enters(&self, number: &str, announce: bool) -> String {
         let mut st = self.state();
-        st.seq += 1;
-        let id = format!("1764756000.{}", st.seq);
         let ch = Chan {
-            id: id.clone(),
-            name: format!("PJSIP/trunk-{:08x}", st.seq),
-            number: number.into(),
             context: "incoming".into(),
-            exten: "s".into(),
             app_name: "Stasis".into(),
             app_data: self.app.clone(),
             app: self.app.clone(),
+            ..trunk_caller(&mut st, number)
         };
         if announce {
-            self.emit(
-                &st,
-                "StasisStart",
-                json!({"args": [], "channel": ch.json()}),
-            );
+            let start = json!({"args": [], "channel": ch.json()});
+            self.emit(&st, "StasisStart", start);
         }
+        let id = ch.id.clone();
         st.channels.insert(id.clone(), ch);
         id
     }
@@ -175,18 +168,13 @@ impl MemoryAsterisk {
     /// A caller inside `AudioSocket(<call id>,host:port)` (mode 1), outside Stasis.
     pub(crate) fn audiosocket_caller(&self, number: &str, call_id: &str) -> String {
         let mut st = self.state();
-        st.seq += 1;
-        let id = format!("1764756000.{}", st.seq);
         let ch = Chan {
-            id: id.clone(),
-            name: format!("PJSIP/trunk-{:08x}", st.seq),
-            number: number.into(),
             context: "voicegate-app".into(),
-            exten: "s".into(),
             app_name: "AudioSocket".into(),
             app_data: format!("{call_id},127.0.0.1:9092"),
-            app: String::new(),
+            ..trunk_caller(&mut st, number)
         };
+        let id = ch.id.clone();
         st.channels.insert(id.clone(), ch);
         id
     }
@@ -510,6 +498,21 @@ impl MemoryAsterisk {
         let destroyed = json!({"cause": 16, "cause_txt": "Normal Clearing", "channel": j});
         self.emit(st, "ChannelDestroyed", destroyed);
         true
+    }
+}
+
+/// A new SIP caller's channel with the next id, in no application yet.
+fn trunk_caller(st: &mut State, number: &str) -> Chan {
+    st.seq += 1;
+    Chan {
+        id: format!("1764756000.{}", st.seq),
+        name: format!("PJSIP/trunk-{:08x}", st.seq),
+        number: number.into(),
+        context: String::new(),
+        exten: "s".into(),
+        app_name: String::new(),
+        app_data: String::new(),
+        app: String::new(),
     }
 }
 

@@ -69,6 +69,15 @@ impl Harness {
         }
     }
 
+    /// [`Harness::start`], the events link up at once, and a caller's call live at 1 s
+    /// ([`Harness::call_at`]).
+    async fn live(edit: impl FnOnce(&mut AriConfig)) -> (Harness, String, Uuid, CancellationToken) {
+        let h = Harness::start(edit);
+        h.link(LinkState::Up);
+        let (caller, id, end) = h.call_at(ms(1_000)).await;
+        (h, caller, id, end)
+    }
+
     /// Waits until `at` after the start.
     async fn at(&self, at: Duration) {
         sleep_until(self.t0 + at).await;
@@ -198,9 +207,7 @@ async fn reconcile_passes_when_the_link_comes_up_and_every_interval() {
 #[tokio::test(start_paused = true)]
 async fn hung_ari_gives_up_then_retries_with_a_doubling_wait_until_the_caller_is_moved() {
     const TIMEOUT: Duration = Duration::from_millis(500);
-    let h = Harness::start(|c| c.request_timeout_ms = 500);
-    h.link(LinkState::Up);
-    let (caller, id, _end) = h.call_at(ms(1_000)).await;
+    let (h, caller, id, _end) = Harness::live(|c| c.request_timeout_ms = 500).await;
     h.at(ms(2_000)).await;
     h.ast.set_hung(true);
     h.finish(id, Outcome::Fallback("agent failed".into()));
@@ -257,9 +264,7 @@ async fn hung_ari_gives_up_then_retries_with_a_doubling_wait_until_the_caller_is
 /// `transfer_confirm_ms` later; Asterisk's 409 (no longer in Stasis) means it did move.
 #[tokio::test(start_paused = true)]
 async fn unconfirmed_transfer_is_asked_again_after_transfer_confirm() {
-    let h = Harness::start(|c| c.transfer_confirm_ms = 1_500);
-    h.link(LinkState::Up);
-    let (caller, id, _end) = h.call_at(ms(1_000)).await;
+    let (h, caller, id, _end) = Harness::live(|c| c.transfer_confirm_ms = 1_500).await;
     h.at(ms(2_000)).await;
     h.ast.lose_stasis_end_of_continue();
     h.finish(id, Outcome::Fallback("agent failed".into()));
@@ -284,9 +289,7 @@ async fn unconfirmed_transfer_is_asked_again_after_transfer_confirm() {
 /// `continue` refused twice: the caller is hung up at once, never left in silence.
 #[tokio::test(start_paused = true)]
 async fn transfer_refused_twice_hangs_the_caller_up() {
-    let h = Harness::start(|_| {});
-    h.link(LinkState::Up);
-    let (caller, id, _end) = h.call_at(ms(1_000)).await;
+    let (h, caller, id, _end) = Harness::live(|_| {}).await;
     h.at(ms(2_000)).await;
     h.ast.fail_continue(2);
     h.finish(id, Outcome::Fallback("agent failed".into()));
@@ -303,9 +306,7 @@ async fn transfer_refused_twice_hangs_the_caller_up() {
 /// The agent ended the call: the caller is hung up at once, not transferred.
 #[tokio::test(start_paused = true)]
 async fn agent_ended_call_is_hung_up_at_once() {
-    let h = Harness::start(|_| {});
-    h.link(LinkState::Up);
-    let (caller, id, _end) = h.call_at(ms(1_000)).await;
+    let (h, caller, id, _end) = Harness::live(|_| {}).await;
     h.at(ms(2_000)).await;
     h.finish(id, Outcome::AgentEnded("goodbye".into()));
     h.at(ms(3_000)).await;
@@ -391,9 +392,7 @@ async fn orphans_are_moved_only_after_a_second_look() {
 /// clean-up if Asterisk's socket close does not.
 #[tokio::test(start_paused = true)]
 async fn lost_stasis_end_is_found_by_the_periodic_pass_and_the_session_ended() {
-    let h = Harness::start(|c| c.reconcile_interval_ms = 10_000);
-    h.link(LinkState::Up);
-    let (caller, id, end) = h.call_at(ms(1_000)).await;
+    let (h, caller, id, end) = Harness::live(|c| c.reconcile_interval_ms = 10_000).await;
     h.at(ms(3_000)).await;
     h.ast.lose_events(true);
     h.ast.hang_up(&caller);
