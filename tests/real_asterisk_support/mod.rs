@@ -848,6 +848,15 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// How far the real-Asterisk echo checks follow the echo's lag from one 100 ms window to
+/// the next, ms: ±250. The echo agent re-anchors when a caller frame arrives late
+/// (`agent::echo::DelayLine`: the echo of a gap is a gap), so on a loaded machine the lag
+/// jumps by the gap mid-call (165 ms seen in CI, from 320 ms; in the tunnel test, the last
+/// two windows of a call were lost by a ±20 ms search); a narrower search lost an echo that
+/// was there. What these checks assert is that each call hears its own speech back; the
+/// lag's precision is `long_echo_call_keeps_its_delay`'s (±50 ms).
+pub(crate) const ECHO_SEARCH_MS: usize = 250;
+
 /// The voiced 100 ms windows of `reference` matched in `received` (8 kHz or `rate_hz`), as
 /// `(correlation, lag in samples)`: [`voicegate::caller::speech_similarity`], the one
 /// implementation.

@@ -16,14 +16,8 @@ use std::time::{Duration, Instant};
 /// The echo agent's delay in these tests, ms.
 const ECHO_MS: usize = 300;
 
-/// How far, in samples at 8 kHz, the echo check follows the echo's lag from one 100 ms
-/// window to the next: ±250 ms. The echo agent re-anchors when a caller frame arrives late
-/// (`agent::echo::DelayLine`: the echo of a gap is a gap), so on a loaded machine the lag
-/// jumps by the gap mid-call (165 ms seen in CI, from 320 ms); a ±100 ms search lost the
-/// echo there and failed a call that did echo. What these checks assert is that each call
-/// hears its own speech back; the lag's precision is `long_echo_call_keeps_its_delay`'s (±50
-/// ms).
-const ECHO_SEARCH: usize = 2_000;
+/// [`real_asterisk_support::ECHO_SEARCH_MS`] in samples at 8 kHz.
+const ECHO_SEARCH: usize = real_asterisk_support::ECHO_SEARCH_MS * 8;
 
 fn echo_agent() -> String {
     format!("[agent]\nkind = \"echo\"\ndelay_ms = {ECHO_MS}\n")

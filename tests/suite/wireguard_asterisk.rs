@@ -33,6 +33,7 @@
 #![allow(clippy::disallowed_types)] // a test on real sockets and processes: real time (std::time::Instant)
 
 use crate::common;
+use crate::real_asterisk_support::ECHO_SEARCH_MS;
 use crate::skip;
 
 use skip::skip;
@@ -442,15 +443,8 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
     }
 }
 
-/// How far the echo check follows the echo's lag from one 100 ms window to the next, ms.
-/// As in `asterisk.rs`'s `ECHO_SEARCH`: the echo agent re-anchors when a caller frame arrives
-/// late, so on a loaded machine the lag jumps mid-call (a CI run saw the `voicegate-app`
-/// call's two windows after 1200 ms lost by a ±20 ms search); what this test asserts is that
-/// each call hears its own speech back through the tunnel.
-const ECHO_SEARCH_MS: usize = 250;
-
 /// [`speech_similarity`] of `heard` against `speech`, starting at the lag (0–4 s) where
-/// their 10 ms energy envelopes match best and following it ±[`ECHO_SEARCH_MS`] from window
+/// their 10 ms energy envelopes match best and following it ±[`ECHO_SEARCH_MS`] ms from window
 /// to window; returns the similarity and the starting lag in samples.
 fn echo_similarity(heard: &Recording, speech: &Recording) -> (Similarity, usize) {
     let rate = heard.rate_hz;
